@@ -1,0 +1,187 @@
+// Validation of the fused optimizer ops' arguments, shared by the CPU and CUDA kernels.
+#include <pyfinetune/checks.h>
+#include <pyfinetune/fused_optim.h>
+
+#include <cmath>
+
+namespace pyfinetune {
+namespace {
+
+at::ScalarType state_dtype_for(at::ScalarType param_dtype) {
+  return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_list_size(const char* op, const char* name, size_t got, size_t n) {
+  PF_CHECK(got == n, op, name, " must have one tensor per parameter (", n, "), got ", got);
+}
+
+void check_optional_list_size(const char* op, const char* name, size_t got, size_t n) {
+  PF_CHECK(got == 0 || got == n, op, name, " must be empty or have one entry per parameter (", n,
+           "), got ", got);
+}
+
+void check_scalar_list(const char* op, const char* name, at::ArrayRef<double> values, size_t n, double lo,
+                       double hi, bool hi_inclusive, const char* expected) {
+  PF_CHECK(values.size() == n, op, name, " must have one value per parameter (", n, "), got ", values.size());
+  for (size_t i = 0; i < n; ++i) {
+    const double x = values[i];
+    const bool ok = std::isfinite(x) && x >= lo && (hi_inclusive ? x <= hi : x < hi);
+    PF_CHECK(ok, op, arg_name(name, i), " must be ", expected, ", got ", x);
+  }
+}
+
+// `t` must be a dense strided tensor laid out exactly like params[i] (same device, shape and
+// strides), so that all tensors of one parameter can be walked with one flat index.
+void check_like_param(const char* op, const char* list, size_t i, const at::Tensor& t, const at::Tensor& p) {
+  const std::string name = arg_name(list, i);
+  PF_CHECK(t.defined(), op, name, " is undefined");
+  PF_CHECK(t.layout() == at::kStrided, op, name, " must be a dense (strided) tensor, got layout ", t.layout(),
+           list == std::string("grads") ? " (sparse gradients are not supported)" : "");
+  PF_CHECK(t.device() == p.device(), op, name, " must be on ", p.device(), " like params[", i, "], got ",
+           t.device());
+  PF_CHECK(t.sizes() == p.sizes(), op, name, " must have the shape of params[", i, "] ", p.sizes(), ", got ",
+           t.sizes());
+  PF_CHECK(t.numel() <= 1 || t.strides() == p.strides(), op, name, " must have the strides of params[", i,
+           "] ", p.strides(), ", got ", t.strides());
+}
+
+void check_scalar_tensor(const char* op, const std::string& name, const at::Tensor& t, const at::Device& device,
+                         bool allow_double) {
+  PF_CHECK(t.layout() == at::kStrided, op, name, " must be a dense tensor");
+  PF_CHECK(t.numel() == 1, op, name, " must hold exactly one value, got ", t.numel(), " values");
+  PF_CHECK(t.scalar_type() == at::kFloat || (allow_double && t.scalar_type() == at::kDouble), op, name,
+           " must be float32", allow_double ? " or float64" : "", ", got ", t.scalar_type());
+  PF_CHECK(t.device() == device, op, name, " must be on the parameters' device ", device, ", got ", t.device());
+}
+
+// Checks shared by both ops: params, grads, anchors, masks, lr tensors, GradScaler tensors.
+void check_common(const char* op, at::TensorList params, at::TensorList grads, const OptTensorList& anchors,
+                  const OptTensorList& masks, at::ArrayRef<double> lrs, const OptTensorList& lr_tensors,
+                  at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s,
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const size_t n = params.size();
+  check_list_size(op, "grads", grads.size(), n);
+  check_optional_list_size(op, "anchors", anchors.size(), n);
+  check_optional_list_size(op, "masks", masks.size(), n);
+  check_optional_list_size(op, "lr_tensors", lr_tensors.size(), n);
+  check_scalar_list(op, "lrs", lrs, n, 0.0, INFINITY, false, "a finite number >= 0");
+  check_scalar_list(op, "weight_decays", weight_decays, n, 0.0, INFINITY, false, "a finite number >= 0");
+  check_scalar_list(op, "l2sps", l2sps, n, 0.0, INFINITY, false, "a finite number >= 0");
+  check_scalar_list(op, "l1s", l1s, n, 0.0, INFINITY, false, "a finite number >= 0");
+  if (n == 0) {
+    return;
+  }
+  const at::Tensor& p0 = params[0];
+  PF_CHECK(p0.defined(), op, "params[0] is undefined");
+  const at::Device device = p0.device();
+  const at::ScalarType dtype = p0.scalar_type();
+  PF_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble, op,
+           "params must be float32, bfloat16, float16 or float64, got ", dtype);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const std::string name = arg_name("params", i);
+    PF_CHECK(p.defined(), op, name, " is undefined");
+    PF_CHECK(p.layout() == at::kStrided, op, name, " must be a dense (strided) tensor, got layout ", p.layout());
+    PF_CHECK(p.device() == device, op, "all params must be on one device: params[0] is on ", device, ", ", name,
+             " is on ", p.device());
+    PF_CHECK(p.scalar_type() == dtype, op, "all params must have one dtype: params[0] is ", dtype, ", ", name,
+             " is ", p.scalar_type());
+    PF_CHECK(p.is_non_overlapping_and_dense(), op, name,
+             " must be non-overlapping and dense (e.g. contiguous); got strides ", p.strides(), " for shape ",
+             p.sizes());
+    check_like_param(op, "grads", i, grads[i], p);
+    PF_CHECK(grads[i].scalar_type() == dtype, op, "grads[", i, "] must have the dtype of params[", i, "] (", dtype,
+             "), got ", grads[i].scalar_type());
+    if (auto a = opt_at(anchors, i)) {
+      check_like_param(op, "anchors", i, *a, p);
+      const at::ScalarType adt = a->scalar_type();
+      PF_CHECK(adt == dtype || adt == at::kFloat || adt == at::kBFloat16, op, "anchors[", i,
+               "] must be float32, bfloat16 or the dtype of params[", i, "] (", dtype, "), got ", adt);
+    }
+    if (auto m = opt_at(masks, i)) {
+      check_like_param(op, "masks", i, *m, p);
+      PF_CHECK(m->scalar_type() == at::kBool, op, "masks[", i, "] must be a bool tensor, got ", m->scalar_type());
+    }
+    if (auto lr = opt_at(lr_tensors, i)) {
+      check_scalar_tensor(op, arg_name("lr_tensors", i), *lr, device, true);
+    }
+  }
+  if (grad_scale.has_value() && grad_scale->defined()) {
+    check_scalar_tensor(op, "grad_scale", *grad_scale, device, false);
+  }
+  if (found_inf.has_value() && found_inf->defined()) {
+    check_scalar_tensor(op, "found_inf", *found_inf, device, false);
+  }
+}
+
+void check_state_list(const char* op, const char* name, at::TensorList states, at::TensorList params) {
+  check_list_size(op, name, states.size(), params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_like_param(op, name, i, states[i], params[i]);
+    const at::ScalarType want = state_dtype_for(params[i].scalar_type());
+    PF_CHECK(states[i].scalar_type() == want, op, name, "[", i, "] must be ", want, " (optimizer state of a ",
+             params[i].scalar_type(), " parameter), got ", states[i].scalar_type());
+  }
+}
+
+}  // namespace
+
+void check_fused_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                            const OptTensorList& anchors, const OptTensorList& masks, at::TensorList steps,
+                            at::ArrayRef<double> lrs, const OptTensorList& lr_tensors,
+                            at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
+                            at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps,
+                            at::ArrayRef<double> l1s, bool amsgrad, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  const char* op = "fused_adamw_";
+  const size_t n = params.size();
+  check_common(op, params, grads, anchors, masks, lrs, lr_tensors, weight_decays, l2sps, l1s, grad_scale,
+               found_inf);
+  check_scalar_list(op, "beta1s", beta1s, n, 0.0, 1.0, false, "in [0, 1)");
+  check_scalar_list(op, "beta2s", beta2s, n, 0.0, 1.0, false, "in [0, 1)");
+  check_scalar_list(op, "epss", epss, n, 0.0, INFINITY, false, "a finite number >= 0");
+  check_state_list(op, "exp_avgs", exp_avgs, params);
+  check_state_list(op, "exp_avg_sqs", exp_avg_sqs, params);
+  if (amsgrad) {
+    check_state_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params);
+  } else {
+    PF_CHECK(max_exp_avg_sqs.empty(), op, "max_exp_avg_sqs must be empty when amsgrad=False, got ",
+             max_exp_avg_sqs.size(), " tensors");
+  }
+  check_list_size(op, "steps", steps.size(), n);
+  for (size_t i = 0; i < n; ++i) {
+    check_scalar_tensor(op, arg_name("steps", i), steps[i], params[i].device(), false);
+  }
+}
+
+void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                          const OptTensorList& anchors, const OptTensorList& masks, at::ArrayRef<double> lrs,
+                          const OptTensorList& lr_tensors, at::ArrayRef<double> momentums,
+                          at::ArrayRef<double> dampenings, at::ArrayRef<double> weight_decays,
+                          at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s, bool nesterov,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const char* op = "fused_sgd_";
+  const size_t n = params.size();
+  check_common(op, params, grads, anchors, masks, lrs, lr_tensors, weight_decays, l2sps, l1s, grad_scale,
+               found_inf);
+  check_scalar_list(op, "momentums", momentums, n, 0.0, INFINITY, false, "a finite number >= 0");
+  check_scalar_list(op, "dampenings", dampenings, n, 0.0, 1.0, true, "in [0, 1]");
+  if (!momentum_buffers.empty()) {
+    check_state_list(op, "momentum_buffers", momentum_buffers, params);
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      PF_CHECK(momentums[i] == 0.0, op, "momentums[", i, "] is ", momentums[i],
+               " but momentum_buffers is empty; pass one buffer per parameter");
+    }
+  }
+  if (nesterov) {
+    for (size_t i = 0; i < n; ++i) {
+      PF_CHECK(momentums[i] > 0.0 && dampenings[i] == 0.0, op,
+               "nesterov=True needs momentum > 0 and dampening = 0; parameter ", i, " has momentum ",
+               momentums[i], " and dampening ", dampenings[i]);
+    }
+  }
+}
+
+}  // namespace pyfinetune

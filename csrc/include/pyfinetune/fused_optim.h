@@ -1,0 +1,44 @@
+// Declarations shared by the CPU and CUDA implementations of the fused optimizer ops: the
+// argument validation (run in full before any tensor is written, so bad input never leaves a
+// parameter half-updated) and small helpers to read the optional lists.
+#pragma once
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+
+namespace pyfinetune {
+
+using OptTensorList = c10::List<std::optional<at::Tensor>>;
+
+// Entry i of an optional list that may be empty (empty = all None).
+inline std::optional<at::Tensor> opt_at(const OptTensorList& list, size_t i) {
+  if (list.size() == 0) {
+    return std::nullopt;
+  }
+  std::optional<at::Tensor> t = list.get(i);
+  if (t.has_value() && !t->defined()) {
+    return std::nullopt;
+  }
+  return t;
+}
+
+void check_fused_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                            const OptTensorList& anchors, const OptTensorList& masks, at::TensorList steps,
+                            at::ArrayRef<double> lrs, const OptTensorList& lr_tensors,
+                            at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
+                            at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps,
+                            at::ArrayRef<double> l1s, bool amsgrad, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf);
+
+void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                          const OptTensorList& anchors, const OptTensorList& masks, at::ArrayRef<double> lrs,
+                          const OptTensorList& lr_tensors, at::ArrayRef<double> momentums,
+                          at::ArrayRef<double> dampenings, at::ArrayRef<double> weight_decays,
+                          at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s, bool nesterov,
+                          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
+}  // namespace pyfinetune

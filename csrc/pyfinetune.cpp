@@ -1,0 +1,42 @@
+// Every op schema of pyfinetune, in one place, and the (empty) Python module `pyfinetune._C`.
+// Importing `pyfinetune._C` loads this shared library, which runs the TORCH_LIBRARY
+// registrations below and the TORCH_LIBRARY_IMPL registrations of each kernel file.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// An empty module: the ops are reached through torch.ops.pyfinetune, not through this module.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(pyfinetune, m) {
+  // Fused multi-tensor AdamW step with L2-SP, L1 (proximal) and masks. One call updates a whole
+  // list of parameters of one device and dtype. Per-tensor hyper-parameters live in the float
+  // lists (one entry per parameter), so param groups with different settings share one launch.
+  //   steps:      one float32 scalar tensor per parameter on the parameters' device, already
+  //               incremented for this step (read, never written).
+  //   lr_tensors: empty, or one optional scalar tensor per parameter; where given it overrides
+  //               lrs[i] and is read on the device (CUDA-graph capturable learning rate).
+  //   anchors:    the pull-back point of L2-SP per parameter (None where l2sp is 0).
+  //   masks:      bool per parameter (None: dense); masked entries and their moments are set to 0.
+  //   grad_scale/found_inf: GradScaler contract; a nonzero found_inf skips the whole update.
+  m.def(
+      "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor?[] anchors, Tensor?[] masks, "
+      "Tensor[] steps, float[] lrs, Tensor?[] lr_tensors, float[] beta1s, float[] beta2s, "
+      "float[] epss, float[] weight_decays, float[] l2sps, float[] l1s, *, bool amsgrad, "
+      "bool maximize, bool decoupled_l2sp, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // Fused multi-tensor SGD (momentum, dampening, Nesterov) step with the same penalties.
+  //   momentum_buffers: empty when no parameter of the call uses momentum, else one per parameter.
+  //   dampenings: the dampening to use this step; pass 0 on a buffer's first step (the buffer then
+  //               becomes the gradient, as in torch.optim.SGD).
+  m.def(
+      "fused_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor?[] anchors, Tensor?[] masks, float[] lrs, Tensor?[] lr_tensors, float[] momentums, "
+      "float[] dampenings, float[] weight_decays, float[] l2sps, float[] l1s, *, bool nesterov, "
+      "bool maximize, bool decoupled_l2sp, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}

@@ -1,0 +1,57 @@
+"""pyfinetune: fast fine-tuning for PyTorch.
+
+Compiled, fused CPU and CUDA kernels behind a thin PyTorch API:
+
+* ``pyfinetune.optim``: AdamW and SGD with L2-SP, L1 and masks, one fused multi-tensor update.
+* ``torch.ops.pyfinetune.*``: the raw ops (``pyfinetune.ops`` documents them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__version__ = "0.1.0"
+
+
+def _torch_release(version: str) -> str:
+    # "2.14.1+cu130" -> "2.14.1": the local tag only says which wheel, not which ABI.
+    return version.split("+")[0]
+
+
+def _load_extension() -> None:
+    try:
+        from . import _build_info
+    except ImportError as e:  # pragma: no cover - only without a build
+        raise ImportError(
+            "pyfinetune's compiled extension is missing (no pyfinetune/_build_info.py): install with "
+            "`pip install --no-build-isolation .` after installing torch"
+        ) from e
+    built, running = _build_info.TORCH_VERSION, torch.__version__
+    if _torch_release(built) != _torch_release(running):
+        raise ImportError(
+            f"pyfinetune was built against torch {built} but torch {running} is running; "
+            "rebuild it: pip install --no-build-isolation --force-reinstall --no-deps pyfinetune"
+        )
+    if _build_info.CPU_ISA == "avx2":
+        cap = torch.backends.cpu.get_cpu_capability()
+        if cap not in ("AVX2", "AVX512", "AVX512_BF16", "AMX"):
+            raise ImportError(
+                f"pyfinetune's CPU kernels were compiled for AVX2 but this CPU reports {cap}; rebuild "
+                "with PYFINETUNE_CPU_ISA=generic"
+            )
+    try:
+        from . import _C  # noqa: F401  (loading the library registers torch.ops.pyfinetune.*)
+    except (ImportError, OSError) as e:
+        raise ImportError(
+            f"could not load pyfinetune._C (built for torch {built}, CUDA {_build_info.CUDA_VERSION}; "
+            f"running torch {running}, CUDA {torch.version.cuda}): {e}"
+        ) from e
+
+
+_load_extension()
+
+from . import ops  # noqa: E402,F401  (fake kernels: must be registered before any compile)
+from . import optim  # noqa: E402,F401
+from ._info import build_info, kernel_devices  # noqa: E402,F401
+
+__all__ = ["ops", "optim", "build_info", "kernel_devices", "__version__"]

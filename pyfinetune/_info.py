@@ -1,0 +1,43 @@
+"""What this build of pyfinetune contains: versions, architectures, and kernels per device."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from . import _build_info
+
+# Every op of the library; `kernel_devices` reports where each has a compiled kernel.
+OPS = ("fused_adamw_", "fused_sgd_")
+_DISPATCH_KEYS = ("CPU", "CUDA")
+
+
+def kernel_devices() -> Dict[str, List[str]]:
+    """Map each ``torch.ops.pyfinetune`` op to the devices it has compiled kernels for."""
+    out = {}
+    for op in OPS:
+        name = f"pyfinetune::{op}"
+        out[op] = [
+            key.lower() for key in _DISPATCH_KEYS if torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+        ]
+    return out
+
+
+def build_info() -> Dict[str, object]:
+    """Versions and capabilities recorded when the extension was built, and what is running now."""
+    from . import __version__
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "pyfinetune": __version__,
+        "torch_built": _build_info.TORCH_VERSION,
+        "torch_running": torch.__version__,
+        "cuda_built": _build_info.WITH_CUDA,
+        "nvcc_version": _build_info.CUDA_VERSION,
+        "cuda_archs": list(_build_info.CUDA_ARCHS),
+        "cpu_isa": _build_info.CPU_ISA,
+        "gpu": gpu,
+        "cpu_threads": torch.get_num_threads(),
+        "kernels": kernel_devices(),
+    }

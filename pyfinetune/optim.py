@@ -1,0 +1,525 @@
+"""Fused, regularized optimizers for fine-tuning: :class:`AdamW` and :class:`SGD`.
+
+Both are drop-in subclasses of :class:`torch.optim.Optimizer` (param groups, ``state_dict`` /
+``load_state_dict``, LR schedulers, ``torch.amp.GradScaler``) whose update runs in one fused,
+multi-tensor kernel (CPU and CUDA) and adds the penalties that fine-tuning needs:
+
+* **L2-SP** (Li et al. 2018), the pull toward the pretrained weights ``p0``: ``l2sp/2 * ||p - p0||^2``.
+  ``penalty_mode="coupled"`` adds its gradient ``l2sp * (p - p0)`` to the gradient (it then goes
+  through the Adam moments); ``"decoupled"`` pulls the weights directly, ``p -= lr * l2sp * (p - p0)``,
+  as AdamW does for weight decay.
+* **L1**: a proximal step ``p = sign(p) * max(|p| - lr * l1, 0)`` after the update, which produces
+  exact zeros.
+* **masks**: per-parameter bool masks (pruning); masked entries and their optimizer state stay
+  exactly zero, whatever the momentum or the weight decay.
+
+With ``l2sp = l1 = 0`` and no masks the updates equal ``torch.optim.AdamW`` / ``torch.optim.SGD``
+to float rounding. Parameters may be float32, bfloat16, float16 or float64; the optimizer state is
+kept in float32 (float64 for float64 parameters) and all arithmetic runs in float32.
+
+Example::
+
+    model = torchvision.models.resnet18()
+    model.load_state_dict(pretrained)
+    head = list(model.fc.parameters())
+    body = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    opt = pyfinetune.optim.AdamW(
+        [{"params": body, "l2sp": 1e-2}, {"params": head, "l2sp": 0.0}],   # the new head has no anchor
+        lr=1e-3, weight_decay=0.0)
+
+Hyper-parameters that are numbers (``lr``, ``betas``, ``eps``, ``weight_decay``, ``l2sp``, ``l1``,
+``momentum``, ``dampening``) may differ between param groups without adding kernel launches; the
+flags (``amsgrad``, ``maximize``, ``nesterov``, ``penalty_mode``) split the launch when groups differ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops  # noqa: F401  (registers the fake kernels)
+
+__all__ = ["AdamW", "SGD"]
+
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_ANCHOR_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_PENALTY_MODES = ("coupled", "decoupled")
+
+
+def _state_dtype(param: Tensor) -> torch.dtype:
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def _is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers its memory exactly once (any order of dims): flat-indexable."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_number(name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None,
+                  high_inclusive: bool = False, where: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"{name}{where} must be a finite number >= {low}, got {value}")
+    if high is not None and (value > high or (value == high and not high_inclusive)):
+        bound = "<=" if high_inclusive else "<"
+        raise ValueError(f"{name}{where} must be {bound} {high}, got {value}")
+
+
+def _check_lr(lr: Any, where: str = "") -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"lr{where} as a tensor must hold exactly one value, got shape {tuple(lr.shape)}")
+        if lr.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"lr{where} as a tensor must be float32 or float64, got {lr.dtype}")
+        if lr.device.type == "cpu" and not (math.isfinite(lr.item()) and lr.item() >= 0):
+            raise ValueError(f"lr{where} must be a finite number >= 0, got {lr.item()}")
+        return
+    _check_number("lr", lr, where=where)
+
+
+class _FusedPenalizedOptimizer(torch.optim.Optimizer):
+    """Shared machinery: anchors, masks, validation, GradScaler, state_dict, bucketing."""
+
+    # torch.amp.GradScaler hands us `grad_scale` and `found_inf` instead of unscaling the grads.
+    _step_supports_amp_scaling = True
+    # Optimizer-state keys holding per-element tensors in the state dtype (float32 / float64).
+    _STATE_KEYS: Tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: Dict[str, Any], anchor: Union[str, Iterable[Tensor]],
+                 masks: Optional[Mapping[Tensor, Tensor]]):
+        if isinstance(anchor, str):
+            if anchor != "init":
+                raise ValueError(f'anchor must be "init" or an iterable of tensors, got {anchor!r}')
+            self._anchor_source = None
+        elif isinstance(anchor, Tensor):
+            raise TypeError("anchor must be \"init\" or an iterable of tensors (one per parameter), got a single Tensor")
+        else:
+            try:
+                self._anchor_source = list(anchor)
+            except TypeError:
+                raise TypeError(f'anchor must be "init" or an iterable of tensors, got {type(anchor).__name__}') from None
+            for i, a in enumerate(self._anchor_source):
+                if not isinstance(a, Tensor):
+                    raise TypeError(f"anchor[{i}] must be a Tensor, got {type(a).__name__}")
+        self._anchor_index = 0
+        super().__init__(params, defaults)
+        if self._anchor_source is not None and self._anchor_index != len(self._anchor_source):
+            raise ValueError(
+                f"anchor has {len(self._anchor_source)} tensors but the optimizer has {self._anchor_index} "
+                "parameters; pass one anchor per parameter, in param-group order"
+            )
+        self._anchor_source = None
+        if masks is not None:
+            if not isinstance(masks, Mapping):
+                raise TypeError(f"masks must be a mapping from parameter to bool mask, got {type(masks).__name__}")
+            for p, m in masks.items():
+                self.set_mask(p, m)
+
+    # ------------------------------------------------------------------ param groups and anchors
+    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
+        _check_lr(group["lr"], where)
+        _check_number("weight_decay", group["weight_decay"], where=where)
+        _check_number("l2sp", group["l2sp"], where=where)
+        _check_number("l1", group["l1"], where=where)
+        if group["penalty_mode"] not in _PENALTY_MODES:
+            raise ValueError(f"penalty_mode{where} must be 'coupled' or 'decoupled', got {group['penalty_mode']!r}")
+        if group["anchor_dtype"] not in _ANCHOR_DTYPES:
+            raise ValueError(
+                f"anchor_dtype{where} must be None (the parameter's dtype), torch.float32, torch.bfloat16, "
+                f"torch.float16 or torch.float64, got {group['anchor_dtype']!r}"
+            )
+        for flag in ("maximize",):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"{flag}{where} must be a bool, got {type(group[flag]).__name__}")
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Add a param group; with ``l2sp > 0`` its parameters are anchored at their current values
+        (or at the group's ``"anchor"`` entry: an iterable of tensors, one per parameter)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group_anchor = param_group.pop("anchor", None)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f" (param group {len(self.param_groups) - 1})"
+        try:
+            self._validate_group(group, where)
+            for p in group["params"]:
+                if p.dtype not in _PARAM_DTYPES:
+                    raise TypeError(f"parameters must be float32, bfloat16, float16 or float64, got {p.dtype}{where}")
+                if p.layout != torch.strided:
+                    raise TypeError(f"parameters must be dense (strided) tensors, got layout {p.layout}{where}")
+            if group_anchor is not None:
+                anchors = list(group_anchor)
+                if len(anchors) != len(group["params"]):
+                    raise ValueError(
+                        f"the group's anchor has {len(anchors)} tensors for {len(group['params'])} parameters{where}"
+                    )
+            elif self._anchor_source is not None:
+                start = self._anchor_index
+                anchors = self._anchor_source[start:start + len(group["params"])]
+                self._anchor_index += len(group["params"])
+                if len(anchors) != len(group["params"]):
+                    raise ValueError(
+                        f"anchor has {len(self._anchor_source)} tensors but the optimizer has at least "
+                        f"{self._anchor_index} parameters; pass one anchor per parameter, in param-group order"
+                    )
+            else:
+                anchors = [None] * len(group["params"])
+            if group["l2sp"] > 0:
+                for j, (p, a) in enumerate(zip(group["params"], anchors)):
+                    self.state[p]["anchor"] = self._make_anchor(p, a, group["anchor_dtype"], f"anchor for parameter {j}{where}")
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    @staticmethod
+    def _make_anchor(p: Tensor, a: Optional[Tensor], anchor_dtype: Optional[torch.dtype], name: str) -> Tensor:
+        src = p if a is None else a
+        if a is not None:
+            if not isinstance(a, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(a).__name__}")
+            if a.shape != p.shape:
+                raise ValueError(f"{name} must have the parameter's shape {tuple(p.shape)}, got {tuple(a.shape)}")
+            if not a.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {a.dtype}")
+        dtype = anchor_dtype or p.dtype
+        if dtype not in (p.dtype, torch.float32, torch.bfloat16):
+            raise ValueError(f"anchor_dtype {dtype} is not available for {p.dtype} parameters; use float32 or bfloat16")
+        with torch.no_grad():
+            anchor = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            anchor.copy_(src.detach())
+        return anchor
+
+    # ----------------------------------------------------------------------------------- masks
+    @torch.no_grad()
+    def set_mask(self, param: Tensor, mask: Optional[Tensor]) -> None:
+        """Keep ``param`` zero where ``mask`` is False, now and after every step.
+
+        The masked entries of the parameter and of its optimizer state are zeroed immediately.
+        ``mask=None`` removes the mask. ``mask`` is a bool tensor of the parameter's shape.
+        """
+        if not any(param is p for g in self.param_groups for p in g["params"]):
+            raise ValueError("set_mask: param is not one of this optimizer's parameters")
+        state = self.state[param]
+        if mask is None:
+            state.pop("mask", None)
+            return
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"set_mask: mask must be a bool Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"set_mask: mask must be a bool tensor, got {mask.dtype}")
+        if mask.shape != param.shape:
+            raise ValueError(f"set_mask: mask must have the parameter's shape {tuple(param.shape)}, got {tuple(mask.shape)}")
+        m = torch.empty_like(param, dtype=torch.bool, memory_format=torch.preserve_format)
+        m.copy_(mask)
+        state["mask"] = m
+        param.masked_fill_(~m, 0)
+        for key in self._STATE_KEYS:
+            if key in state and isinstance(state[key], Tensor):
+                state[key].masked_fill_(~m, 0)
+
+    def get_mask(self, param: Tensor) -> Optional[Tensor]:
+        """The bool mask of ``param``, or None."""
+        return self.state[param].get("mask") if param in self.state else None
+
+    def anchor_of(self, param: Tensor) -> Optional[Tensor]:
+        """The L2-SP anchor of ``param``, or None when its group has ``l2sp == 0``."""
+        return self.state[param].get("anchor") if param in self.state else None
+
+    # ------------------------------------------------------------------------------ state_dict
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state produced by ``state_dict()`` (also torch's AdamW/SGD state).
+
+        Unlike torch's default, optimizer state keeps its float32 precision for bf16/fp16
+        parameters, anchors keep their dtype and masks stay bool.
+        """
+        saved_state = state_dict.get("state", {})
+        saved_groups = state_dict.get("param_groups", [])
+        super().load_state_dict(state_dict)
+        ids = [i for g in saved_groups for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_to_param = dict(zip(ids, params))
+        with torch.no_grad():
+            for pid, saved in saved_state.items():
+                p = id_to_param.get(pid)
+                if p is None:
+                    continue
+                st = self.state[p]
+                for key, value in saved.items():
+                    if not isinstance(value, Tensor):
+                        continue
+                    if key == "step":
+                        st[key] = value.detach().to(device=p.device, dtype=torch.float32).reshape(())
+                    elif key == "anchor":
+                        st[key] = value.detach().to(device=p.device)
+                    elif key == "mask":
+                        st[key] = value.detach().to(device=p.device, dtype=torch.bool)
+                    elif key in self._STATE_KEYS:
+                        st[key] = value.detach().to(device=p.device, dtype=_state_dtype(p))
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(group, f" (param group {gi})")
+
+    # ------------------------------------------------------------------------------------ step
+    def _amp_tensors(self, device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        if found_inf is not None:
+            found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+        return grad_scale, found_inf
+
+    def _collect(self) -> List[Tuple[Dict[str, Any], Tensor, Tensor]]:
+        """Validate every group and gradient before any tensor is written."""
+        items = []
+        for gi, group in enumerate(self.param_groups):
+            where = f" (param group {gi})"
+            self._validate_group(group, where)
+            for j, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (parameter {j}{where}); "
+                        "use torch.optim.SparseAdam for sparse embeddings"
+                    )
+                if g.dtype != p.dtype:
+                    raise RuntimeError(
+                        f"the gradient of parameter {j}{where} is {g.dtype} but the parameter is {p.dtype}"
+                    )
+                if g.device != p.device:
+                    raise RuntimeError(f"the gradient of parameter {j}{where} is on {g.device}, the parameter on {p.device}")
+                if g.shape != p.shape:
+                    raise RuntimeError(f"the gradient of parameter {j}{where} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
+                if not _is_dense(p):
+                    raise RuntimeError(
+                        f"parameter {j}{where} is not dense (strides {p.stride()}); fused optimizers need "
+                        "non-overlapping dense parameters"
+                    )
+                if group["l2sp"] > 0 and "anchor" not in self.state[p]:
+                    raise RuntimeError(
+                        f"parameter {j}{where} has no L2-SP anchor but its group has l2sp={group['l2sp']}; "
+                        "anchors are taken when a group with l2sp > 0 is added: give the group l2sp > 0 from "
+                        "the start (or pass anchors)"
+                    )
+                items.append((group, p, g))
+        return items
+
+    @staticmethod
+    def _grad_like_param(p: Tensor, g: Tensor) -> Tensor:
+        if g.stride() == p.stride() or p.numel() <= 1:
+            return g
+        return torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
+
+    @staticmethod
+    def _lr_entry(group: Dict[str, Any], device: torch.device) -> Tuple[float, Optional[Tensor]]:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            return 0.0, lr.detach().to(device=device).reshape(())
+        return float(lr), None
+
+
+class AdamW(_FusedPenalizedOptimizer):
+    r"""AdamW with L2-SP, L1 and masks, fused into one multi-tensor update.
+
+    Per parameter ``p`` with gradient ``g`` and anchor ``p0`` (the weights at construction, or
+    ``anchor``):
+
+    1. ``g = -g`` if ``maximize``
+    2. ``penalty_mode="coupled"``: ``g = g + l2sp * (p - p0)``
+    3. ``m = b1 m + (1 - b1) g``; ``v = b2 v + (1 - b2) g^2`` (``amsgrad``: ``vmax = max(vmax, v)``)
+    4. ``p = p * (1 - lr * weight_decay)``
+    5. ``penalty_mode="decoupled"``: ``p = p - lr * l2sp * (p - p0)``
+    6. ``p = p - lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)``
+    7. ``l1 > 0``: ``p = sign(p) * max(|p| - lr * l1, 0)``
+
+    Args:
+        params: parameters or param groups (dicts; each may override any keyword below and may
+            carry ``"anchor"``: one tensor per parameter of the group).
+        lr: learning rate, a float or a scalar tensor (a tensor on the parameters' device keeps
+            the step capturable in a CUDA graph).
+        betas, eps, weight_decay, amsgrad, maximize: as :class:`torch.optim.AdamW`.
+        l2sp: strength of the pull toward the anchor. Groups with ``l2sp == 0`` hold no anchor
+            (give the new classifier head ``l2sp=0``).
+        l1: strength of the L1 penalty (proximal; produces exact zeros).
+        anchor: ``"init"`` (copy the parameters now) or an iterable with one tensor per parameter,
+            in param-group order (the pretrained weights).
+        anchor_dtype: dtype of the stored anchors; ``torch.bfloat16`` halves their memory for
+            float32 parameters. Default: the parameter's dtype.
+        penalty_mode: ``"coupled"`` (L2-SP gradient through the moments) or ``"decoupled"``.
+        masks: optional mapping ``param -> bool mask``; see :meth:`set_mask`.
+    """
+
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, l2sp: float = 0.0,
+                 l1: float = 0.0, anchor: Union[str, Iterable[Tensor]] = "init",
+                 anchor_dtype: Optional[torch.dtype] = None, penalty_mode: str = "coupled",
+                 maximize: bool = False, masks: Optional[Mapping[Tensor, Tensor]] = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, l2sp=l2sp, l1=l1,
+                        anchor_dtype=anchor_dtype, penalty_mode=penalty_mode, maximize=maximize)
+        self._validate_group(defaults, "")
+        super().__init__(params, defaults, anchor, masks)
+
+    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
+        super()._validate_group(group, where)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas{where} must be a pair (beta1, beta2), got {betas!r}")
+        _check_number("betas[0]", betas[0], high=1.0, where=where)
+        _check_number("betas[1]", betas[1], high=1.0, where=where)
+        _check_number("eps", group["eps"], where=where)
+        if not isinstance(group["amsgrad"], bool):
+            raise TypeError(f"amsgrad{where} must be a bool, got {type(group['amsgrad']).__name__}")
+
+    def _init_state(self, p: Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+        state = self.state[p]
+        if "step" not in state:
+            dt = _state_dtype(p)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = self._collect()
+        buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for group, p, g in items:
+            state = self._init_state(p, group)
+            key = (p.device, p.dtype, group["amsgrad"], group["maximize"], group["penalty_mode"] == "decoupled")
+            b = buckets[key]
+            b["params"].append(p)
+            b["grads"].append(self._grad_like_param(p, g))
+            b["exp_avgs"].append(state["exp_avg"])
+            b["exp_avg_sqs"].append(state["exp_avg_sq"])
+            if group["amsgrad"]:
+                b["max_exp_avg_sqs"].append(state["max_exp_avg_sq"])
+            b["anchors"].append(state.get("anchor") if group["l2sp"] > 0 else None)
+            b["masks"].append(state.get("mask"))
+            b["steps"].append(state["step"])
+            lr, lr_t = self._lr_entry(group, p.device)
+            b["lrs"].append(lr)
+            b["lr_tensors"].append(lr_t)
+            b["beta1s"].append(float(group["betas"][0]))
+            b["beta2s"].append(float(group["betas"][1]))
+            b["epss"].append(float(group["eps"]))
+            b["weight_decays"].append(float(group["weight_decay"]))
+            b["l2sps"].append(float(group["l2sp"]))
+            b["l1s"].append(float(group["l1"]))
+        for (device, _dtype, amsgrad, maximize, decoupled), b in buckets.items():
+            grad_scale, found_inf = self._amp_tensors(device)
+            torch._foreach_add_(b["steps"], 1.0)
+            lr_tensors = b["lr_tensors"] if any(t is not None for t in b["lr_tensors"]) else []
+            anchors = b["anchors"] if any(a is not None for a in b["anchors"]) else []
+            masks = b["masks"] if any(m is not None for m in b["masks"]) else []
+            torch.ops.pyfinetune.fused_adamw_(
+                b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["max_exp_avg_sqs"], anchors, masks,
+                b["steps"], b["lrs"], lr_tensors, b["beta1s"], b["beta2s"], b["epss"], b["weight_decays"],
+                b["l2sps"], b["l1s"], amsgrad=amsgrad, maximize=maximize, decoupled_l2sp=decoupled,
+                grad_scale=grad_scale, found_inf=found_inf)
+            if found_inf is not None:
+                # A skipped step does not count (as torch's fused optimizers).
+                torch._foreach_sub_(b["steps"], [found_inf] * len(b["steps"]))
+        return loss
+
+
+class SGD(_FusedPenalizedOptimizer):
+    r"""SGD (momentum, dampening, Nesterov) with L2-SP, L1 and masks, fused into one update.
+
+    Per parameter: ``g = (maximize ? -g : g) + weight_decay * p`` (+ ``l2sp * (p - p0)`` when
+    coupled); torch's momentum update ``buf = momentum * buf + (1 - dampening) * g`` (``buf = g`` on
+    the first step), ``g = g + momentum * buf`` with Nesterov else ``g = buf``; ``p -= lr * l2sp *
+    (p - p0)`` when decoupled; ``p -= lr * g``; then the L1 proximal step.
+
+    Arguments as :class:`torch.optim.SGD` plus ``l2sp``, ``l1``, ``anchor``, ``anchor_dtype``,
+    ``penalty_mode`` and ``masks`` as in :class:`AdamW`.
+    """
+
+    _STATE_KEYS = ("momentum_buffer",)
+
+    def __init__(self, params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0, *, l2sp: float = 0.0, l1: float = 0.0,
+                 anchor: Union[str, Iterable[Tensor]] = "init", anchor_dtype: Optional[torch.dtype] = None,
+                 penalty_mode: str = "coupled", maximize: bool = False,
+                 masks: Optional[Mapping[Tensor, Tensor]] = None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+                        l2sp=l2sp, l1=l1, anchor_dtype=anchor_dtype, penalty_mode=penalty_mode, maximize=maximize)
+        self._validate_group(defaults, "")
+        super().__init__(params, defaults, anchor, masks)
+
+    def _validate_group(self, group: Dict[str, Any], where: str) -> None:
+        super()._validate_group(group, where)
+        _check_number("momentum", group["momentum"], where=where)
+        _check_number("dampening", group["dampening"], high=1.0, high_inclusive=True, where=where)
+        if not isinstance(group["nesterov"], bool):
+            raise TypeError(f"nesterov{where} must be a bool, got {type(group['nesterov']).__name__}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"nesterov=True{where} requires momentum > 0 and dampening = 0")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = self._collect()
+        buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for group, p, g in items:
+            state = self.state[p]
+            has_momentum = group["momentum"] != 0
+            dampening = float(group["dampening"])
+            if has_momentum and state.get("momentum_buffer") is None:
+                # torch.optim.SGD starts the buffer at the gradient; with a zero buffer and no
+                # dampening, momentum * 0 + 1 * g == g exactly.
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+                dampening = 0.0
+            key = (p.device, p.dtype, has_momentum, group["nesterov"], group["maximize"],
+                   group["penalty_mode"] == "decoupled")
+            b = buckets[key]
+            b["params"].append(p)
+            b["grads"].append(self._grad_like_param(p, g))
+            if has_momentum:
+                b["momentum_buffers"].append(state["momentum_buffer"])
+            b["anchors"].append(state.get("anchor") if group["l2sp"] > 0 else None)
+            b["masks"].append(state.get("mask"))
+            lr, lr_t = self._lr_entry(group, p.device)
+            b["lrs"].append(lr)
+            b["lr_tensors"].append(lr_t)
+            b["momentums"].append(float(group["momentum"]))
+            b["dampenings"].append(dampening)
+            b["weight_decays"].append(float(group["weight_decay"]))
+            b["l2sps"].append(float(group["l2sp"]))
+            b["l1s"].append(float(group["l1"]))
+        for (device, _dtype, _has_momentum, nesterov, maximize, decoupled), b in buckets.items():
+            grad_scale, found_inf = self._amp_tensors(device)
+            lr_tensors = b["lr_tensors"] if any(t is not None for t in b["lr_tensors"]) else []
+            anchors = b["anchors"] if any(a is not None for a in b["anchors"]) else []
+            masks = b["masks"] if any(m is not None for m in b["masks"]) else []
+            torch.ops.pyfinetune.fused_sgd_(
+                b["params"], b["grads"], b["momentum_buffers"], anchors, masks, b["lrs"], lr_tensors,
+                b["momentums"], b["dampenings"], b["weight_decays"], b["l2sps"], b["l1s"], nesterov=nesterov,
+                maximize=maximize, decoupled_l2sp=decoupled, grad_scale=grad_scale, found_inf=found_inf)
+        return loss

@@ -1,0 +1,191 @@
+"""Build script for pyfinetune's compiled extension, ``pyfinetune._C``.
+
+CPU kernels are always built. CUDA kernels are built whenever torch is a CUDA
+build and nvcc is found; a GPU is not needed to compile them.
+
+Environment variables:
+  PYFINETUNE_FORCE_CUDA=1   fail the build if the CUDA kernels cannot be built
+  PYFINETUNE_FORCE_CPU=1    skip the CUDA kernels even when they could be built
+  TORCH_CUDA_ARCH_LIST      GPU architectures, default "8.0;9.0+PTX"
+  MAX_JOBS                  parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fix_cuda_home():
+    # torch derives CUDA_HOME from the nvcc on PATH (/usr/local/bin/nvcc -> /usr/local),
+    # which breaks linking; prefer the real toolkit folder when it exists.
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        if os.path.exists("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+def _cpu_isa_flags():
+    flags = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        for isa in ("avx512f", "avx2", "fma", "neon", "asimd"):
+            if f" {isa}" in info:
+                flags.append(isa)
+    except OSError:
+        pass
+    return flags or [platform.machine()]
+
+
+def _cpu_isa_choice():
+    """The CPU vector ISA the kernels are compiled for: "avx2" or "generic".
+
+    PYFINETUNE_CPU_ISA=generic builds a portable binary (slower vector code); the default, auto,
+    uses AVX2+FMA when the building machine has them (x86-64 only).
+    """
+    choice = os.environ.get("PYFINETUNE_CPU_ISA", "auto").strip().lower()
+    if choice not in ("auto", "avx2", "generic"):
+        raise RuntimeError(f"PYFINETUNE_CPU_ISA must be auto, avx2 or generic, got {choice!r}")
+    if choice == "auto":
+        isa = _cpu_isa_flags()
+        on_x86 = platform.machine().lower() in ("x86_64", "amd64")
+        choice = "avx2" if on_x86 and "avx2" in isa and "fma" in isa else "generic"
+    return choice
+
+
+def _nvidia_pip_includes():
+    # cusparse.h, cublas_v2.h ... ship with torch's pip dependencies, not always with the toolkit.
+    dirs = []
+    for site in sys.path:
+        for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
+            d = os.path.join(site, sub)
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+        for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
+            if os.path.isdir(d) and d not in dirs:
+                dirs.append(d)
+    return dirs
+
+
+def _write_build_info(torch, with_cuda, archs, cuda_version, cpu_isa):
+    path = os.path.join(ROOT, "pyfinetune", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time; do not edit.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\n")
+        f.write(f"CUDA_VERSION = {cuda_version!r}\n")
+        f.write(f"CUDA_ARCHS = {archs!r}\n")
+        f.write(f"CPU_ISA = {cpu_isa!r}\n")
+        f.write(f"PYTHON_VERSION = {platform.python_version()!r}\n")
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    for token in out.replace(",", " ").split():
+        if token.startswith("V") and token[1:2].isdigit():
+            return token[1:]
+    return None
+
+
+def build_extension():
+    _fix_cuda_home()
+    import torch
+    from torch.utils import cpp_extension
+
+    force_cuda = _flag("PYFINETUNE_FORCE_CUDA")
+    force_cpu = _flag("PYFINETUNE_FORCE_CPU")
+    if force_cuda and force_cpu:
+        raise RuntimeError("PYFINETUNE_FORCE_CUDA and PYFINETUNE_FORCE_CPU are both set; choose one")
+
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc_found = cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is not a CUDA build")
+    if not nvcc_found:
+        reasons.append("nvcc not found (set CUDA_HOME)")
+    if force_cpu:
+        reasons.append("PYFINETUNE_FORCE_CPU=1")
+    with_cuda = not reasons
+    if force_cuda and not with_cuda:
+        raise RuntimeError("PYFINETUNE_FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons))
+
+    sources = [os.path.join("csrc", "pyfinetune.cpp")]
+    sources += sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(set(sources))
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-fdiagnostics-color=always"]
+    cpu_isa = _cpu_isa_choice()
+    if cpu_isa == "avx2":
+        # at::vec::Vectorized picks its AVX2 implementation from CPU_CAPABILITY_AVX2. The import
+        # check refuses to load this build on a CPU without AVX2 instead of crashing.
+        cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    if sys.platform != "win32":
+        cxx_flags += ["-fopenmp"]
+    extra_link = ["-fopenmp"] if sys.platform != "win32" else []
+    define_macros = []
+
+    archs = []
+    cuda_version = None
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        archs = [a for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";") if a]
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        include_dirs += _nvidia_pip_includes()
+        define_macros.append(("PYFINETUNE_WITH_CUDA", "1"))
+        cuda_version = _nvcc_version(cuda_home)
+        ext_cls = cpp_extension.CUDAExtension
+        extra = {
+            "cxx": cxx_flags + ["-DPYFINETUNE_WITH_CUDA=1"],
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
+                     "-DPYFINETUNE_WITH_CUDA=1"],
+        }
+    else:
+        ext_cls = cpp_extension.CppExtension
+        extra = {"cxx": cxx_flags}
+
+    _write_build_info(torch, with_cuda, archs, cuda_version, cpu_isa)
+    print(
+        f"pyfinetune build: cpu={cpu_isa} cuda={'yes' if with_cuda else 'no'}"
+        + (f" (nvcc {cuda_version}, archs {';'.join(archs)})" if with_cuda else f" ({'; '.join(reasons)})")
+        + f" torch={torch.__version__}",
+        flush=True,
+    )
+    ext = ext_cls(
+        name="pyfinetune._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args=extra,
+        extra_link_args=extra_link,
+        py_limited_api=False,
+    )
+    return ext, cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None or _has_ninja_module())
+
+
+def _has_ninja_module():
+    try:
+        import ninja  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+ext, build_cls = build_extension()
+setup(ext_modules=[ext], cmdclass={"build_ext": build_cls})
