@@ -1,0 +1,205 @@
+// Multi-tensor apply: one kernel launch updates a whole list of tensors.
+//
+// The host walks the tensor list, cuts every tensor into chunks of kChunkSize elements and packs,
+// into one struct that is passed BY VALUE as the kernel's only argument:
+//   - per tensor: kDepth pointers (parameter, gradient, states, ...), numel, a group index and an
+//     op-defined tag byte;
+//   - a small table of distinct per-group values (the hyper-parameters of a param group), so that
+//     tensors of one param group share one entry and several groups share one launch;
+//   - the block table: block b works on chunk block_chunk[b] of tensor block_tensor[b].
+// Everything the kernel needs travels in the launch itself: no metadata copy to the device and no
+// host synchronization, so the launches can be captured in a CUDA graph. When the tensors, groups
+// or blocks of the list exceed one struct, the list is cut into as many launches as needed; a
+// tensor whose chunks straddle a cut continues as tensor 0 of the next launch.
+//
+// The device helpers at the end load and store N elements of a tensor with 16-byte accesses and
+// convert them to the math type.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+namespace pyfinetune {
+namespace mta {
+
+// Elements per block. A multiple of every vector width, so only the last chunk of a tensor can
+// end in a partial vector.
+constexpr int kChunkSize = 65536;
+constexpr int kBlockSize = 512;
+// The kernel argument stays within the classic 4 KB parameter limit (every driver and arch).
+constexpr size_t kMaxKernelArgBytes = 4096;
+
+template <int kDepth_, int kMaxTensors_, typename Group_, int kMaxGroups_, typename Shared_>
+struct TensorListMetaHead {
+  static constexpr int kDepth = kDepth_;
+  static constexpr int kMaxTensors = kMaxTensors_;
+  static constexpr int kMaxGroups = kMaxGroups_;
+  using Group = Group_;
+  using Shared = Shared_;
+
+  Shared shared;                      // launch-wide values (same for every tensor of the call)
+  Group groups[kMaxGroups];           // distinct per-group values
+  void* ptrs[kDepth][kMaxTensors];    // nullptr where a tensor has no such operand
+  int64_t numels[kMaxTensors];
+  uint8_t group_of[kMaxTensors];      // index into groups
+  uint8_t tags[kMaxTensors];          // op-defined (e.g. the dtype of an optional operand)
+};
+
+template <int kDepth_, int kMaxTensors_, typename Group_, int kMaxGroups_, typename Shared_>
+struct TensorListMeta : TensorListMetaHead<kDepth_, kMaxTensors_, Group_, kMaxGroups_, Shared_> {
+  using Head = TensorListMetaHead<kDepth_, kMaxTensors_, Group_, kMaxGroups_, Shared_>;
+  // The block table takes all the room the rest leaves (minus alignment slack).
+  static constexpr int kMaxBlocks = static_cast<int>((kMaxKernelArgBytes - sizeof(Head) - alignof(Head)) /
+                                                     (sizeof(int32_t) + sizeof(uint8_t)));
+  int32_t block_chunk[kMaxBlocks];    // chunk index within the tensor; offset = chunk * kChunkSize
+  uint8_t block_tensor[kMaxBlocks];   // index into ptrs / numels
+};
+
+// What the op's `describe(i)` returns for tensor i of its list.
+template <typename Meta>
+struct TensorSlot {
+  void* ptrs[Meta::kDepth];
+  int64_t numel;
+  uint8_t tag;
+  typename Meta::Group group;         // compared with ==, so equal groups share one entry
+};
+
+namespace detail {
+
+template <typename Meta>
+void put_tensor(Meta& meta, int t, int group, const TensorSlot<Meta>& slot) {
+  for (int d = 0; d < Meta::kDepth; ++d) {
+    meta.ptrs[d][t] = slot.ptrs[d];
+  }
+  meta.numels[t] = slot.numel;
+  meta.group_of[t] = static_cast<uint8_t>(group);
+  meta.tags[t] = slot.tag;
+}
+
+}  // namespace detail
+
+// Calls launch(meta, n_blocks) once per packed struct; launch must start a grid of n_blocks
+// blocks whose block b handles (meta.block_tensor[b], meta.block_chunk[b]). describe(i) gives
+// tensor i; tensors with numel 0 are skipped. Nothing is launched for an empty (or all-empty) list.
+template <typename Meta, typename Describe, typename Launch>
+void multi_tensor_apply(int64_t num_tensors, const typename Meta::Shared& shared, Describe&& describe,
+                        Launch&& launch) {
+  static_assert(sizeof(Meta) <= kMaxKernelArgBytes, "multi-tensor metadata must fit a 4 KB kernel argument");
+  static_assert(std::is_trivially_copyable<Meta>::value, "multi-tensor metadata is copied as kernel argument");
+  static_assert(Meta::kMaxTensors >= 1 && Meta::kMaxTensors <= 256, "tensor index is stored in a uint8");
+  static_assert(Meta::kMaxGroups >= 1 && Meta::kMaxGroups <= 256, "group index is stored in a uint8");
+  static_assert(Meta::kMaxBlocks >= 64, "too little room left for the block table");
+
+  Meta meta{};
+  meta.shared = shared;
+  int n_tensors = 0;
+  int n_groups = 0;
+  int n_blocks = 0;
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const TensorSlot<Meta> slot = describe(i);
+    if (slot.numel == 0) {
+      continue;
+    }
+    const int64_t n_chunks = (slot.numel + kChunkSize - 1) / kChunkSize;
+    TORCH_CHECK(n_chunks <= std::numeric_limits<int32_t>::max(), "pyfinetune: tensor ", i, " has ", slot.numel,
+                " elements, too many for the multi-tensor kernels");
+
+    int group = -1;
+    for (int j = 0; j < n_groups; ++j) {
+      if (meta.groups[j] == slot.group) {
+        group = j;
+        break;
+      }
+    }
+    if (n_tensors == Meta::kMaxTensors || (group < 0 && n_groups == Meta::kMaxGroups)) {
+      // Every packed tensor owns at least one block, so n_blocks > 0 here.
+      launch(static_cast<const Meta&>(meta), n_blocks);
+      n_tensors = n_groups = n_blocks = 0;
+      group = -1;
+    }
+    if (group < 0) {
+      group = n_groups++;
+      meta.groups[group] = slot.group;
+    }
+    int t = n_tensors++;
+    detail::put_tensor(meta, t, group, slot);
+
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      meta.block_chunk[n_blocks] = static_cast<int32_t>(chunk);
+      meta.block_tensor[n_blocks] = static_cast<uint8_t>(t);
+      ++n_blocks;
+      if (n_blocks == Meta::kMaxBlocks) {
+        launch(static_cast<const Meta&>(meta), n_blocks);
+        n_tensors = n_groups = n_blocks = 0;
+        if (chunk + 1 < n_chunks) {
+          // The rest of this tensor opens the next launch, alone with its group.
+          meta.groups[0] = slot.group;
+          n_groups = 1;
+          t = 0;
+          detail::put_tensor(meta, t, 0, slot);
+          n_tensors = 1;
+        }
+      }
+    }
+  }
+  if (n_blocks > 0) {
+    launch(static_cast<const Meta&>(meta), n_blocks);
+  }
+}
+
+// ---- Vector access -------------------------------------------------------------------------------
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T val[N];
+};
+
+// Elements of T per access: all N when they fit 16 bytes, else 16-byte pieces (8 fp32 state
+// values of a bf16 parameter are two 16-byte accesses).
+template <typename T, int N>
+constexpr int piece_width() {
+  return sizeof(T) * N <= 16 ? N : static_cast<int>(16 / sizeof(T));
+}
+
+// Whether N-element accesses of T at ptr (and at every multiple of N elements after it) are aligned.
+template <int N, typename T>
+C10_HOST_DEVICE inline bool is_aligned_for(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % (sizeof(T) * piece_width<T, N>()) == 0;
+}
+
+// out[k] = U(ptr[k]) for k < N; ptr must satisfy is_aligned_for<N, T>.
+template <int N, typename T, typename U>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void load_n(const T* ptr, U (&out)[N]) {
+  constexpr int kPiece = piece_width<T, N>();
+#pragma unroll
+  for (int j = 0; j < N; j += kPiece) {
+    const Pack<T, kPiece> pack = *reinterpret_cast<const Pack<T, kPiece>*>(ptr + j);
+#pragma unroll
+    for (int k = 0; k < kPiece; ++k) {
+      out[j + k] = static_cast<U>(pack.val[k]);
+    }
+  }
+}
+
+// ptr[k] = T(in[k]) for k < N; ptr must satisfy is_aligned_for<N, T>.
+template <int N, typename T, typename U>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void store_n(T* ptr, const U (&in)[N]) {
+  constexpr int kPiece = piece_width<T, N>();
+#pragma unroll
+  for (int j = 0; j < N; j += kPiece) {
+    Pack<T, kPiece> pack;
+#pragma unroll
+    for (int k = 0; k < kPiece; ++k) {
+      pack.val[k] = static_cast<T>(in[j + k]);
+    }
+    *reinterpret_cast<Pack<T, kPiece>*>(ptr + j) = pack;
+  }
+}
+
+}  // namespace mta
+}  // namespace pyfinetune

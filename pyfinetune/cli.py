@@ -1,0 +1,56 @@
+"""The ``pyfinetune`` command line.
+
+``pyfinetune info``  versions, compiled CPU/CUDA support and the kernels of every op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import pyfinetune
+
+    info = pyfinetune.build_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    archs = ", ".join(info["cuda_archs"]) if info["cuda_built"] else "none (built without CUDA kernels)"
+    gpu = info["gpu"] or ("none visible" if torch.version.cuda else "none (CPU-only torch)")
+    print(f"pyfinetune   {info['pyfinetune']}")
+    print(f"torch        {info['torch_running']} (built against {info['torch_built']})")
+    print(f"CUDA kernels {'yes' if info['cuda_built'] else 'no'}; nvcc {info['nvcc_version'] or '-'}; archs: {archs}")
+    print(f"CPU kernels  vector ISA {info['cpu_isa']}; {info['cpu_threads']} threads")
+    print(f"GPU          {gpu}")
+    print("ops:")
+    width = max(len(op) for op in info["kernels"])
+    for op, devices in info["kernels"].items():
+        print(f"  torch.ops.pyfinetune.{op:<{width}}  {', '.join(devices) or 'no kernels!'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyfinetune", description="Fast fine-tuning kernels for PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p_info = sub.add_parser("info", help="show versions, compiled kernels and visible GPUs")
+    p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p_info.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
