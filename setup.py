@@ -72,7 +72,8 @@ def _nvidia_pip_includes():
             d = os.path.join(site, sub)
             if os.path.isdir(d) and d not in dirs:
                 dirs.append(d)
-        for d in sorted(glob.glob(os.path.join(site, "nvidia", "*", "include"))):
+        for lib in ("cusparse", "cublas", "cuda_runtime"):  # the per-library layout of CUDA 12 wheels
+            d = os.path.join(site, "nvidia", lib, "include")
             if os.path.isdir(d) and d not in dirs:
                 dirs.append(d)
     return dirs

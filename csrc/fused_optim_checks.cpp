@@ -30,6 +30,17 @@ void check_scalar_list(const char* op, const char* name, at::ArrayRef<double> va
   }
 }
 
+// Same memory order: strides equal on every dimension of size > 1 (a size-1 dimension's stride
+// is never used to address an element).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // `t` must be a dense strided tensor laid out exactly like params[i] (same device, shape and
 // strides), so that all tensors of one parameter can be walked with one flat index.
 void check_like_param(const char* op, const char* list, size_t i, const at::Tensor& t, const at::Tensor& p) {
@@ -41,7 +52,7 @@ void check_like_param(const char* op, const char* list, size_t i, const at::Tens
            t.device());
   PF_CHECK(t.sizes() == p.sizes(), op, name, " must have the shape of params[", i, "] ", p.sizes(), ", got ",
            t.sizes());
-  PF_CHECK(t.numel() <= 1 || t.strides() == p.strides(), op, name, " must have the strides of params[", i,
+  PF_CHECK(t.numel() <= 1 || same_layout(t, p), op, name, " must have the strides of params[", i,
            "] ", p.strides(), ", got ", t.strides());
 }
 

@@ -32,6 +32,13 @@ def _load_extension() -> None:
             f"pyfinetune was built against torch {built} but torch {running} is running; "
             "rebuild it: pip install --no-build-isolation --force-reinstall --no-deps pyfinetune"
         )
+    built_cuda, running_cuda = _build_info.TORCH_CUDA_VERSION, torch.version.cuda
+    if _build_info.WITH_CUDA and built_cuda != running_cuda:
+        raise ImportError(
+            f"pyfinetune's CUDA kernels were built against torch {built} with CUDA {built_cuda}, but torch "
+            f"{running} with CUDA {running_cuda} is running; rebuild it: "
+            "pip install --no-build-isolation --force-reinstall --no-deps pyfinetune"
+        )
     if _build_info.CPU_ISA == "avx2":
         cap = torch.backends.cpu.get_cpu_capability()
         if cap not in ("AVX2", "AVX512", "AVX512_BF16", "AMX"):

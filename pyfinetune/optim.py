@@ -320,16 +320,22 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _grad_like_param(p: Tensor, g: Tensor) -> Tensor:
-        if g.stride() == p.stride() or p.numel() <= 1:
+        if p.numel() <= 1 or all(gs == ps for gs, ps, n in zip(g.stride(), p.stride(), p.shape) if n > 1):
             return g
         return torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
 
     @staticmethod
-    def _lr_entry(group: Dict[str, Any], device: torch.device) -> Tuple[float, Optional[Tensor]]:
+    def _lr_entry(group: Dict[str, Any], device: torch.device,
+                  cache: Dict[Tuple[int, torch.device], Tensor]) -> Tuple[float, Optional[Tensor]]:
+        """(lr as float, lr as a scalar tensor on `device` or None). A tensor lr is moved to the
+        device once per group and step, so all parameters of the group share one tensor."""
         lr = group["lr"]
-        if isinstance(lr, Tensor):
-            return 0.0, lr.detach().to(device=device).reshape(())
-        return float(lr), None
+        if not isinstance(lr, Tensor):
+            return float(lr), None
+        key = (id(group), device)
+        if key not in cache:
+            cache[key] = lr.detach().to(device=device).reshape(())
+        return 0.0, cache[key]
 
 
 class AdamW(_FusedPenalizedOptimizer):
@@ -406,6 +412,7 @@ class AdamW(_FusedPenalizedOptimizer):
                 loss = closure()
         items = self._collect()
         buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        lr_cache: Dict[Tuple[int, torch.device], Tensor] = {}
         for group, p, g in items:
             state = self._init_state(p, group)
             key = (p.device, p.dtype, group["amsgrad"], group["maximize"], group["penalty_mode"] == "decoupled")
@@ -419,7 +426,7 @@ class AdamW(_FusedPenalizedOptimizer):
             b["anchors"].append(state.get("anchor") if group["l2sp"] > 0 else None)
             b["masks"].append(state.get("mask"))
             b["steps"].append(state["step"])
-            lr, lr_t = self._lr_entry(group, p.device)
+            lr, lr_t = self._lr_entry(group, p.device, lr_cache)
             b["lrs"].append(lr)
             b["lr_tensors"].append(lr_t)
             b["beta1s"].append(float(group["betas"][0]))
@@ -487,6 +494,7 @@ class SGD(_FusedPenalizedOptimizer):
                 loss = closure()
         items = self._collect()
         buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        lr_cache: Dict[Tuple[int, torch.device], Tensor] = {}
         for group, p, g in items:
             state = self.state[p]
             has_momentum = group["momentum"] != 0
@@ -505,7 +513,7 @@ class SGD(_FusedPenalizedOptimizer):
                 b["momentum_buffers"].append(state["momentum_buffer"])
             b["anchors"].append(state.get("anchor") if group["l2sp"] > 0 else None)
             b["masks"].append(state.get("mask"))
-            lr, lr_t = self._lr_entry(group, p.device)
+            lr, lr_t = self._lr_entry(group, p.device, lr_cache)
             b["lrs"].append(lr)
             b["lr_tensors"].append(lr_t)
             b["momentums"].append(float(group["momentum"]))

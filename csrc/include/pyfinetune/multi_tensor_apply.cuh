@@ -24,6 +24,13 @@
 #include <limits>
 #include <type_traits>
 
+// Unroll hint for the device pass only (host compilers warn about the unknown pragma).
+#if defined(__CUDA_ARCH__)
+#define PF_UNROLL _Pragma("unroll")
+#else
+#define PF_UNROLL
+#endif
+
 namespace pyfinetune {
 namespace mta {
 
@@ -176,10 +183,10 @@ C10_HOST_DEVICE inline bool is_aligned_for(const void* ptr) {
 template <int N, typename T, typename U>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void load_n(const T* ptr, U (&out)[N]) {
   constexpr int kPiece = piece_width<T, N>();
-#pragma unroll
+  PF_UNROLL
   for (int j = 0; j < N; j += kPiece) {
     const Pack<T, kPiece> pack = *reinterpret_cast<const Pack<T, kPiece>*>(ptr + j);
-#pragma unroll
+    PF_UNROLL
     for (int k = 0; k < kPiece; ++k) {
       out[j + k] = static_cast<U>(pack.val[k]);
     }
@@ -190,14 +197,22 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void load_n(const T* ptr, U (&out)[N]) {
 template <int N, typename T, typename U>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void store_n(T* ptr, const U (&in)[N]) {
   constexpr int kPiece = piece_width<T, N>();
-#pragma unroll
+  PF_UNROLL
   for (int j = 0; j < N; j += kPiece) {
     Pack<T, kPiece> pack;
-#pragma unroll
+    PF_UNROLL
     for (int k = 0; k < kPiece; ++k) {
       pack.val[k] = static_cast<T>(in[j + k]);
     }
     *reinterpret_cast<Pack<T, kPiece>*>(ptr + j) = pack;
+  }
+}
+
+template <int N, typename U>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void fill_n(U (&out)[N], U value) {
+  PF_UNROLL
+  for (int k = 0; k < N; ++k) {
+    out[k] = value;
   }
 }
 
