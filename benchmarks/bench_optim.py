@@ -306,7 +306,8 @@ def analyse(case: Case, entries: List[Entry], timings: Dict[str, common.Timing],
         c, t = e.contender, timings[e.contender.name]
         gbps = t.gbps(c.bytes)
         rows.append({
-            "name": c.name, "median_ms": t.median, "p20_ms": t.p20, "p80_ms": t.p80, "bytes": c.bytes,
+            "name": c.name, "median_ms": t.median, "p20_ms": t.p20, "p80_ms": t.p80,
+            "mean_ms": sum(t.times_ms) / len(t.times_ms), "bytes": c.bytes,
             "bytes_per_elem": c.info.get("B/elem"), "gbps": gbps,
             "fraction_of_copy": (gbps / copy_gbps) if (gbps and copy_gbps) else None,
             "state_mib": state_bytes(e.opt, e.extra_state) / 2**20 if e.opt is not None else None,
@@ -336,8 +337,15 @@ def case_markdown(res: Dict[str, Any], device: torch.device) -> str:
            f"{res['numel'] / 1e6:.2f}M elements in {res['tensors']} tensors; "
            f"{res['calls_per_rep']} step(s) per timed sample; GB/s counts the minimum bytes (B/elem).", "",
            common.markdown_table(headers, rows), ""]
+    load = res.get("cpu_contention") or {}
+    if load.get("other_share") is not None:
+        line = (f"Other processes used {100 * load['other_share']:.1f}% of the CPUs during this case "
+                f"(hypervisor steal {100 * load['steal_share']:.1f}%).")
+        if load["other_share"] + load["steal_share"] > 0.05:
+            line = "**Warning: the machine was not quiet; do not trust these numbers.** " + line
+        out += [line, ""]
     if res["ratios"]:
-        rrows = [[r["description"], f"{r['value']:.2f}", f"{r['p20']:.2f} .. {r['p80']:.2f}",
+        rrows = [[r["description"], f"{r['value']:.3f}", f"{r['p20']:.3f} .. {r['p80']:.3f}",
                   "" if r["target"] is None else f">= {r['target']}", r["status"]] for r in res["ratios"]]
         out += [common.markdown_table(["ratio", "value", "per-round p20 .. p80", "target", "status"], rrows), ""]
     return "\n".join(out)
@@ -353,12 +361,14 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int) -> Dict[s
     contenders = [e.contender for e in entries]
     print(f"[{case.name}] {len(contenders)} contenders, {case.numel / 1e6:.2f}M elements, {reps} rounds",
           file=sys.stderr, flush=True)
-    timings = common.time_interleaved(contenders, reps=reps, warmup=warmup, device=device,
-                                      calls_per_rep=case.calls_per_rep,
-                                      progress=lambda s: print(f"[{case.name}] {s}", file=sys.stderr, flush=True))
+    with common.CpuContention() as load:
+        timings = common.time_interleaved(contenders, reps=reps, warmup=warmup, device=device,
+                                          calls_per_rep=case.calls_per_rep,
+                                          progress=lambda s: print(f"[{case.name}] {s}", file=sys.stderr, flush=True))
     for c in contenders:  # one more step each, outside the timed rounds
         timings[c.name].peak_extra_bytes = common.peak_extra_memory(c.fn, device)
     res = analyse(case, entries, timings, device)
+    res["cpu_contention"] = load.result
     if not ours_ok:
         res["note"] = f"pyfinetune has no {device.type} kernel in this build: only torch rows"
     return res

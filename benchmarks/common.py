@@ -78,7 +78,7 @@ class Timing:
         return nbytes / (self.median * 1e-3) / 1e9
 
     def summary(self) -> Dict[str, Any]:
-        return {"median_ms": self.median, "p20_ms": self.p20, "p80_ms": self.p80, "n": len(self.times_ms),
+        return {"median_ms": self.median, "mean_ms": sum(self.times_ms) / len(self.times_ms), "p20_ms": self.p20, "p80_ms": self.p80, "n": len(self.times_ms),
                 "times_ms": self.times_ms, "peak_extra_bytes": self.peak_extra_bytes}
 
 
@@ -152,6 +152,56 @@ def time_interleaved(contenders: Sequence[Contender], *, reps: int, warmup: int 
         if gc_was_enabled:
             gc.enable()
     return {c.name: Timing(c.name, times[c.name]) for c in contenders}
+
+
+class CpuContention:
+    """Context manager: how much of the machine's CPU time *other* processes used meanwhile.
+
+    On a shared or virtual machine another process (or the hypervisor, "steal") taking a core
+    wrecks multi-threaded timings: a parallel region waits for its slowest thread. Results
+    measured with a large ``other_share`` should not be trusted. Linux only (``/proc/stat``);
+    elsewhere the fields are None.
+    """
+
+    def __enter__(self) -> "CpuContention":
+        self._start = (time.monotonic(), _proc_stat(), _own_cpu_seconds())
+        self.result: Dict[str, Optional[float]] = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, stat0, own0 = self._start
+        wall, stat, own = time.monotonic() - wall0, _proc_stat(), _own_cpu_seconds() - own0
+        if stat0 is None or stat is None or wall <= 0:
+            self.result = {"other_share": None, "steal_share": None, "wall_s": wall}
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        ncpu = stat[2]
+        busy = (stat[0] - stat0[0]) / hz
+        steal = (stat[1] - stat0[1]) / hz
+        self.result = {
+            "other_share": max(0.0, busy - own) / (wall * ncpu),
+            "steal_share": steal / (wall * ncpu),
+            "wall_s": wall,
+            "loadavg_end": os.getloadavg()[0],
+        }
+
+
+def _proc_stat() -> Optional[Tuple[int, int, int]]:
+    """(busy jiffies, steal jiffies, number of CPUs) of the whole machine."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fields = [int(x) for x in lines[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    ncpu = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return user + nice + system + irq + softirq, steal, ncpu
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
@@ -253,6 +303,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
