@@ -341,7 +341,9 @@ def case_markdown(res: Dict[str, Any], device: torch.device) -> str:
     if load.get("other_share") is not None:
         line = (f"Other processes used {100 * load['other_share']:.1f}% of the CPUs during this case "
                 f"(hypervisor steal {100 * load['steal_share']:.1f}%).")
-        if load["other_share"] + load["steal_share"] > 0.05:
+        if res.get("attempts", 1) > 1:
+            line += f" Best of {res['attempts']} attempts."
+        if common.is_contended(load):
             line = "**Warning: the machine was not quiet; do not trust these numbers.** " + line
         out += [line, ""]
     if res["ratios"]:
@@ -352,6 +354,26 @@ def case_markdown(res: Dict[str, Any], device: torch.device) -> str:
 
 
 # ------------------------------------------------------------------------------------------- main
+def run_case_quietly(case: Case, device: torch.device, reps: int, warmup: int, attempts: int) -> Dict[str, Any]:
+    """Run the case, again (up to ``attempts`` times) while other processes disturbed it on CPU;
+    keep the least disturbed run and record how many were made."""
+    best = None
+    for attempt in range(1, attempts + 1):
+        if device.type == "cpu" and not common.wait_for_quiet():
+            print(f"[{case.name}] the machine stayed busy; measuring anyway", file=sys.stderr, flush=True)
+        res = run_case(case, device, reps, warmup)
+        share = res["cpu_contention"].get("other_share")
+        if best is None or (share or 0.0) < (best["cpu_contention"].get("other_share") or 0.0):
+            best = res
+        best["attempts"] = attempt
+        if device.type != "cpu" or not common.is_contended(res["cpu_contention"]):
+            break
+        print(f"[{case.name}] other processes took {100 * share:.1f}% of the CPUs: "
+              + ("running the case again" if attempt < attempts else "giving up"), file=sys.stderr, flush=True)
+        gc.collect()
+    return best
+
+
 def run_case(case: Case, device: torch.device, reps: int, warmup: int) -> Dict[str, Any]:
     ours_ok = device.type in pyfinetune.kernel_devices()["fused_adamw_"]
     master = make_master(case, device)
@@ -383,6 +405,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3, 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help="fewer rounds: a smoke test, not a record")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--attempts", type=int, default=3,
+                    help="CPU: run a case again, up to this many times, while other processes disturb it (default 3)")
     ap.add_argument("--out", default=common.RESULTS_DIR, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
 
@@ -405,7 +429,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = common.machine_info(device)
     results = []
     for name in cases:
-        results.append(run_case(make_case(name), device, reps, warmup))
+        results.append(run_case_quietly(make_case(name), device, reps, warmup, args.attempts))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -186,6 +186,38 @@ class CpuContention:
         }
 
 
+BUSY_LIMIT = 0.05  # share of the CPUs other processes may take before a measurement is flagged
+
+
+def is_contended(result: Dict[str, Optional[float]], limit: float = BUSY_LIMIT) -> bool:
+    """True when a :class:`CpuContention` result says other processes took more than ``limit``."""
+    if result.get("other_share") is None:
+        return False
+    return result["other_share"] + (result.get("steal_share") or 0.0) > limit
+
+
+def wait_for_quiet(max_wait_s: float = 120.0, window_s: float = 3.0, limit: float = BUSY_LIMIT) -> bool:
+    """Wait until the whole machine was idle (< ``limit`` busy) for ``window_s``; False on timeout.
+
+    Call it before a measurement, with nothing of our own running. Without /proc/stat it returns
+    True at once.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        a = _proc_stat()
+        if a is None:
+            return True
+        time.sleep(window_s)
+        b = _proc_stat()
+        if b is None:
+            return True
+        share = ((b[0] - a[0]) + (b[1] - a[1])) / os.sysconf("SC_CLK_TCK") / (window_s * b[2])
+        if share < limit:
+            return True
+        if time.monotonic() > deadline:
+            return False
+
+
 def _proc_stat() -> Optional[Tuple[int, int, int]]:
     """(busy jiffies, steal jiffies, number of CPUs) of the whole machine."""
     try:
