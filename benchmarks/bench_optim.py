@@ -337,6 +337,8 @@ def case_markdown(res: Dict[str, Any], device: torch.device) -> str:
            f"{res['numel'] / 1e6:.2f}M elements in {res['tensors']} tensors; "
            f"{res['calls_per_rep']} step(s) per timed sample; GB/s counts the minimum bytes (B/elem).", "",
            common.markdown_table(headers, rows), ""]
+    if res.get("note"):
+        out += [f"Note: {res['note']}.", ""]
     load = res.get("cpu_contention") or {}
     if load.get("other_share") is not None:
         line = (f"Other processes used {100 * load['other_share']:.1f}% of the CPUs during this case "
