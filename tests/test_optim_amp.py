@@ -98,10 +98,7 @@ def test_inf_in_one_gradient_skips_the_step(device, dtype, kind, bad):
 @pytest.mark.parametrize("kind, dampening", [
     ("adamw", None),
     ("sgd", 0.0),
-    pytest.param("sgd", 0.3, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: SGD creates a zero momentum_buffer before calling the op; when GradScaler skips the "
-        "first step (found_inf), the zero buffer stays, and the next step uses "
-        "buf = momentum*0 + (1-dampening)*g instead of torch's buf = g"))),
+    ("sgd", 0.3),  # a fresh buffer whose first step is skipped must restart from the gradient
 ])
 def test_skipped_first_step_matches_torch(device, dtype, kind, dampening):
     # GradScaler often skips the very first steps (the initial scale overflows fp16): the state

@@ -204,17 +204,13 @@ def test_non_dense_parameter(kind):
     assert torch.equal(p, before)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: step() raises from the C++ op after it already updated the earlier (device, dtype) "
-    "buckets and after torch._foreach_add_ incremented the step counters: a parameter whose dtype "
-    "changed after its state was created (p.data = p.data.double(), as module.double() does) leaves "
-    "group 0 updated and every step counter +1"))
 @pytest.mark.parametrize("kind", list(OPTS))
 def test_error_in_op_leaves_nothing_half_updated(kind):
     opt, ps = _trained(kind)
     ps[3].data = ps[3].data.double()   # state stays float32: the op rejects it
     ps[3].grad = torch.randn(4, 3, dtype=torch.float64)
-    _expect_unchanged(opt, RuntimeError, r"(exp_avgs|momentum_buffers)\[0\] must be Double")
+    # step() checks the existing state against the parameters before any bucket is updated.
+    _expect_unchanged(opt, RuntimeError, r"parameter 1 \(param group 1\): its optimizer state '(exp_avg|momentum_buffer)' is torch.float32")
 
 
 # --------------------------------------------------------------------------- direct op calls
@@ -363,11 +359,6 @@ def test_op_bad_argument(kind, case):
         assert torch.equal(bits(x), bits(y))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor): a sparse tensor in grads makes the dispatcher pick SparseCPU, where the ops have "
-    "no kernel: NotImplementedError \"Could not run 'pyfinetune::fused_adamw_' with arguments from "
-    "the 'SparseCPU' backend\" instead of the check's message naming grads[1] (that check in "
-    "fused_optim_checks.cpp is unreachable). The optimizers catch sparse grads before the op."))
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_op_sparse_grad_names_the_argument(kind):
     args, kwargs = _adamw_args() if kind == "adamw" else _sgd_args()

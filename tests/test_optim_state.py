@@ -116,10 +116,6 @@ def test_state_dict_before_first_step(device, dtype):
     assert torch.equal(opt2.get_mask(q), mask)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "BUG: load_state_dict of a torch.optim.AdamW/SGD state dict raises KeyError 'l2sp': torch's "
-    "param_groups replace ours and lack l2sp/l1/penalty_mode/anchor_dtype, which _validate_group "
-    "reads (no defaults are filled in)"))
 @pytest.mark.parametrize("device, dtype", device_dtype_params([torch.float32, torch.bfloat16]))
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_torch_state_dict(device, dtype, kind):

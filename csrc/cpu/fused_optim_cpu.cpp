@@ -543,4 +543,11 @@ TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
   m.impl("fused_sgd_", &fused_sgd_cpu);
 }
 
+// A sparse tensor anywhere in the lists routes the call here; the argument checks, which run
+// first, then name the sparse argument instead of the dispatcher's "no kernel for SparseCPU".
+TORCH_LIBRARY_IMPL(pyfinetune, SparseCPU, m) {
+  m.impl("fused_adamw_", &fused_adamw_cpu);
+  m.impl("fused_sgd_", &fused_sgd_cpu);
+}
+
 }  // namespace pyfinetune
