@@ -18,6 +18,7 @@ def test_step_captured_in_cuda_graph(kind, dtype):
     shapes = [(37,), (64, 33), (5, 7, 9), (70000,)]  # 70000 > one chunk: several blocks per tensor
     ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    initial = [p.detach().clone() for p in ps]
 
     def make(params):
         lr = torch.tensor(1e-2, device="cuda")
@@ -48,8 +49,8 @@ def test_step_captured_in_cuda_graph(kind, dtype):
         graph.replay()
         opt_ref.step()
     torch.cuda.synchronize()
-    for p, r in zip(ps, ref):
-        assert not torch.equal(p, ps[0]) or p is ps[0]
+    for p, r, p_init in zip(ps, ref, initial):
+        assert not torch.equal(p, p_init), "the replays did not update the parameter"
         torch.testing.assert_close(p, r, rtol=0, atol=0)
     if kind == "adamw":
         for p, r in zip(ps, ref):
