@@ -39,4 +39,32 @@ TORCH_LIBRARY(pyfinetune, m) {
       "Tensor?[] anchors, Tensor?[] masks, float[] lrs, Tensor?[] lr_tensors, float[] momentums, "
       "float[] dampenings, float[] weight_decays, float[] l2sps, float[] l1s, *, bool nesterov, "
       "bool maximize, bool decoupled_l2sp, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // Masked matmul, dense masked path: y = x @ (weight * mask)^T + bias.
+  //   x [N, K] (the Python wrapper flattens leading dims), weight [M, K], mask [M, K] bool,
+  //   bias None or [M]; x, weight, bias share one float dtype; accumulation in float32.
+  m.def("masked_matmul(Tensor x, Tensor weight, Tensor mask, Tensor? bias) -> Tensor");
+  // Its backward. output_mask = (need dx, need dweight, need dbias); an output not needed is
+  // returned as an empty tensor. dweight = (grad_out^T @ x) * mask (0 at pruned positions), or the
+  // full grad_out^T @ x when dense_grad (movement pruning, regrowth).
+  m.def(
+      "masked_matmul_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask, bool[3] output_mask, "
+      "bool dense_grad) -> (Tensor, Tensor, Tensor)");
+
+  // Sparse linear over a compressed-row weight W [M, K] (SparseLinear): y = x @ W^T + bias.
+  //   x [N, K]; values [nnz] (x's dtype); crow_indices [M + 1], col_indices [nnz] (int32, columns
+  //   sorted within a row); row_order [M] int32: the rows sorted by decreasing length (load
+  //   balance); bias None or [M].
+  m.def(
+      "csr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, Tensor row_order, "
+      "Tensor? bias) -> Tensor");
+  // Its backward: dx = grad_out @ W computed over the compressed-column view of the same pattern
+  // (ccol_indices [K + 1], row_indices [nnz], csc_to_csr [nnz]: the position in `values` of each
+  // compressed-column entry, so no transposed copy of the values is built); dvalues = the sampled
+  // product (grad_out^T @ x) at the kept positions only (SDDMM); dbias = grad_out summed over rows.
+  // output_mask = (need dx, need dvalues, need dbias); an output not needed is an empty tensor.
+  m.def(
+      "csr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
+      "Tensor col_indices, Tensor row_order, Tensor ccol_indices, Tensor row_indices, Tensor csc_to_csr, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
