@@ -1,0 +1,663 @@
+// CPU kernels of the pruning ops: masked_matmul (dense masked path) and csr_linear (sparse path),
+// forward and backward.
+//
+// Dense masked path: one GEMM of torch (MKL / oneDNN, which accumulate bfloat16 and float16 in
+// float32) on the masked weight. It wins below the sparsity crossover (SparseLinear's docstring).
+//
+// Sparse path, y = x @ W^T with W [M, K] in compressed rows. Unstructured sparsity gives no reuse
+// of a weight across output rows, so the kernel vectorizes along the batch instead:
+//   * x [N, K] is transposed once into xT [K, ld] (float32 for 16-bit inputs; ld = N rounded up
+//     to whole vectors and to an odd number of cache lines, zero padded), so that the N values
+//     multiplied by one weight are contiguous;
+//   * output row m, panel [n0, n0 + 64): yT[m, panel] = sum_j values[j] * xT[col[j], panel], the
+//     accumulators held in registers, one broadcast and one FMA per vector and kept weight;
+//   * dense enough patterns walk xT in tiles of 128 rows (32 KiB per panel, L1 resident): every
+//     output row adds its kept weights whose column falls in the tile (columns are sorted, so a
+//     cursor per row finds them), loading and storing its accumulators around each such segment;
+//     sparser patterns walk each row in one go, the K x 64 slice of xT staying in L2;
+//   * work items are (panel, row range) pairs taken dynamically by the threads; the row ranges
+//     hold equal numbers of kept weights (prefix sums of crow + binary search);
+//   * yT is transposed back into y, adding the bias, rounded once to the output dtype.
+// The backward runs the same kernel over the compressed columns (dx = grad_out @ W reads dyT rows
+// through row_indices, values through csc_to_csr), and computes dvalues as a sampled product
+// (SDDMM): for every kept (m, k), dot(dyT[m, :], xT[k, :]), eight kept weights at a time with one
+// horizontal reduction per eight dot products.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <pyfinetune/checks.h>
+#include <pyfinetune/masked_matmul.h>
+
+namespace pyfinetune {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using acc_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+at::Tensor not_needed(const at::Tensor& like) {
+  return at::empty({0}, like.options());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense masked path
+
+// weight with exact zeros at pruned positions (where, not a product: a NaN or inf stored at a
+// pruned position must not leak into the output).
+at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
+  return at::where(mask, weight, at::zeros({}, weight.options()));
+}
+
+at::Tensor masked_matmul_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                             const std::optional<at::Tensor>& bias) {
+  check_masked_matmul_args(x, weight, mask, bias);
+  const at::Tensor w = masked_weight(weight, mask);
+  if (bias.has_value() && bias->defined()) {
+    return at::addmm(*bias, x, w.t());
+  }
+  return at::mm(x, w.t());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cpu(const at::Tensor& grad_out,
+                                                                          const at::Tensor& x,
+                                                                          const at::Tensor& weight,
+                                                                          const at::Tensor& mask,
+                                                                          std::array<bool, 3> output_mask,
+                                                                          bool dense_grad) {
+  check_masked_matmul_backward_args(grad_out, x, weight, mask);
+  at::Tensor dx = not_needed(x), dweight = not_needed(x), dbias = not_needed(x);
+  if (output_mask[0]) {
+    dx = at::mm(grad_out, masked_weight(weight, mask));
+  }
+  if (output_mask[1]) {
+    dweight = at::mm(grad_out.t(), x);
+    if (!dense_grad) {
+      dweight = at::where(mask, dweight, at::zeros({}, dweight.options()));
+    }
+  }
+  if (output_mask[2]) {
+    // float32 accumulation for 16-bit grad_out (torch's CPU sum accumulates in float).
+    dbias = at::sum(grad_out, {0});
+  }
+  return {dx, dweight, dbias};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sparse path: layout helpers
+
+template <typename acc_t>
+constexpr int64_t kLanes = Vectorized<acc_t>::size();
+
+// Batch-block (panel) width in vectors: 8 accumulators (64 floats) leave registers for the
+// broadcast weight, and keep the K x 64 slice of xT (1 MiB for K = 4096) in L2.
+constexpr int kPanelVecs = 8;
+template <typename acc_t>
+constexpr int64_t kPanelBytes = kPanelVecs * kLanes<acc_t> * sizeof(acc_t);
+// L1 tile of the operand rows read by a panel: 128 rows x 64 floats = 32 KiB.
+constexpr int64_t kTileBytes = 32 * 1024;
+// Tile only when a (row, tile) segment holds this many kept weights on average; sparser
+// patterns pay more for loading and storing the accumulators of each segment than they save.
+constexpr double kMinSegment = 4.0;
+// Row ranges per thread: enough that a slowed thread (a shared machine) hands work to the others.
+constexpr int64_t kPartsPerThread = 8;
+// Cost of a row besides its kept weights, in kept-weight units (zero and store the accumulators).
+constexpr int64_t kRowCost = 4;
+// Rows ahead whose first index, value and output line are prefetched (a tiled walk jumps between
+// rows, which the hardware prefetcher does not follow).
+constexpr int64_t kPrefetchRows = 4;
+
+int64_t round_up(int64_t n, int64_t m) {
+  return (n + m - 1) / m * m;
+}
+
+// Row stride of a transposed operand with `rows` columns: whole vectors and, once a row spans
+// cache lines, an odd number of lines. A power-of-two stride (N = 256 floats: 1 KiB) would map
+// the same panel of every row to a few cache sets, and the slice that must stay in L2 would use
+// a third of it (measured: 6x slower at N = 256).
+template <typename acc_t>
+int64_t padded_ld(int64_t rows) {
+  constexpr int64_t kLine = 64 / sizeof(acc_t);
+  int64_t ld = round_up(std::max<int64_t>(rows, 1), kLanes<acc_t>);
+  if (ld >= kLine) {
+    ld = round_up(ld, kLine);
+    if ((ld / kLine) % 2 == 0) {
+      ld += kLine;
+    }
+  }
+  return ld;
+}
+
+// Calls fn(o0, o1, i0, i1) for the 32 x 32 tiles of [0, outer) x [0, inner), the outer tiles
+// spread over the threads: a transpose tile's strided reads and its writes both stay in L1.
+template <typename Fn>
+void for_each_tile(int64_t outer, int64_t inner, const Fn& fn) {
+  constexpr int64_t kT = 32;
+  at::parallel_for(0, (outer + kT - 1) / kT, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * kT, o1 = std::min(outer, o0 + kT);
+      for (int64_t i0 = 0; i0 < inner; i0 += kT) {
+        fn(o0, o1, i0, std::min(inner, i0 + kT));
+      }
+    }
+  });
+}
+
+// dst [cols, ld] = src^T, converted to acc_t, with columns [rows, ld) of dst zeroed. src is
+// [rows, cols] with element (r, c) at src[r * s0 + c * s1] (any strides).
+template <typename src_t, typename acc_t>
+void transpose_in(const src_t* src, int64_t rows, int64_t cols, int64_t s0, int64_t s1, acc_t* dst, int64_t ld) {
+  for_each_tile(cols, std::max<int64_t>(rows, 1), [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t r = r0; r < std::min(r1, rows); ++r) {
+        dst[c * ld + r] = static_cast<acc_t>(src[r * s0 + c * s1]);
+      }
+      if (r1 >= rows) {
+        std::fill(dst + c * ld + rows, dst + (c + 1) * ld, acc_t(0));
+      }
+    }
+  });
+}
+
+// dst [rows, cols] (contiguous) = srcT[:, :rows]^T (+ bias[c]), rounded to dst_t once.
+template <typename acc_t, typename dst_t>
+void transpose_out(const acc_t* srcT, int64_t ld, int64_t rows, int64_t cols, const dst_t* bias, dst_t* dst) {
+  for_each_tile(rows, cols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
+        dst[r * cols + c] = static_cast<dst_t>(srcT[c * ld + r] + b);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Work split and the walk over a compressed pattern
+
+// Boundaries 0 = b[0] <= ... <= b[parts] = rows cutting the rows into ranges of equal cost, where
+// the rows before r cost ptr[r] + kRowCost * r (ptr non-decreasing, so the cost is monotone).
+std::vector<int64_t> balanced_row_splits(const int32_t* ptr, int64_t rows, int64_t parts) {
+  std::vector<int64_t> b(parts + 1, rows);
+  b[0] = 0;
+  const auto cost = [&](int64_t r) { return static_cast<int64_t>(ptr[r]) + kRowCost * r; };
+  const int64_t total = cost(rows);
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = total * p / parts;
+    int64_t lo = b[p - 1], hi = rows;  // smallest r in [lo, hi] with cost(r) >= target
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (cost(mid) < target) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    b[p] = lo;
+  }
+  return b;
+}
+
+int64_t num_parts(int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads() * kPartsPerThread));
+}
+
+// Run fn(task) for task in [0, tasks), handed out dynamically to the threads in increasing order.
+template <typename Fn>
+void run_tasks(int64_t tasks, const Fn& fn) {
+  if (tasks <= 0) {
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) {
+      fn(t);
+    }
+  });
+}
+
+// A compressed pattern: row r holds the entries [ptr[r], ptr[r + 1]); idx[e] is the operand row
+// (a column of W for the forward) of entry e, in [0, cols).
+struct Pattern {
+  const int32_t* ptr;
+  const int32_t* idx;
+  int64_t rows;
+  int64_t cols;
+  int64_t tile;  // 0: untiled; else operand rows per L1 tile (idx sorted within each row)
+};
+
+// Operand rows per L1 tile for a panel of `panel_bytes` per row, or 0 where tiling does not pay
+// (too sparse, too few columns to tile, or indices not sorted within the rows).
+int64_t choose_tile(int64_t nnz, int64_t rows, int64_t cols, int64_t panel_bytes, bool sorted) {
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / panel_bytes);
+  if (!sorted || cols <= tile || rows == 0) {
+    return 0;
+  }
+  const double density = static_cast<double>(nnz) / (static_cast<double>(rows) * static_cast<double>(cols));
+  return density * static_cast<double>(tile) >= kMinSegment ? tile : 0;
+}
+
+// Calls seg.run(r, e, e1, k1) for every row r in [r0, r1) with entries left, where [e, e1) are
+// the row's remaining entries and k1 bounds the indices to take now; run returns the first entry
+// it did not take. Untiled: one call per row with k1 = cols (all entries). Tiled: the operand
+// rows go in tiles of p.tile, all rows visiting tile t before any visits tile t + 1, so that the
+// tile stays in L1 while every row adds its entries in it.
+template <typename Seg>
+C10_ALWAYS_INLINE void walk_pattern(const Pattern& p, int64_t r0, int64_t r1, const Seg& seg) {
+  if (p.tile == 0) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (r + kPrefetchRows < r1) {
+        seg.prefetch(r + kPrefetchRows, p.ptr[r + kPrefetchRows]);
+      }
+      if (p.ptr[r] < p.ptr[r + 1]) {
+        seg.run(r, p.ptr[r], p.ptr[r + 1], p.cols);
+      }
+    }
+    return;
+  }
+  std::vector<int32_t> cursor(p.ptr + r0, p.ptr + r1);
+  for (int64_t k1 = p.tile; k1 - p.tile < p.cols; k1 += p.tile) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (r + kPrefetchRows < r1) {
+        seg.prefetch(r + kPrefetchRows, cursor[r + kPrefetchRows - r0]);
+      }
+      const int64_t e = cursor[r - r0];
+      const int64_t e1 = p.ptr[r + 1];
+      if (e < e1 && p.idx[e] < k1) {
+        cursor[r - r0] = static_cast<int32_t>(seg.run(r, e, e1, k1));
+      }
+    }
+  }
+}
+
+C10_ALWAYS_INLINE void prefetch_bytes(const void* ptr, int64_t bytes, bool write) {
+  const char* c = static_cast<const char*>(ptr);
+  for (int64_t l = 0; l < bytes; l += 64) {
+    if (write) {
+      __builtin_prefetch(c + l, 1, 3);
+    } else {
+      __builtin_prefetch(c + l, 0, 3);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SpMM: out[r, panel] = sum_e a(e) * b[idx[e], panel] over the row's entries, a(e) =
+// values[perm ? perm[e] : e]; the panel (V vectors at column n0) accumulates in registers.
+
+template <typename acc_t, typename val_t>
+struct SpmmArgs {
+  Pattern pat;
+  const val_t* values;  // entry e's value: values[e - value_base], or values[perm[e]] with perm
+  const int32_t* perm;  // nullptr: values in entry order
+  const acc_t* b;       // [pat.cols, ld]
+  acc_t* out;           // [pat.rows, ld]
+  int64_t ld;
+  int64_t value_base = 0;
+};
+
+// The segment kernels read values in entry order; spmm resolves perm before calling them.
+template <typename acc_t, typename val_t, int V>
+struct SpmmSegment {
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = kLanes<acc_t>;
+  const SpmmArgs<acc_t, val_t>& a;
+  int64_t n0;
+
+  C10_ALWAYS_INLINE void prefetch(int64_t r, int64_t e) const {
+    __builtin_prefetch(a.pat.idx + e, 0, 3);
+    __builtin_prefetch(a.values + (e - a.value_base), 0, 3);
+    prefetch_bytes(a.out + r * a.ld + n0, V * W * sizeof(acc_t), true);
+  }
+
+  C10_ALWAYS_INLINE int64_t run(int64_t r, int64_t e, int64_t e1, int64_t k1) const {
+    acc_t* o = a.out + r * a.ld + n0;
+    Vec acc[V];
+    for (int v = 0; v < V; ++v) {
+      acc[v] = Vec::loadu(o + v * W);
+    }
+    do {
+      const Vec w(static_cast<acc_t>(a.values[e - a.value_base]));
+      const acc_t* row = a.b + static_cast<int64_t>(a.pat.idx[e]) * a.ld + n0;
+      for (int v = 0; v < V; ++v) {
+        acc[v] = at::vec::fmadd(w, Vec::loadu(row + v * W), acc[v]);
+      }
+    } while (++e < e1 && a.pat.idx[e] < k1);
+    for (int v = 0; v < V; ++v) {
+      acc[v].store(o + v * W);
+    }
+    return e;
+  }
+};
+
+template <typename acc_t, typename val_t, int V>
+void spmm_panel(const SpmmArgs<acc_t, val_t>& a, int64_t r0, int64_t r1, int64_t n0) {
+  constexpr int64_t W = kLanes<acc_t>;
+  for (int64_t r = r0; r < r1; ++r) {
+    std::fill(a.out + r * a.ld + n0, a.out + r * a.ld + n0 + V * W, acc_t(0));
+  }
+  walk_pattern(a.pat, r0, r1, SpmmSegment<acc_t, val_t, V>{a, n0});
+}
+
+template <typename acc_t, typename val_t>
+using SpmmFn = void (*)(const SpmmArgs<acc_t, val_t>&, int64_t, int64_t, int64_t);
+
+template <typename acc_t, typename val_t, int... Vs>
+constexpr std::array<SpmmFn<acc_t, val_t>, sizeof...(Vs)> spmm_table(std::integer_sequence<int, Vs...>) {
+  return {&spmm_panel<acc_t, val_t, Vs + 1>...};
+}
+
+// out [rows, ld] for all rows and panels.
+//
+// Values in entry order (forward): the work items are (panel, row range) pairs, panel-major, so
+// the threads share one K x panel slice of b at a time.
+//
+// Values reached through perm (dx over the compressed columns): reading values[perm[e]] is a
+// random access per kept weight, repeated for every panel (five for N = 256) and, with tiling,
+// in an order that defeats the caches (measured 3-10x slower than the forward). Each work item is
+// therefore a whole row range: it gathers its rows' values once into a scratch buffer (the size
+// of its share of the entries, freed at the end of the call) and then runs all panels over it.
+template <typename acc_t, typename val_t>
+void spmm(const SpmmArgs<acc_t, val_t>& a) {
+  constexpr int64_t W = kLanes<acc_t>;
+  constexpr int64_t kPanel = kPanelVecs * W;
+  const int64_t parts = num_parts(a.pat.rows);
+  const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
+  const int64_t panels = (a.ld + kPanel - 1) / kPanel;
+  const auto vecs_at = [&](int64_t n0) { return std::min<int64_t>(kPanelVecs, (a.ld - n0) / W); };
+  if (a.perm == nullptr) {
+    static constexpr auto table = spmm_table<acc_t, val_t>(std::make_integer_sequence<int, kPanelVecs>{});
+    run_tasks(panels * parts, [&](int64_t t) {
+      const int64_t n0 = (t / parts) * kPanel, p = t % parts;
+      table[vecs_at(n0) - 1](a, splits[p], splits[p + 1], n0);
+    });
+  } else {
+    static constexpr auto table = spmm_table<acc_t, acc_t>(std::make_integer_sequence<int, kPanelVecs>{});
+    run_tasks(parts, [&](int64_t p) {
+      const int64_t r0 = splits[p], r1 = splits[p + 1];
+      const int64_t e0 = a.pat.ptr[r0], e1 = a.pat.ptr[r1];
+      std::vector<acc_t> gathered(static_cast<size_t>(e1 - e0));
+      for (int64_t e = e0; e < e1; ++e) {
+        gathered[e - e0] = static_cast<acc_t>(a.values[a.perm[e]]);
+      }
+      const SpmmArgs<acc_t, acc_t> local{a.pat, gathered.data(), nullptr, a.b, a.out, a.ld, e0};
+      for (int64_t n0 = 0; n0 < a.ld; n0 += kPanel) {
+        table[vecs_at(n0) - 1](local, r0, r1, n0);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SDDMM: out[e] = dot(dyT[r, :], xT[idx[e], :]) for the entries e of row r.
+
+// sums[j] = the sum of the lanes of acc[j], j < 8.
+template <typename acc_t>
+inline void reduce8(const Vectorized<acc_t>* acc, acc_t* sums) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    static_assert(Vectorized<float>::size() == 8, "AVX2 float vectors have 8 lanes");
+    const __m256 t0 = _mm256_hadd_ps(acc[0], acc[1]);
+    const __m256 t1 = _mm256_hadd_ps(acc[2], acc[3]);
+    const __m256 t2 = _mm256_hadd_ps(acc[4], acc[5]);
+    const __m256 t3 = _mm256_hadd_ps(acc[6], acc[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1);  // per 128-bit half: partial sums of acc 0..3
+    const __m256 u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half: partial sums of acc 4..7
+    const __m256 lo = _mm256_permute2f128_ps(u0, u1, 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(u0, u1, 0x31);
+    _mm256_storeu_ps(sums, _mm256_add_ps(lo, hi));
+    return;
+  }
+#endif
+  constexpr int64_t W = kLanes<acc_t>;
+  alignas(64) acc_t tmp[W];
+  for (int j = 0; j < 8; ++j) {
+    acc[j].store(tmp);
+    acc_t s = 0;
+    for (int64_t l = 0; l < W; ++l) {
+      s += tmp[l];
+    }
+    sums[j] = s;
+  }
+}
+
+template <typename acc_t>
+struct SddmmArgs {
+  Pattern pat;
+  const acc_t* dyT;  // [pat.rows, ld]
+  const acc_t* xT;   // [pat.cols, ld]
+  acc_t* out;        // [nnz], zeroed; the panels add into it
+  int64_t ld;
+};
+
+template <typename acc_t, int V>
+struct SddmmSegment {
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = kLanes<acc_t>;
+  const SddmmArgs<acc_t>& a;
+  int64_t n0;
+
+  C10_ALWAYS_INLINE void prefetch(int64_t r, int64_t e) const {
+    __builtin_prefetch(a.pat.idx + e, 0, 3);
+    __builtin_prefetch(a.out + e, 1, 3);
+    prefetch_bytes(a.dyT + r * a.ld + n0, V * W * sizeof(acc_t), false);
+  }
+
+  // Eight dot products at a time (eight independent FMA chains), one reduction per eight.
+  C10_ALWAYS_INLINE int64_t run(int64_t r, int64_t e, int64_t e1, int64_t k1) const {
+    int64_t end = e + 1;
+    while (end < e1 && a.pat.idx[end] < k1) {
+      ++end;
+    }
+    Vec d[V];
+    for (int v = 0; v < V; ++v) {
+      d[v] = Vec::loadu(a.dyT + r * a.ld + n0 + v * W);
+    }
+    for (; e < end; e += 8) {
+      const int64_t cnt = std::min<int64_t>(8, end - e);
+      Vec acc[8];
+      for (int j = 0; j < 8; ++j) {
+        acc[j] = Vec(acc_t(0));
+      }
+      if (cnt == 8) {
+        for (int j = 0; j < 8; ++j) {
+          dot_into(acc[j], d, a.pat.idx[e + j]);
+        }
+      } else {
+        for (int64_t j = 0; j < cnt; ++j) {
+          dot_into(acc[j], d, a.pat.idx[e + j]);
+        }
+      }
+      acc_t sums[8];
+      reduce8(acc, sums);
+      for (int64_t j = 0; j < cnt; ++j) {
+        a.out[e + j] += sums[j];
+      }
+    }
+    return end;
+  }
+
+  C10_ALWAYS_INLINE void dot_into(Vec& acc, const Vec* d, int32_t k) const {
+    const acc_t* xr = a.xT + static_cast<int64_t>(k) * a.ld + n0;
+    for (int v = 0; v < V; ++v) {
+      acc = at::vec::fmadd(d[v], Vec::loadu(xr + v * W), acc);
+    }
+  }
+};
+
+template <typename acc_t, int V>
+void sddmm_panel(const SddmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0) {
+  walk_pattern(a.pat, r0, r1, SddmmSegment<acc_t, V>{a, n0});
+}
+
+template <typename acc_t>
+using SddmmFn = void (*)(const SddmmArgs<acc_t>&, int64_t, int64_t, int64_t);
+
+template <typename acc_t, int... Vs>
+constexpr std::array<SddmmFn<acc_t>, sizeof...(Vs)> sddmm_table(std::integer_sequence<int, Vs...>) {
+  return {&sddmm_panel<acc_t, Vs + 1>...};
+}
+
+template <typename acc_t>
+void sddmm(const SddmmArgs<acc_t>& a) {
+  static constexpr auto table = sddmm_table<acc_t>(std::make_integer_sequence<int, kPanelVecs>{});
+  constexpr int64_t W = kLanes<acc_t>;
+  constexpr int64_t kPanel = kPanelVecs * W;
+  const int64_t parts = num_parts(a.pat.rows);
+  const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
+  // One task per row range, all panels inside: a kept weight's sum is written by one thread.
+  run_tasks(parts, [&](int64_t p) {
+    for (int64_t n0 = 0; n0 < a.ld; n0 += kPanel) {
+      const int64_t vecs = std::min<int64_t>(kPanelVecs, (a.ld - n0) / W);
+      table[vecs - 1](a, splits[p], splits[p + 1], n0);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// csr_linear and its backward
+
+// src [rows, cols] (any strides) transposed into a new [cols, round_up(rows, lanes)] acc tensor.
+template <typename scalar_t>
+at::Tensor transposed_acc(const at::Tensor& src) {
+  using acc_t = acc_of<scalar_t>;
+  const int64_t rows = src.size(0), cols = src.size(1);
+  const int64_t ld = padded_ld<acc_t>(rows);
+  at::Tensor t = at::empty({cols, ld}, src.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  transpose_in(src.const_data_ptr<scalar_t>(), rows, cols, src.stride(0), src.stride(1), t.mutable_data_ptr<acc_t>(),
+               ld);
+  return t;
+}
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
+                          const at::Tensor& col_indices, const at::Tensor& row_order,
+                          const std::optional<at::Tensor>& bias) {
+  const MatmulSizes s = check_csr_linear_args(x, values, crow_indices, col_indices, row_order, bias);
+  const char* op = "csr_linear";
+  PF_CHECK(x.device().is_cpu(), op, "CPU kernel called with x on ", x.device());
+  const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
+  const bool sorted = check_compressed_pattern_cpu(op, "crow_indices", "col_indices", crow, col, s.k, "K = x.size(1)");
+  at::Tensor y = at::empty({s.n, s.m}, x.options());
+  if (s.n == 0 || s.m == 0) {
+    return y;
+  }
+  const at::Tensor vals = values.contiguous();
+  const bool has_bias = bias.has_value() && bias->defined();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const at::Tensor xT = transposed_acc<scalar_t>(x);
+    const int64_t ld = xT.size(1);
+    at::Tensor yT = at::empty({s.m, ld}, xT.options());
+    const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
+                      choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, sorted)};
+    const SpmmArgs<acc_t, scalar_t> args{pat, vals.const_data_ptr<scalar_t>(), nullptr, xT.const_data_ptr<acc_t>(),
+                                         yT.mutable_data_ptr<acc_t>(), ld};
+    spmm<acc_t, scalar_t>(args);
+    transpose_out(yT.const_data_ptr<acc_t>(), ld, s.n, s.m, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                  y.mutable_data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
+    const at::Tensor& col_indices, const at::Tensor& row_order, const at::Tensor& ccol_indices,
+    const at::Tensor& row_indices, const at::Tensor& csc_to_csr, std::array<bool, 3> output_mask) {
+  const MatmulSizes s = check_csr_linear_backward_args(grad_out, x, values, crow_indices, col_indices, row_order,
+                                                       ccol_indices, row_indices, csc_to_csr);
+  const char* op = "csr_linear_backward";
+  PF_CHECK(x.device().is_cpu(), op, "CPU kernel called with x on ", x.device());
+  const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
+  const at::Tensor ccol = ccol_indices.contiguous(), rows_of = row_indices.contiguous();
+  const at::Tensor perm = csc_to_csr.contiguous();
+  bool csc_sorted = false, csr_sorted = false;
+  if (output_mask[0]) {
+    csc_sorted = check_compressed_pattern_cpu(op, "ccol_indices", "row_indices", ccol, rows_of, s.m,
+                                              "M = crow_indices.numel() - 1");
+    check_index_range_cpu(op, "csc_to_csr", perm, s.nnz, "nnz = values.numel()");
+  }
+  if (output_mask[1]) {
+    csr_sorted = check_compressed_pattern_cpu(op, "crow_indices", "col_indices", crow, col, s.k, "K = x.size(1)");
+  }
+  at::Tensor dx = not_needed(x), dvalues = not_needed(x), dbias = not_needed(x);
+  if (s.n == 0) {
+    // No rows: dx is [0, K]; the sums over the rows are zero.
+    if (output_mask[0]) dx = at::empty({0, s.k}, x.options());
+    if (output_mask[1]) dvalues = at::zeros({s.nnz}, x.options());
+    if (output_mask[2]) dbias = at::zeros({s.m}, x.options());
+    return {dx, dvalues, dbias};
+  }
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) {
+    return {dx, dvalues, dbias};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_backward_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
+    const at::Tensor dyT = transposed_acc<scalar_t>(grad_out);  // [M, ld]
+    const int64_t ld = dyT.size(1);
+    if (output_mask[0]) {
+      dx = at::empty({s.n, s.k}, x.options());
+      if (s.k > 0) {
+        const at::Tensor vals = values.contiguous();
+        at::Tensor dxT = at::empty({s.k, ld}, dyT.options());
+        const Pattern pat{ccol.const_data_ptr<int32_t>(), rows_of.const_data_ptr<int32_t>(), s.k, s.m,
+                          choose_tile(s.nnz, s.k, s.m, kPanelBytes<acc_t>, csc_sorted)};
+        const SpmmArgs<acc_t, scalar_t> args{pat, vals.const_data_ptr<scalar_t>(), perm.const_data_ptr<int32_t>(),
+                                             dyT.const_data_ptr<acc_t>(), dxT.mutable_data_ptr<acc_t>(), ld};
+        spmm<acc_t, scalar_t>(args);
+        transpose_out(dxT.const_data_ptr<acc_t>(), ld, s.n, s.k, static_cast<const scalar_t*>(nullptr),
+                      dx.mutable_data_ptr<scalar_t>());
+      }
+    }
+    if (output_mask[1]) {
+      const at::Tensor xT = transposed_acc<scalar_t>(x);  // [K, ld]
+      constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+      at::Tensor out = at::zeros({s.nnz}, dyT.options());
+      const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
+                        choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, csr_sorted)};
+      const SddmmArgs<acc_t> args{pat, dyT.const_data_ptr<acc_t>(), xT.const_data_ptr<acc_t>(),
+                                  out.mutable_data_ptr<acc_t>(), ld};
+      sddmm<acc_t>(args);
+      dvalues = kSameType ? out : out.to(x.scalar_type());
+    }
+    if (output_mask[2]) {
+      // The padding columns of dyT are zero: summing all ld of them is the sum over the N rows.
+      dbias = at::sum(dyT, {1}).to(x.scalar_type());
+    }
+  });
+  return {dx, dvalues, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
+  m.impl("masked_matmul", &masked_matmul_cpu);
+  m.impl("masked_matmul_backward", &masked_matmul_backward_cpu);
+  m.impl("csr_linear", &csr_linear_cpu);
+  m.impl("csr_linear_backward", &csr_linear_backward_cpu);
+}
+
+}  // namespace pyfinetune

@@ -1,0 +1,60 @@
+// Declarations shared by the CPU and CUDA kernels of the pruning ops (masked_matmul, csr_linear
+// and their backwards): the argument validation, so that both devices accept and refuse exactly
+// the same calls with the same messages, and the sizes the checks establish.
+//
+// The checks look at metadata only (shapes, dtypes, devices, layouts); they never read tensor
+// data, so they cost nothing on CUDA. Whether the index tensors hold a valid pattern (crow
+// non-decreasing, columns in range) needs the data: see check_csr_pattern_cpu, run by the CPU
+// kernels only.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+
+namespace pyfinetune {
+
+// Problem sizes of one call: x [n, k], weight [m, k], nnz kept weights (m * k on the dense path).
+struct MatmulSizes {
+  int64_t n = 0;
+  int64_t k = 0;
+  int64_t m = 0;
+  int64_t nnz = 0;
+};
+
+// masked_matmul(x, weight, mask, bias): x [N, K], weight [M, K], mask [M, K] bool, bias None or
+// [M]; x, weight and bias share one dtype (float32, bfloat16, float16, float64) and device.
+MatmulSizes check_masked_matmul_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                                     const std::optional<at::Tensor>& bias);
+
+// masked_matmul_backward: the forward's arguments (without bias) and grad_out [N, M].
+MatmulSizes check_masked_matmul_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                              const at::Tensor& weight, const at::Tensor& mask);
+
+// csr_linear(x, values, crow_indices, col_indices, row_order, bias): x [N, K], values [nnz] of x's
+// dtype, crow_indices [M + 1], col_indices [nnz], row_order [M] (all int32), bias None or [M].
+MatmulSizes check_csr_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
+                                  const at::Tensor& col_indices, const at::Tensor& row_order,
+                                  const std::optional<at::Tensor>& bias);
+
+// csr_linear_backward: the forward's arguments (without bias), grad_out [N, M], and the
+// compressed-column view: ccol_indices [K + 1], row_indices [nnz], csc_to_csr [nnz] (int32).
+MatmulSizes check_csr_linear_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& values,
+                                           const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                           const at::Tensor& row_order, const at::Tensor& ccol_indices,
+                                           const at::Tensor& row_indices, const at::Tensor& csc_to_csr);
+
+// CPU only (reads the indices): `ptr` [rows + 1] starts at 0, never decreases and ends at nnz;
+// every entry of `idx` [nnz] lies in [0, cols) (`cols_desc` says what cols is, e.g. "K = x.size(1)").
+// Names the op and the arguments in the message. Returns whether the indices increase strictly
+// within every row (the kernels may then walk the operand in tiles). `ptr` and `idx` must be
+// contiguous int32 CPU tensors.
+bool check_compressed_pattern_cpu(const char* op, const char* ptr_name, const char* idx_name, const at::Tensor& ptr,
+                                  const at::Tensor& idx, int64_t cols, const char* cols_desc);
+
+// CPU only: every entry of the contiguous int32 tensor `idx` lies in [0, bound).
+void check_index_range_cpu(const char* op, const char* idx_name, const at::Tensor& idx, int64_t bound,
+                           const char* bound_desc);
+
+}  // namespace pyfinetune

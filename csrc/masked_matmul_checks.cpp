@@ -1,0 +1,196 @@
+// Validation of the pruning ops' arguments (masked_matmul, csr_linear and their backwards),
+// shared by the CPU and CUDA kernels. Every message names the op, the argument and what was
+// expected, with the sizes that explain it.
+#include <ATen/Parallel.h>
+#include <pyfinetune/checks.h>
+#include <pyfinetune/masked_matmul.h>
+
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+namespace pyfinetune {
+namespace {
+
+constexpr const char* kFloatDtypes = "float32, bfloat16, float16 or float64";
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// Defined, dense (strided) and on the device of `ref` (x, whose device every argument shares).
+void check_dense_on(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  PF_CHECK(t.defined(), op, name, " is undefined");
+  PF_CHECK(t.layout() == at::kStrided, op, name, " must be a dense (strided) tensor, got layout ", t.layout(),
+           " (pass the compressed pattern as separate index tensors, not a torch sparse tensor)");
+  PF_CHECK(t.device() == ref.device(), op, name, " must be on the device of x (", ref.device(), "), got ",
+           t.device());
+}
+
+void check_float_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  check_dense_on(op, name, t, x);
+  PF_CHECK(t.scalar_type() == x.scalar_type(), op, name, " must have the dtype of x (", x.scalar_type(), "), got ",
+           t.scalar_type());
+}
+
+// x: a 2-D float tensor [N, K].
+void check_x(const char* op, const at::Tensor& x) {
+  PF_CHECK(x.defined(), op, "x is undefined");
+  PF_CHECK(x.layout() == at::kStrided, op, "x must be a dense (strided) tensor, got layout ", x.layout());
+  PF_CHECK(x.dim() == 2, op, "x must be a 2-D tensor [N, K], got shape ", x.sizes(),
+           " (the Python functions in pyfinetune.ops flatten the leading dimensions)");
+  PF_CHECK(is_supported_float(x.scalar_type()), op, "x must be ", kFloatDtypes, ", got ", x.scalar_type());
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t m) {
+  if (!bias.has_value() || !bias->defined()) {
+    return;
+  }
+  check_float_like_x(op, "bias", *bias, x);
+  PF_CHECK(bias->dim() == 1 && bias->size(0) == m, op, "bias must be None or a 1-D tensor [M] with M = ", m,
+           " (the number of output features), got shape ", bias->sizes());
+}
+
+void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor& x, int64_t m) {
+  check_float_like_x(op, "grad_out", grad_out, x);
+  PF_CHECK(grad_out.dim() == 2 && grad_out.size(0) == x.size(0) && grad_out.size(1) == m, op,
+           "grad_out must be [N, M] = [", x.size(0), ", ", m, "] (N = x.size(0), M output features), got shape ",
+           grad_out.sizes());
+}
+
+// A 1-D int32 index tensor with `len` entries; `what` says what the length is.
+void check_index(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t len,
+                 const std::string& what) {
+  check_dense_on(op, name, t, x);
+  PF_CHECK(t.scalar_type() == at::kInt, op, name, " must be int32, got ", t.scalar_type());
+  PF_CHECK(t.dim() == 1 && t.size(0) == len, op, name, " must be a 1-D tensor with ", what, " = ", len,
+           " entries, got shape ", t.sizes());
+}
+
+void check_weight_and_mask(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask) {
+  check_float_like_x(op, "weight", weight, x);
+  PF_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), op, "weight must be [M, K] with K = x.size(1) = ",
+           x.size(1), " (the inner dimension of x), got shape ", weight.sizes());
+  check_dense_on(op, "mask", mask, x);
+  PF_CHECK(mask.sizes() == weight.sizes(), op, "mask must have the shape of weight ", weight.sizes(), ", got ",
+           mask.sizes());
+  PF_CHECK(mask.scalar_type() == at::kBool, op, "mask must be a bool tensor, got ", mask.scalar_type());
+}
+
+// values, crow_indices, col_indices, row_order: the compressed-row pattern. Returns M.
+int64_t check_csr(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
+                  const at::Tensor& col_indices, const at::Tensor& row_order) {
+  check_float_like_x(op, "values", values, x);
+  PF_CHECK(values.dim() == 1, op, "values must be a 1-D tensor [nnz] (the kept weights), got shape ",
+           values.sizes());
+  const int64_t nnz = values.size(0);
+  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "values has ", nnz,
+           " entries; int32 indices address at most 2^31 - 1 kept weights");
+  PF_CHECK(crow_indices.defined(), op, "crow_indices is undefined");
+  PF_CHECK(crow_indices.dim() == 1 && crow_indices.size(0) >= 1, op,
+           "crow_indices must be a 1-D tensor [M + 1] (M output features), got shape ", crow_indices.sizes());
+  const int64_t m = crow_indices.size(0) - 1;
+  check_index(op, "crow_indices", crow_indices, x, m + 1, "M + 1");
+  check_index(op, "col_indices", col_indices, x, nnz, "nnz = values.numel()");
+  check_index(op, "row_order", row_order, x, m, "M = crow_indices.numel() - 1");
+  return m;
+}
+
+}  // namespace
+
+MatmulSizes check_masked_matmul_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
+                                     const std::optional<at::Tensor>& bias) {
+  const char* op = "masked_matmul";
+  check_x(op, x);
+  check_weight_and_mask(op, x, weight, mask);
+  check_bias(op, bias, x, weight.size(0));
+  return {x.size(0), x.size(1), weight.size(0), weight.numel()};
+}
+
+MatmulSizes check_masked_matmul_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                              const at::Tensor& weight, const at::Tensor& mask) {
+  const char* op = "masked_matmul_backward";
+  check_x(op, x);
+  check_weight_and_mask(op, x, weight, mask);
+  check_grad_out(op, grad_out, x, weight.size(0));
+  return {x.size(0), x.size(1), weight.size(0), weight.numel()};
+}
+
+MatmulSizes check_csr_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
+                                  const at::Tensor& col_indices, const at::Tensor& row_order,
+                                  const std::optional<at::Tensor>& bias) {
+  const char* op = "csr_linear";
+  check_x(op, x);
+  const int64_t m = check_csr(op, x, values, crow_indices, col_indices, row_order);
+  check_bias(op, bias, x, m);
+  return {x.size(0), x.size(1), m, values.size(0)};
+}
+
+MatmulSizes check_csr_linear_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& values,
+                                           const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                                           const at::Tensor& row_order, const at::Tensor& ccol_indices,
+                                           const at::Tensor& row_indices, const at::Tensor& csc_to_csr) {
+  const char* op = "csr_linear_backward";
+  check_x(op, x);
+  const int64_t m = check_csr(op, x, values, crow_indices, col_indices, row_order);
+  check_grad_out(op, grad_out, x, m);
+  const int64_t k = x.size(1);
+  const int64_t nnz = values.size(0);
+  check_index(op, "ccol_indices", ccol_indices, x, k + 1, "K + 1 = x.size(1) + 1");
+  check_index(op, "row_indices", row_indices, x, nnz, "nnz = values.numel()");
+  check_index(op, "csc_to_csr", csc_to_csr, x, nnz, "nnz = values.numel()");
+  return {x.size(0), k, m, nnz};
+}
+
+// ------------------------------------------------------------------------- pattern data (CPU)
+
+void check_index_range_cpu(const char* op, const char* idx_name, const at::Tensor& idx, int64_t bound,
+                           const char* bound_desc) {
+  const int32_t* p = idx.const_data_ptr<int32_t>();
+  const int64_t n = idx.numel();
+  // First offending position, or n; unsigned compare catches negatives too.
+  std::atomic<int64_t> bad{n};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (static_cast<uint64_t>(static_cast<int64_t>(p[i])) >= static_cast<uint64_t>(bound)) {
+        int64_t cur = bad.load();
+        while (i < cur && !bad.compare_exchange_weak(cur, i)) {
+        }
+        return;
+      }
+    }
+  });
+  const int64_t i = bad.load();
+  PF_CHECK(i == n, op, idx_name, "[", i, "] = ", i < n ? p[i] : 0, " is out of range: entries must lie in [0, ",
+           bound, ") (", bound_desc, ")");
+}
+
+bool check_compressed_pattern_cpu(const char* op, const char* ptr_name, const char* idx_name, const at::Tensor& ptr,
+                                  const at::Tensor& idx, int64_t cols, const char* cols_desc) {
+  const int32_t* p = ptr.const_data_ptr<int32_t>();
+  const int64_t rows = ptr.numel() - 1;
+  const int64_t nnz = idx.numel();
+  PF_CHECK(p[0] == 0, op, ptr_name, "[0] must be 0, got ", p[0]);
+  PF_CHECK(p[rows] == nnz, op, ptr_name, "[-1] must be nnz = ", nnz, " (the number of kept weights), got ", p[rows]);
+  for (int64_t r = 0; r < rows; ++r) {
+    PF_CHECK(p[r] <= p[r + 1], op, ptr_name, " must be non-decreasing, but ", ptr_name, "[", r, "] = ", p[r],
+             " > ", ptr_name, "[", r + 1, "] = ", p[r + 1]);
+  }
+  check_index_range_cpu(op, idx_name, idx, cols, cols_desc);
+  const int32_t* q = idx.const_data_ptr<int32_t>();
+  std::atomic<bool> sorted{true};
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1 && sorted.load(std::memory_order_relaxed); ++r) {
+      for (int64_t e = p[r] + 1; e < p[r + 1]; ++e) {
+        if (q[e - 1] >= q[e]) {
+          sorted.store(false, std::memory_order_relaxed);
+          break;
+        }
+      }
+    }
+  });
+  return sorted.load();
+}
+
+}  // namespace pyfinetune
