@@ -29,11 +29,41 @@ decoupled_l2sp, grad_scale=None, found_inf=None)``
   optional scalar tensors on the device that override ``lrs`` (CUDA-graph capturable).
 * ``grad_scale`` / ``found_inf``: float32 scalars on the device (the ``torch.amp.GradScaler``
   contract): gradients are divided by ``grad_scale``; a nonzero ``found_inf`` skips the update.
+
+Pruning ops (return new tensors; the differentiable Python functions below wrap them):
+
+``torch.ops.pyfinetune.masked_matmul(x, weight, mask, bias) -> y``: ``y = x @ (weight * mask)^T + bias``
+computed densely (the path below the sparsity crossover). ``x`` [N, K], ``weight`` [M, K],
+``mask`` [M, K] bool, ``bias`` None or [M]; ``x``, ``weight`` and ``bias`` share one dtype
+(float32, bfloat16, float16, float64) and one device. Pruned positions contribute exactly 0, even
+where ``weight`` holds inf or NaN there.
+
+``torch.ops.pyfinetune.masked_matmul_backward(grad_out, x, weight, mask, output_mask, dense_grad)
+-> (dx [N, K], dweight [M, K], dbias [M])``: ``dweight`` is 0 at pruned positions unless
+``dense_grad`` (movement pruning, regrowth). An output whose ``output_mask`` entry is False is an
+empty tensor (shape [0]).
+
+``torch.ops.pyfinetune.csr_linear(x, values, crow_indices, col_indices, row_order, bias) -> y``:
+``y = x @ W^T + bias`` for a weight W [M, K] kept in compressed rows: ``values`` [nnz] (x's dtype),
+``crow_indices`` [M + 1], ``col_indices`` [nnz] (columns sorted within a row), ``row_order`` [M]
+(rows by decreasing length), all int32; :func:`compressed_pattern` builds them from a mask.
+
+``torch.ops.pyfinetune.csr_linear_backward(grad_out, x, values, crow_indices, col_indices,
+row_order, ccol_indices, row_indices, csc_to_csr, output_mask) -> (dx [N, K], dvalues [nnz],
+dbias [M])``: ``ccol_indices`` [K + 1], ``row_indices`` [nnz], ``csc_to_csr`` [nnz] are the
+compressed-column view of the same pattern (``csc_to_csr[p]`` = the position in ``values`` of
+compressed-column entry ``p``). Outputs not asked for are empty tensors.
+
+All four accumulate in float32 (float64 for float64 inputs) and round once. The CPU kernels also
+check the index tensors' contents (monotone row pointers, indices in range).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
+from torch import Tensor
 
 
 @torch.library.register_fake("pyfinetune::fused_adamw_")
@@ -70,4 +100,276 @@ def _check_fake_lists(op, params, **lists):
 fused_adamw_ = torch.ops.pyfinetune.fused_adamw_
 fused_sgd_ = torch.ops.pyfinetune.fused_sgd_
 
-__all__ = ["fused_adamw_", "fused_sgd_"]
+
+# ------------------------------------------------------------------------------------ pruning ops
+def _fake_check(cond, op: str, msg) -> None:
+    # torch._check records the condition as a guard on symbolic sizes instead of failing on them.
+    torch._check(cond, lambda: f"pyfinetune.{op}: {msg()}")
+
+
+def _fake_check_x(op: str, x: Tensor) -> None:
+    _fake_check(x.dim() == 2, op, lambda: f"x must be a 2-D tensor [N, K], got shape {tuple(x.shape)}")
+
+
+def _fake_check_like_x(op: str, x: Tensor, floats: dict, others: dict) -> None:
+    # The device and dtype checks of the kernels, also here: a meta argument mixed with real
+    # ones dispatches to this fake kernel, which must refuse it like the real kernel would.
+    for name, t in {**floats, **others}.items():
+        if t is not None:
+            _fake_check(t.device == x.device, op,
+                        lambda name=name, t=t: f"{name} must be on the device of x ({x.device}), got {t.device}")
+    for name, t in floats.items():
+        if t is not None:
+            _fake_check(t.dtype == x.dtype, op,
+                        lambda name=name, t=t: f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+
+
+def _not_needed(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+@torch.library.register_fake("pyfinetune::masked_matmul")
+def _masked_matmul_fake(x, weight, mask, bias):
+    op = "masked_matmul"
+    _fake_check_x(op, x)
+    _fake_check_like_x(op, x, dict(weight=weight, bias=bias), dict(mask=mask))
+    _fake_check(weight.dim() == 2 and weight.shape[1] == x.shape[1], op,
+                lambda: f"weight must be [M, K] with K = x.size(1) = {x.shape[1]}, got shape {tuple(weight.shape)}")
+    _fake_check(mask.shape == weight.shape, op,
+                lambda: f"mask must have the shape of weight {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    _fake_check(mask.dtype == torch.bool, op, lambda: f"mask must be a bool tensor, got {mask.dtype}")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("pyfinetune::masked_matmul_backward")
+def _masked_matmul_backward_fake(grad_out, x, weight, mask, output_mask, dense_grad):
+    op = "masked_matmul_backward"
+    _fake_check_x(op, x)
+    _fake_check_like_x(op, x, dict(grad_out=grad_out, weight=weight), dict(mask=mask))
+    dx = x.new_empty(x.shape) if output_mask[0] else _not_needed(x)
+    dweight = x.new_empty(weight.shape) if output_mask[1] else _not_needed(x)
+    dbias = x.new_empty((weight.shape[0],)) if output_mask[2] else _not_needed(x)
+    return dx, dweight, dbias
+
+
+@torch.library.register_fake("pyfinetune::csr_linear")
+def _csr_linear_fake(x, values, crow_indices, col_indices, row_order, bias):
+    op = "csr_linear"
+    _fake_check_x(op, x)
+    _fake_check_like_x(op, x, dict(values=values, bias=bias),
+                       dict(crow_indices=crow_indices, col_indices=col_indices, row_order=row_order))
+    _fake_check(col_indices.shape == values.shape, op,
+                lambda: f"col_indices must have nnz = values.numel() = {values.numel()} entries, "
+                        f"got shape {tuple(col_indices.shape)}")
+    return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))
+
+
+@torch.library.register_fake("pyfinetune::csr_linear_backward")
+def _csr_linear_backward_fake(grad_out, x, values, crow_indices, col_indices, row_order, ccol_indices,
+                              row_indices, csc_to_csr, output_mask):
+    op = "csr_linear_backward"
+    _fake_check_x(op, x)
+    _fake_check_like_x(op, x, dict(grad_out=grad_out, values=values),
+                       dict(crow_indices=crow_indices, col_indices=col_indices, row_order=row_order,
+                            ccol_indices=ccol_indices, row_indices=row_indices, csc_to_csr=csc_to_csr))
+    dx = x.new_empty(x.shape) if output_mask[0] else _not_needed(x)
+    dvalues = x.new_empty(values.shape) if output_mask[1] else _not_needed(x)
+    dbias = x.new_empty((crow_indices.shape[0] - 1,)) if output_mask[2] else _not_needed(x)
+    return dx, dvalues, dbias
+
+
+def _masked_matmul_grads(ctx, grad, dense_grad: bool):
+    x, weight, mask = ctx.saved_tensors
+    need_x, need_w, _, need_b = ctx.needs_input_grad
+    need_b = need_b and ctx.has_bias
+    dx, dw, db = torch.ops.pyfinetune.masked_matmul_backward(grad, x, weight, mask, [need_x, need_w, need_b],
+                                                             dense_grad)
+    return dx if need_x else None, dw if need_w else None, None, db if need_b else None
+
+
+def _masked_matmul_setup_context(ctx, inputs, output):
+    x, weight, mask, bias = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = bias is not None
+
+
+torch.library.register_autograd(
+    "pyfinetune::masked_matmul", lambda ctx, grad: _masked_matmul_grads(ctx, grad, False),
+    setup_context=_masked_matmul_setup_context)
+
+
+class _MaskedMatmulDenseGrad(torch.autograd.Function):
+    """masked_matmul whose weight gradient is the full grad_out^T @ x (the op's autograd, registered
+    above, masks it; the op's schema has no place for the flag, so it travels here)."""
+
+    @staticmethod
+    def forward(x, weight, mask, bias):
+        return torch.ops.pyfinetune.masked_matmul(x, weight, mask, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _masked_matmul_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _masked_matmul_grads(ctx, grad, True)
+
+
+def _flatten_batch(x: Tensor, name: str) -> Tensor:
+    # [..., K] -> [N, K]; the op's checks then name any mismatch with the weight.
+    if x.dim() == 0:
+        raise ValueError(f"pyfinetune.{name}: x must be a tensor [..., K], got a 0-d tensor")
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def masked_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None, *,
+                  dense_grad: bool = False) -> Tensor:
+    """``x @ (weight * mask)^T + bias``, the pruned linear layer computed densely.
+
+    Args:
+        x: [..., K], float32, bfloat16, float16 or float64 (leading dimensions are flattened).
+        weight: [M, K], x's dtype and device.
+        mask: [M, K] bool; False = pruned. Pruned positions contribute exactly 0.
+        bias: None or [M].
+        dense_grad: if True the gradient of ``weight`` is the full ``grad_out^T @ x`` (movement
+            pruning, regrowth); by default it is 0 at pruned positions.
+
+    Returns:
+        [..., M] in x's dtype (float32 accumulation for 16-bit inputs). Differentiable in x,
+        weight and bias.
+    """
+    x2 = _flatten_batch(x, "masked_matmul")
+    if dense_grad:
+        y = _MaskedMatmulDenseGrad.apply(x2, weight, mask, bias)
+    else:
+        y = torch.ops.pyfinetune.masked_matmul(x2, weight, mask, bias)
+    return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# ------------------------------------------------------------------------------ compressed patterns
+class CompressedPattern(NamedTuple):
+    """Index tensors (int32) of a sparsity pattern of a weight [M, K], as ``csr_linear`` takes them.
+
+    Compressed rows: ``crow_indices`` [M + 1], ``col_indices`` [nnz] (sorted within each row),
+    ``row_order`` [M] (rows by decreasing length, ties by index). Compressed columns of the same
+    pattern: ``ccol_indices`` [K + 1], ``row_indices`` [nnz] (sorted within each column) and
+    ``csc_to_csr`` [nnz], the position in the row-major ``values`` of each column-major entry.
+    """
+
+    crow_indices: Tensor
+    col_indices: Tensor
+    row_order: Tensor
+    ccol_indices: Tensor
+    row_indices: Tensor
+    csc_to_csr: Tensor
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def pattern_from_csr(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> CompressedPattern:
+    """The :class:`CompressedPattern` of a compressed-row pattern ``crow_indices`` [M + 1],
+    ``col_indices`` [nnz] (columns sorted within each row) of a weight with ``num_cols`` columns.
+    Traceable by torch.compile (no size depends on the data)."""
+    m = crow_indices.shape[0] - 1
+    nnz = col_indices.shape[0]
+    device = crow_indices.device
+    crow = crow_indices.long()
+    col = col_indices.long()
+    lengths = crow[1:] - crow[:-1]
+    rows = torch.repeat_interleave(torch.arange(m, device=device), lengths, output_size=nnz)
+    csc_to_csr = torch.argsort(col, stable=True)  # CSR order breaks ties: rows ascend within a column
+    ccol = torch.zeros(num_cols + 1, dtype=torch.long, device=device)
+    ccol.index_add_(0, col + 1, torch.ones_like(col))
+    row_order = torch.argsort(lengths, descending=True, stable=True)
+    i32 = torch.int32
+    return CompressedPattern(crow_indices.to(i32), col_indices.to(i32), row_order.to(i32),
+                             ccol.cumsum(0).to(i32), rows[csc_to_csr].to(i32), csc_to_csr.to(i32))
+
+
+def compressed_pattern(mask: Tensor) -> CompressedPattern:
+    """The :class:`CompressedPattern` (int32 index tensors, on mask's device) of a bool mask [M, K]."""
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"pyfinetune.compressed_pattern: mask must be a 2-D bool tensor [M, K], got "
+                         f"{mask.dtype} of shape {tuple(mask.shape)}")
+    m, k = mask.shape
+    nz = mask.nonzero()  # row-major: rows ascending, columns ascending within a row
+    if max(m, k, nz.shape[0]) + 1 > _INT32_MAX:
+        raise ValueError(f"pyfinetune.compressed_pattern: a [{m}, {k}] pattern with {nz.shape[0]} kept weights "
+                         "does not fit int32 indices")
+    crow = torch.zeros(m + 1, dtype=torch.long, device=mask.device)
+    crow[1:] = mask.sum(1).cumsum(0)
+    return pattern_from_csr(crow, nz[:, 1], k)
+
+
+# ------------------------------------------------------------------------------------- csr_linear
+def _csr_linear_op_backward(ctx, grad):
+    # The op's own autograd: its forward has no compressed-column view, so the backward derives
+    # one (a sort of the column indices). The csr_linear function below passes the view in.
+    x, values, crow, col, row_order = ctx.saved_tensors
+    pat = pattern_from_csr(crow, col, x.shape[1])
+    need_x, need_v, _, _, _, need_b = ctx.needs_input_grad
+    need_b = need_b and ctx.has_bias
+    dx, dv, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, pat.ccol_indices,
+                                                          pat.row_indices, pat.csc_to_csr, [need_x, need_v, need_b])
+    return dx if need_x else None, dv if need_v else None, None, None, None, db if need_b else None
+
+
+def _csr_linear_op_setup_context(ctx, inputs, output):
+    x, values, crow, col, row_order, bias = inputs
+    ctx.save_for_backward(x, values, crow, col, row_order)
+    ctx.has_bias = bias is not None
+
+
+torch.library.register_autograd("pyfinetune::csr_linear", _csr_linear_op_backward,
+                                setup_context=_csr_linear_op_setup_context)
+
+
+class _CsrLinear(torch.autograd.Function):
+    """csr_linear with the compressed-column view at hand for the backward (no sort per step)."""
+
+    @staticmethod
+    def forward(x, values, crow, col, row_order, ccol, row_idx, csc_to_csr, bias):
+        return torch.ops.pyfinetune.csr_linear(x, values, crow, col, row_order, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, crow, col, row_order, ccol, row_idx, csc_to_csr, bias = inputs
+        ctx.save_for_backward(x, values, crow, col, row_order, ccol, row_idx, csc_to_csr)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values, crow, col, row_order, ccol, row_idx, csc_to_csr = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_v, need_b = need[0], need[1], need[8] and ctx.has_bias
+        dx, dv, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, ccol, row_idx,
+                                                              csc_to_csr, [need_x, need_v, need_b])
+        return (dx if need_x else None, dv if need_v else None, None, None, None, None, None, None,
+                db if need_b else None)
+
+
+def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_order: Tensor,
+               ccol_indices: Tensor, row_indices: Tensor, csc_to_csr: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ W^T + bias`` for a sparse weight W [M, K] given by its kept values and pattern.
+
+    Args:
+        x: [..., K], float32, bfloat16, float16 or float64 (leading dimensions are flattened).
+        values: [nnz] kept weights in row-major order, x's dtype and device.
+        crow_indices, col_indices, row_order, ccol_indices, row_indices, csc_to_csr: the int32
+            pattern tensors, see :class:`CompressedPattern` and :func:`compressed_pattern`.
+        bias: None or [M].
+
+    Returns:
+        [..., M] in x's dtype (float32 accumulation for 16-bit inputs). Differentiable in x,
+        values and bias; the gradient of values is the product ``grad_out^T @ x`` sampled at the
+        kept positions.
+    """
+    x2 = _flatten_batch(x, "csr_linear")
+    y = _CsrLinear.apply(x2, values, crow_indices, col_indices, row_order, ccol_indices, row_indices, csc_to_csr,
+                         bias)
+    return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+__all__ = ["fused_adamw_", "fused_sgd_", "masked_matmul", "csr_linear", "CompressedPattern", "compressed_pattern",
+           "pattern_from_csr"]

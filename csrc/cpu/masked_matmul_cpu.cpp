@@ -30,7 +30,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -65,10 +65,47 @@ at::Tensor not_needed(const at::Tensor& like) {
 // ---------------------------------------------------------------------------------------------
 // Dense masked path
 
-// weight with exact zeros at pruned positions (where, not a product: a NaN or inf stored at a
-// pruned position must not leak into the output).
+// dst[i] = mask[i] ? src[i] : +0, on the bits (bool is 0 or 1, so -mask is all ones or zero):
+// a select, not a product, so that an inf or NaN stored at a pruned position does not leak
+// into the result; and a loop the compiler vectorizes for every element size (torch's where
+// with a broadcast zero measured 3x slower than a copy here).
+template <typename bits_t>
+void select_bits(const bits_t* src, const bool* mask, bits_t* dst, int64_t n) {
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      dst[i] = src[i] & static_cast<bits_t>(-static_cast<bits_t>(mask[i]));
+    }
+  });
+}
+
+// `t` with exact zeros where mask is false, written into `out` (which may be `t` itself). All
+// three have t's shape; t and out contiguous.
+void apply_mask(const at::Tensor& t, const at::Tensor& mask, at::Tensor& out) {
+  const at::Tensor m = mask.contiguous();
+  const int64_t n = t.numel();
+  switch (t.element_size()) {
+    case 2:
+      select_bits(static_cast<const uint16_t*>(t.const_data_ptr()), m.const_data_ptr<bool>(),
+                  static_cast<uint16_t*>(out.mutable_data_ptr()), n);
+      break;
+    case 4:
+      select_bits(static_cast<const uint32_t*>(t.const_data_ptr()), m.const_data_ptr<bool>(),
+                  static_cast<uint32_t*>(out.mutable_data_ptr()), n);
+      break;
+    case 8:
+      select_bits(static_cast<const uint64_t*>(t.const_data_ptr()), m.const_data_ptr<bool>(),
+                  static_cast<uint64_t*>(out.mutable_data_ptr()), n);
+      break;
+    default:
+      TORCH_CHECK(false, "pyfinetune: unexpected element size ", t.element_size());
+  }
+}
+
 at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
-  return at::where(mask, weight, at::zeros({}, weight.options()));
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty_like(w);
+  apply_mask(w, mask, out);
+  return out;
 }
 
 at::Tensor masked_matmul_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
@@ -93,9 +130,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cpu(const 
     dx = at::mm(grad_out, masked_weight(weight, mask));
   }
   if (output_mask[1]) {
-    dweight = at::mm(grad_out.t(), x);
+    dweight = at::mm(grad_out.t(), x).contiguous();  // a new tensor: masked in place
     if (!dense_grad) {
-      dweight = at::where(mask, dweight, at::zeros({}, dweight.options()));
+      apply_mask(dweight, mask, dweight);
     }
   }
   if (output_mask[2]) {
@@ -654,6 +691,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
+  m.impl("masked_matmul", &masked_matmul_cpu);
+  m.impl("masked_matmul_backward", &masked_matmul_backward_cpu);
+  m.impl("csr_linear", &csr_linear_cpu);
+  m.impl("csr_linear_backward", &csr_linear_backward_cpu);
+}
+
+// A torch sparse tensor passed for any argument routes the call here; the argument checks, which
+// run first, then name it instead of the dispatcher's "no kernel for SparseCPU".
+TORCH_LIBRARY_IMPL(pyfinetune, SparseCPU, m) {
+  m.impl("masked_matmul", &masked_matmul_cpu);
+  m.impl("masked_matmul_backward", &masked_matmul_backward_cpu);
+  m.impl("csr_linear", &csr_linear_cpu);
+  m.impl("csr_linear_backward", &csr_linear_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(pyfinetune, SparseCsrCPU, m) {
   m.impl("masked_matmul", &masked_matmul_cpu);
   m.impl("masked_matmul_backward", &masked_matmul_backward_cpu);
   m.impl("csr_linear", &csr_linear_cpu);

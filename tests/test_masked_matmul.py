@@ -1,0 +1,379 @@
+"""The pruning ops against float64 math: pyfinetune.ops.masked_matmul (dense masked path) and
+pyfinetune.ops.csr_linear (sparse path), forward and every gradient, over sparsities, shapes,
+dtypes and layouts; gradcheck, opcheck, torch.compile; argument errors.
+
+Error bounds: reference_masked_matmul.assert_product_close (float32 accumulation, one rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import device_dtype_params, device_params
+from pyfinetune import ops
+from reference_masked_matmul import assert_product_close, make_mask, random_inputs, reference, two_four_mask
+
+IMPLS = ["masked", "csr"]
+SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
+
+
+def run_impl(impl, x, weight, mask, bias, *, dense_grad=False):
+    """y from the public function of `impl`, with weight (masked) or the kept values (csr) as leaf."""
+    if impl == "masked":
+        return ops.masked_matmul(x, weight, mask, bias, dense_grad=dense_grad)
+    pattern = ops.compressed_pattern(mask.to(weight.device))
+    return ops.csr_linear(x, weight, *pattern, bias=bias)
+
+
+def forward_backward(impl, x, weight, mask, bias, grad_out, *, dense_grad=False):
+    """Leaves x, weight (or values), bias; returns y and their gradients under grad_out."""
+    x = x.detach().clone().requires_grad_(True)
+    leaf = (weight[mask.to(weight.device)] if impl == "csr" else weight).detach().clone().requires_grad_(True)
+    b = None if bias is None else bias.detach().clone().requires_grad_(True)
+    y = run_impl(impl, x, leaf, mask.to(weight.device), b, dense_grad=dense_grad)
+    y.backward(grad_out)
+    return y, x.grad, leaf.grad, None if b is None else b.grad
+
+
+def check_against_reference(impl, x, weight, mask, bias, grad_out, dtype, *, batch_shape=None):
+    """Forward and gradients of impl against float64. x may be [..., K] (batch_shape)."""
+    y, dx, dleaf, dbias = forward_backward(impl, x, weight, mask, bias, grad_out)
+    k = x.shape[-1]
+    x2, g2 = x.reshape(-1, k), grad_out.reshape(-1, weight.shape[0])
+    ref = reference(x2, weight, mask, bias, g2)
+    n, m = x2.shape[0], weight.shape[0]
+    assert_product_close(y.reshape(n, m), ref["y"], ref["y_terms"], k, dtype, f"{impl} y")
+    assert_product_close(dx.reshape(n, k), ref["dx"], ref["dx_terms"], m, dtype, f"{impl} dx")
+    if impl == "masked":
+        dw_exact = torch.where(mask, ref["dweight"], 0.0)
+        assert_product_close(dleaf, dw_exact, ref["dweight_terms"], n, dtype, "masked dweight")
+        assert (dleaf.cpu()[~mask] == 0).all(), "gradient reached pruned weights"
+    else:
+        assert_product_close(dleaf, ref["dweight"][mask], ref["dweight_terms"][mask], n, dtype, "csr dvalues")
+    if bias is not None:
+        assert_product_close(dbias, ref["dbias"], ref["dbias_terms"], n, dtype, f"{impl} dbias")
+
+
+# ------------------------------------------------------------------------------- against float64
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_sparsities_against_float64(impl, sparsity, device, dtype):
+    # K = 300 > 128 and M = 130 > 128: the csr kernels walk both patterns in L1 tiles when dense
+    # enough (sparsity 0 and 0.5), in one go when sparse (0.9, 0.99).
+    n, k, m = 33, 300, 130
+    x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
+    mask = make_mask(m, k, sparsity, empty_rows=3)
+    check_against_reference(impl, x, w, mask, b, g, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 37, 19), (17, 5, 3), (64, 129, 257), (9, 16, 512)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.bfloat16]))
+def test_odd_shapes(impl, shape, bias, device, dtype):
+    n, k, m = shape
+    x, w, b, g = random_inputs(n, k, m, dtype, device, bias=bias)
+    check_against_reference(impl, x, w, make_mask(m, k, 0.7), b, g, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float16]))
+def test_two_four_mask(impl, device, dtype):
+    n, k, m = 40, 256, 96
+    x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
+    check_against_reference(impl, x, w, two_four_mask(m, k), b, g, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.bfloat16, torch.float64]))
+def test_batched_input(impl, device, dtype):
+    bsz, seq, k, m = 3, 5, 48, 24
+    x, w, b, _ = random_inputs(bsz * seq, k, m, dtype, device, bias=True)
+    x = x.reshape(bsz, seq, k)
+    g = torch.randn(bsz, seq, m).to(dtype=dtype, device=device)
+    mask = make_mask(m, k, 0.6)
+    check_against_reference(impl, x, w, mask, b, g, dtype)
+    y = run_impl(impl, x, w if impl == "masked" else w[mask.to(device)], mask.to(device), b)
+    assert y.shape == (bsz, seq, m)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.bfloat16]))
+def test_noncontiguous_x_and_grad(impl, layout, device, dtype):
+    n, k, m = 21, 70, 45
+    _, w, b, _ = random_inputs(n, k, m, dtype, device, bias=True)
+    if layout == "transposed":
+        x = torch.randn(k, n).to(dtype=dtype, device=device).t()
+        g = torch.randn(m, n).to(dtype=dtype, device=device).t()
+    else:
+        x = torch.randn(n, 2 * k + 1).to(dtype=dtype, device=device)[:, 1::2]
+        g = torch.randn(n, 3 * m).to(dtype=dtype, device=device)[:, ::3]
+    assert not x.is_contiguous() and not g.is_contiguous()
+    check_against_reference(impl, x, w, make_mask(m, k, 0.5), b, g, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("device", device_params())
+def test_empty_batch_and_empty_pattern(impl, device):
+    k, m = 12, 8
+    w = torch.randn(m, k, device=device)
+    b = torch.randn(m, device=device)
+    for n, sparsity in ((0, 0.5), (5, 1.0), (0, 1.0)):
+        x = torch.randn(n, k, device=device)
+        g = torch.randn(n, m, device=device)
+        mask = make_mask(m, k, sparsity)
+        y, dx, dleaf, db = forward_backward(impl, x, w, mask, b, g)
+        torch.testing.assert_close(y, (x @ (w * mask.to(device)).t() + b))
+        assert dx.shape == (n, k) and db.shape == (m,)
+        torch.testing.assert_close(db, g.sum(0))
+        assert dleaf.shape == ((m, k) if impl == "masked" else (int(mask.sum()),))
+        if n == 0:
+            assert (dleaf == 0).all()
+
+
+# ------------------------------------------------------------------------- gradient semantics
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float64]))
+def test_dense_grad_is_the_full_product(device, dtype):
+    n, k, m = 16, 40, 24
+    x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
+    mask = make_mask(m, k, 0.8)
+    y, dx, dw, db = forward_backward("masked", x, w, mask, b, g, dense_grad=True)
+    ref = reference(x, w, mask, b, g)
+    assert_product_close(dw, ref["dweight"], ref["dweight_terms"], n, dtype, "dense_grad dweight")
+    assert (dw.cpu()[~mask] != 0).any(), "dense_grad must reach pruned weights"
+    # everything else is the default path's
+    y0, dx0, dw0, db0 = forward_backward("masked", x, w, mask, b, g)
+    torch.testing.assert_close(y, y0, rtol=0, atol=0)
+    torch.testing.assert_close(dx, dx0, rtol=0, atol=0)
+    torch.testing.assert_close(db, db0, rtol=0, atol=0)
+    torch.testing.assert_close(dw[mask.to(device)], dw0[mask.to(device)], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_pruned_entries_holding_nan_do_not_leak(device):
+    # Pruned positions contribute exactly 0 (a select, not a product with the mask).
+    n, k, m = 6, 10, 7
+    x, w, b, g = random_inputs(n, k, m, torch.float32, device, bias=True)
+    mask = make_mask(m, k, 0.5)
+    w[~mask.to(device)] = float("nan")
+    y, dx, dw, db = forward_backward("masked", x, w, mask, b, g)
+    for t in (y, dx, dw, db):
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_float64(impl):
+    n, k, m = 5, 11, 7
+    x, w, b, _ = random_inputs(n, k, m, torch.float64, "cpu", bias=True)
+    mask = make_mask(m, k, 0.5, empty_rows=1)
+    leaf = w[mask] if impl == "csr" else w
+    args = [t.clone().requires_grad_(True) for t in (x.reshape(1, n, k), leaf, b)]
+    assert torch.autograd.gradcheck(lambda x, v, b: run_impl(impl, x, v, mask, b), args)
+
+
+def test_gradcheck_dense_grad_float64():
+    # With dense_grad the weight's gradient is not the derivative at pruned positions (it is the
+    # movement-pruning score), so gradcheck runs over x and bias and compares the weight's by hand.
+    n, k, m = 5, 9, 6
+    x, w, b, _ = random_inputs(n, k, m, torch.float64, "cpu", bias=True)
+    mask = make_mask(m, k, 0.5)
+    args = [t.clone().requires_grad_(True) for t in (x, b)]
+    assert torch.autograd.gradcheck(lambda x, b: ops.masked_matmul(x, w, mask, b, dense_grad=True), args)
+
+
+def test_raw_ops_are_differentiable():
+    # The raw ops have their own autograd (csr_linear derives the compressed columns itself).
+    n, k, m = 6, 13, 9
+    x, w, b, _ = random_inputs(n, k, m, torch.float64, "cpu", bias=True)
+    mask = make_mask(m, k, 0.6)
+    p = ops.compressed_pattern(mask)
+    args = [t.clone().requires_grad_(True) for t in (x, w[mask], b)]
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: torch.ops.pyfinetune.csr_linear(x, v, p.crow_indices, p.col_indices, p.row_order, b), args)
+    args = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    assert torch.autograd.gradcheck(lambda x, w, b: torch.ops.pyfinetune.masked_matmul(x, w, mask, b), args)
+
+
+# ------------------------------------------------------------------------------ compressed pattern
+def test_compressed_pattern_views_agree():
+    m, k = 9, 14
+    mask = make_mask(m, k, 0.6, empty_rows=2)
+    mask[:, 3] = False  # an empty column
+    p = ops.compressed_pattern(mask)
+    for t in p:
+        assert t.dtype == torch.int32
+    nz = mask.nonzero()
+    assert torch.equal(p.col_indices.long(), nz[:, 1])
+    assert torch.equal(p.crow_indices.long()[1:], mask.sum(1).cumsum(0))
+    assert torch.equal(p.ccol_indices.long()[1:], mask.sum(0).cumsum(0))
+    lengths = p.crow_indices[1:] - p.crow_indices[:-1]
+    assert (lengths[p.row_order.long()].diff() <= 0).all()
+    # entry p of the compressed columns is entry csc_to_csr[p] of the rows, (row_indices[p], its column)
+    col_of_csc = torch.repeat_interleave(torch.arange(k), mask.sum(0))
+    rows_of_csr = nz[:, 0]
+    assert torch.equal(rows_of_csr[p.csc_to_csr.long()], p.row_indices.long())
+    assert torch.equal(p.col_indices.long()[p.csc_to_csr.long()], col_of_csc)
+
+
+# ------------------------------------------------------------------------------- opcheck / compile
+def _op_cases(device):
+    n, k, m = 6, 10, 7
+    x, w, b, g = random_inputs(n, k, m, torch.float32, device, bias=True)
+    mask = make_mask(m, k, 0.5, empty_rows=1).to(device)
+    p = ops.compressed_pattern(mask)
+    v = w[mask]
+    op = torch.ops.pyfinetune
+    req = lambda t: t.clone().requires_grad_(True)  # noqa: E731
+    return [
+        ("masked_matmul", op.masked_matmul, (req(x), req(w), mask, req(b))),
+        ("masked_matmul-nobias", op.masked_matmul, (x, w, mask, None)),
+        ("masked_matmul_backward", op.masked_matmul_backward, (g, x, w, mask, [True, True, True], False)),
+        ("masked_matmul_backward-dense-grad", op.masked_matmul_backward, (g, x, w, mask, [False, True, False], True)),
+        ("csr_linear", op.csr_linear, (req(x), req(v), p.crow_indices, p.col_indices, p.row_order, req(b))),
+        ("csr_linear-nobias", op.csr_linear, (x, v, p.crow_indices, p.col_indices, p.row_order, None)),
+        ("csr_linear_backward", op.csr_linear_backward, (g, x, v, *p, [True, True, True])),
+        ("csr_linear_backward-dvalues", op.csr_linear_backward, (g, x, v, *p, [False, True, False])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8), ids=[c[0] for c in _op_cases("cpu")])
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck(case, device):
+    _, fn, args = _op_cases(device)[case]
+    torch.library.opcheck(fn, args)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["masked-dense-grad"])
+@pytest.mark.parametrize("device", device_params())
+def test_torch_compile_fullgraph(impl, device):
+    torch._dynamo.reset()
+    n, k, m = 12, 20, 10
+    x, w, b, g = random_inputs(n, k, m, torch.float32, device, bias=True)
+    mask = make_mask(m, k, 0.6).to(device)
+    p = ops.compressed_pattern(mask)
+
+    def fn(x, leaf, b):
+        if impl == "csr":
+            y = ops.csr_linear(x, leaf, *p, bias=b)
+        else:
+            y = ops.masked_matmul(x, leaf, mask, b, dense_grad=impl == "masked-dense-grad")
+        return torch.relu(y) * 2.0
+
+    def leaves():
+        leaf = w[mask] if impl == "csr" else w
+        return [t.detach().clone().requires_grad_(True) for t in (x, leaf, b)]
+
+    eager_in, comp_in = leaves(), leaves()
+    y_eager = fn(*eager_in)
+    y_comp = torch.compile(fn, fullgraph=True)(*comp_in)
+    torch.testing.assert_close(y_comp, y_eager)
+    y_eager.backward(g)
+    y_comp.backward(g)
+    for a, c in zip(eager_in, comp_in):
+        torch.testing.assert_close(c.grad, a.grad)
+
+
+# ----------------------------------------------------------------------------------------- errors
+def _masked_args(**override):
+    args = dict(x=torch.randn(4, 6), weight=torch.randn(5, 6), mask=torch.rand(5, 6) > 0.5, bias=torch.randn(5))
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize("override,pattern", [
+    (dict(mask=torch.ones(5, 7, dtype=torch.bool)), r"masked_matmul: mask must have the shape of weight"),
+    (dict(mask=torch.ones(5, 6)), r"masked_matmul: mask must be a bool tensor, got Float"),
+    (dict(weight=torch.randn(5, 7), mask=torch.ones(5, 7, dtype=torch.bool)),
+     r"masked_matmul: weight must be \[M, K\] with K = x.size\(1\) = 6"),
+    (dict(bias=torch.randn(4)), r"masked_matmul: bias must be None or a 1-D tensor \[M\] with M = 5"),
+    (dict(weight=torch.randn(5, 6, dtype=torch.float64)), r"masked_matmul: weight must have the dtype of x"),
+    (dict(bias=torch.randn(5, dtype=torch.bfloat16)), r"masked_matmul: bias must have the dtype of x"),
+    (dict(x=torch.randn(4, 6).int(), weight=torch.randn(5, 6).int()), r"masked_matmul: x must be float32"),
+    (dict(weight=torch.randn(5, 6, device="meta")), r"masked_matmul: weight must be on the device of x"),
+    (dict(mask=torch.ones(5, 6, dtype=torch.bool, device="meta")), r"masked_matmul: mask must be on the device"),
+    (dict(bias=torch.randn(5, device="meta")), r"masked_matmul: bias must be on the device of x"),
+], ids=["mask-shape", "mask-dtype", "inner-dim", "bias-size", "mixed-dtype", "bias-dtype", "int-x",
+        "weight-device", "mask-device", "bias-device"])
+def test_masked_matmul_errors_name_the_argument(override, pattern):
+    a = _masked_args(**override)
+    with pytest.raises(RuntimeError, match=pattern):
+        ops.masked_matmul(a["x"], a["weight"], a["mask"], a["bias"])
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.pyfinetune.masked_matmul(a["x"], a["weight"], a["mask"], a["bias"])
+
+
+def test_masked_matmul_backward_errors():
+    x, w, m = torch.randn(4, 6), torch.randn(5, 6), torch.rand(5, 6) > 0.5
+    with pytest.raises(RuntimeError, match=r"masked_matmul_backward: grad_out must be \[N, M\] = \[4, 5\]"):
+        torch.ops.pyfinetune.masked_matmul_backward(torch.randn(4, 6), x, w, m, [True, True, True], False)
+    with pytest.raises(RuntimeError, match=r"masked_matmul_backward: grad_out must have the dtype of x"):
+        torch.ops.pyfinetune.masked_matmul_backward(torch.randn(4, 5).double(), x, w, m, [True, True, True], False)
+
+
+def _csr_args(**override):
+    mask = make_mask(5, 6, 0.5, empty_rows=1)
+    mask[1, :3] = True
+    p = ops.compressed_pattern(mask)
+    args = dict(x=torch.randn(4, 6), values=torch.randn(int(mask.sum())), crow_indices=p.crow_indices,
+                col_indices=p.col_indices, row_order=p.row_order, bias=torch.randn(5))
+    args.update(override)
+    return args
+
+
+@pytest.mark.parametrize("override,pattern", [
+    (lambda a: dict(values=a["values"][:-1]), r"csr_linear: col_indices must be a 1-D tensor with nnz"),
+    (lambda a: dict(values=a["values"].double()), r"csr_linear: values must have the dtype of x"),
+    (lambda a: dict(crow_indices=a["crow_indices"].long()), r"csr_linear: crow_indices must be int32, got Long"),
+    (lambda a: dict(col_indices=a["col_indices"].long()), r"csr_linear: col_indices must be int32"),
+    (lambda a: dict(row_order=a["row_order"][:-1]), r"csr_linear: row_order must be a 1-D tensor with M"),
+    (lambda a: dict(bias=torch.randn(6)), r"csr_linear: bias must be None or a 1-D tensor \[M\] with M = 5"),
+    (lambda a: dict(col_indices=a["col_indices"] + 6), r"csr_linear: col_indices\[0\] = 6 is out of range"),
+    (lambda a: dict(crow_indices=a["crow_indices"].flip(0)), r"csr_linear: crow_indices\[0\] must be 0"),
+    (lambda a: dict(crow_indices=torch.tensor([0, 2, 1, 3, 4, a["values"].numel()], dtype=torch.int32)),
+     r"csr_linear: crow_indices must be non-decreasing"),
+    (lambda a: dict(values=a["values"].to("meta")), r"csr_linear: values must be on the device of x"),
+    (lambda a: dict(x=torch.randn(4, 6, 1)), r"csr_linear: x must be a 2-D tensor \[N, K\]"),
+    (lambda a: dict(values=torch.sparse_coo_tensor(torch.zeros(1, 0, dtype=torch.long), torch.zeros(0), (a["values"].numel(),),
+                                                            check_invariants=False)),
+     r"csr_linear: values must be a dense \(strided\) tensor"),
+], ids=["nnz", "values-dtype", "crow-int64", "col-int64", "row-order-size", "bias-size", "col-range",
+        "crow-start", "crow-order", "values-device", "x-3d", "sparse-values"])
+def test_csr_linear_errors_name_the_argument(override, pattern):
+    a = _csr_args()
+    a.update(override(a))
+    with pytest.raises(RuntimeError, match=pattern):
+        torch.ops.pyfinetune.csr_linear(a["x"], a["values"], a["crow_indices"], a["col_indices"], a["row_order"],
+                                        a["bias"])
+
+
+def test_csr_linear_backward_errors():
+    a = _csr_args()
+    nnz = a["values"].numel()
+    p = ops.compressed_pattern(make_mask(5, 6, 0.0))  # the compressed columns of a pattern with another nnz
+    base = (torch.randn(4, 5), a["x"], a["values"], a["crow_indices"], a["col_indices"], a["row_order"])
+    with pytest.raises(RuntimeError, match=r"csr_linear_backward: row_indices must be a 1-D tensor with nnz"):
+        torch.ops.pyfinetune.csr_linear_backward(*base, p.ccol_indices, p.row_indices, p.csc_to_csr,
+                                                 [True, True, True])
+    with pytest.raises(RuntimeError, match=r"csr_linear_backward: ccol_indices must be a 1-D tensor with K \+ 1"):
+        torch.ops.pyfinetune.csr_linear_backward(*base, p.ccol_indices[:6], p.row_indices[:nnz],
+                                                 p.csc_to_csr[:nnz], [True, True, True])
+    with pytest.raises(RuntimeError, match=r"csr_linear_backward: grad_out must be \[N, M\] = \[4, 5\]"):
+        torch.ops.pyfinetune.csr_linear_backward(torch.randn(4, 6), *base[1:], *_csc_of(a), [True, True, True])
+    ccol, rows, perm = _csc_of(a)
+    with pytest.raises(RuntimeError, match=r"csr_linear_backward: csc_to_csr\[0\] = \d+ is out of range"):
+        torch.ops.pyfinetune.csr_linear_backward(*base, ccol, rows, perm + nnz, [True, False, False])
+    with pytest.raises(RuntimeError, match=r"csr_linear_backward: row_indices\[0\] = \d+ is out of range: entries must lie in \[0, 5\)"):
+        torch.ops.pyfinetune.csr_linear_backward(*base, ccol, rows + 5, perm, [True, False, False])
+
+
+def _csc_of(a):
+    p = ops.pattern_from_csr(a["crow_indices"], a["col_indices"], a["x"].shape[1])
+    return p.ccol_indices, p.row_indices, p.csc_to_csr
+
+
+def test_public_functions_refuse_a_0d_x():
+    with pytest.raises(ValueError, match=r"masked_matmul: x must be a tensor \[\.\.\., K\]"):
+        ops.masked_matmul(torch.tensor(1.0), torch.randn(2, 1), torch.ones(2, 1, dtype=torch.bool))
