@@ -377,3 +377,31 @@ def _csc_of(a):
 def test_public_functions_refuse_a_0d_x():
     with pytest.raises(ValueError, match=r"masked_matmul: x must be a tensor \[\.\.\., K\]"):
         ops.masked_matmul(torch.tensor(1.0), torch.randn(2, 1), torch.ones(2, 1, dtype=torch.bool))
+
+
+def test_portable_kernels_when_avx512_is_off():
+    # On an AVX-512 CPU the float32 kernels run the AVX-512 code; PYFINETUNE_CPU_AVX512=0 (read
+    # once per process) selects the portable ones, checked here in a fresh process.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, pyfinetune\n"
+        "from pyfinetune import ops\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(37, 300); w = torch.randn(150, 300); b = torch.randn(150)\n"
+        "mask = torch.rand(150, 300) > 0.5\n"
+        "v = w[mask].clone().requires_grad_(True); xr = x.clone().requires_grad_(True)\n"
+        "y = ops.csr_linear(xr, v, *ops.compressed_pattern(mask), bias=b)\n"
+        "g = torch.randn_like(y); y.backward(g)\n"
+        "wm = (w * mask).double()\n"
+        "assert torch.allclose(y.double(), x.double() @ wm.t() + b.double(), atol=1e-3)\n"
+        "assert torch.allclose(xr.grad.double(), g.double() @ wm, atol=1e-3)\n"
+        "assert torch.allclose(v.grad.double(), (g.double().t() @ x.double())[mask], atol=1e-3)\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYFINETUNE_CPU_AVX512="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

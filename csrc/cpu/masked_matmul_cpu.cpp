@@ -48,6 +48,8 @@
 #include <vector>
 
 #include <pyfinetune/checks.h>
+#include <pyfinetune/csr_kernels_avx512.h>
+#include <pyfinetune/csr_walk.h>
 #include <pyfinetune/masked_matmul.h>
 
 namespace pyfinetune {
@@ -162,10 +164,6 @@ constexpr double kMinSegment = 4.0;
 constexpr int64_t kPartsPerThread = 8;
 // Cost of a row besides its kept weights, in kept-weight units (zero and store the accumulators).
 constexpr int64_t kRowCost = 4;
-// Rows ahead whose first index, value and output line are prefetched (a tiled walk jumps between
-// rows, which the hardware prefetcher does not follow).
-constexpr int64_t kPrefetchRows = 4;
-
 int64_t round_up(int64_t n, int64_t m) {
   return (n + m - 1) / m * m;
 }
@@ -276,16 +274,6 @@ void run_tasks(int64_t tasks, const Fn& fn) {
   });
 }
 
-// A compressed pattern: row r holds the entries [ptr[r], ptr[r + 1]); idx[e] is the operand row
-// (a column of W for the forward) of entry e, in [0, cols).
-struct Pattern {
-  const int32_t* ptr;
-  const int32_t* idx;
-  int64_t rows;
-  int64_t cols;
-  int64_t tile;  // 0: untiled; else operand rows per L1 tile (idx sorted within each row)
-};
-
 // Operand rows per L1 tile for a panel of `panel_bytes` per row, or 0 where tiling does not pay
 // (too sparse, too few columns to tile, or indices not sorted within the rows).
 int64_t choose_tile(int64_t nnz, int64_t rows, int64_t cols, int64_t panel_bytes, bool sorted) {
@@ -297,58 +285,14 @@ int64_t choose_tile(int64_t nnz, int64_t rows, int64_t cols, int64_t panel_bytes
   return density * static_cast<double>(tile) >= kMinSegment ? tile : 0;
 }
 
-// Calls seg.run(r, e, e1, k1) for every row r in [r0, r1) with entries left, where [e, e1) are
-// the row's remaining entries and k1 bounds the indices to take now; run returns the first entry
-// it did not take. Untiled: one call per row with k1 = cols (all entries). Tiled: the operand
-// rows go in tiles of p.tile, all rows visiting tile t before any visits tile t + 1, so that the
-// tile stays in L1 while every row adds its entries in it.
-template <typename Seg>
-C10_ALWAYS_INLINE void walk_pattern(const Pattern& p, int64_t r0, int64_t r1, const Seg& seg) {
-  if (p.tile == 0) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (r + kPrefetchRows < r1) {
-        seg.prefetch(r + kPrefetchRows, p.ptr[r + kPrefetchRows]);
-      }
-      if (p.ptr[r] < p.ptr[r + 1]) {
-        seg.run(r, p.ptr[r], p.ptr[r + 1], p.cols);
-      }
-    }
-    return;
-  }
-  std::vector<int32_t> cursor(p.ptr + r0, p.ptr + r1);
-  for (int64_t k1 = p.tile; k1 - p.tile < p.cols; k1 += p.tile) {
-    for (int64_t r = r0; r < r1; ++r) {
-      if (r + kPrefetchRows < r1) {
-        seg.prefetch(r + kPrefetchRows, cursor[r + kPrefetchRows - r0]);
-      }
-      const int64_t e = cursor[r - r0];
-      const int64_t e1 = p.ptr[r + 1];
-      if (e < e1 && p.idx[e] < k1) {
-        cursor[r - r0] = static_cast<int32_t>(seg.run(r, e, e1, k1));
-      }
-    }
-  }
-}
-
-C10_ALWAYS_INLINE void prefetch_bytes(const void* ptr, int64_t bytes, bool write) {
-  const char* c = static_cast<const char*>(ptr);
-  for (int64_t l = 0; l < bytes; l += 64) {
-    if (write) {
-      __builtin_prefetch(c + l, 1, 3);
-    } else {
-      __builtin_prefetch(c + l, 0, 3);
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // SpMM: out[r, panel] = sum_e a(e) * b[idx[e], panel] over the row's entries, a(e) =
 // values[perm ? perm[e] : e]; the panel (V vectors at column n0) accumulates in registers.
 
-template <typename acc_t, typename val_t>
+template <typename acc_t>
 struct SpmmArgs {
   Pattern pat;
-  const val_t* values;  // entry e's value: values[e - value_base], or values[perm[e]] with perm
+  const acc_t* values;  // entry e's value: values[e - value_base], or values[perm[e]] with perm
   const int32_t* perm;  // nullptr: values in entry order
   const acc_t* b;       // [pat.cols, ld]
   acc_t* out;           // [pat.rows, ld]
@@ -357,11 +301,11 @@ struct SpmmArgs {
 };
 
 // The segment kernels read values in entry order; spmm resolves perm before calling them.
-template <typename acc_t, typename val_t, int V>
+template <typename acc_t, int V>
 struct SpmmSegment {
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t W = kLanes<acc_t>;
-  const SpmmArgs<acc_t, val_t>& a;
+  const SpmmArgs<acc_t>& a;
   int64_t n0;
 
   C10_ALWAYS_INLINE void prefetch(int64_t r, int64_t e) const {
@@ -377,7 +321,7 @@ struct SpmmSegment {
       acc[v] = Vec::loadu(o + v * W);
     }
     do {
-      const Vec w(static_cast<acc_t>(a.values[e - a.value_base]));
+      const Vec w(a.values[e - a.value_base]);
       const acc_t* row = a.b + static_cast<int64_t>(a.pat.idx[e]) * a.ld + n0;
       for (int v = 0; v < V; ++v) {
         acc[v] = at::vec::fmadd(w, Vec::loadu(row + v * W), acc[v]);
@@ -390,21 +334,42 @@ struct SpmmSegment {
   }
 };
 
-template <typename acc_t, typename val_t, int V>
-void spmm_panel(const SpmmArgs<acc_t, val_t>& a, int64_t r0, int64_t r1, int64_t n0) {
-  constexpr int64_t W = kLanes<acc_t>;
-  for (int64_t r = r0; r < r1; ++r) {
-    std::fill(a.out + r * a.ld + n0, a.out + r * a.ld + n0 + V * W, acc_t(0));
-  }
-  walk_pattern(a.pat, r0, r1, SpmmSegment<acc_t, val_t, V>{a, n0});
+// The function of one panel of rows [r0, r1) at column n0, one per panel width in vectors.
+template <typename Args>
+using PanelFn = void (*)(const Args&, int64_t, int64_t, int64_t, int32_t*);
+
+// {&Panels::run<1>, ..., &Panels::run<kPanelVecs>}: indexed by the panel's vectors - 1.
+template <typename Panels, typename Args, int... Vs>
+constexpr std::array<PanelFn<Args>, sizeof...(Vs)> panel_table(std::integer_sequence<int, Vs...>) {
+  return {&Panels::template run<Vs + 1>...};
 }
 
-template <typename acc_t, typename val_t>
-using SpmmFn = void (*)(const SpmmArgs<acc_t, val_t>&, int64_t, int64_t, int64_t);
+template <typename acc_t>
+struct SpmmPanels {
+  template <int V>
+  static void run(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0, int32_t* cursor) {
+    constexpr int64_t W = kLanes<acc_t>;
+    for (int64_t r = r0; r < r1; ++r) {
+      std::fill(a.out + r * a.ld + n0, a.out + r * a.ld + n0 + V * W, acc_t(0));
+    }
+    walk_pattern(a.pat, r0, r1, cursor, SpmmSegment<acc_t, V>{a, n0});
+  }
+};
 
-template <typename acc_t, typename val_t, int... Vs>
-constexpr std::array<SpmmFn<acc_t, val_t>, sizeof...(Vs)> spmm_table(std::integer_sequence<int, Vs...>) {
-  return {&spmm_panel<acc_t, val_t, Vs + 1>...};
+// One panel of rows [r0, r1): the AVX-512 kernel for float32 where the CPU has it, else the
+// portable one with the panel's number of vectors.
+template <typename acc_t>
+void spmm_panel_any(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0, int32_t* cursor) {
+  static constexpr auto table =
+      panel_table<SpmmPanels<acc_t>, SpmmArgs<acc_t>>(std::make_integer_sequence<int, kPanelVecs>{});
+  const int64_t width = std::min<int64_t>(kPanelVecs * kLanes<acc_t>, a.ld - n0);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx512::available()) {
+      avx512::spmm_panel({a.pat, a.values, a.value_base, a.b, a.out, a.ld}, r0, r1, n0, width, cursor);
+      return;
+    }
+  }
+  table[width / kLanes<acc_t> - 1](a, r0, r1, n0, cursor);
 }
 
 // out [rows, ld] for all rows and panels.
@@ -417,32 +382,33 @@ constexpr std::array<SpmmFn<acc_t, val_t>, sizeof...(Vs)> spmm_table(std::intege
 // in an order that defeats the caches (measured 3-10x slower than the forward). Each work item is
 // therefore a whole row range: it gathers its rows' values once into a scratch buffer (the size
 // of its share of the entries, freed at the end of the call) and then runs all panels over it.
-template <typename acc_t, typename val_t>
-void spmm(const SpmmArgs<acc_t, val_t>& a) {
-  constexpr int64_t W = kLanes<acc_t>;
-  constexpr int64_t kPanel = kPanelVecs * W;
+template <typename acc_t>
+void spmm(const SpmmArgs<acc_t>& a) {
+  constexpr int64_t kPanel = kPanelVecs * kLanes<acc_t>;
   const int64_t parts = num_parts(a.pat.rows);
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
   const int64_t panels = (a.ld + kPanel - 1) / kPanel;
-  const auto vecs_at = [&](int64_t n0) { return std::min<int64_t>(kPanelVecs, (a.ld - n0) / W); };
+  const auto cursor_for = [&](int64_t p) {
+    return std::vector<int32_t>(a.pat.tile > 0 ? static_cast<size_t>(splits[p + 1] - splits[p]) : 0);
+  };
   if (a.perm == nullptr) {
-    static constexpr auto table = spmm_table<acc_t, val_t>(std::make_integer_sequence<int, kPanelVecs>{});
     run_tasks(panels * parts, [&](int64_t t) {
-      const int64_t n0 = (t / parts) * kPanel, p = t % parts;
-      table[vecs_at(n0) - 1](a, splits[p], splits[p + 1], n0);
+      const int64_t p = t % parts;
+      std::vector<int32_t> cursor = cursor_for(p);
+      spmm_panel_any(a, splits[p], splits[p + 1], (t / parts) * kPanel, cursor.data());
     });
   } else {
-    static constexpr auto table = spmm_table<acc_t, acc_t>(std::make_integer_sequence<int, kPanelVecs>{});
     run_tasks(parts, [&](int64_t p) {
       const int64_t r0 = splits[p], r1 = splits[p + 1];
       const int64_t e0 = a.pat.ptr[r0], e1 = a.pat.ptr[r1];
       std::vector<acc_t> gathered(static_cast<size_t>(e1 - e0));
       for (int64_t e = e0; e < e1; ++e) {
-        gathered[e - e0] = static_cast<acc_t>(a.values[a.perm[e]]);
+        gathered[e - e0] = a.values[a.perm[e]];
       }
-      const SpmmArgs<acc_t, acc_t> local{a.pat, gathered.data(), nullptr, a.b, a.out, a.ld, e0};
+      const SpmmArgs<acc_t> local{a.pat, gathered.data(), nullptr, a.b, a.out, a.ld, e0};
+      std::vector<int32_t> cursor = cursor_for(p);
       for (int64_t n0 = 0; n0 < a.ld; n0 += kPanel) {
-        table[vecs_at(n0) - 1](local, r0, r1, n0);
+        spmm_panel_any(local, r0, r1, n0, cursor.data());
       }
     });
   }
@@ -505,10 +471,7 @@ struct SddmmSegment {
 
   // Eight dot products at a time (eight independent FMA chains), one reduction per eight.
   C10_ALWAYS_INLINE int64_t run(int64_t r, int64_t e, int64_t e1, int64_t k1) const {
-    int64_t end = e + 1;
-    while (end < e1 && a.pat.idx[end] < k1) {
-      ++end;
-    }
+    const int64_t end = segment_end(a.pat.idx, e, e1, k1);
     Vec d[V];
     for (int v = 0; v < V; ++v) {
       d[v] = Vec::loadu(a.dyT + r * a.ld + n0 + v * W);
@@ -519,15 +482,7 @@ struct SddmmSegment {
       for (int j = 0; j < 8; ++j) {
         acc[j] = Vec(acc_t(0));
       }
-      if (cnt == 8) {
-        for (int j = 0; j < 8; ++j) {
-          dot_into(acc[j], d, a.pat.idx[e + j]);
-        }
-      } else {
-        for (int64_t j = 0; j < cnt; ++j) {
-          dot_into(acc[j], d, a.pat.idx[e + j]);
-        }
-      }
+      for_group8(cnt, a.pat.idx + e, [&](int64_t j, int32_t k) { dot_into(acc[j], d, k); });
       acc_t sums[8];
       reduce8(acc, sums);
       for (int64_t j = 0; j < cnt; ++j) {
@@ -545,31 +500,35 @@ struct SddmmSegment {
   }
 };
 
-template <typename acc_t, int V>
-void sddmm_panel(const SddmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0) {
-  walk_pattern(a.pat, r0, r1, SddmmSegment<acc_t, V>{a, n0});
-}
-
 template <typename acc_t>
-using SddmmFn = void (*)(const SddmmArgs<acc_t>&, int64_t, int64_t, int64_t);
-
-template <typename acc_t, int... Vs>
-constexpr std::array<SddmmFn<acc_t>, sizeof...(Vs)> sddmm_table(std::integer_sequence<int, Vs...>) {
-  return {&sddmm_panel<acc_t, Vs + 1>...};
-}
+struct SddmmPanels {
+  template <int V>
+  static void run(const SddmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0, int32_t* cursor) {
+    walk_pattern(a.pat, r0, r1, cursor, SddmmSegment<acc_t, V>{a, n0});
+  }
+};
 
 template <typename acc_t>
 void sddmm(const SddmmArgs<acc_t>& a) {
-  static constexpr auto table = sddmm_table<acc_t>(std::make_integer_sequence<int, kPanelVecs>{});
+  static constexpr auto table =
+      panel_table<SddmmPanels<acc_t>, SddmmArgs<acc_t>>(std::make_integer_sequence<int, kPanelVecs>{});
   constexpr int64_t W = kLanes<acc_t>;
   constexpr int64_t kPanel = kPanelVecs * W;
   const int64_t parts = num_parts(a.pat.rows);
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
   // One task per row range, all panels inside: a kept weight's sum is written by one thread.
   run_tasks(parts, [&](int64_t p) {
+    const int64_t r0 = splits[p], r1 = splits[p + 1];
+    std::vector<int32_t> cursor(a.pat.tile > 0 ? static_cast<size_t>(r1 - r0) : 0);
     for (int64_t n0 = 0; n0 < a.ld; n0 += kPanel) {
-      const int64_t vecs = std::min<int64_t>(kPanelVecs, (a.ld - n0) / W);
-      table[vecs - 1](a, splits[p], splits[p + 1], n0);
+      const int64_t width = std::min<int64_t>(kPanel, a.ld - n0);
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (avx512::available()) {
+          avx512::sddmm_panel({a.pat, a.dyT, a.xT, a.out, a.ld}, r0, r1, n0, width, cursor.data());
+          continue;
+        }
+      }
+      table[width / W - 1](a, r0, r1, n0, cursor.data());
     }
   });
 }
@@ -589,6 +548,13 @@ at::Tensor transposed_acc(const at::Tensor& src) {
   return t;
 }
 
+// The kept values in the accumulation type, contiguous (16-bit values: a float32 copy of nnz
+// entries, so that the kernels load and broadcast floats).
+template <typename acc_t>
+at::Tensor values_as_acc(const at::Tensor& values) {
+  return values.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+}
+
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
                           const at::Tensor& col_indices, const at::Tensor& row_order,
                           const std::optional<at::Tensor>& bias) {
@@ -601,19 +567,19 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   if (s.n == 0 || s.m == 0) {
     return y;
   }
-  const at::Tensor vals = values.contiguous();
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
+    const at::Tensor vals = values_as_acc<acc_t>(values);
     const at::Tensor xT = transposed_acc<scalar_t>(x);
     const int64_t ld = xT.size(1);
     at::Tensor yT = at::empty({s.m, ld}, xT.options());
     const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
                       choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, sorted)};
-    const SpmmArgs<acc_t, scalar_t> args{pat, vals.const_data_ptr<scalar_t>(), nullptr, xT.const_data_ptr<acc_t>(),
-                                         yT.mutable_data_ptr<acc_t>(), ld};
-    spmm<acc_t, scalar_t>(args);
+    const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), nullptr, xT.const_data_ptr<acc_t>(),
+                               yT.mutable_data_ptr<acc_t>(), ld};
+    spmm<acc_t>(args);
     transpose_out(yT.const_data_ptr<acc_t>(), ld, s.n, s.m, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
                   y.mutable_data_ptr<scalar_t>());
   });
@@ -658,13 +624,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
     if (output_mask[0]) {
       dx = at::empty({s.n, s.k}, x.options());
       if (s.k > 0) {
-        const at::Tensor vals = values.contiguous();
+        const at::Tensor vals = values_as_acc<acc_t>(values);
         at::Tensor dxT = at::empty({s.k, ld}, dyT.options());
         const Pattern pat{ccol.const_data_ptr<int32_t>(), rows_of.const_data_ptr<int32_t>(), s.k, s.m,
                           choose_tile(s.nnz, s.k, s.m, kPanelBytes<acc_t>, csc_sorted)};
-        const SpmmArgs<acc_t, scalar_t> args{pat, vals.const_data_ptr<scalar_t>(), perm.const_data_ptr<int32_t>(),
-                                             dyT.const_data_ptr<acc_t>(), dxT.mutable_data_ptr<acc_t>(), ld};
-        spmm<acc_t, scalar_t>(args);
+        const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), perm.const_data_ptr<int32_t>(),
+                                   dyT.const_data_ptr<acc_t>(), dxT.mutable_data_ptr<acc_t>(), ld};
+        spmm<acc_t>(args);
         transpose_out(dxT.const_data_ptr<acc_t>(), ld, s.n, s.k, static_cast<const scalar_t*>(nullptr),
                       dx.mutable_data_ptr<scalar_t>());
       }

@@ -1,0 +1,47 @@
+// AVX-512 versions of csr_linear's float32 inner kernels (cpu/masked_matmul_avx512.cpp), used by
+// the CPU kernels (cpu/masked_matmul_cpu.cpp) when the CPU has AVX-512. Plain functions and
+// structs: the file that defines them is compiled for AVX-512 and shares no templates.
+#pragma once
+
+#include <cstdint>
+
+#include <pyfinetune/csr_walk.h>
+
+namespace pyfinetune {
+namespace avx512 {
+
+// Panels are at most kPanelFloats wide (4 vectors of 16 floats), like the portable kernels'.
+constexpr int64_t kPanelFloats = 64;
+
+// out[r, n0 : n0 + width] = sum over the entries e of row r of values[e - value_base] *
+// b[pat.idx[e], n0 : n0 + width]; b [pat.cols, ld], out [pat.rows, ld].
+struct SpmmPanel {
+  Pattern pat;
+  const float* values;
+  int64_t value_base;
+  const float* b;
+  float* out;
+  int64_t ld;
+};
+
+// out[e] += dot(dyT[r, n0 : n0 + width], xT[pat.idx[e], n0 : n0 + width]) for the entries e of
+// row r; dyT [pat.rows, ld], xT [pat.cols, ld].
+struct SddmmPanel {
+  Pattern pat;
+  const float* dyT;
+  const float* xT;
+  float* out;
+  int64_t ld;
+};
+
+// True when these kernels were compiled (x86-64, GCC or Clang) and the CPU runs AVX-512 F, VL,
+// BW and DQ, unless the environment sets PYFINETUNE_CPU_AVX512=0. Read once.
+bool available();
+
+// Rows [r0, r1), panel [n0, n0 + width), width in (0, kPanelFloats]; cursor: scratch for r1 - r0
+// entries (tiled patterns). spmm_panel zeroes its output panel first.
+void spmm_panel(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor);
+void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor);
+
+}  // namespace avx512
+}  // namespace pyfinetune
