@@ -1,0 +1,254 @@
+"""SparseLinear: a linear layer that stores only its kept weights.
+
+``pyfinetune.prune`` re-exports :class:`SparseLinear`; it lives here so that the layer and the
+pruning workflow can change independently.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+__all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "crossover_sparsity"]
+
+# Sparsity (fraction of pruned weights) from which kernel="auto" runs the sparse kernel
+# (csr_linear) instead of the dense masked product (masked_matmul on a weight rebuilt from the
+# kept values), per device type. See SparseLinear's docstring for how the CPU value was measured.
+CROSSOVER_SPARSITY: Dict[str, float] = {
+    "cpu": 0.7,
+    # Not measured yet: the CUDA kernels are built separately. Until a measurement replaces it, a
+    # GPU runs the dense product up to 90% sparsity, where dense tensor-core GEMMs are hard to beat.
+    "cuda": 0.9,
+}
+
+_KERNELS = ("auto", "sparse", "dense")
+_PATTERN = ("crow_indices", "col_indices", "row_order", "ccol_indices", "row_indices", "csc_to_csr")
+_NNZ_SIZED = ("values", "col_indices", "row_indices", "csc_to_csr")
+
+
+def crossover_sparsity(device: Union[str, torch.device]) -> float:
+    """The sparsity from which ``kernel="auto"`` picks the sparse kernel on ``device`` (above 1:
+    never, for devices without a sparse kernel)."""
+    return CROSSOVER_SPARSITY.get(torch.device(device).type, 2.0)
+
+
+def _check_kernel(kernel: str) -> str:
+    if kernel not in _KERNELS:
+        raise ValueError(f"SparseLinear: kernel must be one of {_KERNELS}, got {kernel!r}")
+    return kernel
+
+
+class SparseLinear(nn.Module):
+    """A linear layer ``y = x @ W^T + b`` whose weight W [out_features, in_features] is pruned and
+    stored as its kept values only, in compressed rows (plus the compressed-column view the
+    backward needs).
+
+    State (all in ``state_dict``):
+
+    * ``values``: ``nn.Parameter`` [nnz], the kept weights in row-major order: a plain dense
+      parameter, so any optimizer (``torch.optim.AdamW``, ``pyfinetune.optim.AdamW``) trains it and
+      pruned weights cannot become nonzero;
+    * ``crow_indices`` [out + 1], ``col_indices`` [nnz], ``row_order`` [out], ``ccol_indices``
+      [in + 1], ``row_indices`` [nnz], ``csc_to_csr`` [nnz]: int32 buffers, see
+      :class:`pyfinetune.ops.CompressedPattern`;
+    * ``bias``: ``nn.Parameter`` [out] or None.
+
+    Build one with :meth:`from_dense`; ``SparseLinear(in_features, out_features)`` is an empty
+    (fully pruned) layer, e.g. to :meth:`load_state_dict` a saved one into, whatever its nnz.
+
+    Kernels: ``kernel="sparse"`` runs ``csr_linear`` (work proportional to nnz); ``"dense"`` runs
+    the dense masked product on the weight rebuilt from the values at each call (work
+    proportional to in * out, at dense GEMM speed); ``"auto"`` (default) picks sparse from the device's
+    :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.7, measured with ``benchmarks/bench_prune.py``
+    on the 2-core Xeon (AVX-512, torch 2.14.1) of ``benchmarks/results/prune-cpu-*``, x [256, 4096],
+    weight [4096, 4096] float32, one training step (forward, backward, AdamW on the values):
+
+    ========  ================  ===============  ==================================
+    sparsity  sparse kernel     dense path       forward alone (sparse vs dense path)
+    ========  ================  ===============  ==================================
+    50%       211 ms            130 ms           58 vs 49 ms
+    65%       133 ms            124 ms           33 vs 46 ms
+    70%       111 ms            120 ms           32 vs 49 ms
+    ========  ================  ===============  ==================================
+
+    so the sparse kernel wins a training step from ~68% and the forward alone from ~56%. The
+    crossover moves with the shapes (a small batch favours the sparse kernel); set ``kernel`` to
+    override it.
+
+    Args:
+        in_features, out_features: the weight's shape is [out_features, in_features].
+        bias: whether the layer has a bias (zero-initialized here; from_dense copies one).
+        kernel: "auto", "sparse" or "dense".
+        device, dtype: of the parameters (float32, bfloat16, float16 or float64).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, kernel: str = "auto",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        for name, n in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(n, int) or n < 0 or n + 1 > 2**31 - 1:
+                raise ValueError(f"SparseLinear: {name} must be an int in [0, 2^31 - 2], got {n!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel = _check_kernel(kernel)
+        factory = dict(device=device, dtype=dtype)
+        self.values = nn.Parameter(torch.empty(0, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        i32 = dict(device=device, dtype=torch.int32)
+        empty = ops.CompressedPattern(
+            crow_indices=torch.zeros(out_features + 1, **i32), col_indices=torch.empty(0, **i32),
+            row_order=torch.arange(out_features, **i32), ccol_indices=torch.zeros(in_features + 1, **i32),
+            row_indices=torch.empty(0, **i32), csc_to_csr=torch.empty(0, **i32))
+        for name in _PATTERN:
+            self.register_buffer(name, getattr(empty, name))
+        # Row-major position (row * in + col) of each kept weight, for the dense path: derived from
+        # the pattern whenever it changes, not saved.
+        self.register_buffer("flat_index", torch.empty(0, device=device, dtype=torch.long), persistent=False)
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None, *,
+                   kernel: str = "auto") -> "SparseLinear":
+        """A SparseLinear keeping ``weight[mask]``.
+
+        Args:
+            weight: [out, in] float tensor (its dtype and device become the layer's).
+            mask: [out, in] bool, True = kept.
+            bias: None or [out], weight's dtype and device.
+        """
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError(f"SparseLinear.from_dense: weight must be a 2-D float tensor [out, in], got "
+                             f"{_describe(weight)}")
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise ValueError(f"SparseLinear.from_dense: mask must be a bool tensor, got {_describe(mask)}")
+        if mask.shape != weight.shape:
+            raise ValueError(f"SparseLinear.from_dense: mask must have the shape of weight {tuple(weight.shape)}, "
+                             f"got {tuple(mask.shape)}")
+        if mask.device != weight.device:
+            raise ValueError(f"SparseLinear.from_dense: mask must be on weight's device {weight.device}, got "
+                             f"{mask.device}")
+        out_features, in_features = weight.shape
+        if bias is not None:
+            if not isinstance(bias, Tensor) or bias.shape != (out_features,):
+                raise ValueError(f"SparseLinear.from_dense: bias must be None or [out] = [{out_features}], got "
+                                 f"{_describe(bias)}")
+            if bias.dtype != weight.dtype or bias.device != weight.device:
+                raise ValueError(f"SparseLinear.from_dense: bias must have weight's dtype {weight.dtype} and device "
+                                 f"{weight.device}, got {bias.dtype} on {bias.device}")
+        layer = cls(in_features, out_features, bias=bias is not None, kernel=kernel, device=weight.device,
+                    dtype=weight.dtype)
+        layer._set_pattern(ops.compressed_pattern(mask))
+        with torch.no_grad():
+            layer.values.data = weight.detach()[mask].clone()
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    # ------------------------------------------------------------------------------- properties
+    @property
+    def nnz(self) -> int:
+        """Number of kept weights."""
+        return self.values.numel()
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the weight's entries that are pruned (0 for an empty shape)."""
+        total = self.in_features * self.out_features
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def pattern(self) -> ops.CompressedPattern:
+        """The int32 index tensors of the kept positions."""
+        return ops.CompressedPattern(*(getattr(self, name) for name in _PATTERN))
+
+    def _set_pattern(self, pattern: ops.CompressedPattern) -> None:
+        for name in _PATTERN:
+            setattr(self, name, getattr(pattern, name))
+        self._update_flat_index()
+
+    def _update_flat_index(self) -> None:
+        crow = self.crow_indices.long()
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=crow.device), crow[1:] - crow[:-1],
+                                       output_size=self.col_indices.numel())
+        self.flat_index = rows * self.in_features + self.col_indices.long()
+
+    def to_dense(self) -> Tensor:
+        """The dense weight [out, in]: the kept values, zeros at pruned positions. Differentiable
+        with respect to ``values``."""
+        # index_copy_ into fresh zeros: the fastest of torch's scatters on CPU (scatter,
+        # index_put and masked_scatter measured 1.2-9x slower); autograd gathers the gradient.
+        dense = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
+        return dense.index_copy_(0, self.flat_index, self.values).view(self.out_features, self.in_features)
+
+    def dense_mask(self) -> Tensor:
+        """The bool mask [out, in] of the kept positions."""
+        mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.flat_index.device)
+        return mask.index_fill(0, self.flat_index, True).view(self.out_features, self.in_features)
+
+    def kernel_for(self, device: Union[str, torch.device, None] = None) -> str:
+        """The kernel forward runs on ``device`` (default: the values' device): "sparse" or "dense"."""
+        if self.kernel != "auto":
+            return self.kernel
+        device = self.values.device if device is None else device
+        return "sparse" if self.sparsity >= crossover_sparsity(device) else "dense"
+
+    # ---------------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        """x [..., in_features] -> [..., out_features], in x's dtype (values' dtype)."""
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: x must be [..., in_features] with in_features = {self.in_features}, got "
+                             f"shape {tuple(x.shape)}")
+        if self.kernel_for() == "sparse":
+            return ops.csr_linear(x, self.values, *self.pattern(), bias=self.bias)
+        # The rebuilt weight already holds exact zeros at the pruned positions, so the plain dense
+        # product is the masked one: masked_matmul would add a mask and a masked copy of [out, in]
+        # (1.5x the time of this path on CPU) to reach the same numbers; and the gradient of the
+        # pruned positions is dropped by to_dense's backward, which gathers the kept ones.
+        return torch.nn.functional.linear(x, self.to_dense(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "
+                f"sparsity={self.sparsity:.1%}, bias={self.bias is not None}, kernel={self.kernel!r}")
+
+    # ------------------------------------------------------------------------------- state_dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A saved layer may keep a different number of weights: resize the nnz-sized tensors
+        # (in place for values, so optimizers holding it keep the same Parameter), after checking
+        # that the saved pattern is for a weight of this layer's shape.
+        crow = state_dict.get(prefix + "crow_indices")
+        ccol = state_dict.get(prefix + "ccol_indices")
+        if crow is not None and ccol is not None:
+            shape = (crow.numel() - 1, ccol.numel() - 1)
+            if shape != (self.out_features, self.in_features):
+                error_msgs.append(
+                    f"SparseLinear: the saved pattern is for a weight [out, in] = {list(shape)}, this layer's is "
+                    f"[{self.out_features}, {self.in_features}]")
+                return
+        sizes = {name: state_dict[prefix + name].numel() for name in _NNZ_SIZED if prefix + name in state_dict}
+        if len(set(sizes.values())) > 1:
+            error_msgs.append(f"SparseLinear: the saved values and index tensors disagree on nnz: {sizes}")
+            return
+        for name, n in sizes.items():
+            current = getattr(self, name)
+            if current.numel() != n:
+                resized = torch.empty(n, dtype=current.dtype, device=current.device)
+                if name == "values":
+                    self.values.data = resized
+                else:
+                    setattr(self, name, resized)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if any(prefix + name in state_dict for name in _PATTERN):
+            self._update_flat_index()
+
+
+def _describe(t) -> str:
+    if isinstance(t, Tensor):
+        return f"{t.dtype} tensor of shape {tuple(t.shape)}"
+    return type(t).__name__

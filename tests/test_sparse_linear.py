@@ -1,0 +1,251 @@
+"""SparseLinear: against the masked dense product in float64 (both kernels), its pattern and
+dense views, state_dict round trips (same pattern, empty layer, other nnz), training with
+pyfinetune.optim.AdamW and torch.optim.AdamW against a masked dense layer, .to(), torch.compile,
+and its errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyfinetune
+from conftest import assert_close, device_dtype_params, device_params
+from pyfinetune import ops
+from pyfinetune._sparse_linear import CROSSOVER_SPARSITY, SparseLinear, crossover_sparsity
+from reference_masked_matmul import assert_product_close, make_mask, random_inputs, reference
+
+KERNELS = ["sparse", "dense"]
+
+
+def make_layer(out_f, in_f, sparsity, dtype, device, *, bias=True, kernel="auto", empty_rows=0):
+    _, w, b, _ = random_inputs(1, in_f, out_f, dtype, device, bias=bias)
+    mask = make_mask(out_f, in_f, sparsity, empty_rows=empty_rows).to(device)
+    return SparseLinear.from_dense(w, mask, b, kernel=kernel), w, mask, b
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_matches_masked_dense_product(kernel, sparsity, device, dtype):
+    out_f, in_f = 70, 150
+    layer, w, mask, b = make_layer(out_f, in_f, sparsity, dtype, device, kernel=kernel, empty_rows=2)
+    x = torch.randn(2, 9, in_f).to(dtype=dtype, device=device).requires_grad_(True)
+    g = torch.randn(2, 9, out_f).to(dtype=dtype, device=device)
+    y = layer(x)
+    y.backward(g)
+    ref = reference(x.detach().reshape(-1, in_f), w, mask.cpu(), b, g.reshape(-1, out_f))
+    n = 18
+    assert_product_close(y.reshape(n, out_f), ref["y"], ref["y_terms"], in_f, dtype, f"{kernel} y")
+    assert_product_close(x.grad.reshape(n, in_f), ref["dx"], ref["dx_terms"], out_f, dtype, f"{kernel} dx")
+    m = mask.cpu()
+    assert_product_close(layer.values.grad, ref["dweight"][m], ref["dweight_terms"][m], n, dtype,
+                         f"{kernel} dvalues")
+    assert_product_close(layer.bias.grad, ref["dbias"], ref["dbias_terms"], n, dtype, f"{kernel} dbias")
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_views_of_the_pattern(device):
+    layer, w, mask, b = make_layer(12, 20, 0.7, torch.float32, device, empty_rows=3)
+    assert layer.in_features == 20 and layer.out_features == 12
+    assert layer.nnz == int(mask.sum()) == layer.values.numel()
+    assert layer.sparsity == pytest.approx(1 - layer.nnz / 240)
+    assert torch.equal(layer.dense_mask(), mask)
+    assert torch.equal(layer.to_dense(), torch.where(mask, w, 0.0))
+    assert torch.equal(layer.values, w[mask])
+    assert torch.equal(layer.bias, b)
+    for name, t in layer.pattern()._asdict().items():
+        assert t.dtype == torch.int32, name
+        assert torch.equal(t, getattr(ops.compressed_pattern(mask), name)), name
+    assert [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+    assert "nnz=" in repr(layer) and "sparsity=" in repr(layer)
+
+
+def test_to_dense_is_differentiable_in_values():
+    layer, w, mask, _ = make_layer(6, 8, 0.5, torch.float64, "cpu")
+    (layer.to_dense() * torch.arange(48.0, dtype=torch.float64).view(6, 8)).sum().backward()
+    assert torch.equal(layer.values.grad, torch.arange(48.0, dtype=torch.float64).view(6, 8)[mask])
+
+
+def test_auto_kernel_follows_the_crossover():
+    cpu = CROSSOVER_SPARSITY["cpu"]
+    below, _, _, _ = make_layer(40, 50, max(0.0, cpu - 0.2), torch.float32, "cpu")
+    above, _, _, _ = make_layer(40, 50, min(1.0, cpu + 0.2), torch.float32, "cpu")
+    assert below.kernel_for() == "dense" and above.kernel_for() == "sparse"
+    assert crossover_sparsity("cpu") == cpu
+    assert below.kernel_for("meta") == "dense"  # no sparse kernel there: never sparse
+    forced = SparseLinear.from_dense(torch.randn(4, 4), torch.ones(4, 4, dtype=torch.bool), kernel="sparse")
+    assert forced.kernel_for() == "sparse"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fully_pruned_and_empty_layers(kernel):
+    layer = SparseLinear(7, 5, kernel=kernel)
+    assert layer.nnz == 0 and layer.sparsity == 1.0
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(5.0))
+    x = torch.randn(3, 7, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, torch.arange(5.0).expand(3, 5))
+    y.sum().backward()
+    assert (x.grad == 0).all() and layer.values.grad.shape == (0,)
+    nobias = SparseLinear(7, 5, bias=False)
+    assert nobias.bias is None and (nobias(torch.randn(2, 7)) == 0).all()
+
+
+# ------------------------------------------------------------------------------------ state_dict
+@pytest.mark.parametrize("device", device_params())
+def test_state_dict_round_trip_same_pattern(device):
+    layer, w, mask, b = make_layer(16, 24, 0.8, torch.float32, device)
+    w2 = torch.randn(16, 24, device=device)
+    other = SparseLinear.from_dense(w2, mask, torch.zeros(16, device=device))
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other.to_dense(), layer.to_dense()) and torch.equal(other.bias, layer.bias)
+    x = torch.randn(5, 24, device=device)
+    assert torch.equal(other(x), layer(x))
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_state_dict_into_an_empty_layer_and_other_nnz(device, tmp_path):
+    layer, w, mask, b = make_layer(16, 24, 0.6, torch.float32, device, empty_rows=1)
+    path = tmp_path / "layer.pt"
+    torch.save(layer.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+
+    empty = SparseLinear(24, 16, device=device)
+    values_param = empty.values
+    empty.load_state_dict(state)
+    assert empty.values is values_param  # resized in place: optimizers keep the same Parameter
+    assert empty.nnz == layer.nnz and torch.equal(empty.dense_mask(), mask)
+    x = torch.randn(3, 24, device=device)
+    assert torch.equal(empty(x), layer(x))
+
+    denser, _, _, _ = make_layer(16, 24, 0.1, torch.float32, device)
+    denser.load_state_dict(state)
+    assert denser.nnz == layer.nnz and torch.equal(denser(x), layer(x))
+    for kernel in KERNELS:
+        denser.kernel = kernel
+        torch.testing.assert_close(denser(x), layer(x))
+
+
+def test_state_dict_errors():
+    layer, _, _, _ = make_layer(16, 24, 0.6, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"saved pattern is for a weight \[out, in\] = \[16, 24\], this layer's "
+                                           r"is \[16, 25\]"):
+        SparseLinear(25, 16).load_state_dict(layer.state_dict())
+    bad = dict(layer.state_dict())
+    bad["col_indices"] = bad["col_indices"][:-1]
+    with pytest.raises(RuntimeError, match=r"disagree on nnz"):
+        SparseLinear(24, 16).load_state_dict(bad)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"bias\""):
+        SparseLinear(24, 16, bias=False).load_state_dict(layer.state_dict())
+
+
+# -------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("optimizer", ["pyfinetune", "torch"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_training_equals_masked_dense_training(optimizer, kernel):
+    """AdamW on the kept values equals AdamW on a dense weight whose pruned entries get no
+    gradient: the same updates at kept positions, exact zeros elsewhere."""
+    torch.manual_seed(0)
+    out_f, in_f = 20, 30
+    layer, w, mask, b = make_layer(out_f, in_f, 0.75, torch.float32, "cpu", kernel=kernel)
+    dense_w = torch.nn.Parameter(torch.where(mask, w, 0.0))
+    dense_b = torch.nn.Parameter(b.clone())
+    make = {"pyfinetune": pyfinetune.optim.AdamW, "torch": torch.optim.AdamW}[optimizer]
+    opt = make(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW([dense_w, dense_b], lr=1e-2, weight_decay=0.1)
+    for _ in range(5):
+        x = torch.randn(8, in_f)
+        target = torch.randn(8, out_f)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(layer(x), target).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(ops.masked_matmul(x, dense_w, mask, dense_b), target)
+        loss.backward()
+        ref_opt.step()
+    assert_close(layer.to_dense(), dense_w, torch.float32)
+    assert_close(layer.bias, dense_b, torch.float32)
+    assert (layer.to_dense()[~mask] == 0).all()
+
+
+def test_optimizer_state_dict_round_trip_with_the_layer(tmp_path):
+    layer, _, _, _ = make_layer(10, 12, 0.5, torch.float32, "cpu")
+    opt = pyfinetune.optim.AdamW(layer.parameters(), lr=1e-2)
+    layer(torch.randn(4, 12)).sum().backward()
+    opt.step()
+    torch.save({"layer": layer.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    fresh = SparseLinear(12, 10)
+    fresh.load_state_dict(ckpt["layer"])
+    fresh_opt = pyfinetune.optim.AdamW(fresh.parameters(), lr=1e-2)
+    fresh_opt.load_state_dict(ckpt["opt"])
+    x = torch.randn(4, 12)
+    for model, o in ((layer, opt), (fresh, fresh_opt)):
+        o.zero_grad()
+        model(x).sum().backward()
+        o.step()
+    assert torch.equal(fresh.values, layer.values)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_to_dtype_keeps_int32_indices(dtype):
+    layer, _, _, _ = make_layer(8, 12, 0.5, torch.float32, "cpu")
+    converted = layer.to(dtype)
+    assert converted.values.dtype == dtype and converted.bias.dtype == dtype
+    for name, t in converted.pattern()._asdict().items():
+        assert t.dtype == torch.int32, name
+    assert converted(torch.randn(3, 12, dtype=dtype)).dtype == dtype
+
+
+@pytest.mark.cuda
+def test_to_cuda_and_back():
+    layer, _, _, _ = make_layer(8, 12, 0.5, torch.float32, "cpu")
+    x = torch.randn(3, 12)
+    y = layer(x)
+    moved = layer.to("cuda")
+    assert moved.values.is_cuda and moved.crow_indices.is_cuda and moved.flat_index.is_cuda
+    torch.testing.assert_close(moved(x.cuda()).cpu(), y)
+
+
+# ------------------------------------------------------------------------------------- compile
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("device", device_params())
+def test_torch_compile_fullgraph(kernel, device):
+    torch._dynamo.reset()
+    layer, _, _, _ = make_layer(24, 40, 0.8, torch.float32, device, kernel=kernel)
+    twin = SparseLinear(40, 24, device=device, kernel=kernel)
+    twin.load_state_dict(layer.state_dict())
+    compiled = torch.compile(twin, fullgraph=True)
+    x = torch.randn(2, 6, 40, device=device)
+    y, yc = layer(x), compiled(x)
+    torch.testing.assert_close(yc, y)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yc.backward(g)
+    torch.testing.assert_close(twin.values.grad, layer.values.grad)
+    torch.testing.assert_close(twin.bias.grad, layer.bias.grad)
+
+
+# -------------------------------------------------------------------------------------- errors
+def test_errors_name_the_argument():
+    w = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"mask must have the shape of weight \(4, 6\), got \(4, 5\)"):
+        SparseLinear.from_dense(w, torch.ones(4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor, got torch.float32"):
+        SparseLinear.from_dense(w, torch.ones(4, 6))
+    with pytest.raises(ValueError, match=r"weight must be a 2-D float tensor"):
+        SparseLinear.from_dense(torch.ones(4, 6, dtype=torch.int64), torch.ones(4, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"bias must be None or \[out\] = \[4\]"):
+        SparseLinear.from_dense(w, torch.ones(4, 6, dtype=torch.bool), torch.randn(6))
+    with pytest.raises(ValueError, match=r"bias must have weight's dtype"):
+        SparseLinear.from_dense(w, torch.ones(4, 6, dtype=torch.bool), torch.randn(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"kernel must be one of"):
+        SparseLinear(6, 4, kernel="fast")
+    with pytest.raises(ValueError, match=r"in_features must be an int"):
+        SparseLinear(-1, 4)
+    layer = SparseLinear.from_dense(w, torch.ones(4, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"x must be \[\.\.\., in_features\] with in_features = 6, got shape \(3, 5\)"):
+        layer(torch.randn(3, 5))
+    with pytest.raises(RuntimeError, match=r"csr_linear: values must have the dtype of x"):
+        SparseLinear.from_dense(w, torch.ones(4, 6, dtype=torch.bool), kernel="sparse")(torch.randn(3, 6).double())
