@@ -128,8 +128,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE KdRowWeights<T> row_weights(const KdParams<T>&
 // Statistics of one row after the first pass.
 //   lse_s  = log sum exp(s / T), lse_t = log sum exp(t / T), lse_s1 = log sum exp(s) (CE)
 //   cross  = forward_kl: E_P[(t - s) / T];  reverse_kl: E_Q[(s - t) / T]; jsd: unused
-//   jsd_s  = jsd only, after the second pass: S_Q = sum_i q_i log(q_i / m_i)
-//   jsd_p  = jsd only, after the second pass: S_P = sum_i p_i log(p_i / m_i)
+//   jsd_s  = jsd only, after the second pass: S_Q + log(1 - beta) = sum_i q_i u_i,
+//            where S_Q = sum_i q_i log(q_i / m_i) (see jsd_offset_log_ratios; sum_i q_i = 1)
+//   jsd_p  = jsd only, after the second pass: S_P + log(beta) = sum_i p_i v_i
 template <typename T>
 struct KdRowStats {
   T lse_s, lse_t, lse_s1, cross, jsd_s, jsd_p;
@@ -154,14 +155,31 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T xlogr(T x, T log_ratio) {
   return x == T(0) ? T(0) : x * log_ratio;
 }
 
-// The jsd second-pass terms of one element: adds q log(q/m) to sq and p log(p/m) to sp.
+// The jsd log-ratios, offset by constants: with d = log(beta p) - log((1 - beta) q),
+//   u = log(q / m) + log(1 - beta) = -max(d, 0) - log1p(exp(-|d|))
+//   v = log(p / m) + log(beta)     =  min(d, 0) - log1p(exp(-|d|))
+// u is 0 where q dominates m, v where p does, so the row sums of q u and p v are small numbers
+// with small absolute error; log q - log m and S_Q - log(q_i / m_i) would cancel large ones
+// (several times the fp32 gradient error of PyTorch's own composition on peaked rows).
+// p = 0 gives u = 0 and v = -inf (and the converse for q = 0).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_offset_log_ratios(const KdParams<T>& k, T log_p, T log_q, T& u, T& v) {
+  const T d = (k.log_beta - k.log_one_minus_beta) + (log_p - log_q);
+  const T ad = d < T(0) ? -d : d;
+  const T l1 = kd_log1p(kd_exp(-ad));
+  u = -(d > T(0) ? d : T(0)) - l1;
+  v = (d < T(0) ? d : T(0)) - l1;
+}
+
+// The jsd second-pass terms of one element: adds q u to sq and p v to sp (see KdRowStats).
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_accumulate(const KdParams<T>& k, T s, T t, T lse_s, T lse_t, T& sq, T& sp) {
   const T log_q = s * k.inv_temperature - lse_s;
   const T log_p = t * k.inv_temperature - lse_t;
-  const T log_m = jsd_log_m(k, log_p, log_q);
-  sq += xlogr(kd_exp(log_q), log_q - log_m);
-  sp += xlogr(kd_exp(log_p), log_p - log_m);
+  T u, v;
+  jsd_offset_log_ratios(k, log_p, log_q, u, v);
+  sq += xlogr(kd_exp(log_q), u);
+  sp += xlogr(kd_exp(log_p), v);
 }
 
 // D of one row from its statistics.
@@ -173,7 +191,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T divergence_value(const KdParams<T>& k, const
     case kReverseKL:
       return st.cross - st.lse_s + st.lse_t;
     default:
-      return k.beta * st.jsd_p + (T(1) - k.beta) * st.jsd_s;
+      return k.beta * (st.jsd_p - k.log_beta) + (T(1) - k.beta) * (st.jsd_s - k.log_one_minus_beta);
   }
 }
 
@@ -195,7 +213,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T row_loss(const KdParams<T>& k, const KdRowSt
 // is_label: i == label.
 //   forward_kl: dD/ds_i = (q_i - p_i) / T
 //   reverse_kl: dD/ds_i = q_i ((log q_i - log p_i) - D) / T
-//   jsd:        dD/ds_i = (1 - beta) q_i (log(q_i / m_i) - S_Q) / T
+//   jsd:        dD/ds_i = (1 - beta) q_i (log(q_i / m_i) - S_Q) / T = (1 - beta) q_i (u_i - jsd_s) / T
 //   CE:         dCE/ds_i = softmax(s)_i - [i == label]
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_element(const KdParams<T>& k, const KdRowStats<T>& st,
@@ -213,7 +231,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T grad_element(const KdParams<T>& k, const KdR
       dd = xlogr(q, log_q - log_p - d_value);
     } else {
       const T log_p = t * k.inv_temperature - st.lse_t;
-      dd = (T(1) - k.beta) * xlogr(q, log_q - jsd_log_m(k, log_p, log_q) - st.jsd_s);
+      T u, v;
+      jsd_offset_log_ratios(k, log_p, log_q, u, v);
+      dd = (T(1) - k.beta) * xlogr(q, u - st.jsd_s);
     }
     g += w.kd * k.inv_temperature * dd;
   }
