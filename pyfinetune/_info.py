@@ -9,7 +9,7 @@ import torch
 from . import _build_info
 
 # Every op of the library; `kernel_devices` reports where each has a compiled kernel.
-OPS = ("fused_adamw_", "fused_sgd_")
+OPS = ("fused_adamw_", "fused_sgd_", "kd_loss_fwd", "kd_loss_topk_fwd")
 _DISPATCH_KEYS = ("CPU", "CUDA")
 
 

@@ -29,6 +29,22 @@ decoupled_l2sp, grad_scale=None, found_inf=None)``
   optional scalar tensors on the device that override ``lrs`` (CUDA-graph capturable).
 * ``grad_scale`` / ``found_inf``: float32 scalars on the device (the ``torch.amp.GradScaler``
   contract): gradients are divided by ``grad_scale``; a nonzero ``found_inf`` skips the update.
+
+Distillation ops (forward with the gradient; the backward only scales the saved gradient):
+
+``torch.ops.pyfinetune.kd_loss_fwd(student, teacher, labels, *, temperature, alpha, divergence,
+beta, ignore_index, need_grad) -> (loss, grad)``
+
+``torch.ops.pyfinetune.kd_loss_topk_fwd(student, teacher_values, teacher_indices, labels, *,
+temperature, alpha, divergence, beta, ignore_index, need_grad) -> (loss, grad)``
+
+* ``student``, ``teacher``: [N, V] float32, bfloat16, float16 or float64 (each its own dtype),
+  unit stride along V, any row stride. ``teacher_values`` [N, k] float, ``teacher_indices``
+  [N, k] int64 in [0, V), distinct within a row. ``labels``: None or int64 [N].
+* ``loss``: [N] float32 (float64 when an input is float64), the per-row loss, 0 for ignored rows.
+* ``grad``: d(loss[r]) / d(student[r]), [N, V] in the student's dtype, or an empty tensor when
+  ``need_grad`` is False. The autograd formula of both ops is d/d(student) = grad * g[:, None]
+  for the incoming gradient g of ``loss``; the teacher and the labels get no gradient.
 """
 
 from __future__ import annotations
@@ -67,7 +83,71 @@ def _check_fake_lists(op, params, **lists):
                 )
 
 
+def _kd_fake_outputs(student, teacher, need_grad):
+    if student.dim() != 2:
+        raise RuntimeError(f"pyfinetune.kd_loss: student must be 2-D [N, V], got shape {tuple(student.shape)}")
+    n, v = student.shape
+    wide = torch.float64 in (student.dtype, teacher.dtype)
+    loss = student.new_empty((n,), dtype=torch.float64 if wide else torch.float32)
+    grad = student.new_empty((n, v)) if need_grad else student.new_empty((0,))
+    return loss, grad
+
+
+@torch.library.register_fake("pyfinetune::kd_loss_fwd")
+def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index, need_grad):
+    if teacher.shape != student.shape:
+        raise RuntimeError(
+            f"pyfinetune.kd_loss_fwd: teacher must have the shape of student {tuple(student.shape)}, "
+            f"got {tuple(teacher.shape)}"
+        )
+    return _kd_fake_outputs(student, teacher, need_grad)
+
+
+@torch.library.register_fake("pyfinetune::kd_loss_topk_fwd")
+def _kd_loss_topk_fwd_fake(student, teacher_values, teacher_indices, labels, *, temperature, alpha, divergence, beta,
+                           ignore_index, need_grad):
+    if teacher_indices.shape != teacher_values.shape:
+        raise RuntimeError(
+            f"pyfinetune.kd_loss_topk_fwd: teacher_indices must have the shape of teacher_values "
+            f"{tuple(teacher_values.shape)}, got {tuple(teacher_indices.shape)}"
+        )
+    return _kd_fake_outputs(student, teacher_values, need_grad)
+
+
+def _kd_setup_context(ctx, inputs, keyword_only_inputs, output):
+    _, grad = output
+    ctx.need_grad = keyword_only_inputs["need_grad"]
+    ctx.save_for_backward(grad)
+
+
+def _kd_backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:
+        return None, None, None
+    if not ctx.need_grad:
+        raise RuntimeError(
+            "pyfinetune.kd_loss: the op was called with need_grad=False, so it kept no gradient; call it with "
+            "need_grad=True to differentiate it"
+        )
+    (grad,) = ctx.saved_tensors
+    # One rounding to the student's dtype, and no float32 copy of the [N, V] gradient: the
+    # product is computed in float32 and stored into a tensor of grad's dtype.
+    out = torch.empty_like(grad)
+    torch.mul(grad, grad_loss.unsqueeze(-1).to(torch.float32 if grad.dtype != torch.float64 else grad.dtype), out=out)
+    return out, None, None
+
+
+def _kd_topk_backward(ctx, grad_loss, _grad_of_grad):
+    g_student, _, _ = _kd_backward(ctx, grad_loss, _grad_of_grad)
+    return g_student, None, None, None
+
+
+torch.library.register_autograd("pyfinetune::kd_loss_fwd", _kd_backward, setup_context=_kd_setup_context)
+torch.library.register_autograd("pyfinetune::kd_loss_topk_fwd", _kd_topk_backward, setup_context=_kd_setup_context)
+
 fused_adamw_ = torch.ops.pyfinetune.fused_adamw_
 fused_sgd_ = torch.ops.pyfinetune.fused_sgd_
 
-__all__ = ["fused_adamw_", "fused_sgd_"]
+kd_loss_fwd = torch.ops.pyfinetune.kd_loss_fwd
+kd_loss_topk_fwd = torch.ops.pyfinetune.kd_loss_topk_fwd
+
+__all__ = ["fused_adamw_", "fused_sgd_", "kd_loss_fwd", "kd_loss_topk_fwd"]
