@@ -270,12 +270,13 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
 
 // jsd pass: S_Q = sum q log(q / m), S_P = sum p log(p / m).
 template <typename T>
-void jsd_pass(const CallCtx<T>& c, const RowRef& s, const RowRef& t, const Stats<T>& raw, KdRowStats<T>& st, T* fs,
-              T* ft) {
+T jsd_pass(const CallCtx<T>& c, const RowRef& s, const RowRef& t, const Stats<T>& raw, KdRowStats<T>& st, T* fs,
+           T* ft) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const Vec ms(raw.ms.safe()), mt(raw.mt.safe()), inv(c.k.inv_temperature), lse_s(st.lse_s), lse_t(st.lse_t);
-  Vec sq(T(0)), sp(T(0));
+  const Vec vb(c.k.beta), v1b(T(1) - c.k.beta), vlb(c.k.log_beta), vl1b(c.k.log_one_minus_beta);
+  Vec sq(T(0)), sp(T(0)), sd(T(0));
   for (int64_t j0 = 0; j0 < c.V; j0 += kTile) {
     const int64_t n = std::min(kTile, c.V - j0);
     const int64_t np = (n + W - 1) / W * W;
@@ -287,12 +288,18 @@ void jsd_pass(const CallCtx<T>& c, const RowRef& s, const RowRef& t, const Stats
       Vec u, v;
       vec_jsd_uv(c.k, log_p, log_q, u, &v);
       const Vec q = log_q.exp(), p = log_p.exp();
-      sq = sq + zero_where_zero(q, q * u);
-      sp = sp + zero_where_zero(p, p * v);
+      const Vec qu = zero_where_zero(q, q * u), pv = zero_where_zero(p, p * v);
+      sq = sq + qu;
+      sp = sp + pv;
+      // The divergence summed element by element: each term is second order in p - q, so the
+      // sum keeps its precision where D is tiny (large T); b S_P + (1 - b) S_Q from the sums
+      // above would cancel O(1) numbers.
+      sd = sd + vb * (pv - zero_where_zero(p, p * vlb)) + v1b * (qu - zero_where_zero(q, q * vl1b));
     }
   }
   st.jsd_s = hsum(sq);
   st.jsd_p = hsum(sp);
+  return hsum(sd);
 }
 
 // Gradient pass. With `t` null (top-k), the teacher is taken as 0 everywhere and the gradient is
@@ -426,11 +433,19 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
         st.cross = raw.wsum / raw.sum_s * k.inv_temperature;
       }
       const KdRowWeights<T> w = row_weights(k, c.has_labels, false);
+      T jsd_direct = T(0);
       if (k.divergence == kJSD && w.kd != T(0)) {
-        jsd_pass(c, s, t, raw, st, fs, ft);
+        jsd_direct = jsd_pass(c, s, t, raw, st, fs, ft);
       }
       const T s_label = c.has_labels ? load_scalar<T>(s.ptr, s_dt, label) - raw.ms.safe() : T(0);
-      loss_p[r] = row_loss(k, st, w, s_label);
+      if (k.divergence == kJSD) {
+        // row_loss with the element-wise jsd value (same formula, see jsd_pass).
+        KdRowWeights<T> w_ce = w;
+        w_ce.kd = T(0);
+        loss_p[r] = w.kd * jsd_direct + row_loss(k, st, w_ce, s_label);
+      } else {
+        loss_p[r] = row_loss(k, st, w, s_label);
+      }
       if (grow) {
         const T d = w.kd != T(0) ? divergence_value(k, st) : T(0);
         grad_pass(c, s, &t, raw, st, w, d, T(0), c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
