@@ -34,15 +34,22 @@ def kd_reference_rows(student, teacher, labels=None, *, temperature=1.0, alpha=0
     T = temperature
     log_q = F.log_softmax(s / T, dim=-1)
     log_p = F.log_softmax(t / T, dim=-1)
+    # F.kl_div with log targets; entries whose target log-probability is -inf (a top-k teacher
+    # scattered into a -inf row) contribute 0, and are masked so that no 0 * inf reaches autograd.
+    def kl(log_target_dist, log_input):
+        absent = log_target_dist == float("-inf")
+        lt = torch.where(absent, torch.zeros_like(log_target_dist), log_target_dist)
+        li = torch.where(absent, torch.zeros_like(log_input), log_input)
+        terms = F.kl_div(li, lt, reduction="none", log_target=True)
+        return torch.where(absent, torch.zeros_like(terms), terms).sum(-1)
+
     if divergence == "forward_kl":
-        d = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+        d = kl(log_p, log_q)
     elif divergence == "reverse_kl":
-        d = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+        d = kl(log_q, log_p)
     elif divergence == "jsd":
         log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
-        d = beta * F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1) + (1 - beta) * F.kl_div(
-            log_m, log_q, reduction="none", log_target=True
-        ).sum(-1)
+        d = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
     else:
         raise ValueError(divergence)
     if labels is None:
