@@ -1,0 +1,92 @@
+"""fused_linear_kd_loss against the unfused composition (logits, then the float64 reference)."""
+
+import pytest
+import torch
+
+from pyfinetune.losses import fused_linear_kd_loss
+from reference_kd import kd_reference_rows, reduce_rows
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make(device, dtype, N=37, H=24, Ht=16, V=301, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, H, generator=g)
+    ws = torch.randn(V, H, generator=g) / H ** 0.5 * 3
+    bs = torch.randn(V, generator=g) if bias else None
+    ht = torch.randn(N, Ht, generator=g)
+    wt = torch.randn(V, Ht, generator=g) / Ht ** 0.5 * 3
+    bt = torch.randn(V, generator=g) if bias else None
+    lab = torch.randint(0, V, (N,), generator=g)
+    lab[::5] = -100
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)
+    return cast(hs), cast(ws), cast(bs), cast(ht), cast(wt), cast(bt), lab.to(device)
+
+
+def unfused(hs, ws, bs, ht, wt, bt, lab, reduction, go, **kw):
+    """The composition in float64: logits, reference loss, autograd."""
+    leaves = [x.detach().double().requires_grad_(True) for x in (hs, ws, bs) if x is not None]
+    h, w = leaves[0], leaves[1]
+    b = leaves[2] if bs is not None else None
+    logits = h @ w.t() + (b if b is not None else 0)
+    tl = ht.double() @ wt.double().t() + (bt.double() if bt is not None else 0)
+    loss = reduce_rows(kd_reference_rows(logits, tl, lab, **kw), lab, -100, reduction)
+    grads = torch.autograd.grad(loss, leaves, go.double())
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_matches_unfused_fp32(device, reduction, divergence, chunk_size):
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.float32)
+    kw = dict(temperature=2.0, alpha=0.6, divergence=divergence, beta=0.4)
+    xs = [x.clone().requires_grad_(True) for x in (hs, ws, bs)]
+    loss = fused_linear_kd_loss(xs[0], xs[1], ht, wt, lab, student_bias=xs[2], teacher_bias=bt, chunk_size=chunk_size,
+                                reduction=reduction, **kw)
+    go = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(2)) + 0.5).to(device)
+    loss.backward(go)
+    ref_loss, ref_grads = unfused(hs, ws, bs, ht, wt, bt, lab, reduction, go, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-5)
+    for x, r, name in zip(xs, ref_grads, ("hidden", "weight", "bias")):
+        assert x.grad.dtype == x.dtype
+        err = (x.grad.double() - r).abs().max().item()
+        assert err <= 1e-4 * r.abs().max().item() + 1e-7, f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_weights_float32_logits(device):
+    # bf16 inputs: logits computed in float32 from the bf16 values, so the error against the
+    # float64 composition of the same bf16 values is only the final rounding of the gradients.
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.bfloat16, seed=3, bias=False)
+    xs = [x.clone().requires_grad_(True) for x in (hs, ws)]
+    loss = fused_linear_kd_loss(xs[0], xs[1], ht, wt, lab, chunk_size=10, temperature=1.5)
+    loss.backward()
+    ref_loss, ref_grads = unfused(hs, ws, None, ht, wt, None, lab, "batchmean", torch.tensor(1.0, device=device),
+                                  temperature=1.5)
+    # The teacher logits are computed in bf16 (as the teacher model would): a small loss shift.
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-2, atol=1e-3)
+    for x, r in zip(xs, ref_grads):
+        assert x.grad.dtype == torch.bfloat16
+        err = (x.grad.double() - r).abs().max().item()
+        assert err <= 3e-2 * r.abs().max().item(), err
+
+
+def test_no_labels_and_leading_dims():
+    hs, ws, bs, ht, wt, bt, _ = make("cpu", torch.float32, N=12)
+    x = hs.reshape(3, 4, -1).clone().requires_grad_(True)
+    loss = fused_linear_kd_loss(x, ws, ht.reshape(3, 4, -1), wt, None, chunk_size=5, divergence="jsd")
+    ref = reduce_rows(kd_reference_rows(hs.double() @ ws.double().t(), ht.double() @ wt.double().t(), None,
+                                        divergence="jsd"), None, -100, "batchmean")
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=1e-6)
+    loss.backward()
+    assert x.grad.shape == x.shape
+
+
+def test_no_grad_inference():
+    hs, ws, bs, ht, wt, bt, lab = make("cpu", torch.float32)
+    with torch.no_grad():
+        a = fused_linear_kd_loss(hs, ws, ht, wt, lab, student_bias=bs, teacher_bias=bt, reduction="none")
+    b = kd_reference_rows(hs.double() @ ws.double().t() + bs.double(), ht.double() @ wt.double().t() + bt.double(), lab)
+    torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=1e-6)
