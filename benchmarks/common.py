@@ -1,0 +1,422 @@
+"""Timing and reporting helpers shared by pyfinetune's benchmark scripts.
+
+A benchmark builds a list of :class:`Contender` (a name and a zero-argument callable doing one
+unit of work, e.g. one optimizer step on the contender's own tensors) and hands it to
+:func:`time_interleaved`, which
+
+* warms every contender up (round-robin, so all of them see the same allocator and cache history),
+* times ``reps`` rounds; in each round every contender runs once, and the starting contender
+  rotates from round to round, so slow drift (clock, thermals, noisy neighbours) and "who ran just
+  before me" affect every contender alike,
+* times with ``time.perf_counter_ns`` on CPU and with CUDA events after a synchronize on GPU,
+* reports the median and the 20th / 80th percentiles (at least 10 rounds).
+
+:func:`machine_info` describes the machine and the code measured (CPU, threads, torch, CUDA, GPU,
+pyfinetune commit and whether the tree had uncommitted changes); :func:`write_results` stores a
+JSON record and a Markdown summary under ``benchmarks/results/<bench>-<device>-YYYYMMDD-HHMM.*``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+MIN_REPS = 10
+
+
+# ------------------------------------------------------------------------------------ contenders
+@dataclass
+class Contender:
+    """One competitor: ``fn()`` does one unit of work (mutating only the contender's own tensors).
+
+    ``bytes`` is the memory traffic an ideal implementation of that unit needs (each operand read
+    or written once), used for the effective bandwidth; ``info`` holds extra columns for the report.
+    """
+
+    name: str
+    fn: Callable[[], Any]
+    bytes: Optional[int] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Timing:
+    """Per-call times of one contender, in milliseconds, with summary statistics."""
+
+    name: str
+    times_ms: List[float]
+    peak_extra_bytes: Optional[int] = None
+
+    @property
+    def median(self) -> float:
+        return percentile(self.times_ms, 50)
+
+    @property
+    def p20(self) -> float:
+        return percentile(self.times_ms, 20)
+
+    @property
+    def p80(self) -> float:
+        return percentile(self.times_ms, 80)
+
+    def gbps(self, nbytes: Optional[int]) -> Optional[float]:
+        """Effective bandwidth in GB/s (1e9 bytes) at the median time."""
+        if nbytes is None or self.median <= 0:
+            return None
+        return nbytes / (self.median * 1e-3) / 1e9
+
+    def summary(self) -> Dict[str, Any]:
+        return {"median_ms": self.median, "mean_ms": sum(self.times_ms) / len(self.times_ms), "p20_ms": self.p20, "p80_ms": self.p80, "n": len(self.times_ms),
+                "times_ms": self.times_ms, "peak_extra_bytes": self.peak_extra_bytes}
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
+    if not xs:
+        raise ValueError("percentile of an empty sequence")
+    s = sorted(xs)
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+# ---------------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_one(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Milliseconds per call of ``calls`` back-to-back calls of ``fn``."""
+    if device.type == "cuda":
+        # Drain earlier work first so that it is not billed to this contender.
+        torch.cuda.synchronize(device)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / calls
+    t0 = time.perf_counter_ns()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter_ns() - t0) / 1e6 / calls
+
+
+def time_interleaved(contenders: Sequence[Contender], *, reps: int, warmup: int = 3, device: torch.device,
+                     calls_per_rep: int = 1, progress: Optional[Callable[[str], None]] = None) -> Dict[str, Timing]:
+    """Time the contenders round-robin; returns ``{name: Timing}`` with ``reps`` samples each.
+
+    Every contender runs ``warmup + reps * calls_per_rep`` calls in total, the same for all, so
+    their tensors age alike (optimizer step counts, allocator state). Round ``r`` starts with
+    contender ``r mod n``. The garbage collector is paused while timing (a collection would land
+    on an arbitrary contender).
+    """
+    if reps < MIN_REPS:
+        raise ValueError(f"reps must be >= {MIN_REPS} (percentiles of fewer runs are noise), got {reps}")
+    names = [c.name for c in contenders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"contender names must be unique, got {names}")
+    n = len(contenders)
+    times: Dict[str, List[float]] = {c.name: [] for c in contenders}
+    for _ in range(warmup):
+        for c in contenders:
+            c.fn()
+    synchronize(device)
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(reps):
+            for k in range(n):
+                c = contenders[(r + k) % n]
+                times[c.name].append(_time_one(c.fn, device, calls_per_rep))
+            if progress is not None and (r + 1) % max(1, reps // 5) == 0:
+                progress(f"round {r + 1}/{reps}")
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {c.name: Timing(c.name, times[c.name]) for c in contenders}
+
+
+class CpuContention:
+    """Context manager: how much of the machine's CPU time *other* processes used meanwhile.
+
+    On a shared or virtual machine another process (or the hypervisor, "steal") taking a core
+    wrecks multi-threaded timings: a parallel region waits for its slowest thread. Results
+    measured with a large ``other_share`` should not be trusted. Linux only (``/proc/stat``);
+    elsewhere the fields are None.
+    """
+
+    def __enter__(self) -> "CpuContention":
+        self._start = (time.monotonic(), _proc_stat(), _own_cpu_seconds())
+        self.result: Dict[str, Optional[float]] = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall0, stat0, own0 = self._start
+        wall, stat, own = time.monotonic() - wall0, _proc_stat(), _own_cpu_seconds() - own0
+        if stat0 is None or stat is None or wall <= 0:
+            self.result = {"other_share": None, "steal_share": None, "wall_s": wall}
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        ncpu = stat[2]
+        busy = (stat[0] - stat0[0]) / hz
+        steal = (stat[1] - stat0[1]) / hz
+        self.result = {
+            "other_share": max(0.0, busy - own) / (wall * ncpu),
+            "steal_share": steal / (wall * ncpu),
+            "wall_s": wall,
+            "loadavg_end": os.getloadavg()[0],
+        }
+
+
+BUSY_LIMIT = 0.05  # share of the CPUs other processes may take before a measurement is flagged
+
+
+def is_contended(result: Dict[str, Optional[float]], limit: float = BUSY_LIMIT) -> bool:
+    """True when a :class:`CpuContention` result says other processes took more than ``limit``."""
+    if result.get("other_share") is None:
+        return False
+    return result["other_share"] + (result.get("steal_share") or 0.0) > limit
+
+
+def wait_for_quiet(max_wait_s: float = 120.0, window_s: float = 3.0, limit: float = BUSY_LIMIT) -> bool:
+    """Wait until the whole machine was idle (< ``limit`` busy) for ``window_s``; False on timeout.
+
+    Call it before a measurement, with nothing of our own running. Without /proc/stat it returns
+    True at once.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        a = _proc_stat()
+        if a is None:
+            return True
+        time.sleep(window_s)
+        b = _proc_stat()
+        if b is None:
+            return True
+        share = ((b[0] - a[0]) + (b[1] - a[1])) / os.sysconf("SC_CLK_TCK") / (window_s * b[2])
+        if share < limit:
+            return True
+        if time.monotonic() > deadline:
+            return False
+
+
+def _proc_stat() -> Optional[Tuple[int, int, int]]:
+    """(busy jiffies, steal jiffies, number of CPUs) of the whole machine."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    fields = [int(x) for x in lines[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    ncpu = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return user + nice + system + irq + softirq, steal, ncpu
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
+    """Bytes allocated by one call of ``fn`` above what was allocated before it (CUDA only).
+
+    This is the transient memory of a step (temporaries of an unfused composition, for example).
+    The CPU allocator keeps no such statistics, so CPU returns None.
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return max(0, torch.cuda.max_memory_allocated(device) - base)
+
+
+# ---------------------------------------------------------------------------------- machine info
+def _run(cmd: List[str]) -> Optional[str]:
+    try:
+        out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> Dict[str, Any]:
+    """Commit, branch and dirtiness of the repository the benchmark runs from.
+
+    "dirty" counts changes to tracked files only: result files written by earlier runs are
+    untracked and do not change what is measured.
+    """
+    commit = _run(["git", "rev-parse", "HEAD"])
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "commit": commit,
+        "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]),
+        "dirty": None if status is None else bool(status),
+        "dirty_files": [] if not status else [line[3:] for line in status.splitlines()],
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cache_sizes() -> Dict[str, str]:
+    # Matters for reading the results: a working set that fits the last-level cache is not a
+    # memory-bandwidth measurement.
+    out = {}
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in sorted(os.listdir(base)):
+            d = os.path.join(base, idx)
+            with open(os.path.join(d, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(d, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(d, "size")) as f:
+                size = f.read().strip()
+            out[f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''}"] = size
+    except OSError:
+        pass
+    return out
+
+
+def _mem_total_gib() -> Optional[float]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    """What ran the benchmark: hardware, threads, library versions, and the code's git state."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = None
+    info: Dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_caches": _cache_sizes(),
+        "mem_total_gib": _mem_total_gib(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "gpu": None,
+        "git": git_state(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["gpu_count"] = torch.cuda.device_count()
+    try:
+        import pyfinetune
+
+        info["pyfinetune_file"] = pyfinetune.__file__
+        info["pyfinetune_build"] = pyfinetune.build_info()
+    except Exception as e:  # the machine description must not fail because the library does not load
+        info["pyfinetune_error"] = repr(e)
+    return info
+
+
+def machine_summary(info: Dict[str, Any]) -> str:
+    """One Markdown paragraph describing the machine and the code."""
+    git = info.get("git", {})
+    commit = (git.get("commit") or "unknown")[:12]
+    dirty = {True: " (dirty: " + ", ".join(git.get("dirty_files", [])) + ")", False: "", None: " (state unknown)"}
+    parts = [
+        f"CPU: {info['cpu_model']}, {info['cpu_count']} cores ({info['cpu_affinity']} usable), "
+        f"torch threads {info['torch_threads']}, ISA {info['cpu_capability']}, "
+        f"caches {', '.join(f'{k} {v}' for k, v in info.get('cpu_caches', {}).items())}, "
+        f"RAM {info['mem_total_gib']} GiB",
+        f"torch {info['torch']}, CUDA {info['cuda_runtime']}, GPU {info.get('gpu')}",
+        f"pyfinetune {commit}{dirty[git.get('dirty')]} on branch {git.get('branch')}",
+    ]
+    return "; ".join(parts) + "."
+
+
+# --------------------------------------------------------------------------------------- results
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; None cells print as an empty string, numbers as given."""
+    def cell(x: Any) -> str:
+        return "" if x is None else str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def fmt(x: Optional[float], digits: int = 3) -> Optional[str]:
+    """Format a number with ``digits`` significant digits (None stays None)."""
+    if x is None:
+        return None
+    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+
+
+def timestamp() -> Tuple[str, str]:
+    """(``YYYYMMDD-HHMM`` for file names, ISO 8601 with the UTC offset for the record), local time."""
+    now = _dt.datetime.now().astimezone()
+    return now.strftime("%Y%m%d-%H%M"), now.isoformat(timespec="seconds")
+
+
+def write_results(bench: str, device: torch.device, record: Dict[str, Any], markdown: str,
+                  out_dir: Optional[str] = None, stamp: Optional[str] = None) -> Tuple[str, str]:
+    """Write ``<out_dir>/<bench>-<device>-<stamp>.json`` and ``.md``; returns both paths.
+
+    An existing file of the same name (two runs in one minute) is not overwritten: a suffix
+    ``-2``, ``-3`` ... is added.
+    """
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    stamp = stamp or timestamp()[0]
+    base = os.path.join(out_dir, f"{bench}-{device.type}-{stamp}")
+    candidate, k = base, 1
+    while os.path.exists(candidate + ".json") or os.path.exists(candidate + ".md"):
+        k += 1
+        candidate = f"{base}-{k}"
+    json_path, md_path = candidate + ".json", candidate + ".md"
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=1, default=str)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(markdown.rstrip() + "\n")
+    return json_path, md_path
