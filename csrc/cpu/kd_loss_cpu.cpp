@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 
 #include <pyfinetune/checks.h>
 #include <pyfinetune/kd_loss.h>
@@ -148,6 +149,18 @@ T tile_max(const T* x, int64_t n_pad) {
   return hmax(m);
 }
 
+// exp for the row passes. float: the inline polynomial exp_u20 (<= 20 ulp, ~1e-6 relative, far
+// inside the tolerances; Sleef's 1-ulp exp is an out-of-line call and was the kernels' main cost);
+// double keeps the accurate exp (gradcheck).
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
 // 0 where `e` (an exponential, >= 0) is 0, else x: the 0 * log 0 = 0 convention, vectorized.
 template <typename T>
 Vectorized<T> zero_where_zero(const Vectorized<T>& e, const Vectorized<T>& x) {
@@ -173,7 +186,7 @@ void vec_jsd_uv(const KdParams<T>& k, const Vectorized<T>& log_p, const Vectoriz
                 Vectorized<T>* v) {
   using Vec = Vectorized<T>;
   const Vec d = (log_p - log_q) + Vec(k.log_beta - k.log_one_minus_beta);
-  const Vec l1 = (-d.abs()).exp().log1p();
+  const Vec l1 = vexp(-d.abs()).log1p();
   u = -at::vec::maximum(d, Vec(T(0))) - l1;
   if (v) {
     *v = at::vec::minimum(d, Vec(T(0))) - l1;
@@ -244,14 +257,14 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
     const Vec ms(st.ms.safe()), mt(st.mt.safe()), inv(invT);
     for (int64_t i = 0; i < np; i += W) {
       const Vec xs = Vec::loadu(fs + i) - ms;
-      const Vec es = (xs * inv).exp();
+      const Vec es = vexp(xs * inv);
       vs = vs + es;
       if (need_1) {
-        v1 = v1 + xs.exp();
+        v1 = v1 + vexp(xs);
       }
       if (t) {
         const Vec xt = Vec::loadu(ft + i) - mt;
-        const Vec et = (xt * inv).exp();
+        const Vec et = vexp(xt * inv);
         vt = vt + et;
         if (div == kForwardKL) {
           vw = vw + zero_where_zero(et, et * (xt - xs));
@@ -287,7 +300,7 @@ T jsd_pass(const CallCtx<T>& c, const RowRef& s, const RowRef& t, const Stats<T>
       const Vec log_p = (Vec::loadu(ft + i) - mt) * inv - lse_t;
       Vec u, v;
       vec_jsd_uv(c.k, log_p, log_q, u, &v);
-      const Vec q = log_q.exp(), p = log_p.exp();
+      const Vec q = vexp(log_q), p = vexp(log_p);
       const Vec qu = zero_where_zero(q, q * u), pv = zero_where_zero(p, p * v);
       sq = sq + qu;
       sp = sp + pv;
@@ -327,7 +340,7 @@ void grad_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, const Stat
     for (int64_t i = 0; i < np; i += W) {
       const Vec xs = Vec::loadu(fs + i) - ms;
       const Vec log_q = xs * inv - lse_s;
-      const Vec q = log_q.exp();
+      const Vec q = vexp(log_q);
       Vec g(T(0));
       if (with_kd) {
         if (!t) {
@@ -335,7 +348,7 @@ void grad_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, const Stat
         } else {
           const Vec log_p = (Vec::loadu(ft + i) - mt) * inv - lse_t;
           if (div == kForwardKL) {
-            g = ckd * (q - log_p.exp());
+            g = ckd * (q - vexp(log_p));
           } else if (div == kReverseKL) {
             g = ckd * zero_where_zero(q, q * (log_q - log_p - dval));
           } else {
@@ -346,7 +359,7 @@ void grad_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, const Stat
         }
       }
       if (with_ce) {
-        g = g + wce * (c.t_is_one ? q : (xs - lse_1).exp());
+        g = g + wce * (c.t_is_one ? q : vexp(xs - lse_1));
       }
       g.store(fg + i);
     }
