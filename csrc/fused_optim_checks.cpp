@@ -103,7 +103,10 @@ void check_common(const char* op, at::TensorList params, at::TensorList grads, c
     check_like_param(op, "grads", i, grads[i], p);
     PF_CHECK(grads[i].scalar_type() == dtype, op, "grads[", i, "] must have the dtype of params[", i, "] (", dtype,
              "), got ", grads[i].scalar_type());
-    if (auto a = opt_at(anchors, i)) {
+    auto a = opt_at(anchors, i);
+    PF_CHECK(a.has_value() || l2sps[i] == 0.0, op, "l2sps[", i, "] is ", l2sps[i], " but anchors[", i,
+             "] is None; L2-SP needs the anchor (the pretrained weights) of every parameter with l2sp > 0");
+    if (a) {
       check_like_param(op, "anchors", i, *a, p);
       const at::ScalarType adt = a->scalar_type();
       PF_CHECK(adt == dtype || adt == at::kFloat || adt == at::kBFloat16, op, "anchors[", i,

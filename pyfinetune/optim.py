@@ -269,6 +269,9 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     elif key in self._STATE_KEYS:
                         st[key] = value.detach().to(device=p.device, dtype=_state_dtype(p))
         for gi, group in enumerate(self.param_groups):
+            # torch.optim's groups lack our keys (l2sp, l1, penalty_mode, anchor_dtype ...).
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
             self._validate_group(group, f" (param group {gi})")
 
     # ------------------------------------------------------------------------------------ step
@@ -278,7 +281,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
         if found_inf is not None:
-            found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+            # GradScaler sums the per-device flags: clamp so a skipped step is undone exactly once.
+            found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True).reshape(()).clamp(max=1.0)
         return grad_scale, found_inf
 
     def _collect(self) -> List[Tuple[Dict[str, Any], Tensor, Tensor]]:
@@ -315,8 +319,39 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                         "anchors are taken when a group with l2sp > 0 is added: give the group l2sp > 0 from "
                         "the start (or pass anchors)"
                     )
+                self._check_state(p, f"parameter {j}{where}")
                 items.append((group, p, g))
         return items
+
+    def _check_state(self, p: Tensor, name: str) -> None:
+        """The state a step will pass to the kernel still fits the parameter (it may not after
+        `model.double()` / `.to(device)` behind the optimizer's back): checked before any write."""
+        state = self.state.get(p)
+        if not state:
+            return
+        hint = ("; was the model converted or moved after the optimizer was created? Create the optimizer "
+                "afterwards, or load a state_dict")
+        for key, value in state.items():
+            if not isinstance(value, Tensor):
+                continue
+            if key == "step":
+                if value.device != p.device or value.numel() != 1:
+                    raise RuntimeError(f"{name}: its optimizer state 'step' is on {value.device}, the parameter on {p.device}{hint}")
+                continue
+            if value.shape != p.shape or value.device != p.device:
+                raise RuntimeError(
+                    f"{name}: its optimizer state '{key}' has shape {tuple(value.shape)} on {value.device}, but the "
+                    f"parameter has shape {tuple(p.shape)} on {p.device}{hint}"
+                )
+            if key in self._STATE_KEYS and value.dtype != _state_dtype(p):
+                raise RuntimeError(
+                    f"{name}: its optimizer state '{key}' is {value.dtype} but a {p.dtype} parameter needs "
+                    f"{_state_dtype(p)} state{hint}"
+                )
+            if key == "anchor" and value.dtype not in (p.dtype, torch.float32, torch.bfloat16):
+                raise RuntimeError(f"{name}: its anchor is {value.dtype}, not usable with a {p.dtype} parameter{hint}")
+            if key == "mask" and value.dtype != torch.bool:
+                raise RuntimeError(f"{name}: its mask is {value.dtype}, expected torch.bool")
 
     @staticmethod
     def _grad_like_param(p: Tensor, g: Tensor) -> Tensor:
@@ -495,6 +530,7 @@ class SGD(_FusedPenalizedOptimizer):
         items = self._collect()
         buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
         lr_cache: Dict[Tuple[int, torch.device], Tensor] = {}
+        fresh_dampened: List[Tensor] = []
         for group, p, g in items:
             state = self.state[p]
             has_momentum = group["momentum"] != 0
@@ -503,6 +539,8 @@ class SGD(_FusedPenalizedOptimizer):
                 # torch.optim.SGD starts the buffer at the gradient; with a zero buffer and no
                 # dampening, momentum * 0 + 1 * g == g exactly.
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+                if dampening != 0.0:
+                    fresh_dampened.append(p)
                 dampening = 0.0
             key = (p.device, p.dtype, has_momentum, group["nesterov"], group["maximize"],
                    group["penalty_mode"] == "decoupled")
@@ -530,4 +568,10 @@ class SGD(_FusedPenalizedOptimizer):
                 b["params"], b["grads"], b["momentum_buffers"], anchors, masks, b["lrs"], lr_tensors,
                 b["momentums"], b["dampenings"], b["weight_decays"], b["l2sps"], b["l1s"], nesterov=nesterov,
                 maximize=maximize, decoupled_l2sp=decoupled, grad_scale=grad_scale, found_inf=found_inf)
+        if fresh_dampened and getattr(self, "found_inf", None) is not None and bool(self.found_inf.item() != 0):
+            # The first step of these buffers was skipped (GradScaler found inf/NaN): drop them so
+            # the next step starts them from the gradient again, as torch does. Only this rare
+            # case (dampening != 0, first step, AMP) reads found_inf on the host.
+            for p in fresh_dampened:
+                del self.state[p]["momentum_buffer"]
         return loss

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
@@ -48,6 +49,26 @@ using at::vec::Vectorized;
 using namespace optim_math;
 
 constexpr int64_t kChunk = 32768;  // elements per parallel task; small models run on one thread
+// Software prefetch distance in elements. The update is memory bound and walks 4-5 streams at
+// once, more than the hardware prefetcher follows well on small cores; prefetching ~2 KiB ahead
+// measured 7-17% faster steps on the 2-core Xeon of benchmarks/results/ (optim-cpu-20261125-*).
+constexpr int64_t kPrefetchDist = 512;
+
+// Prefetch the cache line `dist` elements ahead of ptr + i, once per line: only on the vector
+// step whose elements start a new 64-byte line (step_bytes = bytes the stream advances per step).
+template <typename T>
+C10_ALWAYS_INLINE void prefetch_ahead(const T* ptr, int64_t i, int64_t end, int64_t step_bytes, int rw) {
+  if (i + kPrefetchDist < end) {
+    const T* target = ptr + i + kPrefetchDist;
+    if ((reinterpret_cast<uintptr_t>(target) & 63) < static_cast<uintptr_t>(step_bytes)) {
+      if (rw) {
+        __builtin_prefetch(target, 1, 3);
+      } else {
+        __builtin_prefetch(target, 0, 3);
+      }
+    }
+  }
+}
 
 template <typename scalar_t>
 using opmath_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -182,7 +203,6 @@ void adamw_range(const ParamPtrs& t, const AdamWConsts<opmath_of<scalar_t>>& c, 
   using OVec = Vectorized<opmath_t>;
   constexpr int kN = Shape::kN;
   constexpr int64_t kStep = Shape::kStep;
-  constexpr int64_t kW = OVec::size();
 
   auto* p_ptr = static_cast<scalar_t*>(t.param);
   auto* g_ptr = static_cast<const scalar_t*>(t.grad);
@@ -210,8 +230,17 @@ void adamw_range(const ParamPtrs& t, const AdamWConsts<opmath_of<scalar_t>>& c, 
   vc.has_l2sp = use_anchor;
   vc.has_l1 = c.has_l1;
 
+  constexpr int64_t kParamBytes = kStep * sizeof(scalar_t);
+  constexpr int64_t kStateBytes = kStep * sizeof(opmath_t);
   int64_t i = begin;
   for (; i + kStep <= end; i += kStep) {
+    prefetch_ahead(p_ptr, i, end, kParamBytes, 1);
+    prefetch_ahead(g_ptr, i, end, kParamBytes, 0);
+    prefetch_ahead(m_ptr, i, end, kStateBytes, 1);
+    prefetch_ahead(v_ptr, i, end, kStateBytes, 1);
+    if (use_anchor) {
+      prefetch_ahead(a_ptr, i, end, static_cast<int64_t>(kStep * sizeof(anchor_t)), 0);
+    }
     OVec p[kN], g[kN], m[kN], v[kN], vmax[kN], p0[kN], keep[kN];
     load_as<scalar_t, opmath_t, kN>(p_ptr + i, p);
     load_as<scalar_t, opmath_t, kN>(g_ptr + i, g);
@@ -245,7 +274,6 @@ void adamw_range(const ParamPtrs& t, const AdamWConsts<opmath_of<scalar_t>>& c, 
       store_as<opmath_t, opmath_t, kN>(vmax_ptr + i, vmax);
     }
   }
-  (void)kW;
   // Scalar tail: the same arithmetic, one element at a time.
   AdamWConsts<opmath_t> sc = c;
   sc.has_l2sp = use_anchor;
@@ -383,8 +411,18 @@ void sgd_range(const ParamPtrs& t, const SGDConsts<opmath_of<scalar_t>>& c, SGDF
   vc.has_l2sp = use_anchor;
   vc.has_l1 = c.has_l1;
 
+  constexpr int64_t kParamBytes = kStep * sizeof(scalar_t);
+  constexpr int64_t kStateBytes = kStep * sizeof(opmath_t);
   int64_t i = begin;
   for (; i + kStep <= end; i += kStep) {
+    prefetch_ahead(p_ptr, i, end, kParamBytes, 1);
+    prefetch_ahead(g_ptr, i, end, kParamBytes, 0);
+    if (has_momentum) {
+      prefetch_ahead(buf_ptr, i, end, kStateBytes, 1);
+    }
+    if (use_anchor) {
+      prefetch_ahead(a_ptr, i, end, static_cast<int64_t>(kStep * sizeof(anchor_t)), 0);
+    }
     OVec p[kN], g[kN], buf[kN], p0[kN], keep[kN];
     load_as<scalar_t, opmath_t, kN>(p_ptr + i, p);
     load_as<scalar_t, opmath_t, kN>(g_ptr + i, g);
@@ -501,6 +539,13 @@ void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
+  m.impl("fused_adamw_", &fused_adamw_cpu);
+  m.impl("fused_sgd_", &fused_sgd_cpu);
+}
+
+// A sparse tensor anywhere in the lists routes the call here; the argument checks, which run
+// first, then name the sparse argument instead of the dispatcher's "no kernel for SparseCPU".
+TORCH_LIBRARY_IMPL(pyfinetune, SparseCPU, m) {
   m.impl("fused_adamw_", &fused_adamw_cpu);
   m.impl("fused_sgd_", &fused_sgd_cpu);
 }

@@ -543,3 +543,9 @@ TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
   m.impl("fused_adamw_", &pyfinetune::fused_adamw_cuda);
   m.impl("fused_sgd_", &pyfinetune::fused_sgd_cuda);
 }
+
+// Sparse gradients: the argument checks run first and name the sparse argument.
+TORCH_LIBRARY_IMPL(pyfinetune, SparseCUDA, m) {
+  m.impl("fused_adamw_", &pyfinetune::fused_adamw_cuda);
+  m.impl("fused_sgd_", &pyfinetune::fused_sgd_cuda);
+}

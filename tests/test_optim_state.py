@@ -1,0 +1,162 @@
+"""state_dict / load_state_dict: a resumed run equals an uninterrupted one bit for bit."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from conftest import assert_bitwise_equal, assert_close, device_dtype_params, snapshot, state_tol
+from pyfinetune.optim import SGD, AdamW
+
+KINDS = ["adamw", "sgd"]
+SHAPES = [[(7,), (6, 5)], [(3, 4, 2)], [(5,), (1,)]]
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _groups(kind, params, anchors):
+    """Three groups: L2-SP + L1 with explicit anchors stored in bf16, L2-SP anchored at init (with
+    amsgrad / momentum and dampening), and a head without anchor."""
+    g0 = dict(params=params[0], l2sp=0.3, anchor=anchors, anchor_dtype=torch.bfloat16, l1=0.01)
+    g1 = dict(params=params[1], l2sp=0.1)
+    g2 = dict(params=params[2], l2sp=0.0, lr=3e-3)
+    if kind == "adamw":
+        g1["amsgrad"] = True
+        g2["betas"] = (0.8, 0.95)
+    else:
+        g1.update(momentum=0.5, dampening=0.2)
+        g2.update(momentum=0.0)
+    return [g0, g1, g2]
+
+
+def _make(kind, params, anchors, masks):
+    groups = _groups(kind, params, anchors)
+    if kind == "adamw":
+        return AdamW(groups, lr=1e-2, weight_decay=0.05, masks=masks)
+    return SGD(groups, lr=2e-2, momentum=0.9, nesterov=False, weight_decay=0.05, masks=masks)
+
+
+def _apply(params, grads):
+    for ps, gs in zip(params, grads):
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+
+
+@pytest.mark.parametrize("device, dtype", device_dtype_params())
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_equals_uninterrupted_run(device, dtype, kind):
+    params = [[torch.nn.Parameter((0.3 * torch.randn(s, device=device)).to(dtype)) for s in shapes]
+              for shapes in SHAPES]
+    anchors = [torch.randn(s, device=device) for s in SHAPES[0]]
+    masks = {params[0][1]: torch.rand(6, 5, device=device) > 0.3,
+             params[1][0]: torch.rand(3, 4, 2, device=device) > 0.5}
+    opt = _make(kind, params, anchors, masks)
+    grads = [[[torch.randn(s, device=device).to(dtype) for s in shapes] for shapes in SHAPES] for _ in range(12)]
+    for k in range(6):
+        _apply(params, grads[k])
+        opt.step()
+
+    saved_params = _roundtrip([[p.detach().clone() for p in ps] for ps in params])
+    saved_state = _roundtrip(opt.state_dict())
+    # torch.load(weights_only=True) gives back the anchor dtype and the lr of each group.
+    assert saved_state["param_groups"][0]["anchor_dtype"] == torch.bfloat16
+
+    for k in range(6, 12):
+        _apply(params, grads[k])
+        opt.step()
+    uninterrupted = snapshot(opt)
+
+    # A fresh optimizer: its anchors are taken at the checkpoint's values ("init") and it has no
+    # masks; everything must come from the state dict.
+    fresh = [[torch.nn.Parameter(v.clone()) for v in vs] for vs in saved_params]
+    opt2 = _make(kind, fresh, [a + 5 for a in anchors], masks=None)
+    opt2.load_state_dict(saved_state)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for ps in fresh:
+        for p in ps:
+            st = opt2.state[p]
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"):
+                if st.get(key) is not None:
+                    assert st[key].dtype == state_dtype, f"{key} must stay {state_dtype}"
+            if "step" in st:
+                assert st["step"].dtype == torch.float32
+    assert opt2.anchor_of(fresh[0][0]).dtype == torch.bfloat16
+    assert torch.equal(opt2.anchor_of(fresh[0][0]), anchors[0].to(torch.bfloat16))
+    assert opt2.anchor_of(fresh[2][0]) is None
+    assert torch.equal(opt2.get_mask(fresh[0][1]), masks[params[0][1]])
+    if kind == "adamw":
+        assert "max_exp_avg_sq" in opt2.state[fresh[1][0]]
+    for k in range(6, 12):
+        _apply(fresh, grads[k])
+        opt2.step()
+    resumed = snapshot(opt2)
+    assert_bitwise_equal(resumed, uninterrupted)
+    # The steps after the checkpoint did something.
+    assert not torch.equal(uninterrupted[(0, 0, "param")], saved_params[0][0])
+
+
+@pytest.mark.parametrize("device, dtype", device_dtype_params())
+def test_state_dict_before_first_step(device, dtype):
+    # Anchors and masks exist before any step; they survive a round trip on their own.
+    p = torch.nn.Parameter(torch.randn(8, device=device).to(dtype))
+    mask = torch.arange(8, device=device) % 2 == 0
+    opt = AdamW([p], lr=1e-2, l2sp=0.5, masks={p: mask})
+    sd = _roundtrip(opt.state_dict())
+    q = torch.nn.Parameter(p.detach().clone() + 1)
+    opt2 = AdamW([q], lr=1e-2, l2sp=0.5)
+    opt2.load_state_dict(sd)
+    assert torch.equal(opt2.anchor_of(q), opt.anchor_of(p))
+    assert torch.equal(opt2.get_mask(q), mask)
+
+
+@pytest.mark.parametrize("device, dtype", device_dtype_params([torch.float32, torch.bfloat16]))
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_torch_state_dict(device, dtype, kind):
+    # torch's optimizer (on a float32 master for bf16) runs 5 steps; ours loads its state and
+    # both continue: they stay equal to the tolerance of the dtype.
+    master_dtype = torch.float32
+    shapes = [(7,), (4, 6)]
+    ours = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().to(master_dtype).clone()) for p in ours]
+    if kind == "adamw":
+        ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, amsgrad=True)
+        opt = AdamW(ours, lr=1e-3, weight_decay=0.0)
+    else:
+        ref = torch.optim.SGD(theirs, lr=1e-2, momentum=0.9, weight_decay=0.1)
+        opt = SGD(ours, lr=1e-3)
+
+    def step_both(n, with_ours):
+        for _ in range(n):
+            gs = [torch.randn(s, device=device).to(dtype) for s in shapes]
+            for p, t, g in zip(ours, theirs, gs):
+                p.grad, t.grad = g, g.to(master_dtype)
+            ref.step()
+            with torch.no_grad():
+                for t in theirs:
+                    t.copy_(t.to(dtype))
+            if with_ours:
+                opt.step()
+                for p, t in zip(ours, theirs):
+                    assert_close(p, t, dtype)
+                    with torch.no_grad():
+                        t.copy_(p)
+
+    step_both(5, with_ours=False)
+    with torch.no_grad():
+        for p, t in zip(ours, theirs):
+            p.copy_(t)
+    opt.load_state_dict(_roundtrip(ref.state_dict()))
+    assert opt.param_groups[0]["lr"] == 1e-2
+    step_both(5, with_ours=True)
+    for p, t in zip(ours, theirs):
+        for key, v in ref.state[t].items():
+            if key != "step" and v is not None:
+                assert opt.state[p][key].dtype == torch.float32
+                torch.testing.assert_close(opt.state[p][key], v, **state_tol(dtype))
