@@ -13,7 +13,7 @@ The kernels read each row of logits a few times, compute the loss and the gradie
 the student in one forward call, and keep only that gradient for the backward: no softmax or
 log-softmax tensor is stored. The gradient flows to the student only. Inputs may be float32,
 bfloat16 or float16 (student and teacher independently); the arithmetic is float32 and the loss is
-float32 (float64 inputs compute and return float64).
+float32 (float64 inputs, CPU only, compute and return float64: for gradcheck and references).
 """
 
 from __future__ import annotations
