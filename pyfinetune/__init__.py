@@ -20,6 +20,25 @@ def _torch_release(version: str) -> str:
     return version.split("+")[0]
 
 
+
+def _check_cpu_isa(isa):
+    """Refuse, with a message, a CPU that lacks the vector ISA the kernels were compiled for."""
+    if isa not in ("avx2", "avx512"):
+        return
+    checks = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported"}
+    probe = getattr(torch.cpu, checks[isa], None)
+    if probe is not None:
+        ok = bool(probe())
+    else:
+        cap = torch.backends.cpu.get_cpu_capability()
+        ok = cap.startswith("AVX512") or cap == "AMX" or (isa == "avx2" and cap == "AVX2")
+    if not ok:
+        raise ImportError(
+            f"pyfinetune's CPU kernels were compiled for {isa.upper()}, which this CPU does not support; "
+            "rebuild with PYFINETUNE_CPU_ISA=avx2 or PYFINETUNE_CPU_ISA=generic"
+        )
+
+
 def _load_extension() -> None:
     try:
         from . import _build_info
@@ -41,13 +60,7 @@ def _load_extension() -> None:
             f"{running} with CUDA {running_cuda} is running; rebuild it: "
             "pip install --no-build-isolation --force-reinstall --no-deps pyfinetune"
         )
-    if _build_info.CPU_ISA == "avx2":
-        cap = torch.backends.cpu.get_cpu_capability()
-        if cap not in ("AVX2", "AVX512", "AVX512_BF16", "AMX"):
-            raise ImportError(
-                f"pyfinetune's CPU kernels were compiled for AVX2 but this CPU reports {cap}; rebuild "
-                "with PYFINETUNE_CPU_ISA=generic"
-            )
+    _check_cpu_isa(_build_info.CPU_ISA)
     try:
         from . import _C  # noqa: F401  (loading the library registers torch.ops.pyfinetune.*)
     except (ImportError, OSError) as e:

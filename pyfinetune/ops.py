@@ -117,7 +117,18 @@ def _kd_loss_topk_fwd_fake(student, teacher_values, teacher_indices, labels, *, 
 def _kd_setup_context(ctx, inputs, keyword_only_inputs, output):
     _, grad = output
     ctx.need_grad = keyword_only_inputs["need_grad"]
+    # The kept gradient is an output nobody differentiates: without this, autograd would
+    # materialize a logits-sized tensor of zeros as its incoming gradient on every backward.
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
+
+
+def _is_eager(t: torch.Tensor) -> bool:
+    """True for a plain tensor outside any tracing (compile, export, fake or functional modes)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
 def _kd_backward(ctx, grad_loss, _grad_of_grad):
@@ -129,11 +140,25 @@ def _kd_backward(ctx, grad_loss, _grad_of_grad):
             "need_grad=True to differentiate it"
         )
     (grad,) = ctx.saved_tensors
-    # One rounding to the student's dtype, and no float32 copy of the [N, V] gradient: the
-    # product is computed in float32 and stored into a tensor of grad's dtype.
-    out = torch.empty_like(grad)
-    torch.mul(grad, grad_loss.unsqueeze(-1).to(torch.float32 if grad.dtype != torch.float64 else grad.dtype), out=out)
-    return out, None, None
+    scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32).unsqueeze(-1)
+    if not _is_eager(grad):
+        # Traced backward: the functional form (the compiler plans the buffers itself).
+        return grad.mul(scale).to(grad.dtype), None, None
+    applied = getattr(ctx, "applied_scale", None)
+    if applied is None:
+        # On the CPU, when every row's scale is finite and nonzero (so that it can be undone),
+        # scale the kept buffer in place and hand it on: no second logits-sized tensor and no
+        # fresh pages to fault in. `.data` leaves the saved tensor's version unchanged so that
+        # a retained graph can still unpack it; `applied_scale` records what it now holds. On
+        # CUDA that check would synchronize with the host, so the product is a new tensor there.
+        if grad.device.type == "cpu" and bool(((scale != 0) & scale.isfinite()).all()):
+            ctx.applied_scale = scale.detach().clone()
+            grad.data.mul_(scale)
+            return grad, None, None
+        return grad.mul(scale).to(grad.dtype), None, None
+    # A later backward through a retained graph: the buffer holds the gradient times the first
+    # in-place call's scale, which was finite and nonzero in every row.
+    return grad.mul(scale / applied).to(grad.dtype), None, None
 
 
 def _kd_topk_backward(ctx, grad_loss, _grad_of_grad):

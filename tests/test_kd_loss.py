@@ -122,6 +122,39 @@ def test_grad_output_not_one(device, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("leaf", [True, False])
+def test_retain_graph_second_backward(device, leaf):
+    # The backward scales the kept gradient in place; a retained graph must still give the
+    # right gradient on later calls, with another grad_output each time.
+    s, t, lab = make_case((4, 6, 130), device, labels="ignored", seed=17)
+    x = s.detach().clone().requires_grad_(True)
+    src = x if leaf else x * 1.0
+    loss = kd_loss(src, t, lab, reduction="none", temperature=1.7)
+    cpu = (s.cpu(), t.cpu(), lab.cpu())
+    _, ref1 = kd_reference(*cpu, reduction="none", temperature=1.7, grad_output=torch.full((24,), 0.5))
+    _, ref2 = kd_reference(*cpu, reduction="none", temperature=1.7, grad_output=torch.arange(1.0, 25.0))
+    (g1,) = torch.autograd.grad(loss, x, torch.full_like(loss, 0.5), retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.arange(1.0, 25.0, device=device), retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, x, torch.full_like(loss, 0.5))
+    assert_grad_close(g1, ref1.to(device), torch.float32)
+    assert_grad_close(g2, ref2.to(device), torch.float32)
+    assert_grad_close(g3, ref1.to(device), torch.float32)
+
+
+def test_retain_graph_with_zero_grad_output_first():
+    # A first grad_output with a zero row leaves the kept gradient untouched (scaling by 0 could
+    # not be undone), so later calls are still exact.
+    s, t, lab = make_case((3, 40), "cpu", seed=18)
+    x = s.clone().requires_grad_(True)
+    loss = kd_loss(x, t, lab, reduction="none")
+    (g1,) = torch.autograd.grad(loss, x, torch.tensor([1.0, 0.0, 1.0]), retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.ones(3))
+    _, ref = kd_reference(s, t, lab, reduction="none")
+    assert torch.all(g1[1] == 0)
+    assert_grad_close(g2, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_rows_ignored_gives_zero(device):
     s, t, _ = make_case((4, 100), device)
     lab = torch.full((4,), -100, device=device)

@@ -30,8 +30,10 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include <pyfinetune/checks.h>
+#include <pyfinetune/cpu_alloc.h>
 #include <pyfinetune/kd_loss.h>
 #include <pyfinetune/kd_loss_math.h>
 
@@ -211,8 +213,24 @@ struct Stats {
   T sum_s = 0, sum_t = 0, sum_1 = 0, wsum = 0;  // relative to ms.safe(), mt.safe()
 };
 
+// The exponentials of pass 1 kept for the gradient pass (forward_kl / reverse_kl with a gradient):
+// per element exp((s - ms') / T), exp((t - mt') / T) and, for CE at T != 1, exp(s - ms'), where
+// ms', mt' are the running maxima when the element's tile was read (kept per tile). The gradient
+// pass then turns them into probabilities with one multiplication per tile factor, and needs no
+// exponential of its own: half the transcendental work of the kernel. Streams of `stride`
+// elements (V rounded up to the vector width), in a per-thread buffer that stays in L2.
 template <typename T>
-Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs, T* ft) {
+struct ExpCache {
+  T* es = nullptr;  // nullptr: no cache
+  T* et = nullptr;
+  T* e1 = nullptr;  // nullptr unless CE at T != 1 is needed
+  T* tile_ms = nullptr;
+  T* tile_mt = nullptr;
+};
+
+template <typename T>
+Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs, T* ft,
+                    const ExpCache<T>& cache = ExpCache<T>{}) {
   using Vec = Vectorized<T>;
   constexpr int64_t W = Vec::size();
   const T invT = c.k.inv_temperature;
@@ -255,17 +273,31 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
       st.mt.max = new_t;
     }
     const Vec ms(st.ms.safe()), mt(st.mt.safe()), inv(invT);
+    if (cache.es) {
+      cache.tile_ms[j0 / kTile] = st.ms.safe();
+      cache.tile_mt[j0 / kTile] = st.mt.safe();
+    }
     for (int64_t i = 0; i < np; i += W) {
       const Vec xs = Vec::loadu(fs + i) - ms;
       const Vec es = vexp(xs * inv);
       vs = vs + es;
       if (need_1) {
-        v1 = v1 + vexp(xs);
+        const Vec e1 = vexp(xs);
+        v1 = v1 + e1;
+        if (cache.e1) {
+          e1.store(cache.e1 + j0 + i);
+        }
+      }
+      if (cache.es) {
+        es.store(cache.es + j0 + i);
       }
       if (t) {
         const Vec xt = Vec::loadu(ft + i) - mt;
         const Vec et = vexp(xt * inv);
         vt = vt + et;
+        if (cache.et) {
+          et.store(cache.et + j0 + i);
+        }
         if (div == kForwardKL) {
           vw = vw + zero_where_zero(et, et * (xt - xs));
         } else if (div == kReverseKL) {
@@ -370,6 +402,62 @@ void grad_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, const Stat
   }
 }
 
+// Gradient pass from the exponentials of pass 1 (forward_kl and reverse_kl, dense teacher):
+// q = es * exp((ms' - ms) / T - lse_s) with ms' the tile's maximum at pass 1, and the same for p
+// and the CE softmax. reverse_kl also needs log q - log p, which is linear in the raw logits, so it
+// re-reads s and t (from cache) but still computes no exponential.
+template <typename T>
+void grad_pass_cached(const CallCtx<T>& c, const RowRef& s, const RowRef& t, const Stats<T>& raw,
+                      const KdRowStats<T>& st, const KdRowWeights<T>& w, T d_value, int64_t label, void* grad,
+                      at::ScalarType grad_dt, const ExpCache<T>& cache, T* fs, T* ft, T* fg) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T invT = c.k.inv_temperature;
+  const T ms = raw.ms.safe(), mt = raw.mt.safe();
+  const bool with_kd = w.kd != T(0), with_ce = w.ce != T(0);
+  const bool reverse = c.k.divergence == kReverseKL;
+  const T ckd = w.kd * invT;
+  const Vec vms(ms), vmt(mt), inv(invT), lse_s(st.lse_s), lse_t(st.lse_t), dval(d_value);
+  const int64_t gsize = c10::elementSize(grad_dt);
+  for (int64_t j0 = 0; j0 < c.V; j0 += kTile) {
+    const int64_t n = std::min(kTile, c.V - j0);
+    const int64_t np = (n + W - 1) / W * W;
+    const int64_t tile = j0 / kTile;
+    // Per-tile factors that turn the cached exponentials into probabilities.
+    const T fq = kd_exp((cache.tile_ms[tile] - ms) * invT - st.lse_s);
+    const T fp = kd_exp((cache.tile_mt[tile] - mt) * invT - st.lse_t);
+    const T f1 = cache.e1 ? kd_exp((cache.tile_ms[tile] - ms) - st.lse_s1) : fq;
+    const Vec vq(fq), vkd_q(ckd * fq), vkd_p(ckd * fp), vce(w.ce * f1);
+    const T* e1 = cache.e1 ? cache.e1 : cache.es;
+    if (reverse && with_kd) {
+      load_tile(s.at(j0), s.dt, n, np, fs);
+      load_tile(t.at(j0), t.dt, n, np, ft);
+    }
+    for (int64_t i = 0; i < np; i += W) {
+      Vec g(T(0));
+      if (with_kd) {
+        const Vec es = Vec::loadu(cache.es + j0 + i);
+        if (!reverse) {
+          g = vkd_q * es - vkd_p * Vec::loadu(cache.et + j0 + i);
+        } else {
+          const Vec q = vq * es;
+          const Vec log_q = (Vec::loadu(fs + i) - vms) * inv - lse_s;
+          const Vec log_p = (Vec::loadu(ft + i) - vmt) * inv - lse_t;
+          g = Vec(ckd) * zero_where_zero(q, q * (log_q - log_p - dval));
+        }
+      }
+      if (with_ce) {
+        g = g + vce * Vec::loadu(e1 + j0 + i);
+      }
+      g.store(fg + i);
+    }
+    if (with_ce && label >= j0 && label < j0 + n) {
+      fg[label - j0] -= w.ce;
+    }
+    store_tile(static_cast<void*>(static_cast<char*>(grad) + j0 * gsize), grad_dt, n, static_cast<const T*>(fg));
+  }
+}
+
 // Fill the shifted row statistics of the header from the raw sums.
 template <typename T>
 KdRowStats<T> row_stats(const Stats<T>& raw, bool with_teacher) {
@@ -421,10 +509,26 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
   const int64_t g_es = c10::elementSize(s_dt);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / V);
 
+  const bool use_cache = need_grad && (k.divergence == kForwardKL || k.divergence == kReverseKL);
+  const bool cache_e1 = use_cache && labels != nullptr && !c.t_is_one && k.alpha != T(1);
+  const int64_t W = Vectorized<T>::size();
+  const int64_t stride = (V + W - 1) / W * W;
+  const int64_t n_tiles = (V + kTile - 1) / kTile;
+
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     alignas(64) T buf[3 * kTile];
     T *fs, *ft, *fg;
     alloc_row_buffers(fs, ft, fg, buf);
+    std::vector<T> cache_buf;
+    ExpCache<T> cache;
+    if (use_cache) {
+      cache_buf.resize(static_cast<size_t>((cache_e1 ? 3 : 2) * stride + 2 * n_tiles));
+      cache.es = cache_buf.data();
+      cache.et = cache.es + stride;
+      cache.e1 = cache_e1 ? cache.et + stride : nullptr;
+      cache.tile_ms = cache.es + (cache_e1 ? 3 : 2) * stride;
+      cache.tile_mt = cache.tile_ms + n_tiles;
+    }
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = row_label(lab, lab_st, r);
       const bool ignored = lab && label == ignore_index;
@@ -438,7 +542,7 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
       }
       const RowRef s{s_base + r * s_rs * s_es, s_dt, s_es};
       const RowRef t{t_base + r * t_rs * t_es, t_dt, t_es};
-      const Stats<T> raw = stats_pass(c, s, &t, fs, ft);
+      const Stats<T> raw = stats_pass(c, s, &t, fs, ft, grow ? cache : ExpCache<T>{});
       KdRowStats<T> st = row_stats(raw, true);
       if (k.divergence == kForwardKL) {
         st.cross = raw.wsum / raw.sum_t * k.inv_temperature;
@@ -461,7 +565,11 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
       }
       if (grow) {
         const T d = w.kd != T(0) ? divergence_value(k, st) : T(0);
-        grad_pass(c, s, &t, raw, st, w, d, T(0), c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
+        if (use_cache) {
+          grad_pass_cached(c, s, t, raw, st, w, d, c.has_labels ? label : -1, grow, s_dt, cache, fs, ft, fg);
+        } else {
+          grad_pass(c, s, &t, raw, st, w, d, T(0), c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
+        }
       }
     }
   });
@@ -556,7 +664,7 @@ void kd_topk_kernel(const at::Tensor& student, const at::Tensor& values, const a
 std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& student, bool use_double, bool need_grad) {
   const int64_t N = student.size(0), V = student.size(1);
   at::Tensor loss = at::empty({N}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
-  at::Tensor grad = need_grad ? at::empty({N, V}, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad = need_grad ? empty_streaming({N, V}, student.options()) : at::empty({0}, student.options());
   return {loss, grad};
 }
 
