@@ -346,7 +346,7 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
   for (int part = 0; part < 2; ++part) {
     const int b = part == 0 ? sl.scalar_begin0 : sl.scalar_begin1;
     const int e = part == 0 ? sl.scalar_end0 : sl.scalar_end1;
-    for (int i = b + tid; i < e; i += nthreads) {
+    for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
       const float sv[1] = {static_cast<float>(s[i])};
       const float tv[1] = {kTopK ? 0.0f : static_cast<float>(t[kTopK ? 0 : i])};
       accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, ls, lt, ls1);
@@ -395,7 +395,7 @@ C10_HOST_DEVICE inline JsdPartial jsd_thread(const KdArgs& a, const ST* s, const
   for (int part = 0; part < 2; ++part) {
     const int b = part == 0 ? sl.scalar_begin0 : sl.scalar_begin1;
     const int e = part == 0 ? sl.scalar_end0 : sl.scalar_end1;
-    for (int i = b + tid; i < e; i += nthreads) {
+    for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
       km::jsd_accumulate(a.kp, static_cast<float>(s[i]), static_cast<float>(t[i]), lse_s, lse_t, p.sq, p.sp);
     }
   }
@@ -410,6 +410,7 @@ C10_HOST_DEVICE inline JsdPartial topk_jsd_thread(const KdArgs& a, const ST* s, 
   JsdPartial p;
   for (int j = tid; j < a.k; j += nthreads) {
     const int64_t idx = a.indices[row * a.i_stride + j * a.i_col_stride];
+    CUDA_KERNEL_ASSERT(idx >= 0 && idx < a.V);
     const float sv = static_cast<float>(s[idx]);
     km::jsd_accumulate(a.kp, sv, static_cast<float>(t[j * a.t_col_stride]), lse_s, lse_t, p.sq, p.sp);
   }
@@ -481,7 +482,7 @@ C10_HOST_DEVICE inline void grad_thread(const KdArgs& a, const ST* s, const TT* 
   for (int part = 0; part < 2; ++part) {
     const int b = part == 0 ? sl.scalar_begin0 : sl.scalar_begin1;
     const int e = part == 0 ? sl.scalar_end0 : sl.scalar_end1;
-    for (int i = b + tid; i < e; i += nthreads) {
+    for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
       float v = 0.0f;
       if (!zero) {
         const float tv = kTopK ? 0.0f : static_cast<float>(t[kTopK ? 0 : i]);
@@ -499,6 +500,7 @@ C10_HOST_DEVICE inline void topk_fixup_thread(const KdArgs& a, const ST* s, cons
                                               int rank, int tid, int nthreads, const RowConsts& rc, int64_t row) {
   for (int j = tid; j < a.k; j += nthreads) {
     const int64_t idx = a.indices[row * a.i_stride + j * a.i_col_stride];
+    CUDA_KERNEL_ASSERT(idx >= 0 && idx < a.V);
     if (owner_of<vec_width<ST, TT>()>(rs, idx, a.n_split) == rank) {
       const float v = grad_value<kDiv, true>(a.kp, rc, static_cast<float>(s[idx]),
                                              static_cast<float>(t[j * a.t_col_stride]), idx == rc.label);
