@@ -32,9 +32,11 @@
 #include <pyfinetune/multi_tensor_apply.cuh>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -776,25 +778,59 @@ LaunchPlan plan_launch(int64_t N, int64_t V, int vec, size_t cache_bytes_per_vec
   return p;
 }
 
+// What launch_kd needs of one kernel instantiation's attributes on one device, queried once, and
+// its dynamic shared memory limit, which only grows. The default limit is 48 KB minus the kernel's
+// static shared memory (maxDynamicSharedSizeBytes), not 48 KB. Raising it only when a launch needs
+// more, under a lock and never to less than before, keeps a launch on another host thread from
+// lowering it under one that needs more.
+struct KernelLimits {
+  std::once_flag once;
+  int ptx_version = 0;
+  std::atomic<size_t> dyn_smem{0};
+};
+
+std::mutex& smem_limit_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// The kernel's limits on the current device, with its dynamic shared memory limit at least `smem`.
+template <typename Kernel>
+const KernelLimits& kernel_limits(KernelLimits* per_device, Kernel kernel, size_t smem) {
+  const int device = c10::cuda::current_device();
+  TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "pyfinetune.kd_loss: device ", device);
+  KernelLimits& k = per_device[device];
+  std::call_once(k.once, [&] {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    k.ptx_version = attr.ptxVersion;
+    k.dyn_smem.store(static_cast<size_t>(attr.maxDynamicSharedSizeBytes));
+  });
+  if (smem > k.dyn_smem.load()) {
+    const std::lock_guard<std::mutex> lock(smem_limit_mutex());
+    if (smem > k.dyn_smem.load()) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      k.dyn_smem.store(smem);
+    }
+  }
+  return k;
+}
+
 template <typename ST, typename TT, int kDiv, bool kTopK>
 void launch_kd(KdArgs args, int64_t N) {
   constexpr int VEC = vec_width<ST, TT>();
   auto kernel = kd_loss_kernel<ST, TT, kDiv, kTopK>;
+  static KernelLimits limits[C10_COMPILE_TIME_MAX_GPUS];  // per instantiation, per device
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   // Clusters need the sm_90 code of the kernel (ptxVersion is the arch the code was compiled for).
-  const bool clusters = prop.major >= 9 && attr.ptxVersion >= 90;
+  const bool clusters = prop.major >= 9 && kernel_limits(limits, kernel, 0).ptx_version >= 90;
   const bool reread = args.need_grad || (kDiv == km::kJSD && !kTopK);
   const size_t bytes_per_vec = sizeof(RawVec<ST, VEC>) + (kTopK ? 0 : sizeof(RawVec<TT, VEC>));
   LaunchPlan plan = plan_launch(N, args.V, VEC, bytes_per_vec, reread, clusters, prop, 0);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int attempt = 0; attempt < 2; ++attempt) {
-    if (plan.smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(plan.smem)));
-    }
+    kernel_limits(limits, kernel, plan.smem);
     args.n_split = plan.n_split;
     args.cache_vecs = plan.cache_vecs;
     cudaLaunchConfig_t config = {};
