@@ -3,17 +3,19 @@
 // One row of the [N, V] logits is handled by one block, or on sm_90 by a cluster of n_split blocks
 // (each owns a contiguous slice of the row; the partial statistics are merged through distributed
 // shared memory). Passes over a block's slice:
-//   1. read student and teacher once with 16-byte loads, accumulate online (max, sum exp) in log2
-//      units for s/T, t/T and (with a CE term) s, keeping up to cache_vecs vectors of the raw
-//      inputs in shared memory; block (warp shuffle + shared memory) and cluster merge of
-//      kd_math::OnlineLse;
+//   1. read student and teacher once with 16-byte loads, accumulate online (max, sum exp) for
+//      s/T, t/T and (with a CE term) s, with the exponents taken relative to the running maximum
+//      of the raw logits (RawLse: no precision lost to logits in the thousands or a small T),
+//      keeping up to cache_vecs vectors of the raw inputs in shared memory; block (warp shuffle +
+//      shared memory) and cluster merge;
 //   2. jsd only: sum q log(q/m) and p log(p/m) (kd_math::jsd_accumulate), from the cache;
 //   3. with need_grad: write d(row loss)/d(s) from the cache. The part of a slice beyond the cache
 //      is re-read from global memory: splitting a row over a cluster keeps that re-read within L2
 //      because few rows are then in flight at once.
 // The row is split between a scalar head (up to the first element where every operand is 16-byte
 // aligned), whole vectors and a scalar tail, so any row stride and any V work.
-// The hot loops use ex2.approx (log2 scaled), the per-row arithmetic is kd_loss_math.h's.
+// The hot loops use ex2.approx (log2 scaled), the per-row arithmetic is kd_loss_math.h's, fed the
+// row statistics relative to the raw row maxima (as the CPU kernels do).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -48,7 +50,6 @@ namespace {
 namespace km = kd_math;
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxThreads = 512;
 constexpr int kMaxSplit = 8;  // portable cluster size
 constexpr int kUnroll = 2;    // vectors in flight per thread and loop iteration
@@ -125,16 +126,25 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float fast_exp2(float x) {
 
 // ---- Online statistics ---------------------------------------------------------------------------
 
-// kd_math::OnlineLse in log2 units, updated a vector at a time: one rescale per vector and one
-// exp2 per element. to_online() gives the natural-log OnlineLse for the merges.
-struct Lse2 {
+// kd_math::OnlineLse of x / T' (T' = T, or 1 for the CE term) relative to the running maximum of
+// the RAW logits x, in log2 units: with c = log2(e) / T',
+//   sum = sum_i 2^((x_i - max) c),   wsum = sum_i 2^((x_i - max) c) w_i.
+// x_i - max is exact for the entries that carry probability, so logits in the thousands or a small
+// T lose no precision; scaling first (x c - max c) would round each exponent by ~|x c| 2^-24. This
+// is the CPU kernels' scheme (kd_loss_cpu.cpp). Updated a vector at a time: one rescale per vector
+// and one exp2 per element.
+struct RawLse {
   float max = km::neg_inf<float>();
   float sum = 0.0f;
   float wsum = 0.0f;
 };
 
+// wsum * r for a rescale by r; r == 0 drops the terms (zero probabilities: the weights may be
+// infinite), as the e == 0 terms are skipped.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float rescale_w(float wsum, float r) { return r != 0.0f ? wsum * r : 0.0f; }
+
 template <bool kW, int N>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void lse2_add(Lse2& a, const float (&x)[N], const float (&w)[N]) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_add(RawLse& a, float c, const float (&x)[N], const float (&w)[N]) {
   float hi = a.max;
   PF_UNROLL
   for (int k = 0; k < N; ++k) {
@@ -144,16 +154,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lse2_add(Lse2& a, const float (&x)[N], co
     return;  // only zero probabilities so far
   }
   if (hi > a.max) {
-    const float r = fast_exp2(a.max - hi);  // 0 while a.max is -inf
+    const float r = fast_exp2((a.max - hi) * c);  // 0 while a.max is -inf
     a.sum *= r;
     if (kW) {
-      a.wsum *= r;
+      a.wsum = rescale_w(a.wsum, r);
     }
     a.max = hi;
   }
   PF_UNROLL
   for (int k = 0; k < N; ++k) {
-    const float e = fast_exp2(x[k] - hi);
+    const float e = fast_exp2((x[k] - hi) * c);
     a.sum += e;
     if (kW) {
       // e == 0 skips the term, as OnlineLse::add does for -inf (the weight may be infinite).
@@ -162,31 +172,58 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lse2_add(Lse2& a, const float (&x)[N], co
   }
 }
 
-C10_HOST_DEVICE C10_ALWAYS_INLINE km::OnlineLse<float> to_online(const Lse2& a) {
-  km::OnlineLse<float> o;
-  o.max = a.max == km::neg_inf<float>() ? a.max : a.max * kLn2;
-  o.sum = a.sum;
-  o.wsum = a.wsum;
-  return o;
+// a += b for the same c (OnlineLse::merge).
+C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_merge(RawLse& a, const RawLse& b, float c) {
+  if (b.max == km::neg_inf<float>()) {
+    return;
+  }
+  if (a.max == km::neg_inf<float>()) {
+    a = b;
+    return;
+  }
+  if (b.max > a.max) {
+    const float r = fast_exp2((a.max - b.max) * c);
+    a.sum = fmaf(a.sum, r, b.sum);
+    a.wsum = rescale_w(a.wsum, r) + b.wsum;
+    a.max = b.max;
+  } else {
+    const float r = fast_exp2((b.max - a.max) * c);
+    a.sum = fmaf(b.sum, r, a.sum);
+    a.wsum += rescale_w(b.wsum, r);
+  }
+}
+
+// log2(e) / T: the exponent scale of every exp2 of the row passes, the same float everywhere, so
+// that the probabilities of the gradient pass sum to the pass-1 sums.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float exp2_scale(const km::KdParams<float>& kp) {
+  return kp.inv_temperature * kLog2e;
 }
 
 // What pass 1 reduces: s / T (weighted by (s - t) / T for reverse_kl), t / T (weighted by
-// (t - s) / T for forward_kl) and s at temperature 1 (CE only).
+// (t - s) / T for forward_kl) and s at temperature 1 (CE only); the weights are those of the raw
+// logits. s and s1 see the same elements, so their maxima are the same number.
 struct RowPartial {
-  km::OnlineLse<float> s, t, s1;
-  C10_HOST_DEVICE C10_ALWAYS_INLINE void merge(const RowPartial& o) {
-    s.merge(o.s);
-    t.merge(o.t);
-    s1.merge(o.s1);
+  RawLse s, t, s1;
+};
+
+struct RowMerge {
+  float c;  // exp2_scale
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void operator()(RowPartial& a, const RowPartial& b) const {
+    lse_merge(a.s, b.s, c);
+    lse_merge(a.t, b.t, c);
+    lse_merge(a.s1, b.s1, kLog2e);
   }
 };
 
 // What the jsd pass reduces: KdRowStats::jsd_s and jsd_p (sums of q u and p v, jsd_accumulate).
 struct JsdPartial {
   float sq = 0.0f, sp = 0.0f;
-  C10_HOST_DEVICE C10_ALWAYS_INLINE void merge(const JsdPartial& o) {
-    sq += o.sq;
-    sp += o.sp;
+};
+
+struct JsdMerge {
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void operator()(JsdPartial& a, const JsdPartial& b) const {
+    a.sq += b.sq;
+    a.sp += b.sp;
   }
 };
 
@@ -267,14 +304,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE int owner_of(const RowSpan& r, int64_t i, int 
 
 // ---- Per-thread passes (host-device: a CPU test can run a block thread by thread) ----------------
 
-// Constants of the gradient pass, from the merged statistics.
+// Constants of the gradient pass, from the merged statistics. Every exponent is taken relative to
+// the raw row maximum (ms for the student, mt for the teacher), as pass 1 did.
 struct RowConsts {
-  float c;        // log2(e) / T
-  float l2s, l2t, l2s1;  // lse_s, lse_t, lse_s1 in log2 units
+  float c;        // exp2_scale: log2(e) / T
+  float ms, mt;   // raw row maxima of s and t (0 for a row without a finite logit)
+  float l2s, l2t, l2s1;  // lse_s, lse_t, lse_s1 (relative to the maxima) in log2 units
   float lse_s, lse_t;
   float kq;       // w.kd / T
   float wce;      // w.ce
-  float r_off;    // reverse_kl: lse_t - lse_s - D
+  float mean_w;   // reverse_kl: E_Q[(s - t) / T], so that log q - log p - D = (s - t) / T - mean_w
   float jsd_s;    // jsd: KdRowStats::jsd_s
   float coef_q;   // top-k, entries outside the top-k: d/ds_i of the KD term is kq * coef_q * q_i
   int64_t label;  // -1 without a CE term
@@ -282,25 +321,20 @@ struct RowConsts {
 
 template <int kDiv, bool kTopK, int N>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void accumulate(const km::KdParams<float>& kp, const float (&s)[N],
-                                                  const float (&t)[N], bool has_ce, Lse2& ls, Lse2& lt, Lse2& ls1) {
-  const float c = kp.inv_temperature * kLog2e;
-  float xs[N], xt[N], w[N];
+                                                  const float (&t)[N], bool has_ce, RawLse& ls, RawLse& lt,
+                                                  RawLse& ls1) {
+  const float c = exp2_scale(kp);
+  float w[N];
   PF_UNROLL
   for (int k = 0; k < N; ++k) {
-    xs[k] = s[k] * c;
-    xt[k] = t[k] * c;
     w[k] = kDiv == km::kReverseKL ? (s[k] - t[k]) * kp.inv_temperature : (t[k] - s[k]) * kp.inv_temperature;
   }
-  lse2_add<kDiv == km::kReverseKL && !kTopK>(ls, xs, w);
+  lse_add<kDiv == km::kReverseKL && !kTopK>(ls, c, s, w);
   if (!kTopK) {
-    lse2_add<kDiv == km::kForwardKL>(lt, xt, w);
+    lse_add<kDiv == km::kForwardKL>(lt, c, t, w);
   }
   if (has_ce) {
-    PF_UNROLL
-    for (int k = 0; k < N; ++k) {
-      xs[k] = s[k] * kLog2e;
-    }
-    lse2_add<false>(ls1, xs, w);
+    lse_add<false>(ls1, kLog2e, s, w);
   }
 }
 
@@ -309,7 +343,7 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
                                                const Slice& sl, int rank, int tid, int nthreads,
                                                RawVec<ST, VEC>* s_cache, RawVec<TT, VEC>* t_cache, bool reread,
                                                bool has_ce, int64_t row) {
-  Lse2 ls, lt, ls1;
+  RowPartial p;
   for (int j0 = tid; j0 < sl.n; j0 += kUnroll * nthreads) {
     RawVec<ST, VEC> rsv[kUnroll];
     RawVec<TT, VEC> rtv[kUnroll];
@@ -341,7 +375,7 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
         } else {
           mta::fill_n<VEC>(tv, 0.0f);
         }
-        accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, ls, lt, ls1);
+        accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, p.s, p.t, p.s1);
       }
     }
   }
@@ -351,33 +385,65 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
     for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
       const float sv[1] = {static_cast<float>(s[i])};
       const float tv[1] = {kTopK ? 0.0f : static_cast<float>(t[kTopK ? 0 : i])};
-      accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, ls, lt, ls1);
+      accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, p.s, p.t, p.s1);
     }
   }
   if (kTopK && rank == 0) {
     // The teacher's k entries, gathered; forward_kl weights them by (t - s_idx) / T.
-    const float c = a.kp.inv_temperature * kLog2e;
+    const float c = exp2_scale(a.kp);
     for (int j = tid; j < a.k; j += nthreads) {
       const int64_t idx = a.indices[row * a.i_stride + j * a.i_col_stride];
       CUDA_KERNEL_ASSERT(idx >= 0 && idx < a.V);
-      const float tv = static_cast<float>(t[j * a.t_col_stride]);
-      const float x[1] = {tv * c};
-      const float w[1] = {(tv - static_cast<float>(s[idx])) * a.kp.inv_temperature};
-      lse2_add<kDiv == km::kForwardKL>(lt, x, w);
+      const float x[1] = {static_cast<float>(t[j * a.t_col_stride])};
+      const float w[1] = {(x[0] - static_cast<float>(s[idx])) * a.kp.inv_temperature};
+      lse_add<kDiv == km::kForwardKL>(p.t, c, x, w);
     }
   }
-  RowPartial p;
-  p.s = to_online(ls);
-  p.t = to_online(lt);
-  p.s1 = to_online(ls1);
   return p;
+}
+
+// The merged statistics of a row: kd_loss_math.h's KdRowStats relative to the raw row maxima
+// (shifting every logit of a row by a constant changes no probability, so the shared row math takes
+// them unchanged), the maxima, and the mean of the raw reverse_kl weights.
+struct RowStats {
+  km::KdRowStats<float> st;
+  float ms, mt;   // 0 for a row without a finite logit, so that -inf - m stays -inf
+  float mean_w;   // reverse_kl: E_Q[(s - t) / T]
+};
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float safe_max(float m) { return m == km::neg_inf<float>() ? 0.0f : m; }
+
+// Merged pass-1 statistics -> RowStats (jsd sums filled later). The shifted cross terms are
+//   forward_kl: E_P[((t - mt) - (s - ms)) / T] = E_P[(t - s) / T] + (ms - mt) / T,
+//   reverse_kl: E_Q[((s - ms) - (t - mt)) / T] = E_Q[(s - t) / T] - (ms - mt) / T.
+C10_HOST_DEVICE inline RowStats row_stats(const km::KdParams<float>& kp, const RowPartial& p, bool has_ce) {
+  RowStats r;
+  r.ms = safe_max(p.s.max);
+  r.mt = safe_max(p.t.max);
+  r.mean_w = 0.0f;
+  km::KdRowStats<float>& st = r.st;
+  st.lse_s = km::kd_log(p.s.sum);
+  st.lse_t = km::kd_log(p.t.sum);
+  st.lse_s1 = has_ce ? km::kd_log(p.s1.sum) : 0.0f;  // p.s1.max == p.s.max
+  const float off = (r.ms - r.mt) * kp.inv_temperature;
+  st.cross = 0.0f;
+  if (kp.divergence == km::kForwardKL) {
+    st.cross = p.t.wsum / p.t.sum + off;
+  } else if (kp.divergence == km::kReverseKL) {
+    r.mean_w = p.s.wsum / p.s.sum;
+    st.cross = r.mean_w - off;
+  }
+  st.jsd_s = 0.0f;
+  st.jsd_p = 0.0f;
+  return r;
 }
 
 // jsd over the full row: the second pass, from the cache where it holds the vector.
 template <typename ST, typename TT, int VEC>
 C10_HOST_DEVICE inline JsdPartial jsd_thread(const KdArgs& a, const ST* s, const TT* t, const RowSpan& rs,
                                              const Slice& sl, int tid, int nthreads, const RawVec<ST, VEC>* s_cache,
-                                             const RawVec<TT, VEC>* t_cache, float lse_s, float lse_t) {
+                                             const RawVec<TT, VEC>* t_cache, const RowStats& r) {
+  const float lse_s = r.st.lse_s, lse_t = r.st.lse_t;
   JsdPartial p;
   for (int j = tid; j < sl.n; j += nthreads) {
     float sv[VEC], tv[VEC];
@@ -391,14 +457,15 @@ C10_HOST_DEVICE inline JsdPartial jsd_thread(const KdArgs& a, const ST* s, const
     }
     PF_UNROLL
     for (int k = 0; k < VEC; ++k) {
-      km::jsd_accumulate(a.kp, sv[k], tv[k], lse_s, lse_t, p.sq, p.sp);
+      km::jsd_accumulate(a.kp, sv[k] - r.ms, tv[k] - r.mt, lse_s, lse_t, p.sq, p.sp);
     }
   }
   for (int part = 0; part < 2; ++part) {
     const int b = part == 0 ? sl.scalar_begin0 : sl.scalar_begin1;
     const int e = part == 0 ? sl.scalar_end0 : sl.scalar_end1;
     for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
-      km::jsd_accumulate(a.kp, static_cast<float>(s[i]), static_cast<float>(t[i]), lse_s, lse_t, p.sq, p.sp);
+      km::jsd_accumulate(a.kp, static_cast<float>(s[i]) - r.ms, static_cast<float>(t[i]) - r.mt, lse_s, lse_t, p.sq,
+                         p.sp);
     }
   }
   return p;
@@ -408,34 +475,39 @@ C10_HOST_DEVICE inline JsdPartial jsd_thread(const KdArgs& a, const ST* s, const
 // top-k p = 0, so u = 0 there (jsd_offset_log_ratios) and those entries add nothing.
 template <typename ST, typename TT>
 C10_HOST_DEVICE inline JsdPartial topk_jsd_thread(const KdArgs& a, const ST* s, const TT* t, int tid, int nthreads,
-                                                  float lse_s, float lse_t, int64_t row) {
+                                                  const RowStats& r, int64_t row) {
   JsdPartial p;
   for (int j = tid; j < a.k; j += nthreads) {
     const int64_t idx = a.indices[row * a.i_stride + j * a.i_col_stride];
     CUDA_KERNEL_ASSERT(idx >= 0 && idx < a.V);
-    const float sv = static_cast<float>(s[idx]);
-    km::jsd_accumulate(a.kp, sv, static_cast<float>(t[j * a.t_col_stride]), lse_s, lse_t, p.sq, p.sp);
+    const float sv = static_cast<float>(s[idx]) - r.ms;
+    const float tv = static_cast<float>(t[j * a.t_col_stride]) - r.mt;
+    km::jsd_accumulate(a.kp, sv, tv, r.st.lse_s, r.st.lse_t, p.sq, p.sp);
   }
   return p;
 }
 
-// d(row loss)/d(s_i); kTeacher false: an entry outside the top-k (p_i = 0).
+// d(row loss)/d(s_i) from the raw logits s_i, t_i; kTeacher false: an entry outside the top-k
+// (p_i = 0).
 template <int kDiv, bool kTeacher>
 C10_HOST_DEVICE C10_ALWAYS_INLINE float grad_value(const km::KdParams<float>& kp, const RowConsts& rc, float s,
                                                    float t, bool is_label) {
+  const float ds = s - rc.ms;  // exact where q is not negligible
   float g = 0.0f;
   if (rc.kq != 0.0f) {
-    const float q = fast_exp2(fmaf(s, rc.c, -rc.l2s));
+    const float q = fast_exp2(fmaf(ds, rc.c, -rc.l2s));
     float dd;
     if (!kTeacher) {
       dd = rc.coef_q * q;
     } else if (kDiv == km::kForwardKL) {
-      dd = q - fast_exp2(fmaf(t, rc.c, -rc.l2t));
+      dd = q - fast_exp2(fmaf(t - rc.mt, rc.c, -rc.l2t));
     } else if (kDiv == km::kReverseKL) {
-      dd = km::xlogr(q, (s - t) * kp.inv_temperature + rc.r_off);
+      // log q - log p - D = (s - t) / T - E_Q[(s - t) / T] exactly: the pass-1 weight minus its
+      // mean, with no log-partition in it (they cancel).
+      dd = km::xlogr(q, (s - t) * kp.inv_temperature - rc.mean_w);
     } else {
-      const float log_q = s * kp.inv_temperature - rc.lse_s;
-      const float log_p = t * kp.inv_temperature - rc.lse_t;
+      const float log_q = ds * kp.inv_temperature - rc.lse_s;
+      const float log_p = (t - rc.mt) * kp.inv_temperature - rc.lse_t;
       float u, v;
       km::jsd_offset_log_ratios(kp, log_p, log_q, u, v);
       dd = (1.0f - kp.beta) * km::xlogr(q, u - rc.jsd_s);
@@ -443,7 +515,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float grad_value(const km::KdParams<float>& kp
     g = rc.kq * dd;
   }
   if (rc.wce != 0.0f) {
-    g += rc.wce * (fast_exp2(fmaf(s, kLog2e, -rc.l2s1)) - (is_label ? 1.0f : 0.0f));
+    g += rc.wce * (fast_exp2(fmaf(ds, kLog2e, -rc.l2s1)) - (is_label ? 1.0f : 0.0f));
   }
   return g;
 }
@@ -511,28 +583,18 @@ C10_HOST_DEVICE inline void topk_fixup_thread(const KdArgs& a, const ST* s, cons
   }
 }
 
-// Merged statistics -> the row's KdRowStats (jsd sums filled later).
-C10_HOST_DEVICE inline km::KdRowStats<float> row_stats(const km::KdParams<float>& kp, const RowPartial& p,
-                                                       bool has_ce) {
-  km::KdRowStats<float> st;
-  st.lse_s = p.s.lse();
-  st.lse_t = p.t.lse();
-  st.lse_s1 = has_ce ? p.s1.lse() : 0.0f;
-  st.cross = kp.divergence == km::kForwardKL ? p.t.mean_w() : kp.divergence == km::kReverseKL ? p.s.mean_w() : 0.0f;
-  st.jsd_s = 0.0f;
-  st.jsd_p = 0.0f;
-  return st;
-}
-
 C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_stats(const JsdPartial& j, km::KdRowStats<float>& st) {
   st.jsd_s = j.sq;
   st.jsd_p = j.sp;
 }
 
-C10_HOST_DEVICE inline RowConsts row_consts(const km::KdParams<float>& kp, const km::KdRowStats<float>& st,
-                                            const km::KdRowWeights<float>& w, float d, bool has_ce, int64_t label) {
+C10_HOST_DEVICE inline RowConsts row_consts(const km::KdParams<float>& kp, const RowStats& r,
+                                            const km::KdRowWeights<float>& w, bool has_ce, int64_t label) {
+  const km::KdRowStats<float>& st = r.st;
   RowConsts rc;
-  rc.c = kp.inv_temperature * kLog2e;
+  rc.c = exp2_scale(kp);
+  rc.ms = r.ms;
+  rc.mt = r.mt;
   rc.l2s = st.lse_s * kLog2e;
   rc.l2t = st.lse_t * kLog2e;
   rc.l2s1 = st.lse_s1 * kLog2e;
@@ -540,7 +602,7 @@ C10_HOST_DEVICE inline RowConsts row_consts(const km::KdParams<float>& kp, const
   rc.lse_t = st.lse_t;
   rc.kq = w.kd * kp.inv_temperature;
   rc.wce = has_ce ? w.ce : 0.0f;
-  rc.r_off = st.lse_t - st.lse_s - d;
+  rc.mean_w = r.mean_w;
   rc.jsd_s = st.jsd_s;
   // Outside a top-k, u = 0 (jsd) and p = 0 (forward_kl).
   rc.coef_q = kp.divergence == km::kJSD ? (1.0f - kp.beta) * -st.jsd_s : 1.0f;
@@ -552,8 +614,8 @@ C10_HOST_DEVICE inline RowConsts row_consts(const km::KdParams<float>& kp, const
 
 #if defined(__CUDACC__)
 
-template <typename P>
-__device__ C10_ALWAYS_INLINE P warp_reduce(P v) {
+template <typename P, typename M>
+__device__ C10_ALWAYS_INLINE P warp_reduce(P v, const M& merge) {
   static_assert(sizeof(P) % sizeof(float) == 0, "reduced as floats");
   constexpr int kWords = sizeof(P) / sizeof(float);
   PF_UNROLL
@@ -565,25 +627,25 @@ __device__ C10_ALWAYS_INLINE P warp_reduce(P v) {
     for (int w = 0; w < kWords; ++w) {
       dst[w] = __shfl_xor_sync(0xffffffffu, src[w], off);
     }
-    v.merge(o);
+    merge(v, o);
   }
   return v;
 }
 
 // *out = merge of v over the block, visible to every thread on return. blockDim.x is a multiple of
-// 32 and every thread calls this (uniform control flow).
-template <typename P>
-__device__ void block_reduce(P v, P* scratch, P* out) {
+// 32 and every thread calls this (uniform control flow). merge(a, b): a += b.
+template <typename P, typename M>
+__device__ void block_reduce(P v, P* scratch, P* out, const M& merge) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  v = warp_reduce(v);
+  v = warp_reduce(v, merge);
   if (lane == 0) {
     scratch[warp] = v;
   }
   __syncthreads();
   if (warp == 0) {
     P x = lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : P{};
-    x = warp_reduce(x);
+    x = warp_reduce(x, merge);
     if (lane == 0) {
       *out = x;
     }
@@ -594,8 +656,8 @@ __device__ void block_reduce(P v, P* scratch, P* out) {
 // *out = merge of every block's *slot over the cluster, in rank order (so every block gets the
 // same bits). The trailing cluster barrier keeps each block's shared memory alive until all remote
 // reads are done.
-template <typename P>
-__device__ void cluster_reduce(P* slot, P* out, int n_split) {
+template <typename P, typename M>
+__device__ void cluster_reduce(P* slot, P* out, int n_split, const M& merge) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
@@ -603,7 +665,7 @@ __device__ void cluster_reduce(P* slot, P* out, int n_split) {
   if (threadIdx.x == 0) {
     P acc = *cluster.map_shared_rank(slot, 0);
     for (int r = 1; r < n_split; ++r) {
-      acc.merge(*cluster.map_shared_rank(slot, r));
+      merge(acc, *cluster.map_shared_rank(slot, r));
     }
     *out = acc;
   }
@@ -612,15 +674,17 @@ __device__ void cluster_reduce(P* slot, P* out, int n_split) {
   (void)slot;
   (void)out;
   (void)n_split;
+  (void)merge;
   __trap();  // the host launches clusters only for code built for sm_90 or later
 #endif
 }
 
-template <typename P>
-__device__ C10_ALWAYS_INLINE void block_then_cluster_reduce(P v, P* scratch, P* slot, P* out, int n_split) {
-  block_reduce(v, scratch, slot);
+template <typename P, typename M>
+__device__ C10_ALWAYS_INLINE void block_then_cluster_reduce(P v, P* scratch, P* slot, P* out, int n_split,
+                                                            const M& merge) {
+  block_reduce(v, scratch, slot, merge);
   if (n_split > 1) {
-    cluster_reduce(slot, out, n_split);
+    cluster_reduce(slot, out, n_split, merge);
   } else if (threadIdx.x == 0) {
     *out = *slot;
   }
@@ -674,30 +738,29 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
   RowPartial* rp = red.get();
   const RowPartial mine =
       pass1_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, rs, sl, rank, tid, nthreads, s_cache, t_cache, reread, has_ce, row);
-  block_then_cluster_reduce(mine, rp, rp + 32, rp + 33, a.n_split);
-  km::KdRowStats<float> st = row_stats(a.kp, rp[33], has_ce);
+  block_then_cluster_reduce(mine, rp, rp + 32, rp + 33, a.n_split, RowMerge{exp2_scale(a.kp)});
+  RowStats stats = row_stats(a.kp, rp[33], has_ce);
 
   if (kDiv == km::kJSD) {
     JsdPartial* jp = jred.get();
     if (kTopK) {
-      const JsdPartial j = topk_jsd_thread(a, s, t, tid, nthreads, st.lse_s, st.lse_t, row);
-      block_reduce(j, jp, jp + 33);  // every block computes the same sums: no cluster merge
-      jsd_stats(jp[33], st);
+      const JsdPartial j = topk_jsd_thread(a, s, t, tid, nthreads, stats, row);
+      block_reduce(j, jp, jp + 33, JsdMerge{});  // every block computes the same sums: no cluster merge
+      jsd_stats(jp[33], stats.st);
     } else {
-      const JsdPartial j = jsd_thread<ST, TT, VEC>(a, s, t, rs, sl, tid, nthreads, s_cache, t_cache, st.lse_s, st.lse_t);
-      block_then_cluster_reduce(j, jp, jp + 32, jp + 33, a.n_split);
-      jsd_stats(jp[33], st);
+      const JsdPartial j = jsd_thread<ST, TT, VEC>(a, s, t, rs, sl, tid, nthreads, s_cache, t_cache, stats);
+      block_then_cluster_reduce(j, jp, jp + 32, jp + 33, a.n_split, JsdMerge{});
+      jsd_stats(jp[33], stats.st);
     }
   }
   if (rank == 0 && tid == 0) {
-    const float s_label = has_ce ? static_cast<float>(s[label]) : 0.0f;
-    a.loss[row] = km::row_loss(a.kp, st, w, s_label);
+    const float s_label = has_ce ? static_cast<float>(s[label]) - stats.ms : 0.0f;
+    a.loss[row] = km::row_loss(a.kp, stats.st, w, s_label);
   }
   if (!a.need_grad) {
     return;
   }
-  const float d = km::divergence_value(a.kp, st);
-  rc = row_consts(a.kp, st, w, d, has_ce, label);
+  rc = row_consts(a.kp, stats, w, has_ce, label);
   grad_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, g, rs, sl, tid, nthreads, s_cache, t_cache, rc, false);
   if (kTopK) {
     __syncthreads();  // the fix-ups overwrite entries other threads of this block wrote
