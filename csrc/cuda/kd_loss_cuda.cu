@@ -8,7 +8,8 @@
 //      of the raw logits (RawLse: no precision lost to logits in the thousands or a small T),
 //      keeping up to cache_vecs vectors of the raw inputs in shared memory; block (warp shuffle +
 //      shared memory) and cluster merge;
-//   2. jsd only: sum q log(q/m) and p log(p/m) (kd_math::jsd_accumulate), from the cache;
+//   2. jsd only: sum q log(q/m), p log(p/m) and D element by element (kd_math::jsd_accumulate),
+//      from the cache;
 //   3. with need_grad: write d(row loss)/d(s) from the cache. The part of a slice beyond the cache
 //      is re-read from global memory: splitting a row over a cluster keeps that re-read within L2
 //      because few rows are then in flight at once.
@@ -215,15 +216,17 @@ struct RowMerge {
   }
 };
 
-// What the jsd pass reduces: KdRowStats::jsd_s and jsd_p (sums of q u and p v, jsd_accumulate).
+// What the jsd pass reduces: KdRowStats::jsd_s and jsd_p (sums of q u and p v) and D summed element
+// by element (dense only), see jsd_accumulate.
 struct JsdPartial {
-  float sq = 0.0f, sp = 0.0f;
+  float sq = 0.0f, sp = 0.0f, sd = 0.0f;
 };
 
 struct JsdMerge {
   C10_HOST_DEVICE C10_ALWAYS_INLINE void operator()(JsdPartial& a, const JsdPartial& b) const {
     a.sq += b.sq;
     a.sp += b.sp;
+    a.sd += b.sd;
   }
 };
 
@@ -409,6 +412,7 @@ struct RowStats {
   km::KdRowStats<float> st;
   float ms, mt;   // 0 for a row without a finite logit, so that -inf - m stays -inf
   float mean_w;   // reverse_kl: E_Q[(s - t) / T]
+  float jsd_d;    // dense jsd: D summed element by element (jsd_stats)
 };
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE float safe_max(float m) { return m == km::neg_inf<float>() ? 0.0f : m; }
@@ -421,6 +425,7 @@ C10_HOST_DEVICE inline RowStats row_stats(const km::KdParams<float>& kp, const R
   r.ms = safe_max(p.s.max);
   r.mt = safe_max(p.t.max);
   r.mean_w = 0.0f;
+  r.jsd_d = 0.0f;
   km::KdRowStats<float>& st = r.st;
   st.lse_s = km::kd_log(p.s.sum);
   st.lse_t = km::kd_log(p.t.sum);
@@ -457,7 +462,7 @@ C10_HOST_DEVICE inline JsdPartial jsd_thread(const KdArgs& a, const ST* s, const
     }
     PF_UNROLL
     for (int k = 0; k < VEC; ++k) {
-      km::jsd_accumulate(a.kp, sv[k] - r.ms, tv[k] - r.mt, lse_s, lse_t, p.sq, p.sp);
+      km::jsd_accumulate(a.kp, sv[k] - r.ms, tv[k] - r.mt, lse_s, lse_t, p.sq, p.sp, p.sd);
     }
   }
   for (int part = 0; part < 2; ++part) {
@@ -465,7 +470,7 @@ C10_HOST_DEVICE inline JsdPartial jsd_thread(const KdArgs& a, const ST* s, const
     const int e = part == 0 ? sl.scalar_end0 : sl.scalar_end1;
     for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
       km::jsd_accumulate(a.kp, static_cast<float>(s[i]) - r.ms, static_cast<float>(t[i]) - r.mt, lse_s, lse_t, p.sq,
-                         p.sp);
+                         p.sp, p.sd);
     }
   }
   return p;
@@ -583,9 +588,23 @@ C10_HOST_DEVICE inline void topk_fixup_thread(const KdArgs& a, const ST* s, cons
   }
 }
 
-C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_stats(const JsdPartial& j, km::KdRowStats<float>& st) {
-  st.jsd_s = j.sq;
-  st.jsd_p = j.sp;
+C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_stats(const JsdPartial& j, RowStats& r) {
+  r.st.jsd_s = j.sq;
+  r.st.jsd_p = j.sp;
+  r.jsd_d = j.sd;
+}
+
+// The row loss. The dense jsd takes D from its element-wise sum (jsd_accumulate), as the CPU
+// kernel does; with a top-k teacher the entries outside it would need a sum over the whole row.
+template <int kDiv, bool kTopK>
+C10_HOST_DEVICE inline float row_loss_value(const km::KdParams<float>& kp, const RowStats& r,
+                                            const km::KdRowWeights<float>& w, float s_label) {
+  if (kDiv != km::kJSD || kTopK) {
+    return km::row_loss(kp, r.st, w, s_label);
+  }
+  km::KdRowWeights<float> w_ce = w;
+  w_ce.kd = 0.0f;
+  return (w.kd != 0.0f ? w.kd * r.jsd_d : 0.0f) + km::row_loss(kp, r.st, w_ce, s_label);
 }
 
 C10_HOST_DEVICE inline RowConsts row_consts(const km::KdParams<float>& kp, const RowStats& r,
@@ -746,16 +765,16 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
     if (kTopK) {
       const JsdPartial j = topk_jsd_thread(a, s, t, tid, nthreads, stats, row);
       block_reduce(j, jp, jp + 33, JsdMerge{});  // every block computes the same sums: no cluster merge
-      jsd_stats(jp[33], stats.st);
+      jsd_stats(jp[33], stats);
     } else {
       const JsdPartial j = jsd_thread<ST, TT, VEC>(a, s, t, rs, sl, tid, nthreads, s_cache, t_cache, stats);
       block_then_cluster_reduce(j, jp, jp + 32, jp + 33, a.n_split, JsdMerge{});
-      jsd_stats(jp[33], stats.st);
+      jsd_stats(jp[33], stats);
     }
   }
   if (rank == 0 && tid == 0) {
     const float s_label = has_ce ? static_cast<float>(s[label]) - stats.ms : 0.0f;
-    a.loss[row] = km::row_loss(a.kp, stats.st, w, s_label);
+    a.loss[row] = row_loss_value<kDiv, kTopK>(a.kp, stats, w, s_label);
   }
   if (!a.need_grad) {
     return;

@@ -171,15 +171,30 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_offset_log_ratios(const KdParams<T>& 
   v = (d < T(0) ? d : T(0)) - l1;
 }
 
-// The jsd second-pass terms of one element: adds q u to sq and p v to sp (see KdRowStats).
+// The jsd second-pass terms of one element: adds q u to sq, p v to sp (see KdRowStats) and the
+// element's term of D to sd:
+//   beta p log(p / m) + (1 - beta) q log(q / m) = beta (p v - p log(beta)) + (1 - beta) (q u - q log(1 - beta)).
+// Each term is >= 0 and second order in p - q, so their sum keeps its precision where D is tiny
+// (large T); divergence_value's beta (S_P - log(beta)) + (1 - beta) (S_Q - log(1 - beta)) from
+// the row sums cancels O(1) numbers there.
 template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_accumulate(const KdParams<T>& k, T s, T t, T lse_s, T lse_t, T& sq, T& sp) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_accumulate(const KdParams<T>& k, T s, T t, T lse_s, T lse_t, T& sq, T& sp,
+                                                      T& sd) {
   const T log_q = s * k.inv_temperature - lse_s;
   const T log_p = t * k.inv_temperature - lse_t;
   T u, v;
   jsd_offset_log_ratios(k, log_p, log_q, u, v);
-  sq += xlogr(kd_exp(log_q), u);
-  sp += xlogr(kd_exp(log_p), v);
+  const T q = kd_exp(log_q), p = kd_exp(log_p);
+  const T qu = xlogr(q, u), pv = xlogr(p, v);
+  sq += qu;
+  sp += pv;
+  sd += k.beta * (pv - xlogr(p, k.log_beta)) + (T(1) - k.beta) * (qu - xlogr(q, k.log_one_minus_beta));
+}
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_accumulate(const KdParams<T>& k, T s, T t, T lse_s, T lse_t, T& sq, T& sp) {
+  T sd = T(0);  // unused: the compiler drops its terms
+  jsd_accumulate(k, s, t, lse_s, lse_t, sq, sp, sd);
 }
 
 // D of one row from its statistics.
