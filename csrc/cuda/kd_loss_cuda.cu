@@ -13,8 +13,9 @@
 //   3. with need_grad: write d(row loss)/d(s) from the cache. The part of a slice beyond the cache
 //      is re-read from global memory: splitting a row over a cluster keeps that re-read within L2
 //      because few rows are then in flight at once.
-// The row is split between a scalar head (up to the first element where every operand is 16-byte
-// aligned), whole vectors and a scalar tail, so any row stride and any V work.
+// The row is split between a scalar head (up to the first element where the most operands are
+// 16-byte aligned), whole vectors and a scalar tail, so any row stride and any V work; an operand
+// not aligned with the others goes element by element through the vectors (row_span).
 // The hot loops use ex2.approx (log2 scaled), the per-row arithmetic is kd_loss_math.h's, fed the
 // row statistics relative to the raw row maxima (as the CPU kernels do).
 #include <ATen/Dispatch.h>
@@ -70,9 +71,19 @@ struct RawVec {
 };
 
 // `stream`: last use of the data (evict first) rather than a load that a later pass re-reads in L2.
+// `aligned`: p is 16-byte aligned; else the vector is read element by element (an operand whose
+// address differs from the others' modulo 16 bytes, see row_span).
 template <typename T, int VEC>
-C10_HOST_DEVICE C10_ALWAYS_INLINE RawVec<T, VEC> load_raw(const T* p, bool stream) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE RawVec<T, VEC> load_raw(const T* p, bool stream, bool aligned) {
   RawVec<T, VEC> r;
+  if (!aligned) {
+    T* e = reinterpret_cast<T*>(r.w);
+    PF_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      e[k] = p[k];
+    }
+    return r;
+  }
   const uint4* q = reinterpret_cast<const uint4*>(p);
   PF_UNROLL
   for (int i = 0; i < RawVec<T, VEC>::kWords; ++i) {
@@ -95,8 +106,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void to_float(const RawVec<T, VEC>& r, float (
   }
 }
 
+// `aligned` as for load_raw.
 template <typename T, int VEC>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(T* p, const float (&in)[VEC]) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(T* p, const float (&in)[VEC], bool aligned) {
+  if (!aligned) {
+    PF_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      p[k] = static_cast<T>(in[k]);
+    }
+    return;
+  }
   RawVec<T, VEC> r;
   T* e = reinterpret_cast<T*>(r.w);
   PF_UNROLL
@@ -249,28 +268,40 @@ struct KdArgs {
   km::KdParams<float> kp;
 };
 
-// Elements [0, head) and [tail, V) are scalar; [head, tail) is nv vectors, vpb per block.
+// Elements [0, head) and [tail, V) are scalar; [head, tail) is nv vectors, vpb per block. The
+// flags say which operands are 16-byte aligned at `head` (vector loads and stores); the others are
+// read or written element by element within the vector part.
 struct RowSpan {
   int head, nv, vpb, tail;
+  bool s_vec, t_vec, g_vec;
 };
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE bool aligned16(const void* p, int64_t byte_offset) {
   return p == nullptr || (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(byte_offset)) % 16 == 0;
 }
 
-// The first element where every operand of the row is 16-byte aligned (all scalar if none).
+// The head is the first element where the most operands of the row are 16-byte aligned: all of
+// them unless their addresses differ modulo 16 bytes (e.g. a sliced student with its own
+// contiguous gradient). An operand not aligned there goes element by element through the vector
+// part, so such a row keeps its vector split over the block, the cache and the cluster.
 template <typename ST, typename TT, int VEC>
 C10_HOST_DEVICE inline RowSpan row_span(const ST* s, const TT* t, const ST* g, int V, int n_split) {
-  int head = V;
+  int head = 0;
+  int best = -1;
   for (int h = 0; h < VEC && h < V; ++h) {
-    if (aligned16(s, h * int64_t(sizeof(ST))) && aligned16(t, h * int64_t(sizeof(TT))) &&
-        aligned16(g, h * int64_t(sizeof(ST)))) {
+    const int n = static_cast<int>(aligned16(s, h * int64_t(sizeof(ST)))) +
+                  static_cast<int>(aligned16(t, h * int64_t(sizeof(TT)))) +
+                  static_cast<int>(aligned16(g, h * int64_t(sizeof(ST))));
+    if (n > best) {
+      best = n;
       head = h;
-      break;
     }
   }
   RowSpan r;
   r.head = head;
+  r.s_vec = aligned16(s, head * int64_t(sizeof(ST)));
+  r.t_vec = aligned16(t, head * int64_t(sizeof(TT)));
+  r.g_vec = aligned16(g, head * int64_t(sizeof(ST)));
   r.nv = (V - head) / VEC;
   r.vpb = (r.nv + n_split - 1) / n_split;
   r.tail = head + r.nv * VEC;
@@ -356,9 +387,9 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
       if (j < sl.n) {
         const bool keep = j < a.cache_vecs;
         const int64_t e = rs.head + static_cast<int64_t>(sl.v0 + j) * VEC;
-        rsv[u] = load_raw<ST, VEC>(s + e, keep || !reread);
+        rsv[u] = load_raw<ST, VEC>(s + e, keep || !reread, rs.s_vec);
         if (!kTopK) {
-          rtv[u] = load_raw<TT, VEC>(t + e, keep || !reread);
+          rtv[u] = load_raw<TT, VEC>(t + e, keep || !reread, rs.t_vec);
         }
         if (keep) {
           s_cache[j] = rsv[u];
@@ -457,8 +488,8 @@ C10_HOST_DEVICE inline JsdPartial jsd_thread(const KdArgs& a, const ST* s, const
       to_float(t_cache[j], tv);
     } else {
       const int64_t e = rs.head + static_cast<int64_t>(sl.v0 + j) * VEC;
-      to_float(load_raw<ST, VEC>(s + e, !a.need_grad), sv);
-      to_float(load_raw<TT, VEC>(t + e, !a.need_grad), tv);
+      to_float(load_raw<ST, VEC>(s + e, !a.need_grad, rs.s_vec), sv);
+      to_float(load_raw<TT, VEC>(t + e, !a.need_grad, rs.t_vec), tv);
     }
     PF_UNROLL
     for (int k = 0; k < VEC; ++k) {
@@ -543,9 +574,9 @@ C10_HOST_DEVICE inline void grad_thread(const KdArgs& a, const ST* s, const TT* 
           to_float(t_cache[j], tv);
         }
       } else {
-        to_float(load_raw<ST, VEC>(s + e, true), sv);
+        to_float(load_raw<ST, VEC>(s + e, true, rs.s_vec), sv);
         if (!kTopK) {
-          to_float(load_raw<TT, VEC>(t + e, true), tv);
+          to_float(load_raw<TT, VEC>(t + e, true, rs.t_vec), tv);
         }
       }
       if (kTopK) {
@@ -556,7 +587,7 @@ C10_HOST_DEVICE inline void grad_thread(const KdArgs& a, const ST* s, const TT* 
         out[k] = grad_value<kDiv, !kTopK>(a.kp, rc, sv[k], tv[k], e + k == rc.label);
       }
     }
-    store_vec<ST, VEC>(g + e, out);
+    store_vec<ST, VEC>(g + e, out, rs.g_vec);
   }
   for (int part = 0; part < 2; ++part) {
     const int b = part == 0 ? sl.scalar_begin0 : sl.scalar_begin1;
