@@ -83,6 +83,52 @@ def test_odd_vocab(device, divergence):
     check(s, t, lab, divergence=divergence, temperature=1.5)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("student_dtype,teacher_dtype,V", [(torch.float32, torch.float32, 6100),
+                                                           (torch.bfloat16, torch.float32, 8192),
+                                                           (torch.bfloat16, torch.bfloat16, 12000)])
+def test_cuda_shared_memory_boundary(divergence, student_dtype, teacher_dtype, V):
+    # 256 rows (one block per row) with a gradient: the kernel caches the row in just under 48 KB
+    # of dynamic shared memory, above the default limit (48 KB minus the static shared memory).
+    s, t, lab = make_case((256, V), "cuda", dtype=student_dtype, seed=12)
+    same = teacher_dtype == student_dtype
+    check(s, t.to(teacher_dtype), lab, dtype=student_dtype, torch_lowp=same and student_dtype != torch.float32,
+          divergence=divergence, temperature=1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_cuda_cluster_split(divergence, need_grad):
+    # 2 rows of 50257: each row is split over a cluster of blocks on sm_90 (one block elsewhere).
+    s, t, lab = make_case((2, 50257), "cuda", labels="with", seed=13)
+    if need_grad:
+        check(s, t, lab, divergence=divergence, temperature=1.3, alpha=0.6)
+        return
+    with torch.no_grad():
+        loss = kd_loss(s, t, lab, divergence=divergence, temperature=1.3, alpha=0.6)
+    ref_loss, _ = kd_reference(s, t, lab, divergence=divergence, temperature=1.3, alpha=0.6)
+    assert_loss_close(loss, ref_loss, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset,V", [(1, 1003), (2, 1003), (3, 50257)])
+def test_sliced_student(device, divergence, dtype, offset, V):
+    # A student sliced out of a wider buffer: its rows are aligned differently from the teacher and
+    # from its own (contiguous) gradient, row by row (odd row stride).
+    g = torch.Generator().manual_seed(14 + offset)
+    N = 5 if V < 5000 else 2
+    big = (torch.randn(N, V + 5, generator=g) * 3).to(device=device, dtype=dtype)
+    s = big[:, offset:offset + V]
+    t = (torch.randn(N, V, generator=g) * 3).to(device=device, dtype=dtype)
+    lab = torch.randint(0, V, (N,), generator=g).to(device)
+    assert s.data_ptr() % 16 != 0 and s.stride(0) == V + 5
+    check(s, t, lab, dtype=dtype, torch_lowp=dtype != torch.float32, divergence=divergence, temperature=1.7)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -41,17 +41,41 @@ def test_matches_scattered_reference(device, divergence, k, labels, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("temperature", [0.05, 100.0])
-def test_temperature_extremes_and_large_logits(device, temperature):
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 100.0])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_temperature_extremes_and_large_logits(device, temperature, divergence):
     s, v, i, lab = case((4, 2000), 50, device, seed=3, scale=1500.0)
     x = s.clone().requires_grad_(True)
-    kw = dict(temperature=temperature, divergence="jsd")
+    kw = dict(temperature=temperature, divergence=divergence)
     loss = kd_loss_topk(x, v, i, lab, **kw)
     loss.backward()
     ref_loss, ref_grad = kd_reference(s, topk_to_full(v, i, 2000), lab, **kw)
     torch_loss, _ = kd_reference(s, topk_to_full(v, i, 2000).float(), lab, compute_dtype=torch.float32, **kw)
     assert_loss_close(loss, ref_loss, torch.float32, torch_same_dtype=torch_loss)
     assert_grad_close(x.grad, ref_grad, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_cuda_cluster_split(divergence, sliced):
+    # Rows of 50257 with k = 64: each row is split over a cluster of blocks on sm_90, and the
+    # gradient fix-ups of the top-k entries fall to the blocks that own them. `sliced`: a student
+    # misaligned against its gradient.
+    V = 50257
+    s, v, i, _ = case((3, V), 64, "cuda", seed=5)
+    if sliced:
+        buf = torch.zeros(3, V + 3, device="cuda")
+        buf[:, 3:] = s
+        s = buf[:, 3:]
+    lab = torch.tensor([7, -100, V - 1], device="cuda")
+    x = s.detach().requires_grad_(True)
+    kw = dict(temperature=1.7, alpha=0.4, divergence=divergence)
+    kd_loss_topk(x, v, i, lab, **kw).backward()
+    loss = kd_loss_topk(s, v, i, lab, **kw)
+    ref_loss, ref_grad = kd_reference(s, topk_to_full(v, i, V), lab, **kw)
+    assert_loss_close(loss, ref_loss, torch.float32, msg=str(kw))
+    assert_grad_close(x.grad, ref_grad, torch.float32, msg=str(kw))
 
 
 @pytest.mark.parametrize("device", DEVICES)
