@@ -716,11 +716,15 @@ class MovementPruner(GradualPruner):
 
     @torch.no_grad()
     def finalize(self) -> None:
-        """End movement pruning now: zero the pruned weights and turn ``dense_grad`` off, so the
-        layers train (and keep their zeros under :func:`mask_optimizer`) as magnitude-pruned ones.
-        Called by :meth:`step` at ``end_step``."""
+        """End movement pruning now: zero the pruned weights (and their gradients, for the
+        optimizer step that follows) and turn ``dense_grad`` off, so the layers train (and keep
+        their zeros under :func:`mask_optimizer`) as magnitude-pruned ones. Called by :meth:`step`
+        at ``end_step``."""
         for _, module in self.layers:
-            module.weight.masked_fill_(~module.weight_mask, 0)
+            pruned = ~module.weight_mask
+            module.weight.masked_fill_(pruned, 0)
+            if module.weight.grad is not None:
+                module.weight.grad.masked_fill_(pruned, 0)
             module.dense_grad = False
         self.finished = True
 
