@@ -953,19 +953,25 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 # ------------------------------------------------------------------------ SparseLinear
 def _sparse_linear_class(required: bool = True):
     """``pyfinetune._sparse_linear.SparseLinear``, imported on first use (it is a separate module
-    that may be absent); None when absent and not ``required``."""
+    that may be absent); None when absent and not ``required``, else ImportError."""
     try:
         from ._sparse_linear import SparseLinear
-    except ImportError:
+    except ImportError as e:
         if required:
-            raise
+            raise ImportError(f"SparseLinear is not available: pyfinetune._sparse_linear could not be imported ({e})") from e
         return None
     return SparseLinear
 
 
 def __getattr__(name: str):
+    # `pyfinetune.prune.SparseLinear` without importing it with this module. AttributeError when
+    # it is absent, so that hasattr() works and `from pyfinetune.prune import SparseLinear` raises
+    # ImportError.
     if name == "SparseLinear":
-        return _sparse_linear_class()
+        try:
+            return _sparse_linear_class()
+        except ImportError as e:
+            raise AttributeError(str(e)) from e
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
