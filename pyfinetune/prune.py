@@ -392,82 +392,104 @@ def _nm_candidates(keys: Tensor, n: int, m: int) -> Tensor:
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True).reshape(keys.shape)
 
 
-def _select_keep(entries: Sequence[Tensor], current: Sequence[Optional[Tensor]], sparsity: float, pat: _Pattern,
-                 scope: str, block_reduce: str, prefer_pruned: bool) -> List[Tensor]:
-    """The new masks: the units (entries or blocks) with the smallest keys are pruned.
+@dataclass
+class _Units:
+    """One layer's ranking units: ``keys`` [units] (entries, N:M candidates or blocks), ``count``
+    (what ``sparsity`` is a fraction of), and what is needed to map the units back to entries."""
+
+    keys: Tensor
+    count: int
+    shape: Tuple[int, int]
+    cand: Optional[Tensor] = None                       # N:M: bool [out, in], the candidates
+    shape4: Optional[Tuple[int, int, int, int]] = None  # blocks: [out/R, R, in/C, C]
+
+    def keep(self, pruned: Tensor) -> Tensor:
+        """Bool [out, in], True = kept, from ``pruned`` [units]."""
+        if self.shape4 is not None:
+            r4 = self.shape4
+            pruned = pruned.reshape(r4[0], 1, r4[2], 1).expand(r4)
+        elif self.cand is not None:
+            full = torch.zeros_like(self.cand)
+            full[self.cand] = pruned
+            pruned = full
+        return ~pruned.reshape(self.shape)
+
+
+def _units(keys: Tensor, mask: Optional[Tensor], pat: _Pattern, block_reduce: str, prefer_pruned: bool) -> _Units:
+    """The units of one layer from its entry keys [out, in] (float32 / float64).
 
     Args:
-        entries: per layer, the keys of the entries as a matrix [out, in] (float32 / float64).
-        current: per layer, its present mask [out, in] or None.
-        block_reduce: how a block's key is made from its entries' keys: "l2" (sum of squares,
-            ordered as the L2 norm) or "sum".
-        prefer_pruned: units already fully pruned go first (so masks only grow with sparsity);
-            among equal keys the lower index (in layer order, then row-major) goes first.
-
-    Returns:
-        per layer, bool [out, in], True = kept.
+        mask: the layer's present mask [out, in] or None.
+        block_reduce: a block's key from its entries' keys: "l2" (sum of squares, ordered as the
+            L2 norm) or "sum".
+        prefer_pruned: units already fully pruned rank lowest (so masks only grow with sparsity).
     """
-    units, counts, shapes4, cands = [], [], [], []
-    for keys, mask in zip(entries, current):
-        dead = None if mask is None or not prefer_pruned else ~mask
-        if pat.kind == "block":
-            shape4 = (keys.shape[0] // pat.rows, pat.rows, keys.shape[1] // pat.cols, pat.cols)
-            blocks = keys.reshape(shape4)
-            unit = blocks.square().sum(dim=(1, 3)) if block_reduce == "l2" else blocks.sum(dim=(1, 3))
-            if dead is not None:
-                unit = unit.masked_fill(dead.reshape(shape4).all(dim=3).all(dim=1), -math.inf)
-            units.append(unit.reshape(-1))
-            counts.append(unit.numel())
-            shapes4.append(shape4)
-            cands.append(None)
-            continue
+    dead = None if mask is None or not prefer_pruned else ~mask
+    if pat.kind == "block":
+        shape4 = (keys.shape[0] // pat.rows, pat.rows, keys.shape[1] // pat.cols, pat.cols)
+        blocks = keys.reshape(shape4)
+        unit = blocks.square().sum(dim=(1, 3)) if block_reduce == "l2" else blocks.sum(dim=(1, 3))
         if dead is not None:
-            keys = keys.masked_fill(dead, -math.inf)
-        cand = _nm_candidates(keys, pat.n, pat.m) if pat.kind == "nm" else None
-        units.append(keys.reshape(-1) if cand is None else keys[cand])
-        counts.append(keys.numel())
-        shapes4.append(None)
-        cands.append(cand)
+            unit = unit.masked_fill(dead.reshape(shape4).all(dim=3).all(dim=1), -math.inf)
+        return _Units(unit.reshape(-1), unit.numel(), tuple(keys.shape), shape4=shape4)
+    if dead is not None:
+        keys = keys.masked_fill(dead, -math.inf)
+    if pat.kind == "nm":
+        cand = _nm_candidates(keys, pat.n, pat.m)
+        return _Units(keys[cand], keys.numel(), tuple(keys.shape), cand=cand)
+    return _Units(keys.reshape(-1), keys.numel(), tuple(keys.shape))
+
+
+def _prune_layers(layers: Sequence[Tuple[str, nn.Module]], key_fn: Callable[[str, nn.Module], Tensor],
+                  sparsity: float, pat: _Pattern, scope: str, block_reduce: str, prefer_pruned: bool,
+                  zero_weight: Callable[[nn.Module], bool]) -> None:
+    """Set the masks of ``layers``: the ``round(sparsity * count)`` units with the smallest keys
+    are pruned, per layer or over all layers; among equal keys the lower index (layers in order,
+    then row-major) goes first.
+
+    ``key_fn(name, module)`` gives a layer's entry keys [out, in]. With ``scope="layer"`` one
+    layer's keys are alive at a time; ``"global"`` holds all units at once (4 bytes per weight,
+    float32 keys, or one key per block).
+    """
+    def units_of(name, module):
+        mask = module.weight_mask.reshape(_matrix_shape(module)) if _is_masked(module) else None
+        return _units(key_fn(name, module), mask, pat, block_reduce, prefer_pruned)
+
+    def apply(module, units, pruned):
+        _set_mask(module, units.keep(pruned).reshape(module.weight.shape), zero_weight(module))
+
     if scope == "layer":
-        pruned = [_lowest_k(u, round(sparsity * c)) for u, c in zip(units, counts)]
-    else:
-        device = units[0].device
-        flat = torch.cat([u.to(device) for u in units])
-        chosen = _lowest_k(flat, round(sparsity * sum(counts)))
-        pruned = [p.to(u.device) for p, u in zip(chosen.split([u.numel() for u in units]), units)]
-    keeps = []
-    for keys, p, shape4, cand in zip(entries, pruned, shapes4, cands):
-        if shape4 is not None:
-            p = p.reshape(shape4[0], 1, shape4[2], 1).expand(shape4).reshape(keys.shape)
-        elif cand is not None:
-            full = torch.zeros_like(cand)
-            full[cand] = p
-            p = full
-        keeps.append(~p.reshape(keys.shape))
-    return keeps
+        for name, module in layers:
+            units = units_of(name, module)
+            apply(module, units, _lowest_k(units.keys, round(sparsity * units.count)))
+        return
+    all_units = [units_of(name, module) for name, module in layers]
+    device = all_units[0].keys.device
+    chosen = _lowest_k(torch.cat([u.keys.to(device) for u in all_units]),
+                       round(sparsity * sum(u.count for u in all_units)))
+    for (_, module), units, pruned in zip(layers, all_units, chosen.split([u.keys.numel() for u in all_units])):
+        apply(module, units, pruned.to(units.keys.device))
 
 
 def _key_dtype(layers: Sequence[Tuple[str, nn.Module]]) -> torch.dtype:
     return torch.float64 if any(m.weight.dtype == torch.float64 for _, m in layers) else torch.float32
 
 
-def _magnitudes(layers: Sequence[Tuple[str, nn.Module]]) -> List[Tensor]:
-    """|effective weight| of each layer as a matrix [out, in] (float32, float64 if any weight is)."""
-    dtype = _key_dtype(layers)
-    out = []
-    for name, module in layers:
+def _magnitude_keys(dtype: torch.dtype) -> Callable[[str, nn.Module], Tensor]:
+    """``key_fn`` of magnitude pruning: |effective weight| as [out, in] in ``dtype``."""
+    def keys(name: str, module: nn.Module) -> Tensor:
         w = module.weight.detach()
         if _is_masked(module):
             w = w * module.weight_mask
-        mag = w.reshape(_matrix_shape(module)).to(dtype).abs()
-        if torch.isnan(mag).any():
-            raise ValueError(f"the weight of layer {name!r} contains NaN; it cannot be ranked by magnitude")
-        out.append(mag)
-    return out
+        return w.reshape(_matrix_shape(module)).to(dtype).abs()
+    return keys
 
 
-def _current_masks(layers: Sequence[Tuple[str, nn.Module]]) -> List[Optional[Tensor]]:
-    return [m.weight_mask.reshape(_matrix_shape(m)) if _is_masked(m) else None for _, m in layers]
+def _check_no_nan(layers: Sequence[Tuple[str, nn.Module]]) -> None:
+    """Before any mask is set, so that a NaN weight leaves the model as it was."""
+    for name, module in layers:
+        if torch.isnan(module.weight).any():
+            raise ValueError(f"the weight of layer {name!r} contains NaN; it cannot be pruned by rank")
 
 
 def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "layer", pattern: str = "unstructured",
@@ -504,13 +526,10 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "layer", 
     _check_sparsity("sparsity", sparsity, pat)
     layers = _select_layers(model, include, exclude)
     _check_pattern_fits(layers, pat)
-    keeps = _select_keep(_magnitudes(layers), _current_masks(layers), sparsity, pat, scope,
-                         block_reduce="l2", prefer_pruned=True)
-    result = {}
-    for (name, module), keep in zip(layers, keeps):
-        _set_mask(module, keep.reshape(module.weight.shape), zero_weight=True)
-        result[name] = module.weight_mask
-    return result
+    _check_no_nan(layers)
+    _prune_layers(layers, _magnitude_keys(_key_dtype(layers)), sparsity, pat, scope, block_reduce="l2",
+                  prefer_pruned=True, zero_weight=lambda module: True)
+    return {name: module.weight_mask for name, module in layers}
 
 
 # ------------------------------------------------------------------------ schedules
@@ -574,6 +593,7 @@ class GradualPruner:
         self.start_step, self.end_step, self.every = start_step, end_step, every
         self.pattern, self.scope = pattern, scope
         self._pattern = pat
+        self._key_dtype = _key_dtype(self.layers)
         self.step_count = 0
         self.last_sparsity: Optional[float] = None
         for _, module in self.layers:
@@ -610,14 +630,14 @@ class GradualPruner:
         return self.last_sparsity
 
     def _prune(self, sparsity: float) -> None:
-        keeps = _select_keep(self._entry_keys(), _current_masks(self.layers), sparsity, self._pattern, self.scope,
-                             block_reduce=self._block_reduce, prefer_pruned=self._prefer_pruned)
-        for (_, module), keep in zip(self.layers, keeps):
-            _set_mask(module, keep.reshape(module.weight.shape), zero_weight=not module.dense_grad)
+        _check_no_nan(self.layers)
+        _prune_layers(self.layers, self._entry_keys, sparsity, self._pattern, self.scope,
+                      block_reduce=self._block_reduce, prefer_pruned=self._prefer_pruned,
+                      zero_weight=lambda module: not module.dense_grad)
         self.last_sparsity = sparsity
 
-    def _entry_keys(self) -> List[Tensor]:
-        return _magnitudes(self.layers)
+    def _entry_keys(self, name: str, module: nn.Module) -> Tensor:
+        return _magnitude_keys(self._key_dtype)(name, module)
 
     def _config(self) -> Dict[str, Any]:
         return dict(final_sparsity=self.final_sparsity, initial_sparsity=self.initial_sparsity,
@@ -671,9 +691,8 @@ class MovementPruner(GradualPruner):
                  include: LayerFilter = None, exclude: LayerFilter = None):
         super().__init__(model, final_sparsity, start_step, end_step, every, pattern=pattern, scope=scope,
                          initial_sparsity=initial_sparsity, include=include, exclude=exclude)
-        dtype = _key_dtype(self.layers)
         self.scores: Dict[str, Tensor] = {
-            name: torch.zeros_like(module.weight, dtype=dtype, memory_format=torch.contiguous_format)
+            name: torch.zeros_like(module.weight, dtype=self._key_dtype, memory_format=torch.contiguous_format)
             for name, module in self.layers}
         self.finished = False
         for _, module in self.layers:
@@ -711,8 +730,8 @@ class MovementPruner(GradualPruner):
                                                                                 device=score.device)))
             grad.masked_fill_(~module.weight_mask, 0)
 
-    def _entry_keys(self) -> List[Tensor]:
-        return [self.scores[name].reshape(_matrix_shape(module)) for name, module in self.layers]
+    def _entry_keys(self, name: str, module: nn.Module) -> Tensor:
+        return self.scores[name].reshape(_matrix_shape(module))
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -809,8 +828,9 @@ def mask_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> _Optim
     """Keep the pruned weights of ``model`` and their optimizer state exactly zero through
     training with ``optimizer``; momentum and weight decay never revive a pruned weight.
 
-    Call it once, after pruning (or after building a :class:`GradualPruner`); the hooks read the
-    layers' masks at every step, so later mask changes (pruners, ``load_state_dict``) are followed.
+    Call it once per optimizer, before or after pruning: the hooks read the layers' masks at
+    every step, so every later change (pruning, pruners, ``load_state_dict``, :func:`remove_masks`)
+    is followed. Each call installs its own hooks.
 
     * ``pyfinetune.optim.AdamW`` / ``SGD``: a step pre-hook hands each mask to ``opt.set_mask``
       whenever it changed (the fused kernel then keeps the masked weights and state zero).
@@ -856,6 +876,7 @@ class LayerSparsity:
 
     @property
     def pruned(self) -> int:
+        """Weights pruned (``numel - kept``)."""
         return self.numel - self.kept
 
     @property
@@ -876,10 +897,12 @@ class SparsityReport:
 
     @property
     def numel(self) -> int:
+        """Weights of all reported layers."""
         return sum(r.numel for r in self.layers)
 
     @property
     def kept(self) -> int:
+        """Weights kept over all reported layers."""
         return sum(r.kept for r in self.layers)
 
     @property

@@ -244,7 +244,7 @@ def test_pickle_and_deepcopy(how):
 def test_torch_compile():
     model = _pruned_convnet()
     _scramble_pruned(model)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, fullgraph=True)
     x = conv_input()
     upstream = torch.randn(3, 8)
     y = compiled(x)

@@ -281,11 +281,13 @@ def test_error_tied_weights_and_nan():
     b.weight = a.weight
     with pytest.raises(ValueError, match="share one weight"):
         prune.magnitude_prune(nn.Sequential(a, b), 0.5)
-    layer = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     with torch.no_grad():
-        layer.weight[0, 0] = math.nan
-    with pytest.raises(ValueError, match="NaN"):
-        prune.magnitude_prune(layer, 0.5)
+        model[1].weight[0, 0] = math.nan
+    before = model[0].weight.detach().clone()
+    with pytest.raises(ValueError, match="layer '1' contains NaN"):
+        prune.magnitude_prune(model, 0.5)
+    assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before), "nothing was pruned"
 
 
 def test_infinite_magnitude_is_kept():
