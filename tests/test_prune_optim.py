@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pyfinetune
+from conftest import device_params
 from prune_harness import LAYERS, ConvNet, conv_input, optimizer_state_tensors
 from pyfinetune import prune
 
@@ -25,10 +26,10 @@ DTYPES = [torch.float32, torch.bfloat16]
 class Trainer:
     """ConvNet, a fixed regression batch and one optimizer; ``step()`` is one training step."""
 
-    def __init__(self, kind, dtype=torch.float32):
-        self.model = ConvNet(dtype)
-        self.x = conv_input(8, dtype)
-        self.target = torch.randn(8, 8, dtype=dtype)
+    def __init__(self, kind, dtype=torch.float32, device="cpu"):
+        self.model = ConvNet(dtype, device)
+        self.x = conv_input(8, dtype, device)
+        self.target = torch.randn(8, 8, dtype=dtype, device=device)
         self.kind, self.dtype = kind, dtype
         self.opt = None
 
@@ -65,11 +66,12 @@ def assert_pruned_zero(opt, model, masks=None, where=""):
             assert (value[~mask] == 0).all(), f"{where}: {key} of {name} is not zero at pruned positions"
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_masks_hold_for_100_steps(kind, dtype, pattern):
-    tr = Trainer(kind, dtype)
+def test_masks_hold_for_100_steps(kind, dtype, pattern, device):
+    tr = Trainer(kind, dtype, device)
     tr.make_optimizer()
     for _ in range(5):                 # the state is populated before pruning
         tr.step()
@@ -89,10 +91,11 @@ def test_masks_hold_for_100_steps(kind, dtype, pattern):
             assert torch.equal(tr.opt.get_mask(layer.weight), layer.weight_mask)
 
 
+@pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
-def test_gradual_pruning_mid_training_updates_optimizer_masks(kind, dtype):
-    tr = Trainer(kind, dtype)
+def test_gradual_pruning_mid_training_updates_optimizer_masks(kind, dtype, device):
+    tr = Trainer(kind, dtype, device)
     pruner = prune.GradualPruner(tr.model, 0.8, start_step=10, end_step=60, every=10)
     tr.make_optimizer()
     prune.mask_optimizer(tr.opt, tr.model)
