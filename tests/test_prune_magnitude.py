@@ -60,7 +60,8 @@ def test_global_prunes_the_smallest_over_all_layers():
     # Layers of different scales: global pruning takes almost everything from the small one.
     model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 10))
     with torch.no_grad():
-        model[0].weight.mul_(1e-3)
+        model[0].weight.uniform_(-1e-3, 1e-3)
+        model[1].weight.uniform_(0.5, 1.0).mul_(torch.randn(10, 10).sign())
     masks = prune.magnitude_prune(model, 0.5, scope="global")
     assert int((~masks["0"]).sum()) == 100 and int((~masks["1"]).sum()) == 0
 
