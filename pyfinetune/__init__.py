@@ -5,6 +5,7 @@ Compiled, fused CPU and CUDA kernels behind a thin PyTorch API:
 * ``pyfinetune.optim``: AdamW and SGD with L2-SP, L1 and masks, one fused multi-tensor update.
 * ``pyfinetune.losses``: fused knowledge-distillation losses (KL, reverse KL, JSD; top-k teacher;
   fused linear head).
+* ``pyfinetune.prune``: magnitude, gradual and movement pruning of Linear / Conv2d layers.
 * ``torch.ops.pyfinetune.*``: the raw ops (``pyfinetune.ops`` documents them).
 """
 
@@ -75,6 +76,7 @@ _load_extension()
 from . import ops  # noqa: E402,F401  (fake kernels: must be registered before any compile)
 from . import losses  # noqa: E402,F401
 from . import optim  # noqa: E402,F401
+from . import prune  # noqa: E402,F401
 from ._info import build_info, kernel_devices  # noqa: E402,F401
 
-__all__ = ["ops", "losses", "optim", "build_info", "kernel_devices", "__version__"]
+__all__ = ["ops", "losses", "optim", "prune", "build_info", "kernel_devices", "__version__"]
