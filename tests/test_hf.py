@@ -7,6 +7,7 @@ Skipped without transformers, except the import checks.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -156,6 +157,9 @@ def test_causal_lm_loss_equals_shifted_kd_loss(tmp_path, divergence):
     count = (batch["labels"][:, 1:] != -100).sum()
     loss2 = trainer.compute_loss(student, dict(batch), num_items_in_batch=count * 3)
     torch.testing.assert_close(loss2, expected / 3, rtol=1e-5, atol=1e-6)
+    # No label anywhere in the accumulated batch: 0, not NaN.
+    empty = dict(batch, labels=torch.full_like(batch["labels"], -100))
+    assert trainer.compute_loss(student, empty, num_items_in_batch=torch.tensor(0)).item() == 0.0
 
 
 @needs_hf
@@ -297,6 +301,44 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(acc[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+_DDP_SCRIPT = """
+import json, os, sys, torch, transformers
+sys.path[:0] = [{root!r}, {tests!r}]
+from test_hf import llama, lm_examples, logged_losses, training_args
+from pyfinetune.integrations.hf import DistillationTrainer
+student, teacher = llama(32, seed=1), llama(48, seed=2)
+args = training_args({out!r}, ddp_backend="gloo", per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     max_steps=3)
+trainer = DistillationTrainer(model=student, args=args, train_dataset=lm_examples(16), teacher_model=teacher,
+                              use_fused_linear={mode!r})
+trainer.train()
+print("RESULT", json.dumps(dict(wrapper=type(trainer.model_wrapped).__name__, fused=trainer._fused_ok,
+                                losses=logged_losses(trainer), weights=student.lm_head.weight[0, :4].tolist())))
+"""
+
+
+@needs_hf
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("PYFINETUNE_SLOW"), reason="slow (two processes): set PYFINETUNE_SLOW=1")
+def test_ddp_two_processes_fused_equals_logits(tmp_path):
+    # The fused path hands DDP placeholder logits tied to the head's input and weight: with the
+    # Trainer's find_unused_parameters=True DDP must still see every parameter used.
+    runs = {}
+    for mode in (True, False):
+        script = tmp_path / f"ddp_{mode}.py"
+        script.write_text(_DDP_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests"), out=str(tmp_path / "out"),
+                                             mode=mode))
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                             capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        assert out.returncode == 0, out.stderr[-3000:]
+        ranks = [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        assert len(ranks) == 2 and ranks[0] == ranks[1], ranks  # the ranks hold the same weights
+        assert ranks[0]["wrapper"] == "DistributedDataParallel" and ranks[0]["fused"] == (True if mode else None)
+        runs[mode] = ranks[0]
+    for key in ("losses", "weights"):
+        assert runs[True][key] == pytest.approx(runs[False][key], rel=1e-4, abs=1e-6)
+
+
 @needs_hf
 def test_evaluate_uses_the_logits_path(tmp_path):
     student, teacher = llama(32, seed=1), llama(48, seed=2)
@@ -326,6 +368,8 @@ def test_argument_errors(tmp_path):
         trainer.compute_loss(student, dict(batch, labels=batch["labels"].float()))
     with pytest.raises(ValueError, match="must match"):
         trainer_for(tmp_path, llama(32), llama(32)).compute_loss(student, dict(batch))
+    with pytest.raises(ValueError, match="labels per token"):
+        trainer_for(tmp_path, student, teacher, shift_labels=True).compute_loss(student, dict(batch))
 
 
 # ------------------------------------------------------------------------------ l2sp_adamw

@@ -273,6 +273,11 @@ class DistillationTrainer(transformers.Trainer):
                     "DistillationTrainer: labels must be class indices (int64); float labels (regression, multi-label "
                     "classification) cannot be distilled with a softmax loss"
                 )
+            if self.shift_labels and labels.dim() < 2:
+                raise ValueError(
+                    f"DistillationTrainer: shift_labels=True needs labels per token ([batch, sequence]), got shape "
+                    f"{tuple(labels.shape)}; pass shift_labels=False"
+                )
             rows = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if self.shift_labels else labels
             real = True
         elif attention_mask is not None and tuple(attention_mask.shape) == tuple(lead_shape):
@@ -294,7 +299,9 @@ class DistillationTrainer(transformers.Trainer):
     def _normalize(self, loss_sum: torch.Tensor, rows: Optional[torch.Tensor], n_rows: int, real_labels: bool,
                    num_items_in_batch: Any, training: bool) -> torch.Tensor:
         if real_labels and num_items_in_batch is not None:
-            loss = loss_sum / num_items_in_batch
+            # An accumulated batch without any label counts 0 items: a zero loss, not 0 / 0.
+            items = num_items_in_batch.clamp_min(1) if torch.is_tensor(num_items_in_batch) else max(num_items_in_batch, 1)
+            loss = loss_sum / items
             if getattr(self.args, "average_tokens_across_devices", False) and self.args.world_size > 1:
                 # num_items_in_batch counts every process's rows and DDP averages the gradients.
                 scale = self.accelerator.num_processes
