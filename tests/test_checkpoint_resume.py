@@ -110,7 +110,16 @@ def test_resume_equals_uninterrupted_run(tmp_path, kind):
     assert (model[3].weight[~opt.get_mask(model[3].weight)] == 0).all()
 
 
+def _old_trainer_with_new_torch():
+    # transformers < 4.51 (4.46.3 seen) loads its own rng_state.pth, which holds numpy arrays, with
+    # torch.load's default, weights_only=True since torch 2.6: resuming fails before our state.
+    release = tuple(int("".join(c for c in x if c.isdigit()) or 0) for x in transformers.__version__.split(".")[:2])
+    return release < (4, 51) and tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6)
+
+
 @pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+@pytest.mark.skipif(transformers is not None and _old_trainer_with_new_torch(),
+                    reason="this transformers cannot resume its own checkpoints under this torch")
 def test_trainer_resume_from_checkpoint_with_l2sp_adamw(tmp_path):
     """transformers.Trainer saves and reloads l2sp_adamw's state (anchors included) and the run
     resumed from the checkpoint of step 2 ends bit for bit where the uninterrupted one does."""

@@ -170,6 +170,9 @@ class DistillationTrainer(transformers.Trainer):
       accumulated batch) the loss is the sum over rows divided by it, so the accumulated gradient
       is that of the mean over every counted row; without it (no labels) the loss is the batch
       mean divided by the number of accumulation steps. The Trainer is told the loss is scaled.
+      (transformers 4.47 to 4.x count every label of a causal LM, the first of each sequence too,
+      which no position predicts: the loss is then smaller by that fraction, as transformers' own
+      causal LM loss in those versions. 4.46 and 5.x count the shifted labels.)
 
     Args:
         *args, **kwargs: those of :class:`transformers.Trainer` (``model`` is the student).
