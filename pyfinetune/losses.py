@@ -18,6 +18,7 @@ float32 (float64 inputs, CPU only, compute and return float64: for gradcheck and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Optional, Tuple
@@ -230,7 +231,8 @@ def _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, nee
         hs = h_s[start:end].to(torch.float32)
         # float32 logits: rounding them to bf16 first costs several percent of gradient accuracy.
         logits = torch.addmm(b_s32, hs, w_s32.t()) if b_s32 is not None else hs @ w_s32.t()
-        tl = torch.addmm(b_t, h_t[start:end], w_t.t()) if b_t is not None else h_t[start:end] @ w_t.t()
+        ht = h_t[start:end].to(w_t.dtype)
+        tl = torch.addmm(b_t, ht, w_t.t()) if b_t is not None else ht @ w_t.t()
         lab = labels[start:end] if labels is not None else None
         rows, g = torch.ops.pyfinetune.kd_loss_fwd(logits, tl, lab, need_grad=any_grad, **opts)
         loss_rows[start:end] = rows
@@ -248,15 +250,37 @@ def _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, nee
     return loss_rows, grad_h, grad_w, grad_b
 
 
+def _without_autocast(device: torch.device):
+    """A context that turns autocast off on ``device`` (a no-op where it has no autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _FusedLinearKD(torch.autograd.Function):
+    # forward and backward run with autocast off: under torch.autocast the chunk matmuls would
+    # compute the student's logits in bf16/fp16 (the float32 logits are the point) and the
+    # `matmul(out=float32)` of the gradient fails against autocast's low-precision result.
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, chunk, reduction, ignore_index):
+        with _without_autocast(h_s.device):
+            return _FusedLinearKD._forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, chunk, reduction,
+                                           ignore_index)
+
+    @staticmethod
+    def _forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, chunk, reduction, ignore_index):
         need = tuple(ctx.needs_input_grad[:3])
+        ctx.device = h_s.device
         # One float32 copy of a low-precision weight per call, not one per chunk.
         w_s32 = w_s.detach().to(torch.float32)
         b_s32 = b_s.detach().to(torch.float32) if b_s is not None else None
-        h_t, w_t = h_t.detach(), w_t.detach()
-        b_t = b_t.detach() if b_t is not None else None
+        # The teacher's head runs in the promoted dtype of its hidden states, weight and bias
+        # (a bf16 hidden state from autocast against a float32 weight: float32).
+        t_dtype = torch.promote_types(h_t.dtype, w_t.dtype)
+        if b_t is not None:
+            t_dtype = torch.promote_types(t_dtype, b_t.dtype)
+        h_t, w_t = h_t.detach(), w_t.detach().to(t_dtype)
+        b_t = b_t.detach().to(t_dtype) if b_t is not None else None
         ctx.reduction = reduction
         ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
         ctx.need = need
@@ -283,6 +307,11 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with _without_autocast(ctx.device):
+            return _FusedLinearKD._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         if ctx.reduction == "none":
             h_s, w_s32, b_s32, h_t, w_t, b_t, labels = ctx.saved_tensors
             _, gh, gw, gb = _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, ctx.opts, ctx.chunk, ctx.need,
@@ -326,7 +355,9 @@ def fused_linear_kd_loss(
     (same leading shape), ``teacher_weight [V, H_t]``, biases ``[V]``. The student's chunk logits
     are computed in float32 and the weight and bias gradients accumulated in float32; the
     gradients are returned in the dtypes of ``student_hidden``, ``student_weight`` and
-    ``student_bias``. The teacher gets no gradient.
+    ``student_bias``. The teacher gets no gradient; its chunk logits are computed in the promoted
+    dtype of ``teacher_hidden``, ``teacher_weight`` and ``teacher_bias``. Under ``torch.autocast``
+    the function runs with autocast off, so the result is the same as without it.
 
     ``chunk_size`` (rows per chunk): default such that one chunk's float32 logits take about
     32 MiB (256 rows at V = 32000). Memory beyond the inputs: about three chunk-sized buffers and

@@ -90,3 +90,42 @@ def test_no_grad_inference():
         a = fused_linear_kd_loss(hs, ws, ht, wt, lab, student_bias=bs, teacher_bias=bt, reduction="none")
     b = kd_reference_rows(hs.double() @ ws.double().t() + bs.double(), ht.double() @ wt.double().t() + bt.double(), lab)
     torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=1e-6)
+
+
+def _loss_and_grads(hs, ws, bs, ht, wt, bt, lab, reduction, **kw):
+    xs = [x.clone().requires_grad_(True) for x in (hs, ws, bs)]
+    loss = fused_linear_kd_loss(xs[0], xs[1], ht, wt, lab, student_bias=xs[2], teacher_bias=bt, chunk_size=8,
+                                reduction=reduction, temperature=2.0, **kw)
+    loss.sum().backward()
+    return loss.detach(), [x.grad for x in xs]
+
+
+AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bf16")] + (
+    [pytest.param("cuda", torch.float16, id="cuda-fp16")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_autocast_has_no_effect(device, amp_dtype, reduction):
+    # Under autocast the chunk matmuls used to run in low precision and the float32 `out=` of
+    # the hidden-state gradient raised. The function turns autocast off: the same bits as without.
+    inputs = make(device, torch.float32, seed=5)
+    ref_loss, ref_grads = _loss_and_grads(*inputs, reduction)
+    with torch.autocast(device, dtype=amp_dtype):
+        loss, grads = _loss_and_grads(*inputs, reduction)
+    assert loss.dtype == torch.float32 and torch.equal(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_teacher_hidden_and_weight_dtypes_differ(device):
+    # A teacher run under autocast gives bf16 hidden states next to a float32 head: the teacher's
+    # logits are computed in the promoted dtype (float32), as if its hidden states were float32.
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.float32, seed=6)
+    ht16 = ht.to(torch.bfloat16)
+    loss, grads = _loss_and_grads(hs, ws, bs, ht16, wt, bt, lab, "batchmean")
+    ref_loss, ref_grads = _loss_and_grads(hs, ws, bs, ht16.float(), wt, bt, lab, "batchmean")
+    assert torch.equal(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
