@@ -11,9 +11,10 @@ Contenders (forward_kl, T = 2, alpha = 0.5, labels with 1/8 of the rows ignored,
 Timed, interleaved round-robin in one process (``common.time_interleaved``): forward (grad mode,
 student requiring grad), forward+backward, and backward alone (forward untimed before each
 timed backward, contenders interleaved the same way). Memory, each contender in a fresh child
-process: ``held`` = resident memory after the forward (graph alive) minus before, i.e. what is
-kept between forward and backward; ``peak`` = peak resident memory of forward+backward minus
-the memory before it (CPU: VmHWM after a reset through /proc/self/clear_refs; CUDA:
+process: ``held`` = memory allocated by the forward and still live after it (graph alive), i.e.
+what is kept between forward and backward; ``peak`` = peak of the memory allocated during
+forward+backward above what was allocated before (CPU: torch's allocator record from the
+profiler's memory events, see ``common.CpuAllocations``; CUDA:
 max_memory_allocated).
 ``fused_linear_kd_loss`` is compared with the unfused composition (logits, then kd_loss) on
 N x H hidden states and a V x H head. Results: ``benchmarks/results/kd-<device>-<stamp>.{json,md}``.
@@ -108,11 +109,6 @@ def linear_inputs(n, hdim, v, device, dtype=torch.float32, seed=0):
 
 
 # ------------------------------------------------------------------------------- memory (child)
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def child_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     """One contender's held and peak memory, measured in this (fresh) process."""
     device = torch.device(spec["device"])
@@ -137,27 +133,12 @@ def child_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         return {"held_bytes": held, "peak_bytes": peak}
-    base_rss = _rss_bytes()
-    _reset_peak_rss()
-    loss = fn(*inputs)
-    held = _rss_bytes() - base_rss
-    loss.backward()
-    peak = _peak_rss_bytes() - base_rss
-    return {"held_bytes": held, "peak_bytes": peak}
-
-
-def _reset_peak_rss() -> None:
-    # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current one.
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    with common.CpuAllocations() as mem:
+        loss = fn(*inputs)
+        mem.mark("forward")
+        loss.backward()
+        del loss
+    return {"held_bytes": mem.live_at("forward"), "peak_bytes": mem.peak()}
 
 
 def measure_memory(spec: Dict[str, Any]) -> Dict[str, Any]:

@@ -25,6 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import ops as _ops
+
 __all__ = ["kd_loss", "kd_loss_topk", "fused_linear_kd_loss", "DistillationLoss"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -224,7 +226,8 @@ def _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, nee
     any_grad = any(need)
     loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
     grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=dev) if need[0] else None
-    grad_w = torch.zeros(w_s32.shape, dtype=torch.float32, device=dev) if need[1] else None
+    # The first chunk writes grad_w (no zero fill of a weight-sized buffer), later ones add to it.
+    grad_w = torch.empty(w_s32.shape, dtype=torch.float32, device=dev) if need[1] else None
     grad_b = torch.zeros(w_s32.shape[0], dtype=torch.float32, device=dev) if need[2] else None
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
@@ -244,9 +247,14 @@ def _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, nee
         if grad_h is not None:
             torch.matmul(g, w_s32, out=grad_h[start:end])
         if grad_w is not None:
-            grad_w.addmm_(g.t(), hs)
+            if start == 0:
+                torch.mm(g.t(), hs, out=grad_w)
+            else:
+                grad_w.addmm_(g.t(), hs)
         if grad_b is not None:
             grad_b.add_(g.sum(0))
+    if grad_w is not None and (n == 0 or not any_grad):
+        grad_w.zero_()  # no chunk wrote it
     return loss_rows, grad_h, grad_w, grad_b
 
 
@@ -323,11 +331,29 @@ class _FusedLinearKD(torch.autograd.Function):
             if count is not None:
                 scale = scale / count
         outs = []
+        applied = getattr(ctx, "applied_scale", None)
+        in_place = False
+        kept = next((g for g in (gh, gw, gb) if g is not None), None)
+        if scale is not None and applied is None and kept is not None and _ops._is_eager(kept) and kept.device.type == "cpu":
+            # The kept float32 gradients are ours: scale them in place (no second weight-sized
+            # buffer at the peak) when the scale can be undone by a later backward of a retained
+            # graph (finite and nonzero); `.data` keeps the saved tensors' versions unchanged.
+            s_val = float(scale)
+            in_place = s_val != 0.0 and math.isfinite(s_val)
+            if in_place:
+                ctx.applied_scale = scale.detach().clone()
         for g, dtype in zip((gh, gw, gb), ctx.dtypes):
             if g is None:
                 outs.append(None)
+            elif scale is None:
+                outs.append(g.to(dtype))
+            elif in_place:
+                g.data.mul_(scale)
+                outs.append(g.to(dtype))
+            elif applied is not None:
+                outs.append((g * (scale / applied)).to(dtype))
             else:
-                outs.append((g * scale if scale is not None else g).to(dtype))
+                outs.append((g * scale).to(dtype))
         return (*outs, None, None, None, None, None, None, None, None)
 
 

@@ -129,3 +129,25 @@ def test_teacher_hidden_and_weight_dtypes_differ(device):
     assert torch.equal(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first", [0.5, 0.0])
+def test_retain_graph_second_backward(device, first):
+    # The backward scales the kept gradients in place when it can undo it (a finite, nonzero
+    # scale); later backwards through a retained graph must still be exact.
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.float32, seed=11)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (hs, ws, bs)]
+    loss = fused_linear_kd_loss(leaves[0], leaves[1], ht, wt, lab, student_bias=leaves[2], teacher_bias=bt,
+                                temperature=1.5)
+    g1 = torch.autograd.grad(loss, leaves, torch.tensor(first, device=device), retain_graph=True)
+    g2 = torch.autograd.grad(loss, leaves, torch.tensor(2.0, device=device), retain_graph=True)
+    g3 = torch.autograd.grad(loss, leaves, torch.tensor(first, device=device))
+    fresh = [x.detach().clone().requires_grad_(True) for x in (hs, ws, bs)]
+    ref_loss = fused_linear_kd_loss(fresh[0], fresh[1], ht, wt, lab, student_bias=fresh[2], teacher_bias=bt,
+                                    temperature=1.5)
+    ref = torch.autograd.grad(ref_loss, fresh)
+    for a, b, c, r in zip(g1, g2, g3, ref):
+        torch.testing.assert_close(a, r * first, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b, r * 2.0, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c, r * first, rtol=1e-6, atol=1e-7)
