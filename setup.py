@@ -40,7 +40,7 @@ def _cpu_isa_flags():
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
-        for isa in ("avx512f", "avx2", "fma", "neon", "asimd"):
+        for isa in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "neon", "asimd"):
             if f" {isa}" in info:
                 flags.append(isa)
     except OSError:
@@ -49,18 +49,30 @@ def _cpu_isa_flags():
 
 
 def _cpu_isa_choice():
-    """The CPU vector ISA the kernels are compiled for: "avx2" or "generic".
+    """The CPU vector ISA the kernels are compiled for: "avx512", "avx2" or "generic".
 
-    PYFINETUNE_CPU_ISA=generic builds a portable binary (slower vector code); the default, auto,
-    uses AVX2+FMA when the building machine has them (x86-64 only).
+    The default, auto, picks what the building machine has and torch itself dispatches to: AVX-512
+    (F, BW, VL, DQ) when torch's own CPU capability is AVX512 (or better), else AVX2+FMA (x86-64
+    only), else portable code. PYFINETUNE_CPU_ISA=avx2 or generic builds a binary for machines
+    older than the building one; the import check refuses a CPU that lacks the compiled ISA.
     """
     choice = os.environ.get("PYFINETUNE_CPU_ISA", "auto").strip().lower()
-    if choice not in ("auto", "avx2", "generic"):
-        raise RuntimeError(f"PYFINETUNE_CPU_ISA must be auto, avx2 or generic, got {choice!r}")
+    if choice not in ("auto", "avx512", "avx2", "generic"):
+        raise RuntimeError(f"PYFINETUNE_CPU_ISA must be auto, avx512, avx2 or generic, got {choice!r}")
     if choice == "auto":
         isa = _cpu_isa_flags()
         on_x86 = platform.machine().lower() in ("x86_64", "amd64")
-        choice = "avx2" if on_x86 and "avx2" in isa and "fma" in isa else "generic"
+        import torch
+
+        torch_cap = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else ""
+        if on_x86 and all(f in isa for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")) and (
+            torch_cap.startswith("AVX512") or torch_cap == "AMX"
+        ):
+            choice = "avx512"
+        elif on_x86 and "avx2" in isa and "fma" in isa:
+            choice = "avx2"
+        else:
+            choice = "generic"
     return choice
 
 
@@ -133,10 +145,13 @@ def build_extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fno-math-errno", "-Wno-unknown-pragmas", "-fdiagnostics-color=always"]
     cpu_isa = _cpu_isa_choice()
+    # at::vec::Vectorized picks its implementation from CPU_CAPABILITY_<ISA>. The import check
+    # refuses to load a build on a CPU without its ISA instead of crashing.
     if cpu_isa == "avx2":
-        # at::vec::Vectorized picks its AVX2 implementation from CPU_CAPABILITY_AVX2. The import
-        # check refuses to load this build on a CPU without AVX2 instead of crashing.
         cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    elif cpu_isa == "avx512":
+        cxx_flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                      "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
     if sys.platform != "win32":
         cxx_flags += ["-fopenmp"]
     extra_link = ["-fopenmp"] if sys.platform != "win32" else []

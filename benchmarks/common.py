@@ -252,6 +252,60 @@ def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> Optional[i
     return max(0, torch.cuda.max_memory_allocated(device) - base)
 
 
+class CpuAllocations:
+    """Live bytes of torch's CPU allocator, from the profiler's memory events.
+
+    Resident-memory deltas (RSS, VmHWM) depend on what glibc kept from earlier calls and vary by
+    100s of MiB between identical runs; the allocator's own record does not. Use as::
+
+        with CpuAllocations() as mem:
+            loss = fn()
+            mem.mark("forward")
+            loss.backward()
+        mem.live_at("forward"), mem.peak()   # bytes above what was allocated before the block
+
+    Memory that kernels allocate outside torch's allocator (small per-thread scratch) is not seen.
+    """
+
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+    def __enter__(self) -> "CpuAllocations":
+        self._prof.__enter__()
+        return self
+
+    def mark(self, name: str) -> None:
+        # A named event on the profiler's own clock.
+        with torch.profiler.record_function(f"pyfinetune-mark:{name}"):
+            pass
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        events = self._prof.profiler.kineto_results.events()
+        self._mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        self._mark_ns = {e.name().split(":", 1)[1]: e.start_ns() for e in events
+                         if e.name().startswith("pyfinetune-mark:")}
+
+    def _live(self, until_ns: Optional[int] = None) -> Tuple[int, int]:
+        live = peak = 0
+        for t, n in self._mem:
+            if until_ns is not None and t > until_ns:
+                break
+            live += n
+            peak = max(peak, live)
+        return live, peak
+
+    def live_at(self, name: str) -> int:
+        """Bytes allocated in the block and still live at ``mark(name)``."""
+        return max(0, self._live(self._mark_ns[name])[0])
+
+    def peak(self) -> int:
+        """Peak of the bytes allocated in the block above the start."""
+        return max(0, self._live()[1])
+
+
 # ---------------------------------------------------------------------------------- machine info
 def _run(cmd: List[str]) -> Optional[str]:
     try:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check: run on a machine with an NVIDIA GPU (and nvcc) from the repository root.
 #   1. builds pyfinetune for this GPU's architecture (in place),
-#   2. runs the whole test suite, CUDA tests included,
-#   3. runs compute-sanitizer memcheck over the CUDA tests of every op (caching allocator off,
+#   2. runs benchmarks/kd_gpu_quick_check.py: the distillation kernels' cases that only a GPU
+#      checks (launch shapes, alignment, large logits), a minute, so a short session learns
+#      them first,
+#   3. runs the whole test suite, CUDA tests included,
+#   4. runs compute-sanitizer memcheck over the CUDA tests of every op (caching allocator off,
 #      so out-of-bounds accesses hit real allocation boundaries),
-#   4. runs the benchmarks on the GPU,
+#   5. runs the benchmarks on the GPU,
 # writing every log and result into one folder (default benchmarks/results/gpu-check-DATE).
 # Exit status: nonzero if the build, the tests or the sanitizer failed.
 set -uo pipefail
@@ -35,6 +38,10 @@ else
   tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$OUT/summary.md"; exit 1
 fi
 $PY -m pyfinetune info | tee "$OUT/info.txt"
+
+step "kd quick check (benchmarks/kd_gpu_quick_check.py)"
+$PY benchmarks/kd_gpu_quick_check.py cuda > "$OUT/kd_quick_check.log" 2>&1 || status=1
+grep -E "^FAIL|failed|all OK" "$OUT/kd_quick_check.log" | tee -a "$OUT/summary.md"
 
 step "tests (all, CUDA included)"
 $PY -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1

@@ -67,4 +67,20 @@ TORCH_LIBRARY(pyfinetune, m) {
       "csr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
       "Tensor col_indices, Tensor row_order, Tensor ccol_indices, Tensor row_indices, Tensor csc_to_csr, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Fused distillation loss, forward with the gradient (one kernel family, no softmax tensors).
+  //   student, teacher: [N, V] logits (any float dtype each; unit stride along V, any row stride);
+  //   labels: None or int64 [N]. divergence: "forward_kl" | "reverse_kl" | "jsd".
+  //   Returns (loss [N] float32: the per-row loss, 0 for ignored rows;
+  //            grad: d(row loss)/d(student) [N, V] in the student's dtype, contiguous, or an
+  //            empty tensor when need_grad is false). The backward only scales grad.
+  m.def(
+      "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, *, float temperature, float alpha, "
+      "str divergence, float beta, int ignore_index, bool need_grad) -> (Tensor, Tensor)");
+  // The same with a teacher saved as its top-k logits per row: teacher_values [N, k] (float),
+  // teacher_indices [N, k] int64 in [0, V), distinct within a row. The teacher distribution is the
+  // softmax over its k entries at temperature T (0 elsewhere).
+  m.def(
+      "kd_loss_topk_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? labels, *, "
+      "float temperature, float alpha, str divergence, float beta, int ignore_index, bool need_grad) "
+      "-> (Tensor, Tensor)");
 }

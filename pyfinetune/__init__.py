@@ -3,6 +3,9 @@
 Compiled, fused CPU and CUDA kernels behind a thin PyTorch API:
 
 * ``pyfinetune.optim``: AdamW and SGD with L2-SP, L1 and masks, one fused multi-tensor update.
+* ``pyfinetune.losses``: fused knowledge-distillation losses (KL, reverse KL, JSD; top-k teacher;
+  fused linear head).
+* ``pyfinetune.prune``: magnitude, gradual and movement pruning of Linear / Conv2d layers.
 * ``torch.ops.pyfinetune.*``: the raw ops (``pyfinetune.ops`` documents them).
 """
 
@@ -16,6 +19,25 @@ __version__ = "0.1.0"
 def _torch_release(version: str) -> str:
     # "2.14.1+cu130" -> "2.14.1": the local tag only says which wheel, not which ABI.
     return version.split("+")[0]
+
+
+
+def _check_cpu_isa(isa):
+    """Refuse, with a message, a CPU that lacks the vector ISA the kernels were compiled for."""
+    if isa not in ("avx2", "avx512"):
+        return
+    checks = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported"}
+    probe = getattr(torch.cpu, checks[isa], None)
+    if probe is not None:
+        ok = bool(probe())
+    else:
+        cap = torch.backends.cpu.get_cpu_capability()
+        ok = cap.startswith("AVX512") or cap == "AMX" or (isa == "avx2" and cap == "AVX2")
+    if not ok:
+        raise ImportError(
+            f"pyfinetune's CPU kernels were compiled for {isa.upper()}, which this CPU does not support; "
+            "rebuild with PYFINETUNE_CPU_ISA=avx2 or PYFINETUNE_CPU_ISA=generic"
+        )
 
 
 def _load_extension() -> None:
@@ -39,13 +61,7 @@ def _load_extension() -> None:
             f"{running} with CUDA {running_cuda} is running; rebuild it: "
             "pip install --no-build-isolation --force-reinstall --no-deps pyfinetune"
         )
-    if _build_info.CPU_ISA == "avx2":
-        cap = torch.backends.cpu.get_cpu_capability()
-        if cap not in ("AVX2", "AVX512", "AVX512_BF16", "AMX"):
-            raise ImportError(
-                f"pyfinetune's CPU kernels were compiled for AVX2 but this CPU reports {cap}; rebuild "
-                "with PYFINETUNE_CPU_ISA=generic"
-            )
+    _check_cpu_isa(_build_info.CPU_ISA)
     try:
         from . import _C  # noqa: F401  (loading the library registers torch.ops.pyfinetune.*)
     except (ImportError, OSError) as e:
@@ -58,7 +74,9 @@ def _load_extension() -> None:
 _load_extension()
 
 from . import ops  # noqa: E402,F401  (fake kernels: must be registered before any compile)
+from . import losses  # noqa: E402,F401
 from . import optim  # noqa: E402,F401
+from . import prune  # noqa: E402,F401
 from ._info import build_info, kernel_devices  # noqa: E402,F401
 
-__all__ = ["ops", "optim", "build_info", "kernel_devices", "__version__"]
+__all__ = ["ops", "losses", "optim", "prune", "build_info", "kernel_devices", "__version__"]

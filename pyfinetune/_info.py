@@ -9,7 +9,8 @@ import torch
 from . import _build_info
 
 # Every op of the library; `kernel_devices` reports where each has a compiled kernel.
-OPS = ("fused_adamw_", "fused_sgd_", "masked_matmul", "masked_matmul_backward", "csr_linear", "csr_linear_backward")
+OPS = ("fused_adamw_", "fused_sgd_", "kd_loss_fwd", "kd_loss_topk_fwd", "masked_matmul", "masked_matmul_backward",
+       "csr_linear", "csr_linear_backward")
 _DISPATCH_KEYS = ("CPU", "CUDA")
 
 

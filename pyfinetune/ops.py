@@ -56,6 +56,21 @@ compressed-column entry ``p``). Outputs not asked for are empty tensors.
 
 All four accumulate in float32 (float64 for float64 inputs) and round once. The CPU kernels also
 check the index tensors' contents (monotone row pointers, indices in range).
+Distillation ops (forward with the gradient; the backward only scales the saved gradient):
+
+``torch.ops.pyfinetune.kd_loss_fwd(student, teacher, labels, *, temperature, alpha, divergence,
+beta, ignore_index, need_grad) -> (loss, grad)``
+
+``torch.ops.pyfinetune.kd_loss_topk_fwd(student, teacher_values, teacher_indices, labels, *,
+temperature, alpha, divergence, beta, ignore_index, need_grad) -> (loss, grad)``
+
+* ``student``, ``teacher``: [N, V] float32, bfloat16, float16 or float64 (each its own dtype),
+  unit stride along V, any row stride. ``teacher_values`` [N, k] float, ``teacher_indices``
+  [N, k] int64 in [0, V), distinct within a row. ``labels``: None or int64 [N].
+* ``loss``: [N] float32 (float64 when an input is float64), the per-row loss, 0 for ignored rows.
+* ``grad``: d(loss[r]) / d(student[r]), [N, V] in the student's dtype, or an empty tensor when
+  ``need_grad`` is False. The autograd formula of both ops is d/d(student) = grad * g[:, None]
+  for the incoming gradient g of ``loss``; the teacher and the labels get no gradient.
 """
 
 from __future__ import annotations
@@ -96,6 +111,92 @@ def _check_fake_lists(op, params, **lists):
                     f"got {tuple(t.shape)}"
                 )
 
+
+def _kd_fake_outputs(student, teacher, need_grad):
+    if student.dim() != 2:
+        raise RuntimeError(f"pyfinetune.kd_loss: student must be 2-D [N, V], got shape {tuple(student.shape)}")
+    n, v = student.shape
+    wide = torch.float64 in (student.dtype, teacher.dtype)
+    loss = student.new_empty((n,), dtype=torch.float64 if wide else torch.float32)
+    grad = student.new_empty((n, v)) if need_grad else student.new_empty((0,))
+    return loss, grad
+
+
+@torch.library.register_fake("pyfinetune::kd_loss_fwd")
+def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index, need_grad):
+    if teacher.shape != student.shape:
+        raise RuntimeError(
+            f"pyfinetune.kd_loss_fwd: teacher must have the shape of student {tuple(student.shape)}, "
+            f"got {tuple(teacher.shape)}"
+        )
+    return _kd_fake_outputs(student, teacher, need_grad)
+
+
+@torch.library.register_fake("pyfinetune::kd_loss_topk_fwd")
+def _kd_loss_topk_fwd_fake(student, teacher_values, teacher_indices, labels, *, temperature, alpha, divergence, beta,
+                           ignore_index, need_grad):
+    if teacher_indices.shape != teacher_values.shape:
+        raise RuntimeError(
+            f"pyfinetune.kd_loss_topk_fwd: teacher_indices must have the shape of teacher_values "
+            f"{tuple(teacher_values.shape)}, got {tuple(teacher_indices.shape)}"
+        )
+    return _kd_fake_outputs(student, teacher_values, need_grad)
+
+
+def _kd_setup_context(ctx, inputs, keyword_only_inputs, output):
+    _, grad = output
+    ctx.need_grad = keyword_only_inputs["need_grad"]
+    # The kept gradient is an output nobody differentiates: without this, autograd would
+    # materialize a logits-sized tensor of zeros as its incoming gradient on every backward.
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(grad)
+
+
+def _is_eager(t: torch.Tensor) -> bool:
+    """True for a plain tensor outside any tracing (compile, export, fake or functional modes)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+
+
+def _kd_backward(ctx, grad_loss, _grad_of_grad):
+    if grad_loss is None:
+        return None, None, None
+    if not ctx.need_grad:
+        raise RuntimeError(
+            "pyfinetune.kd_loss: the op was called with need_grad=False, so it kept no gradient; call it with "
+            "need_grad=True to differentiate it"
+        )
+    (grad,) = ctx.saved_tensors
+    scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32).unsqueeze(-1)
+    if not _is_eager(grad):
+        # Traced backward: the functional form (the compiler plans the buffers itself).
+        return grad.mul(scale).to(grad.dtype), None, None
+    applied = getattr(ctx, "applied_scale", None)
+    if applied is None:
+        # On the CPU, when every row's scale is finite and nonzero (so that it can be undone),
+        # scale the kept buffer in place and hand it on: no second logits-sized tensor and no
+        # fresh pages to fault in. `.data` leaves the saved tensor's version unchanged so that
+        # a retained graph can still unpack it; `applied_scale` records what it now holds. On
+        # CUDA that check would synchronize with the host, so the product is a new tensor there.
+        if grad.device.type == "cpu" and bool(((scale != 0) & scale.isfinite()).all()):
+            ctx.applied_scale = scale.detach().clone()
+            grad.data.mul_(scale)
+            return grad, None, None
+        return grad.mul(scale).to(grad.dtype), None, None
+    # A later backward through a retained graph: the buffer holds the gradient times the first
+    # in-place call's scale, which was finite and nonzero in every row.
+    return grad.mul(scale / applied).to(grad.dtype), None, None
+
+
+def _kd_topk_backward(ctx, grad_loss, _grad_of_grad):
+    g_student, _, _ = _kd_backward(ctx, grad_loss, _grad_of_grad)
+    return g_student, None, None, None
+
+
+torch.library.register_autograd("pyfinetune::kd_loss_fwd", _kd_backward, setup_context=_kd_setup_context)
+torch.library.register_autograd("pyfinetune::kd_loss_topk_fwd", _kd_topk_backward, setup_context=_kd_setup_context)
 
 fused_adamw_ = torch.ops.pyfinetune.fused_adamw_
 fused_sgd_ = torch.ops.pyfinetune.fused_sgd_
@@ -371,5 +472,8 @@ def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Ten
     return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-__all__ = ["fused_adamw_", "fused_sgd_", "masked_matmul", "csr_linear", "CompressedPattern", "compressed_pattern",
-           "pattern_from_csr"]
+kd_loss_fwd = torch.ops.pyfinetune.kd_loss_fwd
+kd_loss_topk_fwd = torch.ops.pyfinetune.kd_loss_topk_fwd
+
+__all__ = ["fused_adamw_", "fused_sgd_", "kd_loss_fwd", "kd_loss_topk_fwd", "masked_matmul", "csr_linear",
+           "CompressedPattern", "compressed_pattern", "pattern_from_csr"]

@@ -96,6 +96,25 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     # Optimizer-state keys holding per-element tensors in the state dtype (float32 / float64).
     _STATE_KEYS: Tuple[str, ...] = ()
+    # torch's LR schedulers replace `opt.step` by a wrapper, defined in torch/optim/lr_scheduler.py,
+    # that sets `opt._opt_called` (to warn when the scheduler steps first). torch.compile never
+    # traces that file, so the wrapper would break a compiled training step in two (an error with
+    # fullgraph=True). Our steps record their calls themselves and their functions carry the
+    # scheduler's "already wrapped" mark (`_mark_scheduler_aware` below), so no wrapper is added.
+    # The record is a list: inside a compiled step Dynamo drops attribute stores on an optimizer
+    # but keeps the mutation of a container.
+    @property
+    def _opt_called(self) -> bool:
+        return self._step_called[0]
+
+    @_opt_called.setter
+    def _opt_called(self, value: bool) -> None:
+        self._step_called[0] = bool(value)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups.
+        super().__setstate__(state)
+        self._step_called = [False]
 
     def __init__(self, params, defaults: Dict[str, Any], anchor: Union[str, Iterable[Tensor]],
                  masks: Optional[Mapping[Tensor, Tensor]]):
@@ -114,6 +133,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 if not isinstance(a, Tensor):
                     raise TypeError(f"anchor[{i}] must be a Tensor, got {type(a).__name__}")
         self._anchor_index = 0
+        self._step_called = [False]
         super().__init__(params, defaults)
         if self._anchor_source is not None and self._anchor_index != len(self._anchor_source):
             raise ValueError(
@@ -290,7 +310,12 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         items = []
         for gi, group in enumerate(self.param_groups):
             where = f" (param group {gi})"
-            self._validate_group(group, where)
+            if not torch.compiler.is_compiling():
+                # A compiled step does not check the groups again: a CPU tensor lr would be read on
+                # the host, and a float that changes between steps (an LR scheduler) reaches the
+                # trace as a symbolic value; either breaks the graph. Construction,
+                # add_param_group and eager steps check them.
+                self._validate_group(group, where)
             for j, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -441,6 +466,7 @@ class AdamW(_FusedPenalizedOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self._step_called[0] = True  # see _FusedPenalizedOptimizer._opt_called
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -523,6 +549,7 @@ class SGD(_FusedPenalizedOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the loss."""
+        self._step_called[0] = True  # see _FusedPenalizedOptimizer._opt_called
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -575,3 +602,13 @@ class SGD(_FusedPenalizedOptimizer):
             for p in fresh_dampened:
                 del self.state[p]["momentum_buffer"]
         return loss
+
+
+def _mark_scheduler_aware(cls) -> None:
+    # See `_FusedPenalizedOptimizer._opt_called`. functools.wraps (torch's profiling hook around
+    # `step`) copies the mark to the wrappers it makes.
+    cls.step._wrapped_by_lr_sched = True
+
+
+_mark_scheduler_aware(AdamW)
+_mark_scheduler_aware(SGD)

@@ -1,0 +1,105 @@
+"""Targeted checks of the CUDA distillation kernels, to run first on a GPU machine (a minute).
+
+    python benchmarks/kd_gpu_quick_check.py [cuda|cpu]      # from the repository root, after the build
+
+Each case prints OK or FAIL with the error; a failure does not stop the others (a sticky CUDA
+error does). Exit status 1 if any case failed. The cases are the ones a CPU machine cannot check:
+the launch shapes (the dynamic shared memory just under 48 KB, the cluster split on sm_90), rows
+whose operands differ in alignment, and logits in the thousands. The full suite
+(`python -m pytest tests`) covers the same and more; benchmarks/gpu_check.sh runs this first.
+"""
+
+import os
+import sys
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import torch  # noqa: E402
+
+from pyfinetune.losses import kd_loss, kd_loss_topk  # noqa: E402
+from reference_kd import assert_grad_close, assert_loss_close, kd_reference, topk_to_full  # noqa: E402
+
+dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"
+failures = []
+
+
+def run(name, fn):
+    try:
+        fn()
+        print(f"OK   {name}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        failures.append(name)
+        print(f"FAIL {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        if "CUDA error" in str(e):
+            traceback.print_exc()
+
+
+def dense(N, V, sdt, tdt, div="forward_kl", T=1.0, scale=3.0, labels=True, seed=0, offset=0):
+    def f():
+        g = torch.Generator().manual_seed(seed)
+        s = (torch.randn(N, V, generator=g) * scale).to(sdt)
+        t = (torch.randn(N, V, generator=g) * scale).to(tdt)
+        lab = torch.randint(0, V, (N,), generator=g) if labels else None
+        x = torch.zeros(N, V + offset, dtype=sdt, device=dev)[:, offset:]  # offset > 0: a sliced student
+        x.copy_(s)
+        x.requires_grad_(True)
+        loss = kd_loss(x, t.to(dev), lab.to(dev) if labels else None, temperature=T, divergence=div)
+        loss.backward()
+        ref_l, ref_g = kd_reference(s, t, lab, temperature=T, divergence=div)
+        torch_l, _ = kd_reference(s, t, lab, temperature=T, divergence=div, compute_dtype=torch.float32)
+        assert_loss_close(loss.cpu(), ref_l, torch.float32, torch_same_dtype=torch_l)
+        assert_grad_close(x.grad.float().cpu(), ref_g, sdt)
+
+    return f
+
+
+def topk(N, V, k, div="forward_kl", T=1.7, scale=3.0, seed=0):
+    def f():
+        g = torch.Generator().manual_seed(seed)
+        s = torch.randn(N, V, generator=g) * scale
+        v, i = torch.topk(torch.randn(N, V, generator=g) * scale, k, dim=-1)
+        lab = torch.randint(0, V, (N,), generator=g)
+        x = s.to(dev).requires_grad_(True)
+        loss = kd_loss_topk(x, v.to(dev), i.to(dev), lab.to(dev), temperature=T, divergence=div)
+        loss.backward()
+        ref_l, ref_g = kd_reference(s, topk_to_full(v, i, V), lab, temperature=T, divergence=div)
+        torch_l, _ = kd_reference(s, topk_to_full(v, i, V).float(), lab, temperature=T, divergence=div,
+                                  compute_dtype=torch.float32)
+        assert_loss_close(loss.cpu(), ref_l, torch.float32, torch_same_dtype=torch_l)
+        assert_grad_close(x.grad.cpu(), ref_g, torch.float32)
+
+    return f
+
+
+f32, bf16 = torch.float32, torch.bfloat16
+DIVS = ("forward_kl", "reverse_kl", "jsd")
+# 1. dynamic shared memory just under 48 KB, above the default limit (48 KB minus static): one
+#    block per row (N >= #SMs), with a gradient.
+for div in DIVS:
+    run(f"smem window fp32 N=256 V=6100 {div}", dense(256, 6100, f32, f32, div=div))
+    run(f"smem window bf16/fp32 N=256 V=8192 {div}", dense(256, 8192, bf16, f32, div=div))
+    run(f"smem window bf16 N=256 V=12000 {div}", dense(256, 12000, bf16, bf16, div=div))
+# 2. clusters (sm_90): few rows, large V -> 8 blocks per row; dense and top-k (fix-ups across ranks).
+for div in DIVS:
+    run(f"cluster dense {div} N=2 V=50257", dense(2, 50257, f32, f32, div=div))
+for div in ("forward_kl", "jsd"):
+    run(f"cluster topk {div} N=2 V=50257 k=64", topk(2, 50257, 64, div=div))
+# 3. a student misaligned against its teacher and gradient (vector split kept, element loads).
+for div in DIVS:
+    run(f"sliced student fp32 offset 1 N=2 V=50257 {div}", dense(2, 50257, f32, f32, div=div, offset=1))
+    run(f"sliced student bf16 offset 3 N=4 V=1003 {div}", dense(4, 1003, bf16, bf16, div=div, offset=3))
+# 4. logits in the thousands (statistics relative to the raw row maximum) and temperature extremes.
+for div in DIVS:
+    for T in (0.05, 1.0, 100.0):
+        run(f"large logits {div} T={T} scale=2000", dense(4, 3001, f32, f32, div=div, T=T, scale=2000.0))
+for div in ("forward_kl", "jsd"):
+    for T in (0.05, 100.0):
+        run(f"large logits topk {div} T={T} scale=1500", topk(4, 2000, 50, div=div, T=T, scale=1500.0))
+run("jsd T=100 (small D)", dense(6, 1000, f32, f32, div="jsd", T=100.0))
+
+if dev == "cuda":
+    torch.cuda.synchronize()
+print(f"{len(failures)} failed" if failures else "all OK")
+sys.exit(1 if failures else 0)

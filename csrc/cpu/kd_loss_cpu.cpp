@@ -1,0 +1,743 @@
+// CPU kernels of the fused distillation loss: rows in parallel (at::parallel_for), each row walked
+// in tiles of kTile elements that are converted to the math type (float, or double for float64
+// input) in a small stack buffer and processed with at::vec::Vectorized.
+//
+// Row statistics are kept relative to the running maximum of the raw logits (not of logits / T):
+// exponents are (x - max) / T, where x - max is exact for the entries that carry probability, so
+// the result does not lose precision with logits in the thousands or a small T. Shifting every
+// logit of a row by a constant changes no probability, so the shifted statistics feed the shared
+// row math of kd_loss_math.h unchanged (lse_s = log sum exp((s - max_s) / T), ...).
+//
+// Passes over one row (each reads the row from memory or cache once; a tile is reused from L1):
+//   1. statistics: max and sum of exp of s / T, t / T and (with labels, T != 1) s, and the
+//      weighted sum of the KL cross term; the maxima grow tile by tile and rescale the sums;
+//   2. jsd only: S_Q = sum q log(q / m) and S_P = sum p log(p / m) (they need both log-partitions);
+//   3. with need_grad: d(row loss)/d(s_i), written in the student's dtype.
+// The top-k variant runs passes 1 and 3 over the student alone (the teacher is 0 outside its k
+// entries, which makes the gradient there a multiple of q_i) and handles the k teacher entries
+// with the scalar functions of the math header.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <pyfinetune/checks.h>
+#include <pyfinetune/cpu_alloc.h>
+#include <pyfinetune/kd_loss.h>
+#include <pyfinetune/kd_loss_math.h>
+
+namespace pyfinetune {
+namespace {
+
+using at::vec::Vectorized;
+using namespace kd_math;
+
+constexpr int64_t kTile = 1024;       // elements per tile: 3 math buffers stay in L1
+constexpr int64_t kGrainElems = 32768;  // elements per parallel task
+
+// ------------------------------------------------------------------------------- tile transfer
+template <typename T>
+void load_tile(const void* src, at::ScalarType dt, int64_t n, int64_t n_pad, T* dst) {
+  switch (dt) {
+    case at::kFloat:
+      at::vec::convert(static_cast<const float*>(src), dst, n);
+      break;
+    case at::kBFloat16:
+      at::vec::convert(static_cast<const c10::BFloat16*>(src), dst, n);
+      break;
+    case at::kHalf:
+      at::vec::convert(static_cast<const c10::Half*>(src), dst, n);
+      break;
+    case at::kDouble:
+      at::vec::convert(static_cast<const double*>(src), dst, n);
+      break;
+    default:
+      TORCH_CHECK(false, "pyfinetune.kd_loss: unexpected dtype ", dt);
+  }
+  // Padding with -inf gives entries of probability 0, which every formula below ignores.
+  for (int64_t i = n; i < n_pad; ++i) {
+    dst[i] = neg_inf<T>();
+  }
+}
+
+template <typename T>
+void store_tile(void* dst, at::ScalarType dt, int64_t n, const T* src) {
+  switch (dt) {
+    case at::kFloat:
+      at::vec::convert(src, static_cast<float*>(dst), n);
+      break;
+    case at::kBFloat16:
+      at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n);
+      break;
+    case at::kHalf:
+      at::vec::convert(src, static_cast<c10::Half*>(dst), n);
+      break;
+    case at::kDouble:
+      at::vec::convert(src, static_cast<double*>(dst), n);
+      break;
+    default:
+      TORCH_CHECK(false, "pyfinetune.kd_loss: unexpected dtype ", dt);
+  }
+}
+
+template <typename T>
+T load_scalar(const void* base, at::ScalarType dt, int64_t i) {
+  switch (dt) {
+    case at::kFloat:
+      return static_cast<T>(static_cast<const float*>(base)[i]);
+    case at::kBFloat16:
+      return static_cast<T>(static_cast<const c10::BFloat16*>(base)[i]);
+    case at::kHalf:
+      return static_cast<T>(static_cast<const c10::Half*>(base)[i]);
+    default:
+      return static_cast<T>(static_cast<const double*>(base)[i]);
+  }
+}
+
+template <typename T>
+void store_scalar(void* base, at::ScalarType dt, int64_t i, T v) {
+  switch (dt) {
+    case at::kFloat:
+      static_cast<float*>(base)[i] = static_cast<float>(v);
+      break;
+    case at::kBFloat16:
+      static_cast<c10::BFloat16*>(base)[i] = static_cast<c10::BFloat16>(static_cast<float>(v));
+      break;
+    case at::kHalf:
+      static_cast<c10::Half*>(base)[i] = static_cast<c10::Half>(static_cast<float>(v));
+      break;
+    default:
+      static_cast<double*>(base)[i] = static_cast<double>(v);
+  }
+}
+
+// A logit row: base pointer and dtype.
+struct RowRef {
+  const char* ptr;
+  at::ScalarType dt;
+  int64_t esize;
+  const void* at(int64_t j) const { return ptr + j * esize; }
+};
+
+template <typename T>
+T hmax(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const Vectorized<T>& a, const Vectorized<T>& b) { return at::vec::maximum(a, b); },
+                                    v);
+}
+
+template <typename T>
+T hsum(const Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const Vectorized<T>& a, const Vectorized<T>& b) { return a + b; }, v);
+}
+
+template <typename T>
+T tile_max(const T* x, int64_t n_pad) {
+  using Vec = Vectorized<T>;
+  Vec m(neg_inf<T>());
+  for (int64_t i = 0; i < n_pad; i += Vec::size()) {
+    m = at::vec::maximum(m, Vec::loadu(x + i));
+  }
+  return hmax(m);
+}
+
+// exp for the row passes. float: the inline polynomial exp_u20 (<= 20 ulp, ~1e-6 relative, far
+// inside the tolerances; Sleef's 1-ulp exp is an out-of-line call and was the kernels' main cost);
+// double keeps the accurate exp (gradcheck).
+template <typename T>
+inline Vectorized<T> vexp(const Vectorized<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+// 0 where `e` (an exponential, >= 0) is 0, else x: the 0 * log 0 = 0 convention, vectorized.
+template <typename T>
+Vectorized<T> zero_where_zero(const Vectorized<T>& e, const Vectorized<T>& x) {
+  return Vectorized<T>::blendv(x, Vectorized<T>(T(0)), e == Vectorized<T>(T(0)));
+}
+
+// Running maximum of a row's raw logits. `safe` is the value subtracted in exponents: 0 while the
+// row has seen only -inf, so that -inf - safe = -inf (exp 0) rather than NaN.
+template <typename T>
+T safe_of(T max) {
+  return max == neg_inf<T>() ? T(0) : max;
+}
+
+template <typename T>
+struct RunningMax {
+  T max = neg_inf<T>();
+  T safe() const { return safe_of(max); }
+};
+
+// The offset jsd log-ratios u, v, vectorized (jsd_offset_log_ratios of the header).
+template <typename T>
+void vec_jsd_uv(const KdParams<T>& k, const Vectorized<T>& log_p, const Vectorized<T>& log_q, Vectorized<T>& u,
+                Vectorized<T>* v) {
+  using Vec = Vectorized<T>;
+  const Vec d = (log_p - log_q) + Vec(k.log_beta - k.log_one_minus_beta);
+  const Vec l1 = vexp(-d.abs()).log1p();
+  u = -at::vec::maximum(d, Vec(T(0))) - l1;
+  if (v) {
+    *v = at::vec::minimum(d, Vec(T(0))) - l1;
+  }
+}
+
+// ------------------------------------------------------------------------------- one dense row
+// Per-call constants of the dense and top-k kernels.
+template <typename T>
+struct CallCtx {
+  KdParams<T> k;
+  bool has_labels;
+  bool need_grad;
+  int64_t V;
+  bool t_is_one;  // T == 1: the CE statistics equal those of s / T
+};
+
+// Pass 1 over the student (and the teacher when `t` is non-null).
+template <typename T>
+struct Stats {
+  RunningMax<T> ms, mt;
+  T sum_s = 0, sum_t = 0, sum_1 = 0, wsum = 0;  // relative to ms.safe(), mt.safe()
+};
+
+// The exponentials of pass 1 kept for the gradient pass (forward_kl / reverse_kl with a gradient):
+// per element exp((s - ms') / T), exp((t - mt') / T) and, for CE at T != 1, exp(s - ms'), where
+// ms', mt' are the running maxima when the element's tile was read (kept per tile). The gradient
+// pass then turns them into probabilities with one multiplication per tile factor, and needs no
+// exponential of its own: half the transcendental work of the kernel. Streams of `stride`
+// elements (V rounded up to the vector width), in a per-thread buffer that stays in L2.
+template <typename T>
+struct ExpCache {
+  T* es = nullptr;  // nullptr: no cache
+  T* et = nullptr;
+  T* e1 = nullptr;  // nullptr unless CE at T != 1 is needed
+  T* tile_ms = nullptr;
+  T* tile_mt = nullptr;
+};
+
+template <typename T>
+Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs, T* ft,
+                    const ExpCache<T>& cache = ExpCache<T>{}) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T invT = c.k.inv_temperature;
+  const bool need_1 = c.has_labels && !c.t_is_one;
+  const int div = t ? c.k.divergence : -1;
+  Stats<T> st;
+  Vec vs(T(0)), vt(T(0)), v1(T(0)), vw(T(0));
+  for (int64_t j0 = 0; j0 < c.V; j0 += kTile) {
+    const int64_t n = std::min(kTile, c.V - j0);
+    const int64_t np = (n + W - 1) / W * W;
+    load_tile(s.at(j0), s.dt, n, np, fs);
+    const T tms = tile_max(fs, np);
+    T tmt = neg_inf<T>();
+    if (t) {
+      load_tile(t->at(j0), t->dt, n, np, ft);
+      tmt = tile_max(ft, np);
+    }
+    // Grow the running maxima once per tile and rescale what was summed so far.
+    const bool grow_s = tms > st.ms.max, grow_t = tmt > st.mt.max;
+    if (grow_s || grow_t) {
+      const T old_s = st.ms.max, old_t = st.mt.max;
+      const T new_s = grow_s ? tms : old_s, new_t = grow_t ? tmt : old_t;
+      const T rs = old_s == neg_inf<T>() ? T(0) : kd_exp((old_s - new_s) * invT);
+      const T r1 = old_s == neg_inf<T>() ? T(0) : kd_exp(old_s - new_s);
+      const T rt = old_t == neg_inf<T>() ? T(0) : kd_exp((old_t - new_t) * invT);
+      if (div == kForwardKL || div == kReverseKL) {
+        // The cross-term weights are (t - mt) - (s - ms) (forward) or the opposite (reverse), with
+        // the safe maxima: moving them shifts every weight summed so far by the same amount.
+        const T shift = (safe_of(old_t) - safe_of(new_t)) - (safe_of(old_s) - safe_of(new_s));
+        if (div == kForwardKL) {
+          vw = (vw + vt * Vec(shift)) * Vec(rt);
+        } else {
+          vw = (vw - vs * Vec(shift)) * Vec(rs);
+        }
+      }
+      vs = vs * Vec(rs);
+      v1 = v1 * Vec(r1);
+      vt = vt * Vec(rt);
+      st.ms.max = new_s;
+      st.mt.max = new_t;
+    }
+    const Vec ms(st.ms.safe()), mt(st.mt.safe()), inv(invT);
+    if (cache.es) {
+      cache.tile_ms[j0 / kTile] = st.ms.safe();
+      cache.tile_mt[j0 / kTile] = st.mt.safe();
+    }
+    for (int64_t i = 0; i < np; i += W) {
+      const Vec xs = Vec::loadu(fs + i) - ms;
+      const Vec es = vexp(xs * inv);
+      vs = vs + es;
+      if (need_1) {
+        const Vec e1 = vexp(xs);
+        v1 = v1 + e1;
+        if (cache.e1) {
+          e1.store(cache.e1 + j0 + i);
+        }
+      }
+      if (cache.es) {
+        es.store(cache.es + j0 + i);
+      }
+      if (t) {
+        const Vec xt = Vec::loadu(ft + i) - mt;
+        const Vec et = vexp(xt * inv);
+        vt = vt + et;
+        if (cache.et) {
+          et.store(cache.et + j0 + i);
+        }
+        if (div == kForwardKL) {
+          vw = vw + zero_where_zero(et, et * (xt - xs));
+        } else if (div == kReverseKL) {
+          vw = vw + zero_where_zero(es, es * (xs - xt));
+        }
+      }
+    }
+  }
+  st.sum_s = hsum(vs);
+  st.sum_t = hsum(vt);
+  st.sum_1 = c.t_is_one ? st.sum_s : hsum(v1);
+  st.wsum = hsum(vw);
+  return st;
+}
+
+// jsd pass: S_Q = sum q log(q / m), S_P = sum p log(p / m).
+template <typename T>
+T jsd_pass(const CallCtx<T>& c, const RowRef& s, const RowRef& t, const Stats<T>& raw, KdRowStats<T>& st, T* fs,
+           T* ft) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec ms(raw.ms.safe()), mt(raw.mt.safe()), inv(c.k.inv_temperature), lse_s(st.lse_s), lse_t(st.lse_t);
+  const Vec vb(c.k.beta), v1b(T(1) - c.k.beta), vlb(c.k.log_beta), vl1b(c.k.log_one_minus_beta);
+  Vec sq(T(0)), sp(T(0)), sd(T(0));
+  for (int64_t j0 = 0; j0 < c.V; j0 += kTile) {
+    const int64_t n = std::min(kTile, c.V - j0);
+    const int64_t np = (n + W - 1) / W * W;
+    load_tile(s.at(j0), s.dt, n, np, fs);
+    load_tile(t.at(j0), t.dt, n, np, ft);
+    for (int64_t i = 0; i < np; i += W) {
+      const Vec log_q = (Vec::loadu(fs + i) - ms) * inv - lse_s;
+      const Vec log_p = (Vec::loadu(ft + i) - mt) * inv - lse_t;
+      Vec u, v;
+      vec_jsd_uv(c.k, log_p, log_q, u, &v);
+      const Vec q = vexp(log_q), p = vexp(log_p);
+      const Vec qu = zero_where_zero(q, q * u), pv = zero_where_zero(p, p * v);
+      sq = sq + qu;
+      sp = sp + pv;
+      // The divergence summed element by element: each term is second order in p - q, so the
+      // sum keeps its precision where D is tiny (large T); b S_P + (1 - b) S_Q from the sums
+      // above would cancel O(1) numbers.
+      sd = sd + vb * (pv - zero_where_zero(p, p * vlb)) + v1b * (qu - zero_where_zero(q, q * vl1b));
+    }
+  }
+  st.jsd_s = hsum(sq);
+  st.jsd_p = hsum(sp);
+  return hsum(sd);
+}
+
+// Gradient pass. With `t` null (top-k), the teacher is taken as 0 everywhere and the gradient is
+// c_q * q + w_ce * (softmax(s) - onehot); the caller then rewrites the teacher's k entries.
+template <typename T>
+void grad_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, const Stats<T>& raw, const KdRowStats<T>& st,
+               const KdRowWeights<T>& w, T d_value, T c_q, int64_t label, void* grad, at::ScalarType grad_dt, T* fs,
+               T* ft, T* fg) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec ms(raw.ms.safe()), mt(raw.mt.safe()), inv(c.k.inv_temperature), lse_s(st.lse_s), lse_t(st.lse_t),
+      lse_1(st.lse_s1);
+  const Vec ckd(w.kd * c.k.inv_temperature), wce(w.ce), dval(d_value), sq(st.jsd_s), cq(c_q),
+      one_m_beta(T(1) - c.k.beta);
+  const bool with_kd = w.kd != T(0), with_ce = w.ce != T(0);
+  const int div = c.k.divergence;
+  const int64_t gsize = c10::elementSize(grad_dt);
+  for (int64_t j0 = 0; j0 < c.V; j0 += kTile) {
+    const int64_t n = std::min(kTile, c.V - j0);
+    const int64_t np = (n + W - 1) / W * W;
+    load_tile(s.at(j0), s.dt, n, np, fs);
+    if (t && with_kd) {
+      load_tile(t->at(j0), t->dt, n, np, ft);
+    }
+    for (int64_t i = 0; i < np; i += W) {
+      const Vec xs = Vec::loadu(fs + i) - ms;
+      const Vec log_q = xs * inv - lse_s;
+      const Vec q = vexp(log_q);
+      Vec g(T(0));
+      if (with_kd) {
+        if (!t) {
+          g = cq * q;
+        } else {
+          const Vec log_p = (Vec::loadu(ft + i) - mt) * inv - lse_t;
+          if (div == kForwardKL) {
+            g = ckd * (q - vexp(log_p));
+          } else if (div == kReverseKL) {
+            g = ckd * zero_where_zero(q, q * (log_q - log_p - dval));
+          } else {
+            Vec u;
+            vec_jsd_uv<T>(c.k, log_p, log_q, u, nullptr);
+            g = ckd * one_m_beta * zero_where_zero(q, q * (u - sq));
+          }
+        }
+      }
+      if (with_ce) {
+        g = g + wce * (c.t_is_one ? q : vexp(xs - lse_1));
+      }
+      g.store(fg + i);
+    }
+    if (with_ce && label >= j0 && label < j0 + n) {
+      fg[label - j0] -= w.ce;
+    }
+    store_tile(static_cast<void*>(static_cast<char*>(grad) + j0 * gsize), grad_dt, n, static_cast<const T*>(fg));
+  }
+}
+
+// Gradient pass from the exponentials of pass 1 (forward_kl and reverse_kl, dense teacher):
+// q = es * exp((ms' - ms) / T - lse_s) with ms' the tile's maximum at pass 1, and the same for p
+// and the CE softmax. reverse_kl also needs log q - log p, which is linear in the raw logits, so it
+// re-reads s and t (from cache) but still computes no exponential.
+template <typename T>
+void grad_pass_cached(const CallCtx<T>& c, const RowRef& s, const RowRef& t, const Stats<T>& raw,
+                      const KdRowStats<T>& st, const KdRowWeights<T>& w, T d_value, int64_t label, void* grad,
+                      at::ScalarType grad_dt, const ExpCache<T>& cache, T* fs, T* ft, T* fg) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const T invT = c.k.inv_temperature;
+  const T ms = raw.ms.safe(), mt = raw.mt.safe();
+  const bool with_kd = w.kd != T(0), with_ce = w.ce != T(0);
+  const bool reverse = c.k.divergence == kReverseKL;
+  const T ckd = w.kd * invT;
+  const Vec vms(ms), vmt(mt), inv(invT), lse_s(st.lse_s), lse_t(st.lse_t), dval(d_value);
+  const int64_t gsize = c10::elementSize(grad_dt);
+  for (int64_t j0 = 0; j0 < c.V; j0 += kTile) {
+    const int64_t n = std::min(kTile, c.V - j0);
+    const int64_t np = (n + W - 1) / W * W;
+    const int64_t tile = j0 / kTile;
+    // Per-tile factors that turn the cached exponentials into probabilities.
+    const T fq = kd_exp((cache.tile_ms[tile] - ms) * invT - st.lse_s);
+    const T fp = kd_exp((cache.tile_mt[tile] - mt) * invT - st.lse_t);
+    const T f1 = cache.e1 ? kd_exp((cache.tile_ms[tile] - ms) - st.lse_s1) : fq;
+    const Vec vq(fq), vkd_q(ckd * fq), vkd_p(ckd * fp), vce(w.ce * f1);
+    const T* e1 = cache.e1 ? cache.e1 : cache.es;
+    if (reverse && with_kd) {
+      load_tile(s.at(j0), s.dt, n, np, fs);
+      load_tile(t.at(j0), t.dt, n, np, ft);
+    }
+    for (int64_t i = 0; i < np; i += W) {
+      Vec g(T(0));
+      if (with_kd) {
+        const Vec es = Vec::loadu(cache.es + j0 + i);
+        if (!reverse) {
+          g = vkd_q * es - vkd_p * Vec::loadu(cache.et + j0 + i);
+        } else {
+          const Vec q = vq * es;
+          const Vec log_q = (Vec::loadu(fs + i) - vms) * inv - lse_s;
+          const Vec log_p = (Vec::loadu(ft + i) - vmt) * inv - lse_t;
+          g = Vec(ckd) * zero_where_zero(q, q * (log_q - log_p - dval));
+        }
+      }
+      if (with_ce) {
+        g = g + vce * Vec::loadu(e1 + j0 + i);
+      }
+      g.store(fg + i);
+    }
+    if (with_ce && label >= j0 && label < j0 + n) {
+      fg[label - j0] -= w.ce;
+    }
+    store_tile(static_cast<void*>(static_cast<char*>(grad) + j0 * gsize), grad_dt, n, static_cast<const T*>(fg));
+  }
+}
+
+// Fill the shifted row statistics of the header from the raw sums.
+template <typename T>
+KdRowStats<T> row_stats(const Stats<T>& raw, bool with_teacher) {
+  KdRowStats<T> st;
+  st.lse_s = kd_log(raw.sum_s);
+  st.lse_t = with_teacher ? kd_log(raw.sum_t) : T(0);
+  st.lse_s1 = kd_log(raw.sum_1);
+  st.cross = T(0);
+  st.jsd_s = T(0);
+  st.jsd_p = T(0);
+  return st;
+}
+
+int64_t row_label(const int64_t* labels, int64_t stride, int64_t i) { return labels ? labels[i * stride] : -1; }
+
+void check_label_values(const char* op, const at::Tensor& labels, int64_t V, int64_t ignore_index) {
+  const int64_t* p = labels.const_data_ptr<int64_t>();
+  const int64_t st = labels.stride(0);
+  for (int64_t i = 0; i < labels.size(0); ++i) {
+    const int64_t y = p[i * st];
+    PF_CHECK(y == ignore_index || (y >= 0 && y < V), op, "labels[", i, "] = ", y, " is outside [0, V = ", V,
+             ") and is not ignore_index (", ignore_index, ")");
+  }
+}
+
+template <typename T>
+void alloc_row_buffers(T*& fs, T*& ft, T*& fg, T* storage) {
+  fs = storage;
+  ft = storage + kTile;
+  fg = storage + 2 * kTile;
+}
+
+// ------------------------------------------------------------------------------- dense kernel
+template <typename T>
+void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor* labels,
+                     const KdParams<T>& k, int64_t ignore_index, bool need_grad, at::Tensor& loss,
+                     at::Tensor& grad) {
+  const int64_t N = student.size(0), V = student.size(1);
+  CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1)};
+  const char* s_base = static_cast<const char*>(student.const_data_ptr());
+  const char* t_base = static_cast<const char*>(teacher.const_data_ptr());
+  const at::ScalarType s_dt = student.scalar_type(), t_dt = teacher.scalar_type();
+  const int64_t s_es = c10::elementSize(s_dt), t_es = c10::elementSize(t_dt);
+  const int64_t s_rs = student.stride(0), t_rs = teacher.stride(0);
+  const int64_t* lab = labels ? labels->const_data_ptr<int64_t>() : nullptr;
+  const int64_t lab_st = labels ? labels->stride(0) : 0;
+  T* loss_p = loss.data_ptr<T>();
+  char* grad_p = need_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
+  const int64_t g_es = c10::elementSize(s_dt);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / V);
+
+  const bool use_cache = need_grad && (k.divergence == kForwardKL || k.divergence == kReverseKL);
+  const bool cache_e1 = use_cache && labels != nullptr && !c.t_is_one && k.alpha != T(1);
+  const int64_t W = Vectorized<T>::size();
+  const int64_t stride = (V + W - 1) / W * W;
+  const int64_t n_tiles = (V + kTile - 1) / kTile;
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) T buf[3 * kTile];
+    T *fs, *ft, *fg;
+    alloc_row_buffers(fs, ft, fg, buf);
+    std::vector<T> cache_buf;
+    ExpCache<T> cache;
+    if (use_cache) {
+      cache_buf.resize(static_cast<size_t>((cache_e1 ? 3 : 2) * stride + 2 * n_tiles));
+      cache.es = cache_buf.data();
+      cache.et = cache.es + stride;
+      cache.e1 = cache_e1 ? cache.et + stride : nullptr;
+      cache.tile_ms = cache.es + (cache_e1 ? 3 : 2) * stride;
+      cache.tile_mt = cache.tile_ms + n_tiles;
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t label = row_label(lab, lab_st, r);
+      const bool ignored = lab && label == ignore_index;
+      void* grow = grad_p ? grad_p + r * V * g_es : nullptr;
+      if (ignored) {
+        loss_p[r] = T(0);
+        if (grow) {
+          std::memset(grow, 0, V * g_es);
+        }
+        continue;
+      }
+      const RowRef s{s_base + r * s_rs * s_es, s_dt, s_es};
+      const RowRef t{t_base + r * t_rs * t_es, t_dt, t_es};
+      const Stats<T> raw = stats_pass(c, s, &t, fs, ft, grow ? cache : ExpCache<T>{});
+      KdRowStats<T> st = row_stats(raw, true);
+      if (k.divergence == kForwardKL) {
+        st.cross = raw.wsum / raw.sum_t * k.inv_temperature;
+      } else if (k.divergence == kReverseKL) {
+        st.cross = raw.wsum / raw.sum_s * k.inv_temperature;
+      }
+      const KdRowWeights<T> w = row_weights(k, c.has_labels, false);
+      T jsd_direct = T(0);
+      if (k.divergence == kJSD && w.kd != T(0)) {
+        jsd_direct = jsd_pass(c, s, t, raw, st, fs, ft);
+      }
+      const T s_label = c.has_labels ? load_scalar<T>(s.ptr, s_dt, label) - raw.ms.safe() : T(0);
+      if (k.divergence == kJSD) {
+        // row_loss with the element-wise jsd value (same formula, see jsd_pass).
+        KdRowWeights<T> w_ce = w;
+        w_ce.kd = T(0);
+        loss_p[r] = w.kd * jsd_direct + row_loss(k, st, w_ce, s_label);
+      } else {
+        loss_p[r] = row_loss(k, st, w, s_label);
+      }
+      if (grow) {
+        const T d = w.kd != T(0) ? divergence_value(k, st) : T(0);
+        if (use_cache) {
+          grad_pass_cached(c, s, t, raw, st, w, d, c.has_labels ? label : -1, grow, s_dt, cache, fs, ft, fg);
+        } else {
+          grad_pass(c, s, &t, raw, st, w, d, T(0), c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------- top-k kernel
+template <typename T>
+void kd_topk_kernel(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                    const at::Tensor* labels, const KdParams<T>& k, int64_t ignore_index, bool need_grad,
+                    at::Tensor& loss, at::Tensor& grad) {
+  const int64_t N = student.size(0), V = student.size(1), K = values.size(1);
+  CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1)};
+  const char* s_base = static_cast<const char*>(student.const_data_ptr());
+  const char* v_base = static_cast<const char*>(values.const_data_ptr());
+  const at::ScalarType s_dt = student.scalar_type(), v_dt = values.scalar_type();
+  const int64_t s_es = c10::elementSize(s_dt), v_es = c10::elementSize(v_dt);
+  const int64_t s_rs = student.stride(0), v_rs = values.stride(0);
+  const int64_t* idx_p = indices.const_data_ptr<int64_t>();
+  const int64_t i_rs = indices.stride(0), i_cs = indices.stride(1);
+  const int64_t* lab = labels ? labels->const_data_ptr<int64_t>() : nullptr;
+  const int64_t lab_st = labels ? labels->stride(0) : 0;
+  T* loss_p = loss.data_ptr<T>();
+  char* grad_p = need_grad ? static_cast<char*>(grad.data_ptr()) : nullptr;
+  const int64_t g_es = c10::elementSize(s_dt);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / V);
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) T buf[3 * kTile];
+    T *fs, *ft, *fg;
+    alloc_row_buffers(fs, ft, fg, buf);
+    std::vector<T> tv(K), sv(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t label = row_label(lab, lab_st, r);
+      const bool ignored = lab && label == ignore_index;
+      void* grow = grad_p ? grad_p + r * V * g_es : nullptr;
+      if (ignored) {
+        loss_p[r] = T(0);
+        if (grow) {
+          std::memset(grow, 0, V * g_es);
+        }
+        continue;
+      }
+      const RowRef s{s_base + r * s_rs * s_es, s_dt, s_es};
+      const Stats<T> raw = stats_pass<T>(c, s, nullptr, fs, ft);
+      KdRowStats<T> st = row_stats(raw, false);
+      const T ms = raw.ms.safe();
+      // The teacher's k entries, shifted by their maximum; the student's values at them.
+      const int64_t* idx = idx_p + r * i_rs;
+      T mt = neg_inf<T>();
+      for (int64_t j = 0; j < K; ++j) {
+        tv[j] = load_scalar<T>(v_base + r * v_rs * v_es, v_dt, j);
+        sv[j] = load_scalar<T>(s.ptr, s_dt, idx[j * i_cs]) - ms;
+        mt = std::max(mt, tv[j]);
+      }
+      const T mt_safe = mt == neg_inf<T>() ? T(0) : mt;
+      OnlineLse<T> acc;  // over t / T with the forward-KL weight (t - s) / T
+      for (int64_t j = 0; j < K; ++j) {
+        tv[j] -= mt_safe;
+        acc.add(tv[j] * k.inv_temperature, (tv[j] - sv[j]) * k.inv_temperature);
+      }
+      st.lse_t = acc.lse();
+      const KdRowWeights<T> w = row_weights(k, c.has_labels, false);
+      T c_q = T(0);
+      if (k.divergence == kForwardKL) {
+        st.cross = acc.mean_w();
+        c_q = w.kd * k.inv_temperature;
+      } else {
+        // jsd: outside the top-k p = 0, m = (1 - beta) q and u = 0, so only the k entries add to
+        // the sums, and the gradient there is (1 - beta) q (0 - jsd_s) w_kd / T.
+        T sq = T(0), sp = T(0);
+        for (int64_t j = 0; j < K; ++j) {
+          jsd_accumulate(k, sv[j], tv[j], st.lse_s, st.lse_t, sq, sp);
+        }
+        st.jsd_s = sq;
+        st.jsd_p = sp;
+        c_q = -w.kd * k.inv_temperature * (T(1) - k.beta) * st.jsd_s;
+      }
+      const T s_label = c.has_labels ? load_scalar<T>(s.ptr, s_dt, label) - ms : T(0);
+      loss_p[r] = row_loss(k, st, w, s_label);
+      if (grow) {
+        const T d = divergence_value(k, st);
+        grad_pass<T>(c, s, nullptr, raw, st, w, d, c_q, c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t col = idx[j * i_cs];
+          store_scalar<T>(grow, s_dt, col, grad_element(k, st, w, d, sv[j], tv[j], c.has_labels && col == label));
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& student, bool use_double, bool need_grad) {
+  const int64_t N = student.size(0), V = student.size(1);
+  at::Tensor loss = at::empty({N}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
+  at::Tensor grad = need_grad ? empty_streaming({N, V}, student.options()) : at::empty({0}, student.options());
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const std::optional<at::Tensor>& labels, double temperature,
+                                                   double alpha, c10::string_view divergence, double beta,
+                                                   int64_t ignore_index, bool need_grad) {
+  const int div = parse_kd_divergence("kd_loss_fwd", divergence);
+  check_kd_loss_args(student, teacher, labels, temperature, alpha, beta);
+  const bool has_labels = labels.has_value() && labels->defined();
+  if (has_labels) {
+    check_label_values("kd_loss_fwd", *labels, student.size(1), ignore_index);
+  }
+  const bool use_double = kd_use_double(student.scalar_type(), teacher.scalar_type());
+  auto [loss, grad] = make_outputs(student, use_double, need_grad);
+  if (student.size(0) == 0) {
+    return {loss, grad};
+  }
+  const at::Tensor* lab = has_labels ? &*labels : nullptr;
+  if (use_double) {
+    kd_dense_kernel<double>(student, teacher, lab, make_kd_params<double>(temperature, alpha, beta, div), ignore_index,
+                            need_grad, loss, grad);
+  } else {
+    kd_dense_kernel<float>(student, teacher, lab, make_kd_params<float>(temperature, alpha, beta, div), ignore_index,
+                           need_grad, loss, grad);
+  }
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher_values,
+                                                        const at::Tensor& teacher_indices,
+                                                        const std::optional<at::Tensor>& labels, double temperature,
+                                                        double alpha, c10::string_view divergence, double beta,
+                                                        int64_t ignore_index, bool need_grad) {
+  const char* op = "kd_loss_topk_fwd";
+  const int div = parse_kd_divergence(op, divergence);
+  check_kd_loss_topk_args(student, teacher_values, teacher_indices, labels, temperature, alpha, div, beta);
+  const int64_t V = student.size(1);
+  const bool has_labels = labels.has_value() && labels->defined();
+  if (has_labels) {
+    check_label_values(op, *labels, V, ignore_index);
+  }
+  {
+    const int64_t* p = teacher_indices.const_data_ptr<int64_t>();
+    const int64_t rs = teacher_indices.stride(0), cs = teacher_indices.stride(1);
+    for (int64_t i = 0; i < teacher_indices.size(0); ++i) {
+      for (int64_t j = 0; j < teacher_indices.size(1); ++j) {
+        const int64_t x = p[i * rs + j * cs];
+        PF_CHECK(x >= 0 && x < V, op, "teacher_indices[", i, ", ", j, "] = ", x, " is outside [0, V = ", V, ")");
+      }
+    }
+  }
+  const bool use_double = kd_use_double(student.scalar_type(), teacher_values.scalar_type());
+  auto [loss, grad] = make_outputs(student, use_double, need_grad);
+  if (student.size(0) == 0) {
+    return {loss, grad};
+  }
+  const at::Tensor* lab = has_labels ? &*labels : nullptr;
+  if (use_double) {
+    kd_topk_kernel<double>(student, teacher_values, teacher_indices, lab,
+                           make_kd_params<double>(temperature, alpha, beta, div), ignore_index, need_grad, loss, grad);
+  } else {
+    kd_topk_kernel<float>(student, teacher_values, teacher_indices, lab,
+                          make_kd_params<float>(temperature, alpha, beta, div), ignore_index, need_grad, loss, grad);
+  }
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
+  m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
+  m.impl("kd_loss_topk_fwd", &kd_loss_topk_fwd_cpu);
+}
+
+}  // namespace pyfinetune

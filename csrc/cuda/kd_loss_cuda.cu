@@ -1,0 +1,1061 @@
+// CUDA kernels of pyfinetune::kd_loss_fwd and pyfinetune::kd_loss_topk_fwd.
+//
+// One row of the [N, V] logits is handled by one block, or on sm_90 by a cluster of n_split blocks
+// (each owns a contiguous slice of the row; the partial statistics are merged through distributed
+// shared memory). Passes over a block's slice:
+//   1. read student and teacher once with 16-byte loads, accumulate online (max, sum exp) for
+//      s/T, t/T and (with a CE term) s, with the exponents taken relative to the running maximum
+//      of the raw logits (RawLse: no precision lost to logits in the thousands or a small T),
+//      keeping up to cache_vecs vectors of the raw inputs in shared memory; block (warp shuffle +
+//      shared memory) and cluster merge;
+//   2. jsd only: sum q log(q/m), p log(p/m) and D element by element (kd_math::jsd_accumulate),
+//      from the cache;
+//   3. with need_grad: write d(row loss)/d(s) from the cache. The part of a slice beyond the cache
+//      is re-read from global memory: splitting a row over a cluster keeps that re-read within L2
+//      because few rows are then in flight at once.
+// The row is split between a scalar head (up to the first element where the most operands are
+// 16-byte aligned), whole vectors and a scalar tail, so any row stride and any V work; an operand
+// not aligned with the others goes element by element through the vectors (row_span).
+// The hot loops use ex2.approx (log2 scaled), the per-row arithmetic is kd_loss_math.h's, fed the
+// row statistics relative to the raw row maxima (as the CPU kernels do).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/string_view.h>
+#include <torch/library.h>
+
+#include <cooperative_groups.h>
+
+#include <pyfinetune/checks.h>
+#include <pyfinetune/kd_loss.h>
+#include <pyfinetune/kd_loss_math.h>
+#include <pyfinetune/multi_tensor_apply.cuh>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+
+namespace pyfinetune {
+namespace {
+
+namespace km = kd_math;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxThreads = 512;
+constexpr int kMaxSplit = 8;  // portable cluster size
+constexpr int kUnroll = 2;    // vectors in flight per thread and loop iteration
+
+// ---- Element access ------------------------------------------------------------------------------
+
+// Elements per vector: 16 bytes of the narrower operand (the wider one takes two 16-byte words).
+template <typename ST, typename TT>
+constexpr int vec_width() {
+  return static_cast<int>(16 / (sizeof(ST) < sizeof(TT) ? sizeof(ST) : sizeof(TT)));
+}
+
+template <typename T, int VEC>
+struct RawVec {
+  static constexpr int kWords = static_cast<int>(VEC * sizeof(T) / 16);
+  uint4 w[kWords];
+};
+
+// `stream`: last use of the data (evict first) rather than a load that a later pass re-reads in L2.
+// `aligned`: p is 16-byte aligned; else the vector is read element by element (an operand whose
+// address differs from the others' modulo 16 bytes, see row_span).
+template <typename T, int VEC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE RawVec<T, VEC> load_raw(const T* p, bool stream, bool aligned) {
+  RawVec<T, VEC> r;
+  if (!aligned) {
+    T* e = reinterpret_cast<T*>(r.w);
+    PF_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      e[k] = p[k];
+    }
+    return r;
+  }
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+  PF_UNROLL
+  for (int i = 0; i < RawVec<T, VEC>::kWords; ++i) {
+#if defined(__CUDA_ARCH__)
+    r.w[i] = stream ? __ldcs(q + i) : q[i];
+#else
+    (void)stream;
+    r.w[i] = q[i];
+#endif
+  }
+  return r;
+}
+
+template <typename T, int VEC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void to_float(const RawVec<T, VEC>& r, float (&out)[VEC]) {
+  const T* e = reinterpret_cast<const T*>(r.w);
+  PF_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    out[k] = static_cast<float>(e[k]);
+  }
+}
+
+// `aligned` as for load_raw.
+template <typename T, int VEC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(T* p, const float (&in)[VEC], bool aligned) {
+  if (!aligned) {
+    PF_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      p[k] = static_cast<T>(in[k]);
+    }
+    return;
+  }
+  RawVec<T, VEC> r;
+  T* e = reinterpret_cast<T*>(r.w);
+  PF_UNROLL
+  for (int k = 0; k < VEC; ++k) {
+    e[k] = static_cast<T>(in[k]);
+  }
+  uint4* q = reinterpret_cast<uint4*>(p);
+  PF_UNROLL
+  for (int i = 0; i < RawVec<T, VEC>::kWords; ++i) {
+#if defined(__CUDA_ARCH__)
+    __stcs(q + i, r.w[i]);  // the gradient is not read again by this kernel
+#else
+    q[i] = r.w[i];
+#endif
+  }
+}
+
+// 2^x; 2^-inf = 0. ex2.approx (2 ulp, flushes subnormal results to 0) on the device.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float fast_exp2(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return std::exp2(x);
+#endif
+}
+
+// ---- Online statistics ---------------------------------------------------------------------------
+
+// kd_math::OnlineLse of x / T' (T' = T, or 1 for the CE term) relative to the running maximum of
+// the RAW logits x, in log2 units: with c = log2(e) / T',
+//   sum = sum_i 2^((x_i - max) c),   wsum = sum_i 2^((x_i - max) c) w_i.
+// x_i - max is exact for the entries that carry probability, so logits in the thousands or a small
+// T lose no precision; scaling first (x c - max c) would round each exponent by ~|x c| 2^-24. This
+// is the CPU kernels' scheme (kd_loss_cpu.cpp). Updated a vector at a time: one rescale per vector
+// and one exp2 per element.
+struct RawLse {
+  float max = km::neg_inf<float>();
+  float sum = 0.0f;
+  float wsum = 0.0f;
+};
+
+// wsum * r for a rescale by r; r == 0 drops the terms (zero probabilities: the weights may be
+// infinite), as the e == 0 terms are skipped.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float rescale_w(float wsum, float r) { return r != 0.0f ? wsum * r : 0.0f; }
+
+template <bool kW, int N>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_add(RawLse& a, float c, const float (&x)[N], const float (&w)[N]) {
+  float hi = a.max;
+  PF_UNROLL
+  for (int k = 0; k < N; ++k) {
+    hi = fmaxf(hi, x[k]);
+  }
+  if (hi == km::neg_inf<float>()) {
+    return;  // only zero probabilities so far
+  }
+  if (hi > a.max) {
+    const float r = fast_exp2((a.max - hi) * c);  // 0 while a.max is -inf
+    a.sum *= r;
+    if (kW) {
+      a.wsum = rescale_w(a.wsum, r);
+    }
+    a.max = hi;
+  }
+  PF_UNROLL
+  for (int k = 0; k < N; ++k) {
+    const float e = fast_exp2((x[k] - hi) * c);
+    a.sum += e;
+    if (kW) {
+      // e == 0 skips the term, as OnlineLse::add does for -inf (the weight may be infinite).
+      a.wsum = e != 0.0f ? fmaf(e, w[k], a.wsum) : a.wsum;
+    }
+  }
+}
+
+// a += b for the same c (OnlineLse::merge).
+C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_merge(RawLse& a, const RawLse& b, float c) {
+  if (b.max == km::neg_inf<float>()) {
+    return;
+  }
+  if (a.max == km::neg_inf<float>()) {
+    a = b;
+    return;
+  }
+  if (b.max > a.max) {
+    const float r = fast_exp2((a.max - b.max) * c);
+    a.sum = fmaf(a.sum, r, b.sum);
+    a.wsum = rescale_w(a.wsum, r) + b.wsum;
+    a.max = b.max;
+  } else {
+    const float r = fast_exp2((b.max - a.max) * c);
+    a.sum = fmaf(b.sum, r, a.sum);
+    a.wsum += rescale_w(b.wsum, r);
+  }
+}
+
+// log2(e) / T: the exponent scale of every exp2 of the row passes, the same float everywhere, so
+// that the probabilities of the gradient pass sum to the pass-1 sums.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float exp2_scale(const km::KdParams<float>& kp) {
+  return kp.inv_temperature * kLog2e;
+}
+
+// What pass 1 reduces: s / T (weighted by (s - t) / T for reverse_kl), t / T (weighted by
+// (t - s) / T for forward_kl) and s at temperature 1 (CE only); the weights are those of the raw
+// logits. s and s1 see the same elements, so their maxima are the same number.
+struct RowPartial {
+  RawLse s, t, s1;
+};
+
+struct RowMerge {
+  float c;  // exp2_scale
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void operator()(RowPartial& a, const RowPartial& b) const {
+    lse_merge(a.s, b.s, c);
+    lse_merge(a.t, b.t, c);
+    lse_merge(a.s1, b.s1, kLog2e);
+  }
+};
+
+// What the jsd pass reduces: KdRowStats::jsd_s and jsd_p (sums of q u and p v) and D summed element
+// by element (dense only), see jsd_accumulate.
+struct JsdPartial {
+  float sq = 0.0f, sp = 0.0f, sd = 0.0f;
+};
+
+struct JsdMerge {
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void operator()(JsdPartial& a, const JsdPartial& b) const {
+    a.sq += b.sq;
+    a.sp += b.sp;
+    a.sd += b.sd;
+  }
+};
+
+// ---- Launch arguments and row layout -------------------------------------------------------------
+
+struct KdArgs {
+  const void* student;
+  const void* teacher;       // [N, V] logits, or top-k values [N, k]
+  const int64_t* indices;    // top-k only
+  const int64_t* labels;     // nullptr: no labels
+  void* grad;                // [N, V] contiguous; nullptr unless need_grad
+  float* loss;               // [N]
+  int64_t s_stride, t_stride, t_col_stride, i_stride, i_col_stride, label_stride;
+  int64_t ignore_index;
+  int V;
+  int k;                     // top-k only
+  int n_split;               // blocks per row (a cluster when > 1)
+  int cache_vecs;            // vectors of a block's slice kept in shared memory
+  bool need_grad;
+  km::KdParams<float> kp;
+};
+
+// Elements [0, head) and [tail, V) are scalar; [head, tail) is nv vectors, vpb per block. The
+// flags say which operands are 16-byte aligned at `head` (vector loads and stores); the others are
+// read or written element by element within the vector part.
+struct RowSpan {
+  int head, nv, vpb, tail;
+  bool s_vec, t_vec, g_vec;
+};
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool aligned16(const void* p, int64_t byte_offset) {
+  return p == nullptr || (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(byte_offset)) % 16 == 0;
+}
+
+// The head is the first element where the most operands of the row are 16-byte aligned: all of
+// them unless their addresses differ modulo 16 bytes (e.g. a sliced student with its own
+// contiguous gradient). An operand not aligned there goes element by element through the vector
+// part, so such a row keeps its vector split over the block, the cache and the cluster.
+template <typename ST, typename TT, int VEC>
+C10_HOST_DEVICE inline RowSpan row_span(const ST* s, const TT* t, const ST* g, int V, int n_split) {
+  int head = 0;
+  int best = -1;
+  for (int h = 0; h < VEC && h < V; ++h) {
+    const int n = static_cast<int>(aligned16(s, h * int64_t(sizeof(ST)))) +
+                  static_cast<int>(aligned16(t, h * int64_t(sizeof(TT)))) +
+                  static_cast<int>(aligned16(g, h * int64_t(sizeof(ST))));
+    if (n > best) {
+      best = n;
+      head = h;
+    }
+  }
+  RowSpan r;
+  r.head = head;
+  r.s_vec = aligned16(s, head * int64_t(sizeof(ST)));
+  r.t_vec = aligned16(t, head * int64_t(sizeof(TT)));
+  r.g_vec = aligned16(g, head * int64_t(sizeof(ST)));
+  r.nv = (V - head) / VEC;
+  r.vpb = (r.nv + n_split - 1) / n_split;
+  r.tail = head + r.nv * VEC;
+  return r;
+}
+
+// The vectors [v0, v0 + n) of the row that block `rank` owns; the head belongs to rank 0, the
+// tail to the last rank.
+struct Slice {
+  int v0, n, scalar_begin0, scalar_end0, scalar_begin1, scalar_end1;
+};
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE Slice slice_of(const RowSpan& r, int rank, int n_split, int V) {
+  Slice sl;
+  sl.v0 = rank * r.vpb;
+  sl.n = sl.v0 < r.nv ? (r.nv - sl.v0 < r.vpb ? r.nv - sl.v0 : r.vpb) : 0;
+  sl.scalar_begin0 = 0;
+  sl.scalar_end0 = rank == 0 ? r.head : 0;
+  sl.scalar_begin1 = r.tail;
+  sl.scalar_end1 = rank == n_split - 1 ? V : r.tail;
+  return sl;
+}
+
+template <int VEC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE int owner_of(const RowSpan& r, int64_t i, int n_split) {
+  if (i < r.head) {
+    return 0;
+  }
+  if (i >= r.tail) {
+    return n_split - 1;
+  }
+  return static_cast<int>((i - r.head) / VEC / r.vpb);  // i is in the vector part: nv, vpb >= 1
+}
+
+// ---- Per-thread passes (host-device: a CPU test can run a block thread by thread) ----------------
+
+// Constants of the gradient pass, from the merged statistics. Every exponent is taken relative to
+// the raw row maximum (ms for the student, mt for the teacher), as pass 1 did.
+struct RowConsts {
+  float c;        // exp2_scale: log2(e) / T
+  float ms, mt;   // raw row maxima of s and t (0 for a row without a finite logit)
+  float l2s, l2t, l2s1;  // lse_s, lse_t, lse_s1 (relative to the maxima) in log2 units
+  float lse_s, lse_t;
+  float kq;       // w.kd / T
+  float wce;      // w.ce
+  float mean_w;   // reverse_kl: E_Q[(s - t) / T], so that log q - log p - D = (s - t) / T - mean_w
+  float jsd_s;    // jsd: KdRowStats::jsd_s
+  float coef_q;   // top-k, entries outside the top-k: d/ds_i of the KD term is kq * coef_q * q_i
+  int64_t label;  // -1 without a CE term
+};
+
+template <int kDiv, bool kTopK, int N>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void accumulate(const km::KdParams<float>& kp, const float (&s)[N],
+                                                  const float (&t)[N], bool has_ce, RawLse& ls, RawLse& lt,
+                                                  RawLse& ls1) {
+  const float c = exp2_scale(kp);
+  float w[N];
+  PF_UNROLL
+  for (int k = 0; k < N; ++k) {
+    w[k] = kDiv == km::kReverseKL ? (s[k] - t[k]) * kp.inv_temperature : (t[k] - s[k]) * kp.inv_temperature;
+  }
+  lse_add<kDiv == km::kReverseKL && !kTopK>(ls, c, s, w);
+  if (!kTopK) {
+    lse_add<kDiv == km::kForwardKL>(lt, c, t, w);
+  }
+  if (has_ce) {
+    lse_add<false>(ls1, kLog2e, s, w);
+  }
+}
+
+template <typename ST, typename TT, int kDiv, bool kTopK, int VEC>
+C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, const TT* t, const RowSpan& rs,
+                                               const Slice& sl, int rank, int tid, int nthreads,
+                                               RawVec<ST, VEC>* s_cache, RawVec<TT, VEC>* t_cache, bool reread,
+                                               bool has_ce, int64_t row) {
+  RowPartial p;
+  for (int j0 = tid; j0 < sl.n; j0 += kUnroll * nthreads) {
+    RawVec<ST, VEC> rsv[kUnroll];
+    RawVec<TT, VEC> rtv[kUnroll];
+    PF_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = j0 + u * nthreads;
+      if (j < sl.n) {
+        const bool keep = j < a.cache_vecs;
+        const int64_t e = rs.head + static_cast<int64_t>(sl.v0 + j) * VEC;
+        rsv[u] = load_raw<ST, VEC>(s + e, keep || !reread, rs.s_vec);
+        if (!kTopK) {
+          rtv[u] = load_raw<TT, VEC>(t + e, keep || !reread, rs.t_vec);
+        }
+        if (keep) {
+          s_cache[j] = rsv[u];
+          if (!kTopK) {
+            t_cache[j] = rtv[u];
+          }
+        }
+      }
+    }
+    PF_UNROLL
+    for (int u = 0; u < kUnroll; ++u) {
+      if (j0 + u * nthreads < sl.n) {
+        float sv[VEC], tv[VEC];
+        to_float(rsv[u], sv);
+        if (!kTopK) {
+          to_float(rtv[u], tv);
+        } else {
+          mta::fill_n<VEC>(tv, 0.0f);
+        }
+        accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, p.s, p.t, p.s1);
+      }
+    }
+  }
+  for (int part = 0; part < 2; ++part) {
+    const int b = part == 0 ? sl.scalar_begin0 : sl.scalar_begin1;
+    const int e = part == 0 ? sl.scalar_end0 : sl.scalar_end1;
+    for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
+      const float sv[1] = {static_cast<float>(s[i])};
+      const float tv[1] = {kTopK ? 0.0f : static_cast<float>(t[kTopK ? 0 : i])};
+      accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, p.s, p.t, p.s1);
+    }
+  }
+  if (kTopK && rank == 0) {
+    // The teacher's k entries, gathered; forward_kl weights them by (t - s_idx) / T.
+    const float c = exp2_scale(a.kp);
+    for (int j = tid; j < a.k; j += nthreads) {
+      const int64_t idx = a.indices[row * a.i_stride + j * a.i_col_stride];
+      CUDA_KERNEL_ASSERT(idx >= 0 && idx < a.V);
+      const float x[1] = {static_cast<float>(t[j * a.t_col_stride])};
+      const float w[1] = {(x[0] - static_cast<float>(s[idx])) * a.kp.inv_temperature};
+      lse_add<kDiv == km::kForwardKL>(p.t, c, x, w);
+    }
+  }
+  return p;
+}
+
+// The merged statistics of a row: kd_loss_math.h's KdRowStats relative to the raw row maxima
+// (shifting every logit of a row by a constant changes no probability, so the shared row math takes
+// them unchanged), the maxima, and the mean of the raw reverse_kl weights.
+struct RowStats {
+  km::KdRowStats<float> st;
+  float ms, mt;   // 0 for a row without a finite logit, so that -inf - m stays -inf
+  float mean_w;   // reverse_kl: E_Q[(s - t) / T]
+  float jsd_d;    // dense jsd: D summed element by element (jsd_stats)
+};
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float safe_max(float m) { return m == km::neg_inf<float>() ? 0.0f : m; }
+
+// Merged pass-1 statistics -> RowStats (jsd sums filled later). The shifted cross terms are
+//   forward_kl: E_P[((t - mt) - (s - ms)) / T] = E_P[(t - s) / T] + (ms - mt) / T,
+//   reverse_kl: E_Q[((s - ms) - (t - mt)) / T] = E_Q[(s - t) / T] - (ms - mt) / T.
+C10_HOST_DEVICE inline RowStats row_stats(const km::KdParams<float>& kp, const RowPartial& p, bool has_ce) {
+  RowStats r;
+  r.ms = safe_max(p.s.max);
+  r.mt = safe_max(p.t.max);
+  r.mean_w = 0.0f;
+  r.jsd_d = 0.0f;
+  km::KdRowStats<float>& st = r.st;
+  st.lse_s = km::kd_log(p.s.sum);
+  st.lse_t = km::kd_log(p.t.sum);
+  st.lse_s1 = has_ce ? km::kd_log(p.s1.sum) : 0.0f;  // p.s1.max == p.s.max
+  const float off = (r.ms - r.mt) * kp.inv_temperature;
+  st.cross = 0.0f;
+  if (kp.divergence == km::kForwardKL) {
+    st.cross = p.t.wsum / p.t.sum + off;
+  } else if (kp.divergence == km::kReverseKL) {
+    r.mean_w = p.s.wsum / p.s.sum;
+    st.cross = r.mean_w - off;
+  }
+  st.jsd_s = 0.0f;
+  st.jsd_p = 0.0f;
+  return r;
+}
+
+// jsd over the full row: the second pass, from the cache where it holds the vector.
+template <typename ST, typename TT, int VEC>
+C10_HOST_DEVICE inline JsdPartial jsd_thread(const KdArgs& a, const ST* s, const TT* t, const RowSpan& rs,
+                                             const Slice& sl, int tid, int nthreads, const RawVec<ST, VEC>* s_cache,
+                                             const RawVec<TT, VEC>* t_cache, const RowStats& r) {
+  const float lse_s = r.st.lse_s, lse_t = r.st.lse_t;
+  JsdPartial p;
+  for (int j = tid; j < sl.n; j += nthreads) {
+    float sv[VEC], tv[VEC];
+    if (j < a.cache_vecs) {
+      to_float(s_cache[j], sv);
+      to_float(t_cache[j], tv);
+    } else {
+      const int64_t e = rs.head + static_cast<int64_t>(sl.v0 + j) * VEC;
+      to_float(load_raw<ST, VEC>(s + e, !a.need_grad, rs.s_vec), sv);
+      to_float(load_raw<TT, VEC>(t + e, !a.need_grad, rs.t_vec), tv);
+    }
+    PF_UNROLL
+    for (int k = 0; k < VEC; ++k) {
+      km::jsd_accumulate(a.kp, sv[k] - r.ms, tv[k] - r.mt, lse_s, lse_t, p.sq, p.sp, p.sd);
+    }
+  }
+  for (int part = 0; part < 2; ++part) {
+    const int b = part == 0 ? sl.scalar_begin0 : sl.scalar_begin1;
+    const int e = part == 0 ? sl.scalar_end0 : sl.scalar_end1;
+    for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
+      km::jsd_accumulate(a.kp, static_cast<float>(s[i]) - r.ms, static_cast<float>(t[i]) - r.mt, lse_s, lse_t, p.sq,
+                         p.sp, p.sd);
+    }
+  }
+  return p;
+}
+
+// jsd with a top-k teacher: the k entries only (every block computes the same sums); outside the
+// top-k p = 0, so u = 0 there (jsd_offset_log_ratios) and those entries add nothing.
+template <typename ST, typename TT>
+C10_HOST_DEVICE inline JsdPartial topk_jsd_thread(const KdArgs& a, const ST* s, const TT* t, int tid, int nthreads,
+                                                  const RowStats& r, int64_t row) {
+  JsdPartial p;
+  for (int j = tid; j < a.k; j += nthreads) {
+    const int64_t idx = a.indices[row * a.i_stride + j * a.i_col_stride];
+    CUDA_KERNEL_ASSERT(idx >= 0 && idx < a.V);
+    const float sv = static_cast<float>(s[idx]) - r.ms;
+    const float tv = static_cast<float>(t[j * a.t_col_stride]) - r.mt;
+    km::jsd_accumulate(a.kp, sv, tv, r.st.lse_s, r.st.lse_t, p.sq, p.sp);
+  }
+  return p;
+}
+
+// d(row loss)/d(s_i) from the raw logits s_i, t_i; kTeacher false: an entry outside the top-k
+// (p_i = 0).
+template <int kDiv, bool kTeacher>
+C10_HOST_DEVICE C10_ALWAYS_INLINE float grad_value(const km::KdParams<float>& kp, const RowConsts& rc, float s,
+                                                   float t, bool is_label) {
+  const float ds = s - rc.ms;  // exact where q is not negligible
+  float g = 0.0f;
+  if (rc.kq != 0.0f) {
+    const float q = fast_exp2(fmaf(ds, rc.c, -rc.l2s));
+    float dd;
+    if (!kTeacher) {
+      dd = rc.coef_q * q;
+    } else if (kDiv == km::kForwardKL) {
+      dd = q - fast_exp2(fmaf(t - rc.mt, rc.c, -rc.l2t));
+    } else if (kDiv == km::kReverseKL) {
+      // log q - log p - D = (s - t) / T - E_Q[(s - t) / T] exactly: the pass-1 weight minus its
+      // mean, with no log-partition in it (they cancel).
+      dd = km::xlogr(q, (s - t) * kp.inv_temperature - rc.mean_w);
+    } else {
+      const float log_q = ds * kp.inv_temperature - rc.lse_s;
+      const float log_p = (t - rc.mt) * kp.inv_temperature - rc.lse_t;
+      float u, v;
+      km::jsd_offset_log_ratios(kp, log_p, log_q, u, v);
+      dd = (1.0f - kp.beta) * km::xlogr(q, u - rc.jsd_s);
+    }
+    g = rc.kq * dd;
+  }
+  if (rc.wce != 0.0f) {
+    g += rc.wce * (fast_exp2(fmaf(ds, kLog2e, -rc.l2s1)) - (is_label ? 1.0f : 0.0f));
+  }
+  return g;
+}
+
+// Writes the block's slice of the gradient row (zeros for an ignored row).
+template <typename ST, typename TT, int kDiv, bool kTopK, int VEC>
+C10_HOST_DEVICE inline void grad_thread(const KdArgs& a, const ST* s, const TT* t, ST* g, const RowSpan& rs,
+                                        const Slice& sl, int tid, int nthreads, const RawVec<ST, VEC>* s_cache,
+                                        const RawVec<TT, VEC>* t_cache, const RowConsts& rc, bool zero) {
+  for (int j = tid; j < sl.n; j += nthreads) {
+    const int64_t e = rs.head + static_cast<int64_t>(sl.v0 + j) * VEC;
+    float out[VEC];
+    if (zero) {
+      mta::fill_n<VEC>(out, 0.0f);
+    } else {
+      float sv[VEC], tv[VEC];
+      if (j < a.cache_vecs) {
+        to_float(s_cache[j], sv);
+        if (!kTopK) {
+          to_float(t_cache[j], tv);
+        }
+      } else {
+        to_float(load_raw<ST, VEC>(s + e, true, rs.s_vec), sv);
+        if (!kTopK) {
+          to_float(load_raw<TT, VEC>(t + e, true, rs.t_vec), tv);
+        }
+      }
+      if (kTopK) {
+        mta::fill_n<VEC>(tv, 0.0f);
+      }
+      PF_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        out[k] = grad_value<kDiv, !kTopK>(a.kp, rc, sv[k], tv[k], e + k == rc.label);
+      }
+    }
+    store_vec<ST, VEC>(g + e, out, rs.g_vec);
+  }
+  for (int part = 0; part < 2; ++part) {
+    const int b = part == 0 ? sl.scalar_begin0 : sl.scalar_begin1;
+    const int e = part == 0 ? sl.scalar_end0 : sl.scalar_end1;
+    for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
+      float v = 0.0f;
+      if (!zero) {
+        const float tv = kTopK ? 0.0f : static_cast<float>(t[kTopK ? 0 : i]);
+        v = grad_value<kDiv, !kTopK>(a.kp, rc, static_cast<float>(s[i]), tv, i == rc.label);
+      }
+      g[i] = static_cast<ST>(v);
+    }
+  }
+}
+
+// Top-k: overwrites the entries of the teacher's top-k that this block owns (after grad_thread
+// wrote them as entries with p = 0, and a block barrier).
+template <typename ST, typename TT, int kDiv>
+C10_HOST_DEVICE inline void topk_fixup_thread(const KdArgs& a, const ST* s, const TT* t, ST* g, const RowSpan& rs,
+                                              int rank, int tid, int nthreads, const RowConsts& rc, int64_t row) {
+  for (int j = tid; j < a.k; j += nthreads) {
+    const int64_t idx = a.indices[row * a.i_stride + j * a.i_col_stride];
+    CUDA_KERNEL_ASSERT(idx >= 0 && idx < a.V);
+    if (owner_of<vec_width<ST, TT>()>(rs, idx, a.n_split) == rank) {
+      const float v = grad_value<kDiv, true>(a.kp, rc, static_cast<float>(s[idx]),
+                                             static_cast<float>(t[j * a.t_col_stride]), idx == rc.label);
+      g[idx] = static_cast<ST>(v);
+    }
+  }
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE void jsd_stats(const JsdPartial& j, RowStats& r) {
+  r.st.jsd_s = j.sq;
+  r.st.jsd_p = j.sp;
+  r.jsd_d = j.sd;
+}
+
+// The row loss. The dense jsd takes D from its element-wise sum (jsd_accumulate), as the CPU
+// kernel does; with a top-k teacher the entries outside it would need a sum over the whole row.
+template <int kDiv, bool kTopK>
+C10_HOST_DEVICE inline float row_loss_value(const km::KdParams<float>& kp, const RowStats& r,
+                                            const km::KdRowWeights<float>& w, float s_label) {
+  if (kDiv != km::kJSD || kTopK) {
+    return km::row_loss(kp, r.st, w, s_label);
+  }
+  km::KdRowWeights<float> w_ce = w;
+  w_ce.kd = 0.0f;
+  return (w.kd != 0.0f ? w.kd * r.jsd_d : 0.0f) + km::row_loss(kp, r.st, w_ce, s_label);
+}
+
+C10_HOST_DEVICE inline RowConsts row_consts(const km::KdParams<float>& kp, const RowStats& r,
+                                            const km::KdRowWeights<float>& w, bool has_ce, int64_t label) {
+  const km::KdRowStats<float>& st = r.st;
+  RowConsts rc;
+  rc.c = exp2_scale(kp);
+  rc.ms = r.ms;
+  rc.mt = r.mt;
+  rc.l2s = st.lse_s * kLog2e;
+  rc.l2t = st.lse_t * kLog2e;
+  rc.l2s1 = st.lse_s1 * kLog2e;
+  rc.lse_s = st.lse_s;
+  rc.lse_t = st.lse_t;
+  rc.kq = w.kd * kp.inv_temperature;
+  rc.wce = has_ce ? w.ce : 0.0f;
+  rc.mean_w = r.mean_w;
+  rc.jsd_s = st.jsd_s;
+  // Outside a top-k, u = 0 (jsd) and p = 0 (forward_kl).
+  rc.coef_q = kp.divergence == km::kJSD ? (1.0f - kp.beta) * -st.jsd_s : 1.0f;
+  rc.label = has_ce ? label : -1;
+  return rc;
+}
+
+// ---- Block and cluster reductions ----------------------------------------------------------------
+
+#if defined(__CUDACC__)
+
+template <typename P, typename M>
+__device__ C10_ALWAYS_INLINE P warp_reduce(P v, const M& merge) {
+  static_assert(sizeof(P) % sizeof(float) == 0, "reduced as floats");
+  constexpr int kWords = sizeof(P) / sizeof(float);
+  PF_UNROLL
+  for (int off = 16; off > 0; off >>= 1) {
+    P o;
+    const float* src = reinterpret_cast<const float*>(&v);
+    float* dst = reinterpret_cast<float*>(&o);
+    PF_UNROLL
+    for (int w = 0; w < kWords; ++w) {
+      dst[w] = __shfl_xor_sync(0xffffffffu, src[w], off);
+    }
+    merge(v, o);
+  }
+  return v;
+}
+
+// *out = merge of v over the block, visible to every thread on return. blockDim.x is a multiple of
+// 32 and every thread calls this (uniform control flow). merge(a, b): a += b.
+template <typename P, typename M>
+__device__ void block_reduce(P v, P* scratch, P* out, const M& merge) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  v = warp_reduce(v, merge);
+  if (lane == 0) {
+    scratch[warp] = v;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    P x = lane < static_cast<int>(blockDim.x >> 5) ? scratch[lane] : P{};
+    x = warp_reduce(x, merge);
+    if (lane == 0) {
+      *out = x;
+    }
+  }
+  __syncthreads();
+}
+
+// *out = merge of every block's *slot over the cluster, in rank order (so every block gets the
+// same bits). The trailing cluster barrier keeps each block's shared memory alive until all remote
+// reads are done.
+template <typename P, typename M>
+__device__ void cluster_reduce(P* slot, P* out, int n_split, const M& merge) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    P acc = *cluster.map_shared_rank(slot, 0);
+    for (int r = 1; r < n_split; ++r) {
+      merge(acc, *cluster.map_shared_rank(slot, r));
+    }
+    *out = acc;
+  }
+  cluster.sync();
+#else
+  (void)slot;
+  (void)out;
+  (void)n_split;
+  (void)merge;
+  __trap();  // the host launches clusters only for code built for sm_90 or later
+#endif
+}
+
+template <typename P, typename M>
+__device__ C10_ALWAYS_INLINE void block_then_cluster_reduce(P v, P* scratch, P* slot, P* out, int n_split,
+                                                            const M& merge) {
+  block_reduce(v, scratch, slot, merge);
+  if (n_split > 1) {
+    cluster_reduce(slot, out, n_split, merge);
+  } else if (threadIdx.x == 0) {
+    *out = *slot;
+  }
+  __syncthreads();
+}
+
+// Shared objects with default member initializers cannot be declared __shared__: raw storage.
+template <typename P, int N>
+struct alignas(16) SharedArray {
+  unsigned char bytes[sizeof(P) * N];
+  __device__ P* get() { return reinterpret_cast<P*>(bytes); }
+};
+
+template <typename ST, typename TT, int kDiv, bool kTopK>
+__global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
+  constexpr int VEC = vec_width<ST, TT>();
+  extern __shared__ uint4 kd_cache[];
+  __shared__ SharedArray<RowPartial, 34> red;  // 32 warps, slot, result
+  __shared__ SharedArray<JsdPartial, 34> jred;
+
+  const int64_t row = blockIdx.x / a.n_split;
+  const int rank = static_cast<int>(blockIdx.x % a.n_split);
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const ST* s = static_cast<const ST*>(a.student) + row * a.s_stride;
+  const TT* t = static_cast<const TT*>(a.teacher) + row * a.t_stride;
+  ST* g = a.need_grad ? static_cast<ST*>(a.grad) + row * static_cast<int64_t>(a.V) : nullptr;
+  const RowSpan rs = row_span<ST, TT, VEC>(s, kTopK ? nullptr : t, g, a.V, a.n_split);
+  const Slice sl = slice_of(rs, rank, a.n_split, a.V);
+  auto* s_cache = reinterpret_cast<RawVec<ST, VEC>*>(kd_cache);
+  auto* t_cache = reinterpret_cast<RawVec<TT, VEC>*>(s_cache + a.cache_vecs);
+
+  const bool has_labels = a.labels != nullptr;
+  const int64_t label = has_labels ? a.labels[row * a.label_stride] : 0;
+  RowConsts rc{};
+  if (has_labels && label == a.ignore_index) {
+    // Uniform over the cluster (one row): no block of it reaches a cluster barrier.
+    if (rank == 0 && tid == 0) {
+      a.loss[row] = 0.0f;
+    }
+    if (a.need_grad) {
+      grad_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, g, rs, sl, tid, nthreads, s_cache, t_cache, rc, true);
+    }
+    return;
+  }
+  CUDA_KERNEL_ASSERT(!has_labels || (label >= 0 && label < a.V));
+  const km::KdRowWeights<float> w = km::row_weights(a.kp, has_labels, false);
+  const bool has_ce = w.ce != 0.0f;
+  const bool reread = a.need_grad || (kDiv == km::kJSD && !kTopK);
+
+  RowPartial* rp = red.get();
+  const RowPartial mine =
+      pass1_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, rs, sl, rank, tid, nthreads, s_cache, t_cache, reread, has_ce, row);
+  block_then_cluster_reduce(mine, rp, rp + 32, rp + 33, a.n_split, RowMerge{exp2_scale(a.kp)});
+  RowStats stats = row_stats(a.kp, rp[33], has_ce);
+
+  if (kDiv == km::kJSD) {
+    JsdPartial* jp = jred.get();
+    if (kTopK) {
+      const JsdPartial j = topk_jsd_thread(a, s, t, tid, nthreads, stats, row);
+      block_reduce(j, jp, jp + 33, JsdMerge{});  // every block computes the same sums: no cluster merge
+      jsd_stats(jp[33], stats);
+    } else {
+      const JsdPartial j = jsd_thread<ST, TT, VEC>(a, s, t, rs, sl, tid, nthreads, s_cache, t_cache, stats);
+      block_then_cluster_reduce(j, jp, jp + 32, jp + 33, a.n_split, JsdMerge{});
+      jsd_stats(jp[33], stats);
+    }
+  }
+  if (rank == 0 && tid == 0) {
+    const float s_label = has_ce ? static_cast<float>(s[label]) - stats.ms : 0.0f;
+    a.loss[row] = row_loss_value<kDiv, kTopK>(a.kp, stats, w, s_label);
+  }
+  if (!a.need_grad) {
+    return;
+  }
+  rc = row_consts(a.kp, stats, w, has_ce, label);
+  grad_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, g, rs, sl, tid, nthreads, s_cache, t_cache, rc, false);
+  if (kTopK) {
+    __syncthreads();  // the fix-ups overwrite entries other threads of this block wrote
+    topk_fixup_thread<ST, TT, kDiv>(a, s, t, g, rs, rank, tid, nthreads, rc, row);
+  }
+}
+
+#endif  // __CUDACC__
+
+// ---- Host side -----------------------------------------------------------------------------------
+
+// The shared checks (kd_loss_checks.cpp) validate what CPU and CUDA have in common; these are the
+// limits of this implementation: CUDA tensors, no float64 (the hot loops are float32 with
+// ex2.approx), and 32-bit row and column counters.
+int check_kd_args(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                  const at::Tensor* teacher_indices, const std::optional<at::Tensor>& labels, double temperature,
+                  double alpha, c10::string_view divergence, double beta) {
+  const int div = parse_kd_divergence(op, divergence);
+  if (teacher_indices == nullptr) {
+    check_kd_loss_args(student, teacher, labels, temperature, alpha, beta);
+  } else {
+    check_kd_loss_topk_args(student, teacher, *teacher_indices, labels, temperature, alpha, div, beta);
+  }
+  const char* tname = teacher_indices != nullptr ? "teacher_values" : "teacher";
+  for (const auto& [name, x] : {std::pair<const char*, const at::Tensor*>{"student", &student}, {tname, &teacher}}) {
+    PF_CHECK(x->is_cuda(), op, name, " must be a CUDA tensor, got ", x->device());
+    PF_CHECK(x->scalar_type() != at::kDouble, op, name,
+             " must be float32, bfloat16 or float16 on CUDA (float64 is supported on the CPU only), got ",
+             x->scalar_type());
+  }
+  const int64_t N = student.size(0);
+  const int64_t V = student.size(1);
+  PF_CHECK(V <= std::numeric_limits<int32_t>::max() - 64, op, "student has too many classes (V = ", V,
+           ", at most 2^31 - 65 on CUDA)");
+  PF_CHECK(N * kMaxSplit <= std::numeric_limits<int32_t>::max(), op, "student has too many rows (N = ", N,
+           ", at most 2^28 on CUDA)");
+  return div;
+}
+
+// Launch shape: blocks per row (cluster), threads, shared-memory cache.
+struct LaunchPlan {
+  int n_split, threads, cache_vecs;
+  size_t smem;
+};
+
+LaunchPlan plan_launch(int64_t N, int64_t V, int vec, size_t cache_bytes_per_vec, bool reread, bool clusters,
+                       const cudaDeviceProp& prop, int forced_split) {
+  // Up to half of an SM's shared memory per block (two blocks per SM overlap one's reductions with
+  // the other's loads), at most 96 KB.
+  size_t budget = 0;
+  if (reread) {
+    budget = std::min<size_t>(96 * 1024, prop.sharedMemPerMultiprocessor / 2);
+    budget = std::min<size_t>(budget, prop.sharedMemPerBlockOptin);
+    budget = budget > 8 * 1024 ? budget - 8 * 1024 : 0;  // static shared memory and reserve
+  }
+  const int64_t nv = (V + vec - 1) / vec;
+  LaunchPlan p;
+  p.n_split = 1;
+  if (forced_split > 0) {
+    p.n_split = forced_split;
+  } else if (clusters) {
+    // Split until a slice fits the cache (a single read of the inputs), then while the grid is
+    // too small for the device and the slices stay large.
+    while (p.n_split < kMaxSplit && reread &&
+           static_cast<size_t>((nv + p.n_split - 1) / p.n_split) * cache_bytes_per_vec > budget) {
+      p.n_split *= 2;
+    }
+    while (p.n_split < kMaxSplit && N * p.n_split < prop.multiProcessorCount && nv / (2 * p.n_split) >= 2 * 256) {
+      p.n_split *= 2;
+    }
+  }
+  const int64_t vpb = (nv + p.n_split - 1) / p.n_split;
+  const int64_t want = (vpb + kUnroll - 1) / kUnroll;
+  p.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (want + 31) / 32 * 32)));
+  p.cache_vecs = reread ? static_cast<int>(std::min<int64_t>(vpb, static_cast<int64_t>(budget / cache_bytes_per_vec)))
+                        : 0;
+  p.smem = static_cast<size_t>(p.cache_vecs) * cache_bytes_per_vec;
+  return p;
+}
+
+// What launch_kd needs of one kernel instantiation's attributes on one device, queried once, and
+// its dynamic shared memory limit, which only grows. The default limit is 48 KB minus the kernel's
+// static shared memory (maxDynamicSharedSizeBytes), not 48 KB. Raising it only when a launch needs
+// more, under a lock and never to less than before, keeps a launch on another host thread from
+// lowering it under one that needs more.
+struct KernelLimits {
+  std::once_flag once;
+  int ptx_version = 0;
+  std::atomic<size_t> dyn_smem{0};
+};
+
+std::mutex& smem_limit_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// The kernel's limits on the current device, with its dynamic shared memory limit at least `smem`.
+template <typename Kernel>
+const KernelLimits& kernel_limits(KernelLimits* per_device, Kernel kernel, size_t smem) {
+  const int device = c10::cuda::current_device();
+  TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "pyfinetune.kd_loss: device ", device);
+  KernelLimits& k = per_device[device];
+  std::call_once(k.once, [&] {
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    k.ptx_version = attr.ptxVersion;
+    k.dyn_smem.store(static_cast<size_t>(attr.maxDynamicSharedSizeBytes));
+  });
+  if (smem > k.dyn_smem.load()) {
+    const std::lock_guard<std::mutex> lock(smem_limit_mutex());
+    if (smem > k.dyn_smem.load()) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      k.dyn_smem.store(smem);
+    }
+  }
+  return k;
+}
+
+template <typename ST, typename TT, int kDiv, bool kTopK>
+void launch_kd(KdArgs args, int64_t N) {
+  constexpr int VEC = vec_width<ST, TT>();
+  auto kernel = kd_loss_kernel<ST, TT, kDiv, kTopK>;
+  static KernelLimits limits[C10_COMPILE_TIME_MAX_GPUS];  // per instantiation, per device
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  // Clusters need the sm_90 code of the kernel (ptxVersion is the arch the code was compiled for).
+  const bool clusters = prop.major >= 9 && kernel_limits(limits, kernel, 0).ptx_version >= 90;
+  const bool reread = args.need_grad || (kDiv == km::kJSD && !kTopK);
+  const size_t bytes_per_vec = sizeof(RawVec<ST, VEC>) + (kTopK ? 0 : sizeof(RawVec<TT, VEC>));
+  LaunchPlan plan = plan_launch(N, args.V, VEC, bytes_per_vec, reread, clusters, prop, 0);
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    kernel_limits(limits, kernel, plan.smem);
+    args.n_split = plan.n_split;
+    args.cache_vecs = plan.cache_vecs;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(N * plan.n_split));
+    config.blockDim = dim3(static_cast<unsigned>(plan.threads));
+    config.dynamicSmemBytes = plan.smem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    if (plan.n_split > 1) {
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = static_cast<unsigned>(plan.n_split);
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = 1;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      int n_clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&n_clusters, kernel, &config) != cudaSuccess || n_clusters == 0) {
+        (void)cudaGetLastError();  // clear the error: fall back to one block per row
+        plan = plan_launch(N, args.V, VEC, bytes_per_vec, reread, false, prop, 1);
+        continue;
+      }
+    }
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  TORCH_INTERNAL_ASSERT(false, "pyfinetune.kd_loss: no launch configuration");
+}
+
+#define PF_KD_DISPATCH(TYPE, NAME, ...)                              \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+template <bool kTopK>
+void dispatch_kd(const at::Tensor& student, const at::Tensor& teacher, int div, const KdArgs& args, int64_t N) {
+  PF_KD_DISPATCH(student.scalar_type(), "kd_loss_cuda", [&] {
+    using st_t = scalar_t;
+    PF_KD_DISPATCH(teacher.scalar_type(), "kd_loss_cuda", [&] {
+      using tt_t = scalar_t;
+      if (div == km::kForwardKL) {
+        launch_kd<st_t, tt_t, km::kForwardKL, kTopK>(args, N);
+      } else if (div == km::kJSD) {
+        launch_kd<st_t, tt_t, km::kJSD, kTopK>(args, N);
+      } else if constexpr (!kTopK) {
+        launch_kd<st_t, tt_t, km::kReverseKL, false>(args, N);
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                                                const at::Tensor* indices, const std::optional<at::Tensor>& labels,
+                                                double temperature, double alpha, c10::string_view divergence,
+                                                double beta, int64_t ignore_index, bool need_grad) {
+  const int div = check_kd_args(op, student, teacher, indices, labels, temperature, alpha, divergence, beta);
+  const c10::cuda::CUDAGuard device_guard(student.device());
+  const int64_t N = student.size(0);
+  const int64_t V = student.size(1);
+  at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
+  at::Tensor grad = need_grad ? at::empty({N, V}, student.options()) : at::empty({0}, student.options());
+  if (N == 0) {
+    return {loss, grad};
+  }
+  const bool has_labels = labels.has_value() && labels->defined();
+  KdArgs args{};
+  args.student = student.const_data_ptr();
+  args.teacher = teacher.const_data_ptr();
+  args.indices = indices != nullptr ? indices->const_data_ptr<int64_t>() : nullptr;
+  args.labels = has_labels ? labels->const_data_ptr<int64_t>() : nullptr;
+  args.grad = need_grad ? grad.data_ptr() : nullptr;
+  args.loss = loss.data_ptr<float>();
+  args.s_stride = student.stride(0);
+  args.t_stride = teacher.stride(0);
+  args.t_col_stride = teacher.stride(1);
+  args.i_stride = indices != nullptr ? indices->stride(0) : 0;
+  args.i_col_stride = indices != nullptr ? indices->stride(1) : 0;
+  args.label_stride = has_labels ? labels->stride(0) : 0;
+  args.ignore_index = ignore_index;
+  args.V = static_cast<int>(V);
+  args.k = indices != nullptr ? static_cast<int>(teacher.size(1)) : 0;
+  args.need_grad = need_grad;
+  args.kp = make_kd_params<float>(temperature, alpha, beta, div);
+  if (indices != nullptr) {
+    dispatch_kd<true>(student, teacher, div, args, N);
+  } else {
+    dispatch_kd<false>(student, teacher, div, args, N);
+  }
+  return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                    const std::optional<at::Tensor>& labels, double temperature,
+                                                    double alpha, c10::string_view divergence, double beta,
+                                                    int64_t ignore_index, bool need_grad) {
+  return kd_loss_impl("kd_loss_fwd", student, teacher, nullptr, labels, temperature, alpha, divergence, beta,
+                      ignore_index, need_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher_values,
+                                                         const at::Tensor& teacher_indices,
+                                                         const std::optional<at::Tensor>& labels, double temperature,
+                                                         double alpha, c10::string_view divergence, double beta,
+                                                         int64_t ignore_index, bool need_grad) {
+  return kd_loss_impl("kd_loss_topk_fwd", student, teacher_values, &teacher_indices, labels, temperature, alpha,
+                      divergence, beta, ignore_index, need_grad);
+}
+
+}  // namespace
+}  // namespace pyfinetune
+
+TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
+  m.impl("kd_loss_fwd", &pyfinetune::kd_loss_fwd_cuda);
+  m.impl("kd_loss_topk_fwd", &pyfinetune::kd_loss_topk_fwd_cuda);
+}

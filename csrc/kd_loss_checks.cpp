@@ -1,0 +1,106 @@
+// Validation of the distillation ops' arguments, shared by the CPU and CUDA kernels.
+#include <pyfinetune/checks.h>
+#include <pyfinetune/kd_loss.h>
+
+#include <cmath>
+#include <string>
+
+namespace pyfinetune {
+namespace {
+
+bool is_logit_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+void check_logits(const char* op, const char* name, const at::Tensor& x) {
+  PF_CHECK(x.defined(), op, name, " is undefined");
+  PF_CHECK(x.layout() == at::kStrided, op, name, " must be a dense (strided) tensor, got layout ", x.layout());
+  PF_CHECK(x.dim() == 2, op, name, " must be 2-D [N, V] (flatten the leading dimensions), got shape ", x.sizes());
+  PF_CHECK(is_logit_dtype(x.scalar_type()), op, name, " must be float32, bfloat16, float16 or float64, got ",
+           x.scalar_type());
+  PF_CHECK(x.size(1) <= 1 || x.stride(1) == 1, op, name, " must have unit stride along V (dim 1), got strides ",
+           x.strides());
+  PF_CHECK(x.size(0) <= 1 || x.stride(0) >= 0, op, name, " must have a non-negative row stride, got ", x.strides());
+}
+
+void check_scalars(const char* op, double temperature, double alpha, double beta) {
+  PF_CHECK(std::isfinite(temperature) && temperature > 0, op, "temperature must be a finite number > 0, got ",
+           temperature);
+  PF_CHECK(alpha >= 0 && alpha <= 1, op, "alpha must be in [0, 1], got ", alpha);
+  PF_CHECK(beta > 0 && beta < 1, op, "beta must be in (0, 1), got ", beta);
+}
+
+void check_labels(const char* op, const std::optional<at::Tensor>& labels, const at::Tensor& student) {
+  if (!labels.has_value() || !labels->defined()) {
+    return;
+  }
+  const at::Tensor& l = *labels;
+  PF_CHECK(l.layout() == at::kStrided, op, "labels must be a dense (strided) tensor");
+  PF_CHECK(l.scalar_type() == at::kLong, op, "labels must be int64, got ", l.scalar_type());
+  PF_CHECK(l.dim() == 1 && l.size(0) == student.size(0), op, "labels must have shape [N] = [", student.size(0),
+           "] (one class per row of student), got ", l.sizes());
+  PF_CHECK(l.device() == student.device(), op, "labels must be on ", student.device(), " like student, got ",
+           l.device());
+}
+
+}  // namespace
+
+int parse_kd_divergence(const char* op, c10::string_view divergence) {
+  if (divergence == "forward_kl") {
+    return kd_math::kForwardKL;
+  }
+  if (divergence == "reverse_kl") {
+    return kd_math::kReverseKL;
+  }
+  if (divergence == "jsd") {
+    return kd_math::kJSD;
+  }
+  PF_CHECK(false, op, "divergence must be \"forward_kl\", \"reverse_kl\" or \"jsd\", got \"",
+           std::string(divergence), "\"");
+  return -1;
+}
+
+void check_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+                        double temperature, double alpha, double beta) {
+  const char* op = "kd_loss_fwd";
+  check_logits(op, "student", student);
+  check_logits(op, "teacher", teacher);
+  PF_CHECK(teacher.sizes() == student.sizes(), op, "teacher must have the shape of student ", student.sizes(),
+           ", got ", teacher.sizes());
+  PF_CHECK(teacher.device() == student.device(), op, "teacher must be on ", student.device(),
+           " like student, got ", teacher.device());
+  PF_CHECK(student.size(1) >= 1, op, "student must have at least one class (V >= 1), got shape ", student.sizes());
+  check_labels(op, labels, student);
+  check_scalars(op, temperature, alpha, beta);
+}
+
+void check_kd_loss_topk_args(const at::Tensor& student, const at::Tensor& teacher_values,
+                             const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
+                             double temperature, double alpha, int divergence, double beta) {
+  const char* op = "kd_loss_topk_fwd";
+  check_logits(op, "student", student);
+  check_logits(op, "teacher_values", teacher_values);
+  PF_CHECK(student.size(1) >= 1, op, "student must have at least one class (V >= 1), got shape ", student.sizes());
+  PF_CHECK(teacher_values.size(0) == student.size(0), op, "teacher_values must have one row per row of student (",
+           student.size(0), "), got shape ", teacher_values.sizes());
+  const int64_t k = teacher_values.size(1);
+  PF_CHECK(k >= 1 && k <= student.size(1), op, "teacher_values must have k in [1, V = ", student.size(1),
+           "] entries per row, got ", k);
+  PF_CHECK(teacher_values.device() == student.device(), op, "teacher_values must be on ", student.device(),
+           " like student, got ", teacher_values.device());
+  PF_CHECK(teacher_indices.defined() && teacher_indices.layout() == at::kStrided, op,
+           "teacher_indices must be a dense (strided) tensor");
+  PF_CHECK(teacher_indices.scalar_type() == at::kLong, op, "teacher_indices must be int64, got ",
+           teacher_indices.scalar_type());
+  PF_CHECK(teacher_indices.sizes() == teacher_values.sizes(), op, "teacher_indices must have the shape of teacher_values ",
+           teacher_values.sizes(), ", got ", teacher_indices.sizes());
+  PF_CHECK(teacher_indices.device() == student.device(), op, "teacher_indices must be on ", student.device(),
+           " like student, got ", teacher_indices.device());
+  PF_CHECK(divergence != kd_math::kReverseKL, op,
+           "divergence \"reverse_kl\" is not defined with a top-k teacher: the teacher probability is 0 outside "
+           "its top-k entries, so KL(Q || P) is infinite; use \"forward_kl\" or \"jsd\"");
+  check_labels(op, labels, student);
+  check_scalars(op, temperature, alpha, beta);
+}
+
+}  // namespace pyfinetune

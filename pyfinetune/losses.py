@@ -1,0 +1,462 @@
+"""Fused knowledge-distillation losses.
+
+With ``P = softmax(teacher / T)`` and ``Q = softmax(student / T)`` per row of logits:
+
+* ``divergence="forward_kl"``: ``D = KL(P || Q)``; ``"reverse_kl"``: ``D = KL(Q || P)``;
+  ``"jsd"``: ``D = beta KL(P || M) + (1 - beta) KL(Q || M)`` with ``M = beta P + (1 - beta) Q``.
+* row loss ``alpha T^2 D + (1 - alpha) CE(student, label)`` (CE at temperature 1); ``T^2 D`` alone
+  without labels; rows whose label is ``ignore_index`` contribute nothing.
+* ``reduction``: ``"batchmean"`` (sum over rows / number of rows not ignored, 0 when all are
+  ignored), ``"sum"``, ``"none"`` (one value per row, leading dimensions flattened).
+
+The kernels read each row of logits a few times, compute the loss and the gradient with respect to
+the student in one forward call, and keep only that gradient for the backward: no softmax or
+log-softmax tensor is stored. The gradient flows to the student only. Inputs may be float32,
+bfloat16 or float16 (student and teacher independently); the arithmetic is float32 and the loss is
+float32 (float64 inputs, CPU only, compute and return float64: for gradcheck and references).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Optional, Tuple
+
+import torch
+
+from . import ops as _ops
+
+__all__ = ["kd_loss", "kd_loss_topk", "fused_linear_kd_loss", "DistillationLoss"]
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("batchmean", "sum", "none")
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# fused_linear_kd_loss: rows per chunk are chosen so that a chunk's float32 logits take about this
+# many bytes (256 rows at V = 32000): big enough for efficient matmuls, small next to [N, V].
+DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------------- validation
+def _check_options(temperature, alpha, divergence, beta, ignore_index, reduction) -> None:
+    """Raise TypeError / ValueError naming the argument for bad keyword arguments."""
+    for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"pyfinetune.kd_loss: {name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"pyfinetune.kd_loss: temperature must be a finite number > 0, got {temperature}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"pyfinetune.kd_loss: alpha must be in [0, 1], got {alpha}")
+    if not 0 < beta < 1:
+        raise ValueError(f"pyfinetune.kd_loss: beta must be in (0, 1), got {beta}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"pyfinetune.kd_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"pyfinetune.kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"pyfinetune.kd_loss: ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _as_rows(name: str, x) -> torch.Tensor:
+    """[..., V] logits -> [N, V] with unit stride along V (a view when possible)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"pyfinetune.kd_loss: {name} must be a tensor, got {type(x).__name__}")
+    if x.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"pyfinetune.kd_loss: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"pyfinetune.kd_loss: {name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[-1] > 1 and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def _as_labels(labels, lead_shape, device, name: str = "labels") -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"pyfinetune.kd_loss: {name} must be a tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"pyfinetune.kd_loss: {name} must be an integer tensor (int64), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(lead_shape):
+        raise ValueError(
+            f"pyfinetune.kd_loss: {name} must have the leading shape of student_logits {tuple(lead_shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if labels.device != device:
+        raise ValueError(f"pyfinetune.kd_loss: {name} must be on {device} like student_logits, got {labels.device}")
+    return labels.reshape(-1).to(torch.int64)
+
+
+def _check_same_device(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"pyfinetune.kd_loss: {name} must be on {ref.device} like student_logits, got {x.device}")
+
+
+def _need_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _reduce(loss_rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str):
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total
+    # batchmean: divide by the rows that count, on the device (no host synchronization).
+    if labels is None:
+        return total / max(loss_rows.shape[0], 1)
+    count = (labels != ignore_index).sum().clamp_min(1)
+    return total / count.to(total.dtype)
+
+
+# ----------------------------------------------------------------------------------- functional
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """Fused distillation loss of student logits against teacher logits.
+
+    Args:
+        student_logits: ``[..., V]`` float32 / bfloat16 / float16 (any leading dims).
+        teacher_logits: same shape, any of those dtypes; treated as a constant (no gradient).
+        labels: ``None`` or integer tensor of the leading shape; with labels the row loss is
+            ``alpha T^2 D + (1 - alpha) CE``, rows equal to ``ignore_index`` count for nothing.
+        temperature: ``T > 0``. alpha: in ``[0, 1]``. beta: jsd mixing weight in ``(0, 1)``.
+        divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        reduction: ``"batchmean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+        float32 scalar, or ``[N]`` for ``reduction="none"`` (N = product of the leading dims).
+    """
+    _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
+    s = _as_rows("student_logits", student_logits)
+    t = _as_rows("teacher_logits", teacher_logits)
+    if tuple(teacher_logits.shape) != tuple(student_logits.shape):
+        raise ValueError(
+            f"pyfinetune.kd_loss: teacher_logits must have the shape of student_logits "
+            f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}"
+        )
+    _check_same_device("teacher_logits", teacher_logits, student_logits)
+    lab = _as_labels(labels, student_logits.shape[:-1], student_logits.device)
+    loss_rows, _ = torch.ops.pyfinetune.kd_loss_fwd(
+        s, t.detach(), lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
+        beta=float(beta), ignore_index=int(ignore_index), need_grad=_need_grad(s),
+    )
+    return _reduce(loss_rows, lab, ignore_index, reduction)
+
+
+def kd_loss_topk(
+    student_logits: torch.Tensor,
+    teacher_topk_logits: torch.Tensor,
+    teacher_topk_indices: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """Distillation from a teacher saved as its top-k logits per row (offline distillation).
+
+    The teacher distribution is the softmax of its k logits at temperature T (0 elsewhere); the
+    student's log-partition is over all V. ``teacher_topk_logits``: ``[..., k]`` float,
+    ``teacher_topk_indices``: ``[..., k]`` integer in ``[0, V)``, distinct within a row (as
+    ``torch.topk`` returns them). ``divergence="reverse_kl"`` is refused: KL(Q || P) is infinite
+    where the teacher has probability 0. Other arguments as :func:`kd_loss`.
+    """
+    _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
+    if divergence == "reverse_kl":
+        raise ValueError(
+            "pyfinetune.kd_loss_topk: divergence 'reverse_kl' is not defined with a top-k teacher (its probability "
+            "is 0 outside the top-k, so KL(Q || P) is infinite); use 'forward_kl' or 'jsd'"
+        )
+    s = _as_rows("student_logits", student_logits)
+    v = _as_rows("teacher_topk_logits", teacher_topk_logits)
+    lead = student_logits.shape[:-1]
+    if tuple(teacher_topk_logits.shape[:-1]) != tuple(lead):
+        raise ValueError(
+            f"pyfinetune.kd_loss_topk: teacher_topk_logits must have the leading shape of student_logits "
+            f"{tuple(lead)}, got {tuple(teacher_topk_logits.shape)}"
+        )
+    k = teacher_topk_logits.shape[-1]
+    if k > student_logits.shape[-1]:
+        raise ValueError(f"pyfinetune.kd_loss_topk: teacher_topk_logits has k = {k} > V = {student_logits.shape[-1]}")
+    if not isinstance(teacher_topk_indices, torch.Tensor) or teacher_topk_indices.dtype.is_floating_point:
+        raise TypeError("pyfinetune.kd_loss_topk: teacher_topk_indices must be an integer tensor (int64)")
+    if tuple(teacher_topk_indices.shape) != tuple(teacher_topk_logits.shape):
+        raise ValueError(
+            f"pyfinetune.kd_loss_topk: teacher_topk_indices must have the shape of teacher_topk_logits "
+            f"{tuple(teacher_topk_logits.shape)}, got {tuple(teacher_topk_indices.shape)}"
+        )
+    _check_same_device("teacher_topk_logits", teacher_topk_logits, student_logits)
+    _check_same_device("teacher_topk_indices", teacher_topk_indices, student_logits)
+    idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
+    lab = _as_labels(labels, lead, student_logits.device)
+    loss_rows, _ = torch.ops.pyfinetune.kd_loss_topk_fwd(
+        s, v.detach(), idx, lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
+        beta=float(beta), ignore_index=int(ignore_index), need_grad=_need_grad(s),
+    )
+    return _reduce(loss_rows, lab, ignore_index, reduction)
+
+
+# ----------------------------------------------------------------------------------- fused linear
+def _default_chunk_rows(vocab: int) -> int:
+    return max(1, DEFAULT_CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, need, row_scale=None):
+    """Loss rows and float32 gradients of the fused linear KD loss, chunk by chunk of rows.
+
+    need = (grad_h, grad_w, grad_b) flags; row_scale: None (1 for every row) or [N] float32.
+    Returns (loss_rows, grad_h32, grad_w32, grad_b32), the gradients None where not needed.
+    """
+    n = h_s.shape[0]
+    dev = h_s.device
+    any_grad = any(need)
+    loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
+    grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=dev) if need[0] else None
+    # The first chunk writes grad_w (no zero fill of a weight-sized buffer), later ones add to it.
+    grad_w = torch.empty(w_s32.shape, dtype=torch.float32, device=dev) if need[1] else None
+    grad_b = torch.zeros(w_s32.shape[0], dtype=torch.float32, device=dev) if need[2] else None
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        hs = h_s[start:end].to(torch.float32)
+        # float32 logits: rounding them to bf16 first costs several percent of gradient accuracy.
+        logits = torch.addmm(b_s32, hs, w_s32.t()) if b_s32 is not None else hs @ w_s32.t()
+        ht = h_t[start:end].to(w_t.dtype)
+        tl = torch.addmm(b_t, ht, w_t.t()) if b_t is not None else ht @ w_t.t()
+        lab = labels[start:end] if labels is not None else None
+        rows, g = torch.ops.pyfinetune.kd_loss_fwd(logits, tl, lab, need_grad=any_grad, **opts)
+        loss_rows[start:end] = rows
+        del logits, tl
+        if not any_grad:
+            continue
+        if row_scale is not None:
+            g.mul_(row_scale[start:end].unsqueeze(-1))
+        if grad_h is not None:
+            torch.matmul(g, w_s32, out=grad_h[start:end])
+        if grad_w is not None:
+            if start == 0:
+                torch.mm(g.t(), hs, out=grad_w)
+            else:
+                grad_w.addmm_(g.t(), hs)
+        if grad_b is not None:
+            grad_b.add_(g.sum(0))
+    if grad_w is not None and (n == 0 or not any_grad):
+        grad_w.zero_()  # no chunk wrote it
+    return loss_rows, grad_h, grad_w, grad_b
+
+
+def _without_autocast(device: torch.device):
+    """A context that turns autocast off on ``device`` (a no-op where it has no autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    # forward and backward run with autocast off: under torch.autocast the chunk matmuls would
+    # compute the student's logits in bf16/fp16 (the float32 logits are the point) and the
+    # `matmul(out=float32)` of the gradient fails against autocast's low-precision result.
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, chunk, reduction, ignore_index):
+        with _without_autocast(h_s.device):
+            return _FusedLinearKD._forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, chunk, reduction,
+                                           ignore_index)
+
+    @staticmethod
+    def _forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, chunk, reduction, ignore_index):
+        need = tuple(ctx.needs_input_grad[:3])
+        ctx.device = h_s.device
+        # One float32 copy of a low-precision weight per call, not one per chunk.
+        w_s32 = w_s.detach().to(torch.float32)
+        b_s32 = b_s.detach().to(torch.float32) if b_s is not None else None
+        # The teacher's head runs in the promoted dtype of its hidden states, weight and bias
+        # (a bf16 hidden state from autocast against a float32 weight: float32).
+        t_dtype = torch.promote_types(h_t.dtype, w_t.dtype)
+        if b_t is not None:
+            t_dtype = torch.promote_types(t_dtype, b_t.dtype)
+        h_t, w_t = h_t.detach(), w_t.detach().to(t_dtype)
+        b_t = b_t.detach().to(t_dtype) if b_t is not None else None
+        ctx.reduction = reduction
+        ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
+        ctx.need = need
+        if reduction == "none":
+            # The per-row upstream gradient is only known in the backward, which recomputes the
+            # chunks (a second pass of matmuls) instead of keeping [N, V] anything.
+            loss_rows, _, _, _ = _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk,
+                                                   (False, False, False))
+            ctx.save_for_backward(h_s, w_s32, b_s32, h_t, w_t, b_t, labels)
+            ctx.opts, ctx.chunk = opts, chunk
+            return loss_rows
+        loss_rows, gh, gw, gb = _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, need)
+        total = loss_rows.sum()
+        if reduction == "batchmean":
+            if labels is None:
+                count = torch.full((), float(max(h_s.shape[0], 1)), device=total.device)
+            else:
+                count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+            total = total / count
+        else:
+            count = None
+        ctx.save_for_backward(gh, gw, gb, count)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with _without_autocast(ctx.device):
+            return _FusedLinearKD._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        if ctx.reduction == "none":
+            h_s, w_s32, b_s32, h_t, w_t, b_t, labels = ctx.saved_tensors
+            _, gh, gw, gb = _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, ctx.opts, ctx.chunk, ctx.need,
+                                              row_scale=grad_out.to(torch.float32))
+            scale = None
+        else:
+            gh, gw, gb, count = ctx.saved_tensors
+            scale = grad_out.to(torch.float32)
+            if count is not None:
+                scale = scale / count
+        outs = []
+        applied = getattr(ctx, "applied_scale", None)
+        in_place = False
+        kept = next((g for g in (gh, gw, gb) if g is not None), None)
+        if scale is not None and applied is None and kept is not None and _ops._is_eager(kept) and kept.device.type == "cpu":
+            # The kept float32 gradients are ours: scale them in place (no second weight-sized
+            # buffer at the peak) when the scale can be undone by a later backward of a retained
+            # graph (finite and nonzero); `.data` keeps the saved tensors' versions unchanged.
+            s_val = float(scale)
+            in_place = s_val != 0.0 and math.isfinite(s_val)
+            if in_place:
+                ctx.applied_scale = scale.detach().clone()
+        for g, dtype in zip((gh, gw, gb), ctx.dtypes):
+            if g is None:
+                outs.append(None)
+            elif scale is None:
+                outs.append(g.to(dtype))
+            elif in_place:
+                g.data.mul_(scale)
+                outs.append(g.to(dtype))
+            elif applied is not None:
+                outs.append((g * (scale / applied)).to(dtype))
+            else:
+                outs.append((g * scale).to(dtype))
+        return (*outs, None, None, None, None, None, None, None, None)
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """:func:`kd_loss` of ``student_hidden @ student_weight.T (+ student_bias)`` against the
+    teacher's logits, computed ``chunk_size`` rows at a time: the ``[N, V]`` logits never exist.
+
+    Shapes: ``student_hidden [..., H_s]``, ``student_weight [V, H_s]``, ``teacher_hidden [..., H_t]``
+    (same leading shape), ``teacher_weight [V, H_t]``, biases ``[V]``. The student's chunk logits
+    are computed in float32 and the weight and bias gradients accumulated in float32; the
+    gradients are returned in the dtypes of ``student_hidden``, ``student_weight`` and
+    ``student_bias``. The teacher gets no gradient; its chunk logits are computed in the promoted
+    dtype of ``teacher_hidden``, ``teacher_weight`` and ``teacher_bias``. Under ``torch.autocast``
+    the function runs with autocast off, so the result is the same as without it.
+
+    ``chunk_size`` (rows per chunk): default such that one chunk's float32 logits take about
+    32 MiB (256 rows at V = 32000). Memory beyond the inputs: about three chunk-sized buffers and
+    float32 ``[V, H_s]`` for the weight (and its gradient). The gradients are computed in the
+    forward; with ``reduction="none"`` the backward recomputes the chunks instead.
+    """
+    _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        if not isinstance(x, torch.Tensor) or x.dtype not in _LOGIT_DTYPES:
+            raise TypeError(f"pyfinetune.fused_linear_kd_loss: {name} must be a float tensor")
+        _check_same_device(name, x, student_hidden)
+    if student_weight.dim() != 2 or teacher_weight.dim() != 2:
+        raise ValueError("pyfinetune.fused_linear_kd_loss: student_weight and teacher_weight must be 2-D [V, H]")
+    vocab = student_weight.shape[0]
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(
+            f"pyfinetune.fused_linear_kd_loss: teacher_weight must have V = {vocab} rows like student_weight, got "
+            f"{tuple(teacher_weight.shape)}"
+        )
+    if student_hidden.dim() < 1 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"pyfinetune.fused_linear_kd_loss: student_hidden must have shape [..., {student_weight.shape[1]}], got "
+            f"{tuple(student_hidden.shape)}"
+        )
+    if teacher_hidden.dim() < 1 or teacher_hidden.shape[-1] != teacher_weight.shape[1] \
+            or tuple(teacher_hidden.shape[:-1]) != tuple(student_hidden.shape[:-1]):
+        raise ValueError(
+            f"pyfinetune.fused_linear_kd_loss: teacher_hidden must have shape "
+            f"{tuple(student_hidden.shape[:-1]) + (teacher_weight.shape[1],)}, got {tuple(teacher_hidden.shape)}"
+        )
+    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (vocab,)):
+            raise ValueError(f"pyfinetune.fused_linear_kd_loss: {name} must be None or a tensor of shape [{vocab}]")
+    if chunk_size is None:
+        chunk = _default_chunk_rows(vocab)
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"pyfinetune.fused_linear_kd_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        chunk = int(chunk_size)
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    lab = _as_labels(labels, student_hidden.shape[:-1], student_hidden.device)
+    opts = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence, beta=float(beta),
+                ignore_index=int(ignore_index))
+    return _FusedLinearKD.apply(h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, lab, opts, chunk,
+                                reduction, int(ignore_index))
+
+
+# ----------------------------------------------------------------------------------- module
+class DistillationLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`kd_loss`; the keyword arguments are validated here, once.
+
+    ``forward(student_logits, teacher_logits, labels=None)``.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, alpha: float = 0.5, divergence: str = "forward_kl",
+                 beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean") -> None:
+        super().__init__()
+        _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.divergence = divergence
+        self.beta = float(beta)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha,
+                       divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
+                       reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
+                f"beta={self.beta}, ignore_index={self.ignore_index}, reduction={self.reduction!r}")

@@ -1,0 +1,1053 @@
+"""Pruning workflow: masks on ``nn.Linear`` / ``nn.Conv2d`` weights, one-shot magnitude pruning,
+gradual (Zhu & Gupta 2017) and movement (Sanh et al. 2020) pruning, masks that hold through
+training, and conversion to :class:`SparseLinear` for inference.
+
+How a mask attaches
+-------------------
+Pruning a layer swaps its class, in place, to a masked subclass (``nn.Linear`` ->
+:class:`MaskedLinear`, ``nn.Conv2d`` -> :class:`MaskedConv2d`) and registers a bool buffer
+``weight_mask`` of the weight's shape (True = kept). The masked forward multiplies the weight by the
+mask, so the layer computes with ``weight * weight_mask`` whatever is stored at pruned positions.
+Why a class swap (and not a forward pre-hook or ``torch.nn.utils.parametrize``):
+
+* the parameter stays ``<layer>.weight`` (same tensor, same name): optimizers built before pruning
+  keep working, and ``state_dict`` gains exactly one key per layer, ``<layer>.weight_mask``;
+* the masked classes are plain module-level ``nn.Module`` subclasses: ``pickle``, ``copy.deepcopy``
+  and ``torch.compile`` treat them like any module (parametrized modules refuse to pickle);
+* ``isinstance(layer, nn.Linear)`` still holds, and :func:`remove_masks` swaps back.
+
+Only modules whose type is exactly ``nn.Linear`` or ``nn.Conv2d`` are pruned: a subclass may have
+its own forward, which the masked forward would replace (``nn.MultiheadAttention.out_proj`` is
+such a subclass, and the attention reads its weight without calling it).
+
+Magnitude pruning (:func:`magnitude_prune`, :class:`GradualPruner`) also writes zeros into the
+pruned weights; :func:`mask_optimizer` keeps them, and their optimizer state, exactly zero through
+training. Movement pruning (:class:`MovementPruner`) keeps the dense weight values at pruned
+positions until its schedule ends, so that a pruned weight can come back; see that class.
+
+Typical use::
+
+    model = build_model()
+    pyfinetune.prune.magnitude_prune(model, 0.5, scope="global", exclude="classifier")
+    opt = pyfinetune.optim.AdamW(model.parameters(), lr=1e-4)
+    pyfinetune.prune.mask_optimizer(opt, model)       # pruned weights and moments stay 0
+    ...train...
+    print(pyfinetune.prune.sparsity_report(model))
+    torch.save(pyfinetune.prune.remove_masks(model).state_dict(), "pruned.pt")   # zeros baked in
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import optim as _optim
+
+__all__ = [
+    "MaskedLinear", "MaskedConv2d", "attach_mask", "remove_masks", "load_pruned_state_dict",
+    "effective_weight", "magnitude_prune", "GradualPruner", "MovementPruner", "mask_optimizer",
+    "sparsity_report", "SparsityReport", "LayerSparsity", "sparsify", "densify",
+]  # and SparseLinear, imported on first access (module __getattr__), so not in a star import
+
+# A module name glob ("encoder.*"), several globs, or a predicate (name, module) -> bool.
+LayerFilter = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+
+# ------------------------------------------------------------------------ masked forward
+def _masked_weight(weight: Tensor, mask: Tensor, dense_grad: bool) -> Tensor:
+    """``weight * mask``; with ``dense_grad`` the gradient reaching ``weight`` is the full gradient
+    of the effective weight (straight-through the mask) instead of the masked one."""
+    if dense_grad:
+        # Exact in every float dtype: masked entries give w + (-w) = 0, kept ones w + 0 = w.
+        return weight + (weight * mask - weight).detach()
+    return weight * mask
+
+
+def _masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor], dense_grad: bool) -> Tensor:
+    """``F.linear(x, weight * mask, bias)``: x [..., in], weight [out, in], mask bool [out, in],
+    bias [out] or None -> [..., out], in the dtype of x / weight.
+
+    With ``dense_grad=False`` ``weight.grad`` receives ``(dy^T x) * mask``, the gradient of the
+    masked layer. With ``dense_grad=True`` it receives the full ``dy^T x``, the gradient of the
+    loss with respect to the effective weight ``weight * mask`` at every position, pruned ones
+    included (what movement pruning scores need).
+
+    This is the contract of ``pyfinetune.ops.masked_matmul(x, weight, mask, bias, dense_grad=...)``
+    from the kernel library; when it lands, this body becomes that one call. Until then the dense
+    gradient is captured straight-through: ``weight + (weight * mask - weight).detach()`` has the
+    value ``weight * mask`` and passes d(loss)/d(weight * mask) unchanged to ``weight``. A tensor hook
+    on ``weight * mask`` would see the same gradient, but it would have to store it outside autograd
+    (a side buffer per layer, with its own bookkeeping for gradient accumulation, layers called
+    twice and ``zero_grad``) and would leave ``weight.grad`` masked, i.e. a different contract from
+    the op's; the straight-through form keeps ``weight.grad`` as the single place to read, compiles
+    without graph breaks and needs no switch when the op replaces it.
+    """
+    return F.linear(x, _masked_weight(weight, mask, dense_grad), bias)
+
+
+class _MaskedWeight:
+    """Shared by the masked layers: the ``weight_mask`` buffer and the ``dense_grad`` flag."""
+
+    weight_mask: Tensor
+    dense_grad: bool
+
+    def _init_mask(self) -> None:
+        self.register_buffer("weight_mask", torch.ones_like(self.weight, dtype=torch.bool,
+                                                            memory_format=torch.contiguous_format))
+        self.dense_grad = False
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", masked, dense_grad" if self.dense_grad else ", masked")
+
+
+class MaskedLinear(_MaskedWeight, nn.Linear):
+    """``nn.Linear`` computing with ``weight * weight_mask``.
+
+    Attributes (besides those of ``nn.Linear``):
+        weight_mask: bool buffer [out_features, in_features], True where the weight is kept.
+        dense_grad: bool; when True ``weight.grad`` is the dense gradient of the effective weight
+            (set by :class:`MovementPruner`), see ``_masked_linear``.
+
+    Usually made by pruning (the class of an existing ``nn.Linear`` is swapped in place);
+    constructing one directly takes ``nn.Linear``'s arguments and starts with an all-True mask.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_mask()
+
+    def forward(self, input: Tensor) -> Tensor:
+        """input [..., in_features] -> [..., out_features], dtype of the weight."""
+        return _masked_linear(input, self.weight, self.weight_mask, self.bias, self.dense_grad)
+
+
+class MaskedConv2d(_MaskedWeight, nn.Conv2d):
+    """``nn.Conv2d`` computing with ``weight * weight_mask``.
+
+    ``weight_mask`` is a bool buffer [out_channels, in_channels / groups, kh, kw]; ``dense_grad`` as
+    in :class:`MaskedLinear`. Constructing one directly takes ``nn.Conv2d``'s arguments.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._init_mask()
+
+    def forward(self, input: Tensor) -> Tensor:
+        """input [N, C_in, H, W] (or [C_in, H, W]) -> [N, C_out, H', W'], dtype of the weight."""
+        return self._conv_forward(input, _masked_weight(self.weight, self.weight_mask, self.dense_grad), self.bias)
+
+
+_MASKED_CLASS = {nn.Linear: MaskedLinear, nn.Conv2d: MaskedConv2d}
+_PLAIN_CLASS = {MaskedLinear: nn.Linear, MaskedConv2d: nn.Conv2d}
+_MASKED_TYPES = (MaskedLinear, MaskedConv2d)
+
+
+def _is_masked(module: nn.Module) -> bool:
+    return isinstance(module, _MASKED_TYPES)
+
+
+def _set_mask(module: nn.Module, keep: Tensor, zero_weight: bool) -> None:
+    """Attach ``keep`` (bool, weight's shape) to a prunable module, or overwrite its mask in place
+    (in place so that optimizers and compiled graphs holding the buffer see the change)."""
+    with torch.no_grad():
+        if _is_masked(module):
+            module.weight_mask.copy_(keep)
+        else:
+            module.__class__ = _MASKED_CLASS[type(module)]
+            module.register_buffer("weight_mask", keep.to(device=module.weight.device, dtype=torch.bool,
+                                                          memory_format=torch.contiguous_format, copy=True))
+            module.dense_grad = False
+        if zero_weight:
+            module.weight.masked_fill_(~module.weight_mask, 0)
+
+
+def attach_mask(module: nn.Module, mask: Optional[Tensor] = None) -> nn.Module:
+    """Attach (or replace) the mask of one layer, in place, and zero its weight where pruned.
+
+    Args:
+        module: an ``nn.Linear`` / ``nn.Conv2d`` (its class becomes :class:`MaskedLinear` /
+            :class:`MaskedConv2d`) or an already masked layer (its mask is overwritten in place).
+        mask: bool tensor of the weight's shape, True = kept; None keeps everything.
+
+    Returns:
+        ``module`` itself.
+    """
+    if not (_is_masked(module) or type(module) in _MASKED_CLASS):
+        raise TypeError(f"attach_mask: module must be an nn.Linear or nn.Conv2d, got {type(module).__name__}")
+    if mask is None:
+        mask = torch.ones_like(module.weight, dtype=torch.bool)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"attach_mask: mask must be a bool Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if mask.shape != module.weight.shape:
+        raise ValueError(f"attach_mask: mask must have the weight's shape {tuple(module.weight.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    _set_mask(module, mask, zero_weight=True)
+    return module
+
+
+def remove_masks(model: nn.Module) -> nn.Module:
+    """Turn every masked layer of ``model`` back into a plain ``nn.Linear`` / ``nn.Conv2d``, in
+    place, with the pruned weights set to zero: the export form (``state_dict`` keys as before
+    pruning). The weight parameters are the same tensors, so optimizers keep working.
+
+    Returns:
+        ``model`` itself.
+    """
+    for module in model.modules():
+        if _is_masked(module):
+            with torch.no_grad():
+                module.weight.masked_fill_(~module.weight_mask, 0)
+            del module.weight_mask
+            del module.dense_grad
+            module.__class__ = _PLAIN_CLASS[type(module)]
+    return model
+
+
+def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict: bool = True):
+    """Load a pruned model's ``state_dict`` (with ``<layer>.weight_mask`` entries) into ``model``,
+    pruned or not: layers that have a mask in ``state_dict`` but none in ``model`` get one first.
+
+    Args:
+        model: the module to load into.
+        state_dict: as produced by ``model.state_dict()`` of a pruned model.
+        strict: as ``nn.Module.load_state_dict``.
+
+    Returns:
+        what ``model.load_state_dict`` returns (missing and unexpected keys).
+    """
+    for key in state_dict:
+        if key != "weight_mask" and not key.endswith(".weight_mask"):
+            continue
+        name = key[: -len("weight_mask")].rstrip(".")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            if strict:
+                raise ValueError(f"state_dict has the mask {key!r} but model has no module {name!r}") from None
+            continue
+        if not _is_masked(module):
+            if type(module) not in _MASKED_CLASS:
+                raise TypeError(f"state_dict has the mask {key!r} but model.{name} is a {type(module).__name__}, "
+                                "not an nn.Linear or nn.Conv2d")
+            _set_mask(module, torch.ones_like(module.weight, dtype=torch.bool), zero_weight=False)
+    return model.load_state_dict(state_dict, strict=strict)
+
+
+def effective_weight(layer: nn.Module) -> Tensor:
+    """The weight as the layer's forward sees it: ``weight * weight_mask`` for a masked layer, the
+    weight of a plain ``nn.Linear`` / ``nn.Conv2d``, ``to_dense()`` of a :class:`SparseLinear`.
+
+    Returns:
+        Tensor of the weight's shape ([out, in] or [out, in / groups, kh, kw]) and dtype, zero at
+        pruned positions; differentiable with respect to the weight.
+    """
+    if _is_masked(layer):
+        return layer.weight * layer.weight_mask
+    if isinstance(layer, (nn.Linear, nn.Conv2d)):
+        return layer.weight
+    sparse_cls = _sparse_linear_class(required=False)
+    if sparse_cls is not None and isinstance(layer, sparse_cls):
+        return layer.to_dense()
+    raise TypeError(f"effective_weight: layer must be an nn.Linear, nn.Conv2d or SparseLinear, got {type(layer).__name__}")
+
+
+# ------------------------------------------------------------------------ argument checks
+@dataclass(frozen=True)
+class _Pattern:
+    """A parsed ``pattern``: unstructured, N:M (keep n of every m consecutive inputs) or RxC blocks."""
+
+    text: str
+    kind: str  # "unstructured" | "nm" | "block"
+    n: int = 0
+    m: int = 0
+    rows: int = 1
+    cols: int = 1
+
+    @property
+    def max_sparsity(self) -> float:
+        return (self.m - self.n) / self.m if self.kind == "nm" else 1.0
+
+
+def _parse_pattern(pattern: Any) -> _Pattern:
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
+    if pattern == "unstructured":
+        return _Pattern(pattern, "unstructured")
+    nm = re.fullmatch(r"(\d+):(\d+)", pattern)
+    if nm and 0 < int(nm.group(1)) < int(nm.group(2)):
+        return _Pattern(pattern, "nm", n=int(nm.group(1)), m=int(nm.group(2)))
+    block = re.fullmatch(r"block:(\d+)x(\d+)", pattern)
+    if block and int(block.group(1)) > 0 and int(block.group(2)) > 0:
+        return _Pattern(pattern, "block", rows=int(block.group(1)), cols=int(block.group(2)))
+    raise ValueError("pattern must be 'unstructured', 'N:M' with 0 < N < M (e.g. '2:4') or 'block:RxC' "
+                     f"(e.g. 'block:4x4'), got {pattern!r}")
+
+
+def _check_scope(scope: Any) -> None:
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+
+
+def _check_sparsity(name: str, value: Any, pat: _Pattern) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if value > pat.max_sparsity + 1e-12:
+        raise ValueError(f"{name}={value} is more than pattern {pat.text!r} can prune: {pat.n} of every {pat.m} "
+                         f"weights are kept, so {name} must be <= {pat.max_sparsity}")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
+def _as_predicate(spec: LayerFilter, arg: str) -> Optional[Callable[[str, nn.Module], bool]]:
+    """``include`` / ``exclude`` as a predicate (name, module) -> bool; None stays None."""
+    if spec is None or callable(spec):
+        return spec
+    globs = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, Iterable) else None
+    if globs is None or not all(isinstance(g, str) for g in globs):
+        raise TypeError(f"{arg} must be a module-name glob, a list of globs or a callable (name, module) -> bool, "
+                        f"got {spec!r}")
+    return lambda name, module: any(fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter) -> List[Tuple[str, nn.Module]]:
+    """The prunable layers of ``model`` (exact ``nn.Linear`` / ``nn.Conv2d``, or already masked)
+    that ``include`` matches and ``exclude`` does not, in ``named_modules`` order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    keep_if, drop_if = _as_predicate(include, "include"), _as_predicate(exclude, "exclude")
+    layers = []
+    for name, module in model.named_modules():
+        if not (_is_masked(module) or type(module) in _MASKED_CLASS):
+            continue
+        if keep_if is not None and not keep_if(name, module):
+            continue
+        if drop_if is not None and drop_if(name, module):
+            continue
+        layers.append((name, module))
+    if not layers:
+        raise ValueError(f"no prunable layer (nn.Linear / nn.Conv2d) matched include={include!r}, exclude={exclude!r}")
+    seen: Dict[int, str] = {}
+    for name, module in layers:
+        if id(module.weight) in seen:
+            raise ValueError(f"layers {seen[id(module.weight)]!r} and {name!r} share one weight; tied weights cannot "
+                             "carry two masks: exclude one of them")
+        seen[id(module.weight)] = name
+        if not module.weight.is_floating_point():
+            raise TypeError(f"the weight of layer {name!r} must be floating point, got {module.weight.dtype}")
+    return layers
+
+
+def _matrix_shape(module: nn.Module) -> Tuple[int, int]:
+    """The weight as a matrix [out, in], a Conv2d's input flattened (in / groups * kh * kw)."""
+    w = module.weight
+    return w.shape[0], w.numel() // w.shape[0]
+
+
+def _check_pattern_fits(layers: Sequence[Tuple[str, nn.Module]], pat: _Pattern) -> None:
+    for name, module in layers:
+        rows, cols = _matrix_shape(module)
+        if pat.kind == "nm" and cols % pat.m:
+            raise ValueError(f"pattern {pat.text!r} needs the input size of layer {name!r} to be a multiple of "
+                             f"{pat.m}, got {cols} (weight shape {tuple(module.weight.shape)})")
+        if pat.kind == "block" and (rows % pat.rows or cols % pat.cols):
+            raise ValueError(f"pattern {pat.text!r} does not divide layer {name!r}: its weight is {rows} x {cols} "
+                             f"(outputs x inputs, weight shape {tuple(module.weight.shape)})")
+
+
+# ------------------------------------------------------------------------ selecting what to prune
+def _lowest_k(keys: Tensor, k: int) -> Tensor:
+    """Bool [n]: True at the ``k`` smallest of ``keys`` [n]; among equal keys the lower index
+    first. O(n) memory (a selection, not a sort)."""
+    n = keys.numel()
+    out = torch.zeros(n, dtype=torch.bool, device=keys.device)
+    if k <= 0:
+        return out
+    if k >= n:
+        return out.fill_(True)
+    v = torch.kthvalue(keys, k).values
+    out = keys < v
+    extra = k - int(out.sum())
+    if extra > 0:
+        out[torch.nonzero(keys == v).reshape(-1)[:extra]] = True
+    return out
+
+
+def _nm_candidates(keys: Tensor, n: int, m: int) -> Tensor:
+    """Bool, keys' shape [rows, cols]: in every group of ``m`` consecutive inputs, the ``m - n``
+    entries with the smallest keys (ties: lower index)."""
+    groups = keys.reshape(-1, m)
+    idx = torch.sort(groups, dim=1, stable=True).indices[:, : m - n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(1, idx, True).reshape(keys.shape)
+
+
+@dataclass
+class _Units:
+    """One layer's ranking units: ``keys`` [units] (entries, N:M candidates or blocks), ``count``
+    (what ``sparsity`` is a fraction of), and what is needed to map the units back to entries."""
+
+    keys: Tensor
+    count: int
+    shape: Tuple[int, int]
+    cand: Optional[Tensor] = None                       # N:M: bool [out, in], the candidates
+    shape4: Optional[Tuple[int, int, int, int]] = None  # blocks: [out/R, R, in/C, C]
+
+    def keep(self, pruned: Tensor) -> Tensor:
+        """Bool [out, in], True = kept, from ``pruned`` [units]."""
+        if self.shape4 is not None:
+            r4 = self.shape4
+            pruned = pruned.reshape(r4[0], 1, r4[2], 1).expand(r4)
+        elif self.cand is not None:
+            full = torch.zeros_like(self.cand)
+            full[self.cand] = pruned
+            pruned = full
+        return ~pruned.reshape(self.shape)
+
+
+def _units(keys: Tensor, mask: Optional[Tensor], pat: _Pattern, block_reduce: str, prefer_pruned: bool) -> _Units:
+    """The units of one layer from its entry keys [out, in] (float32 / float64).
+
+    Args:
+        mask: the layer's present mask [out, in] or None.
+        block_reduce: a block's key from its entries' keys: "l2" (sum of squares, ordered as the
+            L2 norm) or "sum".
+        prefer_pruned: units already fully pruned rank lowest (so masks only grow with sparsity).
+    """
+    dead = None if mask is None or not prefer_pruned else ~mask
+    if pat.kind == "block":
+        shape4 = (keys.shape[0] // pat.rows, pat.rows, keys.shape[1] // pat.cols, pat.cols)
+        blocks = keys.reshape(shape4)
+        unit = blocks.square().sum(dim=(1, 3)) if block_reduce == "l2" else blocks.sum(dim=(1, 3))
+        if dead is not None:
+            unit = unit.masked_fill(dead.reshape(shape4).all(dim=3).all(dim=1), -math.inf)
+        return _Units(unit.reshape(-1), unit.numel(), tuple(keys.shape), shape4=shape4)
+    if dead is not None:
+        keys = keys.masked_fill(dead, -math.inf)
+    if pat.kind == "nm":
+        cand = _nm_candidates(keys, pat.n, pat.m)
+        return _Units(keys[cand], keys.numel(), tuple(keys.shape), cand=cand)
+    return _Units(keys.reshape(-1), keys.numel(), tuple(keys.shape))
+
+
+def _prune_layers(layers: Sequence[Tuple[str, nn.Module]], key_fn: Callable[[str, nn.Module], Tensor],
+                  sparsity: float, pat: _Pattern, scope: str, block_reduce: str, prefer_pruned: bool,
+                  zero_weight: Callable[[nn.Module], bool]) -> None:
+    """Set the masks of ``layers``: the ``round(sparsity * count)`` units with the smallest keys
+    are pruned, per layer or over all layers; among equal keys the lower index (layers in order,
+    then row-major) goes first.
+
+    ``key_fn(name, module)`` gives a layer's entry keys [out, in]. With ``scope="layer"`` one
+    layer's keys are alive at a time; ``"global"`` holds all units at once (4 bytes per weight,
+    float32 keys, or one key per block).
+    """
+    def units_of(name, module):
+        mask = module.weight_mask.reshape(_matrix_shape(module)) if _is_masked(module) else None
+        return _units(key_fn(name, module), mask, pat, block_reduce, prefer_pruned)
+
+    def apply(module, units, pruned):
+        _set_mask(module, units.keep(pruned).reshape(module.weight.shape), zero_weight(module))
+
+    if scope == "layer":
+        for name, module in layers:
+            units = units_of(name, module)
+            apply(module, units, _lowest_k(units.keys, round(sparsity * units.count)))
+        return
+    all_units = [units_of(name, module) for name, module in layers]
+    device = all_units[0].keys.device
+    chosen = _lowest_k(torch.cat([u.keys.to(device) for u in all_units]),
+                       round(sparsity * sum(u.count for u in all_units)))
+    for (_, module), units, pruned in zip(layers, all_units, chosen.split([u.keys.numel() for u in all_units])):
+        apply(module, units, pruned.to(units.keys.device))
+
+
+def _key_dtype(layers: Sequence[Tuple[str, nn.Module]]) -> torch.dtype:
+    return torch.float64 if any(m.weight.dtype == torch.float64 for _, m in layers) else torch.float32
+
+
+def _magnitude_keys(dtype: torch.dtype) -> Callable[[str, nn.Module], Tensor]:
+    """``key_fn`` of magnitude pruning: |effective weight| as [out, in] in ``dtype``."""
+    def keys(name: str, module: nn.Module) -> Tensor:
+        w = module.weight.detach()
+        if _is_masked(module):
+            w = w * module.weight_mask
+        return w.reshape(_matrix_shape(module)).to(dtype).abs()
+    return keys
+
+
+def _check_no_nan(layers: Sequence[Tuple[str, nn.Module]]) -> None:
+    """Before any mask is set, so that a NaN weight leaves the model as it was."""
+    for name, module in layers:
+        if torch.isnan(module.weight).any():
+            raise ValueError(f"the weight of layer {name!r} contains NaN; it cannot be pruned by rank")
+
+
+def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "layer", pattern: str = "unstructured",
+                    include: LayerFilter = None, exclude: LayerFilter = None) -> Dict[str, Tensor]:
+    """Prune the weights of ``model``'s ``nn.Linear`` / ``nn.Conv2d`` layers with the smallest
+    magnitude: attach masks (see the module docstring) and zero the pruned weights. Biases, norms
+    and other parameters are untouched.
+
+    Args:
+        model: the model (or a single layer), pruned in place.
+        sparsity: fraction pruned, in [0, 1]. Exactly ``round(sparsity * count)`` units are pruned
+            (Python's ``round``: half to even), per layer (``scope="layer"``) or over all selected
+            layers together (``scope="global"``); a unit is a weight, or a block for ``block:RxC``.
+        scope: ``"layer"`` or ``"global"``.
+        pattern: ``"unstructured"``; ``"N:M"`` (e.g. ``"2:4"``): in every group of M consecutive
+            inputs (for a Conv2d, of the flattened in / groups * kh * kw) at most M - N are pruned,
+            so ``sparsity`` must be <= (M - N) / M; at exactly (M - N) / M every group has M - N
+            pruned weights, below it the pruned weights are the lowest-ranked of those candidates;
+            ``"block:RxC"``: whole blocks of R outputs x C inputs, ranked by their L2 norm.
+        include: which layers may be pruned: a glob on the module name from ``named_modules``
+            (``"encoder.*"``), a list of globs, or a predicate ``(name, module) -> bool``. None: all.
+        exclude: the same form; matching layers are left alone.
+
+    The ranking is by the magnitude of the effective weight (zero where already pruned). Ties are
+    deterministic: units already pruned go first, then the lower index (layers in
+    ``named_modules`` order, entries in row-major order of the [out, in] matrix). Masks therefore
+    only grow when a pruned model is pruned again at a higher sparsity.
+
+    Returns:
+        ``{layer name: mask}``, the bool ``weight_mask`` buffers (weight's shape, True = kept).
+    """
+    pat = _parse_pattern(pattern)
+    _check_scope(scope)
+    _check_sparsity("sparsity", sparsity, pat)
+    layers = _select_layers(model, include, exclude)
+    _check_pattern_fits(layers, pat)
+    _check_no_nan(layers)
+    _prune_layers(layers, _magnitude_keys(_key_dtype(layers)), sparsity, pat, scope, block_reduce="l2",
+                  prefer_pruned=True, zero_weight=lambda module: True)
+    return {name: module.weight_mask for name, module in layers}
+
+
+# ------------------------------------------------------------------------ schedules
+class GradualPruner:
+    r"""Gradual magnitude pruning with the cubic schedule of Zhu and Gupta (2017).
+
+    The target sparsity at step ``t`` is
+
+    .. math:: s_t = s_f + (s_i - s_f) \left(1 - \frac{t - t_0}{n \Delta t}\right)^3
+
+    with ``t0 = start_step`` and ``n * dt = end_step - start_step`` (``s_i`` before ``start_step``,
+    ``s_f`` from ``end_step`` on). Masks are recomputed at ``start_step``, every ``every`` steps
+    after it, and at ``end_step``; in between they stay fixed.
+
+    Call :meth:`step` once per training step, after ``optimizer.step()``. The layers get all-True
+    masks at construction, so ``model.state_dict()`` has its final keys from the start and
+    :func:`mask_optimizer` can be called right after; masks are then updated in place, and the
+    optimizer hooks pick up every change (the pruned weights and their moments are zeroed).
+
+    Args:
+        model: the model, pruned in place.
+        final_sparsity: ``s_f`` in [0, 1].
+        start_step: ``t0`` >= 0, the first pruning step.
+        end_step: the step at which ``final_sparsity`` is reached, > ``start_step``.
+        every: ``dt`` > 0, steps between mask updates.
+        pattern, scope, include, exclude: as :func:`magnitude_prune`.
+        initial_sparsity: ``s_i`` in [0, ``final_sparsity``].
+
+    Example::
+
+        pruner = GradualPruner(model, 0.9, start_step=1000, end_step=20000, every=100)
+        mask_optimizer(opt, model)
+        for batch in data:
+            loss(model, batch).backward(); opt.step(); opt.zero_grad(); pruner.step()
+    """
+
+    _block_reduce = "l2"
+    _prefer_pruned = True
+
+    def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int, *,
+                 pattern: str = "unstructured", scope: str = "layer", initial_sparsity: float = 0.0,
+                 include: LayerFilter = None, exclude: LayerFilter = None):
+        pat = _parse_pattern(pattern)
+        _check_scope(scope)
+        _check_sparsity("final_sparsity", final_sparsity, pat)
+        _check_sparsity("initial_sparsity", initial_sparsity, pat)
+        if initial_sparsity > final_sparsity:
+            raise ValueError(f"initial_sparsity must be <= final_sparsity, got {initial_sparsity} > {final_sparsity}")
+        for name, value in (("start_step", start_step), ("end_step", end_step), ("every", every)):
+            _check_int(name, value)
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        if end_step <= start_step:
+            raise ValueError(f"end_step must be > start_step, got end_step={end_step}, start_step={start_step}")
+        if every <= 0:
+            raise ValueError(f"every must be > 0, got {every}")
+        self.layers = _select_layers(model, include, exclude)
+        _check_pattern_fits(self.layers, pat)
+        self.final_sparsity = float(final_sparsity)
+        self.initial_sparsity = float(initial_sparsity)
+        self.start_step, self.end_step, self.every = start_step, end_step, every
+        self.pattern, self.scope = pattern, scope
+        self._pattern = pat
+        self._key_dtype = _key_dtype(self.layers)
+        self.step_count = 0
+        self.last_sparsity: Optional[float] = None
+        for _, module in self.layers:
+            if not _is_masked(module):
+                _set_mask(module, torch.ones_like(module.weight, dtype=torch.bool), zero_weight=False)
+
+    def sparsity_at(self, step: int) -> float:
+        """The scheduled sparsity at ``step``: the cubic formula between ``start_step`` and
+        ``end_step``, ``initial_sparsity`` before, ``final_sparsity`` after."""
+        if step <= self.start_step:
+            return self.initial_sparsity
+        if step >= self.end_step:
+            return self.final_sparsity
+        frac = (step - self.start_step) / (self.end_step - self.start_step)
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
+
+    def is_pruning_step(self, step: int) -> bool:
+        """Whether the masks are recomputed at ``step``: ``start_step + j * every`` up to
+        ``end_step``, and ``end_step`` itself."""
+        return self.start_step <= step <= self.end_step and (
+            (step - self.start_step) % self.every == 0 or step == self.end_step)
+
+    def step(self) -> Optional[float]:
+        """Advance one training step (the first call is step 0); on a pruning step recompute the
+        masks at :meth:`sparsity_at` and zero the newly pruned weights.
+
+        Returns:
+            the sparsity of the last mask update so far (None before the first one).
+        """
+        t = self.step_count
+        if self.is_pruning_step(t):
+            self._prune(self.sparsity_at(t))
+        self.step_count = t + 1
+        return self.last_sparsity
+
+    def _prune(self, sparsity: float) -> None:
+        _check_no_nan(self.layers)
+        _prune_layers(self.layers, self._entry_keys, sparsity, self._pattern, self.scope,
+                      block_reduce=self._block_reduce, prefer_pruned=self._prefer_pruned,
+                      zero_weight=lambda module: not module.dense_grad)
+        self.last_sparsity = sparsity
+
+    def _entry_keys(self, name: str, module: nn.Module) -> Tensor:
+        return _magnitude_keys(self._key_dtype)(name, module)
+
+    def _config(self) -> Dict[str, Any]:
+        return dict(final_sparsity=self.final_sparsity, initial_sparsity=self.initial_sparsity,
+                    start_step=self.start_step, end_step=self.end_step, every=self.every, pattern=self.pattern,
+                    scope=self.scope, layers=[name for name, _ in self.layers])
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The pruner's progress (``step_count``, ``last_sparsity``) and its configuration. The
+        masks themselves are in ``model.state_dict()``."""
+        return dict(step_count=self.step_count, last_sparsity=self.last_sparsity, config=self._config())
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; the pruner must have been built with the same arguments
+        (a difference raises ValueError naming it)."""
+        differ = [k for k, v in self._config().items() if state_dict["config"].get(k) != v]
+        if differ:
+            raise ValueError(f"state_dict is from a pruner with other arguments: {', '.join(differ)} differ")
+        self.step_count = int(state_dict["step_count"])
+        self.last_sparsity = state_dict["last_sparsity"]
+
+
+class MovementPruner(GradualPruner):
+    r"""Movement pruning (Sanh, Wolf and Rush 2020) on the cubic schedule of :class:`GradualPruner`.
+
+    Each :meth:`step` adds ``-weight * grad`` to a float32 score per weight (float64 for float64
+    weights), where ``grad`` is the gradient of the effective weight at *every* position, pruned
+    ones included: the pruner sets ``dense_grad=True`` on its layers, so ``weight.grad`` is dense
+    after ``backward`` (see ``_masked_linear``). The step then masks ``weight.grad`` (the weights
+    learn with the gradient of the masked layer, as in the paper) and, on a pruning step, keeps
+    the weights with the highest scores (top-k, per layer or global; for ``block:RxC`` the score of
+    a block is the sum of its scores; ties: lower index first).
+
+    Weights at pruned positions keep their dense values while the schedule runs, and the forward
+    applies the mask, so a pruned weight whose score rises comes back with its old value. Optimizer
+    masking (:func:`mask_optimizer`) leaves these layers alone meanwhile. At ``end_step``, after the
+    final mask update, the pruner calls :meth:`finalize`: pruned weights are set to zero and the
+    layers become ordinary masked layers (masked gradient, zeros held by the optimizer hooks).
+
+    Call :meth:`step` once per training step, after ``loss.backward()`` and before
+    ``optimizer.step()``. With ``torch.amp.GradScaler`` call ``scaler.unscale_(optimizer)`` first; a
+    step whose gradients hold inf/NaN adds nothing to the scores.
+
+    Arguments as :class:`GradualPruner`.
+    """
+
+    _block_reduce = "sum"
+    _prefer_pruned = False
+
+    def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int, *,
+                 pattern: str = "unstructured", scope: str = "layer", initial_sparsity: float = 0.0,
+                 include: LayerFilter = None, exclude: LayerFilter = None):
+        super().__init__(model, final_sparsity, start_step, end_step, every, pattern=pattern, scope=scope,
+                         initial_sparsity=initial_sparsity, include=include, exclude=exclude)
+        self.scores: Dict[str, Tensor] = {
+            name: torch.zeros_like(module.weight, dtype=self._key_dtype, memory_format=torch.contiguous_format)
+            for name, module in self.layers}
+        self.finished = False
+        for _, module in self.layers:
+            module.dense_grad = True
+
+    def step(self) -> Optional[float]:
+        """Accumulate the scores from the current gradients, mask the gradients, update the masks
+        on a pruning step, and finalize at ``end_step``.
+
+        Returns:
+            the sparsity of the last mask update so far (None before the first one).
+        """
+        if self.finished:
+            self.step_count += 1
+            return self.last_sparsity
+        self._accumulate()
+        super().step()
+        if self.step_count > self.end_step:
+            self.finalize()
+        return self.last_sparsity
+
+    @torch.no_grad()
+    def _accumulate(self) -> None:
+        with_grad = [(name, m) for name, m in self.layers if m.weight.grad is not None]
+        if not with_grad:
+            return
+        # One flag for the whole step, as GradScaler skips a whole step; no host synchronization.
+        finite = torch.stack([torch.isfinite(m.weight.grad).all().to(with_grad[0][1].weight.device)
+                              for _, m in with_grad]).all()
+        for name, module in with_grad:
+            score = self.scores[name]
+            grad = module.weight.grad
+            delta = module.weight.to(score.dtype) * grad.to(score.dtype)
+            score.sub_(torch.where(finite.to(score.device), delta, torch.zeros((), dtype=score.dtype,
+                                                                                device=score.device)))
+            grad.masked_fill_(~module.weight_mask, 0)
+
+    def _entry_keys(self, name: str, module: nn.Module) -> Tensor:
+        return self.scores[name].reshape(_matrix_shape(module))
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """End movement pruning now: zero the pruned weights (and their gradients, for the
+        optimizer step that follows) and turn ``dense_grad`` off, so the layers train (and keep
+        their zeros under :func:`mask_optimizer`) as magnitude-pruned ones. Called by :meth:`step`
+        at ``end_step``."""
+        for _, module in self.layers:
+            pruned = ~module.weight_mask
+            module.weight.masked_fill_(pruned, 0)
+            if module.weight.grad is not None:
+                module.weight.grad.masked_fill_(pruned, 0)
+            module.dense_grad = False
+        self.finished = True
+
+    def state_dict(self) -> Dict[str, Any]:
+        """As :meth:`GradualPruner.state_dict`, plus the scores (``{layer name: Tensor}``) and
+        whether the pruner has finished."""
+        out = super().state_dict()
+        out.update(scores={k: v.clone() for k, v in self.scores.items()}, finished=self.finished)
+        return out
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (scores copied in place, ``dense_grad`` restored)."""
+        super().load_state_dict(state_dict)
+        for name, score in self.scores.items():
+            score.copy_(state_dict["scores"][name])
+        self.finished = bool(state_dict["finished"])
+        for _, module in self.layers:
+            module.dense_grad = not self.finished
+
+
+# ------------------------------------------------------------------------ optimizers
+class _OptimizerMasking:
+    """The hooks installed by :func:`mask_optimizer`; ``remove()`` uninstalls them."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        self.optimizer, self.model = optimizer, model
+        self.fused = isinstance(optimizer, (_optim.AdamW, _optim.SGD))
+        # fused: param -> (module mask we synced from, its _version, the optimizer's copy)
+        self._synced: Dict[Tensor, Tuple[Tensor, int, Tensor]] = {}
+        if self.fused:
+            self._handles = [optimizer.register_step_pre_hook(self._sync_fused)]
+            self._sync_fused(optimizer, (), {})
+        else:
+            self._handles = [optimizer.register_step_pre_hook(self._mask_grads),
+                             optimizer.register_step_post_hook(self._zero_pruned)]
+            self._zero_pruned(optimizer, (), {})
+
+    def remove(self) -> None:
+        """Stop masking (masks already set in a pyfinetune optimizer stay until changed)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pairs(self, optimizer: torch.optim.Optimizer) -> Iterator[Tuple[Tensor, Tensor]]:
+        """(weight, mask) of the hard-masked layers whose weight this optimizer updates."""
+        params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for module in self.model.modules():
+            if _is_masked(module) and not module.dense_grad and id(module.weight) in params:
+                yield module.weight, module.weight_mask
+
+    def _sync_fused(self, optimizer, args, kwargs) -> None:
+        # Masks change in place (pruners, load_state_dict): the version counter tells when.
+        live = dict(self._pairs(optimizer))
+        for p, (_, _, ours) in list(self._synced.items()):
+            if p not in live:
+                if optimizer.get_mask(p) is ours:
+                    optimizer.set_mask(p, None)
+                del self._synced[p]
+        for p, mask in live.items():
+            seen = self._synced.get(p)
+            if seen is None or seen[0] is not mask or seen[1] != mask._version or optimizer.get_mask(p) is not seen[2]:
+                optimizer.set_mask(p, mask)
+                self._synced[p] = (mask, mask._version, optimizer.get_mask(p))
+
+    @torch.no_grad()
+    def _mask_grads(self, optimizer, args, kwargs) -> None:
+        for p, mask in self._pairs(optimizer):
+            if p.grad is not None:
+                p.grad.masked_fill_(~mask, 0)
+
+    @torch.no_grad()
+    def _zero_pruned(self, optimizer, args, kwargs) -> None:
+        for p, mask in self._pairs(optimizer):
+            pruned = ~mask
+            p.masked_fill_(pruned, 0)
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.masked_fill_(pruned, 0)
+
+
+def mask_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> _OptimizerMasking:
+    """Keep the pruned weights of ``model`` and their optimizer state exactly zero through
+    training with ``optimizer``; momentum and weight decay never revive a pruned weight.
+
+    Call it once per optimizer, before or after pruning: the hooks read the layers' masks at
+    every step, so every later change (pruning, pruners, ``load_state_dict``, :func:`remove_masks`)
+    is followed. Each call installs its own hooks.
+
+    * ``pyfinetune.optim.AdamW`` / ``SGD``: a step pre-hook hands each mask to ``opt.set_mask``
+      whenever it changed (the fused kernel then keeps the masked weights and state zero).
+    * any other ``torch.optim.Optimizer``: a step pre-hook zeroes the gradients at pruned
+      positions; a step post-hook zeroes the pruned weights and, in ``optimizer.state``, every
+      tensor of the weight's shape (``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``,
+      ``momentum_buffer``, ...).
+
+    Only the weights that ``optimizer`` holds are handled. Layers of a running
+    :class:`MovementPruner` (``dense_grad=True``) are skipped until it finalizes.
+
+    Returns:
+        a handle; ``handle.remove()`` uninstalls the hooks.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return _OptimizerMasking(optimizer, model)
+
+
+# ------------------------------------------------------------------------ report
+@dataclass(frozen=True)
+class LayerSparsity:
+    """One row of a :class:`SparsityReport`.
+
+    Attributes:
+        name: module name (``""`` for the model itself).
+        kind: class name (``"MaskedLinear"``, ``"Linear"``, ``"Conv2d"``, ``"SparseLinear"`` ...).
+        shape: the weight's shape.
+        numel: number of weights.
+        kept: weights kept: the mask's True entries (masked layers, SparseLinear), the nonzero
+            weights of a plain layer.
+        masked: whether the layer carries a mask (or is a SparseLinear).
+    """
+
+    name: str
+    kind: str
+    shape: Tuple[int, ...]
+    numel: int
+    kept: int
+    masked: bool
+
+    @property
+    def pruned(self) -> int:
+        """Weights pruned (``numel - kept``)."""
+        return self.numel - self.kept
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction pruned, in [0, 1]."""
+        return self.pruned / self.numel if self.numel else 0.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Per-layer sparsity of a model (from :func:`sparsity_report`) with totals.
+
+    ``report["encoder.0"]`` is a layer's :class:`LayerSparsity`; iterating yields the rows;
+    ``str(report)`` is an aligned text table and :meth:`to_markdown` a Markdown one.
+    """
+
+    layers: Tuple[LayerSparsity, ...]
+
+    @property
+    def numel(self) -> int:
+        """Weights of all reported layers."""
+        return sum(r.numel for r in self.layers)
+
+    @property
+    def kept(self) -> int:
+        """Weights kept over all reported layers."""
+        return sum(r.kept for r in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of all reported weights that is pruned."""
+        return (self.numel - self.kept) / self.numel if self.numel else 0.0
+
+    def __getitem__(self, name: str) -> LayerSparsity:
+        for row in self.layers:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[LayerSparsity]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _table(self) -> List[List[str]]:
+        rows = [["layer", "type", "shape", "weights", "kept", "sparsity"]]
+        for r in self.layers:
+            rows.append([r.name or "(model)", r.kind, "x".join(map(str, r.shape)), str(r.numel), str(r.kept),
+                         f"{100 * r.sparsity:.2f}%"])
+        rows.append(["total", "", "", str(self.numel), str(self.kept), f"{100 * self.sparsity:.2f}%"])
+        return rows
+
+    def __str__(self) -> str:
+        rows = self._table()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = []
+        for j, r in enumerate(rows):
+            cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
+            lines.append("  ".join(cells).rstrip())
+            if j == 0 or j == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        """The table in Markdown (numbers right-aligned), the totals as the last row."""
+        rows = self._table()
+        out = ["| " + " | ".join(rows[0]) + " |", "| --- | --- | --- | ---: | ---: | ---: |"]
+        out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        return "\n".join(out)
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """The sparsity of every ``nn.Linear``, ``nn.Conv2d`` (masked or not) and :class:`SparseLinear`
+    of ``model``: name, type, weight shape, number of weights, kept, sparsity, plus totals.
+
+    Returns:
+        a :class:`SparsityReport` (``print`` it, or ``.to_markdown()``).
+    """
+    sparse_cls = _sparse_linear_class(required=False)
+    rows = []
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if _is_masked(module):
+                shape, kept, masked = module.weight.shape, int(module.weight_mask.sum()), True
+            elif isinstance(module, (nn.Linear, nn.Conv2d)):
+                shape, kept, masked = module.weight.shape, int(torch.count_nonzero(module.weight)), False
+            elif sparse_cls is not None and isinstance(module, sparse_cls):
+                mask = module.dense_mask()
+                shape, kept, masked = mask.shape, int(mask.sum()), True
+            else:
+                continue
+            rows.append(LayerSparsity(name, type(module).__name__, tuple(shape), math.prod(shape), kept, masked))
+    return SparsityReport(tuple(rows))
+
+
+# ------------------------------------------------------------------------ SparseLinear
+def _sparse_linear_class(required: bool = True):
+    """``pyfinetune._sparse_linear.SparseLinear``, imported on first use (it is a separate module
+    that may be absent); None when absent and not ``required``, else ImportError."""
+    try:
+        from ._sparse_linear import SparseLinear
+    except ImportError as e:
+        if required:
+            raise ImportError(f"SparseLinear is not available: pyfinetune._sparse_linear could not be imported ({e})") from e
+        return None
+    return SparseLinear
+
+
+def __getattr__(name: str):
+    # `pyfinetune.prune.SparseLinear` without importing it with this module. AttributeError when
+    # it is absent, so that hasattr() works and `from pyfinetune.prune import SparseLinear` raises
+    # ImportError.
+    if name == "SparseLinear":
+        try:
+            return _sparse_linear_class()
+        except ImportError as e:
+            raise AttributeError(str(e)) from e
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at ``name`` in ``model``; returns the (possibly new) root."""
+    if not name:
+        return new
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def sparsify(model: nn.Module) -> nn.Module:
+    """Replace every masked ``nn.Linear`` of ``model`` by a :class:`SparseLinear` holding only the
+    kept weights (``SparseLinear.from_dense(weight, mask, bias)``), for fast sparse inference.
+    Masked ``nn.Conv2d`` layers stay as they are. In place.
+
+    Returns:
+        the model (a new module when ``model`` itself is a masked ``nn.Linear``).
+    """
+    sparse_cls = _sparse_linear_class()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MaskedLinear):
+            bias = None if module.bias is None else module.bias.detach()
+            new = sparse_cls.from_dense(effective_weight(module).detach(), module.weight_mask, bias)
+            model = _replace_module(model, name, new)
+    return model
+
+
+def densify(model: nn.Module, keep_masks: bool = True) -> nn.Module:
+    """Replace every :class:`SparseLinear` of ``model`` by an ``nn.Linear`` with the dense weight
+    (zeros at pruned positions, same dtype and device), the reverse of :func:`sparsify`. In place.
+
+    Args:
+        model: the model.
+        keep_masks: True: the layers become :class:`MaskedLinear` with the SparseLinear's mask
+            (training can go on); False: plain ``nn.Linear`` (export; as :func:`remove_masks`).
+
+    Returns:
+        the model (a new module when ``model`` itself is a SparseLinear).
+    """
+    sparse_cls = _sparse_linear_class()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, sparse_cls):
+            continue
+        weight = module.to_dense().detach()
+        new = torch.nn.utils.skip_init(nn.Linear, module.in_features, module.out_features,
+                                       bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+        if keep_masks:
+            _set_mask(new, module.dense_mask(), zero_weight=True)
+        model = _replace_module(model, name, new)
+    return model

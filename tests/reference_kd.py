@@ -1,0 +1,116 @@
+"""Float64 reference of the distillation losses, written from torch.nn.functional, and the test
+tolerances of every dtype (in one place, with the reason for each)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Tolerances against the float64 reference, computed from the *same* (already rounded) inputs.
+#   float32: our arithmetic is float32 with shift-exact formulations of the stable terms, so
+#     errors are a few ulps of the row's scale: loss rtol 2e-5, gradient 2e-5 of the largest
+#     gradient entry of the case (atol) plus 1e-4 relative. At large T the loss T^2 D is
+#     ill-conditioned in float32 (D ~ 1e-6 from sums of O(1) terms, times T^2 = 1e4) for any
+#     implementation, so the loss bound also allows twice PyTorch's own float32 error.
+#   bfloat16 / float16: the loss is still computed in float32 (same bound as float32); the
+#     gradient is rounded to the student's dtype twice (the kept gradient, then its product with
+#     the upstream gradient in the backward; relative 2^-8 / 2^-11 each), so the bound is the
+#     flash-attention rule: at most twice the error PyTorch's own composition makes in that dtype
+#     against the same float64 reference, plus two roundings of the largest entry.
+#   float64 (gradcheck): the kernels run in float64.
+LOSS_RTOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5, torch.float64: 1e-10}
+GRAD_TOL = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-10, 1e-10)}  # (atol of the max, rtol)
+ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def kd_reference_rows(student, teacher, labels=None, *, temperature=1.0, alpha=0.5, divergence="forward_kl", beta=0.5,
+                      ignore_index=-100, compute_dtype=torch.float64):
+    """Per-row loss [N] of [..., V] logits, computed in `compute_dtype` (float64 for the reference)."""
+    V = student.shape[-1]
+    s = student.reshape(-1, V).to(compute_dtype)
+    t = teacher.reshape(-1, V).to(compute_dtype)
+    T = temperature
+    log_q = F.log_softmax(s / T, dim=-1)
+    log_p = F.log_softmax(t / T, dim=-1)
+    # F.kl_div with log targets; entries whose target log-probability is -inf (a top-k teacher
+    # scattered into a -inf row) contribute 0, and are masked so that no 0 * inf reaches autograd.
+    def kl(log_target_dist, log_input):
+        absent = log_target_dist == float("-inf")
+        lt = torch.where(absent, torch.zeros_like(log_target_dist), log_target_dist)
+        li = torch.where(absent, torch.zeros_like(log_input), log_input)
+        terms = F.kl_div(li, lt, reduction="none", log_target=True)
+        return torch.where(absent, torch.zeros_like(terms), terms).sum(-1)
+
+    if divergence == "forward_kl":
+        d = kl(log_p, log_q)
+    elif divergence == "reverse_kl":
+        d = kl(log_q, log_p)
+    elif divergence == "jsd":
+        log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log1p(-beta)]), dim=0)
+        d = beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+    else:
+        raise ValueError(divergence)
+    if labels is None:
+        return T * T * d
+    lab = labels.reshape(-1)
+    ce = F.cross_entropy(s, lab, ignore_index=ignore_index, reduction="none")
+    rows = alpha * T * T * d + (1 - alpha) * ce
+    return torch.where(lab == ignore_index, torch.zeros_like(rows), rows)
+
+
+def reduce_rows(rows, labels, ignore_index, reduction):
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if labels is None:
+        return rows.sum() / max(rows.numel(), 1)
+    return rows.sum() / (labels.reshape(-1) != ignore_index).sum().clamp_min(1)
+
+
+def kd_reference(student, teacher, labels=None, *, reduction="batchmean", grad_output=None, compute_dtype=torch.float64,
+                 **kw):
+    """(loss, d loss / d student) with the upstream gradient `grad_output` (default 1)."""
+    s = student.detach().to(compute_dtype).requires_grad_(True)
+    rows = kd_reference_rows(s, teacher.detach(), labels, compute_dtype=compute_dtype, **kw)
+    loss = reduce_rows(rows, labels, kw.get("ignore_index", -100), reduction)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(compute_dtype)
+    (g,) = torch.autograd.grad(loss, s, go)
+    return loss.detach(), g
+
+
+def topk_to_full(values, indices, V):
+    """Scatter top-k teacher logits into a [..., V] row filled with -inf."""
+    full = torch.full(values.shape[:-1] + (V,), float("-inf"), dtype=torch.float64, device=values.device)
+    return full.scatter(-1, indices, values.to(torch.float64))
+
+
+def assert_loss_close(actual, expected, dtype, torch_same_dtype=None, msg=""):
+    """rtol of the dtype, plus twice the error of PyTorch's composition in the input dtype if given."""
+    rtol = LOSS_RTOL[dtype]
+    a, e = actual.double(), expected.double()
+    scale = e.abs().max().clamp_min(1e-6) if e.numel() else 1.0
+    err = (a - e).abs()
+    extra = 0.0
+    if torch_same_dtype is not None:
+        extra = 2 * (torch_same_dtype.double() - e).abs().max().item()
+    assert torch.all(err <= rtol * e.abs() + rtol * scale + extra), (
+        f"{msg} loss error {err.max().item():.3e} (rtol {rtol}, 2x torch {extra:.3e})")
+
+
+def assert_grad_close(actual, expected, dtype, torch_lowp=None, msg=""):
+    """fp32/fp64: fixed bounds. Low precision: <= 2x PyTorch's own low-precision error + one rounding."""
+    a, e = actual.double(), expected.double()
+    err = (a - e).abs()
+    gmax = e.abs().max().item() if e.numel() else 0.0
+    if dtype in GRAD_TOL:
+        atol, rtol = GRAD_TOL[dtype]
+        ok = err <= atol * gmax + rtol * e.abs()
+        assert torch.all(ok), f"{msg} grad error {err.max().item():.3e} (max |grad| {gmax:.3e})"
+        return
+    bound = 2 * ROUNDING[dtype] * gmax
+    if torch_lowp is not None:
+        bound += 2 * (torch_lowp.double() - e).abs().max().item()
+    assert err.max().item() <= bound, f"{msg} grad error {err.max().item():.3e} > bound {bound:.3e}"

@@ -1,0 +1,81 @@
+"""Bad input to the distillation API: each a clear error naming the argument."""
+
+import pytest
+import torch
+
+from pyfinetune.losses import DistillationLoss, fused_linear_kd_loss, kd_loss
+
+S = torch.randn(4, 10)
+T = torch.randn(4, 10)
+L = torch.tensor([1, 2, -100, 9])
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(teacher_logits=torch.randn(4, 11)), ValueError, "teacher_logits must have the shape"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(temperature=-1.0), ValueError, "temperature"),
+        (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(alpha=1.5), ValueError, "alpha"),
+        (dict(alpha=-0.1), ValueError, "alpha"),
+        (dict(beta=0.0), ValueError, "beta"),
+        (dict(beta=1.0), ValueError, "beta"),
+        (dict(labels=torch.tensor([1, 2, 3])), ValueError, "labels must have the leading shape"),
+        (dict(labels=torch.tensor([1.0, 2.0, 3.0, 4.0])), TypeError, "labels must be an integer"),
+        (dict(labels=torch.tensor([1, 2, 10, 3])), RuntimeError, r"labels\[2\] = 10 is outside \[0, V = 10\)"),
+        (dict(labels=torch.tensor([1, -1, 0, 3])), RuntimeError, r"labels\[1\] = -1"),
+        (dict(divergence="kl"), ValueError, "divergence"),
+        (dict(reduction="mean"), ValueError, "reduction"),
+        (dict(student_logits=S.long()), TypeError, "student_logits must be float"),
+    ],
+)
+def test_kd_loss_bad_input(kwargs, exc, match):
+    args = dict(student_logits=S, teacher_logits=T, labels=L)
+    args.update(kwargs)
+    s, t, lab = args.pop("student_logits"), args.pop("teacher_logits"), args.pop("labels")
+    with pytest.raises(exc, match=match):
+        kd_loss(s, t, lab, **args)
+
+
+def test_module_validates_in_init():
+    with pytest.raises(ValueError, match="divergence"):
+        DistillationLoss(divergence="nope")
+    with pytest.raises(ValueError, match="temperature"):
+        DistillationLoss(temperature=0)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda op: op(S, torch.randn(4, 11), None, **_kw()), "teacher must have the shape of student"),
+        (lambda op: op(S, T, None, **_kw(temperature=0.0)), "temperature must be a finite number > 0"),
+        (lambda op: op(S, T, None, **_kw(alpha=2.0)), "alpha must be in"),
+        (lambda op: op(S, T, None, **_kw(beta=1.0)), "beta must be in"),
+        (lambda op: op(S, T, None, **_kw(divergence="x")), "divergence must be"),
+        (lambda op: op(S, T, L.int(), **_kw()), "labels must be int64"),
+        (lambda op: op(S, T, L[:3], **_kw()), "labels must have shape"),
+        (lambda op: op(S.t(), T.t(), None, **_kw()), "student must have unit stride"),
+    ],
+)
+def test_raw_op_checks(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(torch.ops.pyfinetune.kd_loss_fwd)
+
+
+def _kw(**over):
+    kw = dict(temperature=1.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100, need_grad=False)
+    kw.update(over)
+    return kw
+
+
+def test_fused_linear_bad_input():
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="teacher_weight must have V = 10"):
+        fused_linear_kd_loss(h, w, h, torch.randn(11, 8))
+    with pytest.raises(ValueError, match="student_hidden must have shape"):
+        fused_linear_kd_loss(torch.randn(4, 7), w, h, w)
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_linear_kd_loss(h, w, h, w, chunk_size=0)
+    with pytest.raises(ValueError, match="alpha"):
+        fused_linear_kd_loss(h, w, h, w, alpha=3)

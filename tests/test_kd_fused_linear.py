@@ -1,0 +1,153 @@
+"""fused_linear_kd_loss against the unfused composition (logits, then the float64 reference)."""
+
+import pytest
+import torch
+
+from pyfinetune.losses import fused_linear_kd_loss
+from reference_kd import kd_reference_rows, reduce_rows
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def make(device, dtype, N=37, H=24, Ht=16, V=301, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(N, H, generator=g)
+    ws = torch.randn(V, H, generator=g) / H ** 0.5 * 3
+    bs = torch.randn(V, generator=g) if bias else None
+    ht = torch.randn(N, Ht, generator=g)
+    wt = torch.randn(V, Ht, generator=g) / Ht ** 0.5 * 3
+    bt = torch.randn(V, generator=g) if bias else None
+    lab = torch.randint(0, V, (N,), generator=g)
+    lab[::5] = -100
+    cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)
+    return cast(hs), cast(ws), cast(bs), cast(ht), cast(wt), cast(bt), lab.to(device)
+
+
+def unfused(hs, ws, bs, ht, wt, bt, lab, reduction, go, **kw):
+    """The composition in float64: logits, reference loss, autograd."""
+    leaves = [x.detach().double().requires_grad_(True) for x in (hs, ws, bs) if x is not None]
+    h, w = leaves[0], leaves[1]
+    b = leaves[2] if bs is not None else None
+    logits = h @ w.t() + (b if b is not None else 0)
+    tl = ht.double() @ wt.double().t() + (bt.double() if bt is not None else 0)
+    loss = reduce_rows(kd_reference_rows(logits, tl, lab, **kw), lab, -100, reduction)
+    grads = torch.autograd.grad(loss, leaves, go.double())
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk_size", [None, 8])
+def test_matches_unfused_fp32(device, reduction, divergence, chunk_size):
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.float32)
+    kw = dict(temperature=2.0, alpha=0.6, divergence=divergence, beta=0.4)
+    xs = [x.clone().requires_grad_(True) for x in (hs, ws, bs)]
+    loss = fused_linear_kd_loss(xs[0], xs[1], ht, wt, lab, student_bias=xs[2], teacher_bias=bt, chunk_size=chunk_size,
+                                reduction=reduction, **kw)
+    go = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(2)) + 0.5).to(device)
+    loss.backward(go)
+    ref_loss, ref_grads = unfused(hs, ws, bs, ht, wt, bt, lab, reduction, go, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=1e-5)
+    for x, r, name in zip(xs, ref_grads, ("hidden", "weight", "bias")):
+        assert x.grad.dtype == x.dtype
+        err = (x.grad.double() - r).abs().max().item()
+        assert err <= 1e-4 * r.abs().max().item() + 1e-7, f"{name}: {err:.3e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_weights_float32_logits(device):
+    # bf16 inputs: logits computed in float32 from the bf16 values, so the error against the
+    # float64 composition of the same bf16 values is only the final rounding of the gradients.
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.bfloat16, seed=3, bias=False)
+    xs = [x.clone().requires_grad_(True) for x in (hs, ws)]
+    loss = fused_linear_kd_loss(xs[0], xs[1], ht, wt, lab, chunk_size=10, temperature=1.5)
+    loss.backward()
+    ref_loss, ref_grads = unfused(hs, ws, None, ht, wt, None, lab, "batchmean", torch.tensor(1.0, device=device),
+                                  temperature=1.5)
+    # The teacher logits are computed in bf16 (as the teacher model would): a small loss shift.
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-2, atol=1e-3)
+    for x, r in zip(xs, ref_grads):
+        assert x.grad.dtype == torch.bfloat16
+        err = (x.grad.double() - r).abs().max().item()
+        assert err <= 3e-2 * r.abs().max().item(), err
+
+
+def test_no_labels_and_leading_dims():
+    hs, ws, bs, ht, wt, bt, _ = make("cpu", torch.float32, N=12)
+    x = hs.reshape(3, 4, -1).clone().requires_grad_(True)
+    loss = fused_linear_kd_loss(x, ws, ht.reshape(3, 4, -1), wt, None, chunk_size=5, divergence="jsd")
+    ref = reduce_rows(kd_reference_rows(hs.double() @ ws.double().t(), ht.double() @ wt.double().t(), None,
+                                        divergence="jsd"), None, -100, "batchmean")
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=1e-6)
+    loss.backward()
+    assert x.grad.shape == x.shape
+
+
+def test_no_grad_inference():
+    hs, ws, bs, ht, wt, bt, lab = make("cpu", torch.float32)
+    with torch.no_grad():
+        a = fused_linear_kd_loss(hs, ws, ht, wt, lab, student_bias=bs, teacher_bias=bt, reduction="none")
+    b = kd_reference_rows(hs.double() @ ws.double().t() + bs.double(), ht.double() @ wt.double().t() + bt.double(), lab)
+    torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=1e-6)
+
+
+def _loss_and_grads(hs, ws, bs, ht, wt, bt, lab, reduction, **kw):
+    xs = [x.clone().requires_grad_(True) for x in (hs, ws, bs)]
+    loss = fused_linear_kd_loss(xs[0], xs[1], ht, wt, lab, student_bias=xs[2], teacher_bias=bt, chunk_size=8,
+                                reduction=reduction, temperature=2.0, **kw)
+    loss.sum().backward()
+    return loss.detach(), [x.grad for x in xs]
+
+
+AUTOCAST = [pytest.param("cpu", torch.bfloat16, id="cpu-bf16")] + (
+    [pytest.param("cuda", torch.float16, id="cuda-fp16")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,amp_dtype", AUTOCAST)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_autocast_has_no_effect(device, amp_dtype, reduction):
+    # Under autocast the chunk matmuls used to run in low precision and the float32 `out=` of
+    # the hidden-state gradient raised. The function turns autocast off: the same bits as without.
+    inputs = make(device, torch.float32, seed=5)
+    ref_loss, ref_grads = _loss_and_grads(*inputs, reduction)
+    with torch.autocast(device, dtype=amp_dtype):
+        loss, grads = _loss_and_grads(*inputs, reduction)
+    assert loss.dtype == torch.float32 and torch.equal(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == r.dtype and torch.equal(g, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_teacher_hidden_and_weight_dtypes_differ(device):
+    # A teacher run under autocast gives bf16 hidden states next to a float32 head: the teacher's
+    # logits are computed in the promoted dtype (float32), as if its hidden states were float32.
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.float32, seed=6)
+    ht16 = ht.to(torch.bfloat16)
+    loss, grads = _loss_and_grads(hs, ws, bs, ht16, wt, bt, lab, "batchmean")
+    ref_loss, ref_grads = _loss_and_grads(hs, ws, bs, ht16.float(), wt, bt, lab, "batchmean")
+    assert torch.equal(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first", [0.5, 0.0])
+def test_retain_graph_second_backward(device, first):
+    # The backward scales the kept gradients in place when it can undo it (a finite, nonzero
+    # scale); later backwards through a retained graph must still be exact.
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.float32, seed=11)
+    leaves = [x.detach().clone().requires_grad_(True) for x in (hs, ws, bs)]
+    loss = fused_linear_kd_loss(leaves[0], leaves[1], ht, wt, lab, student_bias=leaves[2], teacher_bias=bt,
+                                temperature=1.5)
+    g1 = torch.autograd.grad(loss, leaves, torch.tensor(first, device=device), retain_graph=True)
+    g2 = torch.autograd.grad(loss, leaves, torch.tensor(2.0, device=device), retain_graph=True)
+    g3 = torch.autograd.grad(loss, leaves, torch.tensor(first, device=device))
+    fresh = [x.detach().clone().requires_grad_(True) for x in (hs, ws, bs)]
+    ref_loss = fused_linear_kd_loss(fresh[0], fresh[1], ht, wt, lab, student_bias=fresh[2], teacher_bias=bt,
+                                    temperature=1.5)
+    ref = torch.autograd.grad(ref_loss, fresh)
+    for a, b, c, r in zip(g1, g2, g3, ref):
+        torch.testing.assert_close(a, r * first, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b, r * 2.0, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(c, r * first, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,295 @@
+"""kd_loss / DistillationLoss against the float64 reference of tests/reference_kd.py."""
+
+import pytest
+import torch
+
+import pyfinetune
+from pyfinetune.losses import DistillationLoss, kd_loss
+from reference_kd import assert_grad_close, assert_loss_close, kd_reference
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+REDUCTIONS = ["batchmean", "sum", "none"]
+
+
+def make_case(shape, device, dtype=torch.float32, scale=3.0, labels="with", seed=0, close=False):
+    g = torch.Generator().manual_seed(seed)
+    V = shape[-1]
+    s = torch.randn(shape, generator=g) * scale
+    t = s + torch.randn(shape, generator=g) * 0.1 * scale if close else torch.randn(shape, generator=g) * scale
+    lab = None
+    if labels != "none":
+        lab = torch.randint(0, V, shape[:-1], generator=g)
+        if labels == "ignored":
+            flat = lab.view(-1)
+            flat[:: 3] = -100
+    s, t = s.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
+    return s, t, (lab.to(device) if lab is not None else None)
+
+
+def run_ours(s, t, lab, grad_output=None, **kw):
+    x = s.detach().clone().requires_grad_(True)
+    loss = kd_loss(x, t, lab, **kw)
+    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
+    return loss.detach(), x.grad
+
+
+def check(s, t, lab, dtype=torch.float32, grad_output=None, torch_lowp=False, **kw):
+    loss, grad = run_ours(s, t, lab, grad_output=grad_output, **kw)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+    ref_loss, ref_grad = kd_reference(s, t, lab, grad_output=grad_output, **kw)
+    torch_loss, lowp = None, None
+    if dtype != torch.float64 and (torch_lowp or dtype == torch.float32):
+        # PyTorch's composition in the input dtype, for the "2x PyTorch's own error" bounds.
+        torch_loss, lowp = kd_reference(s, t, lab, grad_output=grad_output, compute_dtype=dtype, **kw)
+    assert_loss_close(loss, ref_loss, dtype, torch_same_dtype=torch_loss, msg=str(kw))
+    assert_grad_close(grad, ref_grad, dtype, torch_lowp=lowp if torch_lowp else None, msg=str(kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("labels", ["none", "with", "ignored"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(1, 257), (3, 17, 257)])
+def test_matches_reference(device, divergence, labels, reduction, shape):
+    s, t, lab = make_case(shape, device, labels=labels)
+    check(s, t, lab, divergence=divergence, reduction=reduction, temperature=2.0, alpha=0.3, beta=0.3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [0.05, 0.5, 1.0, 4.0, 100.0])
+def test_temperatures(device, divergence, temperature):
+    s, t, lab = make_case((6, 1000), device, labels="ignored", seed=1)
+    check(s, t, lab, divergence=divergence, temperature=temperature, alpha=0.7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 100.0])
+@pytest.mark.parametrize("close", [False, True])
+def test_large_logits(device, divergence, temperature, close):
+    # |logits| in the thousands, student either independent of or close to the teacher (small D:
+    # the case where a formula that cancels large numbers would fail).
+    s, t, lab = make_case((4, 3001), device, scale=2000.0, seed=2, close=close)
+    check(s, t, lab, divergence=divergence, temperature=temperature, alpha=0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_odd_vocab(device, divergence):
+    s, t, lab = make_case((2, 50257), device, seed=3)
+    check(s, t, lab, divergence=divergence, temperature=1.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("student_dtype,teacher_dtype,V", [(torch.float32, torch.float32, 6100),
+                                                           (torch.bfloat16, torch.float32, 8192),
+                                                           (torch.bfloat16, torch.bfloat16, 12000)])
+def test_cuda_shared_memory_boundary(divergence, student_dtype, teacher_dtype, V):
+    # 256 rows (one block per row) with a gradient: the kernel caches the row in just under 48 KB
+    # of dynamic shared memory, above the default limit (48 KB minus the static shared memory).
+    s, t, lab = make_case((256, V), "cuda", dtype=student_dtype, seed=12)
+    same = teacher_dtype == student_dtype
+    check(s, t.to(teacher_dtype), lab, dtype=student_dtype, torch_lowp=same and student_dtype != torch.float32,
+          divergence=divergence, temperature=1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_cuda_cluster_split(divergence, need_grad):
+    # 2 rows of 50257: each row is split over a cluster of blocks on sm_90 (one block elsewhere).
+    s, t, lab = make_case((2, 50257), "cuda", labels="with", seed=13)
+    if need_grad:
+        check(s, t, lab, divergence=divergence, temperature=1.3, alpha=0.6)
+        return
+    with torch.no_grad():
+        loss = kd_loss(s, t, lab, divergence=divergence, temperature=1.3, alpha=0.6)
+    ref_loss, _ = kd_reference(s, t, lab, divergence=divergence, temperature=1.3, alpha=0.6)
+    assert_loss_close(loss, ref_loss, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset,V", [(1, 1003), (2, 1003), (3, 50257)])
+def test_sliced_student(device, divergence, dtype, offset, V):
+    # A student sliced out of a wider buffer: its rows are aligned differently from the teacher and
+    # from its own (contiguous) gradient, row by row (odd row stride).
+    g = torch.Generator().manual_seed(14 + offset)
+    N = 5 if V < 5000 else 2
+    big = (torch.randn(N, V + 5, generator=g) * 3).to(device=device, dtype=dtype)
+    s = big[:, offset:offset + V]
+    t = (torch.randn(N, V, generator=g) * 3).to(device=device, dtype=dtype)
+    lab = torch.randint(0, V, (N,), generator=g).to(device)
+    assert s.data_ptr() % 16 != 0 and s.stride(0) == V + 5
+    check(s, t, lab, dtype=dtype, torch_lowp=dtype != torch.float32, divergence=divergence, temperature=1.7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("teacher_dtype", ["same", torch.float32])
+def test_low_precision(device, dtype, divergence, teacher_dtype):
+    s, t, lab = make_case((3, 7, 515), device, dtype=dtype, labels="ignored", seed=4)
+    if teacher_dtype != "same":
+        t = t.to(teacher_dtype)
+    check(s, t, lab, dtype=dtype, torch_lowp=teacher_dtype == "same", divergence=divergence, temperature=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_fp32_student_bf16_teacher(device):
+    s, t, lab = make_case((5, 300), device, seed=5)
+    check(s, t.to(torch.bfloat16), lab, divergence="jsd", temperature=3.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_non_contiguous(device, divergence):
+    g = torch.Generator().manual_seed(6)
+    big = (torch.randn(4, 9, 600, generator=g) * 2).to(device)
+    s = big[:, ::2, 50:550]                                # row stride != V: read in place
+    t = (torch.randn(500, 4, 5, generator=g) * 2).to(device).permute(1, 2, 0)  # stride along V != 1
+    lab = torch.randint(0, 500, (5, 4), generator=g).to(device).t()  # non-contiguous labels
+    assert not s.is_contiguous() and t.stride(-1) != 1 and not lab.is_contiguous()
+    check(s, t, lab, divergence=divergence, temperature=1.7, reduction="none",
+          grad_output=torch.rand(20, generator=g).to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_grad_output_not_one(device, reduction):
+    s, t, lab = make_case((3, 5, 200), device, labels="ignored", seed=7)
+    go = torch.rand(15) * 3 if reduction == "none" else torch.tensor(2.5)
+    check(s, t, lab, grad_output=go.to(device), reduction=reduction, divergence="reverse_kl", temperature=0.7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("leaf", [True, False])
+def test_retain_graph_second_backward(device, leaf):
+    # The backward scales the kept gradient in place; a retained graph must still give the
+    # right gradient on later calls, with another grad_output each time.
+    s, t, lab = make_case((4, 6, 130), device, labels="ignored", seed=17)
+    x = s.detach().clone().requires_grad_(True)
+    src = x if leaf else x * 1.0
+    loss = kd_loss(src, t, lab, reduction="none", temperature=1.7)
+    cpu = (s.cpu(), t.cpu(), lab.cpu())
+    _, ref1 = kd_reference(*cpu, reduction="none", temperature=1.7, grad_output=torch.full((24,), 0.5))
+    _, ref2 = kd_reference(*cpu, reduction="none", temperature=1.7, grad_output=torch.arange(1.0, 25.0))
+    (g1,) = torch.autograd.grad(loss, x, torch.full_like(loss, 0.5), retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.arange(1.0, 25.0, device=device), retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, x, torch.full_like(loss, 0.5))
+    assert_grad_close(g1, ref1.to(device), torch.float32)
+    assert_grad_close(g2, ref2.to(device), torch.float32)
+    assert_grad_close(g3, ref1.to(device), torch.float32)
+
+
+def test_retain_graph_with_zero_grad_output_first():
+    # A first grad_output with a zero row leaves the kept gradient untouched (scaling by 0 could
+    # not be undone), so later calls are still exact.
+    s, t, lab = make_case((3, 40), "cpu", seed=18)
+    x = s.clone().requires_grad_(True)
+    loss = kd_loss(x, t, lab, reduction="none")
+    (g1,) = torch.autograd.grad(loss, x, torch.tensor([1.0, 0.0, 1.0]), retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.ones(3))
+    _, ref = kd_reference(s, t, lab, reduction="none")
+    assert torch.all(g1[1] == 0)
+    assert_grad_close(g2, ref, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_rows_ignored_gives_zero(device):
+    s, t, _ = make_case((4, 100), device)
+    lab = torch.full((4,), -100, device=device)
+    x = s.clone().requires_grad_(True)
+    loss = kd_loss(x, t, lab)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(x.grad == 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ignore_index(device):
+    s, t, lab = make_case((6, 50), device, seed=8)
+    lab[2] = 7
+    check(s, t, lab, ignore_index=7, divergence="forward_kl")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_teacher_gets_no_gradient_and_inference_skips_grad(device):
+    s, t, lab = make_case((4, 64), device)
+    x = s.clone().requires_grad_(True)
+    tt = t.clone().requires_grad_(True)
+    kd_loss(x, tt, lab).backward()
+    assert tt.grad is None and x.grad is not None
+    with torch.no_grad():
+        a = kd_loss(x, t, lab, reduction="none")
+    _, grad = torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, temperature=1.0, alpha=0.5, divergence="forward_kl",
+                                                beta=0.5, ignore_index=-100, need_grad=False)
+    assert grad.numel() == 0
+    torch.testing.assert_close(a, kd_loss(s, t, lab, reduction="none"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_matches_functional(device):
+    s, t, lab = make_case((2, 3, 40), device)
+    mod = DistillationLoss(temperature=2.0, alpha=0.25, divergence="jsd", beta=0.2)
+    assert "jsd" in repr(mod)
+    torch.testing.assert_close(mod(s, t, lab), kd_loss(s, t, lab, temperature=2.0, alpha=0.25, divergence="jsd",
+                                                       beta=0.2))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("labels", [False, True])
+def test_gradcheck_double(divergence, labels):
+    g = torch.Generator().manual_seed(9)
+    s = torch.randn(3, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 11, generator=g, dtype=torch.float64)
+    lab = torch.tensor([1, -100, 4]) if labels else None
+    for reduction in ("none", "batchmean"):
+        fn = lambda x: kd_loss(x, t, lab, temperature=1.3, alpha=0.4, divergence=divergence, beta=0.3,
+                               reduction=reduction)
+        assert torch.autograd.gradcheck(fn, (s,))
+
+
+def test_opcheck():
+    g = torch.Generator().manual_seed(10)
+    s = torch.randn(4, 33, generator=g, requires_grad=True)
+    t = torch.randn(4, 33, generator=g)
+    lab = torch.tensor([0, 5, -100, 32])
+    for div in DIVERGENCES:
+        kw = dict(temperature=2.0, alpha=0.5, divergence=div, beta=0.5, ignore_index=-100, need_grad=True)
+        torch.library.opcheck(torch.ops.pyfinetune.kd_loss_fwd.default, (s, t, lab), kw)
+        torch.library.opcheck(torch.ops.pyfinetune.kd_loss_fwd.default, (s.detach(), t, None),
+                              dict(kw, need_grad=False))
+    v, i = torch.topk(t, 5)
+    kw = dict(temperature=2.0, alpha=0.5, divergence="jsd", beta=0.5, ignore_index=-100, need_grad=True)
+    torch.library.opcheck(torch.ops.pyfinetune.kd_loss_topk_fwd.default, (s, v, i, lab), kw)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(2, 5, 64, generator=g)
+    t = torch.randn(2, 5, 64, generator=g)
+    lab = torch.randint(0, 64, (2, 5), generator=g)
+    lab[0, 0] = -100
+
+    def f(x, y, z):
+        return kd_loss(x * 1.5, y, z, temperature=2.0, divergence="jsd") * 3.0
+
+    compiled = torch.compile(f, fullgraph=True)
+    x1 = s.clone().requires_grad_(True)
+    x2 = s.clone().requires_grad_(True)
+    a, b = f(x1, t, lab), compiled(x2, t, lab)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
+def test_registered_in_info():
+    kernels = pyfinetune.kernel_devices()
+    assert "cpu" in kernels["kd_loss_fwd"] and "cpu" in kernels["kd_loss_topk_fwd"]
