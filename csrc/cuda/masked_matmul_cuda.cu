@@ -43,6 +43,7 @@
 // reading out of bounds.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/addmm.h>
@@ -681,6 +682,15 @@ at::Tensor sddmm(const at::Tensor& goT, const at::Tensor& xT, int64_t ld, const 
 }
 
 // ---- Ops ---------------------------------------------------------------------------------------
+// Each op runs its ATen calls (mm, where, sum, transposes' allocations ...) below autograd
+// (KernelGuards): a backend kernel is differentiated only through the autograd formula registered
+// for the op, never by recording its internals, so its outputs never require grad by themselves
+// (what torch.library.opcheck's test_autograd_registration checks).
+struct KernelGuards {
+  explicit KernelGuards(const at::Tensor& x) : device(x.device()) {}
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard device;
+};
 
 // weight with 0 at the pruned positions. A select rather than weight * mask, so that whatever a
 // pruned position holds (inf, NaN) contributes exactly 0.
@@ -691,7 +701,7 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
 at::Tensor masked_matmul_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                               const std::optional<at::Tensor>& bias) {
   check_masked_matmul_args(x, weight, mask, bias);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const KernelGuards guards(x);
   const at::Tensor w = masked_weight(weight, mask);
   return has_value(bias) ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
 }
@@ -703,7 +713,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cuda(const
                                                                            std::array<bool, 3> output_mask,
                                                                            bool dense_grad) {
   check_masked_matmul_backward_args(grad_out, x, weight, mask);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const KernelGuards guards(x);
   at::Tensor dx = output_mask[0] ? at::mm(grad_out, masked_weight(weight, mask)) : empty_output(x);
   at::Tensor dweight = empty_output(x);
   if (output_mask[1]) {
@@ -720,7 +730,7 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
                            const at::Tensor& col_indices, const at::Tensor& row_order,
                            const std::optional<at::Tensor>& bias) {
   const int64_t M = check_csr_linear_args(x, values, crow_indices, col_indices, row_order, bias);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const KernelGuards guards(x);
   const int64_t N = x.size(0);
   const int64_t K = x.size(1);
   const int64_t nnz = values.numel();
@@ -747,7 +757,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cuda(
     const at::Tensor& row_indices, const at::Tensor& csc_to_csr, std::array<bool, 3> output_mask) {
   const int64_t M = check_csr_linear_backward_args(grad_out, x, values, crow_indices, col_indices, row_order,
                                                    ccol_indices, row_indices, csc_to_csr);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  const KernelGuards guards(x);
   const int64_t N = x.size(0);
   const int64_t K = x.size(1);
   const int64_t nnz = values.numel();
