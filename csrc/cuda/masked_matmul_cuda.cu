@@ -259,7 +259,8 @@ __global__ void __launch_bounds__(kTile* kTileRows)
 
 // One 16-byte store of kVec values converted to scalar_t; ptr must be 16-byte aligned. (NVVM splits
 // a plain 16-byte store (mta::store_n, or a uint4 assignment) at a row * ld + v address into four
-// 4-byte stores; __stwb is st.global.wb.v4, the default write-back store, in one instruction.)
+// 4-byte stores; __stwb is st.global.wb.v4, the default write-back store, in one instruction:
+// STG.E.128 in the SASS.)
 template <int kVec, typename scalar_t, typename opmath_t>
 __device__ C10_ALWAYS_INLINE void store_vec16(scalar_t* ptr, const opmath_t (&in)[kVec]) {
   static_assert(kVec * sizeof(scalar_t) == sizeof(uint4), "one 16-byte vector");
@@ -465,6 +466,7 @@ __global__ void __launch_bounds__(kSddmmWarps* kWarpSize) csr_sddmm_kernel(const
         hi = mid;
       }
     }
+    CUDA_KERNEL_ASSERT(a.crow[lo] <= p && p < a.crow[lo + 1]);  // crow is a CSR offset array of nnz
     const int32_t col = a.col[p];
     CUDA_KERNEL_ASSERT(col >= 0 && col < a.b_rows);
     s_off[warp][lane] = RowOffsets{static_cast<int64_t>(lo) * a.ld, static_cast<int64_t>(col) * a.ld};
