@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ops as _ops
 from . import optim as _optim
 
 __all__ = [
@@ -79,16 +80,15 @@ def _masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tenso
     loss with respect to the effective weight ``weight * mask`` at every position, pruned ones
     included (what movement pruning scores need).
 
-    This is the contract of ``pyfinetune.ops.masked_matmul(x, weight, mask, bias, dense_grad=...)``
-    from the kernel library; when it lands, this body becomes that one call. Until then the dense
-    gradient is captured straight-through: ``weight + (weight * mask - weight).detach()`` has the
-    value ``weight * mask`` and passes d(loss)/d(weight * mask) unchanged to ``weight``. A tensor hook
-    on ``weight * mask`` would see the same gradient, but it would have to store it outside autograd
-    (a side buffer per layer, with its own bookkeeping for gradient accumulation, layers called
-    twice and ``zero_grad``) and would leave ``weight.grad`` masked, i.e. a different contract from
-    the op's; the straight-through form keeps ``weight.grad`` as the single place to read, compiles
-    without graph breaks and needs no switch when the op replaces it.
+    This is :func:`pyfinetune.ops.masked_matmul`. Under ``torch.autocast`` or with operands of
+    different dtypes (which the op refuses: it has no autocast rule) the same contract runs through
+    ``F.linear`` on the effective weight, the dense gradient passed straight through:
+    ``weight + (weight * mask - weight).detach()`` has the value ``weight * mask`` and hands
+    d(loss)/d(weight * mask) unchanged to ``weight``.
     """
+    same = x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype) and x.device == weight.device
+    if same and not torch.is_autocast_enabled(x.device.type) and mask.shape == weight.shape:
+        return _ops.masked_matmul(x, weight, mask, bias, dense_grad=dense_grad)
     return F.linear(x, _masked_weight(weight, mask, dense_grad), bias)
 
 

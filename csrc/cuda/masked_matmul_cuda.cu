@@ -59,6 +59,7 @@
 #include <torch/library.h>
 
 #include <pyfinetune/checks.h>
+#include <pyfinetune/masked_matmul.h>
 #include <pyfinetune/multi_tensor_apply.cuh>
 
 #include <algorithm>
@@ -72,129 +73,18 @@ namespace pyfinetune {
 namespace {
 
 // ================================================================================================
-// Argument checks (local to this file until the shared checks of pyfinetune/masked_matmul.h land;
-// then this section is replaced by calls to them).
+// Argument checks: the shared ones (masked_matmul_checks.cpp, identical on CPU and CUDA) plus the
+// limits of this implementation: CUDA tensors and int32 row and column counts.
 // ================================================================================================
 
 constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 
-bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
-// x decides the device and the dtype every other tensor is checked against.
-void check_x(const char* op, const at::Tensor& x) {
-  PF_CHECK(x.defined(), op, "x is undefined");
-  PF_CHECK(x.layout() == at::kStrided, op, "x must be a dense (strided) tensor, got layout ", x.layout());
-  PF_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got device ", x.device());
-  PF_CHECK(x.dim() == 2, op,
-           "x must be a 2-D tensor [N, K] (the Python wrapper flattens leading dimensions), got shape ", x.sizes());
-  PF_CHECK(is_supported_float(x.scalar_type()), op, "x must be float32, float64, bfloat16 or float16, got ",
-           x.scalar_type());
-}
-
-void check_on_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  PF_CHECK(t.defined(), op, name, " is undefined");
-  PF_CHECK(t.layout() == at::kStrided, op, name, " must be a dense (strided) tensor, got layout ", t.layout());
-  PF_CHECK(t.device() == x.device(), op, name, " must be on x's device ", x.device(), ", got ", t.device());
-}
-
-// A float operand: x's device and dtype, and the given shape.
-void check_float_operand(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
-                         at::IntArrayRef shape, const char* shape_name) {
-  check_on_device(op, name, t, x);
-  PF_CHECK(t.scalar_type() == x.scalar_type(), op, name, " must have x's dtype ", x.scalar_type(), ", got ",
-           t.scalar_type());
-  PF_CHECK(t.sizes() == shape, op, name, " must have shape ", shape_name, " = ", shape, ", got ", t.sizes());
-}
-
-// An index tensor: 1-D int32 with `numel` entries on x's device.
-void check_index(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t numel,
-                 const char* numel_name) {
-  check_on_device(op, name, t, x);
-  PF_CHECK(t.scalar_type() == at::kInt, op, name, " must be int32, got ", t.scalar_type());
-  PF_CHECK(t.dim() == 1 && t.numel() == numel, op, name, " must be a 1-D tensor of ", numel_name, " = ", numel,
-           " entries, got shape ", t.sizes());
-}
-
-void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t M) {
-  if (bias.has_value() && bias->defined()) {
-    check_float_operand(op, "bias", *bias, x, {M}, "[M]");
-  }
-}
-
-void check_masked_weight(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask) {
-  check_on_device(op, "weight", weight, x);
-  PF_CHECK(weight.dim() == 2, op, "weight must be a 2-D tensor [M, K], got shape ", weight.sizes());
-  check_float_operand(op, "weight", weight, x, {weight.size(0), x.size(1)}, "[M, K] with K = x.size(1)");
-  check_on_device(op, "mask", mask, x);
-  PF_CHECK(mask.scalar_type() == at::kBool, op, "mask must be bool, got ", mask.scalar_type());
-  PF_CHECK(mask.sizes() == weight.sizes(), op, "mask must have weight's shape ", weight.sizes(), ", got ",
-           mask.sizes());
-}
-
-void check_masked_matmul_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
-                              const std::optional<at::Tensor>& bias) {
-  const char* op = "masked_matmul";
-  check_x(op, x);
-  check_masked_weight(op, x, weight, mask);
-  check_bias(op, bias, x, weight.size(0));
-}
-
-void check_masked_matmul_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                                       const at::Tensor& mask) {
-  const char* op = "masked_matmul_backward";
-  check_x(op, x);
-  check_masked_weight(op, x, weight, mask);
-  check_float_operand(op, "grad_out", grad_out, x, {x.size(0), weight.size(0)}, "[N, M]");
-}
-
-// The compressed-row pattern and its values; returns M (the number of rows of W).
-int64_t check_csr(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
-                  const at::Tensor& col_indices, const at::Tensor& row_order) {
-  const int64_t K = x.size(1);
-  check_on_device(op, "values", values, x);
-  PF_CHECK(values.dim() == 1, op, "values must be a 1-D tensor [nnz], got shape ", values.sizes());
-  PF_CHECK(values.scalar_type() == x.scalar_type(), op, "values must have x's dtype ", x.scalar_type(), ", got ",
-           values.scalar_type());
-  const int64_t nnz = values.numel();
-  check_on_device(op, "crow_indices", crow_indices, x);
-  PF_CHECK(crow_indices.scalar_type() == at::kInt, op, "crow_indices must be int32, got ", crow_indices.scalar_type());
-  PF_CHECK(crow_indices.dim() == 1 && crow_indices.numel() >= 1, op,
-           "crow_indices must be a 1-D tensor of M + 1 >= 1 entries, got shape ", crow_indices.sizes());
-  const int64_t M = crow_indices.numel() - 1;
-  PF_CHECK(M <= kInt32Max, op, "the weight must have at most 2^31 - 1 rows (int32 row indices), got M = ", M);
-  PF_CHECK(K <= kInt32Max, op, "x must have at most 2^31 - 1 columns (int32 column indices), got K = ", K);
-  PF_CHECK(nnz <= kInt32Max, op, "values must have at most 2^31 - 1 entries (int32 offsets), got nnz = ", nnz);
-  PF_CHECK(nnz <= M * K, op, "values must have at most M * K = ", M * K, " entries for a weight [M, K] = [", M,
-           ", ", K, "], got nnz = ", nnz);
-  check_index(op, "col_indices", col_indices, x, nnz, "nnz");
-  check_index(op, "row_order", row_order, x, M, "M");
-  return M;
-}
-
-int64_t check_csr_linear_args(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
-                              const at::Tensor& col_indices, const at::Tensor& row_order,
-                              const std::optional<at::Tensor>& bias) {
-  const char* op = "csr_linear";
-  check_x(op, x);
-  const int64_t M = check_csr(op, x, values, crow_indices, col_indices, row_order);
-  check_bias(op, bias, x, M);
-  return M;
-}
-
-int64_t check_csr_linear_backward_args(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& values,
-                                       const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                                       const at::Tensor& row_order, const at::Tensor& ccol_indices,
-                                       const at::Tensor& row_indices, const at::Tensor& csc_to_csr) {
-  const char* op = "csr_linear_backward";
-  check_x(op, x);
-  const int64_t M = check_csr(op, x, values, crow_indices, col_indices, row_order);
-  check_float_operand(op, "grad_out", grad_out, x, {x.size(0), M}, "[N, M]");
-  check_index(op, "ccol_indices", ccol_indices, x, x.size(1) + 1, "K + 1");
-  check_index(op, "row_indices", row_indices, x, values.numel(), "nnz");
-  check_index(op, "csc_to_csr", csc_to_csr, x, values.numel(), "nnz");
-  return M;
+void check_cuda_limits(const char* op, const at::Tensor& x, const MatmulSizes& sz) {
+  PF_CHECK(x.is_cuda(), op, "x must be a CUDA tensor, got ", x.device());
+  PF_CHECK(sz.m <= kInt32Max, op, "the weight must have at most 2^31 - 1 rows (int32 row indices), got M = ", sz.m);
+  PF_CHECK(sz.k <= kInt32Max, op, "x must have at most 2^31 - 1 columns (int32 column indices), got K = ", sz.k);
+  PF_CHECK(sz.nnz <= sz.m * sz.k, op, "values must have at most M * K = ", sz.m * sz.k,
+           " entries for a weight [M, K] = [", sz.m, ", ", sz.k, "], got nnz = ", sz.nnz);
 }
 
 // ================================================================================================
@@ -702,7 +592,7 @@ at::Tensor masked_weight(const at::Tensor& weight, const at::Tensor& mask) {
 
 at::Tensor masked_matmul_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask,
                               const std::optional<at::Tensor>& bias) {
-  check_masked_matmul_args(x, weight, mask, bias);
+  check_cuda_limits("masked_matmul", x, check_masked_matmul_args(x, weight, mask, bias));
   const KernelGuards guards(x);
   const at::Tensor w = masked_weight(weight, mask);
   return has_value(bias) ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
@@ -714,7 +604,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cuda(const
                                                                            const at::Tensor& mask,
                                                                            std::array<bool, 3> output_mask,
                                                                            bool dense_grad) {
-  check_masked_matmul_backward_args(grad_out, x, weight, mask);
+  check_cuda_limits("masked_matmul_backward", x, check_masked_matmul_backward_args(grad_out, x, weight, mask));
   const KernelGuards guards(x);
   at::Tensor dx = output_mask[0] ? at::mm(grad_out, masked_weight(weight, mask)) : empty_output(x);
   at::Tensor dweight = empty_output(x);
@@ -731,7 +621,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cuda(const
 at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
                            const at::Tensor& col_indices, const at::Tensor& row_order,
                            const std::optional<at::Tensor>& bias) {
-  const int64_t M = check_csr_linear_args(x, values, crow_indices, col_indices, row_order, bias);
+  const MatmulSizes sz = check_csr_linear_args(x, values, crow_indices, col_indices, row_order, bias);
+  check_cuda_limits("csr_linear", x, sz);
+  const int64_t M = sz.m;
   const KernelGuards guards(x);
   const int64_t N = x.size(0);
   const int64_t K = x.size(1);
@@ -757,8 +649,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow_indices,
     const at::Tensor& col_indices, const at::Tensor& row_order, const at::Tensor& ccol_indices,
     const at::Tensor& row_indices, const at::Tensor& csc_to_csr, std::array<bool, 3> output_mask) {
-  const int64_t M = check_csr_linear_backward_args(grad_out, x, values, crow_indices, col_indices, row_order,
-                                                   ccol_indices, row_indices, csc_to_csr);
+  const MatmulSizes sz = check_csr_linear_backward_args(grad_out, x, values, crow_indices, col_indices, row_order,
+                                                        ccol_indices, row_indices, csc_to_csr);
+  check_cuda_limits("csr_linear_backward", x, sz);
+  const int64_t M = sz.m;
   const KernelGuards guards(x);
   const int64_t N = x.size(0);
   const int64_t K = x.size(1);
