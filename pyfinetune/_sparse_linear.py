@@ -64,18 +64,19 @@ class SparseLinear(nn.Module):
     the dense masked product on the weight rebuilt from the values at each call (work
     proportional to in * out, at dense GEMM speed); ``"auto"`` (default) picks sparse from the device's
     :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.7, measured with ``benchmarks/bench_prune.py``
-    on the 2-core Xeon (AVX-512, torch 2.14.1) of ``benchmarks/results/prune-cpu-*``, x [256, 4096],
-    weight [4096, 4096] float32, one training step (forward, backward, AdamW on the values):
+    on the 2-core Xeon (AVX-512, torch 2.14.1) of ``benchmarks/results/prune-cpu-20261126-0158``:
+    x [256, 4096], weight [4096, 4096] float32, median times of a training step (forward, backward,
+    AdamW on the values) and of the forward alone:
 
-    ========  ================  ===============  ==================================
-    sparsity  sparse kernel     dense path       forward alone (sparse vs dense path)
-    ========  ================  ===============  ==================================
-    50%       211 ms            130 ms           58 vs 49 ms
-    65%       133 ms            124 ms           33 vs 46 ms
-    70%       111 ms            120 ms           32 vs 49 ms
-    ========  ================  ===============  ==================================
+    ========  =========================  ==========================
+    sparsity  step: sparse / dense path  forward: sparse / dense path
+    ========  =========================  ==========================
+    60%       146 / 122 ms               37.1 / 46.7 ms
+    65%       126 / 122 ms               32.3 / 46.5 ms
+    70%       115 / 122 ms               27.5 / 46.2 ms
+    ========  =========================  ==========================
 
-    so the sparse kernel wins a training step from ~68% and the forward alone from ~56%. The
+    so the sparse kernel wins a training step from ~67% and the forward alone from ~53%. The
     crossover moves with the shapes (a small batch favours the sparse kernel); set ``kernel`` to
     override it.
 

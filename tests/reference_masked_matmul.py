@@ -76,14 +76,17 @@ def two_four_mask(m: int, k: int, generator: Optional[torch.Generator] = None) -
 def reference(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: Optional[torch.Tensor],
               grad_out: torch.Tensor) -> dict:
     """Float64 forward and gradients of ``y = x @ (weight * mask)^T + bias`` (x [N, K]), with the
-    absolute-term sums the error bound needs. ``dweight`` is the full product (dense_grad);
-    mask it for the default gradient."""
-    xd, md = x.double(), mask.double()
-    wd = weight.double() * md
-    gd = grad_out.double()
+    absolute-term sums the error bound needs, on the CPU whatever the inputs' device.
+    ``dweight`` is the full product (dense_grad); mask it for the default gradient."""
+    def cpu64(t):
+        return t.detach().double().cpu()
+
+    xd, md, gd = cpu64(x), cpu64(mask), cpu64(grad_out)
+    wd = cpu64(weight) * md
+    bd = None if bias is None else cpu64(bias)
     out = {
-        "y": xd @ wd.t() + (bias.double() if bias is not None else 0.0),
-        "y_terms": xd.abs() @ wd.abs().t() + (bias.double().abs() if bias is not None else 0.0),
+        "y": xd @ wd.t() + (bd if bd is not None else 0.0),
+        "y_terms": xd.abs() @ wd.abs().t() + (bd.abs() if bd is not None else 0.0),
         "dx": gd @ wd,
         "dx_terms": gd.abs() @ wd.abs(),
         "dweight": gd.t() @ xd,
