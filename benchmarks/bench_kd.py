@@ -242,7 +242,7 @@ def run(args) -> None:
         record["cases"].append(entry)
         print("\n".join(md[-3:]), flush=True)
     if not args.no_write:
-        paths = common.write_results("kd", device, record, "\n".join(md))
+        paths = common.write_results("kd", device, record, "\n".join(md), out_dir=args.out)
         print("wrote", *paths)
 
 
@@ -252,6 +252,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--out", default=common.RESULTS_DIR, help="results folder (default benchmarks/results)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

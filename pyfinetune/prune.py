@@ -1007,15 +1007,26 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def sparsify(model: nn.Module) -> nn.Module:
-    """Replace every masked ``nn.Linear`` of ``model`` by a :class:`SparseLinear` holding only the
-    kept weights (``SparseLinear.from_dense(weight, mask, bias)``), for fast sparse inference.
-    Masked ``nn.Conv2d`` layers stay as they are. In place.
+def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
+    """Replace every masked ``nn.Linear`` of ``model`` by a layer holding only the kept weights,
+    for fast sparse fine-tuning and inference. Masked ``nn.Conv2d`` layers stay as they are. In place.
+
+    Args:
+        model: the model, pruned with :func:`magnitude_prune` (or a pruner).
+        layout: ``"csr"``: :class:`SparseLinear` (compressed rows, trainable values; CPU and CUDA);
+            ``"2:4"``: :class:`pyfinetune._semi_structured.SemiStructuredLinear` (PyTorch's 2:4
+            semi-structured sparse tensors on sparse tensor cores: CUDA sm80+, float16/bfloat16,
+            masks from ``pattern="2:4"``; the sparse weight is frozen).
 
     Returns:
         the model (a new module when ``model`` itself is a masked ``nn.Linear``).
     """
-    sparse_cls = _sparse_linear_class()
+    if layout == "csr":
+        sparse_cls = _sparse_linear_class()
+    elif layout == "2:4":
+        from ._semi_structured import SemiStructuredLinear as sparse_cls
+    else:
+        raise ValueError(f'sparsify: layout must be "csr" or "2:4", got {layout!r}')
     for name, module in list(model.named_modules()):
         if isinstance(module, MaskedLinear):
             bias = None if module.bias is None else module.bias.detach()
@@ -1025,7 +1036,7 @@ def sparsify(model: nn.Module) -> nn.Module:
 
 
 def densify(model: nn.Module, keep_masks: bool = True) -> nn.Module:
-    """Replace every :class:`SparseLinear` of ``model`` by an ``nn.Linear`` with the dense weight
+    """Replace every :class:`SparseLinear` (or 2:4 ``SemiStructuredLinear``) of ``model`` by an ``nn.Linear`` with the dense weight
     (zeros at pruned positions, same dtype and device), the reverse of :func:`sparsify`. In place.
 
     Args:
@@ -1036,7 +1047,10 @@ def densify(model: nn.Module, keep_masks: bool = True) -> nn.Module:
     Returns:
         the model (a new module when ``model`` itself is a SparseLinear).
     """
-    sparse_cls = _sparse_linear_class()
+    from ._semi_structured import SemiStructuredLinear
+
+    sparse_cls = (_sparse_linear_class(required=False), SemiStructuredLinear)
+    sparse_cls = tuple(c for c in sparse_cls if c is not None)
     for name, module in list(model.named_modules()):
         if not isinstance(module, sparse_cls):
             continue

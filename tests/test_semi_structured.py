@@ -1,0 +1,101 @@
+"""SemiStructuredLinear (2:4 sparse tensor cores) and sparsify(layout="2:4").
+
+The layer runs only on CUDA GPUs of compute capability >= 8.0; the checks of its arguments run
+everywhere.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from pyfinetune import prune
+from pyfinetune._semi_structured import SemiStructuredLinear, check_two_four
+
+HAS_SPARSE_TC = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+needs_sparse_tc = pytest.mark.skipif(not HAS_SPARSE_TC, reason="needs a CUDA GPU with compute capability >= 8.0")
+
+
+def two_four_mask(out_f, in_f, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(out_f, in_f // 4, 4, generator=g)
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep.scatter_(-1, scores.topk(2, dim=-1).indices, True)
+    return keep.reshape(out_f, in_f)
+
+
+def test_two_four_check_accepts_and_refuses():
+    check_two_four(two_four_mask(8, 16))
+    bad = two_four_mask(8, 16)
+    bad[3, 4:8] = True
+    with pytest.raises(ValueError, match=r"row 3, inputs 4\.\.7 keep 4 of 4"):
+        check_two_four(bad)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        check_two_four(torch.ones(4, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        check_two_four(torch.ones(4, 8))
+
+
+def test_from_dense_argument_errors_on_cpu():
+    w = torch.randn(64, 64, dtype=torch.float16)
+    m = two_four_mask(64, 64)
+    with pytest.raises(ValueError, match="CUDA device"):
+        SemiStructuredLinear.from_dense(w, m)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        SemiStructuredLinear.from_dense(w.float(), m)
+    with pytest.raises(ValueError, match="shape of weight"):
+        SemiStructuredLinear.from_dense(w, m[:32])
+    with pytest.raises(ValueError, match="bias"):
+        SemiStructuredLinear.from_dense(w, m, torch.zeros(3, dtype=torch.float16))
+
+
+def test_sparsify_unknown_layout():
+    model = nn.Sequential(nn.Linear(8, 8))
+    prune.magnitude_prune(model, 0.5)
+    with pytest.raises(ValueError, match="layout"):
+        prune.sparsify(model, layout="bsr")
+
+
+@needs_sparse_tc
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_masked_dense_product(dtype, bias):
+    torch.manual_seed(0)
+    w = torch.randn(128, 256, device="cuda", dtype=dtype)
+    m = two_four_mask(128, 256, seed=1).cuda()
+    b = torch.randn(128, device="cuda", dtype=dtype) if bias else None
+    layer = SemiStructuredLinear.from_dense(w, m, b)
+    x = torch.randn(3, 64, 256, device="cuda", dtype=dtype)
+    ref = (x.double() @ torch.where(m, w, 0).double().t() + (b.double() if bias else 0))
+    out = layer(x)
+    assert out.shape == (3, 64, 128) and out.dtype == dtype
+    # float32 accumulation, one rounding to 16 bits: 2^-7 (bf16) / 2^-10 (fp16) relative, sqrt(K) scaled.
+    eps = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    err = (out.double() - ref).abs()
+    assert bool((err <= eps * ref.abs() + eps * 256 ** 0.5).all()), err.max()
+    torch.testing.assert_close(layer.to_dense(), torch.where(m, w, 0))
+
+
+@needs_sparse_tc
+def test_sparsify_two_four_model_and_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64)).cuda().half()
+    prune.magnitude_prune(model, 0.5, pattern="2:4")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    ref = model(x)
+    prune.sparsify(model, layout="2:4")
+    assert isinstance(model[0], SemiStructuredLinear) and isinstance(model[2], SemiStructuredLinear)
+    torch.testing.assert_close(model(x), ref, rtol=2e-2, atol=2e-2)
+    prune.densify(model, keep_masks=False)
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(model(x), ref, rtol=2e-2, atol=2e-2)
+
+
+@needs_sparse_tc
+def test_gradient_reaches_input_and_bias_not_weight():
+    w = torch.randn(128, 128, device="cuda", dtype=torch.float16)
+    layer = SemiStructuredLinear.from_dense(w, two_four_mask(128, 128).cuda(), torch.zeros(128, device="cuda",
+                                                                                         dtype=torch.float16))
+    x = torch.randn(64, 128, device="cuda", dtype=torch.float16, requires_grad=True)
+    layer(x).float().sum().backward()
+    assert x.grad is not None and layer.bias.grad is not None
+    assert not layer.weight.requires_grad
