@@ -48,6 +48,14 @@ def _same_step(kind, opt, ps):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def _rejected(opt, exc, match):
+    """The next step raises `exc` before writing anything."""
+    before = snapshot(opt)
+    with pytest.raises(exc, match=match):
+        opt.step()
+    assert_bitwise_equal(snapshot(opt), before)
+
+
 @pytest.mark.parametrize("kind", list(OPTS))
 def test_changed_hyper_parameters_apply(kind):
     opt, ps = _warm(kind)
@@ -84,31 +92,22 @@ def test_list_betas_changed_in_place_is_validated():
         p.grad = torch.randn_like(p)
     opt.step()
     opt.param_groups[0]["betas"][1] = 1.0
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=r"betas\[1\] \(param group 0\) must be < 1.0"):
-        opt.step()
-    assert_bitwise_equal(snapshot(opt), before)
+    _rejected(opt, ValueError, r"betas\[1\] \(param group 0\) must be < 1.0")
 
 
 @pytest.mark.parametrize("kind", list(OPTS))
 def test_bool_flag_replaced_by_int_is_rejected(kind):
     opt, _ = _warm(kind)
     opt.param_groups[0]["maximize"] = 0   # equal to False, but not a bool
-    before = snapshot(opt)
-    with pytest.raises(TypeError, match=r"maximize \(param group 0\) must be a bool"):
-        opt.step()
-    assert_bitwise_equal(snapshot(opt), before)
+    _rejected(opt, TypeError, r"maximize \(param group 0\) must be a bool")
 
 
 @pytest.mark.parametrize("kind", list(OPTS))
 def test_parameter_converted_behind_the_optimizer(kind):
     opt, ps = _warm(kind)
     ps[2].data = ps[2].data.double()   # the gradient stays float32
-    before = snapshot(opt)
-    with pytest.raises(RuntimeError, match=r"the gradient of parameter 2 \(param group 0\) is torch.float32 but the "
-                                           r"parameter is torch.float64"):
-        opt.step()
-    assert_bitwise_equal(snapshot(opt), before)
+    _rejected(opt, RuntimeError,
+              r"the gradient of parameter 2 \(param group 0\) is torch.float32 but the parameter is torch.float64")
 
 
 @pytest.mark.parametrize("kind", list(OPTS))
