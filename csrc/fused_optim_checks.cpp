@@ -26,7 +26,7 @@ void check_scalar_list(const char* op, const char* name, at::ArrayRef<double> va
   for (size_t i = 0; i < n; ++i) {
     const double x = values[i];
     const bool ok = std::isfinite(x) && x >= lo && (hi_inclusive ? x <= hi : x < hi);
-    PF_CHECK(ok, op, arg_name(name, i), " must be ", expected, ", got ", x);
+    PF_CHECK(ok, op, ArgName{name, i}, " must be ", expected, ", got ", x);
   }
 }
 
@@ -44,7 +44,7 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
 // `t` must be a dense strided tensor laid out exactly like params[i] (same device, shape and
 // strides), so that all tensors of one parameter can be walked with one flat index.
 void check_like_param(const char* op, const char* list, size_t i, const at::Tensor& t, const at::Tensor& p) {
-  const std::string name = arg_name(list, i);
+  const ArgName name{list, i};
   PF_CHECK(t.defined(), op, name, " is undefined");
   PF_CHECK(t.layout() == at::kStrided, op, name, " must be a dense (strided) tensor, got layout ", t.layout(),
            list == std::string("grads") ? " (sparse gradients are not supported)" : "");
@@ -56,7 +56,8 @@ void check_like_param(const char* op, const char* list, size_t i, const at::Tens
            "] ", p.strides(), ", got ", t.strides());
 }
 
-void check_scalar_tensor(const char* op, const std::string& name, const at::Tensor& t, const at::Device& device,
+template <typename Name>
+void check_scalar_tensor(const char* op, const Name& name, const at::Tensor& t, const at::Device& device,
                          bool allow_double) {
   PF_CHECK(t.layout() == at::kStrided, op, name, " must be a dense tensor");
   PF_CHECK(t.numel() == 1, op, name, " must hold exactly one value, got ", t.numel(), " values");
@@ -90,7 +91,7 @@ void check_common(const char* op, at::TensorList params, at::TensorList grads, c
            "params must be float32, bfloat16, float16 or float64, got ", dtype);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    const std::string name = arg_name("params", i);
+    const ArgName name{"params", i};
     PF_CHECK(p.defined(), op, name, " is undefined");
     PF_CHECK(p.layout() == at::kStrided, op, name, " must be a dense (strided) tensor, got layout ", p.layout());
     PF_CHECK(p.device() == device, op, "all params must be on one device: params[0] is on ", device, ", ", name,
@@ -117,7 +118,7 @@ void check_common(const char* op, at::TensorList params, at::TensorList grads, c
       PF_CHECK(m->scalar_type() == at::kBool, op, "masks[", i, "] must be a bool tensor, got ", m->scalar_type());
     }
     if (auto lr = opt_at(lr_tensors, i)) {
-      check_scalar_tensor(op, arg_name("lr_tensors", i), *lr, device, true);
+      check_scalar_tensor(op, ArgName{"lr_tensors", i}, *lr, device, true);
     }
   }
   if (grad_scale.has_value() && grad_scale->defined()) {
@@ -165,7 +166,7 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList grads, at::Ten
   }
   check_list_size(op, "steps", steps.size(), n);
   for (size_t i = 0; i < n; ++i) {
-    check_scalar_tensor(op, arg_name("steps", i), steps[i], params[i].device(), false);
+    check_scalar_tensor(op, ArgName{"steps", i}, steps[i], params[i].device(), false);
   }
 }
 

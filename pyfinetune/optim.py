@@ -35,6 +35,7 @@ flags (``amsgrad``, ``maximize``, ``nesterov``, ``penalty_mode``) split the laun
 from __future__ import annotations
 
 import math
+import operator
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -89,6 +90,28 @@ def _check_lr(lr: Any, where: str = "") -> None:
     _check_number("lr", lr, where=where)
 
 
+def _freeze(value: Any) -> Any:
+    """A snapshot of a hyper-parameter that compares equal to a later snapshot only when the
+    value would validate and compute the same: numbers by type and value (so ``True`` never passes
+    for ``1``, and NaN never equals itself), lists and tuples element-wise (copied, so a list
+    changed in place does not compare equal), anything else (dtypes, tensors) by identity."""
+    t = type(value)
+    if t is float or t is int or t is bool or t is str or value is None:
+        return (t, value)
+    if t is tuple or t is list:
+        return (t, tuple(_freeze(v) for v in value))
+    return (t, id(value), value)  # holding `value` keeps its id from being reused
+
+
+class _StepPlan:
+    """What an eager step built from the param groups and the state (buckets of parameters,
+    state tensors and per-parameter hyper-parameters), reused by the next steps while nothing it
+    was built from changed (see `_FusedPenalizedOptimizer._plan_grads`)."""
+
+    __slots__ = ("version", "param_groups", "groups", "params", "hypers", "state", "state_keys", "state_dicts",
+                 "state_values", "absent", "meta", "buckets")
+
+
 class _FusedPenalizedOptimizer(torch.optim.Optimizer):
     """Shared machinery: anchors, masks, validation, GradScaler, state_dict, bucketing."""
 
@@ -115,6 +138,15 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer pickles only defaults, state and param_groups.
         super().__setstate__(state)
         self._step_called = [False]
+        self._invalidate_plan()
+
+    # Hyper-parameters that a step validates and passes to the kernels.
+    _HYPER_KEYS: Tuple[str, ...] = ("lr", "weight_decay", "l2sp", "l1", "penalty_mode", "anchor_dtype", "maximize")
+
+    def _invalidate_plan(self) -> None:
+        """Forget the cached step plan: the param groups, masks or state changed."""
+        self._plan = None
+        self._plan_version = getattr(self, "_plan_version", 0) + 1
 
     def __init__(self, params, defaults: Dict[str, Any], anchor: Union[str, Iterable[Tensor]],
                  masks: Optional[Mapping[Tensor, Tensor]]):
@@ -134,6 +166,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"anchor[{i}] must be a Tensor, got {type(a).__name__}")
         self._anchor_index = 0
         self._step_called = [False]
+        self._plan: Optional[_StepPlan] = None
+        self._plan_version = 0
         super().__init__(params, defaults)
         if self._anchor_source is not None and self._anchor_index != len(self._anchor_source):
             raise ValueError(
@@ -170,6 +204,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         group_anchor = param_group.pop("anchor", None)
+        self._invalidate_plan()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f" (param group {len(self.param_groups) - 1})"
@@ -232,6 +267,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         """
         if not any(param is p for g in self.param_groups for p in g["params"]):
             raise ValueError("set_mask: param is not one of this optimizer's parameters")
+        self._invalidate_plan()
         state = self.state[param]
         if mask is None:
             state.pop("mask", None)
@@ -267,6 +303,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         """
         saved_state = state_dict.get("state", {})
         saved_groups = state_dict.get("param_groups", [])
+        self._invalidate_plan()
         super().load_state_dict(state_dict)
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -293,6 +330,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self._validate_group(group, f" (param group {gi})")
+        self._invalidate_plan()
 
     # ------------------------------------------------------------------------------------ step
     def _amp_tensors(self, device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -347,6 +385,87 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 self._check_state(p, f"parameter {j}{where}")
                 items.append((group, p, g))
         return items
+
+    # ------------------------------------------------------------------------ cached step plan
+    def _save_plan(self, buckets: List[Tuple[Tuple, Dict[str, list]]]) -> None:
+        """Remember the buckets of an eager step that `_collect` validated, with what they were
+        built from, so that the next steps skip the Python work while nothing changed. Groups with
+        a tensor lr are not cached (their lr is moved to the parameters' device every step)."""
+        if torch.compiler.is_compiling():
+            return
+        self._plan = None
+        if any(isinstance(g["lr"], Tensor) for g in self.param_groups):
+            return
+        plan = _StepPlan()
+        plan.version = self._plan_version
+        plan.param_groups = self.param_groups
+        plan.groups = list(self.param_groups)
+        plan.params = [tuple(g["params"]) for g in self.param_groups]
+        plan.hypers = [self._snapshot(g) for g in self.param_groups]
+        plan.state = self.state
+        plan.state_keys = list(self.state)
+        plan.state_dicts = list(self.state.values())
+        plan.state_values = [v for d in plan.state_dicts for v in d.values()]
+        present = {id(p) for _, b in buckets for p in b["params"]}
+        plan.absent = [p for g in self.param_groups for p in g["params"] if id(p) not in present]
+        # What the gradients (and the parameters themselves: `p.data = ...` changes them behind
+        # the optimizer's back) must still look like for the plan to hold.
+        plan.meta = [[(p.dtype, p.shape, p.device, p.layout, p.stride()) for p in b["params"]] for _, b in buckets]
+        plan.buckets = [(key, {k: v for k, v in b.items() if k != "grads"}) for key, b in buckets]
+        self._plan = plan
+
+    def _snapshot(self, group: Dict[str, Any]) -> Tuple:
+        return tuple(_freeze(group[k]) for k in self._HYPER_KEYS)
+
+    def _plan_grads(self) -> Optional[List[Tuple[Tuple, Dict[str, list]]]]:
+        """The buckets of the cached plan with this step's gradients, or None when the plan does
+        not hold (then `_collect` validates everything and a new plan is built).
+
+        The plan holds while: no param group was added or changed (the same group dicts holding
+        the same parameters, hyper-parameters that compare equal to the validated ones), no mask
+        was set and no state was loaded, the state holds the same tensors, the same parameters
+        have gradients, and every gradient and parameter has the dtype, shape, device, layout and
+        strides that were validated. Anything else takes the full path, which raises the same
+        errors as before any tensor is written."""
+        if torch.compiler.is_compiling():
+            return None
+        plan = self._plan
+        if plan is None or plan.version != self._plan_version:
+            return None
+        groups = self.param_groups
+        if groups is not plan.param_groups or len(groups) != len(plan.groups):
+            return None
+        for group, cached, params, hypers in zip(groups, plan.groups, plan.params, plan.hypers):
+            if group is not cached or tuple(group["params"]) != params or self._snapshot(group) != hypers:
+                return None
+        state = self.state
+        if state is not plan.state or len(state) != len(plan.state_keys):
+            return None
+        is_ = operator.is_
+        dicts = list(state.values())
+        if not all(map(is_, state, plan.state_keys)) or not all(map(is_, dicts, plan.state_dicts)):
+            return None
+        values = [v for d in dicts for v in d.values()]
+        if len(values) != len(plan.state_values) or not all(map(is_, values, plan.state_values)):
+            return None
+        for p in plan.absent:
+            if p.grad is not None:
+                return None
+        out = []
+        for (key, cached_b), meta in zip(plan.buckets, plan.meta):
+            params = cached_b["params"]
+            grads = [p.grad for p in params]
+            try:
+                if [(g.dtype, g.shape, g.device, g.layout, g.stride()) for g in grads] != meta:
+                    return None
+            except AttributeError:  # a gradient was removed (None)
+                return None
+            if [(p.dtype, p.shape, p.device, p.layout, p.stride()) for p in params] != meta:
+                return None
+            b = dict(cached_b)
+            b["grads"] = grads
+            out.append((key, b))
+        return out
 
     def _check_state(self, p: Tensor, name: str) -> None:
         """The state a step will pass to the kernel still fits the parameter (it may not after
@@ -430,6 +549,7 @@ class AdamW(_FusedPenalizedOptimizer):
     """
 
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _HYPER_KEYS = _FusedPenalizedOptimizer._HYPER_KEYS + ("betas", "eps", "amsgrad")
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, l2sp: float = 0.0,
@@ -471,7 +591,25 @@ class AdamW(_FusedPenalizedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = self._collect()
+        planned = self._plan_grads()
+        if planned is None:
+            planned = self._build_buckets(self._collect())
+            self._save_plan(planned)
+        for (device, _dtype, amsgrad, maximize, decoupled), b in planned:
+            grad_scale, found_inf = self._amp_tensors(device)
+            torch._foreach_add_(b["steps"], 1.0)
+            torch.ops.pyfinetune.fused_adamw_(
+                b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["max_exp_avg_sqs"], b["anchors"],
+                b["masks"], b["steps"], b["lrs"], b["lr_tensors"], b["beta1s"], b["beta2s"], b["epss"],
+                b["weight_decays"], b["l2sps"], b["l1s"], amsgrad=amsgrad, maximize=maximize, decoupled_l2sp=decoupled,
+                grad_scale=grad_scale, found_inf=found_inf)
+            if found_inf is not None:
+                # A skipped step does not count (as torch's fused optimizers).
+                torch._foreach_sub_(b["steps"], [found_inf] * len(b["steps"]))
+        return loss
+
+    def _build_buckets(self, items) -> List[Tuple[Tuple, Dict[str, list]]]:
+        """The kernel launches of a step: (flags, argument lists) per bucket; creates missing state."""
         buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
         lr_cache: Dict[Tuple[int, torch.device], Tensor] = {}
         for group, p, g in items:
@@ -496,21 +634,7 @@ class AdamW(_FusedPenalizedOptimizer):
             b["weight_decays"].append(float(group["weight_decay"]))
             b["l2sps"].append(float(group["l2sp"]))
             b["l1s"].append(float(group["l1"]))
-        for (device, _dtype, amsgrad, maximize, decoupled), b in buckets.items():
-            grad_scale, found_inf = self._amp_tensors(device)
-            torch._foreach_add_(b["steps"], 1.0)
-            lr_tensors = b["lr_tensors"] if any(t is not None for t in b["lr_tensors"]) else []
-            anchors = b["anchors"] if any(a is not None for a in b["anchors"]) else []
-            masks = b["masks"] if any(m is not None for m in b["masks"]) else []
-            torch.ops.pyfinetune.fused_adamw_(
-                b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["max_exp_avg_sqs"], anchors, masks,
-                b["steps"], b["lrs"], lr_tensors, b["beta1s"], b["beta2s"], b["epss"], b["weight_decays"],
-                b["l2sps"], b["l1s"], amsgrad=amsgrad, maximize=maximize, decoupled_l2sp=decoupled,
-                grad_scale=grad_scale, found_inf=found_inf)
-            if found_inf is not None:
-                # A skipped step does not count (as torch's fused optimizers).
-                torch._foreach_sub_(b["steps"], [found_inf] * len(b["steps"]))
-        return loss
+        return [(key, _finish_bucket(b)) for key, b in buckets.items()]
 
 
 class SGD(_FusedPenalizedOptimizer):
@@ -526,6 +650,7 @@ class SGD(_FusedPenalizedOptimizer):
     """
 
     _STATE_KEYS = ("momentum_buffer",)
+    _HYPER_KEYS = _FusedPenalizedOptimizer._HYPER_KEYS + ("momentum", "dampening", "nesterov")
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, *, l2sp: float = 0.0, l1: float = 0.0,
@@ -554,10 +679,35 @@ class SGD(_FusedPenalizedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        items = self._collect()
+        planned = self._plan_grads()
+        fresh_dampened: List[Tensor] = []
+        if planned is None:
+            created: List[Tensor] = []
+            planned = self._build_buckets(self._collect(), created, fresh_dampened)
+            if not created:
+                self._save_plan(planned)
+            elif not torch.compiler.is_compiling():
+                self._plan = None  # this step starts momentum buffers with dampening 0; the next differs
+        for (device, _dtype, _has_momentum, nesterov, maximize, decoupled), b in planned:
+            grad_scale, found_inf = self._amp_tensors(device)
+            torch.ops.pyfinetune.fused_sgd_(
+                b["params"], b["grads"], b["momentum_buffers"], b["anchors"], b["masks"], b["lrs"], b["lr_tensors"],
+                b["momentums"], b["dampenings"], b["weight_decays"], b["l2sps"], b["l1s"], nesterov=nesterov,
+                maximize=maximize, decoupled_l2sp=decoupled, grad_scale=grad_scale, found_inf=found_inf)
+        if fresh_dampened and getattr(self, "found_inf", None) is not None and bool(self.found_inf.item() != 0):
+            # The first step of these buffers was skipped (GradScaler found inf/NaN): drop them so
+            # the next step starts them from the gradient again, as torch does. Only this rare
+            # case (dampening != 0, first step, AMP) reads found_inf on the host.
+            for p in fresh_dampened:
+                del self.state[p]["momentum_buffer"]
+        return loss
+
+    def _build_buckets(self, items, created: List[Tensor],
+                       fresh_dampened: List[Tensor]) -> List[Tuple[Tuple, Dict[str, list]]]:
+        """The kernel launches of a step: (flags, argument lists) per bucket; creates missing
+        momentum buffers (listed in `created`, and in `fresh_dampened` where dampening != 0)."""
         buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
         lr_cache: Dict[Tuple[int, torch.device], Tensor] = {}
-        fresh_dampened: List[Tensor] = []
         for group, p, g in items:
             state = self.state[p]
             has_momentum = group["momentum"] != 0
@@ -566,6 +716,7 @@ class SGD(_FusedPenalizedOptimizer):
                 # torch.optim.SGD starts the buffer at the gradient; with a zero buffer and no
                 # dampening, momentum * 0 + 1 * g == g exactly.
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+                created.append(p)
                 if dampening != 0.0:
                     fresh_dampened.append(p)
                 dampening = 0.0
@@ -586,22 +737,19 @@ class SGD(_FusedPenalizedOptimizer):
             b["weight_decays"].append(float(group["weight_decay"]))
             b["l2sps"].append(float(group["l2sp"]))
             b["l1s"].append(float(group["l1"]))
-        for (device, _dtype, _has_momentum, nesterov, maximize, decoupled), b in buckets.items():
-            grad_scale, found_inf = self._amp_tensors(device)
-            lr_tensors = b["lr_tensors"] if any(t is not None for t in b["lr_tensors"]) else []
-            anchors = b["anchors"] if any(a is not None for a in b["anchors"]) else []
-            masks = b["masks"] if any(m is not None for m in b["masks"]) else []
-            torch.ops.pyfinetune.fused_sgd_(
-                b["params"], b["grads"], b["momentum_buffers"], anchors, masks, b["lrs"], lr_tensors,
-                b["momentums"], b["dampenings"], b["weight_decays"], b["l2sps"], b["l1s"], nesterov=nesterov,
-                maximize=maximize, decoupled_l2sp=decoupled, grad_scale=grad_scale, found_inf=found_inf)
-        if fresh_dampened and getattr(self, "found_inf", None) is not None and bool(self.found_inf.item() != 0):
-            # The first step of these buffers was skipped (GradScaler found inf/NaN): drop them so
-            # the next step starts them from the gradient again, as torch does. Only this rare
-            # case (dampening != 0, first step, AMP) reads found_inf on the host.
-            for p in fresh_dampened:
-                del self.state[p]["momentum_buffer"]
-        return loss
+        return [(key, _finish_bucket(b)) for key, b in buckets.items()]
+
+
+def _finish_bucket(b: Dict[str, list]) -> Dict[str, list]:
+    """Optional per-parameter lists (lr tensors, anchors, masks) that hold only None go to the
+    kernel empty; a plain dict, so that a missing list reads as an error."""
+    for key in ("lr_tensors", "anchors", "masks"):
+        if not any(t is not None for t in b[key]):
+            b[key] = []
+    out = dict(b)
+    for key in ("max_exp_avg_sqs", "momentum_buffers"):
+        out.setdefault(key, [])
+    return out
 
 
 def _mark_scheduler_aware(cls) -> None:

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <ostream>
 #include <string>
 
 // PF_CHECK(cond, "fused_adamw_", "lrs[", i, "] must be >= 0, got ", lr)
@@ -14,6 +15,17 @@ namespace pyfinetune {
 // "params[3]" style names for list elements.
 inline std::string arg_name(const char* list, size_t i) {
   return std::string(list) + "[" + std::to_string(i) + "]";
+}
+
+// The same name, formatted only when a message is built (a failed check): checks that run for
+// every tensor of every call build no string on success.
+struct ArgName {
+  const char* list;
+  size_t i;
+};
+
+inline std::ostream& operator<<(std::ostream& os, const ArgName& a) {
+  return os << a.list << "[" << a.i << "]";
 }
 
 }  // namespace pyfinetune

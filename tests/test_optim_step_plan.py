@@ -1,0 +1,117 @@
+"""The cached step plan (the buckets an eager step reuses while nothing changed) never hides a
+change: each test takes steps until the plan is in use, changes one thing, and checks the next
+step sees it exactly as a fresh validation would."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import assert_bitwise_equal, snapshot
+
+from pyfinetune.optim import SGD, AdamW
+
+OPTS = {"adamw": lambda ps, **kw: AdamW(ps, lr=1e-2, l2sp=0.1, **kw),
+        "sgd": lambda ps, **kw: SGD(ps, lr=1e-2, momentum=0.9, l2sp=0.1, **kw)}
+
+
+def _warm(kind, n=3, **kw):
+    ps = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(n)]
+    opt = OPTS[kind](ps, **kw)
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._plan is not None  # the next step reuses the plan
+    return opt, ps
+
+
+def _reference(kind, opt, ps):
+    """A fresh optimizer with opt's state and groups: what the next step must compute."""
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ref = OPTS[kind](qs)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))  # loading shares same-device tensors
+    for q, p in zip(qs, ps):
+        q.grad = None if p.grad is None else p.grad.clone()
+        anchor = opt.anchor_of(p)
+        if anchor is not None:
+            ref.state[q]["anchor"].copy_(anchor)
+    return ref, qs
+
+
+def _same_step(kind, opt, ps):
+    ref, qs = _reference(kind, opt, ps)
+    opt.step()
+    ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def _rejected(opt, exc, match):
+    """The next step raises `exc` before writing anything."""
+    before = snapshot(opt)
+    with pytest.raises(exc, match=match):
+        opt.step()
+    assert_bitwise_equal(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_changed_hyper_parameters_apply(kind):
+    opt, ps = _warm(kind)
+    opt.param_groups[0]["lr"] = 0.5
+    opt.param_groups[0]["weight_decay"] = 0.25
+    _same_step(kind, opt, ps)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_removed_and_added_gradients(kind):
+    opt, ps = _warm(kind)
+    ps[1].grad = None
+    before = ps[1].detach().clone()
+    opt.step()
+    assert torch.equal(ps[1], before)
+    ps[1].grad = torch.randn_like(ps[1])
+    _same_step(kind, opt, ps)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_replaced_state_tensor_is_used(kind):
+    opt, ps = _warm(kind)
+    key = "exp_avg" if kind == "adamw" else "momentum_buffer"
+    fresh = torch.zeros_like(ps[0])
+    opt.state[ps[0]][key] = fresh
+    opt.step()
+    assert fresh.abs().sum() > 0
+
+
+def test_list_betas_changed_in_place_is_validated():
+    opt, ps = _warm("adamw")
+    opt.param_groups[0]["betas"] = [0.9, 0.99]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.param_groups[0]["betas"][1] = 1.0
+    _rejected(opt, ValueError, r"betas\[1\] \(param group 0\) must be < 1.0")
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_bool_flag_replaced_by_int_is_rejected(kind):
+    opt, _ = _warm(kind)
+    opt.param_groups[0]["maximize"] = 0   # equal to False, but not a bool
+    _rejected(opt, TypeError, r"maximize \(param group 0\) must be a bool")
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_parameter_converted_behind_the_optimizer(kind):
+    opt, ps = _warm(kind)
+    ps[2].data = ps[2].data.double()   # the gradient stays float32
+    _rejected(opt, RuntimeError,
+              r"the gradient of parameter 2 \(param group 0\) is torch.float32 but the parameter is torch.float64")
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_transposed_gradient_is_copied(kind):
+    opt, ps = _warm(kind)
+    ps[0].grad = torch.randn(3, 4).t()   # other strides than the parameter: the full path copies it
+    _same_step(kind, opt, ps)
