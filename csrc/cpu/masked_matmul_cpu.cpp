@@ -48,6 +48,7 @@
 #include <vector>
 
 #include <pyfinetune/checks.h>
+#include <pyfinetune/cpu_alloc.h>
 #include <pyfinetune/csr_kernels_avx512.h>
 #include <pyfinetune/csr_walk.h>
 #include <pyfinetune/masked_matmul.h>
@@ -536,13 +537,39 @@ void sddmm(const SddmmArgs<acc_t>& a) {
 // ---------------------------------------------------------------------------------------------
 // csr_linear and its backward
 
-// src [rows, cols] (any strides) transposed into a new [cols, round_up(rows, lanes)] acc tensor.
+// The transposed operands and outputs of csr_linear (xT, yT; dyT, dxT, xT) are temporaries of
+// a few MiB per call. A fresh buffer of that size is a fresh mmap, and its first touch costs a
+// page fault and a page clear per 4 KiB: measured ~1 ms per 4 MiB buffer here, a sizeable part
+// of a 90%-sparse forward. Each thread therefore keeps one buffer per slot and reuses it (grown
+// when needed) across calls; larger temporaries than kMaxScratchBytes are allocated per call
+// with the huge-page hint instead, so that a rare huge shape does not stay resident.
+enum ScratchSlot { kScratchA = 0, kScratchB = 1, kScratchC = 2, kScratchSlots = 3 };
+constexpr int64_t kMaxScratchBytes = int64_t{64} << 20;
+
+// An uninitialized [rows, cols] tensor of `dtype` on the CPU, valid until this thread asks for
+// the same slot again (the callers use it within one kernel call and return none of it).
+at::Tensor scratch(ScratchSlot slot, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  const at::TensorOptions options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > kMaxScratchBytes) {
+    return empty_streaming({rows, cols}, options);
+  }
+  thread_local std::array<at::Tensor, kScratchSlots> buffers;
+  at::Tensor& buf = buffers[slot];
+  if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) {
+    buf = at::Tensor();  // free the old one first
+    buf = empty_streaming({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+  }
+  return buf.narrow(0, 0, bytes).view(dtype).view({rows, cols});
+}
+
+// src [rows, cols] (any strides) transposed into a [cols, padded_ld(rows)] acc tensor (scratch).
 template <typename scalar_t>
-at::Tensor transposed_acc(const at::Tensor& src) {
+at::Tensor transposed_acc(const at::Tensor& src, ScratchSlot slot) {
   using acc_t = acc_of<scalar_t>;
   const int64_t rows = src.size(0), cols = src.size(1);
   const int64_t ld = padded_ld<acc_t>(rows);
-  at::Tensor t = at::empty({cols, ld}, src.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor t = scratch(slot, cols, ld, c10::CppTypeToScalarType<acc_t>::value);
   transpose_in(src.const_data_ptr<scalar_t>(), rows, cols, src.stride(0), src.stride(1), t.mutable_data_ptr<acc_t>(),
                ld);
   return t;
@@ -563,7 +590,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   PF_CHECK(x.device().is_cpu(), op, "CPU kernel called with x on ", x.device());
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
   const bool sorted = check_compressed_pattern_cpu(op, "crow_indices", "col_indices", crow, col, s.k, "K = x.size(1)");
-  at::Tensor y = at::empty({s.n, s.m}, x.options());
+  at::Tensor y = empty_streaming({s.n, s.m}, x.options());
   if (s.n == 0 || s.m == 0) {
     return y;
   }
@@ -572,9 +599,9 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     const at::Tensor vals = values_as_acc<acc_t>(values);
-    const at::Tensor xT = transposed_acc<scalar_t>(x);
+    const at::Tensor xT = transposed_acc<scalar_t>(x, kScratchA);
     const int64_t ld = xT.size(1);
-    at::Tensor yT = at::empty({s.m, ld}, xT.options());
+    at::Tensor yT = scratch(kScratchB, s.m, ld, xT.scalar_type());
     const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
                       choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, sorted)};
     const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), nullptr, xT.const_data_ptr<acc_t>(),
@@ -619,13 +646,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
-    const at::Tensor dyT = transposed_acc<scalar_t>(grad_out);  // [M, ld]
+    const at::Tensor dyT = transposed_acc<scalar_t>(grad_out, kScratchA);  // [M, ld]
     const int64_t ld = dyT.size(1);
     if (output_mask[0]) {
-      dx = at::empty({s.n, s.k}, x.options());
+      dx = empty_streaming({s.n, s.k}, x.options());
       if (s.k > 0) {
         const at::Tensor vals = values_as_acc<acc_t>(values);
-        at::Tensor dxT = at::empty({s.k, ld}, dyT.options());
+        at::Tensor dxT = scratch(kScratchB, s.k, ld, dyT.scalar_type());
         const Pattern pat{ccol.const_data_ptr<int32_t>(), rows_of.const_data_ptr<int32_t>(), s.k, s.m,
                           choose_tile(s.nnz, s.k, s.m, kPanelBytes<acc_t>, csc_sorted)};
         const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), perm.const_data_ptr<int32_t>(),
@@ -636,9 +663,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
       }
     }
     if (output_mask[1]) {
-      const at::Tensor xT = transposed_acc<scalar_t>(x);  // [K, ld]
+      const at::Tensor xT = transposed_acc<scalar_t>(x, kScratchC);  // [K, ld]
       constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
-      at::Tensor out = at::zeros({s.nnz}, dyT.options());
+      at::Tensor out = empty_streaming({s.nnz}, dyT.options());
+      out.zero_();
       const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
                         choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, csr_sorted)};
       const SddmmArgs<acc_t> args{pat, dyT.const_data_ptr<acc_t>(), xT.const_data_ptr<acc_t>(),
