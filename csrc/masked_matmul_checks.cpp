@@ -177,19 +177,36 @@ bool check_compressed_pattern_cpu(const char* op, const char* ptr_name, const ch
     PF_CHECK(p[r] <= p[r + 1], op, ptr_name, " must be non-decreasing, but ", ptr_name, "[", r, "] = ", p[r],
              " > ", ptr_name, "[", r + 1, "] = ", p[r + 1]);
   }
-  check_index_range_cpu(op, idx_name, idx, cols, cols_desc);
+  // One pass over the indices (this runs on every call, in the hot path): a row whose indices
+  // increase strictly lies in [0, cols) when its first and last do, so the sortedness scan
+  // (branch-free, vectorized) replaces the range scan; only an unsorted pattern falls back to
+  // the element-wise range check, which also reports the first offending position.
   const int32_t* q = idx.const_data_ptr<int32_t>();
-  std::atomic<bool> sorted{true};
+  std::atomic<bool> sorted{true}, in_range{true};
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1 && sorted.load(std::memory_order_relaxed); ++r) {
-      for (int64_t e = p[r] + 1; e < p[r + 1]; ++e) {
-        if (q[e - 1] >= q[e]) {
-          sorted.store(false, std::memory_order_relaxed);
-          break;
-        }
+    bool ok_sorted = true, ok_range = true;
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t e0 = p[r], e1 = p[r + 1];
+      if (e0 == e1) {
+        continue;
       }
+      int bad = 0;
+      for (int64_t e = e0 + 1; e < e1; ++e) {
+        bad |= q[e - 1] >= q[e];
+      }
+      ok_sorted &= bad == 0;
+      ok_range &= q[e0] >= 0 && static_cast<int64_t>(q[e1 - 1]) < cols;
+    }
+    if (!ok_sorted) {
+      sorted.store(false, std::memory_order_relaxed);
+    }
+    if (!ok_range) {
+      in_range.store(false, std::memory_order_relaxed);
     }
   });
+  if (!sorted.load() || !in_range.load()) {
+    check_index_range_cpu(op, idx_name, idx, cols, cols_desc);
+  }
   return sorted.load();
 }
 

@@ -57,13 +57,13 @@ struct SpmmSeg {
   inline __attribute__((always_inline)) void prefetch(int64_t r, int64_t e) const {
     __builtin_prefetch(a.pat.idx + e, 0, 3);
     __builtin_prefetch(a.values + (e - a.value_base), 0, 3);
-    prefetch_bytes(a.out + r * a.ld + n0, V * kLanes * 4, true);
+    prefetch_bytes(a.out + (r - a.out_r0) * a.out_ld + (n0 - a.out_n0), V * kLanes * 4, true);
   }
 
   // Two accumulator sets (even and odd entries): each vector then has two independent FMA
   // chains, enough to keep both FMA units busy with V = 4 vectors.
   inline __attribute__((always_inline)) int64_t run(int64_t r, int64_t e, int64_t e1, int64_t k1) const {
-    float* o = a.out + r * a.ld + n0;
+    float* o = a.out + (r - a.out_r0) * a.out_ld + (n0 - a.out_n0);
     const int32_t* idx = a.pat.idx;
     const float* vals = a.values - a.value_base;
     __m512 acc0[V], acc1[V];
@@ -102,7 +102,7 @@ template <int V>
 void spmm_panel_v(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
   const __mmask16 last = lanes_of(width, V - 1);
   for (int64_t r = r0; r < r1; ++r) {
-    float* o = a.out + r * a.ld + n0;
+    float* o = a.out + (r - a.out_r0) * a.out_ld + (n0 - a.out_n0);
     for (int v = 0; v < V - 1; ++v) {
       _mm512_storeu_ps(o + kLanes * v, _mm512_setzero_ps());
     }

@@ -10,14 +10,16 @@
 //     to whole vectors and to an odd number of cache lines, zero padded), so that the N values
 //     multiplied by one weight are contiguous;
 //   * output row m, panel [n0, n0 + 64): yT[m, panel] = sum_j values[j] * xT[col[j], panel], the
-//     accumulators held in registers, one broadcast and one FMA per vector and kept weight;
+//     accumulators held in registers, one broadcast and one FMA per vector and kept weight (yT is
+//     a per-thread buffer of the work item's rows, see below); panels of padding only are skipped;
 //   * dense enough patterns walk xT in tiles of 128 rows (32 KiB per panel, L1 resident): every
 //     output row adds its kept weights whose column falls in the tile (columns are sorted, so a
 //     cursor per row finds them), loading and storing its accumulators around each such segment;
 //     sparser patterns walk each row in one go, the K x 64 slice of xT staying in L2;
 //   * work items are (panel, row range) pairs taken dynamically by the threads; the row ranges
 //     hold equal numbers of kept weights (prefix sums of crow + binary search);
-//   * yT is transposed back into y, adding the bias, rounded once to the output dtype.
+//   * each work item transposes its block of yT (L2 resident) into y right away, adding the bias,
+//     rounded once to the output dtype: no [M, ld] yT round trip through memory.
 // The backward runs the same kernel over the compressed columns (dx = grad_out @ W reads dyT rows
 // through row_indices, values through csc_to_csr), and computes dvalues as a sampled product
 // (SDDMM): for every kept (m, k), dot(dyT[m, :], xT[k, :]), eight kept weights at a time with one
@@ -48,6 +50,7 @@
 #include <vector>
 
 #include <pyfinetune/checks.h>
+#include <pyfinetune/cpu_alloc.h>
 #include <pyfinetune/csr_kernels_avx512.h>
 #include <pyfinetune/csr_walk.h>
 #include <pyfinetune/masked_matmul.h>
@@ -216,19 +219,6 @@ void transpose_in(const src_t* src, int64_t rows, int64_t cols, int64_t s0, int6
   });
 }
 
-// dst [rows, cols] (contiguous) = srcT[:, :rows]^T (+ bias[c]), rounded to dst_t once.
-template <typename acc_t, typename dst_t>
-void transpose_out(const acc_t* srcT, int64_t ld, int64_t rows, int64_t cols, const dst_t* bias, dst_t* dst) {
-  for_each_tile(rows, cols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t c = c0; c < c1; ++c) {
-        const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
-        dst[r * cols + c] = static_cast<dst_t>(srcT[c * ld + r] + b);
-      }
-    }
-  });
-}
-
 // ---------------------------------------------------------------------------------------------
 // Work split and the walk over a compressed pattern
 
@@ -295,9 +285,18 @@ struct SpmmArgs {
   const acc_t* values;  // entry e's value: values[e - value_base], or values[perm[e]] with perm
   const int32_t* perm;  // nullptr: values in entry order
   const acc_t* b;       // [pat.cols, ld]
-  acc_t* out;           // [pat.rows, ld]
+  acc_t* out;           // [pat.rows, ld], or see out_ld
   int64_t ld;
   int64_t value_base = 0;
+  // Row r's panel at column n0 is at out + (r - out_r0) * out_ld + (n0 - out_n0): out_ld = 0
+  // means out [pat.rows, ld]; else out holds only the rows from out_r0 of the panel at out_n0.
+  int64_t out_ld = 0;
+  int64_t out_r0 = 0;
+  int64_t out_n0 = 0;
+
+  C10_ALWAYS_INLINE acc_t* out_at(int64_t r, int64_t n0) const {
+    return out_ld == 0 ? out + r * ld + n0 : out + (r - out_r0) * out_ld + (n0 - out_n0);
+  }
 };
 
 // The segment kernels read values in entry order; spmm resolves perm before calling them.
@@ -311,11 +310,11 @@ struct SpmmSegment {
   C10_ALWAYS_INLINE void prefetch(int64_t r, int64_t e) const {
     __builtin_prefetch(a.pat.idx + e, 0, 3);
     __builtin_prefetch(a.values + (e - a.value_base), 0, 3);
-    prefetch_bytes(a.out + r * a.ld + n0, V * W * sizeof(acc_t), true);
+    prefetch_bytes(a.out_at(r, n0), V * W * sizeof(acc_t), true);
   }
 
   C10_ALWAYS_INLINE int64_t run(int64_t r, int64_t e, int64_t e1, int64_t k1) const {
-    acc_t* o = a.out + r * a.ld + n0;
+    acc_t* o = a.out_at(r, n0);
     Vec acc[V];
     for (int v = 0; v < V; ++v) {
       acc[v] = Vec::loadu(o + v * W);
@@ -350,7 +349,7 @@ struct SpmmPanels {
   static void run(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0, int32_t* cursor) {
     constexpr int64_t W = kLanes<acc_t>;
     for (int64_t r = r0; r < r1; ++r) {
-      std::fill(a.out + r * a.ld + n0, a.out + r * a.ld + n0 + V * W, acc_t(0));
+      std::fill(a.out_at(r, n0), a.out_at(r, n0) + V * W, acc_t(0));
     }
     walk_pattern(a.pat, r0, r1, cursor, SpmmSegment<acc_t, V>{a, n0});
   }
@@ -365,53 +364,102 @@ void spmm_panel_any(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0
   const int64_t width = std::min<int64_t>(kPanelVecs * kLanes<acc_t>, a.ld - n0);
   if constexpr (std::is_same_v<acc_t, float>) {
     if (avx512::available()) {
-      avx512::spmm_panel({a.pat, a.values, a.value_base, a.b, a.out, a.ld}, r0, r1, n0, width, cursor);
+      const bool rows = a.out_ld == 0;
+      avx512::spmm_panel({a.pat, a.values, a.value_base, a.b, a.out, a.ld, rows ? a.ld : a.out_ld,
+                          rows ? 0 : a.out_r0, rows ? 0 : a.out_n0},
+                         r0, r1, n0, width, cursor);
       return;
     }
   }
   table[width / kLanes<acc_t> - 1](a, r0, r1, n0, cursor);
 }
 
-// out [rows, ld] for all rows and panels.
-//
-// Values in entry order (forward): the work items are (panel, row range) pairs, panel-major, so
-// the threads share one K x panel slice of b at a time.
-//
-// Values reached through perm (dx over the compressed columns): reading values[perm[e]] is a
-// random access per kept weight, repeated for every panel (five for N = 256) and, with tiling,
-// in an order that defeats the caches (measured 3-10x slower than the forward). Each work item is
-// therefore a whole row range: it gathers its rows' values once into a scratch buffer (the size
-// of its share of the entries, freed at the end of the call) and then runs all panels over it.
-template <typename acc_t>
-void spmm(const SpmmArgs<acc_t>& a) {
+// y[i, r] = buf[(r - r0) * 64 + (i - n0)] (+ bias[r]) for i in [n0, n1), r in [r0, r1): a
+// panel of rows accumulated in a buffer, transposed into y [n, rows] (row-major).
+template <typename acc_t, typename dst_t>
+void store_block(const acc_t* buf, int64_t r0, int64_t r1, int64_t n0, int64_t n1, int64_t rows, const dst_t* bias,
+                 dst_t* y) {
   constexpr int64_t kPanel = kPanelVecs * kLanes<acc_t>;
-  const int64_t parts = num_parts(a.pat.rows);
-  const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
-  const int64_t panels = (a.ld + kPanel - 1) / kPanel;
-  const auto cursor_for = [&](int64_t p) {
-    return std::vector<int32_t>(a.pat.tile > 0 ? static_cast<size_t>(splits[p + 1] - splits[p]) : 0);
-  };
-  if (a.perm == nullptr) {
-    run_tasks(panels * parts, [&](int64_t t) {
-      const int64_t p = t % parts;
-      std::vector<int32_t> cursor = cursor_for(p);
-      spmm_panel_any(a, splits[p], splits[p + 1], (t / parts) * kPanel, cursor.data());
-    });
-  } else {
-    run_tasks(parts, [&](int64_t p) {
-      const int64_t r0 = splits[p], r1 = splits[p + 1];
-      const int64_t e0 = a.pat.ptr[r0], e1 = a.pat.ptr[r1];
-      std::vector<acc_t> gathered(static_cast<size_t>(e1 - e0));
-      for (int64_t e = e0; e < e1; ++e) {
-        gathered[e - e0] = a.values[a.perm[e]];
+  for (int64_t i = n0; i < n1; ++i) {
+    dst_t* yr = y + i * rows + r0;
+    const acc_t* src = buf + (i - n0);
+    if (bias != nullptr) {
+      for (int64_t r = 0; r < r1 - r0; ++r) {
+        yr[r] = static_cast<dst_t>(src[r * kPanel] + static_cast<acc_t>(bias[r0 + r]));
       }
-      const SpmmArgs<acc_t> local{a.pat, gathered.data(), nullptr, a.b, a.out, a.ld, e0};
-      std::vector<int32_t> cursor = cursor_for(p);
-      for (int64_t n0 = 0; n0 < a.ld; n0 += kPanel) {
-        spmm_panel_any(local, r0, r1, n0, cursor.data());
+    } else {
+      for (int64_t r = 0; r < r1 - r0; ++r) {
+        yr[r] = static_cast<dst_t>(src[r * kPanel]);
       }
-    });
+    }
   }
+}
+
+// The forward's spmm, writing y [n, rows] (row-major, dst_t) directly with the bias added: each
+// work item (panel, row range) accumulates its rows' panel in a per-thread buffer of
+// (r1 - r0) x 64 floats (L2 resident) and then transposes it into y's block [n0, n0 + 64) x
+// [r0, r1), so no yT [rows, ld] is written and read back by a separate transpose pass. Panels
+// that hold only padding columns (n0 >= n) are skipped.
+template <typename acc_t, typename dst_t>
+void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_t* y) {
+  constexpr int64_t kPanel = kPanelVecs * kLanes<acc_t>;
+  const int64_t rows = a.pat.rows;
+  const int64_t parts = num_parts(rows);
+  const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
+  const int64_t panels = (std::min(n, a.ld) + kPanel - 1) / kPanel;
+  run_tasks(panels * parts, [&](int64_t t) {
+    const int64_t p = t % parts, n0 = (t / parts) * kPanel;
+    const int64_t r0 = splits[p], r1 = splits[p + 1];
+    if (r0 == r1) {
+      return;
+    }
+    thread_local std::vector<acc_t> buf;
+    buf.resize(static_cast<size_t>((r1 - r0) * kPanel));
+    std::vector<int32_t> cursor(a.pat.tile > 0 ? static_cast<size_t>(r1 - r0) : 0);
+    SpmmArgs<acc_t> local = a;
+    local.out = buf.data();
+    local.out_ld = kPanel;
+    local.out_r0 = r0;
+    local.out_n0 = n0;
+    spmm_panel_any(local, r0, r1, n0, cursor.data());
+    store_block<acc_t, dst_t>(buf.data(), r0, r1, n0, std::min(n, n0 + kPanel), rows, bias, y);
+  });
+}
+
+// dx = grad_out @ W over the compressed columns (values reached through perm = csc_to_csr),
+// written into dx [n, rows] (row-major, dst_t) directly. Reading values[perm[e]] is a random
+// access per kept weight, which repeated for every panel (and, tiled, in an order that defeats
+// the caches) measured 3-10x slower than the forward; so each work item is a whole row range:
+// it gathers its rows' values once into a scratch buffer and then runs all panels over it, each
+// panel accumulated in a per-thread buffer and transposed into dx like spmm_into_rows does.
+template <typename acc_t, typename dst_t>
+void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
+  constexpr int64_t kPanel = kPanelVecs * kLanes<acc_t>;
+  const int64_t rows = a.pat.rows;
+  const int64_t parts = num_parts(rows);
+  const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
+  run_tasks(parts, [&](int64_t p) {
+    const int64_t r0 = splits[p], r1 = splits[p + 1];
+    if (r0 == r1) {
+      return;
+    }
+    const int64_t e0 = a.pat.ptr[r0], e1 = a.pat.ptr[r1];
+    std::vector<acc_t> gathered(static_cast<size_t>(e1 - e0));
+    for (int64_t e = e0; e < e1; ++e) {
+      gathered[e - e0] = a.values[a.perm[e]];
+    }
+    thread_local std::vector<acc_t> buf;
+    buf.resize(static_cast<size_t>((r1 - r0) * kPanel));
+    SpmmArgs<acc_t> local{a.pat, gathered.data(), nullptr, a.b, buf.data(), a.ld, e0};
+    local.out_ld = kPanel;
+    local.out_r0 = r0;
+    std::vector<int32_t> cursor(a.pat.tile > 0 ? static_cast<size_t>(r1 - r0) : 0);
+    for (int64_t n0 = 0; n0 < std::min(n, a.ld); n0 += kPanel) {
+      local.out_n0 = n0;
+      spmm_panel_any(local, r0, r1, n0, cursor.data());
+      store_block<acc_t, dst_t>(buf.data(), r0, r1, n0, std::min(n, n0 + kPanel), rows, nullptr, y);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -536,13 +584,39 @@ void sddmm(const SddmmArgs<acc_t>& a) {
 // ---------------------------------------------------------------------------------------------
 // csr_linear and its backward
 
-// src [rows, cols] (any strides) transposed into a new [cols, round_up(rows, lanes)] acc tensor.
+// The transposed operands of csr_linear (xT; dyT, xT) are temporaries of
+// a few MiB per call. A fresh buffer of that size is a fresh mmap, and its first touch costs a
+// page fault and a page clear per 4 KiB: measured ~1 ms per 4 MiB buffer here, a sizeable part
+// of a 90%-sparse forward. Each thread therefore keeps one buffer per slot and reuses it (grown
+// when needed) across calls; larger temporaries than kMaxScratchBytes are allocated per call
+// with the huge-page hint instead, so that a rare huge shape does not stay resident.
+enum ScratchSlot { kScratchA = 0, kScratchB = 1, kScratchC = 2, kScratchSlots = 3 };
+constexpr int64_t kMaxScratchBytes = int64_t{64} << 20;
+
+// An uninitialized [rows, cols] tensor of `dtype` on the CPU, valid until this thread asks for
+// the same slot again (the callers use it within one kernel call and return none of it).
+at::Tensor scratch(ScratchSlot slot, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  const at::TensorOptions options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > kMaxScratchBytes) {
+    return empty_streaming({rows, cols}, options);
+  }
+  thread_local std::array<at::Tensor, kScratchSlots> buffers;
+  at::Tensor& buf = buffers[slot];
+  if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) {
+    buf = at::Tensor();  // free the old one first
+    buf = empty_streaming({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+  }
+  return buf.narrow(0, 0, bytes).view(dtype).view({rows, cols});
+}
+
+// src [rows, cols] (any strides) transposed into a [cols, padded_ld(rows)] acc tensor (scratch).
 template <typename scalar_t>
-at::Tensor transposed_acc(const at::Tensor& src) {
+at::Tensor transposed_acc(const at::Tensor& src, ScratchSlot slot) {
   using acc_t = acc_of<scalar_t>;
   const int64_t rows = src.size(0), cols = src.size(1);
   const int64_t ld = padded_ld<acc_t>(rows);
-  at::Tensor t = at::empty({cols, ld}, src.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor t = scratch(slot, cols, ld, c10::CppTypeToScalarType<acc_t>::value);
   transpose_in(src.const_data_ptr<scalar_t>(), rows, cols, src.stride(0), src.stride(1), t.mutable_data_ptr<acc_t>(),
                ld);
   return t;
@@ -563,7 +637,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   PF_CHECK(x.device().is_cpu(), op, "CPU kernel called with x on ", x.device());
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
   const bool sorted = check_compressed_pattern_cpu(op, "crow_indices", "col_indices", crow, col, s.k, "K = x.size(1)");
-  at::Tensor y = at::empty({s.n, s.m}, x.options());
+  at::Tensor y = empty_streaming({s.n, s.m}, x.options());
   if (s.n == 0 || s.m == 0) {
     return y;
   }
@@ -572,16 +646,13 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     const at::Tensor vals = values_as_acc<acc_t>(values);
-    const at::Tensor xT = transposed_acc<scalar_t>(x);
+    const at::Tensor xT = transposed_acc<scalar_t>(x, kScratchA);
     const int64_t ld = xT.size(1);
-    at::Tensor yT = at::empty({s.m, ld}, xT.options());
     const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
                       choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, sorted)};
-    const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), nullptr, xT.const_data_ptr<acc_t>(),
-                               yT.mutable_data_ptr<acc_t>(), ld};
-    spmm<acc_t>(args);
-    transpose_out(yT.const_data_ptr<acc_t>(), ld, s.n, s.m, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
-                  y.mutable_data_ptr<scalar_t>());
+    const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), nullptr, xT.const_data_ptr<acc_t>(), nullptr, ld};
+    spmm_into_rows<acc_t, scalar_t>(args, s.n, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
+                                    y.mutable_data_ptr<scalar_t>());
   });
   return y;
 }
@@ -619,26 +690,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
-    const at::Tensor dyT = transposed_acc<scalar_t>(grad_out);  // [M, ld]
+    const at::Tensor dyT = transposed_acc<scalar_t>(grad_out, kScratchA);  // [M, ld]
     const int64_t ld = dyT.size(1);
     if (output_mask[0]) {
-      dx = at::empty({s.n, s.k}, x.options());
+      dx = empty_streaming({s.n, s.k}, x.options());
       if (s.k > 0) {
         const at::Tensor vals = values_as_acc<acc_t>(values);
-        at::Tensor dxT = at::empty({s.k, ld}, dyT.options());
         const Pattern pat{ccol.const_data_ptr<int32_t>(), rows_of.const_data_ptr<int32_t>(), s.k, s.m,
                           choose_tile(s.nnz, s.k, s.m, kPanelBytes<acc_t>, csc_sorted)};
         const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), perm.const_data_ptr<int32_t>(),
-                                   dyT.const_data_ptr<acc_t>(), dxT.mutable_data_ptr<acc_t>(), ld};
-        spmm<acc_t>(args);
-        transpose_out(dxT.const_data_ptr<acc_t>(), ld, s.n, s.k, static_cast<const scalar_t*>(nullptr),
-                      dx.mutable_data_ptr<scalar_t>());
+                                   dyT.const_data_ptr<acc_t>(), nullptr, ld};
+        spmm_perm_into_rows<acc_t, scalar_t>(args, s.n, dx.mutable_data_ptr<scalar_t>());
       }
     }
     if (output_mask[1]) {
-      const at::Tensor xT = transposed_acc<scalar_t>(x);  // [K, ld]
+      const at::Tensor xT = transposed_acc<scalar_t>(x, kScratchC);  // [K, ld]
       constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
-      at::Tensor out = at::zeros({s.nnz}, dyT.options());
+      at::Tensor out = empty_streaming({s.nnz}, dyT.options());
+      out.zero_();
       const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
                         choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, csr_sorted)};
       const SddmmArgs<acc_t> args{pat, dyT.const_data_ptr<acc_t>(), xT.const_data_ptr<acc_t>(),

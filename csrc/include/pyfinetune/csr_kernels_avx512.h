@@ -14,7 +14,9 @@ namespace avx512 {
 constexpr int64_t kPanelFloats = 64;
 
 // out[r, n0 : n0 + width] = sum over the entries e of row r of values[e - value_base] *
-// b[pat.idx[e], n0 : n0 + width]; b [pat.cols, ld], out [pat.rows, ld].
+// b[pat.idx[e], n0 : n0 + width]; b [pat.cols, ld]. Row r's panel of out is at
+// out + (r - out_r0) * out_ld + (n0 - out_n0): out [pat.rows, ld] with out_ld = ld and
+// out_r0 = out_n0 = 0, or a buffer holding just the rows from out_r0 of the panel at out_n0.
 struct SpmmPanel {
   Pattern pat;
   const float* values;
@@ -22,6 +24,9 @@ struct SpmmPanel {
   const float* b;
   float* out;
   int64_t ld;
+  int64_t out_ld;
+  int64_t out_r0;
+  int64_t out_n0;
 };
 
 // out[e] += dot(dyT[r, n0 : n0 + width], xT[pat.idx[e], n0 : n0 + width]) for the entries e of
