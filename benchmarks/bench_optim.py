@@ -400,27 +400,11 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int) -> Dict[s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--case", nargs="+", choices=("flat", "resnet50", "tiny", "large"),
                     help="default: flat resnet50 tiny (+ large on cuda)")
-    ap.add_argument("--reps", type=int, default=None, help=f"timed rounds (>= {common.MIN_REPS}; default 30, 10 with --quick)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3, 2 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="fewer rounds: a smoke test, not a record")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--attempts", type=int, default=3,
-                    help="CPU: run a case again, up to this many times, while other processes disturb it (default 3)")
-    ap.add_argument("--out", default=common.RESULTS_DIR, help="results folder (default benchmarks/results)")
+    common.add_run_options(ap, default_reps=30, repeat_what="a case")
     args = ap.parse_args(argv)
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    reps = args.reps if args.reps is not None else (10 if args.quick else 30)
-    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
-    if reps < common.MIN_REPS:
-        ap.error(f"--reps must be >= {common.MIN_REPS}")
+    device, reps, warmup = common.resolve_run_options(ap, args, default_reps=30)
     cases = args.case or (["flat", "resnet50", "tiny"] + (["large"] if device.type == "cuda" else []))
     if "large" in cases and device.type != "cuda":
         ap.error("the 'large' case (134M parameters, ~20 contenders with their own state) is for GPUs")

@@ -261,26 +261,10 @@ def summary_markdown(analysis: Dict[str, Any]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--sparsity", type=float, nargs="+", default=list(SPARSITIES))
-    ap.add_argument("--reps", type=int, default=None, help="timed rounds (>= 10; default 15, 10 with --quick)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3, 2 with --quick)")
-    ap.add_argument("--quick", action="store_true", help="fewer rounds: a smoke test, not a record")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    ap.add_argument("--attempts", type=int, default=3,
-                    help="CPU: run a sparsity again, up to this many times, while other processes disturb it")
-    ap.add_argument("--out", default=common.RESULTS_DIR, help="results folder (default benchmarks/results)")
+    common.add_run_options(ap, default_reps=15, repeat_what="a sparsity")
     args = ap.parse_args(argv)
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    reps = args.reps if args.reps is not None else (10 if args.quick else 15)
-    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
-    if reps < common.MIN_REPS:
-        ap.error(f"--reps must be >= {common.MIN_REPS}")
+    device, reps, warmup = common.resolve_run_options(ap, args, default_reps=15)
     ours_ok = device.type in pyfinetune.kernel_devices()["csr_linear"]
 
     stamp, when = common.timestamp()

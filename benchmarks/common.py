@@ -306,6 +306,34 @@ class CpuAllocations:
         return max(0, self._live()[1])
 
 
+def add_run_options(ap, *, default_reps: int, repeat_what: str = "a case") -> None:
+    """The options every benchmark script shares (``gpu_check.sh`` passes --device and --out)."""
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--reps", type=int, default=None,
+                    help=f"timed rounds (>= {MIN_REPS}; default {default_reps}, 10 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3, 2 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds: a smoke test, not a record")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    ap.add_argument("--attempts", type=int, default=3,
+                    help=f"CPU: run {repeat_what} again, up to this many times, while other processes disturb it "
+                         "(default 3)")
+    ap.add_argument("--out", default=RESULTS_DIR, help="results folder (default benchmarks/results)")
+
+
+def resolve_run_options(ap, args, *, default_reps: int) -> Tuple[torch.device, int, int]:
+    """(device, reps, warmup) from ``add_run_options``' arguments; applies --threads."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    reps = args.reps if args.reps is not None else (10 if args.quick else default_reps)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    if reps < MIN_REPS:
+        ap.error(f"--reps must be >= {MIN_REPS}")
+    return device, reps, warmup
+
+
 # ---------------------------------------------------------------------------------- machine info
 def _run(cmd: List[str]) -> Optional[str]:
     try:
