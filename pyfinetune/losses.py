@@ -330,30 +330,10 @@ class _FusedLinearKD(torch.autograd.Function):
             scale = grad_out.to(torch.float32)
             if count is not None:
                 scale = scale / count
-        outs = []
-        applied = getattr(ctx, "applied_scale", None)
-        in_place = False
-        kept = next((g for g in (gh, gw, gb) if g is not None), None)
-        if scale is not None and applied is None and kept is not None and _ops._is_eager(kept) and kept.device.type == "cpu":
-            # The kept float32 gradients are ours: scale them in place (no second weight-sized
-            # buffer at the peak) when the scale can be undone by a later backward of a retained
-            # graph (finite and nonzero); `.data` keeps the saved tensors' versions unchanged.
-            s_val = float(scale)
-            in_place = s_val != 0.0 and math.isfinite(s_val)
-            if in_place:
-                ctx.applied_scale = scale.detach().clone()
-        for g, dtype in zip((gh, gw, gb), ctx.dtypes):
-            if g is None:
-                outs.append(None)
-            elif scale is None:
-                outs.append(g.to(dtype))
-            elif in_place:
-                g.data.mul_(scale)
-                outs.append(g.to(dtype))
-            elif applied is not None:
-                outs.append((g * (scale / applied)).to(dtype))
-            else:
-                outs.append((g * scale).to(dtype))
+        if scale is None:
+            outs = [None if g is None else g.to(dtype) for g, dtype in zip((gh, gw, gb), ctx.dtypes)]
+        else:
+            outs = _ops.scale_kept_gradients(ctx, (gh, gw, gb), scale, ctx.dtypes)
         return (*outs, None, None, None, None, None, None, None, None)
 
 

@@ -160,6 +160,38 @@ def _is_eager(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
 
 
+def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes):
+    """The backward of a loss that kept its unscaled gradients from the forward: ``grads[i] * scale``
+    cast to ``dtypes[i]`` (None entries stay None).
+
+    Eager on the CPU, when every entry of ``scale`` is finite and nonzero (so that it can be
+    undone), the kept buffers are scaled in place and handed on: no second logits- or weight-sized
+    tensor and no fresh pages to fault in. ``.data`` leaves the saved tensors' versions unchanged so
+    that a retained graph can still unpack them, and ``ctx.applied_scale`` records what they now
+    hold, so a later backward through the retained graph divides it out. On CUDA that check would
+    synchronize with the host, and under tracing the compiler plans the buffers itself: there the
+    product is a new tensor.
+    """
+    applied = getattr(ctx, "applied_scale", None)
+    if applied is not None:
+        scale = scale / applied
+    kept = [g for g in grads if g is not None]
+    in_place = (applied is None and kept and all(_is_eager(g) and g.device.type == "cpu" for g in kept)
+                and bool(((scale != 0) & scale.isfinite()).all()))
+    if in_place:
+        ctx.applied_scale = scale.detach().clone()
+    outs = []
+    for g, dtype in zip(grads, dtypes):
+        if g is None:
+            outs.append(None)
+        elif in_place:
+            g.data.mul_(scale)
+            outs.append(g.to(dtype))
+        else:
+            outs.append(g.mul(scale).to(dtype))
+    return outs
+
+
 def _kd_backward(ctx, grad_loss, _grad_of_grad):
     if grad_loss is None:
         return None, None, None
@@ -170,24 +202,8 @@ def _kd_backward(ctx, grad_loss, _grad_of_grad):
         )
     (grad,) = ctx.saved_tensors
     scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32).unsqueeze(-1)
-    if not _is_eager(grad):
-        # Traced backward: the functional form (the compiler plans the buffers itself).
-        return grad.mul(scale).to(grad.dtype), None, None
-    applied = getattr(ctx, "applied_scale", None)
-    if applied is None:
-        # On the CPU, when every row's scale is finite and nonzero (so that it can be undone),
-        # scale the kept buffer in place and hand it on: no second logits-sized tensor and no
-        # fresh pages to fault in. `.data` leaves the saved tensor's version unchanged so that
-        # a retained graph can still unpack it; `applied_scale` records what it now holds. On
-        # CUDA that check would synchronize with the host, so the product is a new tensor there.
-        if grad.device.type == "cpu" and bool(((scale != 0) & scale.isfinite()).all()):
-            ctx.applied_scale = scale.detach().clone()
-            grad.data.mul_(scale)
-            return grad, None, None
-        return grad.mul(scale).to(grad.dtype), None, None
-    # A later backward through a retained graph: the buffer holds the gradient times the first
-    # in-place call's scale, which was finite and nonzero in every row.
-    return grad.mul(scale / applied).to(grad.dtype), None, None
+    (g_student,) = scale_kept_gradients(ctx, (grad,), scale, (grad.dtype,))
+    return g_student, None, None
 
 
 def _kd_topk_backward(ctx, grad_loss, _grad_of_grad):
