@@ -27,6 +27,12 @@ Example::
         [{"params": body, "l2sp": 1e-2}, {"params": head, "l2sp": 0.0}],   # the new head has no anchor
         lr=1e-3, weight_decay=0.0)
 
+Distributed: with DDP nothing changes. With FSDP2 (``fully_shard``) the parameters and gradients
+are DTensors: the kernels update each rank's local shards, and the state (moments, anchors, masks)
+is stored as DTensors laid out like the parameters (``state_dict()`` per rank and
+``torch.distributed.checkpoint`` work). Full anchors, masks and state dicts given as plain tensors
+are cut to each rank's shard. See README "Distributed (DDP, FSDP2)".
+
 Hyper-parameters that are numbers (``lr``, ``betas``, ``eps``, ``weight_decay``, ``l2sp``, ``l1``,
 ``momentum``, ``dampening``) may differ between param groups without adding kernel launches; the
 flags (``amsgrad``, ``maximize``, ``nesterov``, ``penalty_mode``) split the launch when groups differ.
