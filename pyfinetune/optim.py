@@ -27,6 +27,12 @@ Example::
         [{"params": body, "l2sp": 1e-2}, {"params": head, "l2sp": 0.0}],   # the new head has no anchor
         lr=1e-3, weight_decay=0.0)
 
+Distributed: with DDP nothing changes. With FSDP2 (``fully_shard``) the parameters and gradients
+are DTensors: the kernels update each rank's local shards, and the state (moments, anchors, masks)
+is stored as DTensors laid out like the parameters (``state_dict()`` per rank and
+``torch.distributed.checkpoint`` work). Full anchors, masks and state dicts given as plain tensors
+are cut to each rank's shard. See README "Distributed (DDP, FSDP2)".
+
 Hyper-parameters that are numbers (``lr``, ``betas``, ``eps``, ``weight_decay``, ``l2sp``, ``l1``,
 ``momentum``, ``dampening``) may differ between param groups without adding kernel launches; the
 flags (``amsgrad``, ``maximize``, ``nesterov``, ``penalty_mode``) split the launch when groups differ.
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from collections import defaultdict
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -65,6 +72,83 @@ def _is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+# ------------------------------------------------------------------------------ sharded (DTensor)
+# Parameters sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`) or other DTensor layouts: the
+# update is element-wise, so the kernels run on each rank's local shards. The state (moments,
+# anchors, masks) is stored as DTensors laid out like the parameter, so `state_dict()` works per rank
+# and with torch.distributed.checkpoint.
+
+
+def _dtensor_type() -> Optional[type]:
+    """DTensor's class when ``torch.distributed.tensor`` has been imported, else None: no DTensor
+    can exist before, and ``import pyfinetune`` does not import torch.distributed."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _is_sharded(t: Optional[Tensor]) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _check_placements(p: Tensor, name: str) -> None:
+    """A DTensor parameter's placements must give each element to one rank (Shard) or the same
+    value to several (Replicate): a Partial parameter holds summands, not values."""
+    if any(pl.is_partial() for pl in p.placements):
+        raise TypeError(
+            f"{name} is a DTensor with placements {tuple(p.placements)}; pyfinetune.optim updates DTensors "
+            "element-wise on their local shards, which needs Shard or Replicate placements (FSDP2, HSDP), "
+            "not Partial"
+        )
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return a.device_mesh == b.device_mesh and tuple(a.placements) == tuple(b.placements)
+
+
+def _local_like(p: Tensor, t: Tensor, name: str) -> Tensor:
+    """The local shard of ``t`` that lines up with the local shard of the DTensor parameter ``p``.
+
+    ``t`` is a DTensor laid out like ``p`` (same mesh and placements), or a plain tensor of ``p``'s
+    full shape, which every rank is expected to hold alike (the pretrained weights, a full mask):
+    each rank keeps its own piece, without communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if _is_sharded(t):
+        if not _same_layout(t, p):
+            raise ValueError(
+                f"{name} is a DTensor with placements {tuple(t.placements)} on {t.device_mesh}, but the "
+                f"parameter's are {tuple(p.placements)} on {p.device_mesh}; give it the parameter's layout "
+                "(DTensor.redistribute) or pass the full tensor"
+            )
+        local = t.to_local()
+    else:
+        if t.shape != p.shape:
+            raise ValueError(
+                f"{name} must be a DTensor laid out like the parameter or a tensor of the parameter's full "
+                f"shape {tuple(p.shape)}, got shape {tuple(t.shape)}"
+            )
+        local = distribute_tensor(t.detach().to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+    if local.shape != p.to_local().shape:
+        raise ValueError(
+            f"{name}: its local shard has shape {tuple(local.shape)} but the parameter's has "
+            f"{tuple(p.to_local().shape)}"
+        )
+    return local
+
+
+def _wrap_like(p: Tensor, local: Tensor) -> Tensor:
+    """``local`` (a tensor shaped like ``p``'s local shard) as a DTensor laid out like ``p``."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _local(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The local shard of a DTensor (what the kernels update in place); other values as they are."""
+    return t.to_local() if _is_sharded(t) else t
 
 
 def _check_number(name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None,
@@ -210,11 +294,13 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         where = f" (param group {len(self.param_groups) - 1})"
         try:
             self._validate_group(group, where)
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
                 if p.dtype not in _PARAM_DTYPES:
                     raise TypeError(f"parameters must be float32, bfloat16, float16 or float64, got {p.dtype}{where}")
                 if p.layout != torch.strided:
                     raise TypeError(f"parameters must be dense (strided) tensors, got layout {p.layout}{where}")
+                if _is_sharded(p):
+                    _check_placements(p, f"parameter {j}{where}")
             if group_anchor is not None:
                 anchors = list(group_anchor)
                 if len(anchors) != len(group["params"]):
@@ -238,6 +324,32 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if any(_is_sharded(p) for p in group["params"]):
+            # torch.distributed.checkpoint builds the template it loads a checkpoint into from
+            # state_dict(), and fills an empty optimizer state by a step at lr 0 first; ours holds
+            # the anchors already, so that step is skipped and the moments would be missing from
+            # the template (silently not loaded). Sharded parameters get their whole state now.
+            self._init_group_state(group)
+
+    def init_state(self) -> None:
+        """Create the optimizer state (step, moments / momentum buffers) of every parameter that
+        requires a gradient and has none yet, as zeros, as the first step would.
+
+        Needed before ``torch.distributed.checkpoint`` loads into this optimizer
+        (``get_optimizer_state_dict`` / ``dcp.load`` / ``set_optimizer_state_dict``): its template
+        is ``state_dict()``, which holds only the anchors and masks before the first step. Done at
+        construction for DTensor (FSDP2) parameters. With it, SGD's first step treats the zero
+        momentum buffer as started (``dampening`` applies), as torch's SGD does after the same
+        initialization by torch.distributed.checkpoint."""
+        self._invalidate_plan()
+        for group in self.param_groups:
+            self._init_group_state(group)
+
+    def _init_group_state(self, group: Dict[str, Any]) -> None:
+        with torch.no_grad():
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._init_state(p, group)
 
     @staticmethod
     def _make_anchor(p: Tensor, a: Optional[Tensor], anchor_dtype: Optional[torch.dtype], name: str) -> Tensor:
@@ -253,6 +365,14 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         if dtype not in (p.dtype, torch.float32, torch.bfloat16):
             raise ValueError(f"anchor_dtype {dtype} is not available for {p.dtype} parameters; use float32 or bfloat16")
         with torch.no_grad():
+            if _is_sharded(p):
+                # Sharded like the parameter: each rank stores the anchor of its own shard.
+                local = p.to_local()
+                anchor = torch.empty_like(local, dtype=dtype, memory_format=torch.preserve_format)
+                anchor.copy_(local if a is None else _local_like(p, a, name))
+                return _wrap_like(p, anchor)
+            if _is_sharded(a):
+                raise TypeError(f"{name} is a DTensor but the parameter is a plain tensor; pass a plain tensor")
             anchor = torch.empty_like(p, dtype=dtype, memory_format=torch.preserve_format)
             anchor.copy_(src.detach())
         return anchor
@@ -263,7 +383,9 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         """Keep ``param`` zero where ``mask`` is False, now and after every step.
 
         The masked entries of the parameter and of its optimizer state are zeroed immediately.
-        ``mask=None`` removes the mask. ``mask`` is a bool tensor of the parameter's shape.
+        ``mask=None`` removes the mask. ``mask`` is a bool tensor of the parameter's shape; for a
+        DTensor parameter (FSDP2), a DTensor laid out like it or the full mask, which each rank
+        then cuts to its own shard (every rank must pass the same full mask).
         """
         if not any(param is p for g in self.param_groups for p in g["params"]):
             raise ValueError("set_mask: param is not one of this optimizer's parameters")
@@ -278,13 +400,21 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"set_mask: mask must be a bool tensor, got {mask.dtype}")
         if mask.shape != param.shape:
             raise ValueError(f"set_mask: mask must have the parameter's shape {tuple(param.shape)}, got {tuple(mask.shape)}")
-        m = torch.empty_like(param, dtype=torch.bool, memory_format=torch.preserve_format)
-        m.copy_(mask)
-        state["mask"] = m
-        param.masked_fill_(~m, 0)
+        sharded = _is_sharded(param)
+        if sharded:
+            source = _local_like(param, mask, "set_mask: mask")
+        elif _is_sharded(mask):
+            raise TypeError("set_mask: mask is a DTensor but the parameter is a plain tensor; pass a plain tensor")
+        else:
+            source = mask
+        target = _local(param)
+        m = torch.empty_like(target, dtype=torch.bool, memory_format=torch.preserve_format)
+        m.copy_(source)
+        state["mask"] = _wrap_like(param, m) if sharded else m
+        target.masked_fill_(~m, 0)
         for key in self._STATE_KEYS:
             if key in state and isinstance(state[key], Tensor):
-                state[key].masked_fill_(~m, 0)
+                _local(state[key]).masked_fill_(~m, 0)
 
     def get_mask(self, param: Tensor) -> Optional[Tensor]:
         """The bool mask of ``param``, or None."""
@@ -300,6 +430,11 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
 
         Unlike torch's default, optimizer state keeps its float32 precision for bf16/fp16
         parameters, anchors keep their dtype and masks stay bool.
+
+        For DTensor (FSDP2-sharded) parameters the state may be sharded (a rank's own
+        ``state_dict()``, or torch.distributed.checkpoint's sharded state dict) or full (gathered,
+        e.g. ``get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``):
+        each rank keeps the piece of its own shard.
         """
         saved_state = state_dict.get("state", {})
         saved_groups = state_dict.get("param_groups", [])
@@ -320,17 +455,30 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     if key == "step":
                         st[key] = value.detach().to(device=p.device, dtype=torch.float32).reshape(())
                     elif key == "anchor":
-                        st[key] = value.detach().to(device=p.device)
+                        st[key] = self._load_like(p, value, None, f"state {key!r} of parameter {pid}")
                     elif key == "mask":
-                        st[key] = value.detach().to(device=p.device, dtype=torch.bool)
+                        st[key] = self._load_like(p, value, torch.bool, f"state {key!r} of parameter {pid}")
                     elif key in self._STATE_KEYS:
-                        st[key] = value.detach().to(device=p.device, dtype=_state_dtype(p))
+                        st[key] = self._load_like(p, value, _state_dtype(p), f"state {key!r} of parameter {pid}")
         for gi, group in enumerate(self.param_groups):
             # torch.optim's groups lack our keys (l2sp, l1, penalty_mode, anchor_dtype ...).
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self._validate_group(group, f" (param group {gi})")
         self._invalidate_plan()
+
+    @staticmethod
+    def _load_like(p: Tensor, value: Tensor, dtype: Optional[torch.dtype], name: str) -> Tensor:
+        """A loaded state tensor on ``p``'s device, in ``dtype`` (None: its own), laid out like ``p``."""
+        value = value.detach()
+        if _is_sharded(p):
+            return _wrap_like(p, _local_like(p, value, name).to(device=p.device, dtype=dtype or value.dtype))
+        if _is_sharded(value):
+            raise TypeError(
+                f"{name} is a DTensor but the parameter is a plain tensor; load a full state dict "
+                "(torch.distributed.checkpoint.state_dict.get_optimizer_state_dict with full_state_dict=True)"
+            )
+        return value.to(device=p.device, dtype=dtype or value.dtype)
 
     # ------------------------------------------------------------------------------------ step
     def _amp_tensors(self, device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -346,6 +494,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
     def _collect(self) -> List[Tuple[Dict[str, Any], Tensor, Tensor]]:
         """Validate every group and gradient before any tensor is written."""
         items = []
+        dtensor = _dtensor_type()
         for gi, group in enumerate(self.param_groups):
             where = f" (param group {gi})"
             if not torch.compiler.is_compiling():
@@ -363,6 +512,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients (parameter {j}{where}); "
                         "use torch.optim.SparseAdam for sparse embeddings"
                     )
+                if dtensor is not None and (isinstance(p, dtensor) or isinstance(g, dtensor)):
+                    self._check_sharded_grad(p, g, f"parameter {j}{where}")
                 if g.dtype != p.dtype:
                     raise RuntimeError(
                         f"the gradient of parameter {j}{where} is {g.dtype} but the parameter is {p.dtype}"
@@ -371,7 +522,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"the gradient of parameter {j}{where} is on {g.device}, the parameter on {p.device}")
                 if g.shape != p.shape:
                     raise RuntimeError(f"the gradient of parameter {j}{where} has shape {tuple(g.shape)}, expected {tuple(p.shape)}")
-                if not _is_dense(p):
+                if not _is_dense(_local(p)):
                     raise RuntimeError(
                         f"parameter {j}{where} is not dense (strides {p.stride()}); fused optimizers need "
                         "non-overlapping dense parameters"
@@ -454,7 +605,13 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         out = []
         for (key, cached_b), meta in zip(plan.buckets, plan.meta):
             params = cached_b["params"]
-            grads = [p.grad for p in params]
+            sources = cached_b.get("sources")
+            if sources is None:
+                grads = [p.grad for p in params]
+            else:
+                grads = _local_grads(sources, params)
+                if grads is None:
+                    return None
             try:
                 if [(g.dtype, g.shape, g.device, g.layout, g.stride()) for g in grads] != meta:
                     return None
@@ -467,6 +624,22 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             out.append((key, b))
         return out
 
+    @staticmethod
+    def _check_sharded_grad(p: Tensor, g: Tensor, name: str) -> None:
+        """A DTensor parameter needs a DTensor gradient laid out like it (FSDP2 reduce-scatters the
+        gradients into the parameters' layout), and a plain parameter a plain gradient."""
+        if not (_is_sharded(p) and _is_sharded(g)):
+            raise RuntimeError(
+                f"the gradient of {name} is a {type(g).__name__} but the parameter is a {type(p).__name__}; "
+                "a DTensor parameter needs a DTensor gradient laid out like it, a plain parameter a plain gradient"
+            )
+        if not _same_layout(p, g):
+            raise RuntimeError(
+                f"the gradient of {name} has placements {tuple(g.placements)} on {g.device_mesh}, but the parameter "
+                f"has {tuple(p.placements)} on {p.device_mesh}; a Partial gradient is not reduced yet, any other "
+                "must be redistributed to the parameter's placements before the step"
+            )
+
     def _check_state(self, p: Tensor, name: str) -> None:
         """The state a step will pass to the kernel still fits the parameter (it may not after
         `model.double()` / `.to(device)` behind the optimizer's back): checked before any write."""
@@ -475,6 +648,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             return
         hint = ("; was the model converted or moved after the optimizer was created? Create the optimizer "
                 "afterwards, or load a state_dict")
+        sharded = _is_sharded(p)
         for key, value in state.items():
             if not isinstance(value, Tensor):
                 continue
@@ -482,6 +656,12 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 if value.device != p.device or value.numel() != 1:
                     raise RuntimeError(f"{name}: its optimizer state 'step' is on {value.device}, the parameter on {p.device}{hint}")
                 continue
+            if sharded != _is_sharded(value) or (sharded and not _same_layout(value, p)):
+                layout = (lambda t: f"a DTensor with placements {tuple(t.placements)}" if _is_sharded(t) else "a plain tensor")
+                raise RuntimeError(
+                    f"{name}: its optimizer state '{key}' is {layout(value)} but the parameter is {layout(p)}; the "
+                    "state of a DTensor parameter must be laid out like it (load_state_dict shards full tensors)"
+                )
             if value.shape != p.shape or value.device != p.device:
                 raise RuntimeError(
                     f"{name}: its optimizer state '{key}' has shape {tuple(value.shape)} on {value.device}, but the "
@@ -595,7 +775,7 @@ class AdamW(_FusedPenalizedOptimizer):
         if planned is None:
             planned = self._build_buckets(self._collect())
             self._save_plan(planned)
-        for (device, _dtype, amsgrad, maximize, decoupled), b in planned:
+        for (device, _dtype, amsgrad, maximize, decoupled, _sharded), b in planned:
             grad_scale, found_inf = self._amp_tensors(device)
             torch._foreach_add_(b["steps"], 1.0)
             torch.ops.pyfinetune.fused_adamw_(
@@ -614,7 +794,8 @@ class AdamW(_FusedPenalizedOptimizer):
         lr_cache: Dict[Tuple[int, torch.device], Tensor] = {}
         for group, p, g in items:
             state = self._init_state(p, group)
-            key = (p.device, p.dtype, group["amsgrad"], group["maximize"], group["penalty_mode"] == "decoupled")
+            key = (p.device, p.dtype, group["amsgrad"], group["maximize"], group["penalty_mode"] == "decoupled",
+                   _is_sharded(p))
             b = buckets[key]
             b["params"].append(p)
             b["grads"].append(self._grad_like_param(p, g))
@@ -634,7 +815,7 @@ class AdamW(_FusedPenalizedOptimizer):
             b["weight_decays"].append(float(group["weight_decay"]))
             b["l2sps"].append(float(group["l2sp"]))
             b["l1s"].append(float(group["l1"]))
-        return [(key, _finish_bucket(b)) for key, b in buckets.items()]
+        return [(key, _finish_bucket(b, sharded=key[-1])) for key, b in buckets.items()]
 
 
 class SGD(_FusedPenalizedOptimizer):
@@ -688,7 +869,7 @@ class SGD(_FusedPenalizedOptimizer):
                 self._save_plan(planned)
             elif not torch.compiler.is_compiling():
                 self._plan = None  # this step starts momentum buffers with dampening 0; the next differs
-        for (device, _dtype, _has_momentum, nesterov, maximize, decoupled), b in planned:
+        for (device, _dtype, _has_momentum, nesterov, maximize, decoupled, _sharded), b in planned:
             grad_scale, found_inf = self._amp_tensors(device)
             torch.ops.pyfinetune.fused_sgd_(
                 b["params"], b["grads"], b["momentum_buffers"], b["anchors"], b["masks"], b["lrs"], b["lr_tensors"],
@@ -701,6 +882,12 @@ class SGD(_FusedPenalizedOptimizer):
             for p in fresh_dampened:
                 del self.state[p]["momentum_buffer"]
         return loss
+
+    def _init_state(self, p: Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
+        state = self.state[p]
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+        return state
 
     def _build_buckets(self, items, created: List[Tensor],
                        fresh_dampened: List[Tensor]) -> List[Tuple[Tuple, Dict[str, list]]]:
@@ -715,13 +902,13 @@ class SGD(_FusedPenalizedOptimizer):
             if has_momentum and state.get("momentum_buffer") is None:
                 # torch.optim.SGD starts the buffer at the gradient; with a zero buffer and no
                 # dampening, momentum * 0 + 1 * g == g exactly.
-                state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+                self._init_state(p, group)
                 created.append(p)
                 if dampening != 0.0:
                     fresh_dampened.append(p)
                 dampening = 0.0
             key = (p.device, p.dtype, has_momentum, group["nesterov"], group["maximize"],
-                   group["penalty_mode"] == "decoupled")
+                   group["penalty_mode"] == "decoupled", _is_sharded(p))
             b = buckets[key]
             b["params"].append(p)
             b["grads"].append(self._grad_like_param(p, g))
@@ -737,18 +924,51 @@ class SGD(_FusedPenalizedOptimizer):
             b["weight_decays"].append(float(group["weight_decay"]))
             b["l2sps"].append(float(group["l2sp"]))
             b["l1s"].append(float(group["l1"]))
-        return [(key, _finish_bucket(b)) for key, b in buckets.items()]
+        return [(key, _finish_bucket(b, sharded=key[-1])) for key, b in buckets.items()]
 
 
-def _finish_bucket(b: Dict[str, list]) -> Dict[str, list]:
+def _local_grads(sources: List[Tensor], params: List[Tensor]) -> Optional[List[Optional[Tensor]]]:
+    """The local shards of the gradients of the DTensor parameters ``sources``, or None when a
+    parameter's local shard is no longer ``params``' (FSDP2 may replace it, e.g. after
+    ``model.to()``) or a gradient is not laid out like its parameter. A missing gradient gives None."""
+    dtensor = _dtensor_type()
+    grads = []
+    for p, local in zip(sources, params):
+        if p.to_local() is not local:
+            return None
+        g = p.grad
+        if g is not None:
+            if not isinstance(g, dtensor) or not _same_layout(g, p):
+                return None
+            g = g.to_local()
+        grads.append(g)
+    return grads
+
+
+# The per-parameter tensor lists of a bucket (those a step passes to the kernel).
+_TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers", "anchors",
+                 "masks")
+
+
+def _finish_bucket(b: Dict[str, list], sharded: bool) -> Dict[str, list]:
     """Optional per-parameter lists (lr tensors, anchors, masks) that hold only None go to the
-    kernel empty; a plain dict, so that a missing list reads as an error."""
+    kernel empty; a plain dict, so that a missing list reads as an error.
+
+    A ``sharded`` bucket (DTensor parameters) hands the kernel the local shards, which it updates
+    in place, and keeps the DTensor parameters as ``"sources"``, where the next steps find their
+    gradients."""
     for key in ("lr_tensors", "anchors", "masks"):
         if not any(t is not None for t in b[key]):
             b[key] = []
     out = dict(b)
     for key in ("max_exp_avg_sqs", "momentum_buffers"):
         out.setdefault(key, [])
+    if sharded:
+        out["sources"] = out["params"]
+        for key in _TENSOR_LISTS:
+            if key in out:
+                out[key] = [_local(t) for t in out[key]]
+        out["grads"] = [_FusedPenalizedOptimizer._grad_like_param(p, g) for p, g in zip(out["params"], out["grads"])]
     return out
 
 
