@@ -59,7 +59,8 @@ _DEFAULTS = {"l2sp": 1e-2, "sparsity": 0.5}
 
 
 def _fail(cls, name: str, expected: str, value: Any):
-    shown = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
+    plain = isinstance(value, (str, int, float, bool, type(None)))
+    shown = repr(value) if plain and cls is ValueError else type(value).__name__ + (f" {value!r}" if plain else "")
     return cls(f"Finetuner: {name} must be {expected}, got {shown}")
 
 
@@ -334,7 +335,8 @@ class Finetuner:
         self.step = 0  # completed optimizer steps
         self._plan_shape: Optional[Tuple[int, int]] = None  # (steps per epoch, epochs) of the schedules
         self._batch_in_epoch = 0
-        self._epoch_totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, examples
+        # loss sum, correct, examples of the running epoch (float32 on MPS, which has no float64)
+        self._epoch_totals = torch.zeros(3, dtype=torch.float32 if self.device.type == "mps" else torch.float64)
         self._epoch_rng: Optional[Dict[str, Any]] = None
         self._rng_mark: Optional[Dict[str, Any]] = None  # RNG at the last step boundary, inside fit()
         self._epoch_seconds = 0.0
@@ -530,7 +532,7 @@ class Finetuner:
         self.model.train()
         bar = _progress_bar(self.progress, total=steps, initial=skip, desc=f"epoch {self.epoch + 1}/{epochs}",
                             unit="batch")
-        totals = self._epoch_totals
+        totals = self._epoch_totals = self._epoch_totals.to(self.device)
         lr = self.optimizer.param_groups[0]["lr"]
         try:
             for batch in batches:
@@ -539,7 +541,9 @@ class Finetuner:
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss, correct = self._train_step(inputs, labels)
                 n = labels.shape[0]
-                totals += torch.stack([loss.double().cpu() * n, correct.double().cpu(), torch.tensor(float(n))])
+                totals[0] += loss.to(totals.dtype) * n  # on the device: no host sync per step
+                totals[1] += correct
+                totals[2] += n
                 self.step += 1
                 self._batch_in_epoch += 1
                 self._rng_mark = _get_rng()
@@ -629,7 +633,7 @@ class Finetuner:
             "scaler": self.scaler.state_dict(),
             "plan": None if self._plan_shape is None else list(self._plan_shape),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self._batch_in_epoch,
-            "epoch_totals": self._epoch_totals.clone(), "epoch_seconds": self._epoch_seconds,
+            "epoch_totals": self._epoch_totals.cpu().clone(), "epoch_seconds": self._epoch_seconds,
             "epoch_rng": self._epoch_rng, "rng": self._rng_mark if self._rng_mark is not None else _get_rng(),
             "history": copy.deepcopy(self.history),
         }
@@ -659,7 +663,7 @@ class Finetuner:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._batch_in_epoch = int(state["batch_in_epoch"])
-        self._epoch_totals = state["epoch_totals"].to(torch.float64).clone()
+        self._epoch_totals = state["epoch_totals"].to(self.device, self._epoch_totals.dtype).clone()
         self._epoch_seconds = float(state["epoch_seconds"])
         self._epoch_rng = state["epoch_rng"]
         self.history = copy.deepcopy(state["history"])
