@@ -19,6 +19,8 @@ import pyfinetune
 from pyfinetune.finetuning import Finetuner, find_head
 from pyfinetune.prune import MaskedLinear, SparseLinear
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
 D_IN, HIDDEN, CLASSES = 16, 32, 4
 _W = torch.randn(D_IN, CLASSES, generator=torch.Generator().manual_seed(7))
 
@@ -44,16 +46,6 @@ def _teacher():
     teacher = nn.Sequential(nn.Linear(D_IN, 64), nn.ReLU(), nn.Linear(64, CLASSES))
     Finetuner(teacher, lr=1e-2, epochs=6, progress=False).fit(_loader(512, seed=5))
     return teacher
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Models this small run fastest on one thread; on a busy machine the wake-ups of a second
-    # one cost more than a whole step.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
