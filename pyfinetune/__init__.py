@@ -6,6 +6,8 @@ Compiled, fused CPU and CUDA kernels behind a thin PyTorch API:
 * ``pyfinetune.losses``: fused knowledge-distillation losses (KL, reverse KL, JSD; top-k teacher;
   fused linear head).
 * ``pyfinetune.prune``: magnitude, gradual and movement pruning of Linear / Conv2d layers.
+* ``pyfinetune.Finetuner`` / ``pyfinetune.finetune``: a training loop for each method (baseline,
+  L2-SP, distillation, pruning) with checkpoints and resume (``pyfinetune.finetuning``).
 * ``torch.ops.pyfinetune.*``: the raw ops (``pyfinetune.ops`` documents them).
 """
 
@@ -79,4 +81,13 @@ from . import optim  # noqa: E402,F401
 from . import prune  # noqa: E402,F401
 from ._info import build_info, kernel_devices  # noqa: E402,F401
 
-__all__ = ["ops", "losses", "optim", "prune", "build_info", "kernel_devices", "__version__"]
+__all__ = ["ops", "losses", "optim", "prune", "build_info", "kernel_devices", "Finetuner", "finetune", "__version__"]
+
+
+def __getattr__(name: str):
+    # The fine-tuning loop is imported on first use, so that `import pyfinetune` stays light.
+    if name in ("Finetuner", "finetune"):
+        from . import finetuning
+
+        return getattr(finetuning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

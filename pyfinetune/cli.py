@@ -1,6 +1,7 @@
 """The ``pyfinetune`` command line.
 
-``pyfinetune info``  versions, compiled CPU/CUDA support and the kernels of every op.
+``pyfinetune info``      versions, compiled CPU/CUDA support and the kernels of every op.
+``pyfinetune finetune``  fine-tune a classifier on an image folder (``pyfinetune/_finetune_cli.py``).
 """
 
 from __future__ import annotations
@@ -34,12 +35,30 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from ._finetune_cli import run
+
+    return run(args)
+
+
+def _add_finetune_parser(sub) -> None:
+    from ._finetune_cli import add_arguments
+
+    p = sub.add_parser(
+        "finetune", help="fine-tune a classifier on an image folder (baseline, l2sp, distill, prune)",
+        description="Fine-tune a torchvision (or your own) classifier on an ImageFolder tree with "
+                    "pyfinetune.Finetuner: checkpoints every epoch, --resume, model.pt, metrics.json, training.png.")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyfinetune", description="Fast fine-tuning kernels for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_info = sub.add_parser("info", help="show versions, compiled kernels and visible GPUs")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p_info.set_defaults(func=_cmd_info)
+    _add_finetune_parser(sub)
     return parser
 
 

@@ -145,3 +145,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bytes of ``t`` (so -0.0 != 0.0 and NaN == NaN compare as bits)."""
     t = t.detach().reshape(-1).contiguous()
     return t if t.dtype == torch.bool else t.view(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one CPU thread: tiny models train fastest that way, and on a busy
+    machine the wake-ups of a second thread can cost more than a whole training step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

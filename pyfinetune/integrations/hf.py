@@ -47,6 +47,7 @@ if _release(transformers.__version__) < (4, 46):
 
 from ..losses import _check_options, fused_linear_kd_loss, kd_loss  # noqa: E402
 from ..optim import AdamW  # noqa: E402
+from .._param_groups import split_parameters  # noqa: E402
 
 __all__ = ["DistillationTrainer", "l2sp_adamw"]
 
@@ -389,15 +390,8 @@ class DistillationTrainer(transformers.Trainer):
 
 
 # ------------------------------------------------------------------------------- l2sp_adamw
-_NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase,
-                                getattr(nn, "RMSNorm", None)) if t is not None)
 # Children that hold a task head when the model is not a transformers model with a base model.
 _HEAD_ATTRS = ("classifier", "score", "lm_head", "fc", "head", "heads", "classification_head", "qa_outputs")
-
-
-def _is_norm(module: nn.Module) -> bool:
-    # transformers models define their own norms (LlamaRMSNorm, T5LayerNorm, ...).
-    return isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__
 
 
 def _head_prefixes(model: nn.Module) -> List[str]:
@@ -477,16 +471,7 @@ def l2sp_adamw(model: nn.Module, lr: Union[float, torch.Tensor], *, l2sp: float,
     if not (isinstance(anchor, Mapping) or (isinstance(anchor, str) and anchor == "init")):
         raise TypeError('l2sp_adamw: anchor must be "init" or a mapping from parameter name to tensor')
 
-    norm_params = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
-    used_heads = set()
-    named: Dict[str, List[Tuple[str, nn.Parameter]]] = {k: [] for k in ("body", "body_no_decay", "head", "head_no_decay")}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        hits = [h for h in heads if name == h or name.startswith(h + ".")]
-        used_heads.update(hits)
-        free = exclude_bias_and_norm and (p.ndim <= 1 or id(p) in norm_params)
-        named[("head" if hits else "body") + ("_no_decay" if free else "")].append((name, p))
+    named, used_heads = split_parameters(model, heads, exclude_bias_and_norm)
     if head_names is not None:
         unknown = [h for h in heads if h not in used_heads]
         if unknown:

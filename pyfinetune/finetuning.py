@@ -1,0 +1,702 @@
+"""Fine-tune a classifier with pyfinetune's methods: :class:`Finetuner` and :func:`finetune`.
+
+Four methods, one training loop (forward, loss, backward, clip, step, LR schedule, pruning):
+
+==============  ===========================================================  =========================
+method          optimizer                                                    loss
+==============  ===========================================================  =========================
+``"baseline"``  ``torch.optim.AdamW``                                        ``F.cross_entropy``
+``"l2sp"``      :class:`pyfinetune.optim.AdamW`, the body pulled toward its  ``F.cross_entropy``
+                starting weights (L2-SP)
+``"distill"``   :class:`pyfinetune.optim.AdamW`                              :func:`pyfinetune.losses.kd_loss`
+                                                                             against a frozen teacher
+``"prune"``     :class:`pyfinetune.optim.AdamW` with the pruning masks       ``F.cross_entropy``
+                (:class:`pyfinetune.prune.GradualPruner` to ``sparsity``)
+==============  ===========================================================  =========================
+
+Every method puts biases and norm weights in a param group without weight decay. Batches are
+``(inputs, labels)`` pairs (what ``torchvision.datasets.ImageFolder`` and ``TensorDataset``
+loaders yield), labels are class indices; the model's output is its logits (a tensor, or an
+object with ``.logits``, or a tuple whose first item is the logits).
+
+Example::
+
+    tuner = pyfinetune.Finetuner(model, "l2sp", lr=1e-3, l2sp=1e-2, epochs=5)
+    history = tuner.fit(train_loader, val_loader, checkpoint_dir="runs/ckpt")
+    print(history[-1]["val_accuracy"], tuner.evaluate(test_loader))
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import optim as _optim
+from . import prune as _prune
+from ._param_groups import split_parameters
+from .losses import DIVERGENCES, kd_loss
+
+__all__ = ["Finetuner", "finetune", "find_head", "METHODS", "SCHEDULERS"]
+
+METHODS = ("baseline", "l2sp", "distill", "prune")
+SCHEDULERS = ("cosine", "linear", "constant")
+_FORMAT = "pyfinetune.Finetuner/1"
+# Each of these arguments belongs to one method; given to another one it is a mistake.
+_METHOD_ONLY = {"l2sp": "l2sp", "teacher": "distill", "sparsity": "prune"}
+_DEFAULTS = {"l2sp": 1e-2, "sparsity": 0.5}
+
+
+def _fail(cls, name: str, expected: str, value: Any):
+    plain = isinstance(value, (str, int, float, bool, type(None)))
+    shown = repr(value) if plain and cls is ValueError else type(value).__name__ + (f" {value!r}" if plain else "")
+    return cls(f"Finetuner: {name} must be {expected}, got {shown}")
+
+
+def _real(name: str, value: Any, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,
+          high_open: bool = False) -> float:
+    """``value`` as a float after checking that it is a finite number in the interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(TypeError, name, "a number", value)
+    lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        bound = f"in {lo}{low}, {high}{hi}" if math.isfinite(high) else f"{'>' if low_open else '>='} {low}"
+        raise _fail(ValueError, name, f"a finite number {bound}", value)
+    return float(value)
+
+
+def _count(name: str, value: Any, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(TypeError, name, "an int", value)
+    if value < low:
+        raise _fail(ValueError, name, f"an int >= {low}", value)
+    return value
+
+
+def find_head(model: nn.Module) -> str:
+    """The name of ``model``'s classification head: its last ``nn.Linear`` in registration order
+    (``fc`` of a ResNet, ``heads.head`` of a ViT, ``classifier.1`` of an EfficientNet).
+
+    Raises:
+        ValueError: the model has no ``nn.Linear`` (pass ``head=[...]`` to :class:`Finetuner`).
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"Finetuner: could not find the head of {type(model).__name__} (it has no nn.Linear); "
+                         "pass head=[<module names>], or head=[] for none")
+    return names[-1]
+
+
+def _logits(output: Any, who: str) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict) and "logits" in output:
+        return output["logits"]
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"Finetuner: the {who}'s output must be logits (a Tensor, an object with .logits or a tuple "
+                    f"starting with them), got {type(output).__name__}")
+
+
+def _unpack(batch: Any) -> Tuple[Any, Tensor]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise TypeError(f"Finetuner: a batch must be an (inputs, labels) pair, got {type(batch).__name__}")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def _batches(loader: Any, name: str) -> int:
+    try:
+        n = len(loader)
+    except TypeError:
+        raise TypeError(f"Finetuner: {name} must have a length (a DataLoader over a map-style dataset), "
+                        f"got {type(loader).__name__}") from None
+    if n == 0:
+        raise ValueError(f"Finetuner: {name} is empty (0 batches)")
+    return n
+
+
+# ------------------------------------------------------------------------------ RNG state
+def _get_rng() -> Dict[str, Any]:
+    """Every global RNG a training step may draw from, in types ``torch.load(weights_only=True)`` reads."""
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:
+        return state
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    return state
+
+
+def _set_rng(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        s = state["numpy"]
+        np.random.set_state((s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"]))
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:
+        return
+    np.random.seed(seed % 2**32)
+
+
+class _StopRequest:
+    """Ctrl-C during :meth:`Finetuner.fit`: the first SIGINT only sets ``requested`` (the loop stops
+    after the running step, so that the checkpoint holds a whole step); a second one interrupts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@contextmanager
+def _deferred_sigint() -> Iterator[_StopRequest]:
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals reach the main thread only
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        stop.requested = True
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _progress_bar(enabled: bool, **kwargs: Any):
+    """A tqdm bar (``tqdm.auto``: a widget in notebooks), or a silent stand-in."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            warnings.warn("Finetuner: progress=True needs tqdm (pip install tqdm); training without progress bars",
+                          stacklevel=3)
+        else:
+            return tqdm(dynamic_ncols=True, **kwargs)
+    from types import SimpleNamespace
+
+    return SimpleNamespace(update=lambda n=1: None, set_postfix=lambda *a, **k: None, close=lambda: None)
+
+
+# ------------------------------------------------------------------------------ Finetuner
+class Finetuner:
+    """Fine-tunes a classifier with one of :data:`METHODS`; keeps the optimizer, LR schedule,
+    pruner and history, and checkpoints them so that a resumed run equals an uninterrupted one.
+
+    Args:
+        model: the model to train (in place), with its pretrained weights loaded and its head
+            sized for the task. Moved to ``device``.
+        method: ``"baseline"``, ``"l2sp"``, ``"distill"`` or ``"prune"`` (see the module docs).
+        lr: peak learning rate (> 0).
+        weight_decay: AdamW's decoupled weight decay of the weight matrices (biases and norm
+            weights get none).
+        l2sp: ``"l2sp"`` only (default 1e-2): strength of the pull of the body's weights toward
+            their values at construction, ``l2sp/2 ||w - w0||^2``; the head and the biases and
+            norm weights are not pulled.
+        head: module or parameter names of the new head (not pulled by L2-SP, not pruned).
+            Default: :func:`find_head`, the last ``nn.Linear``.
+        teacher: ``"distill"`` only, required: the teacher model; it runs in eval mode under
+            ``no_grad`` and must output logits of the student's shape.
+        temperature, alpha, divergence: ``"distill"``: :func:`~pyfinetune.losses.kd_loss`'s
+            (loss per example ``alpha T^2 D + (1 - alpha) CE``).
+        sparsity: ``"prune"`` only (default 0.5): the fraction of the weights of every pruned
+            layer that is zero at the end.
+        prune_start, prune_end: ``"prune"``: the fractions of the training steps where the
+            cubic schedule of :class:`~pyfinetune.prune.GradualPruner` starts and reaches
+            ``sparsity``; the steps after ``prune_end`` fine-tune the final masks.
+        prune_every: steps between mask updates (default: 10 updates over the schedule).
+        prune_include, prune_exclude: module-name globs of the layers to prune (``nn.Linear``
+            and ``nn.Conv2d``); ``prune_exclude`` defaults to the head.
+        epochs: training epochs of :meth:`fit`.
+        scheduler: LR schedule over all steps: ``"cosine"`` (to 0), ``"linear"`` (to 0) or
+            ``"constant"``.
+        device: where to train (default: the model's device).
+        amp: None, ``torch.bfloat16`` or ``torch.float16``: run forward and loss under
+            ``torch.autocast`` with that dtype (float16 adds a ``GradScaler``).
+        grad_clip: None or the max norm of the gradients (``clip_grad_norm_``).
+        seed: None, or an int to seed torch, ``random`` and numpy when a run starts (not when it
+            resumes: the checkpoint restores the RNG states).
+        progress: show tqdm progress bars for training and evaluation.
+
+    Raises:
+        TypeError, ValueError: an invalid argument, named in the message.
+    """
+
+    def __init__(self, model: nn.Module, method: str = "baseline", *, lr: float = 1e-3, weight_decay: float = 1e-2,
+                 l2sp: Optional[float] = None, head: Optional[Sequence[str]] = None,
+                 teacher: Optional[nn.Module] = None, temperature: float = 2.0, alpha: float = 0.5,
+                 divergence: str = "forward_kl", sparsity: Optional[float] = None, prune_start: float = 0.0,
+                 prune_end: float = 0.7, prune_every: Optional[int] = None, prune_include: Any = None,
+                 prune_exclude: Any = None, epochs: int = 10, scheduler: str = "cosine",
+                 device: Union[None, str, torch.device] = None, amp: Optional[torch.dtype] = None,
+                 grad_clip: Optional[float] = None, seed: Optional[int] = None, progress: bool = True):
+        if not isinstance(model, nn.Module):
+            raise _fail(TypeError, "model", "an nn.Module", model)
+        if method not in METHODS:
+            raise _fail(ValueError, "method", f"one of {METHODS}", method)
+        given = {"l2sp": l2sp, "teacher": teacher, "sparsity": sparsity}
+        for arg, owner in _METHOD_ONLY.items():
+            if given[arg] is not None and method != owner:
+                raise ValueError(f"Finetuner: {arg} is an argument of method={owner!r}, not of method={method!r}")
+        if method == "distill" and teacher is None:
+            raise ValueError("Finetuner: method='distill' needs teacher=<the teacher nn.Module>")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise _fail(TypeError, "teacher", "an nn.Module", teacher)
+        self.method = method
+        self.lr = _real("lr", lr, low_open=True)
+        self.weight_decay = _real("weight_decay", weight_decay)
+        self.l2sp = _real("l2sp", _DEFAULTS["l2sp"] if l2sp is None else l2sp)
+        self.temperature = _real("temperature", temperature, low_open=True)
+        self.alpha = _real("alpha", alpha, high=1.0)
+        if divergence not in DIVERGENCES:
+            raise _fail(ValueError, "divergence", f"one of {DIVERGENCES}", divergence)
+        self.divergence = divergence
+        self.sparsity = _real("sparsity", _DEFAULTS["sparsity"] if sparsity is None else sparsity, high=1.0,
+                              high_open=True)
+        self.prune_start = _real("prune_start", prune_start, high=1.0)
+        self.prune_end = _real("prune_end", prune_end, high=1.0)
+        if self.prune_end <= self.prune_start:
+            raise ValueError(f"Finetuner: prune_end must be > prune_start, got prune_end={prune_end}, "
+                             f"prune_start={prune_start}")
+        self.prune_every = None if prune_every is None else _count("prune_every", prune_every)
+        self.epochs = _count("epochs", epochs)
+        if scheduler not in SCHEDULERS:
+            raise _fail(ValueError, "scheduler", f"one of {SCHEDULERS}", scheduler)
+        self.scheduler_name = scheduler
+        if amp is not None and amp not in (torch.bfloat16, torch.float16):
+            raise _fail(TypeError, "amp", "None, torch.bfloat16 or torch.float16", amp)
+        self.amp = amp
+        self.grad_clip = None if grad_clip is None else _real("grad_clip", grad_clip, low_open=True)
+        if seed is not None:
+            _count("seed", seed, low=0)
+        self.seed = seed
+        if not isinstance(progress, bool):
+            raise _fail(TypeError, "progress", "a bool", progress)
+        self.progress = progress
+        self.device = self._device(model, device)
+
+        self.model = model.to(self.device)
+        self.teacher = None if teacher is None else teacher.to(self.device).eval()
+        self.head = self._heads(head)
+        self.prune_include = prune_include
+        self.prune_exclude = prune_exclude if prune_exclude is not None else self._head_globs()
+        self.optimizer = self._make_optimizer()
+        if method == "prune":
+            # Masks appear when fit() builds the pruner; the hooks follow every change from then on.
+            _prune.mask_optimizer(self.optimizer, self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=amp == torch.float16)
+        self.scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None
+        self.pruner: Optional[_prune.GradualPruner] = None
+        self.history: List[Dict[str, Any]] = []
+        self.epoch = 0  # completed epochs
+        self.step = 0  # completed optimizer steps
+        self._plan_shape: Optional[Tuple[int, int]] = None  # (steps per epoch, epochs) of the schedules
+        self._batch_in_epoch = 0
+        # loss sum, correct, examples of the running epoch (float32 on MPS, which has no float64)
+        self._epoch_totals = torch.zeros(3, dtype=torch.float32 if self.device.type == "mps" else torch.float64)
+        self._epoch_rng: Optional[Dict[str, Any]] = None
+        self._rng_mark: Optional[Dict[str, Any]] = None  # RNG at the last step boundary, inside fit()
+        self._epoch_seconds = 0.0
+        self.interrupted_checkpoint: Optional[str] = None  # where fit() saved the state at Ctrl-C
+
+    # ---------------------------------------------------------------------------- setup
+    @staticmethod
+    def _device(model: nn.Module, device: Any) -> torch.device:
+        if device is None:
+            first = next(iter(model.parameters()), None)
+            return first.device if first is not None else torch.device("cpu")
+        if not isinstance(device, (str, torch.device)):
+            raise _fail(TypeError, "device", "None, a str or a torch.device", device)
+        try:
+            return torch.device(device)
+        except RuntimeError:
+            raise _fail(ValueError, "device", 'a device such as "cpu" or "cuda:0"', device) from None
+
+    def _heads(self, head: Optional[Sequence[str]]) -> List[str]:
+        if head is None:
+            return [find_head(self.model)] if self.method in ("l2sp", "prune") else []
+        if isinstance(head, str) or not all(isinstance(h, str) for h in head):
+            raise _fail(TypeError, "head", "a list of module or parameter names", head)
+        names = set(dict(self.model.named_parameters())) | set(dict(self.model.named_modules()))
+        unknown = [h for h in head if h not in names]
+        if unknown:
+            raise ValueError(f"Finetuner: head names {unknown} are not modules or parameters of "
+                             f"{type(self.model).__name__}")
+        return list(head)
+
+    def _head_globs(self) -> List[str]:
+        return [g for h in self.head for g in (h, h + ".*")]
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        named, _ = split_parameters(self.model, self.head)
+        groups = []
+        for key, members in named.items():
+            if not members:
+                continue
+            group = {"params": [p for _, p in members], "name": key,
+                     "weight_decay": 0.0 if key.endswith("_no_decay") else self.weight_decay}
+            if self.method == "l2sp":
+                group["l2sp"] = self.l2sp if key == "body" else 0.0
+            groups.append(group)
+        if not groups:
+            raise ValueError(f"Finetuner: {type(self.model).__name__} has no trainable parameter")
+        if self.method == "baseline":
+            return torch.optim.AdamW(groups, lr=self.lr)
+        # l2sp: anchor="init" holds the weights as they are now, the pretrained ones.
+        return _optim.AdamW(groups, lr=self.lr)
+
+    def _plan(self, steps_per_epoch: int, epochs: int) -> None:
+        """Build the LR schedule and the pruner for ``epochs`` epochs of ``steps_per_epoch`` steps
+        (once; a run keeps its schedules)."""
+        shape = (steps_per_epoch, epochs)
+        if self._plan_shape is not None:
+            if shape != self._plan_shape:
+                raise ValueError(
+                    f"Finetuner: this run was planned for {self._plan_shape[1]} epochs of {self._plan_shape[0]} "
+                    f"batches, got {epochs} epochs of {steps_per_epoch} batches (same epochs and train loader "
+                    "to resume; a new Finetuner for another run)")
+            return
+        total = steps_per_epoch * epochs
+        if self.scheduler_name == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
+        elif self.scheduler_name == "linear":
+            self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, 1.0, 0.0, total_iters=total)
+        if self.method == "prune":
+            if total < 2:
+                raise ValueError(f"Finetuner: method='prune' needs at least 2 training steps, got {total}")
+            last = total - 1
+            start = min(round(self.prune_start * last), last - 1)
+            end = max(round(self.prune_end * last), start + 1)
+            every = self.prune_every or max(1, (end - start) // 10)
+            self.pruner = _prune.GradualPruner(self.model, self.sparsity, start, end, every,
+                                               include=self.prune_include, exclude=self.prune_exclude)
+        self._plan_shape = shape
+
+    # ---------------------------------------------------------------------------- one step
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def _loss(self, inputs: Any, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        logits = _logits(self.model(inputs), "model")
+        if self.method != "distill":
+            return F.cross_entropy(logits, labels), logits
+        with torch.no_grad():
+            teacher_logits = _logits(self.teacher(inputs), "teacher")
+        if teacher_logits.shape != logits.shape:
+            raise ValueError(f"Finetuner: the teacher's logits {tuple(teacher_logits.shape)} must have the shape of "
+                             f"the student's {tuple(logits.shape)} (same classes)")
+        loss = kd_loss(logits, teacher_logits, labels, temperature=self.temperature, alpha=self.alpha,
+                       divergence=self.divergence)
+        return loss, logits
+
+    def _train_step(self, inputs: Any, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        with self._autocast():
+            loss, logits = self._loss(inputs, labels)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.pruner is not None:
+            self.pruner.step()
+        return loss.detach(), (logits.detach().argmax(-1) == labels).sum()
+
+    def _sparsity(self) -> Optional[float]:
+        if self.pruner is None:
+            return None
+        masks = [m.weight_mask for _, m in self.pruner.layers]
+        return 1.0 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    # ---------------------------------------------------------------------------- fit
+    def fit(self, train_loader: Any, val_loader: Any = None, *, epochs: Optional[int] = None,
+            checkpoint_dir: Union[None, str, os.PathLike] = None, resume: Union[None, str, os.PathLike] = None,
+            callback: Optional[Callable[["Finetuner", Dict[str, Any]], None]] = None) -> List[Dict[str, Any]]:
+        """Train until ``epochs`` epochs are done (counting those of a resumed checkpoint).
+
+        Args:
+            train_loader: a sized iterable of ``(inputs, labels)`` batches (a ``DataLoader``).
+            val_loader: optional; evaluated after every epoch (see :meth:`evaluate`).
+            epochs: default the constructor's. The LR schedule and the pruning schedule span
+                all epochs; they are fixed by the first ``fit`` of a run.
+            checkpoint_dir: write ``epoch-NNN.pt`` and ``last.pt`` there after every epoch,
+                and ``last.pt`` when interrupted.
+            resume: a checkpoint to continue from (:meth:`load_checkpoint`); the resumed run
+                ends with the same weights as an uninterrupted one (on the CPU, and given the
+                same data order: the loader's shuffling draws from the restored RNG state).
+            callback: called as ``callback(finetuner, record)`` after every epoch.
+
+        Returns:
+            :attr:`history`: one dict per epoch with ``epoch`` (1-based), ``train_loss`` (the
+            method's loss), ``train_accuracy``, ``val_loss`` and ``val_accuracy`` (cross-entropy
+            and accuracy, None without ``val_loader``), ``lr`` (of the epoch's last step),
+            ``sparsity`` (of the pruned layers; None unless ``"prune"``) and ``seconds``.
+
+        Ctrl-C (SIGINT) stops after the running step; with ``checkpoint_dir`` that state is
+        saved to ``last.pt`` (see :attr:`interrupted_checkpoint`), then KeyboardInterrupt is raised.
+        """
+        epochs = self.epochs if epochs is None else _count("epochs", epochs)
+        steps = _batches(train_loader, "train_loader")
+        if val_loader is not None:
+            _batches(val_loader, "val_loader")
+        if callback is not None and not callable(callback):
+            raise _fail(TypeError, "callback", "callable", callback)
+        if resume is not None:
+            self.load_checkpoint(resume)
+        elif self.step == 0 and self._batch_in_epoch == 0 and self.seed is not None:
+            _seed_everything(self.seed)
+        self._plan(steps, epochs)
+        self.interrupted_checkpoint = None
+        was_training = self.model.training
+        self._rng_mark = _get_rng()
+        try:
+            with _deferred_sigint() as stop:
+                while self.epoch < epochs:
+                    record = self._fit_epoch(train_loader, val_loader, steps, epochs, stop)
+                    if checkpoint_dir is not None:
+                        path = os.path.join(checkpoint_dir, f"epoch-{self.epoch:03d}.pt")
+                        self.save_checkpoint(path)
+                        self.save_checkpoint(os.path.join(checkpoint_dir, "last.pt"))
+                    if callback is not None:
+                        callback(self, record)
+        except KeyboardInterrupt:
+            if checkpoint_dir is not None:
+                self.interrupted_checkpoint = os.path.join(checkpoint_dir, "last.pt")
+                self.save_checkpoint(self.interrupted_checkpoint)
+            raise
+        finally:
+            self._rng_mark = None
+            self.model.train(was_training)
+        return self.history
+
+    def _fit_epoch(self, loader: Any, val_loader: Any, steps: int, epochs: int, stop: _StopRequest) -> Dict[str, Any]:
+        skip = self._batch_in_epoch
+        if skip == 0:
+            self._epoch_rng = _get_rng()
+            self._epoch_totals.zero_()
+            self._epoch_seconds = 0.0
+        else:  # resumed mid-epoch: replay the loader's draws, skip the batches done, then go on
+            _set_rng(self._epoch_rng)
+        started = time.perf_counter()
+        batches = iter(loader)
+        for _ in range(skip):
+            next(batches)
+        if skip:
+            _set_rng(self._rng_mark)
+        self.model.train()
+        bar = _progress_bar(self.progress, total=steps, initial=skip, desc=f"epoch {self.epoch + 1}/{epochs}",
+                            unit="batch")
+        totals = self._epoch_totals = self._epoch_totals.to(self.device)
+        lr = self.optimizer.param_groups[0]["lr"]
+        try:
+            for batch in batches:
+                inputs, labels = _unpack(batch)
+                inputs, labels = _to(inputs, self.device), _to(labels, self.device)
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, correct = self._train_step(inputs, labels)
+                n = labels.shape[0]
+                totals[0] += loss.to(totals.dtype) * n  # on the device: no host sync per step
+                totals[1] += correct
+                totals[2] += n
+                self.step += 1
+                self._batch_in_epoch += 1
+                self._rng_mark = _get_rng()
+                bar.update(1)
+                if self._batch_in_epoch % 10 == 0 or self._batch_in_epoch == steps:
+                    bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}")
+                if stop.requested:
+                    raise KeyboardInterrupt
+            seconds = self._epoch_seconds + time.perf_counter() - started
+            val = self.evaluate(val_loader) if val_loader is not None else None
+            if val is not None:
+                bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}",
+                                val_loss=f"{val['loss']:.4f}", val_acc=f"{val['accuracy']:.3f}")
+        except BaseException:
+            self._epoch_seconds += time.perf_counter() - started
+            raise
+        finally:
+            bar.close()
+        record = {"epoch": self.epoch + 1, "train_loss": float(totals[0] / totals[2]),
+                  "train_accuracy": float(totals[1] / totals[2]),
+                  "val_loss": None if val is None else val["loss"],
+                  "val_accuracy": None if val is None else val["accuracy"],
+                  "lr": float(lr), "sparsity": self._sparsity(), "seconds": seconds}
+        self.history.append(record)
+        self.epoch += 1
+        self._batch_in_epoch = 0
+        self._rng_mark = _get_rng()
+        return record
+
+    # ---------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self, loader: Any) -> Dict[str, float]:
+        """Mean cross-entropy and accuracy of the model over ``loader``'s ``(inputs, labels)``
+        batches, in eval mode (the model's mode is restored after).
+
+        Returns:
+            ``{"loss": float, "accuracy": float, "n": int}`` (n: examples seen).
+        """
+        steps = _batches(loader, "loader")
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        n = 0
+        bar = _progress_bar(self.progress, total=steps, desc="evaluate", unit="batch", leave=False)
+        try:
+            for batch in loader:
+                inputs, labels = _unpack(batch)
+                inputs, labels = _to(inputs, self.device), _to(labels, self.device)
+                with self._autocast():
+                    logits = _logits(self.model(inputs), "model")
+                loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+                correct += (logits.argmax(-1) == labels).sum()
+                n += labels.shape[0]
+                bar.update(1)
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        if n == 0:
+            raise ValueError("Finetuner.evaluate: the loader yielded no example")
+        return {"loss": float(loss_sum) / n, "accuracy": int(correct) / n, "n": n}
+
+    # ---------------------------------------------------------------------------- export
+    def export(self) -> nn.Module:
+        """The trained model, ready for inference. ``"prune"``: a copy in eval mode whose masked
+        ``nn.Linear`` layers are :class:`~pyfinetune.prune.SparseLinear` (only the kept weights;
+        masked ``nn.Conv2d`` layers stay masked); the other methods: :attr:`model` itself."""
+        if self.method != "prune":
+            return self.model
+        return _prune.sparsify(copy.deepcopy(self.model)).eval()
+
+    # ---------------------------------------------------------------------------- state
+    def _config(self) -> Dict[str, Any]:
+        return {"method": self.method, "head": list(self.head), "sparsity": self.sparsity,
+                "scheduler": self.scheduler_name, "amp": str(self.amp)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything a resumed run needs: model, optimizer (L2-SP anchors and masks included),
+        LR scheduler, pruner, grad scaler, epoch and step, history, the RNG states (torch, CUDA,
+        ``random``, numpy) and the running epoch's totals. Only tensors, numbers, strings,
+        lists and dicts: ``torch.load(weights_only=True)`` reads it."""
+        return {
+            "format": _FORMAT, "config": self._config(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "pruner": None if self.pruner is None else self.pruner.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "plan": None if self._plan_shape is None else list(self._plan_shape),
+            "epoch": self.epoch, "step": self.step, "batch_in_epoch": self._batch_in_epoch,
+            "epoch_totals": self._epoch_totals.cpu().clone(), "epoch_seconds": self._epoch_seconds,
+            "epoch_rng": self._epoch_rng, "rng": self._rng_mark if self._rng_mark is not None else _get_rng(),
+            "history": copy.deepcopy(self.history),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (into a Finetuner built with the same method and model
+        architecture; also sets the global RNG states, so that training continues identically).
+
+        Raises:
+            ValueError: the state is not a Finetuner checkpoint, or comes from another method,
+                head, sparsity, schedule or an incompatible model (the model's own message).
+        """
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"Finetuner: not a Finetuner checkpoint (expected format {_FORMAT!r})")
+        differ = [k for k, v in self._config().items() if state["config"].get(k) != v]
+        if differ:
+            details = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r}, here {self._config()[k]!r}" for k in differ)
+            raise ValueError(f"Finetuner: the checkpoint is from another run ({details})")
+        if state["plan"] is not None:
+            self._plan(*state["plan"])  # schedules and pruner (masks) must exist before their states load
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.pruner is not None:
+            self.pruner.load_state_dict(state["pruner"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self._batch_in_epoch = int(state["batch_in_epoch"])
+        self._epoch_totals = state["epoch_totals"].to(self.device, self._epoch_totals.dtype).clone()
+        self._epoch_seconds = float(state["epoch_seconds"])
+        self._epoch_rng = state["epoch_rng"]
+        self.history = copy.deepcopy(state["history"])
+        _set_rng(state["rng"])
+
+    def save_checkpoint(self, path: Union[str, os.PathLike]) -> str:
+        """Write :meth:`state_dict` to ``path`` with ``torch.save`` (through a temporary file, so
+        an interrupted write never leaves a broken checkpoint). Returns the path."""
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+        """Load a checkpoint of :meth:`save_checkpoint` (``torch.load(weights_only=True)``)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Finetuner: no checkpoint at {path}")
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def finetune(model: nn.Module, train_loader: Any, method: str = "baseline", val_loader: Any = None, *,
+             checkpoint_dir: Union[None, str, os.PathLike] = None, resume: Union[None, str, os.PathLike] = None,
+             **kwargs: Any) -> Tuple[nn.Module, List[Dict[str, Any]]]:
+    """Fine-tune ``model`` on ``train_loader`` in one call: ``Finetuner(model, method, **kwargs)``,
+    then :meth:`Finetuner.fit` (with ``val_loader``, ``checkpoint_dir``, ``resume``).
+
+    Returns:
+        ``(model, history)``: :meth:`Finetuner.export`'s model (for ``"prune"`` a copy with
+        :class:`~pyfinetune.prune.SparseLinear` layers) and the per-epoch history.
+    """
+    tuner = Finetuner(model, method, **kwargs)
+    history = tuner.fit(train_loader, val_loader, checkpoint_dir=checkpoint_dir, resume=resume)
+    return tuner.export(), history

@@ -1,0 +1,331 @@
+"""pyfinetune.Finetuner / pyfinetune.finetune: every method learns a small synthetic task, a run
+interrupted (at an epoch boundary, or by Ctrl-C in the middle of an epoch) and resumed from its
+checkpoint ends with bit-identical weights, and bad arguments are refused with a message that
+names them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import pyfinetune
+from pyfinetune.finetuning import Finetuner, find_head
+from pyfinetune.prune import MaskedLinear, SparseLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one thread
+
+D_IN, HIDDEN, CLASSES = 16, 32, 4
+_W = torch.randn(D_IN, CLASSES, generator=torch.Generator().manual_seed(7))
+
+
+def _data(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D_IN, generator=g)
+    return x, (x @ _W).argmax(1)
+
+
+def _loader(n=128, seed=0, batch_size=16, shuffle=True):
+    return DataLoader(TensorDataset(*_data(n, seed)), batch_size=batch_size, shuffle=shuffle)
+
+
+def _mlp(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.LayerNorm(HIDDEN), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+
+
+def _teacher():
+    torch.manual_seed(100)
+    teacher = nn.Sequential(nn.Linear(D_IN, 64), nn.ReLU(), nn.Linear(64, CLASSES))
+    Finetuner(teacher, lr=1e-2, epochs=6, progress=False).fit(_loader(512, seed=5))
+    return teacher
+
+
+@pytest.fixture(scope="module")
+def teacher(one_thread):
+    return _teacher()
+
+
+def _method_kwargs(method, teacher):
+    return {"baseline": {}, "l2sp": {"l2sp": 1e-2}, "distill": {"teacher": teacher},
+            "prune": {"sparsity": 0.75}}[method]
+
+
+# ------------------------------------------------------------------------------ learning
+@pytest.mark.parametrize("method", ["baseline", "l2sp", "distill", "prune"])
+def test_each_method_learns(method, teacher):
+    model = _mlp()
+    tuner = Finetuner(model, method, lr=1e-2, epochs=4, seed=0, progress=False, **_method_kwargs(method, teacher))
+    val = _loader(256, seed=1, shuffle=False)
+    before = tuner.evaluate(val)
+    history = tuner.fit(_loader(), val)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert set(history[0]) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr",
+                               "sparsity", "seconds"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_accuracy"] > max(before["accuracy"] + 0.2, 0.6)
+    assert history[-1]["val_loss"] < before["loss"]
+    assert history[-1]["lr"] < 1e-2 * 0.2  # cosine schedule
+    optimizer_class = torch.optim.AdamW if method == "baseline" else pyfinetune.optim.AdamW
+    assert type(tuner.optimizer) is optimizer_class
+    no_decay = [g for g in tuner.optimizer.param_groups if g["name"].endswith("_no_decay")]
+    assert no_decay and all(g["weight_decay"] == 0 for g in no_decay)
+    assert all(p.ndim == 1 for g in no_decay for p in g["params"])
+    if method != "prune":
+        assert all(h["sparsity"] is None for h in history)
+        assert tuner.export() is model
+
+
+def test_l2sp_pulls_the_body_toward_its_start_and_leaves_the_head_free():
+    def run(method, **kw):
+        model = _mlp()
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        tuner = Finetuner(model, method, lr=1e-2, epochs=2, seed=0, progress=False, **kw)
+        tuner.fit(_loader())
+        return tuner, {k: float((v - start[k]).norm()) for k, v in model.state_dict().items()}
+
+    tuner, moved = run("l2sp", l2sp=10.0)
+    _, moved_baseline = run("baseline")
+    assert tuner.head == ["6"]
+    groups = {g["name"]: g for g in tuner.optimizer.param_groups}
+    assert groups["body"]["l2sp"] == 10.0 and groups["head"]["l2sp"] == 0.0
+    assert all(tuner.optimizer.anchor_of(p) is not None for p in groups["body"]["params"])
+    assert all(tuner.optimizer.anchor_of(p) is None for g in ("head", "head_no_decay", "body_no_decay")
+               for p in groups[g]["params"])
+    assert moved["0.weight"] < 0.5 * moved_baseline["0.weight"]
+    assert moved["6.weight"] > 0.5 * moved_baseline["6.weight"]
+
+
+def test_distill_follows_the_teacher_and_leaves_it_alone(teacher):
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    teacher.train()
+    student = _mlp()
+    x, _ = _data(256, seed=3)
+
+    def agreement():
+        with torch.no_grad():
+            return float((student(x).argmax(1) == teacher(x).argmax(1)).float().mean())
+
+    start = agreement()
+    Finetuner(student, "distill", teacher=teacher, lr=1e-2, alpha=1.0, epochs=6, seed=0, progress=False).fit(_loader(256))
+    assert not teacher.training
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert agreement() > max(start, 0.8)
+
+
+def test_prune_reaches_the_sparsity_and_exports_sparse_linear_layers():
+    model = _mlp()
+    tuner = Finetuner(model, "prune", sparsity=0.8, lr=1e-2, epochs=3, seed=0, progress=False)
+    history = tuner.fit(_loader())
+    assert history[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert 0 < history[0]["sparsity"] < 0.8  # the cubic schedule is under way after the first epoch
+    assert isinstance(model[0], MaskedLinear) and isinstance(model[4], MaskedLinear)
+    assert type(model[6]) is nn.Linear  # the head is not pruned
+    assert (model[0].weight[~model[0].weight_mask] == 0).all()
+    exported = tuner.export()
+    assert exported is not model and not exported.training
+    assert isinstance(exported[0], SparseLinear) and isinstance(exported[4], SparseLinear)
+    x, _ = _data(32, seed=4)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_amp_bfloat16_and_grad_clip_train():
+    tuner = Finetuner(_mlp(), "l2sp", lr=1e-2, epochs=2, amp=torch.bfloat16, grad_clip=1.0, progress=False)
+    history = tuner.fit(_loader())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_finetune_returns_the_exported_model_and_history():
+    model, history = pyfinetune.finetune(_mlp(), _loader(), "prune", sparsity=0.5, epochs=2, progress=False)
+    assert isinstance(model[0], SparseLinear) and len(history) == 2 and history[-1]["val_loss"] is None
+
+
+def test_progress_bars_can_be_turned_off(capsys):
+    Finetuner(_mlp(), epochs=1, progress=True).fit(_loader(32), _loader(32))
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "evaluate" in err
+    Finetuner(_mlp(), epochs=1, progress=False).fit(_loader(32), _loader(32))
+    assert capsys.readouterr().err == ""
+
+
+def test_import_pyfinetune_does_not_import_the_training_loop():
+    code = "import sys, pyfinetune; assert 'pyfinetune.finetuning' not in sys.modules; pyfinetune.Finetuner; " \
+           "assert 'pyfinetune.finetuning' in sys.modules"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+# ------------------------------------------------------------------------------ resume
+class _InterruptingData(Dataset):
+    """The synthetic data set; with ``interrupt_at`` it sends this process a SIGINT (Ctrl-C)
+    while loading that item, the ``n``-th time it is read."""
+
+    def __init__(self, interrupt_at=None, n=96):
+        self.x, self.y = _data(n, seed=0)
+        self.interrupt_at, self.reads = interrupt_at, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.x[i], self.y[i]
+
+
+def _tuner(method, teacher, seed):
+    return Finetuner(_mlp(seed, dropout=0.2), method, lr=1e-2, epochs=3, seed=11, progress=False,
+                     **_method_kwargs(method, teacher))
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def _assert_same_run(a, b):
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert _without_seconds(a.history) == _without_seconds(b.history)
+    assert a.step == b.step and a.epoch == b.epoch
+
+
+@pytest.mark.parametrize("method", ["baseline", "l2sp", "distill", "prune"])
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_the_resumed_run_equals_an_uninterrupted_one(
+        method, teacher, tmp_path):
+    reference = _tuner(method, teacher, seed=0)
+    reference.fit(DataLoader(_InterruptingData(), batch_size=16, shuffle=True))
+
+    handler = signal.getsignal(signal.SIGINT)
+    tuner = _tuner(method, teacher, seed=0)
+    interrupting = _InterruptingData(interrupt_at=96 + 40)  # epoch 2, batch 3
+    with pytest.raises(KeyboardInterrupt):
+        tuner.fit(DataLoader(interrupting, batch_size=16, shuffle=True), checkpoint_dir=tmp_path)
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert tuner.interrupted_checkpoint == str(tmp_path / "last.pt")
+    assert (tuner.epoch, tuner.step) == (1, 6 + 3)  # the running step finished, then it stopped
+    assert sorted(os.listdir(tmp_path)) == ["epoch-001.pt", "last.pt"]
+
+    resumed = _tuner(method, teacher, seed=1)  # other starting weights: everything must come from the file
+    resumed.fit(DataLoader(_InterruptingData(), batch_size=16, shuffle=True), resume=tmp_path / "last.pt")
+    _assert_same_run(resumed, reference)
+    if method == "l2sp":  # the anchors are the first run's starting weights, not the second's
+        anchors = [resumed.optimizer.anchor_of(p) for p in resumed.optimizer.param_groups[0]["params"]]
+        assert torch.equal(anchors[0], _mlp(0)[0].weight)
+
+
+def test_resume_from_an_epoch_checkpoint_with_load_checkpoint(tmp_path):
+    reference = _tuner("prune", None, seed=0)
+    reference.fit(_loader(), checkpoint_dir=tmp_path / "full")
+    assert sorted(os.listdir(tmp_path / "full")) == ["epoch-001.pt", "epoch-002.pt", "epoch-003.pt", "last.pt"]
+    resumed = _tuner("prune", None, seed=1)
+    resumed.load_checkpoint(tmp_path / "full" / "epoch-001.pt")
+    assert resumed.epoch == 1 and len(resumed.history) == 1
+    resumed.fit(_loader())
+    _assert_same_run(resumed, reference)
+    assert _without_seconds(resumed.fit(_loader())) == _without_seconds(reference.history)  # done already
+
+
+def test_keyboard_interrupt_raised_in_the_loop_saves_the_last_whole_step(tmp_path):
+    def stop(tuner, record):
+        raise KeyboardInterrupt
+
+    tuner = _tuner("l2sp", None, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        tuner.fit(_loader(), checkpoint_dir=tmp_path, callback=stop)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 8 and state["batch_in_epoch"] == 0
+
+
+def test_resume_refuses_another_run(tmp_path):
+    tuner = _tuner("l2sp", None, seed=0)
+    tuner.fit(_loader(), epochs=1, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="planned for 1 epochs of 8 batches, got 3 epochs"):
+        tuner.fit(_loader())
+    with pytest.raises(ValueError, match="another run.*method: checkpoint 'l2sp', here 'baseline'"):
+        Finetuner(_mlp(), "baseline", progress=False).load_checkpoint(tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="planned for 1 epochs of 8 batches, got 1 epochs of 4 batches"):
+        _tuner("l2sp", None, seed=0).fit(_loader(batch_size=32), epochs=1, resume=tmp_path / "last.pt")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        _tuner("l2sp", None, seed=0).load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="not a Finetuner checkpoint"):
+        _tuner("l2sp", None, seed=0).load_state_dict({"model": {}})
+
+
+# ------------------------------------------------------------------------------ bad arguments
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"method": "sgd"}, ValueError, r"method must be one of \('baseline', 'l2sp', 'distill', 'prune'\), got 'sgd'"),
+    ({"method": "distill"}, ValueError, "method='distill' needs teacher="),
+    ({"teacher": nn.Linear(2, 2)}, ValueError, "teacher is an argument of method='distill', not of method='baseline'"),
+    ({"method": "l2sp", "teacher": "resnet"}, ValueError, "teacher is an argument of method='distill'"),
+    ({"method": "distill", "teacher": "resnet"}, TypeError, "teacher must be an nn.Module, got str 'resnet'"),
+    ({"l2sp": 0.1}, ValueError, "l2sp is an argument of method='l2sp'"),
+    ({"sparsity": 0.5}, ValueError, "sparsity is an argument of method='prune'"),
+    ({"method": "prune", "sparsity": 1.0}, ValueError, r"sparsity must be a finite number in \[0.0, 1.0\), got 1.0"),
+    ({"method": "l2sp", "l2sp": -1.0}, ValueError, "l2sp must be a finite number >= 0.0, got -1.0"),
+    ({"lr": 0}, ValueError, "lr must be a finite number > 0.0, got 0"),
+    ({"lr": "1e-3"}, TypeError, "lr must be a number, got str '1e-3'"),
+    ({"lr": float("nan")}, ValueError, "lr must be a finite number"),
+    ({"alpha": 1.5}, ValueError, r"alpha must be a finite number in \[0.0, 1.0\]"),
+    ({"temperature": 0.0}, ValueError, "temperature must be a finite number > 0.0"),
+    ({"divergence": "kl"}, ValueError, "divergence must be one of"),
+    ({"epochs": 0}, ValueError, "epochs must be an int >= 1, got 0"),
+    ({"epochs": 2.0}, TypeError, "epochs must be an int, got float 2.0"),
+    ({"scheduler": "step"}, ValueError, r"scheduler must be one of \('cosine', 'linear', 'constant'\)"),
+    ({"amp": "bf16"}, TypeError, "amp must be None, torch.bfloat16 or torch.float16, got str 'bf16'"),
+    ({"grad_clip": 0.0}, ValueError, "grad_clip must be a finite number > 0.0"),
+    ({"device": "gpu7"}, ValueError, "device must be a device such as"),
+    ({"progress": 1}, TypeError, "progress must be a bool, got int 1"),
+    ({"method": "prune", "prune_start": 0.8, "prune_end": 0.5}, ValueError, "prune_end must be > prune_start"),
+    ({"method": "prune", "prune_every": 0}, ValueError, "prune_every must be an int >= 1"),
+    ({"method": "l2sp", "head": "6"}, TypeError, "head must be a list of module or parameter names"),
+    ({"method": "l2sp", "head": ["fc"]}, ValueError, r"head names \['fc'\] are not modules or parameters of Sequential"),
+])
+def test_bad_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Finetuner(_mlp(), **kwargs)
+
+
+def test_bad_model_loader_and_outputs():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str 'resnet18'"):
+        Finetuner("resnet18")
+    with pytest.raises(ValueError, match="could not find the head of Conv2d"):
+        Finetuner(nn.Conv2d(3, 4, 1), "l2sp")
+    Finetuner(nn.Conv2d(3, 4, 1), "l2sp", head=[])  # no head: everything is body
+    tuner = Finetuner(_mlp(), progress=False)
+    with pytest.raises(TypeError, match="train_loader must have a length"):
+        tuner.fit(iter([]))
+    with pytest.raises(ValueError, match="train_loader is empty"):
+        tuner.fit([])
+    with pytest.raises(TypeError, match=r"a batch must be an \(inputs, labels\) pair, got Tensor"):
+        tuner.fit([torch.randn(4, D_IN)])
+    with pytest.raises(TypeError, match="callback must be callable"):
+        tuner.fit(_loader(), callback="print")
+    with pytest.raises(ValueError, match="method='prune' needs at least 2 training steps, got 1"):
+        Finetuner(_mlp(), "prune", epochs=1, progress=False).fit(_loader(16))
+
+
+def test_teacher_with_other_classes_fails_on_the_first_step_before_any_update():
+    student = _mlp()
+    start = [p.clone() for p in student.parameters()]
+    tuner = Finetuner(student, "distill", teacher=nn.Linear(D_IN, CLASSES + 1), progress=False)
+    with pytest.raises(ValueError, match=r"teacher's logits \(16, 5\) must have the shape of the student's \(16, 4\)"):
+        tuner.fit(_loader())
+    assert all(torch.equal(p, q) for p, q in zip(student.parameters(), start))
+
+
+def test_find_head():
+    assert find_head(_mlp()) == "6"
+    model = nn.Module()
+    model.body, model.fc = nn.Linear(3, 3), nn.Linear(3, 2)
+    assert find_head(model) == "fc"
