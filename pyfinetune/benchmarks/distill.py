@@ -28,20 +28,16 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))  # measure this checkout's pyfinetune
+import pyfinetune  # noqa: F401
+from pyfinetune.losses import fused_linear_kd_loss, kd_loss
 
-import common  # noqa: E402
-from common import Contender, Timing  # noqa: E402
-
-import pyfinetune  # noqa: E402,F401
-from pyfinetune.losses import fused_linear_kd_loss, kd_loss  # noqa: E402
+from . import common
+from .common import Contender, Timing
 
 TEMP, ALPHA = 2.0, 0.5
 EAGER, COMPILED, OURS, UNFUSED, FUSED = "torch eager", "torch compile", "ours", "unfused (logits + ours)", "ours fused linear"
@@ -142,8 +138,11 @@ def child_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def measure_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], capture_output=True,
-                         text=True, timeout=1200)
+    # The child imports the pyfinetune this process measures, wherever it was loaded from.
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-m", "pyfinetune.benchmarks.distill", "--child", json.dumps(spec)], capture_output=True,
+                         text=True, timeout=1200, env={**os.environ, "PYTHONPATH": path})
     if out.returncode != 0:
         return {"error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -246,20 +245,22 @@ def run(args) -> None:
         print("wrote", *paths)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line of ``benchmarks/bench_kd.py``; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
-    p.add_argument("--out", default=common.RESULTS_DIR, help="results folder (default benchmarks/results)")
+    p.add_argument("--out", default=common.RESULTS_DIR, help=f"results folder (default {common.RESULTS_DIR})")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child_memory(json.loads(args.child))))
-        return
+        return 0
     run(args)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,15 +23,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))  # measure this checkout's pyfinetune, not an installed one
+import pyfinetune
 
-import common  # noqa: E402
-from common import Contender  # noqa: E402
-from model_shapes import resnet50_param_shapes  # noqa: E402
-
-import pyfinetune  # noqa: E402
+from . import common
+from .common import Contender
+from .model_shapes import resnet50_param_shapes
 
 # Hyper-parameters: typical fine-tuning values. They do not change the work done per element.
 LR = 1e-3
@@ -408,8 +404,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cases = args.case or (["flat", "resnet50", "tiny"] + (["large"] if device.type == "cuda" else []))
     if "large" in cases and device.type != "cuda":
         ap.error("the 'large' case (134M parameters, ~20 contenders with their own state) is for GPUs")
-    if not os.path.abspath(pyfinetune.__file__).startswith(common.REPO_ROOT + os.sep):
-        print(f"warning: measuring pyfinetune from {pyfinetune.__file__}, not from {common.REPO_ROOT}", file=sys.stderr)
 
     stamp, when = common.timestamp()
     machine = common.machine_info(device)

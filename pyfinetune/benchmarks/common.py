@@ -1,4 +1,5 @@
-"""Timing and reporting helpers shared by pyfinetune's benchmark scripts.
+"""Timing and reporting helpers shared by pyfinetune's benchmarks (the ``benchmarks/bench_*.py``
+scripts of a clone and ``pyfinetune bench``).
 
 A benchmark builds a list of :class:`Contender` (a name and a zero-argument callable doing one
 unit of work, e.g. one optimizer step on the contender's own tensors) and hands it to
@@ -13,7 +14,9 @@ unit of work, e.g. one optimizer step on the contender's own tensors) and hands 
 
 :func:`machine_info` describes the machine and the code measured (CPU, threads, torch, CUDA, GPU,
 pyfinetune commit and whether the tree had uncommitted changes); :func:`write_results` stores a
-JSON record and a Markdown summary under ``benchmarks/results/<bench>-<device>-YYYYMMDD-HHMM.*``.
+JSON record and a Markdown summary under ``<results>/<bench>-<device>-YYYYMMDD-HHMM.*``, where
+``<results>`` is :data:`RESULTS_DIR`: ``benchmarks/results`` of the clone this package was loaded
+from, or ``./pyfinetune-bench`` for an installed package.
 """
 
 from __future__ import annotations
@@ -31,8 +34,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+
+def _clone_root() -> Optional[str]:
+    """The repository this package was loaded from, or None for an installed package.
+
+    A clone has ``setup.py`` and ``benchmarks/`` beside ``pyfinetune/``; site-packages has not.
+    Without a clone no git command runs (the current folder may be another project's repository,
+    whose commit is not pyfinetune's).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    is_clone = os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "benchmarks"))
+    return root if is_clone else None
+
+
+REPO_ROOT = _clone_root()
+RESULTS_DIR = (os.path.join(REPO_ROOT, "benchmarks", "results") if REPO_ROOT is not None
+               else os.path.join(os.getcwd(), "pyfinetune-bench"))
 MIN_REPS = 10
 
 
@@ -317,7 +334,7 @@ def add_run_options(ap, *, default_reps: int, repeat_what: str = "a case") -> No
     ap.add_argument("--attempts", type=int, default=3,
                     help=f"CPU: run {repeat_what} again, up to this many times, while other processes disturb it "
                          "(default 3)")
-    ap.add_argument("--out", default=RESULTS_DIR, help="results folder (default benchmarks/results)")
+    ap.add_argument("--out", default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
 
 
 def resolve_run_options(ap, args, *, default_reps: int) -> Tuple[torch.device, int, int]:
@@ -336,6 +353,8 @@ def resolve_run_options(ap, args, *, default_reps: int) -> Tuple[torch.device, i
 
 # ---------------------------------------------------------------------------------- machine info
 def _run(cmd: List[str]) -> Optional[str]:
+    if REPO_ROOT is None:
+        return None
     try:
         out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -344,7 +363,7 @@ def _run(cmd: List[str]) -> Optional[str]:
 
 
 def git_state() -> Dict[str, Any]:
-    """Commit, branch and dirtiness of the repository the benchmark runs from.
+    """Commit, branch and dirtiness of the clone pyfinetune was loaded from (all None when installed).
 
     "dirty" counts changes to tracked files only: result files written by earlier runs are
     untracked and do not change what is measured.

@@ -34,15 +34,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))  # measure this checkout's pyfinetune, not an installed one
+import pyfinetune
+from pyfinetune._sparse_linear import SparseLinear
 
-import common  # noqa: E402
-from common import Contender  # noqa: E402
-
-import pyfinetune  # noqa: E402
-from pyfinetune._sparse_linear import SparseLinear  # noqa: E402
+from . import common
+from .common import Contender
 
 # 60% and 65% resolve the crossover of SparseLinear's kernel='auto'.
 SPARSITIES = (0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 0.95, 0.99)

@@ -22,14 +22,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))  # measure this checkout's pyfinetune
+from pyfinetune._semi_structured import SemiStructuredLinear
 
-import common  # noqa: E402
-from common import Contender  # noqa: E402
-
-from pyfinetune._semi_structured import SemiStructuredLinear  # noqa: E402
+from . import common
+from .common import Contender
 
 TARGET = 1.2
 
@@ -67,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--device", choices=("cuda",), default="cuda", help="GPU only")
-    ap.add_argument("--out", default=common.RESULTS_DIR, help="results folder (default benchmarks/results)")
+    ap.add_argument("--out", default=common.RESULTS_DIR, help=f"results folder (default {common.RESULTS_DIR})")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         ap.error("needs a CUDA GPU with compute capability >= 8.0 (2:4 sparse tensor cores)")
