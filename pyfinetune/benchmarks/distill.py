@@ -39,6 +39,8 @@ from pyfinetune.losses import fused_linear_kd_loss, kd_loss
 from . import common
 from .common import Contender, Timing
 
+KERNEL = "kd_loss_fwd"  # the op whose kernels `pyfinetune bench` needs on its device
+DEFAULT_REPS = 10
 TEMP, ALPHA = 2.0, 0.5
 EAGER, COMPILED, OURS, UNFUSED, FUSED = "torch eager", "torch compile", "ours", "unfused (logits + ours)", "ours fused linear"
 
@@ -141,8 +143,8 @@ def measure_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     # The child imports the pyfinetune this process measures, wherever it was loaded from.
     package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
-    out = subprocess.run([sys.executable, "-m", "pyfinetune.benchmarks.distill", "--child", json.dumps(spec)], capture_output=True,
-                         text=True, timeout=1200, env={**os.environ, "PYTHONPATH": path})
+    out = subprocess.run([sys.executable, "-m", "pyfinetune.benchmarks.distill", "--child", json.dumps(spec)],
+                         capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": path})
     if out.returncode != 0:
         return {"error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -169,6 +171,15 @@ def time_backward(fns: Dict[str, Callable], make_inputs, reps: int, device) -> D
     return {n: Timing(n, times[n]) for n in names}
 
 
+def fwd_bwd(fn: Callable, inputs: Tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    """One forward + backward of ``fn(*inputs)``; the gradients are cleared after it."""
+    def run():
+        fn(*inputs).backward()
+        for x in inputs:
+            x.grad = None
+    return run
+
+
 def time_case(fns: Dict[str, Callable], make_inputs, reps: int, device) -> Dict[str, Dict[str, Timing]]:
     per_contender = {n: make_inputs() for n in fns}
 
@@ -176,20 +187,42 @@ def time_case(fns: Dict[str, Callable], make_inputs, reps: int, device) -> Dict[
         f, args = fns[name], per_contender[name]
         return lambda: f(*args)
 
-    def full(name):
-        f, args = fns[name], per_contender[name]
-
-        def run():
-            f(*args).backward()
-            for x in args:
-                x.grad = None
-        return run
-
     out = {}
     out["forward"] = common.time_interleaved([Contender(n, fwd(n)) for n in fns], reps=reps, device=device)
     out["backward"] = time_backward(fns, make_inputs, reps, device)
-    out["forward+backward"] = common.time_interleaved([Contender(n, full(n)) for n in fns], reps=reps, device=device)
+    out["forward+backward"] = common.time_interleaved([Contender(n, fwd_bwd(fns[n], per_contender[n])) for n in fns],
+                                                      reps=reps, device=device)
     return out
+
+
+# ---------------------------------------------------------------------------------- pyfinetune bench
+# (rows, vocabulary, dtype) of `pyfinetune bench --quick`; the full run takes the first case of
+# CPU_CASES / GPU_CASES.
+BENCH_QUICK_CASES = {"cpu": (256, 32000, torch.float32), "cuda": (4096, 32000, torch.bfloat16)}
+
+
+def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -> List[common.Speedup]:
+    """``pyfinetune bench``'s distillation row: ``kd_loss`` forward + backward against the fastest of
+    the eager torch composition and ``torch.compile`` of it (skipped with ``quick``: compiling
+    takes longer than the whole quick run), interleaved in the same rounds."""
+    if quick:
+        n, v, dtype = BENCH_QUICK_CASES[device.type]
+    else:
+        n, v, dtype = (GPU_CASES if device.type == "cuda" else CPU_CASES)[0][1:]
+    names = [EAGER, OURS] if quick else [EAGER, COMPILED, OURS]
+    contenders = [Contender(name, fwd_bwd(KD_FNS[name], kd_inputs(n, v, dtype, device))) for name in names]
+    note = "torch.compile skipped (--quick)" if quick else ""
+    if not quick:
+        compiled = contenders[names.index(COMPILED)]
+        try:
+            compiled.fn()  # compiles now, not in the warm-up rounds
+        except Exception as e:  # no C++ compiler, or an inductor limitation: compare with eager only
+            contenders.remove(compiled)
+            note = f"torch.compile failed ({type(e).__name__}): not compared"
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    label = f"kd_loss fwd+bwd, {n}x{v} {short}"
+    return [common.measure_speedup("distill", label, contenders, OURS, device=device, reps=reps, warmup=warmup,
+                                   note=note)]
 
 
 def run(args) -> None:
@@ -249,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line of ``benchmarks/bench_kd.py``; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=DEFAULT_REPS)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--out", default=common.RESULTS_DIR, help=f"results folder (default {common.RESULTS_DIR})")

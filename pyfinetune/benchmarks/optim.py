@@ -29,6 +29,9 @@ from . import common
 from .common import Contender
 from .model_shapes import resnet50_param_shapes
 
+KERNEL = "fused_adamw_"  # the op whose kernels `pyfinetune bench` needs on its device
+DEFAULT_REPS = 30
+
 # Hyper-parameters: typical fine-tuning values. They do not change the work done per element.
 LR = 1e-3
 BETAS = (0.9, 0.999)
@@ -74,6 +77,7 @@ class Case:
 
 
 def make_case(name: str) -> Case:
+    """The parameter list of a named case: flat, resnet50, tiny, large (GPU) or small."""
     if name == "flat":
         return Case("flat", "(a) 64 tensors x 2^18 fp32 (64 MiB of parameters)", [(2**18,)] * 64)
     if name == "resnet50":
@@ -87,6 +91,9 @@ def make_case(name: str) -> Case:
                     calls_per_rep=20, bandwidth_bound=False)
     if name == "large":
         return Case("large", "(c) 128 tensors x 2^20 fp32 (134M parameters)", [(2**20,)] * 128)
+    if name == "small":
+        # Larger than the last-level cache of most machines, small enough for `pyfinetune bench --quick`.
+        return Case("small", "32 tensors x 2^15 fp32 (1M parameters, a quick run)", [(2**15,)] * 32)
     raise ValueError(f"unknown case {name!r}")
 
 
@@ -168,7 +175,56 @@ def l2sp_composition(kind: str, params: List[torch.Tensor], anchors: List[torch.
     return fn
 
 
+def torch_adamw(params: List[torch.Tensor], impl: str) -> torch.optim.AdamW:
+    """torch's AdamW with the benchmark's hyper-parameters; ``impl`` is "fused" or "foreach"."""
+    return torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **{impl: True})
+
+
+def torch_sgd(params: List[torch.Tensor], impl: str) -> torch.optim.SGD:
+    """torch's SGD with momentum and the benchmark's hyper-parameters; ``impl``: "fused" or "foreach"."""
+    return torch.optim.SGD(params, lr=SGD_LR, momentum=MOMENTUM, **{impl: True})
+
+
+def torch_l2sp_entries(master: Master, n: int, make_opt: Callable[[List[torch.Tensor], str], torch.optim.Optimizer],
+                       prefix: str, step_bytes: int) -> List[Entry]:
+    """The four torch L2-SP compositions of one optimizer: (sub+add | add+add) x (fused | foreach)."""
+    entries = []
+    for kind in ("sub+add", "add+add"):
+        for impl in ("fused", "foreach"):
+            params = own_params(master)
+            anchors = [a.clone() for a in master.anchors]
+            opt = make_opt(params, impl)
+            fn = l2sp_composition(kind, params, anchors, L2SP, opt.step)
+            entries.append(Entry(Contender(f"{prefix} ({kind}, {impl})", fn, step_bytes * n,
+                                           {"B/elem": step_bytes, "note": "2 extra passes: +24 B/elem moved"}),
+                                 opt, anchors))
+    return entries
+
+
+# (name, AdamW keyword arguments, anchor bytes per element, note)
+OURS_ADAMW_VARIANTS = [
+    ("ours AdamW", dict(l2sp=0.0), 0, "l2sp=0"),
+    (OURS_L2SP, dict(l2sp=L2SP), 4, "coupled, fp32 anchor"),
+    ("ours AdamW L2-SP decoupled", dict(l2sp=L2SP, penalty_mode="decoupled"), 4, "decoupled, fp32 anchor"),
+    ("ours AdamW L2-SP bf16 anchor", dict(l2sp=L2SP, anchor_dtype=torch.bfloat16), 2, "coupled, bf16 anchor"),
+]
+
+
+def ours_adamw_entries(master: Master, n: int, variants: Sequence[Tuple[str, Dict[str, Any], int, str]]) -> List[Entry]:
+    """``pyfinetune.optim.AdamW`` contenders, one per ``(name, kwargs, anchor bytes, note)`` variant."""
+    entries = []
+    for name, kw, anchor_b, note in variants:
+        params = own_params(master)
+        anchor = [a.clone() for a in master.anchors] if kw["l2sp"] > 0 else "init"
+        opt = pyfinetune.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                                     anchor=anchor, **kw)
+        b = ADAMW_BYTES + anchor_b
+        entries.append(Entry(Contender(name, opt.step, b * n, {"B/elem": b, "note": note}), opt))
+    return entries
+
+
 def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: bool) -> List[Entry]:
+    """Every contender of the full benchmark: copy references, AdamW and SGD, torch's and ours."""
     n = case.numel
     entries: List[Entry] = []
 
@@ -192,48 +248,20 @@ def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: 
     # ---- AdamW
     for impl in ("fused", "foreach"):
         params = own_params(master)
-        opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **{impl: True})
+        opt = torch_adamw(params, impl)
         entries.append(Entry(Contender(f"torch AdamW {impl}", opt.step, ADAMW_BYTES * n,
                                        {"B/elem": ADAMW_BYTES, "note": "no penalty"}), opt))
-    for kind in ("sub+add", "add+add"):
-        for impl in ("fused", "foreach"):
-            params = own_params(master)
-            anchors = [a.clone() for a in master.anchors]
-            opt = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, **{impl: True})
-            fn = l2sp_composition(kind, params, anchors, L2SP, opt.step)
-            b = ADAMW_BYTES + 4
-            entries.append(Entry(Contender(f"{TORCH_L2SP_PREFIX} ({kind}, {impl})", fn, b * n,
-                                           {"B/elem": b, "note": "2 extra passes: +24 B/elem moved"}), opt, anchors))
+    entries += torch_l2sp_entries(master, n, torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
     if ours_ok:
-        variants = [
-            ("ours AdamW", dict(l2sp=0.0), 0, "l2sp=0"),
-            (OURS_L2SP, dict(l2sp=L2SP), 4, "coupled, fp32 anchor"),
-            ("ours AdamW L2-SP decoupled", dict(l2sp=L2SP, penalty_mode="decoupled"), 4, "decoupled, fp32 anchor"),
-            ("ours AdamW L2-SP bf16 anchor", dict(l2sp=L2SP, anchor_dtype=torch.bfloat16), 2, "coupled, bf16 anchor"),
-        ]
-        for name, kw, anchor_b, note in variants:
-            params = own_params(master)
-            anchor = [a.clone() for a in master.anchors] if kw["l2sp"] > 0 else "init"
-            opt = pyfinetune.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                                         anchor=anchor, **kw)
-            b = ADAMW_BYTES + anchor_b
-            entries.append(Entry(Contender(name, opt.step, b * n, {"B/elem": b, "note": note}), opt))
+        entries += ours_adamw_entries(master, n, OURS_ADAMW_VARIANTS)
 
     # ---- SGD with momentum
     for impl in ("fused", "foreach"):
         params = own_params(master)
-        opt = torch.optim.SGD(params, lr=SGD_LR, momentum=MOMENTUM, **{impl: True})
+        opt = torch_sgd(params, impl)
         entries.append(Entry(Contender(f"torch SGD {impl}", opt.step, SGD_BYTES * n,
                                        {"B/elem": SGD_BYTES, "note": "momentum, no penalty"}), opt))
-    for kind in ("sub+add", "add+add"):
-        for impl in ("fused", "foreach"):
-            params = own_params(master)
-            anchors = [a.clone() for a in master.anchors]
-            opt = torch.optim.SGD(params, lr=SGD_LR, momentum=MOMENTUM, **{impl: True})
-            fn = l2sp_composition(kind, params, anchors, L2SP, opt.step)
-            b = SGD_BYTES + 4
-            entries.append(Entry(Contender(f"{TORCH_SGD_L2SP_PREFIX} ({kind}, {impl})", fn, b * n,
-                                           {"B/elem": b, "note": "2 extra passes: +24 B/elem moved"}), opt, anchors))
+    entries += torch_l2sp_entries(master, n, torch_sgd, TORCH_SGD_L2SP_PREFIX, SGD_BYTES + 4)
     if ours_ok:
         for name, l2sp, anchor_b in (("ours SGD", 0.0, 0), (OURS_SGD_L2SP, L2SP, 4)):
             params = own_params(master)
@@ -246,13 +274,6 @@ def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: 
 
 
 # --------------------------------------------------------------------------------------- analysis
-def paired_ratio(num: common.Timing, den: common.Timing) -> Dict[str, float]:
-    """num/den of the medians, and the 20/80 percentiles of the per-round ratios (same round)."""
-    per_round = [a / b for a, b in zip(num.times_ms, den.times_ms)]
-    return {"value": num.median / den.median, "p20": common.percentile(per_round, 20),
-            "p80": common.percentile(per_round, 80)}
-
-
 def best_of(timings: Dict[str, common.Timing], prefix: str) -> Optional[str]:
     names = [k for k in timings if k.startswith(prefix)]
     return min(names, key=lambda k: timings[k].median) if names else None
@@ -275,9 +296,9 @@ def analyse(case: Case, entries: List[Entry], timings: Dict[str, common.Timing],
     best = best_of(timings, TORCH_L2SP_PREFIX)
     if OURS_L2SP in timings:
         ours = timings[OURS_L2SP]
-        add(TARGETS[0][0], f"{TARGETS[0][1]}; best torch = {best}", paired_ratio(timings[best], ours), TARGETS[0][2],
-            best)
-        add(TARGETS[1][0], TARGETS[1][1], paired_ratio(timings[TORCH_FUSED], ours), TARGETS[1][2])
+        add(TARGETS[0][0], f"{TARGETS[0][1]}; best torch = {best}", common.paired_ratio(timings[best], ours),
+            TARGETS[0][2], best)
+        add(TARGETS[1][0], TARGETS[1][1], common.paired_ratio(timings[TORCH_FUSED], ours), TARGETS[1][2])
         frac = ours.gbps(by_name[OURS_L2SP].bytes) / copy_gbps
         per_round = [(by_name[OURS_L2SP].bytes / o) / (by_name[COPY].bytes / c)
                      for o, c in zip(ours.times_ms, timings[COPY].times_ms)]
@@ -291,12 +312,12 @@ def analyse(case: Case, entries: List[Entry], timings: Dict[str, common.Timing],
                 "ours L2-SP effective GB/s / copy GB/s counting the write-allocate read (x1.5), stricter",
                 {k: v / 1.5 for k, v in ratios[-1].items() if k in ("value", "p20", "p80")}, TARGETS[2][2])
         add("ours_no_penalty_vs_torch_fused", "ours AdamW (l2sp=0) vs torch fused AdamW (time ratio)",
-            paired_ratio(timings[TORCH_FUSED], timings["ours AdamW"]))
+            common.paired_ratio(timings[TORCH_FUSED], timings["ours AdamW"]))
         add("ours_bf16_anchor_vs_torch_fused", "ours L2-SP bf16 anchor vs torch fused AdamW without penalty",
-            paired_ratio(timings[TORCH_FUSED], timings["ours AdamW L2-SP bf16 anchor"]))
+            common.paired_ratio(timings[TORCH_FUSED], timings["ours AdamW L2-SP bf16 anchor"]))
         best_sgd = best_of(timings, TORCH_SGD_L2SP_PREFIX)
         add("sgd_speedup_vs_best_torch_l2sp", f"ours SGD L2-SP vs best torch SGD L2-SP; best torch = {best_sgd}",
-            paired_ratio(timings[best_sgd], timings[OURS_SGD_L2SP]), None, best_sgd)
+            common.paired_ratio(timings[best_sgd], timings[OURS_SGD_L2SP]), None, best_sgd)
     rows = []
     for e in entries:
         c, t = e.contender, timings[e.contender.name]
@@ -351,6 +372,30 @@ def case_markdown(res: Dict[str, Any], device: torch.device) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------- pyfinetune bench
+def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -> List[common.Speedup]:
+    """``pyfinetune bench``'s optimizer rows: one AdamW step with L2-SP, ``ours AdamW L2-SP`` against
+    the fastest of torch's four L2-SP compositions, interleaved in the same rounds. Cases: ``small``
+    with ``quick``; else ``resnet50`` (a real parameter list), and ``large`` on CUDA."""
+    names = ["small"] if quick else ["resnet50"] + (["large"] if device.type == "cuda" else [])
+    ours_variant = [v for v in OURS_ADAMW_VARIANTS if v[0] == OURS_L2SP]
+    rows = []
+    for name in names:
+        case = make_case(name)
+        master = make_master(case, device)
+        entries = (torch_l2sp_entries(master, case.numel, torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
+                   + ours_adamw_entries(master, case.numel, ours_variant))
+        del master
+        label = f"AdamW L2-SP step, {case.name} ({len(case.shapes)} tensors, {case.numel / 1e6:.1f}M fp32)"
+        rows.append(common.measure_speedup("optim", label, [e.contender for e in entries], OURS_L2SP, device=device,
+                                           reps=reps, warmup=warmup, calls_per_rep=case.calls_per_rep))
+        del entries
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- main
 def run_case_quietly(case: Case, device: torch.device, reps: int, warmup: int, attempts: int) -> Dict[str, Any]:
     """Run the case, again (up to ``attempts`` times) while other processes disturbed it on CPU;
@@ -396,11 +441,11 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int) -> Dict[s
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--case", nargs="+", choices=("flat", "resnet50", "tiny", "large"),
+    ap.add_argument("--case", nargs="+", choices=("flat", "resnet50", "tiny", "large", "small"),
                     help="default: flat resnet50 tiny (+ large on cuda)")
-    common.add_run_options(ap, default_reps=30, repeat_what="a case")
+    common.add_run_options(ap, default_reps=DEFAULT_REPS, repeat_what="a case")
     args = ap.parse_args(argv)
-    device, reps, warmup = common.resolve_run_options(ap, args, default_reps=30)
+    device, reps, warmup = common.resolve_run_options(ap, args, default_reps=DEFAULT_REPS)
     cases = args.case or (["flat", "resnet50", "tiny"] + (["large"] if device.type == "cuda" else []))
     if "large" in cases and device.type != "cuda":
         ap.error("the 'large' case (134M parameters, ~20 contenders with their own state) is for GPUs")

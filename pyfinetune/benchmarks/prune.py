@@ -41,6 +41,8 @@ from . import common
 from .common import Contender
 
 # 60% and 65% resolve the crossover of SparseLinear's kernel='auto'.
+KERNEL = "csr_linear"  # the op whose kernels `pyfinetune bench` needs on its device
+DEFAULT_REPS = 15
 SPARSITIES = (0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 0.95, 0.99)
 N, K, M = 256, 4096, 4096
 LR = 1e-3
@@ -64,6 +66,7 @@ CROSSOVER_TARGET = 0.7
 
 # --------------------------------------------------------------------------------------- inputs
 def make_problem(sparsity: float, device: torch.device, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """x [N, K], a weight [M, K] with a random mask keeping 1 - ``sparsity`` of it, an upstream gradient [N, M]."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(N, K, generator=gen).to(device)
     w = (torch.randn(M, K, generator=gen) * K**-0.5).to(device)
@@ -72,7 +75,8 @@ def make_problem(sparsity: float, device: torch.device, seed: int = 0) -> Dict[s
     return {"x": x, "w": w, "mask": mask, "grad": grad}
 
 
-def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool) -> List[Contender]:
+def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True) -> List[Contender]:
+    """Forward contenders: dense, torch CSR, ours sparse and (``dense_path``) our dense path."""
     x, w, mask = p["x"], p["w"], p["mask"]
     wm = torch.where(mask, w, 0.0)
     out = [Contender(DENSE_FWD, lambda: x @ wm.t())]
@@ -82,13 +86,14 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool) -> List[Conten
     xt = x.t()
     out.append(Contender(TORCH_CSR_FWD, lambda: torch.sparse.mm(w_csr, xt)))
     if ours_ok:
-        for name, kernel in ((OURS_FWD, "sparse"), (OURS_DENSE_FWD, "dense")):
+        for name, kernel in ((OURS_FWD, "sparse"),) + (((OURS_DENSE_FWD, "dense"),) if dense_path else ()):
             layer = SparseLinear.from_dense(w, mask, kernel=kernel)
             out.append(Contender(name, lambda layer=layer: layer(x)))
     return out
 
 
-def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool) -> List[Contender]:
+def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True) -> List[Contender]:
+    """Training-step contenders: dense + torch fused AdamW, ours sparse and (``dense_path``) our dense path + AdamW."""
     x0, w, mask, g = p["x"], p["w"], p["mask"], p["grad"]
     out = []
 
@@ -103,7 +108,7 @@ def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool) -> List[Contender
         opt.zero_grad(set_to_none=True)
     out.append(Contender(DENSE_STEP, dense_step))
     if ours_ok:
-        for name, kernel in ((OURS_STEP, "sparse"), (OURS_DENSE_STEP, "dense")):
+        for name, kernel in ((OURS_STEP, "sparse"),) + (((OURS_DENSE_STEP, "dense"),) if dense_path else ()):
             layer = SparseLinear.from_dense(w, mask, kernel=kernel)
             layer_opt = pyfinetune.optim.AdamW(layer.parameters(), lr=LR)
             xs = x0.clone().requires_grad_(True)
@@ -117,16 +122,33 @@ def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool) -> List[Contender
     return out
 
 
+# ---------------------------------------------------------------------------------- pyfinetune bench
+BENCH_SPARSITY = 0.9
+
+
+def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -> List[common.Speedup]:
+    """``pyfinetune bench``'s pruning rows at 90% sparsity: ``SparseLinear`` (csr_linear) forward
+    against the faster of the dense product and ``torch.sparse.mm`` on CSR, and a training step
+    (forward, backward, AdamW) against dense + torch fused AdamW; x [N, K] fp32, weight [M, K] with
+    the script's N, K, M (256, 4096, 4096), ``quick`` or not: at smaller shapes the times are
+    too short to show a sparse kernel's gain, and these take seconds."""
+    p = make_problem(BENCH_SPARSITY, device)
+    shape = f"{BENCH_SPARSITY:.0%} sparse, x {N}x{K}, W {M}x{K} fp32"
+    rows = []
+    for label, ours, build, grad_mode in (("forward", OURS_FWD, forward_contenders, torch.no_grad),
+                                          ("train step", OURS_STEP, step_contenders, torch.enable_grad)):
+        contenders = build(p, True, dense_path=False)
+        with grad_mode():
+            rows.append(common.measure_speedup("prune", f"SparseLinear {label}, {shape}", contenders, ours,
+                                               device=device, reps=reps, warmup=warmup))
+        del contenders
+        gc.collect()
+    return rows
+
+
 # -------------------------------------------------------------------------------------- running
 def timings_summary(timings: Dict[str, common.Timing]) -> Dict[str, Dict[str, Any]]:
     return {k: t.summary() for k, t in timings.items()}
-
-
-def paired_ratio(num: common.Timing, den: common.Timing) -> Dict[str, float]:
-    """num/den of the medians, and the 20/80 percentiles of the same-round ratios."""
-    per_round = [a / b for a, b in zip(num.times_ms, den.times_ms)]
-    return {"value": num.median / den.median, "p20": common.percentile(per_round, 20),
-            "p80": common.percentile(per_round, 80)}
 
 
 def run_sparsity(sparsity: float, device: torch.device, reps: int, warmup: int, ours_ok: bool) -> Dict[str, Any]:
@@ -197,7 +219,7 @@ def analyse(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         den = OURS_STEP if group == "step" else OURS_FWD
         if num not in r[group] or den not in r[group]:
             continue
-        v = paired_ratio(r[group][num], r[group][den])
+        v = common.paired_ratio(r[group][num], r[group][den])
         ratios.append({"key": key, "description": f"{desc} at {sparsity:.0%}", **v, "target": target,
                        "status": "MET" if v["value"] >= target else "NOT MET"})
     cross = {
@@ -219,10 +241,10 @@ def sparsity_markdown(r: Dict[str, Any]) -> str:
     for group, title, dense in (("forward", "forward", DENSE_FWD), ("step", "training step", DENSE_STEP)):
         rows = []
         for name, t in r[group].items():
-            ratio = paired_ratio(r[group][dense], t)["value"] if dense in r[group] else None
+            ratio = common.paired_ratio(r[group][dense], t)["value"] if dense in r[group] else None
             rows.append([name, f(t.median), f(t.p20), f(t.p80), None if ratio is None else f"{ratio:.2f}x"])
-        out += [f"{title}:", "", common.markdown_table(["contender", "median ms", "p20 ms", "p80 ms", "vs dense"], rows),
-                ""]
+        headers = ["contender", "median ms", "p20 ms", "p80 ms", "vs dense"]
+        out += [f"{title}:", "", common.markdown_table(headers, rows), ""]
     load = r.get("cpu_contention") or {}
     if load.get("other_share") is not None:
         line = (f"Other processes used {100 * load['other_share']:.1f}% of the CPUs during this case "
@@ -243,7 +265,8 @@ def summary_markdown(analysis: Dict[str, Any]) -> str:
             return "not reached in the measured range"
         interp = "" if d["interpolated"] is None else f" (ratio 1 at ~{d['interpolated']:.0%})"
         return f"from {d['measured']:.0%}{interp}"
-    out = ["## Targets", "", common.markdown_table(["ratio", "value", "per-round p20 .. p80", "target", "status"], rows),
+    headers = ["ratio", "value", "per-round p20 .. p80", "target", "status"]
+    out = ["## Targets", "", common.markdown_table(headers, rows),
            "", "## Crossover (sparsity from which ours sparse is faster)", "",
            common.markdown_table(["against", "crossover"], [
                ["dense x @ w.T, forward", fmt_cross(c["forward_vs_dense"])],
@@ -258,9 +281,9 @@ def summary_markdown(analysis: Dict[str, Any]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sparsity", type=float, nargs="+", default=list(SPARSITIES))
-    common.add_run_options(ap, default_reps=15, repeat_what="a sparsity")
+    common.add_run_options(ap, default_reps=DEFAULT_REPS, repeat_what="a sparsity")
     args = ap.parse_args(argv)
-    device, reps, warmup = common.resolve_run_options(ap, args, default_reps=15)
+    device, reps, warmup = common.resolve_run_options(ap, args, default_reps=DEFAULT_REPS)
     ours_ok = device.type in pyfinetune.kernel_devices()["csr_linear"]
 
     stamp, when = common.timestamp()

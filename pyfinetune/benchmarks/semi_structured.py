@@ -15,7 +15,6 @@ Results: ``benchmarks/results/semi24-cuda-<stamp>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
