@@ -93,10 +93,10 @@ def header_lines(record: Dict[str, Any]) -> List[str]:
     """The machine and the code measured, one ``name  value`` line each."""
     m = record["machine"]
     git = m.get("git") or {}
-    commit = "unknown (installed package)" if not git.get("commit") else (
+    commit = "unknown (not run from a git clone)" if not git.get("commit") else (
         git["commit"][:12] + (" (uncommitted changes)" if git.get("dirty") else "") + f" on {git.get('branch')}")
     build = m.get("pyfinetune_build") or {}
-    cuda = f"CUDA {m['cuda_runtime']}" if m.get("cuda_runtime") else "CPU-only build"
+    cuda = f"built for CUDA {m['cuda_runtime']}" if m.get("cuda_runtime") else "CPU-only build"
     pairs = [
         ("machine", f"{m['cpu_model']}, {m['cpu_count']} cores ({m['cpu_affinity']} usable), "
                     f"ISA {m['cpu_capability']}, RAM {m['mem_total_gib']} GiB"),
