@@ -185,6 +185,17 @@ def torch_sgd(params: List[torch.Tensor], impl: str) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=SGD_LR, momentum=MOMENTUM, **{impl: True})
 
 
+def torch_plain_entries(master: Master, n: int, make_opt: Callable[[List[torch.Tensor], str], torch.optim.Optimizer],
+                        prefix: str, step_bytes: int, note: str) -> List[Entry]:
+    """torch's optimizer without a penalty, fused and foreach."""
+    entries = []
+    for impl in ("fused", "foreach"):
+        opt = make_opt(own_params(master), impl)
+        entries.append(Entry(Contender(f"{prefix} {impl}", opt.step, step_bytes * n,
+                                       {"B/elem": step_bytes, "note": note}), opt))
+    return entries
+
+
 def torch_l2sp_entries(master: Master, n: int, make_opt: Callable[[List[torch.Tensor], str], torch.optim.Optimizer],
                        prefix: str, step_bytes: int) -> List[Entry]:
     """The four torch L2-SP compositions of one optimizer: (sub+add | add+add) x (fused | foreach)."""
@@ -246,21 +257,13 @@ def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: 
                                        {"B/elem": None, "note": "reference: what one core moves"})))
 
     # ---- AdamW
-    for impl in ("fused", "foreach"):
-        params = own_params(master)
-        opt = torch_adamw(params, impl)
-        entries.append(Entry(Contender(f"torch AdamW {impl}", opt.step, ADAMW_BYTES * n,
-                                       {"B/elem": ADAMW_BYTES, "note": "no penalty"}), opt))
+    entries += torch_plain_entries(master, n, torch_adamw, "torch AdamW", ADAMW_BYTES, "no penalty")
     entries += torch_l2sp_entries(master, n, torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
     if ours_ok:
         entries += ours_adamw_entries(master, n, OURS_ADAMW_VARIANTS)
 
     # ---- SGD with momentum
-    for impl in ("fused", "foreach"):
-        params = own_params(master)
-        opt = torch_sgd(params, impl)
-        entries.append(Entry(Contender(f"torch SGD {impl}", opt.step, SGD_BYTES * n,
-                                       {"B/elem": SGD_BYTES, "note": "momentum, no penalty"}), opt))
+    entries += torch_plain_entries(master, n, torch_sgd, "torch SGD", SGD_BYTES, "momentum, no penalty")
     entries += torch_l2sp_entries(master, n, torch_sgd, TORCH_SGD_L2SP_PREFIX, SGD_BYTES + 4)
     if ours_ok:
         for name, l2sp, anchor_b in (("ours SGD", 0.0, 0), (OURS_SGD_L2SP, L2SP, 4)):
