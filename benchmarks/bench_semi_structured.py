@@ -1,101 +1,15 @@
-"""2:4 sparse tensor cores against the dense product (GPU only, compute capability >= 8.0).
+"""Benchmark of 2:4 sparse tensor cores against the dense product (GPU only).
 
-    python benchmarks/bench_semi_structured.py                 # 8192 x 8192 weight, batches 2048 and 8192
-    python benchmarks/bench_semi_structured.py --quick         # fewer rounds, a smoke test
-
-Contenders, interleaved round-robin (``common.time_interleaved``), forward only (the 2:4 weight of
-``SemiStructuredLinear`` is frozen):
-  * ``dense``: ``F.linear(x, w_pruned, b)`` with the 2:4-pruned weight stored dense (cuBLAS);
-  * ``ours 2:4``: ``pyfinetune._semi_structured.SemiStructuredLinear`` (PyTorch's semi-structured
-    sparse tensor, cuSPARSELt / CUTLASS).
-Target (issue #4): 2:4 at least 1.2x the dense product at 8192 x 8192 (fp16, H100).
-Results: ``benchmarks/results/semi24-cuda-<stamp>.{json,md}``.
+The command line of :mod:`pyfinetune.benchmarks.semi_structured` (see its docstring for the options and the
+method). Run from the repository root: this checkout's pyfinetune is measured, not an installed one.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-from typing import Optional, Sequence
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.dirname(HERE))  # measure this checkout's pyfinetune
-
-import common  # noqa: E402
-from common import Contender  # noqa: E402
-
-from pyfinetune._semi_structured import SemiStructuredLinear  # noqa: E402
-
-TARGET = 1.2
-
-
-def two_four_mask(w: torch.Tensor) -> torch.Tensor:
-    """Keep the 2 largest magnitudes of every 4 consecutive inputs."""
-    groups = w.abs().reshape(w.shape[0], -1, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, groups.topk(2, dim=-1).indices, True)
-    return keep.reshape(w.shape)
-
-
-def run_case(n: int, m: int, k: int, dtype: torch.dtype, reps: int, warmup: int, device: torch.device):
-    torch.manual_seed(0)
-    w = torch.randn(m, k, device=device, dtype=dtype) / k ** 0.5
-    mask = two_four_mask(w)
-    w_pruned = torch.where(mask, w, torch.zeros((), device=device, dtype=dtype))
-    b = torch.randn(m, device=device, dtype=dtype)
-    x = torch.randn(n, k, device=device, dtype=dtype)
-    layer = SemiStructuredLinear.from_dense(w, mask, b)
-    with torch.no_grad():
-        err = (layer(x).float() - F.linear(x, w_pruned, b).float()).abs().max().item()
-    contenders = [
-        Contender("dense", lambda: F.linear(x, w_pruned, b)),
-        Contender("ours 2:4", lambda: layer(x)),
-    ]
-    with torch.no_grad():
-        timings = common.time_interleaved(contenders, reps=reps, warmup=warmup, device=device, calls_per_rep=5)
-    ratio = timings["dense"].median / timings["ours 2:4"].median
-    return timings, ratio, err
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--device", choices=("cuda",), default="cuda", help="GPU only")
-    ap.add_argument("--out", default=common.RESULTS_DIR, help="results folder (default benchmarks/results)")
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
-        ap.error("needs a CUDA GPU with compute capability >= 8.0 (2:4 sparse tensor cores)")
-    device = torch.device("cuda")
-    reps, warmup = (10, 2) if args.quick else (30, 5)
-    info = common.machine_info(device)
-    lines = ["# 2:4 semi-structured linear vs dense (cuda)", "", common.machine_summary(info), "",
-             f"{reps} timed rounds of 5 calls after {warmup} warm-up rounds, interleaved; ratio = dense median / ours.",
-             "", "| x [N, K] | weight [M, K] | dtype | dense ms | ours 2:4 ms | ratio | max abs diff | target | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    record = {"machine": info, "cases": []}
-    for n, m, k in ((8192, 8192, 8192), (2048, 8192, 8192)):
-        for dtype in (torch.float16, torch.bfloat16):
-            timings, ratio, err = run_case(n, m, k, dtype, reps, warmup, device)
-            d, o = timings["dense"], timings["ours 2:4"]
-            status = "MET" if ratio >= TARGET else "NOT MET"
-            lines.append(f"| [{n}, {k}] | [{m}, {k}] | {str(dtype).replace('torch.', '')} | {d.median:.3f} | "
-                         f"{o.median:.3f} | {ratio:.2f}x | {err:.3g} | >= {TARGET}x | {status} |")
-            record["cases"].append({"n": n, "m": m, "k": k, "dtype": str(dtype), "ratio": ratio, "max_abs_diff": err,
-                                    "dense": d.summary(), "ours": o.summary()})
-            print(lines[-1], flush=True)
-    md = "\n".join(lines) + "\n"
-    print(md)
-    if not args.no_write:
-        paths = common.write_results("semi24", device, record, md, out_dir=args.out)
-        print("wrote", *paths)
-    return 0
-
+from pyfinetune.benchmarks.semi_structured import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,6 +2,8 @@
 
 ``pyfinetune info``      versions, compiled CPU/CUDA support and the kernels of every op.
 ``pyfinetune finetune``  fine-tune a classifier on an image folder (``pyfinetune/_finetune_cli.py``).
+``pyfinetune bench``     time pyfinetune's ops against their strongest torch baselines on this machine
+                         (``pyfinetune/benchmarks/suite.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,23 @@ def _add_finetune_parser(sub) -> None:
     p.set_defaults(func=_cmd_finetune)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmarks import suite
+
+    return suite.main(op=args.op, quick=args.quick, device=args.device, threads=args.threads, out=args.out)
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time pyfinetune's ops against their strongest torch baselines here")
+    p.add_argument("--op", choices=("optim", "distill", "prune", "all"), default="all", help="default: all")
+    p.add_argument("--quick", action="store_true", help="small shapes, few rounds, no torch.compile (< 1 min)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if torch sees a GPU, else cpu")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--out", metavar="DIR", help="results folder (default: benchmarks/results in a clone, "
+                                                "else ./pyfinetune-bench)")
+    p.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyfinetune", description="Fast fine-tuning kernels for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p_info.set_defaults(func=_cmd_info)
     _add_finetune_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""Timing and reporting helpers shared by pyfinetune's benchmark scripts.
+"""Timing and reporting helpers shared by pyfinetune's benchmarks (the ``benchmarks/bench_*.py``
+scripts of a clone and ``pyfinetune bench``).
 
 A benchmark builds a list of :class:`Contender` (a name and a zero-argument callable doing one
 unit of work, e.g. one optimizer step on the contender's own tensors) and hands it to
@@ -13,7 +14,9 @@ unit of work, e.g. one optimizer step on the contender's own tensors) and hands 
 
 :func:`machine_info` describes the machine and the code measured (CPU, threads, torch, CUDA, GPU,
 pyfinetune commit and whether the tree had uncommitted changes); :func:`write_results` stores a
-JSON record and a Markdown summary under ``benchmarks/results/<bench>-<device>-YYYYMMDD-HHMM.*``.
+JSON record and a Markdown summary under ``<results>/<bench>-<device>-YYYYMMDD-HHMM.*``, where
+``<results>`` is :data:`RESULTS_DIR`: ``benchmarks/results`` of the clone this package was loaded
+from, or ``./pyfinetune-bench`` for an installed package.
 """
 
 from __future__ import annotations
@@ -31,8 +34,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
+
+def _clone_root() -> Optional[str]:
+    """The repository this package was loaded from, or None for an installed package.
+
+    A clone has ``setup.py`` and ``benchmarks/`` beside ``pyfinetune/``; site-packages has not.
+    Without a clone no git command runs (the current folder may be another project's repository,
+    whose commit is not pyfinetune's).
+    """
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    is_clone = os.path.isfile(os.path.join(root, "setup.py")) and os.path.isdir(os.path.join(root, "benchmarks"))
+    return root if is_clone else None
+
+
+REPO_ROOT = _clone_root()
+RESULTS_DIR = (os.path.join(REPO_ROOT, "benchmarks", "results") if REPO_ROOT is not None
+               else os.path.join(os.getcwd(), "pyfinetune-bench"))
 MIN_REPS = 10
 
 
@@ -91,6 +108,12 @@ def percentile(xs: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def paired_ratio(num: Timing, den: Timing) -> Dict[str, float]:
+    """num/den of the medians, and the 20/80 percentiles of the per-round ratios (same round)."""
+    per_round = [a / b for a, b in zip(num.times_ms, den.times_ms)]
+    return {"value": num.median / den.median, "p20": percentile(per_round, 20), "p80": percentile(per_round, 80)}
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -194,6 +217,47 @@ def is_contended(result: Dict[str, Optional[float]], limit: float = BUSY_LIMIT) 
     if result.get("other_share") is None:
         return False
     return result["other_share"] + (result.get("steal_share") or 0.0) > limit
+
+
+@dataclass
+class Speedup:
+    """One row of ``pyfinetune bench``: ours against the fastest torch baseline of the same rounds.
+
+    Times are medians in milliseconds; ``speedup`` is baseline median / ours median (> 1: ours
+    faster) with ``p20`` / ``p80`` the percentiles of the same-round ratios; ``baselines`` maps
+    every torch contender that ran to its median; ``other_cpu_share`` is the share of the CPUs
+    other processes took meanwhile (None off Linux).
+    """
+
+    op: str
+    case: str
+    ours: str
+    ours_ms: float
+    baseline: str
+    baseline_ms: float
+    speedup: float
+    p20: float
+    p80: float
+    baselines: Dict[str, float]
+    other_cpu_share: Optional[float] = None
+    note: str = ""
+
+
+def measure_speedup(op: str, case: str, contenders: Sequence[Contender], ours: str, *, device: torch.device,
+                    reps: int, warmup: int, calls_per_rep: int = 1, note: str = "") -> Speedup:
+    """Time the contenders interleaved (:func:`time_interleaved`) and compare the one named ``ours``
+    with the fastest of the others (the baselines); a busy machine is said in the note."""
+    with CpuContention() as load:
+        timings = time_interleaved(contenders, reps=reps, warmup=warmup, device=device, calls_per_rep=calls_per_rep)
+    baselines = {c.name: timings[c.name].median for c in contenders if c.name != ours}
+    best = min(baselines, key=baselines.get)
+    ratio = paired_ratio(timings[best], timings[ours])
+    notes = [note] if note else []
+    if is_contended(load.result):
+        notes.append(f"busy: others took {100 * load.result['other_share']:.0f}% of the CPUs")
+    return Speedup(op=op, case=case, ours=ours, ours_ms=timings[ours].median, baseline=best,
+                   baseline_ms=baselines[best], speedup=ratio["value"], p20=ratio["p20"], p80=ratio["p80"],
+                   baselines=baselines, other_cpu_share=load.result.get("other_share"), note="; ".join(notes))
 
 
 def wait_for_quiet(max_wait_s: float = 120.0, window_s: float = 3.0, limit: float = BUSY_LIMIT) -> bool:
@@ -317,7 +381,7 @@ def add_run_options(ap, *, default_reps: int, repeat_what: str = "a case") -> No
     ap.add_argument("--attempts", type=int, default=3,
                     help=f"CPU: run {repeat_what} again, up to this many times, while other processes disturb it "
                          "(default 3)")
-    ap.add_argument("--out", default=RESULTS_DIR, help="results folder (default benchmarks/results)")
+    ap.add_argument("--out", default=RESULTS_DIR, help=f"results folder (default {RESULTS_DIR})")
 
 
 def resolve_run_options(ap, args, *, default_reps: int) -> Tuple[torch.device, int, int]:
@@ -336,6 +400,8 @@ def resolve_run_options(ap, args, *, default_reps: int) -> Tuple[torch.device, i
 
 # ---------------------------------------------------------------------------------- machine info
 def _run(cmd: List[str]) -> Optional[str]:
+    if REPO_ROOT is None:
+        return None
     try:
         out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -344,7 +410,7 @@ def _run(cmd: List[str]) -> Optional[str]:
 
 
 def git_state() -> Dict[str, Any]:
-    """Commit, branch and dirtiness of the repository the benchmark runs from.
+    """Commit, branch and dirtiness of the clone pyfinetune was loaded from (all None when installed).
 
     "dirty" counts changes to tracked files only: result files written by earlier runs are
     untracked and do not change what is measured.
@@ -480,6 +546,20 @@ def timestamp() -> Tuple[str, str]:
     return now.strftime("%Y%m%d-%H%M"), now.isoformat(timespec="seconds")
 
 
+def results_prefix(bench: str, device: torch.device, out_dir: Optional[str] = None, stamp: Optional[str] = None,
+                   exts: Sequence[str] = (".json", ".md")) -> str:
+    """``<out_dir>/<bench>-<device>-<stamp>``, the folder created, with a suffix ``-2``, ``-3`` ...
+    when a file of that name with one of ``exts`` exists (two runs in one minute)."""
+    out_dir = out_dir or RESULTS_DIR
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{bench}-{device.type}-{stamp or timestamp()[0]}")
+    candidate, k = base, 1
+    while any(os.path.exists(candidate + ext) for ext in exts):
+        k += 1
+        candidate = f"{base}-{k}"
+    return candidate
+
+
 def write_results(bench: str, device: torch.device, record: Dict[str, Any], markdown: str,
                   out_dir: Optional[str] = None, stamp: Optional[str] = None) -> Tuple[str, str]:
     """Write ``<out_dir>/<bench>-<device>-<stamp>.json`` and ``.md``; returns both paths.
@@ -487,15 +567,8 @@ def write_results(bench: str, device: torch.device, record: Dict[str, Any], mark
     An existing file of the same name (two runs in one minute) is not overwritten: a suffix
     ``-2``, ``-3`` ... is added.
     """
-    out_dir = out_dir or RESULTS_DIR
-    os.makedirs(out_dir, exist_ok=True)
-    stamp = stamp or timestamp()[0]
-    base = os.path.join(out_dir, f"{bench}-{device.type}-{stamp}")
-    candidate, k = base, 1
-    while os.path.exists(candidate + ".json") or os.path.exists(candidate + ".md"):
-        k += 1
-        candidate = f"{base}-{k}"
-    json_path, md_path = candidate + ".json", candidate + ".md"
+    prefix = results_prefix(bench, device, out_dir, stamp)
+    json_path, md_path = prefix + ".json", prefix + ".md"
     with open(json_path, "w") as f:
         json.dump(record, f, indent=1, default=str)
         f.write("\n")

@@ -1,0 +1,299 @@
+"""Benchmark of the fused distillation loss against the torch composition, eager and compiled.
+
+    python benchmarks/bench_kd.py                       # CPU cases (1024 x 32000, 256 x 128256, fused linear)
+    python benchmarks/bench_kd.py --device cuda         # GPU cases (8192 x 128256 bf16, bigger fused linear)
+    python benchmarks/bench_kd.py --quick               # smoke run, small shapes
+
+Contenders (forward_kl, T = 2, alpha = 0.5, labels with 1/8 of the rows ignored, batchmean):
+  * ``torch eager``:   log_softmax / kl_div(log_target) / cross_entropy composition;
+  * ``torch compile``: the same function under ``torch.compile`` (inductor);
+  * ``ours``:          ``pyfinetune.losses.kd_loss``.
+Timed, interleaved round-robin in one process (``common.time_interleaved``): forward (grad mode,
+student requiring grad), forward+backward, and backward alone (forward untimed before each
+timed backward, contenders interleaved the same way). Memory, each contender in a fresh child
+process: ``held`` = memory allocated by the forward and still live after it (graph alive), i.e.
+what is kept between forward and backward; ``peak`` = peak of the memory allocated during
+forward+backward above what was allocated before (CPU: torch's allocator record from the
+profiler's memory events, see ``common.CpuAllocations``; CUDA:
+max_memory_allocated).
+``fused_linear_kd_loss`` is compared with the unfused composition (logits, then kd_loss) on
+N x H hidden states and a V x H head. Results: ``benchmarks/results/kd-<device>-<stamp>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import pyfinetune  # noqa: F401
+from pyfinetune.losses import fused_linear_kd_loss, kd_loss
+
+from . import common
+from .common import Contender, Timing
+
+KERNEL = "kd_loss_fwd"  # the op whose kernels `pyfinetune bench` needs on its device
+DEFAULT_REPS = 10
+TEMP, ALPHA = 2.0, 0.5
+EAGER, COMPILED, OURS, UNFUSED, FUSED = "torch eager", "torch compile", "ours", "unfused (logits + ours)", "ours fused linear"
+
+CPU_CASES = [("kd", 1024, 32000, torch.float32), ("kd", 256, 128256, torch.float32), ("linear", 4096, 1024, 32000)]
+GPU_CASES = [("kd", 8192, 128256, torch.bfloat16), ("linear", 16384, 4096, 128256)]
+QUICK_CASES = [("kd", 64, 5000, torch.float32), ("linear", 256, 128, 5000)]
+
+
+def torch_kd(s, t, lab):
+    log_q = F.log_softmax(s.float() / TEMP, dim=-1)
+    log_p = F.log_softmax(t.float() / TEMP, dim=-1)
+    kd = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    ce = F.cross_entropy(s.float(), lab, ignore_index=-100, reduction="none")
+    rows = torch.where(lab == -100, 0.0, ALPHA * TEMP * TEMP * kd + (1 - ALPHA) * ce)
+    return rows.sum() / (lab != -100).sum().clamp_min(1)
+
+
+def ours_kd(s, t, lab):
+    return kd_loss(s, t, lab, temperature=TEMP, alpha=ALPHA)
+
+
+_compiled = None
+
+
+def compiled_kd(s, t, lab):
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(torch_kd)
+    return _compiled(s, t, lab)
+
+
+KD_FNS = {EAGER: torch_kd, COMPILED: compiled_kd, OURS: ours_kd}
+
+
+def kd_inputs(n, v, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, v, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_(True)
+    t = (torch.randn(n, v, generator=g) * 3).to(device=device, dtype=dtype)
+    lab = torch.randint(0, v, (n,), generator=g)
+    lab[::8] = -100
+    return s, t, lab.to(device)
+
+
+def unfused_linear(h, w, ht, wt, lab):
+    return kd_loss(h @ w.t(), (ht @ wt.t()).detach(), lab, temperature=TEMP, alpha=ALPHA)
+
+
+def fused_linear(h, w, ht, wt, lab):
+    return fused_linear_kd_loss(h, w, ht, wt, lab, temperature=TEMP, alpha=ALPHA)
+
+
+LINEAR_FNS = {UNFUSED: unfused_linear, FUSED: fused_linear}
+
+
+def linear_inputs(n, hdim, v, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hdim, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
+    w = (torch.randn(v, hdim, generator=g) / hdim ** 0.5).to(device=device, dtype=dtype).requires_grad_(True)
+    ht = torch.randn(n, hdim, generator=g).to(device=device, dtype=dtype)
+    wt = (torch.randn(v, hdim, generator=g) / hdim ** 0.5).to(device=device, dtype=dtype)
+    lab = torch.randint(0, v, (n,), generator=g)
+    lab[::8] = -100
+    return h, w, ht, wt, lab.to(device)
+
+
+# ------------------------------------------------------------------------------- memory (child)
+def child_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """One contender's held and peak memory, measured in this (fresh) process."""
+    device = torch.device(spec["device"])
+    if spec["kind"] == "kd":
+        fn = KD_FNS[spec["name"]]
+        inputs = kd_inputs(spec["n"], spec["v"], getattr(torch, spec["dtype"]), device)
+    else:
+        fn = LINEAR_FNS[spec["name"]]
+        inputs = linear_inputs(spec["n"], spec["h"], spec["v"], device)
+    # One warm-up (compilation, thread pools) then the measured call.
+    fn(*inputs).backward()
+    for x in inputs:
+        x.grad = None
+    common.synchronize(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = fn(*inputs)
+        torch.cuda.synchronize(device)
+        held = torch.cuda.memory_allocated(device) - base
+        loss.backward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return {"held_bytes": held, "peak_bytes": peak}
+    with common.CpuAllocations() as mem:
+        loss = fn(*inputs)
+        mem.mark("forward")
+        loss.backward()
+        del loss
+    return {"held_bytes": mem.live_at("forward"), "peak_bytes": mem.peak()}
+
+
+def measure_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
+    # The child imports the pyfinetune this process measures, wherever it was loaded from.
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-m", "pyfinetune.benchmarks.distill", "--child", json.dumps(spec)],
+                         capture_output=True, text=True, timeout=1200, env={**os.environ, "PYTHONPATH": path})
+    if out.returncode != 0:
+        return {"error": out.stderr[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------- timing
+def time_backward(fns: Dict[str, Callable], make_inputs, reps: int, device) -> Dict[str, Timing]:
+    """Backward alone: an untimed forward, then the timed backward; contenders round-robin."""
+    names = list(fns)
+    inputs = {n: make_inputs() for n in names}
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(reps + 2):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            loss = fns[name](*inputs[name])
+            common.synchronize(device)
+            t0 = time.perf_counter_ns()
+            loss.backward()
+            common.synchronize(device)
+            if r >= 2:
+                times[name].append((time.perf_counter_ns() - t0) / 1e6)
+            for x in inputs[name]:
+                x.grad = None
+    return {n: Timing(n, times[n]) for n in names}
+
+
+def fwd_bwd(fn: Callable, inputs: Tuple[torch.Tensor, ...]) -> Callable[[], None]:
+    """One forward + backward of ``fn(*inputs)``; the gradients are cleared after it."""
+    def run():
+        fn(*inputs).backward()
+        for x in inputs:
+            x.grad = None
+    return run
+
+
+def time_case(fns: Dict[str, Callable], make_inputs, reps: int, device) -> Dict[str, Dict[str, Timing]]:
+    per_contender = {n: make_inputs() for n in fns}
+
+    def fwd(name):
+        f, args = fns[name], per_contender[name]
+        return lambda: f(*args)
+
+    out = {}
+    out["forward"] = common.time_interleaved([Contender(n, fwd(n)) for n in fns], reps=reps, device=device)
+    out["backward"] = time_backward(fns, make_inputs, reps, device)
+    out["forward+backward"] = common.time_interleaved([Contender(n, fwd_bwd(fns[n], per_contender[n])) for n in fns],
+                                                      reps=reps, device=device)
+    return out
+
+
+# ---------------------------------------------------------------------------------- pyfinetune bench
+# (rows, vocabulary, dtype) of `pyfinetune bench --quick`; the full run takes the first case of
+# CPU_CASES / GPU_CASES.
+BENCH_QUICK_CASES = {"cpu": (256, 32000, torch.float32), "cuda": (4096, 32000, torch.bfloat16)}
+
+
+def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -> List[common.Speedup]:
+    """``pyfinetune bench``'s distillation row: ``kd_loss`` forward + backward against the fastest of
+    the eager torch composition and ``torch.compile`` of it (skipped with ``quick``: compiling
+    takes longer than the whole quick run), interleaved in the same rounds."""
+    if quick:
+        n, v, dtype = BENCH_QUICK_CASES[device.type]
+    else:
+        n, v, dtype = (GPU_CASES if device.type == "cuda" else CPU_CASES)[0][1:]
+    names = [EAGER, OURS] if quick else [EAGER, COMPILED, OURS]
+    contenders = [Contender(name, fwd_bwd(KD_FNS[name], kd_inputs(n, v, dtype, device))) for name in names]
+    note = "torch.compile skipped (--quick)" if quick else ""
+    if not quick:
+        compiled = contenders[names.index(COMPILED)]
+        try:
+            compiled.fn()  # compiles now, not in the warm-up rounds
+        except Exception as e:  # no C++ compiler, or an inductor limitation: compare with eager only
+            contenders.remove(compiled)
+            note = f"torch.compile failed ({type(e).__name__}): not compared"
+    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    label = f"kd_loss fwd+bwd, {n}x{v} {short}"
+    return [common.measure_speedup("distill", label, contenders, OURS, device=device, reps=reps, warmup=warmup,
+                                   note=note)]
+
+
+def run(args) -> None:
+    device = torch.device(args.device)
+    cases = QUICK_CASES if args.quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
+    info = common.machine_info(device)
+    record: Dict[str, Any] = {"machine": info, "cases": []}
+    md = [f"# kd loss benchmark ({device.type})", "", common.machine_summary(info), ""]
+    for case in cases:
+        if case[0] == "kd":
+            _, n, v, dtype = case
+            title = f"kd_loss {n} x {v} {str(dtype).replace('torch.', '')}"
+            fns = dict(KD_FNS)
+            make = lambda n=n, v=v, dtype=dtype: kd_inputs(n, v, dtype, device)
+            specs = {name: dict(kind="kd", name=name, n=n, v=v, dtype=str(dtype).replace("torch.", ""),
+                                device=device.type) for name in fns}
+        else:
+            _, n, hdim, v = case
+            title = f"fused_linear_kd_loss N={n} H={hdim} V={v} fp32"
+            fns = dict(LINEAR_FNS)
+            make = lambda n=n, hdim=hdim, v=v: linear_inputs(n, hdim, v, device)
+            specs = {name: dict(kind="linear", name=name, n=n, h=hdim, v=v, device=device.type) for name in fns}
+        print(f"== {title}", flush=True)
+        quiet = common.wait_for_quiet(max_wait_s=60) if device.type == "cpu" else True
+        with common.CpuContention() as cont:
+            timings = time_case(fns, make, args.reps, device)
+        memory = {name: measure_memory(spec) for name, spec in specs.items()}
+        entry = {"title": title, "contention": cont.result, "started_quiet": quiet,
+                 "contended": common.is_contended(cont.result),
+                 "timings": {mode: {k: t.summary() for k, t in ts.items()} for mode, ts in timings.items()},
+                 "memory": memory}
+        ref = OURS if case[0] == "kd" else FUSED
+        rows = []
+        for name in fns:
+            row = [name]
+            for mode in ("forward", "backward", "forward+backward"):
+                t = timings[mode][name]
+                row.append(f"{t.median:.1f} [{t.p20:.1f}, {t.p80:.1f}]")
+            fb = timings["forward+backward"]
+            row.append(f"{fb[name].median / fb[ref].median:.2f}x")
+            m = memory[name]
+            row.append(f"{m.get('held_bytes', 0) / 2**20:.0f}" if "held_bytes" in m else "err")
+            row.append(f"{m.get('peak_bytes', 0) / 2**20:.0f}" if "peak_bytes" in m else "err")
+            rows.append(row)
+        md += [f"## {title}", "",
+               f"contention: other processes {cont.result.get('other_share')}, flagged {entry['contended']}", "",
+               common.markdown_table(["contender", "fwd ms median [p20, p80]", "bwd ms", "fwd+bwd ms",
+                                      f"fwd+bwd time / {ref}", "held MiB", "peak MiB"], rows), ""]
+        record["cases"].append(entry)
+        print("\n".join(md[-3:]), flush=True)
+    if not args.no_write:
+        paths = common.write_results("kd", device, record, "\n".join(md), out_dir=args.out)
+        print("wrote", *paths)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line of ``benchmarks/bench_kd.py``; returns the exit status."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=DEFAULT_REPS)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--out", default=common.RESULTS_DIR, help=f"results folder (default {common.RESULTS_DIR})")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child_memory(json.loads(args.child))))
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

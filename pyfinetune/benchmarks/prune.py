@@ -1,0 +1,325 @@
+"""Benchmark of pyfinetune's pruned linear layer (SparseLinear / csr_linear) against dense and
+torch sparse products, across sparsities.
+
+    python benchmarks/bench_prune.py                        # CPU, N=256, K=M=4096, 50..99% sparsity (~5 min)
+    python benchmarks/bench_prune.py --device cuda          # GPU (the CUDA kernels must be built)
+    python benchmarks/bench_prune.py --quick --sparsity 0.9 # smoke run
+
+Per sparsity, two groups of contenders run round-robin (``common.time_interleaved``):
+
+* forward, ``y = x @ W^T`` with x [N, K] fp32 and W [M, K] pruned at random (no autograd):
+  ``dense x @ w.T`` on the pre-masked dense weight, ``torch.sparse.mm CSR`` (W as a
+  ``torch.sparse_csr`` tensor times x^T), ``ours sparse`` (SparseLinear, kernel="sparse":
+  csr_linear), ``ours dense path`` (SparseLinear, kernel="dense": masked_matmul on the weight
+  rebuilt from the kept values; what kernel="auto" runs below the crossover);
+* training step, forward + backward (grad of x and of the weights) + optimizer step:
+  ``dense + torch AdamW fused`` (a dense [M, K] parameter), ``ours sparse + AdamW`` and ``ours
+  dense path + AdamW`` (pyfinetune.optim.AdamW on the nnz kept values). torch's CSR tensors have
+  no fused training path (no gradient of the CSR values through torch.sparse.mm), so no row.
+
+Crossover: the lowest measured sparsity from which ours sparse beats the dense product (and
+beats our dense path: the kernel="auto" threshold), with the sparsity where the time ratio
+crosses 1 interpolated linearly between the two measured sparsities around it.
+Results: ``benchmarks/results/prune-<device>-YYYYMMDD-HHMM.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+import pyfinetune
+from pyfinetune._sparse_linear import SparseLinear
+
+from . import common
+from .common import Contender
+
+# 60% and 65% resolve the crossover of SparseLinear's kernel='auto'.
+KERNEL = "csr_linear"  # the op whose kernels `pyfinetune bench` needs on its device
+DEFAULT_REPS = 15
+SPARSITIES = (0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 0.95, 0.99)
+N, K, M = 256, 4096, 4096
+LR = 1e-3
+
+DENSE_FWD = "dense x @ w.T"
+TORCH_CSR_FWD = "torch.sparse.mm CSR"
+OURS_FWD = "ours sparse"
+OURS_DENSE_FWD = "ours dense path"
+DENSE_STEP = "dense + torch AdamW fused"
+OURS_STEP = "ours sparse + AdamW"
+OURS_DENSE_STEP = "ours dense path + AdamW"
+
+# (key, description, sparsity it is judged at, target)
+TARGETS = [
+    ("fwd_vs_dense", "forward: dense x @ w.T / ours sparse (time ratio, >1 = ours faster)", 0.9, 3.0),
+    ("fwd_vs_torch_csr", "forward: torch.sparse.mm CSR / ours sparse", 0.9, 1.5),
+    ("step_vs_dense", "fwd+bwd+AdamW step: dense + torch fused AdamW / ours sparse + AdamW", 0.9, 3.0),
+]
+CROSSOVER_TARGET = 0.7
+
+
+# --------------------------------------------------------------------------------------- inputs
+def make_problem(sparsity: float, device: torch.device, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """x [N, K], a weight [M, K] with a random mask keeping 1 - ``sparsity`` of it, an upstream gradient [N, M]."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(N, K, generator=gen).to(device)
+    w = (torch.randn(M, K, generator=gen) * K**-0.5).to(device)
+    mask = (torch.rand(M, K, generator=gen) >= sparsity).to(device)
+    grad = torch.randn(N, M, generator=gen).to(device)
+    return {"x": x, "w": w, "mask": mask, "grad": grad}
+
+
+def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True) -> List[Contender]:
+    """Forward contenders: dense, torch CSR, ours sparse and (``dense_path``) our dense path."""
+    x, w, mask = p["x"], p["w"], p["mask"]
+    wm = torch.where(mask, w, 0.0)
+    out = [Contender(DENSE_FWD, lambda: x @ wm.t())]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        w_csr = wm.to_sparse_csr()
+    xt = x.t()
+    out.append(Contender(TORCH_CSR_FWD, lambda: torch.sparse.mm(w_csr, xt)))
+    if ours_ok:
+        for name, kernel in ((OURS_FWD, "sparse"),) + (((OURS_DENSE_FWD, "dense"),) if dense_path else ()):
+            layer = SparseLinear.from_dense(w, mask, kernel=kernel)
+            out.append(Contender(name, lambda layer=layer: layer(x)))
+    return out
+
+
+def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True) -> List[Contender]:
+    """Training-step contenders: dense + torch fused AdamW, ours sparse and (``dense_path``) our dense path + AdamW."""
+    x0, w, mask, g = p["x"], p["w"], p["mask"], p["grad"]
+    out = []
+
+    weight = torch.nn.Parameter(torch.where(mask, w, 0.0))
+    x_dense = x0.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([weight], lr=LR, fused=True)
+
+    def dense_step():
+        x_dense.grad = None
+        (x_dense @ weight.t()).backward(g)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    out.append(Contender(DENSE_STEP, dense_step))
+    if ours_ok:
+        for name, kernel in ((OURS_STEP, "sparse"),) + (((OURS_DENSE_STEP, "dense"),) if dense_path else ()):
+            layer = SparseLinear.from_dense(w, mask, kernel=kernel)
+            layer_opt = pyfinetune.optim.AdamW(layer.parameters(), lr=LR)
+            xs = x0.clone().requires_grad_(True)
+
+            def ours_step(layer=layer, layer_opt=layer_opt, xs=xs):
+                xs.grad = None
+                layer(xs).backward(g)
+                layer_opt.step()
+                layer_opt.zero_grad(set_to_none=True)
+            out.append(Contender(name, ours_step))
+    return out
+
+
+# ---------------------------------------------------------------------------------- pyfinetune bench
+BENCH_SPARSITY = 0.9
+
+
+def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -> List[common.Speedup]:
+    """``pyfinetune bench``'s pruning rows at 90% sparsity: ``SparseLinear`` (csr_linear) forward
+    against the faster of the dense product and ``torch.sparse.mm`` on CSR, and a training step
+    (forward, backward, AdamW) against dense + torch fused AdamW; x [N, K] fp32, weight [M, K] with
+    the script's N, K, M (256, 4096, 4096), ``quick`` or not: at smaller shapes the times are
+    too short to show a sparse kernel's gain, and these take seconds."""
+    p = make_problem(BENCH_SPARSITY, device)
+    shape = f"{BENCH_SPARSITY:.0%} sparse, x {N}x{K}, W {M}x{K} fp32"
+    rows = []
+    for label, ours, build, grad_mode in (("forward", OURS_FWD, forward_contenders, torch.no_grad),
+                                          ("train step", OURS_STEP, step_contenders, torch.enable_grad)):
+        contenders = build(p, True, dense_path=False)
+        with grad_mode():
+            rows.append(common.measure_speedup("prune", f"SparseLinear {label}, {shape}", contenders, ours,
+                                               device=device, reps=reps, warmup=warmup))
+        del contenders
+        gc.collect()
+    return rows
+
+
+# -------------------------------------------------------------------------------------- running
+def timings_summary(timings: Dict[str, common.Timing]) -> Dict[str, Dict[str, Any]]:
+    return {k: t.summary() for k, t in timings.items()}
+
+
+def run_sparsity(sparsity: float, device: torch.device, reps: int, warmup: int, ours_ok: bool) -> Dict[str, Any]:
+    p = make_problem(sparsity, device)
+    res: Dict[str, Any] = {"sparsity": sparsity, "nnz": int(p["mask"].sum())}
+    with common.CpuContention() as load:
+        for group, build in (("forward", forward_contenders), ("step", step_contenders)):
+            contenders = build(p, ours_ok)
+            with torch.no_grad() if group == "forward" else torch.enable_grad():
+                t = common.time_interleaved(contenders, reps=reps, warmup=warmup, device=device)
+            res[group] = t
+            del contenders
+            gc.collect()
+    res["cpu_contention"] = load.result
+    return res
+
+
+def run_sparsity_quietly(sparsity: float, device: torch.device, reps: int, warmup: int, attempts: int,
+                         ours_ok: bool) -> Dict[str, Any]:
+    best = None
+    for attempt in range(1, attempts + 1):
+        if device.type == "cpu" and not common.wait_for_quiet():
+            print(f"[{sparsity:.0%}] the machine stayed busy; measuring anyway", file=sys.stderr, flush=True)
+        res = run_sparsity(sparsity, device, reps, warmup, ours_ok)
+        share = res["cpu_contention"].get("other_share") or 0.0
+        if best is None or share < (best["cpu_contention"].get("other_share") or 0.0):
+            best = res
+        best["attempts"] = attempt
+        print(f"[{sparsity:.0%}] attempt {attempt}: other processes took {100 * share:.1f}% of the CPUs",
+              file=sys.stderr, flush=True)
+        if device.type != "cpu" or not common.is_contended(res["cpu_contention"]):
+            break
+    return best
+
+
+def crossover(results: List[Dict[str, Any]], group: str, num: str, den: str) -> Dict[str, Any]:
+    """Lowest measured sparsity from which den (ours) is faster than num at every higher measured
+    sparsity, and the sparsity where the time ratio num/den crosses 1, interpolated linearly."""
+    pts = [(r["sparsity"], r[group][num].median / r[group][den].median) for r in results
+           if num in r[group] and den in r[group]]
+    pts.sort()
+    if not pts:
+        return {"measured": None, "interpolated": None, "points": []}
+    measured = None
+    for i in range(len(pts) - 1, -1, -1):
+        if pts[i][1] >= 1.0:
+            measured = pts[i][0]
+        else:
+            break
+    interpolated = None
+    if measured is not None:
+        i = [s for s, _ in pts].index(measured)
+        if i > 0:  # else: faster already at the lowest measured sparsity
+            (s0, r0), (s1, r1) = pts[i - 1], pts[i]
+            interpolated = s0 + (1.0 - r0) * (s1 - s0) / (r1 - r0)
+    return {"measured": measured, "interpolated": interpolated, "points": pts}
+
+
+def analyse(results: List[Dict[str, Any]]) -> Dict[str, Any]:
+    by_sparsity = {r["sparsity"]: r for r in results}
+    ratios = []
+    for key, desc, sparsity, target in TARGETS:
+        r = by_sparsity.get(sparsity)
+        if r is None:
+            continue
+        group = "step" if key.startswith("step") else "forward"
+        num = {"fwd_vs_dense": DENSE_FWD, "fwd_vs_torch_csr": TORCH_CSR_FWD, "step_vs_dense": DENSE_STEP}[key]
+        den = OURS_STEP if group == "step" else OURS_FWD
+        if num not in r[group] or den not in r[group]:
+            continue
+        v = common.paired_ratio(r[group][num], r[group][den])
+        ratios.append({"key": key, "description": f"{desc} at {sparsity:.0%}", **v, "target": target,
+                       "status": "MET" if v["value"] >= target else "NOT MET"})
+    cross = {
+        "forward_vs_dense": crossover(results, "forward", DENSE_FWD, OURS_FWD),
+        "step_vs_dense": crossover(results, "step", DENSE_STEP, OURS_STEP),
+        "forward_vs_ours_dense_path": crossover(results, "forward", OURS_DENSE_FWD, OURS_FWD),
+        "step_vs_ours_dense_path": crossover(results, "step", OURS_DENSE_STEP, OURS_STEP),
+    }
+    fwd = cross["forward_vs_dense"]["measured"]
+    cross["target"] = {"description": f"forward crossover with dense at or below {CROSSOVER_TARGET:.0%}",
+                       "value": fwd, "status": "MET" if fwd is not None and fwd <= CROSSOVER_TARGET else "NOT MET"}
+    return {"ratios": ratios, "crossover": cross}
+
+
+# ------------------------------------------------------------------------------------- reporting
+def sparsity_markdown(r: Dict[str, Any]) -> str:
+    f = common.fmt
+    out = [f"### {r['sparsity']:.0%} sparsity (nnz {r['nnz']:,})", ""]
+    for group, title, dense in (("forward", "forward", DENSE_FWD), ("step", "training step", DENSE_STEP)):
+        rows = []
+        for name, t in r[group].items():
+            ratio = common.paired_ratio(r[group][dense], t)["value"] if dense in r[group] else None
+            rows.append([name, f(t.median), f(t.p20), f(t.p80), None if ratio is None else f"{ratio:.2f}x"])
+        headers = ["contender", "median ms", "p20 ms", "p80 ms", "vs dense"]
+        out += [f"{title}:", "", common.markdown_table(headers, rows), ""]
+    load = r.get("cpu_contention") or {}
+    if load.get("other_share") is not None:
+        line = (f"Other processes used {100 * load['other_share']:.1f}% of the CPUs during this case "
+                f"(hypervisor steal {100 * (load.get('steal_share') or 0):.1f}%); attempts: {r.get('attempts', 1)}.")
+        if common.is_contended(load):
+            line = "**Warning: the machine was not quiet; do not trust these numbers.** " + line
+        out += [line, ""]
+    return "\n".join(out)
+
+
+def summary_markdown(analysis: Dict[str, Any]) -> str:
+    rows = [[r["description"], f"{r['value']:.2f}", f"{r['p20']:.2f} .. {r['p80']:.2f}", f">= {r['target']}",
+             r["status"]] for r in analysis["ratios"]]
+    c = analysis["crossover"]
+
+    def fmt_cross(d):
+        if d["measured"] is None:
+            return "not reached in the measured range"
+        interp = "" if d["interpolated"] is None else f" (ratio 1 at ~{d['interpolated']:.0%})"
+        return f"from {d['measured']:.0%}{interp}"
+    headers = ["ratio", "value", "per-round p20 .. p80", "target", "status"]
+    out = ["## Targets", "", common.markdown_table(headers, rows),
+           "", "## Crossover (sparsity from which ours sparse is faster)", "",
+           common.markdown_table(["against", "crossover"], [
+               ["dense x @ w.T, forward", fmt_cross(c["forward_vs_dense"])],
+               ["dense + torch AdamW, training step", fmt_cross(c["step_vs_dense"])],
+               ["ours dense path, forward", fmt_cross(c["forward_vs_ours_dense_path"])],
+               ["ours dense path, training step (SparseLinear kernel='auto')", fmt_cross(c["step_vs_ours_dense_path"])],
+           ]), "",
+           f"Target: {c['target']['description']}: {c['target']['status']}.", ""]
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sparsity", type=float, nargs="+", default=list(SPARSITIES))
+    common.add_run_options(ap, default_reps=DEFAULT_REPS, repeat_what="a sparsity")
+    args = ap.parse_args(argv)
+    device, reps, warmup = common.resolve_run_options(ap, args, default_reps=DEFAULT_REPS)
+    ours_ok = device.type in pyfinetune.kernel_devices()["csr_linear"]
+
+    stamp, when = common.timestamp()
+    machine = common.machine_info(device)
+    results = []
+    for s in sorted(args.sparsity):
+        print(f"[{s:.0%}] N={N} K={K} M={M}, {reps} rounds", file=sys.stderr, flush=True)
+        results.append(run_sparsity_quietly(s, device, reps, warmup, args.attempts, ours_ok))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    analysis = analyse(results)
+
+    md = [f"# pyfinetune pruned linear benchmark ({device.type}, {when})", "",
+          common.machine_summary(machine), "",
+          f"x [{N}, {K}] float32, weight [{M}, {K}] pruned at random; {reps} timed rounds after {warmup} warm-up "
+          "rounds, contenders interleaved round-robin; times are per call; ratios are median / median with the "
+          "spread of the same-round ratios." + (" QUICK RUN: not a record." if args.quick else ""), "",
+          summary_markdown(analysis)]
+    md += [sparsity_markdown(r) for r in results]
+    if not ours_ok:
+        md += [f"Note: pyfinetune has no {device.type} kernel for csr_linear in this build: only torch rows.", ""]
+    record = {
+        "benchmark": "prune", "device": device.type, "when": when, "machine": machine,
+        "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "N": N, "K": K, "M": M, "lr": LR,
+                   "sparsities": sorted(args.sparsity)},
+        "sparsities": [{**{k: v for k, v in r.items() if k not in ("forward", "step")},
+                        "forward": timings_summary(r["forward"]), "step": timings_summary(r["step"])} for r in results],
+        "analysis": analysis,
+    }
+    text = "\n".join(md)
+    print(text)
+    if args.out:
+        json_path, md_path = common.write_results("prune", device, record, text, args.out, stamp)
+        print(f"\nwrote {os.path.relpath(json_path)} and {os.path.relpath(md_path)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
