@@ -53,6 +53,8 @@ OURS_L2SP = "ours AdamW L2-SP"
 TORCH_L2SP_PREFIX = "torch AdamW + L2-SP"
 TORCH_SGD_L2SP_PREFIX = "torch SGD + L2-SP"
 OURS_SGD_L2SP = "ours SGD L2-SP"
+DS_ADAM = "deepspeed CPUAdam"
+DS_L2SP = "deepspeed CPUAdam + L2-SP (add+add)"
 
 TARGETS = [
     # (key, description, target)
@@ -212,6 +214,36 @@ def torch_l2sp_entries(master: Master, n: int, make_opt: Callable[[List[torch.Te
     return entries
 
 
+def deepspeed_entries(master: Master, n: int) -> Tuple[List[Entry], Optional[str]]:
+    """DeepSpeed's CPU Adam (its own AVX + OpenMP kernel, AdamW mode), without a penalty and with
+    the L2-SP penalty added to the gradients in torch first (it has no L2-SP of its own).
+
+    Returns ``(entries, None)``, or ``([], reason)`` when DeepSpeed is not installed or its CPU op
+    does not build (DeepSpeed compiles it with ninja on first use, about two minutes, then caches it).
+    """
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception as e:  # ImportError, or DeepSpeed failing to set itself up
+        return [], f"deepspeed not importable ({type(e).__name__}: {e})"
+    entries = []
+    try:
+        for name, l2sp in ((DS_ADAM, 0.0), (DS_L2SP, L2SP)):
+            params = own_params(master)
+            opt = DeepSpeedCPUAdam(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, adamw_mode=True)
+            if l2sp:
+                anchors = [a.clone() for a in master.anchors]
+                fn = l2sp_composition("add+add", params, anchors, l2sp, opt.step)
+                entries.append(Entry(Contender(name, fn, (ADAMW_BYTES + 4) * n,
+                                               {"B/elem": ADAMW_BYTES + 4, "note": "penalty in torch, then its step"}),
+                                     opt, anchors))
+            else:
+                entries.append(Entry(Contender(name, opt.step, ADAMW_BYTES * n,
+                                               {"B/elem": ADAMW_BYTES, "note": "no penalty"}), opt))
+    except Exception as e:  # the JIT build of its CPU op failed
+        return [], f"deepspeed CPUAdam unavailable ({type(e).__name__}: {e})"
+    return entries, None
+
+
 # (name, AdamW keyword arguments, anchor bytes per element, note)
 OURS_ADAMW_VARIANTS = [
     ("ours AdamW", dict(l2sp=0.0), 0, "l2sp=0"),
@@ -234,8 +266,10 @@ def ours_adamw_entries(master: Master, n: int, variants: Sequence[Tuple[str, Dic
     return entries
 
 
-def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: bool) -> List[Entry]:
-    """Every contender of the full benchmark: copy references, AdamW and SGD, torch's and ours."""
+def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: bool,
+                     rivals: bool = False) -> List[Entry]:
+    """Every contender of the full benchmark: copy references, AdamW and SGD, torch's and ours, and
+    with ``rivals`` on the CPU DeepSpeed's CPU Adam when it is installed."""
     n = case.numel
     entries: List[Entry] = []
 
@@ -261,6 +295,11 @@ def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: 
     entries += torch_l2sp_entries(master, n, torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
     if ours_ok:
         entries += ours_adamw_entries(master, n, OURS_ADAMW_VARIANTS)
+    if rivals and device.type == "cpu":
+        ds, why_not = deepspeed_entries(master, n)
+        entries += ds
+        if why_not:
+            print(f"[{case.name}] no DeepSpeed rival: {why_not}", file=sys.stderr, flush=True)
 
     # ---- SGD with momentum
     entries += torch_plain_entries(master, n, torch_sgd, "torch SGD", SGD_BYTES, "momentum, no penalty")
@@ -318,6 +357,11 @@ def analyse(case: Case, entries: List[Entry], timings: Dict[str, common.Timing],
             common.paired_ratio(timings[TORCH_FUSED], timings["ours AdamW"]))
         add("ours_bf16_anchor_vs_torch_fused", "ours L2-SP bf16 anchor vs torch fused AdamW without penalty",
             common.paired_ratio(timings[TORCH_FUSED], timings["ours AdamW L2-SP bf16 anchor"]))
+        if DS_ADAM in timings:
+            add("ours_no_penalty_vs_deepspeed_cpu_adam", "ours AdamW (l2sp=0) vs DeepSpeed CPUAdam (time ratio)",
+                common.paired_ratio(timings[DS_ADAM], timings["ours AdamW"]))
+            add("speedup_vs_deepspeed_l2sp", "ours L2-SP vs DeepSpeed CPUAdam + L2-SP in torch (time ratio)",
+                common.paired_ratio(timings[DS_L2SP], ours))
         best_sgd = best_of(timings, TORCH_SGD_L2SP_PREFIX)
         add("sgd_speedup_vs_best_torch_l2sp", f"ours SGD L2-SP vs best torch SGD L2-SP; best torch = {best_sgd}",
             common.paired_ratio(timings[best_sgd], timings[OURS_SGD_L2SP]), None, best_sgd)
@@ -400,14 +444,15 @@ def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -
 
 
 # ------------------------------------------------------------------------------------------- main
-def run_case_quietly(case: Case, device: torch.device, reps: int, warmup: int, attempts: int) -> Dict[str, Any]:
+def run_case_quietly(case: Case, device: torch.device, reps: int, warmup: int, attempts: int,
+                     rivals: bool = False) -> Dict[str, Any]:
     """Run the case, again (up to ``attempts`` times) while other processes disturbed it on CPU;
     keep the least disturbed run and record how many were made."""
     best = None
     for attempt in range(1, attempts + 1):
         if device.type == "cpu" and not common.wait_for_quiet():
             print(f"[{case.name}] the machine stayed busy; measuring anyway", file=sys.stderr, flush=True)
-        res = run_case(case, device, reps, warmup)
+        res = run_case(case, device, reps, warmup, rivals)
         share = res["cpu_contention"].get("other_share")
         if best is None or (share or 0.0) < (best["cpu_contention"].get("other_share") or 0.0):
             best = res
@@ -420,10 +465,10 @@ def run_case_quietly(case: Case, device: torch.device, reps: int, warmup: int, a
     return best
 
 
-def run_case(case: Case, device: torch.device, reps: int, warmup: int) -> Dict[str, Any]:
+def run_case(case: Case, device: torch.device, reps: int, warmup: int, rivals: bool = False) -> Dict[str, Any]:
     ours_ok = device.type in pyfinetune.kernel_devices()["fused_adamw_"]
     master = make_master(case, device)
-    entries = build_contenders(case, master, device, ours_ok)
+    entries = build_contenders(case, master, device, ours_ok, rivals)
     del master
     gc.collect()
     contenders = [e.contender for e in entries]
@@ -447,6 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--case", nargs="+", choices=("flat", "resnet50", "tiny", "large", "small"),
                     help="default: flat resnet50 tiny (+ large on cuda)")
     common.add_run_options(ap, default_reps=DEFAULT_REPS, repeat_what="a case")
+    ap.add_argument("--no-rivals", dest="rivals", action="store_false",
+                    help="CPU: leave out DeepSpeed's CPU Adam (included when deepspeed is installed)")
     args = ap.parse_args(argv)
     device, reps, warmup = common.resolve_run_options(ap, args, default_reps=DEFAULT_REPS)
     cases = args.case or (["flat", "resnet50", "tiny"] + (["large"] if device.type == "cuda" else []))
@@ -457,13 +504,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = common.machine_info(device)
     results = []
     for name in cases:
-        results.append(run_case_quietly(make_case(name), device, reps, warmup, args.attempts))
+        results.append(run_case_quietly(make_case(name), device, reps, warmup, args.attempts, args.rivals))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     config = {"reps": reps, "warmup": warmup, "quick": args.quick, "cases": cases, "lr": LR, "betas": BETAS,
-              "eps": EPS, "weight_decay": WEIGHT_DECAY, "l2sp": L2SP, "sgd_lr": SGD_LR, "momentum": MOMENTUM}
+              "eps": EPS, "weight_decay": WEIGHT_DECAY, "l2sp": L2SP, "sgd_lr": SGD_LR, "momentum": MOMENTUM,
+              "rivals": args.rivals}
     md = [f"# pyfinetune fused optimizer benchmark ({device.type}, {when})", "",
           common.machine_summary(machine), "",
           f"{reps} timed rounds after {warmup} warm-up rounds, contenders interleaved round-robin; "
