@@ -35,7 +35,7 @@ class Group:
     def __init__(self) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.backend = dist.get_backend()
-        self._cpu = None if self.backend == "gloo" else dist.new_group(backend="gloo")
+        self._cpu = None if self.backend == "gloo" else _cpu_group()
 
     @staticmethod
     def current() -> Optional["Group"]:
@@ -80,6 +80,18 @@ class Group:
 
     def barrier(self) -> None:
         dist.barrier(group=self._cpu)
+
+
+_CPU_GROUP: List[Any] = [None, None]  # (default group, its gloo twin): one twin per process group
+
+
+def _cpu_group() -> Any:
+    """A gloo group of all ranks next to a NCCL default group (created once: every rank must
+    create it at the same point, here the first Finetuner)."""
+    world = dist.group.WORLD
+    if _CPU_GROUP[0] is not world:
+        _CPU_GROUP[:] = [world, dist.new_group(backend="gloo")]
+    return _CPU_GROUP[1]
 
 
 def _sampler_of(loader: Any) -> Optional[Sampler]:
@@ -168,5 +180,10 @@ def init_from_env(device: torch.device) -> Optional[torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend)
+    except (ValueError, RuntimeError) as e:  # no MASTER_ADDR, an unreachable rendezvous ...
+        raise RuntimeError(f"could not join the process group of WORLD_SIZE={os.environ['WORLD_SIZE']} "
+                           f"({backend}): {e}; launch with torchrun --nproc_per_node N") from None
     return device

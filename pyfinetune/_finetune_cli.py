@@ -456,7 +456,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check_numbers(args)
         device = _device(args.device)
-        joined = _distributed.init_from_env(device)
+        try:
+            joined = _distributed.init_from_env(device)
+        except RuntimeError as e:
+            raise UsageError(str(e)) from None
         return _run(args, joined or device)
     except UsageError as e:
         where = f" (rank {_rank()})" if _world() > 1 else ""
@@ -544,13 +547,15 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     try:
         tuner.fit(train_loader, val_loader, checkpoint_dir=os.path.join(args.out, "checkpoints"), callback=after_epoch)
     except KeyboardInterrupt:
-        if not main:
-            return 130
-        metrics["interrupted"] = True
-        _write_json(metrics_path, metrics)
-        where = tuner.interrupted_checkpoint or "nowhere"
-        print(f"\ninterrupted: checkpoint saved to {where}; continue with the same command and --resume",
-              file=sys.stderr)
+        if main:
+            metrics["interrupted"] = True
+            _write_json(metrics_path, metrics)
+            where = tuner.interrupted_checkpoint or "nowhere"
+            print(f"\ninterrupted: checkpoint saved to {where}; continue with the same command and --resume",
+                  file=sys.stderr)
+        if _world() > 1:
+            # torchrun stops the other ranks (SIGTERM) as soon as one exits with an error code: leave together
+            dist.barrier()
         return 130
     except (TypeError, ValueError) as e:
         if tuner.step != step_before:

@@ -157,8 +157,10 @@ _HAS_VISION = all(importlib.util.find_spec(m) is not None for m in ("torchvision
 
 
 def interrupting_cnn(num_classes=10):
-    """test_finetune_cli.tiny_cnn whose rank (``RANK``) ``PYFT_TEST_INTERRUPT_RANK`` sends itself a
-    SIGINT (Ctrl-C) at its ``PYFT_TEST_INTERRUPT_AT``-th training forward, when both are set."""
+    """test_finetune_cli.tiny_cnn whose rank (``RANK``) ``PYFT_TEST_INTERRUPT_RANK`` presses Ctrl-C
+    at its ``PYFT_TEST_INTERRUPT_AT``-th training forward, when both are set: a SIGINT to its
+    process group, which holds torchrun and both ranks, as a terminal's Ctrl-C does (torchrun then
+    forwards it to the ranks a second time)."""
     import test_finetune_cli
 
     model = test_finetune_cli.tiny_cnn(num_classes)
@@ -171,7 +173,7 @@ def interrupting_cnn(num_classes=10):
         if module.training:
             calls["n"] += 1
             if calls["n"] == at:
-                os.kill(os.getpid(), signal.SIGINT)
+                os.killpg(os.getpgid(0), signal.SIGINT)
 
     model.register_forward_pre_hook(count)
     return model
@@ -193,7 +195,7 @@ def _torchrun(data, out, *extra, env=None):
                    PYTHONPATH=os.pathsep.join([harness.ROOT, harness.TESTS] +
                                               [p for p in [os.environ.get("PYTHONPATH")] if p]))
     return subprocess.run([str(a) for a in argv], env=environ, capture_output=True, text=True, timeout=180,
-                          cwd=str(out.parent))
+                          cwd=str(out.parent), start_new_session=True)  # its own process group for Ctrl-C
 
 
 def _history(out):
@@ -215,7 +217,7 @@ def test_finetune_command_under_torchrun_interrupted_and_resumed(tmp_path, capsy
     assert (metrics["processes"], metrics["global_batch_size"]) == (2, 8)
     assert metrics["history"][-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
-    run = tmp_path / "run"  # Ctrl-C reaches rank 1 alone, at its 5th step (epoch 2, batch 2 of 3)
+    run = tmp_path / "run"  # Ctrl-C at rank 1's 5th step (epoch 2, batch 2 of 3)
     stopped = _torchrun(data, run, env={"PYFT_TEST_INTERRUPT_AT": "5", "PYFT_TEST_INTERRUPT_RANK": "1"})
     assert stopped.returncode != 0 and "checkpoint saved to" in stopped.stderr, stopped.stdout + stopped.stderr
     assert json.loads((run / "metrics.json").read_text())["interrupted"] is True
@@ -234,3 +236,16 @@ def test_finetune_command_under_torchrun_interrupted_and_resumed(tmp_path, capsy
     code = test_finetune_cli.cli.main([str(a) for a in ["finetune", "--data", data, "--out", tmp_path / "full",
                                                         "--resume"] + _torchrun_options()])
     assert code == 2 and "2 processes then (torchrun --nproc_per_node), 1 now" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not _HAS_VISION, reason="needs torchvision and pillow")
+def test_finetune_command_outside_torchrun_with_world_size_2_says_how_to_launch(tmp_path, monkeypatch, capsys):
+    from pyfinetune import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    code = cli.main([str(a) for a in ["finetune", "--data", tmp_path, "--out", tmp_path / "out", "--device", "cpu"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "could not join the process group of WORLD_SIZE=2 (gloo)" in err, err
+    assert "launch with torchrun --nproc_per_node N" in err and not dist.is_initialized()
