@@ -6,6 +6,11 @@ teacher, method options, output folder, checkpoint to resume); a bad one is a :c
 which the command prints as one line on stderr with exit code 2. Unreadable images are skipped,
 listed, and recorded in ``metrics.json``. Ctrl-C saves a checkpoint and exits with code 130.
 
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the command joins the process group
+itself (NCCL on GPUs, one per rank: ``cuda:LOCAL_RANK``; gloo on the CPU) and trains with DDP:
+``--batch-size`` is per process, every rank checks the inputs, and rank 0 alone prints and writes
+the outputs.
+
 torchvision, PIL and matplotlib are imported when the command runs, not when the parser is built.
 """
 
@@ -22,8 +27,10 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from . import _distributed
 from .finetuning import METHODS, Finetuner, find_head
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -38,6 +45,22 @@ _PRUNED_FORMAT = ("masked state_dict: pruned weights are zero and each pruned la
 
 class UsageError(Exception):
     """A bad input of ``pyfinetune finetune``, found before training."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    """The number of training processes: torchrun's ``WORLD_SIZE`` (1 without it)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+        int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _say(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only (every rank runs the command under torchrun)."""
+    if _rank() == 0:
+        print(*args, **kwargs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,11 +95,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--sparsity", type=float, help="prune: final fraction of pruned weights (default 0.5)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=5, help="default 5")
-    t.add_argument("--batch-size", type=int, default=32, help="default 32")
+    t.add_argument("--batch-size", type=int, default=32,
+                   help="images per step and per process: under torchrun --nproc_per_node N an optimizer step "
+                        "averages the gradients of N x BATCH_SIZE images (default 32)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, cosine schedule (default 1e-3)")
     t.add_argument("--weight-decay", type=float, default=1e-2, help="default 1e-2")
     t.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype (default none)")
-    t.add_argument("--device", help="default: cuda when a GPU is visible, else cpu")
+    t.add_argument("--device", help="default: cuda when a GPU is visible, else cpu; under torchrun cuda means "
+                                     "cuda:LOCAL_RANK, one GPU per process")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, the head and the training (default 0)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     o = p.add_argument_group("output")
@@ -321,7 +347,7 @@ def _teacher(args: argparse.Namespace, num_classes: int) -> Optional[nn.Module]:
     if args.teacher_weights:
         _load_weights(teacher, args.teacher_weights, args.teacher, "--teacher-weights", None)
     else:
-        print("warning: no --teacher-weights: distilling from the teacher's initial weights", file=sys.stderr)
+        _say("warning: no --teacher-weights: distilling from the teacher's initial weights", file=sys.stderr)
     _check_outputs(teacher, args.image_size, num_classes, f"--teacher {args.teacher}")
     return teacher
 
@@ -363,7 +389,7 @@ def _plot(history: List[Dict[str, Any]], path: str) -> bool:
 
 
 def _run_options(args: argparse.Namespace) -> Dict[str, Any]:
-    return {k: getattr(args, k) for k in _RUN_OPTIONS}
+    return dict({k: getattr(args, k) for k in _RUN_OPTIONS}, processes=_world())
 
 
 def _prepare_out(args: argparse.Namespace) -> Optional[str]:
@@ -384,10 +410,13 @@ def _prepare_out(args: argparse.Namespace) -> Optional[str]:
         with open(run_file, encoding="utf-8") as f:
             first = json.load(f)
         now = _run_options(args)
-        differ = [k for k in _RUN_OPTIONS if first.get(k) != now[k]]
+        first.setdefault("processes", 1)  # runs from before torchrun support
+        differ = [k for k in now if first.get(k) != now[k]]
         if differ:
             raise UsageError("--resume: the run in {} was started with other options: {}".format(
-                out, "; ".join(f"--{k.replace('_', '-')} {first.get(k)} then, {now[k]} now" for k in differ)))
+                out, "; ".join(f"{first.get(k)} processes then (torchrun --nproc_per_node), {now[k]} now"
+                               if k == "processes" else f"--{k.replace('_', '-')} {first.get(k)} then, {now[k]} now"
+                               for k in differ)))
     return checkpoint
 
 
@@ -409,35 +438,53 @@ def _device(name: Optional[str]) -> torch.device:
         raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:1 ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is visible")
+    if device.type == "cuda" and _world() > 1:
+        if device.index is not None:
+            raise UsageError(f"--device {name}: under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"--device cuda: process LOCAL_RANK={local} has no GPU of its own "
+                             f"({torch.cuda.device_count()} visible); use --nproc_per_node <= the GPUs")
     return device
 
 
 # ------------------------------------------------------------------------------ the command
 def run(args: argparse.Namespace) -> int:
-    """Run ``pyfinetune finetune``; returns the exit code (0 done, 2 bad input, 130 interrupted)."""
+    """Run ``pyfinetune finetune``; returns the exit code (0 done, 2 bad input, 130 interrupted).
+    Under torchrun it joins (and at the end leaves) the process group the environment describes."""
+    joined = None
     try:
-        return _run(args)
+        _check_numbers(args)
+        device = _device(args.device)
+        try:
+            joined = _distributed.init_from_env(device)
+        except RuntimeError as e:
+            raise UsageError(str(e)) from None
+        return _run(args, joined or device)
     except UsageError as e:
-        print(f"pyfinetune finetune: error: {e}", file=sys.stderr)
+        where = f" (rank {_rank()})" if _world() > 1 else ""
+        print(f"pyfinetune finetune: error{where}: {e}", file=sys.stderr)
         return 2
+    finally:
+        if joined is not None:
+            dist.destroy_process_group()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, device: torch.device) -> int:
     try:
         import torchvision  # noqa: F401
         import PIL  # noqa: F401
     except ImportError as e:
         raise UsageError(f"needs torchvision and pillow ({e}): pip install \"pyfinetune[vision]\"") from None
+    main = _rank() == 0
     progress = not args.no_progress
-    _check_numbers(args)
-    device = _device(args.device)
     resume = _prepare_out(args)
 
-    classes, samples, skipped = _image_folder(args.data, "--data", args.workers, progress)
+    classes, samples, skipped = _image_folder(args.data, "--data", args.workers, progress and main)
     if len(classes) < 2:
         raise UsageError(f"--data {args.data} has one class ({classes[0]}); fine-tuning a classifier needs two or more")
     if args.val:
-        val_classes, val_samples, val_skipped = _image_folder(args.val, "--val", args.workers, progress)
+        val_classes, val_samples, val_skipped = _image_folder(args.val, "--val", args.workers, progress and main)
         if val_classes != classes:
             raise UsageError(f"--val {args.val} has the classes {val_classes}, --data has {classes}")
         skipped += val_skipped
@@ -445,17 +492,20 @@ def _run(args: argparse.Namespace) -> int:
     else:
         train_idx, val_idx = _split(samples, args.val_split, args.seed)
         train_samples, val_samples = [samples[i] for i in train_idx], [samples[i] for i in val_idx]
-    print(f"data: {len(classes)} classes ({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}); "
+    _say(f"data: {len(classes)} classes ({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}); "
           f"{len(train_samples)} training and {len(val_samples)} validation images")
     for bad in skipped:
-        print(f"skipped unreadable image {bad['path']}: {bad['error']}", file=sys.stderr)
+        _say(f"skipped unreadable image {bad['path']}: {bad['error']}", file=sys.stderr)
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s); listed in metrics.json", file=sys.stderr)
+        _say(f"skipped {len(skipped)} unreadable image(s); listed in metrics.json", file=sys.stderr)
 
     torch.manual_seed(args.seed)  # the new head's initialization
     model, head, notes = _student(args, len(classes))
     teacher = _teacher(args, len(classes))
-    print(f"model: {args.model}" + (f"; {'; '.join(notes)}" if notes else ""))
+    _say(f"model: {args.model}" + (f"; {'; '.join(notes)}" if notes else ""))
+    if _world() > 1:
+        _say(f"batch: {args.batch_size} images per process x {_world()} processes = "
+             f"{args.batch_size * _world()} per step")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     method_options = {"l2sp": {"l2sp": args.l2sp}, "distill": {"teacher": teacher},
                       "prune": {"sparsity": args.sparsity}}.get(args.method, {})
@@ -477,32 +527,43 @@ def _run(args: argparse.Namespace) -> int:
     train_loader = torch.utils.data.DataLoader(_Samples(train_samples, train_tf), shuffle=True, **loader_options)
     val_loader = torch.utils.data.DataLoader(_Samples(val_samples, val_tf), **loader_options) if val_samples else None
 
-    os.makedirs(args.out, exist_ok=True)
-    _write_json(os.path.join(args.out, "run.json"), _run_options(args))
+    if _world() > 1:
+        dist.barrier()  # every rank has checked --out before rank 0 writes there
+    if main:
+        os.makedirs(args.out, exist_ok=True)
+        _write_json(os.path.join(args.out, "run.json"), _run_options(args))
     metrics_path, plot_path = os.path.join(args.out, "metrics.json"), os.path.join(args.out, "training.png")
     metrics = {"model": args.model, "method": args.method, "classes": classes, "head": head,
                "train_images": len(train_samples), "val_images": len(val_samples), "skipped_images": skipped,
+               "processes": _world(), "global_batch_size": args.batch_size * _world(),
                "options": _run_options(args), "history": tuner.history}
 
     def after_epoch(t: Finetuner, record: Dict[str, Any]) -> None:
-        _write_json(metrics_path, metrics)
-        _plot(t.history, plot_path)
+        if main:
+            _write_json(metrics_path, metrics)
+            _plot(t.history, plot_path)
 
     step_before = tuner.step
     try:
         tuner.fit(train_loader, val_loader, checkpoint_dir=os.path.join(args.out, "checkpoints"), callback=after_epoch)
     except KeyboardInterrupt:
-        metrics["interrupted"] = True
-        _write_json(metrics_path, metrics)
-        where = tuner.interrupted_checkpoint or "nowhere"
-        print(f"\ninterrupted: checkpoint saved to {where}; continue with the same command and --resume",
-              file=sys.stderr)
+        if main:
+            metrics["interrupted"] = True
+            _write_json(metrics_path, metrics)
+            where = tuner.interrupted_checkpoint or "nowhere"
+            print(f"\ninterrupted: checkpoint saved to {where}; continue with the same command and --resume",
+                  file=sys.stderr)
+        if _world() > 1:
+            # torchrun stops the other ranks (SIGTERM) as soon as one exits with an error code: leave together
+            dist.barrier()
         return 130
     except (TypeError, ValueError) as e:
         if tuner.step != step_before:
             raise  # not an input problem: a failure during training
         raise UsageError(str(e).replace("Finetuner: ", "")) from None
 
+    if not main:
+        return 0
     model_path = os.path.join(args.out, "model.pt")
     torch.save(tuner.model.state_dict(), model_path)
     metrics.update(interrupted=False, model_file="model.pt",

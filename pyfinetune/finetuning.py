@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _distributed
 from . import optim as _optim
 from . import prune as _prune
 from ._param_groups import split_parameters
@@ -56,6 +57,7 @@ _FORMAT = "pyfinetune.Finetuner/1"
 # Each of these arguments belongs to one method; given to another one it is a mistake.
 _METHOD_ONLY = {"l2sp": "l2sp", "teacher": "distill", "sparsity": "prune"}
 _DEFAULTS = {"l2sp": 1e-2, "sparsity": 0.5}
+_PER_RANK = ("rng", "epoch_rng", "epoch_totals")  # the parts of a checkpoint that differ between ranks
 
 
 def _fail(cls, name: str, expected: str, value: Any):
@@ -188,22 +190,30 @@ class _StopRequest:
 
 
 @contextmanager
-def _deferred_sigint() -> Iterator[_StopRequest]:
+def _deferred_sigint(distributed: bool = False) -> Iterator[_StopRequest]:
+    """Defer SIGINT (see :class:`_StopRequest`). ``distributed``: SIGTERM too, and every later
+    signal is also deferred: under torchrun a Ctrl-C reaches each rank twice (from the terminal and
+    forwarded by the launcher), and a rank interrupted inside a collective would leave the others
+    waiting in it; the launcher's SIGKILL after its grace period is the hard stop."""
     stop = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop  # signals reach the main thread only
         return
-    previous = signal.getsignal(signal.SIGINT)
+    signals = (signal.SIGINT, signal.SIGTERM) if distributed else (signal.SIGINT,)
+    previous = {s: signal.getsignal(s) for s in signals}
 
     def handler(signum, frame):
         stop.requested = True
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C interrupts at once
+        if not distributed:
+            signal.signal(signal.SIGINT, previous[signal.SIGINT])  # a second Ctrl-C interrupts at once
 
-    signal.signal(signal.SIGINT, handler)
+    for s in signals:
+        signal.signal(s, handler)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _progress_bar(enabled: bool, **kwargs: Any):
@@ -259,7 +269,27 @@ class Finetuner:
         grad_clip: None or the max norm of the gradients (``clip_grad_norm_``).
         seed: None, or an int to seed torch, ``random`` and numpy when a run starts (not when it
             resumes: the checkpoint restores the RNG states).
-        progress: show tqdm progress bars for training and evaluation.
+        progress: show tqdm progress bars for training and evaluation (on rank 0 only under
+            ``torch.distributed``).
+
+    Distributed: built while a process group of two or more processes is initialized (e.g. by
+    ``torchrun``), every rank builds its Finetuner alike and calls the same methods; then
+
+    * rank 0's starting weights (and teacher) are broadcast to all ranks at construction, before
+      L2-SP anchors them; :meth:`fit` wraps :attr:`model` in ``DistributedDataParallel`` (the
+      teacher is not wrapped) and :attr:`model` stays the plain module, identical on all ranks;
+    * ``train_loader`` is split over the ranks (see ``pyfinetune/_distributed.py``): its
+      ``batch_size`` is per rank, so one step sees ``batch_size x world`` examples and the
+      gradients are averaged over them; the sampler gets ``set_epoch`` every epoch (shuffled with
+      ``seed``, 0 when None), so resuming mid-epoch replays the same order;
+    * the pruner computes the same masks on every rank (from identical weights);
+    * the history's metrics and :meth:`evaluate` are global (sums all-reduced; evaluation splits a
+      map-style loader's dataset over the ranks without padding, each example once);
+    * :meth:`save_checkpoint` is collective: rank 0 writes the file, with every rank's RNG states
+      and running totals; every rank loads it on resume. Ctrl-C (SIGINT or SIGTERM, on any rank)
+      stops all ranks after the same step and rank 0 saves ``last.pt``;
+    * BatchNorm layers normalize each rank's batch (convert them with
+      ``nn.SyncBatchNorm.convert_sync_batchnorm`` on GPUs for statistics of the global batch).
 
     Raises:
         TypeError, ValueError: an invalid argument, named in the message.
@@ -275,6 +305,9 @@ class Finetuner:
                  grad_clip: Optional[float] = None, seed: Optional[int] = None, progress: bool = True):
         if not isinstance(model, nn.Module):
             raise _fail(TypeError, "model", "an nn.Module", model)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise TypeError("Finetuner: model must be the module itself, not DistributedDataParallel: "
+                            "under torch.distributed Finetuner wraps it")
         if method not in METHODS:
             raise _fail(ValueError, "method", f"one of {METHODS}", method)
         given = {"l2sp": l2sp, "teacher": teacher, "sparsity": sparsity}
@@ -318,8 +351,15 @@ class Finetuner:
         self.progress = progress
         self.device = self._device(model, device)
 
+        self._dist = _distributed.Group.current()
+        self._bars = progress and (self._dist is None or self._dist.main)
         self.model = model.to(self.device)
         self.teacher = None if teacher is None else teacher.to(self.device).eval()
+        if self._dist is not None:  # before L2-SP anchors the weights: the same start on every rank
+            self._dist.broadcast_module(self.model)
+            if self.teacher is not None:
+                self._dist.broadcast_module(self.teacher)
+        self._net: nn.Module = self.model  # what training runs: DistributedDataParallel(model) once fit() wraps it
         self.head = self._heads(head)
         self.prune_include = prune_include
         self.prune_exclude = prune_exclude if prune_exclude is not None else self._head_globs()
@@ -419,8 +459,16 @@ class Finetuner:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None)
 
+    def _wrap(self) -> None:
+        """Under torch.distributed, wrap the model in DDP (after ``_plan``: the pruner's mask
+        buffers must exist when DDP lists the buffers it broadcasts)."""
+        if self._dist is None or self._net is not self.model:
+            return
+        ids = [self.device] if self.device.type == "cuda" else None
+        self._net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
     def _loss(self, inputs: Any, labels: Tensor) -> Tuple[Tensor, Tensor]:
-        logits = _logits(self.model(inputs), "model")
+        logits = _logits(self._net(inputs), "model")
         if self.method != "distill":
             return F.cross_entropy(logits, labels), logits
         with torch.no_grad():
@@ -470,7 +518,8 @@ class Finetuner:
             resume: a checkpoint to continue from (:meth:`load_checkpoint`); the resumed run
                 ends with the same weights as an uninterrupted one (on the CPU, and given the
                 same data order: the loader's shuffling draws from the restored RNG state).
-            callback: called as ``callback(finetuner, record)`` after every epoch.
+            callback: called as ``callback(finetuner, record)`` after every epoch (on every rank
+                under ``torch.distributed``, with the same global record).
 
         Returns:
             :attr:`history`: one dict per epoch with ``epoch`` (1-based), ``train_loss`` (the
@@ -482,7 +531,12 @@ class Finetuner:
         saved to ``last.pt`` (see :attr:`interrupted_checkpoint`), then KeyboardInterrupt is raised.
         """
         epochs = self.epochs if epochs is None else _count("epochs", epochs)
+        if self._dist is not None:
+            train_loader = _distributed.shard_train_loader(train_loader, self._dist, self.seed or 0)
         steps = _batches(train_loader, "train_loader")
+        if self._dist is not None and not self._dist.same(steps):
+            raise ValueError(f"Finetuner: train_loader must yield the same number of batches on every rank "
+                             f"(DDP steps together), got {steps} on rank {self._dist.rank} and another number elsewhere")
         if val_loader is not None:
             _batches(val_loader, "val_loader")
         if callback is not None and not callable(callback):
@@ -492,11 +546,12 @@ class Finetuner:
         elif self.step == 0 and self._batch_in_epoch == 0 and self.seed is not None:
             _seed_everything(self.seed)
         self._plan(steps, epochs)
+        self._wrap()
         self.interrupted_checkpoint = None
         was_training = self.model.training
         self._rng_mark = _get_rng()
         try:
-            with _deferred_sigint() as stop:
+            with _deferred_sigint(self._dist is not None) as stop:
                 while self.epoch < epochs:
                     record = self._fit_epoch(train_loader, val_loader, steps, epochs, stop)
                     if checkpoint_dir is not None:
@@ -524,13 +579,14 @@ class Finetuner:
         else:  # resumed mid-epoch: replay the loader's draws, skip the batches done, then go on
             _set_rng(self._epoch_rng)
         started = time.perf_counter()
+        _distributed.set_epoch(loader, self.epoch)
         batches = iter(loader)
         for _ in range(skip):
             next(batches)
         if skip:
             _set_rng(self._rng_mark)
         self.model.train()
-        bar = _progress_bar(self.progress, total=steps, initial=skip, desc=f"epoch {self.epoch + 1}/{epochs}",
+        bar = _progress_bar(self._bars, total=steps, initial=skip, desc=f"epoch {self.epoch + 1}/{epochs}",
                             unit="batch")
         totals = self._epoch_totals = self._epoch_totals.to(self.device)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -550,9 +606,11 @@ class Finetuner:
                 bar.update(1)
                 if self._batch_in_epoch % 10 == 0 or self._batch_in_epoch == steps:
                     bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}")
-                if stop.requested:
-                    raise KeyboardInterrupt
+                if stop.requested if self._dist is None else self._dist.any(stop.requested):
+                    raise KeyboardInterrupt  # on every rank after the same step
             seconds = self._epoch_seconds + time.perf_counter() - started
+            if self._dist is not None:
+                totals = self._dist.sum(totals)  # the epoch's global numbers; the running ones stay per rank
             val = self.evaluate(val_loader) if val_loader is not None else None
             if val is not None:
                 bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}",
@@ -579,16 +637,24 @@ class Finetuner:
         """Mean cross-entropy and accuracy of the model over ``loader``'s ``(inputs, labels)``
         batches, in eval mode (the model's mode is restored after).
 
+        Under ``torch.distributed`` every rank must call it: a ``DataLoader`` over a map-style
+        dataset is split over the ranks (each example once, no padding) and the sums are
+        all-reduced; any other loader is evaluated whole on every rank. Every rank returns the
+        global numbers.
+
         Returns:
             ``{"loss": float, "accuracy": float, "n": int}`` (n: examples seen).
         """
         steps = _batches(loader, "loader")
+        part = None if self._dist is None else _distributed.shard_eval_loader(loader, self._dist)
+        if part is not None:
+            loader, steps = part, len(part)
         was_training = self.model.training
         self.model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         n = 0
-        bar = _progress_bar(self.progress, total=steps, desc="evaluate", unit="batch", leave=False)
+        bar = _progress_bar(self._bars, total=steps, desc="evaluate", unit="batch", leave=False)
         try:
             for batch in loader:
                 inputs, labels = _unpack(batch)
@@ -602,6 +668,11 @@ class Finetuner:
         finally:
             bar.close()
             self.model.train(was_training)
+        if part is not None:
+            loss_sum, correct, n = self._dist.sum(torch.stack([loss_sum, correct.to(loss_sum.dtype),
+                                                               torch.tensor(float(n), dtype=loss_sum.dtype,
+                                                                            device=self.device)])).tolist()
+            correct, n = int(correct), int(n)
         if n == 0:
             raise ValueError("Finetuner.evaluate: the loader yielded no example")
         return {"loss": float(loss_sum) / n, "accuracy": int(correct) / n, "n": n}
@@ -624,8 +695,11 @@ class Finetuner:
         """Everything a resumed run needs: model, optimizer (L2-SP anchors and masks included),
         LR scheduler, pruner, grad scaler, epoch and step, history, the RNG states (torch, CUDA,
         ``random``, numpy) and the running epoch's totals. Only tensors, numbers, strings,
-        lists and dicts: ``torch.load(weights_only=True)`` reads it."""
-        return {
+        lists and dicts: ``torch.load(weights_only=True)`` reads it.
+
+        Under ``torch.distributed`` it is collective: ``"ranks"`` holds every rank's RNG states
+        and running totals (the rest is rank 0's, the same on every rank)."""
+        state = {
             "format": _FORMAT, "config": self._config(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
@@ -637,6 +711,9 @@ class Finetuner:
             "epoch_rng": self._epoch_rng, "rng": self._rng_mark if self._rng_mark is not None else _get_rng(),
             "history": copy.deepcopy(self.history),
         }
+        if self._dist is not None:
+            state["ranks"] = self._dist.gather({k: state[k] for k in _PER_RANK})
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (into a Finetuner built with the same method and model
@@ -663,20 +740,46 @@ class Finetuner:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._batch_in_epoch = int(state["batch_in_epoch"])
-        self._epoch_totals = state["epoch_totals"].to(self.device, self._epoch_totals.dtype).clone()
+        mine = self._own_part(state)
+        self._epoch_totals = mine["epoch_totals"].to(self.device, self._epoch_totals.dtype).clone()
         self._epoch_seconds = float(state["epoch_seconds"])
-        self._epoch_rng = state["epoch_rng"]
+        self._epoch_rng = mine["epoch_rng"]
         self.history = copy.deepcopy(state["history"])
-        _set_rng(state["rng"])
+        _set_rng(mine["rng"])
+
+    def _own_part(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """This rank's RNG states and running totals in ``state``. In the middle of an epoch they
+        must come from a run with as many processes (each rank continues its own draws and sums)."""
+        ranks = state.get("ranks") or [state]
+        world, rank = (1, 0) if self._dist is None else (self._dist.world, self._dist.rank)
+        if len(ranks) == world:
+            return ranks[rank]
+        if self._batch_in_epoch:
+            raise ValueError(f"Finetuner: the checkpoint was saved by {len(ranks)} process(es) in the middle of an "
+                             f"epoch; resume it with {len(ranks)}, not {world}")
+        return state
 
     def save_checkpoint(self, path: Union[str, os.PathLike]) -> str:
         """Write :meth:`state_dict` to ``path`` with ``torch.save`` (through a temporary file, so
-        an interrupted write never leaves a broken checkpoint). Returns the path."""
+        an interrupted write never leaves a broken checkpoint). Returns the path.
+
+        Under ``torch.distributed`` every rank calls it and rank 0 writes; it returns once the
+        file is there (or raises on every rank when rank 0 could not write it)."""
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        state = self.state_dict()
+        error: Optional[BaseException] = None
+        if self._dist is None or self._dist.main:
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                tmp = path + ".tmp"
+                torch.save(state, tmp)
+                os.replace(tmp, path)
+            except Exception as e:  # told to every rank below, then raised here
+                if self._dist is None:
+                    raise
+                error = e
+        if self._dist is not None and self._dist.any(error is not None):
+            raise error or RuntimeError(f"Finetuner: rank 0 could not write the checkpoint {path}")
         return path
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:

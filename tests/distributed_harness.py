@@ -7,6 +7,9 @@ joins the gloo group through the file store ``STORE``, runs every scenario of ``
 saves their results (plain tensors) to ``OUT/rank<RANK>.pt``. An exception saves its traceback
 there instead and ends the process with status 1 at once: the other rank may be waiting in a
 collective, and the test kills it rather than letting it wait for gloo's timeout.
+
+:func:`run_ranks` (the test side) and :func:`rank_main` (the rank side) serve any such script:
+tests/finetune_ranks.py runs pyfinetune.Finetuner's scenarios the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import copy
 import datetime
 import io
 import os
+import subprocess
 import sys
+import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
@@ -312,7 +317,9 @@ SCENARIOS: Dict[str, Callable[[Run], Dict[str, Any]]] = {
 }
 
 
-def main(argv: List[str]) -> None:
+def rank_main(argv: List[str], scenarios: Dict[str, Callable[[Run], Dict[str, Any]]]) -> None:
+    """One rank: ``argv`` is ``RANK WORLD STORE OUT``; runs ``scenarios`` in order, saves their
+    results (or the traceback of the first failure) to ``OUT/rank<RANK>.pt`` and exits."""
     rank, world, store, out = int(argv[0]), int(argv[1]), argv[2], argv[3]
     torch.set_num_threads(1)  # two ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -321,7 +328,7 @@ def main(argv: List[str]) -> None:
     results: Dict[str, Any] = {"pyfinetune": pyfinetune.__file__}
     name = None
     try:
-        for name, scenario in SCENARIOS.items():
+        for name, scenario in scenarios.items():
             results[name] = scenario(Run(rank, world, distributed=True, out=out))
     except BaseException:
         tb = traceback.format_exc()
@@ -335,5 +342,64 @@ def main(argv: List[str]) -> None:
     os._exit(0)  # the interpreter's teardown of gloo's threads sometimes aborts (see test_hf.py)
 
 
+# ------------------------------------------------------------------------------ test side
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+
+
+def _launch(script: str, world: int, out) -> list:
+    """Start the ranks; their output goes to files (a full pipe would block them)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, TESTS] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    procs = []
+    for rank in range(world):
+        log = open(os.path.join(out, f"rank{rank}.log"), "w")
+        procs.append((subprocess.Popen([sys.executable, script, str(rank), str(world), os.path.join(out, "store"),
+                                        str(out)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(out)), log))
+    return procs
+
+
+def _wait(procs, timeout_s: float) -> str:
+    """Wait for all ranks; when one fails (or time runs out) stop the others, which would wait in
+    a collective. Returns "" on success, else what went wrong."""
+    deadline = time.monotonic() + timeout_s
+    problem = ""
+    while any(p.poll() is None for p, _ in procs):
+        failed = [i for i, (p, _) in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            problem = f"rank(s) {failed} failed" if failed else f"timed out after {timeout_s} s"
+            time.sleep(1.0 if failed else 0.0)  # let the others finish writing their reports
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.05)
+    for p, log in procs:
+        p.wait()
+        log.close()
+    if not problem and any(p.returncode != 0 for p, _ in procs):
+        problem = f"exit codes {[p.returncode for p, _ in procs]}"
+    return problem
+
+
+def run_ranks(script: str, out, world: int = 2, timeout_s: float = 240) -> List[Dict[str, Any]]:
+    """Run ``script`` (a file whose ``__main__`` calls :func:`rank_main`) as ``world`` gloo ranks
+    in the folder ``out``; returns each rank's results, ``[rank0, rank1, ...]``. A failure (or the
+    timeout) fails the calling test with the tail of every rank's log."""
+    import pytest
+
+    problem = _wait(_launch(script, world, out), timeout_s)
+    results = []
+    for rank in range(world):
+        path = os.path.join(out, f"rank{rank}.pt")
+        results.append(torch.load(path, weights_only=False) if os.path.exists(path) else {"error": "no results"})
+    if problem or any("error" in r for r in results):
+        logs = "\n".join(f"--- rank {r} log (tail) ---\n{open(os.path.join(out, f'rank{r}.log')).read()[-4000:]}"
+                         for r in range(world))
+        pytest.fail(f"the distributed ranks did not finish: {problem}\n{logs}", pytrace=False)
+    assert results[0]["pyfinetune"].startswith(ROOT), results[0]["pyfinetune"]  # the ranks ran this checkout
+    return results
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rank_main(sys.argv[1:], SCENARIOS)

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -28,8 +25,6 @@ import torch.distributed as dist
 
 import distributed_harness as harness
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(ROOT, "tests")
 WORLD = 2
 TIMEOUT_S = 240  # the two ranks take ~15 s on 2 busy cores
 TOL = dict(rtol=2e-5, atol=3e-7)
@@ -38,57 +33,11 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
-def _launch(out) -> list:
-    """Start the ranks; their output goes to files (a full pipe would block them)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([ROOT, TESTS] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    procs = []
-    for rank in range(WORLD):
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, os.path.join(TESTS, "distributed_harness.py"), str(rank),
-                                        str(WORLD), str(out / "store"), str(out)],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(out)), log))
-    return procs
-
-
-def _wait(procs) -> str:
-    """Wait for all ranks; when one fails (or time runs out) stop the others, which would wait in
-    a collective. Returns "" on success, else what went wrong."""
-    deadline = time.monotonic() + TIMEOUT_S
-    problem = ""
-    while any(p.poll() is None for p, _ in procs):
-        failed = [i for i, (p, _) in enumerate(procs) if p.poll() not in (None, 0)]
-        if failed or time.monotonic() > deadline:
-            problem = f"rank(s) {failed} failed" if failed else f"timed out after {TIMEOUT_S} s"
-            time.sleep(1.0 if failed else 0.0)  # let the others finish writing their reports
-            for p, _ in procs:
-                if p.poll() is None:
-                    p.kill()
-            break
-        time.sleep(0.05)
-    for p, log in procs:
-        p.wait()
-        log.close()
-    if not problem and any(p.returncode != 0 for p, _ in procs):
-        problem = f"exit codes {[p.returncode for p, _ in procs]}"
-    return problem
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """The results of every scenario on each rank: ``[rank0, rank1]``, dicts by scenario name."""
-    out = tmp_path_factory.mktemp("distributed")
-    problem = _wait(_launch(out))
-    results = []
-    for rank in range(WORLD):
-        path = out / f"rank{rank}.pt"
-        results.append(torch.load(path, weights_only=False) if path.exists() else {"error": "no results"})
-    if problem or any("error" in r for r in results):
-        logs = "\n".join(f"--- rank {r} log (tail) ---\n{(out / f'rank{r}.log').read_text()[-4000:]}"
-                         for r in range(WORLD))
-        pytest.fail(f"the distributed ranks did not finish: {problem}\n{logs}", pytrace=False)
-    assert results[0]["pyfinetune"].startswith(ROOT), results[0]["pyfinetune"]  # the ranks ran this checkout
-    return results
+    return harness.run_ranks(os.path.join(harness.TESTS, "distributed_harness.py"), tmp_path_factory.mktemp("distributed"),
+                             WORLD, TIMEOUT_S)
 
 
 def _reference(name):
