@@ -79,6 +79,18 @@ def test_odd_shapes(impl, shape, bias, device, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n", [65, 127, 128, 129, 300])
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float64, torch.bfloat16]))
+def test_batch_rows_span_several_panels(impl, n, device, dtype):
+    # The CPU kernels work on the batch in panels of 64 floats (32 doubles); every row of every
+    # panel, the partial last one included, must be computed (an AVX-512 build once computed
+    # only the first 64 of every 128 rows: its panel was wider than its kernels).
+    k, m = 70, 90
+    x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
+    check_against_reference(impl, x, w, make_mask(m, k, 0.6), b, g, dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float16]))
 def test_two_four_mask(impl, device, dtype):
     n, k, m = 40, 256, 96
@@ -390,7 +402,7 @@ def test_portable_kernels_when_avx512_is_off():
         "import torch, pyfinetune\n"
         "from pyfinetune import ops\n"
         "torch.manual_seed(0)\n"
-        "x = torch.randn(37, 300); w = torch.randn(150, 300); b = torch.randn(150)\n"
+        "x = torch.randn(300, 300); w = torch.randn(150, 300); b = torch.randn(150)\n"
         "mask = torch.rand(150, 300) > 0.5\n"
         "v = w[mask].clone().requires_grad_(True); xr = x.clone().requires_grad_(True)\n"
         "y = ops.csr_linear(xr, v, *ops.compressed_pattern(mask), bias=b)\n"

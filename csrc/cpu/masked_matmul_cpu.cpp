@@ -153,11 +153,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cpu(const 
 template <typename acc_t>
 constexpr int64_t kLanes = Vectorized<acc_t>::size();
 
-// Batch-block (panel) width in vectors: 8 accumulators (64 floats) leave registers for the
-// broadcast weight, and keep the K x 64 slice of xT (1 MiB for K = 4096) in L2.
-constexpr int kPanelVecs = 8;
+// Batch-block (panel) width: 256 bytes, 64 floats (8 AVX2 or 4 AVX-512 accumulators, 32
+// doubles), which leaves registers for the broadcast weight and keeps the K x 64 slice of xT
+// (1 MiB for K = 4096) in L2. The width in vectors follows the vector width of the build; the
+// AVX-512 float kernels handle panels of up to avx512::kPanelFloats and must see the same width.
 template <typename acc_t>
-constexpr int64_t kPanelBytes = kPanelVecs * kLanes<acc_t> * sizeof(acc_t);
+constexpr int kPanelVecs = static_cast<int>(avx512::kPanelFloats * sizeof(float) / sizeof(acc_t) / kLanes<acc_t>);
+static_assert(kPanelVecs<float> * kLanes<float> == avx512::kPanelFloats,
+              "the float panel must be as wide as the AVX-512 kernels' (avx512::kPanelFloats)");
+template <typename acc_t>
+constexpr int64_t kPanelBytes = kPanelVecs<acc_t> * kLanes<acc_t> * sizeof(acc_t);
 // L1 tile of the operand rows read by a panel: 128 rows x 64 floats = 32 KiB.
 constexpr int64_t kTileBytes = 32 * 1024;
 // Tile only when a (row, tile) segment holds this many kept weights on average; sparser
@@ -360,8 +365,8 @@ struct SpmmPanels {
 template <typename acc_t>
 void spmm_panel_any(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0, int32_t* cursor) {
   static constexpr auto table =
-      panel_table<SpmmPanels<acc_t>, SpmmArgs<acc_t>>(std::make_integer_sequence<int, kPanelVecs>{});
-  const int64_t width = std::min<int64_t>(kPanelVecs * kLanes<acc_t>, a.ld - n0);
+      panel_table<SpmmPanels<acc_t>, SpmmArgs<acc_t>>(std::make_integer_sequence<int, kPanelVecs<acc_t>>{});
+  const int64_t width = std::min<int64_t>(kPanelVecs<acc_t> * kLanes<acc_t>, a.ld - n0);
   if constexpr (std::is_same_v<acc_t, float>) {
     if (avx512::available()) {
       const bool rows = a.out_ld == 0;
@@ -379,7 +384,7 @@ void spmm_panel_any(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0
 template <typename acc_t, typename dst_t>
 void store_block(const acc_t* buf, int64_t r0, int64_t r1, int64_t n0, int64_t n1, int64_t rows, const dst_t* bias,
                  dst_t* y) {
-  constexpr int64_t kPanel = kPanelVecs * kLanes<acc_t>;
+  constexpr int64_t kPanel = kPanelVecs<acc_t> * kLanes<acc_t>;
   for (int64_t i = n0; i < n1; ++i) {
     dst_t* yr = y + i * rows + r0;
     const acc_t* src = buf + (i - n0);
@@ -402,7 +407,7 @@ void store_block(const acc_t* buf, int64_t r0, int64_t r1, int64_t n0, int64_t n
 // that hold only padding columns (n0 >= n) are skipped.
 template <typename acc_t, typename dst_t>
 void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_t* y) {
-  constexpr int64_t kPanel = kPanelVecs * kLanes<acc_t>;
+  constexpr int64_t kPanel = kPanelVecs<acc_t> * kLanes<acc_t>;
   const int64_t rows = a.pat.rows;
   const int64_t parts = num_parts(rows);
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
@@ -434,7 +439,7 @@ void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_
 // panel accumulated in a per-thread buffer and transposed into dx like spmm_into_rows does.
 template <typename acc_t, typename dst_t>
 void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
-  constexpr int64_t kPanel = kPanelVecs * kLanes<acc_t>;
+  constexpr int64_t kPanel = kPanelVecs<acc_t> * kLanes<acc_t>;
   const int64_t rows = a.pat.rows;
   const int64_t parts = num_parts(rows);
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
@@ -559,9 +564,9 @@ struct SddmmPanels {
 template <typename acc_t>
 void sddmm(const SddmmArgs<acc_t>& a) {
   static constexpr auto table =
-      panel_table<SddmmPanels<acc_t>, SddmmArgs<acc_t>>(std::make_integer_sequence<int, kPanelVecs>{});
+      panel_table<SddmmPanels<acc_t>, SddmmArgs<acc_t>>(std::make_integer_sequence<int, kPanelVecs<acc_t>>{});
   constexpr int64_t W = kLanes<acc_t>;
-  constexpr int64_t kPanel = kPanelVecs * W;
+  constexpr int64_t kPanel = kPanelVecs<acc_t> * W;
   const int64_t parts = num_parts(a.pat.rows);
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
   // One task per row range, all panels inside: a kept weight's sum is written by one thread.

@@ -75,6 +75,30 @@ def make_problem(sparsity: float, device: torch.device, seed: int = 0) -> Dict[s
     return {"x": x, "w": w, "mask": mask, "grad": grad}
 
 
+def check_against_dense(layer: SparseLinear, p: Dict[str, Any]) -> None:
+    """A contender is timed only after it computed the right thing: ``layer``'s output and its
+    gradients (x and the kept values, for the upstream gradient ``p["grad"]``) against the dense
+    product in float64, at float32 tolerance. Raises RuntimeError naming what differs."""
+    x, w, mask, g = p["x"], p["w"], p["mask"], p["grad"]
+    xs = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = layer(xs)
+        y.backward(g)
+    if "reference" not in p:  # float64 products of the problem, computed once for all contenders
+        wm = torch.where(mask, w, 0.0).double()
+        x64, g64 = x.double(), g.double()
+        p["reference"] = (x64 @ wm.t(), g64 @ wm, (g64.t() @ x64)[mask])
+    y_ref, dx_ref, dv_ref = p["reference"]
+    checks = (("output", y, y_ref), ("grad of x", xs.grad, dx_ref), ("grad of the kept values", layer.values.grad, dv_ref))
+    for what, got, want in checks:
+        err = (got.double() - want).abs().max().item()
+        bound = 1e-4 * max(1.0, want.abs().max().item())
+        if not err <= bound:
+            raise RuntimeError(f"pyfinetune benchmark: SparseLinear(kernel={layer.kernel!r}) {what} differs from the "
+                               f"dense product by {err:.3g} (> {bound:.3g}); not timing a wrong kernel")
+    layer.zero_grad(set_to_none=True)
+
+
 def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True) -> List[Contender]:
     """Forward contenders: dense, torch CSR, ours sparse and (``dense_path``) our dense path."""
     x, w, mask = p["x"], p["w"], p["mask"]
@@ -88,6 +112,7 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bo
     if ours_ok:
         for name, kernel in ((OURS_FWD, "sparse"),) + (((OURS_DENSE_FWD, "dense"),) if dense_path else ()):
             layer = SparseLinear.from_dense(w, mask, kernel=kernel)
+            check_against_dense(layer, p)
             out.append(Contender(name, lambda layer=layer: layer(x)))
     return out
 
@@ -110,6 +135,7 @@ def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool 
     if ours_ok:
         for name, kernel in ((OURS_STEP, "sparse"),) + (((OURS_DENSE_STEP, "dense"),) if dense_path else ()):
             layer = SparseLinear.from_dense(w, mask, kernel=kernel)
+            check_against_dense(layer, p)
             layer_opt = pyfinetune.optim.AdamW(layer.parameters(), lr=LR)
             xs = x0.clone().requires_grad_(True)
 
