@@ -66,6 +66,32 @@ def test_to_dense_is_differentiable_in_values():
     assert torch.equal(layer.values.grad, torch.arange(48.0, dtype=torch.float64).view(6, 8)[mask])
 
 
+def test_weight_property_for_parents_that_read_it():
+    # torchvision's Swin attention calls F.linear(x, qkv.weight, ...) instead of qkv(x)
+    layer, w, mask, b = make_layer(6, 8, 0.5, torch.float64, "cpu")
+    assert torch.equal(layer.weight, torch.where(mask, w, 0.0))
+    assert "weight" not in layer.state_dict() and [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.nn.functional.linear(x, layer.weight, layer.bias).sum().backward()
+    assert torch.allclose(layer.values.grad, x.sum(0).expand(6, 8)[mask])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_computes_like_f_linear(kernel, autocast_dtype):
+    # A float32 layer under autocast, fed the low-precision output of another autocast layer:
+    # both kernels compute in the autocast dtype, as F.linear on the dense weight does.
+    layer, w, mask, b = make_layer(24, 40, 0.7, torch.float32, "cpu", kernel=kernel)
+    x = torch.randn(5, 40).to(autocast_dtype)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = layer(x)
+        ref = torch.nn.functional.linear(x, torch.where(mask, w, 0.0), b)
+    assert y.dtype == autocast_dtype
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2 * 2.0**-8, atol=1e-2)
+    y.float().sum().backward()
+    assert layer.values.grad.dtype == torch.float32 and torch.isfinite(layer.values.grad).all()
+
+
 def test_auto_kernel_follows_the_crossover():
     cpu = CROSSOVER_SPARSITY["cpu"]
     below, _, _, _ = make_layer(40, 50, max(0.0, cpu - 0.2), torch.float32, "cpu")
