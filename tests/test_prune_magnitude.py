@@ -231,6 +231,10 @@ def test_default_exclusions_stem_and_classifier():
     assert type(model.conv) is nn.Conv2d and type(model.fc2) is nn.Linear
     for cls in (prune.GradualPruner, prune.MovementPruner):
         assert [name for name, _ in cls(ConvNet(), 0.5, 0, 4, 1).layers] == ["grouped", "fc1"]
+    # a pruner saved before the default (every layer) resumes with exclude=None, and says so
+    saved = prune.GradualPruner(ConvNet(), 0.5, 0, 4, 1, exclude=None).state_dict()
+    with pytest.raises(ValueError, match="layers differ.*exclude=None"):
+        prune.GradualPruner(ConvNet(), 0.5, 0, 4, 1).load_state_dict(saved)
     # an explicit exclude replaces the default; None prunes everything
     assert list(prune.magnitude_prune(ConvNet(), 0.5, exclude="fc*")) == ["conv", "grouped"]
     assert list(prune.magnitude_prune(ConvNet(), 0.5, exclude=None)) == LAYERS
