@@ -186,6 +186,14 @@ class SparseLinear(nn.Module):
         dense = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
         return dense.index_copy_(0, self.flat_index, self.values).view(self.out_features, self.in_features)
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight [out, in] (:meth:`to_dense`), for parents that read ``layer.weight``
+        instead of calling the layer (torchvision's Swin attention: ``F.linear(x, qkv.weight)``):
+        they compute with the kept values, at dense speed; the gradient reaches ``values``. Not a
+        parameter and not in ``state_dict``; a fresh tensor at each access."""
+        return self.to_dense()
+
     def dense_mask(self) -> Tensor:
         """The bool mask [out, in] of the kept positions."""
         mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.flat_index.device)
@@ -205,7 +213,15 @@ class SparseLinear(nn.Module):
             raise ValueError(f"SparseLinear: x must be [..., in_features] with in_features = {self.in_features}, got "
                              f"shape {tuple(x.shape)}")
         if self.kernel_for() == "sparse":
-            return ops.csr_linear(x, self.values, *self.pattern(), bias=self.bias)
+            values, bias = self.values, self.bias
+            if torch.is_autocast_enabled(x.device.type):
+                # csr_linear has no autocast rule and wants one dtype: cast as autocast casts
+                # F.linear's operands (floating, not float64), so a float32 layer fed the bf16
+                # output of an autocast layer computes in bf16 like the dense path does.
+                dtype = torch.get_autocast_dtype(x.device.type)
+                x, values, bias = (t if t is None or not t.is_floating_point() or t.dtype == torch.float64
+                                   else t.to(dtype) for t in (x, values, bias))
+            return ops.csr_linear(x, values, *self.pattern(), bias=bias)
         # The rebuilt weight already holds exact zeros at the pruned positions, so the plain dense
         # product is the masked one: masked_matmul would add a mask and a masked copy of [out, in]
         # (1.5x the time of this path on CPU) to reach the same numbers; and the gradient of the

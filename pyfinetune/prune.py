@@ -18,7 +18,25 @@ Why a class swap (and not a forward pre-hook or ``torch.nn.utils.parametrize``):
 
 Only modules whose type is exactly ``nn.Linear`` or ``nn.Conv2d`` are pruned: a subclass may have
 its own forward, which the masked forward would replace (``nn.MultiheadAttention.out_proj`` is
-such a subclass, and the attention reads its weight without calling it).
+such a subclass, and the attention reads its weight without calling it; ``in_proj_weight`` is a
+bare parameter: the attention of ``nn.MultiheadAttention``, hence of torchvision's ViT, stays
+dense).
+
+What is pruned by default
+-------------------------
+The first convolution (the stem, which reads the image; a ViT's patch embedding) and the
+classifier (the last linear layer, which produces the logits) are left dense unless asked for:
+they hold few of the weights and pruning them costs the most accuracy. ``exclude="default"``, the
+default of :func:`magnitude_prune` and the pruners, excludes :func:`default_exclusions` of the
+model; ``exclude=None`` prunes every layer. A model that is itself one ``nn.Linear`` /
+``nn.Conv2d`` has no default exclusion.
+
+Layers whose parent reads ``.weight`` instead of calling the layer (torchvision's Swin attention
+calls ``F.linear(x, self.qkv.weight, ...)``) compute with the stored weight: magnitude pruning
+zeroes it and :func:`mask_optimizer` keeps it zero, so they are pruned correctly; a running
+:class:`MovementPruner` keeps the pruned values there, so those layers see them until it
+finalizes. After :func:`sparsify` such a parent reads ``SparseLinear.weight``, the dense weight
+rebuilt from the kept values (right, at dense speed).
 
 Magnitude pruning (:func:`magnitude_prune`, :class:`GradualPruner`) also writes zeros into the
 pruned weights; :func:`mask_optimizer` keeps them, and their optimizer state, exactly zero through
@@ -28,7 +46,7 @@ positions until its schedule ends, so that a pruned weight can come back; see th
 Typical use::
 
     model = build_model()
-    pyfinetune.prune.magnitude_prune(model, 0.5, scope="global", exclude="classifier")
+    pyfinetune.prune.magnitude_prune(model, 0.5, scope="global")   # stem and classifier stay dense
     opt = pyfinetune.optim.AdamW(model.parameters(), lr=1e-4)
     pyfinetune.prune.mask_optimizer(opt, model)       # pruned weights and moments stay 0
     ...train...
@@ -54,11 +72,14 @@ from . import optim as _optim
 __all__ = [
     "MaskedLinear", "MaskedConv2d", "attach_mask", "remove_masks", "load_pruned_state_dict",
     "effective_weight", "magnitude_prune", "GradualPruner", "MovementPruner", "mask_optimizer",
-    "sparsity_report", "SparsityReport", "LayerSparsity", "sparsify", "densify",
+    "sparsity_report", "SparsityReport", "LayerSparsity", "sparsify", "densify", "default_exclusions",
 ]  # and SparseLinear, imported on first access (module __getattr__), so not in a star import
 
 # A module name glob ("encoder.*"), several globs, or a predicate (name, module) -> bool.
 LayerFilter = Union[None, str, Iterable[str], Callable[[str, nn.Module], bool]]
+
+# The value of ``exclude`` that stands for default_exclusions(model) (the default).
+DEFAULT_EXCLUDE = "default"
 
 
 # ------------------------------------------------------------------------ masked forward
@@ -321,22 +342,86 @@ def _as_predicate(spec: LayerFilter, arg: str) -> Optional[Callable[[str, nn.Mod
     return lambda name, module: any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+def _head_layers(head: Any) -> List[nn.Module]:
+    """The layers a model's ``get_classifier()`` / ``get_output_embeddings()`` result stands for:
+    a linear / conv layer itself, else the last one inside each module (a tuple: each entry)."""
+    out = []
+    for module in head if isinstance(head, (tuple, list)) else [head]:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            out.append(module)
+        elif isinstance(module, nn.Module):
+            inner = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            out.extend(inner[-1:])
+    return out
+
+
+def _classifier_layers(model: nn.Module) -> List[nn.Module]:
+    """The layers producing ``model``'s logits; see :func:`default_exclusions`."""
+    for getter in ("get_classifier", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        head = fn() if callable(fn) else None
+        if head is not None:
+            # An empty answer (timm's nn.Identity when num_classes=0) means: no classifier.
+            return _head_layers(head)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def default_exclusions(model: nn.Module) -> List[str]:
+    """The names of the layers that :func:`magnitude_prune`, :class:`GradualPruner` and
+    :class:`MovementPruner` leave dense by default (``exclude="default"``), in ``named_modules``
+    order:
+
+    * the stem: the first ``nn.Conv2d`` in module order (a CNN's first convolution, a ViT's patch
+      embedding ``conv_proj`` / ``patch_embed.proj``); none in a model without convolutions;
+    * the classifier: the layer(s) that ``model.get_classifier()`` returns (timm models; none when
+      it is an ``nn.Identity``), else ``model.get_output_embeddings()`` (transformers' ``lm_head``)
+      when it returns a module, else the last ``nn.Linear`` in module order (torchvision's
+      ``fc``, ``heads.head``, ``head``, ``classifier[-1]``).
+
+    A model that is itself an ``nn.Linear`` / ``nn.Conv2d`` has none: passing a layer prunes it.
+    Module order is the order in which the layers were assigned in ``__init__``; check the
+    result on a custom model, and pass an explicit ``exclude`` where it guesses wrong.
+
+    Args:
+        model: the model.
+
+    Returns:
+        a list of module names (``[]`` when nothing is excluded). To exclude more layers than the
+        default, pass ``exclude=[*default_exclusions(model), "blocks.0.*"]``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"default_exclusions: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, (nn.Linear, nn.Conv2d)):
+        return []
+    stem = [next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)]
+    chosen = {id(m) for m in stem + _classifier_layers(model) if m is not None}
+    return [name for name, m in model.named_modules() if id(m) in chosen]
+
+
 def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter) -> List[Tuple[str, nn.Module]]:
     """The prunable layers of ``model`` (exact ``nn.Linear`` / ``nn.Conv2d``, or already masked)
-    that ``include`` matches and ``exclude`` does not, in ``named_modules`` order."""
+    that ``include`` matches and ``exclude`` does not, in ``named_modules`` order.
+    ``exclude="default"`` stands for :func:`default_exclusions`."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    keep_if, drop_if = _as_predicate(include, "include"), _as_predicate(exclude, "exclude")
-    layers = []
-    for name, module in model.named_modules():
-        if not (_is_masked(module) or type(module) in _MASKED_CLASS):
-            continue
-        if keep_if is not None and not keep_if(name, module):
-            continue
-        if drop_if is not None and drop_if(name, module):
-            continue
-        layers.append((name, module))
+    defaults: Optional[List[str]] = None
+    if isinstance(exclude, str) and exclude == DEFAULT_EXCLUDE:
+        defaults = default_exclusions(model)
+        drop_if = lambda name, module: name in defaults  # noqa: E731  (exact names, not globs)
+    else:
+        drop_if = _as_predicate(exclude, "exclude")
+    keep_if = _as_predicate(include, "include")
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if (_is_masked(module) or type(module) in _MASKED_CLASS)
+                  and (keep_if is None or keep_if(name, module))]
+    layers = [(name, module) for name, module in candidates if drop_if is None or not drop_if(name, module)]
     if not layers:
+        if candidates and defaults is not None:
+            raise ValueError(
+                f"no prunable layer is left after the default exclusions {defaults} (the first convolution and "
+                f"the classifier stay dense, see prune.default_exclusions) with include={include!r}; pass "
+                "exclude=None to prune every layer, or exclude=[...] to choose")
         raise ValueError(f"no prunable layer (nn.Linear / nn.Conv2d) matched include={include!r}, exclude={exclude!r}")
     seen: Dict[int, str] = {}
     for name, module in layers:
@@ -493,7 +578,7 @@ def _check_no_nan(layers: Sequence[Tuple[str, nn.Module]]) -> None:
 
 
 def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "layer", pattern: str = "unstructured",
-                    include: LayerFilter = None, exclude: LayerFilter = None) -> Dict[str, Tensor]:
+                    include: LayerFilter = None, exclude: LayerFilter = DEFAULT_EXCLUDE) -> Dict[str, Tensor]:
     """Prune the weights of ``model``'s ``nn.Linear`` / ``nn.Conv2d`` layers with the smallest
     magnitude: attach masks (see the module docstring) and zero the pruned weights. Biases, norms
     and other parameters are untouched.
@@ -511,7 +596,12 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "layer", 
             ``"block:RxC"``: whole blocks of R outputs x C inputs, ranked by their L2 norm.
         include: which layers may be pruned: a glob on the module name from ``named_modules``
             (``"encoder.*"``), a list of globs, or a predicate ``(name, module) -> bool``. None: all.
-        exclude: the same form; matching layers are left alone.
+        exclude: the layers left alone: ``"default"`` (the default): the stem convolution and the
+            classifier, see :func:`default_exclusions`; None: none; or the same form as
+            ``include`` (which replaces the default: ``exclude="head"`` prunes the stem; a glob
+            that is literally ``"default"`` is written ``["default"]``). When the default
+            exclusions leave no layer (``nn.Sequential(nn.Linear(...))``: its one layer is the
+            classifier) a ValueError says so; pass ``exclude=None``.
 
     The ranking is by the magnitude of the effective weight (zero where already pruned). Ties are
     deterministic: units already pruned go first, then the lower index (layers in
@@ -571,7 +661,7 @@ class GradualPruner:
 
     def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int, *,
                  pattern: str = "unstructured", scope: str = "layer", initial_sparsity: float = 0.0,
-                 include: LayerFilter = None, exclude: LayerFilter = None):
+                 include: LayerFilter = None, exclude: LayerFilter = DEFAULT_EXCLUDE):
         pat = _parse_pattern(pattern)
         _check_scope(scope)
         _check_sparsity("final_sparsity", final_sparsity, pat)
@@ -654,7 +744,12 @@ class GradualPruner:
         (a difference raises ValueError naming it)."""
         differ = [k for k, v in self._config().items() if state_dict["config"].get(k) != v]
         if differ:
-            raise ValueError(f"state_dict is from a pruner with other arguments: {', '.join(differ)} differ")
+            hint = ""
+            if "layers" in differ:
+                hint = (" (the pruner's layers come from include / exclude; exclude defaults to the stem and the "
+                        "classifier, see prune.default_exclusions, and pruners saved before that default pruned "
+                        "every layer: build this one with exclude=None to resume them)")
+            raise ValueError(f"state_dict is from a pruner with other arguments: {', '.join(differ)} differ{hint}")
         self.step_count = int(state_dict["step_count"])
         self.last_sparsity = state_dict["last_sparsity"]
 
@@ -688,7 +783,7 @@ class MovementPruner(GradualPruner):
 
     def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int, *,
                  pattern: str = "unstructured", scope: str = "layer", initial_sparsity: float = 0.0,
-                 include: LayerFilter = None, exclude: LayerFilter = None):
+                 include: LayerFilter = None, exclude: LayerFilter = DEFAULT_EXCLUDE):
         super().__init__(model, final_sparsity, start_step, end_step, every, pattern=pattern, scope=scope,
                          initial_sparsity=initial_sparsity, include=include, exclude=exclude)
         self.scores: Dict[str, Tensor] = {

@@ -22,7 +22,7 @@ FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
 def _pruned_convnet(dtype=torch.float32, device="cpu", sparsity=0.5, pattern="unstructured"):
     model = ConvNet(dtype, device)
-    prune.magnitude_prune(model, sparsity, pattern=pattern)
+    prune.magnitude_prune(model, sparsity, pattern=pattern, exclude=None)
     return model
 
 
@@ -135,7 +135,7 @@ def test_attach_mask_and_remove_masks():
         prune.attach_mask(model.norm)
 
     keys_before = set(ConvNet().state_dict())
-    prune.magnitude_prune(model, 0.5)
+    prune.magnitude_prune(model, 0.5, exclude=None)
     _scramble_pruned(model)
     masks = {n: model.get_submodule(n).weight_mask.clone() for n in LAYERS}
     x = conv_input()
@@ -203,7 +203,7 @@ def test_state_dict_round_trip_into_unpruned_model():
     assert _outputs_equal(src, dst, conv_input())
     # a partially pruned state dict (only fc1 masked) into an unpruned model
     part = ConvNet()
-    prune.magnitude_prune(part, 0.5, include="fc1")
+    prune.magnitude_prune(part, 0.5, include="fc1", exclude=None)
     dst2 = ConvNet()
     prune.load_pruned_state_dict(dst2, part.state_dict())
     assert type(dst2.fc1) is MaskedLinear and type(dst2.fc2) is nn.Linear
@@ -257,7 +257,7 @@ def test_torch_compile():
         torch.testing.assert_close(grads[name], model.get_submodule(name).weight.grad, rtol=1e-5, atol=1e-5)
         assert (grads[name][~model.get_submodule(name).weight_mask] == 0).all()
     # masks change in place (re-pruning): the compiled model follows
-    prune.magnitude_prune(model, 0.8)
+    prune.magnitude_prune(model, 0.8, exclude=None)
     torch.testing.assert_close(compiled(x), _plain_forward(model, x), rtol=1e-5, atol=1e-5)
     # dense gradients (movement pruning) under compile
     model.zero_grad()
@@ -274,8 +274,8 @@ def test_torch_compile():
 
 def test_sparsity_report():
     model = ConvNet()
-    prune.magnitude_prune(model, 0.5, include=["conv", "fc1"])
-    prune.magnitude_prune(model, 0.25, include="grouped", pattern="block:2x4")
+    prune.magnitude_prune(model, 0.5, include=["conv", "fc1"], exclude=None)
+    prune.magnitude_prune(model, 0.25, include="grouped", pattern="block:2x4", exclude=None)
     report = prune.sparsity_report(model)
     assert [r.name for r in report] == LAYERS and len(report) == 4
     conv = report["conv"]

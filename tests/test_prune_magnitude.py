@@ -30,7 +30,7 @@ def test_unstructured_exact(device, dtype, scope, sparsity):
     norm_before = [p.detach().clone() for p in model.norm.parameters()]
     biases = {n: model.get_submodule(n).bias for n in LAYERS if model.get_submodule(n).bias is not None}
     bias_before = {n: b.detach().clone() for n, b in biases.items()}
-    masks = prune.magnitude_prune(model, sparsity, scope=scope)
+    masks = prune.magnitude_prune(model, sparsity, scope=scope, exclude=None)
 
     assert list(masks) == LAYERS
     expected = ref_unstructured(before, sparsity, scope)
@@ -62,7 +62,7 @@ def test_global_prunes_the_smallest_over_all_layers():
     with torch.no_grad():
         model[0].weight.uniform_(-1e-3, 1e-3)
         model[1].weight.uniform_(0.5, 1.0).mul_(torch.randn(10, 10).sign())
-    masks = prune.magnitude_prune(model, 0.5, scope="global")
+    masks = prune.magnitude_prune(model, 0.5, scope="global", exclude=None)
     assert int((~masks["0"]).sum()) == 100 and int((~masks["1"]).sum()) == 0
 
 
@@ -79,7 +79,7 @@ def test_ties_lower_index_first():
     with torch.no_grad():
         model[0].weight.fill_(1.0)
         model[1].weight.fill_(-1.0)   # same magnitude
-    masks = prune.magnitude_prune(model, 0.5, scope="layer")
+    masks = prune.magnitude_prune(model, 0.5, scope="layer", exclude=None)
     assert torch.equal(~masks["0"].reshape(-1), torch.arange(12) < 6)
     assert torch.equal(~masks["1"].reshape(-1), torch.arange(8) < 4)
 
@@ -87,7 +87,8 @@ def test_ties_lower_index_first():
     with torch.no_grad():
         for p in model2.parameters():
             p.fill_(2.0)
-    masks = prune.magnitude_prune(model2, 0.7, scope="global")   # round(14) of 20: all 12 of the first + 2
+    # round(14) of 20: all 12 of the first + 2
+    masks = prune.magnitude_prune(model2, 0.7, scope="global", exclude=None)
     assert not masks["0"].any()
     assert torch.equal(~masks["1"].reshape(-1), torch.arange(8) < 2)
 
@@ -110,7 +111,7 @@ def test_repruning_only_grows_masks():
 def test_2_4(device, dtype, scope):
     model = ConvNet(dtype, device)
     before = _weights(model)
-    masks = prune.magnitude_prune(model, 0.5, scope=scope, pattern="2:4")
+    masks = prune.magnitude_prune(model, 0.5, scope=scope, pattern="2:4", exclude=None)
     for name in LAYERS:
         groups = as_matrix(masks[name]).reshape(-1, 4)
         assert (groups.sum(dim=1) == 2).all(), name
@@ -130,7 +131,7 @@ def test_2_4_below_half(scope, sparsity):
     # more than 2, and the count is exact.
     model = ConvNet()
     before = _weights(model)
-    masks = prune.magnitude_prune(model, sparsity, scope=scope, pattern="2:4")
+    masks = prune.magnitude_prune(model, sparsity, scope=scope, pattern="2:4", exclude=None)
     for name in LAYERS:
         groups = as_matrix(masks[name]).reshape(-1, 4)
         assert ((~groups).sum(dim=1) <= 2).all()
@@ -162,7 +163,7 @@ def test_block(device, dtype, scope, rows, cols):
     model = ConvNet(dtype, device)
     before = _weights(model)
     sparsity = 0.4
-    masks = prune.magnitude_prune(model, sparsity, scope=scope, pattern=f"block:{rows}x{cols}")
+    masks = prune.magnitude_prune(model, sparsity, scope=scope, pattern=f"block:{rows}x{cols}", exclude=None)
     pruned_norms, kept_norms, n_blocks, n_pruned = [], [], 0, 0
     for name in LAYERS:
         kept, uniform = block_mask_units(masks[name], rows, cols)
@@ -194,17 +195,17 @@ def test_include_exclude():
     def fresh():
         return ConvNet()
 
-    assert list(prune.magnitude_prune(fresh(), 0.5, include="fc*")) == ["fc1", "fc2"]
-    assert list(prune.magnitude_prune(fresh(), 0.5, include=["conv", "fc2"])) == ["conv", "fc2"]
+    assert list(prune.magnitude_prune(fresh(), 0.5, include="fc*", exclude=None)) == ["fc1", "fc2"]
+    assert list(prune.magnitude_prune(fresh(), 0.5, include=["conv", "fc2"], exclude=None)) == ["conv", "fc2"]
     assert list(prune.magnitude_prune(fresh(), 0.5, exclude="fc*")) == ["conv", "grouped"]
     assert list(prune.magnitude_prune(fresh(), 0.5, include="*", exclude=("grouped", "fc1"))) == ["conv", "fc2"]
-    only_conv = prune.magnitude_prune(fresh(), 0.5, include=lambda name, m: isinstance(m, nn.Conv2d))
+    only_conv = prune.magnitude_prune(fresh(), 0.5, include=lambda name, m: isinstance(m, nn.Conv2d), exclude=None)
     assert list(only_conv) == ["conv", "grouped"]
     model = fresh()
     prune.magnitude_prune(model, 0.5, exclude=lambda name, m: m.weight.ndim == 4)
     assert type(model.conv) is nn.Conv2d and type(model.fc1) is MaskedLinear
     # a generator of globs is read once
-    assert list(prune.magnitude_prune(fresh(), 0.5, include=(g for g in ["fc1"]))) == ["fc1"]
+    assert list(prune.magnitude_prune(fresh(), 0.5, include=(g for g in ["fc1"]), exclude=None)) == ["fc1"]
 
 
 def test_nested_names_and_root_layer():
@@ -218,7 +219,82 @@ def test_nested_names_and_root_layer():
 def test_subclasses_are_not_pruned():
     # nn.MultiheadAttention's out_proj is a Linear subclass the attention never calls.
     model = nn.ModuleDict(dict(attn=nn.MultiheadAttention(8, 2), fc=nn.Linear(8, 8)))
-    assert list(prune.magnitude_prune(model, 0.5)) == ["fc"]
+    assert prune.default_exclusions(model) == ["fc"]
+    assert list(prune.magnitude_prune(model, 0.5, exclude=None)) == ["fc"]
+
+
+def test_default_exclusions_stem_and_classifier():
+    # ConvNet: the first Conv2d is the stem, the last Linear the classifier
+    assert prune.default_exclusions(ConvNet()) == ["conv", "fc2"]
+    model = ConvNet()
+    assert list(prune.magnitude_prune(model, 0.5)) == ["grouped", "fc1"]
+    assert type(model.conv) is nn.Conv2d and type(model.fc2) is nn.Linear
+    for cls in (prune.GradualPruner, prune.MovementPruner):
+        assert [name for name, _ in cls(ConvNet(), 0.5, 0, 4, 1).layers] == ["grouped", "fc1"]
+    # a pruner saved before the default (every layer) resumes with exclude=None, and says so
+    saved = prune.GradualPruner(ConvNet(), 0.5, 0, 4, 1, exclude=None).state_dict()
+    with pytest.raises(ValueError, match="layers differ.*exclude=None"):
+        prune.GradualPruner(ConvNet(), 0.5, 0, 4, 1).load_state_dict(saved)
+    # an explicit exclude replaces the default; None prunes everything
+    assert list(prune.magnitude_prune(ConvNet(), 0.5, exclude="fc*")) == ["conv", "grouped"]
+    assert list(prune.magnitude_prune(ConvNet(), 0.5, exclude=None)) == LAYERS
+    combined = [*prune.default_exclusions(ConvNet()), "grouped"]
+    assert list(prune.magnitude_prune(ConvNet(), 0.5, exclude=combined)) == ["fc1"]
+    # "default" as a glob, in a list, is a module name
+    named = nn.ModuleDict(dict(default=nn.Linear(4, 4), out=nn.Linear(4, 2)))
+    assert list(prune.magnitude_prune(named, 0.5, exclude=["default"])) == ["out"]
+    # no convolution: only the classifier
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert prune.default_exclusions(mlp) == ["4"]
+
+
+def test_default_exclusions_tiny_models():
+    # a model that is one layer is pruned whole: nothing is excluded
+    for layer in (nn.Linear(8, 2), nn.Conv2d(3, 4, 3)):
+        assert prune.default_exclusions(layer) == []
+        assert list(prune.magnitude_prune(layer, 0.5)) == [""]
+    # a container whose only layer is the classifier: a clear error, nothing pruned
+    model = nn.Sequential(nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"default exclusions \['0'\].*exclude=None"):
+        prune.magnitude_prune(model, 0.5)
+    with pytest.raises(ValueError, match=r"default exclusions \['0'\].*exclude=None"):
+        prune.GradualPruner(model, 0.5, 0, 4, 1)
+    assert type(model[0]) is nn.Linear
+    assert list(prune.magnitude_prune(model, 0.5, exclude=None)) == ["0"]
+    # stem and classifier are all there is
+    with pytest.raises(ValueError, match=r"default exclusions \['0', '2'\]"):
+        prune.magnitude_prune(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), 0.5)
+
+
+def test_default_classifier_from_model_hooks():
+    class WithClassifier(nn.Module):  # timm's convention
+        def __init__(self, head):
+            super().__init__()
+            self.head, self.proj = head, nn.Linear(4, 4)   # the head is not the last Linear
+
+        def forward(self, x):
+            return self.head(self.proj(x))
+
+        def get_classifier(self):
+            return self.head
+
+    assert prune.default_exclusions(WithClassifier(nn.Linear(4, 3))) == ["head"]
+    nested = WithClassifier(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)))
+    assert prune.default_exclusions(nested) == ["head.2"]
+    # timm with num_classes=0: the classifier is an nn.Identity, nothing is excluded
+    assert prune.default_exclusions(WithClassifier(nn.Identity())) == []
+
+    class LM(nn.Module):  # transformers' convention
+        def __init__(self):
+            super().__init__()
+            self.lm_head, self.body = nn.Linear(4, 10), nn.Linear(4, 4)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    assert prune.default_exclusions(LM()) == ["lm_head"]
+    with pytest.raises(TypeError, match="model"):
+        prune.default_exclusions("resnet")
 
 
 @pytest.mark.parametrize("bad, exc, words", [
@@ -247,9 +323,9 @@ def test_error_pattern_type_and_scope():
 def test_error_pattern_does_not_divide():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(6, 8))
     with pytest.raises(ValueError, match=r"pattern '2:4'.*'1'.*multiple of 4, got 6"):
-        prune.magnitude_prune(model, 0.5, pattern="2:4")
+        prune.magnitude_prune(model, 0.5, pattern="2:4", exclude=None)
     with pytest.raises(ValueError, match=r"pattern 'block:4x4' does not divide layer '1'"):
-        prune.magnitude_prune(model, 0.5, pattern="block:4x4")
+        prune.magnitude_prune(model, 0.5, pattern="block:4x4", exclude=None)
     with pytest.raises(ValueError, match=r"block:3x2.*does not divide"):
         prune.magnitude_prune(nn.Linear(8, 8), 0.5, pattern="block:3x2")
     # a Conv2d's input is in/groups * kh * kw: 3 * 3 * 3 = 27
@@ -281,13 +357,13 @@ def test_error_tied_weights_and_nan():
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight
     with pytest.raises(ValueError, match="share one weight"):
-        prune.magnitude_prune(nn.Sequential(a, b), 0.5)
+        prune.magnitude_prune(nn.Sequential(a, b), 0.5, exclude=None)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     with torch.no_grad():
         model[1].weight[0, 0] = math.nan
     before = model[0].weight.detach().clone()
     with pytest.raises(ValueError, match="layer '1' contains NaN"):
-        prune.magnitude_prune(model, 0.5)
+        prune.magnitude_prune(model, 0.5, exclude=None)
     assert type(model[0]) is nn.Linear and torch.equal(model[0].weight, before), "nothing was pruned"
 
 

@@ -75,7 +75,7 @@ def test_masks_hold_for_100_steps(kind, dtype, pattern, device):
     tr.make_optimizer()
     for _ in range(5):                 # the state is populated before pruning
         tr.step()
-    prune.magnitude_prune(tr.model, 0.5, scope="global", pattern=pattern)
+    prune.magnitude_prune(tr.model, 0.5, scope="global", pattern=pattern, exclude=None)
     masks = {n: layer.weight_mask.clone() for n, layer in tr.layers()}
     start = {n: layer.weight.detach().clone() for n, layer in tr.layers()}
     prune.mask_optimizer(tr.opt, tr.model)
@@ -96,7 +96,7 @@ def test_masks_hold_for_100_steps(kind, dtype, pattern, device):
 @pytest.mark.parametrize("kind", list(OPTIMIZERS))
 def test_gradual_pruning_mid_training_updates_optimizer_masks(kind, dtype, device):
     tr = Trainer(kind, dtype, device)
-    pruner = prune.GradualPruner(tr.model, 0.8, start_step=10, end_step=60, every=10)
+    pruner = prune.GradualPruner(tr.model, 0.8, start_step=10, end_step=60, every=10, exclude=None)
     tr.make_optimizer()
     prune.mask_optimizer(tr.opt, tr.model)
     for t in range(100):
@@ -121,7 +121,7 @@ def test_without_mask_optimizer_momentum_revives_pruned_weights(kind):
     tr.make_optimizer()
     for _ in range(10):
         tr.step()
-    prune.magnitude_prune(tr.model, 0.5)
+    prune.magnitude_prune(tr.model, 0.5, exclude=None)
     tr.step()
     revived = sum(int((layer.weight[~layer.weight_mask] != 0).sum()) for _, layer in tr.layers())
     assert revived > 0
@@ -131,7 +131,7 @@ def test_without_mask_optimizer_momentum_revives_pruned_weights(kind):
 def test_remove_hooks_and_remove_masks(kind):
     tr = Trainer(kind)
     tr.make_optimizer()
-    prune.magnitude_prune(tr.model, 0.5)
+    prune.magnitude_prune(tr.model, 0.5, exclude=None)
     handle = prune.mask_optimizer(tr.opt, tr.model)
     for _ in range(5):
         tr.step()
@@ -146,7 +146,7 @@ def test_remove_hooks_and_remove_masks(kind):
         trained = ~masks[name] & (grads[name] != 0)
         assert trained.any() and (layer.weight[trained] != 0).all(), f"{name}: the pruned weights train again"
     handle.remove()
-    prune.magnitude_prune(tr.model, 0.5)
+    prune.magnitude_prune(tr.model, 0.5, exclude=None)
     tr.step()
     if kind.startswith("pyfinetune"):
         assert all(tr.opt.get_mask(layer.weight) is None for _, layer in tr.layers())
@@ -154,7 +154,7 @@ def test_remove_hooks_and_remove_masks(kind):
 
 def test_optimizer_holding_some_weights():
     tr = Trainer("pyfinetune-sgd")
-    prune.magnitude_prune(tr.model, 0.5)
+    prune.magnitude_prune(tr.model, 0.5, exclude=None)
     tr.opt = pyfinetune.optim.SGD(tr.model.fc1.parameters(), lr=0.1, momentum=0.9)
     tr_torch = torch.optim.SGD(tr.model.fc2.parameters(), lr=0.1, momentum=0.9)
     prune.mask_optimizer(tr.opt, tr.model)
@@ -168,13 +168,13 @@ def test_optimizer_holding_some_weights():
 @pytest.mark.parametrize("kind", ["pyfinetune-adamw", "torch-adamw"])
 def test_loaded_masks_reach_the_optimizer(kind):
     tr = Trainer(kind)
-    prune.magnitude_prune(tr.model, 0.3)
+    prune.magnitude_prune(tr.model, 0.3, exclude=None)
     tr.make_optimizer()
     prune.mask_optimizer(tr.opt, tr.model)
     for _ in range(3):
         tr.step()
     other = ConvNet()
-    prune.magnitude_prune(other, 0.7)
+    prune.magnitude_prune(other, 0.7, exclude=None)
     tr.model.load_state_dict(other.state_dict())       # masks change in place
     tr.step()
     assert_pruned_zero(tr.opt, tr.model, where="after load")
@@ -185,7 +185,7 @@ def test_loaded_masks_reach_the_optimizer(kind):
 @pytest.mark.parametrize("kind", ["pyfinetune-adamw", "pyfinetune-sgd", "torch-adamw", "torch-sgd"])
 def test_movement_pruning_with_masked_optimizer(kind):
     tr = Trainer(kind)
-    pruner = prune.MovementPruner(tr.model, 0.6, start_step=2, end_step=12, every=2)
+    pruner = prune.MovementPruner(tr.model, 0.6, start_step=2, end_step=12, every=2, exclude=None)
     tr.make_optimizer()
     prune.mask_optimizer(tr.opt, tr.model)
     for t in range(30):

@@ -62,7 +62,7 @@ def test_gradual_pruning_follows_schedule(scope, pattern, dtype):
     model = ConvNet(dtype)
     weights = {n: model.get_submodule(n).weight for n in LAYERS}
     before = {n: w.detach().clone() for n, w in weights.items()}
-    pruner = GradualPruner(model, 0.8, start_step=5, end_step=40, every=5, pattern=pattern, scope=scope)
+    pruner = GradualPruner(model, 0.8, start_step=5, end_step=40, every=5, pattern=pattern, scope=scope, exclude=None)
     # masks attached at construction, all kept, weights untouched
     assert all(torch.equal(weights[n], before[n]) and model.get_submodule(n).weight_mask.all() for n in LAYERS)
     assert all(f"{n}.weight_mask" in model.state_dict() for n in LAYERS)
@@ -94,7 +94,7 @@ def test_gradual_pruning_follows_schedule(scope, pattern, dtype):
 
 def test_gradual_2_4():
     model = ConvNet()
-    pruner = GradualPruner(model, 0.5, 0, 10, 2, pattern="2:4", scope="global")
+    pruner = GradualPruner(model, 0.5, 0, 10, 2, pattern="2:4", scope="global", exclude=None)
     for _ in range(11):
         pruner.step()
     for n in LAYERS:
@@ -103,7 +103,7 @@ def test_gradual_2_4():
 
 def test_gradual_state_dict_resume():
     model = ConvNet()
-    pruner = GradualPruner(model, 0.9, 2, 30, 3, scope="global", initial_sparsity=0.1)
+    pruner = GradualPruner(model, 0.9, 2, 30, 3, scope="global", initial_sparsity=0.1, exclude=None)
     gen = torch.Generator().manual_seed(1)
     for _ in range(12):
         _perturb(model, gen)
@@ -113,7 +113,7 @@ def test_gradual_state_dict_resume():
     assert pruner_sd["step_count"] == 12 and pruner_sd["last_sparsity"] == pruner.sparsity_at(11)
     resumed = ConvNet()
     prune.load_pruned_state_dict(resumed, model_sd)
-    resumed_pruner = GradualPruner(resumed, 0.9, 2, 30, 3, scope="global", initial_sparsity=0.1)
+    resumed_pruner = GradualPruner(resumed, 0.9, 2, 30, 3, scope="global", initial_sparsity=0.1, exclude=None)
     resumed_pruner.load_state_dict(pruner_sd)
     gen_b = copy.deepcopy(gen)
     for _ in range(25):
@@ -122,7 +122,7 @@ def test_gradual_state_dict_resume():
         assert pruner.step() == resumed_pruner.step()
         for n in LAYERS:
             assert torch.equal(model.get_submodule(n).weight_mask, resumed.get_submodule(n).weight_mask)
-    other = GradualPruner(ConvNet(), 0.8, 2, 30, 3, scope="global", initial_sparsity=0.1)
+    other = GradualPruner(ConvNet(), 0.8, 2, 30, 3, scope="global", initial_sparsity=0.1, exclude=None)
     with pytest.raises(ValueError, match="final_sparsity"):
         other.load_state_dict(pruner_sd)
 
@@ -242,7 +242,7 @@ def test_movement_revives_a_pruned_weight():
 
 def test_movement_skips_non_finite_gradients():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
-    pruner = MovementPruner(model, 0.5, 0, 10, 1)
+    pruner = MovementPruner(model, 0.5, 0, 10, 1, exclude=None)
     model[0].weight.grad = torch.randn(4, 4)
     model[1].weight.grad = torch.randn(4, 4)
     model[1].weight.grad[2, 1] = float("inf")
@@ -269,7 +269,7 @@ def test_movement_block_scores_are_sums():
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_movement_training_conv_and_linear(scope):
     model = ConvNet()
-    pruner = MovementPruner(model, 0.75, start_step=2, end_step=20, every=3, scope=scope)
+    pruner = MovementPruner(model, 0.75, start_step=2, end_step=20, every=3, scope=scope, exclude=None)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     target = torch.randn(3, 8)
     x = conv_input()
@@ -292,7 +292,7 @@ def test_movement_training_conv_and_linear(scope):
 
 def test_movement_state_dict():
     model = ConvNet()
-    pruner = MovementPruner(model, 0.5, 1, 10, 2)
+    pruner = MovementPruner(model, 0.5, 1, 10, 2, exclude=None)
     x = conv_input()
     for _ in range(4):
         model(x).sum().backward()
@@ -301,7 +301,7 @@ def test_movement_state_dict():
     sd = copy.deepcopy(pruner.state_dict())
     resumed = ConvNet()
     prune.load_pruned_state_dict(resumed, model.state_dict())
-    other = MovementPruner(resumed, 0.5, 1, 10, 2)
+    other = MovementPruner(resumed, 0.5, 1, 10, 2, exclude=None)
     other.load_state_dict(sd)
     assert other.step_count == 4 and not other.finished
     for n in LAYERS:

@@ -13,6 +13,7 @@ import torch
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 _BLOCK = re.compile(r"<!-- runnable -->\s*\n```python\n(.*?)\n```", re.S)
 _HAS_HF = importlib.util.find_spec("transformers") is not None
+_HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 _HAS_TRACE_AUTOGRAD = hasattr(torch._dynamo.config, "trace_autograd_ops")
 
 
@@ -24,6 +25,8 @@ def _blocks():
         marks = []
         if "transformers" in code:
             marks.append(pytest.mark.skipif(not _HAS_HF, reason="transformers is not installed"))
+        if "torchvision" in code:
+            marks.append(pytest.mark.skipif(not _HAS_TORCHVISION, reason="torchvision is not installed"))
         if "trace_autograd_ops" in code:
             marks.append(pytest.mark.skipif(not _HAS_TRACE_AUTOGRAD, reason="this torch has no trace_autograd_ops"))
         out.append(pytest.param(code, marks=marks, id=f"block{i}"))

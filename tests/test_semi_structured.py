@@ -50,7 +50,7 @@ def test_from_dense_argument_errors_on_cpu():
 
 def test_sparsify_unknown_layout():
     model = nn.Sequential(nn.Linear(8, 8))
-    prune.magnitude_prune(model, 0.5)
+    prune.magnitude_prune(model, 0.5, exclude=None)
     with pytest.raises(ValueError, match="layout"):
         prune.sparsify(model, layout="bsr")
 
@@ -79,7 +79,7 @@ def test_matches_masked_dense_product(dtype, bias):
 def test_sparsify_two_four_model_and_back():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64)).cuda().half()
-    prune.magnitude_prune(model, 0.5, pattern="2:4")
+    prune.magnitude_prune(model, 0.5, pattern="2:4", exclude=None)
     x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
     ref = model(x)
     prune.sparsify(model, layout="2:4")

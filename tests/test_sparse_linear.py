@@ -5,6 +5,8 @@ and its errors."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -64,6 +66,61 @@ def test_to_dense_is_differentiable_in_values():
     layer, w, mask, _ = make_layer(6, 8, 0.5, torch.float64, "cpu")
     (layer.to_dense() * torch.arange(48.0, dtype=torch.float64).view(6, 8)).sum().backward()
     assert torch.equal(layer.values.grad, torch.arange(48.0, dtype=torch.float64).view(6, 8)[mask])
+
+
+def test_weight_property_for_parents_that_read_it():
+    # torchvision's Swin attention calls F.linear(x, qkv.weight, ...) instead of qkv(x)
+    layer, w, mask, b = make_layer(6, 8, 0.5, torch.float64, "cpu")
+    assert torch.equal(layer.weight, torch.where(mask, w, 0.0))
+    assert "weight" not in layer.state_dict() and [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.nn.functional.linear(x, layer.weight, layer.bias).sum().backward()
+    assert torch.allclose(layer.values.grad, x.sum(0).expand(6, 8)[mask])
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_autocast_computes_like_f_linear(kernel, autocast_dtype):
+    # A float32 layer under autocast, fed the low-precision output of another autocast layer:
+    # both kernels compute in the autocast dtype, as F.linear on the dense weight does.
+    layer, w, mask, b = make_layer(24, 40, 0.7, torch.float32, "cpu", kernel=kernel)
+    x = torch.randn(5, 40).to(autocast_dtype)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        y = layer(x)
+        ref = torch.nn.functional.linear(x, torch.where(mask, w, 0.0), b)
+    assert y.dtype == autocast_dtype
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2 * 2.0**-8, atol=1e-2)
+    y.float().sum().backward()
+    assert layer.values.grad.dtype == torch.float32 and torch.isfinite(layer.values.grad).all()
+
+
+def _avx512_kernels_run() -> bool:
+    """Whether csr_linear's float32 CPU kernels take the AVX-512 path here (an AVX-512 build on a
+    CPU with AVX-512, not turned off by PYFINETUNE_CPU_AVX512=0)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return (pyfinetune._build_info.CPU_ISA == "avx512" and " avx512f" in flags
+            and os.environ.get("PYFINETUNE_CPU_AVX512", "1")[:1] != "0")
+
+
+# Known bug, C++ (csrc/cpu/masked_matmul_avx512.cpp): in an AVX-512 build the batch panel is
+# kPanelVecs * Vectorized<float>::size() = 8 * 16 = 128 rows wide, but avx512::with_vecs
+# handles at most 4 vectors (64 rows), so rows [64, 128) of every 128 get y = 0 (+ bias), dx = 0
+# and no share of dvalues. The portable kernels (PYFINETUNE_CPU_AVX512=0) are right.
+@pytest.mark.xfail(_avx512_kernels_run(), strict=True,
+                   reason="AVX-512 csr_linear computes only 64 of every 128 batch rows")
+@pytest.mark.parametrize("rows", [65, 200])
+def test_more_than_64_rows(rows):
+    layer, w, mask, b = make_layer(48, 40, 0.7, torch.float32, "cpu", kernel="sparse")
+    x = torch.randn(rows, 40, requires_grad=True)
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    dense = torch.where(mask, w, 0.0)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.detach(), dense, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, dense.sum(0).expand(rows, 40), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.values.grad, x.detach().sum(0).expand(48, 40)[mask], rtol=1e-5, atol=1e-4)
 
 
 def test_auto_kernel_follows_the_crossover():
