@@ -5,8 +5,6 @@ and its errors."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -94,23 +92,8 @@ def test_autocast_computes_like_f_linear(kernel, autocast_dtype):
     assert layer.values.grad.dtype == torch.float32 and torch.isfinite(layer.values.grad).all()
 
 
-def _avx512_kernels_run() -> bool:
-    """Whether csr_linear's float32 CPU kernels take the AVX-512 path here (an AVX-512 build on a
-    CPU with AVX-512, not turned off by PYFINETUNE_CPU_AVX512=0)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return (pyfinetune._build_info.CPU_ISA == "avx512" and " avx512f" in flags
-            and os.environ.get("PYFINETUNE_CPU_AVX512", "1")[:1] != "0")
-
-
-# Known bug, C++ (csrc/cpu/masked_matmul_avx512.cpp): in an AVX-512 build the batch panel is
-# kPanelVecs * Vectorized<float>::size() = 8 * 16 = 128 rows wide, but avx512::with_vecs
-# handles at most 4 vectors (64 rows), so rows [64, 128) of every 128 get y = 0 (+ bias), dx = 0
-# and no share of dvalues. The portable kernels (PYFINETUNE_CPU_AVX512=0) are right.
-@pytest.mark.xfail(_avx512_kernels_run(), strict=True,
-                   reason="AVX-512 csr_linear computes only 64 of every 128 batch rows")
+# An AVX-512 build once computed only the first 64 of every 128 batch rows (its panel was wider
+# than its kernels): rows beyond 64 get their output, dx and share of dvalues.
 @pytest.mark.parametrize("rows", [65, 200])
 def test_more_than_64_rows(rows):
     layer, w, mask, b = make_layer(48, 40, 0.7, torch.float32, "cpu", kernel="sparse")
