@@ -259,7 +259,9 @@ class Finetuner:
             ``sparsity``; the steps after ``prune_end`` fine-tune the final masks.
         prune_every: steps between mask updates (default: 10 updates over the schedule).
         prune_include, prune_exclude: module-name globs of the layers to prune (``nn.Linear``
-            and ``nn.Conv2d``); ``prune_exclude`` defaults to the head.
+            and ``nn.Conv2d``); ``prune_exclude`` defaults to the head and the layers that
+            :func:`pyfinetune.prune.default_exclusions` keeps dense (the stem convolution and
+            the classifier); pass ``prune_exclude=[]`` to prune every layer but the head.
         epochs: training epochs of :meth:`fit`.
         scheduler: LR schedule over all steps: ``"cosine"`` (to 0), ``"linear"`` (to 0) or
             ``"constant"``.
@@ -362,7 +364,7 @@ class Finetuner:
         self._net: nn.Module = self.model  # what training runs: DistributedDataParallel(model) once fit() wraps it
         self.head = self._heads(head)
         self.prune_include = prune_include
-        self.prune_exclude = prune_exclude if prune_exclude is not None else self._head_globs()
+        self.prune_exclude = prune_exclude if prune_exclude is not None else self._default_prune_exclude()
         self.optimizer = self._make_optimizer()
         if method == "prune":
             # Masks appear when fit() builds the pruner; the hooks follow every change from then on.
@@ -409,6 +411,11 @@ class Finetuner:
 
     def _head_globs(self) -> List[str]:
         return [g for h in self.head for g in (h, h + ".*")]
+
+    def _default_prune_exclude(self) -> List[str]:
+        """The head and what the pruners leave dense by default (the stem and the classifier)."""
+        globs = self._head_globs()
+        return globs + [n for n in _prune.default_exclusions(self.model) if n not in globs]
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         named, _ = split_parameters(self.model, self.head)

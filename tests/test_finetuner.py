@@ -139,6 +139,25 @@ def test_prune_reaches_the_sparsity_and_exports_sparse_linear_layers():
         torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_prune_keeps_the_stem_convolution_and_a_named_head_dense_by_default():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, CLASSES))
+    x = torch.randn(64, 1, 4, 4)
+    loader = DataLoader(TensorDataset(x, x.flatten(1)[:, :CLASSES].argmax(1)), batch_size=16)
+    tuner = Finetuner(model, "prune", sparsity=0.5, epochs=1, seed=0, progress=False)
+    tuner.fit(loader)
+    assert [type(m).__name__ for m in model if not isinstance(m, (nn.ReLU, nn.Flatten))] == [
+        "Conv2d", "MaskedConv2d", "MaskedLinear", "Linear"]
+    # an explicit prune_exclude replaces the default: here the stem is pruned too
+    torch.manual_seed(0)
+    model2 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 32), nn.ReLU(),
+                           nn.Linear(32, CLASSES))
+    Finetuner(model2, "prune", sparsity=0.5, epochs=1, seed=0, progress=False, prune_exclude=["5"]).fit(loader)
+    assert [type(m).__name__ for m in model2 if not isinstance(m, (nn.ReLU, nn.Flatten))] == [
+        "MaskedConv2d", "MaskedLinear", "Linear"]
+
+
 def test_amp_bfloat16_and_grad_clip_train():
     tuner = Finetuner(_mlp(), "l2sp", lr=1e-2, epochs=2, amp=torch.bfloat16, grad_clip=1.0, progress=False)
     history = tuner.fit(_loader())
