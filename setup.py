@@ -76,6 +76,19 @@ def _cpu_isa_choice():
     return choice
 
 
+def _gcc_major():
+    """The major version of the C++ compiler when it is GCC (None for clang or when unknown)."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        if "clang" in out.lower():
+            return None
+        version = subprocess.run([cxx, "-dumpversion"], capture_output=True, text=True, timeout=30).stdout
+        return int(version.strip().split(".")[0])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
 def _nvidia_pip_includes():
     # cusparse.h, cublas_v2.h ... ship with torch's pip dependencies, not always with the toolkit.
     dirs = []
@@ -152,6 +165,12 @@ def build_extension():
     elif cpu_isa == "avx512":
         cxx_flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
                       "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+        gcc = _gcc_major()
+        if gcc is not None and gcc <= 12:
+            # GCC 12's AVX-512 intrinsics (the half-float conversions that at::vec inlines into
+            # every kernel) build on deliberately undefined vectors and then warn about them,
+            # hundreds of times per file (GCC bug 105593, fixed in GCC 13).
+            cxx_flags += ["-Wno-maybe-uninitialized", "-Wno-uninitialized"]
     if sys.platform != "win32":
         cxx_flags += ["-fopenmp"]
     extra_link = ["-fopenmp"] if sys.platform != "win32" else []
