@@ -71,8 +71,9 @@ def _report(results: Dict[str, Any], plots: Sequence[str]) -> str:
         f"({s['target_labelled']}), {s['target_val']} validation images, {s['target_unlabelled']} unlabelled "
         "training images (only the distilled student sees them, without their labels).",
         f"* Models: source / fine-tuned models: conv stem {tuple(c['channels'])} channels + MLP "
-        f"{c['hidden']}-{c['hidden']} ({_count(by['baseline']['params'])} parameters); student: MLP on the raw "
-        f"pixels, {c['student_hidden']} hidden units ({_count(by['student_alone']['params'])} parameters).",
+        f"{c['hidden']}-{c['hidden']} ({_count(by['baseline']['params'])} parameters); student: the same design "
+        f"with {tuple(c['student_channels'])} channels and an MLP {c['student_hidden']}-{c['student_hidden']} "
+        f"({_count(by['student_alone']['params'])} parameters), trained from scratch.",
         f"* Budget, every target run: {c['epochs']} epochs over the {s['target_labelled']} labelled images, batches "
         f"of {c['batch_size']}, cosine learning rate, AdamW (weight decay {c['weight_decay']}), random 1-pixel "
         f"shifts; lr {c['lr']} (fine-tuned models), {c['student_lr']} (students).",
