@@ -4,6 +4,7 @@
 ``pyfinetune finetune``  fine-tune a classifier on an image folder (``pyfinetune/_finetune_cli.py``).
 ``pyfinetune bench``     time pyfinetune's ops against their strongest torch baselines on this machine
                          (``pyfinetune/benchmarks/suite.py``).
+``pyfinetune demo``      transfer learning on scikit-learn's bundled digits, every method (``pyfinetune/demo.py``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,23 @@ def _add_bench_parser(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ._demo_report import format_table
+    from .demo import run_demo
+
+    try:
+        results = run_demo(args.out, quick=args.quick, device=args.device)
+    except (ValueError, ImportError) as e:
+        print(f"pyfinetune demo: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(results))
+    for check, verdict in results["outcome"].items():
+        print(f"{'met    ' if verdict['passed'] else 'NOT MET'}  {check}: {verdict['detail']}")
+    print(f"wrote {', '.join(results['files'])} to {args.out} ({results['wall_seconds']:.0f} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyfinetune", description="Fast fine-tuning kernels for PyTorch.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -79,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
     _add_finetune_parser(sub)
     _add_bench_parser(sub)
+    p_demo = sub.add_parser("demo", help="transfer learning on bundled digits with every method; table, report, plots",
+                            description="Pretrain on digits 0-4, fine-tune on digits 5-9 with few labels (plain, L2-SP, "
+                                        "distillation, 90%% pruning), measure and report (needs pyfinetune[demo]).")
+    p_demo.add_argument("--out", default="pyfinetune-demo", help="output folder (default: ./pyfinetune-demo)")
+    p_demo.add_argument("--quick", action="store_true", help="fewer epochs and timing runs (under a minute)")
+    p_demo.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train (default: cpu)")
+    p_demo.set_defaults(func=_cmd_demo)
     return parser
 
 
