@@ -30,7 +30,6 @@ import copy
 import dataclasses
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -282,24 +281,15 @@ def parameter_counts(model: nn.Module) -> Tuple[int, int]:
     return total, nonzero
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_ms(fns: Sequence[Callable[[], Any]], reps: int, warmup: int, device: torch.device) -> List[float]:
     """Median milliseconds of each of ``fns``, timed in interleaved rounds after ``warmup`` rounds
-    (interleaving spreads the machine's load over all contenders alike)."""
-    times: List[List[float]] = [[] for _ in fns]
-    for r in range(warmup + reps):
-        for fn, record in zip(fns, times):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            if r >= warmup:
-                record.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+    with the benchmarks' timer (:func:`pyfinetune.benchmarks.common.time_interleaved`:
+    interleaving spreads the machine's load over all contenders alike)."""
+    from .benchmarks import common
+
+    contenders = [common.Contender(f"contender {i}", fn) for i, fn in enumerate(fns)]
+    timings = common.time_interleaved(contenders, reps=reps, warmup=warmup, device=device)
+    return [timings[c.name].median for c in contenders]
 
 
 def inference_ms(models: Sequence[nn.Module], x: Tensor, reps: int = 40, warmup: int = 5) -> List[float]:
