@@ -178,8 +178,9 @@ class _EagerKdLoss(torch.autograd.Function):
         # so that type promotion against a bf16 / fp16 gradient is that of the [N, 1] scale).
         if ctx.reduction == "batchmean":
             grad_out = grad_out / ctx.count
-        scale = grad_out.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
-        scale = scale.unsqueeze(-1) if ctx.reduction == "none" else scale.reshape(1, 1)
+        math_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        scale = grad_out if grad_out.dtype == math_dtype else grad_out.to(math_dtype)
+        scale = scale.unsqueeze(-1) if ctx.reduction == "none" else scale.view(1, 1)
         (g_student,) = _ops.scale_kept_gradients(ctx, (grad,), scale, (grad.dtype,))
         return g_student, None, None, None, None, None
 
