@@ -291,7 +291,9 @@ def kd_loss_topk(
         )
     _check_same_device("teacher_topk_logits", teacher_topk_logits, student_logits)
     _check_same_device("teacher_topk_indices", teacher_topk_indices, student_logits)
-    idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
+    idx = teacher_topk_indices if teacher_topk_indices.dim() == 2 else teacher_topk_indices.reshape(-1, k)
+    if idx.dtype != torch.int64:
+        idx = idx.to(torch.int64)
     lab = _as_labels(labels, lead, student_logits.device)
     if _ops._is_plain_eager(s, v, idx, lab):
         options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
