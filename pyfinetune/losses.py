@@ -35,11 +35,20 @@ _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # fused_linear_kd_loss: rows per chunk are chosen so that a chunk's float32 logits take about this
 # many bytes (256 rows at V = 32000): big enough for efficient matmuls, small next to [N, V].
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+_PLAIN_REALS = (float, int)  # exact types: bool, a subclass of int, takes the full checks
+_KD_FWD = torch.ops.pyfinetune.kd_loss_fwd.default
+_KD_TOPK_FWD = torch.ops.pyfinetune.kd_loss_topk_fwd.default
 
 
 # ----------------------------------------------------------------------------------- validation
 def _check_options(temperature, alpha, divergence, beta, ignore_index, reduction) -> None:
     """Raise TypeError / ValueError naming the argument for bad keyword arguments."""
+    # The usual call (plain numbers in range, known names) is settled by a few comparisons: this
+    # runs on every call of a loss that may take tens of microseconds.
+    if (type(temperature) in _PLAIN_REALS and type(alpha) in _PLAIN_REALS and type(beta) in _PLAIN_REALS
+            and type(ignore_index) is int and 0 < temperature < math.inf and 0 <= alpha <= 1 and 0 < beta < 1
+            and divergence in DIVERGENCES and reduction in REDUCTIONS):
+        return
     for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"pyfinetune.kd_loss: {name} must be a real number, got {type(value).__name__}")
@@ -65,7 +74,7 @@ def _as_rows(name: str, x) -> torch.Tensor:
         raise TypeError(f"pyfinetune.kd_loss: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"pyfinetune.kd_loss: {name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if rows.shape[-1] > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
     return rows
@@ -85,7 +94,9 @@ def _as_labels(labels, lead_shape, device, name: str = "labels") -> Optional[tor
         )
     if labels.device != device:
         raise ValueError(f"pyfinetune.kd_loss: {name} must be on {device} like student_logits, got {labels.device}")
-    return labels.reshape(-1).to(torch.int64)
+    if labels.dim() != 1:
+        labels = labels.reshape(-1)
+    return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
 
 
 def _check_same_device(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
@@ -108,6 +119,82 @@ def _reduce(loss_rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_inde
         return total / max(loss_rows.shape[0], 1)
     count = (labels != ignore_index).sum().clamp_min(1)
     return total / count.to(total.dtype)
+
+
+# ----------------------------------------------------------------------------------- eager path
+# In plain eager mode kd_loss / kd_loss_topk skip torch.library's Python autograd kernel of the op
+# (an autograd.Function built per call site, fill_defaults, a redispatch: tens of microseconds per
+# call, as much as the whole torch composition at [128, 5]): the op is called below autograd and
+# one autograd.Function below covers the op and the reduction. Under tracing (torch.compile,
+# export, fake or functional modes, torch.func) the registered op and its autograd are used, so
+# that the compiler sees the op. Both paths run the same arithmetic and give the same bits
+# (tests/test_kd_eager_path.py).
+def _reduce_eager(loss_rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str):
+    """``_reduce`` without autograd, in place where it can be; also returns the divisor of
+    ``"batchmean"`` (a Python int, or a tensor on devices where counting on the host would
+    synchronize; None for the other reductions), which the backward needs."""
+    if reduction == "none":
+        return loss_rows, None
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total, None
+    if labels is None:
+        count = max(loss_rows.shape[0], 1)
+    elif labels.device.type == "cpu":
+        # An int divides like _reduce's float tensor (it converts to the loss dtype the same way)
+        # and costs one tensor op less.
+        count = max(int(labels.ne(ignore_index).sum()), 1)
+    else:
+        count = (labels != ignore_index).sum().clamp_min(1).to(total.dtype)
+    return total.div_(count), count
+
+
+class _EagerKdLoss(torch.autograd.Function):
+    """kd_loss_fwd / kd_loss_topk_fwd (``op``) plus the reduction, for a student that needs a
+    gradient, in plain eager mode. Only ``student`` is an autograd input: the teacher and the labels
+    travel in ``others`` (no gradient, no detach needed). The backward is the op's registered one
+    (``ops._kd_backward``) with the reduction's backward folded into the scale."""
+
+    @staticmethod
+    def forward(ctx, student, op, others, labels, options, reduction):
+        temperature, alpha, divergence, beta, ignore_index = options
+        # Below autograd: the op's registered (Python) autograd kernel would otherwise run here
+        # too, although grad mode is off inside forward.
+        with torch._C._AutoDispatchBelowAutograd():
+            loss_rows, grad = op(student, *others, temperature=temperature, alpha=alpha, divergence=divergence,
+                                 beta=beta, ignore_index=ignore_index, need_grad=True)
+        loss, count = _reduce_eager(loss_rows, labels, ignore_index, reduction)
+        ctx.save_for_backward(grad)
+        ctx.count = count
+        ctx.reduction = reduction
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        # The same operations as the registered path's backward: the reduction's backward in the
+        # loss dtype (sum: the incoming value itself; batchmean: divided by the count), cast to the
+        # dtype of the arithmetic, one scale per row ([N, 1]) or for all rows ([1, 1]: a 2-D tensor
+        # so that type promotion against a bf16 / fp16 gradient is that of the [N, 1] scale).
+        if ctx.reduction == "batchmean":
+            grad_out = grad_out / ctx.count
+        math_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        scale = grad_out if grad_out.dtype == math_dtype else grad_out.to(math_dtype)
+        scale = scale.unsqueeze(-1) if ctx.reduction == "none" else scale.view(1, 1)
+        (g_student,) = _ops.scale_kept_gradients(ctx, (grad,), scale, (grad.dtype,))
+        return g_student, None, None, None, None, None
+
+
+def _kd_eager(op, student: torch.Tensor, others: tuple, labels: Optional[torch.Tensor], options: tuple,
+              reduction: str) -> torch.Tensor:
+    """The eager path of kd_loss / kd_loss_topk: ``op(student, *others, ...)`` and the reduction."""
+    if torch.is_grad_enabled() and student.requires_grad:
+        return _EagerKdLoss.apply(student, op, others, labels, options, reduction)
+    temperature, alpha, divergence, beta, ignore_index = options
+    with torch._C._AutoDispatchBelowAutograd():
+        loss_rows, _ = op(student, *others, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
+                          ignore_index=ignore_index, need_grad=False)
+    return _reduce_eager(loss_rows, labels, ignore_index, reduction)[0]
 
 
 # ----------------------------------------------------------------------------------- functional
@@ -140,13 +227,16 @@ def kd_loss(
     _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
     s = _as_rows("student_logits", student_logits)
     t = _as_rows("teacher_logits", teacher_logits)
-    if tuple(teacher_logits.shape) != tuple(student_logits.shape):
+    if teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"pyfinetune.kd_loss: teacher_logits must have the shape of student_logits "
             f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}"
         )
     _check_same_device("teacher_logits", teacher_logits, student_logits)
     lab = _as_labels(labels, student_logits.shape[:-1], student_logits.device)
+    if _ops._is_plain_eager(s, t, lab):
+        options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
+        return _kd_eager(_KD_FWD, s, (t, lab), lab, options, reduction)
     loss_rows, _ = torch.ops.pyfinetune.kd_loss_fwd(
         s, t.detach(), lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
         beta=float(beta), ignore_index=int(ignore_index), need_grad=_need_grad(s),
@@ -201,8 +291,13 @@ def kd_loss_topk(
         )
     _check_same_device("teacher_topk_logits", teacher_topk_logits, student_logits)
     _check_same_device("teacher_topk_indices", teacher_topk_indices, student_logits)
-    idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
+    idx = teacher_topk_indices if teacher_topk_indices.dim() == 2 else teacher_topk_indices.reshape(-1, k)
+    if idx.dtype != torch.int64:
+        idx = idx.to(torch.int64)
     lab = _as_labels(labels, lead, student_logits.device)
+    if _ops._is_plain_eager(s, v, idx, lab):
+        options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
+        return _kd_eager(_KD_TOPK_FWD, s, (v, idx, lab), lab, options, reduction)
     loss_rows, _ = torch.ops.pyfinetune.kd_loss_topk_fwd(
         s, v.detach(), idx, lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
         beta=float(beta), ignore_index=int(ignore_index), need_grad=_need_grad(s),

@@ -1,0 +1,177 @@
+"""The eager path of kd_loss / kd_loss_topk against the registered op's path.
+
+In plain eager mode the losses call the op below autograd inside one ``autograd.Function``
+(``pyfinetune.losses._EagerKdLoss``); under tracing they call ``torch.ops.pyfinetune.kd_loss_fwd``
+with its ``torch.library`` autograd. Both must give the same bits: losses, gradients, gradients of
+a retained graph called again with other upstream gradients. The registered path is forced here
+by patching the eager test (``pyfinetune.ops._is_plain_eager``).
+"""
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import pyfinetune.ops
+from pyfinetune.losses import DistillationLoss, _EagerKdLoss, kd_loss, kd_loss_topk
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """A context in which the losses take the registered op's path."""
+    def enter():
+        monkeypatch.setattr(pyfinetune.ops, "_is_plain_eager", lambda *tensors: False)
+    return enter
+
+
+def make(shape, device, s_dtype=torch.float32, t_dtype=None, labels="ignored", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V = shape[-1]
+    s = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=s_dtype)
+    t = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=t_dtype or s_dtype)
+    lab = None
+    if labels != "none":
+        lab = torch.randint(0, V, shape[:-1], generator=g)
+        if labels == "ignored":
+            lab.view(-1)[::3] = -100
+        lab = lab.to(device)
+    return s, t, lab
+
+
+def upstream(loss, seed=1):
+    """A non-uniform upstream gradient: per-row values for reduction="none", 2.5 otherwise."""
+    if loss.dim() == 0:
+        return torch.tensor(2.5, dtype=loss.dtype, device=loss.device)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(loss.shape, generator=g, dtype=torch.float64) * 3 - 1).to(loss.device, loss.dtype)
+
+
+def loss_and_grad(fn, s):
+    x = s.clone().requires_grad_(True)
+    loss = fn(x)
+    (grad,) = torch.autograd.grad(loss, x, upstream(loss))
+    return loss, grad, type(loss.grad_fn)
+
+
+def assert_same(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32),
+                                    (torch.float16, None), (torch.float64, None), (torch.float32, torch.float64)])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("labels", ["none", "with", "ignored"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_same_values_and_gradients(registered, device, dtypes, reduction, labels, divergence):
+    if device == "cuda" and torch.float64 in dtypes:
+        pytest.skip("float64 is CPU only")
+    s, t, lab = make((2, 7, 37), device, *dtypes, labels=labels)
+    kw = dict(temperature=1.7, alpha=0.3, divergence=divergence, beta=0.4, reduction=reduction)
+    loss, grad, node = loss_and_grad(lambda x: kd_loss(x, t, lab, **kw), s)
+    assert node is _EagerKdLoss._backward_cls
+    registered()
+    ref_loss, ref_grad, ref_node = loss_and_grad(lambda x: kd_loss(x, t, lab, **kw), s)
+    assert ref_node is not _EagerKdLoss._backward_cls
+    assert_same(loss, ref_loss)
+    assert_same(grad, ref_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_topk_and_module_same(registered, device, reduction):
+    s, t, lab = make((5, 40), device, labels="ignored", seed=3)
+    v, i = torch.topk(t, 7)
+    mod = DistillationLoss(temperature=2.0, alpha=0.6, divergence="jsd", reduction=reduction)
+    fns = [lambda x: kd_loss_topk(x, v, i, lab, temperature=1.3, reduction=reduction), lambda x: mod(x, t, lab)]
+    eager = [loss_and_grad(fn, s) for fn in fns]
+    registered()
+    for (loss, grad, node), (ref_loss, ref_grad, ref_node) in zip(eager, [loss_and_grad(fn, s) for fn in fns]):
+        assert node is _EagerKdLoss._backward_cls and ref_node is not node
+        assert_same(loss, ref_loss)
+        assert_same(grad, ref_grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_retained_graph_same(registered, device, reduction):
+    # The backward scales the kept gradient in place and undoes it on the next call through a
+    # retained graph; the sequence of upstream gradients includes a zero (no in-place scaling).
+    s, t, lab = make((5, 3, 29), device, labels="ignored", seed=5)
+
+    def grads():
+        x = s.clone().requires_grad_(True)
+        src = x * 1.0  # a non-leaf student: the gradient flows through another node
+        loss = kd_loss(src, t, lab, temperature=0.8, reduction=reduction)
+        if reduction == "none":
+            gos = [torch.full_like(loss, 0.5), torch.arange(1.0, 16.0, device=device) - 4.0,
+                   torch.zeros_like(loss).index_fill_(0, torch.tensor([2], device=device), 3.0), torch.ones_like(loss)]
+        else:
+            gos = [torch.tensor(v, device=device) for v in (0.5, -3.0, 0.0, 1.0, 2.0)]
+        out = [torch.autograd.grad(loss, x, go, retain_graph=True)[0] for go in gos]
+        out.append(torch.autograd.grad(loss, x, gos[0])[0])
+        return loss, out
+
+    loss, out = grads()
+    registered()
+    ref_loss, ref_out = grads()
+    assert_same(loss, ref_loss)
+    for a, b in zip(out, ref_out):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_gradient_same(registered, device):
+    s, t, lab = make((3, 4, 50), device, labels="ignored", seed=7)
+    x = s.clone().requires_grad_(True)
+    calls = [lambda: kd_loss(s, t, lab), lambda: kd_loss(s, t, lab, reduction="none")]
+    with torch.no_grad():
+        calls.append(lambda: kd_loss(x, t, lab, reduction="sum"))
+        eager = [c() for c in calls]
+        registered()
+        ref = [c() for c in calls]
+    for a, b in zip(eager, ref):
+        assert a.grad_fn is None and not a.requires_grad
+        assert_same(a, b)
+
+
+def test_teacher_requiring_grad_gets_none():
+    s, t, lab = make((4, 9), "cpu", seed=8)
+    x, tt = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+    loss = kd_loss(x, tt, lab)
+    assert loss.grad_fn is not None and type(loss.grad_fn) is _EagerKdLoss._backward_cls
+    loss.backward()
+    assert tt.grad is None and x.grad is not None
+
+
+def test_tracing_uses_the_registered_op():
+    s, t, lab = make((3, 11), "cpu", labels="with", seed=9)
+
+    def f(x, y, z):
+        return kd_loss(x, y, z, temperature=2.0, reduction="sum")
+
+    # make_fx (a dispatch mode): the op is in the graph, not hidden inside the eager Function.
+    gm = make_fx(f)(s, t, lab)
+    assert any(n.target is torch.ops.pyfinetune.kd_loss_fwd.default for n in gm.graph.nodes)
+
+    # torch.compile(fullgraph=True): Dynamo's graph calls the op.
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    x = s.clone().requires_grad_(True)
+    out = torch.compile(f, backend=backend, fullgraph=True)(x, t, lab)
+    out.backward()
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes]
+    assert any("pyfinetune.kd_loss_fwd" in name for name in targets), targets
+    assert not any("EagerKdLoss" in name for name in targets), targets
+    x2 = s.clone().requires_grad_(True)
+    ref = f(x2, t, lab)
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
