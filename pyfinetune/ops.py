@@ -192,8 +192,10 @@ def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes):
     if applied is not None:
         scale = scale / applied
     kept = [g for g in grads if g is not None]
-    in_place = (applied is None and kept and all(_is_eager(g) and g.device.type == "cpu" for g in kept)
-                and _nonzero_and_finite(scale))
+    # Under create_graph the scale (the upstream gradient) is part of a graph: the product must be
+    # an op on it, so that the gradient of this backward with respect to the upstream one exists.
+    in_place = (applied is None and not scale.requires_grad and kept
+                and all(_is_eager(g) and g.device.type == "cpu" for g in kept) and _nonzero_and_finite(scale))
     if in_place:
         ctx.applied_scale = scale.detach().clone()
     outs = []

@@ -175,3 +175,21 @@ def test_tracing_uses_the_registered_op():
     ref.backward()
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_create_graph_keeps_the_upstream_gradient_in_the_graph(reduction):
+    # autograd.grad(..., create_graph=True) with an upstream gradient that itself requires grad:
+    # the student's gradient is linear in it, so d(sum of that gradient)/d(weight) must equal the
+    # sum of the gradient at weight 1 (the in-place scaling once cut this edge).
+    torch.manual_seed(0)
+    s = torch.randn(6, 11, requires_grad=True)
+    t = torch.randn(6, 11)
+    labels = torch.randint(0, 11, (6,))
+    weight = torch.tensor(1.7, requires_grad=True)
+    loss = kd_loss(s, t, labels, temperature=2.0, alpha=0.3, reduction=reduction)
+    (g,) = torch.autograd.grad(loss.sum() * weight, s, create_graph=True)
+    (dw,) = torch.autograd.grad(g.sum(), weight)
+    (g1,) = torch.autograd.grad(kd_loss(s, t, labels, temperature=2.0, alpha=0.3, reduction=reduction).sum(), s)
+    torch.testing.assert_close(dw, g1.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, weight.detach() * g1, rtol=1e-5, atol=1e-6)
