@@ -42,13 +42,15 @@ inline __mmask16 lanes_of(int64_t width, int v) {
   return rem >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
 }
 
-// Vector v of a panel row; the last vector may be partial (masked: no access past the row).
-template <int V>
+// Vector v of a panel row; the last vector may be partial (masked: no access past the row) unless
+// the panel is known to be full (Full: every load folds into its FMA as a memory operand, which a
+// zero-masked load cannot).
+template <int V, bool Full>
 inline __attribute__((always_inline)) __m512 load_vec(const float* p, int v, __mmask16 last) {
-  return v == V - 1 ? _mm512_maskz_loadu_ps(last, p + kLanes * v) : _mm512_loadu_ps(p + kLanes * v);
+  return !Full && v == V - 1 ? _mm512_maskz_loadu_ps(last, p + kLanes * v) : _mm512_loadu_ps(p + kLanes * v);
 }
 
-template <int V>
+template <int V, bool Full>
 struct SpmmSeg {
   const SpmmPanel& a;
   int64_t n0;
@@ -68,7 +70,7 @@ struct SpmmSeg {
     const float* vals = a.values - a.value_base;
     __m512 acc0[V], acc1[V];
     for (int v = 0; v < V; ++v) {
-      acc0[v] = load_vec<V>(o, v, last);
+      acc0[v] = load_vec<V, Full>(o, v, last);
       acc1[v] = _mm512_setzero_ps();
     }
     do {
@@ -78,13 +80,13 @@ struct SpmmSeg {
         const float* row1 = a.b + static_cast<int64_t>(idx[e + 1]) * a.ld + n0;
         const __m512 w1 = _mm512_set1_ps(vals[e + 1]);
         for (int v = 0; v < V; ++v) {
-          acc0[v] = _mm512_fmadd_ps(w0, load_vec<V>(row0, v, last), acc0[v]);
-          acc1[v] = _mm512_fmadd_ps(w1, load_vec<V>(row1, v, last), acc1[v]);
+          acc0[v] = _mm512_fmadd_ps(w0, load_vec<V, Full>(row0, v, last), acc0[v]);
+          acc1[v] = _mm512_fmadd_ps(w1, load_vec<V, Full>(row1, v, last), acc1[v]);
         }
         e += 2;
       } else {
         for (int v = 0; v < V; ++v) {
-          acc0[v] = _mm512_fmadd_ps(w0, load_vec<V>(row0, v, last), acc0[v]);
+          acc0[v] = _mm512_fmadd_ps(w0, load_vec<V, Full>(row0, v, last), acc0[v]);
         }
         e += 1;
         break;
@@ -93,12 +95,16 @@ struct SpmmSeg {
     for (int v = 0; v < V - 1; ++v) {
       _mm512_storeu_ps(o + kLanes * v, _mm512_add_ps(acc0[v], acc1[v]));
     }
-    _mm512_mask_storeu_ps(o + kLanes * (V - 1), last, _mm512_add_ps(acc0[V - 1], acc1[V - 1]));
+    if (Full) {
+      _mm512_storeu_ps(o + kLanes * (V - 1), _mm512_add_ps(acc0[V - 1], acc1[V - 1]));
+    } else {
+      _mm512_mask_storeu_ps(o + kLanes * (V - 1), last, _mm512_add_ps(acc0[V - 1], acc1[V - 1]));
+    }
     return e;
   }
 };
 
-template <int V>
+template <int V, bool Full>
 void spmm_panel_v(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
   const __mmask16 last = lanes_of(width, V - 1);
   for (int64_t r = r0; r < r1; ++r) {
@@ -108,7 +114,7 @@ void spmm_panel_v(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_
     }
     _mm512_mask_storeu_ps(o + kLanes * (V - 1), last, _mm512_setzero_ps());
   }
-  walk_pattern(a.pat, r0, r1, cursor, SpmmSeg<V>{a, n0, last});
+  walk_pattern(a.pat, r0, r1, cursor, SpmmSeg<V, Full>{a, n0, last});
 }
 
 // The sums of the 16 lanes of each of acc[0..8), as 8 floats.
@@ -126,7 +132,7 @@ inline __attribute__((always_inline)) __m256 reduce8(const __m512* acc) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-template <int V>
+template <int V, bool Full>
 struct SddmmSeg {
   const SddmmPanel& a;
   int64_t n0;
@@ -141,7 +147,7 @@ struct SddmmSeg {
   inline __attribute__((always_inline)) void dot_into(__m512& acc, const __m512* d, int32_t k) const {
     const float* xr = a.xT + static_cast<int64_t>(k) * a.ld + n0;
     for (int v = 0; v < V; ++v) {
-      acc = _mm512_fmadd_ps(d[v], load_vec<V>(xr, v, last), acc);
+      acc = _mm512_fmadd_ps(d[v], load_vec<V, Full>(xr, v, last), acc);
     }
   }
 
@@ -150,7 +156,7 @@ struct SddmmSeg {
     const int64_t end = segment_end(a.pat.idx, e, e1, k1);
     __m512 d[V];
     for (int v = 0; v < V; ++v) {
-      d[v] = load_vec<V>(a.dyT + r * a.ld + n0, v, last);
+      d[v] = load_vec<V, Full>(a.dyT + r * a.ld + n0, v, last);
     }
     for (; e < end; e += 8) {
       const int64_t cnt = end - e < 8 ? end - e : 8;
@@ -167,19 +173,22 @@ struct SddmmSeg {
   }
 };
 
-template <int V>
+template <int V, bool Full>
 void sddmm_panel_v(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
-  walk_pattern(a.pat, r0, r1, cursor, SddmmSeg<V>{a, n0, lanes_of(width, V - 1)});
+  walk_pattern(a.pat, r0, r1, cursor, SddmmSeg<V, Full>{a, n0, lanes_of(width, V - 1)});
 }
 
-template <int V>
+template <int V, bool Full = false>
 struct Vecs {
   static constexpr int kV = V;
+  static constexpr bool kFull = Full;
 };
 
-// fn(Vecs<V>{}) with V = the number of 16-float vectors of a panel `width` floats wide.
+// fn(Vecs<V, Full>{}) with V = the number of 16-float vectors of a panel `width` floats wide and
+// Full = whether the panel is all of kPanelFloats (every panel but a ragged last one).
 template <typename Fn>
 void with_vecs(int64_t width, const Fn& fn) {
+  static_assert(kPanelFloats == 4 * kLanes, "with_vecs handles panels of up to 4 vectors");
   switch ((width + kLanes - 1) / kLanes) {
     case 1:
       return fn(Vecs<1>{});
@@ -188,7 +197,7 @@ void with_vecs(int64_t width, const Fn& fn) {
     case 3:
       return fn(Vecs<3>{});
     default:
-      return fn(Vecs<4>{});
+      return width == kPanelFloats ? fn(Vecs<4, true>{}) : fn(Vecs<4>{});
   }
 }
 
@@ -208,11 +217,11 @@ bool available() {
 }
 
 void spmm_panel(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
-  with_vecs(width, [&](auto vecs) { spmm_panel_v<decltype(vecs)::kV>(a, r0, r1, n0, width, cursor); });
+  with_vecs(width, [&](auto vecs) { spmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
 }
 
 void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
-  with_vecs(width, [&](auto vecs) { sddmm_panel_v<decltype(vecs)::kV>(a, r0, r1, n0, width, cursor); });
+  with_vecs(width, [&](auto vecs) { sddmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
 }
 
 #else  // no AVX-512 kernels in this build: the portable kernels run everywhere
