@@ -1,9 +1,12 @@
 // AVX-512 versions of csr_linear's float32 inner kernels: the same walks as the portable kernels
-// of masked_matmul_cpu.cpp with 16-float vectors (a 64-float panel is 4 of them), compiled for
-// AVX-512 whatever ISA the build targets and chosen at run time on CPUs that have it. Measured on
-// the 2-core Xeon of benchmarks/results/prune-cpu-* (one thread, N = 256, K = M = 4096): forward
-// 20.5 ms vs 23.7 ms for the AVX2 kernels at 90% sparsity and 48 vs 62 ms at 70%; dx 25 vs 28 ms,
-// dvalues 30 vs 36 ms at 90%. PYFINETUNE_CPU_AVX512=0 selects the portable kernels.
+// of masked_matmul_cpu.cpp with 16-float vectors (a panel of up to 128 floats is up to 8 of
+// them), compiled for AVX-512 whatever ISA the build targets and chosen at run time on CPUs that
+// have it, so that an AVX2 build gets them too. Measured on the 2-core Xeon of
+// benchmarks/results/prune-cpu-* (one thread, N = 256, K = M = 4096, AVX-512 build, where the
+// portable kernels use 16-float vectors as well): forward and dx as fast as the portable ones
+// (16.3 / 18.9 ms at 90% sparsity), dvalues 21 vs 36 ms at 90% and 49 vs 77 ms at 70% (one
+// horizontal reduction per eight dot products). PYFINETUNE_CPU_AVX512=0 selects the portable
+// kernels.
 //
 // Everything after the target pragma is compiled for AVX-512, so this file includes no torch
 // or standard-library header there (their inline functions, emitted here with AVX-512 code,
@@ -178,26 +181,39 @@ void sddmm_panel_v(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int6
   walk_pattern(a.pat, r0, r1, cursor, SddmmSeg<V, Full>{a, n0, lanes_of(width, V - 1)});
 }
 
-template <int V, bool Full = false>
+template <int V, bool Full>
 struct Vecs {
   static constexpr int kV = V;
   static constexpr bool kFull = Full;
 };
 
+template <int V, typename Fn>
+inline __attribute__((always_inline)) void with_v(int64_t width, const Fn& fn) {
+  return width == V * kLanes ? fn(Vecs<V, true>{}) : fn(Vecs<V, false>{});
+}
+
 // fn(Vecs<V, Full>{}) with V = the number of 16-float vectors of a panel `width` floats wide and
-// Full = whether the panel is all of kPanelFloats (every panel but a ragged last one).
+// Full = whether all V vectors are whole (every panel but a ragged last one).
 template <typename Fn>
 void with_vecs(int64_t width, const Fn& fn) {
-  static_assert(kPanelFloats == 4 * kLanes, "with_vecs handles panels of up to 4 vectors");
+  static_assert(kPanelFloats == 8 * kLanes, "with_vecs handles panels of up to 8 vectors");
   switch ((width + kLanes - 1) / kLanes) {
     case 1:
-      return fn(Vecs<1>{});
+      return with_v<1>(width, fn);
     case 2:
-      return fn(Vecs<2>{});
+      return with_v<2>(width, fn);
     case 3:
-      return fn(Vecs<3>{});
+      return with_v<3>(width, fn);
+    case 4:
+      return with_v<4>(width, fn);
+    case 5:
+      return with_v<5>(width, fn);
+    case 6:
+      return with_v<6>(width, fn);
+    case 7:
+      return with_v<7>(width, fn);
     default:
-      return width == kPanelFloats ? fn(Vecs<4, true>{}) : fn(Vecs<4>{});
+      return with_v<8>(width, fn);
   }
 }
 

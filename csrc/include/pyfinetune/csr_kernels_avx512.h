@@ -10,8 +10,9 @@
 namespace pyfinetune {
 namespace avx512 {
 
-// Panels are at most kPanelFloats wide (4 vectors of 16 floats), like the portable kernels'.
-constexpr int64_t kPanelFloats = 64;
+// Panels are at most kPanelFloats wide (8 vectors of 16 floats): the widest panel of the portable
+// kernels (an AVX-512 build's; an AVX2 build's are 64 floats, which these kernels take as well).
+constexpr int64_t kPanelFloats = 128;
 
 // out[r, n0 : n0 + width] = sum over the entries e of row r of values[e - value_base] *
 // b[pat.idx[e], n0 : n0 + width]; b [pat.cols, ld]. Row r's panel of out is at
