@@ -413,16 +413,22 @@ template <typename acc_t, typename dst_t>
 void store_block(const acc_t* buf, int64_t r0, int64_t r1, int64_t n0, int64_t n1, int64_t rows, const dst_t* bias,
                  dst_t* y) {
   constexpr int64_t kPanel = kPanelVecs<acc_t> * kLanes<acc_t>;
-  for (int64_t i = n0; i < n1; ++i) {
-    dst_t* yr = y + i * rows + r0;
-    const acc_t* src = buf + (i - n0);
-    if (bias != nullptr) {
-      for (int64_t r = 0; r < r1 - r0; ++r) {
-        yr[r] = static_cast<dst_t>(src[r * kPanel] + static_cast<acc_t>(bias[r0 + r]));
-      }
-    } else {
-      for (int64_t r = 0; r < r1 - r0; ++r) {
-        yr[r] = static_cast<dst_t>(src[r * kPanel]);
+  // Blocks of kRows buffer rows: their lines stay in L1 while every y row takes its kRows values
+  // from them (a whole column of the buffer per y row read a new line per value).
+  constexpr int64_t kRows = 16;
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    const int64_t re = std::min(r1, rb + kRows);
+    for (int64_t i = n0; i < n1; ++i) {
+      dst_t* yr = y + i * rows;
+      const acc_t* src = buf + (i - n0);
+      if (bias != nullptr) {
+        for (int64_t r = rb; r < re; ++r) {
+          yr[r] = static_cast<dst_t>(src[(r - r0) * kPanel] + static_cast<acc_t>(bias[r]));
+        }
+      } else {
+        for (int64_t r = rb; r < re; ++r) {
+          yr[r] = static_cast<dst_t>(src[(r - r0) * kPanel]);
+        }
       }
     }
   }
