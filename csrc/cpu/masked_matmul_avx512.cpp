@@ -192,29 +192,17 @@ inline __attribute__((always_inline)) void with_v(int64_t width, const Fn& fn) {
   return width == V * kLanes ? fn(Vecs<V, true>{}) : fn(Vecs<V, false>{});
 }
 
-// fn(Vecs<V, Full>{}) with V = the number of 16-float vectors of a panel `width` floats wide and
-// Full = whether all V vectors are whole (every panel but a ragged last one).
-template <typename Fn>
-void with_vecs(int64_t width, const Fn& fn) {
-  static_assert(kPanelFloats == 8 * kLanes, "with_vecs handles panels of up to 8 vectors");
-  switch ((width + kLanes - 1) / kLanes) {
-    case 1:
-      return with_v<1>(width, fn);
-    case 2:
-      return with_v<2>(width, fn);
-    case 3:
-      return with_v<3>(width, fn);
-    case 4:
-      return with_v<4>(width, fn);
-    case 5:
-      return with_v<5>(width, fn);
-    case 6:
-      return with_v<6>(width, fn);
-    case 7:
-      return with_v<7>(width, fn);
-    default:
-      return with_v<8>(width, fn);
+// fn(Vecs<V, Full>{}) with V = the number of 16-float vectors of a panel `width` floats wide
+// (at most Max of them) and Full = whether all V vectors are whole (every panel but a ragged last
+// one).
+template <int Max, int V = 1, typename Fn>
+inline __attribute__((always_inline)) void with_vecs(int64_t width, const Fn& fn) {
+  if constexpr (V < Max) {
+    if (width > V * kLanes) {
+      return with_vecs<Max, V + 1>(width, fn);
+    }
   }
+  return with_v<V>(width, fn);
 }
 
 }  // namespace
@@ -233,11 +221,11 @@ bool available() {
 }
 
 void spmm_panel(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
-  with_vecs(width, [&](auto vecs) { spmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
+  with_vecs<kPanelFloats / kLanes>(width, [&](auto vecs) { spmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
 }
 
 void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
-  with_vecs(width, [&](auto vecs) { sddmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
+  with_vecs<kSddmmPanelFloats / kLanes>(width, [&](auto vecs) { sddmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
 }
 
 #else  // no AVX-512 kernels in this build: the portable kernels run everywhere
