@@ -59,10 +59,13 @@ struct SpmmSeg {
   int64_t n0;
   __mmask16 last;
 
+  // The row's accumulators (in the work item's buffer, cache resident) are not prefetched: with
+  // 8 vectors that was 8 more load-port operations per segment of a dozen kept weights, and
+  // leaving them out measured 15.9 -> 14.9 ms at 90% sparsity (N = 256, K = M = 4096, one thread).
   inline __attribute__((always_inline)) void prefetch(int64_t r, int64_t e) const {
+    (void)r;
     __builtin_prefetch(a.pat.idx + e, 0, 3);
     __builtin_prefetch(a.values + (e - a.value_base), 0, 3);
-    prefetch_bytes(a.out + (r - a.out_r0) * a.out_ld + (n0 - a.out_n0), V * kLanes * 4, true);
   }
 
   // Two accumulator sets (even and odd entries): each vector then has two independent FMA
