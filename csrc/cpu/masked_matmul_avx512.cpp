@@ -4,9 +4,9 @@
 // have it, so that an AVX2 build gets them too. Measured on the 2-core Xeon of
 // benchmarks/results/prune-cpu-* (one thread, N = 256, K = M = 4096, AVX-512 build, where the
 // portable kernels use 16-float vectors as well): forward and dx as fast as the portable ones
-// (16.3 / 18.9 ms at 90% sparsity), dvalues 21 vs 36 ms at 90% and 49 vs 77 ms at 70% (one
-// horizontal reduction per eight dot products). PYFINETUNE_CPU_AVX512=0 selects the portable
-// kernels.
+// (15.8 / 18.3 ms at 90% sparsity, 35.5 / 63 ms at 70%), dvalues 18.6 vs 36.7 ms at 90% and 43
+// vs 78 ms at 70% (one horizontal reduction per eight dot products, 256-float panels).
+// PYFINETUNE_CPU_AVX512=0 selects the portable kernels.
 //
 // Everything after the target pragma is compiled for AVX-512, so this file includes no torch
 // or standard-library header there (their inline functions, emitted here with AVX-512 code,

@@ -622,8 +622,8 @@ void sddmm(const SddmmArgs<acc_t>& a) {
   run_tasks(parts, [&](int64_t p) {
     const int64_t r0 = splits[p], r1 = splits[p + 1];
     std::vector<int32_t> cursor(a.pat.tile > 0 ? static_cast<size_t>(r1 - r0) : 0);
-    // A panel of padding only adds zeros: skipped (at N = 256 it is a 16-float panel whose walk
-    // over all kept weights cost as much as a quarter of a full panel's).
+    // A panel of padding only adds zeros: skipped (at N = 256, ld = 272: a 16-float panel that
+    // walked every kept weight again).
     for (int64_t n0 = 0; n0 < std::min(a.n, a.ld); n0 += kPanel) {
       const int64_t width = std::min<int64_t>(kPanel, a.ld - n0);
       if constexpr (std::is_same_v<acc_t, float>) {
