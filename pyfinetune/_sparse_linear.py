@@ -19,7 +19,9 @@ __all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "crossover_sparsity"]
 # (csr_linear) instead of the dense masked product (masked_matmul on a weight rebuilt from the
 # kept values), per device type. See SparseLinear's docstring for how the CPU value was measured.
 CROSSOVER_SPARSITY: Dict[str, float] = {
-    "cpu": 0.5,
+    # benchmarks/results/prune-cpu-20261126-0458 (one thread): the training step's time ratio of
+    # our dense path to the sparse kernel crosses 1 at ~55% (the forward's below 50%).
+    "cpu": 0.55,
     # Not measured yet: the CUDA kernels are built separately. Until a measurement replaces it, a
     # GPU runs the dense product up to 90% sparsity, where dense tensor-core GEMMs are hard to beat.
     "cuda": 0.9,
@@ -63,22 +65,22 @@ class SparseLinear(nn.Module):
     Kernels: ``kernel="sparse"`` runs ``csr_linear`` (work proportional to nnz); ``"dense"`` runs
     the dense masked product on the weight rebuilt from the values at each call (work
     proportional to in * out, at dense GEMM speed); ``"auto"`` (default) picks sparse from the device's
-    :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.5, measured with ``benchmarks/bench_prune.py``
-    on the 2-core Xeon (AVX-512, torch 2.14.1) of ``benchmarks/results/prune-cpu-20261126-0246``:
+    :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.55, measured with ``benchmarks/bench_prune.py``
+    on the 2-core Xeon (AVX-512, torch 2.14.1, one thread) of ``benchmarks/results/prune-cpu-20261126-0458``:
     x [256, 4096], weight [4096, 4096] float32, median times of a training step (forward, backward,
     AdamW on the values) and of the forward alone:
 
     ========  =========================  ==========================
     sparsity  step: sparse / dense path  forward: sparse / dense path
     ========  =========================  ==========================
-    50%       120 / 139 ms               24.9 / 48.0 ms
-    60%       89 / 125 ms                19.6 / 47.3 ms
-    70%       69 / 121 ms                14.4 / 48.2 ms
+    50%       250 / 225 ms               58.7 / 83.7 ms
+    60%       192 / 213 ms               49.8 / 84.1 ms
+    70%       146 / 211 ms               37.7 / 82.0 ms
     ========  =========================  ==========================
 
-    so the sparse kernel wins from 50% on (denser patterns, below 50%, were not measured). The
-    crossover moves with the shapes (a small batch favours the sparse kernel); set ``kernel`` to
-    override it.
+    so the sparse kernel wins the step from ~55% on (the ratio interpolated between 50% and 60%;
+    with two threads it won from 50%). The crossover moves with the shapes (a small batch favours
+    the sparse kernel); set ``kernel`` to override it.
 
     Args:
         in_features, out_features: the weight's shape is [out_features, in_features].

@@ -78,16 +78,32 @@ def test_odd_shapes(impl, shape, bias, device, dtype):
     check_against_reference(impl, x, w, make_mask(m, k, 0.7), b, g, dtype)
 
 
+# Batch rows around the CPU kernels' panel widths: 64 floats (AVX2 builds), 128 floats or 64
+# doubles (AVX-512 builds), 16-float vectors, and several panels with a ragged last one.
+PANEL_EDGE_ROWS = [1, 15, 17, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("n", [65, 127, 128, 129, 300])
+@pytest.mark.parametrize("n", PANEL_EDGE_ROWS)
 @pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float64, torch.bfloat16]))
 def test_batch_rows_span_several_panels(impl, n, device, dtype):
-    # The CPU kernels work on the batch in panels of 64 floats (32 doubles); every row of every
-    # panel, the partial last one included, must be computed (an AVX-512 build once computed
-    # only the first 64 of every 128 rows: its panel was wider than its kernels).
+    # The CPU kernels work on the batch in panels; every row of every panel, the partial last one
+    # included, must be computed (an AVX-512 build once computed only the first 64 of every 128
+    # rows: its panel was wider than its kernels).
     k, m = 70, 90
     x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
     check_against_reference(impl, x, w, make_mask(m, k, 0.6), b, g, dtype)
+
+
+@pytest.mark.parametrize("sparsity,k", [(0.5, 300), (0.9, 700), (0.95, 1100), (0.99, 3000)])
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float64]))
+def test_csr_tiles_of_every_size(sparsity, k, device, dtype):
+    # The CPU kernels walk the operand in tiles that grow with the sparsity (64 to 512 rows for a
+    # 128-float panel): enough columns for several tiles at each size, and a batch of two panels
+    # with a ragged second one.
+    n, m = 150, 96
+    x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
+    check_against_reference("csr", x, w, make_mask(m, k, sparsity), b, g, dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -402,15 +418,17 @@ def test_portable_kernels_when_avx512_is_off():
         "import torch, pyfinetune\n"
         "from pyfinetune import ops\n"
         "torch.manual_seed(0)\n"
-        "x = torch.randn(300, 300); w = torch.randn(150, 300); b = torch.randn(150)\n"
-        "mask = torch.rand(150, 300) > 0.5\n"
-        "v = w[mask].clone().requires_grad_(True); xr = x.clone().requires_grad_(True)\n"
-        "y = ops.csr_linear(xr, v, *ops.compressed_pattern(mask), bias=b)\n"
-        "g = torch.randn_like(y); y.backward(g)\n"
-        "wm = (w * mask).double()\n"
-        "assert torch.allclose(y.double(), x.double() @ wm.t() + b.double(), atol=1e-3)\n"
-        "assert torch.allclose(xr.grad.double(), g.double() @ wm, atol=1e-3)\n"
-        "assert torch.allclose(v.grad.double(), (g.double().t() @ x.double())[mask], atol=1e-3)\n"
+        f"for n in {PANEL_EDGE_ROWS}:\n"
+        "  for k, p in ((300, 0.5), (1100, 0.95)):\n"
+        "    x = torch.randn(n, k); w = torch.randn(150, k); b = torch.randn(150)\n"
+        "    mask = torch.rand(150, k) > p\n"
+        "    v = w[mask].clone().requires_grad_(True); xr = x.clone().requires_grad_(True)\n"
+        "    y = ops.csr_linear(xr, v, *ops.compressed_pattern(mask), bias=b)\n"
+        "    g = torch.randn_like(y); y.backward(g)\n"
+        "    wm = (w * mask).double()\n"
+        "    assert torch.allclose(y.double(), x.double() @ wm.t() + b.double(), atol=1e-3), n\n"
+        "    assert torch.allclose(xr.grad.double(), g.double() @ wm, atol=1e-3), n\n"
+        "    assert torch.allclose(v.grad.double(), (g.double().t() @ x.double())[mask], atol=1e-3), n\n"
         "print('ok')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

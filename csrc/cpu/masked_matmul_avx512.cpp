@@ -1,9 +1,12 @@
 // AVX-512 versions of csr_linear's float32 inner kernels: the same walks as the portable kernels
-// of masked_matmul_cpu.cpp with 16-float vectors (a 64-float panel is 4 of them), compiled for
-// AVX-512 whatever ISA the build targets and chosen at run time on CPUs that have it. Measured on
-// the 2-core Xeon of benchmarks/results/prune-cpu-* (one thread, N = 256, K = M = 4096): forward
-// 20.5 ms vs 23.7 ms for the AVX2 kernels at 90% sparsity and 48 vs 62 ms at 70%; dx 25 vs 28 ms,
-// dvalues 30 vs 36 ms at 90%. PYFINETUNE_CPU_AVX512=0 selects the portable kernels.
+// of masked_matmul_cpu.cpp with 16-float vectors (a panel of up to 128 floats is up to 8 of
+// them), compiled for AVX-512 whatever ISA the build targets and chosen at run time on CPUs that
+// have it, so that an AVX2 build gets them too. Measured on the 2-core Xeon of
+// benchmarks/results/prune-cpu-* (one thread, N = 256, K = M = 4096, AVX-512 build, where the
+// portable kernels use 16-float vectors as well): forward and dx as fast as the portable ones
+// (15.8 / 18.3 ms at 90% sparsity, 35.5 / 63 ms at 70%), dvalues 18.6 vs 36.7 ms at 90% and 43
+// vs 78 ms at 70% (one horizontal reduction per eight dot products, 256-float panels).
+// PYFINETUNE_CPU_AVX512=0 selects the portable kernels.
 //
 // Everything after the target pragma is compiled for AVX-512, so this file includes no torch
 // or standard-library header there (their inline functions, emitted here with AVX-512 code,
@@ -42,22 +45,27 @@ inline __mmask16 lanes_of(int64_t width, int v) {
   return rem >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1u);
 }
 
-// Vector v of a panel row; the last vector may be partial (masked: no access past the row).
-template <int V>
+// Vector v of a panel row; the last vector may be partial (masked: no access past the row) unless
+// the panel is known to be full (Full: every load folds into its FMA as a memory operand, which a
+// zero-masked load cannot).
+template <int V, bool Full>
 inline __attribute__((always_inline)) __m512 load_vec(const float* p, int v, __mmask16 last) {
-  return v == V - 1 ? _mm512_maskz_loadu_ps(last, p + kLanes * v) : _mm512_loadu_ps(p + kLanes * v);
+  return !Full && v == V - 1 ? _mm512_maskz_loadu_ps(last, p + kLanes * v) : _mm512_loadu_ps(p + kLanes * v);
 }
 
-template <int V>
+template <int V, bool Full>
 struct SpmmSeg {
   const SpmmPanel& a;
   int64_t n0;
   __mmask16 last;
 
+  // The row's accumulators (in the work item's buffer, cache resident) are not prefetched: with
+  // 8 vectors that was 8 more load-port operations per segment of a dozen kept weights, and
+  // leaving them out measured 15.9 -> 14.9 ms at 90% sparsity (N = 256, K = M = 4096, one thread).
   inline __attribute__((always_inline)) void prefetch(int64_t r, int64_t e) const {
+    (void)r;
     __builtin_prefetch(a.pat.idx + e, 0, 3);
     __builtin_prefetch(a.values + (e - a.value_base), 0, 3);
-    prefetch_bytes(a.out + (r - a.out_r0) * a.out_ld + (n0 - a.out_n0), V * kLanes * 4, true);
   }
 
   // Two accumulator sets (even and odd entries): each vector then has two independent FMA
@@ -68,7 +76,7 @@ struct SpmmSeg {
     const float* vals = a.values - a.value_base;
     __m512 acc0[V], acc1[V];
     for (int v = 0; v < V; ++v) {
-      acc0[v] = load_vec<V>(o, v, last);
+      acc0[v] = load_vec<V, Full>(o, v, last);
       acc1[v] = _mm512_setzero_ps();
     }
     do {
@@ -78,13 +86,13 @@ struct SpmmSeg {
         const float* row1 = a.b + static_cast<int64_t>(idx[e + 1]) * a.ld + n0;
         const __m512 w1 = _mm512_set1_ps(vals[e + 1]);
         for (int v = 0; v < V; ++v) {
-          acc0[v] = _mm512_fmadd_ps(w0, load_vec<V>(row0, v, last), acc0[v]);
-          acc1[v] = _mm512_fmadd_ps(w1, load_vec<V>(row1, v, last), acc1[v]);
+          acc0[v] = _mm512_fmadd_ps(w0, load_vec<V, Full>(row0, v, last), acc0[v]);
+          acc1[v] = _mm512_fmadd_ps(w1, load_vec<V, Full>(row1, v, last), acc1[v]);
         }
         e += 2;
       } else {
         for (int v = 0; v < V; ++v) {
-          acc0[v] = _mm512_fmadd_ps(w0, load_vec<V>(row0, v, last), acc0[v]);
+          acc0[v] = _mm512_fmadd_ps(w0, load_vec<V, Full>(row0, v, last), acc0[v]);
         }
         e += 1;
         break;
@@ -93,12 +101,16 @@ struct SpmmSeg {
     for (int v = 0; v < V - 1; ++v) {
       _mm512_storeu_ps(o + kLanes * v, _mm512_add_ps(acc0[v], acc1[v]));
     }
-    _mm512_mask_storeu_ps(o + kLanes * (V - 1), last, _mm512_add_ps(acc0[V - 1], acc1[V - 1]));
+    if (Full) {
+      _mm512_storeu_ps(o + kLanes * (V - 1), _mm512_add_ps(acc0[V - 1], acc1[V - 1]));
+    } else {
+      _mm512_mask_storeu_ps(o + kLanes * (V - 1), last, _mm512_add_ps(acc0[V - 1], acc1[V - 1]));
+    }
     return e;
   }
 };
 
-template <int V>
+template <int V, bool Full>
 void spmm_panel_v(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
   const __mmask16 last = lanes_of(width, V - 1);
   for (int64_t r = r0; r < r1; ++r) {
@@ -108,7 +120,7 @@ void spmm_panel_v(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_
     }
     _mm512_mask_storeu_ps(o + kLanes * (V - 1), last, _mm512_setzero_ps());
   }
-  walk_pattern(a.pat, r0, r1, cursor, SpmmSeg<V>{a, n0, last});
+  walk_pattern(a.pat, r0, r1, cursor, SpmmSeg<V, Full>{a, n0, last});
 }
 
 // The sums of the 16 lanes of each of acc[0..8), as 8 floats.
@@ -126,7 +138,7 @@ inline __attribute__((always_inline)) __m256 reduce8(const __m512* acc) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-template <int V>
+template <int V, bool Full>
 struct SddmmSeg {
   const SddmmPanel& a;
   int64_t n0;
@@ -141,7 +153,7 @@ struct SddmmSeg {
   inline __attribute__((always_inline)) void dot_into(__m512& acc, const __m512* d, int32_t k) const {
     const float* xr = a.xT + static_cast<int64_t>(k) * a.ld + n0;
     for (int v = 0; v < V; ++v) {
-      acc = _mm512_fmadd_ps(d[v], load_vec<V>(xr, v, last), acc);
+      acc = _mm512_fmadd_ps(d[v], load_vec<V, Full>(xr, v, last), acc);
     }
   }
 
@@ -150,7 +162,7 @@ struct SddmmSeg {
     const int64_t end = segment_end(a.pat.idx, e, e1, k1);
     __m512 d[V];
     for (int v = 0; v < V; ++v) {
-      d[v] = load_vec<V>(a.dyT + r * a.ld + n0, v, last);
+      d[v] = load_vec<V, Full>(a.dyT + r * a.ld + n0, v, last);
     }
     for (; e < end; e += 8) {
       const int64_t cnt = end - e < 8 ? end - e : 8;
@@ -167,29 +179,33 @@ struct SddmmSeg {
   }
 };
 
-template <int V>
+template <int V, bool Full>
 void sddmm_panel_v(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
-  walk_pattern(a.pat, r0, r1, cursor, SddmmSeg<V>{a, n0, lanes_of(width, V - 1)});
+  walk_pattern(a.pat, r0, r1, cursor, SddmmSeg<V, Full>{a, n0, lanes_of(width, V - 1)});
 }
 
-template <int V>
+template <int V, bool Full>
 struct Vecs {
   static constexpr int kV = V;
+  static constexpr bool kFull = Full;
 };
 
-// fn(Vecs<V>{}) with V = the number of 16-float vectors of a panel `width` floats wide.
-template <typename Fn>
-void with_vecs(int64_t width, const Fn& fn) {
-  switch ((width + kLanes - 1) / kLanes) {
-    case 1:
-      return fn(Vecs<1>{});
-    case 2:
-      return fn(Vecs<2>{});
-    case 3:
-      return fn(Vecs<3>{});
-    default:
-      return fn(Vecs<4>{});
+template <int V, typename Fn>
+inline __attribute__((always_inline)) void with_v(int64_t width, const Fn& fn) {
+  return width == V * kLanes ? fn(Vecs<V, true>{}) : fn(Vecs<V, false>{});
+}
+
+// fn(Vecs<V, Full>{}) with V = the number of 16-float vectors of a panel `width` floats wide
+// (at most Max of them) and Full = whether all V vectors are whole (every panel but a ragged last
+// one).
+template <int Max, int V = 1, typename Fn>
+inline __attribute__((always_inline)) void with_vecs(int64_t width, const Fn& fn) {
+  if constexpr (V < Max) {
+    if (width > V * kLanes) {
+      return with_vecs<Max, V + 1>(width, fn);
+    }
   }
+  return with_v<V>(width, fn);
 }
 
 }  // namespace
@@ -208,11 +224,11 @@ bool available() {
 }
 
 void spmm_panel(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
-  with_vecs(width, [&](auto vecs) { spmm_panel_v<decltype(vecs)::kV>(a, r0, r1, n0, width, cursor); });
+  with_vecs<kPanelFloats / kLanes>(width, [&](auto vecs) { spmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
 }
 
 void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
-  with_vecs(width, [&](auto vecs) { sddmm_panel_v<decltype(vecs)::kV>(a, r0, r1, n0, width, cursor); });
+  with_vecs<kSddmmPanelFloats / kLanes>(width, [&](auto vecs) { sddmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
 }
 
 #else  // no AVX-512 kernels in this build: the portable kernels run everywhere

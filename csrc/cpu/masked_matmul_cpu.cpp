@@ -9,13 +9,15 @@
 //   * x [N, K] is transposed once into xT [K, ld] (float32 for 16-bit inputs; ld = N rounded up
 //     to whole vectors and to an odd number of cache lines, zero padded), so that the N values
 //     multiplied by one weight are contiguous;
-//   * output row m, panel [n0, n0 + 64): yT[m, panel] = sum_j values[j] * xT[col[j], panel], the
+//   * output row m, panel [n0, n0 + P): yT[m, panel] = sum_j values[j] * xT[col[j], panel], the
 //     accumulators held in registers, one broadcast and one FMA per vector and kept weight (yT is
 //     a per-thread buffer of the work item's rows, see below); panels of padding only are skipped;
-//   * dense enough patterns walk xT in tiles of 128 rows (32 KiB per panel, L1 resident): every
-//     output row adds its kept weights whose column falls in the tile (columns are sorted, so a
-//     cursor per row finds them), loading and storing its accumulators around each such segment;
-//     sparser patterns walk each row in one go, the K x 64 slice of xT staying in L2;
+//     P = 128 floats in AVX-512 builds (8 registers of 16), 64 in AVX2 builds (kPanelVecs);
+//   * sorted patterns walk xT in tiles of rows (32 to 256 KiB per panel, sized by choose_tile so
+//     that a row's share of a tile averages a dozen kept weights): every output row adds its kept
+//     weights whose column falls in the tile (a cursor per row finds them), loading and storing
+//     its accumulators around each such segment, while the tile stays in cache; the sparsest
+//     patterns walk each row in one go;
 //   * work items are (panel, row range) pairs taken dynamically by the threads; the row ranges
 //     hold equal numbers of kept weights (prefix sums of crow + binary search);
 //   * each work item transposes its block of yT (L2 resident) into y right away, adding the bias,
@@ -153,20 +155,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cpu(const 
 template <typename acc_t>
 constexpr int64_t kLanes = Vectorized<acc_t>::size();
 
-// Batch-block (panel) width: 256 bytes, 64 floats (8 AVX2 or 4 AVX-512 accumulators, 32
-// doubles), which leaves registers for the broadcast weight and keeps the K x 64 slice of xT
-// (1 MiB for K = 4096) in L2. The width in vectors follows the vector width of the build; the
-// AVX-512 float kernels handle panels of up to avx512::kPanelFloats and must see the same width.
+// Batch-block (panel) width: the accumulators of one output row, held in registers. An AVX-512
+// build has 32 vector registers: 8 accumulators of 16 floats (512 bytes, 128 floats, 64 doubles)
+// plus the broadcast weight and the loads; an AVX2 build has 16: 8 accumulators of 8 floats (256
+// bytes, 64 floats). A wider panel walks the pattern (index, value, address, loop control) once
+// per 8 vector FMAs instead of 4: measured 5-10% faster at 90% sparsity and 10-15% at 70% than
+// 64 floats on AVX-512 (N = 256, K = M = 4096). The AVX-512 float kernels, chosen at run time,
+// take panels up to avx512::kPanelFloats, so they serve both builds.
+constexpr int64_t kPanelBuildBytes = kLanes<float> >= 16 ? 512 : 256;
 template <typename acc_t>
-constexpr int kPanelVecs = static_cast<int>(avx512::kPanelFloats * sizeof(float) / sizeof(acc_t) / kLanes<acc_t>);
-static_assert(kPanelVecs<float> * kLanes<float> == avx512::kPanelFloats,
-              "the float panel must be as wide as the AVX-512 kernels' (avx512::kPanelFloats)");
+constexpr int kPanelVecs = static_cast<int>(kPanelBuildBytes / sizeof(acc_t) / kLanes<acc_t>);
+static_assert(kPanelVecs<float> * kLanes<float> <= avx512::kPanelFloats,
+              "the float panel must fit the AVX-512 kernels' (avx512::kPanelFloats)");
+static_assert(kPanelVecs<float> == 8 && kPanelVecs<double> == 8, "8 accumulators per row");
 template <typename acc_t>
 constexpr int64_t kPanelBytes = kPanelVecs<acc_t> * kLanes<acc_t> * sizeof(acc_t);
-// L1 tile of the operand rows read by a panel: 128 rows x 64 floats = 32 KiB.
+// Tiles of the operand rows read by a panel (see choose_tile). A tile pays for its (row, tile)
+// segments: each loads and stores the row's accumulators, and its variable length costs a
+// mispredicted loop exit; so a tile is grown from its smallest size (one for the SpMM, whose
+// segments are cheap, one for the SDDMM, which reduces its dot products per segment) until the
+// mean segment holds kTargetSegment kept weights, up to kMaxTileBytes. Measured on the 2-core
+// Xeon (AVX-512, 128-float panels, one thread, N = 256, K = M = 4096), forward / dvalues:
+//   sparsity  tile rows (bytes)          forward ms                  dvalues ms
+//   90%       64 / 128 / 256 (32-128 K)  17.4 / 16.4 / 17.0          29 / 20.5 / 20.5
+//   70%       32 / 64 / 128              39.5 / 34.3 / 37.3          80 / 50 / 48
+//   95%       64 / 128 / 256 / 512       14.0 / 11.9 / 10.9 / 11.2   17.9 / 13.2 / 12.5 / 12.7
+// Tiles larger than L1 still pay: they keep the panel's working set in L2 with few segments.
 constexpr int64_t kTileBytes = 32 * 1024;
-// Tile only when a (row, tile) segment holds this many kept weights on average; sparser
-// patterns pay more for loading and storing the accumulators of each segment than they save.
+constexpr int64_t kSddmmTileBytes = 64 * 1024;
+constexpr int64_t kMaxTileBytes = 256 * 1024;
+constexpr double kTargetSegment = 12.0;
+// Tile only when a (row, tile) segment holds this many kept weights on average even in the
+// largest tile; sparser patterns pay more for the segments than the tiles save.
 constexpr double kMinSegment = 4.0;
 // Row ranges per thread: enough that a slowed thread (a shared machine) hands work to the others.
 constexpr int64_t kPartsPerThread = 8;
@@ -269,15 +289,23 @@ void run_tasks(int64_t tasks, const Fn& fn) {
   });
 }
 
-// Operand rows per L1 tile for a panel of `panel_bytes` per row, or 0 where tiling does not pay
-// (too sparse, too few columns to tile, or indices not sorted within the rows).
-int64_t choose_tile(int64_t nnz, int64_t rows, int64_t cols, int64_t panel_bytes, bool sorted) {
-  const int64_t tile = std::max<int64_t>(1, kTileBytes / panel_bytes);
-  if (!sorted || cols <= tile || rows == 0) {
+// Operand rows per tile for a panel of `panel_bytes` per row, starting from min_bytes per tile
+// (kTileBytes or kSddmmTileBytes), or 0 where tiling does not pay (too sparse, too few columns to
+// tile, or indices not sorted within the rows).
+int64_t choose_tile(int64_t nnz, int64_t rows, int64_t cols, int64_t panel_bytes, bool sorted, int64_t min_bytes) {
+  if (!sorted || rows == 0 || cols == 0) {
     return 0;
   }
   const double density = static_cast<double>(nnz) / (static_cast<double>(rows) * static_cast<double>(cols));
-  return density * static_cast<double>(tile) >= kMinSegment ? tile : 0;
+  const int64_t max_tile = std::max<int64_t>(1, kMaxTileBytes / panel_bytes);
+  int64_t tile = std::max<int64_t>(1, std::min(min_bytes, kMaxTileBytes) / panel_bytes);
+  while (density * static_cast<double>(tile) < kTargetSegment && tile < max_tile) {
+    tile = std::min(2 * tile, max_tile);
+  }
+  if (cols <= tile || density * static_cast<double>(tile) < kMinSegment) {
+    return 0;
+  }
+  return tile;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,16 +413,22 @@ template <typename acc_t, typename dst_t>
 void store_block(const acc_t* buf, int64_t r0, int64_t r1, int64_t n0, int64_t n1, int64_t rows, const dst_t* bias,
                  dst_t* y) {
   constexpr int64_t kPanel = kPanelVecs<acc_t> * kLanes<acc_t>;
-  for (int64_t i = n0; i < n1; ++i) {
-    dst_t* yr = y + i * rows + r0;
-    const acc_t* src = buf + (i - n0);
-    if (bias != nullptr) {
-      for (int64_t r = 0; r < r1 - r0; ++r) {
-        yr[r] = static_cast<dst_t>(src[r * kPanel] + static_cast<acc_t>(bias[r0 + r]));
-      }
-    } else {
-      for (int64_t r = 0; r < r1 - r0; ++r) {
-        yr[r] = static_cast<dst_t>(src[r * kPanel]);
+  // Blocks of kRows buffer rows: their lines stay in L1 while every y row takes its kRows values
+  // from them (a whole column of the buffer per y row read a new line per value).
+  constexpr int64_t kRows = 16;
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    const int64_t re = std::min(r1, rb + kRows);
+    for (int64_t i = n0; i < n1; ++i) {
+      dst_t* yr = y + i * rows;
+      const acc_t* src = buf + (i - n0);
+      if (bias != nullptr) {
+        for (int64_t r = rb; r < re; ++r) {
+          yr[r] = static_cast<dst_t>(src[(r - r0) * kPanel] + static_cast<acc_t>(bias[r]));
+        }
+      } else {
+        for (int64_t r = rb; r < re; ++r) {
+          yr[r] = static_cast<dst_t>(src[(r - r0) * kPanel]);
+        }
       }
     }
   }
@@ -507,6 +541,7 @@ struct SddmmArgs {
   const acc_t* xT;   // [pat.cols, ld]
   acc_t* out;        // [nnz], zeroed; the panels add into it
   int64_t ld;
+  int64_t n;         // columns of dyT and xT that hold data; those from n on are zero padding
 };
 
 template <typename acc_t, int V>
@@ -561,19 +596,35 @@ struct SddmmPanels {
   }
 };
 
+// The SDDMM's panel width: the AVX-512 float kernels take panels of avx512::kSddmmPanelFloats
+// (one horizontal reduction per dot product per 256 floats, whose shuffles compete with the FMAs
+// for a port: dvalues 19.8 -> 17.5 ms at 90% sparsity and 46.6 -> 42 ms at 70%, N = 256, K = M =
+// 4096, one thread), the portable ones kPanelVecs vectors.
+template <typename acc_t>
+int64_t sddmm_panel_floats() {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx512::available()) {
+      return avx512::kSddmmPanelFloats;
+    }
+  }
+  return kPanelVecs<acc_t> * kLanes<acc_t>;
+}
+
 template <typename acc_t>
 void sddmm(const SddmmArgs<acc_t>& a) {
   static constexpr auto table =
       panel_table<SddmmPanels<acc_t>, SddmmArgs<acc_t>>(std::make_integer_sequence<int, kPanelVecs<acc_t>>{});
   constexpr int64_t W = kLanes<acc_t>;
-  constexpr int64_t kPanel = kPanelVecs<acc_t> * W;
+  const int64_t kPanel = sddmm_panel_floats<acc_t>();
   const int64_t parts = num_parts(a.pat.rows);
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
   // One task per row range, all panels inside: a kept weight's sum is written by one thread.
   run_tasks(parts, [&](int64_t p) {
     const int64_t r0 = splits[p], r1 = splits[p + 1];
     std::vector<int32_t> cursor(a.pat.tile > 0 ? static_cast<size_t>(r1 - r0) : 0);
-    for (int64_t n0 = 0; n0 < a.ld; n0 += kPanel) {
+    // A panel of padding only adds zeros: skipped (at N = 256, ld = 272: a 16-float panel that
+    // walked every kept weight again).
+    for (int64_t n0 = 0; n0 < std::min(a.n, a.ld); n0 += kPanel) {
       const int64_t width = std::min<int64_t>(kPanel, a.ld - n0);
       if constexpr (std::is_same_v<acc_t, float>) {
         if (avx512::available()) {
@@ -654,7 +705,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
     const at::Tensor xT = transposed_acc<scalar_t>(x, kScratchA);
     const int64_t ld = xT.size(1);
     const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
-                      choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, sorted)};
+                      choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, sorted, kTileBytes)};
     const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), nullptr, xT.const_data_ptr<acc_t>(), nullptr, ld};
     spmm_into_rows<acc_t, scalar_t>(args, s.n, has_bias ? b.const_data_ptr<scalar_t>() : nullptr,
                                     y.mutable_data_ptr<scalar_t>());
@@ -702,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
       if (s.k > 0) {
         const at::Tensor vals = values_as_acc<acc_t>(values);
         const Pattern pat{ccol.const_data_ptr<int32_t>(), rows_of.const_data_ptr<int32_t>(), s.k, s.m,
-                          choose_tile(s.nnz, s.k, s.m, kPanelBytes<acc_t>, csc_sorted)};
+                          choose_tile(s.nnz, s.k, s.m, kPanelBytes<acc_t>, csc_sorted, kTileBytes)};
         const SpmmArgs<acc_t> args{pat, vals.const_data_ptr<acc_t>(), perm.const_data_ptr<int32_t>(),
                                    dyT.const_data_ptr<acc_t>(), nullptr, ld};
         spmm_perm_into_rows<acc_t, scalar_t>(args, s.n, dx.mutable_data_ptr<scalar_t>());
@@ -714,9 +765,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
       at::Tensor out = empty_streaming({s.nnz}, dyT.options());
       out.zero_();
       const Pattern pat{crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k,
-                        choose_tile(s.nnz, s.m, s.k, kPanelBytes<acc_t>, csr_sorted)};
+                        choose_tile(s.nnz, s.m, s.k, sddmm_panel_floats<acc_t>() * static_cast<int64_t>(sizeof(acc_t)),
+                                    csr_sorted, kSddmmTileBytes)};
       const SddmmArgs<acc_t> args{pat, dyT.const_data_ptr<acc_t>(), xT.const_data_ptr<acc_t>(),
-                                  out.mutable_data_ptr<acc_t>(), ld};
+                                  out.mutable_data_ptr<acc_t>(), ld, s.n};
       sddmm<acc_t>(args);
       dvalues = kSameType ? out : out.to(x.scalar_type());
     }

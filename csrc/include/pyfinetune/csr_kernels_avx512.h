@@ -10,8 +10,12 @@
 namespace pyfinetune {
 namespace avx512 {
 
-// Panels are at most kPanelFloats wide (4 vectors of 16 floats), like the portable kernels'.
-constexpr int64_t kPanelFloats = 64;
+// Panels are at most kPanelFloats wide (8 vectors of 16 floats): the widest panel of the portable
+// kernels (an AVX-512 build's; an AVX2 build's are 64 floats, which these kernels take as well).
+constexpr int64_t kPanelFloats = 128;
+// The SDDMM holds only the row of dyT (and eight sums) in registers, so its panels may be twice as
+// wide: each dot product is then reduced once per 256 floats of the batch instead of per 128.
+constexpr int64_t kSddmmPanelFloats = 256;
 
 // out[r, n0 : n0 + width] = sum over the entries e of row r of values[e - value_base] *
 // b[pat.idx[e], n0 : n0 + width]; b [pat.cols, ld]. Row r's panel of out is at
@@ -43,8 +47,9 @@ struct SddmmPanel {
 // BW and DQ, unless the environment sets PYFINETUNE_CPU_AVX512=0. Read once.
 bool available();
 
-// Rows [r0, r1), panel [n0, n0 + width), width in (0, kPanelFloats]; cursor: scratch for r1 - r0
-// entries (tiled patterns). spmm_panel zeroes its output panel first.
+// Rows [r0, r1), panel [n0, n0 + width), width in (0, kPanelFloats] (spmm_panel) or in (0,
+// kSddmmPanelFloats] (sddmm_panel); cursor: scratch for r1 - r0 entries (tiled patterns).
+// spmm_panel zeroes its output panel first.
 void spmm_panel(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor);
 void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor);
 
