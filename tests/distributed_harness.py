@@ -140,8 +140,8 @@ def ddp_pruned(run: Run) -> Dict[str, Any]:
     """Magnitude pruning, then a GradualPruner raising the sparsity during training; the masks
     reach the optimizer through mask_optimizer."""
     model = mlp(0)
-    prune.magnitude_prune(model, 0.3)
-    pruner = prune.GradualPruner(model, 0.6, start_step=1, end_step=5, every=2)
+    prune.magnitude_prune(model, 0.3, exclude=None)  # every layer, the classifier too
+    pruner = prune.GradualPruner(model, 0.6, start_step=1, end_step=5, every=2, exclude=None)
     opt = AdamW(model.parameters(), lr=1e-2, l2sp=0.1, weight_decay=0.01)
     prune.mask_optimizer(opt, model)
     out = train(run, model, opt, after_step=pruner.step)
@@ -152,7 +152,7 @@ def ddp_pruned(run: Run) -> Dict[str, Any]:
 def ddp_sparse(run: Run) -> Dict[str, Any]:
     """SparseLinear layers (kept values trainable, pattern fixed) from a pruned model."""
     model = mlp(0)
-    prune.magnitude_prune(model, 0.6)
+    prune.magnitude_prune(model, 0.6, exclude=None)
     model = prune.sparsify(model)
     assert all(isinstance(model[i], prune.SparseLinear) for i in (0, 2))
     opt = AdamW(model.parameters(), lr=1e-2, l2sp=0.1, weight_decay=0.01)
