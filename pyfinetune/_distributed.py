@@ -18,6 +18,7 @@ Data sharding:
 
 from __future__ import annotations
 
+import datetime
 import os
 from typing import Any, Iterator, List, Optional
 
@@ -168,6 +169,26 @@ def shard_eval_loader(loader: Any, group: Group) -> Optional[DataLoader]:
                                                                     DistributedSampler):
         return None
     return _rebuild(loader, _Strided(len(loader.dataset), group.rank, group.world))
+
+
+def leave(timeout_s: float = 120.0) -> None:
+    """Leave the process group that :func:`init_from_env` joined: wait for every rank (so that no
+    rank tears down its connections while another still talks on them, which can abort the
+    other's process at exit), then destroy the group. A rank that does not arrive within
+    ``timeout_s`` (it failed) does not keep the others waiting longer than that."""
+    if not dist.is_initialized():
+        return
+    try:
+        group = _CPU_GROUP[1] if _CPU_GROUP[0] is dist.group.WORLD else None
+        if dist.get_backend(group) == "gloo":
+            dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass  # another rank failed or left: nothing left to wait for
+    finally:
+        dist.destroy_process_group()
+        _CPU_GROUP[:] = [None, None]
 
 
 def init_from_env(device: torch.device) -> Optional[torch.device]:

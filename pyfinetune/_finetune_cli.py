@@ -467,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     finally:
         if joined is not None:
-            dist.destroy_process_group()
+            _distributed.leave()
 
 
 def _run(args: argparse.Namespace, device: torch.device) -> int:
