@@ -562,7 +562,8 @@ def outcome_checks(methods: Sequence[Dict[str, Any]]) -> Dict[str, Dict[str, Any
             "passed": worst["test_accuracy"] > 0.9, "detail": f"lowest: {worst['name']} {worst['test_accuracy']:.1%}"},
         "pruned within 2 points of the dense fine-tuned model": {
             "passed": gap <= 2.0, "detail": f"{pruned['test_accuracy']:.1%} vs {base['test_accuracy']:.1%} "
-                                            + (f"({gap:.1f} points lower)" if gap > 0 else f"({-gap:.1f} points higher)")},
+                                            + (f"({gap:.1f} points lower)" if gap >= 0.05 else f"({-gap:.1f} points higher)" if gap <= -0.05
+                                               else "(the same)")},
         "pruned model faster at inference than the dense one": {
             "passed": pruned["inference_ms_per_batch"] < base["inference_ms_per_batch"],
             "detail": f"{pruned['inference_ms_per_batch']:.2f} ms vs {base['inference_ms_per_batch']:.2f} ms "
