@@ -516,6 +516,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
         tuner = Finetuner(model, args.method, lr=args.lr, weight_decay=args.weight_decay, head=[head],
                           temperature=args.temperature, alpha=args.alpha, epochs=args.epochs, device=device,
                           amp=amp, seed=args.seed, progress=progress,
+                          # torchvision's GoogLeNet / Inception v3: the loss ignores the aux heads
+                          find_unused_parameters=bool(getattr(model, "aux_logits", False)),
                           **{k: v for k, v in method_options.items() if v is not None})
         if resume:
             tuner.load_checkpoint(resume)
@@ -565,7 +567,8 @@ def _run(args: argparse.Namespace, device: torch.device) -> int:
     if not main:
         return 0
     model_path = os.path.join(args.out, "model.pt")
-    torch.save(tuner.model.state_dict(), model_path)
+    # CPU tensors: the file loads with a plain torch.load on a machine without the training GPU
+    torch.save({k: v.detach().cpu() for k, v in tuner.model.state_dict().items()}, model_path)
     metrics.update(interrupted=False, model_file="model.pt",
                    model_format=_PRUNED_FORMAT if args.method == "prune" else "state_dict of the model with its new head",
                    final=tuner.history[-1] if tuner.history else None)

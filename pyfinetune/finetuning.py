@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import os
 import random
@@ -273,6 +274,10 @@ class Finetuner:
             resumes: the checkpoint restores the RNG states).
         progress: show tqdm progress bars for training and evaluation (on rank 0 only under
             ``torch.distributed``).
+        find_unused_parameters: passed to ``DistributedDataParallel`` under torch.distributed:
+            True for models whose training loss leaves some parameters without a gradient (e.g.
+            torchvision's GoogLeNet / Inception v3, whose auxiliary heads the loss ignores);
+            DDP then fails on the second step without it.
 
     Distributed: built while a process group of two or more processes is initialized (e.g. by
     ``torchrun``), every rank builds its Finetuner alike and calls the same methods; then
@@ -304,7 +309,8 @@ class Finetuner:
                  prune_end: float = 0.7, prune_every: Optional[int] = None, prune_include: Any = None,
                  prune_exclude: Any = None, epochs: int = 10, scheduler: str = "cosine",
                  device: Union[None, str, torch.device] = None, amp: Optional[torch.dtype] = None,
-                 grad_clip: Optional[float] = None, seed: Optional[int] = None, progress: bool = True):
+                 grad_clip: Optional[float] = None, seed: Optional[int] = None, progress: bool = True,
+                 find_unused_parameters: bool = False):
         if not isinstance(model, nn.Module):
             raise _fail(TypeError, "model", "an nn.Module", model)
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -364,7 +370,10 @@ class Finetuner:
         self._net: nn.Module = self.model  # what training runs: DistributedDataParallel(model) once fit() wraps it
         self.head = self._heads(head)
         self.prune_include = prune_include
-        self.prune_exclude = prune_exclude if prune_exclude is not None else self._default_prune_exclude()
+        if not isinstance(find_unused_parameters, bool):
+            raise _fail(TypeError, "find_unused_parameters", "a bool", find_unused_parameters)
+        self.find_unused_parameters = find_unused_parameters
+        self.prune_exclude = self._prune_exclude(prune_exclude)
         self.optimizer = self._make_optimizer()
         if method == "prune":
             # Masks appear when fit() builds the pruner; the hooks follow every change from then on.
@@ -412,10 +421,19 @@ class Finetuner:
     def _head_globs(self) -> List[str]:
         return [g for h in self.head for g in (h, h + ".*")]
 
-    def _default_prune_exclude(self) -> List[str]:
-        """The head and what the pruners leave dense by default (the stem and the classifier)."""
-        globs = self._head_globs()
-        return globs + [n for n in _prune.default_exclusions(self.model) if n not in globs]
+    def _prune_exclude(self, exclude: Any) -> Any:
+        """What the pruner leaves dense: the head always, plus ``exclude`` (None or "default":
+        what the pruners leave dense by default, the stem and the classifier)."""
+        head = self._head_globs()
+        if exclude is None or (isinstance(exclude, str) and exclude == "default"):
+            return head + [n for n in _prune.default_exclusions(self.model) if n not in head]
+        if callable(exclude):
+            return lambda name, module: any(fnmatch.fnmatchcase(name, g) for g in head) or exclude(name, module)
+        extra = [exclude] if isinstance(exclude, str) else list(exclude) if isinstance(exclude, (list, tuple)) else None
+        if extra is None or not all(isinstance(g, str) for g in extra):
+            raise TypeError(f"Finetuner: prune_exclude must be a module-name glob, a list of globs or a callable "
+                            f"(name, module) -> bool, got {type(exclude).__name__}")
+        return head + [g for g in extra if g not in head]
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         named, _ = split_parameters(self.model, self.head)
@@ -431,7 +449,9 @@ class Finetuner:
         if not groups:
             raise ValueError(f"Finetuner: {type(self.model).__name__} has no trainable parameter")
         if self.method == "baseline":
-            return torch.optim.AdamW(groups, lr=self.lr)
+            # fused on CUDA: one launch per step, and GradScaler hands it the scale and the
+            # overflow flag without a host sync
+            return torch.optim.AdamW(groups, lr=self.lr, fused=self.device.type == "cuda" or None)
         # l2sp: anchor="init" holds the weights as they are now, the pretrained ones.
         return _optim.AdamW(groups, lr=self.lr)
 
@@ -472,7 +492,8 @@ class Finetuner:
         if self._dist is None or self._net is not self.model:
             return
         ids = [self.device] if self.device.type == "cuda" else None
-        self._net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self._net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
+                                                        find_unused_parameters=self.find_unused_parameters)
 
     def _loss(self, inputs: Any, labels: Tensor) -> Tuple[Tensor, Tensor]:
         logits = _logits(self._net(inputs), "model")
@@ -611,10 +632,13 @@ class Finetuner:
                 self._batch_in_epoch += 1
                 self._rng_mark = _get_rng()
                 bar.update(1)
-                if self._batch_in_epoch % 10 == 0 or self._batch_in_epoch == steps:
+                if self._bars and (self._batch_in_epoch % 10 == 0 or self._batch_in_epoch == steps):
+                    # formatting reads the device totals: a host sync, so only where a bar shows it
                     bar.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}")
                 if stop.requested if self._dist is None else self._dist.any(stop.requested):
                     raise KeyboardInterrupt  # on every rank after the same step
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the epoch's time includes its queued GPU work
             seconds = self._epoch_seconds + time.perf_counter() - started
             if self._dist is not None:
                 totals = self._dist.sum(totals)  # the epoch's global numbers; the running ones stay per rank

@@ -158,6 +158,21 @@ def test_prune_keeps_the_stem_convolution_and_a_named_head_dense_by_default():
         "MaskedConv2d", "MaskedLinear", "Linear"]
 
 
+@pytest.mark.parametrize("exclude", [[], "nothing-matches", lambda name, module: False])
+def test_prune_exclude_never_prunes_the_head(exclude):
+    model = _mlp()
+    Finetuner(model, "prune", sparsity=0.5, epochs=1, seed=0, progress=False, prune_exclude=exclude).fit(_loader())
+    assert isinstance(model[0], MaskedLinear) and isinstance(model[4], MaskedLinear)
+    assert type(model[6]) is nn.Linear
+
+
+def test_prune_exclude_and_find_unused_parameters_are_checked():
+    with pytest.raises(TypeError, match="prune_exclude"):
+        Finetuner(_mlp(), "prune", sparsity=0.5, prune_exclude=3)
+    with pytest.raises(TypeError, match="find_unused_parameters"):
+        Finetuner(_mlp(), find_unused_parameters="yes")
+
+
 def test_amp_bfloat16_and_grad_clip_train():
     tuner = Finetuner(_mlp(), "l2sp", lr=1e-2, epochs=2, amp=torch.bfloat16, grad_clip=1.0, progress=False)
     history = tuner.fit(_loader())
