@@ -207,4 +207,8 @@ def init_from_env(device: torch.device) -> Optional[torch.device]:
     except (ValueError, RuntimeError) as e:  # no MASTER_ADDR, an unreachable rendezvous ...
         raise RuntimeError(f"could not join the process group of WORLD_SIZE={os.environ['WORLD_SIZE']} "
                            f"({backend}): {e}; launch with torchrun --nproc_per_node N") from None
+    if backend != "gloo":
+        # The gloo twin now, at a point every rank reaches: leave() then always has a barrier
+        # with a time limit, even when a rank fails before its first Finetuner.
+        _cpu_group()
     return device
