@@ -144,11 +144,13 @@ def _batches(loader: Any, name: str) -> int:
 
 
 # ------------------------------------------------------------------------------ RNG state
-def _get_rng() -> Dict[str, Any]:
-    """Every global RNG a training step may draw from, in types ``torch.load(weights_only=True)`` reads."""
+def _get_rng(device: torch.device) -> Dict[str, Any]:
+    """Every global RNG a training step on ``device`` may draw from, in types
+    ``torch.load(weights_only=True)`` reads. On CUDA, the generator of ``device`` only: under
+    torchrun each rank draws from its own GPU, and a resumed run may see another number of GPUs."""
     state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state(device)
     try:
         import numpy as np
     except ImportError:
@@ -159,12 +161,12 @@ def _get_rng() -> Dict[str, Any]:
     return state
 
 
-def _set_rng(state: Dict[str, Any]) -> None:
+def _set_rng(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     if "numpy" in state:
         import numpy as np
 
@@ -577,7 +579,7 @@ class Finetuner:
         self._wrap()
         self.interrupted_checkpoint = None
         was_training = self.model.training
-        self._rng_mark = _get_rng()
+        self._rng_mark = _get_rng(self.device)
         try:
             with _deferred_sigint(self._dist is not None) as stop:
                 while self.epoch < epochs:
@@ -601,18 +603,18 @@ class Finetuner:
     def _fit_epoch(self, loader: Any, val_loader: Any, steps: int, epochs: int, stop: _StopRequest) -> Dict[str, Any]:
         skip = self._batch_in_epoch
         if skip == 0:
-            self._epoch_rng = _get_rng()
+            self._epoch_rng = _get_rng(self.device)
             self._epoch_totals.zero_()
             self._epoch_seconds = 0.0
         else:  # resumed mid-epoch: replay the loader's draws, skip the batches done, then go on
-            _set_rng(self._epoch_rng)
+            _set_rng(self._epoch_rng, self.device)
         started = time.perf_counter()
         _distributed.set_epoch(loader, self.epoch)
         batches = iter(loader)
         for _ in range(skip):
             next(batches)
         if skip:
-            _set_rng(self._rng_mark)
+            _set_rng(self._rng_mark, self.device)
         self.model.train()
         bar = _progress_bar(self._bars, total=steps, initial=skip, desc=f"epoch {self.epoch + 1}/{epochs}",
                             unit="batch")
@@ -630,7 +632,7 @@ class Finetuner:
                 totals[2] += n
                 self.step += 1
                 self._batch_in_epoch += 1
-                self._rng_mark = _get_rng()
+                self._rng_mark = _get_rng(self.device)
                 bar.update(1)
                 if self._bars and (self._batch_in_epoch % 10 == 0 or self._batch_in_epoch == steps):
                     # formatting reads the device totals: a host sync, so only where a bar shows it
@@ -659,7 +661,7 @@ class Finetuner:
         self.history.append(record)
         self.epoch += 1
         self._batch_in_epoch = 0
-        self._rng_mark = _get_rng()
+        self._rng_mark = _get_rng(self.device)
         return record
 
     # ---------------------------------------------------------------------------- evaluate
@@ -739,7 +741,7 @@ class Finetuner:
             "plan": None if self._plan_shape is None else list(self._plan_shape),
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self._batch_in_epoch,
             "epoch_totals": self._epoch_totals.cpu().clone(), "epoch_seconds": self._epoch_seconds,
-            "epoch_rng": self._epoch_rng, "rng": self._rng_mark if self._rng_mark is not None else _get_rng(),
+            "epoch_rng": self._epoch_rng, "rng": self._rng_mark if self._rng_mark is not None else _get_rng(self.device),
             "history": copy.deepcopy(self.history),
         }
         if self._dist is not None:
@@ -776,7 +778,7 @@ class Finetuner:
         self._epoch_seconds = float(state["epoch_seconds"])
         self._epoch_rng = mine["epoch_rng"]
         self.history = copy.deepcopy(state["history"])
-        _set_rng(mine["rng"])
+        _set_rng(mine["rng"], self.device)
 
     def _own_part(self, state: Dict[str, Any]) -> Dict[str, Any]:
         """This rank's RNG states and running totals in ``state``. In the middle of an epoch they
