@@ -575,3 +575,13 @@ def write_results(bench: str, device: torch.device, record: Dict[str, Any], mark
     with open(md_path, "w") as f:
         f.write(markdown.rstrip() + "\n")
     return json_path, md_path
+
+
+def publish(bench: str, device: torch.device, record: Dict[str, Any], markdown: str, out_dir: Optional[str],
+            stamp: Optional[str] = None) -> None:
+    """Print a benchmark's Markdown report and, when ``out_dir`` is set, write the record and the
+    report there (:func:`write_results`), saying where on stderr."""
+    print(markdown)
+    if out_dir:
+        json_path, md_path = write_results(bench, device, record, markdown, out_dir, stamp)
+        print(f"\nwrote {os.path.relpath(json_path)} and {os.path.relpath(md_path)}", file=sys.stderr)

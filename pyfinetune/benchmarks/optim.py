@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -520,11 +519,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     md += [case_markdown(r, device) for r in results]
     record = {"benchmark": "optim", "device": device.type, "when": when, "machine": machine, "config": config,
               "cases": results}
-    text = "\n".join(md)
-    print(text)
-    if args.out:
-        json_path, md_path = common.write_results("optim", device, record, text, args.out, stamp)
-        print(f"\nwrote {os.path.relpath(json_path)} and {os.path.relpath(md_path)}", file=sys.stderr)
+    common.publish("optim", device, record, "\n".join(md), args.out, stamp)
     return 0
 
 

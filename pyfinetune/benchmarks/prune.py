@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -339,11 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "forward": timings_summary(r["forward"]), "step": timings_summary(r["step"])} for r in results],
         "analysis": analysis,
     }
-    text = "\n".join(md)
-    print(text)
-    if args.out:
-        json_path, md_path = common.write_results("prune", device, record, text, args.out, stamp)
-        print(f"\nwrote {os.path.relpath(json_path)} and {os.path.relpath(md_path)}", file=sys.stderr)
+    common.publish("prune", device, record, "\n".join(md), args.out, stamp)
     return 0
 
 
