@@ -1,23 +1,57 @@
 #!/usr/bin/env bash
 # The GPU check: run on a machine with an NVIDIA GPU (and nvcc) from the repository root.
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]
+#
 #   1. builds pyfinetune for this GPU's architecture (in place),
 #   2. runs benchmarks/kd_gpu_quick_check.py: the distillation kernels' cases that only a GPU
 #      checks (launch shapes, alignment, large logits), a minute, so a short session learns
 #      them first,
-#   3. runs the whole test suite, CUDA tests included,
-#   4. runs compute-sanitizer memcheck over the CUDA tests of every op (caching allocator off,
-#      so out-of-bounds accesses hit real allocation boundaries),
-#   5. runs the benchmarks on the GPU,
-# writing every log and result into one folder (default benchmarks/results/gpu-check-DATE).
-# Exit status: nonzero if the build, the tests or the sanitizer failed.
+#   3. runs the CUDA tests, then the rest of the suite (pytest-xdist workers when installed),
+#   4. at the same time runs compute-sanitizer memcheck over the CUDA tests of every op (caching
+#      allocator off, so out-of-bounds accesses hit real allocation boundaries),
+#   5. then, alone on the GPU, runs the benchmarks.
+# Every log and result goes into one folder (default benchmarks/results/gpu-check-DATE), with
+# summary.md first.
+#
+# GPU_CHECK_BUDGET=SECONDS (optional) time-boxes the whole run for a lent machine: each stage gets
+# at most its share of what is left and is stopped (its log says so) when that runs out; the
+# memcheck then covers a selection of the CUDA tests (every op, fewer parametrizations).
+# Exit status: nonzero if the build, a check, the tests or the sanitizer failed or ran out of time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu-check-$(date -u +%Y%m%d-%H%M)}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-0}
 status=0
-step() { printf '\n== %s\n' "$*" | tee -a "$OUT/summary.md"; }
+step() { printf '\n== %s (t=%ss)\n' "$*" "$(( $(date +%s) - START ))" | tee -a "$OUT/summary.md"; }
+# left FRACTION CAP: seconds a stage may take: CAP, or with a budget FRACTION of what is left (at
+# most CAP).
+left() {
+  local cap=$2
+  if [ "$BUDGET" -gt 0 ]; then
+    local rest=$(( BUDGET - ($(date +%s) - START) ))
+    local share=$(awk -v r="$rest" -v f="$1" 'BEGIN { printf "%d", r * f }')
+    [ "$share" -lt "$cap" ] && cap=$share
+    [ "$cap" -lt 1 ] && cap=1
+  fi
+  echo "$cap"
+}
+# boxed SECONDS LOG CMD...: runs CMD with output to LOG, stopped after SECONDS; returns CMD's status
+# (124 when stopped, noted in the log and the summary).
+boxed() {
+  local secs=$1 log=$2; shift 2
+  timeout --signal=INT --kill-after=15 "$secs" "$@" > "$log" 2>&1
+  local rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    echo "STOPPED after ${secs}s (time box)" | tee -a "$log" "$OUT/summary.md"
+  fi
+  return $rc
+}
 
 {
   echo "# pyfinetune GPU check"
@@ -27,39 +61,72 @@ step() { printf '\n== %s\n' "$*" | tee -a "$OUT/summary.md"; }
   echo "- GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo unknown)"
   echo "- torch: $($PY -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
   echo "- nvcc: $("${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version 2>/dev/null | tail -1)"
+  echo "- CPU cores: $(nproc); time budget: ${BUDGET}s (0: none)"
 } > "$OUT/summary.md"
 
 arch=$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')
 step "build for sm_${arch/./}"
 if TORCH_CUDA_ARCH_LIST="$arch" PYFINETUNE_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-    $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    boxed "$(left 0.5 1800)" "$OUT/build.log" $PY setup.py build_ext --inplace; then
   grep "pyfinetune build:" "$OUT/build.log" | tee -a "$OUT/summary.md"
 else
   tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$OUT/summary.md"; exit 1
 fi
-$PY -m pyfinetune info | tee "$OUT/info.txt"
+$PY -m pyfinetune info > "$OUT/info.txt" 2>&1 || status=1
+cat "$OUT/info.txt"
+
+XDIST=""
+if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; fi
+TIMEOUT=""
+if $PY -c "import pytest_timeout" 2>/dev/null; then TIMEOUT="--timeout 300"; fi
+
+# The memcheck lane runs beside the tests (the GPU is far from busy with the small test cases).
+MEMCHECK_SELECT=(-m cuda)
+if [ "$BUDGET" -gt 0 ]; then
+  # every CUDA test of every op, but of the 240 dense-reference parametrizations only float32 and
+  # bfloat16 at 90% sparsity, and no training runs under autocast.
+  MEMCHECK_SELECT=(-m cuda -k "not test_pruned_training_under_autocast and (not matches_dense_reference or ((float32 or bfloat16) and 0.9-))")
+fi
+step "compute-sanitizer memcheck over the CUDA tests (in the background)"
+(
+  boxed "$(left 0.55 3600)" "$OUT/memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 50 \
+    $PY -m pytest tests -q -p no:cacheprovider -p no:xdist $TIMEOUT "${MEMCHECK_SELECT[@]}"
+  echo $? > "$OUT/memcheck.rc"
+) &
+memcheck_pid=$!
 
 step "kd quick check (benchmarks/kd_gpu_quick_check.py)"
-$PY benchmarks/kd_gpu_quick_check.py cuda > "$OUT/kd_quick_check.log" 2>&1 || status=1
+boxed "$(left 0.15 600)" "$OUT/kd_quick_check.log" $PY benchmarks/kd_gpu_quick_check.py cuda || status=1
 grep -E "^FAIL|failed|all OK" "$OUT/kd_quick_check.log" | tee -a "$OUT/summary.md"
 
-step "tests (all, CUDA included)"
-$PY -m pytest tests -q -rs -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
-tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.md"
+step "tests: CUDA"
+boxed "$(left 0.3 3600)" "$OUT/tests_cuda.log" $PY -m pytest tests -q -rs -p no:cacheprovider $XDIST $TIMEOUT \
+  -m cuda --junitxml="$OUT/tests_cuda.xml" || status=1
+grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | head -40 | tee -a "$OUT/summary.md"
+tail -1 "$OUT/tests_cuda.log" | tee -a "$OUT/summary.md"
 
-step "compute-sanitizer memcheck over the CUDA tests"
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 50 \
-  $PY -m pytest tests -q -p no:cacheprovider -k "cuda" -m "not slow" > "$OUT/memcheck.log" 2>&1
-rc=$?
-[ $rc -eq 0 ] || status=1
-grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.md"
+step "tests: the rest (CPU)"
+boxed "$(left 0.2 3600)" "$OUT/tests_rest.log" $PY -m pytest tests -q -rs -p no:cacheprovider $XDIST $TIMEOUT \
+  -m "not cuda" --junitxml="$OUT/tests_rest.xml" || status=1
+grep -E "^(FAILED|ERROR)" "$OUT/tests_rest.log" | head -20 | tee -a "$OUT/summary.md"
+tail -1 "$OUT/tests_rest.log" | tee -a "$OUT/summary.md"
+
+step "waiting for memcheck"
+wait $memcheck_pid
+rc=$(cat "$OUT/memcheck.rc" 2>/dev/null || echo 1)
+[ "$rc" -eq 0 ] || status=1
+grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/memcheck.log" | head -20 | tee -a "$OUT/summary.md"
 echo "memcheck exit code: $rc" | tee -a "$OUT/summary.md"
 
-step "benchmarks"
-for bench in benchmarks/bench_*.py; do
-  name=$(basename "$bench" .py)
-  $PY "$bench" --device cuda --out "$OUT" > "$OUT/$name.log" 2>&1 || status=1
-  tail -25 "$OUT/$name.log" | tee -a "$OUT/summary.md"
+step "benchmarks (alone on the GPU)"
+# kd first (the most cases), then pruning, the optimizer, 2:4; with a budget, fewer rounds.
+REPS_KD=""; REPS=""
+if [ "$BUDGET" -gt 0 ]; then REPS_KD="--reps 10"; REPS="--reps 10 --warmup 2"; fi
+for spec in "bench_kd 0.4 $REPS_KD" "bench_prune 0.4 $REPS" "bench_optim 0.6 $REPS" "bench_semi_structured 1.0"; do
+  set -- $spec; name=$1; frac=$2; shift 2
+  boxed "$(left "$frac" 1800)" "$OUT/$name.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "$@" || status=1
+  tail -30 "$OUT/$name.log" | tee -a "$OUT/summary.md"
 done
 
 step "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
