@@ -45,7 +45,9 @@ left() {
 # (124 when stopped, noted in the log and the summary).
 boxed() {
   local secs=$1 log=$2; shift 2
-  timeout --signal=INT --kill-after=15 "$secs" "$@" > "$log" 2>&1
+  # --foreground: the interrupt goes to CMD alone (pytest then stops its xdist workers itself);
+  # sent to the whole process group it made every running worker report a "crash".
+  timeout --foreground --signal=INT --kill-after=15 "$secs" "$@" > "$log" 2>&1
   local rc=$?
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     echo "STOPPED after ${secs}s (time box)" | tee -a "$log" "$OUT/summary.md"
@@ -74,6 +76,28 @@ else
 fi
 $PY -m pyfinetune info > "$OUT/info.txt" 2>&1 || status=1
 cat "$OUT/info.txt"
+
+# The C++ toolchain the extension was built and runs with (a crash on an argument error was seen
+# once with a compiler other than torch's: benchmarks/results/gpu-check-20261126-0605/FINDINGS.md).
+{
+  echo "CXX=${CXX:-unset}; c++: $(command -v c++) $(c++ --version 2>/dev/null | head -1)"
+  echo "torch built with: $($PY -c 'import re, torch; m = re.search(r"CXX_COMPILER=([^,]+)", torch.__config__.show()); print(m.group(1) if m else "?")')"
+  ldd pyfinetune/_C*.so 2>/dev/null | grep -E "stdc\+\+|gomp|gcc_s"
+} > "$OUT/toolchain.txt" 2>&1
+step "error-path probe (a C++ argument error whose message holds integers)"
+boxed 60 "$OUT/error_probe.log" $PY - <<'PROBE'
+import torch, pyfinetune
+from pyfinetune.losses import kd_loss
+try:
+    kd_loss(torch.randn(4, 10), torch.randn(4, 10), torch.tensor([1, 2, 10, 3]))
+except RuntimeError as e:
+    print("OK: raised", str(e).splitlines()[0])
+else:
+    print("FAIL: no error")
+PROBE
+probe=$?
+cat "$OUT/toolchain.txt" "$OUT/error_probe.log" | tee -a "$OUT/summary.md"
+[ $probe -eq 0 ] || { echo "error probe exit code $probe (139 = segmentation fault)" | tee -a "$OUT/summary.md"; status=1; }
 
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; fi

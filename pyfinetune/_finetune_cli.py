@@ -431,7 +431,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _device(name: Optional[str]) -> torch.device:
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"  # the default: a GPU when one is visible
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -444,7 +444,8 @@ def _device(name: Optional[str]) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():
             raise UsageError(f"--device cuda: process LOCAL_RANK={local} has no GPU of its own "
-                             f"({torch.cuda.device_count()} visible); use --nproc_per_node <= the GPUs")
+                             f"({torch.cuda.device_count()} visible); use --nproc_per_node <= the GPUs, "
+                             "or --device cpu")
     return device
 
 

@@ -101,13 +101,17 @@ def assert_loss_close(actual, expected, dtype, torch_same_dtype=None, msg=""):
 
 
 def assert_grad_close(actual, expected, dtype, torch_lowp=None, msg=""):
-    """fp32/fp64: fixed bounds. Low precision: <= 2x PyTorch's own low-precision error + one rounding."""
+    """fp32/fp64: fixed bounds, widened for fp32 to 2x PyTorch's own float32 error when
+    ``torch_lowp`` (PyTorch's composition in float32) is given: logits in the thousands at a small
+    temperature make (s - t) / T ~ 1e5, whose float32 rounding (~1e-2) no float32 formula avoids.
+    Low precision: <= 2x PyTorch's own low-precision error + one rounding."""
     a, e = actual.double(), expected.double()
     err = (a - e).abs()
     gmax = e.abs().max().item() if e.numel() else 0.0
     if dtype in GRAD_TOL:
         atol, rtol = GRAD_TOL[dtype]
-        ok = err <= atol * gmax + rtol * e.abs()
+        extra = 2 * (torch_lowp.double() - e).abs().max().item() if torch_lowp is not None else 0.0
+        ok = err <= atol * gmax + rtol * e.abs() + extra
         assert torch.all(ok), f"{msg} grad error {err.max().item():.3e} (max |grad| {gmax:.3e})"
         return
     bound = 2 * ROUNDING[dtype] * gmax

@@ -255,3 +255,17 @@ def test_unknown_method_is_an_argparse_error(data, tmp_path, capsys):
 def test_cuda_device_without_a_gpu(data, tmp_path, capsys):
     code, _, err = _main(_args(data, tmp_path / "out", "--device", "cuda"), capsys)
     assert code == 2 and "--device cuda: no CUDA device is visible" in err
+
+
+@pytest.mark.parametrize("name", [None, "cuda"])
+def test_torchrun_rank_without_a_gpu_of_its_own_is_a_usage_error(monkeypatch, name):
+    # Two ranks on a machine with one GPU: rank 1 has no cuda:1. With --device cuda or the default
+    # (a GPU when one is visible), the command stops with a message, not a CUDA "invalid device
+    # ordinal" from deep inside the first allocation.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(_finetune_cli.UsageError, match=r"LOCAL_RANK=1 has no GPU of its own \(1 visible\).*--device cpu"):
+        _finetune_cli._device(name)
+    assert _finetune_cli._device("cpu") == torch.device("cpu")

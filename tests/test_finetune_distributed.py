@@ -184,7 +184,7 @@ def _torchrun_options():
 
     return ["--model", "test_finetune_distributed:interrupting_cnn", "--image-size", test_finetune_cli.SIZE,
             "--epochs", 2, "--batch-size", 4, "--lr", 1e-2, "--workers", 0, "--no-progress", "--method", "prune",
-            "--sparsity", 0.5]
+            "--sparsity", 0.5, "--device", "cpu"]  # gloo ranks on the CPU, also where a GPU is visible
 
 
 def _torchrun(data, out, *extra, env=None):

@@ -2,7 +2,11 @@
 pyfinetune.ops.csr_linear (sparse path), forward and every gradient, over sparsities, shapes,
 dtypes and layouts; gradcheck, opcheck, torch.compile; argument errors.
 
-Error bounds: reference_masked_matmul.assert_product_close (float32 accumulation, one rounding)."""
+Error bounds: reference_masked_matmul.assert_product_close (float32 accumulation, one rounding).
+On CUDA the dense masked path runs through cuBLAS (at::addmm / at::mm, as F.linear does), which by
+PyTorch's default may round split-K partial sums to bf16 / fp16
+(``torch.backends.cuda.matmul.allow_{bf16,fp16}_reduced_precision_reduction``); this module turns
+that off (``full_precision_cublas``) so that the one-rounding bound holds for every path."""
 
 from __future__ import annotations
 
@@ -14,6 +18,17 @@ from pyfinetune import ops
 from reference_masked_matmul import assert_product_close, make_mask, random_inputs, reference, two_four_mask
 
 IMPLS = ["masked", "csr"]
+
+
+@pytest.fixture(autouse=True)
+def full_precision_cublas():
+    """float32 accumulation in cuBLAS for the whole test (see the module docstring)."""
+    m = torch.backends.cuda.matmul
+    saved = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
+    m.allow_bf16_reduced_precision_reduction = False
+    m.allow_fp16_reduced_precision_reduction = False
+    yield
+    m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 SPARSITIES = [0.0, 0.5, 0.9, 0.99, 1.0]
 
 

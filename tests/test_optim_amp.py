@@ -25,6 +25,15 @@ def _loss(params, weights):
     return sum((w * p).sum() + 0.5 * (p * p).sum() for p, w in zip(params, weights))
 
 
+def _skip_where_torch_scaler_cannot(device, dtype):
+    """torch.amp.GradScaler checks the gradients for inf/NaN with its own kernel before calling our
+    step; on CUDA that kernel has no bfloat16 version (NotImplementedError inside GradScaler.step,
+    torch's fused AdamW hits the same). bf16 has float32's exponent range and needs no loss scaling;
+    the op-level tests below still run grad_scale / found_inf with bf16 on CUDA."""
+    if device == "cuda" and dtype == torch.bfloat16:
+        pytest.skip("torch's CUDA GradScaler has no bfloat16 inf check (_amp_foreach_non_finite_check_and_unscale_)")
+
+
 def _opt(kind, params, **kw):
     groups = [dict(params=params[:2]), dict(params=params[2:], lr=3e-3)]
     if kind == "adamw":
@@ -39,6 +48,7 @@ def _clone(params):
 @pytest.mark.parametrize("device, dtype", device_dtype_params())
 @pytest.mark.parametrize("kind", KINDS)
 def test_scaled_steps_equal_unscaled_steps(device, dtype, kind):
+    _skip_where_torch_scaler_cannot(device, dtype)
     params, weights = _model(device, dtype)
     plain = _clone(params)
     initial = [p.detach().clone() for p in params]
@@ -64,6 +74,7 @@ def test_scaled_steps_equal_unscaled_steps(device, dtype, kind):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_inf_in_one_gradient_skips_the_step(device, dtype, kind, bad):
+    _skip_where_torch_scaler_cannot(device, dtype)
     params, weights = _model(device, dtype)
     opt = _opt(kind, params, l2sp=0.1)
     scaler = torch.amp.GradScaler(device, init_scale=SCALE)

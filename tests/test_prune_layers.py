@@ -75,7 +75,13 @@ def test_gradients_masked_and_dense(device, dtype):
     model(x).mul(upstream).sum().backward()
     for name in LAYERS:
         layer = model.get_submodule(name)
-        assert torch.equal(layer.weight.grad, effs[name].grad * layer.weight_mask), name
+        if device == "cpu":
+            assert torch.equal(layer.weight.grad, effs[name].grad * layer.weight_mask), name
+        else:
+            # cuDNN may pick another convolution-backward algorithm (another summation order) for
+            # the reference's call: equal within rounding, and exactly 0 at the pruned positions.
+            assert_close(layer.weight.grad, effs[name].grad * layer.weight_mask, dtype, msg=name)
+            assert not layer.weight.grad[~layer.weight_mask].any(), name
         layer.weight.grad = None
     for name in LAYERS:
         model.get_submodule(name).dense_grad = True

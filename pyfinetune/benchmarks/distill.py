@@ -228,6 +228,8 @@ def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -
 def run(args) -> None:
     device = torch.device(args.device)
     cases = QUICK_CASES if args.quick else (GPU_CASES if device.type == "cuda" else CPU_CASES)
+    if args.case:
+        cases = [c for c in cases if c[0] in args.case]
     info = common.machine_info(device)
     record: Dict[str, Any] = {"machine": info, "cases": []}
     md = [f"# kd loss benchmark ({device.type})", "", common.machine_summary(info), ""]
@@ -249,7 +251,7 @@ def run(args) -> None:
         quiet = common.wait_for_quiet(max_wait_s=60) if device.type == "cpu" else True
         with common.CpuContention() as cont:
             timings = time_case(fns, make, args.reps, device)
-        memory = {name: measure_memory(spec) for name, spec in specs.items()}
+        memory = {} if args.no_memory else {name: measure_memory(spec) for name, spec in specs.items()}
         entry = {"title": title, "contention": cont.result, "started_quiet": quiet,
                  "contended": common.is_contended(cont.result),
                  "timings": {mode: {k: t.summary() for k, t in ts.items()} for mode, ts in timings.items()},
@@ -263,9 +265,12 @@ def run(args) -> None:
                 row.append(f"{t.median:.1f} [{t.p20:.1f}, {t.p80:.1f}]")
             fb = timings["forward+backward"]
             row.append(f"{fb[name].median / fb[ref].median:.2f}x")
-            m = memory[name]
-            row.append(f"{m.get('held_bytes', 0) / 2**20:.0f}" if "held_bytes" in m else "err")
-            row.append(f"{m.get('peak_bytes', 0) / 2**20:.0f}" if "peak_bytes" in m else "err")
+            m = memory.get(name)
+            if m is None:  # --no-memory
+                row += ["-", "-"]
+            else:
+                row.append(f"{m.get('held_bytes', 0) / 2**20:.0f}" if "held_bytes" in m else "err")
+                row.append(f"{m.get('peak_bytes', 0) / 2**20:.0f}" if "peak_bytes" in m else "err")
             rows.append(row)
         md += [f"## {title}", "",
                f"contention: other processes {cont.result.get('other_share')}, flagged {entry['contended']}", "",
@@ -285,6 +290,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--reps", type=int, default=DEFAULT_REPS)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--case", nargs="+", choices=("kd", "linear"),
+                   help="only these cases: kd (kd_loss), linear (fused_linear_kd_loss); default both")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the memory measurement (one child process per contender and case)")
     p.add_argument("--out", default=common.RESULTS_DIR, help=f"results folder (default {common.RESULTS_DIR})")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
