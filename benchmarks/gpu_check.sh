@@ -67,25 +67,21 @@ boxed() {
 } > "$OUT/summary.md"
 
 arch=$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')
-step "build for sm_${arch/./}"
-if TORCH_CUDA_ARCH_LIST="$arch" PYFINETUNE_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
-    boxed "$(left 0.5 1800)" "$OUT/build.log" $PY setup.py build_ext --inplace; then
-  grep "pyfinetune build:" "$OUT/build.log" | tee -a "$OUT/summary.md"
-else
-  tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$OUT/summary.md"; exit 1
-fi
-$PY -m pyfinetune info > "$OUT/info.txt" 2>&1 || status=1
-cat "$OUT/info.txt"
-
-# The C++ toolchain the extension was built and runs with (a crash on an argument error was seen
-# once with a compiler other than torch's: benchmarks/results/gpu-check-20261126-0605/FINDINGS.md).
-{
-  echo "CXX=${CXX:-unset}; c++: $(command -v c++) $(c++ --version 2>/dev/null | head -1)"
-  echo "torch built with: $($PY -c 'import re, torch; m = re.search(r"CXX_COMPILER=([^,]+)", torch.__config__.show()); print(m.group(1) if m else "?")')"
-  ldd pyfinetune/_C*.so 2>/dev/null | grep -E "stdc\+\+|gomp|gcc_s"
-} > "$OUT/toolchain.txt" 2>&1
-step "error-path probe (a C++ argument error whose message holds integers)"
-boxed 60 "$OUT/error_probe.log" $PY - <<'PROBE'
+# build LOG: builds for this GPU's arch with the current CC / CXX.
+build() {
+  TORCH_CUDA_ARCH_LIST="$arch" PYFINETUNE_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    boxed "$(left 0.5 1800)" "$1" $PY setup.py build_ext --inplace
+}
+# The C++ toolchain the extension was built and runs with, and an argument error whose message holds
+# integers: with a compiler other than torch's, such errors crashed the process once (SIGSEGV:
+# benchmarks/results/gpu-check-20261126-0605/FINDINGS.md). probe LOG: exit status of the probe.
+probe() {
+  {
+    echo "CC=${CC:-unset} CXX=${CXX:-unset}; c++: $(command -v c++) $(c++ --version 2>/dev/null | head -1)"
+    echo "torch built with: $($PY -c 'import re, torch; m = re.search(r"CXX_COMPILER=([^,]+)", torch.__config__.show()); print(m.group(1) if m else "?")')"
+    ldd pyfinetune/_C*.so 2>/dev/null | grep -E "stdc\+\+|gomp|gcc_s"
+  } > "$1" 2>&1
+  boxed 60 "$1.run" $PY - <<'PROBE'
 import torch, pyfinetune
 from pyfinetune.losses import kd_loss
 try:
@@ -95,9 +91,35 @@ except RuntimeError as e:
 else:
     print("FAIL: no error")
 PROBE
-probe=$?
-cat "$OUT/toolchain.txt" "$OUT/error_probe.log" | tee -a "$OUT/summary.md"
-[ $probe -eq 0 ] || { echo "error probe exit code $probe (139 = segmentation fault)" | tee -a "$OUT/summary.md"; status=1; }
+  local rc=$?
+  cat "$1.run" >> "$1"; rm -f "$1.run"
+  echo "probe exit code $rc (139: segmentation fault)" >> "$1"
+  tee -a "$OUT/summary.md" < "$1"
+  return $rc
+}
+
+step "build for sm_${arch/./}"
+if build "$OUT/build.log"; then
+  grep "pyfinetune build:" "$OUT/build.log" | tee -a "$OUT/summary.md"
+else
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$OUT/summary.md"; exit 1
+fi
+$PY -m pyfinetune info > "$OUT/info.txt" 2>&1 || status=1
+cat "$OUT/info.txt"
+
+step "error-path probe"
+if ! probe "$OUT/toolchain.txt"; then
+  status=1
+  if [ -x /usr/bin/g++ ] && [ "$(command -v "${CXX:-c++}")" != /usr/bin/g++ ]; then
+    step "rebuild with the system compiler (CC=/usr/bin/gcc CXX=/usr/bin/g++) and probe again"
+    rm -rf build pyfinetune/_C*.so
+    if CC=/usr/bin/gcc CXX=/usr/bin/g++ build "$OUT/build_system_gcc.log"; then
+      CC=/usr/bin/gcc CXX=/usr/bin/g++ probe "$OUT/toolchain_system_gcc.txt" || true
+    else
+      echo "system-compiler build failed (build_system_gcc.log)" | tee -a "$OUT/summary.md"
+    fi
+  fi
+fi
 
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; fi
