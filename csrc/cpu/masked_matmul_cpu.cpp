@@ -104,7 +104,7 @@ void apply_mask(const at::Tensor& t, const at::Tensor& mask, at::Tensor& out) {
                   static_cast<uint64_t*>(out.mutable_data_ptr()), n);
       break;
     default:
-      TORCH_CHECK(false, "pyfinetune: unexpected element size ", t.element_size());
+      TORCH_CHECK(false, check_message("pyfinetune: unexpected element size ", t.element_size()));
   }
 }
 

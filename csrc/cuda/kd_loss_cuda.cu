@@ -925,7 +925,7 @@ std::mutex& smem_limit_mutex() {
 template <typename Kernel>
 const KernelLimits& kernel_limits(KernelLimits* per_device, Kernel kernel, size_t smem) {
   const int device = c10::cuda::current_device();
-  TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, "pyfinetune.kd_loss: device ", device);
+  TORCH_INTERNAL_ASSERT(device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS, check_message("pyfinetune.kd_loss: device ", device));
   KernelLimits& k = per_device[device];
   std::call_once(k.once, [&] {
     cudaFuncAttributes attr;

@@ -419,7 +419,7 @@ template <typename T>
 void launch_transpose_t(const void* src, int64_t src_rs, int64_t src_cs, void* dst, int64_t ldd, int64_t R,
                         int64_t R_pad, int64_t C) {
   const int64_t col_tiles = ceil_div(C, kTile);
-  TORCH_CHECK(col_tiles <= kMaxGridX, "pyfinetune: a matrix of ", C, " columns is too wide to transpose");
+  TORCH_CHECK(col_tiles <= kMaxGridX, check_message("pyfinetune: a matrix of ", C, " columns is too wide to transpose"));
   const dim3 block(kTile, kTileRows);
   const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(std::min(ceil_div(R_pad, kTile), kMaxGridY)));
   transpose_pad_kernel<T><<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -447,7 +447,7 @@ void transpose_pad(const at::Tensor& src, int64_t R, int64_t C, int64_t src_rs, 
       launch_transpose_t<uint64_t>(s, src_rs, src_cs, d, ldd, R, R_pad, C);
       break;
     default:
-      TORCH_INTERNAL_ASSERT(false, "pyfinetune: unexpected element size ", src.element_size());
+      TORCH_INTERNAL_ASSERT(false, check_message("pyfinetune: unexpected element size ", src.element_size()));
   }
 }
 

@@ -2,13 +2,25 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
-#include <ostream>
+#include <cstdio>
 #include <string>
+#include <type_traits>
 
 // PF_CHECK(cond, "fused_adamw_", "lrs[", i, "] must be >= 0, got ", lr)
-#define PF_CHECK(cond, op, ...) TORCH_CHECK((cond), "pyfinetune.", op, ": ", __VA_ARGS__)
+//
+// The message is built (only when the check fails) by check_message, with no std::ostream for
+// numbers: an extension built with a compiler whose C++ runtime differs from the one in the
+// process (a statically linked libstdc++, say) can format integers through iostreams wrongly. Seen
+// on a GPU machine whose image compiler is not torch's: such errors crashed the process (SIGSEGV);
+// reproduced here with -static-libstdc++, where "labels[2] = 10 ..." came out as "labels[".
+#define PF_CHECK(cond, op, ...) \
+  TORCH_CHECK((cond), ::pyfinetune::check_message("pyfinetune.", op, ": ", __VA_ARGS__))
 
 namespace pyfinetune {
 
@@ -24,8 +36,59 @@ struct ArgName {
   size_t i;
 };
 
-inline std::ostream& operator<<(std::ostream& os, const ArgName& a) {
-  return os << a.list << "[" << a.i << "]";
+namespace detail {
+
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::string_view v) { s.append(v.data(), v.size()); }
+inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+inline void append(std::string& s, at::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }  // formatted by libc10
+inline void append(std::string& s, const ArgName& v) {
+  s += v.list;
+  s += '[';
+  s += std::to_string(v.i);
+  s += ']';
+}
+
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+
+template <typename T, std::enable_if_t<std::is_floating_point_v<T>, int> = 0>
+void append(std::string& s, T v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", static_cast<double>(v));  // as std::ostream prints it
+  s += buf;
+}
+
+inline void append(std::string& s, c10::IntArrayRef v) {
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) {
+      s += ", ";
+    }
+    s += std::to_string(v[i]);
+  }
+  s += ']';
+}
+
+// Anything else (layouts, ...): its operator<<, through c10::str.
+template <typename T, std::enable_if_t<!std::is_arithmetic_v<T>, int> = 0>
+void append(std::string& s, const T& v) {
+  s += c10::str(v);
+}
+
+}  // namespace detail
+
+// The concatenation of the arguments as text (see PF_CHECK).
+template <typename... Args>
+std::string check_message(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
 }
 
 }  // namespace pyfinetune
