@@ -208,6 +208,58 @@ inline __attribute__((always_inline)) void with_vecs(int64_t width, const Fn& fn
   return with_v<V>(width, fn);
 }
 
+// One block of at most 16 x 16: dst[c * dst_ld + r] = src[r * src_ld + c] (+ add[r]) for r < rows,
+// c < cols. The 16 source rows are transposed in registers in four stages: unpacklo/hi_ps pairs
+// the rows (a, b) within each 128-bit lane, unpacklo/hi_pd pairs those (ab, cd), leaving in
+// u[k] lane j = column 4j + k of four rows; two rounds of shuffle_f32x4 then gather each column's
+// four lanes. Missing rows are zeros (never stored), missing columns are masked loads / stores.
+inline void transpose_block(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int rows, int cols,
+                            const float* add) {
+  const __mmask16 col_mask = lanes_of(cols, 0), row_mask = lanes_of(rows, 0);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_ld) : _mm512_setzero_ps();
+  }
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // rows 4g/4 .. +3: u[g + k], lane j = column 4j + k
+    const __m512d t0 = _mm512_castps_pd(t[g]), t1 = _mm512_castps_pd(t[g + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[g + 2]), t3 = _mm512_castps_pd(t[g + 3]);
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  // Stage 3: v[k] = columns (k, 8 + k) of rows 0-7 as lanes [k 0-3, 8+k 0-3, k 4-7, 8+k 4-7];
+  // v[4 + k] the same for columns (4 + k, 12 + k); v[8 + k], v[12 + k] for rows 8-15.
+  __m512 v[16];
+  for (int k = 0; k < 4; ++k) {
+    v[k] = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88);
+    v[4 + k] = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd);
+    v[8 + k] = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);
+    v[12 + k] = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
+  }
+  __m512 col[16];
+  for (int k = 0; k < 4; ++k) {
+    col[k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0x88);
+    col[8 + k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0xdd);
+    col[4 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0x88);
+    col[12 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0xdd);
+  }
+  const __m512 addv = add != nullptr ? _mm512_maskz_loadu_ps(row_mask, add) : _mm512_setzero_ps();
+  for (int c = 0; c < cols; ++c) {
+    const __m512 out = add != nullptr ? _mm512_add_ps(col[c], addv) : col[c];
+    if (rows == 16) {
+      _mm512_storeu_ps(dst + c * dst_ld, out);
+    } else {
+      _mm512_mask_storeu_ps(dst + c * dst_ld, row_mask, out);
+    }
+  }
+}
+
 }  // namespace
 
 bool available() {
@@ -231,6 +283,18 @@ void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_
   with_vecs<kSddmmPanelFloats / kLanes>(width, [&](auto vecs) { sddmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
 }
 
+void transpose(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+               const float* add) {
+  for (int64_t r = 0; r < rows; r += kLanes) {
+    const int nr = static_cast<int>(rows - r < kLanes ? rows - r : kLanes);
+    for (int64_t c = 0; c < cols; c += kLanes) {
+      const int nc = static_cast<int>(cols - c < kLanes ? cols - c : kLanes);
+      transpose_block(src + r * src_ld + c, src_ld, dst + c * dst_ld + r, dst_ld, nr, nc,
+                      add != nullptr ? add + r : nullptr);
+    }
+  }
+}
+
 #else  // no AVX-512 kernels in this build: the portable kernels run everywhere
 
 bool available() {
@@ -242,6 +306,10 @@ void spmm_panel(const SpmmPanel&, int64_t, int64_t, int64_t, int64_t, int32_t*) 
 }
 
 void sddmm_panel(const SddmmPanel&, int64_t, int64_t, int64_t, int64_t, int32_t*) {
+  abort();  // unreachable: available() is false
+}
+
+void transpose(const float*, int64_t, float*, int64_t, int64_t, int64_t, const float*) {
   abort();  // unreachable: available() is false
 }
 

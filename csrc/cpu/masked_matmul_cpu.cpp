@@ -232,7 +232,25 @@ void for_each_tile(int64_t outer, int64_t inner, const Fn& fn) {
 // [rows, cols] with element (r, c) at src[r * s0 + c * s1] (any strides).
 template <typename src_t, typename acc_t>
 void transpose_in(const src_t* src, int64_t rows, int64_t cols, int64_t s0, int64_t s1, acc_t* dst, int64_t ld) {
+  // float32 rows of unit stride: 16 x 16 blocks transposed in AVX-512 registers. With the same for
+  // the output (store_block), the forward's fixed cost at x [256, 4096], W [4096, 4096] (nearly
+  // empty pattern, 2 cores) fell from 1.06 to 0.72 ms, and the 90% forward from 8.3 to 8.0 ms.
+  const bool vector = std::is_same_v<src_t, float> && std::is_same_v<acc_t, float> && s1 == 1 &&
+                      avx512::available();
   for_each_tile(cols, std::max<int64_t>(rows, 1), [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+    if constexpr (std::is_same_v<src_t, float> && std::is_same_v<acc_t, float>) {
+      if (vector) {
+        if (r0 < rows) {
+          avx512::transpose(src + r0 * s0 + c0, s0, dst + c0 * ld + r0, ld, std::min(r1, rows) - r0, c1 - c0, nullptr);
+        }
+        if (r1 >= rows) {
+          for (int64_t c = c0; c < c1; ++c) {
+            std::fill(dst + c * ld + rows, dst + (c + 1) * ld, acc_t(0));
+          }
+        }
+        return;
+      }
+    }
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t r = r0; r < std::min(r1, rows); ++r) {
         dst[c * ld + r] = static_cast<acc_t>(src[r * s0 + c * s1]);
@@ -413,6 +431,12 @@ template <typename acc_t, typename dst_t>
 void store_block(const acc_t* buf, int64_t r0, int64_t r1, int64_t n0, int64_t n1, int64_t rows, const dst_t* bias,
                  dst_t* y) {
   constexpr int64_t kPanel = kPanelVecs<acc_t> * kLanes<acc_t>;
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<dst_t, float>) {
+    if (avx512::available()) {  // 16 x 16 blocks in registers, the bias added to each
+      avx512::transpose(buf, kPanel, y + n0 * rows + r0, rows, r1 - r0, n1 - n0, bias != nullptr ? bias + r0 : nullptr);
+      return;
+    }
+  }
   // Blocks of kRows buffer rows: their lines stay in L1 while every y row takes its kRows values
   // from them (a whole column of the buffer per y row read a new line per value).
   constexpr int64_t kRows = 16;

@@ -53,5 +53,10 @@ bool available();
 void spmm_panel(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor);
 void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor);
 
+// dst[c * dst_ld + r] = src[r * src_ld + c] (+ add[r] when add is not null) for r < rows, c < cols:
+// 16 x 16 blocks transposed in registers (csr_linear's x -> xT and its output buffer -> y).
+void transpose(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+               const float* add);
+
 }  // namespace avx512
 }  // namespace pyfinetune
