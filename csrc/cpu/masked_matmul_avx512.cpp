@@ -1,5 +1,5 @@
 // AVX-512 versions of csr_linear's float32 inner kernels: the same walks as the portable kernels
-// of masked_matmul_cpu.cpp with 16-float vectors (a panel of up to 128 floats is up to 8 of
+// of masked_matmul_cpu.cpp with 16-float vectors (an SpMM panel of up to 256 floats is up to 16 of
 // them), compiled for AVX-512 whatever ISA the build targets and chosen at run time on CPUs that
 // have it, so that an AVX2 build gets them too. Measured on the 2-core Xeon of
 // benchmarks/results/prune-cpu-* (one thread, N = 256, K = M = 4096, AVX-512 build, where the
@@ -74,6 +74,31 @@ struct SpmmSeg {
     float* o = a.out + (r - a.out_r0) * a.out_ld + (n0 - a.out_n0);
     const int32_t* idx = a.pat.idx;
     const float* vals = a.values - a.value_base;
+    if constexpr (V > 8) {
+      // Wide panels: V independent FMA chains per kept weight already keep both FMA units busy,
+      // and two sets of V accumulators would not fit the 32 registers.
+      __m512 acc[V];
+      for (int v = 0; v < V; ++v) {
+        acc[v] = load_vec<V, Full>(o, v, last);
+      }
+      do {
+        const float* row = a.b + static_cast<int64_t>(idx[e]) * a.ld + n0;
+        const __m512 w = _mm512_set1_ps(vals[e]);
+        for (int v = 0; v < V; ++v) {
+          acc[v] = _mm512_fmadd_ps(w, load_vec<V, Full>(row, v, last), acc[v]);
+        }
+        ++e;
+      } while (e < e1 && idx[e] < k1);
+      for (int v = 0; v < V - 1; ++v) {
+        _mm512_storeu_ps(o + kLanes * v, acc[v]);
+      }
+      if (Full) {
+        _mm512_storeu_ps(o + kLanes * (V - 1), acc[V - 1]);
+      } else {
+        _mm512_mask_storeu_ps(o + kLanes * (V - 1), last, acc[V - 1]);
+      }
+      return e;
+    }
     __m512 acc0[V], acc1[V];
     for (int v = 0; v < V; ++v) {
       acc0[v] = load_vec<V, Full>(o, v, last);
