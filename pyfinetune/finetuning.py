@@ -273,7 +273,9 @@ class Finetuner:
             ``torch.autocast`` with that dtype (float16 adds a ``GradScaler``).
         grad_clip: None or the max norm of the gradients (``clip_grad_norm_``).
         seed: None, or an int to seed torch, ``random`` and numpy when a run starts (not when it
-            resumes: the checkpoint restores the RNG states).
+            resumes: the checkpoint restores the RNG states). Under torch.distributed rank r is
+            seeded with ``seed + r`` (with None: a fresh seed per rank), so that the ranks' dropout
+            masks and random augmentations differ.
         progress: show tqdm progress bars for training and evaluation (on rank 0 only under
             ``torch.distributed``).
         find_unused_parameters: passed to ``DistributedDataParallel`` under torch.distributed:
@@ -457,6 +459,18 @@ class Finetuner:
         # l2sp: anchor="init" holds the weights as they are now, the pretrained ones.
         return _optim.AdamW(groups, lr=self.lr)
 
+    def _seed_run(self) -> None:
+        """Seeds a fresh run: with ``seed``, and under torch.distributed every rank differently
+        (``seed + rank``; a fresh random seed per process when ``seed`` is None). torch starts
+        every process from the same default seed, so without this each rank would draw the same
+        dropout masks and random augmentations: the ranks' batches would share their noise. The
+        weights stay identical (rank 0's, broadcast) and the sampler's order uses ``seed`` alone."""
+        rank = self._dist.rank if self._dist is not None else 0
+        if self.seed is not None:
+            _seed_everything(self.seed + rank)
+        elif self._dist is not None:
+            _seed_everything(torch.seed())
+
     def _plan(self, steps_per_epoch: int, epochs: int) -> None:
         """Build the LR schedule and the pruner for ``epochs`` epochs of ``steps_per_epoch`` steps
         (once; a run keeps its schedules)."""
@@ -573,8 +587,8 @@ class Finetuner:
             raise _fail(TypeError, "callback", "callable", callback)
         if resume is not None:
             self.load_checkpoint(resume)
-        elif self.step == 0 and self._batch_in_epoch == 0 and self.seed is not None:
-            _seed_everything(self.seed)
+        elif self.step == 0 and self._batch_in_epoch == 0:
+            self._seed_run()
         self._plan(steps, epochs)
         self._wrap()
         self.interrupted_checkpoint = None

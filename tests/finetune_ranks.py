@@ -153,8 +153,27 @@ def resume(run: harness.Run) -> Dict[str, Any]:
             "files": sorted(os.listdir(checkpoints))}
 
 
+def dropout(run: harness.Run) -> Dict[str, Any]:
+    """One epoch with dropout 0.5, seeded and not: the dropout mask of the first training step of
+    each, and the weights at the end (which must still be identical on the ranks)."""
+    out: Dict[str, Any] = {}
+    for name, seed in (("seeded", SEED), ("unseeded", None)):
+        torch.manual_seed(run.rank)  # other starting weights per rank (the Finetuner broadcasts rank 0's)
+        # Dropout first: its input (the data, never exactly 0) makes o == 0 exactly its mask.
+        model = nn.Sequential(nn.Dropout(0.5), nn.Linear(D_IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+        masks = []
+        model[0].register_forward_hook(lambda m, i, o: masks.append((o == 0).clone()) if m.training else None)
+        # Both ranks' global generators in one state, as in processes that start from torch's
+        # default seed: only the Finetuner's seeding can set them apart.
+        torch.manual_seed(1234)
+        tuner = Finetuner(model, "l2sp", l2sp=0.1, lr=1e-2, epochs=1, seed=seed, progress=False)
+        tuner.fit(loaders(run)[0])
+        out[name] = {"first_mask": masks[0], "params": summary(tuner)["params"]}
+    return out
+
+
 SCENARIOS = {"l2sp": lambda run: train(run, "l2sp"), "prune": lambda run: train(run, "prune"),
-             "distill": lambda run: train(run, "distill"), "resume": resume}
+             "distill": lambda run: train(run, "distill"), "resume": resume, "dropout": dropout}
 
 if __name__ == "__main__":
     harness.rank_main(sys.argv[1:], SCENARIOS)

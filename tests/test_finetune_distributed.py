@@ -117,6 +117,16 @@ def test_ctrl_c_on_one_rank_stops_both_and_resume_equals_an_uninterrupted_run(ra
 
 
 # ------------------------------------------------------------------------------ loader splitting
+def test_ranks_draw_different_dropout_masks_and_stay_identical(ranks):
+    # torch starts every process from one default seed: unless the Finetuner seeds each rank
+    # apart, both ranks drop the same units at every step (their batches share their noise).
+    for name in ("seeded", "unseeded"):
+        r0, r1 = ranks[0]["dropout"][name], ranks[1]["dropout"][name]
+        assert r0["first_mask"].shape == r1["first_mask"].shape
+        assert not torch.equal(r0["first_mask"], r1["first_mask"]), f"{name}: both ranks drew one dropout mask"
+        _assert_equal(r0["params"], r1["params"], f"{name}: weights after training")
+
+
 def _group(rank=1, world=2):
     return types.SimpleNamespace(rank=rank, world=world)
 
