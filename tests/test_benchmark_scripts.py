@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py")))
@@ -45,3 +46,13 @@ def test_kd_memory_child_runs_as_a_module():
     res = distill.measure_memory(dict(kind="kd", name=distill.OURS, n=16, v=300, dtype="float32", device="cpu"))
     assert "error" not in res, res.get("error")
     assert res["held_bytes"] >= 16 * 300 * 4, json.dumps(res)  # the gradient buffer is kept for backward
+
+
+def test_optimizer_targets_per_device():
+    # Issue #2: the CPU targets (1.6x the best torch L2-SP, 0.9x torch fused without penalty, 80% of
+    # copy bandwidth) on the CPU; on a GPU only 85% of the device bandwidth, at 100M+ parameters.
+    from pyfinetune.benchmarks import optim as bench_optim
+
+    assert bench_optim.targets_for(torch.device("cpu"), 10) == [1.6, 0.9, 0.8]
+    assert bench_optim.targets_for(torch.device("cuda"), 134_217_728) == [None, None, 0.85]
+    assert bench_optim.targets_for(torch.device("cuda"), 25_557_032) == [None, None, None]
