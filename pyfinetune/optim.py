@@ -547,6 +547,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         self._plan = None
         if any(isinstance(g["lr"], Tensor) for g in self.param_groups):
             return
+        for _, b in buckets:
+            self._pack_steps(b)
         plan = _StepPlan()
         plan.version = self._plan_version
         plan.param_groups = self.param_groups
@@ -564,6 +566,33 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         plan.meta = [[(p.dtype, p.shape, p.device, p.layout, p.stride()) for p in b["params"]] for _, b in buckets]
         plan.buckets = [(key, {k: v for k, v in b.items() if k != "grads"}) for key, b in buckets]
         self._plan = plan
+
+    def _pack_steps(self, b: Dict[str, Any]) -> None:
+        """Makes the step counts of a cached bucket views of one tensor (``b["step_base"]``), so
+        that a step increments them with one ``add_`` instead of ``_foreach_add_``, which on the
+        CPU dispatches one add per parameter (178 us for resnet50's 161 parameters, a third of a
+        step of them at 64 elements each). The values are kept, and ``state[p]["step"]`` stays a
+        0-dim float32 tensor (a view) as torch's optimizers keep it; a state loaded or replaced
+        later invalidates the plan, and the next plan packs again. Sharded (DTensor) buckets keep
+        their counts as they are."""
+        steps = b.get("steps")
+        if not steps or len(steps) < 2 or "sources" in b:
+            return
+        first = steps[0]
+        base = None
+        if all(t.dim() == 0 and t.dtype == first.dtype and t.device == first.device for t in steps):
+            storage = first.untyped_storage().data_ptr()
+            off = first.storage_offset()
+            if all(t.untyped_storage().data_ptr() == storage and t.storage_offset() == off + i
+                   for i, t in enumerate(steps)):
+                base = first.as_strided((len(steps),), (1,), off)  # already one tensor's entries
+        if base is None:
+            base = torch.stack([t.detach() for t in steps])
+            views = list(base.unbind(0))
+            for p, view in zip(b["params"], views):
+                self.state[p]["step"] = view
+            b["steps"] = views
+        b["step_base"] = base
 
     def _snapshot(self, group: Dict[str, Any]) -> Tuple:
         return tuple(_freeze(group[k]) for k in self._HYPER_KEYS)
@@ -777,7 +806,11 @@ class AdamW(_FusedPenalizedOptimizer):
             self._save_plan(planned)
         for (device, _dtype, amsgrad, maximize, decoupled, _sharded), b in planned:
             grad_scale, found_inf = self._amp_tensors(device)
-            torch._foreach_add_(b["steps"], 1.0)
+            base = b.get("step_base")
+            if base is not None:
+                base.add_(1.0)
+            else:
+                torch._foreach_add_(b["steps"], 1.0)
             torch.ops.pyfinetune.fused_adamw_(
                 b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["max_exp_avg_sqs"], b["anchors"],
                 b["masks"], b["steps"], b["lrs"], b["lr_tensors"], b["beta1s"], b["beta2s"], b["epss"],
@@ -785,7 +818,10 @@ class AdamW(_FusedPenalizedOptimizer):
                 grad_scale=grad_scale, found_inf=found_inf)
             if found_inf is not None:
                 # A skipped step does not count (as torch's fused optimizers).
-                torch._foreach_sub_(b["steps"], [found_inf] * len(b["steps"]))
+                if base is not None:
+                    base.sub_(found_inf)
+                else:
+                    torch._foreach_sub_(b["steps"], [found_inf] * len(b["steps"]))
         return loss
 
     def _build_buckets(self, items) -> List[Tuple[Tuple, Dict[str, list]]]:

@@ -115,3 +115,42 @@ def test_transposed_gradient_is_copied(kind):
     opt, ps = _warm(kind)
     ps[0].grad = torch.randn(3, 4).t()   # other strides than the parameter: the full path copies it
     _same_step(kind, opt, ps)
+
+
+def test_step_counts_packed_into_one_tensor():
+    # A cached AdamW plan keeps the parameters' step counts as views of one tensor and increments
+    # them with one add_ (torch._foreach_add_ costs one dispatch per parameter on the CPU). The
+    # counts stay right through a skipped (inf) step, a new param group and torch's AdamW.
+    opt, ps = _warm("adamw", n=4)
+    steps = [opt.state[p]["step"] for p in ps]
+    assert all(s.dim() == 0 and s.dtype == torch.float32 for s in steps)
+    assert len({s.untyped_storage().data_ptr() for s in steps}) == 1, "not packed into one tensor"
+    assert [s.item() for s in steps] == [3.0] * 4
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.found_inf = torch.ones(())  # GradScaler's contract: a skipped step does not count
+    opt.grad_scale = torch.ones(())
+    opt.step()
+    del opt.found_inf, opt.grad_scale
+    assert [opt.state[p]["step"].item() for p in ps] == [3.0] * 4
+    q = torch.nn.Parameter(torch.randn(5))
+    opt.add_param_group({"params": [q]})
+    for p in ps + [q]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    assert [opt.state[p]["step"].item() for p in ps] == [5.0] * 4
+    assert opt.state[q]["step"].item() == 2.0
+    # torch's AdamW takes the state (views included) and counts on from it.
+    params = [torch.nn.Parameter(p.detach().clone()) for p in ps + [q]]
+    torch_opt = torch.optim.AdamW([{"params": params[:4]}, {"params": params[4:]}], lr=1e-2)
+    sd = opt.state_dict()
+    sd["param_groups"] = [{k: v for k, v in g.items() if k in torch_opt.defaults or k == "params"}
+                          for g in sd["param_groups"]]
+    for st in sd["state"].values():
+        st.pop("anchor", None)
+    torch_opt.load_state_dict(sd)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch_opt.step()
+    assert [torch_opt.state[p]["step"].item() for p in params] == [6.0] * 4 + [3.0]
