@@ -192,6 +192,11 @@ def build_extension():
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                      "-DPYFINETUNE_WITH_CUDA=1"],
         }
+        arg_bytes = os.environ.get("PYFINETUNE_MTA_ARG_BYTES")
+        if arg_bytes:  # experimental: see csrc/include/pyfinetune/multi_tensor_apply.cuh
+            if not arg_bytes.isdigit() or not 4096 <= int(arg_bytes) <= 32764:
+                raise RuntimeError(f"PYFINETUNE_MTA_ARG_BYTES must be an integer in [4096, 32764], got {arg_bytes!r}")
+            extra["nvcc"].append(f"-DPF_MTA_ARG_BYTES={int(arg_bytes)}")
     else:
         ext_cls = cpp_extension.CppExtension
         extra = {"cxx": cxx_flags}

@@ -38,8 +38,16 @@ namespace mta {
 // end in a partial vector.
 constexpr int kChunkSize = 65536;
 constexpr int kBlockSize = 512;
-// The kernel argument stays within the classic 4 KB parameter limit (every driver and arch).
-constexpr size_t kMaxKernelArgBytes = 4096;
+// The kernel argument stays within the classic 4 KB parameter limit (every driver and arch), so a
+// list of more chunks than its block table holds takes several launches (the H100 benchmark's
+// 134M parameters are 2048 chunks of kChunkSize). PYFINETUNE_MTA_ARG_BYTES=32764 at build time
+// (setup.py) raises the limit to what CUDA 12.1+ drivers accept on sm_70+, for one launch per
+// list: an experiment for the H100's bandwidth target (73% of copy measured with 4 KB, 85%
+// wanted), not measured yet.
+#ifndef PF_MTA_ARG_BYTES
+#define PF_MTA_ARG_BYTES 4096
+#endif
+constexpr size_t kMaxKernelArgBytes = PF_MTA_ARG_BYTES;
 
 template <int kDepth_, int kMaxTensors_, typename Group_, int kMaxGroups_, typename Shared_>
 struct TensorListMetaHead {
@@ -96,7 +104,7 @@ void put_tensor(Meta& meta, int t, int group, const TensorSlot<Meta>& slot) {
 template <typename Meta, typename Describe, typename Launch>
 void multi_tensor_apply(int64_t num_tensors, const typename Meta::Shared& shared, Describe&& describe,
                         Launch&& launch) {
-  static_assert(sizeof(Meta) <= kMaxKernelArgBytes, "multi-tensor metadata must fit a 4 KB kernel argument");
+  static_assert(sizeof(Meta) <= kMaxKernelArgBytes, "multi-tensor metadata must fit the kernel argument limit (kMaxKernelArgBytes)");
   static_assert(std::is_trivially_copyable<Meta>::value, "multi-tensor metadata is copied as kernel argument");
   static_assert(Meta::kMaxTensors >= 1 && Meta::kMaxTensors <= 256, "tensor index is stored in a uint8");
   static_assert(Meta::kMaxGroups >= 1 && Meta::kMaxGroups <= 256, "group index is stored in a uint8");
