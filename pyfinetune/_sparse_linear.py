@@ -19,9 +19,10 @@ __all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "crossover_sparsity"]
 # (csr_linear) instead of the dense masked product (masked_matmul on a weight rebuilt from the
 # kept values), per device type. See SparseLinear's docstring for how the CPU value was measured.
 CROSSOVER_SPARSITY: Dict[str, float] = {
-    # benchmarks/results/prune-cpu-20261126-0458 (one thread): the training step's time ratio of
-    # our dense path to the sparse kernel crosses 1 at ~55% (the forward's below 50%).
-    "cpu": 0.55,
+    # benchmarks/results/prune-cpu-20261126-0749 (two threads, AVX-512 kernels of that day): the
+    # training step's time ratio of our dense path to the sparse kernel crosses 1 at ~43% (the
+    # forward's below 30%).
+    "cpu": 0.45,
     # benchmarks/results/gpu-check-20261126-0605/prune-cuda-20261126-0612 (H100, N=256,
     # K=M=4096, 10 rounds): the forward's time ratio of our dense path to the sparse kernel crosses 1
     # at ~85%, the training step's at ~95% (1.05x dense path vs 1.04x sparse there); 0.9 between.
@@ -66,22 +67,22 @@ class SparseLinear(nn.Module):
     Kernels: ``kernel="sparse"`` runs ``csr_linear`` (work proportional to nnz); ``"dense"`` runs
     the dense masked product on the weight rebuilt from the values at each call (work
     proportional to in * out, at dense GEMM speed); ``"auto"`` (default) picks sparse from the device's
-    :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.55, measured with ``benchmarks/bench_prune.py``
-    on the 2-core Xeon (AVX-512, torch 2.14.1, one thread) of ``benchmarks/results/prune-cpu-20261126-0458``:
+    :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.45, measured with ``benchmarks/bench_prune.py``
+    on the 2-core Xeon (AVX-512, torch 2.14.1, two threads) of ``benchmarks/results/prune-cpu-20261126-0749``:
     x [256, 4096], weight [4096, 4096] float32, median times of a training step (forward, backward,
     AdamW on the values) and of the forward alone:
 
     ========  =========================  ==========================
     sparsity  step: sparse / dense path  forward: sparse / dense path
     ========  =========================  ==========================
-    50%       250 / 225 ms               58.7 / 83.7 ms
-    60%       192 / 213 ms               49.8 / 84.1 ms
-    70%       146 / 211 ms               37.7 / 82.0 ms
+    30%       170 / 140 ms               32.9 / 48.0 ms
+    40%       143 / 136 ms               29.1 / 47.9 ms
+    50%       117 / 130 ms               25.4 / 45.8 ms
     ========  =========================  ==========================
 
-    so the sparse kernel wins the step from ~55% on (the ratio interpolated between 50% and 60%;
-    with two threads it won from 50%). The crossover moves with the shapes (a small batch favours
-    the sparse kernel); set ``kernel`` to override it.
+    so the sparse kernel wins the step from ~43% on (the ratio interpolated between 40% and 50%)
+    and the forward at every measured sparsity. The crossover moves with the shapes (a small batch
+    favours the sparse kernel); set ``kernel`` to override it (``"sparse"`` for inference below it).
 
     Args:
         in_features, out_features: the weight's shape is [out_features, in_features].
