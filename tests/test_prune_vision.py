@@ -239,7 +239,10 @@ def test_gradual_and_movement_on_timm_vit():
         opt = pyfinetune.optim.AdamW(model.parameters(), lr=1e-3)
         prune.mask_optimizer(opt, model)
         losses = []
-        for _ in range(10):
+        # 16 steps: the schedule ends at step 7 and the tiny ViT needs the steps after its last,
+        # 75% global prune to recover. With 10 the last loss was above the first for 6 of 40
+        # model seeds under MovementPruner (0 of 40 with 16, GradualPruner 0 of 40 with either).
+        for _ in range(16):
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             if cls is prune.MovementPruner:
