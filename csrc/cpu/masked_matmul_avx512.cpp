@@ -233,6 +233,12 @@ inline __attribute__((always_inline)) void with_vecs(int64_t width, const Fn& fn
   return with_v<V>(width, fn);
 }
 
+// The 128-bit lanes of a and b regrouped: even = (a0, a2, b0, b2), odd = (a1, a3, b1, b3).
+inline __attribute__((always_inline)) void even_odd_lanes(__m512 a, __m512 b, __m512& even, __m512& odd) {
+  even = _mm512_shuffle_f32x4(a, b, 0x88);
+  odd = _mm512_shuffle_f32x4(a, b, 0xdd);
+}
+
 // One block of at most 16 x 16: dst[c * dst_ld + r] = src[r * src_ld + c] (+ add[r]) for r < rows,
 // c < cols. The 16 source rows are transposed in registers in four stages: unpacklo/hi_ps pairs
 // the rows (a, b) within each 128-bit lane, unpacklo/hi_pd pairs those (ab, cd), leaving in
@@ -260,19 +266,15 @@ inline void transpose_block(const float* src, int64_t src_ld, float* dst, int64_
   }
   // Stage 3: v[k] = columns (k, 8 + k) of rows 0-7 as lanes [k 0-3, 8+k 0-3, k 4-7, 8+k 4-7];
   // v[4 + k] the same for columns (4 + k, 12 + k); v[8 + k], v[12 + k] for rows 8-15.
-  __m512 v[16];
+  // Stage 4 pairs v[k] with v[8 + k] (rows 0-7 with 8-15) into whole columns.
+  __m512 v[16], col[16];
   for (int k = 0; k < 4; ++k) {
-    v[k] = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88);
-    v[4 + k] = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd);
-    v[8 + k] = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);
-    v[12 + k] = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
+    even_odd_lanes(u[k], u[4 + k], v[k], v[4 + k]);
+    even_odd_lanes(u[8 + k], u[12 + k], v[8 + k], v[12 + k]);
   }
-  __m512 col[16];
   for (int k = 0; k < 4; ++k) {
-    col[k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0x88);
-    col[8 + k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0xdd);
-    col[4 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0x88);
-    col[12 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0xdd);
+    even_odd_lanes(v[k], v[8 + k], col[k], col[8 + k]);
+    even_odd_lanes(v[4 + k], v[12 + k], col[4 + k], col[12 + k]);
   }
   const __m512 addv = add != nullptr ? _mm512_maskz_loadu_ps(row_mask, add) : _mm512_setzero_ps();
   for (int c = 0; c < cols; ++c) {

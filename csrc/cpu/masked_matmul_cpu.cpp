@@ -233,9 +233,9 @@ void for_each_tile(int64_t outer, int64_t inner, const Fn& fn) {
 // [rows, cols] with element (r, c) at src[r * s0 + c * s1] (any strides).
 template <typename src_t, typename acc_t>
 void transpose_in(const src_t* src, int64_t rows, int64_t cols, int64_t s0, int64_t s1, acc_t* dst, int64_t ld) {
-  // float32 rows of unit stride: 16 x 16 blocks transposed in AVX-512 registers. With the same for
-  // the output (store_block), the forward's fixed cost at x [256, 4096], W [4096, 4096] (nearly
-  // empty pattern, 2 cores) fell from 1.06 to 0.72 ms, and the 90% forward from 8.3 to 8.0 ms.
+  // float32 rows of unit stride: 16 x 16 blocks transposed in AVX-512 registers (with the same for
+  // the output, store_block). `benchmarks/bench_prune.py --threads 2`, 90% forward: 8.79 ms with
+  // scalar transposes (prune-cpu-20261126-0509), 8.58 ms with these (-0711).
   const bool vector = std::is_same_v<src_t, float> && std::is_same_v<acc_t, float> && s1 == 1 &&
                       avx512::available();
   for_each_tile(cols, std::max<int64_t>(rows, 1), [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
@@ -409,13 +409,13 @@ struct SpmmPanels {
   }
 };
 
-// One panel of rows [r0, r1): the AVX-512 kernel for float32 where the CPU has it, else the
-// portable one with the panel's number of vectors.
 // The SpMM's panel width for a pattern of nnz kept weights in [rows, cols]: the AVX-512 kernels'
 // wide panels (avx512::kPanelFloats) for float32 patterns of at least kWidePanelDensity kept
 // weights, else the portable panel. Wide panels read the kept weights and indices half as often
-// but load and store twice the accumulators per row segment: at 99% sparsity (N = 256, K = M =
-// 4096, 2 threads) they measured 3.5 ms against 3.1 for the narrow ones, at 95% 5.3 against 5.9.
+// but load and store twice the accumulators per row segment. `benchmarks/bench_prune.py
+// --threads 2` (N = 256, K = M = 4096) forward: 5.42 ms wide at 95% (prune-cpu-20261126-0723)
+// against 5.88 narrow (-0711); at 99% a run with wide panels at every density (its record not
+// kept) measured 3.51 ms against 3.09 narrow (-0711).
 constexpr double kWidePanelDensity = 0.02;
 
 template <typename acc_t>
@@ -434,6 +434,8 @@ int64_t panel_of(const SpmmArgs<acc_t>& a) {
   return a.panel > 0 ? a.panel : kPanelVecs<acc_t> * kLanes<acc_t>;
 }
 
+// One panel of rows [r0, r1): the AVX-512 kernel for float32 where the CPU has it, else the
+// portable one with the panel's number of vectors.
 template <typename acc_t>
 void spmm_panel_any(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0, int32_t* cursor) {
   static constexpr auto table =
