@@ -573,25 +573,15 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         CPU dispatches one add per parameter (178 us for resnet50's 161 parameters, a third of a
         step of them at 64 elements each). The values are kept, and ``state[p]["step"]`` stays a
         0-dim float32 tensor (a view) as torch's optimizers keep it; a state loaded or replaced
-        later invalidates the plan, and the next plan packs again. Sharded (DTensor) buckets keep
-        their counts as they are."""
+        later invalidates the plan, and the next plan packs again (a new tensor each time a plan
+        is built). Sharded (DTensor) buckets keep their counts as they are."""
         steps = b.get("steps")
         if not steps or len(steps) < 2 or "sources" in b:
             return
-        first = steps[0]
-        base = None
-        if all(t.dim() == 0 and t.dtype == first.dtype and t.device == first.device for t in steps):
-            storage = first.untyped_storage().data_ptr()
-            off = first.storage_offset()
-            if all(t.untyped_storage().data_ptr() == storage and t.storage_offset() == off + i
-                   for i, t in enumerate(steps)):
-                base = first.as_strided((len(steps),), (1,), off)  # already one tensor's entries
-        if base is None:
-            base = torch.stack([t.detach() for t in steps])
-            views = list(base.unbind(0))
-            for p, view in zip(b["params"], views):
-                self.state[p]["step"] = view
-            b["steps"] = views
+        base = torch.stack([t.detach() for t in steps])
+        b["steps"] = list(base.unbind(0))
+        for p, view in zip(b["params"], b["steps"]):
+            self.state[p]["step"] = view
         b["step_base"] = base
 
     def _snapshot(self, group: Dict[str, Any]) -> Tuple:
