@@ -175,10 +175,20 @@ struct SddmmSeg {
     prefetch_bytes(a.dyT + r * a.ld + n0, V * kLanes * 4, false);
   }
 
-  inline __attribute__((always_inline)) void dot_into(__m512& acc, const __m512* d, int32_t k) const {
-    const float* xr = a.xT + static_cast<int64_t>(k) * a.ld + n0;
+  // acc[j] += dot(d, xT[idx[j]]) for j < G (for j >= cnt: the row of idx[0]).
+  template <int G>
+  inline __attribute__((always_inline)) void dot_group(__m512* acc, const __m512* d, const int32_t* idx,
+                                                        int64_t cnt) const {
+    const float* xr[G];
+    for (int j = 0; j < G; ++j) {
+      xr[j] = a.xT + static_cast<int64_t>(idx[j < cnt ? j : 0]) * a.ld + n0;
+    }
+#pragma GCC unroll 16
     for (int v = 0; v < V; ++v) {
-      acc = _mm512_fmadd_ps(d[v], load_vec<V, Full>(xr, v, last), acc);
+#pragma GCC unroll 8
+      for (int j = 0; j < G; ++j) {
+        acc[j] = _mm512_fmadd_ps(d[v], load_vec<V, Full>(xr[j], v, last), acc[j]);
+      }
     }
   }
 
@@ -195,7 +205,21 @@ struct SddmmSeg {
       for (int j = 0; j < 8; ++j) {
         acc[j] = _mm512_setzero_ps();
       }
-      for_group8(cnt, a.pat.idx + e, [&](int64_t j, int32_t k) { dot_into(acc[j], d, k); });
+      // The group's dot products interleaved vector by vector, G independent FMA chains held
+      // in registers (a loop over the products kept acc[] on the stack and ran each product's
+      // dependent FMAs in turn: dvalues 8.4 -> 7.8 ms at 90% sparsity, N = 256, K = M = 4096, two
+      // threads). A partial group runs in the next G of 8, 4, 2, 1 with its missing products
+      // repeating the first row (an L1 hit; their sums are not stored).
+      const int32_t* idx = a.pat.idx + e;
+      if (cnt > 4) {
+        dot_group<8>(acc, d, idx, cnt);
+      } else if (cnt > 2) {
+        dot_group<4>(acc, d, idx, cnt);
+      } else if (cnt == 2) {
+        dot_group<2>(acc, d, idx, cnt);
+      } else {
+        dot_group<1>(acc, d, idx, cnt);
+      }
       const __mmask8 keep = static_cast<__mmask8>((1u << cnt) - 1u);
       const __m256 prev = _mm256_maskz_loadu_ps(keep, a.out + e);
       _mm256_mask_storeu_ps(a.out + e, keep, _mm256_add_ps(prev, reduce8(acc)));

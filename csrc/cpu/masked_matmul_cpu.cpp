@@ -189,8 +189,16 @@ constexpr double kTargetSegment = 12.0;
 // Tile only when a (row, tile) segment holds this many kept weights on average even in the
 // largest tile; sparser patterns pay more for the segments than the tiles save.
 constexpr double kMinSegment = 4.0;
-// Row ranges per thread: enough that a slowed thread (a shared machine) hands work to the others.
-constexpr int64_t kPartsPerThread = 8;
+// Work items are row ranges, at least kPartsPerThread per thread so that a slowed thread (a shared
+// machine) hands work to the others, and at most kPartBytes of panel per range: a range's panel
+// (its rows' accumulators in the SpMM, their dyT rows in the SDDMM) stays in L2 beside the operand
+// tile, while every range reads the whole operand (xT) once per panel, so ranges smaller than
+// that only read it more often. `benchmarks/bench_prune.py --threads 2`, N = 256, K = M = 4096:
+// forward 8.1 -> 7.9 ms at 90% and 2.9 -> 2.5 ms at 99% against 8 ranges per thread
+// (prune-cpu-20261126-0723 and this commit's record); one thread (4 MiB of panel at 90%) needs
+// the cap: 1365-row ranges measured 5% slower than 512.
+constexpr int64_t kPartsPerThread = 2;
+constexpr int64_t kPartBytes = 512 * 1024;
 // Cost of a row besides its kept weights, in kept-weight units (zero and store the accumulators).
 constexpr int64_t kRowCost = 4;
 int64_t round_up(int64_t n, int64_t m) {
@@ -289,8 +297,10 @@ std::vector<int64_t> balanced_row_splits(const int32_t* ptr, int64_t rows, int64
   return b;
 }
 
-int64_t num_parts(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads() * kPartsPerThread));
+// The number of row ranges for `rows` rows of `row_bytes` bytes of panel each.
+int64_t num_parts(int64_t rows, int64_t row_bytes) {
+  const int64_t by_size = (rows * row_bytes + kPartBytes - 1) / kPartBytes;
+  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max(at::get_num_threads() * kPartsPerThread, by_size)));
 }
 
 // Run fn(task) for task in [0, tasks), handed out dynamically to the threads in increasing order.
@@ -494,7 +504,7 @@ template <typename acc_t, typename dst_t>
 void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_t* y) {
   const int64_t kPanel = panel_of(a);
   const int64_t rows = a.pat.rows;
-  const int64_t parts = num_parts(rows);
+  const int64_t parts = num_parts(rows, kPanel * static_cast<int64_t>(sizeof(acc_t)));
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
   const int64_t panels = (std::min(n, a.ld) + kPanel - 1) / kPanel;
   run_tasks(panels * parts, [&](int64_t t) {
@@ -526,7 +536,7 @@ template <typename acc_t, typename dst_t>
 void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
   const int64_t kPanel = panel_of(a);
   const int64_t rows = a.pat.rows;
-  const int64_t parts = num_parts(rows);
+  const int64_t parts = num_parts(rows, kPanel * static_cast<int64_t>(sizeof(acc_t)));
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
   run_tasks(parts, [&](int64_t p) {
     const int64_t r0 = splits[p], r1 = splits[p + 1];
@@ -668,7 +678,7 @@ void sddmm(const SddmmArgs<acc_t>& a) {
       panel_table<SddmmPanels<acc_t>, SddmmArgs<acc_t>>(std::make_integer_sequence<int, kPanelVecs<acc_t>>{});
   constexpr int64_t W = kLanes<acc_t>;
   const int64_t kPanel = sddmm_panel_floats<acc_t>();
-  const int64_t parts = num_parts(a.pat.rows);
+  const int64_t parts = num_parts(a.pat.rows, kPanel * static_cast<int64_t>(sizeof(acc_t)));
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
   // One task per row range, all panels inside: a kept weight's sum is written by one thread.
   run_tasks(parts, [&](int64_t p) {
