@@ -194,9 +194,9 @@ constexpr double kMinSegment = 4.0;
 // (its rows' accumulators in the SpMM, their dyT rows in the SDDMM) stays in L2 beside the operand
 // tile, while every range reads the whole operand (xT) once per panel, so ranges smaller than
 // that only read it more often. `benchmarks/bench_prune.py --threads 2`, N = 256, K = M = 4096:
-// forward 8.1 -> 7.9 ms at 90% and 2.9 -> 2.5 ms at 99% against 8 ranges per thread
-// (prune-cpu-20261126-0723 and this commit's record); one thread (4 MiB of panel at 90%) needs
-// the cap: 1365-row ranges measured 5% slower than 512.
+// forward 8.1 -> 7.9 ms at 90% and 2.9 -> 2.4 ms at 99% against 8 ranges per thread
+// (prune-cpu-20261126-0723, -0916); one thread (4 MiB of panel at 90%) needs the cap: 1365-row
+// ranges measured 5% slower than 512.
 constexpr int64_t kPartsPerThread = 2;
 constexpr int64_t kPartBytes = 512 * 1024;
 // Cost of a row besides its kept weights, in kept-weight units (zero and store the accumulators).
