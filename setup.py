@@ -104,7 +104,7 @@ def _nvidia_pip_includes():
     return dirs
 
 
-def _write_build_info(torch, with_cuda, archs, cuda_version, cpu_isa):
+def _write_build_info(torch, with_cuda, archs, cuda_version, cpu_isa, mta_arg_bytes):
     path = os.path.join(ROOT, "pyfinetune", "_build_info.py")
     with open(path, "w") as f:
         f.write("# Written by setup.py at build time; do not edit.\n")
@@ -114,6 +114,7 @@ def _write_build_info(torch, with_cuda, archs, cuda_version, cpu_isa):
         f.write(f"CUDA_VERSION = {cuda_version!r}\n")
         f.write(f"CUDA_ARCHS = {archs!r}\n")
         f.write(f"CPU_ISA = {cpu_isa!r}\n")
+        f.write(f"MTA_ARG_BYTES = {mta_arg_bytes!r}\n")
         f.write(f"PYTHON_VERSION = {platform.python_version()!r}\n")
 
 
@@ -126,6 +127,32 @@ def _nvcc_version(cuda_home):
         if token.startswith("V") and token[1:2].isdigit():
             return token[1:]
     return None
+
+
+def _arch_major(arch):
+    digits = arch.split("+")[0].split(".")[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def _mta_arg_bytes(cuda_version, archs):
+    """Kernel-argument bytes of the multi-tensor optimizer launches (multi_tensor_apply.cuh).
+
+    32764 (one launch for up to ~3600 chunks of 65536 elements) where CUDA allows it: nvcc 12.1+
+    and every arch sm_70 or newer; else the classic 4096 (several launches for big lists).
+    PYFINETUNE_MTA_ARG_BYTES overrides it (4096 for a driver older than CUDA 12.1)."""
+    env = os.environ.get("PYFINETUNE_MTA_ARG_BYTES")
+    if env:
+        if not env.isdigit() or not 4096 <= int(env) <= 32764:
+            raise RuntimeError(f"PYFINETUNE_MTA_ARG_BYTES must be an integer in [4096, 32764], got {env!r}")
+        return int(env)
+    try:
+        nvcc = tuple(int(v) for v in (cuda_version or "").split(".")[:2])
+    except ValueError:
+        nvcc = ()
+    majors = [_arch_major(a) for a in archs]
+    if len(nvcc) == 2 and nvcc >= (12, 1) and all(m is not None and m >= 7 for m in majors):
+        return 32764
+    return 4096
 
 
 def build_extension():
@@ -178,6 +205,7 @@ def build_extension():
 
     archs = []
     cuda_version = None
+    mta_arg_bytes = None
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
@@ -192,19 +220,16 @@ def build_extension():
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                      "-DPYFINETUNE_WITH_CUDA=1"],
         }
-        arg_bytes = os.environ.get("PYFINETUNE_MTA_ARG_BYTES")
-        if arg_bytes:  # experimental: see csrc/include/pyfinetune/multi_tensor_apply.cuh
-            if not arg_bytes.isdigit() or not 4096 <= int(arg_bytes) <= 32764:
-                raise RuntimeError(f"PYFINETUNE_MTA_ARG_BYTES must be an integer in [4096, 32764], got {arg_bytes!r}")
-            extra["nvcc"].append(f"-DPF_MTA_ARG_BYTES={int(arg_bytes)}")
+        mta_arg_bytes = _mta_arg_bytes(cuda_version, archs)
+        extra["nvcc"].append(f"-DPF_MTA_ARG_BYTES={mta_arg_bytes}")
     else:
         ext_cls = cpp_extension.CppExtension
         extra = {"cxx": cxx_flags}
 
-    _write_build_info(torch, with_cuda, archs, cuda_version, cpu_isa)
+    _write_build_info(torch, with_cuda, archs, cuda_version, cpu_isa, mta_arg_bytes)
     print(
         f"pyfinetune build: cpu={cpu_isa} cuda={'yes' if with_cuda else 'no'}"
-        + (f" (nvcc {cuda_version}, archs {';'.join(archs)})" if with_cuda else f" ({'; '.join(reasons)})")
+        + (f" (nvcc {cuda_version}, archs {';'.join(archs)}, optimizer launch arguments {mta_arg_bytes} B)" if with_cuda else f" ({'; '.join(reasons)})")
         + f" torch={torch.__version__}",
         flush=True,
     )

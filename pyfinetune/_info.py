@@ -37,6 +37,7 @@ def build_info() -> Dict[str, object]:
         "cuda_built": _build_info.WITH_CUDA,
         "nvcc_version": _build_info.CUDA_VERSION,
         "cuda_archs": list(_build_info.CUDA_ARCHS),
+        "optimizer_launch_arg_bytes": getattr(_build_info, "MTA_ARG_BYTES", None),
         "cpu_isa": _build_info.CPU_ISA,
         "gpu": gpu,
         "cpu_threads": torch.get_num_threads(),

@@ -28,7 +28,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     gpu = info["gpu"] or ("none visible" if torch.version.cuda else "none (CPU-only torch)")
     print(f"pyfinetune   {info['pyfinetune']}")
     print(f"torch        {info['torch_running']} (built against {info['torch_built']})")
-    print(f"CUDA kernels {'yes' if info['cuda_built'] else 'no'}; nvcc {info['nvcc_version'] or '-'}; archs: {archs}")
+    print(f"CUDA kernels {'yes' if info['cuda_built'] else 'no'}; nvcc {info['nvcc_version'] or '-'}; archs: {archs}"
+          + (f"; optimizer launch arguments {info['optimizer_launch_arg_bytes']} B"
+             if info["optimizer_launch_arg_bytes"] else ""))
     print(f"CPU kernels  vector ISA {info['cpu_isa']}; {info['cpu_threads']} threads")
     print(f"GPU          {gpu}")
     print("ops:")

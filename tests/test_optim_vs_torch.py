@@ -33,8 +33,8 @@ def _make_param(spec, dtype, device):
 def _make_grad(p, k):
     """A gradient for ``p`` whose layout differs from the parameter's where possible (a transposed
     grad for a contiguous matrix, a contiguous grad for the transposed parameter), with a scale
-    that differs per parameter so Adam sees different magnitudes."""
-    scale = 0.5 + k
+    that differs per parameter (0.5 to 7.5, repeating) so Adam sees different magnitudes."""
+    scale = 0.5 + k % 8
     if p.dim() == 2 and p.is_contiguous() and p.numel() > 1:
         g = torch.randn(p.shape[1], p.shape[0], device=p.device).t()
     else:
@@ -162,6 +162,27 @@ def test_large_tensor_spans_parallel_chunks(device, dtype, kind):
     else:
         opt, ref, triples = _run(SGD, torch.optim.SGD, device, dtype, groups, dict(momentum=0.9), steps=5)
         keys = ("momentum_buffer",)
+    _check(opt, ref, triples, dtype, keys)
+
+
+@pytest.mark.parametrize("device, dtype", device_dtype_params([torch.float32]))
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_list_beyond_one_launch(device, dtype, kind):
+    # The CUDA kernels pack a list into launches of at most 36 / 48 tensors and ~220 / 280 blocks of
+    # 65536 elements (4 KB kernel arguments) or 192 / 224 tensors and ~3600 / 4300 blocks (32 KB), and
+    # 4 param groups: 260 tensors in 5 groups, one of 240 * 65536 + 3 elements, cross every limit of
+    # both builds but the 32 KB block table, and put a launch cut inside the big tensor.
+    small = [(7,), (65537,), (3, 5)] * 50
+    groups = [(small[i::5] + ([(240 * 65536 + 3,)] if i == 2 else []), dict(lr=1e-2 * (i + 1), weight_decay=1e-2))
+              for i in range(5)]
+    groups[0][0].extend([(2,)] * 109)
+    if kind == "adamw":
+        opt, ref, triples = _run(AdamW, torch.optim.AdamW, device, dtype, groups, {}, steps=3)
+        keys = ("exp_avg", "exp_avg_sq")
+    else:
+        opt, ref, triples = _run(SGD, torch.optim.SGD, device, dtype, groups, dict(momentum=0.9), steps=3)
+        keys = ("momentum_buffer",)
+    assert len(triples) == 260
     _check(opt, ref, triples, dtype, keys)
 
 

@@ -73,9 +73,12 @@ struct SGDOperand {
   enum : int { kParam, kGrad, kMomentumBuffer, kAnchor, kMask, kCount };
 };
 
-// 36 AdamW tensors and 222 blocks, 48 SGD tensors and 281 blocks per launch (4 groups each).
-using AdamWMeta = mta::TensorListMeta<AdamWOperand::kCount, 36, AdamWGroup, 4, LaunchArgs>;
-using SGDMeta = mta::TensorListMeta<SGDOperand::kCount, 48, SGDGroup, 4, LaunchArgs>;
+// Tensors per launch (4 groups each): with 4 KB arguments 36 AdamW tensors and 222 blocks, 48 SGD
+// tensors and 281 blocks; with 32 KB, 192 AdamW tensors (resnet50's 161 in one launch) and ~3600
+// blocks, 224 SGD tensors and ~4300 blocks.
+constexpr bool kLargeArgs = mta::kMaxKernelArgBytes > 4096;
+using AdamWMeta = mta::TensorListMeta<AdamWOperand::kCount, kLargeArgs ? 192 : 36, AdamWGroup, 4, LaunchArgs>;
+using SGDMeta = mta::TensorListMeta<SGDOperand::kCount, kLargeArgs ? 224 : 48, SGDGroup, 4, LaunchArgs>;
 
 // ---- Per-block constants -------------------------------------------------------------------------
 

@@ -1,0 +1,54 @@
+"""setup.py's build choices that do not need a build: the kernel-argument size of the multi-tensor
+optimizer launches (csrc/include/pyfinetune/multi_tensor_apply.cuh)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+
+import pytest
+
+SETUP = pathlib.Path(__file__).resolve().parents[1] / "setup.py"
+
+
+def _setup_functions(*names):
+    # setup.py builds the extension when imported: compile just the named functions.
+    tree = ast.parse(SETUP.read_text())
+    module = ast.Module(body=[n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names],
+                        type_ignores=[])
+    namespace = {"os": os}
+    exec(compile(module, str(SETUP), "exec"), namespace)
+    return [namespace[n] for n in names]
+
+
+@pytest.fixture
+def mta_arg_bytes(monkeypatch):
+    monkeypatch.delenv("PYFINETUNE_MTA_ARG_BYTES", raising=False)
+    fn, _ = _setup_functions("_mta_arg_bytes", "_arch_major")  # the second: called by the first
+    return fn
+
+
+@pytest.mark.parametrize("nvcc, archs, expected", [
+    ("13.0.88", ["8.0", "9.0+PTX"], 32764),   # the default build
+    ("12.1.66", ["7.0"], 32764),
+    ("12.0.76", ["8.0", "9.0"], 4096),        # nvcc before 12.1: 4 KB arguments only
+    ("11.8.89", ["8.0"], 4096),
+    ("12.4.99", ["6.1", "8.0"], 4096),        # a pre-Volta arch in the list
+    ("12.4.99", ["9.0a"], 32764),
+    ("12.4.99", ["Ampere"], 4096),            # an arch name: not parsed, the safe size
+    (None, ["8.0"], 4096),                    # nvcc version unknown
+])
+def test_kernel_argument_size_follows_nvcc_and_archs(mta_arg_bytes, nvcc, archs, expected):
+    assert mta_arg_bytes(nvcc, archs) == expected
+
+
+def test_kernel_argument_size_environment_override(mta_arg_bytes, monkeypatch):
+    monkeypatch.setenv("PYFINETUNE_MTA_ARG_BYTES", "4096")
+    assert mta_arg_bytes("13.0.88", ["9.0"]) == 4096
+    monkeypatch.setenv("PYFINETUNE_MTA_ARG_BYTES", "8192")
+    assert mta_arg_bytes("11.8.89", ["8.0"]) == 8192
+    for bad in ("4095", "32765", "4k", "-1"):
+        monkeypatch.setenv("PYFINETUNE_MTA_ARG_BYTES", bad)
+        with pytest.raises(RuntimeError, match="PYFINETUNE_MTA_ARG_BYTES must be an integer in \\[4096, 32764\\]"):
+            mta_arg_bytes("13.0.88", ["9.0"])
