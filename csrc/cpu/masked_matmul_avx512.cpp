@@ -74,12 +74,15 @@ struct SpmmSeg {
     float* o = a.out + (r - a.out_r0) * a.out_ld + (n0 - a.out_n0);
     const int32_t* idx = a.pat.idx;
     const float* vals = a.values - a.value_base;
+    // The row's first segment starts from zero instead of loading zeroed accumulators: only rows
+    // without kept weights are zeroed beforehand (spmm_panel_v).
+    const bool first = e == a.pat.ptr[r];
     if constexpr (V > 8) {
       // Wide panels: V independent FMA chains per kept weight already keep both FMA units busy,
       // and two sets of V accumulators would not fit the 32 registers.
       __m512 acc[V];
       for (int v = 0; v < V; ++v) {
-        acc[v] = load_vec<V, Full>(o, v, last);
+        acc[v] = first ? _mm512_setzero_ps() : load_vec<V, Full>(o, v, last);
       }
       do {
         const float* row = a.b + static_cast<int64_t>(idx[e]) * a.ld + n0;
@@ -101,7 +104,7 @@ struct SpmmSeg {
     }
     __m512 acc0[V], acc1[V];
     for (int v = 0; v < V; ++v) {
-      acc0[v] = load_vec<V, Full>(o, v, last);
+      acc0[v] = first ? _mm512_setzero_ps() : load_vec<V, Full>(o, v, last);
       acc1[v] = _mm512_setzero_ps();
     }
     do {
@@ -139,6 +142,9 @@ template <int V, bool Full>
 void spmm_panel_v(const SpmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_t width, int32_t* cursor) {
   const __mmask16 last = lanes_of(width, V - 1);
   for (int64_t r = r0; r < r1; ++r) {
+    if (a.pat.ptr[r] < a.pat.ptr[r + 1]) {
+      continue;  // its first segment writes it
+    }
     float* o = a.out + (r - a.out_r0) * a.out_ld + (n0 - a.out_n0);
     for (int v = 0; v < V - 1; ++v) {
       _mm512_storeu_ps(o + kLanes * v, _mm512_setzero_ps());

@@ -379,9 +379,11 @@ struct SpmmSegment {
 
   C10_ALWAYS_INLINE int64_t run(int64_t r, int64_t e, int64_t e1, int64_t k1) const {
     acc_t* o = a.out_at(r, n0);
+    // The row's first segment starts from zero (only rows without kept weights are zeroed first).
+    const bool first = e == a.pat.ptr[r];
     Vec acc[V];
     for (int v = 0; v < V; ++v) {
-      acc[v] = Vec::loadu(o + v * W);
+      acc[v] = first ? Vec(acc_t(0)) : Vec::loadu(o + v * W);
     }
     do {
       const Vec w(a.values[e - a.value_base]);
@@ -413,7 +415,9 @@ struct SpmmPanels {
   static void run(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n0, int32_t* cursor) {
     constexpr int64_t W = kLanes<acc_t>;
     for (int64_t r = r0; r < r1; ++r) {
-      std::fill(a.out_at(r, n0), a.out_at(r, n0) + V * W, acc_t(0));
+      if (a.pat.ptr[r] == a.pat.ptr[r + 1]) {
+        std::fill(a.out_at(r, n0), a.out_at(r, n0) + V * W, acc_t(0));
+      }
     }
     walk_pattern(a.pat, r0, r1, cursor, SpmmSegment<acc_t, V>{a, n0});
   }
