@@ -2,7 +2,10 @@
 #include <pyfinetune/checks.h>
 #include <pyfinetune/fused_optim.h>
 
+#include <torch/library.h>
+
 #include <cmath>
+#include <cstdint>
 
 namespace pyfinetune {
 namespace {
@@ -200,3 +203,54 @@ void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::Tenso
 }
 
 }  // namespace pyfinetune
+
+namespace pyfinetune {
+namespace {
+
+// FNV-1a over 64-bit words: equal metadata gives equal signatures; a collision between different
+// metadata (about 2^-64) only makes the optimizer skip its Python re-validation for one step, and
+// the op's own checks still refuse a gradient laid out unlike its parameter.
+struct Fnv64 {
+  uint64_t h = 1469598103934665603ull;
+  void mix(uint64_t v) {
+    h ^= v;
+    h *= 1099511628211ull;
+  }
+};
+
+int64_t layout_signature(const c10::List<std::optional<at::Tensor>>& tensors) {
+  Fnv64 f;
+  f.mix(tensors.size());
+  for (const std::optional<at::Tensor>& opt : tensors) {
+    if (!opt.has_value() || !opt->defined()) {
+      f.mix(~uint64_t{0});
+      continue;
+    }
+    const at::Tensor& t = *opt;
+    const c10::Device device = t.device();
+    f.mix(static_cast<uint64_t>(t.scalar_type()) | static_cast<uint64_t>(device.type()) << 8 |
+          static_cast<uint64_t>(static_cast<uint8_t>(device.index())) << 16 |
+          static_cast<uint64_t>(t.layout()) << 24 | static_cast<uint64_t>(t.dim()) << 32);
+    if (t.is_nested()) {  // no sizes to read; never the layout of a parameter
+      f.mix(~uint64_t{1});
+      continue;
+    }
+    for (const int64_t size : t.sizes()) {
+      f.mix(static_cast<uint64_t>(size));
+    }
+    if (t.layout() == at::kStrided) {  // sparse layouts have no strides
+      for (const int64_t stride : t.strides()) {
+        f.mix(static_cast<uint64_t>(stride));
+      }
+    }
+  }
+  return static_cast<int64_t>(f.h);
+}
+
+}  // namespace
+}  // namespace pyfinetune
+
+// Metadata only, so one kernel for every backend, fake tensors included (no autograd: an int).
+TORCH_LIBRARY_IMPL(pyfinetune, CompositeImplicitAutograd, m) {
+  m.impl("_layout_signature", &pyfinetune::layout_signature);
+}

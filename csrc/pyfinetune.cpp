@@ -40,6 +40,10 @@ TORCH_LIBRARY(pyfinetune, m) {
       "float[] dampenings, float[] weight_decays, float[] l2sps, float[] l1s, *, bool nesterov, "
       "bool maximize, bool decoupled_l2sp, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 
+  // Internal, for pyfinetune.optim's cached step plan: a 64-bit hash of each tensor's dtype, device,
+  // layout, sizes and strides (and of None entries), in order. Metadata only: no data is read.
+  m.def("_layout_signature(Tensor?[] tensors) -> int");
+
   // Masked matmul, dense masked path: y = x @ (weight * mask)^T + bias.
   //   x [N, K] (the Python wrapper flattens leading dims), weight [M, K], mask [M, K] bool,
   //   bias None or [M]; x, weight, bias share one float dtype; accumulation in float32.

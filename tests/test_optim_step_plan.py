@@ -154,3 +154,37 @@ def test_step_counts_packed_into_one_tensor():
         p.grad = torch.randn_like(p)
     torch_opt.step()
     assert [torch_opt.state[p]["step"].item() for p in params] == [6.0] * 4 + [3.0]
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+@pytest.mark.parametrize("change", ["strides", "sparse"])
+def test_gradient_unlike_its_parameter_takes_the_full_path(kind, change):
+    # The plan checks every step that each gradient is laid out like its parameter (one C++
+    # signature of both lists); a difference takes the full path, which copies a gradient of other
+    # strides and names a sparse one. (torch itself refuses a .grad of another dtype or shape;
+    # a parameter changed behind the optimizer: test_parameter_converted_behind_the_optimizer.)
+    opt, ps = _warm(kind)
+    if change == "strides":
+        ps[1].grad = torch.randn(3, 4).t()
+        _same_step(kind, opt, ps)
+    else:
+        ps[1].grad = ps[1].grad.to_sparse()
+        _rejected(opt, RuntimeError, r"does not support sparse gradients \(parameter 1 \(param group 0\)\)")
+
+
+def test_layout_signature():
+    sig = torch.ops.pyfinetune._layout_signature
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    assert sig([a, b, None]) == sig([b, a.clone(), None])   # metadata only, not values or storage
+    base = sig([a, b])
+    variants = {
+        "dtype": [a, b.double()], "shape": [a, b.reshape(3, 4)], "strides": [a, torch.randn(3, 4).t()],
+        "None": [a, None], "length": [a, b, b], "sparse": [a, b.to_sparse()],
+        "device": [a, torch.empty(4, 3, device="meta")],
+        "nested": [a, torch.nested.nested_tensor([b, b], layout=torch.jagged)],
+    }
+    sigs = {name: sig(ts) for name, ts in variants.items()}
+    assert all(s != base for s in sigs.values()), sigs
+    assert len(set(sigs.values())) == len(sigs), "different metadata must give different signatures"
+    assert sig([]) != sig([None])
+    assert sig([a, b.double()]) != sig([b.double(), a]), "the order of the tensors matters"
