@@ -56,3 +56,43 @@ def test_optimizer_targets_per_device():
     assert bench_optim.targets_for(torch.device("cpu"), 10) == [1.6, 0.9, 0.8]
     assert bench_optim.targets_for(torch.device("cuda"), 134_217_728) == [None, None, 0.85]
     assert bench_optim.targets_for(torch.device("cuda"), 25_557_032) == [None, None, None]
+
+
+def test_pruning_targets_per_device_and_dtype():
+    # Issue #4: on the CPU in float32, forward >= 3x dense, >= 1.5x torch CSR and the step >= 3x at
+    # 90% and the forward crossover at or below 70%; on an H100 in float16, forward >= 2x cuBLAS.
+    from pyfinetune.benchmarks import common, prune
+
+    def timing(ms):
+        return common.Timing("t", [ms] * 10)
+
+    def result(sparsity, dense, ours):
+        return {"sparsity": sparsity,
+                "forward": {prune.DENSE_FWD: timing(dense), prune.TORCH_CSR_FWD: timing(2 * dense),
+                            prune.OURS_FWD: timing(ours)},
+                "step": {prune.DENSE_STEP: timing(3 * dense), prune.OURS_STEP: timing(3 * ours)}}
+
+    results = [result(0.7, 10.0, 12.0), result(0.9, 10.0, 4.0)]
+    cpu = prune.analyse(results, "cpu", torch.float32)
+    assert {r["key"]: r["target"] for r in cpu["ratios"]} == {"fwd_vs_dense": 3.0, "fwd_vs_torch_csr": 1.5,
+                                                              "step_vs_dense": 3.0}
+    assert [r["status"] for r in cpu["ratios"]] == ["NOT MET", "MET", "NOT MET"]   # 2.5x, 5x, 2.5x
+    assert cpu["crossover"]["target"]["status"] == "NOT MET"                       # from 90% only
+    cuda = prune.analyse(results, "cuda", torch.float16)
+    assert [(r["key"], r["target"], r["status"]) for r in cuda["ratios"]] == [("fwd_vs_dense", 2.0, "MET")]
+    assert "target" not in cuda["crossover"]
+    other = prune.analyse(results, "cpu", torch.bfloat16)
+    assert other["ratios"] == [] and "target" not in other["crossover"]
+    assert "No targets for this device and dtype" in prune.summary_markdown(other)
+
+
+def test_git_state_keeps_every_dirty_path(monkeypatch):
+    # git status --porcelain entries are "XY path"; the first one starts with a blank when only
+    # the work tree changed, which stripping the output used to eat with the path's first letter.
+    from pyfinetune.benchmarks import common
+
+    outputs = {"rev-parse": "abc\n", "status": " M pyfinetune/x.py\0M  setup.py\0"}
+    monkeypatch.setattr(common, "_run", lambda cmd, strip=True: outputs["status" if "status" in cmd else "rev-parse"])
+    state = common.git_state()
+    assert state["dirty"] is True
+    assert state["dirty_files"] == ["pyfinetune/x.py", "setup.py"]

@@ -399,14 +399,16 @@ def resolve_run_options(ap, args, *, default_reps: int) -> Tuple[torch.device, i
 
 
 # ---------------------------------------------------------------------------------- machine info
-def _run(cmd: List[str]) -> Optional[str]:
+def _run(cmd: List[str], strip: bool = True) -> Optional[str]:
     if REPO_ROOT is None:
         return None
     try:
         out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() if strip else out.stdout
 
 
 def git_state() -> Dict[str, Any]:
@@ -416,12 +418,14 @@ def git_state() -> Dict[str, Any]:
     untracked and do not change what is measured.
     """
     commit = _run(["git", "rev-parse", "HEAD"])
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    # NUL-separated "XY path" entries, not stripped: stripping the text took the first entry's
+    # leading status blank, and with it the first letter of its path.
+    status = _run(["git", "status", "--porcelain", "-z", "--untracked-files=no"], strip=False)
     return {
         "commit": commit,
         "branch": _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]),
         "dirty": None if status is None else bool(status),
-        "dirty_files": [] if not status else [line[3:] for line in status.splitlines()],
+        "dirty_files": [] if not status else [entry[3:] for entry in status.split("\0") if len(entry) > 3],
     }
 
 
