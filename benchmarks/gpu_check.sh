@@ -183,5 +183,17 @@ for spec in "bench_kd bench_kd 0.5 $REPS_KD" \
   tail -30 "$OUT/$log.log" | tee -a "$OUT/summary.md"
 done
 
+# The experimental shared-memory SpMM (PYFINETUNE_CSR_CUDA_KERNEL=tiled, never run on a GPU before
+# this check): its tests, then the 90% forward against the default kernel's, float32 and float16.
+step "experimental tiled SpMM: tests and the 90% forward"
+boxed "$(left 0.5 600)" "$OUT/tiled_spmm_tests.log" env PYFINETUNE_CSR_CUDA_KERNEL=tiled \
+  $PY -m pytest tests/test_masked_matmul_cuda.py -q -p no:cacheprovider -k "csr_linear" || status=1
+tail -3 "$OUT/tiled_spmm_tests.log" | tee -a "$OUT/summary.md"
+for dt in float32 float16; do
+  boxed "$(left 0.5 300)" "$OUT/tiled_spmm_bench_$dt.log" env PYFINETUNE_CSR_CUDA_KERNEL=tiled \
+    $PY benchmarks/bench_prune.py --device cuda --dtype $dt --sparsity 0.9 --reps 10 --warmup 2 --out "$OUT/tiled" || status=1
+  grep -E "^\| (dense x|ours sparse|torch)" "$OUT/tiled_spmm_bench_$dt.log" | head -4 | tee -a "$OUT/summary.md"
+done
+
 step "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status

@@ -166,6 +166,26 @@ def test_csr_linear_matches_dense_reference(shape, sparsity, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_csr_linear_tiled_spmm_kernel(dtype, monkeypatch):
+    """PYFINETUNE_CSR_CUDA_KERNEL=tiled (experimental: operand tiles of 128 rows, 64 rows for
+    float64, in shared memory, 32 sparse rows and 64 columns per block) computes the SpMM of y and
+    of dx. Shapes cross every tile edge with a partial tile: K and M past several K tiles, M past
+    the 32-row blocks, N past the 64-column tiles; dense rows need several 32-entry rounds inside
+    one K tile, skewed masks have empty rows and columns."""
+    monkeypatch.setenv("PYFINETUNE_CSR_CUDA_KERNEL", "tiled")
+    cases = [(1, 1, 1, random_mask(1, 1, 0.0)), (7, 33, 5, random_mask(5, 33, 0.5)),
+             (200, 300, 70, random_mask(70, 300, 0.0)), (130, 517, 97, random_mask(97, 517, 0.9)),
+             (65, 200, 129, skewed_mask(129, 200)), (3, 1023, 33, random_mask(33, 1023, 0.99))]
+    for N, K, M, mask in cases:
+        c, ref = csr_case(N, K, M, dtype, mask)
+        check_csr(c, ref, dtype, N, K, M, what=f"tiled {N}x{K}x{M}")
+    monkeypatch.setenv("PYFINETUNE_CSR_CUDA_KERNEL", "bogus")
+    c, _ = csr_case(4, 5, 3, dtype, random_mask(3, 5, 0.5))
+    with pytest.raises(RuntimeError, match='PYFINETUNE_CSR_CUDA_KERNEL must be "warp" or "tiled", got "bogus"'):
+        run_csr_forward(c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_csr_linear_empty_and_skewed_rows(dtype):
     for N, K, M in [(37, 65, 70), (300, 200, 129), (5, 1023, 40)]:
         mask = skewed_mask(M, K)

@@ -65,6 +65,8 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -101,6 +103,10 @@ constexpr int vec_width() {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+__device__ C10_ALWAYS_INLINE int64_t ceil_div_device(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
@@ -273,6 +279,129 @@ __global__ void __launch_bounds__(kSpmmWarps* kWarpSize) csr_spmm_kernel(const S
         acc[i] += bias;
       }
       store_vec16<kVec>(a.c + static_cast<int64_t>(row) * a.ld + v * kVec, acc);
+    }
+  }
+}
+
+// ---- SpMM, operand tiles in shared memory (opt-in: PYFINETUNE_CSR_CUDA_KERNEL=tiled) -------------
+// The kernel above reads, for every nonzero, its operand row from L2: nnz * N values (1.7 GB for
+// N = 256 at 90% of 4096 x 4096 in float32), which bounds it by L2 bandwidth. Here a block takes
+// kTiledRows sparse rows (consecutive in row_order, so of similar lengths) and an N tile of
+// kTiledN columns, walks K in tiles of kTiledK operand rows staged once in shared memory (in the
+// math type), and every nonzero of its rows that falls in the tile reads its operand row from
+// there; L2 then serves each operand row once per block instead of once per nonzero. A warp owns
+// kTiledRowsPerWarp rows; each lane owns 2 columns of the tile for every row (float2 reads of
+// shared memory, conflict-free). A row's nonzeros are read 32 at a time (one per lane) from its
+// cursor; as columns are sorted within a row (the op's contract), the ones inside the tile are a
+// prefix of those 32, broadcast one by one with shuffles. A row whose columns are not sorted
+// stops the kernel with a device assertion (the warp-per-row kernel, the default, takes any
+// order). Not yet measured or run on a GPU: see benchmarks/README.md.
+constexpr int kTiledWarps = 8;
+constexpr int kTiledRowsPerWarp = 4;
+constexpr int kTiledRows = kTiledWarps * kTiledRowsPerWarp;  // 32 sparse rows per block
+constexpr int kTiledN = 2 * kWarpSize;                        // 64 columns per block
+
+template <typename opmath_t>
+constexpr int tiled_k() {
+  return sizeof(opmath_t) == 8 ? 64 : 128;  // a 32 KB tile in either math type
+}
+
+template <typename scalar_t, bool kGather>
+__global__ void __launch_bounds__(kTiledWarps* kWarpSize) csr_spmm_tiled_kernel(const SpmmArgs<scalar_t> a) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int kVec = vec_width<scalar_t>();
+  constexpr int kK = tiled_k<opmath_t>();
+  constexpr int kVecsPerRow = kTiledN / kVec;
+  static_assert(kTiledN % kVec == 0, "whole vectors per tile row");
+  __shared__ alignas(16) opmath_t s_b[kK][kTiledN];
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  int32_t row[kTiledRowsPerWarp];
+  int32_t cur[kTiledRowsPerWarp];
+  int32_t end[kTiledRowsPerWarp];
+  PF_UNROLL
+  for (int i = 0; i < kTiledRowsPerWarp; ++i) {
+    const int64_t slot = static_cast<int64_t>(blockIdx.x) * kTiledRows + warp * kTiledRowsPerWarp + i;
+    row[i] = slot < a.rows ? a.order[slot] : -1;  // -1: past the last row
+    CUDA_KERNEL_ASSERT(slot >= a.rows || (row[i] >= 0 && row[i] < a.rows));
+  }
+  const int64_t tiles = ceil_div_device(a.ld, kTiledN);
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t n0 = tile * kTiledN;
+    const int64_t width = a.ld - n0 < kTiledN ? a.ld - n0 : kTiledN;  // a multiple of kVec
+    opmath_t acc[kTiledRowsPerWarp][2];
+    PF_UNROLL
+    for (int i = 0; i < kTiledRowsPerWarp; ++i) {
+      acc[i][0] = acc[i][1] = opmath_t(0);
+      cur[i] = row[i] >= 0 ? a.offsets[row[i]] : 0;
+      end[i] = row[i] >= 0 ? a.offsets[row[i] + 1] : 0;
+      CUDA_KERNEL_ASSERT(cur[i] >= 0 && cur[i] <= end[i] && end[i] <= a.nnz);
+    }
+    for (int64_t k0 = 0; k0 < a.b_rows; k0 += kK) {
+      __syncthreads();  // every warp is done with the previous tile
+      for (int idx = threadIdx.x; idx < kK * kVecsPerRow; idx += kTiledWarps * kWarpSize) {
+        const int kr = idx / kVecsPerRow;
+        const int c = (idx % kVecsPerRow) * kVec;
+        opmath_t v[kVec];
+        if (k0 + kr < a.b_rows && c < width) {
+          mta::load_n<kVec>(a.b + (k0 + kr) * a.ld + n0 + c, v);
+        } else {
+          mta::fill_n<kVec>(v, opmath_t(0));
+        }
+        PF_UNROLL
+        for (int j = 0; j < kVec; ++j) {
+          s_b[kr][c + j] = v[j];
+        }
+      }
+      __syncthreads();
+      const int64_t k1 = k0 + kK < a.b_rows ? k0 + kK : a.b_rows;
+      PF_UNROLL
+      for (int i = 0; i < kTiledRowsPerWarp; ++i) {
+        while (cur[i] < end[i]) {  // uniform over the warp
+          const int64_t p = static_cast<int64_t>(cur[i]) + lane;
+          const int32_t col = p < end[i] ? a.indices[p] : std::numeric_limits<int32_t>::max();
+          const bool inside = col < k1;
+          const unsigned in_mask = __ballot_sync(kFullMask, inside);
+          const int cnt = __popc(in_mask);
+          // Sorted columns: the entries inside the tile are a prefix, none before it.
+          CUDA_KERNEL_ASSERT(in_mask == (cnt == kWarpSize ? kFullMask : (1u << cnt) - 1u));
+          opmath_t val = opmath_t(0);
+          if (inside) {
+            CUDA_KERNEL_ASSERT(col >= k0 && col < a.b_rows);
+            const int64_t q = kGather ? static_cast<int64_t>(a.value_pos[p]) : p;
+            CUDA_KERNEL_ASSERT(q >= 0 && q < a.nnz);
+            val = static_cast<opmath_t>(a.values[q]);
+          }
+          for (int e = 0; e < cnt; ++e) {
+            const int kr = __shfl_sync(kFullMask, col, e) - static_cast<int32_t>(k0);
+            const opmath_t v = __shfl_sync(kFullMask, val, e);
+            // One 8-byte (16 for double) shared-memory read per lane: consecutive lanes,
+            // consecutive addresses (two 4-byte reads would each be a 2-way bank conflict).
+            const mta::Pack<opmath_t, 2> b2 = *reinterpret_cast<const mta::Pack<opmath_t, 2>*>(&s_b[kr][2 * lane]);
+            acc[i][0] += v * b2.val[0];
+            acc[i][1] += v * b2.val[1];
+          }
+          cur[i] += cnt;
+          if (cnt < kWarpSize) {
+            break;
+          }
+        }
+      }
+    }
+    PF_UNROLL
+    for (int i = 0; i < kTiledRowsPerWarp; ++i) {
+      if (row[i] < 0) {
+        continue;
+      }
+      const opmath_t bias = a.bias != nullptr ? static_cast<opmath_t>(a.bias[row[i]]) : opmath_t(0);
+      scalar_t* c = a.c + static_cast<int64_t>(row[i]) * a.ld + n0;
+      PF_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        if (2 * lane + j < width) {
+          c[2 * lane + j] = static_cast<scalar_t>(acc[i][j] + bias);
+        }
+      }
     }
   }
 }
@@ -479,8 +608,28 @@ struct SparseOperand {
   int64_t b_rows;
 };
 
+// PYFINETUNE_CSR_CUDA_KERNEL=tiled selects csr_spmm_tiled_kernel (experimental, read at each call);
+// unset or "warp": the warp-per-row kernel.
+bool use_tiled_spmm() {
+  const char* env = std::getenv("PYFINETUNE_CSR_CUDA_KERNEL");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "warp") == 0) {
+    return false;
+  }
+  TORCH_CHECK(std::strcmp(env, "tiled") == 0, "pyfinetune: PYFINETUNE_CSR_CUDA_KERNEL must be \"warp\" or \"tiled\", got \"",
+              env, "\"");
+  return true;
+}
+
 template <typename scalar_t, bool kGather>
 void launch_spmm(const SpmmArgs<scalar_t>& a, int64_t tiles) {
+  if (use_tiled_spmm()) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(a.rows, kTiledRows)),
+                    static_cast<unsigned>(std::min(ceil_div(a.ld, kTiledN), kMaxGridY)));
+    csr_spmm_tiled_kernel<scalar_t, kGather>
+        <<<grid, kTiledWarps * kWarpSize, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const dim3 grid(static_cast<unsigned>(ceil_div(a.rows, kSpmmWarps)),
                   static_cast<unsigned>(std::min(tiles, kMaxGridY)));
   csr_spmm_kernel<scalar_t, kGather><<<grid, kSpmmWarps * kWarpSize, 0, at::cuda::getCurrentCUDAStream()>>>(a);
