@@ -17,16 +17,28 @@ __all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "crossover_sparsity"]
 
 # Sparsity (fraction of pruned weights) from which kernel="auto" runs the sparse kernel
 # (csr_linear) instead of the dense masked product (masked_matmul on a weight rebuilt from the
-# kept values), per device type. See SparseLinear's docstring for how the CPU value was measured.
+# kept values), per device type, for float32 and float64 layers; 16-bit layers (bfloat16,
+# float16) use the "<device>-16bit" entry where the dense product has matrix units, and the
+# float32 entry elsewhere. See SparseLinear's docstring for how the values were measured.
 CROSSOVER_SPARSITY: Dict[str, float] = {
     # benchmarks/results/prune-cpu-20261126-0749 (two threads, AVX-512 kernels of that day): the
     # training step's time ratio of our dense path to the sparse kernel crosses 1 at ~43% (the
     # forward's below 30%).
     "cpu": 0.45,
+    # CPUs with AMX tile units (amx_bf16: Xeon Sapphire Rapids and later), whose bfloat16/float16
+    # GEMMs run ~5x faster than the float32 ones: benchmarks/results/prune-bfloat16-cpu-20261126-1008
+    # (the CI machine, two threads): our dense path's training step is 2.4x faster than the sparse
+    # kernel's at 50% and the ratio crosses 1 at ~83% (the forward's at ~93%); a second, standalone
+    # timing put the step's crossing at ~92% (bfloat16 and float16 alike). 0.9 between them.
+    "cpu-16bit": 0.9,
     # benchmarks/results/gpu-check-20261126-0605/prune-cuda-20261126-0612 (H100, N=256,
     # K=M=4096, 10 rounds): the forward's time ratio of our dense path to the sparse kernel crosses 1
     # at ~85%, the training step's at ~95% (1.05x dense path vs 1.04x sparse there); 0.9 between.
     "cuda": 0.9,
+    # Not measured yet (gpu_check.sh runs bench_prune --dtype float16): on tensor cores cuBLAS runs
+    # 16-bit products many times faster than float32 ones, while the sparse kernel computes in
+    # float32 either way, so the float32 crossing moves up; 0.99 until measured.
+    "cuda-16bit": 0.99,
 }
 
 _KERNELS = ("auto", "sparse", "dense")
@@ -34,10 +46,34 @@ _PATTERN = ("crow_indices", "col_indices", "row_order", "ccol_indices", "row_ind
 _NNZ_SIZED = ("values", "col_indices", "row_indices", "csc_to_csr")
 
 
-def crossover_sparsity(device: Union[str, torch.device]) -> float:
-    """The sparsity from which ``kernel="auto"`` picks the sparse kernel on ``device`` (above 1:
-    never, for devices without a sparse kernel)."""
-    return CROSSOVER_SPARSITY.get(torch.device(device).type, 2.0)
+def _amx_in_cpuinfo(path: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU flags in ``path`` (Linux's /proc/cpuinfo) include amx_bf16; False without
+    the file (other systems: the float32 crossover applies to every dtype)."""
+    try:
+        with open(path) as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split(":", 1)[-1].split() for line in f)
+    except OSError:
+        return False
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tile units for bfloat16 (read once)."""
+    global _AMX
+    if _AMX is None:
+        _AMX = _amx_in_cpuinfo()
+    return _AMX
+
+
+_AMX: Optional[bool] = None
+
+
+def crossover_sparsity(device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> float:
+    """The sparsity from which ``kernel="auto"`` picks the sparse kernel for a layer of ``dtype`` on
+    ``device`` (above 1: never, for devices without a sparse kernel)."""
+    kind = torch.device(device).type
+    if dtype in (torch.bfloat16, torch.float16) and (kind == "cuda" or (kind == "cpu" and _cpu_has_amx())):
+        return CROSSOVER_SPARSITY.get(f"{kind}-16bit", 2.0)
+    return CROSSOVER_SPARSITY.get(kind, 2.0)
 
 
 def _check_kernel(kernel: str) -> str:
@@ -82,7 +118,10 @@ class SparseLinear(nn.Module):
 
     so the sparse kernel wins the step from ~43% on (the ratio interpolated between 40% and 50%)
     and the forward at every measured sparsity. The crossover moves with the shapes (a small batch
-    favours the sparse kernel); set ``kernel`` to override it (``"sparse"`` for inference below it).
+    favours the sparse kernel) and the dtype: bfloat16 and float16 layers on a CPU with AMX (whose
+    16-bit GEMMs are ~5x faster than float32 ones) switch at 0.9, and on CUDA (tensor cores) at 0.99
+    (see :data:`CROSSOVER_SPARSITY`); set ``kernel`` to override it (``"sparse"`` for inference
+    below it).
 
     Args:
         in_features, out_features: the weight's shape is [out_features, in_features].
@@ -208,7 +247,7 @@ class SparseLinear(nn.Module):
         if self.kernel != "auto":
             return self.kernel
         device = self.values.device if device is None else device
-        return "sparse" if self.sparsity >= crossover_sparsity(device) else "dense"
+        return "sparse" if self.sparsity >= crossover_sparsity(device, self.values.dtype) else "dense"
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:

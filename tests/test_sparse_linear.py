@@ -117,6 +117,44 @@ def test_auto_kernel_follows_the_crossover():
     assert forced.kernel_for() == "sparse"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_auto_kernel_crossover_of_16_bit_layers(dtype, monkeypatch):
+    # 16-bit layers switch later where the dense product has matrix units: AMX on the CPU (0.9,
+    # measured), tensor cores on CUDA (0.99); a CPU without AMX keeps the float32 crossover.
+    from pyfinetune import _sparse_linear
+
+    at = {}
+    for sparsity in (0.5, 0.92, 0.995):
+        w = torch.randn(40, 50)
+        mask = torch.zeros(40 * 50, dtype=torch.bool)
+        mask[torch.randperm(40 * 50)[: round((1 - sparsity) * 40 * 50)]] = True
+        at[sparsity] = SparseLinear.from_dense(w.to(dtype), mask.view(40, 50))
+    monkeypatch.setattr(_sparse_linear, "_AMX", True)
+    assert crossover_sparsity("cpu", dtype) == CROSSOVER_SPARSITY["cpu-16bit"] == 0.9
+    assert [at[s].kernel_for() for s in (0.5, 0.92, 0.995)] == ["dense", "sparse", "sparse"]
+    monkeypatch.setattr(_sparse_linear, "_AMX", False)
+    assert crossover_sparsity("cpu", dtype) == CROSSOVER_SPARSITY["cpu"]
+    assert [at[s].kernel_for() for s in (0.5, 0.92, 0.995)] == ["sparse", "sparse", "sparse"]
+    assert crossover_sparsity("cuda", dtype) == CROSSOVER_SPARSITY["cuda-16bit"] == 0.99
+    assert [at[s].kernel_for("cuda") for s in (0.5, 0.92, 0.995)] == ["dense", "dense", "sparse"]
+    assert crossover_sparsity("cuda", torch.float32) == CROSSOVER_SPARSITY["cuda"]
+    assert crossover_sparsity("meta", dtype) > 1.0
+
+
+def test_amx_detection_reads_the_cpu_flags(tmp_path):
+    from pyfinetune._sparse_linear import _amx_in_cpuinfo
+
+    def cpuinfo(flags):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nmodel name\t: Xeon\nflags\t\t: {flags}\n\n")
+        return str(path)
+
+    assert _amx_in_cpuinfo(cpuinfo("fpu sse2 avx512f amx_bf16 amx_tile amx_int8"))
+    assert not _amx_in_cpuinfo(cpuinfo("fpu sse2 avx512f avx512_bf16 amx_tile"))   # no bf16 tiles
+    assert not _amx_in_cpuinfo(cpuinfo("fpu amx_bf16x"))                          # whole flags only
+    assert not _amx_in_cpuinfo(str(tmp_path / "missing"))
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_fully_pruned_and_empty_layers(kernel):
     layer = SparseLinear(7, 5, kernel=kernel)
