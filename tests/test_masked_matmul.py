@@ -450,3 +450,47 @@ def test_portable_kernels_when_avx512_is_off():
     env = dict(os.environ, PYFINETUNE_CPU_AVX512="0", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_transposes_round_like_c10(dtype, tmp_path):
+    # The AVX-512 transposes convert 16-bit x to float32 and round the float32 output block to
+    # 16 bits in registers; the portable code converts element by element with c10's casts. With
+    # one kept weight per row every output is a single product (exact in float32) plus the bias
+    # (one float32 rounding), so both must give the same bits: round to nearest even (ties
+    # included: ~1/256 of the outputs), overflow to inf, and NaN and inf from x.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, pyfinetune\n"
+        "from pyfinetune import ops\n"
+        "torch.manual_seed(0)\n"
+        f"dt = {dtype}\n"
+        "M, K, N = 67, 50, 300\n"
+        "mask = torch.zeros(M, K, dtype=torch.bool)\n"
+        "mask[torch.arange(M), torch.randint(0, K, (M,))] = True\n"
+        "w = (torch.randn(M, K) * 3).to(dt)\n"
+        "w[0, mask[0].nonzero()[0, 0]] = torch.finfo(dt).max\n"
+        "x = (torch.randn(N, K) * 3).to(dt)\n"
+        "x[1, :] = float('inf'); x[2, :] = float('nan'); x[3, :] = -0.0\n"
+        "x[4, :] = torch.finfo(dt).max\n"
+        "b = torch.randn(M).to(dt)\n"
+        "y = ops.csr_linear(x, w[mask].clone(), *ops.compressed_pattern(mask), bias=b)\n"
+        "torch.save(y, sys.argv[1])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = []
+    for avx512 in ("1", "0"):
+        path = str(tmp_path / f"y{avx512}.pt")
+        env = dict(os.environ, PYFINETUNE_CPU_AVX512=avx512,
+                   PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        out = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        outs.append(torch.load(path))
+    fast, portable = outs
+    assert torch.isinf(portable).any() and torch.isnan(portable).any()
+    assert torch.equal(torch.isnan(fast), torch.isnan(portable))
+    finite = ~torch.isnan(portable)
+    assert torch.equal(fast[finite].view(torch.int16), portable[finite].view(torch.int16))

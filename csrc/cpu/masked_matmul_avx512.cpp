@@ -269,17 +269,19 @@ inline __attribute__((always_inline)) void even_odd_lanes(__m512 a, __m512 b, __
   odd = _mm512_shuffle_f32x4(a, b, 0xdd);
 }
 
-// One block of at most 16 x 16: dst[c * dst_ld + r] = src[r * src_ld + c] (+ add[r]) for r < rows,
-// c < cols. The 16 source rows are transposed in registers in four stages: unpacklo/hi_ps pairs
+// One block of at most 16 x 16: column c of the block (row(r)[c] + add[r] for r < rows) goes to
+// store(c, values, row_mask) for c < cols, where row(r, mask) loads source row r's (at most 16)
+// values as floats, the lanes outside `mask` zero, and store writes the lanes of row_mask. The 16 rows are transposed in registers in four stages: unpacklo/hi_ps pairs
 // the rows (a, b) within each 128-bit lane, unpacklo/hi_pd pairs those (ab, cd), leaving in
 // u[k] lane j = column 4j + k of four rows; two rounds of shuffle_f32x4 then gather each column's
 // four lanes. Missing rows are zeros (never stored), missing columns are masked loads / stores.
-inline void transpose_block(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int rows, int cols,
-                            const float* add) {
+template <typename Row, typename Store>
+inline __attribute__((always_inline)) void transpose_block(const Row& row, const Store& store, int rows, int cols,
+                                                           const float* add) {
   const __mmask16 col_mask = lanes_of(cols, 0), row_mask = lanes_of(rows, 0);
   __m512 r[16];
   for (int i = 0; i < 16; ++i) {
-    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_ld) : _mm512_setzero_ps();
+    r[i] = i < rows ? row(i, col_mask) : _mm512_setzero_ps();
   }
   __m512 t[16], u[16];
   for (int i = 0; i < 16; i += 2) {
@@ -308,13 +310,22 @@ inline void transpose_block(const float* src, int64_t src_ld, float* dst, int64_
   }
   const __m512 addv = add != nullptr ? _mm512_maskz_loadu_ps(row_mask, add) : _mm512_setzero_ps();
   for (int c = 0; c < cols; ++c) {
-    const __m512 out = add != nullptr ? _mm512_add_ps(col[c], addv) : col[c];
-    if (rows == 16) {
-      _mm512_storeu_ps(dst + c * dst_ld, out);
-    } else {
-      _mm512_mask_storeu_ps(dst + c * dst_ld, row_mask, out);
-    }
+    store(c, add != nullptr ? _mm512_add_ps(col[c], addv) : col[c], row_mask);
   }
+}
+
+// float32 -> bfloat16, rounded to nearest even, NaN -> 0x7FC0: c10::BFloat16's conversion.
+inline __attribute__((always_inline)) __m256i to_bf16(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// float32 -> float16, rounded to nearest even (F16C, as c10::Half's conversion).
+inline __attribute__((always_inline)) __m256i to_f16(__m512 x) {
+  return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
 }  // namespace
@@ -340,16 +351,78 @@ void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_
   with_vecs<kSddmmPanelFloats / kLanes>(width, [&](auto vecs) { sddmm_panel_v<decltype(vecs)::kV, decltype(vecs)::kFull>(a, r0, r1, n0, width, cursor); });
 }
 
-void transpose(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols,
-               const float* add) {
+namespace {
+
+// The blocks of a [rows, cols] source (row r, column c at src + r * src_ld + c) into the [cols,
+// rows] destination (at dst + c * dst_ld + r): each source row read by load(pointer, mask) as 16
+// floats, each destination row of a block written by put(pointer, values, mask).
+template <typename S, typename D, typename Load, typename Put>
+inline __attribute__((always_inline)) void transpose_blocks(const S* src, int64_t src_ld, D* dst, int64_t dst_ld,
+                                                            int64_t rows, int64_t cols, const float* add,
+                                                            const Load& load, const Put& put) {
   for (int64_t r = 0; r < rows; r += kLanes) {
     const int nr = static_cast<int>(rows - r < kLanes ? rows - r : kLanes);
     for (int64_t c = 0; c < cols; c += kLanes) {
       const int nc = static_cast<int>(cols - c < kLanes ? cols - c : kLanes);
-      transpose_block(src + r * src_ld + c, src_ld, dst + c * dst_ld + r, dst_ld, nr, nc,
+      const S* block = src + r * src_ld + c;
+      D* out = dst + c * dst_ld + r;
+      transpose_block([&](int i, __mmask16 mask) { return load(block + i * src_ld, mask); },
+                      [&](int j, __m512 values, __mmask16 mask) { put(out + j * dst_ld, values, mask); }, nr, nc,
                       add != nullptr ? add + r : nullptr);
     }
   }
+}
+
+inline __m512 load_f32(const float* p, __mmask16 mask) {
+  return _mm512_maskz_loadu_ps(mask, p);
+}
+
+inline void put_f32(float* p, __m512 values, __mmask16 mask) {
+  if (mask == 0xFFFF) {
+    _mm512_storeu_ps(p, values);
+  } else {
+    _mm512_mask_storeu_ps(p, mask, values);
+  }
+}
+
+}  // namespace
+
+void transpose(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+               const float* add) {
+  transpose_blocks(src, src_ld, dst, dst_ld, rows, cols, add, load_f32, put_f32);
+}
+
+// bfloat16 is the upper half of a float32: widen to 32 bits and shift (exact, NaN and inf kept).
+void transpose_bf16(const uint16_t* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols) {
+  transpose_blocks(
+      src, src_ld, dst, dst_ld, rows, cols, nullptr,
+      [](const uint16_t* p, __mmask16 mask) {
+        const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+      },
+      put_f32);
+}
+
+// float16 -> float32 with F16C's conversion (exact for every half value, subnormals included).
+void transpose_f16(const uint16_t* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols) {
+  transpose_blocks(
+      src, src_ld, dst, dst_ld, rows, cols, nullptr,
+      [](const uint16_t* p, __mmask16 mask) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)); },
+      put_f32);
+}
+
+void transpose_to_bf16(const float* src, int64_t src_ld, uint16_t* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+                       const float* add) {
+  transpose_blocks(src, src_ld, dst, dst_ld, rows, cols, add, load_f32, [](uint16_t* p, __m512 values, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(p, mask, to_bf16(values));
+  });
+}
+
+void transpose_to_f16(const float* src, int64_t src_ld, uint16_t* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+                      const float* add) {
+  transpose_blocks(src, src_ld, dst, dst_ld, rows, cols, add, load_f32, [](uint16_t* p, __m512 values, __mmask16 mask) {
+    _mm256_mask_storeu_epi16(p, mask, to_f16(values));
+  });
 }
 
 #else  // no AVX-512 kernels in this build: the portable kernels run everywhere
@@ -367,6 +440,22 @@ void sddmm_panel(const SddmmPanel&, int64_t, int64_t, int64_t, int64_t, int32_t*
 }
 
 void transpose(const float*, int64_t, float*, int64_t, int64_t, int64_t, const float*) {
+  abort();  // unreachable: available() is false
+}
+
+void transpose_bf16(const uint16_t*, int64_t, float*, int64_t, int64_t, int64_t) {
+  abort();  // unreachable: available() is false
+}
+
+void transpose_f16(const uint16_t*, int64_t, float*, int64_t, int64_t, int64_t) {
+  abort();  // unreachable: available() is false
+}
+
+void transpose_to_bf16(const float*, int64_t, uint16_t*, int64_t, int64_t, int64_t, const float*) {
+  abort();  // unreachable: available() is false
+}
+
+void transpose_to_f16(const float*, int64_t, uint16_t*, int64_t, int64_t, int64_t, const float*) {
   abort();  // unreachable: available() is false
 }
 

@@ -61,6 +61,15 @@ void sddmm_panel(const SddmmPanel& a, int64_t r0, int64_t r1, int64_t n0, int64_
 // 16 x 16 blocks transposed in registers (csr_linear's x -> xT and its output buffer -> y).
 void transpose(const float* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols,
                const float* add);
+// The same for bfloat16 / float16 sources (raw 16-bit patterns), converted exactly to float32.
+void transpose_bf16(const uint16_t* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols);
+void transpose_f16(const uint16_t* src, int64_t src_ld, float* dst, int64_t dst_ld, int64_t rows, int64_t cols);
+// float32 (+ add[r]) into bfloat16 / float16 destinations, rounded once to nearest even as c10's
+// conversions round (NaN stays NaN).
+void transpose_to_bf16(const float* src, int64_t src_ld, uint16_t* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+                       const float* add);
+void transpose_to_f16(const float* src, int64_t src_ld, uint16_t* dst, int64_t dst_ld, int64_t rows, int64_t cols,
+                      const float* add);
 
 }  // namespace avx512
 }  // namespace pyfinetune
