@@ -494,3 +494,22 @@ def test_16_bit_transposes_round_like_c10(dtype, tmp_path):
     assert torch.equal(torch.isnan(fast), torch.isnan(portable))
     finite = ~torch.isnan(portable)
     assert torch.equal(fast[finite].view(torch.int16), portable[finite].view(torch.int16))
+
+
+def test_csr_linear_without_gradients_calls_the_op_alone():
+    # No input needs a gradient (or grad mode is off): csr_linear skips its autograd Function
+    # (~30 us a call) and calls the op; the values are the same bits, and nothing is recorded.
+    torch.manual_seed(0)
+    mask = torch.rand(37, 50) > 0.7
+    w, x, b = torch.randn(37, 50), torch.randn(3, 4, 50), torch.randn(37)
+    pattern = ops.compressed_pattern(mask)
+    values = w[mask].clone().requires_grad_(True)
+    with_grad = ops.csr_linear(x, values, *pattern, bias=b)
+    assert with_grad.grad_fn is not None
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            y = ops.csr_linear(x, values, *pattern, bias=b)
+        assert y.grad_fn is None and not y.requires_grad and y.shape == (3, 4, 37)
+        assert torch.equal(y, with_grad.detach())
+    y = ops.csr_linear(x, values.detach(), *pattern, bias=b)   # grad mode on, nothing requires grad
+    assert y.grad_fn is None and torch.equal(y, with_grad.detach())
