@@ -75,8 +75,9 @@ struct SGDOperand {
 
 // Tensors per launch (4 groups each): with 4 KB arguments 36 AdamW tensors and 222 blocks, 48 SGD
 // tensors and 281 blocks; with 32 KB, 192 AdamW tensors (resnet50's 161 in one launch) and ~3600
-// blocks, 224 SGD tensors and ~4300 blocks.
-constexpr bool kLargeArgs = mta::kMaxKernelArgBytes > 4096;
+// blocks, 224 SGD tensors and ~4300 blocks. The large tables need 16 KB of arguments or more (their
+// pointers alone take ~14.5 KB); sizes between 4 and 16 KB keep the small tables and more blocks.
+constexpr bool kLargeArgs = mta::kMaxKernelArgBytes >= 16384;
 using AdamWMeta = mta::TensorListMeta<AdamWOperand::kCount, kLargeArgs ? 192 : 36, AdamWGroup, 4, LaunchArgs>;
 using SGDMeta = mta::TensorListMeta<SGDOperand::kCount, kLargeArgs ? 224 : 48, SGDGroup, 4, LaunchArgs>;
 
