@@ -42,4 +42,15 @@ def build_info() -> Dict[str, object]:
         "gpu": gpu,
         "cpu_threads": torch.get_num_threads(),
         "kernels": kernel_devices(),
+        "sparse_linear_crossover": sparse_linear_crossover(),
     }
+
+
+def sparse_linear_crossover() -> Dict[str, Dict[str, float]]:
+    """The sparsity from which SparseLinear(kernel="auto") runs the sparse kernel, per device with a
+    sparse kernel in this build (the CPU; CUDA when built) and dtype, on this machine."""
+    from ._sparse_linear import crossover_sparsity
+
+    devices = [d for d in ("cpu", "cuda") if d in kernel_devices()["csr_linear"]]
+    return {d: {str(t).replace("torch.", ""): crossover_sparsity(d, t)
+                for t in (torch.float32, torch.bfloat16, torch.float16)} for d in devices}

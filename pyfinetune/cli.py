@@ -33,6 +33,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
              if info["optimizer_launch_arg_bytes"] else ""))
     print(f"CPU kernels  vector ISA {info['cpu_isa']}; {info['cpu_threads']} threads")
     print(f"GPU          {gpu}")
+    for device, by_dtype in info["sparse_linear_crossover"].items():
+        print(f"SparseLinear kernel='auto' on {device}: sparse from "
+              + ", ".join(f"{v:.0%} ({dt})" for dt, v in by_dtype.items()))
     print("ops:")
     width = max(len(op) for op in info["kernels"])
     for op, devices in info["kernels"].items():

@@ -113,3 +113,27 @@ def test_a_second_run_in_the_same_minute_keeps_the_first(tmp_path):
     first = suite.write_outputs(fake_record(), str(tmp_path))
     second = suite.write_outputs(fake_record(), str(tmp_path))
     assert second["csv"].endswith("-2.csv") and os.path.exists(first["csv"]) and os.path.exists(second["png"])
+
+
+def test_info_command_text_and_json(capsys):
+    # `pyfinetune info`: versions, the CUDA build, the optimizer's launch-argument size when built
+    # with CUDA, SparseLinear's crossover per device and dtype, and every op with its devices.
+    import json
+
+    import pyfinetune
+    from pyfinetune import cli
+
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    info = pyfinetune.build_info()
+    assert f"torch        {torch.__version__}" in text
+    assert "SparseLinear kernel='auto' on cpu: sparse from 45% (float32)" in text
+    for op in info["kernels"]:
+        assert f"torch.ops.pyfinetune.{op}" in text
+    assert ("optimizer launch arguments" in text) == bool(info["cuda_built"])
+    assert cli.main(["info", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sparse_linear_crossover"]["cpu"]["float32"] == 0.45
+    assert set(data["sparse_linear_crossover"]["cpu"]) == {"float32", "bfloat16", "float16"}
+    size = data["optimizer_launch_arg_bytes"]
+    assert size is None if not data["cuda_built"] else 4096 <= size <= 32764
