@@ -102,11 +102,7 @@ constexpr int vec_width() {
   return static_cast<int>(16 / sizeof(scalar_t));
 }
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-__device__ C10_ALWAYS_INLINE int64_t ceil_div_device(int64_t a, int64_t b) {
+C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
@@ -327,7 +323,7 @@ __global__ void __launch_bounds__(kTiledWarps* kWarpSize, 2) csr_spmm_tiled_kern
     row[i] = slot < a.rows ? a.order[slot] : -1;  // -1: past the last row
     CUDA_KERNEL_ASSERT(slot >= a.rows || (row[i] >= 0 && row[i] < a.rows));
   }
-  const int64_t tiles = ceil_div_device(a.ld, kTiledN);
+  const int64_t tiles = ceil_div(a.ld, kTiledN);
   for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
     const int64_t n0 = tile * kTiledN;
     const int64_t width = a.ld - n0 < kTiledN ? a.ld - n0 : kTiledN;  // a multiple of kVec
