@@ -91,7 +91,10 @@ def test_gradients_masked_and_dense(device, dtype):
     for name in LAYERS:
         g = model.get_submodule(name).weight.grad
         assert_close(g, effs[name].grad, dtype, msg=name)
-        assert (g[~model.get_submodule(name).weight_mask] != 0).float().mean() > 0.5, "dense at pruned positions"
+        # Masked gradients would be exactly 0 there; dense ones are nonzero wherever the layer's
+        # input is (ReLU zeroes about half of it: over 600 seeds and dtypes the smallest share
+        # was 0.45, fc2's, so 0.5 failed now and then).
+        assert (g[~model.get_submodule(name).weight_mask] != 0).float().mean() > 0.25, "dense at pruned positions"
 
 
 def test_masked_linear_function_contract():
