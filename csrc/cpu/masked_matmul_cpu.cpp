@@ -437,11 +437,13 @@ struct SpmmPanels {
 // The SpMM's panel width for a pattern of nnz kept weights in [rows, cols]: the AVX-512 kernels'
 // wide panels (avx512::kPanelFloats) for float32 patterns of at least kWidePanelDensity kept
 // weights, else the portable panel. Wide panels read the kept weights and indices half as often
-// but load and store twice the accumulators per row segment. `benchmarks/bench_prune.py
-// --threads 2` (N = 256, K = M = 4096) forward: 5.42 ms wide at 95% (prune-cpu-20261126-0723)
-// against 5.88 narrow (-0711); at 99% a run with wide panels at every density (its record not
-// kept) measured 3.51 ms against 3.09 narrow (-0711).
-constexpr double kWidePanelDensity = 0.02;
+// but load and store twice the accumulators per row segment, and their operand tiles (choose_tile)
+// take twice the bytes for the same segment length: at 90% sparsity 128 KiB against 64 KiB, which
+// L2 serves more slowly. Measured with two threads (N = 256, K = M = 4096, forward, the kernels
+// of prune-cpu-20261126-1025, contenders interleaved in one process), narrow over wide: 0.99x at
+// 70%, 0.99x at 80%, 1.11x at 85%, 1.06-1.09x at 90%, 1.02x at 95%, 1.7x at 99%; forward +
+// backward 1.05x at 85% and 1.06x at 90%.
+constexpr double kWidePanelDensity = 0.18;
 
 template <typename acc_t>
 int64_t spmm_panel_floats(int64_t nnz, int64_t rows, int64_t cols) {
