@@ -38,18 +38,22 @@ struct SpmmPanel {
 };
 
 // out[e] += dot(dyT[r, n0 : n0 + width], xT[pat.idx[e], n0 : n0 + width]) for the entries e of
-// row r; dyT [pat.rows, ld], xT [pat.cols, ld].
+// row r (out[e] = the dot product when add is false: the first panel, so that out needs no
+// zeroing); dyT [pat.rows, ld], xT [pat.cols, ld].
 struct SddmmPanel {
   Pattern pat;
   const float* dyT;
   const float* xT;
   float* out;
   int64_t ld;
+  bool add;
 };
 
 // True when these kernels were compiled (x86-64, GCC or Clang) and the CPU runs AVX-512 F, VL,
 // BW and DQ, unless the environment sets PYFINETUNE_CPU_AVX512=0. Read once.
 bool available();
+// out[i] = values[index[i]] for i < n (every index valid: the caller checked them).
+void gather(const float* values, const int32_t* index, float* out, int64_t n);
 
 // Rows [r0, r1), panel [n0, n0 + width), width in (0, kPanelFloats] (spmm_panel) or in (0,
 // kSddmmPanelFloats] (sddmm_panel); cursor: scratch for r1 - r0 entries (tiled patterns).
