@@ -19,13 +19,15 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
-// Defined, dense (strided) and on the device of `ref` (x, whose device every argument shares).
-void check_dense_on(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+// Defined, dense (strided) and on the device of `ref` (x, whose device every argument shares, or
+// the tensor named ref_name).
+void check_dense_on(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                    const char* ref_name = "x") {
   PF_CHECK(t.defined(), op, name, " is undefined");
   PF_CHECK(t.layout() == at::kStrided, op, name, " must be a dense (strided) tensor, got layout ", t.layout(),
            " (pass the compressed pattern as separate index tensors, not a torch sparse tensor)");
-  PF_CHECK(t.device() == ref.device(), op, name, " must be on the device of x (", ref.device(), "), got ",
-           t.device());
+  PF_CHECK(t.device() == ref.device(), op, name, " must be on the device of ", ref_name, " (", ref.device(),
+           "), got ", t.device());
 }
 
 void check_float_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
@@ -61,8 +63,8 @@ void check_grad_out(const char* op, const at::Tensor& grad_out, const at::Tensor
 
 // A 1-D int32 index tensor with `len` entries; `what` says what the length is.
 void check_index(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, int64_t len,
-                 const std::string& what) {
-  check_dense_on(op, name, t, x);
+                 const std::string& what, const char* ref_name = "x") {
+  check_dense_on(op, name, t, x, ref_name);
   PF_CHECK(t.scalar_type() == at::kInt, op, name, " must be int32, got ", t.scalar_type());
   PF_CHECK(t.dim() == 1 && t.size(0) == len, op, name, " must be a 1-D tensor with ", what, " = ", len,
            " entries, got shape ", t.sizes());
@@ -141,6 +143,65 @@ MatmulSizes check_csr_linear_backward_args(const at::Tensor& grad_out, const at:
   check_index(op, "row_indices", row_indices, x, nnz, "nnz = values.numel()");
   check_index(op, "csc_to_csr", csc_to_csr, x, nnz, "nnz = values.numel()");
   return {x.size(0), k, m, nnz};
+}
+
+namespace {
+
+// crow_indices [M + 1] and col_indices [nnz] (int32) on the device of `ref`. Returns M.
+int64_t check_pattern_of(const char* op, const at::Tensor& ref, const char* ref_name,
+                         const at::Tensor& crow_indices, const at::Tensor& col_indices, int64_t nnz) {
+  PF_CHECK(crow_indices.defined(), op, "crow_indices is undefined");
+  PF_CHECK(crow_indices.dim() == 1 && crow_indices.size(0) >= 1, op,
+           "crow_indices must be a 1-D tensor [M + 1] (M rows), got shape ", crow_indices.sizes());
+  const int64_t m = crow_indices.size(0) - 1;
+  check_index(op, "crow_indices", crow_indices, ref, m + 1, "M + 1", ref_name);
+  check_index(op, "col_indices", col_indices, ref, nnz, "nnz", ref_name);
+  PF_CHECK(m > 0 || nnz == 0, op, "a pattern of no rows (crow_indices with one entry) has no kept entries, got nnz = ",
+           nnz);
+  return m;
+}
+
+}  // namespace
+
+MatmulSizes check_csr_to_dense_args(const at::Tensor& values, const at::Tensor& crow_indices,
+                                    const at::Tensor& col_indices, int64_t cols) {
+  const char* op = "csr_to_dense";
+  PF_CHECK(values.defined(), op, "values is undefined");
+  PF_CHECK(values.layout() == at::kStrided, op, "values must be a dense (strided) tensor, got layout ",
+           values.layout());
+  PF_CHECK(is_supported_float(values.scalar_type()), op, "values must be ", kFloatDtypes, ", got ",
+           values.scalar_type());
+  PF_CHECK(values.dim() == 1, op, "values must be a 1-D tensor [nnz] (the kept weights), got shape ",
+           values.sizes());
+  const int64_t nnz = values.size(0);
+  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "values has ", nnz,
+           " entries; int32 indices address at most 2^31 - 1 kept weights");
+  PF_CHECK(cols >= 0, op, "cols must be >= 0 (the number of columns of the dense weight), got ", cols);
+  const int64_t m = check_pattern_of(op, values, "values", crow_indices, col_indices, nnz);
+  PF_CHECK(cols > 0 || nnz == 0, op, "a pattern of cols = 0 columns has no kept entries, got nnz = ", nnz);
+  PF_CHECK(cols <= std::numeric_limits<int32_t>::max(), op, "cols must be at most 2^31 - 1 (int32 column indices), got ",
+           cols);
+  PF_CHECK(cols == 0 || m <= std::numeric_limits<int64_t>::max() / cols, op, "a dense [", m, ", ", cols,
+           "] tensor has too many elements");
+  return {0, cols, m, nnz};
+}
+
+MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& crow_indices,
+                                  const at::Tensor& col_indices) {
+  const char* op = "csr_gather";
+  PF_CHECK(dense.defined(), op, "dense is undefined");
+  PF_CHECK(dense.layout() == at::kStrided, op, "dense must be a dense (strided) tensor, got layout ", dense.layout());
+  PF_CHECK(is_supported_float(dense.scalar_type()), op, "dense must be ", kFloatDtypes, ", got ",
+           dense.scalar_type());
+  PF_CHECK(dense.dim() == 2, op, "dense must be a 2-D tensor [M, K], got shape ", dense.sizes());
+  PF_CHECK(col_indices.defined(), op, "col_indices is undefined");
+  PF_CHECK(col_indices.dim() == 1, op, "col_indices must be a 1-D tensor [nnz], got shape ", col_indices.sizes());
+  const int64_t nnz = col_indices.size(0);
+  const int64_t m = check_pattern_of(op, dense, "dense", crow_indices, col_indices, nnz);
+  PF_CHECK(dense.size(0) == m, op, "dense must have M = crow_indices.numel() - 1 = ", m, " rows, got shape ",
+           dense.sizes());
+  PF_CHECK(dense.size(1) > 0 || nnz == 0, op, "a dense tensor of no columns has no kept entries, got nnz = ", nnz);
+  return {0, dense.size(1), m, nnz};
 }
 
 // ------------------------------------------------------------------------- pattern data (CPU)

@@ -71,6 +71,14 @@ TORCH_LIBRARY(pyfinetune, m) {
       "csr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
       "Tensor col_indices, Tensor row_order, Tensor ccol_indices, Tensor row_indices, Tensor csc_to_csr, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The dense weight [M, cols] of a compressed-row pattern and back (SparseLinear's dense path):
+  // csr_to_dense writes each row once, zeros and the row's kept values (values [nnz], any float
+  // dtype; crow_indices [M + 1], col_indices [nnz] int32 on the values' device, columns in [0,
+  // cols), increasing strictly within a row); csr_gather reads the kept positions of a
+  // dense [M, K] tensor (any strides) into [nnz] in the pattern's order. Each is the other's
+  // gradient.
+  m.def("csr_to_dense(Tensor values, Tensor crow_indices, Tensor col_indices, int cols) -> Tensor");
+  m.def("csr_gather(Tensor dense, Tensor crow_indices, Tensor col_indices) -> Tensor");
   // Fused distillation loss, forward with the gradient (one kernel family, no softmax tensors).
   //   student, teacher: [N, V] logits (any float dtype each; unit stride along V, any row stride);
   //   labels: None or int64 [N]. divergence: "forward_kl" | "reverse_kl" | "jsd".

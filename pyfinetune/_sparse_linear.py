@@ -224,10 +224,11 @@ class SparseLinear(nn.Module):
     def to_dense(self) -> Tensor:
         """The dense weight [out, in]: the kept values, zeros at pruned positions. Differentiable
         with respect to ``values``."""
-        # index_copy_ into fresh zeros: the fastest of torch's scatters on CPU (scatter,
-        # index_put and masked_scatter measured 1.2-9x slower); autograd gathers the gradient.
-        dense = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype, device=self.values.device)
-        return dense.index_copy_(0, self.flat_index, self.values).view(self.out_features, self.in_features)
+        # One pass writing each element once (ops.csr_to_dense), its gradient gathered at the kept
+        # positions (ops.csr_gather): on the CPU at 50% of 4096 x 4096, float32, to_dense took
+        # 21 ms as torch.zeros + index_copy_ (the fastest of torch's scatters; a fresh 64 MB
+        # page-faulted per 4 KiB) and the gather 13 ms as index_select.
+        return ops.csr_to_dense(self.values, self.crow_indices, self.col_indices, self.in_features)
 
     @property
     def weight(self) -> Tensor:

@@ -56,6 +56,13 @@ compressed-column entry ``p``). Outputs not asked for are empty tensors.
 
 All four accumulate in float32 (float64 for float64 inputs) and round once. The CPU kernels also
 check the index tensors' contents (monotone row pointers, indices in range).
+
+``torch.ops.pyfinetune.csr_to_dense(values, crow_indices, col_indices, cols) -> [M, cols]``: the
+dense weight of a compressed-row pattern, zeros at the pruned positions, each row written once;
+``torch.ops.pyfinetune.csr_gather(dense, crow_indices, col_indices) -> [nnz]``: the kept positions
+of a dense [M, K] tensor (any strides), in the pattern's order. Columns must increase strictly
+within a row; any float dtype. Each is the other's gradient (:func:`csr_to_dense`,
+:func:`csr_gather`).
 Distillation ops (forward with the gradient; the backward only scales the saved gradient):
 
 ``torch.ops.pyfinetune.kd_loss_fwd(student, teacher, labels, *, temperature, alpha, divergence,
@@ -323,6 +330,85 @@ def _csr_linear_backward_fake(grad_out, x, values, crow_indices, col_indices, ro
     return dx, dvalues, dbias
 
 
+def _fake_check_pattern(op: str, ref_name: str, ref: Tensor, crow_indices: Tensor, col_indices: Tensor) -> None:
+    for name, t in dict(crow_indices=crow_indices, col_indices=col_indices).items():
+        _fake_check(t.device == ref.device, op,
+                    lambda name=name, t=t: f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
+        _fake_check(t.dtype == torch.int32, op, lambda name=name, t=t: f"{name} must be int32, got {t.dtype}")
+        _fake_check(t.dim() == 1, op, lambda name=name, t=t: f"{name} must be a 1-D tensor, got shape {tuple(t.shape)}")
+
+
+@torch.library.register_fake("pyfinetune::csr_to_dense")
+def _csr_to_dense_fake(values, crow_indices, col_indices, cols):
+    op = "csr_to_dense"
+    _fake_check_pattern(op, "values", values, crow_indices, col_indices)
+    _fake_check(values.dim() == 1 and col_indices.shape == values.shape, op,
+                lambda: f"values [nnz] and col_indices [nnz] must match, got shapes {tuple(values.shape)} and "
+                        f"{tuple(col_indices.shape)}")
+    _fake_check(cols >= 0, op, lambda: f"cols must be >= 0, got {cols}")
+    return values.new_empty((crow_indices.shape[0] - 1, cols))
+
+
+@torch.library.register_fake("pyfinetune::csr_gather")
+def _csr_gather_fake(dense, crow_indices, col_indices):
+    op = "csr_gather"
+    _fake_check_pattern(op, "dense", dense, crow_indices, col_indices)
+    _fake_check(dense.dim() == 2 and dense.shape[0] == crow_indices.shape[0] - 1, op,
+                lambda: f"dense must be [M, K] with M = crow_indices.numel() - 1 = {crow_indices.shape[0] - 1}, "
+                        f"got shape {tuple(dense.shape)}")
+    return dense.new_empty((col_indices.shape[0],))
+
+
+def _csr_to_dense_setup_context(ctx, inputs, output):
+    _, crow, col, _ = inputs
+    ctx.save_for_backward(crow, col)
+
+
+def _csr_to_dense_backward(ctx, grad):
+    crow, col = ctx.saved_tensors
+    return torch.ops.pyfinetune.csr_gather(grad, crow, col), None, None, None
+
+
+def _csr_gather_setup_context(ctx, inputs, output):
+    dense, crow, col = inputs
+    ctx.save_for_backward(crow, col)
+    ctx.cols = dense.shape[1]
+
+
+def _csr_gather_backward(ctx, grad):
+    crow, col = ctx.saved_tensors
+    return torch.ops.pyfinetune.csr_to_dense(grad, crow, col, ctx.cols), None, None
+
+
+torch.library.register_autograd("pyfinetune::csr_to_dense", _csr_to_dense_backward,
+                                setup_context=_csr_to_dense_setup_context)
+torch.library.register_autograd("pyfinetune::csr_gather", _csr_gather_backward,
+                                setup_context=_csr_gather_setup_context)
+
+
+def csr_to_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, cols: int) -> Tensor:
+    """The dense [M, cols] tensor of a compressed-row pattern: ``values`` at the kept positions,
+    exact zeros elsewhere. One pass that writes each element once (``torch.zeros`` followed by an
+    ``index_copy_`` writes the weight twice and, on the CPU, page-faults a fresh buffer).
+
+    Args:
+        values: [nnz] kept values (float32, bfloat16, float16 or float64), row-major order.
+        crow_indices: [M + 1] int32 row offsets; col_indices: [nnz] int32 columns in [0, cols),
+            increasing strictly within each row; both on the values' device.
+        cols: the number of columns of the dense tensor.
+
+    Differentiable in ``values``: the gradient is :func:`csr_gather` of the incoming gradient.
+    """
+    return torch.ops.pyfinetune.csr_to_dense(values, crow_indices, col_indices, cols)
+
+
+def csr_gather(dense: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tensor:
+    """The kept positions of ``dense`` [M, K] (any strides) as a [nnz] tensor in the pattern's
+    row-major order: ``dense[mask]`` for the pattern's mask, without building the mask.
+    Differentiable in ``dense`` (the gradient is :func:`csr_to_dense`)."""
+    return torch.ops.pyfinetune.csr_gather(dense, crow_indices, col_indices)
+
+
 def _masked_matmul_grads(ctx, grad, dense_grad: bool):
     x, weight, mask = ctx.saved_tensors
     need_x, need_w, _, need_b = ctx.needs_input_grad
@@ -524,4 +610,4 @@ kd_loss_fwd = torch.ops.pyfinetune.kd_loss_fwd
 kd_loss_topk_fwd = torch.ops.pyfinetune.kd_loss_topk_fwd
 
 __all__ = ["fused_adamw_", "fused_sgd_", "kd_loss_fwd", "kd_loss_topk_fwd", "masked_matmul", "csr_linear",
-           "CompressedPattern", "compressed_pattern", "pattern_from_csr"]
+           "csr_to_dense", "csr_gather", "CompressedPattern", "compressed_pattern", "pattern_from_csr"]

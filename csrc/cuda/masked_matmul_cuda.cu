@@ -719,6 +719,69 @@ at::Tensor sddmm(const at::Tensor& goT, const at::Tensor& xT, int64_t ld, const 
   return out;
 }
 
+// ---- csr_to_dense / csr_gather -----------------------------------------------------------------
+// A block per row (a grid of at most kMaxRowBlocks looping over the rows): csr_to_dense zeroes the
+// row with coalesced stores and, after a barrier, scatters the row's kept values into it, so every
+// element is written by one kernel (no memset pass); csr_gather reads the kept positions of a row.
+// Both assert the pattern on the device (offsets within [0, nnz], columns in range and strictly
+// increasing within a row), as the CPU kernels check it on the host.
+constexpr int kRowThreads = 256;
+constexpr int64_t kMaxRowBlocks = int64_t{1} << 16;
+
+__device__ __forceinline__ void assert_row_entry(const int32_t* __restrict__ col, int64_t e, int64_t begin,
+                                                 int64_t cols) {
+  CUDA_KERNEL_ASSERT(col[e] >= 0 && col[e] < cols);
+  CUDA_KERNEL_ASSERT(e == begin || col[e - 1] < col[e]);
+}
+
+__device__ __forceinline__ void assert_row_range(int64_t r, int64_t rows, int64_t begin, int64_t end, int64_t nnz) {
+  CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= nnz);
+  CUDA_KERNEL_ASSERT(r != 0 || begin == 0);
+  CUDA_KERNEL_ASSERT(r != rows - 1 || end == nnz);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowThreads) csr_to_dense_kernel(const scalar_t* __restrict__ values,
+                                                                   const int32_t* __restrict__ crow,
+                                                                   const int32_t* __restrict__ col,
+                                                                   scalar_t* __restrict__ out, int64_t rows,
+                                                                   int64_t cols, int64_t nnz) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // uniform within the block: the barrier is safe
+    scalar_t* row = out + r * cols;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      row[c] = scalar_t(0);
+    }
+    __syncthreads();  // the zeros before the values (another thread's column)
+    const int64_t begin = crow[r], end = crow[r + 1];
+    assert_row_range(r, rows, begin, end, nnz);
+    for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
+      assert_row_entry(col, e, begin, cols);
+      row[col[e]] = values[e];
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kRowThreads) csr_gather_kernel(const scalar_t* __restrict__ dense, int64_t s0,
+                                                                 int64_t s1, const int32_t* __restrict__ crow,
+                                                                 const int32_t* __restrict__ col,
+                                                                 scalar_t* __restrict__ out, int64_t rows,
+                                                                 int64_t cols, int64_t nnz) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t begin = crow[r], end = crow[r + 1];
+    assert_row_range(r, rows, begin, end, nnz);
+    const scalar_t* row = dense + r * s0;
+    for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
+      assert_row_entry(col, e, begin, cols);
+      out[e] = row[static_cast<int64_t>(col[e]) * s1];
+    }
+  }
+}
+
+unsigned row_blocks(int64_t rows) {
+  return static_cast<unsigned>(std::min(rows, kMaxRowBlocks));
+}
+
 // ---- Ops ---------------------------------------------------------------------------------------
 // Each op runs its ATen calls (mm, where, sum, transposes' allocations ...) below autograd
 // (KernelGuards): a backend kernel is differentiated only through the autograd formula registered
@@ -841,6 +904,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cuda(
   return {dx, dvalues, dbias};
 }
 
+at::Tensor csr_to_dense_cuda(const at::Tensor& values, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                             int64_t cols) {
+  const MatmulSizes sz = check_csr_to_dense_args(values, crow_indices, col_indices, cols);
+  PF_CHECK(values.is_cuda(), "csr_to_dense", "values must be a CUDA tensor, got ", values.device());
+  const KernelGuards guards(values);
+  at::Tensor out = at::empty({sz.m, cols}, values.options());
+  if (sz.m == 0 || cols == 0) {
+    return out;
+  }
+  const at::Tensor v = values.contiguous(), crow = crow_indices.contiguous(), col = col_indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "csr_to_dense_cuda", [&] {
+    csr_to_dense_kernel<scalar_t><<<row_blocks(sz.m), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        v.const_data_ptr<scalar_t>(), crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(),
+        out.mutable_data_ptr<scalar_t>(), sz.m, cols, sz.nnz);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor csr_gather_cuda(const at::Tensor& dense, const at::Tensor& crow_indices, const at::Tensor& col_indices) {
+  const MatmulSizes sz = check_csr_gather_args(dense, crow_indices, col_indices);
+  PF_CHECK(dense.is_cuda(), "csr_gather", "dense must be a CUDA tensor, got ", dense.device());
+  const KernelGuards guards(dense);
+  at::Tensor out = at::empty({sz.nnz}, dense.options());
+  if (sz.nnz == 0 || sz.m == 0) {
+    return out;
+  }
+  const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "csr_gather_cuda", [&] {
+    csr_gather_kernel<scalar_t><<<row_blocks(sz.m), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        dense.const_data_ptr<scalar_t>(), dense.stride(0), dense.stride(1), crow.const_data_ptr<int32_t>(),
+        col.const_data_ptr<int32_t>(), out.mutable_data_ptr<scalar_t>(), sz.m, sz.k, sz.nnz);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace pyfinetune
 
@@ -849,4 +949,6 @@ TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
   m.impl("masked_matmul_backward", &pyfinetune::masked_matmul_backward_cuda);
   m.impl("csr_linear", &pyfinetune::csr_linear_cuda);
   m.impl("csr_linear_backward", &pyfinetune::csr_linear_backward_cuda);
+  m.impl("csr_to_dense", &pyfinetune::csr_to_dense_cuda);
+  m.impl("csr_gather", &pyfinetune::csr_gather_cuda);
 }

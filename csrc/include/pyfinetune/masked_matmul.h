@@ -45,6 +45,17 @@ MatmulSizes check_csr_linear_backward_args(const at::Tensor& grad_out, const at:
                                            const at::Tensor& row_order, const at::Tensor& ccol_indices,
                                            const at::Tensor& row_indices, const at::Tensor& csc_to_csr);
 
+// csr_to_dense(values, crow_indices, col_indices, cols): values [nnz] (a supported float dtype),
+// crow_indices [M + 1] and col_indices [nnz] int32 on the values' device, cols >= 0. Returns
+// {n = 0, k = cols, m = M, nnz}.
+MatmulSizes check_csr_to_dense_args(const at::Tensor& values, const at::Tensor& crow_indices,
+                                    const at::Tensor& col_indices, int64_t cols);
+
+// csr_gather(dense, crow_indices, col_indices): dense [M, K] (a supported float dtype, any
+// strides), crow_indices [M + 1] and col_indices [nnz] int32 on its device. Returns {0, K, M, nnz}.
+MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& crow_indices,
+                                  const at::Tensor& col_indices);
+
 // CPU only (reads the indices): `ptr` [rows + 1] starts at 0, never decreases and ends at nnz;
 // every entry of `idx` [nnz] lies in [0, cols) (`cols_desc` says what cols is, e.g. "K = x.size(1)").
 // Names the op and the arguments in the message. Returns whether the indices increase strictly

@@ -1,0 +1,247 @@
+"""pyfinetune.ops.csr_to_dense and csr_gather (SparseLinear's dense path): the dense weight of a
+compressed-row pattern and the kept positions of a dense tensor, against the mask's own
+``torch.where(mask, w, 0)`` / ``dense[mask]``; gradients (each op is the other's adjoint),
+gradcheck and gradgradcheck in float64, opcheck, torch.compile, argument and pattern errors.
+
+Both ops copy values without arithmetic, so every comparison is exact (torch.equal), in every
+dtype; a NaN or inf value is copied like any other (compared with equal_nan)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import device_dtype_params, device_params
+from pyfinetune import ops
+from reference_masked_matmul import make_mask
+
+SHAPES = [(1, 1), (7, 13), (33, 200), (130, 257)]
+SPARSITIES = [0.0, 0.5, 0.9, 1.0]
+
+
+def pattern(mask: torch.Tensor):
+    p = ops.compressed_pattern(mask)
+    return p.crow_indices, p.col_indices
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_to_dense_and_gather_match_the_mask(shape, sparsity, device, dtype):
+    m, k = shape
+    mask = make_mask(m, k, sparsity, empty_rows=min(1, m - 1)).to(device)
+    w = torch.randn(m, k, device=device).to(dtype)
+    crow, col = pattern(mask)
+    dense = ops.csr_to_dense(w[mask], crow, col, k)
+    assert dense.shape == (m, k) and dense.dtype == dtype and dense.device == w.device
+    assert torch.equal(dense, torch.where(mask, w, torch.zeros((), dtype=dtype, device=device)))
+    assert not torch.signbit(dense[~mask]).any()  # +0.0 at the pruned positions
+    assert torch.equal(ops.csr_gather(w, crow, col), w[mask])
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.bfloat16]))
+def test_gather_reads_any_strides(device, dtype):
+    m, k = 19, 23
+    mask = make_mask(m, k, 0.6).to(device)
+    crow, col = pattern(mask)
+    base = torch.randn(k, 3 * m, device=device).to(dtype)
+    w = base[:, ::3].t()  # [m, k] with strides (3, 3m)
+    assert not w.is_contiguous()
+    assert torch.equal(ops.csr_gather(w, crow, col), w[mask])
+    assert torch.equal(ops.csr_gather(w.contiguous(), crow, col), w[mask])
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_nan_and_inf_values_are_copied(device):
+    mask = torch.tensor([[True, False, True], [False, True, False]], device=device)
+    crow, col = pattern(mask)
+    values = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)
+    dense = ops.csr_to_dense(values, crow, col, 3)
+    expected = torch.tensor([[float("nan"), 0.0, float("inf")], [0.0, -float("inf"), 0.0]], device=device)
+    assert torch.equal(dense.isnan(), expected.isnan())
+    assert torch.equal(dense.nan_to_num(0.0), expected.nan_to_num(0.0))
+    back = ops.csr_gather(dense, crow, col)
+    assert torch.allclose(back, values, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_empty_patterns(device):
+    kw = dict(dtype=torch.int32, device=device)
+    # No rows.
+    out = ops.csr_to_dense(torch.zeros(0, device=device), torch.zeros(1, **kw), torch.zeros(0, **kw), 5)
+    assert out.shape == (0, 5)
+    assert ops.csr_gather(torch.zeros(0, 5, device=device), torch.zeros(1, **kw), torch.zeros(0, **kw)).shape == (0,)
+    # No columns: every row empty.
+    out = ops.csr_to_dense(torch.zeros(0, device=device), torch.zeros(4, **kw), torch.zeros(0, **kw), 0)
+    assert out.shape == (3, 0)
+    # Rows but no kept weight: all zeros.
+    out = ops.csr_to_dense(torch.zeros(0, device=device), torch.zeros(4, **kw), torch.zeros(0, **kw), 6)
+    assert torch.equal(out, torch.zeros(3, 6, device=device))
+    assert ops.csr_gather(torch.randn(3, 6, device=device), torch.zeros(4, **kw), torch.zeros(0, **kw)).shape == (0,)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float16]))
+def test_gradients_are_each_others_adjoint(device, dtype):
+    m, k = 17, 29
+    mask = make_mask(m, k, 0.7, empty_rows=2).to(device)
+    crow, col = pattern(mask)
+    values = torch.randn(int(mask.sum()), device=device).to(dtype).requires_grad_(True)
+    grad = torch.randn(m, k, device=device).to(dtype)
+    ops.csr_to_dense(values, crow, col, k).backward(grad)
+    assert torch.equal(values.grad, grad[mask])
+
+    dense = torch.randn(m, k, device=device).to(dtype).requires_grad_(True)
+    g = torch.randn(int(mask.sum()), device=device).to(dtype)
+    ops.csr_gather(dense, crow, col).backward(g)
+    expected = torch.zeros(m, k, device=device, dtype=dtype)
+    expected[mask] = g
+    assert torch.equal(dense.grad, expected)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_gradcheck_and_gradgradcheck(device):
+    m, k = 6, 9
+    mask = make_mask(m, k, 0.5, empty_rows=1).to(device)
+    crow, col = pattern(mask)
+    values = torch.randn(int(mask.sum()), dtype=torch.float64, device=device, requires_grad=True)
+    dense = torch.randn(m, k, dtype=torch.float64, device=device, requires_grad=True)
+    to_dense = lambda v: ops.csr_to_dense(v, crow, col, k)  # noqa: E731
+    gather = lambda d: ops.csr_gather(d, crow, col)  # noqa: E731
+    assert torch.autograd.gradcheck(to_dense, (values,))
+    assert torch.autograd.gradgradcheck(to_dense, (values,))
+    assert torch.autograd.gradcheck(gather, (dense,))
+    assert torch.autograd.gradgradcheck(gather, (dense,))
+
+
+def _op_cases(device):
+    m, k = 7, 10
+    mask = make_mask(m, k, 0.5, empty_rows=1).to(device)
+    crow, col = pattern(mask)
+    w = torch.randn(m, k, device=device)
+    op = torch.ops.pyfinetune
+    return [
+        ("csr_to_dense", op.csr_to_dense, (w[mask].clone().requires_grad_(True), crow, col, k)),
+        ("csr_to_dense-bf16", op.csr_to_dense, (w[mask].bfloat16(), crow, col, k)),
+        ("csr_gather", op.csr_gather, (w.clone().requires_grad_(True), crow, col)),
+        ("csr_gather-strided", op.csr_gather, (w.t().contiguous().t(), crow, col)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4), ids=[c[0] for c in _op_cases("cpu")])
+@pytest.mark.parametrize("device", device_params())
+def test_opcheck(case, device):
+    _, fn, args = _op_cases(device)[case]
+    torch.library.opcheck(fn, args)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+    m, k = 12, 20
+    mask = make_mask(m, k, 0.6).to(device)
+    crow, col = pattern(mask)
+    x = torch.randn(5, k, device=device)
+
+    def fn(values, x):
+        w = ops.csr_to_dense(values, crow, col, k)
+        return (x @ w.t()).relu().sum() + ops.csr_gather(w * 2.0, crow, col).sum()
+
+    v_eager = torch.randn(int(mask.sum()), device=device, requires_grad=True)
+    v_comp = v_eager.detach().clone().requires_grad_(True)
+    out_eager = fn(v_eager, x)
+    out_comp = torch.compile(fn, fullgraph=True)(v_comp, x)
+    torch.testing.assert_close(out_comp, out_eager)
+    out_eager.backward()
+    out_comp.backward()
+    torch.testing.assert_close(v_comp.grad, v_eager.grad)
+
+
+# ----------------------------------------------------------------------------------------- errors
+def _good(device="cpu"):
+    mask = torch.tensor([[True, False, True], [False, False, False], [False, True, True]], device=device)
+    crow, col = pattern(mask)
+    return torch.randn(4, device=device), crow, col
+
+
+@pytest.mark.parametrize("case,pattern_", [
+    ("values-int", r"csr_to_dense: values must be float32, bfloat16, float16 or float64, got Long"),
+    ("values-2d", r"csr_to_dense: values must be a 1-D tensor \[nnz\]"),
+    ("crow-int64", r"csr_to_dense: crow_indices must be int32, got Long"),
+    ("col-length", r"csr_to_dense: col_indices must be a 1-D tensor with nnz = 4 entries, got shape \[3\]"),
+    ("negative-cols", r"csr_to_dense: cols must be >= 0"),
+    ("col-out-of-range", r"csr_to_dense: col_indices\[\d\] = 3 is out of range: entries must lie in \[0, 3\)"),
+    ("crow-end", r"csr_to_dense: crow_indices\[-1\] must be nnz = 4"),
+    ("crow-decreasing", r"csr_to_dense: crow_indices must be non-decreasing"),
+    ("unsorted", r"csr_to_dense: col_indices must increase strictly within each row"),
+    ("repeated", r"csr_to_dense: col_indices must increase strictly within each row"),
+    ("sparse-values", r"csr_to_dense: values must be a dense \(strided\) tensor"),
+])
+def test_to_dense_errors(case, pattern_):
+    values, crow, col = _good()
+    cols = 3
+    if case == "values-int":
+        values = values.long()
+    elif case == "values-2d":
+        values = values.view(2, 2)
+    elif case == "crow-int64":
+        crow = crow.long()
+    elif case == "col-length":
+        col = col[:3]
+    elif case == "negative-cols":
+        cols = -1
+    elif case == "col-out-of-range":
+        col = col.clone()
+        col[-1] = 3
+    elif case == "crow-end":
+        crow = crow.clone()
+        crow[-1] = 3
+    elif case == "crow-decreasing":
+        crow = torch.tensor([0, 3, 2, 4], dtype=torch.int32)
+    elif case == "unsorted":
+        col = torch.tensor([2, 0, 1, 2], dtype=torch.int32)
+    elif case == "repeated":
+        col = torch.tensor([0, 0, 1, 2], dtype=torch.int32)
+    elif case == "sparse-values":
+        values = values.to_sparse()
+    with pytest.raises(RuntimeError, match=pattern_):
+        ops.csr_to_dense(values, crow, col, cols)
+
+
+@pytest.mark.parametrize("case,pattern_", [
+    ("dense-1d", r"csr_gather: dense must be a 2-D tensor \[M, K\]"),
+    ("dense-rows", r"csr_gather: dense must have M = crow_indices.numel\(\) - 1 = 3 rows, got shape \[4, 3\]"),
+    ("dense-int", r"csr_gather: dense must be float32, bfloat16, float16 or float64, got Int"),
+    ("col-int64", r"csr_gather: col_indices must be int32, got Long"),
+    ("col-out-of-range", r"csr_gather: col_indices\[\d\] = 5 is out of range: entries must lie in \[0, 3\)"),
+    ("no-columns", r"csr_gather: a dense tensor of no columns has no kept entries, got nnz = 4"),
+    ("meta-index", r"csr_gather: col_indices must be on the device of dense \(cpu\), got meta"),
+])
+def test_gather_errors(case, pattern_):
+    _, crow, col = _good()
+    dense = torch.randn(3, 3)
+    if case == "dense-1d":
+        dense = dense.flatten()
+    elif case == "dense-rows":
+        dense = torch.randn(4, 3)
+    elif case == "dense-int":
+        dense = dense.int()
+    elif case == "col-int64":
+        col = col.long()
+    elif case == "col-out-of-range":
+        col = col.clone()
+        col[-1] = 5
+    elif case == "no-columns":
+        dense = torch.randn(3, 0)
+    elif case == "meta-index":
+        col = col.to("meta")
+    with pytest.raises(RuntimeError, match=pattern_):
+        ops.csr_gather(dense, crow, col)
+
+
+@pytest.mark.cuda
+def test_cuda_device_mismatch():
+    values, crow, col = _good("cuda")
+    with pytest.raises(RuntimeError, match=r"csr_to_dense: col_indices must be on the device of values"):
+        ops.csr_to_dense(values, crow, col.cpu(), 3)
+    with pytest.raises(RuntimeError, match=r"csr_gather: crow_indices must be on the device of dense"):
+        ops.csr_gather(torch.randn(3, 3, device="cuda"), crow.cpu(), col)
