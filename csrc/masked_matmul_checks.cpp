@@ -186,6 +186,22 @@ MatmulSizes check_csr_to_dense_args(const at::Tensor& values, const at::Tensor& 
   return {0, cols, m, nnz};
 }
 
+int64_t csr_to_dense_out_cols(const at::Tensor& out) {
+  PF_CHECK(out.defined(), "csr_to_dense", "out is undefined");
+  PF_CHECK(out.dim() == 2, "csr_to_dense", "out must be a 2-D tensor [M, cols], got shape ", out.sizes());
+  return out.size(1);
+}
+
+void check_csr_to_dense_out(const at::Tensor& out, const at::Tensor& values, const MatmulSizes& sizes) {
+  const char* op = "csr_to_dense";
+  check_dense_on(op, "out", out, values, "values");
+  PF_CHECK(out.scalar_type() == values.scalar_type(), op, "out must have the dtype of values (", values.scalar_type(),
+           "), got ", out.scalar_type());
+  PF_CHECK(out.dim() == 2 && out.size(0) == sizes.m && out.size(1) == sizes.k, op, "out must be [M, cols] = [",
+           sizes.m, ", ", sizes.k, "], got shape ", out.sizes());
+  PF_CHECK(out.is_contiguous(), op, "out must be contiguous (row-major), got strides ", out.strides());
+}
+
 MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& crow_indices,
                                   const at::Tensor& col_indices) {
   const char* op = "csr_gather";

@@ -76,8 +76,10 @@ TORCH_LIBRARY(pyfinetune, m) {
   // dtype; crow_indices [M + 1], col_indices [nnz] int32 on the values' device, columns in [0,
   // cols), increasing strictly within a row); csr_gather reads the kept positions of a
   // dense [M, K] tensor (any strides) into [nnz] in the pattern's order. Each is the other's
-  // gradient.
+  // gradient. csr_to_dense_into writes every element of `out` (contiguous [M, cols], the values'
+  // dtype and device): a buffer reused across calls costs no page faults on the CPU.
   m.def("csr_to_dense(Tensor values, Tensor crow_indices, Tensor col_indices, int cols) -> Tensor");
+  m.def("csr_to_dense_into(Tensor(a!) out, Tensor values, Tensor crow_indices, Tensor col_indices) -> ()");
   m.def("csr_gather(Tensor dense, Tensor crow_indices, Tensor col_indices) -> Tensor");
   // Fused distillation loss, forward with the gradient (one kernel family, no softmax tensors).
   //   student, teacher: [N, V] logits (any float dtype each; unit stride along V, any row stride);

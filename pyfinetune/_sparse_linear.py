@@ -6,14 +6,16 @@ pruning workflow can change independently.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+import os
+import threading
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "crossover_sparsity"]
+__all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "crossover_sparsity", "release_dense_buffers"]
 
 # Sparsity (fraction of pruned weights) from which kernel="auto" runs the sparse kernel
 # (csr_linear) instead of the dense masked product (masked_matmul on a weight rebuilt from the
@@ -21,15 +23,15 @@ __all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "crossover_sparsity"]
 # float16) use the "<device>-16bit" entry where the dense product has matrix units, and the
 # float32 entry elsewhere. See SparseLinear's docstring for how the values were measured.
 CROSSOVER_SPARSITY: Dict[str, float] = {
-    # benchmarks/results/prune-cpu-20261126-0749 (two threads, AVX-512 kernels of that day): the
-    # training step's time ratio of our dense path to the sparse kernel crosses 1 at ~43% (the
-    # forward's below 30%).
-    "cpu": 0.45,
+    # benchmarks/results/prune-cpu-20261126-1214 (two threads, the dense path through csr_to_dense
+    # and pooled buffers): the training step's time ratio of our dense path to the sparse kernel
+    # crosses 1 at ~59% (0.90x at 55%, 1.02x at 60%); the sparse forward is faster from 40% on.
+    # (Before the pooled dense path, -0749: the step crossed at ~43%.)
+    "cpu": 0.58,
     # CPUs with AMX tile units (amx_bf16: Xeon Sapphire Rapids and later), whose bfloat16/float16
-    # GEMMs run ~5x faster than the float32 ones: benchmarks/results/prune-bfloat16-cpu-20261126-1008
-    # (the CI machine, two threads): our dense path's training step is 2.4x faster than the sparse
-    # kernel's at 50% and the ratio crosses 1 at ~83% (the forward's at ~93%); a second, standalone
-    # timing put the step's crossing at ~92% (bfloat16 and float16 alike). 0.9 between them.
+    # GEMMs run ~5x faster than the float32 ones: benchmarks/results/prune-bfloat16-cpu-20261126-1213
+    # (the CI machine, two threads, pooled dense path): our dense path's training step is 4.2x
+    # faster than the sparse kernel's at 50% and the ratio crosses 1 at ~92%, the forward's at ~91%.
     "cpu-16bit": 0.9,
     # benchmarks/results/gpu-check-20261126-0605/prune-cuda-20261126-0612 (H100, N=256,
     # K=M=4096, 10 rounds): the forward's time ratio of our dense path to the sparse kernel crosses 1
@@ -40,6 +42,111 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
     # float32 either way, so the float32 crossing moves up; 0.99 until measured.
     "cuda-16bit": 0.99,
 }
+
+# ------------------------------------------------------------------- the dense path's buffers
+# On the CPU a fresh tensor of tens of MB is a fresh mmap: its first writes page-fault, one 4 KiB
+# page at a time. On the CI machine a [4096, 4096] bfloat16 weight (32 MB) costs ~7 ms of faults,
+# more than the GEMM that reads it (4 ms with AMX); the dense path made two such tensors per step
+# (the rebuilt weight, and the weight gradient of F.linear's backward). So the dense path writes
+# both into tensors of this pool, reused once nothing else holds them: a buffer is free when its
+# storage has no user but the pool (autograd's saved weight of an earlier step, a caller still
+# holding the returned tensor or a concurrent thread each count as a user), so a buffer in use
+# is never overwritten. The pool keeps at most PYFINETUNE_DENSE_POOL_MB (default 1024) of
+# buffers; past that, tensors are allocated per call as before. release_dense_buffers() empties
+# it. CUDA tensors do not need it (the caching allocator reuses blocks without faults).
+
+
+def _storage_uses(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _pool_limit_bytes() -> int:
+    raw = os.environ.get("PYFINETUNE_DENSE_POOL_MB", "1024")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"PYFINETUNE_DENSE_POOL_MB must be a number of megabytes (0 disables the pool), got {raw!r}")
+    if mb < 0:
+        raise ValueError(f"PYFINETUNE_DENSE_POOL_MB must be >= 0, got {raw!r}")
+    return int(mb * 2**20)
+
+
+class _BufferPool:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # (shape, dtype, device) -> [(buffer, its storage's use count when only the pool holds it)]
+        self._buffers: Dict[Tuple, List[Tuple[Tensor, int]]] = {}
+        self.nbytes = 0
+
+    def take(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous tensor of `shape` (uninitialized) that nothing else uses, as a fresh view:
+        the caller's reference makes the buffer busy until it is dropped."""
+        key = (tuple(shape), dtype, device)
+        with self._lock:
+            for buf, idle in self._buffers.get(key, ()):
+                if _storage_uses(buf) == idle:
+                    return buf.view(shape)
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            nbytes = buf.untyped_storage().nbytes()
+            if self.nbytes + nbytes <= _pool_limit_bytes():
+                self._buffers.setdefault(key, []).append((buf, _storage_uses(buf)))
+                self.nbytes += nbytes
+            return buf.view(shape)
+
+    def clear(self) -> int:
+        with self._lock:
+            freed, self.nbytes = self.nbytes, 0
+            self._buffers.clear()
+            return freed
+
+
+_DENSE_POOL = _BufferPool()
+
+
+def release_dense_buffers() -> int:
+    """Drop the CPU buffers SparseLinear's dense path keeps between calls (its rebuilt weights and
+    weight gradients); returns the bytes released. Tensors still in use stay valid (the pool only
+    drops its own references). Set ``PYFINETUNE_DENSE_POOL_MB`` (default 1024, 0 to disable) to
+    bound the pool."""
+    return _DENSE_POOL.clear()
+
+
+class _DenseLinear(torch.autograd.Function):
+    """``F.linear(x, csr_to_dense(values), bias)`` with the rebuilt weight and the weight gradient
+    in pooled CPU buffers. Under ``create_graph`` the backward is the differentiable composition
+    (csr_to_dense / csr_gather), so double backward works as on the plain path."""
+
+    @staticmethod
+    def forward(ctx, x, values, crow, col, bias, cols):
+        w = _DENSE_POOL.take((crow.shape[0] - 1, cols), values.dtype, values.device)
+        torch.ops.pyfinetune.csr_to_dense_into(w, values, crow, col)
+        ctx.save_for_backward(x, w, values, crow, col)  # w stays busy until the backward is done
+        ctx.has_bias = bias is not None
+        return torch.nn.functional.linear(x, w, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, values, crow, col = ctx.saved_tensors
+        need_x, need_v, _, _, need_b, _ = ctx.needs_input_grad
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = dv = db = None
+        if torch.is_grad_enabled():  # create_graph: a differentiable backward
+            if need_x:
+                dx = grad @ ops.csr_to_dense(values, crow, col, w.shape[1])
+            if need_v:
+                dv = ops.csr_gather(g2.t() @ x2, crow, col)
+        else:
+            if need_x:
+                dx = grad @ w
+            if need_v:
+                dw = _DENSE_POOL.take(tuple(w.shape), w.dtype, w.device)
+                torch.mm(g2.t(), x2, out=dw)
+                dv = ops.csr_gather(dw, crow, col)
+        if need_b and ctx.has_bias:
+            db = g2.sum(0)
+        return dx, dv, None, None, db, None
+
 
 _KERNELS = ("auto", "sparse", "dense")
 _PATTERN = ("crow_indices", "col_indices", "row_order", "ccol_indices", "row_indices", "csc_to_csr")
@@ -103,21 +210,25 @@ class SparseLinear(nn.Module):
     Kernels: ``kernel="sparse"`` runs ``csr_linear`` (work proportional to nnz); ``"dense"`` runs
     the dense masked product on the weight rebuilt from the values at each call (work
     proportional to in * out, at dense GEMM speed); ``"auto"`` (default) picks sparse from the device's
-    :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.45, measured with ``benchmarks/bench_prune.py``
-    on the 2-core Xeon (AVX-512, torch 2.14.1, two threads) of ``benchmarks/results/prune-cpu-20261126-0749``:
+    :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.58, measured with ``benchmarks/bench_prune.py``
+    on the 2-core Xeon (AVX-512, torch 2.14.1, two threads) of ``benchmarks/results/prune-cpu-20261126-1214``:
     x [256, 4096], weight [4096, 4096] float32, median times of a training step (forward, backward,
     AdamW on the values) and of the forward alone:
 
     ========  =========================  ==========================
     sparsity  step: sparse / dense path  forward: sparse / dense path
     ========  =========================  ==========================
-    30%       170 / 140 ms               32.9 / 48.0 ms
-    40%       143 / 136 ms               29.1 / 47.9 ms
-    50%       117 / 130 ms               25.4 / 45.8 ms
+    40%       141 / 106 ms               30.2 / 34.6 ms
+    50%       125 / 103 ms               28.5 / 35.0 ms
+    55%       108 / 98 ms                25.2 / 34.6 ms
+    60%       92 / 94 ms                 23.4 / 34.6 ms
     ========  =========================  ==========================
 
-    so the sparse kernel wins the step from ~43% on (the ratio interpolated between 40% and 50%)
-    and the forward at every measured sparsity. The crossover moves with the shapes (a small batch
+    so the sparse kernel wins the step from ~59% on (the ratio interpolated between 55% and 60%)
+    and the forward at every measured sparsity (``kernel="sparse"`` for inference). On the CPU
+    the dense path writes the rebuilt weight and its gradient into buffers it keeps between calls
+    (a fresh tensor of tens of MB costs page faults): up to ``PYFINETUNE_DENSE_POOL_MB`` (default
+    1024) of them, freed by :func:`pyfinetune.prune.release_dense_buffers`. The crossover moves with the shapes (a small batch
     favours the sparse kernel) and the dtype: bfloat16 and float16 layers on a CPU with AMX (whose
     16-bit GEMMs are ~5x faster than float32 ones) switch at 0.9, and on CUDA (tensor cores) at 0.99
     (see :data:`CROSSOVER_SPARSITY`); set ``kernel`` to override it (``"sparse"`` for inference
@@ -269,7 +380,13 @@ class SparseLinear(nn.Module):
         # The rebuilt weight already holds exact zeros at the pruned positions, so the plain dense
         # product is the masked one: masked_matmul would add a mask and a masked copy of [out, in]
         # (1.5x the time of this path on CPU) to reach the same numbers; and the gradient of the
-        # pruned positions is dropped by to_dense's backward, which gathers the kept ones.
+        # pruned positions is dropped by to_dense's backward, which gathers the kept ones. On the
+        # CPU (no autocast, not compiling) the weight and its gradient go through pooled buffers
+        # (see _BufferPool); elsewhere the same product from a fresh weight.
+        if (x.device.type == "cpu" and self.values.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling() and x.dtype == self.values.dtype):
+            return _DenseLinear.apply(x, self.values, self.crow_indices, self.col_indices, self.bias,
+                                      self.in_features)
         return torch.nn.functional.linear(x, self.to_dense(), self.bias)
 
     def extra_repr(self) -> str:

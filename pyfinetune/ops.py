@@ -349,6 +349,19 @@ def _csr_to_dense_fake(values, crow_indices, col_indices, cols):
     return values.new_empty((crow_indices.shape[0] - 1, cols))
 
 
+@torch.library.register_fake("pyfinetune::csr_to_dense_into")
+def _csr_to_dense_into_fake(out, values, crow_indices, col_indices):
+    op = "csr_to_dense"
+    _fake_check(out.dim() == 2, op, lambda: f"out must be a 2-D tensor [M, cols], got shape {tuple(out.shape)}")
+    cols = out.shape[1]
+    _csr_to_dense_fake(values, crow_indices, col_indices, cols)
+    _fake_check(out.device == values.device and out.dtype == values.dtype, op,
+                lambda: f"out must have the dtype and device of values ({values.dtype}, {values.device}), got "
+                        f"{out.dtype}, {out.device}")
+    _fake_check(tuple(out.shape) == (crow_indices.shape[0] - 1, cols), op,
+                lambda: f"out must be [M, cols] = [{crow_indices.shape[0] - 1}, {cols}], got shape {tuple(out.shape)}")
+
+
 @torch.library.register_fake("pyfinetune::csr_gather")
 def _csr_gather_fake(dense, crow_indices, col_indices):
     op = "csr_gather"

@@ -1090,6 +1090,12 @@ def __getattr__(name: str):
             return _sparse_linear_class()
         except ImportError as e:
             raise AttributeError(str(e)) from e
+    if name == "release_dense_buffers":  # SparseLinear's dense-path buffers (pyfinetune._sparse_linear)
+        try:
+            from ._sparse_linear import release_dense_buffers
+        except ImportError as e:
+            raise AttributeError(str(e)) from e
+        return release_dense_buffers
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

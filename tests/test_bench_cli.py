@@ -127,13 +127,16 @@ def test_info_command_text_and_json(capsys):
     text = capsys.readouterr().out
     info = pyfinetune.build_info()
     assert f"torch        {torch.__version__}" in text
-    assert "SparseLinear kernel='auto' on cpu: sparse from 45% (float32)" in text
+    from pyfinetune._sparse_linear import CROSSOVER_SPARSITY
+
+    cpu = CROSSOVER_SPARSITY["cpu"]
+    assert f"SparseLinear kernel='auto' on cpu: sparse from {cpu:.0%} (float32)" in text
     for op in info["kernels"]:
         assert f"torch.ops.pyfinetune.{op}" in text
     assert ("optimizer launch arguments" in text) == bool(info["cuda_built"])
     assert cli.main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["sparse_linear_crossover"]["cpu"]["float32"] == 0.45
+    assert data["sparse_linear_crossover"]["cpu"]["float32"] == cpu
     assert set(data["sparse_linear_crossover"]["cpu"]) == {"float32", "bfloat16", "float16"}
     size = data["optimizer_launch_arg_bytes"]
     assert size is None if not data["cuda_built"] else 4096 <= size <= 32764

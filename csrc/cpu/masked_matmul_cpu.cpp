@@ -908,17 +908,16 @@ int64_t dense_row_grain(int64_t cols, int64_t elem_bytes) {
 // Each row written once: zeroed while it sits in L1 and its kept values scattered into it, into a
 // fresh tensor with the huge-page hint (a [4096, 4096] float32 weight at 50%: ~4 ms against ~21
 // ms for torch.zeros + index_copy_, whose fresh 64 MB took a page fault per 4 KiB).
-at::Tensor csr_to_dense_cpu(const at::Tensor& values, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                            int64_t cols) {
-  const MatmulSizes s = check_csr_to_dense_args(values, crow_indices, col_indices, cols);
+void csr_to_dense_into(const MatmulSizes& s, const at::Tensor& values, const at::Tensor& crow_indices,
+                       const at::Tensor& col_indices, at::Tensor& out) {
   const char* op = "csr_to_dense";
+  const int64_t cols = s.k;
   PF_CHECK(values.device().is_cpu(), op, "CPU kernel called with values on ", values.device());
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
   PF_CHECK(check_compressed_pattern_cpu(op, "crow_indices", "col_indices", crow, col, cols, "cols"), op,
            "col_indices must increase strictly within each row (no repeated column)");
-  at::Tensor out = empty_streaming({s.m, cols}, values.options());
   if (out.numel() == 0) {
-    return out;
+    return;
   }
   const at::Tensor v = values.contiguous();
   const int32_t* ptr = crow.const_data_ptr<int32_t>();
@@ -936,7 +935,22 @@ at::Tensor csr_to_dense_cpu(const at::Tensor& values, const at::Tensor& crow_ind
       }
     });
   });
+}
+
+at::Tensor csr_to_dense_cpu(const at::Tensor& values, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                            int64_t cols) {
+  const MatmulSizes s = check_csr_to_dense_args(values, crow_indices, col_indices, cols);
+  at::Tensor out = empty_streaming({s.m, cols}, values.options());
+  csr_to_dense_into(s, values, crow_indices, col_indices, out);
   return out;
+}
+
+void csr_to_dense_into_cpu(at::Tensor& out, const at::Tensor& values, const at::Tensor& crow_indices,
+                           const at::Tensor& col_indices) {
+  const MatmulSizes s =
+      check_csr_to_dense_args(values, crow_indices, col_indices, csr_to_dense_out_cols(out));
+  check_csr_to_dense_out(out, values, s);
+  csr_to_dense_into(s, values, crow_indices, col_indices, out);
 }
 
 at::Tensor csr_gather_cpu(const at::Tensor& dense, const at::Tensor& crow_indices, const at::Tensor& col_indices) {
@@ -982,6 +996,7 @@ TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
   m.impl("csr_linear", &csr_linear_cpu);
   m.impl("csr_linear_backward", &csr_linear_backward_cpu);
   m.impl("csr_to_dense", &csr_to_dense_cpu);
+  m.impl("csr_to_dense_into", &csr_to_dense_into_cpu);
   m.impl("csr_gather", &csr_gather_cpu);
 }
 
@@ -993,6 +1008,7 @@ TORCH_LIBRARY_IMPL(pyfinetune, SparseCPU, m) {
   m.impl("csr_linear", &csr_linear_cpu);
   m.impl("csr_linear_backward", &csr_linear_backward_cpu);
   m.impl("csr_to_dense", &csr_to_dense_cpu);
+  m.impl("csr_to_dense_into", &csr_to_dense_into_cpu);
   m.impl("csr_gather", &csr_gather_cpu);
 }
 
@@ -1002,6 +1018,7 @@ TORCH_LIBRARY_IMPL(pyfinetune, SparseCsrCPU, m) {
   m.impl("csr_linear", &csr_linear_cpu);
   m.impl("csr_linear_backward", &csr_linear_backward_cpu);
   m.impl("csr_to_dense", &csr_to_dense_cpu);
+  m.impl("csr_to_dense_into", &csr_to_dense_into_cpu);
   m.impl("csr_gather", &csr_gather_cpu);
 }
 

@@ -904,14 +904,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cuda(
   return {dx, dvalues, dbias};
 }
 
-at::Tensor csr_to_dense_cuda(const at::Tensor& values, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                             int64_t cols) {
-  const MatmulSizes sz = check_csr_to_dense_args(values, crow_indices, col_indices, cols);
-  PF_CHECK(values.is_cuda(), "csr_to_dense", "values must be a CUDA tensor, got ", values.device());
-  const KernelGuards guards(values);
-  at::Tensor out = at::empty({sz.m, cols}, values.options());
+void csr_to_dense_into_cuda(const MatmulSizes& sz, const at::Tensor& values, const at::Tensor& crow_indices,
+                            const at::Tensor& col_indices, at::Tensor& out) {
+  const int64_t cols = sz.k;
   if (sz.m == 0 || cols == 0) {
-    return out;
+    return;
   }
   const at::Tensor v = values.contiguous(), crow = crow_indices.contiguous(), col = col_indices.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "csr_to_dense_cuda", [&] {
@@ -920,7 +917,26 @@ at::Tensor csr_to_dense_cuda(const at::Tensor& values, const at::Tensor& crow_in
         out.mutable_data_ptr<scalar_t>(), sz.m, cols, sz.nnz);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+at::Tensor csr_to_dense_cuda(const at::Tensor& values, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                             int64_t cols) {
+  const MatmulSizes sz = check_csr_to_dense_args(values, crow_indices, col_indices, cols);
+  PF_CHECK(values.is_cuda(), "csr_to_dense", "values must be a CUDA tensor, got ", values.device());
+  const KernelGuards guards(values);
+  at::Tensor out = at::empty({sz.m, cols}, values.options());
+  csr_to_dense_into_cuda(sz, values, crow_indices, col_indices, out);
   return out;
+}
+
+void csr_to_dense_into_cuda_op(at::Tensor& out, const at::Tensor& values, const at::Tensor& crow_indices,
+                               const at::Tensor& col_indices) {
+  const MatmulSizes sz =
+      check_csr_to_dense_args(values, crow_indices, col_indices, csr_to_dense_out_cols(out));
+  PF_CHECK(values.is_cuda(), "csr_to_dense", "values must be a CUDA tensor, got ", values.device());
+  check_csr_to_dense_out(out, values, sz);
+  const KernelGuards guards(values);
+  csr_to_dense_into_cuda(sz, values, crow_indices, col_indices, out);
 }
 
 at::Tensor csr_gather_cuda(const at::Tensor& dense, const at::Tensor& crow_indices, const at::Tensor& col_indices) {
@@ -950,5 +966,6 @@ TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
   m.impl("csr_linear", &pyfinetune::csr_linear_cuda);
   m.impl("csr_linear_backward", &pyfinetune::csr_linear_backward_cuda);
   m.impl("csr_to_dense", &pyfinetune::csr_to_dense_cuda);
+  m.impl("csr_to_dense_into", &pyfinetune::csr_to_dense_into_cuda_op);
   m.impl("csr_gather", &pyfinetune::csr_gather_cuda);
 }
