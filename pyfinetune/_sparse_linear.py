@@ -82,7 +82,9 @@ class _BufferPool:
         """A contiguous tensor of `shape` (uninitialized) that nothing else uses, as a fresh view:
         the caller's reference makes the buffer busy until it is dropped."""
         key = (tuple(shape), dtype, device)
-        with self._lock:
+        # Normal tensors even under torch.inference_mode (an inference tensor could not be written
+        # or saved for backward by a later training step).
+        with self._lock, torch.inference_mode(False):
             for buf, idle in self._buffers.get(key, ()):
                 if _storage_uses(buf) == idle:
                     return buf.view(shape)

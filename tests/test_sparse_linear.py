@@ -426,3 +426,21 @@ def test_dense_path_double_backward():
     bias = layer.bias.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(fn, (x, v, bias))
     assert torch.autograd.gradgradcheck(fn, (x, v, bias))
+
+
+def test_dense_path_inference_mode_then_training():
+    # A buffer first taken under torch.inference_mode must stay a normal tensor: a later training
+    # step writes it and autograd saves it.
+    pyfinetune.prune.release_dense_buffers()
+    layer, w, mask, b = make_layer(33, 21, 0.5, torch.float32, "cpu", kernel="dense")
+    x = torch.randn(4, 21)
+    ref = torch.nn.functional.linear(x, torch.where(mask, w, 0.0), b)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    xr = x.clone().requires_grad_(True)
+    y = layer(xr)
+    y.sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.values.grad, x.sum(0).expand(33, 21)[mask], rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
