@@ -1,6 +1,7 @@
 // Validation of the pruning ops' arguments (masked_matmul, csr_linear and their backwards),
 // shared by the CPU and CUDA kernels. Every message names the op, the argument and what was
 // expected, with the sizes that explain it.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <pyfinetune/checks.h>
 #include <pyfinetune/masked_matmul.h>
@@ -9,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <utility>
 
 namespace pyfinetune {
 namespace {
@@ -163,9 +165,10 @@ int64_t check_pattern_of(const char* op, const at::Tensor& ref, const char* ref_
 
 }  // namespace
 
-MatmulSizes check_csr_to_dense_args(const at::Tensor& values, const at::Tensor& crow_indices,
-                                    const at::Tensor& col_indices, int64_t cols) {
-  const char* op = "csr_to_dense";
+namespace {
+
+MatmulSizes check_to_dense(const char* op, const at::Tensor& values, const at::Tensor& crow_indices,
+                           const at::Tensor& col_indices, int64_t cols) {
   PF_CHECK(values.defined(), op, "values is undefined");
   PF_CHECK(values.layout() == at::kStrided, op, "values must be a dense (strided) tensor, got layout ",
            values.layout());
@@ -179,27 +182,37 @@ MatmulSizes check_csr_to_dense_args(const at::Tensor& values, const at::Tensor& 
   PF_CHECK(cols >= 0, op, "cols must be >= 0 (the number of columns of the dense weight), got ", cols);
   const int64_t m = check_pattern_of(op, values, "values", crow_indices, col_indices, nnz);
   PF_CHECK(cols > 0 || nnz == 0, op, "a pattern of cols = 0 columns has no kept entries, got nnz = ", nnz);
-  PF_CHECK(cols <= std::numeric_limits<int32_t>::max(), op, "cols must be at most 2^31 - 1 (int32 column indices), got ",
-           cols);
+  PF_CHECK(cols <= std::numeric_limits<int32_t>::max(), op,
+           "cols must be at most 2^31 - 1 (int32 column indices), got ", cols);
   PF_CHECK(cols == 0 || m <= std::numeric_limits<int64_t>::max() / cols, op, "a dense [", m, ", ", cols,
            "] tensor has too many elements");
   return {0, cols, m, nnz};
 }
 
-int64_t csr_to_dense_out_cols(const at::Tensor& out) {
-  PF_CHECK(out.defined(), "csr_to_dense", "out is undefined");
-  PF_CHECK(out.dim() == 2, "csr_to_dense", "out must be a 2-D tensor [M, cols], got shape ", out.sizes());
-  return out.size(1);
+}  // namespace
+
+MatmulSizes check_csr_to_dense_args(const at::Tensor& values, const at::Tensor& crow_indices,
+                                    const at::Tensor& col_indices, int64_t cols) {
+  return check_to_dense("csr_to_dense", values, crow_indices, col_indices, cols);
 }
 
-void check_csr_to_dense_out(const at::Tensor& out, const at::Tensor& values, const MatmulSizes& sizes) {
-  const char* op = "csr_to_dense";
+MatmulSizes check_csr_to_dense_into_args(const at::Tensor& out, const at::Tensor& values,
+                                         const at::Tensor& crow_indices, const at::Tensor& col_indices) {
+  const char* op = "csr_to_dense_into";
+  PF_CHECK(out.defined(), op, "out is undefined");
+  PF_CHECK(out.dim() == 2, op, "out must be a 2-D tensor [M, cols], got shape ", out.sizes());
+  const MatmulSizes sizes = check_to_dense(op, values, crow_indices, col_indices, out.size(1));
   check_dense_on(op, "out", out, values, "values");
   PF_CHECK(out.scalar_type() == values.scalar_type(), op, "out must have the dtype of values (", values.scalar_type(),
            "), got ", out.scalar_type());
-  PF_CHECK(out.dim() == 2 && out.size(0) == sizes.m && out.size(1) == sizes.k, op, "out must be [M, cols] = [",
-           sizes.m, ", ", sizes.k, "], got shape ", out.sizes());
+  PF_CHECK(out.size(0) == sizes.m, op, "out must have M = crow_indices.numel() - 1 = ", sizes.m,
+           " rows, got shape ", out.sizes());
   PF_CHECK(out.is_contiguous(), op, "out must be contiguous (row-major), got strides ", out.strides());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"values", &values},
+                                {"crow_indices", &crow_indices}, {"col_indices", &col_indices}}) {
+    PF_CHECK(at::get_overlap_status(out, *t) == at::MemOverlapStatus::No, op, "out must not share memory with ", name);
+  }
+  return sizes;
 }
 
 MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& crow_indices,

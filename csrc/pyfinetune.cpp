@@ -81,6 +81,12 @@ TORCH_LIBRARY(pyfinetune, m) {
   m.def("csr_to_dense(Tensor values, Tensor crow_indices, Tensor col_indices, int cols) -> Tensor");
   m.def("csr_to_dense_into(Tensor(a!) out, Tensor values, Tensor crow_indices, Tensor col_indices) -> ()");
   m.def("csr_gather(Tensor dense, Tensor crow_indices, Tensor col_indices) -> Tensor");
+  // Internal, for SparseLinear's dense path on the CPU (csrc/cpu/dense_pool.cpp): an uninitialized
+  // CPU tensor whose memory returns to a pool when its storage dies (idle blocks kept up to
+  // idle_limit_bytes), the release of the idle blocks (bytes freed), and their total.
+  m.def("_pool_empty_cpu(int[] size, ScalarType dtype, int idle_limit_bytes) -> Tensor");
+  m.def("_pool_release_cpu() -> int");
+  m.def("_pool_idle_bytes_cpu() -> int");
   // Fused distillation loss, forward with the gradient (one kernel family, no softmax tensors).
   //   student, teacher: [N, V] logits (any float dtype each; unit stride along V, any row stride);
   //   labels: None or int64 [N]. divergence: "forward_kl" | "reverse_kl" | "jsd".

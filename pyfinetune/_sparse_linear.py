@@ -7,8 +7,7 @@ pruning workflow can change independently.
 from __future__ import annotations
 
 import os
-import threading
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,17 +46,12 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
 # On the CPU a fresh tensor of tens of MB is a fresh mmap: its first writes page-fault, one 4 KiB
 # page at a time. On the CI machine a [4096, 4096] bfloat16 weight (32 MB) costs ~7 ms of faults,
 # more than the GEMM that reads it (4 ms with AMX); the dense path made two such tensors per step
-# (the rebuilt weight, and the weight gradient of F.linear's backward). So the dense path writes
-# both into tensors of this pool, reused once nothing else holds them: a buffer is free when its
-# storage has no user but the pool (autograd's saved weight of an earlier step, a caller still
-# holding the returned tensor or a concurrent thread each count as a user), so a buffer in use
-# is never overwritten. The pool keeps at most PYFINETUNE_DENSE_POOL_MB (default 1024) of
-# buffers; past that, tensors are allocated per call as before. release_dense_buffers() empties
-# it. CUDA tensors do not need it (the caching allocator reuses blocks without faults).
-
-
-def _storage_uses(t: Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+# (the rebuilt weight, and the weight gradient of F.linear's backward). So the dense path takes
+# both from a pool of memory blocks (csrc/cpu/dense_pool.cpp): a block returns to the pool only
+# when its storage is destroyed (no tensor, view, storage object or autograd saved variable left),
+# so a block in use is never handed out again. The pool keeps at most PYFINETUNE_DENSE_POOL_MB
+# (default 1024) of idle blocks; release_dense_buffers() frees them. CUDA tensors do not need it
+# (the caching allocator reuses blocks without faults).
 
 
 def _pool_limit_bytes() -> int:
@@ -66,61 +60,39 @@ def _pool_limit_bytes() -> int:
         mb = float(raw)
     except ValueError:
         raise ValueError(f"PYFINETUNE_DENSE_POOL_MB must be a number of megabytes (0 disables the pool), got {raw!r}")
-    if mb < 0:
+    if not mb >= 0:
         raise ValueError(f"PYFINETUNE_DENSE_POOL_MB must be >= 0, got {raw!r}")
     return int(mb * 2**20)
 
 
-class _BufferPool:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # (shape, dtype, device) -> [(buffer, its storage's use count when only the pool holds it)]
-        self._buffers: Dict[Tuple, List[Tuple[Tensor, int]]] = {}
-        self.nbytes = 0
-
-    def take(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous tensor of `shape` (uninitialized) that nothing else uses, as a fresh view:
-        the caller's reference makes the buffer busy until it is dropped."""
-        key = (tuple(shape), dtype, device)
-        # Normal tensors even under torch.inference_mode (an inference tensor could not be written
-        # or saved for backward by a later training step).
-        with self._lock, torch.inference_mode(False):
-            for buf, idle in self._buffers.get(key, ()):
-                if _storage_uses(buf) == idle:
-                    return buf.view(shape)
-            buf = torch.empty(shape, dtype=dtype, device=device)
-            nbytes = buf.untyped_storage().nbytes()
-            if self.nbytes + nbytes <= _pool_limit_bytes():
-                self._buffers.setdefault(key, []).append((buf, _storage_uses(buf)))
-                self.nbytes += nbytes
-            return buf.view(shape)
-
-    def clear(self) -> int:
-        with self._lock:
-            freed, self.nbytes = self.nbytes, 0
-            self._buffers.clear()
-            return freed
-
-
-_DENSE_POOL = _BufferPool()
+def _pooled_empty(shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    return torch.ops.pyfinetune._pool_empty_cpu(list(shape), dtype, _pool_limit_bytes())
 
 
 def release_dense_buffers() -> int:
-    """Drop the CPU buffers SparseLinear's dense path keeps between calls (its rebuilt weights and
-    weight gradients); returns the bytes released. Tensors still in use stay valid (the pool only
-    drops its own references). Set ``PYFINETUNE_DENSE_POOL_MB`` (default 1024, 0 to disable) to
-    bound the pool."""
-    return _DENSE_POOL.clear()
+    """Free the idle CPU memory blocks SparseLinear's dense path keeps for its rebuilt weights and
+    weight gradients; returns the bytes freed. Blocks in use stay with their tensors (they return
+    to the pool when those are freed). ``PYFINETUNE_DENSE_POOL_MB`` (default 1024, 0 to disable)
+    bounds the idle blocks."""
+    return int(torch.ops.pyfinetune._pool_release_cpu())
+
+
+def _plain(*tensors: Optional[Tensor]) -> bool:
+    """Only plain tensors (or Parameters) and no dispatch mode: the pooled path allocates real
+    memory, which a FakeTensorMode, functorch or a tensor subclass must not see."""
+    if torch.utils._python_dispatch.is_in_torch_dispatch_mode():
+        return False
+    return all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
 
 
 class _DenseLinear(torch.autograd.Function):
     """``F.linear(x, csr_to_dense(values), bias)`` with the rebuilt weight and the weight gradient
-    in pooled CPU buffers. Under ``create_graph`` the backward is the differentiable composition
+    in pooled CPU memory. Under ``create_graph`` the backward is the differentiable composition
     (csr_to_dense / csr_gather), so double backward works as on the plain path."""
 
     @staticmethod
     def forward(ctx, x, values, crow, col, bias, cols):
-        w = _DENSE_POOL.take((crow.shape[0] - 1, cols), values.dtype, values.device)
+        w = _pooled_empty((crow.shape[0] - 1, cols), values.dtype)
         torch.ops.pyfinetune.csr_to_dense_into(w, values, crow, col)
         ctx.save_for_backward(x, w, values, crow, col)  # w stays busy until the backward is done
         ctx.has_bias = bias is not None
@@ -142,7 +114,7 @@ class _DenseLinear(torch.autograd.Function):
             if need_x:
                 dx = grad @ w
             if need_v:
-                dw = _DENSE_POOL.take(tuple(w.shape), w.dtype, w.device)
+                dw = _pooled_empty(tuple(w.shape), w.dtype)
                 torch.mm(g2.t(), x2, out=dw)
                 dv = ops.csr_gather(dw, crow, col)
         if need_b and ctx.has_bias:
@@ -228,9 +200,10 @@ class SparseLinear(nn.Module):
 
     so the sparse kernel wins the step from ~59% on (the ratio interpolated between 55% and 60%)
     and the forward at every measured sparsity (``kernel="sparse"`` for inference). On the CPU
-    the dense path writes the rebuilt weight and its gradient into buffers it keeps between calls
-    (a fresh tensor of tens of MB costs page faults): up to ``PYFINETUNE_DENSE_POOL_MB`` (default
-    1024) of them, freed by :func:`pyfinetune.prune.release_dense_buffers`. The crossover moves with the shapes (a small batch
+    the dense path takes the rebuilt weight and its gradient from a pool of memory blocks kept
+    between calls (a fresh tensor of tens of MB costs page faults): up to
+    ``PYFINETUNE_DENSE_POOL_MB`` (default 1024) of idle blocks, freed by
+    :func:`pyfinetune.prune.release_dense_buffers`. The crossover moves with the shapes (a small batch
     favours the sparse kernel) and the dtype: bfloat16 and float16 layers on a CPU with AMX (whose
     16-bit GEMMs are ~5x faster than float32 ones) switch at 0.9, and on CUDA (tensor cores) at 0.99
     (see :data:`CROSSOVER_SPARSITY`); set ``kernel`` to override it (``"sparse"`` for inference
@@ -383,10 +356,11 @@ class SparseLinear(nn.Module):
         # product is the masked one: masked_matmul would add a mask and a masked copy of [out, in]
         # (1.5x the time of this path on CPU) to reach the same numbers; and the gradient of the
         # pruned positions is dropped by to_dense's backward, which gathers the kept ones. On the
-        # CPU (no autocast, not compiling) the weight and its gradient go through pooled buffers
-        # (see _BufferPool); elsewhere the same product from a fresh weight.
+        # CPU (plain tensors, no autocast, not compiling) the weight and its gradient live in pooled
+        # memory (_pooled_empty); elsewhere the same product from a fresh weight.
         if (x.device.type == "cpu" and self.values.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling() and x.dtype == self.values.dtype):
+                and not torch.compiler.is_compiling() and x.dtype == self.values.dtype
+                and _plain(x, self.values, self.bias, self.crow_indices, self.col_indices)):
             return _DenseLinear.apply(x, self.values, self.crow_indices, self.col_indices, self.bias,
                                       self.in_features)
         return torch.nn.functional.linear(x, self.to_dense(), self.bias)

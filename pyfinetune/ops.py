@@ -330,31 +330,47 @@ def _csr_linear_backward_fake(grad_out, x, values, crow_indices, col_indices, ro
     return dx, dvalues, dbias
 
 
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _fake_check_pattern(op: str, ref_name: str, ref: Tensor, crow_indices: Tensor, col_indices: Tensor) -> None:
+    # The shared checks of csr_to_dense(_into) / csr_gather (masked_matmul_checks.cpp) on metadata.
+    _fake_check(ref.dtype in _FLOAT_DTYPES, op,
+                lambda: f"{ref_name} must be float32, bfloat16, float16 or float64, got {ref.dtype}")
     for name, t in dict(crow_indices=crow_indices, col_indices=col_indices).items():
         _fake_check(t.device == ref.device, op,
                     lambda name=name, t=t: f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
         _fake_check(t.dtype == torch.int32, op, lambda name=name, t=t: f"{name} must be int32, got {t.dtype}")
         _fake_check(t.dim() == 1, op, lambda name=name, t=t: f"{name} must be a 1-D tensor, got shape {tuple(t.shape)}")
+    _fake_check(crow_indices.shape[0] >= 1, op, lambda: "crow_indices must be a 1-D tensor [M + 1] (M rows), got shape "
+                                                       f"{tuple(crow_indices.shape)}")
+    _fake_check(crow_indices.shape[0] > 1 or col_indices.shape[0] == 0, op,
+                lambda: f"a pattern of no rows has no kept entries, got nnz = {col_indices.shape[0]}")
 
 
-@torch.library.register_fake("pyfinetune::csr_to_dense")
-def _csr_to_dense_fake(values, crow_indices, col_indices, cols):
-    op = "csr_to_dense"
+def _fake_check_to_dense(op, values, crow_indices, col_indices, cols):
     _fake_check_pattern(op, "values", values, crow_indices, col_indices)
     _fake_check(values.dim() == 1 and col_indices.shape == values.shape, op,
                 lambda: f"values [nnz] and col_indices [nnz] must match, got shapes {tuple(values.shape)} and "
                         f"{tuple(col_indices.shape)}")
     _fake_check(cols >= 0, op, lambda: f"cols must be >= 0, got {cols}")
+    _fake_check(cols > 0 or values.shape[0] == 0, op,
+                lambda: f"a pattern of cols = 0 columns has no kept entries, got nnz = {values.shape[0]}")
+
+
+@torch.library.register_fake("pyfinetune::csr_to_dense")
+def _csr_to_dense_fake(values, crow_indices, col_indices, cols):
+    _fake_check_to_dense("csr_to_dense", values, crow_indices, col_indices, cols)
     return values.new_empty((crow_indices.shape[0] - 1, cols))
 
 
 @torch.library.register_fake("pyfinetune::csr_to_dense_into")
 def _csr_to_dense_into_fake(out, values, crow_indices, col_indices):
-    op = "csr_to_dense"
+    op = "csr_to_dense_into"
     _fake_check(out.dim() == 2, op, lambda: f"out must be a 2-D tensor [M, cols], got shape {tuple(out.shape)}")
     cols = out.shape[1]
-    _csr_to_dense_fake(values, crow_indices, col_indices, cols)
+    _fake_check_to_dense(op, values, crow_indices, col_indices, cols)
+    _fake_check(out.is_contiguous(), op, lambda: f"out must be contiguous (row-major), got strides {out.stride()}")
     _fake_check(out.device == values.device and out.dtype == values.dtype, op,
                 lambda: f"out must have the dtype and device of values ({values.dtype}, {values.device}), got "
                         f"{out.dtype}, {out.device}")
@@ -369,7 +385,14 @@ def _csr_gather_fake(dense, crow_indices, col_indices):
     _fake_check(dense.dim() == 2 and dense.shape[0] == crow_indices.shape[0] - 1, op,
                 lambda: f"dense must be [M, K] with M = crow_indices.numel() - 1 = {crow_indices.shape[0] - 1}, "
                         f"got shape {tuple(dense.shape)}")
+    _fake_check(dense.shape[1] > 0 or col_indices.shape[0] == 0, op,
+                lambda: f"a dense tensor of no columns has no kept entries, got nnz = {col_indices.shape[0]}")
     return dense.new_empty((col_indices.shape[0],))
+
+
+@torch.library.register_fake("pyfinetune::_pool_empty_cpu")
+def _pool_empty_cpu_fake(size, dtype, idle_limit_bytes):
+    return torch.empty(size, dtype=dtype, device="cpu")
 
 
 def _csr_to_dense_setup_context(ctx, inputs, output):

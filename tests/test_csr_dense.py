@@ -245,3 +245,63 @@ def test_cuda_device_mismatch():
         ops.csr_to_dense(values, crow, col.cpu(), 3)
     with pytest.raises(RuntimeError, match=r"csr_gather: crow_indices must be on the device of dense"):
         ops.csr_gather(torch.randn(3, 3, device="cuda"), crow.cpu(), col)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.bfloat16]))
+def test_to_dense_into_writes_every_element(device, dtype):
+    m, k = 9, 14
+    mask = make_mask(m, k, 0.6, empty_rows=2).to(device)
+    crow, col = pattern(mask)
+    w = torch.randn(m, k, device=device).to(dtype)
+    out = torch.full((m, k), float("nan"), device=device, dtype=dtype)
+    assert torch.ops.pyfinetune.csr_to_dense_into(out, w[mask], crow, col) is None
+    assert torch.equal(out, torch.where(mask, w, torch.zeros((), dtype=dtype, device=device)))
+
+
+@pytest.mark.parametrize("case,pattern_", [
+    ("out-1d", r"csr_to_dense_into: out must be a 2-D tensor \[M, cols\]"),
+    ("out-rows", r"csr_to_dense_into: out must have M = crow_indices.numel\(\) - 1 = 3 rows"),
+    ("out-dtype", r"csr_to_dense_into: out must have the dtype of values \(Float\), got Double"),
+    ("out-strided", r"csr_to_dense_into: out must be contiguous"),
+    ("out-overlaps-values", r"csr_to_dense_into: out must not share memory with values"),
+    ("col-out-of-range", r"csr_to_dense_into: col_indices\[\d\] = 2 is out of range: entries must lie in \[0, 2\)"),
+])
+def test_to_dense_into_errors(case, pattern_):
+    values, crow, col = _good()
+    out = torch.empty(3, 3)
+    if case == "out-1d":
+        out = torch.empty(9)
+    elif case == "out-rows":
+        out = torch.empty(4, 3)
+    elif case == "out-dtype":
+        out = out.double()
+    elif case == "out-strided":
+        out = torch.empty(3, 6)[:, ::2]
+    elif case == "out-overlaps-values":
+        out = torch.empty(3, 3)
+        values = out.view(-1)[:4]
+    elif case == "col-out-of-range":
+        out = torch.empty(3, 2)
+    with pytest.raises(RuntimeError, match=pattern_):
+        torch.ops.pyfinetune.csr_to_dense_into(out, values, crow, col)
+
+
+@pytest.mark.parametrize("case", ["values-int", "cols-zero", "no-crow", "into-strided", "gather-no-crow"])
+def test_fake_kernels_refuse_what_the_kernels_refuse(case):
+    # A call the real kernel refuses must fail while tracing too (not only when the compiled
+    # code runs): the same inputs through the CPU kernel and under FakeTensorMode.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    values, crow, col = _good()
+    op = torch.ops.pyfinetune
+    calls = {
+        "values-int": lambda v, c, k: op.csr_to_dense(v.long(), c, k, 3),
+        "cols-zero": lambda v, c, k: op.csr_to_dense(v, c, k, 0),
+        "no-crow": lambda v, c, k: op.csr_to_dense(v[:0], c[:0], k[:0], 3),
+        "into-strided": lambda v, c, k: op.csr_to_dense_into(torch.empty(3, 6)[:, ::2], v, c, k),
+        "gather-no-crow": lambda v, c, k: op.csr_gather(torch.empty(0, 3), c[:0], k[:0]),
+    }
+    with pytest.raises(RuntimeError):
+        calls[case](values, crow, col)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(RuntimeError):
+        calls[case](*(mode.from_tensor(t) for t in (values, crow, col)))

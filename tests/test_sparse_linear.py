@@ -339,18 +339,19 @@ def _dense_grads(layer, x, g, *, uses=1):
     return y.detach(), x.grad, layer.values.grad.clone(), layer.bias.grad.clone()
 
 
-def test_dense_path_buffers_are_reused_and_never_shared(monkeypatch):
-    from pyfinetune import _sparse_linear
+def _idle_bytes() -> int:
+    return torch.ops.pyfinetune._pool_idle_bytes_cpu()
 
+
+def test_dense_path_buffers_are_reused_and_never_shared(monkeypatch):
     pyfinetune.prune.release_dense_buffers()
     layer, w, mask, b = make_layer(48, 40, 0.5, torch.float32, "cpu", kernel="dense")
     x, g = torch.randn(6, 40), torch.randn(6, 48)
     first = _dense_grads(layer, x, g)
-    pooled = _sparse_linear._DENSE_POOL.nbytes
-    assert pooled == 2 * 48 * 40 * 4  # the weight and its gradient, one buffer each
-    for _ in range(3):  # later steps take the same buffers
+    assert _idle_bytes() == 2 * 48 * 40 * 4  # the weight and its gradient, back once the step is done
+    for _ in range(3):  # later steps take the same blocks
         again = _dense_grads(layer, x, g)
-        assert _sparse_linear._DENSE_POOL.nbytes == pooled
+        assert _idle_bytes() == 2 * 48 * 40 * 4
         for a, c in zip(first, again):
             assert torch.equal(a, c)
     # The layer used twice in one graph: the gradients are twice those of one use.
@@ -359,27 +360,56 @@ def test_dense_path_buffers_are_reused_and_never_shared(monkeypatch):
     torch.testing.assert_close(dx2, 2 * first[1])
     torch.testing.assert_close(dv2, 2 * first[2])
     torch.testing.assert_close(db2, 2 * first[3])
-    # Another layer of the same shape (the same pool key) used in the same graph: its forward runs
-    # while the first layer's weight is saved for the backward, so it gets a buffer of its own
+    # Another layer of the same shape (blocks of the same size) used in the same graph: its forward
+    # runs while the first layer's weight is saved for the backward, so it gets a block of its own
     # (were the first one overwritten, the first layer's dx would come from the second's weight).
     other, w2, mask2, b2 = make_layer(48, 40, 0.5, torch.float32, "cpu", kernel="dense")
-    xr = x.clone().requires_grad_(True)
-    layer.zero_grad(set_to_none=True)
-    (layer(xr) + 3.0 * other(xr)).backward(g)
     d1, d2 = torch.where(mask, w, 0.0), torch.where(mask2, w2, 0.0)
-    torch.testing.assert_close(xr.grad, g @ d1 + 3.0 * g @ d2, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer.values.grad, first[2])
-    torch.testing.assert_close(other.values.grad, 3.0 * (g.t() @ x)[mask2], rtol=1e-5, atol=1e-5)
-    assert pyfinetune.prune.release_dense_buffers() >= pooled
-    assert _sparse_linear._DENSE_POOL.nbytes == 0 and pyfinetune.prune.release_dense_buffers() == 0
-    # Without the pool (limit 0) the same numbers, nothing kept.
+
+    def check_two_layers():
+        xr = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        other.zero_grad(set_to_none=True)
+        (layer(xr) + 3.0 * other(xr)).backward(g)
+        torch.testing.assert_close(xr.grad, g @ d1 + 3.0 * g @ d2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.values.grad, first[2])
+        torch.testing.assert_close(other.values.grad, 3.0 * (g.t() @ x)[mask2], rtol=1e-5, atol=1e-5)
+
+    check_two_layers()
+    # The same with saved-tensor hooks that keep only the storage (offloading / deduplication
+    # tools do): the storage alone keeps a block in use.
+    def pack(t):
+        return t.untyped_storage(), t.storage_offset(), t.shape, t.stride(), t.dtype
+
+    def unpack(packed):
+        storage, offset, shape, stride, dtype = packed
+        return torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        check_two_layers()
+    assert pyfinetune.prune.release_dense_buffers() >= 2 * 48 * 40 * 4
+    assert _idle_bytes() == 0 and pyfinetune.prune.release_dense_buffers() == 0
+    # Without idle blocks (limit 0) the same numbers, nothing kept.
     monkeypatch.setenv("PYFINETUNE_DENSE_POOL_MB", "0")
     for a, c in zip(first, _dense_grads(layer, x, g)):
         assert torch.equal(a, c)
-    assert _sparse_linear._DENSE_POOL.nbytes == 0
+    assert _idle_bytes() == 0
     monkeypatch.setenv("PYFINETUNE_DENSE_POOL_MB", "lots")
     with pytest.raises(ValueError, match="PYFINETUNE_DENSE_POOL_MB must be a number of megabytes"):
         layer(x)
+
+
+def test_dense_path_under_fake_tensor_mode_leaves_real_calls_real():
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    layer, w, mask, b = make_layer(20, 30, 0.5, torch.float32, "cpu", kernel="dense")
+    x = torch.randn(3, 30)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        y = layer(mode.from_tensor(x))
+        assert isinstance(y, FakeTensor) and y.shape == (3, 20)
+    y = layer(x)
+    assert type(y) is torch.Tensor
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, torch.where(mask, w, 0.0), b), rtol=1e-5, atol=1e-5)
 
 
 def test_dense_path_from_several_threads():

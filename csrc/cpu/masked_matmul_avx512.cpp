@@ -228,7 +228,8 @@ struct SddmmSeg {
       }
       const __mmask8 keep = static_cast<__mmask8>((1u << cnt) - 1u);
       const __m256 sums = reduce8(acc);
-      _mm256_mask_storeu_ps(a.out + e, keep, a.add ? _mm256_add_ps(_mm256_maskz_loadu_ps(keep, a.out + e), sums) : sums);
+      const __m256 total = a.add ? _mm256_add_ps(_mm256_maskz_loadu_ps(keep, a.out + e), sums) : sums;
+      _mm256_mask_storeu_ps(a.out + e, keep, total);
     }
     return end;
   }

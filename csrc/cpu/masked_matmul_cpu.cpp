@@ -908,9 +908,8 @@ int64_t dense_row_grain(int64_t cols, int64_t elem_bytes) {
 // Each row written once: zeroed while it sits in L1 and its kept values scattered into it, into a
 // fresh tensor with the huge-page hint (a [4096, 4096] float32 weight at 50%: ~4 ms against ~21
 // ms for torch.zeros + index_copy_, whose fresh 64 MB took a page fault per 4 KiB).
-void csr_to_dense_into(const MatmulSizes& s, const at::Tensor& values, const at::Tensor& crow_indices,
-                       const at::Tensor& col_indices, at::Tensor& out) {
-  const char* op = "csr_to_dense";
+void csr_to_dense_into(const char* op, const MatmulSizes& s, const at::Tensor& values,
+                       const at::Tensor& crow_indices, const at::Tensor& col_indices, at::Tensor& out) {
   const int64_t cols = s.k;
   PF_CHECK(values.device().is_cpu(), op, "CPU kernel called with values on ", values.device());
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
@@ -941,16 +940,14 @@ at::Tensor csr_to_dense_cpu(const at::Tensor& values, const at::Tensor& crow_ind
                             int64_t cols) {
   const MatmulSizes s = check_csr_to_dense_args(values, crow_indices, col_indices, cols);
   at::Tensor out = empty_streaming({s.m, cols}, values.options());
-  csr_to_dense_into(s, values, crow_indices, col_indices, out);
+  csr_to_dense_into("csr_to_dense", s, values, crow_indices, col_indices, out);
   return out;
 }
 
 void csr_to_dense_into_cpu(at::Tensor& out, const at::Tensor& values, const at::Tensor& crow_indices,
                            const at::Tensor& col_indices) {
-  const MatmulSizes s =
-      check_csr_to_dense_args(values, crow_indices, col_indices, csr_to_dense_out_cols(out));
-  check_csr_to_dense_out(out, values, s);
-  csr_to_dense_into(s, values, crow_indices, col_indices, out);
+  const MatmulSizes s = check_csr_to_dense_into_args(out, values, crow_indices, col_indices);
+  csr_to_dense_into("csr_to_dense_into", s, values, crow_indices, col_indices, out);
 }
 
 at::Tensor csr_gather_cpu(const at::Tensor& dense, const at::Tensor& crow_indices, const at::Tensor& col_indices) {

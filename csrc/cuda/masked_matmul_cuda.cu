@@ -907,9 +907,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cuda(
 void csr_to_dense_into_cuda(const MatmulSizes& sz, const at::Tensor& values, const at::Tensor& crow_indices,
                             const at::Tensor& col_indices, at::Tensor& out) {
   const int64_t cols = sz.k;
-  if (sz.m == 0 || cols == 0) {
+  if (sz.m == 0) {
     return;
   }
+  // Launched even without columns or kept weights: the kernel's row asserts check crow_indices,
+  // as the CPU kernel checks it on the host.
   const at::Tensor v = values.contiguous(), crow = crow_indices.contiguous(), col = col_indices.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "csr_to_dense_cuda", [&] {
     csr_to_dense_kernel<scalar_t><<<row_blocks(sz.m), kRowThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -931,10 +933,8 @@ at::Tensor csr_to_dense_cuda(const at::Tensor& values, const at::Tensor& crow_in
 
 void csr_to_dense_into_cuda_op(at::Tensor& out, const at::Tensor& values, const at::Tensor& crow_indices,
                                const at::Tensor& col_indices) {
-  const MatmulSizes sz =
-      check_csr_to_dense_args(values, crow_indices, col_indices, csr_to_dense_out_cols(out));
-  PF_CHECK(values.is_cuda(), "csr_to_dense", "values must be a CUDA tensor, got ", values.device());
-  check_csr_to_dense_out(out, values, sz);
+  const MatmulSizes sz = check_csr_to_dense_into_args(out, values, crow_indices, col_indices);
+  PF_CHECK(values.is_cuda(), "csr_to_dense_into", "values must be a CUDA tensor, got ", values.device());
   const KernelGuards guards(values);
   csr_to_dense_into_cuda(sz, values, crow_indices, col_indices, out);
 }
@@ -944,7 +944,7 @@ at::Tensor csr_gather_cuda(const at::Tensor& dense, const at::Tensor& crow_indic
   PF_CHECK(dense.is_cuda(), "csr_gather", "dense must be a CUDA tensor, got ", dense.device());
   const KernelGuards guards(dense);
   at::Tensor out = at::empty({sz.nnz}, dense.options());
-  if (sz.nnz == 0 || sz.m == 0) {
+  if (sz.m == 0) {  // then nnz == 0 (checked); else launched even without kept weights, to assert crow
     return out;
   }
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();

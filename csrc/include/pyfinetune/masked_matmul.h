@@ -51,11 +51,10 @@ MatmulSizes check_csr_linear_backward_args(const at::Tensor& grad_out, const at:
 MatmulSizes check_csr_to_dense_args(const at::Tensor& values, const at::Tensor& crow_indices,
                                     const at::Tensor& col_indices, int64_t cols);
 
-// csr_to_dense_into(out, values, ...): the same with cols = out.size(1), and `out` a contiguous
-// [M, cols] tensor of the values' dtype and device.
-void check_csr_to_dense_out(const at::Tensor& out, const at::Tensor& values, const MatmulSizes& sizes);
-// csr_to_dense_into's cols: out.size(1), once out is known to be a defined 2-D tensor.
-int64_t csr_to_dense_out_cols(const at::Tensor& out);
+// csr_to_dense_into(out, values, crow_indices, col_indices): the same with cols = out.size(1), and
+// `out` a contiguous [M, cols] tensor of the values' dtype and device that overlaps no input.
+MatmulSizes check_csr_to_dense_into_args(const at::Tensor& out, const at::Tensor& values,
+                                         const at::Tensor& crow_indices, const at::Tensor& col_indices);
 
 // csr_gather(dense, crow_indices, col_indices): dense [M, K] (a supported float dtype, any
 // strides), crow_indices [M + 1] and col_indices [nnz] int32 on its device. Returns {0, K, M, nnz}.
