@@ -10,7 +10,7 @@ from . import _build_info
 
 # Every op of the library; `kernel_devices` reports where each has a compiled kernel.
 OPS = ("fused_adamw_", "fused_sgd_", "kd_loss_fwd", "kd_loss_topk_fwd", "masked_matmul", "masked_matmul_backward",
-       "csr_linear", "csr_linear_backward")
+       "csr_linear", "csr_linear_backward", "csr_to_dense", "csr_to_dense_into", "csr_gather")
 _DISPATCH_KEYS = ("CPU", "CUDA")
 
 
@@ -43,7 +43,21 @@ def build_info() -> Dict[str, object]:
         "cpu_threads": torch.get_num_threads(),
         "kernels": kernel_devices(),
         "sparse_linear_crossover": sparse_linear_crossover(),
+        "dense_pool": dense_pool(),
     }
+
+
+def dense_pool() -> Dict[str, object]:
+    """SparseLinear's CPU dense-path memory pool: the idle bytes it may keep (PYFINETUNE_DENSE_POOL_MB;
+    None with the variable's error when it is not a valid size) and those it holds now."""
+    from ._sparse_linear import _pool_limit_bytes
+
+    out: Dict[str, object] = {"idle_bytes": int(torch.ops.pyfinetune._pool_idle_bytes_cpu())}
+    try:
+        out["idle_limit_bytes"] = _pool_limit_bytes()
+    except ValueError as e:
+        out["idle_limit_bytes"], out["error"] = None, str(e)
+    return out
 
 
 def sparse_linear_crossover() -> Dict[str, Dict[str, float]]:

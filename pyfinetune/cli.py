@@ -36,6 +36,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for device, by_dtype in info["sparse_linear_crossover"].items():
         print(f"SparseLinear kernel='auto' on {device}: sparse from "
               + ", ".join(f"{v:.0%} ({dt})" for dt, v in by_dtype.items()))
+    pool = info["dense_pool"]
+    limit = (f"up to {pool['idle_limit_bytes'] / 2**20:.0f} MB idle" if pool["idle_limit_bytes"] is not None
+             else f"invalid limit: {pool['error']}")
+    print(f"SparseLinear dense path (CPU): pooled weight buffers, {limit} (PYFINETUNE_DENSE_POOL_MB), "
+          f"{pool['idle_bytes'] / 2**20:.1f} MB now")
     print("ops:")
     width = max(len(op) for op in info["kernels"])
     for op, devices in info["kernels"].items():

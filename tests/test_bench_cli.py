@@ -115,9 +115,11 @@ def test_a_second_run_in_the_same_minute_keeps_the_first(tmp_path):
     assert second["csv"].endswith("-2.csv") and os.path.exists(first["csv"]) and os.path.exists(second["png"])
 
 
-def test_info_command_text_and_json(capsys):
+def test_info_command_text_and_json(capsys, monkeypatch):
     # `pyfinetune info`: versions, the CUDA build, the optimizer's launch-argument size when built
-    # with CUDA, SparseLinear's crossover per device and dtype, and every op with its devices.
+    # with CUDA, SparseLinear's crossover per device and dtype, its dense-path pool, and every op
+    # with its devices.
+    monkeypatch.delenv("PYFINETUNE_DENSE_POOL_MB", raising=False)
     import json
 
     import pyfinetune
@@ -137,6 +139,8 @@ def test_info_command_text_and_json(capsys):
     assert cli.main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["sparse_linear_crossover"]["cpu"]["float32"] == cpu
+    assert data["dense_pool"]["idle_limit_bytes"] == 1024 * 2**20 and data["dense_pool"]["idle_bytes"] >= 0
+    assert "SparseLinear dense path (CPU): pooled weight buffers, up to 1024 MB idle" in text
     assert set(data["sparse_linear_crossover"]["cpu"]) == {"float32", "bfloat16", "float16"}
     size = data["optimizer_launch_arg_bytes"]
     assert size is None if not data["cuda_built"] else 4096 <= size <= 32764
