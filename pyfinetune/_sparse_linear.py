@@ -59,9 +59,10 @@ def _pool_limit_bytes() -> int:
     try:
         mb = float(raw)
     except ValueError:
-        raise ValueError(f"PYFINETUNE_DENSE_POOL_MB must be a number of megabytes (0 disables the pool), got {raw!r}")
-    if not mb >= 0:
-        raise ValueError(f"PYFINETUNE_DENSE_POOL_MB must be >= 0, got {raw!r}")
+        mb = float("nan")
+    if not 0 <= mb <= 2**40:  # NaN, inf and absurd sizes too
+        raise ValueError("PYFINETUNE_DENSE_POOL_MB must be a number of megabytes between 0 (no pool) and 2^40, "
+                         f"got {raw!r}")
     return int(mb * 2**20)
 
 
@@ -77,10 +78,17 @@ def release_dense_buffers() -> int:
     return int(torch.ops.pyfinetune._pool_release_cpu())
 
 
+def _transforms_active() -> bool:
+    """A functorch transform (grad, vmap, jvp, ...) or forward-mode AD is active: our ops' autograd
+    rules (backward only, torch.library style) do not support them, plain torch ops do."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
 def _plain(*tensors: Optional[Tensor]) -> bool:
-    """Only plain tensors (or Parameters) and no dispatch mode: the pooled path allocates real
-    memory, which a FakeTensorMode, functorch or a tensor subclass must not see."""
-    if torch.utils._python_dispatch.is_in_torch_dispatch_mode():
+    """Only plain tensors (or Parameters), no dispatch mode and no transform (_transforms_active):
+    the pooled path allocates real memory (which a FakeTensorMode or a tensor subclass must not see)
+    and is an autograd.Function with a backward only; elsewhere the dense path is the composition."""
+    if torch.utils._python_dispatch.is_in_torch_dispatch_mode() or _transforms_active():
         return False
     return all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
 
@@ -178,12 +186,19 @@ class SparseLinear(nn.Module):
       :class:`pyfinetune.ops.CompressedPattern`;
     * ``bias``: ``nn.Parameter`` [out] or None.
 
+    Memory: besides its value, each kept weight costs 12 bytes of int32 indices (compressed rows
+    and columns), so the layer is smaller than its dense weight from 75% sparsity in float32 and
+    from ~86% in bfloat16 / float16 (at 50% float32 it is 2x the dense weight).
+
     Build one with :meth:`from_dense`; ``SparseLinear(in_features, out_features)`` is an empty
     (fully pruned) layer, e.g. to :meth:`load_state_dict` a saved one into, whatever its nnz.
 
     Kernels: ``kernel="sparse"`` runs ``csr_linear`` (work proportional to nnz); ``"dense"`` runs
     the dense masked product on the weight rebuilt from the values at each call (work
-    proportional to in * out, at dense GEMM speed); ``"auto"`` (default) picks sparse from the device's
+    proportional to in * out: the dense GEMM plus the rebuild, one write of the weight, which on
+    a CPU with AMX costs about as much as a bfloat16 GEMM; for inference below the crossover,
+    ``pyfinetune.prune.densify(model, keep_masks=False)`` gives plain ``nn.Linear`` layers);
+    ``"auto"`` (default) picks sparse from the device's
     :data:`CROSSOVER_SPARSITY` on. On CPU that is 0.58, measured with ``benchmarks/bench_prune.py``
     on the 2-core Xeon (AVX-512, torch 2.14.1, two threads) of ``benchmarks/results/prune-cpu-20261126-1214``:
     x [256, 4096], weight [4096, 4096] float32, median times of a training step (forward, backward,
@@ -238,9 +253,6 @@ class SparseLinear(nn.Module):
             row_indices=torch.empty(0, **i32), csc_to_csr=torch.empty(0, **i32))
         for name in _PATTERN:
             self.register_buffer(name, getattr(empty, name))
-        # Row-major position (row * in + col) of each kept weight, for the dense path: derived from
-        # the pattern whenever it changes, not saved.
-        self.register_buffer("flat_index", torch.empty(0, device=device, dtype=torch.long), persistent=False)
 
     @classmethod
     def from_dense(cls, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None, *,
@@ -299,13 +311,6 @@ class SparseLinear(nn.Module):
     def _set_pattern(self, pattern: ops.CompressedPattern) -> None:
         for name in _PATTERN:
             setattr(self, name, getattr(pattern, name))
-        self._update_flat_index()
-
-    def _update_flat_index(self) -> None:
-        crow = self.crow_indices.long()
-        rows = torch.repeat_interleave(torch.arange(self.out_features, device=crow.device), crow[1:] - crow[:-1],
-                                       output_size=self.col_indices.numel())
-        self.flat_index = rows * self.in_features + self.col_indices.long()
 
     def to_dense(self) -> Tensor:
         """The dense weight [out, in]: the kept values, zeros at pruned positions. Differentiable
@@ -313,7 +318,15 @@ class SparseLinear(nn.Module):
         # One pass writing each element once (ops.csr_to_dense), its gradient gathered at the kept
         # positions (ops.csr_gather): on the CPU at 50% of 4096 x 4096, float32, to_dense took
         # 21 ms as torch.zeros + index_copy_ (the fastest of torch's scatters; a fresh 64 MB
-        # page-faulted per 4 KiB) and the gather 13 ms as index_select.
+        # page-faulted per 4 KiB) and the gather 13 ms as index_select. Under torch.func transforms
+        # and forward-mode AD, which our ops' autograd rules do not support, plain torch ops.
+        if _transforms_active():
+            crow = self.crow_indices.long()
+            rows = torch.repeat_interleave(torch.arange(self.out_features, device=crow.device), crow[1:] - crow[:-1],
+                                           output_size=self.col_indices.numel())
+            flat = rows * self.in_features + self.col_indices.long()
+            dense = self.values.new_zeros(self.out_features * self.in_features)
+            return dense.index_copy(0, flat, self.values).view(self.out_features, self.in_features)
         return ops.csr_to_dense(self.values, self.crow_indices, self.col_indices, self.in_features)
 
     @property
@@ -326,15 +339,19 @@ class SparseLinear(nn.Module):
 
     def dense_mask(self) -> Tensor:
         """The bool mask [out, in] of the kept positions."""
-        mask = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.flat_index.device)
-        return mask.index_fill(0, self.flat_index, True).view(self.out_features, self.in_features)
+        ones = torch.ones(self.col_indices.numel(), dtype=torch.float16, device=self.col_indices.device)
+        return ops.csr_to_dense(ones, self.crow_indices, self.col_indices, self.in_features) != 0
 
     def kernel_for(self, device: Union[str, torch.device, None] = None) -> str:
         """The kernel forward runs on ``device`` (default: the values' device): "sparse" or "dense"."""
         if self.kernel != "auto":
             return self.kernel
         device = self.values.device if device is None else device
-        return "sparse" if self.sparsity >= crossover_sparsity(device, self.values.dtype) else "dense"
+        # Half a weight of slack: a layer pruned "to 90%" keeps round(0.1 * n) weights (magnitude_prune),
+        # which can be a fraction of a weight more than 10% and must not fall back to the dense path.
+        total = self.in_features * self.out_features
+        kept_limit = (1.0 - crossover_sparsity(device, self.values.dtype)) * total + 0.5
+        return "sparse" if total and self.nnz <= kept_limit else "dense"
 
     # ---------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
@@ -398,8 +415,6 @@ class SparseLinear(nn.Module):
                     setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if any(prefix + name in state_dict for name in _PATTERN):
-            self._update_flat_index()
 
 
 def _describe(t) -> str:

@@ -5,6 +5,8 @@ and its errors."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -282,7 +284,7 @@ def test_to_cuda_and_back():
     x = torch.randn(3, 12)
     y = layer(x)
     moved = layer.to("cuda")
-    assert moved.values.is_cuda and moved.crow_indices.is_cuda and moved.flat_index.is_cuda
+    assert moved.values.is_cuda and moved.crow_indices.is_cuda and moved.dense_mask().is_cuda
     torch.testing.assert_close(moved(x.cuda()).cpu(), y)
 
 
@@ -395,7 +397,7 @@ def test_dense_path_buffers_are_reused_and_never_shared(monkeypatch):
         assert torch.equal(a, c)
     assert _idle_bytes() == 0
     monkeypatch.setenv("PYFINETUNE_DENSE_POOL_MB", "lots")
-    with pytest.raises(ValueError, match="PYFINETUNE_DENSE_POOL_MB must be a number of megabytes"):
+    with pytest.raises(ValueError, match="PYFINETUNE_DENSE_POOL_MB must be a number of megabytes between 0"):
         layer(x)
 
 
@@ -474,3 +476,70 @@ def test_dense_path_inference_mode_then_training():
     torch.testing.assert_close(layer.values.grad, x.sum(0).expand(33, 21)[mask], rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_path_under_torch_func_and_forward_ad():
+    # The pooled dense path is an autograd.Function without vmap / jvp rules: under functorch
+    # transforms and forward-mode AD the layer takes the plain composition, as before the pool.
+    layer, w, mask, b = make_layer(12, 16, 0.5, torch.float32, "cpu", kernel="dense")
+    x = torch.randn(5, 16)
+    dense = torch.where(mask, w, 0.0)
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(p, x):
+        return torch.func.functional_call(layer, p, (x,)).square().sum()
+
+    grads = torch.func.grad(loss)(params, x)
+    y = torch.nn.functional.linear(x, dense, b)
+    torch.testing.assert_close(grads["bias"], 2 * y.sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads["values"], (2 * y.t() @ x)[mask], rtol=1e-5, atol=1e-5)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    torch.testing.assert_close(per_sample["values"].sum(0), grads["values"], rtol=1e-4, atol=1e-4)
+    tangent = torch.randn(5, 16)
+    _, jvp = torch.func.jvp(lambda x: layer(x), (x,), (tangent,))
+    torch.testing.assert_close(jvp, tangent @ dense.t(), rtol=1e-5, atol=1e-5)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, tangent))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, tangent @ dense.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_kernel_counts_a_rounded_prune_as_reaching_the_crossover():
+    # magnitude_prune(..., 0.9) keeps round(0.1 * n) weights: for 768 x 192 that is 14746, a
+    # sparsity of 0.8999973, which must still count as 90% (sparse from the 0.9 crossover).
+    from pyfinetune import _sparse_linear
+
+    n = 768 * 192
+    keep = round(0.1 * n)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n)[:keep]] = True
+    layer = SparseLinear.from_dense(torch.randn(768, 192).bfloat16(), mask.view(768, 192))
+    assert layer.sparsity < 0.9
+    saved = _sparse_linear._AMX
+    try:
+        _sparse_linear._AMX = True
+        assert layer.kernel_for() == "sparse"
+        mask[torch.nonzero(~mask)[0]] = True  # one weight more than the rounding allows
+        assert SparseLinear.from_dense(torch.randn(768, 192).bfloat16(), mask.view(768, 192)).kernel_for() == "dense"
+    finally:
+        _sparse_linear._AMX = saved
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page-rounded blocks are mappings on Linux")
+def test_dense_pool_counts_what_blocks_occupy(monkeypatch):
+    # A block of 2 MiB or more is a mapping of whole 2 MiB pages: the idle limit counts those.
+    pyfinetune.prune.release_dense_buffers()
+    layer, _, _, _ = make_layer(1025, 512, 0.5, torch.float32, "cpu", kernel="dense")  # 2.0 MiB + 2 KiB
+    x = torch.randn(3, 512, requires_grad=True)
+    layer(x).sum().backward()
+    assert _idle_bytes() == 2 * 4 * 2**20
+    monkeypatch.setenv("PYFINETUNE_DENSE_POOL_MB", "5")  # room for one such block only
+    pyfinetune.prune.release_dense_buffers()
+    layer(x).sum().backward()
+    assert _idle_bytes() == 4 * 2**20
+    for bad in ("inf", "nan", "-1", "1e13"):
+        monkeypatch.setenv("PYFINETUNE_DENSE_POOL_MB", bad)
+        with pytest.raises(ValueError, match="PYFINETUNE_DENSE_POOL_MB must be a number of megabytes between 0"):
+            layer(x)
+    pyfinetune.prune.release_dense_buffers()

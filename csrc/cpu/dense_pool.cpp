@@ -7,7 +7,7 @@
 // A block returns to the pool only when its tensor storage is destroyed, that is, when no tensor,
 // view, storage object or autograd saved variable refers to it any more: a block in use is never
 // handed out twice. Idle blocks are kept up to the byte limit the caller passes (beyond it a
-// returned block is freed); _pool_release_cpu frees them all.
+// returned block is freed, and the limit counts what blocks occupy); _pool_release_cpu frees them all.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
@@ -21,7 +21,6 @@
 #include <limits>
 #include <map>
 #include <mutex>
-#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -31,63 +30,110 @@ namespace pyfinetune {
 namespace {
 
 constexpr size_t kAlign = 64;
+constexpr size_t kPage = size_t{1} << 12;
 constexpr size_t kHugePage = size_t{1} << 21;
+// Blocks from this size on are mappings of their own (mmap / munmap), so that releasing them
+// returns the memory to the system (freed heap memory may stay with the process), rounded up to
+// whole pages, or to whole 2 MiB pages (transparent huge pages advised) from 2 MiB on. The idle
+// limit counts these rounded sizes: what the blocks really occupy.
+constexpr size_t kMapFrom = size_t{1} << 20;
+
+size_t round_up(size_t n, size_t m) {
+  return (n + m - 1) / m * m;
+}
+
+// The size a request of `bytes` occupies (and the key of its size class).
+size_t block_size(size_t bytes) {
+#if defined(__linux__)
+  if (bytes >= kMapFrom) {
+    return round_up(bytes, bytes >= kHugePage ? kHugePage : kPage);
+  }
+#endif
+  return round_up(bytes, kAlign);
+}
+
+void* allocate(size_t size) {
+#if defined(__linux__)
+  if (size >= kMapFrom) {
+    const size_t align = size % kHugePage == 0 ? kHugePage : kPage;
+    const size_t span = size + (align > kPage ? align : 0);  // room to align the start to 2 MiB
+    void* raw = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) {
+      return nullptr;
+    }
+    const uintptr_t begin = reinterpret_cast<uintptr_t>(raw);
+    const uintptr_t start = round_up(begin, align);
+    if (start > begin) {
+      munmap(raw, start - begin);
+    }
+    if (begin + span > start + size) {
+      munmap(reinterpret_cast<void*>(start + size), begin + span - (start + size));
+    }
+#if defined(MADV_HUGEPAGE)
+    if (align == kHugePage) {
+      (void)madvise(reinterpret_cast<void*>(start), size, MADV_HUGEPAGE);
+    }
+#endif
+    return reinterpret_cast<void*>(start);
+  }
+#endif
+  void* p = nullptr;
+  return posix_memalign(&p, kAlign, size) == 0 ? p : nullptr;
+}
+
+void deallocate(void* p, size_t size) {
+#if defined(__linux__)
+  if (size >= kMapFrom) {
+    munmap(p, size);
+    return;
+  }
+#endif
+  std::free(p);
+}
 
 class DensePool {
  public:
-  // A block of `bytes` (from the idle ones of that exact size, else new), nullptr if out of memory.
-  void* take(size_t bytes, int64_t idle_limit) {
+  // A block of `size` (block_size) bytes: an idle one of that size, else a new one; nullptr if
+  // out of memory.
+  void* take(size_t size, int64_t idle_limit) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
       limit_ = idle_limit;
-      const auto it = idle_.find(bytes);
+      const auto it = idle_.find(size);
       if (it != idle_.end()) {
         void* p = it->second;
         idle_.erase(it);
-        idle_bytes_ -= bytes;
+        idle_bytes_ -= static_cast<int64_t>(size);
         return p;
       }
     }
-    const size_t alloc = (bytes + kHugePage - 1) / kHugePage * kHugePage;  // whole huge pages
-    void* p = nullptr;
-    if (posix_memalign(&p, bytes >= kHugePage ? kHugePage : kAlign, bytes >= kHugePage ? alloc : bytes) != 0) {
-      return nullptr;
-    }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (bytes >= kHugePage) {
-      (void)madvise(p, alloc, MADV_HUGEPAGE);
-    }
-#endif
-    return p;
+    return allocate(size);
   }
 
   // Called by the storage's deleter: keep the block while the idle ones stay within the limit.
-  void give_back(void* p, size_t bytes) {
+  void give_back(void* p, size_t size) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      if (idle_bytes_ + static_cast<int64_t>(bytes) <= limit_) {
-        idle_.emplace(bytes, p);
-        idle_bytes_ += static_cast<int64_t>(bytes);
+      if (idle_bytes_ + static_cast<int64_t>(size) <= limit_) {
+        idle_.emplace(size, p);
+        idle_bytes_ += static_cast<int64_t>(size);
         return;
       }
     }
-    std::free(p);
+    deallocate(p, size);
   }
 
   int64_t release() {
-    std::vector<void*> blocks;
+    std::multimap<size_t, void*> blocks;
     int64_t freed = 0;
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      for (const auto& [bytes, p] : idle_) {
-        blocks.push_back(p);
-      }
-      idle_.clear();
+      blocks.swap(idle_);
       freed = idle_bytes_;
       idle_bytes_ = 0;
     }
-    for (void* p : blocks) {
-      std::free(p);
+    for (const auto& [size, p] : blocks) {
+      deallocate(p, size);
     }
     return freed;
   }
@@ -99,7 +145,7 @@ class DensePool {
 
  private:
   std::mutex mutex_;
-  std::multimap<size_t, void*> idle_;
+  std::multimap<size_t, void*> idle_;  // size -> blocks
   int64_t idle_bytes_ = 0;
   int64_t limit_ = 0;
 };
@@ -126,9 +172,10 @@ at::Tensor pool_empty_cpu(at::IntArrayRef size, at::ScalarType dtype, int64_t id
   if (bytes == 0) {
     return at::empty(size, options);
   }
-  void* p = pool().take(bytes, idle_limit_bytes);
+  const size_t block = block_size(bytes);
+  void* p = pool().take(block, idle_limit_bytes);
   PF_CHECK(p != nullptr, op, "out of memory allocating ", bytes, " bytes");
-  return at::from_blob(p, size, [bytes](void* q) { pool().give_back(q, bytes); }, options);
+  return at::from_blob(p, size, [block](void* q) { pool().give_back(q, block); }, options);
 }
 
 int64_t pool_release_cpu() {
