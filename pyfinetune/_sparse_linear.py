@@ -30,8 +30,9 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
     # CPUs with AMX tile units (amx_bf16: Xeon Sapphire Rapids and later), whose bfloat16/float16
     # GEMMs run ~5x faster than the float32 ones: benchmarks/results/prune-bfloat16-cpu-20261126-1213
     # (the CI machine, two threads, pooled dense path): our dense path's training step is 4.2x
-    # faster than the sparse kernel's at 50% and the ratio crosses 1 at ~92%, the forward's at ~91%.
-    "cpu-16bit": 0.9,
+    # faster than the sparse kernel's at 50% and the ratio crosses 1 at ~92%, the forward's at ~92%
+    # (at 90%: step 24.4 vs 28.9 ms, forward 7.4 vs 8.5 ms; at 95% the sparse kernel wins both).
+    "cpu-16bit": 0.92,
     # benchmarks/results/gpu-check-20261126-0605/prune-cuda-20261126-0612 (H100, N=256,
     # K=M=4096, 10 rounds): the forward's time ratio of our dense path to the sparse kernel crosses 1
     # at ~85%, the training step's at ~95% (1.05x dense path vs 1.04x sparse there); 0.9 between.
@@ -220,7 +221,7 @@ class SparseLinear(nn.Module):
     ``PYFINETUNE_DENSE_POOL_MB`` (default 1024) of idle blocks, freed by
     :func:`pyfinetune.prune.release_dense_buffers`. The crossover moves with the shapes (a small batch
     favours the sparse kernel) and the dtype: bfloat16 and float16 layers on a CPU with AMX (whose
-    16-bit GEMMs are ~5x faster than float32 ones) switch at 0.9, and on CUDA (tensor cores) at 0.99
+    16-bit GEMMs are ~5x faster than float32 ones) switch at 0.92, and on CUDA (tensor cores) at 0.99
     (see :data:`CROSSOVER_SPARSITY`); set ``kernel`` to override it (``"sparse"`` for inference
     below it).
 
