@@ -567,6 +567,10 @@ void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_
 // the caches) measured 3-10x slower than the forward; so each work item is a whole row range:
 // it gathers its rows' values once into a scratch buffer and then runs all panels over it, each
 // panel accumulated in a per-thread buffer and transposed into dx like spmm_into_rows does.
+// The per-thread buffer of dx's gathered values is kept between calls up to this size (a 4096 x
+// 4096 weight at 90% needs ~1.7 MB per row range); larger ones are freed after the call.
+constexpr int64_t kMaxGatheredBytes = int64_t{16} << 20;
+
 template <typename acc_t, typename dst_t>
 void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
   const int64_t kPanel = panel_of(a);
@@ -604,6 +608,9 @@ void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
       local.out_n0 = n0;
       spmm_panel_any(local, r0, r1, n0, cursor.data());
       store_block<acc_t, dst_t>(buf.data(), kPanel, r0, r1, n0, std::min(n, n0 + kPanel), rows, nullptr, y);
+    }
+    if (gathered.capacity() * sizeof(acc_t) > static_cast<size_t>(kMaxGatheredBytes)) {
+      std::vector<acc_t>().swap(gathered);  // a huge layer's values: not kept by the thread
     }
   });
 }
