@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <pyfinetune/checks.h>
+#include <pyfinetune/cpu_alloc.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -69,11 +70,9 @@ void* allocate(size_t size) {
     if (begin + span > start + size) {
       munmap(reinterpret_cast<void*>(start + size), begin + span - (start + size));
     }
-#if defined(MADV_HUGEPAGE)
     if (align == kHugePage) {
-      (void)madvise(reinterpret_cast<void*>(start), size, MADV_HUGEPAGE);
+      advise_huge_pages(reinterpret_cast<void*>(start), size);
     }
-#endif
     return reinterpret_cast<void*>(start);
   }
 #endif

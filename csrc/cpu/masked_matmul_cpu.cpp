@@ -154,6 +154,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cpu(const 
 // ---------------------------------------------------------------------------------------------
 // Sparse path: layout helpers
 
+// The transposed operands of csr_linear (xT; dyT, xT: slots A and C, on the calling thread) and
+// dx's gathered values (slot B, in each worker thread) are temporaries of a few MiB per call. A
+// fresh buffer of that size is a fresh mmap, and its first touch costs a page fault and a page
+// clear per 4 KiB: measured ~1 ms per 4 MiB buffer here, a sizeable part of a 90%-sparse forward.
+// Each thread therefore keeps one buffer per slot and reuses it (grown when needed) across calls;
+// larger temporaries than kMaxScratchBytes are allocated per call with the huge-page hint instead,
+// so that a rare huge shape does not stay resident.
+enum ScratchSlot { kScratchA = 0, kScratchB = 1, kScratchC = 2, kScratchSlots = 3 };
+constexpr int64_t kMaxScratchBytes = int64_t{64} << 20;
+
+// An uninitialized [rows, cols] tensor of `dtype` on the CPU, valid until this thread asks for
+// the same slot again (the callers use it within one kernel call and return none of it).
+at::Tensor scratch(ScratchSlot slot, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  const at::TensorOptions options = at::TensorOptions().dtype(dtype).device(at::kCPU);
+  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
+  if (bytes > kMaxScratchBytes) {
+    return empty_streaming({rows, cols}, options);
+  }
+  thread_local std::array<at::Tensor, kScratchSlots> buffers;
+  at::Tensor& buf = buffers[slot];
+  if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) {
+    buf = at::Tensor();  // free the old one first
+    buf = empty_streaming({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
+  }
+  return buf.narrow(0, 0, bytes).view(dtype).view({rows, cols});
+}
+
+
 template <typename acc_t>
 constexpr int64_t kLanes = Vectorized<acc_t>::size();
 
@@ -567,10 +595,6 @@ void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_
 // the caches) measured 3-10x slower than the forward; so each work item is a whole row range:
 // it gathers its rows' values once into a scratch buffer and then runs all panels over it, each
 // panel accumulated in a per-thread buffer and transposed into dx like spmm_into_rows does.
-// The per-thread buffer of dx's gathered values is kept between calls up to this size (a 4096 x
-// 4096 weight at 90% needs ~1.7 MB per row range); larger ones are freed after the call.
-constexpr int64_t kMaxGatheredBytes = int64_t{16} << 20;
-
 template <typename acc_t, typename dst_t>
 void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
   const int64_t kPanel = panel_of(a);
@@ -583,12 +607,13 @@ void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
       return;
     }
     const int64_t e0 = a.pat.ptr[r0], e1 = a.pat.ptr[r1];
-    thread_local std::vector<acc_t> gathered;  // every entry written below: reused without zeroing
-    gathered.resize(static_cast<size_t>(e1 - e0));
+    // Every entry is written below: an uninitialized scratch buffer of this thread.
+    const at::Tensor gathered_buf = scratch(kScratchB, 1, e1 - e0, c10::CppTypeToScalarType<acc_t>::value);
+    acc_t* gathered = gathered_buf.mutable_data_ptr<acc_t>();
     bool vector_gather = false;
     if constexpr (std::is_same_v<acc_t, float>) {
       if (avx512::available()) {
-        avx512::gather(a.values, a.perm + e0, gathered.data(), e1 - e0);
+        avx512::gather(a.values, a.perm + e0, gathered, e1 - e0);
         vector_gather = true;
       }
     }
@@ -599,7 +624,7 @@ void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
     }
     thread_local std::vector<acc_t> buf;
     buf.resize(static_cast<size_t>((r1 - r0) * kPanel));
-    SpmmArgs<acc_t> local{a.pat, gathered.data(), nullptr, a.b, buf.data(), a.ld, e0};
+    SpmmArgs<acc_t> local{a.pat, gathered, nullptr, a.b, buf.data(), a.ld, e0};
     local.panel = a.panel;
     local.out_ld = kPanel;
     local.out_r0 = r0;
@@ -608,9 +633,6 @@ void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
       local.out_n0 = n0;
       spmm_panel_any(local, r0, r1, n0, cursor.data());
       store_block<acc_t, dst_t>(buf.data(), kPanel, r0, r1, n0, std::min(n, n0 + kPanel), rows, nullptr, y);
-    }
-    if (gathered.capacity() * sizeof(acc_t) > static_cast<size_t>(kMaxGatheredBytes)) {
-      std::vector<acc_t>().swap(gathered);  // a huge layer's values: not kept by the thread
     }
   });
 }
@@ -758,32 +780,6 @@ void sddmm(const SddmmArgs<acc_t>& a) {
 
 // ---------------------------------------------------------------------------------------------
 // csr_linear and its backward
-
-// The transposed operands of csr_linear (xT; dyT, xT) are temporaries of
-// a few MiB per call. A fresh buffer of that size is a fresh mmap, and its first touch costs a
-// page fault and a page clear per 4 KiB: measured ~1 ms per 4 MiB buffer here, a sizeable part
-// of a 90%-sparse forward. Each thread therefore keeps one buffer per slot and reuses it (grown
-// when needed) across calls; larger temporaries than kMaxScratchBytes are allocated per call
-// with the huge-page hint instead, so that a rare huge shape does not stay resident.
-enum ScratchSlot { kScratchA = 0, kScratchB = 1, kScratchC = 2, kScratchSlots = 3 };
-constexpr int64_t kMaxScratchBytes = int64_t{64} << 20;
-
-// An uninitialized [rows, cols] tensor of `dtype` on the CPU, valid until this thread asks for
-// the same slot again (the callers use it within one kernel call and return none of it).
-at::Tensor scratch(ScratchSlot slot, int64_t rows, int64_t cols, at::ScalarType dtype) {
-  const at::TensorOptions options = at::TensorOptions().dtype(dtype).device(at::kCPU);
-  const int64_t bytes = rows * cols * static_cast<int64_t>(c10::elementSize(dtype));
-  if (bytes > kMaxScratchBytes) {
-    return empty_streaming({rows, cols}, options);
-  }
-  thread_local std::array<at::Tensor, kScratchSlots> buffers;
-  at::Tensor& buf = buffers[slot];
-  if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) {
-    buf = at::Tensor();  // free the old one first
-    buf = empty_streaming({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).device(at::kCPU));
-  }
-  return buf.narrow(0, 0, bytes).view(dtype).view({rows, cols});
-}
 
 // src [rows, cols] (any strides) transposed into a [cols, padded_ld(rows)] acc tensor (scratch).
 template <typename scalar_t>

@@ -12,6 +12,23 @@
 
 namespace pyfinetune {
 
+// Ask for transparent huge pages over the whole 2 MiB pages inside [p, p + bytes) (a hint: where
+// THP is disabled or the call fails nothing changes).
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
+  if (last > first) {
+    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // at::empty, and for buffers of 4 MiB and more a hint to back them with transparent huge pages.
 // glibc serves such sizes with a fresh mmap each time, so every call would otherwise take one
 // page fault (and a kernel page clear) per 4 KiB: for a 125 MiB logits-sized gradient that costs
@@ -20,18 +37,9 @@ namespace pyfinetune {
 // call fails it is ignored.
 inline at::Tensor empty_streaming(at::IntArrayRef sizes, const at::TensorOptions& options) {
   at::Tensor out = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const size_t bytes = out.nbytes();
-  if (out.device().is_cpu() && bytes >= (size_t{4} << 20)) {
-    const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t last = (begin + bytes) & ~(kHuge - 1);
-    if (last > first) {
-      (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-    }
+  if (out.device().is_cpu() && out.nbytes() >= (size_t{4} << 20)) {
+    advise_huge_pages(out.data_ptr(), out.nbytes());
   }
-#endif
   return out;
 }
 
