@@ -322,10 +322,8 @@ class SparseLinear(nn.Module):
         # page-faulted per 4 KiB) and the gather 13 ms as index_select. Under torch.func transforms
         # and forward-mode AD, which our ops' autograd rules do not support, plain torch ops.
         if _transforms_active():
-            crow = self.crow_indices.long()
-            rows = torch.repeat_interleave(torch.arange(self.out_features, device=crow.device), crow[1:] - crow[:-1],
-                                           output_size=self.col_indices.numel())
-            flat = rows * self.in_features + self.col_indices.long()
+            flat = ops._entry_rows(self.crow_indices, self.col_indices.numel()) * self.in_features
+            flat = flat + self.col_indices.long()
             dense = self.values.new_zeros(self.out_features * self.in_features)
             return dense.index_copy(0, flat, self.values).view(self.out_features, self.in_features)
         return ops.csr_to_dense(self.values, self.crow_indices, self.col_indices, self.in_features)

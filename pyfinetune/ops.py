@@ -534,6 +534,13 @@ class CompressedPattern(NamedTuple):
 _INT32_MAX = 2**31 - 1
 
 
+def _entry_rows(crow_indices: Tensor, nnz: int) -> Tensor:
+    """The row (int64) of each of the nnz entries of a compressed-row pattern."""
+    crow = crow_indices.long()
+    m = crow.shape[0] - 1
+    return torch.repeat_interleave(torch.arange(m, device=crow.device), crow[1:] - crow[:-1], output_size=nnz)
+
+
 def pattern_from_csr(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> CompressedPattern:
     """The :class:`CompressedPattern` of a compressed-row pattern ``crow_indices`` [M + 1],
     ``col_indices`` [nnz] (columns sorted within each row) of a weight with ``num_cols`` columns.
@@ -544,7 +551,7 @@ def pattern_from_csr(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -
     crow = crow_indices.long()
     col = col_indices.long()
     lengths = crow[1:] - crow[:-1]
-    rows = torch.repeat_interleave(torch.arange(m, device=device), lengths, output_size=nnz)
+    rows = _entry_rows(crow, nnz)
     csc_to_csr = torch.argsort(col, stable=True)  # CSR order breaks ties: rows ascend within a column
     ccol = torch.zeros(num_cols + 1, dtype=torch.long, device=device)
     ccol.index_add_(0, col + 1, torch.ones_like(col))

@@ -163,79 +163,81 @@ def _good(device="cpu"):
     return torch.randn(4, device=device), crow, col
 
 
-@pytest.mark.parametrize("case,pattern_", [
-    ("values-int", r"csr_to_dense: values must be float32, bfloat16, float16 or float64, got Long"),
-    ("values-2d", r"csr_to_dense: values must be a 1-D tensor \[nnz\]"),
-    ("crow-int64", r"csr_to_dense: crow_indices must be int32, got Long"),
-    ("col-length", r"csr_to_dense: col_indices must be a 1-D tensor with nnz = 4 entries, got shape \[3\]"),
-    ("negative-cols", r"csr_to_dense: cols must be >= 0"),
-    ("col-out-of-range", r"csr_to_dense: col_indices\[\d\] = 3 is out of range: entries must lie in \[0, 3\)"),
-    ("crow-end", r"csr_to_dense: crow_indices\[-1\] must be nnz = 4"),
-    ("crow-decreasing", r"csr_to_dense: crow_indices must be non-decreasing"),
-    ("unsorted", r"csr_to_dense: col_indices must increase strictly within each row"),
-    ("repeated", r"csr_to_dense: col_indices must increase strictly within each row"),
-    ("sparse-values", r"csr_to_dense: values must be a dense \(strided\) tensor"),
-])
-def test_to_dense_errors(case, pattern_):
+def _replaced(t: torch.Tensor, index: int, value) -> torch.Tensor:
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _i32(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def _overlapping_out(a):
+    out = torch.empty(3, 3)
+    return dict(out=out, values=out.view(-1)[:4])
+
+
+# (op, the arguments changed from _good's, the message): every argument error, each naming the
+# op and the argument. csr_to_dense(values, crow, col, cols), csr_gather(dense, crow, col),
+# csr_to_dense_into(out, values, crow, col).
+ERRORS = [
+    ("csr_to_dense", lambda a: dict(values=a["values"].long()),
+     r"csr_to_dense: values must be float32, bfloat16, float16 or float64, got Long"),
+    ("csr_to_dense", lambda a: dict(values=a["values"].view(2, 2)),
+     r"csr_to_dense: values must be a 1-D tensor \[nnz\]"),
+    ("csr_to_dense", lambda a: dict(crow=a["crow"].long()), r"csr_to_dense: crow_indices must be int32, got Long"),
+    ("csr_to_dense", lambda a: dict(col=a["col"][:3]),
+     r"csr_to_dense: col_indices must be a 1-D tensor with nnz = 4 entries, got shape \[3\]"),
+    ("csr_to_dense", lambda a: dict(cols=-1), r"csr_to_dense: cols must be >= 0"),
+    ("csr_to_dense", lambda a: dict(col=_replaced(a["col"], -1, 3)),
+     r"csr_to_dense: col_indices\[\d\] = 3 is out of range: entries must lie in \[0, 3\)"),
+    ("csr_to_dense", lambda a: dict(crow=_replaced(a["crow"], -1, 3)),
+     r"csr_to_dense: crow_indices\[-1\] must be nnz = 4"),
+    ("csr_to_dense", lambda a: dict(crow=_i32(0, 3, 2, 4)), r"csr_to_dense: crow_indices must be non-decreasing"),
+    ("csr_to_dense", lambda a: dict(col=_i32(2, 0, 1, 2)),  # unsorted
+     r"csr_to_dense: col_indices must increase strictly within each row"),
+    ("csr_to_dense", lambda a: dict(col=_i32(0, 0, 1, 2)),  # a repeated column
+     r"csr_to_dense: col_indices must increase strictly within each row"),
+    ("csr_to_dense", lambda a: dict(values=a["values"].to_sparse()),
+     r"csr_to_dense: values must be a dense \(strided\) tensor"),
+    ("csr_gather", lambda a: dict(dense=a["dense"].flatten()), r"csr_gather: dense must be a 2-D tensor \[M, K\]"),
+    ("csr_gather", lambda a: dict(dense=torch.randn(4, 3)),
+     r"csr_gather: dense must have M = crow_indices.numel\(\) - 1 = 3 rows, got shape \[4, 3\]"),
+    ("csr_gather", lambda a: dict(dense=a["dense"].int()),
+     r"csr_gather: dense must be float32, bfloat16, float16 or float64, got Int"),
+    ("csr_gather", lambda a: dict(col=a["col"].long()), r"csr_gather: col_indices must be int32, got Long"),
+    ("csr_gather", lambda a: dict(col=_replaced(a["col"], -1, 5)),
+     r"csr_gather: col_indices\[\d\] = 5 is out of range: entries must lie in \[0, 3\)"),
+    ("csr_gather", lambda a: dict(dense=torch.randn(3, 0)),
+     r"csr_gather: a dense tensor of no columns has no kept entries, got nnz = 4"),
+    ("csr_gather", lambda a: dict(col=a["col"].to("meta")),
+     r"csr_gather: col_indices must be on the device of dense \(cpu\), got meta"),
+    ("csr_to_dense_into", lambda a: dict(out=torch.empty(9)),
+     r"csr_to_dense_into: out must be a 2-D tensor \[M, cols\]"),
+    ("csr_to_dense_into", lambda a: dict(out=torch.empty(4, 3)),
+     r"csr_to_dense_into: out must have M = crow_indices.numel\(\) - 1 = 3 rows"),
+    ("csr_to_dense_into", lambda a: dict(out=a["out"].double()),
+     r"csr_to_dense_into: out must have the dtype of values \(Float\), got Double"),
+    ("csr_to_dense_into", lambda a: dict(out=torch.empty(3, 6)[:, ::2]), r"csr_to_dense_into: out must be contiguous"),
+    ("csr_to_dense_into", _overlapping_out, r"csr_to_dense_into: out must not share memory with values"),
+    ("csr_to_dense_into", lambda a: dict(out=torch.empty(3, 2)),
+     r"csr_to_dense_into: col_indices\[\d\] = 2 is out of range: entries must lie in \[0, 2\)"),
+]
+_CALLS = {
+    "csr_to_dense": lambda a: ops.csr_to_dense(a["values"], a["crow"], a["col"], a["cols"]),
+    "csr_gather": lambda a: ops.csr_gather(a["dense"], a["crow"], a["col"]),
+    "csr_to_dense_into": lambda a: torch.ops.pyfinetune.csr_to_dense_into(a["out"], a["values"], a["crow"], a["col"]),
+}
+
+
+@pytest.mark.parametrize("op,change,pattern_", ERRORS, ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(ERRORS)])
+def test_argument_errors(op, change, pattern_):
     values, crow, col = _good()
-    cols = 3
-    if case == "values-int":
-        values = values.long()
-    elif case == "values-2d":
-        values = values.view(2, 2)
-    elif case == "crow-int64":
-        crow = crow.long()
-    elif case == "col-length":
-        col = col[:3]
-    elif case == "negative-cols":
-        cols = -1
-    elif case == "col-out-of-range":
-        col = col.clone()
-        col[-1] = 3
-    elif case == "crow-end":
-        crow = crow.clone()
-        crow[-1] = 3
-    elif case == "crow-decreasing":
-        crow = torch.tensor([0, 3, 2, 4], dtype=torch.int32)
-    elif case == "unsorted":
-        col = torch.tensor([2, 0, 1, 2], dtype=torch.int32)
-    elif case == "repeated":
-        col = torch.tensor([0, 0, 1, 2], dtype=torch.int32)
-    elif case == "sparse-values":
-        values = values.to_sparse()
+    args = dict(values=values, crow=crow, col=col, cols=3, dense=torch.randn(3, 3), out=torch.empty(3, 3))
+    args.update(change(args))
     with pytest.raises(RuntimeError, match=pattern_):
-        ops.csr_to_dense(values, crow, col, cols)
-
-
-@pytest.mark.parametrize("case,pattern_", [
-    ("dense-1d", r"csr_gather: dense must be a 2-D tensor \[M, K\]"),
-    ("dense-rows", r"csr_gather: dense must have M = crow_indices.numel\(\) - 1 = 3 rows, got shape \[4, 3\]"),
-    ("dense-int", r"csr_gather: dense must be float32, bfloat16, float16 or float64, got Int"),
-    ("col-int64", r"csr_gather: col_indices must be int32, got Long"),
-    ("col-out-of-range", r"csr_gather: col_indices\[\d\] = 5 is out of range: entries must lie in \[0, 3\)"),
-    ("no-columns", r"csr_gather: a dense tensor of no columns has no kept entries, got nnz = 4"),
-    ("meta-index", r"csr_gather: col_indices must be on the device of dense \(cpu\), got meta"),
-])
-def test_gather_errors(case, pattern_):
-    _, crow, col = _good()
-    dense = torch.randn(3, 3)
-    if case == "dense-1d":
-        dense = dense.flatten()
-    elif case == "dense-rows":
-        dense = torch.randn(4, 3)
-    elif case == "dense-int":
-        dense = dense.int()
-    elif case == "col-int64":
-        col = col.long()
-    elif case == "col-out-of-range":
-        col = col.clone()
-        col[-1] = 5
-    elif case == "no-columns":
-        dense = torch.randn(3, 0)
-    elif case == "meta-index":
-        col = col.to("meta")
-    with pytest.raises(RuntimeError, match=pattern_):
-        ops.csr_gather(dense, crow, col)
+        _CALLS[op](args)
 
 
 @pytest.mark.cuda
@@ -256,34 +258,6 @@ def test_to_dense_into_writes_every_element(device, dtype):
     out = torch.full((m, k), float("nan"), device=device, dtype=dtype)
     assert torch.ops.pyfinetune.csr_to_dense_into(out, w[mask], crow, col) is None
     assert torch.equal(out, torch.where(mask, w, torch.zeros((), dtype=dtype, device=device)))
-
-
-@pytest.mark.parametrize("case,pattern_", [
-    ("out-1d", r"csr_to_dense_into: out must be a 2-D tensor \[M, cols\]"),
-    ("out-rows", r"csr_to_dense_into: out must have M = crow_indices.numel\(\) - 1 = 3 rows"),
-    ("out-dtype", r"csr_to_dense_into: out must have the dtype of values \(Float\), got Double"),
-    ("out-strided", r"csr_to_dense_into: out must be contiguous"),
-    ("out-overlaps-values", r"csr_to_dense_into: out must not share memory with values"),
-    ("col-out-of-range", r"csr_to_dense_into: col_indices\[\d\] = 2 is out of range: entries must lie in \[0, 2\)"),
-])
-def test_to_dense_into_errors(case, pattern_):
-    values, crow, col = _good()
-    out = torch.empty(3, 3)
-    if case == "out-1d":
-        out = torch.empty(9)
-    elif case == "out-rows":
-        out = torch.empty(4, 3)
-    elif case == "out-dtype":
-        out = out.double()
-    elif case == "out-strided":
-        out = torch.empty(3, 6)[:, ::2]
-    elif case == "out-overlaps-values":
-        out = torch.empty(3, 3)
-        values = out.view(-1)[:4]
-    elif case == "col-out-of-range":
-        out = torch.empty(3, 2)
-    with pytest.raises(RuntimeError, match=pattern_):
-        torch.ops.pyfinetune.csr_to_dense_into(out, values, crow, col)
 
 
 @pytest.mark.parametrize("case", ["values-int", "cols-zero", "no-crow", "into-strided", "gather-no-crow"])
