@@ -27,9 +27,11 @@ def acc_roundoff(dtype: torch.dtype) -> float:
 
 
 def assert_product_close(actual: torch.Tensor, exact: torch.Tensor, abs_terms: torch.Tensor, k: int,
-                         dtype: torch.dtype, what: str) -> None:
+                         dtype: torch.dtype, what: str, *, rounded_before: Optional[torch.Tensor] = None) -> None:
     """``actual`` (dtype) against the float64 ``exact`` sums of k terms whose absolute values sum to
-    ``abs_terms``, within the bound of the module docstring."""
+    ``abs_terms``, within the bound of the module docstring. ``rounded_before``: the exact value of
+    an intermediate result that the computation rounds to dtype once before the last step (cuBLAS's
+    product before its bias is added): the bound then also holds u(d) times its magnitude."""
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
     assert actual.shape == exact.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(exact.shape)}"
     a = actual.detach().double().cpu()
@@ -38,6 +40,8 @@ def assert_product_close(actual: torch.Tensor, exact: torch.Tensor, abs_terms: t
     u = UNIT_ROUNDOFF[dtype]
     acc = (k + 2) * acc_roundoff(dtype) * t
     bound = u * (e.abs() + acc) + acc + torch.finfo(dtype).smallest_normal * u
+    if rounded_before is not None:
+        bound = bound + u * (rounded_before.detach().double().cpu().abs() + acc)
     err = (a - e).abs()
     bad = ~(err <= bound)  # also catches NaN
     if bad.any():
@@ -85,6 +89,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias: O
     wd = cpu64(weight) * md
     bd = None if bias is None else cpu64(bias)
     out = {
+        "y_product": xd @ wd.t(),
         "y": xd @ wd.t() + (bd if bd is not None else 0.0),
         "y_terms": xd.abs() @ wd.abs().t() + (bd.abs() if bd is not None else 0.0),
         "dx": gd @ wd,

@@ -76,12 +76,14 @@ KD_FNS = {EAGER: torch_kd, COMPILED: compiled_kd, OURS: ours_kd}
 
 
 def kd_inputs(n, v, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    s = (torch.randn(n, v, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_(True)
-    t = (torch.randn(n, v, generator=g) * 3).to(device=device, dtype=dtype)
-    lab = torch.randint(0, v, (n,), generator=g)
+    # Drawn on the device itself: at 8192 x 128256 drawing on the CPU and copying took minutes.
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = torch.randn(n, v, generator=g, device=device).mul_(3).to(dtype).requires_grad_(True)
+    t = torch.randn(n, v, generator=g, device=device).mul_(3).to(dtype)
+    lab = torch.randint(0, v, (n,), generator=g, device=device)
     lab[::8] = -100
-    return s, t, lab.to(device)
+    return s, t, lab
 
 
 def unfused_linear(h, w, ht, wt, lab):
@@ -151,10 +153,10 @@ def measure_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- timing
-def time_backward(fns: Dict[str, Callable], make_inputs, reps: int, device) -> Dict[str, Timing]:
+def time_backward(fns: Dict[str, Callable], inputs: Dict[str, Tuple[torch.Tensor, ...]], reps: int,
+                  device) -> Dict[str, Timing]:
     """Backward alone: an untimed forward, then the timed backward; contenders round-robin."""
     names = list(fns)
-    inputs = {n: make_inputs() for n in names}
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(reps + 2):
         for k in range(len(names)):
@@ -189,10 +191,39 @@ def time_case(fns: Dict[str, Callable], make_inputs, reps: int, device) -> Dict[
 
     out = {}
     out["forward"] = common.time_interleaved([Contender(n, fwd(n)) for n in fns], reps=reps, device=device)
-    out["backward"] = time_backward(fns, make_inputs, reps, device)
+    out["backward"] = time_backward(fns, per_contender, reps, device)
     out["forward+backward"] = common.time_interleaved([Contender(n, fwd_bwd(fns[n], per_contender[n])) for n in fns],
                                                       reps=reps, device=device)
     return out
+
+
+def copy_bandwidth(nbytes: int, reps: int, device: torch.device) -> Tuple[float, Timing]:
+    """Measured memory bandwidth in GB/s: a device-to-device copy of ``nbytes`` (read + write counted),
+    median of ``reps`` after warm-up."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t = common.time_interleaved([Contender("copy", lambda: dst.copy_(src))], reps=reps, device=device)["copy"]
+    return 2 * src.numel() * 4 / (t.median * 1e6), t
+
+
+def kd_roofline(n: int, v: int, dtype: torch.dtype, ours_ms: float, reps: int, device: torch.device) -> Dict[str, Any]:
+    """#3's GPU target: ours forward + backward against the time to read the student and teacher
+    logits and write the student's gradient once at the measured copy bandwidth."""
+    item = torch.tensor([], dtype=dtype).element_size()
+    moved = 3 * n * v * item  # read student, read teacher, write the gradient
+    gbps, t = copy_bandwidth(2 * n * v * item, max(reps, 20), device)
+    floor_ms = moved / (gbps * 1e6)
+    return {"bytes_moved": moved, "copy_gbps": gbps, "copy_ms": t.summary(), "floor_ms": floor_ms,
+            "ours_fwd_bwd_ms": ours_ms, "ratio": ours_ms / floor_ms, "target": 1.3,
+            "met": ours_ms / floor_ms <= 1.3}
+
+
+def roofline_markdown(r: Dict[str, Any]) -> str:
+    return common.markdown_table(
+        ["measured copy GB/s", "bytes (read s, t + write grad)", "floor ms", "ours fwd+bwd ms",
+         "ours / floor", "target", "status"],
+        [[f"{r['copy_gbps']:.0f}", f"{r['bytes_moved'] / 2**30:.2f} GiB", f"{r['floor_ms']:.2f}",
+          f"{r['ours_fwd_bwd_ms']:.2f}", f"{r['ratio']:.2f}", "<= 1.3", "MET" if r["met"] else "NOT MET"]])
 
 
 # ---------------------------------------------------------------------------------- pyfinetune bench
@@ -276,6 +307,9 @@ def run(args) -> None:
                f"contention: other processes {cont.result.get('other_share')}, flagged {entry['contended']}", "",
                common.markdown_table(["contender", "fwd ms median [p20, p80]", "bwd ms", "fwd+bwd ms",
                                       f"fwd+bwd time / {ref}", "held MiB", "peak MiB"], rows), ""]
+        if case[0] == "kd" and device.type == "cuda":
+            entry["roofline"] = kd_roofline(n, v, dtype, timings["forward+backward"][OURS].median, args.reps, device)
+            md += [roofline_markdown(entry["roofline"]), ""]
         record["cases"].append(entry)
         print("\n".join(md[-3:]), flush=True)
     if not args.no_write:
