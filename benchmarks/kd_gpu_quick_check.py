@@ -98,6 +98,11 @@ for div in ("forward_kl", "jsd"):
     for T in (0.05, 100.0):
         run(f"large logits topk {div} T={T} scale=1500", topk(4, 2000, 50, div=div, T=T, scale=1500.0))
 run("jsd T=100 (small D)", dense(6, 1000, f32, f32, div="jsd", T=100.0))
+# 5. a kept gradient above pyfinetune.ops._SYNC_SCALE_MIN_BYTES (64 MiB): batchmean divided by the
+#    counted rows in the kernel (grad_scale), loss.backward() hands it on with no pass; the launch
+#    block size chosen by occupancy (many rows, a cluster per row).
+for div in ("forward_kl", "jsd"):
+    run(f"folded batchmean bf16 N=320 V=128256 {div}", dense(320, 128256, bf16, bf16, div=div, T=2.0))
 
 if dev == "cuda":
     torch.cuda.synchronize()

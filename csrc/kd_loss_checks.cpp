@@ -23,11 +23,13 @@ void check_logits(const char* op, const char* name, const at::Tensor& x) {
   PF_CHECK(x.size(0) <= 1 || x.stride(0) >= 0, op, name, " must have a non-negative row stride, got ", x.strides());
 }
 
-void check_scalars(const char* op, double temperature, double alpha, double beta) {
+void check_scalars(const char* op, double temperature, double alpha, double beta, double grad_scale) {
   PF_CHECK(std::isfinite(temperature) && temperature > 0, op, "temperature must be a finite number > 0, got ",
            temperature);
   PF_CHECK(alpha >= 0 && alpha <= 1, op, "alpha must be in [0, 1], got ", alpha);
   PF_CHECK(beta > 0 && beta < 1, op, "beta must be in (0, 1), got ", beta);
+  PF_CHECK(std::isfinite(grad_scale) && grad_scale > 0, op, "grad_scale must be a finite number > 0, got ",
+           grad_scale);
 }
 
 void check_labels(const char* op, const std::optional<at::Tensor>& labels, const at::Tensor& student) {
@@ -61,7 +63,7 @@ int parse_kd_divergence(const char* op, c10::string_view divergence) {
 }
 
 void check_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-                        double temperature, double alpha, double beta) {
+                        double temperature, double alpha, double beta, double grad_scale) {
   const char* op = "kd_loss_fwd";
   check_logits(op, "student", student);
   check_logits(op, "teacher", teacher);
@@ -71,12 +73,12 @@ void check_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher, co
            " like student, got ", teacher.device());
   PF_CHECK(student.size(1) >= 1, op, "student must have at least one class (V >= 1), got shape ", student.sizes());
   check_labels(op, labels, student);
-  check_scalars(op, temperature, alpha, beta);
+  check_scalars(op, temperature, alpha, beta, grad_scale);
 }
 
 void check_kd_loss_topk_args(const at::Tensor& student, const at::Tensor& teacher_values,
                              const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
-                             double temperature, double alpha, int divergence, double beta) {
+                             double temperature, double alpha, int divergence, double beta, double grad_scale) {
   const char* op = "kd_loss_topk_fwd";
   check_logits(op, "student", student);
   check_logits(op, "teacher_values", teacher_values);
@@ -100,7 +102,7 @@ void check_kd_loss_topk_args(const at::Tensor& student, const at::Tensor& teache
            "divergence \"reverse_kl\" is not defined with a top-k teacher: the teacher probability is 0 outside "
            "its top-k entries, so KL(Q || P) is infinite; use \"forward_kl\" or \"jsd\"");
   check_labels(op, labels, student);
-  check_scalars(op, temperature, alpha, beta);
+  check_scalars(op, temperature, alpha, beta, grad_scale);
 }
 
 }  // namespace pyfinetune

@@ -91,16 +91,18 @@ TORCH_LIBRARY(pyfinetune, m) {
   //   student, teacher: [N, V] logits (any float dtype each; unit stride along V, any row stride);
   //   labels: None or int64 [N]. divergence: "forward_kl" | "reverse_kl" | "jsd".
   //   Returns (loss [N] float32: the per-row loss, 0 for ignored rows;
-  //            grad: d(row loss)/d(student) [N, V] in the student's dtype, contiguous, or an
-  //            empty tensor when need_grad is false). The backward only scales grad.
+  //            grad: grad_scale * d(row loss)/d(student) [N, V] in the student's dtype, contiguous,
+  //            or an empty tensor when need_grad is false). The backward only scales grad.
+  //   grad_scale (finite > 0): a factor the kept gradient is computed with, so that a caller who
+  //   knows the reduction's factor (1 / rows of a batch mean) need not scale it afterwards.
   m.def(
       "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, *, float temperature, float alpha, "
-      "str divergence, float beta, int ignore_index, bool need_grad) -> (Tensor, Tensor)");
+      "str divergence, float beta, int ignore_index, bool need_grad, float grad_scale=1.0) -> (Tensor, Tensor)");
   // The same with a teacher saved as its top-k logits per row: teacher_values [N, k] (float),
   // teacher_indices [N, k] int64 in [0, V), distinct within a row. The teacher distribution is the
   // softmax over its k entries at temperature T (0 elsewhere).
   m.def(
       "kd_loss_topk_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? labels, *, "
-      "float temperature, float alpha, str divergence, float beta, int ignore_index, bool need_grad) "
-      "-> (Tensor, Tensor)");
+      "float temperature, float alpha, str divergence, float beta, int ignore_index, bool need_grad, "
+      "float grad_scale=1.0) -> (Tensor, Tensor)");
 }

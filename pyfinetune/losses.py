@@ -129,23 +129,33 @@ def _reduce(loss_rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_inde
 # export, fake or functional modes, torch.func) the registered op and its autograd are used, so
 # that the compiler sees the op. Both paths run the same arithmetic and give the same bits
 # (tests/test_kd_eager_path.py).
-def _reduce_eager(loss_rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str):
+def _host_count(rows: int, labels: Optional[torch.Tensor], ignore_index: int, sync_ok: bool) -> Optional[int]:
+    """The divisor of ``"batchmean"`` as a Python int where it is known without a device
+    synchronization (no labels, CPU labels) or where one is allowed (``sync_ok``); else None."""
+    if labels is None:
+        return max(rows, 1)
+    if labels.device.type == "cpu" or sync_ok:
+        return max(int(labels.ne(ignore_index).sum()), 1)
+    return None
+
+
+def _reduce_eager(loss_rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str,
+                  count: Optional[int] = None):
     """``_reduce`` without autograd, in place where it can be; also returns the divisor of
     ``"batchmean"`` (a Python int, or a tensor on devices where counting on the host would
-    synchronize; None for the other reductions), which the backward needs."""
+    synchronize; None for the other reductions), which the backward needs. ``count``: that divisor
+    when the caller already has it as an int."""
     if reduction == "none":
         return loss_rows, None
     total = loss_rows.sum()
     if reduction == "sum":
         return total, None
-    if labels is None:
-        count = max(loss_rows.shape[0], 1)
-    elif labels.device.type == "cpu":
-        # An int divides like _reduce's float tensor (it converts to the loss dtype the same way)
-        # and costs one tensor op less.
-        count = max(int(labels.ne(ignore_index).sum()), 1)
-    else:
+    if count is None:
+        count = _host_count(loss_rows.shape[0], labels, ignore_index, sync_ok=False)
+    if count is None:
         count = (labels != ignore_index).sum().clamp_min(1).to(total.dtype)
+    # An int divides like _reduce's float tensor (it converts to the loss dtype the same way) and
+    # costs one tensor op less.
     return total.div_(count), count
 
 
@@ -153,19 +163,31 @@ class _EagerKdLoss(torch.autograd.Function):
     """kd_loss_fwd / kd_loss_topk_fwd (``op``) plus the reduction, for a student that needs a
     gradient, in plain eager mode. Only ``student`` is an autograd input: the teacher and the labels
     travel in ``others`` (no gradient, no detach needed). The backward is the op's registered one
-    (``ops._kd_backward``) with the reduction's backward folded into the scale."""
+    (``ops._kd_backward``) with the reduction's backward folded into the scale.
+
+    ``"batchmean"``: when the number of counted rows is known on the host (no labels, CPU labels, or
+    a gradient large enough that one device synchronization costs less than a pass over it,
+    ``ops._may_scale_in_place``), the kernel computes the kept gradient already divided by it
+    (``grad_scale``), so that ``loss.backward()`` (an upstream gradient of exactly 1) hands the
+    kept gradient on with no pass over it; the registered path divides in the backward instead (the
+    same values up to the rounding of one product)."""
 
     @staticmethod
     def forward(ctx, student, op, others, labels, options, reduction):
         temperature, alpha, divergence, beta, ignore_index = options
+        count = None
+        if reduction == "batchmean":
+            count = _host_count(student.shape[0], labels, ignore_index, sync_ok=_ops._may_scale_in_place([student]))
         # Below autograd: the op's registered (Python) autograd kernel would otherwise run here
         # too, although grad mode is off inside forward.
         with torch._C._AutoDispatchBelowAutograd():
             loss_rows, grad = op(student, *others, temperature=temperature, alpha=alpha, divergence=divergence,
-                                 beta=beta, ignore_index=ignore_index, need_grad=True)
-        loss, count = _reduce_eager(loss_rows, labels, ignore_index, reduction)
+                                 beta=beta, ignore_index=ignore_index, need_grad=True,
+                                 grad_scale=1.0 / count if count is not None else 1.0)
+        loss, count_used = _reduce_eager(loss_rows, labels, ignore_index, reduction, count)
         ctx.save_for_backward(grad)
-        ctx.count = count
+        ctx.count = count_used
+        ctx.folded = count is not None  # the kept gradient is already divided by the count
         ctx.reduction = reduction
         return loss
 
@@ -173,10 +195,11 @@ class _EagerKdLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         # The same operations as the registered path's backward: the reduction's backward in the
-        # loss dtype (sum: the incoming value itself; batchmean: divided by the count), cast to the
-        # dtype of the arithmetic, one scale per row ([N, 1]) or for all rows ([1, 1]: a 2-D tensor
-        # so that type promotion against a bf16 / fp16 gradient is that of the [N, 1] scale).
-        if ctx.reduction == "batchmean":
+        # loss dtype (sum: the incoming value itself; batchmean: divided by the count unless the
+        # kernel did), cast to the dtype of the arithmetic, one scale per row ([N, 1]) or for all
+        # rows ([1, 1]: a 2-D tensor so that type promotion against a bf16 / fp16 gradient is that
+        # of the [N, 1] scale).
+        if ctx.reduction == "batchmean" and not ctx.folded:
             grad_out = grad_out / ctx.count
         math_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
         scale = grad_out if grad_out.dtype == math_dtype else grad_out.to(math_dtype)

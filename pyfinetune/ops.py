@@ -66,17 +66,19 @@ within a row; any float dtype. Each is the other's gradient (:func:`csr_to_dense
 Distillation ops (forward with the gradient; the backward only scales the saved gradient):
 
 ``torch.ops.pyfinetune.kd_loss_fwd(student, teacher, labels, *, temperature, alpha, divergence,
-beta, ignore_index, need_grad) -> (loss, grad)``
+beta, ignore_index, need_grad, grad_scale=1.0) -> (loss, grad)``
 
 ``torch.ops.pyfinetune.kd_loss_topk_fwd(student, teacher_values, teacher_indices, labels, *,
-temperature, alpha, divergence, beta, ignore_index, need_grad) -> (loss, grad)``
+temperature, alpha, divergence, beta, ignore_index, need_grad, grad_scale=1.0) -> (loss, grad)``
 
 * ``student``, ``teacher``: [N, V] float32, bfloat16, float16 or float64 (each its own dtype),
   unit stride along V, any row stride. ``teacher_values`` [N, k] float, ``teacher_indices``
   [N, k] int64 in [0, V), distinct within a row. ``labels``: None or int64 [N].
 * ``loss``: [N] float32 (float64 when an input is float64), the per-row loss, 0 for ignored rows.
-* ``grad``: d(loss[r]) / d(student[r]), [N, V] in the student's dtype, or an empty tensor when
-  ``need_grad`` is False. The autograd formula of both ops is d/d(student) = grad * g[:, None]
+* ``grad``: ``grad_scale`` * d(loss[r]) / d(student[r]), [N, V] in the student's dtype, or an empty
+  tensor when ``need_grad`` is False. ``grad_scale`` (finite > 0, default 1) lets a caller who knows
+  the factor of its reduction (1 / rows of a batch mean) have the kernel apply it (one rounding, no
+  later pass). The autograd formula of both ops is d/d(student) = grad * g[:, None] / grad_scale
   for the incoming gradient g of ``loss``; the teacher and the labels get no gradient.
 """
 
@@ -132,7 +134,8 @@ def _kd_fake_outputs(student, teacher, need_grad):
 
 
 @torch.library.register_fake("pyfinetune::kd_loss_fwd")
-def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index, need_grad):
+def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index, need_grad,
+                      grad_scale=1.0):
     if teacher.shape != student.shape:
         raise RuntimeError(
             f"pyfinetune.kd_loss_fwd: teacher must have the shape of student {tuple(student.shape)}, "
@@ -143,7 +146,7 @@ def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergenc
 
 @torch.library.register_fake("pyfinetune::kd_loss_topk_fwd")
 def _kd_loss_topk_fwd_fake(student, teacher_values, teacher_indices, labels, *, temperature, alpha, divergence, beta,
-                           ignore_index, need_grad):
+                           ignore_index, need_grad, grad_scale=1.0):
     if teacher_indices.shape != teacher_values.shape:
         raise RuntimeError(
             f"pyfinetune.kd_loss_topk_fwd: teacher_indices must have the shape of teacher_values "
@@ -155,6 +158,7 @@ def _kd_loss_topk_fwd_fake(student, teacher_values, teacher_indices, labels, *, 
 def _kd_setup_context(ctx, inputs, keyword_only_inputs, output):
     _, grad = output
     ctx.need_grad = keyword_only_inputs["need_grad"]
+    ctx.grad_scale = keyword_only_inputs.get("grad_scale", 1.0)
     # The kept gradient is an output nobody differentiates: without this, autograd would
     # materialize a logits-sized tensor of zeros as its incoming gradient on every backward.
     ctx.mark_non_differentiable(grad)
@@ -183,17 +187,48 @@ def _is_plain_eager(*tensors: Optional[Tensor]) -> bool:
     return True
 
 
-def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes):
-    """The backward of a loss that kept its unscaled gradients from the forward: ``grads[i] * scale``
-    cast to ``dtypes[i]`` (None entries stay None).
+# A kept gradient at least this large on a GPU is scaled in place after a look at the scale on the
+# host (one synchronization, about the time of a kernel launch or two), instead of the product as a
+# new tensor: at 8192 x 128256 bf16 on an H100 the new tensor cost 6 ms (the [1, 1] float32 scale
+# promotes the product to a float32 tensor, then a cast: three passes) where scaling in place takes
+# one pass and scaling by 1 none. Below it the synchronization is not worth it.
+_SYNC_SCALE_MIN_BYTES = 64 << 20
 
-    Eager on the CPU, when every entry of ``scale`` is finite and nonzero (so that it can be
-    undone), the kept buffers are scaled in place and handed on: no second logits- or weight-sized
-    tensor and no fresh pages to fault in. ``.data`` leaves the saved tensors' versions unchanged so
-    that a retained graph can still unpack them, and ``ctx.applied_scale`` records what they now
-    hold, so a later backward through the retained graph divides it out. On CUDA that check would
-    synchronize with the host, and under tracing the compiler plans the buffers itself: there the
-    product is a new tensor.
+
+# The dtype elementwise products of a dtype are computed in (a Python number multiplies in it).
+_OPMATH = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,
+           torch.float16: torch.float32}
+
+
+def _may_scale_in_place(kept) -> bool:
+    """Whether the kept buffers ``kept`` (all on one device) may be scaled in place after a host
+    look at the scale: plain eager tensors, on the CPU, or on a GPU when large (a synchronization
+    then costs less than the pass it saves) and no CUDA graph is being captured."""
+    if not all(_is_eager(g) for g in kept):
+        return False
+    device = kept[0].device
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda" or sum(g.numel() * g.element_size() for g in kept) < _SYNC_SCALE_MIN_BYTES:
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes, *, in_place_ok: bool = True):
+    """The backward of a loss that kept its unscaled gradients from the forward: ``grads[i] * scale``
+    cast to ``dtypes[i]`` (None entries stay None), the product in the dtype of ``scale``.
+
+    Eager, when every entry of ``scale`` is finite and nonzero (so that it can be undone), the kept
+    buffers are scaled in place and handed on: no second logits- or weight-sized tensor and no
+    fresh pages to fault in; a scale of exactly 1 (``loss.backward()`` of a summed loss) costs no
+    pass at all. ``.data`` leaves the saved tensors' versions unchanged so that a retained graph
+    can still unpack them, and ``ctx.applied_scale`` records what they now hold, so a later
+    backward through the retained graph divides it out. That check reads the scale on the host: on
+    a GPU it is done only for kept gradients of at least ``_SYNC_SCALE_MIN_BYTES`` outside CUDA
+    graph capture (below that the synchronization costs more than it saves). Under tracing the
+    compiler plans the buffers itself: there, as on a GPU for small gradients, the product is a new
+    tensor. ``in_place_ok=False``: always a new tensor (the kept buffers are visible to the caller,
+    as the registered ops' second output is).
     """
     applied = getattr(ctx, "applied_scale", None)
     if applied is not None:
@@ -201,16 +236,27 @@ def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes):
     kept = [g for g in grads if g is not None]
     # Under create_graph the scale (the upstream gradient) is part of a graph: the product must be
     # an op on it, so that the gradient of this backward with respect to the upstream one exists.
-    in_place = (applied is None and not scale.requires_grad and kept
-                and all(_is_eager(g) and g.device.type == "cpu" for g in kept) and _nonzero_and_finite(scale))
+    in_place = (in_place_ok and applied is None and not scale.requires_grad and bool(kept) and _may_scale_in_place(kept)
+                and _nonzero_and_finite(scale))
+    factor = None
     if in_place:
         ctx.applied_scale = scale.detach().clone()
+        if scale.numel() == 1:
+            factor = scale.item()  # exact: a float32 or float64 value as a Python float
     outs = []
     for g, dtype in zip(grads, dtypes):
         if g is None:
             outs.append(None)
         elif in_place:
-            g.data.mul_(scale)
+            if factor == 1.0:
+                pass  # x * 1 == x in every dtype: no pass over the buffer
+            elif factor is not None and _OPMATH.get(g.dtype) == scale.dtype:
+                # A host number: g.mul_(float) multiplies in g's arithmetic dtype (float32 for
+                # bf16 / fp16: the scale is not rounded to g's dtype) in one vectorized pass, the
+                # same bits as the product with the scale tensor.
+                g.data.mul_(factor)
+            else:
+                g.data.mul_(scale)
             outs.append(g if g.dtype == dtype else g.to(dtype))
         else:
             g = g.mul(scale)
@@ -237,7 +283,11 @@ def _kd_backward(ctx, grad_loss, _grad_of_grad):
         )
     (grad,) = ctx.saved_tensors
     scale = grad_loss.to(torch.float64 if grad.dtype == torch.float64 else torch.float32).unsqueeze(-1)
-    (g_student,) = scale_kept_gradients(ctx, (grad,), scale, (grad.dtype,))
+    if ctx.grad_scale != 1.0:
+        scale = scale / ctx.grad_scale
+    # Never in place: the kept gradient is the op's second output, which its caller may hold (the
+    # losses' eager path, where it is private, calls the op below autograd and scales it in place).
+    (g_student,) = scale_kept_gradients(ctx, (grad,), scale, (grad.dtype,), in_place_ok=False)
     return g_student, None, None
 
 

@@ -265,9 +265,51 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.pyfinetune.kd_loss_fwd.default, (s, t, lab), kw)
         torch.library.opcheck(torch.ops.pyfinetune.kd_loss_fwd.default, (s.detach(), t, None),
                               dict(kw, need_grad=False))
+        torch.library.opcheck(torch.ops.pyfinetune.kd_loss_fwd.default, (s, t, lab), dict(kw, grad_scale=0.3))
     v, i = torch.topk(t, 5)
     kw = dict(temperature=2.0, alpha=0.5, divergence="jsd", beta=0.5, ignore_index=-100, need_grad=True)
     torch.library.opcheck(torch.ops.pyfinetune.kd_loss_topk_fwd.default, (s, v, i, lab), kw)
+    torch.library.opcheck(torch.ops.pyfinetune.kd_loss_topk_fwd.default, (s, v, i, lab), dict(kw, grad_scale=4.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("topk", [False, True], ids=["dense", "topk"])
+def test_grad_scale_scales_the_kept_gradient(device, dtype, divergence, topk, seed):
+    # grad_scale = c: the kept gradient is c * d(row loss)/d(student) (rounded once), the loss is
+    # unchanged, and the op's autograd divides c out again.
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is CPU only")
+    if topk and divergence == "reverse_kl":
+        pytest.skip("reverse_kl is not defined with a top-k teacher")
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(6, 301, generator=g) * 4).to(device, dtype)
+    t = (torch.randn(6, 301, generator=g) * 4).to(device, dtype)
+    lab = torch.tensor([0, 5, -100, 300, 7, 1], device=device)
+    op = torch.ops.pyfinetune.kd_loss_topk_fwd if topk else torch.ops.pyfinetune.kd_loss_fwd
+    inputs = (s, *torch.topk(t, 9)) if topk else (s, t)
+    kw = dict(temperature=1.7, alpha=0.4, divergence=divergence, beta=0.3, ignore_index=-100, need_grad=True)
+    c = 1.0 / 3.0
+    loss1, g1 = op(*inputs, lab, **kw)
+    loss_c, g_c = op(*inputs, lab, **kw, grad_scale=c)
+    assert torch.equal(loss1, loss_c)
+    assert g_c.dtype == dtype
+    # g1 is rounded once too: two roundings of the dtype apart (2 eps relative), plus the kernel's
+    # own arithmetic (float32, float64 for float64) on terms of size up to alpha T + (1 - alpha)
+    # that may cancel: 16 units of it absolute.
+    exact = g1.double() * c
+    eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
+    atol = 16 * torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps * (0.4 * 1.7 + 1) + tiny
+    err = (g_c.double() - exact).abs()
+    assert (err <= 2 * eps * exact.abs() + atol).all(), err.max()
+    assert torch.equal(g_c[2], torch.zeros_like(g_c[2])), "an ignored row's gradient is 0"
+    # the op's autograd: d(sum of rows)/d(student) = kept / grad_scale
+    x = s.detach().clone().requires_grad_(True)
+    rows, _ = op(x, *inputs[1:], lab, **kw, grad_scale=c)
+    (dx,) = torch.autograd.grad(rows.sum(), x)
+    torch.testing.assert_close(dx.double(), g1.double(), rtol=4 * eps, atol=atol / c)
 
 
 def test_torch_compile_fullgraph():

@@ -493,7 +493,7 @@ void alloc_row_buffers(T*& fs, T*& ft, T*& fg, T* storage) {
 // ------------------------------------------------------------------------------- dense kernel
 template <typename T>
 void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor* labels,
-                     const KdParams<T>& k, int64_t ignore_index, bool need_grad, at::Tensor& loss,
+                     const KdParams<T>& k, int64_t ignore_index, bool need_grad, T grad_scale, at::Tensor& loss,
                      at::Tensor& grad) {
   const int64_t N = student.size(0), V = student.size(1);
   CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1)};
@@ -565,10 +565,11 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
       }
       if (grow) {
         const T d = w.kd != T(0) ? divergence_value(k, st) : T(0);
+        const KdRowWeights<T> wg{w.kd * grad_scale, w.ce * grad_scale};  // the gradient is linear in them
         if (use_cache) {
-          grad_pass_cached(c, s, t, raw, st, w, d, c.has_labels ? label : -1, grow, s_dt, cache, fs, ft, fg);
+          grad_pass_cached(c, s, t, raw, st, wg, d, c.has_labels ? label : -1, grow, s_dt, cache, fs, ft, fg);
         } else {
-          grad_pass(c, s, &t, raw, st, w, d, T(0), c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
+          grad_pass(c, s, &t, raw, st, wg, d, T(0), c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
         }
       }
     }
@@ -579,7 +580,7 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
 template <typename T>
 void kd_topk_kernel(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
                     const at::Tensor* labels, const KdParams<T>& k, int64_t ignore_index, bool need_grad,
-                    at::Tensor& loss, at::Tensor& grad) {
+                    T grad_scale, at::Tensor& loss, at::Tensor& grad) {
   const int64_t N = student.size(0), V = student.size(1), K = values.size(1);
   CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1)};
   const char* s_base = static_cast<const char*>(student.const_data_ptr());
@@ -651,10 +652,12 @@ void kd_topk_kernel(const at::Tensor& student, const at::Tensor& values, const a
       loss_p[r] = row_loss(k, st, w, s_label);
       if (grow) {
         const T d = divergence_value(k, st);
-        grad_pass<T>(c, s, nullptr, raw, st, w, d, c_q, c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
+        const KdRowWeights<T> wg{w.kd * grad_scale, w.ce * grad_scale};  // the gradient is linear in them
+        grad_pass<T>(c, s, nullptr, raw, st, wg, d, c_q * grad_scale, c.has_labels ? label : -1, grow, s_dt, fs, ft,
+                     fg);
         for (int64_t j = 0; j < K; ++j) {
           const int64_t col = idx[j * i_cs];
-          store_scalar<T>(grow, s_dt, col, grad_element(k, st, w, d, sv[j], tv[j], c.has_labels && col == label));
+          store_scalar<T>(grow, s_dt, col, grad_element(k, st, wg, d, sv[j], tv[j], c.has_labels && col == label));
         }
       }
     }
@@ -671,9 +674,9 @@ std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& student, bool 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
                                                    const std::optional<at::Tensor>& labels, double temperature,
                                                    double alpha, c10::string_view divergence, double beta,
-                                                   int64_t ignore_index, bool need_grad) {
+                                                   int64_t ignore_index, bool need_grad, double grad_scale) {
   const int div = parse_kd_divergence("kd_loss_fwd", divergence);
-  check_kd_loss_args(student, teacher, labels, temperature, alpha, beta);
+  check_kd_loss_args(student, teacher, labels, temperature, alpha, beta, grad_scale);
   const bool has_labels = labels.has_value() && labels->defined();
   if (has_labels) {
     check_label_values("kd_loss_fwd", *labels, student.size(1), ignore_index);
@@ -686,10 +689,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
   const at::Tensor* lab = has_labels ? &*labels : nullptr;
   if (use_double) {
     kd_dense_kernel<double>(student, teacher, lab, make_kd_params<double>(temperature, alpha, beta, div), ignore_index,
-                            need_grad, loss, grad);
+                            need_grad, grad_scale, loss, grad);
   } else {
     kd_dense_kernel<float>(student, teacher, lab, make_kd_params<float>(temperature, alpha, beta, div), ignore_index,
-                           need_grad, loss, grad);
+                           need_grad, static_cast<float>(grad_scale), loss, grad);
   }
   return {loss, grad};
 }
@@ -698,10 +701,10 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(const at::Tensor& studen
                                                         const at::Tensor& teacher_indices,
                                                         const std::optional<at::Tensor>& labels, double temperature,
                                                         double alpha, c10::string_view divergence, double beta,
-                                                        int64_t ignore_index, bool need_grad) {
+                                                        int64_t ignore_index, bool need_grad, double grad_scale) {
   const char* op = "kd_loss_topk_fwd";
   const int div = parse_kd_divergence(op, divergence);
-  check_kd_loss_topk_args(student, teacher_values, teacher_indices, labels, temperature, alpha, div, beta);
+  check_kd_loss_topk_args(student, teacher_values, teacher_indices, labels, temperature, alpha, div, beta, grad_scale);
   const int64_t V = student.size(1);
   const bool has_labels = labels.has_value() && labels->defined();
   if (has_labels) {
@@ -725,10 +728,12 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(const at::Tensor& studen
   const at::Tensor* lab = has_labels ? &*labels : nullptr;
   if (use_double) {
     kd_topk_kernel<double>(student, teacher_values, teacher_indices, lab,
-                           make_kd_params<double>(temperature, alpha, beta, div), ignore_index, need_grad, loss, grad);
+                           make_kd_params<double>(temperature, alpha, beta, div), ignore_index, need_grad, grad_scale,
+                           loss, grad);
   } else {
     kd_topk_kernel<float>(student, teacher_values, teacher_indices, lab,
-                          make_kd_params<float>(temperature, alpha, beta, div), ignore_index, need_grad, loss, grad);
+                          make_kd_params<float>(temperature, alpha, beta, div), ignore_index, need_grad,
+                          static_cast<float>(grad_scale), loss, grad);
   }
   return {loss, grad};
 }

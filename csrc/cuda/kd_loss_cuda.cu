@@ -265,6 +265,7 @@ struct KdArgs {
   int n_split;               // blocks per row (a cluster when > 1)
   int cache_vecs;            // vectors of a block's slice kept in shared memory
   bool need_grad;
+  float grad_scale;          // the kept gradient is grad_scale * d(row loss)/d(s)
   km::KdParams<float> kp;
 };
 
@@ -824,7 +825,8 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
   if (!a.need_grad) {
     return;
   }
-  rc = row_consts(a.kp, stats, w, has_ce, label);
+  // The gradient is linear in the row weights: grad_scale scales them.
+  rc = row_consts(a.kp, stats, km::KdRowWeights<float>{w.kd * a.grad_scale, w.ce * a.grad_scale}, has_ce, label);
   grad_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, g, rs, sl, tid, nthreads, s_cache, t_cache, rc, false);
   if (kTopK) {
     __syncthreads();  // the fix-ups overwrite entries other threads of this block wrote
@@ -841,12 +843,12 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
 // ex2.approx), and 32-bit row and column counters.
 int check_kd_args(const char* op, const at::Tensor& student, const at::Tensor& teacher,
                   const at::Tensor* teacher_indices, const std::optional<at::Tensor>& labels, double temperature,
-                  double alpha, c10::string_view divergence, double beta) {
+                  double alpha, c10::string_view divergence, double beta, double grad_scale) {
   const int div = parse_kd_divergence(op, divergence);
   if (teacher_indices == nullptr) {
-    check_kd_loss_args(student, teacher, labels, temperature, alpha, beta);
+    check_kd_loss_args(student, teacher, labels, temperature, alpha, beta, grad_scale);
   } else {
-    check_kd_loss_topk_args(student, teacher, *teacher_indices, labels, temperature, alpha, div, beta);
+    check_kd_loss_topk_args(student, teacher, *teacher_indices, labels, temperature, alpha, div, beta, grad_scale);
   }
   const char* tname = teacher_indices != nullptr ? "teacher_values" : "teacher";
   for (const auto& [name, x] : {std::pair<const char*, const at::Tensor*>{"student", &student}, {tname, &teacher}}) {
@@ -905,6 +907,35 @@ LaunchPlan plan_launch(int64_t N, int64_t V, int vec, size_t cache_bytes_per_vec
   return p;
 }
 
+// The block size for `plan` that keeps the most threads resident on an SM, given the kernel's
+// registers and the plan's shared memory: among plan.threads, 256 and 128 (not below 128 nor above
+// plan.threads), the most warps per SM, ties to the smaller block (more rows in flight, whose
+// reductions and gradient writes overlap the others' loads). Measured on an H100 (2026-11-26,
+// 8192 x 128256 bf16): 512 threads of 78 registers left room for one block per SM (16 warps;
+// 448 GB/s), where 256 fit three (24 warps). Only for rows split over several blocks or with a
+// shared-memory cache: a small row keeps its small block.
+template <typename Kernel>
+int threads_for_occupancy(Kernel kernel, const LaunchPlan& plan) {
+  if (plan.threads <= 128 || (plan.n_split == 1 && plan.smem == 0)) {
+    return plan.threads;
+  }
+  int best = plan.threads;
+  int best_warps = -1;
+  for (int threads = plan.threads; threads >= 128; threads = threads > 256 ? 256 : threads / 2) {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, plan.smem) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return plan.threads;
+    }
+    const int warps = blocks * threads / 32;
+    if (warps >= best_warps) {  // >=: ties to the smaller block
+      best = threads;
+      best_warps = warps;
+    }
+  }
+  return best;
+}
+
 // What launch_kd needs of one kernel instantiation's attributes on one device, queried once, and
 // its dynamic shared memory limit, which only grows. The default limit is 48 KB minus the kernel's
 // static shared memory (maxDynamicSharedSizeBytes), not 48 KB. Raising it only when a launch needs
@@ -932,6 +963,11 @@ const KernelLimits& kernel_limits(KernelLimits* per_device, Kernel kernel, size_
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
     k.ptx_version = attr.ptxVersion;
     k.dyn_smem.store(static_cast<size_t>(attr.maxDynamicSharedSizeBytes));
+    // The whole unified L1 / shared memory as shared memory: the kernel's global loads are
+    // streaming 16-byte loads, and with the driver's default split (an H100 chose 100 KB) a second
+    // block of 64 KB found no room on the SM.
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
   });
   if (smem > k.dyn_smem.load()) {
     const std::lock_guard<std::mutex> lock(smem_limit_mutex());
@@ -958,6 +994,7 @@ void launch_kd(KdArgs args, int64_t N) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int attempt = 0; attempt < 2; ++attempt) {
     kernel_limits(limits, kernel, plan.smem);
+    plan.threads = threads_for_occupancy(kernel, plan);
     args.n_split = plan.n_split;
     args.cache_vecs = plan.cache_vecs;
     cudaLaunchConfig_t config = {};
@@ -1012,8 +1049,10 @@ void dispatch_kd(const at::Tensor& student, const at::Tensor& teacher, int div, 
 std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor& student, const at::Tensor& teacher,
                                                 const at::Tensor* indices, const std::optional<at::Tensor>& labels,
                                                 double temperature, double alpha, c10::string_view divergence,
-                                                double beta, int64_t ignore_index, bool need_grad) {
-  const int div = check_kd_args(op, student, teacher, indices, labels, temperature, alpha, divergence, beta);
+                                                double beta, int64_t ignore_index, bool need_grad,
+                                                double grad_scale) {
+  const int div =
+      check_kd_args(op, student, teacher, indices, labels, temperature, alpha, divergence, beta, grad_scale);
   const c10::cuda::CUDAGuard device_guard(student.device());
   const int64_t N = student.size(0);
   const int64_t V = student.size(1);
@@ -1040,6 +1079,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   args.V = static_cast<int>(V);
   args.k = indices != nullptr ? static_cast<int>(teacher.size(1)) : 0;
   args.need_grad = need_grad;
+  args.grad_scale = static_cast<float>(grad_scale);
   args.kp = make_kd_params<float>(temperature, alpha, beta, div);
   if (indices != nullptr) {
     dispatch_kd<true>(student, teacher, div, args, N);
@@ -1052,18 +1092,18 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                     const std::optional<at::Tensor>& labels, double temperature,
                                                     double alpha, c10::string_view divergence, double beta,
-                                                    int64_t ignore_index, bool need_grad) {
+                                                    int64_t ignore_index, bool need_grad, double grad_scale) {
   return kd_loss_impl("kd_loss_fwd", student, teacher, nullptr, labels, temperature, alpha, divergence, beta,
-                      ignore_index, need_grad);
+                      ignore_index, need_grad, grad_scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher_values,
                                                          const at::Tensor& teacher_indices,
                                                          const std::optional<at::Tensor>& labels, double temperature,
                                                          double alpha, c10::string_view divergence, double beta,
-                                                         int64_t ignore_index, bool need_grad) {
+                                                         int64_t ignore_index, bool need_grad, double grad_scale) {
   return kd_loss_impl("kd_loss_topk_fwd", student, teacher_values, &teacher_indices, labels, temperature, alpha,
-                      divergence, beta, ignore_index, need_grad);
+                      divergence, beta, ignore_index, need_grad, grad_scale);
 }
 
 }  // namespace

@@ -18,16 +18,17 @@ namespace pyfinetune {
 int parse_kd_divergence(const char* op, c10::string_view divergence);
 
 // Checks of kd_loss_fwd: student and teacher [N, V] of one device, float dtypes, unit stride along
-// V; labels None or int64 [N]; temperature finite > 0; alpha in [0, 1]; beta in (0, 1). The range
-// of the label values is checked by each kernel (it needs the values).
+// V; labels None or int64 [N]; temperature finite > 0; alpha in [0, 1]; beta in (0, 1); grad_scale
+// (the factor of the kept gradient) finite > 0. The range of the label values is checked by each
+// kernel (it needs the values).
 void check_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-                        double temperature, double alpha, double beta);
+                        double temperature, double alpha, double beta, double grad_scale);
 
 // Checks of kd_loss_topk_fwd: teacher_values [N, k] float, teacher_indices [N, k] int64, k in
 // [1, V]; divergence must not be reverse_kl (KL(Q || P) is infinite where P is 0).
 void check_kd_loss_topk_args(const at::Tensor& student, const at::Tensor& teacher_values,
                              const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
-                             double temperature, double alpha, int divergence, double beta);
+                             double temperature, double alpha, int divergence, double beta, double grad_scale);
 
 // The math type of a call: double when the student or the teacher is float64, else float.
 inline bool kd_use_double(at::ScalarType student, at::ScalarType teacher) {
