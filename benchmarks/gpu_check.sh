@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
 #   1. builds pyfinetune for this GPU's architecture (in place),
-#   2. runs benchmarks/kd_gpu_quick_check.py: the distillation kernels' cases that only a GPU
+#   2. runs benchmarks/kd_gpu_launch_ab.py (the distillation kernel's speed by block size, seconds)
+#      and benchmarks/kd_gpu_quick_check.py: the distillation kernels' cases that only a GPU
 #      checks (launch shapes, alignment, large logits), a minute, so a short session learns
 #      them first,
 #   3. runs the CUDA tests, then the rest of the suite (pytest-xdist workers when installed),
@@ -120,6 +121,13 @@ if ! probe "$OUT/toolchain.txt"; then
     fi
   fi
 fi
+
+# The distillation kernel's block size, A/B in one process (seconds): the launch's occupancy-based
+# choice against 512 / 256 / 128 threads, with the fwd+bwd / bandwidth-floor ratio of issue #3;
+# alone on the GPU (before the memcheck lane starts).
+step "kd launch A/B (benchmarks/kd_gpu_launch_ab.py)"
+boxed "$(left 0.1 300)" "$OUT/kd_launch_ab.log" $PY benchmarks/kd_gpu_launch_ab.py --out "$OUT" || status=1
+grep -E "^\|" "$OUT/kd_launch_ab.log" | tee -a "$OUT/summary.md"
 
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; fi

@@ -96,3 +96,18 @@ def test_git_state_keeps_every_dirty_path(monkeypatch):
     state = common.git_state()
     assert state["dirty"] is True
     assert state["dirty_files"] == ["pyfinetune/x.py", "setup.py"]
+
+
+def test_kd_launch_ab_runs(tmp_path):
+    # gpu_check.sh runs benchmarks/kd_gpu_launch_ab.py right after the build: a smoke test of the
+    # whole script on the CPU (where the block-size variable changes nothing), small and fast.
+    script = os.path.join(ROOT, "benchmarks", "kd_gpu_launch_ab.py")
+    out = subprocess.run([sys.executable, script, "--device", "cpu", "--rows", "16", "--vocab", "301", "--reps", "3",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "fwd+bwd / floor" in out.stdout
+    (md,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.md"))
+    (js,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.json"))
+    record = json.load(open(js))
+    assert set(record["times_ms"]) == {"auto", "512", "256", "128"}
+    assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())

@@ -39,6 +39,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -914,10 +915,19 @@ LaunchPlan plan_launch(int64_t N, int64_t V, int vec, size_t cache_bytes_per_vec
 // 8192 x 128256 bf16): 512 threads of 78 registers left room for one block per SM (16 warps;
 // 448 GB/s), where 256 fit three (24 warps). Only for rows split over several blocks or with a
 // shared-memory cache: a small row keeps its small block.
+//
+// PYFINETUNE_KD_CUDA_THREADS=T (experimental, for A/B timing, read at each call): T threads instead
+// (a multiple of 32 in [32, 512]) wherever this choice is made; other values are ignored.
 template <typename Kernel>
 int threads_for_occupancy(Kernel kernel, const LaunchPlan& plan) {
   if (plan.threads <= 128 || (plan.n_split == 1 && plan.smem == 0)) {
     return plan.threads;
+  }
+  if (const char* env = std::getenv("PYFINETUNE_KD_CUDA_THREADS")) {
+    const int forced = std::atoi(env);
+    if (forced >= 32 && forced <= kMaxThreads && forced % 32 == 0) {
+      return forced;
+    }
   }
   int best = plan.threads;
   int best_warps = -1;

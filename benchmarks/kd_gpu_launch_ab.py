@@ -1,0 +1,120 @@
+"""A/B of the CUDA distillation kernel's block size, in one process (a GPU check, seconds).
+
+    python benchmarks/kd_gpu_launch_ab.py [--rows 8192] [--vocab 128256] [--reps 20] [--out DIR]
+                                          [--device cuda] [--no-write]
+
+Times ``kd_loss`` (forward_kl, T = 2, alpha = 0.5, 1/8 of the rows ignored, batchmean, bf16) forward,
+backward and forward + backward with the launch's own choice of block size (by occupancy) and with
+``PYFINETUNE_KD_CUDA_THREADS`` = 512, 256, 128 (read by the extension at each call), interleaved
+round by round, against the time to read both inputs and write the gradient once at the measured
+copy bandwidth (issue #3's GPU target: forward + backward within 1.3x of it). Each variant's loss and
+gradient are checked against the first one's (the block size changes only the order of sums).
+Writes kd-launch-ab-cuda-*.md / .json to ``--out`` (default benchmarks/results). ``--device cpu``
+runs the same steps on the CPU (where the variable changes nothing): a smoke test of the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from pyfinetune.benchmarks import common  # noqa: E402
+from pyfinetune.benchmarks.distill import copy_bandwidth, kd_inputs  # noqa: E402
+from pyfinetune.losses import kd_loss  # noqa: E402
+
+ENV = "PYFINETUNE_KD_CUDA_THREADS"
+VARIANTS = ["auto", "512", "256", "128"]
+
+
+def set_variant(v: str) -> None:
+    if v == "auto":
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = v
+
+
+def timed(fn, dev) -> float:
+    common.synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    common.synchronize(dev)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=8192)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=common.RESULTS_DIR)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("needs a CUDA device (or --device cpu for a smoke test)")
+        return 2
+    s, t, lab = kd_inputs(args.rows, args.vocab, torch.bfloat16, dev)
+
+    def loss_fn():
+        return kd_loss(s, t, lab, temperature=2.0, alpha=0.5)
+
+    ref = None
+    times = {v: {"forward": [], "backward": [], "forward+backward": []} for v in VARIANTS}
+    check = {}
+    for r in range(args.reps + 3):
+        for k in range(len(VARIANTS)):
+            v = VARIANTS[(r + k) % len(VARIANTS)]
+            set_variant(v)
+            box = {}
+            f = timed(lambda: box.setdefault("loss", loss_fn()), dev)
+            b = timed(lambda: box["loss"].backward(), dev)
+            if r == 0:
+                got = (box["loss"].detach().float().cpu(), s.grad.detach().float())
+                if ref is None:
+                    ref = got
+                check[v] = {"loss_rel_diff": float((got[0] - ref[0]).abs() / ref[0].abs().clamp_min(1e-30)),
+                            "grad_max_abs_diff": float((got[1] - ref[1]).abs().max())}
+            s.grad = None
+            fb = timed(lambda: loss_fn().backward(), dev)
+            s.grad = None
+            if r >= 3:
+                times[v]["forward"].append(f)
+                times[v]["backward"].append(b)
+                times[v]["forward+backward"].append(fb)
+    set_variant("auto")
+    item = s.element_size()
+    moved = 3 * s.numel() * item
+    gbps, _ = copy_bandwidth(2 * s.numel() * item, max(args.reps, 20), dev)
+    floor_ms = moved / (gbps * 1e6)
+    rows = []
+    for v in VARIANTS:
+        med = {m: common.percentile(ts, 50) for m, ts in times[v].items()}
+        rows.append([v, f"{med['forward']:.2f}", f"{med['backward']:.2f}", f"{med['forward+backward']:.2f}",
+                     f"{med['forward+backward'] / floor_ms:.2f}", f"{check[v]['loss_rel_diff']:.1e}",
+                     f"{check[v]['grad_max_abs_diff']:.1e}"])
+    info = common.machine_info(dev)
+    md = "\n".join([
+        f"# kd_loss block size A/B ({dev.type}), {args.rows} x {args.vocab} bf16", "", common.machine_summary(info), "",
+        f"copy bandwidth {gbps:.0f} GB/s; floor (read student + teacher, write the gradient once) {floor_ms:.2f} ms;"
+        f" medians of {args.reps} interleaved rounds", "",
+        common.markdown_table(["threads", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd / floor (target <= 1.3)",
+                               "loss rel diff", "grad max abs diff"], rows), ""])
+    print(md)
+    record = {"machine": info, "rows": args.rows, "vocab": args.vocab, "copy_gbps": gbps, "floor_ms": floor_ms,
+              "times_ms": times, "check": check}
+    if not args.no_write:
+        print("wrote", *common.write_results("kd-launch-ab", dev, record, md, out_dir=args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
