@@ -111,3 +111,32 @@ def test_kd_launch_ab_runs(tmp_path):
     record = json.load(open(js))
     assert set(record["times_ms"]) == {"auto", "512", "256", "128"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
+
+
+def test_optim_roofline_kernels_compute_their_mix():
+    # benchmarks/optim_gpu_roofline.py's Triton kernels, run by Triton's interpreter on the CPU: the
+    # 5-read / 3-write kernel must read and write every stream (values checked against torch).
+    pytest.importorskip("triton")
+    code = """
+import sys, torch
+sys.path.insert(0, "benchmarks")
+import optim_gpu_roofline as r
+triton, k5, k3 = r.triton_kernels()
+n = 5000
+t = {k: torch.randn(n) for k in "pgmva"}
+t["v"].abs_()
+ref = {k: v.clone() for k, v in t.items()}
+k5[(triton.cdiv(n, 2048),)](t["p"], t["g"], t["m"], t["v"], t["a"], n, BLOCK=2048)
+m = 0.9 * ref["m"] + 0.1 * ref["g"]
+v = 0.999 * ref["v"] + 0.001 * ref["g"] ** 2
+p = ref["p"] - 1e-3 * (m / (v.sqrt() + 1e-8) + 1e-2 * (ref["p"] - ref["a"]))
+assert torch.allclose(t["m"], m) and torch.allclose(t["v"], v) and torch.allclose(t["p"], p, atol=1e-6)
+b = 0.9 * t["m"] + t["g"]
+p2 = t["p"] - 1e-3 * b
+k3[(triton.cdiv(n, 2048),)](t["p"], t["g"], t["m"], n, BLOCK=2048)
+assert torch.allclose(t["m"], b) and torch.allclose(t["p"], p2, atol=1e-6)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
