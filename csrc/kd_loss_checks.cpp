@@ -3,6 +3,7 @@
 #include <pyfinetune/kd_loss.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 namespace pyfinetune {
@@ -28,7 +29,10 @@ void check_scalars(const char* op, double temperature, double alpha, double beta
            temperature);
   PF_CHECK(alpha >= 0 && alpha <= 1, op, "alpha must be in [0, 1], got ", alpha);
   PF_CHECK(beta > 0 && beta < 1, op, "beta must be in (0, 1), got ", beta);
-  PF_CHECK(std::isfinite(grad_scale) && grad_scale > 0, op, "grad_scale must be a finite number > 0, got ",
+  // The kernels multiply in float32: a positive normal float32 (1e-39 or 1e39 would give 0 or inf).
+  PF_CHECK(grad_scale >= static_cast<double>(std::numeric_limits<float>::min()) &&
+               grad_scale <= static_cast<double>(std::numeric_limits<float>::max()),
+           op, "grad_scale must be a finite number > 0 in float32's normal range [1.17549e-38, 3.40282e+38], got ",
            grad_scale);
 }
 

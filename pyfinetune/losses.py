@@ -128,7 +128,8 @@ def _reduce(loss_rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_inde
 # one autograd.Function below covers the op and the reduction. Under tracing (torch.compile,
 # export, fake or functional modes, torch.func) the registered op and its autograd are used, so
 # that the compiler sees the op. Both paths run the same arithmetic and give the same bits
-# (tests/test_kd_eager_path.py).
+# (tests/test_kd_eager_path.py), except the gradient of "batchmean", which the eager path has the
+# kernel divide by the counted rows (one rounding instead of two, see _EagerKdLoss).
 def _host_count(rows: int, labels: Optional[torch.Tensor], ignore_index: int, sync_ok: bool) -> Optional[int]:
     """The divisor of ``"batchmean"`` as a Python int where it is known without a device
     synchronization (no labels, CPU labels) or where one is allowed (``sync_ok``); else None."""

@@ -85,6 +85,7 @@ temperature, alpha, divergence, beta, ignore_index, need_grad, grad_scale=1.0) -
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -211,7 +212,8 @@ def _may_scale_in_place(kept) -> bool:
         return True
     if device.type != "cuda" or sum(g.numel() * g.element_size() for g in kept) < _SYNC_SCALE_MIN_BYTES:
         return False
-    return not torch.cuda.is_current_stream_capturing()
+    # Not while a CUDA graph is captured, nor when the user asked to be told of synchronizations.
+    return not torch.cuda.is_current_stream_capturing() and torch.cuda.get_sync_debug_mode() == 0
 
 
 def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes, *, in_place_ok: bool = True):
@@ -231,16 +233,24 @@ def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes, *, in_place_ok
     as the registered ops' second output is).
     """
     applied = getattr(ctx, "applied_scale", None)
-    if applied is not None:
-        scale = scale / applied
     kept = [g for g in grads if g is not None]
+    if applied is not None:
+        # A later backward through a retained graph. The buffers hold applied * gradient only if
+        # they are the very tensors scaled in place: a saved-tensor hook that unpacks a copy
+        # (save_on_cpu, non-reentrant checkpointing) hands out the unscaled values again. Object
+        # identity, not the address, which the allocator may give to a fresh copy.
+        refs = getattr(ctx, "scaled_refs", {})
+        out_scales = [None if g is None else (scale / applied if refs.get(i, _dead_ref)() is g else scale)
+                      for i, g in enumerate(grads)]
+        return [None if g is None else _product(g, sc, dtype) for g, sc, dtype in zip(grads, out_scales, dtypes)]
     # Under create_graph the scale (the upstream gradient) is part of a graph: the product must be
     # an op on it, so that the gradient of this backward with respect to the upstream one exists.
-    in_place = (in_place_ok and applied is None and not scale.requires_grad and bool(kept) and _may_scale_in_place(kept)
+    in_place = (in_place_ok and not scale.requires_grad and bool(kept) and _may_scale_in_place(kept)
                 and _nonzero_and_finite(scale))
     factor = None
     if in_place:
         ctx.applied_scale = scale.detach().clone()
+        ctx.scaled_refs = {i: weakref.ref(g) for i, g in enumerate(grads) if g is not None}
         if scale.numel() == 1:
             factor = scale.item()  # exact: a float32 or float64 value as a Python float
     outs = []
@@ -259,13 +269,23 @@ def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes, *, in_place_ok
                 g.data.mul_(scale)
             outs.append(g if g.dtype == dtype else g.to(dtype))
         else:
-            g = g.mul(scale)
-            outs.append(g if g.dtype == dtype else g.to(dtype))
+            outs.append(_product(g, scale, dtype))
     return outs
 
 
+def _product(g: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    """``g * scale`` as a new tensor (in the scale's dtype), cast to ``dtype``."""
+    g = g.mul(scale)
+    return g if g.dtype == dtype else g.to(dtype)
+
+
+def _dead_ref():
+    return None
+
+
 def _nonzero_and_finite(scale: torch.Tensor) -> bool:
-    """Whether every entry of the CPU tensor ``scale`` is finite and nonzero (host-side)."""
+    """Whether every entry of ``scale`` is finite and nonzero (read on the host: on a GPU, a
+    synchronization)."""
     if scale.numel() == 1:
         # The scale of a scalar loss: one read instead of four small tensor ops.
         v = scale.item()

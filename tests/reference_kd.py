@@ -100,10 +100,12 @@ def assert_loss_close(actual, expected, dtype, torch_same_dtype=None, msg=""):
         f"{msg} loss error {err.max().item():.3e} (rtol {rtol}, 2x torch {extra:.3e})")
 
 
-def assert_grad_close(actual, expected, dtype, torch_lowp=None, msg=""):
+def assert_grad_close(actual, expected, dtype, torch_lowp=None, msg="", cond_atol=0.0):
     """fp32/fp64: fixed bounds, widened for fp32 to 2x PyTorch's own float32 error when
     ``torch_lowp`` (PyTorch's composition in float32) is given: logits in the thousands at a small
     temperature make (s - t) / T ~ 1e5, whose float32 rounding (~1e-2) no float32 formula avoids.
+    ``cond_atol``: an absolute allowance for that conditioning where PyTorch's own error on one
+    draw is no measure of it (its error and ours vary 100x between seeds at the same size).
     Low precision: <= 2x PyTorch's own low-precision error + one rounding."""
     a, e = actual.double(), expected.double()
     err = (a - e).abs()
@@ -111,6 +113,7 @@ def assert_grad_close(actual, expected, dtype, torch_lowp=None, msg=""):
     if dtype in GRAD_TOL:
         atol, rtol = GRAD_TOL[dtype]
         extra = 2 * (torch_lowp.double() - e).abs().max().item() if torch_lowp is not None else 0.0
+        extra += cond_atol
         ok = err <= atol * gmax + rtol * e.abs() + extra
         assert torch.all(ok), f"{msg} grad error {err.max().item():.3e} (max |grad| {gmax:.3e})"
         return

@@ -244,3 +244,29 @@ def test_create_graph_keeps_the_upstream_gradient_in_the_graph(reduction):
     (g1,) = torch.autograd.grad(kd_loss(s, t, labels, temperature=2.0, alpha=0.3, reduction=reduction).sum(), s)
     torch.testing.assert_close(dw, g1.sum(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g, weight.detach() * g1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_retained_graph_with_copying_saved_tensor_hooks(reduction):
+    # Saved-tensor hooks that hand out copies (save_on_cpu, checkpointing): the first backward then
+    # scales a copy in place, and later backwards must not divide the unscaled copies by that scale.
+    s, t, lab = make((4, 50), "cpu", labels="ignored", seed=17)
+
+    def grads(hooks):
+        x = s.clone().requires_grad_(True)
+        if hooks:
+            with torch.autograd.graph.saved_tensors_hooks(lambda v: v.clone(), lambda v: v.clone()):
+                loss = kd_loss(x, t, lab, temperature=1.3, reduction=reduction)
+        else:
+            loss = kd_loss(x, t, lab, temperature=1.3, reduction=reduction)
+        out = []
+        for v in (3.0, 1.0, 0.5):
+            go = torch.full_like(loss, v)
+            out.append(torch.autograd.grad(loss, x, go, retain_graph=True)[0])
+        return out
+
+    # (not bit for bit: the plain graph's later products are (g * 3) * (v / 3), the hooked one's g * v)
+    plain, hooked = grads(False), grads(True)
+    for a, b in zip(plain, hooked):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(plain[0], 6 * plain[2], rtol=1e-6, atol=1e-9)

@@ -56,10 +56,12 @@ def test_module_validates_in_init():
         (lambda op: op(S, T, L.int(), **_kw()), "labels must be int64"),
         (lambda op: op(S, T, L[:3], **_kw()), "labels must have shape"),
         (lambda op: op(S.t(), T.t(), None, **_kw()), "student must have unit stride"),
-        (lambda op: op(S, T, None, **_kw(grad_scale=0.0)), "grad_scale must be a finite number > 0, got 0"),
-        (lambda op: op(S, T, None, **_kw(grad_scale=-2.0)), "grad_scale must be a finite number > 0, got -2"),
+        (lambda op: op(S, T, None, **_kw(grad_scale=0.0)), r"grad_scale must be a finite number > 0 in .*, got 0$"),
+        (lambda op: op(S, T, None, **_kw(grad_scale=-2.0)), r"grad_scale must be a finite number > 0 in .*, got -2$"),
         (lambda op: op(S, T, None, **_kw(grad_scale=float("nan"))), "grad_scale must be a finite number > 0"),
         (lambda op: op(S, T, None, **_kw(grad_scale=float("inf"))), "grad_scale must be a finite number > 0"),
+        (lambda op: op(S, T, None, **_kw(grad_scale=1e39)), r"grad_scale must be .* normal range .*, got 1e\+39"),
+        (lambda op: op(S, T, None, **_kw(grad_scale=1e-40)), r"grad_scale must be .* normal range .*, got 1e-40"),
     ],
 )
 def test_raw_op_checks(call, match):

@@ -41,7 +41,7 @@ def test_matches_scattered_reference(device, divergence, k, labels, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("temperature", [0.05, 1.0, 100.0])
+@pytest.mark.parametrize("temperature", [0.05, 1.0, 2.0, 3.0, 100.0])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
 def test_temperature_extremes_and_large_logits(device, temperature, divergence):
     s, v, i, lab = case((4, 2000), 50, device, seed=3, scale=1500.0)

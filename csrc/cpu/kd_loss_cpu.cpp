@@ -204,7 +204,27 @@ struct CallCtx {
   bool need_grad;
   int64_t V;
   bool t_is_one;  // T == 1: the CE statistics equal those of s / T
+  // T in {2, 3, 4} (exactly): exp(x) = exp(x / T)^T, so the CE exponential of an element is a power
+  // of its exponential at T instead of another exponential (0 for other temperatures).
+  int t_pow;
 };
+
+// The integer power n in {2, 3, 4} of x (CallCtx::t_pow).
+template <typename V>
+inline V pow_small(const V& x, int n) {
+  const V x2 = x * x;
+  return n == 2 ? x2 : (n == 3 ? x2 * x : x2 * x2);
+}
+
+template <typename T>
+int small_integer_temperature(T temperature) {
+  for (int n = 2; n <= 4; ++n) {
+    if (temperature == static_cast<T>(n)) {
+      return n;
+    }
+  }
+  return 0;
+}
 
 // Pass 1 over the student (and the teacher when `t` is non-null).
 template <typename T>
@@ -274,15 +294,18 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
     }
     const Vec ms(st.ms.safe()), mt(st.mt.safe()), inv(invT);
     if (cache.es) {
-      cache.tile_ms[j0 / kTile] = st.ms.safe();
-      cache.tile_mt[j0 / kTile] = st.mt.safe();
+      // The running maxima themselves: -inf while every logit so far is -inf, when the tile's
+      // exponentials (taken against safe() = 0) are all 0 and its factors must be 0 too, not
+      // exp(0 - ms), which overflows for a row maximum below about -88 T.
+      cache.tile_ms[j0 / kTile] = st.ms.max;
+      cache.tile_mt[j0 / kTile] = st.mt.max;
     }
     for (int64_t i = 0; i < np; i += W) {
       const Vec xs = Vec::loadu(fs + i) - ms;
       const Vec es = vexp(xs * inv);
       vs = vs + es;
       if (need_1) {
-        const Vec e1 = vexp(xs);
+        const Vec e1 = c.t_pow ? pow_small(es, c.t_pow) : vexp(xs);
         v1 = v1 + e1;
         if (cache.e1) {
           e1.store(cache.e1 + j0 + i);
@@ -359,6 +382,11 @@ void grad_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, const Stat
       lse_1(st.lse_s1);
   const Vec ckd(w.kd * c.k.inv_temperature), wce(w.ce), dval(d_value), sq(st.jsd_s), cq(c_q),
       one_m_beta(T(1) - c.k.beta);
+  // With an integer T: exp(xs - lse_1) = q^T exp(T lse_s - lse_1), and 1 <= exp(T lse_s - lse_1) <=
+  // V^(T-1) (power means), so nothing overflows; an entry whose q^T underflows comes out 0 where it
+  // is below V^(T-1) times the smallest float (1e-30 at V = 128256, T = 4), and q's rounding grows
+  // T-fold (a few ulps of the CE term).
+  const Vec wce_pow(c.t_pow ? w.ce * kd_exp(static_cast<T>(c.t_pow) * st.lse_s - st.lse_s1) : T(0));
   const bool with_kd = w.kd != T(0), with_ce = w.ce != T(0);
   const int div = c.k.divergence;
   const int64_t gsize = c10::elementSize(grad_dt);
@@ -391,7 +419,13 @@ void grad_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, const Stat
         }
       }
       if (with_ce) {
-        g = g + wce * (c.t_is_one ? q : vexp(xs - lse_1));
+        if (c.t_is_one) {
+          g = g + wce * q;
+        } else if (c.t_pow) {
+          g = g + wce_pow * pow_small(q, c.t_pow);
+        } else {
+          g = g + wce * vexp(xs - lse_1);
+        }
       }
       g.store(fg + i);
     }
@@ -424,9 +458,12 @@ void grad_pass_cached(const CallCtx<T>& c, const RowRef& s, const RowRef& t, con
     const int64_t np = (n + W - 1) / W * W;
     const int64_t tile = j0 / kTile;
     // Per-tile factors that turn the cached exponentials into probabilities.
-    const T fq = kd_exp((cache.tile_ms[tile] - ms) * invT - st.lse_s);
-    const T fp = kd_exp((cache.tile_mt[tile] - mt) * invT - st.lse_t);
-    const T f1 = cache.e1 ? kd_exp((cache.tile_ms[tile] - ms) - st.lse_s1) : fq;
+    const T tms = cache.tile_ms[tile], tmt = cache.tile_mt[tile];
+    const bool s_none = tms == neg_inf<T>(), t_none = tmt == neg_inf<T>();  // no finite logit up to here
+    const T fq = s_none ? T(0) : kd_exp((tms - ms) * invT - st.lse_s);
+    const T fp = t_none ? T(0) : kd_exp((tmt - mt) * invT - st.lse_t);
+    // the CE exponentials relative to the tile's maximum: cached (e1), or es^T (t_pow), or es (T = 1)
+    const T f1 = cache.e1 || c.t_pow ? (s_none ? T(0) : kd_exp((tms - ms) - st.lse_s1)) : fq;
     const Vec vq(fq), vkd_q(ckd * fq), vkd_p(ckd * fp), vce(w.ce * f1);
     const T* e1 = cache.e1 ? cache.e1 : cache.es;
     if (reverse && with_kd) {
@@ -447,7 +484,8 @@ void grad_pass_cached(const CallCtx<T>& c, const RowRef& s, const RowRef& t, con
         }
       }
       if (with_ce) {
-        g = g + vce * Vec::loadu(e1 + j0 + i);
+        const Vec e1v = c.t_pow ? pow_small(Vec::loadu(cache.es + j0 + i), c.t_pow) : Vec::loadu(e1 + j0 + i);
+        g = g + vce * e1v;
       }
       g.store(fg + i);
     }
@@ -496,7 +534,7 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
                      const KdParams<T>& k, int64_t ignore_index, bool need_grad, T grad_scale, at::Tensor& loss,
                      at::Tensor& grad) {
   const int64_t N = student.size(0), V = student.size(1);
-  CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1)};
+  CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1), small_integer_temperature(k.temperature)};
   const char* s_base = static_cast<const char*>(student.const_data_ptr());
   const char* t_base = static_cast<const char*>(teacher.const_data_ptr());
   const at::ScalarType s_dt = student.scalar_type(), t_dt = teacher.scalar_type();
@@ -510,7 +548,7 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
   const int64_t grain = std::max<int64_t>(1, kGrainElems / V);
 
   const bool use_cache = need_grad && (k.divergence == kForwardKL || k.divergence == kReverseKL);
-  const bool cache_e1 = use_cache && labels != nullptr && !c.t_is_one && k.alpha != T(1);
+  const bool cache_e1 = use_cache && labels != nullptr && !c.t_is_one && c.t_pow == 0 && k.alpha != T(1);
   const int64_t W = Vectorized<T>::size();
   const int64_t stride = (V + W - 1) / W * W;
   const int64_t n_tiles = (V + kTile - 1) / kTile;
@@ -582,7 +620,7 @@ void kd_topk_kernel(const at::Tensor& student, const at::Tensor& values, const a
                     const at::Tensor* labels, const KdParams<T>& k, int64_t ignore_index, bool need_grad,
                     T grad_scale, at::Tensor& loss, at::Tensor& grad) {
   const int64_t N = student.size(0), V = student.size(1), K = values.size(1);
-  CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1)};
+  CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1), small_integer_temperature(k.temperature)};
   const char* s_base = static_cast<const char*>(student.const_data_ptr());
   const char* v_base = static_cast<const char*>(values.const_data_ptr());
   const at::ScalarType s_dt = student.scalar_type(), v_dt = values.scalar_type();

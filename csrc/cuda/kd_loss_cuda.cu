@@ -42,6 +42,7 @@
 #include <cstdlib>
 #include <limits>
 #include <mutex>
+#include <map>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -913,20 +914,39 @@ LaunchPlan plan_launch(int64_t N, int64_t V, int vec, size_t cache_bytes_per_vec
 // plan.threads), the most warps per SM, ties to the smaller block (more rows in flight, whose
 // reductions and gradient writes overlap the others' loads). Measured on an H100 (2026-11-26,
 // 8192 x 128256 bf16): 512 threads of 78 registers left room for one block per SM (16 warps;
-// 448 GB/s), where 256 fit three (24 warps). Only for rows split over several blocks or with a
+// 448 GB/s), where by the same count 256 fit three (24 warps). Only for rows split over several blocks or with a
 // shared-memory cache: a small row keeps its small block.
 //
 // PYFINETUNE_KD_CUDA_THREADS=T (experimental, for A/B timing, read at each call): T threads instead
 // (a multiple of 32 in [32, 512]) wherever this choice is made; other values are ignored.
+// The occupancy queries run once per (kernel, device, block size, shared memory) and are cached.
+int forced_kd_threads() {
+  const char* env = std::getenv("PYFINETUNE_KD_CUDA_THREADS");
+  if (env == nullptr) {
+    return 0;
+  }
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  return end != env && *end == '\0' && v >= 32 && v <= kMaxThreads && v % 32 == 0 ? static_cast<int>(v) : 0;
+}
+
 template <typename Kernel>
 int threads_for_occupancy(Kernel kernel, const LaunchPlan& plan) {
   if (plan.threads <= 128 || (plan.n_split == 1 && plan.smem == 0)) {
     return plan.threads;
   }
-  if (const char* env = std::getenv("PYFINETUNE_KD_CUDA_THREADS")) {
-    const int forced = std::atoi(env);
-    if (forced >= 32 && forced <= kMaxThreads && forced % 32 == 0) {
-      return forced;
+  if (const int forced = forced_kd_threads()) {
+    return forced;
+  }
+  using Key = std::tuple<const void*, int, int, size_t>;
+  static std::mutex mutex;
+  static std::map<Key, int> cache;
+  const Key key{reinterpret_cast<const void*>(kernel), c10::cuda::current_device(), plan.threads, plan.smem};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto it = cache.find(key);
+    if (it != cache.end()) {
+      return it->second;
     }
   }
   int best = plan.threads;
@@ -935,7 +955,7 @@ int threads_for_occupancy(Kernel kernel, const LaunchPlan& plan) {
     int blocks = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, plan.smem) != cudaSuccess) {
       (void)cudaGetLastError();
-      return plan.threads;
+      return plan.threads;  // not cached: a later call asks again
     }
     const int warps = blocks * threads / 32;
     if (warps >= best_warps) {  // >=: ties to the smaller block
@@ -943,6 +963,11 @@ int threads_for_occupancy(Kernel kernel, const LaunchPlan& plan) {
       best_warps = warps;
     }
   }
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= 4096) {
+    cache.clear();  // a bound for callers with ever new row lengths (an entry per shared-memory size)
+  }
+  cache.emplace(key, best);
   return best;
 }
 
