@@ -131,7 +131,7 @@ grep -E "^\|" "$OUT/kd_launch_ab.log" | tee -a "$OUT/summary.md"
 # What the optimizer's access mix (5 read / 3 write streams) reaches on this GPU, next to our step:
 # whether issue #2's 85%-of-copy target is within reach of a streaming kernel at all.
 step "optimizer roofline (benchmarks/optim_gpu_roofline.py)"
-boxed "$(left 0.1 300)" "$OUT/optim_roofline.log" $PY benchmarks/optim_gpu_roofline.py --out "$OUT" || status=1
+boxed "$(left 0.15 300)" "$OUT/optim_roofline.log" $PY benchmarks/optim_gpu_roofline.py --out "$OUT" || status=1
 grep -E "^\|" "$OUT/optim_roofline.log" | tee -a "$OUT/summary.md"
 
 XDIST=""
