@@ -48,7 +48,8 @@ def build_info() -> Dict[str, object]:
 
 
 def dense_pool() -> Dict[str, object]:
-    """SparseLinear's CPU dense-path memory pool: the idle bytes it may keep (PYFINETUNE_DENSE_POOL_MB;
+    """The CPU buffer pool (SparseLinear's dense path, the distillation kernel's kept gradients): the
+    idle bytes it may keep (PYFINETUNE_DENSE_POOL_MB;
     None with the variable's error when it is not a valid size) and those it holds now."""
     from ._sparse_linear import _pool_limit_bytes
 

@@ -39,7 +39,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     pool = info["dense_pool"]
     limit = (f"up to {pool['idle_limit_bytes'] / 2**20:.0f} MB idle" if pool["idle_limit_bytes"] is not None
              else f"invalid limit: {pool['error']}")
-    print(f"SparseLinear dense path (CPU): pooled weight buffers, {limit} (PYFINETUNE_DENSE_POOL_MB), "
+    print(f"CPU buffer pool (SparseLinear dense path, kd_loss gradients): {limit} (PYFINETUNE_DENSE_POOL_MB), "
           f"{pool['idle_bytes'] / 2**20:.1f} MB now")
     print("ops:")
     width = max(len(op) for op in info["kernels"])

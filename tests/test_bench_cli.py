@@ -140,7 +140,7 @@ def test_info_command_text_and_json(capsys, monkeypatch):
     data = json.loads(capsys.readouterr().out)
     assert data["sparse_linear_crossover"]["cpu"]["float32"] == cpu
     assert data["dense_pool"]["idle_limit_bytes"] == 1024 * 2**20 and data["dense_pool"]["idle_bytes"] >= 0
-    assert "SparseLinear dense path (CPU): pooled weight buffers, up to 1024 MB idle" in text
+    assert "CPU buffer pool (SparseLinear dense path, kd_loss gradients): up to 1024 MB idle" in text
     assert set(data["sparse_linear_crossover"]["cpu"]) == {"float32", "bfloat16", "float16"}
     size = data["optimizer_launch_arg_bytes"]
     assert size is None if not data["cuda_built"] else 4096 <= size <= 32764

@@ -1,5 +1,6 @@
 // A pool of CPU memory blocks for SparseLinear's dense path (pyfinetune._sparse_linear): the
-// rebuilt weight and its gradient, tens of MB each, allocated once per call. A fresh block of
+// rebuilt weight and its gradient, tens of MB each, allocated once per call; and for the
+// distillation kernel's kept gradient (a logits-sized tensor per call, kd_loss_cpu.cpp). A fresh block of
 // that size is a fresh mmap whose first writes page-fault one 4 KiB page at a time (~7 ms per
 // 32 MB on the CI machine, more than the bfloat16 GEMM that reads it); a block handed back here
 // is reused without faults.
@@ -8,14 +9,18 @@
 // view, storage object or autograd saved variable refers to it any more: a block in use is never
 // handed out twice. Idle blocks are kept up to the byte limit the caller passes (beyond it a
 // returned block is freed, and the limit counts what blocks occupy); _pool_release_cpu frees them all.
+// Blocks handed out and returned are reported to the profiler (torch.profiler's profile_memory) as
+// the CPU allocator reports its allocations, so memory measurements see pooled tensors too.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
 #include <pyfinetune/checks.h>
 #include <pyfinetune/cpu_alloc.h>
+#include <pyfinetune/dense_pool.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -103,16 +108,26 @@ class DensePool {
         void* p = it->second;
         idle_.erase(it);
         idle_bytes_ -= static_cast<int64_t>(size);
+        in_use_bytes_ += static_cast<int64_t>(size);
+        report(p, static_cast<int64_t>(size));
         return p;
       }
     }
-    return allocate(size);
+    void* p = allocate(size);
+    if (p != nullptr) {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      in_use_bytes_ += static_cast<int64_t>(size);
+      report(p, static_cast<int64_t>(size));
+    }
+    return p;
   }
 
   // Called by the storage's deleter: keep the block while the idle ones stay within the limit.
   void give_back(void* p, size_t size) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
+      in_use_bytes_ -= static_cast<int64_t>(size);
+      report(p, -static_cast<int64_t>(size));
       if (idle_bytes_ + static_cast<int64_t>(size) <= limit_) {
         idle_.emplace(size, p);
         idle_bytes_ += static_cast<int64_t>(size);
@@ -143,9 +158,18 @@ class DensePool {
   }
 
  private:
+  // To the profiler of the calling thread, when it records memory (under mutex_).
+  void report(void* p, int64_t delta) const {
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(p, delta, static_cast<size_t>(in_use_bytes_),
+                                       static_cast<size_t>(in_use_bytes_ + idle_bytes_), c10::Device(c10::kCPU));
+    }
+  }
+
   std::mutex mutex_;
   std::multimap<size_t, void*> idle_;  // size -> blocks
   int64_t idle_bytes_ = 0;
+  int64_t in_use_bytes_ = 0;
   int64_t limit_ = 0;
 };
 
@@ -155,7 +179,23 @@ DensePool& pool() {
   return *p;
 }
 
-at::Tensor pool_empty_cpu(at::IntArrayRef size, at::ScalarType dtype, int64_t idle_limit_bytes) {
+}  // namespace
+
+int64_t dense_pool_limit_from_env() {
+  const char* raw = std::getenv("PYFINETUNE_DENSE_POOL_MB");
+  if (raw == nullptr) {
+    return int64_t{1024} << 20;
+  }
+  char* end = nullptr;
+  const double mb = std::strtod(raw, &end);
+  // The same rule and message as pyfinetune._sparse_linear._pool_limit_bytes.
+  const bool number = end != raw && *end == '\0';
+  PF_CHECK(number && mb >= 0 && mb <= 1099511627776.0, "kd_loss_fwd",
+           "PYFINETUNE_DENSE_POOL_MB must be a number of megabytes between 0 (no pool) and 2^40, got '", raw, "'");
+  return static_cast<int64_t>(mb * 1048576.0);
+}
+
+at::Tensor pooled_empty_cpu(at::IntArrayRef size, at::ScalarType dtype, int64_t idle_limit_bytes) {
   const char* op = "_pool_empty_cpu";
   PF_CHECK(idle_limit_bytes >= 0, op, "idle_limit_bytes must be >= 0, got ", idle_limit_bytes);
   int64_t numel = 1;
@@ -175,6 +215,12 @@ at::Tensor pool_empty_cpu(at::IntArrayRef size, at::ScalarType dtype, int64_t id
   void* p = pool().take(block, idle_limit_bytes);
   PF_CHECK(p != nullptr, op, "out of memory allocating ", bytes, " bytes");
   return at::from_blob(p, size, [block](void* q) { pool().give_back(q, block); }, options);
+}
+
+namespace {
+
+at::Tensor pool_empty_cpu(at::IntArrayRef size, at::ScalarType dtype, int64_t idle_limit_bytes) {
+  return pooled_empty_cpu(size, dtype, idle_limit_bytes);
 }
 
 int64_t pool_release_cpu() {
