@@ -5,8 +5,9 @@
 
 Times ``kd_loss`` (forward_kl, T = 2, alpha = 0.5, 1/8 of the rows ignored, batchmean, bf16) forward,
 backward and forward + backward with the launch's own choice of block size (by occupancy) and with
-``PYFINETUNE_KD_CUDA_THREADS`` = 512, 256, 128 (read by the extension at each call), interleaved
-round by round, against the time to read both inputs and write the gradient once at the measured
+``PYFINETUNE_KD_CUDA_THREADS`` = 512, 256, 128 (read by the extension at each call), and at
+T = 2.0001 (the kernels' general path, where T = 2 computes the CE exponential as a square),
+interleaved round by round, against the time to read both inputs and write the gradient once at the measured
 copy bandwidth (issue #3's GPU target: forward + backward within 1.3x of it). Each variant's loss and
 gradient are checked against the first one's (the block size changes only the order of sums).
 Writes kd-launch-ab-cuda-*.md / .json to ``--out`` (default benchmarks/results). ``--device cpu``
@@ -31,14 +32,19 @@ from pyfinetune.benchmarks.distill import copy_bandwidth, kd_inputs  # noqa: E40
 from pyfinetune.losses import kd_loss  # noqa: E402
 
 ENV = "PYFINETUNE_KD_CUDA_THREADS"
-VARIANTS = ["auto", "512", "256", "128"]
+# name -> (block size override or None, temperature). T = 2.0001 takes the kernels' general path
+# (an exponential for the CE term of every element); T = 2 computes it as a square.
+VARIANTS = {"auto": (None, 2.0), "512": ("512", 2.0), "256": ("256", 2.0), "128": ("128", 2.0),
+            "auto, T=2.0001 (no power path)": (None, 2.0001)}
 
 
-def set_variant(v: str) -> None:
-    if v == "auto":
+def set_variant(v: str) -> float:
+    threads, temperature = VARIANTS[v]
+    if threads is None:
         os.environ.pop(ENV, None)
     else:
-        os.environ[ENV] = v
+        os.environ[ENV] = threads
+    return temperature
 
 
 def timed(fn, dev) -> float:
@@ -64,16 +70,19 @@ def main() -> int:
         return 2
     s, t, lab = kd_inputs(args.rows, args.vocab, torch.bfloat16, dev)
 
-    def loss_fn():
-        return kd_loss(s, t, lab, temperature=2.0, alpha=0.5)
+    temp = {"T": 2.0}
 
+    def loss_fn():
+        return kd_loss(s, t, lab, temperature=temp["T"], alpha=0.5)
+
+    names = list(VARIANTS)
     ref = None
     times = {v: {"forward": [], "backward": [], "forward+backward": []} for v in VARIANTS}
     check = {}
     for r in range(args.reps + 3):
-        for k in range(len(VARIANTS)):
-            v = VARIANTS[(r + k) % len(VARIANTS)]
-            set_variant(v)
+        for k in range(len(names)):
+            v = names[(r + k) % len(names)]
+            temp["T"] = set_variant(v)
             box = {}
             f = timed(lambda: box.setdefault("loss", loss_fn()), dev)
             b = timed(lambda: box["loss"].backward(), dev)
@@ -96,7 +105,7 @@ def main() -> int:
     gbps, _ = copy_bandwidth(2 * s.numel() * item, max(args.reps, 20), dev)
     floor_ms = moved / (gbps * 1e6)
     rows = []
-    for v in VARIANTS:
+    for v in names:
         med = {m: common.percentile(ts, 50) for m, ts in times[v].items()}
         rows.append([v, f"{med['forward']:.2f}", f"{med['backward']:.2f}", f"{med['forward+backward']:.2f}",
                      f"{med['forward+backward'] / floor_ms:.2f}", f"{check[v]['loss_rel_diff']:.1e}",

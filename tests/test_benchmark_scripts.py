@@ -109,7 +109,7 @@ def test_kd_launch_ab_runs(tmp_path):
     (md,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.md"))
     (js,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.json"))
     record = json.load(open(js))
-    assert set(record["times_ms"]) == {"auto", "512", "256", "128"}
+    assert set(record["times_ms"]) == {"auto", "512", "256", "128", "auto, T=2.0001 (no power path)"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
 
 

@@ -146,6 +146,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float fast_exp2(float x) {
 #endif
 }
 
+// x^n for n in {2, 3, 4}: with T = n, exp(x) = exp(x / T)^T, so the CE exponential of an element
+// is a power of its exponential at T instead of a second ex2 (KdArgs::t_pow).
+C10_HOST_DEVICE C10_ALWAYS_INLINE float pow_small(float x, int n) {
+  const float x2 = x * x;
+  return n == 2 ? x2 : (n == 3 ? x2 * x : x2 * x2);
+}
+
 // ---- Online statistics ---------------------------------------------------------------------------
 
 // kd_math::OnlineLse of x / T' (T' = T, or 1 for the CE term) relative to the running maximum of
@@ -189,6 +196,41 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_add(RawLse& a, float c, const float (
     a.sum += e;
     if (kW) {
       // e == 0 skips the term, as OnlineLse::add does for -inf (the weight may be infinite).
+      a.wsum = e != 0.0f ? fmaf(e, w[k], a.wsum) : a.wsum;
+    }
+  }
+}
+
+// lse_add(a, c, x, w) and lse_add<false>(a1, c * n, x, w) at once, for c * n = log2(e) (T = n): the
+// two always hold the same maximum (the same values pass through both), so a1's terms and its
+// rescale are the n-th powers of a's.
+template <bool kW, int N>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_add_pow(RawLse& a, RawLse& a1, float c, int n, const float (&x)[N],
+                                                   const float (&w)[N]) {
+  float hi = a.max;
+  PF_UNROLL
+  for (int k = 0; k < N; ++k) {
+    hi = fmaxf(hi, x[k]);
+  }
+  if (hi == km::neg_inf<float>()) {
+    return;
+  }
+  if (hi > a.max) {
+    const float r = fast_exp2((a.max - hi) * c);  // 0 while a.max is -inf
+    a.sum *= r;
+    a1.sum *= pow_small(r, n);
+    if (kW) {
+      a.wsum = rescale_w(a.wsum, r);
+    }
+    a.max = hi;
+    a1.max = hi;
+  }
+  PF_UNROLL
+  for (int k = 0; k < N; ++k) {
+    const float e = fast_exp2((x[k] - hi) * c);
+    a.sum += e;
+    a1.sum += pow_small(e, n);
+    if (kW) {
       a.wsum = e != 0.0f ? fmaf(e, w[k], a.wsum) : a.wsum;
     }
   }
@@ -268,6 +310,7 @@ struct KdArgs {
   int cache_vecs;            // vectors of a block's slice kept in shared memory
   bool need_grad;
   float grad_scale;          // the kept gradient is grad_scale * d(row loss)/d(s)
+  int t_pow;                 // T when it is exactly 2, 3 or 4 (pow_small), else 0
   km::KdParams<float> kp;
 };
 
@@ -353,6 +396,8 @@ struct RowConsts {
   float mean_w;   // reverse_kl: E_Q[(s - t) / T], so that log q - log p - D = (s - t) / T - mean_w
   float jsd_s;    // jsd: KdRowStats::jsd_s
   float coef_q;   // top-k, entries outside the top-k: d/ds_i of the KD term is kq * coef_q * q_i
+  int t_pow;      // T in {2, 3, 4} with a CE term (0 otherwise): softmax(s)_i = q_i^T * f_pow
+  float f_pow;    // 2^(T l2s - l2s1), in [1, V^(T-1)] (power means): neither factor overflows
   int64_t label;  // -1 without a CE term
 };
 
@@ -370,7 +415,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float scaled_diff(float a, float b, float inv_
 }
 
 template <int kDiv, bool kTopK, int N>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void accumulate(const km::KdParams<float>& kp, const float (&s)[N],
+C10_HOST_DEVICE C10_ALWAYS_INLINE void accumulate(const km::KdParams<float>& kp, int t_pow, const float (&s)[N],
                                                   const float (&t)[N], bool has_ce, RawLse& ls, RawLse& lt,
                                                   RawLse& ls1) {
   const float c = exp2_scale(kp);
@@ -380,12 +425,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void accumulate(const km::KdParams<float>& kp,
     w[k] = kDiv == km::kReverseKL ? scaled_diff(s[k], t[k], kp.inv_temperature)
                                   : scaled_diff(t[k], s[k], kp.inv_temperature);
   }
-  lse_add<kDiv == km::kReverseKL && !kTopK>(ls, c, s, w);
+  if (has_ce && t_pow != 0) {
+    lse_add_pow<kDiv == km::kReverseKL && !kTopK>(ls, ls1, c, t_pow, s, w);
+  } else {
+    lse_add<kDiv == km::kReverseKL && !kTopK>(ls, c, s, w);
+    if (has_ce) {
+      lse_add<false>(ls1, kLog2e, s, w);
+    }
+  }
   if (!kTopK) {
     lse_add<kDiv == km::kForwardKL>(lt, c, t, w);
-  }
-  if (has_ce) {
-    lse_add<false>(ls1, kLog2e, s, w);
   }
 }
 
@@ -426,7 +475,7 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
         } else {
           mta::fill_n<VEC>(tv, 0.0f);
         }
-        accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, p.s, p.t, p.s1);
+        accumulate<kDiv, kTopK>(a.kp, a.t_pow, sv, tv, has_ce, p.s, p.t, p.s1);
       }
     }
   }
@@ -436,7 +485,7 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
     for (int64_t i = static_cast<int64_t>(b) + tid; i < e; i += nthreads) {
       const float sv[1] = {static_cast<float>(s[i])};
       const float tv[1] = {kTopK ? 0.0f : static_cast<float>(t[kTopK ? 0 : i])};
-      accumulate<kDiv, kTopK>(a.kp, sv, tv, has_ce, p.s, p.t, p.s1);
+      accumulate<kDiv, kTopK>(a.kp, a.t_pow, sv, tv, has_ce, p.s, p.t, p.s1);
     }
   }
   if (kTopK && rank == 0) {
@@ -547,8 +596,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float grad_value(const km::KdParams<float>& kp
                                                    float t, bool is_label) {
   const float ds = s - rc.ms;  // exact where q is not negligible
   float g = 0.0f;
+  const bool q_for_ce = rc.t_pow != 0 && rc.wce != 0.0f;
+  const float q = rc.kq != 0.0f || q_for_ce ? fast_exp2(fmaf(ds, rc.c, -rc.l2s)) : 0.0f;
   if (rc.kq != 0.0f) {
-    const float q = fast_exp2(fmaf(ds, rc.c, -rc.l2s));
     float dd;
     if (!kTeacher) {
       dd = rc.coef_q * q;
@@ -568,7 +618,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float grad_value(const km::KdParams<float>& kp
     g = rc.kq * dd;
   }
   if (rc.wce != 0.0f) {
-    g += rc.wce * (fast_exp2(fmaf(ds, kLog2e, -rc.l2s1)) - (is_label ? 1.0f : 0.0f));
+    const float e1 = q_for_ce ? pow_small(q, rc.t_pow) * rc.f_pow : fast_exp2(fmaf(ds, kLog2e, -rc.l2s1));
+    g += rc.wce * (e1 - (is_label ? 1.0f : 0.0f));
   }
   return g;
 }
@@ -656,7 +707,7 @@ C10_HOST_DEVICE inline float row_loss_value(const km::KdParams<float>& kp, const
 }
 
 C10_HOST_DEVICE inline RowConsts row_consts(const km::KdParams<float>& kp, const RowStats& r,
-                                            const km::KdRowWeights<float>& w, bool has_ce, int64_t label) {
+                                            const km::KdRowWeights<float>& w, bool has_ce, int64_t label, int t_pow) {
   const km::KdRowStats<float>& st = r.st;
   RowConsts rc;
   rc.c = exp2_scale(kp);
@@ -673,6 +724,8 @@ C10_HOST_DEVICE inline RowConsts row_consts(const km::KdParams<float>& kp, const
   rc.jsd_s = st.jsd_s;
   // Outside a top-k, u = 0 (jsd) and p = 0 (forward_kl).
   rc.coef_q = kp.divergence == km::kJSD ? (1.0f - kp.beta) * -st.jsd_s : 1.0f;
+  rc.t_pow = has_ce ? t_pow : 0;
+  rc.f_pow = rc.t_pow != 0 ? exp2f(static_cast<float>(rc.t_pow) * rc.l2s - rc.l2s1) : 0.0f;
   rc.label = has_ce ? label : -1;
   return rc;
 }
@@ -828,7 +881,8 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
     return;
   }
   // The gradient is linear in the row weights: grad_scale scales them.
-  rc = row_consts(a.kp, stats, km::KdRowWeights<float>{w.kd * a.grad_scale, w.ce * a.grad_scale}, has_ce, label);
+  rc = row_consts(a.kp, stats, km::KdRowWeights<float>{w.kd * a.grad_scale, w.ce * a.grad_scale}, has_ce, label,
+                  a.t_pow);
   grad_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, g, rs, sl, tid, nthreads, s_cache, t_cache, rc, false);
   if (kTopK) {
     __syncthreads();  // the fix-ups overwrite entries other threads of this block wrote
@@ -1116,6 +1170,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   args.need_grad = need_grad;
   args.grad_scale = static_cast<float>(grad_scale);
   args.kp = make_kd_params<float>(temperature, alpha, beta, div);
+  args.t_pow = temperature == 2.0 ? 2 : (temperature == 3.0 ? 3 : (temperature == 4.0 ? 4 : 0));
   if (indices != nullptr) {
     dispatch_kd<true>(student, teacher, div, args, N);
   } else {
