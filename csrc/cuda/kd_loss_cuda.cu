@@ -1170,7 +1170,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   args.need_grad = need_grad;
   args.grad_scale = static_cast<float>(grad_scale);
   args.kp = make_kd_params<float>(temperature, alpha, beta, div);
-  args.t_pow = temperature == 2.0 ? 2 : (temperature == 3.0 ? 3 : (temperature == 4.0 ? 4 : 0));
+  // On the float temperature, as the CPU kernel decides (small_integer_temperature).
+  const float tf = args.kp.temperature;
+  args.t_pow = tf == 2.0f ? 2 : (tf == 3.0f ? 3 : (tf == 4.0f ? 4 : 0));
   if (indices != nullptr) {
     dispatch_kd<true>(student, teacher, div, args, N);
   } else {
