@@ -168,7 +168,7 @@ class _EagerKdLoss(torch.autograd.Function):
 
     ``"batchmean"``: when the number of counted rows is known on the host (no labels, CPU labels, or
     a gradient large enough that one device synchronization costs less than a pass over it,
-    ``ops._may_scale_in_place``), the kernel computes the kept gradient already divided by it
+    ``ops._may_read_on_host``), the kernel computes the kept gradient already divided by it
     (``grad_scale``), so that ``loss.backward()`` (an upstream gradient of exactly 1) hands the
     kept gradient on with no pass over it; the registered path divides in the backward instead (the
     same values up to the rounding of one product)."""
@@ -178,7 +178,7 @@ class _EagerKdLoss(torch.autograd.Function):
         temperature, alpha, divergence, beta, ignore_index = options
         count = None
         if reduction == "batchmean":
-            count = _host_count(student.shape[0], labels, ignore_index, sync_ok=_ops._may_scale_in_place([student]))
+            count = _host_count(student.shape[0], labels, ignore_index, sync_ok=_ops._may_read_on_host([student]))
         # Below autograd: the op's registered (Python) autograd kernel would otherwise run here
         # too, although grad mode is off inside forward.
         with torch._C._AutoDispatchBelowAutograd():
@@ -339,9 +339,9 @@ def _chunk_logits_buffer(rows: int, cols: int, dtype: torch.dtype, like: torch.T
     eager mode from the block pool (a fresh chunk of logits, tens of MB, cost ~7 ms of page faults
     per 32 MB, twice per chunk: 0.22 s of the 3.5 s fused linear loss at N = 4096, V = 32000)."""
     if like.device.type == "cpu" and _ops._is_plain_eager(like):
-        from ._sparse_linear import _pool_limit_bytes
+        from ._sparse_linear import _pooled_empty
 
-        return torch.ops.pyfinetune._pool_empty_cpu([rows, cols], dtype, _pool_limit_bytes())
+        return _pooled_empty((rows, cols), dtype)
     return torch.empty((rows, cols), dtype=dtype, device=like.device)
 
 

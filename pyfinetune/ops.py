@@ -201,7 +201,7 @@ _OPMATH = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfl
            torch.float16: torch.float32}
 
 
-def _may_scale_in_place(kept) -> bool:
+def _may_read_on_host(kept) -> bool:
     """Whether the kept buffers ``kept`` (all on one device) may be scaled in place after a host
     look at the scale: plain eager tensors, on the CPU, or on a GPU when large (a synchronization
     then costs less than the pass it saves) and no CUDA graph is being captured."""
@@ -245,7 +245,7 @@ def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes, *, in_place_ok
         return [None if g is None else _product(g, sc, dtype) for g, sc, dtype in zip(grads, out_scales, dtypes)]
     # Under create_graph the scale (the upstream gradient) is part of a graph: the product must be
     # an op on it, so that the gradient of this backward with respect to the upstream one exists.
-    in_place = (in_place_ok and not scale.requires_grad and bool(kept) and _may_scale_in_place(kept)
+    in_place = (in_place_ok and not scale.requires_grad and bool(kept) and _may_read_on_host(kept)
                 and _nonzero_and_finite(scale))
     factor = None
     if in_place:

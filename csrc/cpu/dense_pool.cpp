@@ -181,7 +181,7 @@ DensePool& pool() {
 
 }  // namespace
 
-int64_t dense_pool_limit_from_env() {
+int64_t dense_pool_limit_from_env(const char* op) {
   const char* raw = std::getenv("PYFINETUNE_DENSE_POOL_MB");
   if (raw == nullptr) {
     return int64_t{1024} << 20;
@@ -190,7 +190,7 @@ int64_t dense_pool_limit_from_env() {
   const double mb = std::strtod(raw, &end);
   // The same rule and message as pyfinetune._sparse_linear._pool_limit_bytes.
   const bool number = end != raw && *end == '\0';
-  PF_CHECK(number && mb >= 0 && mb <= 1099511627776.0, "kd_loss_fwd",
+  PF_CHECK(number && mb >= 0 && mb <= 1099511627776.0, op,
            "PYFINETUNE_DENSE_POOL_MB must be a number of megabytes between 0 (no pool) and 2^40, got '", raw, "'");
   return static_cast<int64_t>(mb * 1048576.0);
 }

@@ -708,7 +708,8 @@ void kd_topk_kernel(const at::Tensor& student, const at::Tensor& values, const a
 // pool (dense_pool.h), whose reused blocks need no page faults. A fresh 131 MB buffer (1024 x 32000
 // fp32) cost 0 to 40 ms of faults per call, by whether the kernel found huge pages: the forward +
 // backward's median was 35 ms or 50 ms from one run to the next.
-std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& student, bool use_double, bool need_grad) {
+std::tuple<at::Tensor, at::Tensor> make_outputs(const char* op, const at::Tensor& student, bool use_double,
+                                                bool need_grad) {
   const int64_t N = student.size(0), V = student.size(1);
   at::Tensor loss = at::empty({N}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
   if (!need_grad) {
@@ -716,7 +717,7 @@ std::tuple<at::Tensor, at::Tensor> make_outputs(const at::Tensor& student, bool 
   }
   const int64_t bytes = N * V * static_cast<int64_t>(student.element_size());
   at::Tensor grad = bytes >= (int64_t{1} << 20)
-                        ? pooled_empty_cpu({N, V}, student.scalar_type(), dense_pool_limit_from_env())
+                        ? pooled_empty_cpu({N, V}, student.scalar_type(), dense_pool_limit_from_env(op))
                         : empty_streaming({N, V}, student.options());
   return {loss, grad};
 }
@@ -732,7 +733,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
     check_label_values("kd_loss_fwd", *labels, student.size(1), ignore_index);
   }
   const bool use_double = kd_use_double(student.scalar_type(), teacher.scalar_type());
-  auto [loss, grad] = make_outputs(student, use_double, need_grad);
+  auto [loss, grad] = make_outputs("kd_loss_fwd", student, use_double, need_grad);
   if (student.size(0) == 0) {
     return {loss, grad};
   }
@@ -771,7 +772,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(const at::Tensor& studen
     }
   }
   const bool use_double = kd_use_double(student.scalar_type(), teacher_values.scalar_type());
-  auto [loss, grad] = make_outputs(student, use_double, need_grad);
+  auto [loss, grad] = make_outputs(op, student, use_double, need_grad);
   if (student.size(0) == 0) {
     return {loss, grad};
   }

@@ -12,8 +12,8 @@
 namespace pyfinetune {
 
 // The idle-bytes limit of the pool from PYFINETUNE_DENSE_POOL_MB (megabytes, default 1024, 0: no
-// idle blocks kept); an invalid value is an error naming the variable (as the Python side says).
-int64_t dense_pool_limit_from_env();
+// idle blocks kept); an invalid value is an error of `op` naming the variable (as the Python side says).
+int64_t dense_pool_limit_from_env(const char* op);
 
 // An uninitialized CPU tensor of `size` and `dtype` from the pool, idle blocks kept up to
 // `idle_limit_bytes`. Its memory is reported to the profiler as the CPU allocator's is.
