@@ -2,6 +2,8 @@
 #include <pyfinetune/checks.h>
 #include <pyfinetune/kd_loss.h>
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
 #include <limits>
 #include <string>
@@ -67,8 +69,7 @@ int parse_kd_divergence(const char* op, c10::string_view divergence) {
 }
 
 void check_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-                        double temperature, double alpha, double beta, double grad_scale) {
-  const char* op = "kd_loss_fwd";
+                        double temperature, double alpha, double beta, double grad_scale, const char* op) {
   check_logits(op, "student", student);
   check_logits(op, "teacher", teacher);
   PF_CHECK(teacher.sizes() == student.sizes(), op, "teacher must have the shape of student ", student.sizes(),
@@ -78,6 +79,21 @@ void check_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher, co
   PF_CHECK(student.size(1) >= 1, op, "student must have at least one class (V >= 1), got shape ", student.sizes());
   check_labels(op, labels, student);
   check_scalars(op, temperature, alpha, beta, grad_scale);
+}
+
+void check_kd_loss_inplace_args(const at::Tensor& student, const at::Tensor& teacher,
+                                const std::optional<at::Tensor>& labels) {
+  const char* op = "kd_loss_fwd_inplace";
+  PF_CHECK(student.is_contiguous(), op, "student must be contiguous (its gradient is written over it in the layout ",
+           "[N, V]), got strides ", student.strides());
+  PF_CHECK(at::has_internal_overlap(student) != at::MemOverlap::Yes, op,
+           "student must not have overlapping elements (it is written to)");
+  PF_CHECK(at::get_overlap_status(student, teacher) == at::MemOverlapStatus::No, op,
+           "teacher must not share memory with student (student is overwritten by the gradient)");
+  if (labels.has_value() && labels->defined()) {
+    PF_CHECK(at::get_overlap_status(student, *labels) == at::MemOverlapStatus::No, op,
+             "labels must not share memory with student (student is overwritten by the gradient)");
+  }
 }
 
 void check_kd_loss_topk_args(const at::Tensor& student, const at::Tensor& teacher_values,

@@ -98,6 +98,13 @@ TORCH_LIBRARY(pyfinetune, m) {
   m.def(
       "kd_loss_fwd(Tensor student, Tensor teacher, Tensor? labels, *, float temperature, float alpha, "
       "str divergence, float beta, int ignore_index, bool need_grad, float grad_scale=1.0) -> (Tensor, Tensor)");
+  // The same with the gradient written over `student` (which must be contiguous and share no memory
+  // with teacher or labels): for a caller that owns the student buffer and needs no copy of it
+  // afterwards (fused_linear_kd_loss's chunk logits: one chunk-sized buffer fewer). Returns the loss
+  // rows; student then holds grad_scale * d(row loss)/d(student) (zeros in ignored rows).
+  m.def(
+      "kd_loss_fwd_inplace(Tensor(a!) student, Tensor teacher, Tensor? labels, *, float temperature, float alpha, "
+      "str divergence, float beta, int ignore_index, float grad_scale=1.0) -> Tensor");
   // The same with a teacher saved as its top-k logits per row: teacher_values [N, k] (float),
   // teacher_indices [N, k] int64 in [0, V), distinct within a row. The teacher distribution is the
   // softmax over its k entries at temperature T (0 elsewhere).

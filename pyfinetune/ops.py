@@ -80,6 +80,12 @@ temperature, alpha, divergence, beta, ignore_index, need_grad, grad_scale=1.0) -
   the factor of its reduction (1 / rows of a batch mean) have the kernel apply it (one rounding, no
   later pass). The autograd formula of both ops is d/d(student) = grad * g[:, None] / grad_scale
   for the incoming gradient g of ``loss``; the teacher and the labels get no gradient.
+
+``torch.ops.pyfinetune.kd_loss_fwd_inplace(student, teacher, labels, *, temperature, alpha,
+divergence, beta, ignore_index, grad_scale=1.0) -> loss``: ``kd_loss_fwd`` with the gradient written
+over ``student`` (contiguous, sharing no memory with ``teacher`` or ``labels``), for a caller that owns
+the logits buffer and needs no copy of the logits afterwards (:func:`pyfinetune.fused_linear_kd_loss`'s
+chunks: one chunk-sized buffer fewer). Not differentiable: call it on tensors that need no gradient.
 """
 
 from __future__ import annotations
@@ -143,6 +149,22 @@ def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergenc
             f"got {tuple(teacher.shape)}"
         )
     return _kd_fake_outputs(student, teacher, need_grad)
+
+
+@torch.library.register_fake("pyfinetune::kd_loss_fwd_inplace")
+def _kd_loss_fwd_inplace_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index,
+                              grad_scale=1.0):
+    if teacher.shape != student.shape:
+        raise RuntimeError(
+            f"pyfinetune.kd_loss_fwd_inplace: teacher must have the shape of student {tuple(student.shape)}, "
+            f"got {tuple(teacher.shape)}"
+        )
+    if not student.is_contiguous():
+        raise RuntimeError(
+            f"pyfinetune.kd_loss_fwd_inplace: student must be contiguous (its gradient is written over it in the "
+            f"layout [N, V]), got strides {tuple(student.stride())}"
+        )
+    return _kd_fake_outputs(student, teacher, False)[0]
 
 
 @torch.library.register_fake("pyfinetune::kd_loss_topk_fwd")

@@ -722,18 +722,33 @@ std::tuple<at::Tensor, at::Tensor> make_outputs(const char* op, const at::Tensor
   return {loss, grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const std::optional<at::Tensor>& labels, double temperature,
-                                                   double alpha, c10::string_view divergence, double beta,
-                                                   int64_t ignore_index, bool need_grad, double grad_scale) {
-  const int div = parse_kd_divergence("kd_loss_fwd", divergence);
-  check_kd_loss_args(student, teacher, labels, temperature, alpha, beta, grad_scale);
+// kd_loss_fwd, or with `in_place` kd_loss_fwd_inplace: the gradient written over the student.
+// That is safe because each row is one thread's, the label's logit is read before the gradient
+// pass, and the gradient pass loads a tile of the student (into the thread's buffer) before it
+// stores the tile's gradient.
+std::tuple<at::Tensor, at::Tensor> kd_dense_call(const at::Tensor& student, const at::Tensor& teacher,
+                                                 const std::optional<at::Tensor>& labels, double temperature,
+                                                 double alpha, c10::string_view divergence, double beta,
+                                                 int64_t ignore_index, bool need_grad, double grad_scale,
+                                                 bool in_place) {
+  const char* op = in_place ? "kd_loss_fwd_inplace" : "kd_loss_fwd";
+  const int div = parse_kd_divergence(op, divergence);
+  check_kd_loss_args(student, teacher, labels, temperature, alpha, beta, grad_scale, op);
+  if (in_place) {
+    check_kd_loss_inplace_args(student, teacher, labels);
+  }
   const bool has_labels = labels.has_value() && labels->defined();
   if (has_labels) {
-    check_label_values("kd_loss_fwd", *labels, student.size(1), ignore_index);
+    check_label_values(op, *labels, student.size(1), ignore_index);
   }
   const bool use_double = kd_use_double(student.scalar_type(), teacher.scalar_type());
-  auto [loss, grad] = make_outputs("kd_loss_fwd", student, use_double, need_grad);
+  at::Tensor loss, grad;
+  if (in_place) {
+    loss = at::empty({student.size(0)}, student.options().dtype(use_double ? at::kDouble : at::kFloat));
+    grad = student;
+  } else {
+    std::tie(loss, grad) = make_outputs(op, student, use_double, need_grad);
+  }
   if (student.size(0) == 0) {
     return {loss, grad};
   }
@@ -746,6 +761,21 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, co
                            need_grad, static_cast<float>(grad_scale), loss, grad);
   }
   return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const std::optional<at::Tensor>& labels, double temperature,
+                                                   double alpha, c10::string_view divergence, double beta,
+                                                   int64_t ignore_index, bool need_grad, double grad_scale) {
+  return kd_dense_call(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, need_grad,
+                       grad_scale, false);
+}
+
+at::Tensor kd_loss_fwd_inplace_cpu(at::Tensor& student, const at::Tensor& teacher,
+                                   const std::optional<at::Tensor>& labels, double temperature, double alpha,
+                                   c10::string_view divergence, double beta, int64_t ignore_index, double grad_scale) {
+  return std::get<0>(kd_dense_call(student, teacher, labels, temperature, alpha, divergence, beta, ignore_index, true,
+                                   grad_scale, true));
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher_values,
@@ -793,6 +823,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(const at::Tensor& studen
 
 TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
+  m.impl("kd_loss_fwd_inplace", &kd_loss_fwd_inplace_cpu);
   m.impl("kd_loss_topk_fwd", &kd_loss_topk_fwd_cpu);
 }
 

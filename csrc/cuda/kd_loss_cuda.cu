@@ -853,6 +853,9 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
   CUDA_KERNEL_ASSERT(!has_labels || (label >= 0 && label < a.V));
   const km::KdRowWeights<float> w = km::row_weights(a.kp, has_labels, false);
   const bool has_ce = w.ce != 0.0f;
+  // The label's logit, read before the first cluster barrier: after it, the block that owns the
+  // label's slice may already write the gradient over the student (kd_loss_fwd_inplace).
+  const float s_label_raw = rank == 0 && tid == 0 && has_ce ? static_cast<float>(s[label]) : 0.0f;
   const bool reread = a.need_grad || (kDiv == km::kJSD && !kTopK);
 
   RowPartial* rp = red.get();
@@ -874,7 +877,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
     }
   }
   if (rank == 0 && tid == 0) {
-    const float s_label = has_ce ? static_cast<float>(s[label]) - stats.ms : 0.0f;
+    const float s_label = has_ce ? s_label_raw - stats.ms : 0.0f;
     a.loss[row] = row_loss_value<kDiv, kTopK>(a.kp, stats, w, s_label);
   }
   if (!a.need_grad) {
@@ -902,7 +905,7 @@ int check_kd_args(const char* op, const at::Tensor& student, const at::Tensor& t
                   double alpha, c10::string_view divergence, double beta, double grad_scale) {
   const int div = parse_kd_divergence(op, divergence);
   if (teacher_indices == nullptr) {
-    check_kd_loss_args(student, teacher, labels, temperature, alpha, beta, grad_scale);
+    check_kd_loss_args(student, teacher, labels, temperature, alpha, beta, grad_scale, op);
   } else {
     check_kd_loss_topk_args(student, teacher, *teacher_indices, labels, temperature, alpha, div, beta, grad_scale);
   }
@@ -1139,14 +1142,22 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
                                                 const at::Tensor* indices, const std::optional<at::Tensor>& labels,
                                                 double temperature, double alpha, c10::string_view divergence,
                                                 double beta, int64_t ignore_index, bool need_grad,
-                                                double grad_scale) {
+                                                double grad_scale, bool in_place = false) {
   const int div =
       check_kd_args(op, student, teacher, indices, labels, temperature, alpha, divergence, beta, grad_scale);
+  if (in_place) {
+    check_kd_loss_inplace_args(student, teacher, labels);
+  }
   const c10::cuda::CUDAGuard device_guard(student.device());
   const int64_t N = student.size(0);
   const int64_t V = student.size(1);
   at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
-  at::Tensor grad = need_grad ? at::empty({N, V}, student.options()) : at::empty({0}, student.options());
+  // In place: each gradient element is written by the thread that read that student element (in
+  // pass 1 and again, or from its cache, in the gradient pass), after every read of the row by
+  // other blocks of its cluster (pass 1, the label's logit) has passed a cluster barrier.
+  at::Tensor grad = in_place ? student
+                    : need_grad ? at::empty({N, V}, student.options())
+                                : at::empty({0}, student.options());
   if (N == 0) {
     return {loss, grad};
   }
@@ -1189,6 +1200,14 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student, c
                       ignore_index, need_grad, grad_scale);
 }
 
+at::Tensor kd_loss_fwd_inplace_cuda(at::Tensor& student, const at::Tensor& teacher,
+                                    const std::optional<at::Tensor>& labels, double temperature, double alpha,
+                                    c10::string_view divergence, double beta, int64_t ignore_index,
+                                    double grad_scale) {
+  return std::get<0>(kd_loss_impl("kd_loss_fwd_inplace", student, teacher, nullptr, labels, temperature, alpha,
+                                   divergence, beta, ignore_index, true, grad_scale, true));
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(const at::Tensor& student, const at::Tensor& teacher_values,
                                                          const at::Tensor& teacher_indices,
                                                          const std::optional<at::Tensor>& labels, double temperature,
@@ -1203,5 +1222,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(const at::Tensor& stude
 
 TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
   m.impl("kd_loss_fwd", &pyfinetune::kd_loss_fwd_cuda);
+  m.impl("kd_loss_fwd_inplace", &pyfinetune::kd_loss_fwd_inplace_cuda);
   m.impl("kd_loss_topk_fwd", &pyfinetune::kd_loss_topk_fwd_cuda);
 }

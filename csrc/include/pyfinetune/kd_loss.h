@@ -21,8 +21,14 @@ int parse_kd_divergence(const char* op, c10::string_view divergence);
 // V; labels None or int64 [N]; temperature finite > 0; alpha in [0, 1]; beta in (0, 1); grad_scale
 // (the factor of the kept gradient) finite > 0. The range of the label values is checked by each
 // kernel (it needs the values).
+// `op`: the op's name for the messages.
 void check_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-                        double temperature, double alpha, double beta, double grad_scale);
+                        double temperature, double alpha, double beta, double grad_scale,
+                        const char* op = "kd_loss_fwd");
+// The further checks of kd_loss_fwd_inplace, whose gradient overwrites `student`: student
+// contiguous (the gradient's layout), not overlapping itself, teacher or labels.
+void check_kd_loss_inplace_args(const at::Tensor& student, const at::Tensor& teacher,
+                                const std::optional<at::Tensor>& labels);
 
 // Checks of kd_loss_topk_fwd: teacher_values [N, k] float, teacher_indices [N, k] int64, k in
 // [1, V]; divergence must not be reverse_kl (KL(Q || P) is infinite where P is 0).
