@@ -48,6 +48,22 @@ def test_kd_memory_child_runs_as_a_module():
     assert res["held_bytes"] >= 16 * 300 * 4, json.dumps(res)  # the gradient buffer is kept for backward
 
 
+def test_kd_linear_chunk_contenders(tmp_path, capsys):
+    # --linear-chunks adds fused_linear_kd_loss at those chunk sizes, timed and measured (memory in
+    # the child process, which rebuilds the same contender from its spec).
+    from pyfinetune.benchmarks import distill
+
+    assert distill.main(["--quick", "--case", "linear", "--reps", "10", "--linear-chunks", "64", "--out",
+                         str(tmp_path)]) == 0
+    md = next(tmp_path.glob("kd-cpu-*.md")).read_text()
+    row = next(line for line in md.splitlines() if line.startswith(f"| {distill.chunk_contender(64)} |"))
+    assert "err" not in row, row
+    res = distill.measure_memory(dict(kind="linear", name=distill.chunk_contender(64), n=256, h=128, v=5000,
+                                      device="cpu", chunk=64))
+    assert "error" not in res, res.get("error")
+    assert res["peak_bytes"] >= 2 * 64 * 5000 * 4  # two chunk buffers at least
+
+
 def test_optimizer_targets_per_device():
     # Issue #2: the CPU targets (1.6x the best torch L2-SP, 0.9x torch fused without penalty, 80% of
     # copy bandwidth) on the CPU; on a GPU only 85% of the device bandwidth, at 100M+ parameters.

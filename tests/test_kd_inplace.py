@@ -73,6 +73,34 @@ def test_rows_of_a_larger_buffer(device):
     assert (buf[0:9:3] == 0).all()  # ignored rows: zero gradient
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_strided_teacher_and_labels_of_other_storage(device):
+    # Not dense, so the overlap test alone cannot tell; another storage cannot overlap the student.
+    s, t, lab = _inputs(6, 97, device, torch.float32, torch.float32, "ignored", 4)
+    padded = torch.zeros(6, 128, device=device)
+    padded[:, :97] = t
+    pairs = torch.stack([lab, torch.zeros_like(lab)], 1)
+    kw = dict(temperature=1.5, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100)
+    rows, grad = torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, need_grad=True, **kw)
+    x = s.clone()
+    assert torch.equal(OP(x, padded[:, :97], pairs[:, 0], **kw), rows)
+    assert torch.equal(x, grad)
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_fused_linear_with_strided_labels(device):
+    g = torch.Generator().manual_seed(14)
+    h = torch.randn(10, 8, generator=g).to(device).requires_grad_(True)
+    w = torch.randn(33, 8, generator=g).to(device).requires_grad_(True)
+    ht, wt = torch.randn(10, 6, generator=g).to(device), torch.randn(33, 6, generator=g).to(device)
+    lab2 = torch.randint(0, 33, (10, 2), generator=g).to(device)
+    out = fused_linear_kd_loss(h, w, ht, wt, lab2[:, 0], temperature=2.0, chunk_size=4)
+    ref = fused_linear_kd_loss(h, w, ht, wt, lab2[:, 0].contiguous(), temperature=2.0, chunk_size=4)
+    ga = torch.autograd.grad(out, (h, w))
+    gb = torch.autograd.grad(ref, (h, w))
+    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(ga, gb))
+
+
 def test_opcheck():
     g = torch.Generator().manual_seed(11)
     t = torch.randn(5, 37, generator=g)

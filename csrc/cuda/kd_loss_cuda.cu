@@ -1008,7 +1008,12 @@ int threads_for_occupancy(Kernel kernel, const LaunchPlan& plan) {
   }
   int best = plan.threads;
   int best_warps = -1;
-  for (int threads = plan.threads; threads >= 128; threads = threads > 256 ? 256 : threads / 2) {
+  const int candidates[3] = {plan.threads, 256, 128};
+  for (int i = 0; i < 3; ++i) {
+    const int threads = candidates[i];
+    if (threads > plan.threads || (i > 0 && threads == plan.threads)) {
+      continue;  // above the plan's block, or the plan's block again
+    }
     int blocks = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, plan.smem) != cudaSuccess) {
       (void)cudaGetLastError();

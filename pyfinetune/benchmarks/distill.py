@@ -17,7 +17,7 @@ forward+backward above what was allocated before (CPU: torch's allocator record 
 profiler's memory events, see ``common.CpuAllocations``; CUDA:
 max_memory_allocated).
 ``fused_linear_kd_loss`` is compared with the unfused composition (logits, then kd_loss) on
-N x H hidden states and a V x H head. Results: ``benchmarks/results/kd-<device>-<stamp>.{json,md}``.
+N x H hidden states and a V x H head (``--linear-chunks 256 1024``: also with those chunk sizes). Results: ``benchmarks/results/kd-<device>-<stamp>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -97,6 +97,18 @@ def fused_linear(h, w, ht, wt, lab):
 LINEAR_FNS = {UNFUSED: unfused_linear, FUSED: fused_linear}
 
 
+def chunk_contender(chunk: int) -> str:
+    """The name of ``fused_linear_kd_loss`` with an explicit ``chunk_size`` (``--linear-chunks``)."""
+    return f"{FUSED}, chunk_size={chunk}"
+
+
+def linear_fn(name: str, chunk: Optional[int] = None) -> Callable:
+    if chunk is None:
+        return LINEAR_FNS[name]
+    return lambda h, w, ht, wt, lab: fused_linear_kd_loss(h, w, ht, wt, lab, temperature=TEMP, alpha=ALPHA,
+                                                          chunk_size=chunk)
+
+
 def linear_inputs(n, hdim, v, device, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(n, hdim, generator=g).to(device=device, dtype=dtype).requires_grad_(True)
@@ -116,7 +128,7 @@ def child_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
         fn = KD_FNS[spec["name"]]
         inputs = kd_inputs(spec["n"], spec["v"], getattr(torch, spec["dtype"]), device)
     else:
-        fn = LINEAR_FNS[spec["name"]]
+        fn = linear_fn(spec["name"], spec.get("chunk"))
         inputs = linear_inputs(spec["n"], spec["h"], spec["v"], device)
     # One warm-up (compilation, thread pools) then the measured call.
     fn(*inputs).backward()
@@ -275,9 +287,12 @@ def run(args) -> None:
         else:
             _, n, hdim, v = case
             title = f"fused_linear_kd_loss N={n} H={hdim} V={v} fp32"
-            fns = dict(LINEAR_FNS)
+            chunks = {name: None for name in LINEAR_FNS}
+            chunks.update({chunk_contender(c): c for c in args.linear_chunks or ()})
+            fns = {name: linear_fn(name, c) for name, c in chunks.items()}
             make = lambda n=n, hdim=hdim, v=v: linear_inputs(n, hdim, v, device)
-            specs = {name: dict(kind="linear", name=name, n=n, h=hdim, v=v, device=device.type) for name in fns}
+            specs = {name: dict(kind="linear", name=name, n=n, h=hdim, v=v, device=device.type, chunk=chunks[name])
+                     for name in fns}
         print(f"== {title}", flush=True)
         quiet = common.wait_for_quiet(max_wait_s=60) if device.type == "cpu" else True
         with common.CpuContention() as cont:
@@ -326,6 +341,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--case", nargs="+", choices=("kd", "linear"),
                    help="only these cases: kd (kd_loss), linear (fused_linear_kd_loss); default both")
+    p.add_argument("--linear-chunks", type=int, nargs="+", metavar="ROWS",
+                   help="also time fused_linear_kd_loss with these chunk_size values (the default chunking is "
+                        "always a contender)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the memory measurement (one child process per contender and case)")
     p.add_argument("--out", default=common.RESULTS_DIR, help=f"results folder (default {common.RESULTS_DIR})")
