@@ -87,6 +87,8 @@ TORCH_LIBRARY(pyfinetune, m) {
   m.def("_pool_empty_cpu(int[] size, ScalarType dtype, int idle_limit_bytes) -> Tensor");
   m.def("_pool_release_cpu() -> int");
   m.def("_pool_idle_bytes_cpu() -> int");
+  // The idle-bytes limit from PYFINETUNE_DENSE_POOL_MB (one parser for C++ and Python; ValueError).
+  m.def("_pool_env_limit_cpu() -> int");
   // Fused distillation loss, forward with the gradient (one kernel family, no softmax tensors).
   //   student, teacher: [N, V] logits (any float dtype each; unit stride along V, any row stride);
   //   labels: None or int64 [N]. divergence: "forward_kl" | "reverse_kl" | "jsd".

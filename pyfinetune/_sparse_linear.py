@@ -6,7 +6,6 @@ pruning workflow can change independently.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -58,15 +57,9 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
 
 
 def _pool_limit_bytes() -> int:
-    raw = os.environ.get("PYFINETUNE_DENSE_POOL_MB", "1024")
-    try:
-        mb = float(raw)
-    except ValueError:
-        mb = float("nan")
-    if not 0 <= mb <= 2**40:  # NaN, inf and absurd sizes too
-        raise ValueError("PYFINETUNE_DENSE_POOL_MB must be a number of megabytes between 0 (no pool) and 2^40, "
-                         f"got {raw!r}")
-    return int(mb * 2**20)
+    """The pool's idle-bytes limit from PYFINETUNE_DENSE_POOL_MB (ValueError when invalid), parsed by
+    the C++ side, which the distillation kernel's kept gradients also use: one rule for both."""
+    return int(torch.ops.pyfinetune._pool_env_limit_cpu())
 
 
 def _pooled_empty(shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:

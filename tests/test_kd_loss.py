@@ -398,5 +398,5 @@ def test_kept_gradient_from_the_pool_is_seen_by_memory_profiling(monkeypatch):
         kd_loss(x, t, temperature=2.0).backward()
         assert torch.equal(x.grad, grad)  # a reused block gives the same values
     monkeypatch.setenv("PYFINETUNE_DENSE_POOL_MB", "lots")
-    with pytest.raises(RuntimeError, match="PYFINETUNE_DENSE_POOL_MB must be a number of megabytes"):
+    with pytest.raises(ValueError, match="PYFINETUNE_DENSE_POOL_MB must be a number of megabytes"):
         kd_loss(s, t, temperature=2.0)

@@ -534,7 +534,7 @@ def test_dense_pool_counts_what_blocks_occupy(monkeypatch):
     pyfinetune.prune.release_dense_buffers()
     layer(x).sum().backward()
     assert _idle_bytes() == 4 * 2**20
-    for bad in ("inf", "nan", "-1", "1e13"):
+    for bad in ("inf", "nan", "-1", "1e13", "0x10", "1_000", "", "5 MB"):
         monkeypatch.setenv("PYFINETUNE_DENSE_POOL_MB", bad)
         with pytest.raises(ValueError, match="PYFINETUNE_DENSE_POOL_MB must be a number of megabytes between 0"):
             layer(x)

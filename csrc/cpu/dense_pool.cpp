@@ -22,8 +22,10 @@
 #include <pyfinetune/cpu_alloc.h>
 #include <pyfinetune/dense_pool.h>
 
+#include <cctype>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -186,12 +188,17 @@ int64_t dense_pool_limit_from_env(const char* op) {
   if (raw == nullptr) {
     return int64_t{1024} << 20;
   }
+  // A decimal number (surrounding blanks allowed), 0 <= MB <= 2^40; strtod's hexadecimal form is
+  // refused, and inf / nan fail the range test.
   char* end = nullptr;
   const double mb = std::strtod(raw, &end);
-  // The same rule and message as pyfinetune._sparse_linear._pool_limit_bytes.
-  const bool number = end != raw && *end == '\0';
-  PF_CHECK(number && mb >= 0 && mb <= 1099511627776.0, op,
-           "PYFINETUNE_DENSE_POOL_MB must be a number of megabytes between 0 (no pool) and 2^40, got '", raw, "'");
+  while (end != raw && *end != '\0' && std::isspace(static_cast<unsigned char>(*end))) {
+    ++end;
+  }
+  const bool number = end != raw && *end == '\0' && std::strpbrk(raw, "xX") == nullptr;
+  TORCH_CHECK_VALUE(number && mb >= 0 && mb <= 1099511627776.0,
+                    check_message("pyfinetune.", op, ": PYFINETUNE_DENSE_POOL_MB must be a number of megabytes "
+                                  "between 0 (no pool) and 2^40, got '", raw, "'"));
   return static_cast<int64_t>(mb * 1048576.0);
 }
 
@@ -231,6 +238,10 @@ int64_t pool_idle_bytes_cpu() {
   return pool().idle_bytes();
 }
 
+int64_t pool_env_limit_cpu() {
+  return dense_pool_limit_from_env("dense_pool");
+}
+
 }  // namespace
 }  // namespace pyfinetune
 
@@ -238,4 +249,5 @@ TORCH_LIBRARY_IMPL(pyfinetune, CompositeExplicitAutograd, m) {
   m.impl("_pool_empty_cpu", &pyfinetune::pool_empty_cpu);
   m.impl("_pool_release_cpu", &pyfinetune::pool_release_cpu);
   m.impl("_pool_idle_bytes_cpu", &pyfinetune::pool_idle_bytes_cpu);
+  m.impl("_pool_env_limit_cpu", &pyfinetune::pool_env_limit_cpu);
 }
