@@ -101,6 +101,30 @@ def test_fused_linear_with_strided_labels(device):
     assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(ga, gb))
 
 
+def test_autograd_tracked_student_is_refused_and_versions_bump():
+    g = torch.Generator().manual_seed(15)
+    t = torch.randn(3, 20, generator=g)
+    kw = dict(temperature=2.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100)
+    leaf = torch.randn(3, 20, generator=g, requires_grad=True)
+    before = leaf.detach().clone()
+    for x in (leaf, leaf * 1.0):  # a leaf and a tensor with history
+        with pytest.raises(RuntimeError, match="kd_loss_fwd_inplace: student requires grad: the op writes to it in place"):
+            OP(x, t, None, **kw)
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():  # as torch's own in-place ops: allowed outside grad mode
+        x = leaf.detach().clone().requires_grad_(True)
+        v = x._version
+        rows = OP(x, t, None, **kw)
+    assert x._version > v and not rows.requires_grad
+    # A tensor that autograd saved, then overwritten: the backward says so (the version moved).
+    w = torch.randn(3, 1, generator=g, requires_grad=True)
+    y = torch.randn(3, 20, generator=g)
+    out = (w * y).sum()  # saves y for w's gradient
+    OP(y, t, None, **kw)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 def test_opcheck():
     g = torch.Generator().manual_seed(11)
     t = torch.randn(5, 37, generator=g)

@@ -185,3 +185,36 @@ def test_compiled_training_step_matches_eager(device, kind, seed):
                 torch.testing.assert_close(o1.state[p][key], v, **state_tol(torch.float32))
     mask = o1.get_mask(m1[0].weight)
     assert (m1[0].weight[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_written_tensors_autograd_rules(device, kind):
+    # As torch's in-place ops: a parameter that requires grad is refused in grad mode (untouched),
+    # allowed under no_grad; every written tensor's version moves, so a graph that saved a
+    # parameter before the step refuses a later backward instead of computing a wrong gradient.
+    make, op = (adamw_inputs, torch.ops.pyfinetune.fused_adamw_) if kind == "adamw" else \
+        (sgd_inputs, torch.ops.pyfinetune.fused_sgd_)
+    args, kwargs = make(device, torch.float32)
+    params = args[0]
+    params[1].requires_grad_(True)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=rf"fused_{kind}_: params\[1\] requires grad: the op writes to it in place"):
+        op(*args, **kwargs)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    written = [t for a in (args[0], args[2], args[3] if kind == "adamw" else []) for t in a]
+    versions = [t._version for t in written]
+    with torch.no_grad():
+        op(*args, **kwargs)
+    assert all(t._version > v for t, v in zip(written, versions))
+    assert not torch.equal(params[1].detach(), before[1])
+    # a retained graph that saved the parameter (for x's gradient), then a step
+    args, kwargs = make(device, torch.float32)
+    p = args[0][0].requires_grad_(True)
+    x = torch.randn(p.shape, device=device, requires_grad=True)
+    loss = (p * x).sum()
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        op(*args, **kwargs)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
