@@ -1,5 +1,5 @@
 // The Autograd kernels of the ops that write to their arguments (fused_adamw_, fused_sgd_,
-// kd_loss_fwd_inplace), for every device: what torch's own in-place ops do at that key, which a
+// kd_loss_fwd_inplace, csr_to_dense_into), for every device: what torch's own in-place ops do at that key, which a
 // custom op does not get by default (it was overwriting a leaf that requires grad without a word,
 // and leaving its version counter alone).
 //   * In grad mode, a written argument that requires grad is refused before anything is written:
@@ -131,6 +131,20 @@ at::Tensor kd_loss_fwd_inplace_autograd(at::Tensor& student, const at::Tensor& t
   return loss;
 }
 
+using CsrIntoSig = void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+void csr_to_dense_into_autograd(at::Tensor& out, const at::Tensor& values, const at::Tensor& crow_indices,
+                                const at::Tensor& col_indices) {
+  const std::initializer_list<Written> written = {{"out", at::TensorList(out), false}};
+  refuse_tracked("csr_to_dense_into", written);
+  {
+    static const auto op = typed_op<CsrIntoSig>("pyfinetune::csr_to_dense_into");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    op.call(out, values, crow_indices, col_indices);
+  }
+  bump_versions(written);
+}
+
 }  // namespace
 }  // namespace pyfinetune
 
@@ -138,4 +152,5 @@ TORCH_LIBRARY_IMPL(pyfinetune, Autograd, m) {
   m.impl("fused_adamw_", &pyfinetune::fused_adamw_autograd);
   m.impl("fused_sgd_", &pyfinetune::fused_sgd_autograd);
   m.impl("kd_loss_fwd_inplace", &pyfinetune::kd_loss_fwd_inplace_autograd);
+  m.impl("csr_to_dense_into", &pyfinetune::csr_to_dense_into_autograd);
 }

@@ -52,3 +52,19 @@ def test_kernel_argument_size_environment_override(mta_arg_bytes, monkeypatch):
         monkeypatch.setenv("PYFINETUNE_MTA_ARG_BYTES", bad)
         with pytest.raises(RuntimeError, match="PYFINETUNE_MTA_ARG_BYTES must be an integer in \\[4096, 32764\\]"):
             mta_arg_bytes("13.0.88", ["9.0"])
+
+
+def test_the_ops_that_write_are_the_ones_with_autograd_rules():
+    # csrc/inplace_autograd.cpp gives each op that writes to an argument torch's in-place rules
+    # (refuse a tracked tensor in grad mode, bump versions); a new writing op must be added there
+    # (and to this list, with a test of its rules).
+    import torch
+
+    from pyfinetune._info import OPS
+
+    registered = {name.split("::", 1)[1].split(".", 1)[0] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("pyfinetune::")}
+    writing = {op for op in registered if any(a.alias_info is not None and a.alias_info.is_write
+                                              for a in getattr(torch.ops.pyfinetune, op).default._schema.arguments)}
+    assert writing == {"fused_adamw_", "fused_sgd_", "kd_loss_fwd_inplace", "csr_to_dense_into"}
+    assert set(OPS) == {name for name in registered if not name.startswith("_")}  # OPS lists every public op

@@ -260,6 +260,23 @@ def test_to_dense_into_writes_every_element(device, dtype):
     assert torch.equal(out, torch.where(mask, w, torch.zeros((), dtype=dtype, device=device)))
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_to_dense_into_autograd_rules(device):
+    # As torch's in-place ops: an `out` that requires grad is refused in grad mode (untouched), and
+    # the version of `out` moves with each write.
+    mask = make_mask(5, 7, 0.5).to(device)
+    crow, col = pattern(mask)
+    values = torch.randn(int(mask.sum()), device=device)
+    out = torch.zeros(5, 7, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="csr_to_dense_into: out requires grad: the op writes to it in place"):
+        torch.ops.pyfinetune.csr_to_dense_into(out, values, crow, col)
+    assert (out == 0).all()
+    buf = torch.zeros(5, 7, device=device)
+    v = buf._version
+    torch.ops.pyfinetune.csr_to_dense_into(buf, values, crow, col)
+    assert buf._version > v
+
+
 @pytest.mark.parametrize("case", ["values-int", "cols-zero", "no-crow", "into-strided", "gather-no-crow"])
 def test_fake_kernels_refuse_what_the_kernels_refuse(case):
     # A call the real kernel refuses must fail while tracing too (not only when the compiled
