@@ -104,6 +104,93 @@ run("jsd T=100 (small D)", dense(6, 1000, f32, f32, div="jsd", T=100.0))
 for div in ("forward_kl", "jsd"):
     run(f"folded batchmean bf16 N=320 V=128256 {div}", dense(320, 128256, bf16, bf16, div=div, T=2.0))
 
+
+
+# 6. kd_loss_fwd_inplace (the gradient written over the student; the label's logit read before the
+#    first cluster barrier): bit-identical to kd_loss_fwd, rows split over clusters and not.
+def inplace(N, V, sdt, div, T):
+    def f():
+        g = torch.Generator().manual_seed(7)
+        s = (torch.randn(N, V, generator=g) * 3).to(dev, sdt)
+        t = (torch.randn(N, V, generator=g) * 3).to(dev, sdt)
+        lab = torch.randint(0, V, (N,), generator=g)
+        lab[::4] = -100
+        lab = lab.to(dev)
+        kw = dict(temperature=T, alpha=0.5, divergence=div, beta=0.5, ignore_index=-100, grad_scale=0.5)
+        rows, grad = torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, need_grad=True, **kw)
+        x = s.clone()
+        out = torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, **kw)
+        assert torch.equal(out, rows), (out - rows).abs().max().item()
+        assert torch.equal(x, grad), (x.float() - grad.float()).abs().max().item()
+
+    return f
+
+
+for div in DIVS:
+    run(f"in place {div} N=3 V=128256 bf16 (clusters)", inplace(3, 128256, bf16, div, 2.0))
+    run(f"in place {div} N=300 V=32000 fp32", inplace(300, 32000, f32, div, 1.3))
+
+
+# 7. fused_linear_kd_loss with a bf16 head: the tensor-core path (mm / addmm with out_dtype=float32)
+#    against the float32-product path, then one timing line against the unfused bf16 composition.
+def linear_bf16(N, H, V):
+    def f():
+        import pyfinetune.losses as losses
+        from pyfinetune.losses import fused_linear_kd_loss
+
+        g = torch.Generator().manual_seed(8)
+        h = torch.randn(N, H, generator=g).to(dev, bf16)
+        w = (torch.randn(V, H, generator=g) / H ** 0.5).to(dev, bf16)
+        ht = torch.randn(N, H, generator=g).to(dev, bf16)
+        wt = (torch.randn(V, H, generator=g) / H ** 0.5).to(dev, bf16)
+        b = torch.randn(V, generator=g).to(dev, bf16)
+        lab = torch.randint(0, V, (N,), generator=g).to(dev)
+        assert losses._tensor_core_head(h, w) == (dev == "cuda"), "tensor-core path not taken"
+
+        def grads(tensor_core):
+            saved = losses._tensor_core_head
+            losses._tensor_core_head = lambda a, c: tensor_core and saved(a, c)
+            try:
+                xs = [x.clone().requires_grad_(True) for x in (h, w, b)]
+                loss = fused_linear_kd_loss(xs[0], xs[1], ht, wt, lab, student_bias=xs[2], temperature=2.0)
+                loss.backward()
+                return loss.detach(), [x.grad.float() for x in xs]
+            finally:
+                losses._tensor_core_head = saved
+
+        l_tc, g_tc = grads(True)
+        l_32, g_32 = grads(False)
+        assert abs(l_tc.item() - l_32.item()) <= 1e-3 * abs(l_32.item()) + 1e-4, (l_tc.item(), l_32.item())
+        for a, c, name in zip(g_tc, g_32, ("hidden", "weight", "bias")):
+            err = (a - c).abs().max().item()
+            assert err <= 2e-2 * c.abs().max().item(), f"{name}: {err:.3e} vs max {c.abs().max().item():.3e}"
+        if dev != "cuda":
+            return
+        hs, ws = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+        def fused():
+            fused_linear_kd_loss(hs, ws, ht, wt, lab, temperature=2.0).backward()
+
+        def unfused():
+            kd_loss(hs @ ws.t(), ht @ wt.t(), lab, temperature=2.0).backward()
+
+        for name, fn in (("fused (tensor cores)", fused), ("unfused bf16", unfused)):
+            fn()
+            torch.cuda.synchronize()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                fn()
+            stop.record()
+            torch.cuda.synchronize()
+            print(f"     {name}: {start.elapsed_time(stop) / 5:.1f} ms fwd+bwd (N={N} H={H} V={V} bf16)", flush=True)
+
+    return f
+
+
+LINEAR_SHAPE = (4096, 4096, 128256) if dev == "cuda" else (64, 32, 1000)
+run("fused linear bf16 tensor-core path N={} H={} V={}".format(*LINEAR_SHAPE), linear_bf16(*LINEAR_SHAPE))
+
 if dev == "cuda":
     torch.cuda.synchronize()
 print(f"{len(failures)} failed" if failures else "all OK")

@@ -360,32 +360,71 @@ def _chunk_logits_buffer(rows: int, cols: int, dtype: torch.dtype, like: torch.T
     return torch.empty((rows, cols), dtype=dtype, device=like.device)
 
 
-def _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, need, row_scale=None):
+# On CUDA, a bfloat16 student head runs its products on the tensor cores with float32 results
+# (torch's mm / addmm with out_dtype, where torch has them): the chunk logits are float32 sums of the
+# bfloat16 products, never rounded to bfloat16 (the issue's accuracy requirement), and no float32
+# copy of the [V, H] weight is made. The chunk's gradient is rounded to bfloat16 for the two
+# gradient products (as the unfused bfloat16 composition's logits gradient is); they accumulate in
+# float32, across chunks too. float16 keeps the float32 products: the gradient's entries (about
+# 1/V) would fall into float16's subnormal range.
+_HAS_OUT_DTYPE_MM = all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
+def _tensor_core_head(h_s: torch.Tensor, w_s: torch.Tensor) -> bool:
+    return (_HAS_OUT_DTYPE_MM and h_s.is_cuda and h_s.dtype == torch.bfloat16
+            and w_s.dtype == torch.bfloat16)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """out (float32) = a @ b, or out += a @ b: float32 products of same-dtype operands. On CUDA with
+    bfloat16 operands, cuBLAS on the tensor cores with a float32 result; elsewhere (and in the
+    tests, which force the tensor-core path on the CPU) the same math through float32 copies."""
+    if a.dtype == torch.float32:
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
+    elif a.is_cuda:
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        _mm_f32(a.float(), b.float(), out, accumulate)
+
+
+def _linear_kd_chunks(h_s, w_s, b_s32, h_t, w_t, b_t, labels, opts, chunk, need, row_scale=None):
     """Loss rows and float32 gradients of the fused linear KD loss, chunk by chunk of rows.
 
+    w_s: the student weight in the dtype of the products: float32, or bfloat16 on the tensor-core
+    path (_tensor_core_head), where the hidden states are taken in bfloat16 too and the chunk's
+    gradient is rounded to bfloat16 for the gradient products.
     need = (grad_h, grad_w, grad_b) flags; row_scale: None (1 for every row) or [N] float32.
     Returns (loss_rows, grad_h32, grad_w32, grad_b32), the gradients None where not needed.
     """
     n = h_s.shape[0]
     dev = h_s.device
+    mm_dtype = w_s.dtype
     any_grad = any(need)
     loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
     grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=dev) if need[0] else None
     # The first chunk writes grad_w (no zero fill of a weight-sized buffer), later ones add to it.
-    grad_w = torch.empty(w_s32.shape, dtype=torch.float32, device=dev) if need[1] else None
-    grad_b = torch.zeros(w_s32.shape[0], dtype=torch.float32, device=dev) if need[2] else None
+    grad_w = torch.empty(w_s.shape, dtype=torch.float32, device=dev) if need[1] else None
+    grad_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=dev) if need[2] else None
     rows = min(chunk, n)
-    s_buf = _chunk_logits_buffer(rows, w_s32.shape[0], torch.float32, h_s)
+    s_buf = _chunk_logits_buffer(rows, w_s.shape[0], torch.float32, h_s)
     t_buf = _chunk_logits_buffer(rows, w_t.shape[0], w_t.dtype, h_s)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
-        hs = h_s[start:end].to(torch.float32)
+        hs = h_s[start:end].to(mm_dtype)
         # float32 logits: rounding them to bf16 first costs several percent of gradient accuracy.
         logits = s_buf[: end - start]
-        if b_s32 is not None:
-            torch.addmm(b_s32, hs, w_s32.t(), out=logits)
+        if b_s32 is not None and mm_dtype == torch.float32:
+            torch.addmm(b_s32, hs, w_s.t(), out=logits)
         else:
-            torch.mm(hs, w_s32.t(), out=logits)
+            _mm_f32(hs, w_s.t(), logits)
+            if b_s32 is not None:
+                logits.add_(b_s32)
         ht = h_t[start:end].to(w_t.dtype)
         tl = t_buf[: end - start]
         if b_t is not None:
@@ -402,15 +441,15 @@ def _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, nee
         g = logits
         if row_scale is not None:
             g.mul_(row_scale[start:end].unsqueeze(-1))
-        if grad_h is not None:
-            torch.matmul(g, w_s32, out=grad_h[start:end])
-        if grad_w is not None:
-            if start == 0:
-                torch.mm(g.t(), hs, out=grad_w)
-            else:
-                grad_w.addmm_(g.t(), hs)
         if grad_b is not None:
             grad_b.add_(g.sum(0))
+        if mm_dtype != torch.float32 and (grad_h is not None or grad_w is not None):
+            # into the teacher's buffer when it has the dtype: it is free once the kernel ran
+            g = tl.copy_(g) if tl.dtype == mm_dtype else g.to(mm_dtype)
+        if grad_h is not None:
+            _mm_f32(g, w_s, grad_h[start:end])
+        if grad_w is not None:
+            _mm_f32(g.t(), hs, grad_w, accumulate=start > 0)
     if grad_w is not None and (n == 0 or not any_grad):
         grad_w.zero_()  # no chunk wrote it
     return loss_rows, grad_h, grad_w, grad_b
@@ -437,8 +476,9 @@ class _FusedLinearKD(torch.autograd.Function):
     def _forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, opts, chunk, reduction, ignore_index):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.device = h_s.device
-        # One float32 copy of a low-precision weight per call, not one per chunk.
-        w_s32 = w_s.detach().to(torch.float32)
+        # The weight in the dtype of the products: bfloat16 on the tensor-core path, else one
+        # float32 copy of a low-precision weight per call (not one per chunk).
+        w_mm = w_s.detach() if _tensor_core_head(h_s, w_s) else w_s.detach().to(torch.float32)
         b_s32 = b_s.detach().to(torch.float32) if b_s is not None else None
         # The teacher's head runs in the promoted dtype of its hidden states, weight and bias
         # (a bf16 hidden state from autocast against a float32 weight: float32).
@@ -453,12 +493,12 @@ class _FusedLinearKD(torch.autograd.Function):
         if reduction == "none":
             # The per-row upstream gradient is only known in the backward, which recomputes the
             # chunks (a second pass of matmuls) instead of keeping [N, V] anything.
-            loss_rows, _, _, _ = _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk,
+            loss_rows, _, _, _ = _linear_kd_chunks(h_s, w_mm, b_s32, h_t, w_t, b_t, labels, opts, chunk,
                                                    (False, False, False))
-            ctx.save_for_backward(h_s, w_s32, b_s32, h_t, w_t, b_t, labels)
+            ctx.save_for_backward(h_s, w_mm, b_s32, h_t, w_t, b_t, labels)
             ctx.opts, ctx.chunk = opts, chunk
             return loss_rows
-        loss_rows, gh, gw, gb = _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, opts, chunk, need)
+        loss_rows, gh, gw, gb = _linear_kd_chunks(h_s, w_mm, b_s32, h_t, w_t, b_t, labels, opts, chunk, need)
         total = loss_rows.sum()
         if reduction == "batchmean":
             if labels is None:
@@ -479,8 +519,8 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_out):
         if ctx.reduction == "none":
-            h_s, w_s32, b_s32, h_t, w_t, b_t, labels = ctx.saved_tensors
-            _, gh, gw, gb = _linear_kd_chunks(h_s, w_s32, b_s32, h_t, w_t, b_t, labels, ctx.opts, ctx.chunk, ctx.need,
+            h_s, w_mm, b_s32, h_t, w_t, b_t, labels = ctx.saved_tensors
+            _, gh, gw, gb = _linear_kd_chunks(h_s, w_mm, b_s32, h_t, w_t, b_t, labels, ctx.opts, ctx.chunk, ctx.need,
                                               row_scale=grad_out.to(torch.float32))
             scale = None
         else:
@@ -517,7 +557,10 @@ def fused_linear_kd_loss(
 
     Shapes: ``student_hidden [..., H_s]``, ``student_weight [V, H_s]``, ``teacher_hidden [..., H_t]``
     (same leading shape), ``teacher_weight [V, H_t]``, biases ``[V]``. The student's chunk logits
-    are computed in float32 and the weight and bias gradients accumulated in float32; the
+    are computed in float32 and the weight and bias gradients accumulated in float32 (on CUDA, a
+    bfloat16 ``student_hidden`` and ``student_weight`` run the products on the tensor cores with
+    float32 results, the chunk gradient rounded to bfloat16 for the two gradient products, as the
+    unfused bfloat16 composition rounds its logits gradient; elsewhere, float32 products); the
     gradients are returned in the dtypes of ``student_hidden``, ``student_weight`` and
     ``student_bias``. The teacher gets no gradient; its chunk logits are computed in the promoted
     dtype of ``teacher_hidden``, ``teacher_weight`` and ``teacher_bias``. Under ``torch.autocast``

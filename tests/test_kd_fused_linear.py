@@ -151,3 +151,46 @@ def test_retain_graph_second_backward(device, first):
         torch.testing.assert_close(a, r * first, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(b, r * 2.0, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(c, r * first, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float32])
+def test_bf16_tensor_core_path(device, bias, reduction, teacher_dtype, monkeypatch):
+    # On CUDA a bfloat16 head takes the tensor-core path (products with float32 results, the chunk
+    # gradient rounded to bfloat16 for the gradient products); forced here on the CPU too, where
+    # the same steps run through float32 copies. Against the float64 composition of the same
+    # bfloat16 values: the rounding of the chunk gradient and of the returned gradients.
+    import pyfinetune.losses as losses
+
+    monkeypatch.setattr(losses, "_tensor_core_head", lambda h, w: h.dtype == w.dtype == torch.bfloat16)
+    hs, ws, bs, ht, wt, bt, lab = make(device, torch.bfloat16, seed=4, bias=bias)
+    ht, wt, bt = (None if x is None else x.to(teacher_dtype) for x in (ht, wt, bt))
+    xs = [x.clone().requires_grad_(True) for x in (hs, ws, bs) if x is not None]
+    loss = fused_linear_kd_loss(xs[0], xs[1], ht, wt, lab, student_bias=xs[2] if bias else None, teacher_bias=bt,
+                                chunk_size=10, temperature=2.0, reduction=reduction)
+    go = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(5)) + 0.5).to(device)
+    loss.backward(go)
+    ref_loss, ref_grads = unfused(hs, ws, bs, ht, wt, bt, lab, reduction, go, temperature=2.0)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-2, atol=1e-3)
+    for x, r in zip(xs, ref_grads):
+        assert x.grad.dtype == torch.bfloat16
+        err = (x.grad.double() - r).abs().max().item()
+        assert err <= 3e-2 * r.abs().max().item(), err
+    # and close to the float32-product path (the chunk gradient's bf16 rounding: ~2^-9 relative)
+    monkeypatch.setattr(losses, "_tensor_core_head", lambda h, w: False)
+    ys = [x.detach().clone().requires_grad_(True) for x in xs]
+    fused_linear_kd_loss(ys[0], ys[1], ht, wt, lab, student_bias=ys[2] if bias else None, teacher_bias=bt,
+                         chunk_size=10, temperature=2.0, reduction=reduction).backward(go)
+    for x, y in zip(xs, ys):
+        err = (x.grad.double() - y.grad.double()).abs().max().item()
+        assert err <= 2e-2 * y.grad.double().abs().max().item(), err
+
+
+def test_tensor_core_path_only_for_cuda_bf16():
+    import pyfinetune.losses as losses
+
+    bf = torch.zeros(2, 2, dtype=torch.bfloat16)
+    assert not losses._tensor_core_head(bf, bf)  # CPU
+    assert not losses._tensor_core_head(bf.half(), bf.half())

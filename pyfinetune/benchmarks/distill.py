@@ -45,7 +45,9 @@ TEMP, ALPHA = 2.0, 0.5
 EAGER, COMPILED, OURS, UNFUSED, FUSED = "torch eager", "torch compile", "ours", "unfused (logits + ours)", "ours fused linear"
 
 CPU_CASES = [("kd", 1024, 32000, torch.float32), ("kd", 256, 128256, torch.float32), ("linear", 4096, 1024, 32000)]
-GPU_CASES = [("kd", 8192, 128256, torch.bfloat16), ("linear", 16384, 4096, 128256)]
+# ("linear", N, H, V[, dtype of the hidden states and weights, default float32])
+GPU_CASES = [("kd", 8192, 128256, torch.bfloat16), ("linear", 16384, 4096, 128256),
+             ("linear", 16384, 4096, 128256, torch.bfloat16)]
 QUICK_CASES = [("kd", 64, 5000, torch.float32), ("linear", 256, 128, 5000)]
 
 
@@ -129,7 +131,7 @@ def child_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
         inputs = kd_inputs(spec["n"], spec["v"], getattr(torch, spec["dtype"]), device)
     else:
         fn = linear_fn(spec["name"], spec.get("chunk"))
-        inputs = linear_inputs(spec["n"], spec["h"], spec["v"], device)
+        inputs = linear_inputs(spec["n"], spec["h"], spec["v"], device, getattr(torch, spec.get("dtype", "float32")))
     # One warm-up (compilation, thread pools) then the measured call.
     fn(*inputs).backward()
     for x in inputs:
@@ -285,14 +287,16 @@ def run(args) -> None:
             specs = {name: dict(kind="kd", name=name, n=n, v=v, dtype=str(dtype).replace("torch.", ""),
                                 device=device.type) for name in fns}
         else:
-            _, n, hdim, v = case
-            title = f"fused_linear_kd_loss N={n} H={hdim} V={v} fp32"
+            _, n, hdim, v = case[:4]
+            dtype = case[4] if len(case) > 4 else torch.float32
+            dname = str(dtype).replace("torch.", "")
+            title = f"fused_linear_kd_loss N={n} H={hdim} V={v} {dname}"
             chunks = {name: None for name in LINEAR_FNS}
             chunks.update({chunk_contender(c): c for c in args.linear_chunks or ()})
             fns = {name: linear_fn(name, c) for name, c in chunks.items()}
-            make = lambda n=n, hdim=hdim, v=v: linear_inputs(n, hdim, v, device)
-            specs = {name: dict(kind="linear", name=name, n=n, h=hdim, v=v, device=device.type, chunk=chunks[name])
-                     for name in fns}
+            make = lambda n=n, hdim=hdim, v=v, dtype=dtype: linear_inputs(n, hdim, v, device, dtype)
+            specs = {name: dict(kind="linear", name=name, n=n, h=hdim, v=v, device=device.type, chunk=chunks[name],
+                                dtype=dname) for name in fns}
         print(f"== {title}", flush=True)
         quiet = common.wait_for_quiet(max_wait_s=60) if device.type == "cpu" else True
         with common.CpuContention() as cont:
