@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -361,18 +361,45 @@ def _chunk_logits_buffer(rows: int, cols: int, dtype: torch.dtype, like: torch.T
 
 
 # On CUDA, a bfloat16 student head runs its products on the tensor cores with float32 results
-# (torch's mm / addmm with out_dtype, where torch has them): the chunk logits are float32 sums of the
-# bfloat16 products, never rounded to bfloat16 (the issue's accuracy requirement), and no float32
-# copy of the [V, H] weight is made. The chunk's gradient is rounded to bfloat16 for the two
-# gradient products (as the unfused bfloat16 composition's logits gradient is); they accumulate in
-# float32, across chunks too. float16 keeps the float32 products: the gradient's entries (about
-# 1/V) would fall into float16's subnormal range.
+# (torch's mm / addmm with out_dtype): the chunk logits are float32 sums of the bfloat16 products,
+# never rounded to bfloat16 (the issue's accuracy requirement), and no float32 copy of the [V, H]
+# weight is made. The chunk's gradient is rounded to bfloat16 for the two gradient products (as the
+# unfused bfloat16 composition's logits gradient is); they accumulate in float32, across chunks
+# too. float16 keeps the float32 products: the gradient's entries (about 1/V) would fall into
+# float16's subnormal range. Where the path is not available, the float32 products (correct, slower):
+#   * torch without the out_dtype overloads, or (2.8, 2.9) whose addmm refuses a float32
+#     accumulator with bfloat16 operands, or a GPU below compute capability 8.0: a one-time probe
+#     per device with 2 x 2 operands finds out (never during CUDA graph capture);
+#   * under torch.compile: torch 2.11's addmm decomposition reads out_dtype as beta when traced.
 _HAS_OUT_DTYPE_MM = all("dtype_out" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+_TENSOR_CORE_OK: Dict[int, bool] = {}
+
+
+def _tensor_core_ok(device: torch.device) -> bool:
+    """Whether this device runs bf16 x bf16 -> float32 mm and addmm (a float32 accumulator), probed
+    once per device; False while a CUDA graph is being captured and the probe has not run."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _TENSOR_CORE_OK.get(index)
+    if ok is not None:
+        return ok
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    ok = torch.cuda.get_device_capability(index) >= (8, 0)
+    if ok:
+        try:
+            a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+            acc = torch.mm(a, a, out_dtype=torch.float32)
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            ok = bool((acc == 4.0).all())
+        except (RuntimeError, TypeError):
+            ok = False
+    _TENSOR_CORE_OK[index] = ok
+    return ok
 
 
 def _tensor_core_head(h_s: torch.Tensor, w_s: torch.Tensor) -> bool:
-    return (_HAS_OUT_DTYPE_MM and h_s.is_cuda and h_s.dtype == torch.bfloat16
-            and w_s.dtype == torch.bfloat16)
+    return (_HAS_OUT_DTYPE_MM and h_s.is_cuda and h_s.dtype == torch.bfloat16 and w_s.dtype == torch.bfloat16
+            and not torch.compiler.is_compiling() and _tensor_core_ok(h_s.device))
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
@@ -567,11 +594,14 @@ def fused_linear_kd_loss(
     the function runs with autocast off, so the result is the same as without it.
 
     ``chunk_size`` (rows per chunk): default such that one chunk's float32 logits take at most
-    96 MiB, the rows split evenly in multiples of 64 (704 rows for N = 4096, V = 32000). Memory beyond the inputs: two chunk-sized buffers (the
-    student's chunk logits, which the kernel overwrites with their gradient, and the teacher's)
-    and float32 ``[V, H_s]`` for the weight (and its gradient). A smaller ``chunk_size`` saves
-    memory at some cost in speed (the chunk matmuls run less efficiently). The gradients are computed in the
-    forward; with ``reduction="none"`` the backward recomputes the chunks instead.
+    96 MiB, the rows split evenly in multiples of 64 (704 rows for N = 4096, V = 32000). Memory
+    beyond the inputs: two chunk-sized buffers (the student's chunk logits, which the kernel
+    overwrites with their gradient, and the teacher's; on the CUDA bf16 path with a teacher of
+    another dtype, a third of half that size for the bf16 gradient) and float32 ``[V, H_s]`` for
+    the weight gradient (and for a float32 copy of a low-precision weight, except on that path).
+    A smaller ``chunk_size`` saves memory at some cost in speed (the chunk matmuls run less
+    efficiently). The gradients are computed in the forward; with ``reduction="none"`` the
+    backward recomputes the chunks instead.
     """
     _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
@@ -602,7 +632,7 @@ def fused_linear_kd_loss(
         if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (vocab,)):
             raise ValueError(f"pyfinetune.fused_linear_kd_loss: {name} must be None or a tensor of shape [{vocab}]")
     if chunk_size is None:
-        chunk = _default_chunk_rows(student_hidden.numel() // max(student_hidden.shape[-1], 1), vocab)
+        chunk = _default_chunk_rows(math.prod(student_hidden.shape[:-1]), vocab)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"pyfinetune.fused_linear_kd_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
     else:

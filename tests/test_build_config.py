@@ -67,4 +67,7 @@ def test_the_ops_that_write_are_the_ones_with_autograd_rules():
     writing = {op for op in registered if any(a.alias_info is not None and a.alias_info.is_write
                                               for a in getattr(torch.ops.pyfinetune, op).default._schema.arguments)}
     assert writing == {"fused_adamw_", "fused_sgd_", "kd_loss_fwd_inplace", "csr_to_dense_into"}
+    for op in writing:  # both layers registered (the ADInplaceOrView one has no fallback kernel to hide behind)
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfinetune::{op}", "ADInplaceOrView"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfinetune::{op}", "Autograd"), op
     assert set(OPS) == {name for name in registered if not name.startswith("_")}  # OPS lists every public op

@@ -188,9 +188,55 @@ def test_bf16_tensor_core_path(device, bias, reduction, teacher_dtype, monkeypat
         assert err <= 2e-2 * y.grad.double().abs().max().item(), err
 
 
-def test_tensor_core_path_only_for_cuda_bf16():
+def test_tensor_core_path_choice(monkeypatch):
+    # Taken for a CUDA bf16 hidden state and weight when the device passed the probe, and not under
+    # torch.compile (torch 2.11 mis-traces addmm with out_dtype). Fake CUDA tensors: no GPU needed.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     import pyfinetune.losses as losses
 
-    bf = torch.zeros(2, 2, dtype=torch.bfloat16)
-    assert not losses._tensor_core_head(bf, bf)  # CPU
-    assert not losses._tensor_core_head(bf.half(), bf.half())
+    monkeypatch.setattr(losses, "_tensor_core_ok", lambda device: True)
+    with FakeTensorMode():
+        bf = torch.empty(4, 4, dtype=torch.bfloat16, device="cuda")
+        assert losses._tensor_core_head(bf, bf) == losses._HAS_OUT_DTYPE_MM
+        assert not losses._tensor_core_head(bf.half(), bf.half())
+        assert not losses._tensor_core_head(bf, bf.float())
+    cpu_bf = torch.empty(4, 4, dtype=torch.bfloat16)
+    assert not losses._tensor_core_head(cpu_bf, cpu_bf)  # CPU: float32 products
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FakeTensorMode():
+        bf = torch.empty(4, 4, dtype=torch.bfloat16, device="cuda")
+        assert not losses._tensor_core_head(bf, bf)
+    monkeypatch.setattr(losses, "_tensor_core_ok", lambda device: False)  # a failed probe
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    with FakeTensorMode():
+        bf = torch.empty(4, 4, dtype=torch.bfloat16, device="cuda")
+        assert not losses._tensor_core_head(bf, bf)
+
+
+@pytest.mark.skipif(not __import__("pyfinetune.losses").losses._HAS_OUT_DTYPE_MM,
+                    reason="this torch has no mm / addmm out_dtype overloads")
+@pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_tensor_core_products_trace_on_fake_cuda_tensors(teacher_dtype, bias):
+    # The CUDA branch of the products (torch.mm / torch.addmm with out_dtype and out=) on fake CUDA
+    # tensors: the overloads, dtypes and shapes torch accepts, with no GPU.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import pyfinetune.losses as losses
+
+    n, hdim, v = 37, 24, 301
+    with FakeTensorMode():
+        dev = "cuda"
+        h = torch.empty(n, hdim, dtype=torch.bfloat16, device=dev)
+        w = torch.empty(v, hdim, dtype=torch.bfloat16, device=dev)
+        b = torch.empty(v, dtype=torch.float32, device=dev) if bias else None
+        ht = torch.empty(n, 16, dtype=teacher_dtype, device=dev)
+        wt = torch.empty(v, 16, dtype=teacher_dtype, device=dev)
+        lab = torch.zeros(n, dtype=torch.long, device=dev)
+        opts = dict(temperature=2.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100)
+        rows, gh, gw, gb = losses._linear_kd_chunks(h, w, b, ht, wt, None, lab, opts, 10, (True, True, bias))
+        assert rows.shape == (n,) and rows.dtype == torch.float32
+        assert gh.shape == (n, hdim) and gh.dtype == torch.float32
+        assert gw.shape == (v, hdim) and gw.dtype == torch.float32
+        assert (gb is not None) == bias

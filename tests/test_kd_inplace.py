@@ -125,6 +125,26 @@ def test_autograd_tracked_student_is_refused_and_versions_bump():
         out.backward()
 
 
+def test_inference_mode_versions_and_inference_tensors():
+    # Inside torch.inference_mode() the Autograd layer is skipped, but a normal tensor's version
+    # still moves (as with torch's own in-place ops); an inference tensor written outside inference
+    # mode is refused, as torch refuses it.
+    kw = dict(temperature=2.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100)
+    t = torch.randn(3, 20)
+    w = torch.randn(3, 1, requires_grad=True)
+    y = torch.randn(3, 20)
+    out = (w * y).sum()
+    with torch.inference_mode():
+        OP(y, t, None, **kw)
+        inf = torch.randn(3, 20)
+        OP(inf, t, None, **kw)  # inside: allowed
+    assert y._version == 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    with pytest.raises(RuntimeError, match="kd_loss_fwd_inplace: student is an inference tensor"):
+        OP(inf, t, None, **kw)
+
+
 def test_opcheck():
     g = torch.Generator().manual_seed(11)
     t = torch.randn(5, 37, generator=g)

@@ -22,10 +22,12 @@
 #include <pyfinetune/cpu_alloc.h>
 #include <pyfinetune/dense_pool.h>
 
-#include <cctype>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <locale>
+#include <sstream>
+#include <string>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -188,14 +190,15 @@ int64_t dense_pool_limit_from_env(const char* op) {
   if (raw == nullptr) {
     return int64_t{1024} << 20;
   }
-  // A decimal number (surrounding blanks allowed), 0 <= MB <= 2^40; strtod's hexadecimal form is
-  // refused, and inf / nan fail the range test.
-  char* end = nullptr;
-  const double mb = std::strtod(raw, &end);
-  while (end != raw && *end != '\0' && std::isspace(static_cast<unsigned char>(*end))) {
-    ++end;
-  }
-  const bool number = end != raw && *end == '\0' && std::strpbrk(raw, "xX") == nullptr;
+  // A decimal number (surrounding blanks allowed), 0 <= MB <= 2^40, read in the "C" locale (as
+  // Python's float() reads it, whatever LC_NUMERIC says); hexadecimal, inf and nan are refused.
+  std::istringstream in{std::string(raw)};
+  in.imbue(std::locale::classic());
+  double mb = -1;
+  in >> std::skipws >> mb;
+  const bool parsed = !in.fail();
+  in >> std::ws;
+  const bool number = parsed && in.eof() && std::strpbrk(raw, "xX") == nullptr;
   TORCH_CHECK_VALUE(number && mb >= 0 && mb <= 1099511627776.0,
                     check_message("pyfinetune.", op, ": PYFINETUNE_DENSE_POOL_MB must be a number of megabytes "
                                   "between 0 (no pool) and 2^40, got '", raw, "'"));
