@@ -250,6 +250,11 @@ def kd_loss(
 
     Returns:
         float32 scalar, or ``[N]`` for ``reduction="none"`` (N = product of the leading dims).
+
+    Second derivatives: the gradient is computed in the forward and kept, so under
+    ``create_graph=True`` it is differentiable in the upstream gradient (it is linear in it) but
+    not in the logits: second derivatives with respect to the logits (Hessian-vector products,
+    gradient penalties through this loss) come out as zero. Use the torch composition for those.
     """
     _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
     s = _as_rows("student_logits", student_logits)
