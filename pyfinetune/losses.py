@@ -550,6 +550,12 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
+        if ctx.reduction == "none" and torch.is_grad_enabled():
+            raise RuntimeError(
+                "pyfinetune.fused_linear_kd_loss: reduction=\"none\" does not support create_graph=True (its "
+                "backward recomputes the chunks with out= matmuls, which autograd cannot differentiate); use "
+                "reduction=\"sum\" or \"batchmean\", whose gradients are differentiable in the upstream gradient"
+            )
         if ctx.reduction == "none":
             h_s, w_mm, b_s32, h_t, w_t, b_t, labels = ctx.saved_tensors
             _, gh, gw, gb = _linear_kd_chunks(h_s, w_mm, b_s32, h_t, w_t, b_t, labels, ctx.opts, ctx.chunk, ctx.need,

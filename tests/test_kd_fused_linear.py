@@ -240,3 +240,22 @@ def test_tensor_core_products_trace_on_fake_cuda_tensors(teacher_dtype, bias):
         assert gh.shape == (n, hdim) and gh.dtype == torch.float32
         assert gw.shape == (v, hdim) and gw.dtype == torch.float32
         assert (gb is not None) == bias
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_create_graph(reduction):
+    # batchmean / sum: the gradients are differentiable in the upstream gradient (linear in it);
+    # none: a clear error instead of torch's "out= ... automatic differentiation" from inside.
+    hs, ws, bs, ht, wt, bt, lab = make("cpu", torch.float32, seed=6, bias=False)
+    h, w = hs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
+    weight = torch.tensor(1.7, requires_grad=True)
+    loss = fused_linear_kd_loss(h, w, ht, wt, lab, chunk_size=8, temperature=2.0, reduction=reduction)
+    if reduction == "none":
+        with pytest.raises(RuntimeError, match='reduction="none" does not support create_graph=True'):
+            torch.autograd.grad(loss.sum() * weight, (h,), create_graph=True)
+        return
+    (gh,) = torch.autograd.grad(loss * weight, (h,), create_graph=True)
+    (dw,) = torch.autograd.grad(gh.sum(), weight)
+    (g1,) = torch.autograd.grad(fused_linear_kd_loss(h, w, ht, wt, lab, chunk_size=8, temperature=2.0,
+                                                     reduction=reduction), (h,))
+    torch.testing.assert_close(dw, g1.sum(), rtol=1e-5, atol=1e-6)
