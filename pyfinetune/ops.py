@@ -267,14 +267,13 @@ def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes, *, in_place_ok
         return [None if g is None else _product(g, sc, dtype) for g, sc, dtype in zip(grads, out_scales, dtypes)]
     # Under create_graph the scale (the upstream gradient) is part of a graph: the product must be
     # an op on it, so that the gradient of this backward with respect to the upstream one exists.
-    in_place = (in_place_ok and not scale.requires_grad and bool(kept) and _may_read_on_host(kept)
-                and _nonzero_and_finite(scale))
+    in_place = in_place_ok and not scale.requires_grad and bool(kept) and _may_read_on_host(kept)
     factor = None
+    if in_place:
+        in_place, factor = _host_scale(scale)
     if in_place:
         ctx.applied_scale = scale.detach().clone()
         ctx.scaled_refs = {i: weakref.ref(g) for i, g in enumerate(grads) if g is not None}
-        if scale.numel() == 1:
-            factor = scale.item()  # exact: a float32 or float64 value as a Python float
     outs = []
     for g, dtype in zip(grads, dtypes):
         if g is None:
@@ -305,14 +304,15 @@ def _dead_ref():
     return None
 
 
-def _nonzero_and_finite(scale: torch.Tensor) -> bool:
-    """Whether every entry of ``scale`` is finite and nonzero (read on the host: on a GPU, a
-    synchronization)."""
+def _host_scale(scale: torch.Tensor):
+    """(ok, factor): ok when every entry of ``scale`` is finite and nonzero; factor, for a
+    one-element scale, its value as a Python float (exact for float32 and float64), else None. One
+    host read (on a GPU, one synchronization)."""
     if scale.numel() == 1:
         # The scale of a scalar loss: one read instead of four small tensor ops.
         v = scale.item()
-        return v != 0 and math.isfinite(v)
-    return bool(((scale != 0) & scale.isfinite()).all())
+        return v != 0 and math.isfinite(v), v
+    return bool(((scale != 0) & scale.isfinite()).all()), None
 
 
 def _kd_backward(ctx, grad_loss, _grad_of_grad):
