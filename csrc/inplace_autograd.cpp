@@ -101,52 +101,26 @@ decltype(auto) written_layer(const char* op, std::initializer_list<Written> writ
   }
 }
 
-using AdamwSig = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                      const OptTensorList&, const OptTensorList&, at::TensorList, at::ArrayRef<double>,
-                      const OptTensorList&, at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>,
-                      at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, bool, bool, bool,
-                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+using AdamwSig = void(PF_FUSED_ADAMW_PARAMS);
 
 template <bool kAutograd>
-void fused_adamw_layer(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const OptTensorList& anchors,
-                       const OptTensorList& masks, at::TensorList steps, at::ArrayRef<double> lrs,
-                       const OptTensorList& lr_tensors, at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s,
-                       at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps,
-                       at::ArrayRef<double> l1s, bool amsgrad, bool maximize, bool decoupled_l2sp,
-                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+void fused_adamw_layer(PF_FUSED_ADAMW_PARAMS) {
   static const auto op = typed_op<AdamwSig>("pyfinetune::fused_adamw_");
   written_layer<kAutograd>("fused_adamw_",
                            {{"params", params, true},
                             {"exp_avgs", exp_avgs, true},
                             {"exp_avg_sqs", exp_avg_sqs, true},
                             {"max_exp_avg_sqs", max_exp_avg_sqs, true}},
-                           [&] {
-                             op.call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps,
-                                     lrs, lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, amsgrad,
-                                     maximize, decoupled_l2sp, grad_scale, found_inf);
-                           });
+                           [&] { op.call(PF_FUSED_ADAMW_ARGS); });
 }
 
-using SgdSig = void(at::TensorList, at::TensorList, at::TensorList, const OptTensorList&, const OptTensorList&,
-                    at::ArrayRef<double>, const OptTensorList&, at::ArrayRef<double>, at::ArrayRef<double>,
-                    at::ArrayRef<double>, at::ArrayRef<double>, at::ArrayRef<double>, bool, bool, bool,
-                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+using SgdSig = void(PF_FUSED_SGD_PARAMS);
 
 template <bool kAutograd>
-void fused_sgd_layer(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                     const OptTensorList& anchors, const OptTensorList& masks, at::ArrayRef<double> lrs,
-                     const OptTensorList& lr_tensors, at::ArrayRef<double> momentums, at::ArrayRef<double> dampenings,
-                     at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s,
-                     bool nesterov, bool maximize, bool decoupled_l2sp, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+void fused_sgd_layer(PF_FUSED_SGD_PARAMS) {
   static const auto op = typed_op<SgdSig>("pyfinetune::fused_sgd_");
   written_layer<kAutograd>("fused_sgd_", {{"params", params, true}, {"momentum_buffers", momentum_buffers, true}},
-                           [&] {
-                             op.call(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums,
-                                     dampenings, weight_decays, l2sps, l1s, nesterov, maximize, decoupled_l2sp,
-                                     grad_scale, found_inf);
-                           });
+                           [&] { op.call(PF_FUSED_SGD_ARGS); });
 }
 
 using KdInplaceSig = at::Tensor(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, double, double,

@@ -317,13 +317,7 @@ AdamWRangeFn<scalar_t> adamw_range_for(at::ScalarType anchor_dtype) {
   }
 }
 
-void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList max_exp_avg_sqs, const OptTensorList& anchors, const OptTensorList& masks,
-                     at::TensorList steps, at::ArrayRef<double> lrs, const OptTensorList& lr_tensors,
-                     at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, at::ArrayRef<double> epss,
-                     at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s,
-                     bool amsgrad, bool maximize, bool decoupled_l2sp, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+void fused_adamw_cpu(PF_FUSED_ADAMW_PARAMS) {
   check_fused_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
                          lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, amsgrad, grad_scale, found_inf);
   const size_t n = params.size();
@@ -486,12 +480,7 @@ SGDRangeFn<scalar_t> sgd_range_for(at::ScalarType anchor_dtype) {
   }
 }
 
-void fused_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   const OptTensorList& anchors, const OptTensorList& masks, at::ArrayRef<double> lrs,
-                   const OptTensorList& lr_tensors, at::ArrayRef<double> momentums, at::ArrayRef<double> dampenings,
-                   at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s,
-                   bool nesterov, bool maximize, bool decoupled_l2sp, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+void fused_sgd_cpu(PF_FUSED_SGD_PARAMS) {
   check_fused_sgd_args(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
                        weight_decays, l2sps, l1s, nesterov, grad_scale, found_inf);
   const size_t n = params.size();

@@ -25,6 +25,31 @@ inline std::optional<at::Tensor> opt_at(const OptTensorList& list, size_t i) {
   return t;
 }
 
+// The parameter lists of the two ops (their schemas in csrc/pyfinetune.cpp), written once for the
+// CPU and CUDA kernels and the Autograd / ADInplaceOrView layers (csrc/inplace_autograd.cpp), and
+// the matching argument lists for a kernel that forwards its call.
+#define PF_FUSED_ADAMW_PARAMS                                                                               \
+  at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,           \
+      at::TensorList max_exp_avg_sqs, const ::pyfinetune::OptTensorList &anchors,                              \
+      const ::pyfinetune::OptTensorList &masks, at::TensorList steps, at::ArrayRef<double> lrs,                \
+      const ::pyfinetune::OptTensorList &lr_tensors, at::ArrayRef<double> beta1s, at::ArrayRef<double> beta2s, \
+      at::ArrayRef<double> epss, at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps,               \
+      at::ArrayRef<double> l1s, bool amsgrad, bool maximize, bool decoupled_l2sp,                              \
+      const std::optional<at::Tensor>&grad_scale, const std::optional<at::Tensor>&found_inf
+#define PF_FUSED_ADAMW_ARGS                                                                                   \
+  params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs, lr_tensors, beta1s, beta2s, \
+      epss, weight_decays, l2sps, l1s, amsgrad, maximize, decoupled_l2sp, grad_scale, found_inf
+#define PF_FUSED_SGD_PARAMS                                                                                   \
+  at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,                               \
+      const ::pyfinetune::OptTensorList &anchors, const ::pyfinetune::OptTensorList &masks,                    \
+      at::ArrayRef<double> lrs, const ::pyfinetune::OptTensorList &lr_tensors, at::ArrayRef<double> momentums, \
+      at::ArrayRef<double> dampenings, at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps,         \
+      at::ArrayRef<double> l1s, bool nesterov, bool maximize, bool decoupled_l2sp,                             \
+      const std::optional<at::Tensor>&grad_scale, const std::optional<at::Tensor>&found_inf
+#define PF_FUSED_SGD_ARGS                                                                                     \
+  params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings, weight_decays, l2sps, \
+      l1s, nesterov, maximize, decoupled_l2sp, grad_scale, found_inf
+
 void check_fused_adamw_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                             const OptTensorList& anchors, const OptTensorList& masks, at::TensorList steps,
