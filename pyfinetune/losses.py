@@ -34,9 +34,9 @@ REDUCTIONS = ("batchmean", "sum", "none")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # fused_linear_kd_loss: rows per chunk are chosen so that a chunk's float32 logits take at most this
 # many bytes (786 rows at V = 32000; see _default_chunk_rows): big enough for efficient matmuls
-# (chunks of 256 rows made the fused head 10% slower than the unchunked composition), small next to
-# [N, V]. Two such buffers are live at a time (student logits, which become the chunk's gradient,
-# and teacher logits).
+# (chunks of 256 rows made the fused head 9% slower than the default chunks, kd-cpu-20261126-1641),
+# small next to [N, V]. Two such buffers are live at a time (student logits, which become the
+# chunk's gradient, and teacher logits).
 DEFAULT_CHUNK_BYTES = 96 * 1024 * 1024
 _PLAIN_REALS = (float, int)  # exact types: bool, a subclass of int, takes the full checks
 _KD_FWD = torch.ops.pyfinetune.kd_loss_fwd.default
@@ -341,8 +341,9 @@ def kd_loss_topk(
 def _default_chunk_rows(rows: int, vocab: int) -> int:
     """Rows per chunk: at most DEFAULT_CHUNK_BYTES of float32 logits, the rows split evenly over
     the fewest chunks that allows, rounded to a multiple of 64 rows. The matmuls are sensitive to
-    the row count: on a 2-core AVX-512 CPU with MKL (N = 4096, H = 1024, V = 32000) chunks of 786 or
-    820 rows ran the four products 7% slower than chunks of 704 or 768."""
+    the row count: on a 2-core AVX-512 CPU with MKL (N = 4096, H = 1024, V = 32000) chunks of 820
+    rows made the fused loss 6% slower than the default 704 (benchmarks/results/kd-cpu-20261126-1738;
+    `python benchmarks/bench_kd.py --case linear --linear-chunks 768 820`)."""
     most = max(1, DEFAULT_CHUNK_BYTES // (4 * max(vocab, 1)))
     if rows <= most:
         return max(rows, 1)
@@ -356,8 +357,8 @@ def _default_chunk_rows(rows: int, vocab: int) -> int:
 
 def _chunk_logits_buffer(rows: int, cols: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
     """A [rows, cols] buffer that every chunk's logits are written into (out=): on the CPU in plain
-    eager mode from the block pool (a fresh chunk of logits, tens of MB, cost ~7 ms of page faults
-    per 32 MB, twice per chunk: 0.22 s of the 3.5 s fused linear loss at N = 4096, V = 32000)."""
+    eager mode from the block pool (a fresh chunk of logits, tens of MB, cost page faults on every
+    chunk: about 7 ms per 32 MB in an ad hoc timing on a 2-core CPU, not recorded)."""
     if like.device.type == "cpu" and _ops._is_plain_eager(like):
         from ._sparse_linear import _pooled_empty
 
