@@ -4,8 +4,10 @@
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
 #
 #   1. builds pyfinetune for this GPU's architecture (in place),
-#   2. runs benchmarks/kd_gpu_launch_ab.py (the distillation kernel's speed by block size, seconds)
-#      and benchmarks/kd_gpu_quick_check.py: the distillation kernels' cases that only a GPU
+#   2. runs benchmarks/kd_gpu_launch_ab.py (the distillation kernel's speed by block size, seconds),
+#      benchmarks/optim_gpu_roofline.py, benchmarks/prune_gpu_quick_check.py (the tensor-core
+#      sparse forward: correctness, then its speed against cuBLAS) and
+#      benchmarks/kd_gpu_quick_check.py: the distillation kernels' cases that only a GPU
 #      checks (launch shapes, alignment, large logits), a minute, so a short session learns
 #      them first,
 #   3. runs the CUDA tests, then the rest of the suite (pytest-xdist workers when installed),
@@ -134,6 +136,12 @@ step "optimizer roofline (benchmarks/optim_gpu_roofline.py)"
 boxed "$(left 0.15 300)" "$OUT/optim_roofline.log" $PY benchmarks/optim_gpu_roofline.py --out "$OUT" || status=1
 grep -E "^\|" "$OUT/optim_roofline.log" | tee -a "$OUT/summary.md"
 
+# The tensor-core sparse forward (tiled_csr_linear): written without a GPU at hand, so its
+# correctness cases and its speed against cuBLAS (issue #4's float16 target) come first.
+step "tensor-core sparse forward quick check (benchmarks/prune_gpu_quick_check.py)"
+boxed "$(left 0.15 300)" "$OUT/prune_tc_quick_check.log" $PY benchmarks/prune_gpu_quick_check.py --out "$OUT" || status=1
+grep -E "^FAIL|correctness|^\|" "$OUT/prune_tc_quick_check.log" | tee -a "$OUT/summary.md"
+
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; fi
 TIMEOUT=""
@@ -194,26 +202,14 @@ if [ "$BUDGET" -gt 0 ]; then
   REPS_KD="--reps 10 --case kd --no-memory"; REPS="--reps 10 --warmup 2"; PRUNE_SP="--sparsity 0.8 0.9 0.95"
 fi
 # Each spec: log name, script, share of the time left, arguments. The pruning target is float16 at
-# 90% (against cuBLAS's tensor cores); the float32 sweep gives the crossover of kernel="auto". The
-# experimental tiled SpMM and the 2:4 benchmark follow.
+# 90% (against cuBLAS's tensor cores; its tables include tiled_csr_linear, "ours sparse, tensor
+# cores"); the float32 sweep gives the crossover of kernel="auto". The 2:4 benchmark follows.
 for spec in "bench_kd bench_kd 0.5 $REPS_KD" \
             "bench_prune_fp16 bench_prune 0.25 --dtype float16 --sparsity 0.9 0.95 0.99 $REPS" \
             "bench_prune bench_prune 0.4 $REPS $PRUNE_SP" "bench_optim bench_optim 0.6 $REPS"; do
   set -- $spec; log=$1; name=$2; frac=$3; shift 3
   boxed "$(left "$frac" 1800)" "$OUT/$log.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "$@" || status=1
   tail -30 "$OUT/$log.log" | tee -a "$OUT/summary.md"
-done
-
-# The experimental shared-memory SpMM (PYFINETUNE_CSR_CUDA_KERNEL=tiled, never run on a GPU before
-# this check): its tests, then the 90% forward against the default kernel's, float32 and float16.
-step "experimental tiled SpMM: tests and the 90% forward"
-boxed "$(left 0.5 600)" "$OUT/tiled_spmm_tests.log" env PYFINETUNE_CSR_CUDA_KERNEL=tiled \
-  $PY -m pytest tests/test_masked_matmul_cuda.py -q -p no:cacheprovider -k "csr_linear" || status=1
-tail -3 "$OUT/tiled_spmm_tests.log" | tee -a "$OUT/summary.md"
-for dt in float32 float16; do
-  boxed "$(left 0.5 300)" "$OUT/tiled_spmm_bench_$dt.log" env PYFINETUNE_CSR_CUDA_KERNEL=tiled \
-    $PY benchmarks/bench_prune.py --device cuda --dtype $dt --sparsity 0.9 --reps 10 --warmup 2 --out "$OUT/tiled" || status=1
-  grep -E "^\| (dense x|ours sparse|torch)" "$OUT/tiled_spmm_bench_$dt.log" | head -4 | tee -a "$OUT/summary.md"
 done
 
 # 2:4 last: its target was met at the first check (gpu-check-20261126-0605).

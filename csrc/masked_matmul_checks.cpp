@@ -233,6 +233,37 @@ MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& cro
   return {0, dense.size(1), m, nnz};
 }
 
+MatmulSizes check_tiled_csr_linear_args(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
+                                        const at::Tensor& tile_loc, int64_t out_features,
+                                        const std::optional<at::Tensor>& bias) {
+  const char* op = "tiled_csr_linear";
+  check_x(op, x);
+  PF_CHECK(out_features >= 0 && out_features <= std::numeric_limits<int32_t>::max(), op,
+           "out_features must be in [0, 2^31 - 1], got ", out_features);
+  check_float_like_x(op, "tile_values", tile_values, x);
+  PF_CHECK(tile_values.dim() == 1, op, "tile_values must be a 1-D tensor [nnz] (the kept weights in tile order), got shape ",
+           tile_values.sizes());
+  const int64_t nnz = tile_values.size(0);
+  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "tile_values has ", nnz,
+           " entries; int32 tile offsets address at most 2^31 - 1 kept weights");
+  const int64_t k = x.size(1);
+  const int64_t tiles = ((out_features + kTiledRows - 1) / kTiledRows) * ((k + kTiledCols - 1) / kTiledCols);
+  PF_CHECK(tile_ptr.defined(), op, "tile_ptr is undefined");
+  check_index(op, "tile_ptr", tile_ptr, x, tiles + 1,
+              "ceil(out_features / " + std::to_string(kTiledRows) + ") * ceil(K / " + std::to_string(kTiledCols) +
+                  ") + 1 (K = x.size(1))");
+  PF_CHECK(tile_loc.defined(), op, "tile_loc is undefined");
+  check_dense_on(op, "tile_loc", tile_loc, x);
+  PF_CHECK(tile_loc.scalar_type() == at::kShort, op, "tile_loc must be int16, got ", tile_loc.scalar_type());
+  PF_CHECK(tile_loc.dim() == 1 && tile_loc.size(0) == nnz, op,
+           "tile_loc must be a 1-D tensor with nnz = tile_values.numel() = ", nnz, " entries, got shape ",
+           tile_loc.sizes());
+  PF_CHECK(nnz <= out_features * k, op, "tile_values must have at most out_features * K = ", out_features * k,
+           " entries, got nnz = ", nnz);
+  check_bias(op, bias, x, out_features);
+  return {x.size(0), k, out_features, nnz};
+}
+
 // ------------------------------------------------------------------------- pattern data (CPU)
 
 void check_index_range_cpu(const char* op, const char* idx_name, const at::Tensor& idx, int64_t bound,

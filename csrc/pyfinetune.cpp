@@ -78,6 +78,15 @@ TORCH_LIBRARY(pyfinetune, m) {
   // dense [M, K] tensor (any strides) into [nnz] in the pattern's order. Each is the other's
   // gradient. csr_to_dense_into writes every element of `out` (contiguous [M, cols], the values'
   // dtype and device): a buffer reused across calls costs no page faults on the CPU.
+  // The same product from the kept weights regrouped in tiles (SparseLinear's forward on CUDA tensor
+  // cores, float16 / bfloat16): tiles of 128 rows x 64 columns of W [M = out_features, K], numbered
+  // row-block-major; tile i holds entries tile_ptr[i] .. tile_ptr[i + 1] - 1 (tile_ptr int32
+  // [ceil(M / 128) * ceil(K / 64) + 1]) with values tile_values (x's dtype) and places tile_loc
+  // (int16: row within the tile * 64 + column within the tile, distinct within a tile). Built by
+  // pyfinetune.ops.tiled_pattern. y = x @ W^T + bias, float32 accumulation, rounded once.
+  m.def(
+      "tiled_csr_linear(Tensor x, Tensor tile_values, Tensor tile_ptr, Tensor tile_loc, int out_features, "
+      "Tensor? bias) -> Tensor");
   m.def("csr_to_dense(Tensor values, Tensor crow_indices, Tensor col_indices, int cols) -> Tensor");
   m.def("csr_to_dense_into(Tensor(a!) out, Tensor values, Tensor crow_indices, Tensor col_indices) -> ()");
   m.def("csr_gather(Tensor dense, Tensor crow_indices, Tensor col_indices) -> Tensor");

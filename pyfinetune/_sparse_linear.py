@@ -6,6 +6,7 @@ pruning workflow can change independently.
 
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -165,6 +166,24 @@ def _check_kernel(kernel: str) -> str:
     if kernel not in _KERNELS:
         raise ValueError(f"SparseLinear: kernel must be one of {_KERNELS}, got {kernel!r}")
     return kernel
+
+
+def _use_tensor_cores(x: Tensor, values: Tensor) -> bool:
+    """Whether the sparse forward runs tiled_csr_linear (CUDA tensor cores) instead of csr_linear:
+    opt-in with PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores while the kernel awaits its first GPU
+    measurements; float16 / bfloat16 CUDA layers on plain tensors, not under torch.compile."""
+    return (os.environ.get("PYFINETUNE_CSR_CUDA_KERNEL") == "tensor_cores" and values.is_cuda
+            and values.dtype in (torch.float16, torch.bfloat16) and x.dtype == values.dtype
+            and not torch.compiler.is_compiling() and _plain(x, values))
+
+
+def _state_of(tensors) -> tuple:
+    return tuple((t.detach(), t.data_ptr(), t._version) for t in tensors)
+
+
+def _same_state(state: tuple, tensors) -> bool:
+    return len(state) == len(tensors) and all(
+        t.data_ptr() == ptr and t._version == version for (_, ptr, version), t in zip(state, tensors))
 
 
 class SparseLinear(nn.Module):
@@ -362,6 +381,8 @@ class SparseLinear(nn.Module):
                 dtype = torch.get_autocast_dtype(x.device.type)
                 x, values, bias = (t if t is None or not t.is_floating_point() or t.dtype == torch.float64
                                    else t.to(dtype) for t in (x, values, bias))
+            if _use_tensor_cores(x, values):
+                return self._tiled_forward(x, values, bias)
             return ops.csr_linear(x, values, *self.pattern(), bias=bias)
         # The rebuilt weight already holds exact zeros at the pruned positions, so the plain dense
         # product is the masked one: masked_matmul would add a mask and a masked copy of [out, in]
@@ -375,6 +396,29 @@ class SparseLinear(nn.Module):
             return _DenseLinear.apply(x, self.values, self.crow_indices, self.col_indices, self.bias,
                                       self.in_features)
         return torch.nn.functional.linear(x, self.to_dense(), self.bias)
+
+    def _tiled_forward(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
+        # The tile layout of the pattern is derived once per pattern (a sort of the nonzeros) and
+        # kept until the pattern tensors change; the values in tile order are gathered at each call
+        # (one small gather), except for an unchanged values tensor outside autograd (inference).
+        # The cache holds the tensors it was built from (so their memory cannot be reused by a new
+        # tensor at the same address) and compares addresses and version counters.
+        pattern = self.pattern()
+        cache = self.__dict__.get("_tiled_cache")
+        if cache is None or not _same_state(cache["pattern"], (pattern.crow_indices, pattern.col_indices)):
+            with torch.no_grad():
+                tiled = ops.tiled_pattern(pattern.crow_indices, pattern.col_indices, self.in_features)
+            cache = {"pattern": _state_of((pattern.crow_indices, pattern.col_indices)), "tiled": tiled,
+                     "values": None}
+            self.__dict__["_tiled_cache"] = cache
+        tiled, tile_values = cache["tiled"], None
+        if values is self.values and not torch.is_grad_enabled():
+            if cache["values"] is not None and _same_state(cache["values"][0], (values,)):
+                tile_values = cache["values"][1]
+            else:
+                tile_values = values.detach().index_select(0, tiled.tile_src)
+                cache["values"] = (_state_of((values,)), tile_values)
+        return ops.tiled_csr_linear(x, values, pattern, tiled, bias, tile_values=tile_values)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "

@@ -54,6 +54,15 @@ dbias [M])``: ``ccol_indices`` [K + 1], ``row_indices`` [nnz], ``csc_to_csr`` [n
 compressed-column view of the same pattern (``csc_to_csr[p]`` = the position in ``values`` of
 compressed-column entry ``p``). Outputs not asked for are empty tensors.
 
+``torch.ops.pyfinetune.tiled_csr_linear(x, tile_values, tile_ptr, tile_loc, out_features, bias) -> y``:
+the same product from the kept weights regrouped in tiles of 128 rows x 64 columns
+(:func:`tiled_pattern` builds ``tile_ptr`` int32 and ``tile_loc`` int16 from a compressed-row
+pattern, and the order ``tile_src`` that takes ``values`` to ``tile_values = values[tile_src]``).
+Its CUDA kernel (float16 / bfloat16, compute capability 8.0+) expands each tile into shared memory
+and multiplies on the tensor cores; the CPU kernel checks the tile data and computes densely.
+Differentiable in x, tile_values and bias (:func:`tiled_csr_linear` runs the backward of
+``csr_linear`` instead, over the compressed-column view).
+
 All four accumulate in float32 (float64 for float64 inputs) and round once. The CPU kernels also
 check the index tensors' contents (monotone row pointers, indices in range).
 
@@ -425,6 +434,26 @@ def _csr_linear_backward_fake(grad_out, x, values, crow_indices, col_indices, ro
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+TILE_ROWS = 128  # tiled_csr_linear's tile: rows of W (output features) ...
+TILE_COLS = 64  # ... by columns of W (input features); fixed by the CUDA kernel
+
+
+@torch.library.register_fake("pyfinetune::tiled_csr_linear")
+def _tiled_csr_linear_fake(x, tile_values, tile_ptr, tile_loc, out_features, bias):
+    op = "tiled_csr_linear"
+    _fake_check_x(op, x)
+    _fake_check_like_x(op, x, dict(tile_values=tile_values, bias=bias), dict(tile_ptr=tile_ptr, tile_loc=tile_loc))
+    _fake_check(0 <= out_features <= _INT32_MAX, op, lambda: f"out_features must be in [0, 2^31 - 1], got {out_features}")
+    tiles = -(-out_features // TILE_ROWS) * -(-x.shape[1] // TILE_COLS)
+    _fake_check(tile_ptr.dtype == torch.int32 and tile_ptr.shape == (tiles + 1,), op,
+                lambda: f"tile_ptr must be an int32 tensor of ceil(out_features / {TILE_ROWS}) * ceil(K / {TILE_COLS}) "
+                        f"+ 1 = {tiles + 1} entries, got {tile_ptr.dtype} of shape {tuple(tile_ptr.shape)}")
+    _fake_check(tile_loc.dtype == torch.int16 and tile_loc.shape == tile_values.shape and tile_values.dim() == 1, op,
+                lambda: f"tile_loc must be int16 [nnz] like tile_values {tuple(tile_values.shape)}, got "
+                        f"{tile_loc.dtype} of shape {tuple(tile_loc.shape)}")
+    return x.new_empty((x.shape[0], out_features))
+
+
 def _fake_check_pattern(op: str, ref_name: str, ref: Tensor, crow_indices: Tensor, col_indices: Tensor) -> None:
     # The shared checks of csr_to_dense(_into) / csr_gather (masked_matmul_checks.cpp) on metadata.
     _fake_check(ref.dtype in _FLOAT_DTYPES, op,
@@ -741,8 +770,147 @@ def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Ten
     return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+# ------------------------------------------------------------------------------- tiled_csr_linear
+class TiledPattern(NamedTuple):
+    """A compressed-row pattern regrouped in tiles of :data:`TILE_ROWS` x :data:`TILE_COLS` for
+    ``tiled_csr_linear``: ``tile_ptr`` int32 [tiles + 1] (tile ``rb * ceil(K / TILE_COLS) + kt``
+    covers rows ``rb * TILE_ROWS ...`` and columns ``kt * TILE_COLS ...``), ``tile_loc`` int16 [nnz]
+    (row within the tile * TILE_COLS + column within the tile) and ``tile_src`` int32 [nnz]: the
+    position in the row-major ``values`` of each tile entry (``tile_values = values[tile_src]``)."""
+
+    tile_ptr: Tensor
+    tile_loc: Tensor
+    tile_src: Tensor
+
+
+def tiled_pattern(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> TiledPattern:
+    """The :class:`TiledPattern` of a compressed-row pattern ``crow_indices`` [M + 1], ``col_indices``
+    [nnz] of a weight [M, ``num_cols``], on the pattern's device. Within a tile the entries keep the
+    compressed-row order (rows ascending, then columns), so that the tile order of ``values`` is
+    read in runs."""
+    if crow_indices.dim() != 1 or crow_indices.shape[0] < 1 or col_indices.dim() != 1:
+        raise ValueError(f"pyfinetune.tiled_pattern: crow_indices must be [M + 1] and col_indices [nnz], got shapes "
+                         f"{tuple(crow_indices.shape)} and {tuple(col_indices.shape)}")
+    if not isinstance(num_cols, int) or num_cols < 0:
+        raise ValueError(f"pyfinetune.tiled_pattern: num_cols must be an int >= 0, got {num_cols!r}")
+    m = crow_indices.shape[0] - 1
+    nnz = col_indices.shape[0]
+    kt = -(-num_cols // TILE_COLS)
+    tiles = -(-m // TILE_ROWS) * kt
+    if tiles + 1 > _INT32_MAX or nnz > _INT32_MAX:
+        raise ValueError(f"pyfinetune.tiled_pattern: a [{m}, {num_cols}] pattern with {nnz} kept weights has too many "
+                         "tiles or entries for int32 offsets")
+    rows = _entry_rows(crow_indices, nnz)
+    col = col_indices.long()
+    tile = (rows // TILE_ROWS) * kt + col // TILE_COLS
+    # A stable sort by tile keeps the compressed-row order inside each tile.
+    tile_src = torch.argsort(tile, stable=True)
+    loc = (rows % TILE_ROWS) * TILE_COLS + col % TILE_COLS
+    counts = torch.bincount(tile, minlength=tiles) if nnz else torch.zeros(tiles, dtype=torch.long,
+                                                                           device=col.device)
+    tile_ptr = torch.zeros(tiles + 1, dtype=torch.int32, device=col.device)
+    tile_ptr[1:] = counts.cumsum(0)
+    return TiledPattern(tile_ptr, loc[tile_src].to(torch.int16), tile_src.to(torch.int32))
+
+
+def _tiled_index(tile_ptr: Tensor, tile_loc: Tensor, m: int, k: int) -> Tensor:
+    """Flat position (row * k + col, int64) in W [m, k] of each tile entry."""
+    kt = -(-k // TILE_COLS)
+    n_tiles = tile_ptr.shape[0] - 1
+    counts = (tile_ptr[1:] - tile_ptr[:-1]).long()
+    tile = torch.repeat_interleave(torch.arange(n_tiles, device=tile_ptr.device), counts,
+                                   output_size=tile_loc.shape[0])
+    loc = tile_loc.long()
+    rows = (tile // kt) * TILE_ROWS + loc // TILE_COLS
+    cols = (tile % kt) * TILE_COLS + loc % TILE_COLS
+    return rows * k + cols
+
+
+def _tiled_op_backward(ctx, grad):
+    # The op's own autograd, in torch ops (differentiable again): dx = grad @ W, dtile_values =
+    # (grad^T @ x) at the tile positions, dbias = grad summed. tiled_csr_linear below uses the
+    # sparse backward kernels instead.
+    x, tile_values, tile_ptr, tile_loc = ctx.saved_tensors
+    m, k = ctx.out_features, x.shape[1]
+    flat = _tiled_index(tile_ptr, tile_loc, m, k)
+    need_x, need_v, _, _, _, need_b = ctx.needs_input_grad
+    dx = dv = db = None
+    if need_x:
+        w = tile_values.new_zeros(m * k).index_put((flat,), tile_values).view(m, k)
+        dx = grad @ w
+    if need_v:
+        dv = (grad.t() @ x).reshape(-1)[flat]
+    if need_b and ctx.has_bias:
+        db = grad.sum(0)
+    return dx, dv, None, None, None, db
+
+
+def _tiled_op_setup_context(ctx, inputs, output):
+    x, tile_values, tile_ptr, tile_loc, out_features, bias = inputs
+    ctx.save_for_backward(x, tile_values, tile_ptr, tile_loc)
+    ctx.out_features = out_features
+    ctx.has_bias = bias is not None
+
+
+torch.library.register_autograd("pyfinetune::tiled_csr_linear", _tiled_op_backward,
+                                setup_context=_tiled_op_setup_context)
+
+
+class _TiledCsrLinear(torch.autograd.Function):
+    """tiled_csr_linear forward; csr_linear's backward (sparse kernels) for x, values and bias."""
+
+    @staticmethod
+    def forward(x, values, tile_values, tiled, pattern, bias):
+        return torch.ops.pyfinetune.tiled_csr_linear(x, tile_values, tiled.tile_ptr, tiled.tile_loc,
+                                                     pattern.crow_indices.shape[0] - 1, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, tile_values, tiled, pattern, bias = inputs
+        ctx.save_for_backward(x, values, *pattern)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values, crow, col, row_order, ccol, row_idx, csc_to_csr = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_x, need_v, need_b = need[0], need[1], need[5] and ctx.has_bias
+        dx, dv, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, ccol, row_idx,
+                                                              csc_to_csr, [need_x, need_v, need_b])
+        return dx if need_x else None, dv if need_v else None, None, None, None, db if need_b else None
+
+
+def tiled_csr_linear(x: Tensor, values: Tensor, pattern: CompressedPattern, tiled: TiledPattern,
+                     bias: Optional[Tensor] = None, *, tile_values: Optional[Tensor] = None) -> Tensor:
+    """``x @ W^T + bias`` like :func:`csr_linear`, the forward through ``tiled_csr_linear`` (on CUDA:
+    tensor cores, float16 / bfloat16, compute capability 8.0+).
+
+    Args:
+        x: [..., K]. values: [nnz] in the compressed-row order of ``pattern``.
+        pattern: the :class:`CompressedPattern` of W (the backward runs csr_linear's kernels on it).
+        tiled: :func:`tiled_pattern` of the same pattern.
+        bias: None or [M].
+        tile_values: ``values[tiled.tile_src]`` when the caller keeps it (an inference cache);
+            computed here otherwise.
+
+    Differentiable in x, values and bias (dvalues: the sampled product at the kept positions).
+    """
+    x2 = _flatten_batch(x, "tiled_csr_linear")
+    if tile_values is None:
+        with torch.no_grad():
+            tile_values = values.index_select(0, tiled.tile_src)
+    if torch.is_grad_enabled() and (x2.requires_grad or values.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = _TiledCsrLinear.apply(x2, values, tile_values, tiled, pattern, bias)
+    else:
+        y = torch.ops.pyfinetune.tiled_csr_linear(x2, tile_values, tiled.tile_ptr, tiled.tile_loc,
+                                                  pattern.crow_indices.shape[0] - 1, bias)
+    return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 kd_loss_fwd = torch.ops.pyfinetune.kd_loss_fwd
 kd_loss_topk_fwd = torch.ops.pyfinetune.kd_loss_topk_fwd
 
 __all__ = ["fused_adamw_", "fused_sgd_", "kd_loss_fwd", "kd_loss_topk_fwd", "masked_matmul", "csr_linear",
+           "tiled_csr_linear", "TiledPattern", "tiled_pattern", "TILE_ROWS", "TILE_COLS",
            "csr_to_dense", "csr_gather", "CompressedPattern", "compressed_pattern", "pattern_from_csr"]

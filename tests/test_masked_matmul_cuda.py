@@ -194,7 +194,7 @@ def test_csr_linear_tiled_spmm_kernel(dtype, monkeypatch):
         check_csr(c, ref, dtype, N, K, M, what=f"tiled {N}x{K}x{M}")
     monkeypatch.setenv("PYFINETUNE_CSR_CUDA_KERNEL", "bogus")
     c, _ = csr_case(4, 5, 3, dtype, random_mask(3, 5, 0.5))
-    with pytest.raises(RuntimeError, match='PYFINETUNE_CSR_CUDA_KERNEL must be "warp" or "tiled", got "bogus"'):
+    with pytest.raises(RuntimeError, match='PYFINETUNE_CSR_CUDA_KERNEL must be "warp", "tiled" or "tensor_cores", got "bogus"'):
         run_csr_forward(c)
 
 

@@ -606,14 +606,16 @@ struct SparseOperand {
 };
 
 // PYFINETUNE_CSR_CUDA_KERNEL=tiled selects csr_spmm_tiled_kernel (experimental, read at each call);
-// unset or "warp": the warp-per-row kernel.
+// unset, "warp" or "tensor_cores" (which SparseLinear reads: its 16-bit forward then runs
+// tiled_csr_linear; csr_linear itself keeps this warp kernel): the warp-per-row kernel.
 bool use_tiled_spmm() {
   const char* env = std::getenv("PYFINETUNE_CSR_CUDA_KERNEL");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "warp") == 0) {
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "warp") == 0 || std::strcmp(env, "tensor_cores") == 0) {
     return false;
   }
-  TORCH_CHECK(std::strcmp(env, "tiled") == 0, "pyfinetune: PYFINETUNE_CSR_CUDA_KERNEL must be \"warp\" or \"tiled\", got \"",
-              env, "\"");
+  TORCH_CHECK(std::strcmp(env, "tiled") == 0,
+              "pyfinetune: PYFINETUNE_CSR_CUDA_KERNEL must be \"warp\", \"tiled\" or \"tensor_cores\", got \"", env,
+              "\"");
   return true;
 }
 

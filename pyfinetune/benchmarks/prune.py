@@ -56,6 +56,7 @@ DENSE_FWD = "dense x @ w.T"
 TORCH_CSR_FWD = "torch.sparse.mm CSR"
 OURS_FWD = "ours sparse"
 OURS_DENSE_FWD = "ours dense path"
+OURS_TC_FWD = "ours sparse, tensor cores"  # tiled_csr_linear (CUDA, 16-bit, sm80+), inference cache
 DENSE_STEP = "dense + torch AdamW fused"
 OURS_STEP = "ours sparse + AdamW"
 OURS_DENSE_STEP = "ours dense path + AdamW"
@@ -68,7 +69,12 @@ CPU_TARGETS = [
 ]
 CUDA_FP16_TARGETS = [
     ("fwd_vs_dense", "forward: dense x @ w.T (cuBLAS) / ours sparse (time ratio, >1 = ours faster)", 0.9, 2.0),
+    ("fwd_tc_vs_dense", "forward: dense x @ w.T (cuBLAS) / ours sparse on tensor cores (tiled_csr_linear)", 0.9, 2.0),
 ]
+# On CUDA each timed sample is this many back-to-back calls (per call reported): a lone call of a
+# ~0.05 ms product is timed with its launch latency and the host's time to issue it, which a model's
+# stream of layers overlaps; both sides get the same treatment.
+CUDA_CALLS_PER_SAMPLE = {"forward": 20, "step": 5}
 TARGETS = {("cpu", torch.float32): CPU_TARGETS, ("cuda", torch.float16): CUDA_FP16_TARGETS}
 CROSSOVER_TARGET = 0.7  # CPU, float32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,7 +142,25 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bo
             layer = SparseLinear.from_dense(w, mask, kernel=kernel)
             check_against_dense(layer, p)
             out.append(Contender(name, lambda layer=layer: layer(x)))
+        if tensor_cores_available(x):
+            layer = SparseLinear.from_dense(w, mask, kernel="sparse")
+            with torch.no_grad():
+                y = layer._tiled_forward(x, layer.values, None)  # what SparseLinear runs with the opt-in
+            if "reference" not in p:
+                check_against_dense(SparseLinear.from_dense(w, mask, kernel="sparse"), p)
+            err = (y.double() - p["reference"][0]).abs().max().item()
+            bound = CHECK_RTOL[x.dtype] * max(1.0, p["reference"][0].abs().max().item())
+            if not err <= bound:
+                raise RuntimeError(f"pyfinetune benchmark: tiled_csr_linear differs from the dense product by {err:.3g} "
+                                   f"(> {bound:.3g}); not timing a wrong kernel")
+            out.append(Contender(OURS_TC_FWD, lambda layer=layer: layer._tiled_forward(x, layer.values, None)))
     return out
+
+
+def tensor_cores_available(x: torch.Tensor) -> bool:
+    """Whether tiled_csr_linear's tensor-core kernel runs for x: CUDA, float16 / bfloat16, sm80+."""
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(x.device)[0] >= 8)
 
 
 def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True) -> List[Contender]:
@@ -207,7 +231,8 @@ def run_sparsity(sparsity: float, device: torch.device, reps: int, warmup: int, 
         for group, build in (("forward", forward_contenders), ("step", step_contenders)):
             contenders = build(p, ours_ok)
             with torch.no_grad() if group == "forward" else torch.enable_grad():
-                t = common.time_interleaved(contenders, reps=reps, warmup=warmup, device=device)
+                calls = CUDA_CALLS_PER_SAMPLE[group] if device.type == "cuda" else 1
+                t = common.time_interleaved(contenders, reps=reps, warmup=warmup, device=device, calls_per_rep=calls)
             res[group] = t
             del contenders
             gc.collect()
@@ -265,8 +290,9 @@ def analyse(results: List[Dict[str, Any]], device_type: str = "cpu",
         if r is None:
             continue
         group = "step" if key.startswith("step") else "forward"
-        num = {"fwd_vs_dense": DENSE_FWD, "fwd_vs_torch_csr": TORCH_CSR_FWD, "step_vs_dense": DENSE_STEP}[key]
-        den = OURS_STEP if group == "step" else OURS_FWD
+        num = {"fwd_vs_dense": DENSE_FWD, "fwd_tc_vs_dense": DENSE_FWD, "fwd_vs_torch_csr": TORCH_CSR_FWD,
+               "step_vs_dense": DENSE_STEP}[key]
+        den = OURS_STEP if group == "step" else OURS_TC_FWD if key == "fwd_tc_vs_dense" else OURS_FWD
         if num not in r[group] or den not in r[group]:
             continue
         v = common.paired_ratio(r[group][num], r[group][den])
@@ -359,8 +385,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     md = [f"# pyfinetune pruned linear benchmark ({device.type}, {when})", "",
           common.machine_summary(machine), "",
           f"x [{N}, {K}] {args.dtype}, weight [{M}, {K}] pruned at random; {reps} timed rounds after {warmup} warm-up "
-          "rounds, contenders interleaved round-robin; times are per call; ratios are median / median with the "
-          "spread of the same-round ratios." + (" QUICK RUN: not a record." if args.quick else ""), "",
+          "rounds, contenders interleaved round-robin; times are per call" +
+          (f" (each sample: {CUDA_CALLS_PER_SAMPLE['forward']} back-to-back forward calls, "
+           f"{CUDA_CALLS_PER_SAMPLE['step']} training steps)" if device.type == "cuda" else "") +
+          "; ratios are median / median with the spread of the same-round ratios." + (" QUICK RUN: not a record." if args.quick else ""), "",
           summary_markdown(analysis)]
     md += [sparsity_markdown(r) for r in results]
     if not ours_ok:
@@ -368,6 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     record = {
         "benchmark": "prune", "device": device.type, "when": when, "machine": machine,
         "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "N": N, "K": K, "M": M, "lr": LR,
+                   "calls_per_sample": CUDA_CALLS_PER_SAMPLE if device.type == "cuda" else {"forward": 1, "step": 1},
                    "dtype": args.dtype,
                    "sparsities": sorted(args.sparsity)},
         "sparsities": [{**{k: v for k, v in r.items() if k not in ("forward", "step")},

@@ -45,6 +45,18 @@ MatmulSizes check_csr_linear_backward_args(const at::Tensor& grad_out, const at:
                                            const at::Tensor& row_order, const at::Tensor& ccol_indices,
                                            const at::Tensor& row_indices, const at::Tensor& csc_to_csr);
 
+// tiled_csr_linear(x, tile_values, tile_ptr, tile_loc, out_features, bias): the weight W [M, K]
+// (M = out_features, K = x.size(1)) cut into tiles of kTiledRows rows by kTiledCols columns, tile
+// (rb, kt) = rows [rb * kTiledRows, ...), columns [kt * kTiledCols, ...) numbered rb * KT + kt with
+// KT = ceil(K / kTiledCols); tile_ptr [ceil(M / kTiledRows) * KT + 1] int32: the entries of tile i
+// are tile_ptr[i] .. tile_ptr[i + 1] - 1 of tile_values [nnz] (x's dtype) and tile_loc [nnz] int16,
+// the entry's place in its tile (row within the tile * kTiledCols + column within the tile).
+constexpr int64_t kTiledRows = 128;
+constexpr int64_t kTiledCols = 64;
+MatmulSizes check_tiled_csr_linear_args(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
+                                        const at::Tensor& tile_loc, int64_t out_features,
+                                        const std::optional<at::Tensor>& bias);
+
 // csr_to_dense(values, crow_indices, col_indices, cols): values [nnz] (a supported float dtype),
 // crow_indices [M + 1] and col_indices [nnz] int32 on the values' device, cols >= 0. Returns
 // {n = 0, k = cols, m = M, nnz}.

@@ -1,0 +1,428 @@
+// CUDA kernel of pyfinetune::tiled_csr_linear: y [N, M] = x [N, K] @ W^T + bias for a sparse
+// weight W [M, K] whose kept entries are grouped in 128 x 64 tiles, float16 / bfloat16 on tensor
+// cores (sm80+), float32 accumulation.
+//
+// Why. The warp-per-row SpMM of csr_linear (masked_matmul_cuda.cu) runs on CUDA cores and reads
+// one row of x^T from L2 per kept weight: at 90% sparsity of a 4096 x 4096 weight and N = 256 that
+// is 1.7 GB of L2 traffic, and on an H100 it ran at 0.43x cuBLAS's dense float16 product
+// (benchmarks/results/gpu-check-20261126-1338). This kernel loads the weight as sparse and computes
+// as dense ("load as sparse, compute as dense", the idea of Flash-LLM, Xia et al., VLDB 2024): each
+// block owns 128 output features and 64 rows of x; for each 64-wide slice of K it expands the
+// slice's kept weights (4 bytes each: a value and an int16 place in the tile) into a zeroed dense
+// 128 x 64 tile in shared memory and multiplies it with the 64 x 64 slice of x on the tensor cores
+// (mma.sync m16n8k16). Global traffic is the compressed weight (once per 64 rows of x) and x (once
+// per 128 features); the multiply-adds are those of the dense product, which the tensor cores do
+// many times faster than the CUDA cores do the sparse ones.
+//
+// Block: 8 warps = 2 (rows of x, 32 each) x 4 (features, 32 each); each warp holds 2 x 4 mma tiles
+// of 16 x 8 float32 accumulators. Shared memory: 3 stages of (x slice 64 x 64, weight tile 128 x 64),
+// rows padded to 72 elements (144 bytes) so that the 8 row addresses of every ldmatrix phase fall in
+// distinct banks. Pipeline, at step t (computing slice t from stage t % 3):
+//   wait for x slice t (cp.async), barrier;
+//   scatter tile t + 1's entries (loaded into registers during step t - 1) into its stage, which
+//   step t - 1 zeroed; zero the stage of tile t + 2 (slice t - 1 was computed from it), load tile
+//   t + 2's entries into registers and start the copy of x slice t + 2 (cp.async, zero-filled past
+//   N and K); then the 2 x 4 x 4 mma of slice t.
+// One barrier per step orders all of it: a zeroing and the scatter into the same stage are a
+// barrier apart, and a stage is rewritten only after the barrier that follows its last read. Each
+// thread stages up to kStaged entries of a tile in registers (1024 per tile: a 128 x 64 tile at
+// 87.5% sparsity); a denser tile's remaining entries are read at the scatter (correct, slower).
+//
+// x with unit column stride, K and the row stride multiples of 8 and a 16-byte aligned start is
+// copied with cp.async (16 bytes at a time); other x with plain loads (same pipeline, synchronous).
+// The tile data cannot be validated on the host without a synchronization: the kernel asserts
+// (CUDA_KERNEL_ASSERT) that tile_ptr is non-decreasing and within nnz and that each tile_loc lies
+// in [0, 8192), so a malformed layout stops with a device assertion instead of writing out of
+// bounds. An entry placed past row M or column K (which pyfinetune.ops.tiled_pattern never makes)
+// multiplies zeros and is not stored; two entries at one place leave one of them (the CPU kernel
+// refuses both).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <pyfinetune/checks.h>
+#include <pyfinetune/masked_matmul.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+namespace pyfinetune {
+namespace {
+
+constexpr int kRows = static_cast<int>(kTiledRows);  // output features per block and per tile
+constexpr int kCols = static_cast<int>(kTiledCols);  // K per tile (one pipeline step)
+constexpr int kTokens = 64;                          // rows of x per block
+constexpr int kThreads = 256;                        // 8 warps
+constexpr int kStages = 3;
+constexpr int kPitch = kCols + 8;  // elements per shared-memory row: 144 bytes
+constexpr int kStaged = 4;         // tile entries per thread held in registers (1024 per tile)
+constexpr int kXStage = kTokens * kPitch;  // elements
+constexpr int kWStage = kRows * kPitch;
+constexpr int kSmemBytes = kStages * (kXStage + kWStage) * 2;  // 82944
+constexpr int64_t kMaxGridY = 65535;
+static_assert(kRows * kCols <= 32768, "tile_loc is int16");
+static_assert(kTokens * kCols / 8 == 2 * kThreads, "two 16-byte copies of x per thread and step");
+static_assert((kXStage * 2) % 16 == 0 && (kWStage * 2) % 16 == 0, "16-byte aligned stages");
+
+struct TiledArgs {
+  const uint16_t* x;      // [N, K] with row stride x_rs (elements), unit column stride
+  const uint16_t* vals;   // [nnz] in tile order
+  const int32_t* ptr;     // [tiles + 1]
+  const int16_t* loc;     // [nnz]
+  const void* bias;       // [M] of x's dtype, or nullptr
+  void* y;                // [N, M] contiguous
+  int64_t x_rs;
+  int64_t n;
+  int64_t nnz;
+  int32_t k;
+  int32_t m;
+  int32_t k_tiles;
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define PF_TILED_SM80 1
+#endif
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+#ifdef PF_TILED_SM80
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef PF_TILED_SM80
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef PF_TILED_SM80
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifdef PF_TILED_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+// d += a (16 x 16, row-major) * b (16 x 8, column-major), float32 accumulators.
+template <bool kBf16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#ifdef PF_TILED_SM80
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+#endif
+}
+
+// The slice [n0, n0 + 64) x [k0, k0 + 64) of x into a stage (zeros outside [0, N) x [0, K)).
+template <bool kAligned>
+__device__ __forceinline__ void load_x_slice(const TiledArgs& a, uint16_t* xs, int64_t n0, int k0) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int c = threadIdx.x + i * kThreads;  // 16-byte chunk of the slice
+    const int r = c >> 3;
+    const int kc = (c & 7) * 8;
+    const int64_t row = n0 + r;
+    const int k = k0 + kc;
+    uint16_t* dst = xs + r * kPitch + kc;
+    if constexpr (kAligned) {
+      // K is a multiple of 8: a chunk is wholly inside or wholly outside [0, K).
+      const bool inside = row < a.n && k < a.k;
+      const uint16_t* src = inside ? a.x + row * a.x_rs + k : a.x;
+      cp_async16(smem_addr(dst), src, inside ? 16 : 0);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        dst[j] = (row < a.n && k + j < a.k) ? a.x[row * a.x_rs + k + j] : uint16_t{0};
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void zero_stage(uint16_t* ws) {
+  uint4* p = reinterpret_cast<uint4*>(ws);
+  constexpr int kChunks = kWStage * 2 / 16;
+  for (int i = threadIdx.x; i < kChunks; i += kThreads) {
+    p[i] = make_uint4(0, 0, 0, 0);
+  }
+}
+
+__device__ __forceinline__ void put_entry(uint16_t* ws, int l, uint16_t v) {
+  CUDA_KERNEL_ASSERT(static_cast<unsigned>(l) < static_cast<unsigned>(kRows * kCols));
+  ws[(l / kCols) * kPitch + (l % kCols)] = v;
+}
+
+// Entries of one tile staged in registers: the first kStaged * kThreads of [begin, end).
+struct Staged {
+  int begin = 0;
+  int end = 0;
+  int l[kStaged];
+  uint16_t v[kStaged];
+};
+
+__device__ __forceinline__ void stage_tile(const TiledArgs& a, int tile, Staged& s) {
+  s.begin = a.ptr[tile];
+  s.end = a.ptr[tile + 1];
+  CUDA_KERNEL_ASSERT(0 <= s.begin && s.begin <= s.end && s.end <= a.nnz);
+#pragma unroll
+  for (int j = 0; j < kStaged; ++j) {
+    const int e = s.begin + static_cast<int>(threadIdx.x) + j * kThreads;
+    if (e < s.end) {
+      s.l[j] = a.loc[e];
+      s.v[j] = a.vals[e];
+    } else {
+      s.l[j] = -1;
+    }
+  }
+}
+
+__device__ __forceinline__ void scatter_tile(const TiledArgs& a, const Staged& s, uint16_t* ws) {
+#pragma unroll
+  for (int j = 0; j < kStaged; ++j) {
+    if (s.l[j] >= 0) {
+      put_entry(ws, s.l[j], s.v[j]);
+    }
+  }
+  for (int e = s.begin + kStaged * kThreads + static_cast<int>(threadIdx.x); e < s.end; e += kThreads) {
+    put_entry(ws, a.loc[e], a.vals[e]);
+  }
+}
+
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const TiledArgs a) {
+#ifdef PF_TILED_SM80
+  constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* xs = smem;                       // kStages x [kTokens][kPitch]
+  uint16_t* ws = smem + kStages * kXStage;   // kStages x [kRows][kPitch]
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warp_tok = warp & 1;   // rows [32 * warp_tok, +32) of the block's 64 rows of x
+  const int warp_feat = warp >> 1;  // features [32 * warp_feat, +32) of the block's 128
+  const int rb = blockIdx.x;
+  const int64_t feat0 = static_cast<int64_t>(rb) * kRows;
+  const int kt_count = a.k_tiles;
+  const int tile0 = rb * kt_count;
+  const int64_t n_blocks = (a.n + kTokens - 1) / kTokens;
+
+  // ldmatrix row addresses (element offsets within a stage), see the fragment layouts of
+  // mma.m16n8k16: x (operand A, 16 x 16 row-major): lanes 0-15 give rows 0-15 at k 0, lanes 16-31
+  // rows 0-15 at k 8; weight (operand B, k x features, stored features-major): lanes 0-7 features
+  // 0-7 at k 0, 8-15 features 0-7 at k 8, 16-23 features 8-15 at k 0, 24-31 features 8-15 at k 8.
+  const int a_off = (warp_tok * 32 + (lane & 15)) * kPitch + (lane >> 4) * 8;
+  const int b_off = (warp_feat * 32 + (lane & 7) + (lane >> 4) * 8) * kPitch + ((lane >> 3) & 1) * 8;
+
+  for (int64_t nb = blockIdx.y; nb < n_blocks; nb += gridDim.y) {
+    const int64_t n0 = nb * kTokens;
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+    __syncthreads();  // the previous row block's last step has read every stage
+    for (int s = 0; s < kStages; ++s) {
+      zero_stage(ws + s * kWStage);
+    }
+    load_x_slice<kAligned>(a, xs, n0, 0);
+    cp_async_commit();
+    if (kt_count > 1) {
+      load_x_slice<kAligned>(a, xs + kXStage, n0, kCols);
+    }
+    cp_async_commit();
+    Staged next;
+    stage_tile(a, tile0, next);
+    __syncthreads();  // zeros before the scatter
+    scatter_tile(a, next, ws);
+    if (kt_count > 1) {
+      stage_tile(a, tile0 + 1, next);
+    }
+
+    for (int t = 0; t < kt_count; ++t) {
+      cp_async_wait<1>();  // this thread's copies of slice t are done (slice t + 1's may be pending)
+      __syncthreads();     // ... and everyone's, and the scatter of tile t; stage (t + 2) % 3 is free
+      if (t + 1 < kt_count) {
+        scatter_tile(a, next, ws + ((t + 1) % kStages) * kWStage);
+      }
+      if (t + 2 < kt_count) {
+        const int s2 = (t + 2) % kStages;
+        zero_stage(ws + s2 * kWStage);
+        stage_tile(a, tile0 + t + 2, next);
+        load_x_slice<kAligned>(a, xs + s2 * kXStage, n0, (t + 2) * kCols);
+      }
+      cp_async_commit();  // possibly empty: keeps one group per step for the wait above
+
+      const uint16_t* xst = xs + (t % kStages) * kXStage;
+      const uint16_t* wst = ws + (t % kStages) * kWStage;
+#pragma unroll
+      for (int kk = 0; kk < kCols / 16; ++kk) {
+        uint32_t af[2][4];
+        uint32_t bf[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          ldmatrix_x4(af[i], smem_addr(xst + a_off + i * 16 * kPitch + kk * 16));
+          ldmatrix_x4(bf[i], smem_addr(wst + b_off + i * 16 * kPitch + kk * 16));
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            // feature block j (8 features) = half (j & 1) of the 16 loaded by bf[j >> 1]
+            mma_16816<kBf16>(acc[i][j], af[i], bf[j >> 1][(j & 1) * 2], bf[j >> 1][(j & 1) * 2 + 1]);
+      }
+    }
+
+    // Epilogue: acc[i][j] = rows 16 i + g (+8) of the warp's 32, features 8 j + 2 c (+1) of its 32,
+    // g = lane / 4, c = lane % 4.
+    const int g = lane >> 2;
+    const int c2 = (lane & 3) * 2;
+    scalar_t* y = static_cast<scalar_t*>(a.y);
+    const scalar_t* bias = static_cast<const scalar_t*>(a.bias);
+    const bool pairs = (a.m & 1) == 0;  // y rows start at even elements: (f, f + 1) is one 4-byte store
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t f = feat0 + warp_feat * 32 + j * 8 + c2;
+      const float b0 = (bias != nullptr && f < a.m) ? static_cast<float>(bias[f]) : 0.f;
+      const float b1 = (bias != nullptr && f + 1 < a.m) ? static_cast<float>(bias[f + 1]) : 0.f;
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = n0 + warp_tok * 32 + i * 16 + g + h * 8;
+          if (row >= a.n || f >= a.m) {
+            continue;
+          }
+          scalar_t* out = y + row * a.m + f;
+          const scalar_t v0 = static_cast<scalar_t>(acc[i][j][2 * h] + b0);
+          const scalar_t v1 = static_cast<scalar_t>(acc[i][j][2 * h + 1] + b1);
+          if (pairs) {  // f is even and f + 1 < M
+            const uint32_t packed = static_cast<uint32_t>(v0.x) | (static_cast<uint32_t>(v1.x) << 16);
+            *reinterpret_cast<uint32_t*>(out) = packed;
+          } else {
+            out[0] = v0;
+            if (f + 1 < a.m) {
+              out[1] = v1;
+            }
+          }
+        }
+    }
+  }
+#else
+  CUDA_KERNEL_ASSERT(false && "tiled_csr_linear needs sm80 or newer");
+#endif
+}
+
+template <typename scalar_t, bool kAligned>
+void launch(const TiledArgs& a, int64_t m_blocks, int64_t n_blocks) {
+  auto kernel = tiled_csr_linear_kernel<scalar_t, kAligned>;
+  // The stages exceed the default 48 KB of dynamic shared memory: opt in, once per device.
+  static std::once_flag flags[64];
+  const int dev = c10::cuda::current_device();
+  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < 64);
+  std::call_once(flags[dev], [&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  });
+  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(std::min(n_blocks, kMaxGridY)));
+  kernel<<<grid, kThreads, kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor tiled_csr_linear_cuda(const at::Tensor& x_in, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
+                                 const at::Tensor& tile_loc, int64_t out_features,
+                                 const std::optional<at::Tensor>& bias) {
+  const char* op = "tiled_csr_linear";
+  const MatmulSizes sz = check_tiled_csr_linear_args(x_in, tile_values, tile_ptr, tile_loc, out_features, bias);
+  PF_CHECK(x_in.is_cuda(), op, "x must be a CUDA tensor here, got ", x_in.device());
+  PF_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16, op,
+           "the CUDA kernel runs on tensor cores: x must be float16 or bfloat16, got ", x_in.scalar_type(),
+           " (csr_linear takes every float dtype)");
+  PF_CHECK(sz.k <= std::numeric_limits<int32_t>::max(), op, "x must have at most 2^31 - 1 columns, got K = ", sz.k);
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  PF_CHECK(prop->major >= 8, op, "the CUDA kernel needs a GPU of compute capability 8.0 or newer (mma.sync, cp.async), ",
+           "this one is ", prop->major, ".", prop->minor);
+  const int64_t N = sz.n, K = sz.k, M = sz.m;
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (N == 0 || M == 0) {
+    return at::empty({N, M}, x_in.options());
+  }
+  if (K == 0) {
+    return has_bias ? bias->unsqueeze(0).expand({N, M}).contiguous() : at::zeros({N, M}, x_in.options());
+  }
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor vals = tile_values.contiguous();
+  const at::Tensor ptr = tile_ptr.contiguous();
+  const at::Tensor loc = tile_loc.contiguous();
+  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({N, M}, x.options());
+  TiledArgs a{};
+  a.x = static_cast<const uint16_t*>(x.const_data_ptr());
+  a.vals = static_cast<const uint16_t*>(vals.const_data_ptr());
+  a.ptr = ptr.const_data_ptr<int32_t>();
+  a.loc = loc.const_data_ptr<int16_t>();
+  a.bias = has_bias ? b.const_data_ptr() : nullptr;
+  a.y = y.data_ptr();
+  a.x_rs = x.size(0) > 1 ? x.stride(0) : K;
+  a.n = N;
+  a.nnz = vals.numel();
+  a.k = static_cast<int32_t>(K);
+  a.m = static_cast<int32_t>(M);
+  a.k_tiles = static_cast<int32_t>((K + kCols - 1) / kCols);
+  const int64_t m_blocks = (M + kRows - 1) / kRows;
+  const int64_t n_blocks = (N + kTokens - 1) / kTokens;
+  PF_CHECK(m_blocks * a.k_tiles < std::numeric_limits<int32_t>::max(), op, "too many tiles: ceil(M / ", kRows,
+           ") * ceil(K / ", kCols, ") must be below 2^31 - 1, got M = ", M, ", K = ", K);
+  const bool aligned = K % 8 == 0 && a.x_rs % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tiled_csr_linear_cuda",
+                     AT_DISPATCH_CASE(at::kHalf,
+                                      [&] {
+                                        aligned ? launch<scalar_t, true>(a, m_blocks, n_blocks)
+                                                : launch<scalar_t, false>(a, m_blocks, n_blocks);
+                                      })
+                         AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                           aligned ? launch<scalar_t, true>(a, m_blocks, n_blocks)
+                                   : launch<scalar_t, false>(a, m_blocks, n_blocks);
+                         }));
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
+  m.impl("tiled_csr_linear", &tiled_csr_linear_cuda);
+}
+
+}  // namespace pyfinetune
