@@ -141,6 +141,11 @@ grep -E "^\|" "$OUT/optim_roofline.log" | tee -a "$OUT/summary.md"
 step "tensor-core sparse forward quick check (benchmarks/prune_gpu_quick_check.py)"
 boxed "$(left 0.15 300)" "$OUT/prune_tc_quick_check.log" $PY benchmarks/prune_gpu_quick_check.py --out "$OUT" || status=1
 grep -E "^FAIL|correctness|^\|" "$OUT/prune_tc_quick_check.log" | tee -a "$OUT/summary.md"
+# Its shared-memory pipeline (3 stages, one barrier per step) under racecheck, on the small cases.
+boxed "$(left 0.1 180)" "$OUT/prune_tc_racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 99 \
+  --print-limit 20 $PY -m pytest tests/test_tiled_csr.py -q -p no:cacheprovider -m cuda -k "overflow or 7x200x300" \
+  || status=1
+grep -E "RACECHECK SUMMARY|hazard|passed|failed" "$OUT/prune_tc_racecheck.log" | head -5 | tee -a "$OUT/summary.md"
 
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; fi

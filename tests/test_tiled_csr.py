@@ -153,6 +153,12 @@ def test_empty_shapes(device):
         y = run_op(c)
         assert y.shape == (n, m)
         assert_close(y, ref, dtype, k, f"{n}x{k}x{m}")
+    # K = 0 with one row: the output is the bias's values in a tensor of its own, not the bias
+    c, _ = make_case(1, 0, 3, dtype, device, 0.5)
+    y = run_op(c)
+    assert torch.equal(y[0], c["bias"]) and y.untyped_storage().data_ptr() != c["bias"].untyped_storage().data_ptr()
+    y2 = ops.csr_linear(c["x"], c["values"], *c["pattern"], bias=c["bias"])
+    assert y2.untyped_storage().data_ptr() != c["bias"].untyped_storage().data_ptr()
 
 
 def test_gradcheck_of_the_op_formula():

@@ -851,7 +851,10 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
     return at::empty({N, M}, x.options());
   }
   if (nnz == 0) {  // a fully pruned weight (also every K == 0 weight)
-    return has_value(bias) ? bias->unsqueeze(0).expand({N, M}).contiguous() : at::zeros({N, M}, x.options());
+    // clone: for N = 1 the expanded bias is already contiguous, and contiguous() would return the bias
+    // itself (an output aliasing an input).
+    return has_value(bias) ? bias->unsqueeze(0).expand({N, M}).clone(at::MemoryFormat::Contiguous)
+                           : at::zeros({N, M}, x.options());
   }
   const SparseOperand w{values.contiguous(), /*value_pos=*/at::Tensor(), crow_indices.contiguous(),
                         col_indices.contiguous(), row_order.contiguous(), M, K};

@@ -35,7 +35,11 @@
 // in [0, 8192), so a malformed layout stops with a device assertion instead of writing out of
 // bounds. An entry placed past row M or column K (which pyfinetune.ops.tiled_pattern never makes)
 // multiplies zeros and is not stored; two entries at one place leave one of them (the CPU kernel
-// refuses both).
+// refuses both). A tile with no entry skips its multiply (block-uniform: read from tile_ptr).
+//
+// Non-finite inputs: the tiles are multiplied densely, so an inf or NaN in x reaches every output
+// of its row through the zeros of the tile (0 * inf = NaN), as in the dense product x @ W^T, while
+// csr_linear multiplies only kept weights (its row stays finite where no kept weight meets the inf).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -49,6 +53,7 @@
 #include <pyfinetune/masked_matmul.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <mutex>
 #include <limits>
@@ -98,20 +103,20 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
 #ifdef PF_TILED_SM80
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 #endif
 }
 
 __device__ __forceinline__ void cp_async_commit() {
 #ifdef PF_TILED_SM80
-  asm volatile("cp.async.commit_group;\n" ::);
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
 #ifdef PF_TILED_SM80
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
 
@@ -119,7 +124,8 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 #ifdef PF_TILED_SM80
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
+               : "r"(addr)
+               : "memory");
 #endif
 }
 
@@ -181,9 +187,13 @@ __device__ __forceinline__ void put_entry(uint16_t* ws, int l, uint16_t v) {
   ws[(l / kCols) * kPitch + (l % kCols)] = v;
 }
 
-// Entries of one tile staged in registers: the first kStaged * kThreads of [begin, end).
+// Entries of one tile staged in registers: the first kStaged * kThreads of [begin, end). A slot
+// without an entry holds kNoEntry (not a negative value: a malformed negative tile_loc must reach
+// put_entry's assertion like any other).
+constexpr int kNoEntry = INT_MIN;
+
 struct Staged {
-  int begin = 0;
+  int begin = 0;  // tile_ptr entries (int32); entry indices are formed in int64
   int end = 0;
   int l[kStaged];
   uint16_t v[kStaged];
@@ -195,12 +205,12 @@ __device__ __forceinline__ void stage_tile(const TiledArgs& a, int tile, Staged&
   CUDA_KERNEL_ASSERT(0 <= s.begin && s.begin <= s.end && s.end <= a.nnz);
 #pragma unroll
   for (int j = 0; j < kStaged; ++j) {
-    const int e = s.begin + static_cast<int>(threadIdx.x) + j * kThreads;
+    const int64_t e = static_cast<int64_t>(s.begin) + threadIdx.x + j * kThreads;  // nnz may be near 2^31
     if (e < s.end) {
       s.l[j] = a.loc[e];
       s.v[j] = a.vals[e];
     } else {
-      s.l[j] = -1;
+      s.l[j] = kNoEntry;
     }
   }
 }
@@ -208,11 +218,11 @@ __device__ __forceinline__ void stage_tile(const TiledArgs& a, int tile, Staged&
 __device__ __forceinline__ void scatter_tile(const TiledArgs& a, const Staged& s, uint16_t* ws) {
 #pragma unroll
   for (int j = 0; j < kStaged; ++j) {
-    if (s.l[j] >= 0) {
+    if (s.l[j] != kNoEntry) {
       put_entry(ws, s.l[j], s.v[j]);
     }
   }
-  for (int e = s.begin + kStaged * kThreads + static_cast<int>(threadIdx.x); e < s.end; e += kThreads) {
+  for (int64_t e = static_cast<int64_t>(s.begin) + kStaged * kThreads + threadIdx.x; e < s.end; e += kThreads) {
     put_entry(ws, a.loc[e], a.vals[e]);
   }
 }
@@ -266,6 +276,9 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
     stage_tile(a, tile0, next);
     __syncthreads();  // zeros before the scatter
     scatter_tile(a, next, ws);
+    // Whether the tile of the coming step has no entry (the same for every thread of the block:
+    // read from tile_ptr): its multiply is skipped (a block-sparse weight's empty tiles cost no mma).
+    bool empty_next = next.begin == next.end;
     if (kt_count > 1) {
       stage_tile(a, tile0 + 1, next);
     }
@@ -273,8 +286,10 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
     for (int t = 0; t < kt_count; ++t) {
       cp_async_wait<1>();  // this thread's copies of slice t are done (slice t + 1's may be pending)
       __syncthreads();     // ... and everyone's, and the scatter of tile t; stage (t + 2) % 3 is free
+      const bool empty = empty_next;
       if (t + 1 < kt_count) {
         scatter_tile(a, next, ws + ((t + 1) % kStages) * kWStage);
+        empty_next = next.begin == next.end;
       }
       if (t + 2 < kt_count) {
         const int s2 = (t + 2) % kStages;
@@ -284,6 +299,9 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
       }
       cp_async_commit();  // possibly empty: keeps one group per step for the wait above
 
+      if (empty) {
+        continue;
+      }
       const uint16_t* xst = xs + (t % kStages) * kXStage;
       const uint16_t* wst = ws + (t % kStages) * kWStage;
 #pragma unroll
@@ -380,7 +398,9 @@ at::Tensor tiled_csr_linear_cuda(const at::Tensor& x_in, const at::Tensor& tile_
     return at::empty({N, M}, x_in.options());
   }
   if (K == 0) {
-    return has_bias ? bias->unsqueeze(0).expand({N, M}).contiguous() : at::zeros({N, M}, x_in.options());
+    // clone: for N = 1 the expanded bias is already contiguous (contiguous() would alias the bias).
+    return has_bias ? bias->unsqueeze(0).expand({N, M}).clone(at::MemoryFormat::Contiguous)
+                    : at::zeros({N, M}, x_in.options());
   }
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
   const at::Tensor vals = tile_values.contiguous();
