@@ -11,7 +11,9 @@ against cuBLAS and our warp kernel, in under a minute.
    and 2048; contenders interleaved, each sample 20 back-to-back calls timed with CUDA events,
    median of 15 samples: cuBLAS dense (x @ w.T on the pruned weight), our warp-per-row
    csr_linear, and tiled_csr_linear (tile values gathered once, as SparseLinear's inference cache
-   does). A markdown table goes to stdout (and to DIR/prune-tc-quick-<stamp>.md with --out).
+   does). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours
+   (csr_linear_backward) against cuBLAS. Markdown tables go to stdout (and to
+   DIR/prune-tc-quick-<stamp>.md with --out).
 Exit status 1 if a correctness case failed.
 """
 
@@ -29,6 +31,8 @@ import torch  # noqa: E402
 from pyfinetune import ops  # noqa: E402
 
 failures = []
+DEVICE = "cuda"
+SIZE = 4096  # K = M of the timed cases
 EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
@@ -43,7 +47,8 @@ def run(name, fn):
             traceback.print_exc()
 
 
-def problem(n, k, m, sparsity, dtype, seed=0, device="cuda"):
+def problem(n, k, m, sparsity, dtype, seed=0):
+    device = DEVICE
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, k, generator=g).to(dtype)
     w = (torch.randn(m, k, generator=g) * k**-0.5).to(dtype)
@@ -58,14 +63,14 @@ def problem(n, k, m, sparsity, dtype, seed=0, device="cuda"):
 def correctness(n, k, m, sparsity, dtype, bias=True, x_view=None):
     def f():
         x, w, mask, b, p, t, vals = problem(n, k, m, sparsity, dtype)
-        xd = x.cuda()
+        xd = x.to(DEVICE)
         if x_view == "row-sliced":
-            big = torch.zeros(n, k + 24, dtype=dtype, device="cuda")
+            big = torch.zeros(n, k + 24, dtype=dtype, device=DEVICE)
             big[:, 8:8 + k] = xd
             xd = big[:, 8:8 + k]
         y = torch.ops.pyfinetune.tiled_csr_linear(xd, vals[t.tile_src.long()], t.tile_ptr, t.tile_loc, m,
-                                                  b.cuda() if bias else None)
-        torch.cuda.synchronize()
+                                                  b.to(DEVICE) if bias else None)
+        sync()
         ref = x.double() @ torch.where(mask, w.double(), 0.0).t() + (b.double() if bias else 0.0)
         err = (y.double().cpu() - ref).abs()
         bound = EPS[dtype] * ref.abs() + EPS[dtype] * k**0.5
@@ -77,38 +82,68 @@ def correctness(n, k, m, sparsity, dtype, bias=True, x_view=None):
     return f
 
 
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_ms(fns, reps=15, calls=20, warmup=3):
-    """{name: median ms per call}, contenders interleaved, each sample `calls` back-to-back calls."""
+    """{name: median ms per call}, contenders interleaved, each sample `calls` back-to-back calls
+    (CUDA events on a GPU; the host clock on the CPU, where this script only smoke-tests itself)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    torch.cuda.synchronize()
+    sync()
     samples = {name: [] for name in fns}
     names = list(fns)
     for r in range(reps):
         for j in range(len(names)):
             name = names[(r + j) % len(names)]
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(calls):
-                fns[name]()
-            b.record()
-            b.synchronize()
-            samples[name].append(a.elapsed_time(b) / calls)
+            sync()
+            if DEVICE == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(calls):
+                    fns[name]()
+                b.record()
+                b.synchronize()
+                samples[name].append(a.elapsed_time(b) / calls)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fns[name]()
+                samples[name].append((time.perf_counter() - t0) * 1e3 / calls)
     return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
 
 
 def speed(dtype, n, sparsity):
-    x, w, mask, b, p, t, vals = problem(n, 4096, 4096, sparsity, dtype, seed=1)
-    x = x.cuda()
-    wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).cuda()
+    x, w, mask, b, p, t, vals = problem(n, SIZE, SIZE, sparsity, dtype, seed=1)
+    x = x.to(DEVICE)
+    wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).to(DEVICE)
     tv = vals[t.tile_src.long()]
     fns = {
         "cuBLAS dense": lambda: x @ wm.t(),
         "ours warp (csr_linear)": lambda: torch.ops.pyfinetune.csr_linear(x, vals, p.crow_indices, p.col_indices,
                                                                           p.row_order, None),
-        "ours tensor cores": lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, 4096, None),
+        "ours tensor cores": lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None),
+    }
+    return time_ms(fns)
+
+
+def backward_breakdown(dtype, n=256, sparsity=0.9):
+    """ms per call of each product of a training step, ours against cuBLAS: dx = dy @ W and the
+    weight gradient (dense dW = dy^T @ x; ours: dvalues at the kept positions only)."""
+    x, w, mask, b, p, t, vals = problem(n, SIZE, SIZE, sparsity, dtype, seed=2)
+    x = x.to(DEVICE)
+    dy = torch.randn(n, SIZE, dtype=dtype, device=DEVICE)
+    wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).to(DEVICE)
+    bwd = torch.ops.pyfinetune.csr_linear_backward
+    pat = (p.crow_indices, p.col_indices, p.row_order, p.ccol_indices, p.row_indices, p.csc_to_csr)
+    fns = {
+        "dx cuBLAS (dy @ W)": lambda: dy @ wm,
+        "dx ours (csr_linear_backward, CSC SpMM)": lambda: bwd(dy, x, vals, *pat, [True, False, False]),
+        "dW cuBLAS (dy^T @ x)": lambda: dy.t() @ x,
+        "dvalues ours (SDDMM)": lambda: bwd(dy, x, vals, *pat, [False, True, False]),
     }
     return time_ms(fns)
 
@@ -116,16 +151,24 @@ def speed(dtype, n, sparsity):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                    help="cpu: a smoke test of this script (the CPU kernel of the op), not a measurement")
+    ap.add_argument("--size", type=int, default=4096, help="K = M of the timed cases (default 4096)")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    global DEVICE, SIZE
+    DEVICE, SIZE = args.device, args.size
+    if DEVICE == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
-    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    where = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test)"
+    print(f"{where}, torch {torch.__version__}", flush=True)
     for dtype in (torch.float16, torch.bfloat16):
         dn = str(dtype).replace("torch.", "")
         for (n, k, m, s) in ((1, 1, 1, 0.0), (64, 64, 128, 0.9), (65, 130, 129, 0.9), (256, 4096, 4096, 0.9),
                              (300, 1000, 517, 0.99), (7, 13, 300, 0.5), (100, 200, 260, 0.0), (130, 640, 256, 0.5),
                              (2, 4096, 11, 1.0)):
+            if DEVICE == "cpu" and n * k * m > 2**24:
+                continue
             run(f"{dn} {n}x{k}x{m} sparsity {s}", correctness(n, k, m, s, dtype))
         run(f"{dn} no bias", correctness(70, 96, 200, 0.9, dtype, bias=False))
         run(f"{dn} row-sliced x (row stride 4120, start 16 bytes in)", correctness(70, 4096, 200, 0.9, dtype,
@@ -149,12 +192,23 @@ def main():
                             f"({d / ms['ours warp (csr_linear)']:.2f}x) | {ms['ours tensor cores']:.4f} "
                             f"({d / ms['ours tensor cores']:.2f}x) |")
                 print(rows[-1], f"[{time.time() - t0:.1f} s]", flush=True)
+    brk = []
+    for dtype in (torch.float16, torch.bfloat16):
+        try:
+            ms = backward_breakdown(dtype)
+        except Exception as e:  # noqa: BLE001
+            print(f"backward breakdown {dtype}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        brk += [f"| {str(dtype)[6:]} | {name} | {v:.4f} |" for name, v in ms.items()]
+        print("\n".join(brk[-len(ms):]), flush=True)
     md = ["# tiled_csr_linear quick check", "",
-          f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; x [N, 4096], W [4096, 4096] random "
+          f"{where}, torch {torch.__version__}; x [N, {SIZE}], W [{SIZE}, {SIZE}] random "
           "sparsity; median ms per call of 15 samples of 20 back-to-back calls; (ratio) = cuBLAS / ours, >1 = ours "
           "faster", "",
           "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms |",
           "|---|---|---|---|---|---|", *rows, "",
+          "The backward's products at N = 256, 90% (where a training step's time goes):", "",
+          "| dtype | product | ms per call |", "|---|---|---|", *brk, "",
           f"correctness: {'all OK' if not failures else 'FAILED: ' + ', '.join(failures)}"]
     print("\n".join(md))
     if args.out:

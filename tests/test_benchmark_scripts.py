@@ -96,6 +96,10 @@ def test_pruning_targets_per_device_and_dtype():
     assert cpu["crossover"]["target"]["status"] == "NOT MET"                       # from 90% only
     cuda = prune.analyse(results, "cuda", torch.float16)
     assert [(r["key"], r["target"], r["status"]) for r in cuda["ratios"]] == [("fwd_vs_dense", 2.0, "MET")]
+    # with the tensor-core forward timed too, its own row against the same target
+    results[1]["forward"][prune.OURS_TC_FWD] = timing(6.0)
+    cuda = prune.analyse(results, "cuda", torch.float16)
+    assert [(r["key"], r["status"]) for r in cuda["ratios"]] == [("fwd_vs_dense", "MET"), ("fwd_tc_vs_dense", "NOT MET")]
     assert "target" not in cuda["crossover"]
     other = prune.analyse(results, "cpu", torch.bfloat16)
     assert other["ratios"] == [] and "target" not in other["crossover"]
@@ -156,3 +160,16 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_prune_gpu_quick_check_runs(tmp_path):
+    # gpu_check.sh runs benchmarks/prune_gpu_quick_check.py right after the build: the whole script
+    # on the CPU (the op's CPU kernel; timings meaningless), small, so that it cannot crash there.
+    script = os.path.join(ROOT, "benchmarks", "prune_gpu_quick_check.py")
+    out = subprocess.run([sys.executable, script, "--device", "cpu", "--size", "64", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "correctness: all OK" in out.stdout and "FAIL" not in out.stdout
+    (md,) = glob.glob(str(tmp_path / "prune-tc-quick-*.md"))
+    text = open(md).read()
+    assert text.count("| float16 | 256 |") == 5 and "dvalues ours (SDDMM)" in text
