@@ -3,7 +3,8 @@ against cuBLAS and our warp kernel, in under a minute.
 
     python benchmarks/prune_gpu_quick_check.py [--out DIR]      # repository root, after the build
 
-1. Correctness: float16 and bfloat16 against a float64 product on the CPU, shapes crossing every
+1. Correctness (the forward and tiled_csr_linear_backward_input, the input gradient): float16 and
+   bfloat16 against a float64 product on the CPU, shapes crossing every
    edge of the kernel's blocks (64 rows of x, 128 features, 64-wide K slices), K not a multiple of 8
    (x by plain loads), tiles denser than the 1024 entries a block stages in registers, a strided x.
    Each case prints OK or FAIL; a failure does not stop the others (a sticky CUDA error does).
@@ -87,6 +88,25 @@ def sync():
         torch.cuda.synchronize()
 
 
+def correctness_dx(n, k, m, sparsity, dtype):
+    """tiled_csr_linear_backward_input: dy [n, m] @ W [m, k] against float64."""
+    def f():
+        _, w, mask, _, _, t, vals = problem(n, k, m, sparsity, dtype)
+        dy = torch.randn(n, m, generator=torch.Generator().manual_seed(5)).to(dtype)
+        dx = torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy.to(DEVICE), vals[t.tile_src.long()], t.tile_ptr,
+                                                                  t.tile_loc, k)
+        sync()
+        ref = dy.double() @ torch.where(mask, w.double(), 0.0)
+        err = (dx.double().cpu() - ref).abs()
+        bound = EPS[dtype] * ref.abs() + EPS[dtype] * max(m, 1) ** 0.5
+        if not bool((err <= bound).all()):
+            i = int((err - bound).argmax())
+            raise AssertionError(f"max error {err.max().item():.3g}; worst at {divmod(i, k)}: got "
+                                 f"{dx.reshape(-1)[i].item():.5g}, want {ref.reshape(-1)[i].item():.5g}")
+
+    return f
+
+
 def time_ms(fns, reps=15, calls=20, warmup=3):
     """{name: median ms per call}, contenders interleaved, each sample `calls` back-to-back calls
     (CUDA events on a GPU; the host clock on the CPU, where this script only smoke-tests itself)."""
@@ -139,9 +159,12 @@ def backward_breakdown(dtype, n=256, sparsity=0.9):
     wm = torch.where(mask, w, torch.zeros((), dtype=dtype)).to(DEVICE)
     bwd = torch.ops.pyfinetune.csr_linear_backward
     pat = (p.crow_indices, p.col_indices, p.row_order, p.ccol_indices, p.row_indices, p.csc_to_csr)
+    tv = vals[t.tile_src.long()]
     fns = {
         "dx cuBLAS (dy @ W)": lambda: dy @ wm,
         "dx ours (csr_linear_backward, CSC SpMM)": lambda: bwd(dy, x, vals, *pat, [True, False, False]),
+        "dx ours tensor cores (tiled_csr_linear_backward_input)":
+            lambda: torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, t.tile_ptr, t.tile_loc, SIZE),
         "dW cuBLAS (dy^T @ x)": lambda: dy.t() @ x,
         "dvalues ours (SDDMM)": lambda: bwd(dy, x, vals, *pat, [False, True, False]),
     }
@@ -171,6 +194,11 @@ def main():
                 continue
             run(f"{dn} {n}x{k}x{m} sparsity {s}", correctness(n, k, m, s, dtype))
         run(f"{dn} no bias", correctness(70, 96, 200, 0.9, dtype, bias=False))
+        for (n, k, m, s) in ((1, 1, 1, 0.0), (65, 130, 129, 0.9), (256, 4096, 4096, 0.9), (70, 200, 300, 0.0),
+                             (33, 64, 517, 0.99), (7, 13, 300, 0.5)):
+            if DEVICE == "cpu" and n * k * m > 2**24:
+                continue
+            run(f"{dn} input gradient {n}x{k}x{m} sparsity {s}", correctness_dx(n, k, m, s, dtype))
         run(f"{dn} row-sliced x (row stride 4120, start 16 bytes in)", correctness(70, 4096, 200, 0.9, dtype,
                                                                                    x_view="row-sliced"))
     if failures:

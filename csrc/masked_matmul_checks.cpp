@@ -233,6 +233,40 @@ MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& cro
   return {0, dense.size(1), m, nnz};
 }
 
+namespace {
+
+// tile_values [nnz] (ref's dtype), tile_ptr [ceil(m / kTiledRows) * ceil(k / kTiledCols) + 1] int32,
+// tile_loc [nnz] int16, all on ref's device, for a weight [m, k]; k_desc says where k comes from.
+// Returns nnz.
+int64_t check_tiles(const char* op, const at::Tensor& ref, const char* ref_name, const at::Tensor& tile_values,
+                    const at::Tensor& tile_ptr, const at::Tensor& tile_loc, int64_t m, int64_t k,
+                    const char* k_desc) {
+  check_dense_on(op, "tile_values", tile_values, ref, ref_name);
+  PF_CHECK(tile_values.scalar_type() == ref.scalar_type(), op, "tile_values must have the dtype of ", ref_name, " (",
+           ref.scalar_type(), "), got ", tile_values.scalar_type());
+  PF_CHECK(tile_values.dim() == 1, op, "tile_values must be a 1-D tensor [nnz] (the kept weights in tile order), got shape ",
+           tile_values.sizes());
+  const int64_t nnz = tile_values.size(0);
+  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "tile_values has ", nnz,
+           " entries; int32 tile offsets address at most 2^31 - 1 kept weights");
+  const int64_t tiles = ((m + kTiledRows - 1) / kTiledRows) * ((k + kTiledCols - 1) / kTiledCols);
+  PF_CHECK(tile_ptr.defined(), op, "tile_ptr is undefined");
+  check_index(op, "tile_ptr", tile_ptr, ref, tiles + 1,
+              "ceil(out_features / " + std::to_string(kTiledRows) + ") * ceil(K / " + std::to_string(kTiledCols) +
+                  ") + 1 (K = " + k_desc + ")",
+              ref_name);
+  PF_CHECK(tile_loc.defined(), op, "tile_loc is undefined");
+  check_dense_on(op, "tile_loc", tile_loc, ref, ref_name);
+  PF_CHECK(tile_loc.scalar_type() == at::kShort, op, "tile_loc must be int16, got ", tile_loc.scalar_type());
+  PF_CHECK(tile_loc.dim() == 1 && tile_loc.size(0) == nnz, op,
+           "tile_loc must be a 1-D tensor with nnz = tile_values.numel() = ", nnz, " entries, got shape ",
+           tile_loc.sizes());
+  PF_CHECK(nnz <= m * k, op, "tile_values must have at most out_features * K = ", m * k, " entries, got nnz = ", nnz);
+  return nnz;
+}
+
+}  // namespace
+
 MatmulSizes check_tiled_csr_linear_args(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
                                         const at::Tensor& tile_loc, int64_t out_features,
                                         const std::optional<at::Tensor>& bias) {
@@ -240,28 +274,28 @@ MatmulSizes check_tiled_csr_linear_args(const at::Tensor& x, const at::Tensor& t
   check_x(op, x);
   PF_CHECK(out_features >= 0 && out_features <= std::numeric_limits<int32_t>::max(), op,
            "out_features must be in [0, 2^31 - 1], got ", out_features);
-  check_float_like_x(op, "tile_values", tile_values, x);
-  PF_CHECK(tile_values.dim() == 1, op, "tile_values must be a 1-D tensor [nnz] (the kept weights in tile order), got shape ",
-           tile_values.sizes());
-  const int64_t nnz = tile_values.size(0);
-  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "tile_values has ", nnz,
-           " entries; int32 tile offsets address at most 2^31 - 1 kept weights");
-  const int64_t k = x.size(1);
-  const int64_t tiles = ((out_features + kTiledRows - 1) / kTiledRows) * ((k + kTiledCols - 1) / kTiledCols);
-  PF_CHECK(tile_ptr.defined(), op, "tile_ptr is undefined");
-  check_index(op, "tile_ptr", tile_ptr, x, tiles + 1,
-              "ceil(out_features / " + std::to_string(kTiledRows) + ") * ceil(K / " + std::to_string(kTiledCols) +
-                  ") + 1 (K = x.size(1))");
-  PF_CHECK(tile_loc.defined(), op, "tile_loc is undefined");
-  check_dense_on(op, "tile_loc", tile_loc, x);
-  PF_CHECK(tile_loc.scalar_type() == at::kShort, op, "tile_loc must be int16, got ", tile_loc.scalar_type());
-  PF_CHECK(tile_loc.dim() == 1 && tile_loc.size(0) == nnz, op,
-           "tile_loc must be a 1-D tensor with nnz = tile_values.numel() = ", nnz, " entries, got shape ",
-           tile_loc.sizes());
-  PF_CHECK(nnz <= out_features * k, op, "tile_values must have at most out_features * K = ", out_features * k,
-           " entries, got nnz = ", nnz);
+  const int64_t nnz = check_tiles(op, x, "x", tile_values, tile_ptr, tile_loc, out_features, x.size(1), "x.size(1)");
   check_bias(op, bias, x, out_features);
-  return {x.size(0), k, out_features, nnz};
+  return {x.size(0), x.size(1), out_features, nnz};
+}
+
+MatmulSizes check_tiled_csr_linear_backward_input_args(const at::Tensor& grad_out, const at::Tensor& tile_values,
+                                                       const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
+                                                       int64_t in_features) {
+  const char* op = "tiled_csr_linear_backward_input";
+  PF_CHECK(grad_out.defined(), op, "grad_out is undefined");
+  PF_CHECK(grad_out.layout() == at::kStrided, op, "grad_out must be a dense (strided) tensor, got layout ",
+           grad_out.layout());
+  PF_CHECK(grad_out.dim() == 2, op, "grad_out must be a 2-D tensor [N, out_features], got shape ", grad_out.sizes());
+  PF_CHECK(is_supported_float(grad_out.scalar_type()), op, "grad_out must be ", kFloatDtypes, ", got ",
+           grad_out.scalar_type());
+  PF_CHECK(in_features >= 0 && in_features <= std::numeric_limits<int32_t>::max(), op,
+           "in_features must be in [0, 2^31 - 1], got ", in_features);
+  PF_CHECK(grad_out.size(1) <= std::numeric_limits<int32_t>::max(), op,
+           "grad_out must have at most 2^31 - 1 columns (out_features), got ", grad_out.size(1));
+  const int64_t nnz = check_tiles(op, grad_out, "grad_out", tile_values, tile_ptr, tile_loc, grad_out.size(1),
+                                  in_features, "in_features");
+  return {grad_out.size(0), in_features, grad_out.size(1), nnz};
 }
 
 // ------------------------------------------------------------------------- pattern data (CPU)

@@ -87,6 +87,11 @@ TORCH_LIBRARY(pyfinetune, m) {
   m.def(
       "tiled_csr_linear(Tensor x, Tensor tile_values, Tensor tile_ptr, Tensor tile_loc, int out_features, "
       "Tensor? bias) -> Tensor");
+  // Its input gradient: grad_out [N, M] @ W [M, K = in_features] -> [N, K], from the same tiles (on
+  // CUDA: tensor cores, each tile read transposed from shared memory).
+  m.def(
+      "tiled_csr_linear_backward_input(Tensor grad_out, Tensor tile_values, Tensor tile_ptr, Tensor tile_loc, "
+      "int in_features) -> Tensor");
   m.def("csr_to_dense(Tensor values, Tensor crow_indices, Tensor col_indices, int cols) -> Tensor");
   m.def("csr_to_dense_into(Tensor(a!) out, Tensor values, Tensor crow_indices, Tensor col_indices) -> ()");
   m.def("csr_gather(Tensor dense, Tensor crow_indices, Tensor col_indices) -> Tensor");

@@ -54,14 +54,16 @@ dbias [M])``: ``ccol_indices`` [K + 1], ``row_indices`` [nnz], ``csc_to_csr`` [n
 compressed-column view of the same pattern (``csc_to_csr[p]`` = the position in ``values`` of
 compressed-column entry ``p``). Outputs not asked for are empty tensors.
 
-``torch.ops.pyfinetune.tiled_csr_linear(x, tile_values, tile_ptr, tile_loc, out_features, bias) -> y``:
+``torch.ops.pyfinetune.tiled_csr_linear(x, tile_values, tile_ptr, tile_loc, out_features, bias) -> y`` and
+``torch.ops.pyfinetune.tiled_csr_linear_backward_input(grad_out, tile_values, tile_ptr, tile_loc,
+in_features) -> grad_out @ W``:
 the same product from the kept weights regrouped in tiles of 128 rows x 64 columns
 (:func:`tiled_pattern` builds ``tile_ptr`` int32 and ``tile_loc`` int16 from a compressed-row
 pattern, and the order ``tile_src`` that takes ``values`` to ``tile_values = values[tile_src]``).
 Its CUDA kernel (float16 / bfloat16, compute capability 8.0+) expands each tile into shared memory
 and multiplies on the tensor cores; the CPU kernel checks the tile data and computes densely.
-Differentiable in x, tile_values and bias (:func:`tiled_csr_linear` runs the backward of
-``csr_linear`` instead, over the compressed-column view).
+Differentiable in all floating inputs (:func:`tiled_csr_linear` runs the input gradient through
+``tiled_csr_linear_backward_input`` on CUDA and csr_linear's backward for the rest).
 
 All four accumulate in float32 (float64 for float64 inputs) and round once. The CPU kernels also
 check the index tensors' contents (monotone row pointers, indices in range).
@@ -444,14 +446,33 @@ def _tiled_csr_linear_fake(x, tile_values, tile_ptr, tile_loc, out_features, bia
     _fake_check_x(op, x)
     _fake_check_like_x(op, x, dict(tile_values=tile_values, bias=bias), dict(tile_ptr=tile_ptr, tile_loc=tile_loc))
     _fake_check(0 <= out_features <= _INT32_MAX, op, lambda: f"out_features must be in [0, 2^31 - 1], got {out_features}")
-    tiles = -(-out_features // TILE_ROWS) * -(-x.shape[1] // TILE_COLS)
+    _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, out_features, x.shape[1])
+    return x.new_empty((x.shape[0], out_features))
+
+
+def _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, m, k):
+    tiles = -(-m // TILE_ROWS) * -(-k // TILE_COLS)
     _fake_check(tile_ptr.dtype == torch.int32 and tile_ptr.shape == (tiles + 1,), op,
                 lambda: f"tile_ptr must be an int32 tensor of ceil(out_features / {TILE_ROWS}) * ceil(K / {TILE_COLS}) "
                         f"+ 1 = {tiles + 1} entries, got {tile_ptr.dtype} of shape {tuple(tile_ptr.shape)}")
     _fake_check(tile_loc.dtype == torch.int16 and tile_loc.shape == tile_values.shape and tile_values.dim() == 1, op,
                 lambda: f"tile_loc must be int16 [nnz] like tile_values {tuple(tile_values.shape)}, got "
                         f"{tile_loc.dtype} of shape {tuple(tile_loc.shape)}")
-    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("pyfinetune::tiled_csr_linear_backward_input")
+def _tiled_csr_linear_backward_input_fake(grad_out, tile_values, tile_ptr, tile_loc, in_features):
+    op = "tiled_csr_linear_backward_input"
+    _fake_check(grad_out.dim() == 2, op,
+                lambda: f"grad_out must be a 2-D tensor [N, out_features], got shape {tuple(grad_out.shape)}")
+    _fake_check(0 <= in_features <= _INT32_MAX, op, lambda: f"in_features must be in [0, 2^31 - 1], got {in_features}")
+    for name, t in dict(tile_values=tile_values, tile_ptr=tile_ptr, tile_loc=tile_loc).items():
+        _fake_check(t.device == grad_out.device, op,
+                    lambda name=name, t=t: f"{name} must be on the device of grad_out ({grad_out.device}), got {t.device}")
+    _fake_check(tile_values.dtype == grad_out.dtype, op,
+                lambda: f"tile_values must have the dtype of grad_out ({grad_out.dtype}), got {tile_values.dtype}")
+    _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, grad_out.shape[1], in_features)
+    return grad_out.new_empty((grad_out.shape[0], in_features))
 
 
 def _fake_check_pattern(op: str, ref_name: str, ref: Tensor, crow_indices: Tensor, col_indices: Tensor) -> None:
@@ -894,9 +915,36 @@ torch.library.register_autograd("pyfinetune::tiled_csr_linear", _tiled_op_backwa
                                 setup_context=_tiled_op_setup_context)
 
 
+def _tiled_dx_op_backward(ctx, grad):
+    # dx = grad_out @ W: d(grad_out) = grad @ W^T, d(tile_values) = (grad_out^T @ grad) at the tiles.
+    grad_out, tile_values, tile_ptr, tile_loc = ctx.saved_tensors
+    m, k = grad_out.shape[1], ctx.in_features
+    flat = _tiled_index(tile_ptr, tile_loc, m, k)
+    need_g, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dg = dv = None
+    if need_g:
+        w = tile_values.new_zeros(m * k).index_put((flat,), tile_values).view(m, k)
+        dg = grad @ w.t()
+    if need_v:
+        dv = (grad_out.t() @ grad).reshape(-1)[flat]
+    return dg, dv, None, None, None
+
+
+def _tiled_dx_op_setup_context(ctx, inputs, output):
+    grad_out, tile_values, tile_ptr, tile_loc, in_features = inputs
+    ctx.save_for_backward(grad_out, tile_values, tile_ptr, tile_loc)
+    ctx.in_features = in_features
+
+
+torch.library.register_autograd("pyfinetune::tiled_csr_linear_backward_input", _tiled_dx_op_backward,
+                                setup_context=_tiled_dx_op_setup_context)
+
+
 @_eager_twin
 class _TiledCsrLinear(torch.autograd.Function):
-    """tiled_csr_linear forward; csr_linear's backward (sparse kernels) for x, values and bias."""
+    """tiled_csr_linear forward; backward: on CUDA the input gradient from the same tiles
+    (tiled_csr_linear_backward_input: tensor cores), elsewhere csr_linear's; the values' and bias's
+    gradients from csr_linear's backward (SDDMM at the kept positions)."""
 
     @staticmethod
     def forward(x, values, tile_values, tiled, pattern, bias):
@@ -906,16 +954,24 @@ class _TiledCsrLinear(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, values, tile_values, tiled, pattern, bias = inputs
-        ctx.save_for_backward(x, values, *pattern)
+        ctx.save_for_backward(x, values, tile_values, tiled.tile_ptr, tiled.tile_loc, *pattern)
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad):
-        x, values, crow, col, row_order, ccol, row_idx, csc_to_csr = ctx.saved_tensors
+        x, values, tile_values, tile_ptr, tile_loc, crow, col, row_order, ccol, row_idx, csc_to_csr = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_x, need_v, need_b = need[0], need[1], need[5] and ctx.has_bias
-        dx, dv, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, ccol, row_idx,
-                                                              csc_to_csr, [need_x, need_v, need_b])
+        dx = None
+        tiled_dx = need_x and grad.is_cuda
+        if tiled_dx:
+            dx = torch.ops.pyfinetune.tiled_csr_linear_backward_input(grad, tile_values, tile_ptr, tile_loc, x.shape[1])
+        if (need_x and not tiled_dx) or need_v or need_b:
+            dx2, dv, db = torch.ops.pyfinetune.csr_linear_backward(
+                grad, x, values, crow, col, row_order, ccol, row_idx, csc_to_csr, [need_x and not tiled_dx, need_v, need_b])
+            dx = dx if tiled_dx else dx2
+        else:
+            dv = db = None
         return dx if need_x else None, dv if need_v else None, None, None, None, db if need_b else None
 
 

@@ -3,10 +3,11 @@ CUDA), against a float64 dense reference.
 
 * ``tiled_pattern``: against a brute-force regrouping of the mask's entries (every tile's entries,
   their places and their source positions), odd shapes crossing every tile edge.
-* the op on every device: forward against ``x @ W^T + b`` in float64 for fp32/fp64/bf16/fp16 (CPU)
-  and fp16/bf16 (CUDA: tensor cores), strided x, empty shapes; its own autograd formula (gradcheck
-  and gradgradcheck in float64); ``ops.tiled_csr_linear``'s backward (csr_linear's kernels);
-  opcheck; argument and tile-data errors.
+* the ops on every device: forward against ``x @ W^T + b`` and the input gradient
+  (``tiled_csr_linear_backward_input``) against ``dy @ W`` in float64 for fp32/fp64/bf16/fp16 (CPU)
+  and fp16/bf16 (CUDA: tensor cores), strided inputs, empty shapes; their own autograd formulas
+  (gradcheck and gradgradcheck in float64); ``ops.tiled_csr_linear``'s backward; opcheck; argument
+  and tile-data errors.
 * SparseLinear with ``PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores`` (CUDA): forward and gradients, and
   the inference cache of the tile-ordered values following an optimizer step.
 
@@ -162,7 +163,8 @@ def test_empty_shapes(device):
 
 
 def test_gradcheck_of_the_op_formula():
-    c, _ = make_case(5, 70, 130, torch.float64, "cpu", 0.8)
+    # M = 130 crosses a 128-row tile, K = 70 a 64-column one; small enough for gradgradcheck
+    c, _ = make_case(3, 70, 130, torch.float64, "cpu", 0.95)
     tv = c["values"].index_select(0, c["tiled"].tile_src).requires_grad_()
     x = c["x"].clone().requires_grad_()
     b = c["bias"].clone().requires_grad_()
@@ -189,12 +191,76 @@ def test_tiled_csr_linear_gradients_are_csr_linears(device, dtype):
         y.backward(g)
         outs.append((y.detach(), xs.grad, v.grad, b.grad))
     assert outs[0][0].shape == (3, 11, 150)
-    # the gradients run the same kernels on the same inputs: identical
-    for a, b_ in zip(outs[0][1:], outs[1][1:]):
+    # the values' and bias's gradients run the same kernels on the same inputs: identical; so does
+    # the input gradient on the CPU (on CUDA: tiled_csr_linear_backward_input, its own sums)
+    for a, b_ in zip(outs[0][2:], outs[1][2:]):
         assert torch.equal(a, b_)
     wm = torch.where(c["mask"], c["w"].double(), 0.0)
+    if device == "cpu":
+        assert torch.equal(outs[0][1], outs[1][1])
+    else:
+        assert_close(outs[0][1].reshape(33, 130), (g.double().cpu() @ wm).reshape(33, 130), dtype, 150, "dx")
     ref = x.double().cpu() @ wm.t() + c["bias"].double().cpu()
     assert_close(outs[0][0].reshape(33, 150), ref.reshape(33, 150), dtype, 130, "batched forward")
+
+
+def run_dx(c, dy):
+    tv = c["values"].index_select(0, c["tiled"].tile_src)
+    return torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, c["tiled"].tile_ptr, c["tiled"].tile_loc,
+                                                                c["w"].shape[1])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("device,dtype", op_params())
+def test_backward_input_matches_dense_reference(shape, sparsity, device, dtype):
+    """grad_out @ W from the tiles: M (the reduction) past one 128-row tile, not a multiple of 8
+    (the CUDA kernel's plain loads), K past several 64-column tiles; a strided grad_out too."""
+    n, k, m = shape
+    c, _ = make_case(n, k, m, dtype, device, sparsity, bias=False)
+    dy = torch.randn(n, m).to(dtype)
+    wm = torch.where(c["mask"], c["w"].double(), 0.0)
+    assert_close(run_dx(c, dy.to(device)), dy.double() @ wm, dtype, m, f"{shape} sparsity {sparsity}")
+    wide = torch.randn(n, m + 8).to(dtype)
+    assert_close(run_dx(c, wide.to(device)[:, 8:]), wide[:, 8:].double() @ wm, dtype, m, "row-sliced grad_out")
+
+
+def test_backward_input_gradcheck_and_opcheck():
+    c, _ = make_case(3, 70, 130, torch.float64, "cpu", 0.95)
+    tv = c["values"].index_select(0, c["tiled"].tile_src).requires_grad_()
+    dy = torch.randn(3, 130, dtype=torch.float64, requires_grad=True)
+
+    def f(dy, tv):
+        return torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, c["tiled"].tile_ptr, c["tiled"].tile_loc, 70)
+
+    assert torch.autograd.gradcheck(f, (dy, tv))
+    assert torch.autograd.gradgradcheck(f, (dy, tv))
+    torch.library.opcheck(torch.ops.pyfinetune.tiled_csr_linear_backward_input.default,
+                          (dy, tv, c["tiled"].tile_ptr, c["tiled"].tile_loc, 70))
+    torch.library.opcheck(torch.ops.pyfinetune.tiled_csr_linear_backward_input.default,
+                          (dy.detach().float(), tv.detach().float(), c["tiled"].tile_ptr, c["tiled"].tile_loc, 70))
+    assert tv.numel() > 100  # the tiles are not empty
+
+
+DX_ERRORS = [
+    ("grad_out 1-D", dict(dy=lambda d: d[0]), "grad_out must be a 2-D tensor"),
+    ("grad_out dtype", dict(dy=lambda d: d.double()), "tile_values must have the dtype of grad_out"),
+    ("in_features", dict(k=lambda k: -1), r"in_features must be in \[0, 2\^31 - 1\]"),
+    ("in_features tiles", dict(k=lambda k: k + 64), r"tile_ptr must be a 1-D tensor with ceil"),
+    ("loc range", dict(loc=lambda l: l.clone().fill_(9000)), r"tile_loc\[0\] = 9000 is out of range"),
+]
+
+
+@pytest.mark.parametrize("what,change,message", DX_ERRORS, ids=[e[0] for e in DX_ERRORS])
+def test_backward_input_errors(what, change, message):
+    c, _ = make_case(3, 70, 130, torch.float32, "cpu", 0.5)
+    tv = c["values"].index_select(0, c["tiled"].tile_src)
+    dy, k, loc = torch.randn(3, 130), 70, c["tiled"].tile_loc
+    dy = change.get("dy", lambda d: d)(dy)
+    k = change.get("k", lambda k: k)(k)
+    loc = change.get("loc", lambda l: l)(loc)
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, c["tiled"].tile_ptr, loc, k)
 
 
 @pytest.mark.parametrize("device,dtype", op_params())
@@ -298,8 +364,11 @@ def test_sparse_linear_tensor_core_forward(dtype, monkeypatch):
         layers[kernel] = (layer, y.detach(), xs.grad, layer.values.grad, layer.bias.grad)
     ref = x.double().cpu() @ torch.where(mask, w.double(), 0.0).t() + b.double()
     assert_close(layers["tensor_cores"][1].reshape(140, 300), ref.reshape(140, 300), dtype, 200, "forward")
-    for a, b_ in zip(layers["tensor_cores"][2:], layers["warp"][2:]):
+    # values and bias: the same SDDMM / sum as the warp path; x: the tensor-core input gradient
+    for a, b_ in zip(layers["tensor_cores"][3:], layers["warp"][3:]):
         assert torch.equal(a, b_)
+    dx_ref = g.double().cpu() @ torch.where(mask, w.double(), 0.0)
+    assert_close(layers["tensor_cores"][2].reshape(140, 200), dx_ref.reshape(140, 200), dtype, 300, "dx")
     layer = layers["tensor_cores"][0]
     with torch.no_grad():
         y0 = layer(x)

@@ -1,4 +1,4 @@
-// CPU kernel of pyfinetune::tiled_csr_linear: the product of x with a sparse weight whose kept
+// CPU kernels of pyfinetune::tiled_csr_linear (and its input gradient): the product of x with a sparse weight whose kept
 // entries are grouped in 128 x 64 tiles (the layout of the CUDA tensor-core kernel,
 // csrc/cuda/tiled_csr_cuda.cu). On the CPU the layout brings nothing (csr_linear is the fast CPU
 // kernel); this one exists so that the op behaves the same on every device: it validates the tile
@@ -63,19 +63,13 @@ std::vector<int64_t> tile_positions(const at::Tensor& tile_ptr, const at::Tensor
   return pos;
 }
 
-at::Tensor tiled_csr_linear_cpu(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
-                                const at::Tensor& tile_loc, int64_t out_features,
-                                const std::optional<at::Tensor>& bias) {
-  const MatmulSizes sz = check_tiled_csr_linear_args(x, tile_values, tile_ptr, tile_loc, out_features, bias);
-  PF_CHECK(x.is_cpu(), "tiled_csr_linear", "x must be a CPU tensor here, got ", x.device());
-  // A kernel below autograd: the result never records its internals (opcheck's autograd test).
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t M = sz.m, K = sz.k;
+// The dense weight [M, K] in the accumulation dtype (float32, float64 for float64) from checked tiles.
+at::Tensor dense_weight(const at::Tensor& tile_values, const at::Tensor& tile_ptr, const at::Tensor& tile_loc, int64_t M,
+                        int64_t K, at::ScalarType acc) {
   const std::vector<int64_t> pos = tile_positions(tile_ptr.contiguous(), tile_loc.contiguous(), M, K);
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor w = at::zeros({M, K}, x.options().dtype(acc));
+  at::Tensor w = at::zeros({M, K}, tile_values.options().dtype(acc));
   const at::Tensor v = tile_values.contiguous().to(acc);
-  AT_DISPATCH_FLOATING_TYPES(acc, "tiled_csr_linear_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "tiled_csr_dense_weight", [&] {
     scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t* vp = v.const_data_ptr<scalar_t>();
     at::parallel_for(0, static_cast<int64_t>(pos.size()), 1 << 14, [&](int64_t b, int64_t e) {
@@ -84,6 +78,32 @@ at::Tensor tiled_csr_linear_cpu(const at::Tensor& x, const at::Tensor& tile_valu
       }
     });
   });
+  return w;
+}
+
+at::Tensor tiled_csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& tile_values,
+                                               const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
+                                               int64_t in_features) {
+  const MatmulSizes sz =
+      check_tiled_csr_linear_backward_input_args(grad_out, tile_values, tile_ptr, tile_loc, in_features);
+  PF_CHECK(grad_out.is_cpu(), "tiled_csr_linear_backward_input", "grad_out must be a CPU tensor here, got ",
+           grad_out.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor w = dense_weight(tile_values, tile_ptr, tile_loc, sz.m, sz.k, acc);
+  return at::mm(grad_out.to(acc), w).to(grad_out.scalar_type());
+}
+
+at::Tensor tiled_csr_linear_cpu(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
+                                const at::Tensor& tile_loc, int64_t out_features,
+                                const std::optional<at::Tensor>& bias) {
+  const MatmulSizes sz = check_tiled_csr_linear_args(x, tile_values, tile_ptr, tile_loc, out_features, bias);
+  PF_CHECK(x.is_cpu(), "tiled_csr_linear", "x must be a CPU tensor here, got ", x.device());
+  // A kernel below autograd: the result never records its internals (opcheck's autograd test).
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t M = sz.m, K = sz.k;
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor w = dense_weight(tile_values, tile_ptr, tile_loc, M, K, acc);
   const at::Tensor xa = x.to(acc);
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(bias->to(acc), xa, w.t()) : at::mm(xa, w.t());
   return y.to(x.scalar_type());
@@ -93,6 +113,7 @@ at::Tensor tiled_csr_linear_cpu(const at::Tensor& x, const at::Tensor& tile_valu
 
 TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
   m.impl("tiled_csr_linear", &tiled_csr_linear_cpu);
+  m.impl("tiled_csr_linear_backward_input", &tiled_csr_linear_backward_input_cpu);
 }
 
 }  // namespace pyfinetune

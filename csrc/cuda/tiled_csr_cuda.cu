@@ -75,7 +75,6 @@ constexpr int kWStage = kRows * kPitch;
 constexpr int kSmemBytes = kStages * (kXStage + kWStage) * 2;  // 82944
 constexpr int64_t kMaxGridY = 65535;
 static_assert(kRows * kCols <= 32768, "tile_loc is int16");
-static_assert(kTokens * kCols / 8 == 2 * kThreads, "two 16-byte copies of x per thread and step");
 static_assert((kXStage * 2) % 16 == 0 && (kWStage * 2) % 16 == 0, "16-byte aligned stages");
 
 struct TiledArgs {
@@ -129,6 +128,17 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 #endif
 }
 
+// The same with each 8 x 8 matrix transposed on the way (.trans): lane 4 r + c receives the elements
+// (2c, r) and (2c + 1, r) of matrix i in register i.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#ifdef PF_TILED_SM80
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+#endif
+}
+
 // d += a (16 x 16, row-major) * b (16 x 8, column-major), float32 accumulators.
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -149,26 +159,32 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// The slice [n0, n0 + 64) x [k0, k0 + 64) of x into a stage (zeros outside [0, N) x [0, K)).
-template <bool kAligned>
-__device__ __forceinline__ void load_x_slice(const TiledArgs& a, uint16_t* xs, int64_t n0, int k0) {
+// The slice [r0, r0 + 64) x [c0, c0 + kSliceCols) of a row-major [rows, cols] operand (row stride
+// rs, unit column stride) into a stage of row pitch kSliceCols + 8, zeros outside [0, rows) x
+// [0, cols). kAligned: cols and rs multiples of 8 and a 16-byte aligned start, so that a 16-byte
+// chunk is wholly inside or wholly outside: cp.async, zero-filled outside (src-size 0).
+template <int kSliceCols, bool kAligned>
+__device__ __forceinline__ void load_slice(const uint16_t* src, int64_t rows, int64_t cols, int64_t rs,
+                                           uint16_t* stage, int64_t r0, int64_t c0) {
+  constexpr int kChunksPerRow = kSliceCols / 8;
+  constexpr int kPerThread = kTokens * kChunksPerRow / kThreads;
+  static_assert(kPerThread * kThreads == kTokens * kChunksPerRow, "whole chunks per thread");
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kPerThread; ++i) {
     const int c = threadIdx.x + i * kThreads;  // 16-byte chunk of the slice
-    const int r = c >> 3;
-    const int kc = (c & 7) * 8;
-    const int64_t row = n0 + r;
-    const int k = k0 + kc;
-    uint16_t* dst = xs + r * kPitch + kc;
+    const int r = c / kChunksPerRow;
+    const int cc = (c % kChunksPerRow) * 8;
+    const int64_t row = r0 + r;
+    const int64_t col = c0 + cc;
+    uint16_t* dst = stage + r * (kSliceCols + 8) + cc;
     if constexpr (kAligned) {
-      // K is a multiple of 8: a chunk is wholly inside or wholly outside [0, K).
-      const bool inside = row < a.n && k < a.k;
-      const uint16_t* src = inside ? a.x + row * a.x_rs + k : a.x;
-      cp_async16(smem_addr(dst), src, inside ? 16 : 0);
+      const bool inside = row < rows && col < cols;
+      const uint16_t* from = inside ? src + row * rs + col : src;
+      cp_async16(smem_addr(dst), from, inside ? 16 : 0);
     } else {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        dst[j] = (row < a.n && k + j < a.k) ? a.x[row * a.x_rs + k + j] : uint16_t{0};
+        dst[j] = (row < rows && col + j < cols) ? src[row * rs + col + j] : uint16_t{0};
       }
     }
   }
@@ -227,6 +243,53 @@ __device__ __forceinline__ void scatter_tile(const TiledArgs& a, const Staged& s
   }
 }
 
+// The pipeline both kernels run over `steps` weight tiles (see the header): per step, the tile
+// tile_of(t) expanded into its stage of `ws` and the operand slice of step t loaded by
+// load_operand(t, stage); compute(stage) multiplies the two (skipped for a tile with no entry: the
+// same decision in every thread, read from tile_ptr). Starts with a barrier, so that a block can
+// run it again for its next rows once the previous run's last compute is done.
+template <typename LoadOperand, typename TileOf, typename Compute>
+__device__ __forceinline__ void tile_pipeline(const TiledArgs& a, int steps, uint16_t* ws, LoadOperand load_operand,
+                                              TileOf tile_of, Compute compute) {
+  __syncthreads();  // the previous run's last step has read every stage
+  for (int s = 0; s < kStages; ++s) {
+    zero_stage(ws + s * kWStage);
+  }
+  load_operand(0, 0);
+  cp_async_commit();
+  if (steps > 1) {
+    load_operand(1, 1);
+  }
+  cp_async_commit();
+  Staged next;
+  stage_tile(a, tile_of(0), next);
+  __syncthreads();  // zeros before the scatter
+  scatter_tile(a, next, ws);
+  bool empty_next = next.begin == next.end;  // of the coming step's tile
+  if (steps > 1) {
+    stage_tile(a, tile_of(1), next);
+  }
+  for (int t = 0; t < steps; ++t) {
+    cp_async_wait<1>();  // this thread's copies of step t are done (step t + 1's may be pending)
+    __syncthreads();     // ... and everyone's, and the scatter of tile t; stage (t + 2) % 3 is free
+    const bool empty = empty_next;
+    if (t + 1 < steps) {
+      scatter_tile(a, next, ws + ((t + 1) % kStages) * kWStage);
+      empty_next = next.begin == next.end;
+    }
+    if (t + 2 < steps) {
+      const int s2 = (t + 2) % kStages;
+      zero_stage(ws + s2 * kWStage);
+      stage_tile(a, tile_of(t + 2), next);
+      load_operand(t + 2, s2);
+    }
+    cp_async_commit();  // possibly empty: keeps one group per step for the wait above
+    if (!empty) {
+      compute(t % kStages);
+    }
+  }
+}
+
 template <typename scalar_t, bool kAligned>
 __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const TiledArgs a) {
 #ifdef PF_TILED_SM80
@@ -262,65 +325,32 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
 #pragma unroll
         for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
 
-    __syncthreads();  // the previous row block's last step has read every stage
-    for (int s = 0; s < kStages; ++s) {
-      zero_stage(ws + s * kWStage);
-    }
-    load_x_slice<kAligned>(a, xs, n0, 0);
-    cp_async_commit();
-    if (kt_count > 1) {
-      load_x_slice<kAligned>(a, xs + kXStage, n0, kCols);
-    }
-    cp_async_commit();
-    Staged next;
-    stage_tile(a, tile0, next);
-    __syncthreads();  // zeros before the scatter
-    scatter_tile(a, next, ws);
-    // Whether the tile of the coming step has no entry (the same for every thread of the block:
-    // read from tile_ptr): its multiply is skipped (a block-sparse weight's empty tiles cost no mma).
-    bool empty_next = next.begin == next.end;
-    if (kt_count > 1) {
-      stage_tile(a, tile0 + 1, next);
-    }
-
-    for (int t = 0; t < kt_count; ++t) {
-      cp_async_wait<1>();  // this thread's copies of slice t are done (slice t + 1's may be pending)
-      __syncthreads();     // ... and everyone's, and the scatter of tile t; stage (t + 2) % 3 is free
-      const bool empty = empty_next;
-      if (t + 1 < kt_count) {
-        scatter_tile(a, next, ws + ((t + 1) % kStages) * kWStage);
-        empty_next = next.begin == next.end;
-      }
-      if (t + 2 < kt_count) {
-        const int s2 = (t + 2) % kStages;
-        zero_stage(ws + s2 * kWStage);
-        stage_tile(a, tile0 + t + 2, next);
-        load_x_slice<kAligned>(a, xs + s2 * kXStage, n0, (t + 2) * kCols);
-      }
-      cp_async_commit();  // possibly empty: keeps one group per step for the wait above
-
-      if (empty) {
-        continue;
-      }
-      const uint16_t* xst = xs + (t % kStages) * kXStage;
-      const uint16_t* wst = ws + (t % kStages) * kWStage;
+    tile_pipeline(
+        a, kt_count, ws,
+        [&](int t, int stage) {
+          load_slice<kCols, kAligned>(a.x, a.n, a.k, a.x_rs, xs + stage * kXStage, n0, static_cast<int64_t>(t) * kCols);
+        },
+        [&](int t) { return tile0 + t; },
+        [&](int stage) {
+          const uint16_t* xst = xs + stage * kXStage;
+          const uint16_t* wst = ws + stage * kWStage;
 #pragma unroll
-      for (int kk = 0; kk < kCols / 16; ++kk) {
-        uint32_t af[2][4];
-        uint32_t bf[2][4];
+          for (int kk = 0; kk < kCols / 16; ++kk) {
+            uint32_t af[2][4];
+            uint32_t bf[2][4];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          ldmatrix_x4(af[i], smem_addr(xst + a_off + i * 16 * kPitch + kk * 16));
-          ldmatrix_x4(bf[i], smem_addr(wst + b_off + i * 16 * kPitch + kk * 16));
-        }
+            for (int i = 0; i < 2; ++i) {
+              ldmatrix_x4(af[i], smem_addr(xst + a_off + i * 16 * kPitch + kk * 16));
+              ldmatrix_x4(bf[i], smem_addr(wst + b_off + i * 16 * kPitch + kk * 16));
+            }
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+            for (int i = 0; i < 2; ++i)
 #pragma unroll
-          for (int j = 0; j < 4; ++j)
-            // feature block j (8 features) = half (j & 1) of the 16 loaded by bf[j >> 1]
-            mma_16816<kBf16>(acc[i][j], af[i], bf[j >> 1][(j & 1) * 2], bf[j >> 1][(j & 1) * 2 + 1]);
-      }
-    }
+              for (int j = 0; j < 4; ++j)
+                // feature block j (8 features) = half (j & 1) of the 16 loaded by bf[j >> 1]
+                mma_16816<kBf16>(acc[i][j], af[i], bf[j >> 1][(j & 1) * 2], bf[j >> 1][(j & 1) * 2 + 1]);
+          }
+        });
 
     // Epilogue: acc[i][j] = rows 16 i + g (+8) of the warp's 32, features 8 j + 2 c (+1) of its 32,
     // g = lane / 4, c = lane % 4.
@@ -362,87 +392,235 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
 #endif
 }
 
+// ------------------------------------------------------------------------------------------------
+// Input gradient: dx [N, K] = dy [N, M] @ W [M, K]. A block owns 64 rows of dy and one 64-wide
+// column slice kt of W (the output columns kt * 64 ...), and walks the tiles of that column, rb =
+// 0, 1, ... (tile rb * KT + kt): per step the slice dy[64 rows, 128 of M] (stage pitch 136) and the
+// tile expanded as in the forward ([128 of M][64 of K], pitch 72). The tile is operand B of the mma
+// with M as the reduction: stored reduction-major, so it is read with ldmatrix .trans (lanes 0-7:
+// M rows 0-7 at columns 0, 8-15: M rows 8-15 at columns 0, 16-23: rows 0-7 at columns 8, 24-31:
+// rows 8-15 at columns 8; registers 0, 1 = b0, b1 of output columns 0-7, 2, 3 = those of 8-15).
+// Warps: 2 (rows of dy, 32 each) x 4 (output columns, 16 each), 2 x 2 mma tiles per warp, 8 mma
+// k-steps of 16 per tile. Same pipeline, barriers and empty-tile skip as the forward.
+constexpr int kDyCols = kRows;              // reduction per step: one tile's rows
+constexpr int kDyPitch = kDyCols + 8;       // 136 elements: conflict-free ldmatrix rows
+constexpr int kDyStage = kTokens * kDyPitch;
+constexpr int kDxSmemBytes = kStages * (kDyStage + kWStage) * 2;  // 107520
+
+// a.x = dy [N, M] (row stride a.x_rs), a.m = M (the reduction), a.k = K (dx's columns), a.k_tiles =
+// ceil(K / 64), a.y = dx [N, K].
 template <typename scalar_t, bool kAligned>
-void launch(const TiledArgs& a, int64_t m_blocks, int64_t n_blocks) {
-  auto kernel = tiled_csr_linear_kernel<scalar_t, kAligned>;
+__global__ void __launch_bounds__(kThreads, 2) tiled_csr_dx_kernel(const TiledArgs a) {
+#ifdef PF_TILED_SM80
+  constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+  extern __shared__ __align__(16) uint16_t smem[];
+  uint16_t* dys = smem;                       // kStages x [kTokens][kDyPitch]
+  uint16_t* ws = smem + kStages * kDyStage;   // kStages x [kRows][kPitch]
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warp_tok = warp & 1;   // rows [32 * warp_tok, +32) of the block's 64
+  const int warp_col = warp >> 1;  // output columns [16 * warp_col, +16) of the block's 64
+  const int kt = blockIdx.x;
+  const int64_t col0 = static_cast<int64_t>(kt) * kCols;
+  const int steps = static_cast<int>((static_cast<int64_t>(a.m) + kRows - 1) / kRows);
+  const int64_t n_blocks = (a.n + kTokens - 1) / kTokens;
+  const int a_off = (warp_tok * 32 + (lane & 15)) * kDyPitch + (lane >> 4) * 8;
+  const int b_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * kPitch + warp_col * 16 + (lane >> 4) * 8;
+
+  for (int64_t nb = blockIdx.y; nb < n_blocks; nb += gridDim.y) {
+    const int64_t n0 = nb * kTokens;
+    float acc[2][2][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+    tile_pipeline(
+        a, steps, ws,
+        [&](int t, int stage) {
+          load_slice<kDyCols, kAligned>(a.x, a.n, a.m, a.x_rs, dys + stage * kDyStage, n0,
+                                        static_cast<int64_t>(t) * kDyCols);
+        },
+        [&](int t) { return t * a.k_tiles + kt; },
+        [&](int stage) {
+          const uint16_t* dst = dys + stage * kDyStage;
+          const uint16_t* wst = ws + stage * kWStage;
+#pragma unroll
+          for (int kk = 0; kk < kDyCols / 16; ++kk) {
+            uint32_t af[2][4];
+            uint32_t bf[4];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              ldmatrix_x4(af[i], smem_addr(dst + a_off + i * 16 * kDyPitch + kk * 16));
+            }
+            ldmatrix_x4_trans(bf, smem_addr(wst + b_off + kk * 16 * kPitch));
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+              for (int j = 0; j < 2; ++j) mma_16816<kBf16>(acc[i][j], af[i], bf[2 * j], bf[2 * j + 1]);
+          }
+        });
+
+    // acc[i][j]: rows 16 i + g (+8) of the warp's 32, output columns 8 j + 2 c (+1) of its 16.
+    const int g = lane >> 2;
+    const int c2 = (lane & 3) * 2;
+    scalar_t* y = static_cast<scalar_t*>(a.y);
+    const bool pairs = (a.k & 1) == 0;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t col = col0 + warp_col * 16 + j * 8 + c2;
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t row = n0 + warp_tok * 32 + i * 16 + g + h * 8;
+          if (row >= a.n || col >= a.k) {
+            continue;
+          }
+          scalar_t* out = y + row * a.k + col;
+          const scalar_t v0 = static_cast<scalar_t>(acc[i][j][2 * h]);
+          const scalar_t v1 = static_cast<scalar_t>(acc[i][j][2 * h + 1]);
+          if (pairs) {
+            *reinterpret_cast<uint32_t*>(out) = static_cast<uint32_t>(v0.x) | (static_cast<uint32_t>(v1.x) << 16);
+          } else {
+            out[0] = v0;
+            if (col + 1 < a.k) {
+              out[1] = v1;
+            }
+          }
+        }
+    }
+  }
+#else
+  CUDA_KERNEL_ASSERT(false && "tiled_csr_linear_backward_input needs sm80 or newer");
+#endif
+}
+
+// Launches the forward or (kDx) the input-gradient kernel: grid (grid_x, row blocks of 64 rows,
+// looped past 65535).
+template <bool kDx, typename scalar_t, bool kAligned>
+void launch(const TiledArgs& a, int64_t grid_x) {
+  auto kernel = kDx ? tiled_csr_dx_kernel<scalar_t, kAligned> : tiled_csr_linear_kernel<scalar_t, kAligned>;
+  constexpr int smem_bytes = kDx ? kDxSmemBytes : kSmemBytes;
   // The stages exceed the default 48 KB of dynamic shared memory: opt in, once per device.
   static std::once_flag flags[64];
   const int dev = c10::cuda::current_device();
   TORCH_INTERNAL_ASSERT(dev >= 0 && dev < 64);
   std::call_once(flags[dev], [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
   });
-  const dim3 grid(static_cast<unsigned>(m_blocks), static_cast<unsigned>(std::min(n_blocks, kMaxGridY)));
-  kernel<<<grid, kThreads, kSmemBytes, at::cuda::getCurrentCUDAStream()>>>(a);
+  const int64_t n_blocks = (a.n + kTokens - 1) / kTokens;
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::min(n_blocks, kMaxGridY)));
+  kernel<<<grid, kThreads, smem_bytes, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor tiled_csr_linear_cuda(const at::Tensor& x_in, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
-                                 const at::Tensor& tile_loc, int64_t out_features,
-                                 const std::optional<at::Tensor>& bias) {
-  const char* op = "tiled_csr_linear";
-  const MatmulSizes sz = check_tiled_csr_linear_args(x_in, tile_values, tile_ptr, tile_loc, out_features, bias);
-  PF_CHECK(x_in.is_cuda(), op, "x must be a CUDA tensor here, got ", x_in.device());
-  PF_CHECK(x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16, op,
-           "the CUDA kernel runs on tensor cores: x must be float16 or bfloat16, got ", x_in.scalar_type(),
-           " (csr_linear takes every float dtype)");
-  PF_CHECK(sz.k <= std::numeric_limits<int32_t>::max(), op, "x must have at most 2^31 - 1 columns, got K = ", sz.k);
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  PF_CHECK(prop->major >= 8, op, "the CUDA kernel needs a GPU of compute capability 8.0 or newer (mma.sync, cp.async), ",
-           "this one is ", prop->major, ".", prop->minor);
-  const int64_t N = sz.n, K = sz.k, M = sz.m;
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (N == 0 || M == 0) {
-    return at::empty({N, M}, x_in.options());
-  }
-  if (K == 0) {
-    // clone: for N = 1 the expanded bias is already contiguous (contiguous() would alias the bias).
-    return has_bias ? bias->unsqueeze(0).expand({N, M}).clone(at::MemoryFormat::Contiguous)
-                    : at::zeros({N, M}, x_in.options());
-  }
-  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+// The launch arguments and the launch: operand is x [N, K] (forward, output [N, M]) or grad_out
+// [N, M] (kDx, output [N, K]); `out` is the fresh contiguous output.
+template <bool kDx>
+void run_tiled(const char* op, const at::Tensor& operand_in, const at::Tensor& tile_values,
+               const at::Tensor& tile_ptr, const at::Tensor& tile_loc, const at::Tensor& bias, at::Tensor& out,
+               int64_t M, int64_t K) {
+  const at::Tensor operand = operand_in.stride(1) == 1 ? operand_in : operand_in.contiguous();
   const at::Tensor vals = tile_values.contiguous();
   const at::Tensor ptr = tile_ptr.contiguous();
   const at::Tensor loc = tile_loc.contiguous();
-  const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
-  at::Tensor y = at::empty({N, M}, x.options());
+  const int64_t width = operand.size(1);  // K for the forward, M for the input gradient
   TiledArgs a{};
-  a.x = static_cast<const uint16_t*>(x.const_data_ptr());
+  a.x = static_cast<const uint16_t*>(operand.const_data_ptr());
   a.vals = static_cast<const uint16_t*>(vals.const_data_ptr());
   a.ptr = ptr.const_data_ptr<int32_t>();
   a.loc = loc.const_data_ptr<int16_t>();
-  a.bias = has_bias ? b.const_data_ptr() : nullptr;
-  a.y = y.data_ptr();
-  a.x_rs = x.size(0) > 1 ? x.stride(0) : K;
-  a.n = N;
+  a.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  a.y = out.data_ptr();
+  a.x_rs = operand.size(0) > 1 ? operand.stride(0) : width;
+  a.n = operand.size(0);
   a.nnz = vals.numel();
   a.k = static_cast<int32_t>(K);
   a.m = static_cast<int32_t>(M);
   a.k_tiles = static_cast<int32_t>((K + kCols - 1) / kCols);
   const int64_t m_blocks = (M + kRows - 1) / kRows;
-  const int64_t n_blocks = (N + kTokens - 1) / kTokens;
   PF_CHECK(m_blocks * a.k_tiles < std::numeric_limits<int32_t>::max(), op, "too many tiles: ceil(M / ", kRows,
            ") * ceil(K / ", kCols, ") must be below 2^31 - 1, got M = ", M, ", K = ", K);
-  const bool aligned = K % 8 == 0 && a.x_rs % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
-  AT_DISPATCH_SWITCH(x.scalar_type(), "tiled_csr_linear_cuda",
+  const bool aligned = width % 8 == 0 && a.x_rs % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
+  const int64_t grid_x = kDx ? a.k_tiles : m_blocks;
+  AT_DISPATCH_SWITCH(operand.scalar_type(), "tiled_csr_linear_cuda",
                      AT_DISPATCH_CASE(at::kHalf,
                                       [&] {
-                                        aligned ? launch<scalar_t, true>(a, m_blocks, n_blocks)
-                                                : launch<scalar_t, false>(a, m_blocks, n_blocks);
+                                        aligned ? launch<kDx, scalar_t, true>(a, grid_x)
+                                                : launch<kDx, scalar_t, false>(a, grid_x);
                                       })
                          AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                           aligned ? launch<scalar_t, true>(a, m_blocks, n_blocks)
-                                   : launch<scalar_t, false>(a, m_blocks, n_blocks);
+                           aligned ? launch<kDx, scalar_t, true>(a, grid_x) : launch<kDx, scalar_t, false>(a, grid_x);
                          }));
+}
+
+// Device, dtype and GPU checks of both ops (after the shared argument checks).
+void check_tensor_core_call(const char* op, const char* name, const at::Tensor& t) {
+  PF_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor here, got ", t.device());
+  PF_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op,
+           "the CUDA kernel runs on tensor cores: ", name, " must be float16 or bfloat16, got ", t.scalar_type(),
+           " (csr_linear and csr_linear_backward take every float dtype)");
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  PF_CHECK(prop->major >= 8, op, "the CUDA kernel needs a GPU of compute capability 8.0 or newer (mma.sync, cp.async), ",
+           "this one is ", prop->major, ".", prop->minor);
+}
+
+at::Tensor tiled_csr_linear_cuda(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
+                                 const at::Tensor& tile_loc, int64_t out_features,
+                                 const std::optional<at::Tensor>& bias) {
+  const char* op = "tiled_csr_linear";
+  const MatmulSizes sz = check_tiled_csr_linear_args(x, tile_values, tile_ptr, tile_loc, out_features, bias);
+  PF_CHECK(x.is_cuda(), op, "x must be a CUDA tensor here, got ", x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_tensor_core_call(op, "x", x);
+  PF_CHECK(sz.k <= std::numeric_limits<int32_t>::max(), op, "x must have at most 2^31 - 1 columns, got K = ", sz.k);
+  const int64_t N = sz.n, K = sz.k, M = sz.m;
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (N == 0 || M == 0) {
+    return at::empty({N, M}, x.options());
+  }
+  if (K == 0) {
+    // clone: for N = 1 the expanded bias is already contiguous (contiguous() would alias the bias).
+    return has_bias ? bias->unsqueeze(0).expand({N, M}).clone(at::MemoryFormat::Contiguous)
+                    : at::zeros({N, M}, x.options());
+  }
+  at::Tensor y = at::empty({N, M}, x.options());
+  run_tiled<false>(op, x, tile_values, tile_ptr, tile_loc, has_bias ? bias->contiguous() : at::Tensor(), y, M, K);
   return y;
+}
+
+at::Tensor tiled_csr_linear_backward_input_cuda(const at::Tensor& grad_out, const at::Tensor& tile_values,
+                                                const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
+                                                int64_t in_features) {
+  const char* op = "tiled_csr_linear_backward_input";
+  const MatmulSizes sz =
+      check_tiled_csr_linear_backward_input_args(grad_out, tile_values, tile_ptr, tile_loc, in_features);
+  PF_CHECK(grad_out.is_cuda(), op, "grad_out must be a CUDA tensor here, got ", grad_out.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  check_tensor_core_call(op, "grad_out", grad_out);
+  const int64_t N = sz.n, K = sz.k, M = sz.m;
+  if (N == 0 || K == 0) {
+    return at::empty({N, K}, grad_out.options());
+  }
+  if (M == 0) {
+    return at::zeros({N, K}, grad_out.options());
+  }
+  at::Tensor dx = at::empty({N, K}, grad_out.options());
+  run_tiled<true>(op, grad_out, tile_values, tile_ptr, tile_loc, at::Tensor(), dx, M, K);
+  return dx;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
   m.impl("tiled_csr_linear", &tiled_csr_linear_cuda);
+  m.impl("tiled_csr_linear_backward_input", &tiled_csr_linear_backward_input_cuda);
 }
 
 }  // namespace pyfinetune

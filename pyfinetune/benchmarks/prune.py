@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -57,6 +58,8 @@ TORCH_CSR_FWD = "torch.sparse.mm CSR"
 OURS_FWD = "ours sparse"
 OURS_DENSE_FWD = "ours dense path"
 OURS_TC_FWD = "ours sparse, tensor cores"  # tiled_csr_linear (CUDA, 16-bit, sm80+), inference cache
+OURS_TC_STEP = "ours sparse, tensor cores + AdamW"  # forward and input gradient on tensor cores
+TC_ENV = "PYFINETUNE_CSR_CUDA_KERNEL"
 DENSE_STEP = "dense + torch AdamW fused"
 OURS_STEP = "ours sparse + AdamW"
 OURS_DENSE_STEP = "ours dense path + AdamW"
@@ -191,6 +194,27 @@ def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool 
                 layer_opt.step()
                 layer_opt.zero_grad(set_to_none=True)
             out.append(Contender(name, ours_step))
+        if tensor_cores_available(x0):
+            layer = SparseLinear.from_dense(w, mask, kernel="sparse")
+            layer_opt = pyfinetune.optim.AdamW(layer.parameters(), lr=LR)
+            xs = x0.clone().requires_grad_(True)
+
+            def tc_step(layer=layer, layer_opt=layer_opt, xs=xs):
+                # The opt-in is an environment variable read at each forward; setting it here
+                # bills its few microseconds to this contender.
+                saved = os.environ.get(TC_ENV)
+                os.environ[TC_ENV] = "tensor_cores"
+                try:
+                    xs.grad = None
+                    layer(xs).backward(g)
+                finally:
+                    if saved is None:
+                        del os.environ[TC_ENV]
+                    else:
+                        os.environ[TC_ENV] = saved
+                layer_opt.step()
+                layer_opt.zero_grad(set_to_none=True)
+            out.append(Contender(OURS_TC_STEP, tc_step))
     return out
 
 

@@ -56,6 +56,11 @@ constexpr int64_t kTiledCols = 64;
 MatmulSizes check_tiled_csr_linear_args(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
                                         const at::Tensor& tile_loc, int64_t out_features,
                                         const std::optional<at::Tensor>& bias);
+// tiled_csr_linear_backward_input(grad_out, tile_values, tile_ptr, tile_loc, in_features): grad_out
+// [N, M] (M = out_features), the tiles of a weight [M, K = in_features]. Returns {N, K, M, nnz}.
+MatmulSizes check_tiled_csr_linear_backward_input_args(const at::Tensor& grad_out, const at::Tensor& tile_values,
+                                                       const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
+                                                       int64_t in_features);
 
 // csr_to_dense(values, crow_indices, col_indices, cols): values [nnz] (a supported float dtype),
 // crow_indices [M + 1] and col_indices [nnz] int32 on the values' device, cols >= 0. Returns
