@@ -438,6 +438,20 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 TILE_ROWS = 128  # tiled_csr_linear's tile: rows of W (output features) ...
 TILE_COLS = 64  # ... by columns of W (input features); fixed by the CUDA kernel
+# Dynamic shared memory per block of tiled_csr_linear_backward_input's CUDA kernel (kDxSmemBytes in
+# csrc/cuda/tiled_csr_cuda.cu): more than GPUs of compute capability 8.6 / 8.9 / 12.x allow.
+TILED_DX_SMEM_BYTES = 107520
+_TILED_DX_FITS = {}
+
+
+def _tiled_dx_fits(device: torch.device) -> bool:
+    """Whether tiled_csr_linear_backward_input's CUDA kernel fits this GPU's shared memory per
+    block (read once per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TILED_DX_FITS:
+        optin = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
+        _TILED_DX_FITS[index] = optin >= TILED_DX_SMEM_BYTES
+    return _TILED_DX_FITS[index]
 
 
 @torch.library.register_fake("pyfinetune::tiled_csr_linear")
@@ -943,8 +957,9 @@ torch.library.register_autograd("pyfinetune::tiled_csr_linear_backward_input", _
 @_eager_twin
 class _TiledCsrLinear(torch.autograd.Function):
     """tiled_csr_linear forward; backward: on CUDA the input gradient from the same tiles
-    (tiled_csr_linear_backward_input: tensor cores), elsewhere csr_linear's; the values' and bias's
-    gradients from csr_linear's backward (SDDMM at the kept positions)."""
+    (tiled_csr_linear_backward_input: tensor cores) where its kernel's shared memory fits the GPU
+    (A100, H100; not 8.6 / 8.9 / 12.x), elsewhere csr_linear's; the values' and bias's gradients
+    from csr_linear's backward (SDDMM at the kept positions)."""
 
     @staticmethod
     def forward(x, values, tile_values, tiled, pattern, bias):
@@ -963,7 +978,7 @@ class _TiledCsrLinear(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_x, need_v, need_b = need[0], need[1], need[5] and ctx.has_bias
         dx = None
-        tiled_dx = need_x and grad.is_cuda
+        tiled_dx = need_x and grad.is_cuda and _tiled_dx_fits(grad.device)
         if tiled_dx:
             dx = torch.ops.pyfinetune.tiled_csr_linear_backward_input(grad, tile_values, tile_ptr, tile_loc, x.shape[1])
         if (need_x and not tiled_dx) or need_v or need_b:

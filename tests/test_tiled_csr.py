@@ -419,3 +419,26 @@ def test_sparse_linear_tiled_path_on_cpu(monkeypatch):
     assert layer.nnz == other.nnz
     with torch.no_grad():
         torch.testing.assert_close(layer(x), dense_ref(other))
+
+
+def test_tiled_dx_falls_back_where_its_shared_memory_does_not_fit(monkeypatch):
+    """tiled_csr_linear_backward_input's CUDA kernel takes 107520 bytes of shared memory per block:
+    an A100 (163 KB) or H100 (227 KB) runs it, a GPU of compute capability 8.6 / 8.9 (99 KB) takes
+    csr_linear's input gradient instead (decided once per device from its properties)."""
+    from types import SimpleNamespace
+
+    optin = {0: 232448, 1: 101376, 2: 167936}
+    calls = []
+
+    def props(index):
+        calls.append(index)
+        return SimpleNamespace(shared_memory_per_block_optin=optin[index])
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(ops, "_TILED_DX_FITS", {})
+    assert ops._tiled_dx_fits(torch.device("cuda", 0)) is True
+    assert ops._tiled_dx_fits(torch.device("cuda", 1)) is False
+    assert ops._tiled_dx_fits(torch.device("cuda", 2)) is True
+    assert ops._tiled_dx_fits(torch.device("cuda", 1)) is False
+    assert calls == [0, 1, 2]
+    assert ops.TILED_DX_SMEM_BYTES == 3 * (64 * (128 + 8) + 128 * (64 + 8)) * 2  # the kernel's three stages

@@ -38,8 +38,9 @@
 // refuses both). A tile with no entry skips its multiply (block-uniform: read from tile_ptr).
 //
 // Non-finite inputs: the tiles are multiplied densely, so an inf or NaN in x reaches every output
-// of its row through the zeros of the tile (0 * inf = NaN), as in the dense product x @ W^T, while
-// csr_linear multiplies only kept weights (its row stays finite where no kept weight meets the inf).
+// of its row through the zeros of a tile (0 * inf = NaN), as in the dense product x @ W^T, except
+// where it meets only tiles with no entry (skipped): there the output stays finite, as in
+// csr_linear, which multiplies only kept weights. The CPU kernel computes densely (NaN there too).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -405,7 +406,9 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
 constexpr int kDyCols = kRows;              // reduction per step: one tile's rows
 constexpr int kDyPitch = kDyCols + 8;       // 136 elements: conflict-free ldmatrix rows
 constexpr int kDyStage = kTokens * kDyPitch;
-constexpr int kDxSmemBytes = kStages * (kDyStage + kWStage) * 2;  // 107520
+// 107520: more than the 99 KB per block of compute capability 8.6 / 8.9 / 12.x (checked at the call;
+// pyfinetune.ops.TILED_DX_SMEM_BYTES mirrors it for the Python fallback).
+constexpr int kDxSmemBytes = kStages * (kDyStage + kWStage) * 2;
 
 // a.x = dy [N, M] (row stride a.x_rs), a.m = M (the reduction), a.k = K (dx's columns), a.k_tiles =
 // ceil(K / 64), a.y = dx [N, K].
@@ -558,8 +561,9 @@ void run_tiled(const char* op, const at::Tensor& operand_in, const at::Tensor& t
                          }));
 }
 
-// Device, dtype and GPU checks of both ops (after the shared argument checks).
-void check_tensor_core_call(const char* op, const char* name, const at::Tensor& t) {
+// Device, dtype and GPU checks of both ops (after the shared argument checks); smem_bytes: the
+// kernel's dynamic shared memory per block.
+void check_tensor_core_call(const char* op, const char* name, const at::Tensor& t, int smem_bytes) {
   PF_CHECK(t.is_cuda(), op, name, " must be a CUDA tensor here, got ", t.device());
   PF_CHECK(t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, op,
            "the CUDA kernel runs on tensor cores: ", name, " must be float16 or bfloat16, got ", t.scalar_type(),
@@ -567,6 +571,11 @@ void check_tensor_core_call(const char* op, const char* name, const at::Tensor& 
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   PF_CHECK(prop->major >= 8, op, "the CUDA kernel needs a GPU of compute capability 8.0 or newer (mma.sync, cp.async), ",
            "this one is ", prop->major, ".", prop->minor);
+  // 8.6 / 8.9 / 12.x GPUs give a block at most 99 KB (A100 163 KB, H100 227 KB).
+  PF_CHECK(static_cast<int64_t>(prop->sharedMemPerBlockOptin) >= smem_bytes, op, "the CUDA kernel needs ", smem_bytes,
+           " bytes of shared memory per block, this GPU (compute capability ", prop->major, ".", prop->minor,
+           ") allows ", static_cast<int64_t>(prop->sharedMemPerBlockOptin),
+           " (pyfinetune.ops.tiled_csr_linear falls back to csr_linear_backward there)");
 }
 
 at::Tensor tiled_csr_linear_cuda(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
@@ -577,7 +586,7 @@ at::Tensor tiled_csr_linear_cuda(const at::Tensor& x, const at::Tensor& tile_val
   PF_CHECK(x.is_cuda(), op, "x must be a CUDA tensor here, got ", x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
-  check_tensor_core_call(op, "x", x);
+  check_tensor_core_call(op, "x", x, kSmemBytes);
   PF_CHECK(sz.k <= std::numeric_limits<int32_t>::max(), op, "x must have at most 2^31 - 1 columns, got K = ", sz.k);
   const int64_t N = sz.n, K = sz.k, M = sz.m;
   const bool has_bias = bias.has_value() && bias->defined();
@@ -603,7 +612,7 @@ at::Tensor tiled_csr_linear_backward_input_cuda(const at::Tensor& grad_out, cons
   PF_CHECK(grad_out.is_cuda(), op, "grad_out must be a CUDA tensor here, got ", grad_out.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(grad_out.device());
-  check_tensor_core_call(op, "grad_out", grad_out);
+  check_tensor_core_call(op, "grad_out", grad_out, kDxSmemBytes);
   const int64_t N = sz.n, K = sz.k, M = sz.m;
   if (N == 0 || K == 0) {
     return at::empty({N, K}, grad_out.options());
