@@ -3,7 +3,7 @@ against cuBLAS and our warp kernel, in under a minute.
 
     python benchmarks/prune_gpu_quick_check.py [--out DIR]      # repository root, after the build
 
-1. Correctness (the forward and tiled_csr_linear_backward_input, the input gradient): float16 and
+1. Correctness (the forward, tiled_csr_linear_backward_input and _values, the gradients): float16 and
    bfloat16 against a float64 product on the CPU, shapes crossing every
    edge of the kernel's blocks (64 rows of x, 128 features, 64-wide K slices), K not a multiple of 8
    (x by plain loads), tiles denser than the 1024 entries a block stages in registers, a strided x.
@@ -107,6 +107,25 @@ def correctness_dx(n, k, m, sparsity, dtype):
     return f
 
 
+def correctness_dv(n, k, m, sparsity, dtype):
+    """tiled_csr_linear_backward_values: (dy^T @ x) at the kept positions, against float64."""
+    def f():
+        x, w, mask, _, _, t, vals = problem(n, k, m, sparsity, dtype)
+        dy = torch.randn(n, m, generator=torch.Generator().manual_seed(6)).to(dtype)
+        dv = torch.ops.pyfinetune.tiled_csr_linear_backward_values(dy.to(DEVICE), x.to(DEVICE), t.tile_ptr,
+                                                                   t.tile_loc, t.tile_src)
+        sync()
+        ref = (dy.double().t() @ x.double())[mask]
+        err = (dv.double().cpu() - ref).abs()
+        bound = EPS[dtype] * ref.abs() + EPS[dtype] * max(n, 1) ** 0.5
+        if not bool((err <= bound).all()):
+            i = int((err - bound).argmax())
+            raise AssertionError(f"max error {err.max().item():.3g} at kept entry {i}: got {dv[i].item():.5g}, "
+                                 f"want {ref[i].item():.5g}")
+
+    return f
+
+
 def time_ms(fns, reps=15, calls=20, warmup=3):
     """{name: median ms per call}, contenders interleaved, each sample `calls` back-to-back calls
     (CUDA events on a GPU; the host clock on the CPU, where this script only smoke-tests itself)."""
@@ -167,6 +186,8 @@ def backward_breakdown(dtype, n=256, sparsity=0.9):
             lambda: torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, t.tile_ptr, t.tile_loc, SIZE),
         "dW cuBLAS (dy^T @ x)": lambda: dy.t() @ x,
         "dvalues ours (SDDMM)": lambda: bwd(dy, x, vals, *pat, [False, True, False]),
+        "dvalues ours tensor cores (tiled_csr_linear_backward_values)":
+            lambda: torch.ops.pyfinetune.tiled_csr_linear_backward_values(dy, x, t.tile_ptr, t.tile_loc, t.tile_src),
     }
     return time_ms(fns)
 
@@ -199,6 +220,7 @@ def main():
             if DEVICE == "cpu" and n * k * m > 2**24:
                 continue
             run(f"{dn} input gradient {n}x{k}x{m} sparsity {s}", correctness_dx(n, k, m, s, dtype))
+            run(f"{dn} values gradient {n}x{k}x{m} sparsity {s}", correctness_dv(n, k, m, s, dtype))
         run(f"{dn} row-sliced x (row stride 4120, start 16 bytes in)", correctness(70, 4096, 200, 0.9, dtype,
                                                                                    x_view="row-sliced"))
     if failures:

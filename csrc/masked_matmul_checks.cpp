@@ -298,6 +298,32 @@ MatmulSizes check_tiled_csr_linear_backward_input_args(const at::Tensor& grad_ou
   return {grad_out.size(0), in_features, grad_out.size(1), nnz};
 }
 
+MatmulSizes check_tiled_csr_linear_backward_values_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                                        const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
+                                                        const at::Tensor& tile_src) {
+  const char* op = "tiled_csr_linear_backward_values";
+  check_x(op, x);
+  check_grad_out(op, grad_out, x, grad_out.defined() && grad_out.dim() == 2 ? grad_out.size(1) : -1);
+  const int64_t m = grad_out.size(1);
+  PF_CHECK(m <= std::numeric_limits<int32_t>::max() && x.size(1) <= std::numeric_limits<int32_t>::max(), op,
+           "grad_out and x must have at most 2^31 - 1 columns, got ", m, " and ", x.size(1));
+  PF_CHECK(tile_loc.defined(), op, "tile_loc is undefined");
+  check_dense_on(op, "tile_loc", tile_loc, x);
+  PF_CHECK(tile_loc.scalar_type() == at::kShort && tile_loc.dim() == 1, op,
+           "tile_loc must be a 1-D int16 tensor [nnz], got ", tile_loc.scalar_type(), " of shape ", tile_loc.sizes());
+  const int64_t nnz = tile_loc.size(0);
+  PF_CHECK(nnz <= m * x.size(1), op, "tile_loc must have at most out_features * K = ", m * x.size(1),
+           " entries, got nnz = ", nnz);
+  const int64_t tiles = ((m + kTiledRows - 1) / kTiledRows) * ((x.size(1) + kTiledCols - 1) / kTiledCols);
+  PF_CHECK(tile_ptr.defined(), op, "tile_ptr is undefined");
+  check_index(op, "tile_ptr", tile_ptr, x, tiles + 1,
+              "ceil(out_features / " + std::to_string(kTiledRows) + ") * ceil(K / " + std::to_string(kTiledCols) +
+                  ") + 1 (out_features = grad_out.size(1), K = x.size(1))");
+  PF_CHECK(tile_src.defined(), op, "tile_src is undefined");
+  check_index(op, "tile_src", tile_src, x, nnz, "nnz = tile_loc.numel()");
+  return {x.size(0), x.size(1), m, nnz};
+}
+
 // ------------------------------------------------------------------------- pattern data (CPU)
 
 void check_index_range_cpu(const char* op, const char* idx_name, const at::Tensor& idx, int64_t bound,

@@ -92,6 +92,12 @@ TORCH_LIBRARY(pyfinetune, m) {
   m.def(
       "tiled_csr_linear_backward_input(Tensor grad_out, Tensor tile_values, Tensor tile_ptr, Tensor tile_loc, "
       "int in_features) -> Tensor");
+  // Its weight gradient at the kept positions: dvalues [nnz] in compressed-row order, dvalues[tile_src[e]]
+  // = (grad_out^T @ x) at tile entry e (tile_src int32 [nnz], from pyfinetune.ops.tiled_pattern); on
+  // CUDA each non-empty tile's block of grad_out^T @ x on tensor cores, float32 accumulation.
+  m.def(
+      "tiled_csr_linear_backward_values(Tensor grad_out, Tensor x, Tensor tile_ptr, Tensor tile_loc, "
+      "Tensor tile_src) -> Tensor");
   m.def("csr_to_dense(Tensor values, Tensor crow_indices, Tensor col_indices, int cols) -> Tensor");
   m.def("csr_to_dense_into(Tensor(a!) out, Tensor values, Tensor crow_indices, Tensor col_indices) -> ()");
   m.def("csr_gather(Tensor dense, Tensor crow_indices, Tensor col_indices) -> Tensor");

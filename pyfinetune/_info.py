@@ -11,7 +11,8 @@ from . import _build_info
 # Every op of the library; `kernel_devices` reports where each has a compiled kernel.
 OPS = ("fused_adamw_", "fused_sgd_", "kd_loss_fwd", "kd_loss_fwd_inplace", "kd_loss_topk_fwd", "masked_matmul",
        "masked_matmul_backward", "csr_linear", "csr_linear_backward", "csr_to_dense", "csr_to_dense_into", "csr_gather",
-       "tiled_csr_linear", "tiled_csr_linear_backward_input")
+       "tiled_csr_linear", "tiled_csr_linear_backward_input",
+       "tiled_csr_linear_backward_values")
 _DISPATCH_KEYS = ("CPU", "CUDA")
 
 

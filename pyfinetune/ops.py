@@ -56,14 +56,15 @@ compressed-column entry ``p``). Outputs not asked for are empty tensors.
 
 ``torch.ops.pyfinetune.tiled_csr_linear(x, tile_values, tile_ptr, tile_loc, out_features, bias) -> y`` and
 ``torch.ops.pyfinetune.tiled_csr_linear_backward_input(grad_out, tile_values, tile_ptr, tile_loc,
-in_features) -> grad_out @ W``:
+in_features) -> grad_out @ W`` and ``torch.ops.pyfinetune.tiled_csr_linear_backward_values(grad_out, x,
+tile_ptr, tile_loc, tile_src) -> dvalues`` ((grad_out^T @ x) at the kept positions, compressed-row order):
 the same product from the kept weights regrouped in tiles of 128 rows x 64 columns
 (:func:`tiled_pattern` builds ``tile_ptr`` int32 and ``tile_loc`` int16 from a compressed-row
 pattern, and the order ``tile_src`` that takes ``values`` to ``tile_values = values[tile_src]``).
 Its CUDA kernel (float16 / bfloat16, compute capability 8.0+) expands each tile into shared memory
 and multiplies on the tensor cores; the CPU kernel checks the tile data and computes densely.
-Differentiable in all floating inputs (:func:`tiled_csr_linear` runs the input gradient through
-``tiled_csr_linear_backward_input`` on CUDA and csr_linear's backward for the rest).
+Differentiable in all floating inputs (:func:`tiled_csr_linear`'s backward runs the two gradient
+ops on CUDA and csr_linear's backward for the rest).
 
 All four accumulate in float32 (float64 for float64 inputs) and round once. The CPU kernels also
 check the index tensors' contents (monotone row pointers, indices in range).
@@ -462,6 +463,20 @@ def _tiled_csr_linear_fake(x, tile_values, tile_ptr, tile_loc, out_features, bia
     _fake_check(0 <= out_features <= _INT32_MAX, op, lambda: f"out_features must be in [0, 2^31 - 1], got {out_features}")
     _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, out_features, x.shape[1])
     return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake("pyfinetune::tiled_csr_linear_backward_values")
+def _tiled_csr_linear_backward_values_fake(grad_out, x, tile_ptr, tile_loc, tile_src):
+    op = "tiled_csr_linear_backward_values"
+    _fake_check_x(op, x)
+    _fake_check_like_x(op, x, dict(grad_out=grad_out), dict(tile_ptr=tile_ptr, tile_loc=tile_loc, tile_src=tile_src))
+    _fake_check(grad_out.dim() == 2 and grad_out.shape[0] == x.shape[0], op,
+                lambda: f"grad_out must be [N, M] with N = x.size(0) = {x.shape[0]}, got shape {tuple(grad_out.shape)}")
+    _fake_check(tile_src.dtype == torch.int32 and tile_src.shape == tile_loc.shape, op,
+                lambda: f"tile_src must be int32 [nnz] like tile_loc {tuple(tile_loc.shape)}, got {tile_src.dtype} of "
+                        f"shape {tuple(tile_src.shape)}")
+    _fake_check_tiles(op, x.new_empty(tile_loc.shape), tile_ptr, tile_loc, grad_out.shape[1], x.shape[1])
+    return x.new_empty(tile_loc.shape)
 
 
 def _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, m, k):
@@ -954,12 +969,31 @@ torch.library.register_autograd("pyfinetune::tiled_csr_linear_backward_input", _
                                 setup_context=_tiled_dx_op_setup_context)
 
 
+def _tiled_dv_op_backward(ctx, grad):
+    # dvalues = (grad_out^T @ x) at the kept positions, in compressed-row order: with S the dense
+    # [M, K] holding grad at those positions, d(grad_out) = x @ S^T and d(x) = grad_out @ S.
+    grad_out, x, tile_ptr, tile_loc, tile_src = ctx.saved_tensors
+    m, k = grad_out.shape[1], x.shape[1]
+    flat = _tiled_index(tile_ptr, tile_loc, m, k)
+    s = grad.new_zeros(m * k).index_put((flat,), grad[tile_src.long()]).view(m, k)
+    need_g, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    return x @ s.t() if need_g else None, grad_out @ s if need_x else None, None, None, None
+
+
+def _tiled_dv_op_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+torch.library.register_autograd("pyfinetune::tiled_csr_linear_backward_values", _tiled_dv_op_backward,
+                                setup_context=_tiled_dv_op_setup_context)
+
+
 @_eager_twin
 class _TiledCsrLinear(torch.autograd.Function):
-    """tiled_csr_linear forward; backward: on CUDA the input gradient from the same tiles
-    (tiled_csr_linear_backward_input: tensor cores) where its kernel's shared memory fits the GPU
-    (A100, H100; not 8.6 / 8.9 / 12.x), elsewhere csr_linear's; the values' and bias's gradients
-    from csr_linear's backward (SDDMM at the kept positions)."""
+    """tiled_csr_linear forward; backward on CUDA from the same tiles on tensor cores: the input
+    gradient (tiled_csr_linear_backward_input, where its kernel's shared memory fits the GPU: A100,
+    H100, not 8.6 / 8.9 / 12.x) and the values' gradient (tiled_csr_linear_backward_values); the
+    rest (the bias's gradient, and everything on the CPU) from csr_linear's backward."""
 
     @staticmethod
     def forward(x, values, tile_values, tiled, pattern, bias):
@@ -969,24 +1003,27 @@ class _TiledCsrLinear(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, values, tile_values, tiled, pattern, bias = inputs
-        ctx.save_for_backward(x, values, tile_values, tiled.tile_ptr, tiled.tile_loc, *pattern)
+        ctx.save_for_backward(x, values, tile_values, tiled.tile_ptr, tiled.tile_loc, tiled.tile_src, *pattern)
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad):
-        x, values, tile_values, tile_ptr, tile_loc, crow, col, row_order, ccol, row_idx, csc_to_csr = ctx.saved_tensors
+        (x, values, tile_values, tile_ptr, tile_loc, tile_src, crow, col, row_order, ccol, row_idx,
+         csc_to_csr) = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_x, need_v, need_b = need[0], need[1], need[5] and ctx.has_bias
-        dx = None
-        tiled_dx = need_x and grad.is_cuda and _tiled_dx_fits(grad.device)
-        if tiled_dx:
+        dx = dv = db = None
+        on_tensor_cores = grad.is_cuda
+        if need_x and on_tensor_cores and _tiled_dx_fits(grad.device):
             dx = torch.ops.pyfinetune.tiled_csr_linear_backward_input(grad, tile_values, tile_ptr, tile_loc, x.shape[1])
-        if (need_x and not tiled_dx) or need_v or need_b:
-            dx2, dv, db = torch.ops.pyfinetune.csr_linear_backward(
-                grad, x, values, crow, col, row_order, ccol, row_idx, csc_to_csr, [need_x and not tiled_dx, need_v, need_b])
-            dx = dx if tiled_dx else dx2
-        else:
-            dv = db = None
+        if need_v and on_tensor_cores:
+            dv = torch.ops.pyfinetune.tiled_csr_linear_backward_values(grad, x, tile_ptr, tile_loc, tile_src)
+        rest = [need_x and dx is None, need_v and dv is None, need_b]
+        if any(rest):
+            dx2, dv2, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, ccol, row_idx,
+                                                                    csc_to_csr, rest)
+            dx = dx2 if rest[0] else dx
+            dv = dv2 if rest[1] else dv
         return dx if need_x else None, dv if need_v else None, None, None, None, db if need_b else None
 
 

@@ -3,8 +3,9 @@ CUDA), against a float64 dense reference.
 
 * ``tiled_pattern``: against a brute-force regrouping of the mask's entries (every tile's entries,
   their places and their source positions), odd shapes crossing every tile edge.
-* the ops on every device: forward against ``x @ W^T + b`` and the input gradient
-  (``tiled_csr_linear_backward_input``) against ``dy @ W`` in float64 for fp32/fp64/bf16/fp16 (CPU)
+* the ops on every device: forward against ``x @ W^T + b``, the input gradient
+  (``tiled_csr_linear_backward_input``) against ``dy @ W`` and the values' gradient
+  (``tiled_csr_linear_backward_values``) against ``(dy^T @ x)[mask]`` in float64 for fp32/fp64/bf16/fp16 (CPU)
   and fp16/bf16 (CUDA: tensor cores), strided inputs, empty shapes; their own autograd formulas
   (gradcheck and gradgradcheck in float64); ``ops.tiled_csr_linear``'s backward; opcheck; argument
   and tile-data errors.
@@ -191,15 +192,16 @@ def test_tiled_csr_linear_gradients_are_csr_linears(device, dtype):
         y.backward(g)
         outs.append((y.detach(), xs.grad, v.grad, b.grad))
     assert outs[0][0].shape == (3, 11, 150)
-    # the values' and bias's gradients run the same kernels on the same inputs: identical; so does
-    # the input gradient on the CPU (on CUDA: tiled_csr_linear_backward_input, its own sums)
-    for a, b_ in zip(outs[0][2:], outs[1][2:]):
-        assert torch.equal(a, b_)
+    # on the CPU the backward is csr_linear's: identical gradients; on CUDA the input and values
+    # gradients come from the tiles (tensor cores, their own sums), the bias's is the same sum
     wm = torch.where(c["mask"], c["w"].double(), 0.0)
+    assert torch.equal(outs[0][3], outs[1][3])
     if device == "cpu":
-        assert torch.equal(outs[0][1], outs[1][1])
+        assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][2], outs[1][2])
     else:
-        assert_close(outs[0][1].reshape(33, 130), (g.double().cpu() @ wm).reshape(33, 130), dtype, 150, "dx")
+        g64, x64 = g.double().cpu().reshape(33, 150), x.double().cpu().reshape(33, 130)
+        assert_close(outs[0][1].reshape(33, 130), g64 @ wm, dtype, 150, "dx")
+        assert_close(outs[0][2], (g64.t() @ x64)[c["mask"]], dtype, 33, "dvalues")
     ref = x.double().cpu() @ wm.t() + c["bias"].double().cpu()
     assert_close(outs[0][0].reshape(33, 150), ref.reshape(33, 150), dtype, 130, "batched forward")
 
@@ -364,11 +366,12 @@ def test_sparse_linear_tensor_core_forward(dtype, monkeypatch):
         layers[kernel] = (layer, y.detach(), xs.grad, layer.values.grad, layer.bias.grad)
     ref = x.double().cpu() @ torch.where(mask, w.double(), 0.0).t() + b.double()
     assert_close(layers["tensor_cores"][1].reshape(140, 300), ref.reshape(140, 300), dtype, 200, "forward")
-    # values and bias: the same SDDMM / sum as the warp path; x: the tensor-core input gradient
-    for a, b_ in zip(layers["tensor_cores"][3:], layers["warp"][3:]):
-        assert torch.equal(a, b_)
-    dx_ref = g.double().cpu() @ torch.where(mask, w.double(), 0.0)
-    assert_close(layers["tensor_cores"][2].reshape(140, 200), dx_ref.reshape(140, 200), dtype, 300, "dx")
+    # bias: the same sum as the warp path; x and values: the tensor-core gradients
+    assert torch.equal(layers["tensor_cores"][4], layers["warp"][4])
+    g64, x64 = g.double().cpu().reshape(140, 300), x.double().cpu().reshape(140, 200)
+    assert_close(layers["tensor_cores"][2].reshape(140, 200), g64 @ torch.where(mask, w.double(), 0.0), dtype, 300,
+                 "dx")
+    assert_close(layers["tensor_cores"][3], (g64.t() @ x64)[mask], dtype, 140, "dvalues")
     layer = layers["tensor_cores"][0]
     with torch.no_grad():
         y0 = layer(x)
@@ -442,3 +445,67 @@ def test_tiled_dx_falls_back_where_its_shared_memory_does_not_fit(monkeypatch):
     assert ops._tiled_dx_fits(torch.device("cuda", 1)) is False
     assert calls == [0, 1, 2]
     assert ops.TILED_DX_SMEM_BYTES == 3 * (64 * (128 + 8) + 128 * (64 + 8)) * 2  # the kernel's three stages
+
+
+def run_dv(c, dy, x=None):
+    x = c["x"] if x is None else x
+    return torch.ops.pyfinetune.tiled_csr_linear_backward_values(dy, x, c["tiled"].tile_ptr, c["tiled"].tile_loc,
+                                                                 c["tiled"].tile_src)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("device,dtype", op_params())
+def test_backward_values_matches_dense_reference(shape, sparsity, device, dtype):
+    """(grad_out^T @ x) at the kept positions, in compressed-row order (the order of values): N (the
+    reduction) past one 64-row step, M past one 128-row tile, K past 64-column tiles, sizes that are
+    not multiples of 8 (the CUDA kernel's plain loads); strided operands."""
+    n, k, m = shape
+    c, _ = make_case(n, k, m, dtype, device, sparsity, bias=False)
+    dy = torch.randn(n, m).to(dtype)
+    ref = (dy.double().t() @ c["x"].double().cpu())[c["mask"]]
+    dv = run_dv(c, dy.to(device))
+    assert dv.shape == (int(c["mask"].sum()),)
+    assert_close(dv, ref, dtype, n, f"{shape} sparsity {sparsity}")
+    wide = torch.randn(n, m + 8).to(dtype)
+    ref = (wide[:, 8:].double().t() @ c["x"].double().cpu())[c["mask"]]
+    assert_close(run_dv(c, wide.to(device)[:, 8:]), ref, dtype, n, "row-sliced grad_out")
+
+
+def test_backward_values_gradcheck_and_opcheck():
+    c, _ = make_case(3, 70, 130, torch.float64, "cpu", 0.95)
+    x = c["x"].clone().requires_grad_()
+    dy = torch.randn(3, 130, dtype=torch.float64, requires_grad=True)
+
+    def f(dy, x):
+        return torch.ops.pyfinetune.tiled_csr_linear_backward_values(dy, x, c["tiled"].tile_ptr, c["tiled"].tile_loc,
+                                                                     c["tiled"].tile_src)
+
+    assert torch.autograd.gradcheck(f, (dy, x))
+    assert torch.autograd.gradgradcheck(f, (dy, x))
+    args = (dy, x, c["tiled"].tile_ptr, c["tiled"].tile_loc, c["tiled"].tile_src)
+    torch.library.opcheck(torch.ops.pyfinetune.tiled_csr_linear_backward_values.default, args)
+
+
+DV_ERRORS = [
+    ("x 1-D", dict(x=lambda t: t[0]), "x must be a 2-D tensor"),
+    ("grad_out rows", dict(dy=lambda t: t[1:]), r"grad_out must be \[N, M\]"),
+    ("grad_out dtype", dict(dy=lambda t: t.double()), "grad_out must have the dtype of x"),
+    ("src dtype", dict(src=lambda t: t.long()), "tile_src must be int32"),
+    ("src length", dict(src=lambda t: t[1:]), "tile_src must be a 1-D tensor with nnz"),
+    ("src range", dict(src=lambda t: t.clone().fill_(-1)), r"tile_src\[0\] = -1 is out of range"),
+    ("src repeated", dict(src=lambda t: torch.zeros_like(t)), "tile_src must be a permutation"),
+    ("loc dtype", dict(loc=lambda t: t.int()), "tile_loc must be a 1-D int16 tensor"),
+    ("ptr length", dict(ptr=lambda t: t[:-1]), r"tile_ptr must be a 1-D tensor with ceil"),
+]
+
+
+@pytest.mark.parametrize("what,change,message", DV_ERRORS, ids=[e[0] for e in DV_ERRORS])
+def test_backward_values_errors(what, change, message):
+    c, _ = make_case(3, 70, 130, torch.float32, "cpu", 0.5)
+    t = c["tiled"]
+    args = dict(dy=torch.randn(3, 130), x=c["x"], ptr=t.tile_ptr, loc=t.tile_loc, src=t.tile_src)
+    args = {k: change.get(k, lambda v: v)(v) for k, v in args.items()}
+    with pytest.raises((RuntimeError, ValueError), match=message):
+        torch.ops.pyfinetune.tiled_csr_linear_backward_values(args["dy"], args["x"], args["ptr"], args["loc"],
+                                                              args["src"])

@@ -1,4 +1,4 @@
-// CPU kernels of pyfinetune::tiled_csr_linear (and its input gradient): the product of x with a sparse weight whose kept
+// CPU kernels of pyfinetune::tiled_csr_linear (and its input and weight gradients): the product of x with a sparse weight whose kept
 // entries are grouped in 128 x 64 tiles (the layout of the CUDA tensor-core kernel,
 // csrc/cuda/tiled_csr_cuda.cu). On the CPU the layout brings nothing (csr_linear is the fast CPU
 // kernel); this one exists so that the op behaves the same on every device: it validates the tile
@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -94,6 +95,40 @@ at::Tensor tiled_csr_linear_backward_input_cpu(const at::Tensor& grad_out, const
   return at::mm(grad_out.to(acc), w).to(grad_out.scalar_type());
 }
 
+at::Tensor tiled_csr_linear_backward_values_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
+                                                const at::Tensor& tile_src) {
+  const char* op = "tiled_csr_linear_backward_values";
+  const MatmulSizes sz = check_tiled_csr_linear_backward_values_args(grad_out, x, tile_ptr, tile_loc, tile_src);
+  PF_CHECK(x.is_cpu(), op, "x must be a CPU tensor here, got ", x.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const std::vector<int64_t> pos = tile_positions(tile_ptr.contiguous(), tile_loc.contiguous(), sz.m, sz.k);
+  const at::Tensor src = tile_src.contiguous();
+  const int32_t* sp = src.const_data_ptr<int32_t>();
+  const int64_t nnz = sz.nnz;
+  std::vector<uint8_t> taken(static_cast<size_t>(nnz), 0);
+  for (int64_t e = 0; e < nnz; ++e) {
+    PF_CHECK(sp[e] >= 0 && sp[e] < nnz, op, "tile_src[", e, "] = ", sp[e], " is out of range: entries must lie in [0, nnz = ",
+             nnz, ")");
+    PF_CHECK(!taken[static_cast<size_t>(sp[e])], op, "tile_src[", e, "] = ", sp[e],
+             " repeats an earlier entry; tile_src must be a permutation of [0, nnz)");
+    taken[static_cast<size_t>(sp[e])] = 1;
+  }
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor dw = at::mm(grad_out.to(acc).t(), x.to(acc)).contiguous();  // [M, K]
+  at::Tensor dv = at::empty({nnz}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "tiled_csr_linear_backward_values_cpu", [&] {
+    const scalar_t* wp = dw.const_data_ptr<scalar_t>();
+    scalar_t* vp = dv.data_ptr<scalar_t>();
+    at::parallel_for(0, nnz, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        vp[sp[i]] = wp[pos[static_cast<size_t>(i)]];
+      }
+    });
+  });
+  return dv.to(x.scalar_type());
+}
+
 at::Tensor tiled_csr_linear_cpu(const at::Tensor& x, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
                                 const at::Tensor& tile_loc, int64_t out_features,
                                 const std::optional<at::Tensor>& bias) {
@@ -114,6 +149,7 @@ at::Tensor tiled_csr_linear_cpu(const at::Tensor& x, const at::Tensor& tile_valu
 TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
   m.impl("tiled_csr_linear", &tiled_csr_linear_cpu);
   m.impl("tiled_csr_linear_backward_input", &tiled_csr_linear_backward_input_cpu);
+  m.impl("tiled_csr_linear_backward_values", &tiled_csr_linear_backward_values_cpu);
 }
 
 }  // namespace pyfinetune

@@ -160,6 +160,17 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
+// acc[i][j] += a[i] * (8-column block j of b): a[i] two 16-row A fragments, b[p] the B fragments of
+// 16 columns (registers 0, 1: b0, b1 of columns 0-7; 2, 3: of 8-15), so block j is half (j & 1) of
+// b[j >> 1]. The 2 x 4 mma of the forward's and the values gradient's warp tiles.
+template <bool kBf16>
+__device__ __forceinline__ void mma_2x4(float (&acc)[2][4][4], const uint32_t (&a)[2][4], const uint32_t (&b)[2][4]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) mma_16816<kBf16>(acc[i][j], a[i], b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
+}
+
 // The slice [r0, r0 + 64) x [c0, c0 + kSliceCols) of a row-major [rows, cols] operand (row stride
 // rs, unit column stride) into a stage of row pitch kSliceCols + 8, zeros outside [0, rows) x
 // [0, cols). kAligned: cols and rs multiples of 8 and a 16-byte aligned start, so that a 16-byte
@@ -344,12 +355,7 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
               ldmatrix_x4(af[i], smem_addr(xst + a_off + i * 16 * kPitch + kk * 16));
               ldmatrix_x4(bf[i], smem_addr(wst + b_off + i * 16 * kPitch + kk * 16));
             }
-#pragma unroll
-            for (int i = 0; i < 2; ++i)
-#pragma unroll
-              for (int j = 0; j < 4; ++j)
-                // feature block j (8 features) = half (j & 1) of the 16 loaded by bf[j >> 1]
-                mma_16816<kBf16>(acc[i][j], af[i], bf[j >> 1][(j & 1) * 2], bf[j >> 1][(j & 1) * 2 + 1]);
+            mma_2x4<kBf16>(acc, af, bf);
           }
         });
 
@@ -502,19 +508,162 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_dx_kernel(const TiledAr
 #endif
 }
 
-// Launches the forward or (kDx) the input-gradient kernel: grid (grid_x, row blocks of 64 rows,
-// looped past 65535).
-template <bool kDx, typename scalar_t, bool kAligned>
-void launch(const TiledArgs& a, int64_t grid_x) {
-  auto kernel = kDx ? tiled_csr_dx_kernel<scalar_t, kAligned> : tiled_csr_linear_kernel<scalar_t, kAligned>;
-  constexpr int smem_bytes = kDx ? kDxSmemBytes : kSmemBytes;
-  // The stages exceed the default 48 KB of dynamic shared memory: opt in, once per device.
+// ------------------------------------------------------------------------------------------------
+// Weight gradient at the kept positions: for each tile with entries, the block C [128 of M][64 of
+// K] = dy^T @ x over all N (steps of 64 rows: the slices dy[64][128 of M], pitch 136, and x[64][64
+// of K], pitch 72, both by cp.async, 3 stages), then dvalues[tile_src[e]] = C[tile_loc[e]]. Both
+// operands are stored with the reduction (N) as rows, so both are read with ldmatrix .trans:
+//   A (16 of M x 16 of N): lanes 0-7 give N rows 0-7 at M column 0, 8-15 rows 0-7 at column 8,
+//     16-23 rows 8-15 at column 0, 24-31 rows 8-15 at column 8 (registers a0..a3);
+//   B (16 of N x 8 of K), two K blocks per load: lanes 0-7 N rows 0-7 at K column 0, 8-15 rows
+//     8-15 at column 0, 16-23 rows 0-7 at column 8, 24-31 rows 8-15 at column 8 (b0, b1 of K
+//     columns 0-7, then of 8-15).
+// Warps: 4 (M, 32 each) x 2 (K, 32 each), 2 x 4 mma tiles each. The accumulators then go through
+// shared memory (float [128][68], in the pipeline's space) so that each entry reads its place.
+// A tile with no entry returns at once (block-uniform).
+constexpr int kXvPitch = kCols + 8;  // 72
+constexpr int kDvStage = kTokens * kDyPitch + kTokens * kXvPitch;  // elements per stage (dy + x)
+constexpr int kDvSmemBytes = kStages * kDvStage * 2;                // 79872
+constexpr int kCPitch = kCols + 4;  // floats per row of the gathered block
+static_assert(kRows * kCPitch * 4 <= kDvSmemBytes, "the block C fits in the pipeline's space");
+
+struct ValuesArgs {
+  const uint16_t* dy;  // [N, M], row stride dy_rs
+  const uint16_t* x;   // [N, K], row stride x_rs
+  const int32_t* ptr;
+  const int16_t* loc;
+  const int32_t* src;  // [nnz]: compressed-row position of each tile entry
+  void* dv;            // [nnz]
+  int64_t dy_rs;
+  int64_t x_rs;
+  int64_t n;
+  int64_t nnz;
+  int32_t m;
+  int32_t k;
+  int32_t k_tiles;
+};
+
+template <typename scalar_t, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 2) tiled_csr_dv_kernel(const ValuesArgs a) {
+#ifdef PF_TILED_SM80
+  constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
+  extern __shared__ __align__(16) uint16_t smem[];
+  const int tile = blockIdx.x;
+  const int begin = a.ptr[tile];
+  const int end = a.ptr[tile + 1];
+  CUDA_KERNEL_ASSERT(0 <= begin && begin <= end && end <= a.nnz);
+  if (begin == end) {
+    return;
+  }
+  const int64_t m0 = static_cast<int64_t>(tile / a.k_tiles) * kRows;
+  const int64_t k0 = static_cast<int64_t>(tile % a.k_tiles) * kCols;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int warp_m = warp & 3;   // M rows [32 * warp_m, +32) of the tile
+  const int warp_k = warp >> 2;  // K columns [32 * warp_k, +32) of the tile
+  const int steps = static_cast<int>((a.n + kTokens - 1) / kTokens);
+  const int a_off = ((lane & 7) + (lane >> 4) * 8) * kDyPitch + warp_m * 32 + ((lane >> 3) & 1) * 8;
+  const int b_off = ((lane & 7) + ((lane >> 3) & 1) * 8) * kXvPitch + warp_k * 32 + (lane >> 4) * 8;
+  auto dy_stage = [&](int s) { return smem + s * kDvStage; };
+  auto x_stage = [&](int s) { return smem + s * kDvStage + kTokens * kDyPitch; };
+  auto load = [&](int t, int s) {
+    const int64_t n0 = static_cast<int64_t>(t) * kTokens;
+    load_slice<kDyCols, kAligned>(a.dy, a.n, a.m, a.dy_rs, dy_stage(s), n0, m0);
+    load_slice<kCols, kAligned>(a.x, a.n, a.k, a.x_rs, x_stage(s), n0, k0);
+  };
+
+  float acc[2][4][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+
+  load(0, 0);
+  cp_async_commit();
+  if (steps > 1) {
+    load(1, 1);
+  }
+  cp_async_commit();
+  for (int t = 0; t < steps; ++t) {
+    cp_async_wait<1>();
+    __syncthreads();  // slice t everywhere; stage (t + 2) % 3 was last read at step t - 1
+    if (t + 2 < steps) {
+      load(t + 2, (t + 2) % kStages);
+    }
+    cp_async_commit();
+    const uint16_t* dst = dy_stage(t % kStages);
+    const uint16_t* xst = x_stage(t % kStages);
+#pragma unroll
+    for (int kk = 0; kk < kTokens / 16; ++kk) {
+      uint32_t af[2][4];
+      uint32_t bf[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        ldmatrix_x4_trans(af[i], smem_addr(dst + a_off + kk * 16 * kDyPitch + i * 16));
+        ldmatrix_x4_trans(bf[i], smem_addr(xst + b_off + kk * 16 * kXvPitch + i * 16));
+      }
+      mma_2x4<kBf16>(acc, af, bf);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every read of the stages is done: their space takes the block C
+  float* c = reinterpret_cast<float*>(smem);
+  const int g = lane >> 2;
+  const int c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = warp_m * 32 + i * 16 + g + h * 8;
+        const int col = warp_k * 32 + j * 8 + c2;
+        c[r * kCPitch + col] = acc[i][j][2 * h];
+        c[r * kCPitch + col + 1] = acc[i][j][2 * h + 1];
+      }
+  __syncthreads();
+  scalar_t* dv = static_cast<scalar_t*>(a.dv);
+  for (int64_t e = static_cast<int64_t>(begin) + threadIdx.x; e < end; e += kThreads) {
+    const int l = a.loc[e];
+    const int64_t p = a.src[e];
+    CUDA_KERNEL_ASSERT(static_cast<unsigned>(l) < static_cast<unsigned>(kRows * kCols));
+    CUDA_KERNEL_ASSERT(0 <= p && p < a.nnz);
+    dv[p] = static_cast<scalar_t>(c[(l / kCols) * kCPitch + (l % kCols)]);
+  }
+#else
+  CUDA_KERNEL_ASSERT(false && "tiled_csr_linear_backward_values needs sm80 or newer");
+#endif
+}
+
+// The kernels' stages exceed the default 48 KB of dynamic shared memory: opt in, once per kernel
+// (the template argument: one set of flags per kernel instantiation) and device.
+template <auto kKernel>
+void opt_in_shared_memory(int bytes) {
   static std::once_flag flags[64];
   const int dev = c10::cuda::current_device();
   TORCH_INTERNAL_ASSERT(dev >= 0 && dev < 64);
   std::call_once(flags[dev], [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   });
+}
+
+template <typename scalar_t, bool kAligned>
+void launch_dv(const ValuesArgs& a, int64_t tiles) {
+  constexpr auto kernel = tiled_csr_dv_kernel<scalar_t, kAligned>;
+  opt_in_shared_memory<kernel>(kDvSmemBytes);
+  kernel<<<static_cast<unsigned>(tiles), kThreads, kDvSmemBytes, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Launches the forward or (kDx) the input-gradient kernel: grid (grid_x, row blocks of 64 rows,
+// looped past 65535).
+template <bool kDx, typename scalar_t, bool kAligned>
+void launch(const TiledArgs& a, int64_t grid_x) {
+  constexpr auto kernel = kDx ? tiled_csr_dx_kernel<scalar_t, kAligned> : tiled_csr_linear_kernel<scalar_t, kAligned>;
+  constexpr int smem_bytes = kDx ? kDxSmemBytes : kSmemBytes;
+  opt_in_shared_memory<kernel>(smem_bytes);
   const int64_t n_blocks = (a.n + kTokens - 1) / kTokens;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::min(n_blocks, kMaxGridY)));
   kernel<<<grid, kThreads, smem_bytes, at::cuda::getCurrentCUDAStream()>>>(a);
@@ -625,9 +774,65 @@ at::Tensor tiled_csr_linear_backward_input_cuda(const at::Tensor& grad_out, cons
   return dx;
 }
 
+at::Tensor tiled_csr_linear_backward_values_cuda(const at::Tensor& grad_out, const at::Tensor& x_in,
+                                                 const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
+                                                 const at::Tensor& tile_src) {
+  const char* op = "tiled_csr_linear_backward_values";
+  const MatmulSizes sz = check_tiled_csr_linear_backward_values_args(grad_out, x_in, tile_ptr, tile_loc, tile_src);
+  PF_CHECK(x_in.is_cuda(), op, "x must be a CUDA tensor here, got ", x_in.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  check_tensor_core_call(op, "x", x_in, kDvSmemBytes);
+  const int64_t N = sz.n, K = sz.k, M = sz.m, nnz = sz.nnz;
+  if (nnz == 0) {
+    return at::empty({0}, x_in.options());
+  }
+  if (N == 0) {
+    return at::zeros({nnz}, x_in.options());
+  }
+  const at::Tensor dy = grad_out.stride(1) == 1 ? grad_out : grad_out.contiguous();
+  const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const at::Tensor ptr = tile_ptr.contiguous();
+  const at::Tensor loc = tile_loc.contiguous();
+  const at::Tensor src = tile_src.contiguous();
+  // Every kept position is written (tile_src is a permutation, as tiled_pattern makes it); empty
+  // avoids a pass, and a malformed tile_src that misses positions leaves them unwritten.
+  at::Tensor dv = at::empty({nnz}, x.options());
+  ValuesArgs a{};
+  a.dy = static_cast<const uint16_t*>(dy.const_data_ptr());
+  a.x = static_cast<const uint16_t*>(x.const_data_ptr());
+  a.ptr = ptr.const_data_ptr<int32_t>();
+  a.loc = loc.const_data_ptr<int16_t>();
+  a.src = src.const_data_ptr<int32_t>();
+  a.dv = dv.data_ptr();
+  a.dy_rs = N > 1 ? dy.stride(0) : M;
+  a.x_rs = N > 1 ? x.stride(0) : K;
+  a.n = N;
+  a.nnz = nnz;
+  a.m = static_cast<int32_t>(M);
+  a.k = static_cast<int32_t>(K);
+  a.k_tiles = static_cast<int32_t>((K + kCols - 1) / kCols);
+  const int64_t tiles = ((M + kRows - 1) / kRows) * a.k_tiles;
+  PF_CHECK(tiles < std::numeric_limits<int32_t>::max(), op, "too many tiles: ceil(M / ", kRows, ") * ceil(K / ", kCols,
+           ") must be below 2^31 - 1, got M = ", M, ", K = ", K);
+  PF_CHECK(N <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()) * kTokens, op, "too many rows: N = ", N);
+  const bool aligned = M % 8 == 0 && K % 8 == 0 && a.dy_rs % 8 == 0 && a.x_rs % 8 == 0 &&
+                       reinterpret_cast<uintptr_t>(a.dy) % 16 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
+  AT_DISPATCH_SWITCH(x.scalar_type(), "tiled_csr_linear_backward_values_cuda",
+                     AT_DISPATCH_CASE(at::kHalf,
+                                      [&] {
+                                        aligned ? launch_dv<scalar_t, true>(a, tiles) : launch_dv<scalar_t, false>(a, tiles);
+                                      })
+                         AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                           aligned ? launch_dv<scalar_t, true>(a, tiles) : launch_dv<scalar_t, false>(a, tiles);
+                         }));
+  return dv;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
+  m.impl("tiled_csr_linear_backward_values", &tiled_csr_linear_backward_values_cuda);
   m.impl("tiled_csr_linear", &tiled_csr_linear_cuda);
   m.impl("tiled_csr_linear_backward_input", &tiled_csr_linear_backward_input_cuda);
 }

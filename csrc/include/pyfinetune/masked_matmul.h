@@ -58,6 +58,12 @@ MatmulSizes check_tiled_csr_linear_args(const at::Tensor& x, const at::Tensor& t
                                         const std::optional<at::Tensor>& bias);
 // tiled_csr_linear_backward_input(grad_out, tile_values, tile_ptr, tile_loc, in_features): grad_out
 // [N, M] (M = out_features), the tiles of a weight [M, K = in_features]. Returns {N, K, M, nnz}.
+// tiled_csr_linear_backward_values(grad_out, x, tile_ptr, tile_loc, tile_src): grad_out [N, M], x
+// [N, K] of one float dtype and device, the tiles of a weight [M, K] and tile_src [nnz] int32 (the
+// compressed-row position of each tile entry). Returns {N, K, M, nnz}.
+MatmulSizes check_tiled_csr_linear_backward_values_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                                        const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
+                                                        const at::Tensor& tile_src);
 MatmulSizes check_tiled_csr_linear_backward_input_args(const at::Tensor& grad_out, const at::Tensor& tile_values,
                                                        const at::Tensor& tile_ptr, const at::Tensor& tile_loc,
                                                        int64_t in_features);
