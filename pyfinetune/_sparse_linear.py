@@ -241,8 +241,8 @@ class SparseLinear(nn.Module):
 
     On CUDA, float16 and bfloat16 layers can run the sparse forward on the tensor cores
     (:func:`pyfinetune.ops.tiled_csr_linear`: the kept weights regrouped in 128 x 64 tiles, each
-    expanded in shared memory and multiplied densely; the input gradient from the same tiles, the
-    values' gradient with csr_linear's SDDMM) with
+    expanded in shared memory and multiplied densely; the input and values' gradients from the
+    same tiles) with
     ``PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores``: experimental, opt-in until measured on a GPU. The
     tile layout is built at the first such call and kept until the pattern changes; outside autograd
     the values in tile order are kept too, until the values change.
