@@ -460,7 +460,8 @@ def _tiled_csr_linear_fake(x, tile_values, tile_ptr, tile_loc, out_features, bia
     op = "tiled_csr_linear"
     _fake_check_x(op, x)
     _fake_check_like_x(op, x, dict(tile_values=tile_values, bias=bias), dict(tile_ptr=tile_ptr, tile_loc=tile_loc))
-    _fake_check(0 <= out_features <= _INT32_MAX, op, lambda: f"out_features must be in [0, 2^31 - 1], got {out_features}")
+    _fake_check(0 <= out_features <= _INT32_MAX, op,
+                lambda: f"out_features must be in [0, 2^31 - 1], got {out_features}")
     _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, out_features, x.shape[1])
     return x.new_empty((x.shape[0], out_features))
 
@@ -497,7 +498,8 @@ def _tiled_csr_linear_backward_input_fake(grad_out, tile_values, tile_ptr, tile_
     _fake_check(0 <= in_features <= _INT32_MAX, op, lambda: f"in_features must be in [0, 2^31 - 1], got {in_features}")
     for name, t in dict(tile_values=tile_values, tile_ptr=tile_ptr, tile_loc=tile_loc).items():
         _fake_check(t.device == grad_out.device, op,
-                    lambda name=name, t=t: f"{name} must be on the device of grad_out ({grad_out.device}), got {t.device}")
+                    lambda name=name, t=t: f"{name} must be on the device of grad_out ({grad_out.device}), got "
+                                           f"{t.device}")
     _fake_check(tile_values.dtype == grad_out.dtype, op,
                 lambda: f"tile_values must have the dtype of grad_out ({grad_out.dtype}), got {tile_values.dtype}")
     _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, grad_out.shape[1], in_features)
@@ -1020,8 +1022,8 @@ class _TiledCsrLinear(torch.autograd.Function):
             dv = torch.ops.pyfinetune.tiled_csr_linear_backward_values(grad, x, tile_ptr, tile_loc, tile_src)
         rest = [need_x and dx is None, need_v and dv is None, need_b]
         if any(rest):
-            dx2, dv2, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, ccol, row_idx,
-                                                                    csc_to_csr, rest)
+            dx2, dv2, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, ccol,
+                                                                    row_idx, csc_to_csr, rest)
             dx = dx2 if rest[0] else dx
             dv = dv2 if rest[1] else dv
         return dx if need_x else None, dv if need_v else None, None, None, None, db if need_b else None

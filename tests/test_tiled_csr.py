@@ -233,7 +233,8 @@ def test_backward_input_gradcheck_and_opcheck():
     dy = torch.randn(3, 130, dtype=torch.float64, requires_grad=True)
 
     def f(dy, tv):
-        return torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, c["tiled"].tile_ptr, c["tiled"].tile_loc, 70)
+        t = c["tiled"]
+        return torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, t.tile_ptr, t.tile_loc, 70)
 
     assert torch.autograd.gradcheck(f, (dy, tv))
     assert torch.autograd.gradgradcheck(f, (dy, tv))
@@ -391,7 +392,8 @@ def test_sparse_linear_tiled_path_on_cpu(monkeypatch):
 
     calls = []
     monkeypatch.setattr(sl, "_use_tensor_cores", lambda x, v: calls.append(1) or True)
-    mask, w, b = make_mask(150, 90, 0.8), torch.randn(150, 90, dtype=torch.float64), torch.randn(150, dtype=torch.float64)
+    mask = make_mask(150, 90, 0.8)
+    w, b = torch.randn(150, 90, dtype=torch.float64), torch.randn(150, dtype=torch.float64)
     layer = SparseLinear.from_dense(w, mask, b, kernel="sparse")
     ref_layer = SparseLinear.from_dense(w, mask, b, kernel="sparse")
     x = torch.randn(4, 90, dtype=torch.float64, requires_grad=True)

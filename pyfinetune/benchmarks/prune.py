@@ -154,8 +154,8 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bo
             err = (y.double() - p["reference"][0]).abs().max().item()
             bound = CHECK_RTOL[x.dtype] * max(1.0, p["reference"][0].abs().max().item())
             if not err <= bound:
-                raise RuntimeError(f"pyfinetune benchmark: tiled_csr_linear differs from the dense product by {err:.3g} "
-                                   f"(> {bound:.3g}); not timing a wrong kernel")
+                raise RuntimeError(f"pyfinetune benchmark: tiled_csr_linear differs from the dense product by "
+                                   f"{err:.3g} (> {bound:.3g}); not timing a wrong kernel")
             out.append(Contender(OURS_TC_FWD, lambda layer=layer: layer._tiled_forward(x, layer.values, None)))
     return out
 
@@ -412,7 +412,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "rounds, contenders interleaved round-robin; times are per call" +
           (f" (each sample: {CUDA_CALLS_PER_SAMPLE['forward']} back-to-back forward calls, "
            f"{CUDA_CALLS_PER_SAMPLE['step']} training steps)" if device.type == "cuda" else "") +
-          "; ratios are median / median with the spread of the same-round ratios." + (" QUICK RUN: not a record." if args.quick else ""), "",
+          "; ratios are median / median with the spread of the same-round ratios."
+          + (" QUICK RUN: not a record." if args.quick else ""), "",
           summary_markdown(analysis)]
     md += [sparsity_markdown(r) for r in results]
     if not ours_ok:
