@@ -519,12 +519,12 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_dx_kernel(const TiledAr
 //     8-15 at column 0, 16-23 rows 0-7 at column 8, 24-31 rows 8-15 at column 8 (b0, b1 of K
 //     columns 0-7, then of 8-15).
 // Warps: 4 (M, 32 each) x 2 (K, 32 each), 2 x 4 mma tiles each. The accumulators then go through
-// shared memory (float [128][68], in the pipeline's space) so that each entry reads its place.
+// shared memory (float [128][72], in the pipeline's space) so that each entry reads its place.
 // A tile with no entry returns at once (block-uniform).
 constexpr int kXvPitch = kCols + 8;  // 72
 constexpr int kDvStage = kTokens * kDyPitch + kTokens * kXvPitch;  // elements per stage (dy + x)
 constexpr int kDvSmemBytes = kStages * kDvStage * 2;                // 79872
-constexpr int kCPitch = kCols + 4;  // floats per row of the gathered block
+constexpr int kCPitch = kCols + 8;  // floats per row of the gathered block: float2 stores without conflicts
 static_assert(kRows * kCPitch * 4 <= kDvSmemBytes, "the block C fits in the pipeline's space");
 
 struct ValuesArgs {
@@ -620,8 +620,7 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_dv_kernel(const ValuesA
       for (int h = 0; h < 2; ++h) {
         const int r = warp_m * 32 + i * 16 + g + h * 8;
         const int col = warp_k * 32 + j * 8 + c2;
-        c[r * kCPitch + col] = acc[i][j][2 * h];
-        c[r * kCPitch + col + 1] = acc[i][j][2 * h + 1];
+        *reinterpret_cast<float2*>(c + r * kCPitch + col) = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
       }
   __syncthreads();
   scalar_t* dv = static_cast<scalar_t*>(a.dv);
