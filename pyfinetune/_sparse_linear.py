@@ -177,13 +177,21 @@ def _use_tensor_cores(x: Tensor, values: Tensor) -> bool:
             and not torch.compiler.is_compiling() and _plain(x, values))
 
 
+def _version_of(t: Tensor) -> Optional[int]:
+    """The version counter, or None for an inference tensor (which has none)."""
+    return None if t.is_inference() else t._version
+
+
 def _state_of(tensors) -> tuple:
-    return tuple((t.detach(), t.data_ptr(), t._version) for t in tensors)
+    return tuple((t.detach(), t.data_ptr(), _version_of(t)) for t in tensors)
 
 
 def _same_state(state: tuple, tensors) -> bool:
+    """Whether the tensors are those of `state`, unchanged; never for inference tensors (their
+    writes cannot be seen)."""
     return len(state) == len(tensors) and all(
-        t.data_ptr() == ptr and t._version == version for (_, ptr, version), t in zip(state, tensors))
+        version is not None and t.data_ptr() == ptr and _version_of(t) == version
+        for (_, ptr, version), t in zip(state, tensors))
 
 
 class SparseLinear(nn.Module):
@@ -244,8 +252,8 @@ class SparseLinear(nn.Module):
     expanded in shared memory and multiplied densely; the input and values' gradients from the
     same tiles) with
     ``PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores``: experimental, opt-in until measured on a GPU. The
-    tile layout is built at the first such call and kept until the pattern changes; outside autograd
-    the values in tile order are kept too, until the values change.
+    tile layout is built at the first such call and kept until the pattern changes (not in
+    ``state_dict``, not pickled, dropped by ``.to()``).
 
     Args:
         in_features, out_features: the weight's shape is [out_features, in_features].
@@ -408,26 +416,33 @@ class SparseLinear(nn.Module):
 
     def _tiled_forward(self, x: Tensor, values: Tensor, bias: Optional[Tensor]) -> Tensor:
         # The tile layout of the pattern is derived once per pattern (a sort of the nonzeros) and
-        # kept until the pattern tensors change; the values in tile order are gathered at each call
-        # (one small gather), except for an unchanged values tensor outside autograd (inference).
-        # The cache holds the tensors it was built from (so their memory cannot be reused by a new
-        # tensor at the same address) and compares addresses and version counters.
+        # kept until the pattern tensors change: the cache holds the tensors it was built from (so
+        # that their memory cannot be reused by a new tensor at the same address) and compares
+        # addresses and version counters. It is built outside inference mode, so that a layer first
+        # called under torch.inference_mode() (a validation pass) can train afterwards. The values
+        # in tile order are gathered at every call (one gather of nnz elements): a cache of them
+        # would go stale where a write does not move the version counter (torch's fused optimizers,
+        # writes through .data).
         pattern = self.pattern()
+        key = (pattern.crow_indices, pattern.col_indices)
         cache = self.__dict__.get("_tiled_cache")
-        if cache is None or not _same_state(cache["pattern"], (pattern.crow_indices, pattern.col_indices)):
-            with torch.no_grad():
+        if cache is None or not _same_state(cache[0], key):
+            with torch.inference_mode(False), torch.no_grad():
                 tiled = ops.tiled_pattern(pattern.crow_indices, pattern.col_indices, self.in_features)
-            cache = {"pattern": _state_of((pattern.crow_indices, pattern.col_indices)), "tiled": tiled,
-                     "values": None}
+            cache = (_state_of(key), tiled)
             self.__dict__["_tiled_cache"] = cache
-        tiled, tile_values = cache["tiled"], None
-        if values is self.values and not torch.is_grad_enabled():
-            if cache["values"] is not None and _same_state(cache["values"][0], (values,)):
-                tile_values = cache["values"][1]
-            else:
-                tile_values = values.detach().index_select(0, tiled.tile_src)
-                cache["values"] = (_state_of((values,)), tile_values)
-        return ops.tiled_csr_linear(x, values, pattern, tiled, bias, tile_values=tile_values)
+        return ops.tiled_csr_linear(x, values, pattern, cache[1], bias)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() ...: drop the tile layout (rebuilt at the next tiled call) rather
+        # than keep the old tensors alive on their device.
+        self.__dict__.pop("_tiled_cache", None)
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_tiled_cache", None)  # derived data: not pickled (torch.save(module), deepcopy)
+        return state
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.nnz}, "

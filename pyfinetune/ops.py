@@ -103,6 +103,7 @@ chunks: one chunk-sized buffer fewer). Not differentiable: call it on tensors th
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from typing import NamedTuple, Optional
 
@@ -459,7 +460,12 @@ def _tiled_dx_fits(device: torch.device) -> bool:
 def _tiled_csr_linear_fake(x, tile_values, tile_ptr, tile_loc, out_features, bias):
     op = "tiled_csr_linear"
     _fake_check_x(op, x)
+    _fake_check(x.dtype in _FLOAT_DTYPES, op, lambda: f"x must be float32, bfloat16, float16 or float64, got {x.dtype}")
     _fake_check_like_x(op, x, dict(tile_values=tile_values, bias=bias), dict(tile_ptr=tile_ptr, tile_loc=tile_loc))
+    _fake_check(bias is None or tuple(bias.shape) == (out_features,), op,
+                lambda: f"bias must be None or a 1-D tensor [M] with M = {out_features}, got shape {tuple(bias.shape)}")
+    _fake_check(tile_values.shape[0] <= out_features * x.shape[1] if tile_values.dim() == 1 else True, op,
+                lambda: f"tile_values must have at most out_features * K = {out_features * x.shape[1]} entries")
     _fake_check(0 <= out_features <= _INT32_MAX, op,
                 lambda: f"out_features must be in [0, 2^31 - 1], got {out_features}")
     _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, out_features, x.shape[1])
@@ -470,6 +476,7 @@ def _tiled_csr_linear_fake(x, tile_values, tile_ptr, tile_loc, out_features, bia
 def _tiled_csr_linear_backward_values_fake(grad_out, x, tile_ptr, tile_loc, tile_src):
     op = "tiled_csr_linear_backward_values"
     _fake_check_x(op, x)
+    _fake_check(x.dtype in _FLOAT_DTYPES, op, lambda: f"x must be float32, bfloat16, float16 or float64, got {x.dtype}")
     _fake_check_like_x(op, x, dict(grad_out=grad_out), dict(tile_ptr=tile_ptr, tile_loc=tile_loc, tile_src=tile_src))
     _fake_check(grad_out.dim() == 2 and grad_out.shape[0] == x.shape[0], op,
                 lambda: f"grad_out must be [N, M] with N = x.size(0) = {x.shape[0]}, got shape {tuple(grad_out.shape)}")
@@ -495,6 +502,8 @@ def _tiled_csr_linear_backward_input_fake(grad_out, tile_values, tile_ptr, tile_
     op = "tiled_csr_linear_backward_input"
     _fake_check(grad_out.dim() == 2, op,
                 lambda: f"grad_out must be a 2-D tensor [N, out_features], got shape {tuple(grad_out.shape)}")
+    _fake_check(grad_out.dtype in _FLOAT_DTYPES, op,
+                lambda: f"grad_out must be float32, bfloat16, float16 or float64, got {grad_out.dtype}")
     _fake_check(0 <= in_features <= _INT32_MAX, op, lambda: f"in_features must be in [0, 2^31 - 1], got {in_features}")
     for name, t in dict(tile_values=tile_values, tile_ptr=tile_ptr, tile_loc=tile_loc).items():
         _fake_check(t.device == grad_out.device, op,
@@ -877,11 +886,17 @@ def tiled_pattern(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> T
     """The :class:`TiledPattern` of a compressed-row pattern ``crow_indices`` [M + 1], ``col_indices``
     [nnz] of a weight [M, ``num_cols``], on the pattern's device. Within a tile the entries keep the
     compressed-row order (rows ascending, then columns), so that the tile order of ``values`` is
-    read in runs."""
+    read in runs. The pattern is taken as valid (columns in [0, num_cols), as
+    :func:`compressed_pattern` makes them): its contents are not read on the host, so that a CUDA
+    pattern costs no synchronization; the ops' CPU kernels check the tiles they are given."""
     if crow_indices.dim() != 1 or crow_indices.shape[0] < 1 or col_indices.dim() != 1:
         raise ValueError(f"pyfinetune.tiled_pattern: crow_indices must be [M + 1] and col_indices [nnz], got shapes "
                          f"{tuple(crow_indices.shape)} and {tuple(col_indices.shape)}")
-    if not isinstance(num_cols, int) or num_cols < 0:
+    try:
+        num_cols = operator.index(num_cols)
+    except TypeError:
+        num_cols = -1
+    if num_cols < 0:
         raise ValueError(f"pyfinetune.tiled_pattern: num_cols must be an int >= 0, got {num_cols!r}")
     m = crow_indices.shape[0] - 1
     nnz = col_indices.shape[0]
@@ -896,10 +911,10 @@ def tiled_pattern(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> T
     # A stable sort by tile keeps the compressed-row order inside each tile.
     tile_src = torch.argsort(tile, stable=True)
     loc = (rows % TILE_ROWS) * TILE_COLS + col % TILE_COLS
-    counts = torch.bincount(tile, minlength=tiles) if nnz else torch.zeros(tiles, dtype=torch.long,
-                                                                           device=col.device)
-    tile_ptr = torch.zeros(tiles + 1, dtype=torch.int32, device=col.device)
-    tile_ptr[1:] = counts.cumsum(0)
+    # index_add_ rather than bincount: no size depends on the data (traceable, meta tensors).
+    counts = torch.zeros(tiles + 1, dtype=torch.long, device=col.device)
+    counts.index_add_(0, tile + 1, torch.ones_like(tile))
+    tile_ptr = counts.cumsum(0).to(torch.int32)
     return TiledPattern(tile_ptr, loc[tile_src].to(torch.int16), tile_src.to(torch.int32))
 
 
@@ -1039,8 +1054,8 @@ def tiled_csr_linear(x: Tensor, values: Tensor, pattern: CompressedPattern, tile
         pattern: the :class:`CompressedPattern` of W (the backward runs csr_linear's kernels on it).
         tiled: :func:`tiled_pattern` of the same pattern.
         bias: None or [M].
-        tile_values: ``values[tiled.tile_src]`` when the caller keeps it (an inference cache);
-            computed here otherwise.
+        tile_values: ``values[tiled.tile_src]`` when the caller has it (it must match ``values``);
+            gathered here otherwise.
 
     Differentiable in x, values and bias (dvalues: the sampled product at the kept positions).
     """

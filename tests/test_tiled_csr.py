@@ -511,3 +511,76 @@ def test_backward_values_errors(what, change, message):
     with pytest.raises((RuntimeError, ValueError), match=message):
         torch.ops.pyfinetune.tiled_csr_linear_backward_values(args["dy"], args["x"], args["ptr"], args["loc"],
                                                               args["src"])
+
+
+def test_tiled_path_cache_follows_inference_mode_fused_optimizers_and_moves(monkeypatch):
+    """The tiled path's cache of the tile layout (forced on the CPU): a first call under
+    torch.inference_mode() does not stop later training; values written by a torch fused
+    optimizer (which does not move the version counter) or through .data are seen at the next
+    call; .to() drops the cache; it is neither in state_dict nor pickled."""
+    import copy
+    import pickle
+
+    import pyfinetune._sparse_linear as sl
+
+    monkeypatch.setattr(sl, "_use_tensor_cores", lambda x, v: True)
+    mask, w = make_mask(140, 80, 0.8), torch.randn(140, 80)
+    layer = SparseLinear.from_dense(w, mask, torch.randn(140), kernel="sparse")
+    x = torch.randn(6, 80)
+
+    def dense_ref():
+        return x @ layer.to_dense().detach().t() + layer.bias.detach()
+
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), dense_ref())
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    layer(x.clone().requires_grad_()).square().sum().backward()  # trains after the inference pass
+    with torch.no_grad():
+        before = layer(x)
+    opt.step()
+    with torch.no_grad():
+        after = layer(x)
+        assert not torch.equal(before, after)
+        torch.testing.assert_close(after, dense_ref())
+        layer.values.data.mul_(2)
+        torch.testing.assert_close(layer(x), dense_ref())
+    assert "_tiled_cache" in layer.__dict__
+    assert not any("tiled" in k for k in layer.state_dict())
+    assert "_tiled_cache" not in pickle.loads(pickle.dumps(layer)).__dict__
+    assert "_tiled_cache" not in copy.deepcopy(layer).__dict__
+    layer.double()
+    assert "_tiled_cache" not in layer.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x.double()), x.double() @ layer.to_dense().t() + layer.bias)
+
+
+def test_tiled_pattern_on_meta_tensors_and_numpy_sizes():
+    import numpy as np
+
+    p = ops.compressed_pattern(make_mask(130, 70, 0.5))
+    t = ops.tiled_pattern(p.crow_indices.to("meta"), p.col_indices.to("meta"), np.int64(70))
+    assert t.tile_ptr.device.type == "meta" and t.tile_ptr.shape == (2 * 2 + 1,)
+    assert t.tile_loc.dtype == torch.int16 and t.tile_src.shape == p.col_indices.shape
+
+
+@pytest.mark.parametrize("case", ["bias shape", "int x", "int grad_out", "int x (values)"])
+def test_fake_kernels_refuse_what_the_kernels_refuse(case):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    c, _ = make_case(3, 70, 130, torch.float32, "cpu", 0.5)
+    t = c["tiled"]
+    tv = c["values"].index_select(0, t.tile_src)
+    calls = {
+        "bias shape": lambda: torch.ops.pyfinetune.tiled_csr_linear(c["x"], tv, t.tile_ptr, t.tile_loc, 130,
+                                                                    c["bias"][1:]),
+        "int x": lambda: torch.ops.pyfinetune.tiled_csr_linear(c["x"].int(), tv.int(), t.tile_ptr, t.tile_loc, 130,
+                                                               None),
+        "int grad_out": lambda: torch.ops.pyfinetune.tiled_csr_linear_backward_input(
+            torch.ones(3, 130, dtype=torch.int32), tv.int(), t.tile_ptr, t.tile_loc, 70),
+        "int x (values)": lambda: torch.ops.pyfinetune.tiled_csr_linear_backward_values(
+            torch.ones(3, 130, dtype=torch.int32), c["x"].int(), t.tile_ptr, t.tile_loc, t.tile_src),
+    }
+    with pytest.raises(RuntimeError):
+        calls[case]()  # the real kernel
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises((RuntimeError, ValueError)):
+        calls[case]()  # the fake kernel

@@ -32,6 +32,7 @@ Results: ``benchmarks/results/prune-<device>-YYYYMMDD-HHMM.{json,md}`` (float32)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -160,6 +161,23 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bo
     return out
 
 
+@contextlib.contextmanager
+def kernel_env(value: Optional[str]):
+    """PYFINETUNE_CSR_CUDA_KERNEL set to ``value`` (unset for None) inside the block."""
+    saved = os.environ.get(TC_ENV)
+    if value is None:
+        os.environ.pop(TC_ENV, None)
+    else:
+        os.environ[TC_ENV] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(TC_ENV, None)
+        else:
+            os.environ[TC_ENV] = saved
+
+
 def tensor_cores_available(x: torch.Tensor) -> bool:
     """Whether tiled_csr_linear's tensor-core kernel runs for x: CUDA, float16 / bfloat16, sm80+."""
     return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
@@ -199,19 +217,15 @@ def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool 
             layer_opt = pyfinetune.optim.AdamW(layer.parameters(), lr=LR)
             xs = x0.clone().requires_grad_(True)
 
+            with kernel_env("tensor_cores"):
+                check_against_dense(layer, p)
+
             def tc_step(layer=layer, layer_opt=layer_opt, xs=xs):
                 # The opt-in is an environment variable read at each forward; setting it here
                 # bills its few microseconds to this contender.
-                saved = os.environ.get(TC_ENV)
-                os.environ[TC_ENV] = "tensor_cores"
-                try:
+                with kernel_env("tensor_cores"):
                     xs.grad = None
                     layer(xs).backward(g)
-                finally:
-                    if saved is None:
-                        del os.environ[TC_ENV]
-                    else:
-                        os.environ[TC_ENV] = saved
                 layer_opt.step()
                 layer_opt.zero_grad(set_to_none=True)
             out.append(Contender(OURS_TC_STEP, tc_step))
@@ -395,6 +409,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--sparsity values must be in [0, 1), got {bad}")
     dtype = DTYPES[args.dtype]
     ours_ok = device.type in pyfinetune.kernel_devices()["csr_linear"]
+    if os.environ.get(TC_ENV):
+        print(f"note: {TC_ENV}={os.environ[TC_ENV]} is set: the 'ours sparse' rows run that kernel (recorded in the "
+              "JSON config)", file=sys.stderr, flush=True)
 
     stamp, when = common.timestamp()
     machine = common.machine_info(device)
@@ -422,6 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "benchmark": "prune", "device": device.type, "when": when, "machine": machine,
         "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "N": N, "K": K, "M": M, "lr": LR,
                    "calls_per_sample": CUDA_CALLS_PER_SAMPLE if device.type == "cuda" else {"forward": 1, "step": 1},
+                   TC_ENV: os.environ.get(TC_ENV),
                    "dtype": args.dtype,
                    "sparsities": sorted(args.sparsity)},
         "sparsities": [{**{k: v for k, v in r.items() if k not in ("forward", "step")},
