@@ -13,8 +13,9 @@ correctness first, then their speed against cuBLAS and our warp kernels, in abou
 2. Speed: x [N, 4096] @ W^T, W [4096, 4096], random sparsity 50-99% for N = 256 (issue #4's case),
    90% and 99% for N = 2048; contenders interleaved, each sample 20 back-to-back calls timed with
    CUDA events, median of 15 samples: cuBLAS dense (x @ w.T on the pruned weight), our warp-per-row
-   csr_linear, and tiled_csr_linear (tile values gathered once, as SparseLinear's inference cache
-   does). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours (warp
+   csr_linear, and tiled_csr_linear alone (tile values gathered once; SparseLinear gathers them
+   at each call: one nnz-sized gather more, which bench_prune.py's "ours sparse, tensor cores" row
+   includes). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours (warp
    kernels and tensor cores) against cuBLAS. Markdown tables go to stdout (and to
    DIR/prune-tc-quick-<stamp>.md with --out).
 Exit status 1 if a correctness case failed.
