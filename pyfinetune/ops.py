@@ -837,10 +837,30 @@ class _CsrLinear(torch.autograd.Function):
         x, values, crow, col, row_order, ccol, row_idx, csc_to_csr = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_x, need_v, need_b = need[0], need[1], need[8] and ctx.has_bias
-        dx, dv, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, ccol, row_idx,
-                                                              csc_to_csr, [need_x, need_v, need_b])
+        if _create_graph():  # a differentiable backward
+            dx, dv, db = _differentiable_csr_grads(grad, x, values, crow, col, need_x, need_v, need_b)
+        else:
+            dx, dv, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, ccol, row_idx,
+                                                                  csc_to_csr, [need_x, need_v, need_b])
         return (dx if need_x else None, dv if need_v else None, None, None, None, None, None, None,
                 db if need_b else None)
+
+
+def _create_graph() -> bool:
+    """Inside a backward: whether it builds a graph (create_graph=True), outside torch.func
+    transforms, under which the ops' registered autograd formulas do not run (and the single-level
+    gradient needs no graph)."""
+    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+
+
+def _differentiable_csr_grads(grad, x, values, crow, col, need_x, need_v, need_b):
+    """csr_linear's gradients (x [N, K], grad [N, M]) composed of differentiable ops, for a backward
+    under create_graph (double backward, gradient penalties): csr_linear_backward has no autograd
+    formula of its own, so its results would carry no graph and second derivatives would be zero."""
+    dx = grad @ csr_to_dense(values, crow, col, x.shape[1]) if need_x else None
+    dv = csr_gather(grad.t() @ x, crow, col) if need_v else None
+    db = grad.sum(0) if need_b else None
+    return dx, dv, db
 
 
 def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_order: Tensor,
@@ -1029,6 +1049,9 @@ class _TiledCsrLinear(torch.autograd.Function):
          csc_to_csr) = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_x, need_v, need_b = need[0], need[1], need[5] and ctx.has_bias
+        if _create_graph():  # a differentiable backward
+            dx, dv, db = _differentiable_csr_grads(grad, x, values, crow, col, need_x, need_v, need_b)
+            return dx, dv, None, None, None, db
         dx = dv = db = None
         on_tensor_cores = grad.is_cuda
         if need_x and on_tensor_cores and _tiled_dx_fits(grad.device):

@@ -584,3 +584,21 @@ def test_fake_kernels_refuse_what_the_kernels_refuse(case):
         calls[case]()  # the real kernel
     with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises((RuntimeError, ValueError)):
         calls[case]()  # the fake kernel
+
+
+@pytest.mark.parametrize("fn", ["csr_linear", "tiled_csr_linear"])
+def test_double_backward_through_the_sparse_functions(fn):
+    """Under create_graph the backward of ops.csr_linear / ops.tiled_csr_linear is composed of
+    differentiable ops (csr_to_dense, csr_gather): gradgradcheck in float64, with a bias."""
+    c, _ = make_case(3, 70, 130, torch.float64, "cpu", 0.95)
+    x = c["x"].clone().requires_grad_()
+    v = c["values"].clone().requires_grad_()
+    b = c["bias"].clone().requires_grad_()
+
+    def f(x, v, b):
+        if fn == "csr_linear":
+            return ops.csr_linear(x, v, *c["pattern"], bias=b)
+        return ops.tiled_csr_linear(x, v, c["pattern"], c["tiled"], b)
+
+    assert torch.autograd.gradcheck(f, (x, v, b))
+    assert torch.autograd.gradgradcheck(f, (x, v, b))
