@@ -877,7 +877,8 @@ def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Ten
     Returns:
         [..., M] in x's dtype (float32 accumulation for 16-bit inputs). Differentiable in x,
         values and bias; the gradient of values is the product ``grad_out^T @ x`` sampled at the
-        kept positions.
+        kept positions. Twice differentiable: under ``create_graph=True`` the backward is composed
+        of differentiable ops (:func:`csr_to_dense`, :func:`csr_gather`) instead of the kernels.
     """
     x2 = _flatten_batch(x, "csr_linear")
     if torch.is_grad_enabled() and (x2.requires_grad or values.requires_grad
@@ -1080,7 +1081,8 @@ def tiled_csr_linear(x: Tensor, values: Tensor, pattern: CompressedPattern, tile
         tile_values: ``values[tiled.tile_src]`` when the caller has it (it must match ``values``);
             gathered here otherwise.
 
-    Differentiable in x, values and bias (dvalues: the sampled product at the kept positions).
+    Differentiable in x, values and bias (dvalues: the sampled product at the kept positions), twice
+    under ``create_graph=True`` (as :func:`csr_linear`).
     """
     x2 = _flatten_batch(x, "tiled_csr_linear")
     if tile_values is None:
