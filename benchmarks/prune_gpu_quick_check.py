@@ -51,6 +51,18 @@ def run(name, fn):
             traceback.print_exc()
 
 
+def check_close(got, ref, dtype, length):
+    """|got - ref| <= eps |ref| + eps sqrt(length) everywhere (float32 accumulation of `length` terms,
+    rounded once; eps one ulp of dtype), else AssertionError naming the worst element."""
+    err = (got.double().cpu() - ref).abs()
+    bound = EPS[dtype] * ref.abs() + EPS[dtype] * max(length, 1) ** 0.5
+    if not bool((err <= bound).all()):
+        i = int((err - bound).argmax())
+        where = divmod(i, ref.shape[-1]) if ref.dim() == 2 else i
+        raise AssertionError(f"max error {err.max().item():.3g}; worst at {where}: got "
+                             f"{got.reshape(-1)[i].item():.5g}, want {ref.reshape(-1)[i].item():.5g}")
+
+
 def problem(n, k, m, sparsity, dtype, seed=0):
     device = DEVICE
     g = torch.Generator().manual_seed(seed)
@@ -76,12 +88,7 @@ def correctness(n, k, m, sparsity, dtype, bias=True, x_view=None):
                                                   b.to(DEVICE) if bias else None)
         sync()
         ref = x.double() @ torch.where(mask, w.double(), 0.0).t() + (b.double() if bias else 0.0)
-        err = (y.double().cpu() - ref).abs()
-        bound = EPS[dtype] * ref.abs() + EPS[dtype] * k**0.5
-        if not bool((err <= bound).all()):
-            i = int((err - bound).argmax())
-            raise AssertionError(f"max error {err.max().item():.3g}; worst at {divmod(i, m)}: got "
-                                 f"{y.reshape(-1)[i].item():.5g}, want {ref.reshape(-1)[i].item():.5g}")
+        check_close(y, ref, dtype, k)
 
     return f
 
@@ -100,12 +107,7 @@ def correctness_dx(n, k, m, sparsity, dtype):
                                                                   t.tile_loc, k)
         sync()
         ref = dy.double() @ torch.where(mask, w.double(), 0.0)
-        err = (dx.double().cpu() - ref).abs()
-        bound = EPS[dtype] * ref.abs() + EPS[dtype] * max(m, 1) ** 0.5
-        if not bool((err <= bound).all()):
-            i = int((err - bound).argmax())
-            raise AssertionError(f"max error {err.max().item():.3g}; worst at {divmod(i, k)}: got "
-                                 f"{dx.reshape(-1)[i].item():.5g}, want {ref.reshape(-1)[i].item():.5g}")
+        check_close(dx, ref, dtype, m)
 
     return f
 
@@ -119,12 +121,7 @@ def correctness_dv(n, k, m, sparsity, dtype):
                                                                    t.tile_loc, t.tile_src)
         sync()
         ref = (dy.double().t() @ x.double())[mask]
-        err = (dv.double().cpu() - ref).abs()
-        bound = EPS[dtype] * ref.abs() + EPS[dtype] * max(n, 1) ** 0.5
-        if not bool((err <= bound).all()):
-            i = int((err - bound).argmax())
-            raise AssertionError(f"max error {err.max().item():.3g} at kept entry {i}: got {dv[i].item():.5g}, "
-                                 f"want {ref[i].item():.5g}")
+        check_close(dv, ref, dtype, n)
 
     return f
 

@@ -1069,7 +1069,7 @@ class _TiledCsrLinear(torch.autograd.Function):
 
 
 def tiled_csr_linear(x: Tensor, values: Tensor, pattern: CompressedPattern, tiled: TiledPattern,
-                     bias: Optional[Tensor] = None, *, tile_values: Optional[Tensor] = None) -> Tensor:
+                     bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W^T + bias`` like :func:`csr_linear`, the forward through ``tiled_csr_linear`` (on CUDA:
     tensor cores, float16 / bfloat16, compute capability 8.0+).
 
@@ -1078,16 +1078,15 @@ def tiled_csr_linear(x: Tensor, values: Tensor, pattern: CompressedPattern, tile
         pattern: the :class:`CompressedPattern` of W (the backward runs csr_linear's kernels on it).
         tiled: :func:`tiled_pattern` of the same pattern.
         bias: None or [M].
-        tile_values: ``values[tiled.tile_src]`` when the caller has it (it must match ``values``);
-            gathered here otherwise.
+
+    The values in tile order (``values[tiled.tile_src]``) are gathered at each call.
 
     Differentiable in x, values and bias (dvalues: the sampled product at the kept positions), twice
     under ``create_graph=True`` (as :func:`csr_linear`).
     """
     x2 = _flatten_batch(x, "tiled_csr_linear")
-    if tile_values is None:
-        with torch.no_grad():
-            tile_values = values.index_select(0, tiled.tile_src)
+    with torch.no_grad():
+        tile_values = values.index_select(0, tiled.tile_src)
     if torch.is_grad_enabled() and (x2.requires_grad or values.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         y = _apply(_TiledCsrLinear, x2, values, tile_values, tiled, pattern, bias)

@@ -329,13 +329,7 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
 
   for (int64_t nb = blockIdx.y; nb < n_blocks; nb += gridDim.y) {
     const int64_t n0 = nb * kTokens;
-    float acc[2][4][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    float acc[2][4][4] = {};  // zeros
 
     tile_pipeline(
         a, kt_count, ws,
@@ -439,13 +433,7 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_dx_kernel(const TiledAr
 
   for (int64_t nb = blockIdx.y; nb < n_blocks; nb += gridDim.y) {
     const int64_t n0 = nb * kTokens;
-    float acc[2][2][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+    float acc[2][2][4] = {};  // zeros
 
     tile_pipeline(
         a, steps, ws,
@@ -572,13 +560,7 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_dv_kernel(const ValuesA
     load_slice<kCols, kAligned>(a.x, a.n, a.k, a.x_rs, x_stage(s), n0, k0);
   };
 
-  float acc[2][4][4];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+  float acc[2][4][4] = {};  // zeros
 
   load(0, 0);
   cp_async_commit();
