@@ -116,6 +116,51 @@ def test_batch_rows_span_several_panels(impl, n, device, dtype):
     check_against_reference(impl, x, w, make_mask(m, k, 0.6), b, g, dtype)
 
 
+# Batches of up to 32 rows take the CPU's small-batch kernel (x transposed into 1, 4, 8, 16 or 32
+# lanes, or whole vectors of the accumulation type in the portable kernel): rows around each lane
+# count, and 33 (the panel kernel again).
+SMALL_BATCH_ROWS = [1, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32, 33]
+
+
+@pytest.mark.parametrize("n", SMALL_BATCH_ROWS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_csr_linear_small_batches(n, dtype):
+    gen = torch.Generator().manual_seed(1000 + n)
+    m = 70
+    for sparsity, k, bias in ((0.0, 37, True), (0.6, 300, False), (0.99, 1100, True), (1.0, 20, True)):
+        x, w, b, g = random_inputs(n, k, m, dtype, "cpu", bias=bias, generator=gen)
+        mask = make_mask(m, k, sparsity, empty_rows=3, generator=gen)
+        check_against_reference("csr", x, w, mask, b, g, dtype)
+
+
+@pytest.mark.parametrize("n", [1, 3, 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_csr_linear_small_batches_any_layout(n, dtype):
+    # x of non-unit column stride (a copy for one row, the transpose for several) and kept weights
+    # whose columns are not sorted within their rows (the small-batch kernel's gather order).
+    gen = torch.Generator().manual_seed(7 + n)
+    k, m = 150, 40
+    _, w, b, _ = random_inputs(n, k, m, dtype, "cpu", bias=True, generator=gen)
+    mask = make_mask(m, k, 0.8, empty_rows=2, generator=gen)
+    crow = torch.zeros(m + 1, dtype=torch.int32)
+    crow[1:] = mask.sum(1).cumsum(0)
+    cols, vals = [], []
+    for r in range(m):  # each row's kept columns in a random order
+        c = mask[r].nonzero().flatten()[torch.randperm(int(mask[r].sum()), generator=gen)]
+        cols.append(c)
+        vals.append(w[r, c])
+    col = torch.cat(cols).to(torch.int32)
+    values = torch.cat(vals)
+    row_order = torch.arange(m, dtype=torch.int32)
+    wm = torch.where(mask, w, 0).double()
+    for x in (torch.randn(n, 2 * k, generator=gen).to(dtype)[:, ::2], torch.randn(k, n + 1, generator=gen).to(dtype)[:, :n].t()):
+        assert x.stride(1) != 1
+        y = torch.ops.pyfinetune.csr_linear(x, values, crow, col, row_order, b)
+        exact = x.double() @ wm.t() + b.double()
+        terms = x.double().abs() @ wm.abs().t() + b.double().abs()
+        assert_product_close(y, exact, terms, k, dtype, f"csr_linear y, x strides {x.stride()}")
+
+
 @pytest.mark.parametrize("sparsity,k", [(0.5, 300), (0.9, 700), (0.95, 1100), (0.99, 3000)])
 @pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float64]))
 def test_csr_tiles_of_every_size(sparsity, k, device, dtype):
@@ -439,7 +484,7 @@ def test_portable_kernels_when_avx512_is_off():
         "import torch, pyfinetune\n"
         "from pyfinetune import ops\n"
         "torch.manual_seed(0)\n"
-        f"for n in {PANEL_EDGE_ROWS}:\n"
+        f"for n in {sorted(set(PANEL_EDGE_ROWS + SMALL_BATCH_ROWS))}:\n"
         "  for k, p in ((300, 0.5), (1100, 0.95)):\n"
         "    x = torch.randn(n, k); w = torch.randn(150, k); b = torch.randn(150)\n"
         "    mask = torch.rand(150, k) > p\n"
@@ -450,6 +495,13 @@ def test_portable_kernels_when_avx512_is_off():
         "    assert torch.allclose(y.double(), x.double() @ wm.t() + b.double(), atol=1e-3), n\n"
         "    assert torch.allclose(xr.grad.double(), g.double() @ wm, atol=1e-3), n\n"
         "    assert torch.allclose(v.grad.double(), (g.double().t() @ x.double())[mask], atol=1e-3), n\n"
+        "    # 16-bit values (read as such by the small-batch kernels): within half a bfloat16 ulp of the\n"
+        "    # float64 product of the same rounded inputs, plus float32 accumulation\n"
+        "    xb, wb = x.bfloat16(), (w * mask).bfloat16()\n"
+        "    yb = ops.csr_linear(xb, wb[mask], *ops.compressed_pattern(mask))\n"
+        "    exact = xb.double() @ wb.double().t()\n"
+        "    bound = 2.0 ** -8 * exact.abs() + 1e-5 * (xb.double().abs() @ wb.double().abs().t())\n"
+        "    assert ((yb.double() - exact).abs() <= bound).all(), n\n"
         "print('ok')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

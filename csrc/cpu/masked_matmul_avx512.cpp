@@ -444,7 +444,105 @@ void gather(const float* values, const int32_t* index, float* out, int64_t n) {
   }
 }
 
+// ---- Small-batch SpMM (csr_linear with up to kSpmvMaxBatch rows of x) ---------------------------
+// x transposed into xT [K][L] (L = 1, 4, 8, 16 or 32 floats, the batch zero padded), so that a kept
+// weight multiplies one short contiguous row of xT: a broadcast and one FMA of an L-float vector
+// per kept weight, in several independent chains per output row. The values are read in their own
+// dtype.
+namespace {
+
+template <int kKind>
+inline __attribute__((always_inline)) float value_at(const void* values, int64_t e) {
+  if constexpr (kKind == kSpmvFloat) {
+    return static_cast<const float*>(values)[e];
+  } else if constexpr (kKind == kSpmvBFloat16) {
+    const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(values)[e]) << 16;
+    return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128(static_cast<int>(bits))));
+  } else {
+    return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<const uint16_t*>(values)[e])));
+  }
+}
+
+// One kernel for every lane count: V is float (one lane), __m128, __m256 or __m512, added with the
+// vector extensions' +, multiplied and added with these FMAs (the build's ISO C++ mode does not
+// contract a * b + c into one).
+inline __attribute__((always_inline)) float fma_lanes(float w, float x, float acc) { return __builtin_fmaf(w, x, acc); }
+inline __attribute__((always_inline)) __m128 fma_lanes(float w, __m128 x, __m128 acc) { return _mm_fmadd_ps(_mm_set1_ps(w), x, acc); }
+inline __attribute__((always_inline)) __m256 fma_lanes(float w, __m256 x, __m256 acc) { return _mm256_fmadd_ps(_mm256_set1_ps(w), x, acc); }
+inline __attribute__((always_inline)) __m512 fma_lanes(float w, __m512 x, __m512 acc) { return _mm512_fmadd_ps(_mm512_set1_ps(w), x, acc); }
+
+template <typename V>
+inline __attribute__((always_inline)) V load_lanes(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+// kVecs vectors V per kept weight (L = kVecs * lanes of V), kChains independent accumulator sets.
+template <typename V, int kVecs, int kChains, int kKind>
+void spmv_lanes_rows(const SpmvRows& a, int64_t r0, int64_t r1) {
+  constexpr int64_t kW = static_cast<int64_t>(sizeof(V) / sizeof(float));
+  constexpr int64_t kLd = kVecs * kW;
+  const float* xT = a.x;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t e = a.ptr[r];
+    const int64_t e1 = a.ptr[r + 1];
+    V acc[kChains][kVecs] = {};
+    for (; e + kChains <= e1; e += kChains) {
+      for (int j = 0; j < kChains; ++j) {
+        const float w = value_at<kKind>(a.values, e + j);
+        const float* row = xT + static_cast<int64_t>(a.idx[e + j]) * kLd;
+        for (int v = 0; v < kVecs; ++v) {
+          acc[j][v] = fma_lanes(w, load_lanes<V>(row + v * kW), acc[j][v]);
+        }
+      }
+    }
+    for (; e < e1; ++e) {
+      const float w = value_at<kKind>(a.values, e);
+      const float* row = xT + static_cast<int64_t>(a.idx[e]) * kLd;
+      for (int v = 0; v < kVecs; ++v) {
+        acc[0][v] = fma_lanes(w, load_lanes<V>(row + v * kW), acc[0][v]);
+      }
+    }
+    for (int v = 0; v < kVecs; ++v) {
+      V sum = acc[0][v];
+      for (int j = 1; j < kChains; ++j) {
+        sum += acc[j][v];
+      }
+      __builtin_memcpy(a.out + (r - r0) * kLd + v * kW, &sum, sizeof(V));
+    }
+  }
+}
+
+template <int kKind>
+void spmv_rows_kind(const SpmvRows& a, int64_t r0, int64_t r1) {
+  switch (a.x_ld) {
+    case 1: return spmv_lanes_rows<float, 1, 4, kKind>(a, r0, r1);
+    case 4: return spmv_lanes_rows<__m128, 1, 4, kKind>(a, r0, r1);
+    case 8: return spmv_lanes_rows<__m256, 1, 4, kKind>(a, r0, r1);
+    case 16: return spmv_lanes_rows<__m512, 1, 4, kKind>(a, r0, r1);
+    case 32: return spmv_lanes_rows<__m512, 2, 2, kKind>(a, r0, r1);
+    default: abort();  // the caller's lanes are one of these
+  }
+}
+
+}  // namespace
+
+void spmv_rows(const SpmvRows& a, int64_t r0, int64_t r1) {
+  switch (a.value_kind) {
+    case kSpmvFloat: return spmv_rows_kind<kSpmvFloat>(a, r0, r1);
+    case kSpmvBFloat16: return spmv_rows_kind<kSpmvBFloat16>(a, r0, r1);
+    case kSpmvHalf: return spmv_rows_kind<kSpmvHalf>(a, r0, r1);
+    default: abort();
+  }
+}
+
 #else  // no AVX-512 kernels in this build: the portable kernels run everywhere
+
+void spmv_rows(const SpmvRows&, int64_t, int64_t) {
+  abort();  // unreachable: available() is false
+}
+
 
 void gather(const float*, const int32_t*, float*, int64_t) {
   abort();  // unreachable: available() is false

@@ -23,6 +23,7 @@
 //     hold equal numbers of kept weights (prefix sums of crow + binary search);
 //   * each work item transposes its block of yT (L2 resident) into y right away, adding the bias,
 //     rounded once to the output dtype: no [M, ld] yT round trip through memory.
+// Batches of up to 32 rows take a separate forward kernel (spmv_forward, below).
 // The backward runs the same kernel over the compressed columns (dx = grad_out @ W reads dyT rows
 // through row_indices, values through csc_to_csr), and computes dvalues as a sampled product
 // (SDDMM): for every kept (m, k), dot(dyT[m, :], xT[k, :]), eight kept weights at a time with one
@@ -779,6 +780,162 @@ void sddmm(const SddmmArgs<acc_t>& a) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Small batches: N <= avx512::kSpmvMaxBatch rows of x
+//
+// The SpMM above holds the batch in its vectors and walks xT in tiles: with a few rows of x most
+// lanes are padding and the walk's per-segment costs dominate. Here x is transposed into xT [K][L]
+// with the batch padded only to L = 1, 4, 8, 16 or 32 lanes, and each output row is a plain pass
+// over its kept weights: one broadcast weight times one L-lane row of xT (L2 resident) per kept
+// weight, in independent chains; values are read in their own dtype. A/B of the two kernels
+// (K = M = 4096, 2 threads, forward): at 90% sparsity and N = 1 2.3-2.7 ms -> 0.41-0.64 ms; 2.3-6x
+// for N = 1 to 16 and 1.8-3.5x at 32 (float32 and bfloat16, 70-99%); at 48 and 64 rows (64 lanes)
+// 0.96-1.6x, so the panel kernel keeps N > 32. Recorded against torch: benchmarks/results/
+// prune-n1-cpu-20261127-0056 and its neighbours (bench_prune.py --batch).
+
+// The lanes of xT for a batch of n rows: for the AVX-512 kernel (float32 accumulation on a CPU
+// with AVX-512) 1, 4, 8, 16 or 32; for the portable one 1 or whole vectors of acc_t, a power of two.
+template <typename acc_t>
+int64_t spmv_lanes(int64_t n, bool avx512_kernel) {
+  if (n == 1 || avx512_kernel) {
+    return n == 1 ? 1 : n <= 4 ? 4 : n <= 8 ? 8 : n <= 16 ? 16 : 32;
+  }
+  int64_t vecs = 1;
+  while (vecs * kLanes<acc_t> < n) {
+    vecs *= 2;
+  }
+  return vecs * kLanes<acc_t>;
+}
+
+// The portable kernels of avx512::spmv_rows (any value and accumulation type): a single row of x
+// in four scalar chains, or kVecs vectors per kept weight in two chains (four for one vector).
+template <typename val_t, typename acc_t>
+void spmv_rows_scalar(const int32_t* ptr, const int32_t* idx, const val_t* values, const acc_t* x, int64_t r0,
+                      int64_t r1, acc_t* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t e = ptr[r];
+    const int64_t e1 = ptr[r + 1];
+    acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    for (; e + 4 <= e1; e += 4) {
+      for (int j = 0; j < 4; ++j) {
+        acc[j] += static_cast<acc_t>(values[e + j]) * x[idx[e + j]];
+      }
+    }
+    for (; e < e1; ++e) {
+      acc[0] += static_cast<acc_t>(values[e]) * x[idx[e]];
+    }
+    out[r - r0] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  }
+}
+
+template <int kVecs, typename val_t, typename acc_t>
+void spmv_rows_vec(const int32_t* ptr, const int32_t* idx, const val_t* values, const acc_t* xT, int64_t r0,
+                   int64_t r1, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  constexpr int64_t L = kVecs * W;
+  constexpr int C = kVecs == 1 ? 4 : 2;  // chains
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t e = ptr[r];
+    const int64_t e1 = ptr[r + 1];
+    Vec acc[C][kVecs];
+    for (int j = 0; j < C; ++j) {
+      for (int v = 0; v < kVecs; ++v) {
+        acc[j][v] = Vec(acc_t(0));
+      }
+    }
+    for (; e + C <= e1; e += C) {
+      for (int j = 0; j < C; ++j) {
+        const Vec w(static_cast<acc_t>(values[e + j]));
+        const acc_t* row = xT + static_cast<int64_t>(idx[e + j]) * L;
+        for (int v = 0; v < kVecs; ++v) {
+          acc[j][v] = at::vec::fmadd(w, Vec::loadu(row + v * W), acc[j][v]);
+        }
+      }
+    }
+    for (; e < e1; ++e) {
+      const Vec w(static_cast<acc_t>(values[e]));
+      const acc_t* row = xT + static_cast<int64_t>(idx[e]) * L;
+      for (int v = 0; v < kVecs; ++v) {
+        acc[0][v] = at::vec::fmadd(w, Vec::loadu(row + v * W), acc[0][v]);
+      }
+    }
+    for (int v = 0; v < kVecs; ++v) {
+      Vec sum = acc[0][v];
+      for (int j = 1; j < C; ++j) {
+        sum = sum + acc[j][v];
+      }
+      sum.store(out + (r - r0) * L + v * W);
+    }
+  }
+}
+
+template <typename val_t, typename acc_t>
+void spmv_rows_portable(int64_t lanes, const int32_t* ptr, const int32_t* idx, const val_t* values, const acc_t* xT,
+                        int64_t r0, int64_t r1, acc_t* out) {
+  switch (lanes == 1 ? 0 : lanes / kLanes<acc_t>) {
+    case 0: return spmv_rows_scalar(ptr, idx, values, xT, r0, r1, out);
+    case 1: return spmv_rows_vec<1>(ptr, idx, values, xT, r0, r1, out);
+    case 2: return spmv_rows_vec<2>(ptr, idx, values, xT, r0, r1, out);
+    case 4: return spmv_rows_vec<4>(ptr, idx, values, xT, r0, r1, out);
+    default: return spmv_rows_vec<8>(ptr, idx, values, xT, r0, r1, out);
+  }
+}
+
+// Kept weights times rows of x per work item; below one item the product runs on the calling thread.
+constexpr int64_t kSpmvWorkPerPart = 64 * 1024;
+
+template <typename scalar_t>
+void spmv_forward(const at::Tensor& x, const at::Tensor& values, const int32_t* ptr, const int32_t* idx,
+                  const MatmulSizes& s, const scalar_t* bias, scalar_t* y) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
+  const at::Tensor vals = values.contiguous();
+  int kind = -1;  // the AVX-512 kernel's value kind; -1: the portable kernels
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx512::available()) {
+      kind = std::is_same_v<scalar_t, float>           ? avx512::kSpmvFloat
+             : std::is_same_v<scalar_t, c10::BFloat16> ? avx512::kSpmvBFloat16
+                                                       : avx512::kSpmvHalf;
+    }
+  }
+  const int64_t lanes = spmv_lanes<acc_t>(s.n, kind >= 0);
+  at::Tensor xT;
+  if (lanes == 1 && x.scalar_type() == kAcc && x.stride(1) == 1) {
+    xT = x;  // one row of unit stride: already xT
+  } else {
+    xT = at::empty({s.k, lanes}, x.options().dtype(kAcc));
+    transpose_in(x.const_data_ptr<scalar_t>(), s.n, s.k, x.stride(0), x.stride(1), xT.mutable_data_ptr<acc_t>(), lanes);
+  }
+  const acc_t* xp = xT.const_data_ptr<acc_t>();
+  const int64_t parts = std::clamp<int64_t>(s.nnz * s.n / kSpmvWorkPerPart, 1,
+                                            std::min<int64_t>(s.m, at::get_num_threads() * kPartsPerThread));
+  const std::vector<int64_t> splits = balanced_row_splits(ptr, s.m, parts);
+  run_tasks(parts, [&](int64_t p) {
+    const int64_t r0 = splits[p], r1 = splits[p + 1];
+    if (r0 == r1) {
+      return;
+    }
+    thread_local std::vector<acc_t> buf;
+    buf.resize(static_cast<size_t>((r1 - r0) * lanes));
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (kind >= 0) {
+        avx512::spmv_rows({ptr, idx, vals.const_data_ptr(), kind, xp, lanes, buf.data()}, r0, r1);
+      }
+    }
+    if (kind < 0) {
+      spmv_rows_portable(lanes, ptr, idx, vals.const_data_ptr<scalar_t>(), xp, r0, r1, buf.data());
+    }
+    for (int64_t i = 0; i < s.n; ++i) {
+      scalar_t* yi = y + i * s.m;
+      for (int64_t r = r0; r < r1; ++r) {
+        const acc_t v = buf[(r - r0) * lanes + i];
+        yi[r] = static_cast<scalar_t>(bias != nullptr ? v + static_cast<acc_t>(bias[r]) : v);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
 // csr_linear and its backward
 
 // src [rows, cols] (any strides) transposed into a [cols, padded_ld(rows)] acc tensor (scratch).
@@ -816,6 +973,11 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   const at::Tensor b = has_bias ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
+    if (s.n <= avx512::kSpmvMaxBatch) {
+      spmv_forward<scalar_t>(x, values, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s,
+                             has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
+      return;
+    }
     const at::Tensor vals = values_as_acc<acc_t>(values);
     const at::Tensor xT = transposed_acc<scalar_t>(x, kScratchA);
     const int64_t ld = xT.size(1);

@@ -5,6 +5,7 @@ torch sparse products, across sparsities.
     python benchmarks/bench_prune.py --device cuda          # GPU (the CUDA kernels must be built)
     python benchmarks/bench_prune.py --quick --sparsity 0.9 # smoke run
     python benchmarks/bench_prune.py --device cuda --dtype float16 --sparsity 0.9   # the H100 target
+    python benchmarks/bench_prune.py --batch 1              # one row of x (token-by-token inference)
 
 Per sparsity, two groups of contenders run round-robin (``common.time_interleaved``):
 
@@ -26,7 +27,8 @@ Targets (the pruning issue's): on the CPU in float32, forward >= 3x dense and >=
 training step >= 3x dense at 90%, forward crossover at or below 70%; on CUDA in float16, forward
 >= 2x cuBLAS dense at 90%. Other device and dtype pairs report the same ratios without targets.
 Results: ``benchmarks/results/prune-<device>-YYYYMMDD-HHMM.{json,md}`` (float32), else
-``prune-<dtype>-<device>-...``.
+``prune-<dtype>-<device>-...``; with ``--batch n`` other than 256, ``prune[-<dtype>]-n<n>-<device>-...``
+(no targets: the issue's are at N = 256).
 """
 
 from __future__ import annotations
@@ -89,14 +91,14 @@ CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 # --------------------------------------------------------------------------------------- inputs
 def make_problem(sparsity: float, device: torch.device, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> Dict[str, torch.Tensor]:
-    """x [N, K], a weight [M, K] with a random mask keeping 1 - ``sparsity`` of it, an upstream
-    gradient [N, M], in ``dtype``."""
+                 dtype: torch.dtype = torch.float32, n: int = N) -> Dict[str, torch.Tensor]:
+    """x [n, K], a weight [M, K] with a random mask keeping 1 - ``sparsity`` of it, an upstream
+    gradient [n, M], in ``dtype``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(N, K, generator=gen).to(device, dtype)
+    x = torch.randn(n, K, generator=gen).to(device, dtype)
     w = (torch.randn(M, K, generator=gen) * K**-0.5).to(device, dtype)
     mask = (torch.rand(M, K, generator=gen) >= sparsity).to(device)
-    grad = torch.randn(N, M, generator=gen).to(device, dtype)
+    grad = torch.randn(n, M, generator=gen).to(device, dtype)
     return {"x": x, "w": w, "mask": mask, "grad": grad}
 
 
@@ -262,8 +264,8 @@ def timings_summary(timings: Dict[str, common.Timing]) -> Dict[str, Dict[str, An
 
 
 def run_sparsity(sparsity: float, device: torch.device, reps: int, warmup: int, ours_ok: bool,
-                 dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
-    p = make_problem(sparsity, device, dtype=dtype)
+                 dtype: torch.dtype = torch.float32, n: int = N) -> Dict[str, Any]:
+    p = make_problem(sparsity, device, dtype=dtype, n=n)
     res: Dict[str, Any] = {"sparsity": sparsity, "nnz": int(p["mask"].sum())}
     with common.CpuContention() as load:
         for group, build in (("forward", forward_contenders), ("step", step_contenders)):
@@ -279,12 +281,12 @@ def run_sparsity(sparsity: float, device: torch.device, reps: int, warmup: int, 
 
 
 def run_sparsity_quietly(sparsity: float, device: torch.device, reps: int, warmup: int, attempts: int,
-                         ours_ok: bool, dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+                         ours_ok: bool, dtype: torch.dtype = torch.float32, n: int = N) -> Dict[str, Any]:
     best = None
     for attempt in range(1, attempts + 1):
         if device.type == "cpu" and not common.wait_for_quiet():
             print(f"[{sparsity:.0%}] the machine stayed busy; measuring anyway", file=sys.stderr, flush=True)
-        res = run_sparsity(sparsity, device, reps, warmup, ours_ok, dtype)
+        res = run_sparsity(sparsity, device, reps, warmup, ours_ok, dtype, n)
         share = res["cpu_contention"].get("other_share") or 0.0
         if best is None or share < (best["cpu_contention"].get("other_share") or 0.0):
             best = res
@@ -320,10 +322,11 @@ def crossover(results: List[Dict[str, Any]], group: str, num: str, den: str) -> 
 
 
 def analyse(results: List[Dict[str, Any]], device_type: str = "cpu",
-            dtype: torch.dtype = torch.float32) -> Dict[str, Any]:
+            dtype: torch.dtype = torch.float32, n: int = N) -> Dict[str, Any]:
+    """Target ratios (the issue's targets are at N = 256 rows of x only) and crossovers."""
     by_sparsity = {r["sparsity"]: r for r in results}
     ratios = []
-    for key, desc, sparsity, target in TARGETS.get((device_type, dtype), []):
+    for key, desc, sparsity, target in TARGETS.get((device_type, dtype), []) if n == N else []:
         r = by_sparsity.get(sparsity)
         if r is None:
             continue
@@ -343,7 +346,7 @@ def analyse(results: List[Dict[str, Any]], device_type: str = "cpu",
         "step_vs_ours_dense_path": crossover(results, "step", OURS_DENSE_STEP, OURS_STEP),
     }
     fwd = cross["forward_vs_dense"]["measured"]
-    if (device_type, dtype) == ("cpu", torch.float32):
+    if (device_type, dtype) == ("cpu", torch.float32) and n == N:
         cross["target"] = {"description": f"forward crossover with dense at or below {CROSSOVER_TARGET:.0%}",
                            "value": fwd, "status": "MET" if fwd is not None and fwd <= CROSSOVER_TARGET else "NOT MET"}
     return {"ratios": ratios, "crossover": cross}
@@ -370,7 +373,7 @@ def sparsity_markdown(r: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def summary_markdown(analysis: Dict[str, Any]) -> str:
+def summary_markdown(analysis: Dict[str, Any], n: int = N) -> str:
     rows = [[r["description"], f"{r['value']:.2f}", f"{r['p20']:.2f} .. {r['p80']:.2f}", f">= {r['target']}",
              r["status"]] for r in analysis["ratios"]]
     c = analysis["crossover"]
@@ -392,7 +395,8 @@ def summary_markdown(analysis: Dict[str, Any]) -> str:
     if "target" in c:
         out += [f"Target: {c['target']['description']}: {c['target']['status']}.", ""]
     elif not rows:
-        out[2] = "No targets for this device and dtype (the issue's: CPU float32, CUDA float16); the ratios are below."
+        out[2] = (f"No targets for {n} row{'s' if n > 1 else ''} of x (the issue's are at {N})" if n != N else
+                  "No targets for this device and dtype (the issue's: CPU float32, CUDA float16)") + "; the ratios are below."
     return "\n".join(out)
 
 
@@ -401,12 +405,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--sparsity", type=float, nargs="+", default=list(SPARSITIES))
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                     help="of x, the weight and the gradients (default float32)")
+    ap.add_argument("--batch", type=int, default=N,
+                    help=f"rows of x (default {N}, where the targets are; 1 for one-token inference)")
     common.add_run_options(ap, default_reps=DEFAULT_REPS, repeat_what="a sparsity")
     args = ap.parse_args(argv)
     device, reps, warmup = common.resolve_run_options(ap, args, default_reps=DEFAULT_REPS)
     bad = [s for s in args.sparsity if not 0.0 <= s < 1.0]
     if bad:
         ap.error(f"--sparsity values must be in [0, 1), got {bad}")
+    if args.batch < 1:
+        ap.error(f"--batch must be at least 1, got {args.batch}")
+    n = args.batch
     dtype = DTYPES[args.dtype]
     ours_ok = device.type in pyfinetune.kernel_devices()["csr_linear"]
     if os.environ.get(TC_ENV):
@@ -417,27 +426,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = common.machine_info(device)
     results = []
     for s in sorted(args.sparsity):
-        print(f"[{s:.0%}] N={N} K={K} M={M} {args.dtype}, {reps} rounds", file=sys.stderr, flush=True)
-        results.append(run_sparsity_quietly(s, device, reps, warmup, args.attempts, ours_ok, dtype))
+        print(f"[{s:.0%}] N={n} K={K} M={M} {args.dtype}, {reps} rounds", file=sys.stderr, flush=True)
+        results.append(run_sparsity_quietly(s, device, reps, warmup, args.attempts, ours_ok, dtype, n))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    analysis = analyse(results, device.type, dtype)
+    analysis = analyse(results, device.type, dtype, n)
 
     md = [f"# pyfinetune pruned linear benchmark ({device.type}, {when})", "",
           common.machine_summary(machine), "",
-          f"x [{N}, {K}] {args.dtype}, weight [{M}, {K}] pruned at random; {reps} timed rounds after {warmup} warm-up "
+          f"x [{n}, {K}] {args.dtype}, weight [{M}, {K}] pruned at random; {reps} timed rounds after {warmup} warm-up "
           "rounds, contenders interleaved round-robin; times are per call" +
           (f" (each sample: {CUDA_CALLS_PER_SAMPLE['forward']} back-to-back forward calls, "
            f"{CUDA_CALLS_PER_SAMPLE['step']} training steps)" if device.type == "cuda" else "") +
           "; ratios are median / median with the spread of the same-round ratios."
           + (" QUICK RUN: not a record." if args.quick else ""), "",
-          summary_markdown(analysis)]
+          summary_markdown(analysis, n)]
     md += [sparsity_markdown(r) for r in results]
     if not ours_ok:
         md += [f"Note: pyfinetune has no {device.type} kernel for csr_linear in this build: only torch rows.", ""]
     record = {
         "benchmark": "prune", "device": device.type, "when": when, "machine": machine,
-        "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "N": N, "K": K, "M": M, "lr": LR,
+        "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "N": n, "K": K, "M": M, "lr": LR,
                    "calls_per_sample": CUDA_CALLS_PER_SAMPLE if device.type == "cuda" else {"forward": 1, "step": 1},
                    TC_ENV: os.environ.get(TC_ENV),
                    "dtype": args.dtype,
@@ -447,6 +456,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "analysis": analysis,
     }
     name = "prune" if dtype == torch.float32 else f"prune-{args.dtype}"
+    if n != N:
+        name += f"-n{n}"
     common.publish(name, device, record, "\n".join(md), args.out, stamp)
     return 0
 

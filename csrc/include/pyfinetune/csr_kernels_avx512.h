@@ -51,7 +51,24 @@ struct SddmmPanel {
 
 // True when these kernels were compiled (x86-64, GCC or Clang) and the CPU runs AVX-512 F, VL,
 // BW and DQ, unless the environment sets PYFINETUNE_CPU_AVX512=0. Read once.
+// Small batches (csr_linear with N <= kSpmvMaxBatch rows of x), from xT = x [K][x_ld] transposed
+// and zero padded to x_ld = 1, 4, 8, 16 or 32 floats: out[(r - r0) * x_ld + i] = sum over row r's
+// kept weights e of value(e) * xT[idx[e] * x_ld + i].
+constexpr int64_t kSpmvMaxBatch = 32;
+enum SpmvValues : int { kSpmvFloat = 0, kSpmvBFloat16 = 1, kSpmvHalf = 2 };
+
+struct SpmvRows {
+  const int32_t* ptr;
+  const int32_t* idx;
+  const void* values;  // float32, or the bits of bfloat16 / float16 values (value_kind)
+  int value_kind;
+  const float* x;
+  int64_t x_ld;
+  float* out;
+};
+
 bool available();
+void spmv_rows(const SpmvRows& a, int64_t r0, int64_t r1);
 // out[i] = values[index[i]] for i < n (every index valid: the caller checked them).
 void gather(const float* values, const int32_t* index, float* out, int64_t n);
 
