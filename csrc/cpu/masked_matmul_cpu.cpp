@@ -23,7 +23,7 @@
 //     hold equal numbers of kept weights (prefix sums of crow + binary search);
 //   * each work item transposes its block of yT (L2 resident) into y right away, adding the bias,
 //     rounded once to the output dtype: no [M, ld] yT round trip through memory.
-// Batches of up to 32 rows take a separate forward kernel (spmv_forward, below).
+// Batches of up to 32 rows take separate kernels, forward and backward (spmv_into_rows and below).
 // The backward runs the same kernel over the compressed columns (dx = grad_out @ W reads dyT rows
 // through row_indices, values through csc_to_csr), and computes dvalues as a sampled product
 // (SDDMM): for every kept (m, k), dot(dyT[m, :], xT[k, :]), eight kept weights at a time with one
@@ -790,7 +790,7 @@ void sddmm(const SddmmArgs<acc_t>& a) {
 // (K = M = 4096, 2 threads, forward): at 90% sparsity and N = 1 2.3-2.7 ms -> 0.41-0.64 ms; 2.3-6x
 // for N = 1 to 16 and 1.8-3.5x at 32 (float32 and bfloat16, 70-99%); at 48 and 64 rows (64 lanes)
 // 0.96-1.6x, so the panel kernel keeps N > 32. Recorded against torch: benchmarks/results/
-// prune-n1-cpu-20261127-0056 and its neighbours (bench_prune.py --batch).
+// prune-n1-cpu-20261127-0125 and its neighbours (bench_prune.py --batch), forward and training step.
 
 // The lanes of xT for a batch of n rows: for the AVX-512 kernel (float32 accumulation on a CPU
 // with AVX-512) 1, 4, 8, 16 or 32; for the portable one 1 or whole vectors of acc_t, a power of two.
@@ -804,6 +804,28 @@ int64_t spmv_lanes(int64_t n, bool avx512_kernel) {
     vecs *= 2;
   }
   return vecs * kLanes<acc_t>;
+}
+
+// Row r's L = kVecs * W lanes of a [rows][L] operand, as kVecs vectors.
+template <int kVecs, typename acc_t>
+C10_ALWAYS_INLINE void load_row_lanes(const acc_t* t, int64_t r, Vectorized<acc_t> (&d)[kVecs]) {
+  constexpr int64_t W = kLanes<acc_t>;
+  for (int v = 0; v < kVecs; ++v) {
+    d[v] = Vectorized<acc_t>::loadu(t + r * kVecs * W + v * W);
+  }
+}
+
+// fn(std::integral_constant<int, V>) with V = lanes / W vectors (0 for a single lane), for the
+// portable small-batch kernels' lane counts (spmv_lanes' portable rule).
+template <typename acc_t, typename Fn>
+void with_lane_vecs(int64_t lanes, const Fn& fn) {
+  switch (lanes == 1 ? 0 : lanes / kLanes<acc_t>) {
+    case 0: return fn(std::integral_constant<int, 0>{});
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
 }
 
 // The portable kernels of avx512::spmv_rows (any value and accumulation type): a single row of x
@@ -872,23 +894,29 @@ void spmv_rows_vec(const int32_t* ptr, const int32_t* idx, const val_t* values, 
 template <typename val_t, typename acc_t>
 void spmv_rows_portable(int64_t lanes, const int32_t* ptr, const int32_t* idx, const val_t* values, const acc_t* xT,
                         int64_t r0, int64_t r1, acc_t* out) {
-  switch (lanes == 1 ? 0 : lanes / kLanes<acc_t>) {
-    case 0: return spmv_rows_scalar(ptr, idx, values, xT, r0, r1, out);
-    case 1: return spmv_rows_vec<1>(ptr, idx, values, xT, r0, r1, out);
-    case 2: return spmv_rows_vec<2>(ptr, idx, values, xT, r0, r1, out);
-    case 4: return spmv_rows_vec<4>(ptr, idx, values, xT, r0, r1, out);
-    default: return spmv_rows_vec<8>(ptr, idx, values, xT, r0, r1, out);
-  }
+  with_lane_vecs<acc_t>(lanes, [&](auto vecs) {
+    if constexpr (vecs() == 0) {
+      spmv_rows_scalar(ptr, idx, values, xT, r0, r1, out);
+    } else {
+      spmv_rows_vec<vecs()>(ptr, idx, values, xT, r0, r1, out);
+    }
+  });
 }
 
 // Kept weights times rows of x per work item; below one item the product runs on the calling thread.
 constexpr int64_t kSpmvWorkPerPart = 64 * 1024;
 
+// y [n, rows] (row-major, with bias[r] added when given) = operand [n, cols] (any strides) times the
+// sparse [rows, cols] matrix (ptr, idx; `values` in entry order, the operand's dtype) transposed.
 template <typename scalar_t>
-void spmv_forward(const at::Tensor& x, const at::Tensor& values, const int32_t* ptr, const int32_t* idx,
-                  const MatmulSizes& s, const scalar_t* bias, scalar_t* y) {
+void spmv_into_rows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_t nnz, const at::Tensor& values,
+                    const at::Tensor& operand, const scalar_t* bias, scalar_t* y) {
   using acc_t = acc_of<scalar_t>;
   constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t n = operand.size(0), cols = operand.size(1);
+  if (rows == 0) {
+    return;
+  }
   const at::Tensor vals = values.contiguous();
   int kind = -1;  // the AVX-512 kernel's value kind; -1: the portable kernels
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -898,18 +926,19 @@ void spmv_forward(const at::Tensor& x, const at::Tensor& values, const int32_t* 
                                                        : avx512::kSpmvHalf;
     }
   }
-  const int64_t lanes = spmv_lanes<acc_t>(s.n, kind >= 0);
+  const int64_t lanes = spmv_lanes<acc_t>(n, kind >= 0);
   at::Tensor xT;
-  if (lanes == 1 && x.scalar_type() == kAcc && x.stride(1) == 1) {
-    xT = x;  // one row of unit stride: already xT
+  if (lanes == 1 && operand.scalar_type() == kAcc && operand.stride(1) == 1) {
+    xT = operand;  // one row of unit stride: already xT
   } else {
-    xT = at::empty({s.k, lanes}, x.options().dtype(kAcc));
-    transpose_in(x.const_data_ptr<scalar_t>(), s.n, s.k, x.stride(0), x.stride(1), xT.mutable_data_ptr<acc_t>(), lanes);
+    xT = at::empty({cols, lanes}, operand.options().dtype(kAcc));
+    transpose_in(operand.const_data_ptr<scalar_t>(), n, cols, operand.stride(0), operand.stride(1),
+                 xT.mutable_data_ptr<acc_t>(), lanes);
   }
   const acc_t* xp = xT.const_data_ptr<acc_t>();
-  const int64_t parts = std::clamp<int64_t>(s.nnz * s.n / kSpmvWorkPerPart, 1,
-                                            std::min<int64_t>(s.m, at::get_num_threads() * kPartsPerThread));
-  const std::vector<int64_t> splits = balanced_row_splits(ptr, s.m, parts);
+  const int64_t parts = std::clamp<int64_t>(nnz * n / kSpmvWorkPerPart, 1,
+                                            std::min<int64_t>(rows, at::get_num_threads() * kPartsPerThread));
+  const std::vector<int64_t> splits = balanced_row_splits(ptr, rows, parts);
   run_tasks(parts, [&](int64_t p) {
     const int64_t r0 = splits[p], r1 = splits[p + 1];
     if (r0 == r1) {
@@ -925,14 +954,168 @@ void spmv_forward(const at::Tensor& x, const at::Tensor& values, const int32_t* 
     if (kind < 0) {
       spmv_rows_portable(lanes, ptr, idx, vals.const_data_ptr<scalar_t>(), xp, r0, r1, buf.data());
     }
-    for (int64_t i = 0; i < s.n; ++i) {
-      scalar_t* yi = y + i * s.m;
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t* yi = y + i * rows;
       for (int64_t r = r0; r < r1; ++r) {
         const acc_t v = buf[(r - r0) * lanes + i];
         yi[r] = static_cast<scalar_t>(bias != nullptr ? v + static_cast<acc_t>(bias[r]) : v);
       }
     }
   });
+}
+
+// The input gradient for a small batch, dx [n, cols] = grad_out [n, rows] @ W, from the compressed
+// rows: each kept weight adds its value times its row's L lanes of dyT into the L lanes of its
+// column, in a buffer per thread ([cols][L], cache resident), then summed over the threads. (A pass
+// over the compressed columns instead would read the values through csc_to_csr: a random read per
+// kept weight, which at 50% sparsity of 4096 x 4096 took longer than the rest of the step.)
+template <int kVecs, typename val_t, typename acc_t>
+void scatter_rows_vec(const int32_t* ptr, const int32_t* idx, const val_t* values, const acc_t* dyT, int64_t r0,
+                      int64_t r1, acc_t* part) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  constexpr int64_t L = kVecs * W;
+  for (int64_t r = r0; r < r1; ++r) {
+    Vec d[kVecs];
+    load_row_lanes(dyT, r, d);
+    for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
+      const Vec w(static_cast<acc_t>(values[e]));
+      acc_t* o = part + static_cast<int64_t>(idx[e]) * L;
+      for (int v = 0; v < kVecs; ++v) {
+        at::vec::fmadd(w, d[v], Vec::loadu(o + v * W)).store(o + v * W);
+      }
+    }
+  }
+}
+
+template <typename val_t, typename acc_t>
+void scatter_rows_scalar(const int32_t* ptr, const int32_t* idx, const val_t* values, const acc_t* dy, int64_t r0,
+                         int64_t r1, acc_t* part) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t d = dy[r];
+    for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
+      part[idx[e]] += static_cast<acc_t>(values[e]) * d;
+    }
+  }
+}
+
+template <typename scalar_t>
+void scatter_into_rows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_t cols, int64_t nnz,
+                       const at::Tensor& values, const at::Tensor& grad_out, scalar_t* dx) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t n = grad_out.size(0);
+  const int64_t lanes = spmv_lanes<acc_t>(n, false);
+  at::Tensor dyT = at::empty({rows, lanes}, grad_out.options().dtype(kAcc));
+  transpose_in(grad_out.const_data_ptr<scalar_t>(), n, rows, grad_out.stride(0), grad_out.stride(1),
+               dyT.mutable_data_ptr<acc_t>(), lanes);
+  const at::Tensor vals = values.contiguous();
+  const int64_t threads = std::clamp<int64_t>(nnz * n / kSpmvWorkPerPart, 1, at::get_num_threads());
+  const std::vector<int64_t> splits = balanced_row_splits(ptr, rows, threads);
+  at::Tensor parts = at::zeros({threads, cols, lanes}, dyT.options());
+  const acc_t* d = dyT.const_data_ptr<acc_t>();
+  const scalar_t* v = vals.const_data_ptr<scalar_t>();
+  acc_t* pp = parts.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = splits[t], r1 = splits[t + 1];
+      acc_t* part = pp + t * cols * lanes;
+      with_lane_vecs<acc_t>(lanes, [&](auto vecs) {
+        if constexpr (vecs() == 0) {
+          scatter_rows_scalar(ptr, idx, v, d, r0, r1, part);
+        } else {
+          scatter_rows_vec<vecs()>(ptr, idx, v, d, r0, r1, part);
+        }
+      });
+    }
+  });
+  at::parallel_for(0, cols, 1024, [&](int64_t c0, int64_t c1) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t c = c0; c < c1; ++c) {
+        acc_t sum = pp[c * lanes + i];
+        for (int64_t t = 1; t < threads; ++t) {
+          sum += pp[(t * cols + c) * lanes + i];
+        }
+        dx[i * cols + c] = static_cast<scalar_t>(sum);
+      }
+    }
+  });
+}
+
+// The kept values' gradient for a small batch: out[e] = dot(dyT[r], xT[idx[e]]) over the L lanes
+// of both (the batch zero padded; spmv_lanes' portable rule), row r's lanes loaded once.
+template <int kVecs, typename acc_t>
+void sddmm_rows_vec(const int32_t* ptr, const int32_t* idx, const acc_t* dyT, const acc_t* xT, int64_t r0,
+                    int64_t r1, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = kLanes<acc_t>;
+  constexpr int64_t L = kVecs * W;
+  for (int64_t r = r0; r < r1; ++r) {
+    Vec d[kVecs];
+    load_row_lanes(dyT, r, d);
+    for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
+      const acc_t* row = xT + static_cast<int64_t>(idx[e]) * L;
+      Vec prod = d[0] * Vec::loadu(row);
+      for (int v = 1; v < kVecs; ++v) {
+        prod = at::vec::fmadd(d[v], Vec::loadu(row + v * W), prod);
+      }
+      acc_t lanes[W];
+      prod.store(lanes);
+      acc_t sum = lanes[0];
+      for (int64_t w = 1; w < W; ++w) {
+        sum += lanes[w];
+      }
+      out[e] = sum;
+    }
+  }
+}
+
+template <typename acc_t>
+void sddmm_rows_scalar(const int32_t* ptr, const int32_t* idx, const acc_t* dy, const acc_t* x, int64_t r0,
+                       int64_t r1, acc_t* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const acc_t d = dy[r];
+    for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
+      out[e] = d * x[idx[e]];
+    }
+  }
+}
+
+template <typename scalar_t>
+at::Tensor sddmm_small(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_t nnz, const at::Tensor& grad_out,
+                       const at::Tensor& x) {
+  using acc_t = acc_of<scalar_t>;
+  constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t n = x.size(0);
+  const int64_t lanes = spmv_lanes<acc_t>(n, false);
+  auto transposed = [&](const at::Tensor& t) {
+    at::Tensor out = at::empty({t.size(1), lanes}, t.options().dtype(kAcc));
+    transpose_in(t.const_data_ptr<scalar_t>(), n, t.size(1), t.stride(0), t.stride(1), out.mutable_data_ptr<acc_t>(),
+                 lanes);
+    return out;
+  };
+  const at::Tensor dyT = transposed(grad_out), xT = transposed(x);
+  at::Tensor out = empty_streaming({nnz}, dyT.options());
+  if (rows == 0) {
+    return out.to(x.scalar_type());
+  }
+  const int64_t parts = std::clamp<int64_t>(nnz * n / kSpmvWorkPerPart, 1,
+                                            std::min<int64_t>(rows, at::get_num_threads() * kPartsPerThread));
+  const std::vector<int64_t> splits = balanced_row_splits(ptr, rows, parts);
+  const acc_t* d = dyT.const_data_ptr<acc_t>();
+  const acc_t* xp = xT.const_data_ptr<acc_t>();
+  acc_t* o = out.mutable_data_ptr<acc_t>();
+  run_tasks(parts, [&](int64_t p) {
+    const int64_t r0 = splits[p], r1 = splits[p + 1];
+    with_lane_vecs<acc_t>(lanes, [&](auto vecs) {
+      if constexpr (vecs() == 0) {
+        sddmm_rows_scalar(ptr, idx, d, xp, r0, r1, o);
+      } else {
+        sddmm_rows_vec<vecs()>(ptr, idx, d, xp, r0, r1, o);
+      }
+    });
+  });
+  return std::is_same_v<scalar_t, acc_t> ? out : out.to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -974,8 +1157,8 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
     if (s.n <= avx512::kSpmvMaxBatch) {
-      spmv_forward<scalar_t>(x, values, crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s,
-                             has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
+      spmv_into_rows<scalar_t>(crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.nnz, values, x,
+                               has_bias ? b.const_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
       return;
     }
     const at::Tensor vals = values_as_acc<acc_t>(values);
@@ -1003,13 +1186,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
   const at::Tensor crow = crow_indices.contiguous(), col = col_indices.contiguous();
   const at::Tensor ccol = ccol_indices.contiguous(), rows_of = row_indices.contiguous();
   const at::Tensor perm = csc_to_csr.contiguous();
+  // Small batches compute dx from the compressed rows; the compressed columns are validated all the
+  // same (an argument is checked whether or not this batch size reads it).
+  const bool small = s.n <= avx512::kSpmvMaxBatch;
   bool csc_sorted = false, csr_sorted = false;
   if (output_mask[0]) {
     csc_sorted = check_compressed_pattern_cpu(op, "ccol_indices", "row_indices", ccol, rows_of, s.m,
                                               "M = crow_indices.numel() - 1");
     check_index_range_cpu(op, "csc_to_csr", perm, s.nnz, "nnz = values.numel()");
   }
-  if (output_mask[1]) {
+  if (output_mask[1] || (output_mask[0] && small)) {
     csr_sorted = check_compressed_pattern_cpu(op, "crow_indices", "col_indices", crow, col, s.k, "K = x.size(1)");
   }
   at::Tensor dx = not_needed(x), dvalues = not_needed(x), dbias = not_needed(x);
@@ -1025,6 +1211,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> csr_linear_backward_cpu(
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "csr_linear_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
+    if (small) {
+      // Small batches: dx scattered from the compressed rows, dvalues as row-by-row dot products
+      // of the batch's lanes.
+      if (output_mask[0]) {
+        dx = empty_streaming({s.n, s.k}, x.options());
+        scatter_into_rows<scalar_t>(crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.k, s.nnz,
+                                    values, grad_out, dx.mutable_data_ptr<scalar_t>());
+      }
+      if (output_mask[1]) {
+        dvalues = sddmm_small<scalar_t>(crow.const_data_ptr<int32_t>(), col.const_data_ptr<int32_t>(), s.m, s.nnz,
+                                        grad_out, x);
+      }
+      if (output_mask[2]) {
+        dbias = at::sum(grad_out, {0}, false, c10::CppTypeToScalarType<acc_t>::value).to(x.scalar_type());
+      }
+      return;
+    }
     const at::Tensor dyT = transposed_acc<scalar_t>(grad_out, kScratchA);  // [M, ld]
     const int64_t ld = dyT.size(1);
     if (output_mask[0]) {
