@@ -41,7 +41,7 @@ def test_quick_all_prints_the_table_and_writes_csv_json_png(tmp_path, capsys):
     for col in ("case", "pyfinetune ms", "best torch baseline", "torch ms", "speed-up", "note"):
         assert col in lines[header], lines[header]
     table = [line for line in lines[header + 2:] if line.split(" ", 1)[0] in suite.OPS]
-    assert [line.split()[0] for line in table] == ["optim", "distill", "prune", "prune"], out
+    assert [line.split()[0] for line in table] == ["optim", "distill", "prune", "prune", "prune"], out
     assert "torch.compile skipped (--quick)" in out
     assert "wrote " in out
 
@@ -49,7 +49,7 @@ def test_quick_all_prints_the_table_and_writes_csv_json_png(tmp_path, capsys):
         reader = csv.DictReader(f)
         rows = list(reader)
     assert tuple(reader.fieldnames) == suite.CSV_COLUMNS
-    assert [r["op"] for r in rows] == ["optim", "distill", "prune", "prune"]
+    assert [r["op"] for r in rows] == ["optim", "distill", "prune", "prune", "prune"]
     for r in rows:
         assert r["ours"].startswith("ours") and r["baseline"].startswith(("torch", "dense")), r
         assert float(r["ours_ms"]) > 0 and float(r["baseline_ms"]) > 0

@@ -243,18 +243,21 @@ def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -
     against the faster of the dense product and ``torch.sparse.mm`` on CSR, and a training step
     (forward, backward, AdamW) against dense + torch fused AdamW; x [N, K] fp32, weight [M, K] with
     the script's N, K, M (256, 4096, 4096), ``quick`` or not: at smaller shapes the times are
-    too short to show a sparse kernel's gain, and these take seconds."""
-    p = make_problem(BENCH_SPARSITY, device)  # float32
-    shape = f"{BENCH_SPARSITY:.0%} sparse, x {N}x{K}, W {M}x{K} fp32"
+    too short to show a sparse kernel's gain, and these take seconds. Then the forward with one row
+    of x (token-by-token inference, the small-batch kernel)."""
     rows = []
-    for label, ours, build, grad_mode in (("forward", OURS_FWD, forward_contenders, torch.no_grad),
-                                          ("train step", OURS_STEP, step_contenders, torch.enable_grad)):
-        contenders = build(p, True, dense_path=False)
-        with grad_mode():
-            rows.append(common.measure_speedup("prune", f"SparseLinear {label}, {shape}", contenders, ours,
-                                               device=device, reps=reps, warmup=warmup))
-        del contenders
-        gc.collect()
+    for n, groups in ((N, (("forward", OURS_FWD, forward_contenders, torch.no_grad),
+                           ("train step", OURS_STEP, step_contenders, torch.enable_grad))),
+                      (1, (("forward", OURS_FWD, forward_contenders, torch.no_grad),))):
+        p = make_problem(BENCH_SPARSITY, device, n=n)  # float32
+        shape = f"{BENCH_SPARSITY:.0%} sparse, x {n}x{K}, W {M}x{K} fp32"
+        for label, ours, build, grad_mode in groups:
+            contenders = build(p, True, dense_path=False)
+            with grad_mode():
+                rows.append(common.measure_speedup("prune", f"SparseLinear {label}, {shape}", contenders, ours,
+                                                   device=device, reps=reps, warmup=warmup))
+            del contenders
+            gc.collect()
     return rows
 
 
