@@ -819,12 +819,16 @@ C10_ALWAYS_INLINE void load_row_lanes(const acc_t* t, int64_t r, Vectorized<acc_
 // portable small-batch kernels' lane counts (spmv_lanes' portable rule).
 template <typename acc_t, typename Fn>
 void with_lane_vecs(int64_t lanes, const Fn& fn) {
+  // Up to 32 lanes: 16 vectors where a vector holds two doubles (NEON).
+  static_assert(avx512::kSpmvMaxBatch <= 16 * kLanes<acc_t>, "a case per power of two up to 16 vectors");
   switch (lanes == 1 ? 0 : lanes / kLanes<acc_t>) {
     case 0: return fn(std::integral_constant<int, 0>{});
     case 1: return fn(std::integral_constant<int, 1>{});
     case 2: return fn(std::integral_constant<int, 2>{});
     case 4: return fn(std::integral_constant<int, 4>{});
-    default: return fn(std::integral_constant<int, 8>{});
+    case 8: return fn(std::integral_constant<int, 8>{});
+    case 16: return fn(std::integral_constant<int, 16>{});
+    default: TORCH_INTERNAL_ASSERT(false, "pyfinetune: no small-batch kernel for ", lanes, " lanes");
   }
 }
 
@@ -905,6 +909,8 @@ void spmv_rows_portable(int64_t lanes, const int32_t* ptr, const int32_t* idx, c
 
 // Kept weights times rows of x per work item; below one item the product runs on the calling thread.
 constexpr int64_t kSpmvWorkPerPart = 64 * 1024;
+// Elements of a thread's output buffer kept for its next call (1 MiB of floats).
+constexpr size_t kSpmvKeptBuffer = 256 * 1024;
 
 // y [n, rows] (row-major, with bias[r] added when given) = operand [n, cols] (any strides) times the
 // sparse [rows, cols] matrix (ptr, idx; `values` in entry order, the operand's dtype) transposed.
@@ -961,6 +967,9 @@ void spmv_into_rows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_
         yi[r] = static_cast<scalar_t>(bias != nullptr ? v + static_cast<acc_t>(bias[r]) : v);
       }
     }
+    if (buf.capacity() > kSpmvKeptBuffer) {  // a huge layer's buffer is not kept by every thread
+      std::vector<acc_t>().swap(buf);
+    }
   });
 }
 
@@ -1010,7 +1019,11 @@ void scatter_into_rows(const int32_t* ptr, const int32_t* idx, int64_t rows, int
   transpose_in(grad_out.const_data_ptr<scalar_t>(), n, rows, grad_out.stride(0), grad_out.stride(1),
                dyT.mutable_data_ptr<acc_t>(), lanes);
   const at::Tensor vals = values.contiguous();
-  const int64_t threads = std::clamp<int64_t>(nnz * n / kSpmvWorkPerPart, 1, at::get_num_threads());
+  // Each thread zeroes and sums a [cols][lanes] buffer: at most as many threads as have at least
+  // four kept weights per buffer row to add (on a many-core machine a thread per core would spend
+  // more on its buffer than on the product).
+  const int64_t threads = std::clamp<int64_t>(std::min(nnz * n / kSpmvWorkPerPart, nnz / std::max<int64_t>(4 * cols, 1)),
+                                              1, at::get_num_threads());
   const std::vector<int64_t> splits = balanced_row_splits(ptr, rows, threads);
   at::Tensor parts = at::zeros({threads, cols, lanes}, dyT.options());
   const acc_t* d = dyT.const_data_ptr<acc_t>();
@@ -1076,7 +1089,7 @@ void sddmm_rows_scalar(const int32_t* ptr, const int32_t* idx, const acc_t* dy, 
   for (int64_t r = r0; r < r1; ++r) {
     const acc_t d = dy[r];
     for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
-      out[e] = d * x[idx[e]];
+      out[e] = acc_t(0) + d * x[idx[e]];  // a sum from +0, as at other batch sizes (no -0)
     }
   }
 }
