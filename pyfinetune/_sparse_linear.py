@@ -242,7 +242,10 @@ class SparseLinear(nn.Module):
     between calls (a fresh tensor of tens of MB costs page faults): up to
     ``PYFINETUNE_DENSE_POOL_MB`` (default 1024) of idle blocks, freed by
     :func:`pyfinetune.prune.release_dense_buffers`. The crossover moves with the shapes (a small batch
-    favours the sparse kernel) and the dtype: bfloat16 and float16 layers on a CPU with AMX (whose
+    favours the sparse kernel: on the CPU, batches of up to 32 rows run kernels of their own, and at
+    one row of x and at 16 the sparse training step beat the dense path from 50% and the forward
+    at every measured sparsity, ``benchmarks/results/prune-n1-cpu-20261127-0125``, ``-n16-...-0126``)
+    and the dtype: bfloat16 and float16 layers on a CPU with AMX (whose
     16-bit GEMMs are ~5x faster than float32 ones) switch at 0.92, and on CUDA (tensor cores) at 0.99
     (see :data:`CROSSOVER_SPARSITY`); set ``kernel`` to override it (``"sparse"`` for inference
     below it).
