@@ -786,8 +786,8 @@ void sddmm(const SddmmArgs<acc_t>& a) {
 // lanes are padding and the walk's per-segment costs dominate. Here x is transposed into xT [K][L]
 // with the batch padded only to L = 1, 4, 8, 16 or 32 lanes, and each output row is a plain pass
 // over its kept weights: one broadcast weight times one L-lane row of xT (L2 resident) per kept
-// weight, in independent chains; values are read in their own dtype. A/B of the two kernels
-// (K = M = 4096, 2 threads, forward): at 90% sparsity and N = 1 2.3-2.7 ms -> 0.41-0.64 ms; 2.3-6x
+// weight, in independent chains; values are read in their own dtype. Ad hoc A/B of the two kernels
+// during development (K = M = 4096, 2 threads, forward; not a kept record): at 90% sparsity and N = 1 2.3-2.7 ms -> 0.41-0.64 ms; 2.3-6x
 // for N = 1 to 16 and 1.8-3.5x at 32 (float32 and bfloat16, 70-99%); at 48 and 64 rows (64 lanes)
 // 0.96-1.6x, so the panel kernel keeps N > 32. Recorded against torch: benchmarks/results/
 // prune-n1-cpu-20261127-0125 and its neighbours (bench_prune.py --batch), forward and training step.
@@ -912,6 +912,25 @@ constexpr int64_t kSpmvWorkPerPart = 64 * 1024;
 // Elements of a thread's output buffer kept for its next call (1 MiB of floats).
 constexpr size_t kSpmvKeptBuffer = 256 * 1024;
 
+// t [n, cols] (any strides) transposed into a fresh [cols, lanes] tensor of the accumulation type,
+// the batch zero padded to `lanes` (transposed_acc's layout with the small-batch kernels' pitch).
+template <typename scalar_t>
+at::Tensor lanes_transposed(const at::Tensor& t, int64_t lanes) {
+  using acc_t = acc_of<scalar_t>;
+  at::Tensor out = at::empty({t.size(1), lanes}, t.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  transpose_in(t.const_data_ptr<scalar_t>(), t.size(0), t.size(1), t.stride(0), t.stride(1),
+               out.mutable_data_ptr<acc_t>(), lanes);
+  return out;
+}
+
+// Row ranges of equal kept weights for the small-batch kernels' work items: one per
+// kSpmvWorkPerPart kept weights times batch rows, up to kPartsPerThread per thread (rows >= 1).
+std::vector<int64_t> small_batch_splits(const int32_t* ptr, int64_t rows, int64_t nnz, int64_t n) {
+  const int64_t parts = std::clamp<int64_t>(nnz * n / kSpmvWorkPerPart, 1,
+                                            std::min<int64_t>(rows, at::get_num_threads() * kPartsPerThread));
+  return balanced_row_splits(ptr, rows, parts);
+}
+
 // y [n, rows] (row-major, with bias[r] added when given) = operand [n, cols] (any strides) times the
 // sparse [rows, cols] matrix (ptr, idx; `values` in entry order, the operand's dtype) transposed.
 template <typename scalar_t>
@@ -919,7 +938,7 @@ void spmv_into_rows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_
                     const at::Tensor& operand, const scalar_t* bias, scalar_t* y) {
   using acc_t = acc_of<scalar_t>;
   constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t n = operand.size(0), cols = operand.size(1);
+  const int64_t n = operand.size(0);
   if (rows == 0) {
     return;
   }
@@ -937,15 +956,11 @@ void spmv_into_rows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_
   if (lanes == 1 && operand.scalar_type() == kAcc && operand.stride(1) == 1) {
     xT = operand;  // one row of unit stride: already xT
   } else {
-    xT = at::empty({cols, lanes}, operand.options().dtype(kAcc));
-    transpose_in(operand.const_data_ptr<scalar_t>(), n, cols, operand.stride(0), operand.stride(1),
-                 xT.mutable_data_ptr<acc_t>(), lanes);
+    xT = lanes_transposed<scalar_t>(operand, lanes);
   }
   const acc_t* xp = xT.const_data_ptr<acc_t>();
-  const int64_t parts = std::clamp<int64_t>(nnz * n / kSpmvWorkPerPart, 1,
-                                            std::min<int64_t>(rows, at::get_num_threads() * kPartsPerThread));
-  const std::vector<int64_t> splits = balanced_row_splits(ptr, rows, parts);
-  run_tasks(parts, [&](int64_t p) {
+  const std::vector<int64_t> splits = small_batch_splits(ptr, rows, nnz, n);
+  run_tasks(static_cast<int64_t>(splits.size()) - 1, [&](int64_t p) {
     const int64_t r0 = splits[p], r1 = splits[p + 1];
     if (r0 == r1) {
       return;
@@ -1012,12 +1027,9 @@ template <typename scalar_t>
 void scatter_into_rows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_t cols, int64_t nnz,
                        const at::Tensor& values, const at::Tensor& grad_out, scalar_t* dx) {
   using acc_t = acc_of<scalar_t>;
-  constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t n = grad_out.size(0);
   const int64_t lanes = spmv_lanes<acc_t>(n, false);
-  at::Tensor dyT = at::empty({rows, lanes}, grad_out.options().dtype(kAcc));
-  transpose_in(grad_out.const_data_ptr<scalar_t>(), n, rows, grad_out.stride(0), grad_out.stride(1),
-               dyT.mutable_data_ptr<acc_t>(), lanes);
+  const at::Tensor dyT = lanes_transposed<scalar_t>(grad_out, lanes);
   const at::Tensor vals = values.contiguous();
   // Each thread zeroes and sums a [cols][lanes] buffer: at most as many threads as have at least
   // four kept weights per buffer row to add (on a many-core machine a thread per core would spend
@@ -1098,27 +1110,18 @@ template <typename scalar_t>
 at::Tensor sddmm_small(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_t nnz, const at::Tensor& grad_out,
                        const at::Tensor& x) {
   using acc_t = acc_of<scalar_t>;
-  constexpr at::ScalarType kAcc = c10::CppTypeToScalarType<acc_t>::value;
   const int64_t n = x.size(0);
   const int64_t lanes = spmv_lanes<acc_t>(n, false);
-  auto transposed = [&](const at::Tensor& t) {
-    at::Tensor out = at::empty({t.size(1), lanes}, t.options().dtype(kAcc));
-    transpose_in(t.const_data_ptr<scalar_t>(), n, t.size(1), t.stride(0), t.stride(1), out.mutable_data_ptr<acc_t>(),
-                 lanes);
-    return out;
-  };
-  const at::Tensor dyT = transposed(grad_out), xT = transposed(x);
+  const at::Tensor dyT = lanes_transposed<scalar_t>(grad_out, lanes), xT = lanes_transposed<scalar_t>(x, lanes);
   at::Tensor out = empty_streaming({nnz}, dyT.options());
   if (rows == 0) {
     return out.to(x.scalar_type());
   }
-  const int64_t parts = std::clamp<int64_t>(nnz * n / kSpmvWorkPerPart, 1,
-                                            std::min<int64_t>(rows, at::get_num_threads() * kPartsPerThread));
-  const std::vector<int64_t> splits = balanced_row_splits(ptr, rows, parts);
+  const std::vector<int64_t> splits = small_batch_splits(ptr, rows, nnz, n);
   const acc_t* d = dyT.const_data_ptr<acc_t>();
   const acc_t* xp = xT.const_data_ptr<acc_t>();
   acc_t* o = out.mutable_data_ptr<acc_t>();
-  run_tasks(parts, [&](int64_t p) {
+  run_tasks(static_cast<int64_t>(splits.size()) - 1, [&](int64_t p) {
     const int64_t r0 = splits[p], r1 = splits[p + 1];
     with_lane_vecs<acc_t>(lanes, [&](auto vecs) {
       if constexpr (vecs() == 0) {
