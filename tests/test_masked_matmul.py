@@ -133,6 +133,37 @@ def test_csr_linear_small_batches(n, dtype):
         check_against_reference("csr", x, w, mask, b, g, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_csr_linear_one_row_every_row_length(dtype):
+    # One row of x: the AVX-512 kernel takes a row's kept weights 32 at a time, then 16 at a time
+    # with the last ones masked. Rows of every length from 0 to 70 (two whole steps, every tail), in
+    # a random order, columns 0 and K - 1 among them, unsorted within the rows.
+    gen = torch.Generator().manual_seed(4242)
+    k, m = 101, 71
+    lengths = torch.randperm(m, generator=gen)
+    mask = torch.zeros(m, k, dtype=torch.bool)
+    cols, vals = [], []
+    w = torch.randn(m, k, generator=gen).to(dtype)
+    for r in range(m):
+        c = torch.randperm(k, generator=gen)[: int(lengths[r])]
+        if r == 0:
+            c = torch.tensor([k - 1, 0] + [i for i in range(1, k - 1)][: max(int(lengths[r]) - 2, 0)])[: int(lengths[r])]
+        mask[r, c] = True
+        cols.append(c)
+        vals.append(w[r, c])
+    crow = torch.zeros(m + 1, dtype=torch.int32)
+    crow[1:] = torch.tensor([len(c) for c in cols]).cumsum(0)
+    col = torch.cat(cols).to(torch.int32)
+    values = torch.cat(vals)
+    wm = torch.where(mask, w, 0).double()
+    b = torch.randn(m, generator=gen).to(dtype)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    y = torch.ops.pyfinetune.csr_linear(x, values, crow, col, torch.arange(m, dtype=torch.int32), b)
+    exact = x.double() @ wm.t() + b.double()
+    terms = x.double().abs() @ wm.abs().t() + b.double().abs()
+    assert_product_close(y, exact, terms, k, dtype, "csr_linear y, one row of x")
+
+
 @pytest.mark.parametrize("n", [1, 3, 20])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_csr_linear_small_batches_any_layout(n, dtype):

@@ -514,10 +514,54 @@ void spmv_lanes_rows(const SpmvRows& a, int64_t r0, int64_t r1) {
   }
 }
 
+// Sixteen kept values (the lanes of `mask`, the others zero) as floats.
+template <int kKind>
+inline __attribute__((always_inline)) __m512 values16(const void* values, int64_t e, __mmask16 mask) {
+  if constexpr (kKind == kSpmvFloat) {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(values) + e);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(values) + e);
+    if constexpr (kKind == kSpmvBFloat16) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
+}
+
+// One lane (N = 1): sixteen kept weights at a time, their x values fetched by one hardware gather
+// and their values and indices loaded as vectors, instead of three scalar loads and a scalar FMA
+// per kept weight. Measured against that scalar kernel (spmv_lanes_rows<float, 1, 4>, which it
+// replaces; K = M = 4096, 90% sparsity, AMD EPYC, contenders interleaved in one process):
+// 1.40x / 1.55x / 1.32x faster in float32 / bfloat16 / float16 with two threads, 1.59x / 1.54x /
+// 1.32x with one.
+template <int kKind>
+void spmv_gather_rows(const SpmvRows& a, int64_t r0, int64_t r1) {
+  const float* x = a.x;
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t e = a.ptr[r];
+    const int64_t e1 = a.ptr[r + 1];
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (; e + 2 * kLanes <= e1; e += 2 * kLanes) {
+      const __m512i i0 = _mm512_loadu_si512(a.idx + e);
+      const __m512i i1 = _mm512_loadu_si512(a.idx + e + kLanes);
+      acc0 = _mm512_fmadd_ps(values16<kKind>(a.values, e, 0xFFFF), _mm512_i32gather_ps(i0, x, 4), acc0);
+      acc1 = _mm512_fmadd_ps(values16<kKind>(a.values, e + kLanes, 0xFFFF), _mm512_i32gather_ps(i1, x, 4), acc1);
+    }
+    for (; e < e1; e += kLanes) {
+      const __mmask16 m = lanes_of(e1 - e, 0);
+      const __m512i i = _mm512_maskz_loadu_epi32(m, a.idx + e);
+      const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i, x, 4);
+      acc0 = _mm512_fmadd_ps(values16<kKind>(a.values, e, m), xv, acc0);
+    }
+    a.out[r - r0] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+}
+
 template <int kKind>
 void spmv_rows_kind(const SpmvRows& a, int64_t r0, int64_t r1) {
   switch (a.x_ld) {
-    case 1: return spmv_lanes_rows<float, 1, 4, kKind>(a, r0, r1);
+    case 1: return spmv_gather_rows<kKind>(a, r0, r1);
     case 4: return spmv_lanes_rows<__m128, 1, 4, kKind>(a, r0, r1);
     case 8: return spmv_lanes_rows<__m256, 1, 4, kKind>(a, r0, r1);
     case 16: return spmv_lanes_rows<__m512, 1, 4, kKind>(a, r0, r1);
