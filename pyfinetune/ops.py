@@ -629,11 +629,34 @@ def csr_gather(dense: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tens
 
 def _masked_matmul_grads(ctx, grad, dense_grad: bool):
     x, weight, mask = ctx.saved_tensors
-    need_x, need_w, _, need_b = ctx.needs_input_grad
+    need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
     need_b = need_b and ctx.has_bias
-    dx, dw, db = torch.ops.pyfinetune.masked_matmul_backward(grad, x, weight, mask, [need_x, need_w, need_b],
-                                                             dense_grad)
+    if _create_graph():  # a differentiable backward
+        dx, dw, db = _differentiable_masked_grads(grad, x, weight, mask, need_x, need_w, need_b, dense_grad)
+    else:
+        dx, dw, db = torch.ops.pyfinetune.masked_matmul_backward(grad, x, weight, mask, [need_x, need_w, need_b],
+                                                                 dense_grad)
     return dx if need_x else None, dw if need_w else None, None, db if need_b else None
+
+
+def _differentiable_masked_grads(grad, x, weight, mask, need_x, need_w, need_b, dense_grad):
+    """masked_matmul's gradients (x [N, K], grad [N, M]) composed of differentiable ops, for a
+    backward under create_graph (double backward, gradient penalties): masked_matmul_backward has no
+    autograd formula of its own, so its results would carry no graph (second derivatives through the
+    weight came out wrong). Pruned positions are exact zeros (torch.where, not a product with the
+    mask, which would turn an inf there into NaN); with dense_grad the effective weight passes the
+    mask straight through here too, so that every derivative reaching the weight is the effective
+    weight's, pruned positions included."""
+    effective = torch.where(mask, weight, 0)
+    if dense_grad:
+        effective = weight + (effective - weight).detach()
+    dx = grad @ effective if need_x else None
+    dw = None
+    if need_w:
+        full = grad.t() @ x
+        dw = full if dense_grad else torch.where(mask, full, 0)
+    db = grad.sum(0) if need_b else None
+    return dx, dw, db
 
 
 def _masked_matmul_setup_context(ctx, inputs, output):
@@ -684,21 +707,35 @@ def _apply(cls, *args):
 
 
 @_eager_twin
-class _MaskedMatmulDenseGrad(torch.autograd.Function):
-    """masked_matmul whose weight gradient is the full grad_out^T @ x (the op's autograd, registered
-    above, masks it; the op's schema has no place for the flag, so it travels here)."""
+class _MaskedMatmul(torch.autograd.Function):
+    """masked_matmul with dense_grad=True: the op's registered autograd masks the weight gradient,
+    and the op's schema has no place for the flag."""
 
     @staticmethod
-    def forward(x, weight, mask, bias):
+    def forward(x, weight, mask, bias, dense_grad):
         return torch.ops.pyfinetune.masked_matmul(x, weight, mask, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _masked_matmul_setup_context(ctx, inputs, output)
+        _masked_matmul_setup_context(ctx, inputs[:4], output)
+        ctx.dense_grad = inputs[4]
 
     @staticmethod
     def backward(ctx, grad):
-        return _masked_matmul_grads(ctx, grad, True)
+        return (*_masked_matmul_grads(ctx, grad, ctx.dense_grad), None)
+
+
+def _masked_matmul_composed(x, weight, mask, bias, dense_grad: bool) -> Tensor:
+    """masked_matmul of torch ops, for torch.func transforms (grad, vmap, jacrev, hessian, jvp) and
+    forward-mode AD, which the op's autograd (registered with torch.library.register_autograd, an
+    old-style autograd.Function with a backward only) does not support. The op's argument checks
+    first, then ``x @ W_eff^T + bias`` with the pruned positions exact zeros; with dense_grad the
+    weight's gradient passes the mask straight through (the full gradient of W_eff)."""
+    _masked_matmul_fake(x, weight, mask, bias)
+    effective = torch.where(mask, weight, 0)
+    if dense_grad:
+        effective = weight + (effective - weight).detach()
+    return torch.nn.functional.linear(x, effective, bias)
 
 
 def _flatten_batch(x: Tensor, name: str) -> Tensor:
@@ -722,11 +759,15 @@ def masked_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
 
     Returns:
         [..., M] in x's dtype (float32 accumulation for 16-bit inputs). Differentiable in x,
-        weight and bias.
+        weight and bias, twice differentiable (under ``create_graph=True`` the backward is composed
+        of differentiable torch ops); under torch.func transforms (``grad``, ``vmap``, ``jacrev``,
+        ``hessian``) and forward-mode AD the same product is composed of torch ops.
     """
     x2 = _flatten_batch(x, "masked_matmul")
-    if dense_grad:
-        y = _apply(_MaskedMatmulDenseGrad, x2, weight, mask, bias)
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        y = _masked_matmul_composed(x2, weight, mask, bias, dense_grad)
+    elif dense_grad:
+        y = _apply(_MaskedMatmul, x2, weight, mask, bias, dense_grad)
     else:
         y = torch.ops.pyfinetune.masked_matmul(x2, weight, mask, bias)
     return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])

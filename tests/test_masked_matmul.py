@@ -602,3 +602,60 @@ def test_csr_linear_without_gradients_calls_the_op_alone():
         assert torch.equal(y, with_grad.detach())
     y = ops.csr_linear(x, values.detach(), *pattern, bias=b)   # grad mode on, nothing requires grad
     assert y.grad_fn is None and torch.equal(y, with_grad.detach())
+
+
+@pytest.mark.parametrize("dense_grad", [False, True])
+@pytest.mark.parametrize("device", device_params())
+def test_masked_matmul_twice_differentiable(dense_grad, device):
+    # A gradient penalty (create_graph=True) through the masked product: masked_matmul_backward has
+    # no autograd formula, so the backward must be composed of differentiable ops there (it was not:
+    # the weight's second-order gradient came out wrong at the kept positions).
+    gen = torch.Generator().manual_seed(31)
+    n, k, m = 5, 12, 8
+    x, w, b, _ = random_inputs(n, k, m, torch.float64, device, bias=True, generator=gen)
+    mask = make_mask(m, k, 0.5, empty_rows=1, generator=gen).to(device)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def penalty(product):
+        xx = x.clone().requires_grad_(True)
+        g, = torch.autograd.grad(product(xx).square().sum(), xx, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), (w, b))
+
+    ours = penalty(lambda xx: ops.masked_matmul(xx, w, mask, b, dense_grad=dense_grad))
+    if dense_grad:  # the full gradient of the effective weight, straight through the mask
+        effective = lambda: w + (torch.where(mask, w, 0) - w).detach()
+    else:
+        effective = lambda: torch.where(mask, w, 0)
+    ref = penalty(lambda xx: torch.nn.functional.linear(xx, effective(), b))
+    for a, r, name in zip(ours, ref, ("weight", "bias")):
+        assert r.abs().max() > 0
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12, msg=f"second-order gradient of {name}")
+    if not dense_grad:  # (dense_grad's straight-through gradient is not the numerical derivative)
+        fn = lambda xx, ww, bb: ops.masked_matmul(xx, ww, mask, bb)
+        assert torch.autograd.gradgradcheck(fn, (x.clone().requires_grad_(True), w, b))
+
+
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_masked_matmul_under_torch_func(dense_grad):
+    # torch.func refuses the op's registered autograd (an old-style Function): the same product of
+    # torch ops runs there, with the same gradients (dense_grad: the full gradient at pruned places).
+    gen = torch.Generator().manual_seed(32)
+    n, k, m = 4, 10, 6
+    x, w, b, _ = random_inputs(n, k, m, torch.float64, "cpu", bias=True, generator=gen)
+    mask = make_mask(m, k, 0.6, generator=gen)
+    loss = lambda ww, bb, xx: ops.masked_matmul(xx, ww, mask, bb, dense_grad=dense_grad).pow(3).sum()
+    gw, gb = torch.func.grad(loss, argnums=(0, 1))(w, b, x)
+    w2 = w.clone().requires_grad_(True)
+    b2 = b.clone().requires_grad_(True)
+    loss(w2, b2, x).backward()
+    torch.testing.assert_close(gw, w2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, b2.grad, rtol=1e-12, atol=1e-12)
+    assert (gw[~mask] != 0).any() == dense_grad
+    per_row = torch.func.vmap(lambda xx: ops.masked_matmul(xx, w, mask, b))(x.unsqueeze(1))
+    torch.testing.assert_close(per_row.squeeze(1), x @ torch.where(mask, w, 0).t() + b, rtol=1e-12, atol=1e-12)
+    hess = torch.func.hessian(lambda xx: ops.masked_matmul(xx, w, mask, b).pow(3).sum())(x)
+    ref = torch.func.hessian(lambda xx: (xx @ torch.where(mask, w, 0).t() + b).pow(3).sum())(x)
+    torch.testing.assert_close(hess, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="mask must be a bool tensor"):
+        torch.func.grad(lambda ww: ops.masked_matmul(x, ww, mask.double(), b).sum())(w)
