@@ -441,10 +441,19 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         ``state_dict()``, or torch.distributed.checkpoint's sharded state dict) or full (gathered,
         e.g. ``get_optimizer_state_dict(..., options=StateDictOptions(full_state_dict=True))``):
         each rank keeps the piece of its own shard.
+
+        What the loaded state lacks is kept from this optimizer: a parameter's L2-SP anchor and its
+        mask (a torch optimizer's state dict has neither; the kept mask is applied again to the
+        parameter and its loaded moments), and a group's keys that torch's groups do not have
+        (``l2sp``, ``l1``, ``penalty_mode``, ...: this optimizer's value for that group, else the
+        default).
         """
         saved_state = state_dict.get("state", {})
         saved_groups = state_dict.get("param_groups", [])
         self._invalidate_plan()
+        own_keys = {p: {k: v for k, v in self.state[p].items() if k in ("anchor", "mask")}
+                    for g in self.param_groups for p in g["params"] if p in self.state}
+        own_groups = [{k: g[k] for k in self.defaults if k in g and k != "params"} for g in self.param_groups]
         super().load_state_dict(state_dict)
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -468,9 +477,25 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                         st[key] = self._load_like(p, value, _state_dtype(p), f"state {key!r} of parameter {pid}")
         for gi, group in enumerate(self.param_groups):
             # torch.optim's groups lack our keys (l2sp, l1, penalty_mode, anchor_dtype ...).
+            for key, value in own_groups[gi].items():
+                group.setdefault(key, value)
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self._validate_group(group, f" (param group {gi})")
+        with torch.no_grad():
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    kept = own_keys.get(p, {})
+                    st = self.state[p]
+                    if "anchor" in kept and "anchor" not in st and group["l2sp"] > 0:
+                        st["anchor"] = kept["anchor"]
+                    if "mask" in kept and "mask" not in st:
+                        m = kept["mask"]
+                        st["mask"] = m
+                        _local(p).masked_fill_(~_local(m), 0)
+                        for key in self._STATE_KEYS:
+                            if key in st and isinstance(st[key], Tensor):
+                                _local(st[key]).masked_fill_(~_local(m), 0)
         self._invalidate_plan()
 
     @staticmethod
@@ -537,7 +562,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(
                         f"parameter {j}{where} has no L2-SP anchor but its group has l2sp={group['l2sp']}; "
                         "anchors are taken when a group with l2sp > 0 is added: give the group l2sp > 0 from "
-                        "the start (or pass anchors)"
+                        "the start (or pass anchors), or load a state dict whose groups set l2sp > 0 only "
+                        "where it holds the anchors"
                     )
                 self._check_state(p, f"parameter {j}{where}")
                 items.append((group, p, g))

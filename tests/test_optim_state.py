@@ -160,3 +160,44 @@ def test_load_torch_state_dict(device, dtype, kind):
             if key != "step" and v is not None:
                 assert opt.state[p][key].dtype == torch.float32
                 torch.testing.assert_close(opt.state[p][key], v, **state_tol(dtype))
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_loading_a_torch_state_keeps_anchors_masks_and_group_penalties(kind):
+    # A torch optimizer's state dict has no anchors, no masks and no penalty keys: loading it must
+    # not drop this optimizer's (the anchors were lost and the next step raised; a set_mask mask was
+    # lost and the pruned weights revived).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x = torch.randn(10, 6)
+    torch_cls, ours_cls = (torch.optim.AdamW, AdamW) if kind == "adamw" else (torch.optim.SGD, SGD)
+    extra = {} if kind == "adamw" else {"momentum": 0.9}
+    body, head = list(model[0].parameters()), list(model[2].parameters())
+    theirs = torch_cls([{"params": body}, {"params": head}], lr=0.01, **extra)
+    for _ in range(2):
+        theirs.zero_grad()
+        model(x).square().mean().backward()
+        theirs.step()
+    anchors = [p.detach().clone() - 0.25 for p in body]
+    ours = ours_cls([{"params": body, "l2sp": 0.5, "anchor": anchors}, {"params": head, "l1": 1e-3}], lr=0.01,
+                    **extra)
+    mask = torch.rand(model[2].weight.shape) > 0.5
+    ours.set_mask(model[2].weight, mask)
+    ours.load_state_dict(theirs.state_dict())
+    for p, a in zip(body, anchors):
+        assert torch.equal(ours.anchor_of(p), a)
+    assert torch.equal(ours.get_mask(model[2].weight), mask)
+    assert ours.param_groups[0]["l2sp"] == 0.5 and ours.param_groups[1]["l1"] == 1e-3
+    moment = "exp_avg" if kind == "adamw" else "momentum_buffer"
+    assert (ours.state[model[2].weight][moment][~mask] == 0).all()
+    for _ in range(3):
+        ours.zero_grad()
+        model(x).square().mean().backward()
+        ours.step()
+    assert (model[2].weight[~mask] == 0).all()
+    assert (ours.state[model[2].weight][moment][~mask] == 0).all()
+    # What the loaded state holds wins: an anchor in it replaces ours.
+    state = ours.state_dict()
+    state["state"][0]["anchor"] = torch.zeros_like(body[0])
+    ours.load_state_dict(state)
+    assert torch.equal(ours.anchor_of(body[0]), torch.zeros_like(body[0]))
