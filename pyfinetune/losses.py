@@ -409,10 +409,11 @@ def _tensor_core_head(h_s: torch.Tensor, w_s: torch.Tensor) -> bool:
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
-    """out (float32) = a @ b, or out += a @ b: float32 products of same-dtype operands. On CUDA with
-    bfloat16 operands, cuBLAS on the tensor cores with a float32 result; elsewhere (and in the
-    tests, which force the tensor-core path on the CPU) the same math through float32 copies."""
-    if a.dtype == torch.float32:
+    """out (float32, or float64 with float64 operands) = a @ b, or out += a @ b: products of
+    same-dtype operands. On CUDA with bfloat16 operands, cuBLAS on the tensor cores with a float32
+    result; elsewhere (and in the tests, which force the tensor-core path on the CPU) the same math
+    through float32 copies."""
+    if a.dtype == out.dtype:
         if accumulate:
             out.addmm_(a, b)
         else:
@@ -426,6 +427,11 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
         _mm_f32(a.float(), b.float(), out, accumulate)
 
 
+def _accumulation_dtype(h_s: torch.Tensor, w_s: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 student (hidden states and weight), else float32."""
+    return torch.float64 if h_s.dtype == torch.float64 and w_s.dtype == torch.float64 else torch.float32
+
+
 def _linear_kd_chunks(h_s, w_s, b_s32, h_t, w_t, b_t, labels, opts, chunk, need, row_scale=None):
     """Loss rows and float32 gradients of the fused linear KD loss, chunk by chunk of rows.
 
@@ -434,25 +440,27 @@ def _linear_kd_chunks(h_s, w_s, b_s32, h_t, w_t, b_t, labels, opts, chunk, need,
     gradient is rounded to bfloat16 for the gradient products.
     need = (grad_h, grad_w, grad_b) flags; row_scale: None (1 for every row) or [N] float32.
     Returns (loss_rows, grad_h32, grad_w32, grad_b32), the gradients None where not needed.
+    A float64 w_s (float64 student, _accumulation_dtype) makes all of these float64 instead.
     """
     n = h_s.shape[0]
     dev = h_s.device
     mm_dtype = w_s.dtype
+    acc = torch.float64 if mm_dtype == torch.float64 else torch.float32
     any_grad = any(need)
-    loss_rows = torch.empty(n, dtype=torch.float32, device=dev)
-    grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=dev) if need[0] else None
+    loss_rows = torch.empty(n, dtype=acc, device=dev)
+    grad_h = torch.empty(h_s.shape, dtype=acc, device=dev) if need[0] else None
     # The first chunk writes grad_w (no zero fill of a weight-sized buffer), later ones add to it.
-    grad_w = torch.empty(w_s.shape, dtype=torch.float32, device=dev) if need[1] else None
-    grad_b = torch.zeros(w_s.shape[0], dtype=torch.float32, device=dev) if need[2] else None
+    grad_w = torch.empty(w_s.shape, dtype=acc, device=dev) if need[1] else None
+    grad_b = torch.zeros(w_s.shape[0], dtype=acc, device=dev) if need[2] else None
     rows = min(chunk, n)
-    s_buf = _chunk_logits_buffer(rows, w_s.shape[0], torch.float32, h_s)
+    s_buf = _chunk_logits_buffer(rows, w_s.shape[0], acc, h_s)
     t_buf = _chunk_logits_buffer(rows, w_t.shape[0], w_t.dtype, h_s)
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         hs = h_s[start:end].to(mm_dtype)
         # float32 logits: rounding them to bf16 first costs several percent of gradient accuracy.
         logits = s_buf[: end - start]
-        if b_s32 is not None and mm_dtype == torch.float32:
+        if b_s32 is not None and mm_dtype == acc:
             torch.addmm(b_s32, hs, w_s.t(), out=logits)
         else:
             _mm_f32(hs, w_s.t(), logits)
@@ -476,7 +484,7 @@ def _linear_kd_chunks(h_s, w_s, b_s32, h_t, w_t, b_t, labels, opts, chunk, need,
             g.mul_(row_scale[start:end].unsqueeze(-1))
         if grad_b is not None:
             grad_b.add_(g.sum(0))
-        if mm_dtype != torch.float32 and (grad_h is not None or grad_w is not None):
+        if mm_dtype != acc and (grad_h is not None or grad_w is not None):
             # into the teacher's buffer when it has the dtype: it is free once the kernel ran
             g = tl.copy_(g) if tl.dtype == mm_dtype else g.to(mm_dtype)
         if grad_h is not None:
@@ -510,9 +518,12 @@ class _FusedLinearKD(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.device = h_s.device
         # The weight in the dtype of the products: bfloat16 on the tensor-core path, else one
-        # float32 copy of a low-precision weight per call (not one per chunk).
-        w_mm = w_s.detach() if _tensor_core_head(h_s, w_s) else w_s.detach().to(torch.float32)
-        b_s32 = b_s.detach().to(torch.float32) if b_s is not None else None
+        # float32 copy of a low-precision weight per call (not one per chunk); a float64 student
+        # (hidden states and weight) computes in float64, as kd_loss does.
+        acc = _accumulation_dtype(h_s, w_s)
+        w_mm = w_s.detach() if _tensor_core_head(h_s, w_s) else w_s.detach().to(acc)
+        b_s32 = b_s.detach().to(acc) if b_s is not None else None
+        ctx.acc = acc
         # The teacher's head runs in the promoted dtype of its hidden states, weight and bias
         # (a bf16 hidden state from autocast against a float32 weight: float32).
         t_dtype = torch.promote_types(h_t.dtype, w_t.dtype)
@@ -535,9 +546,9 @@ class _FusedLinearKD(torch.autograd.Function):
         total = loss_rows.sum()
         if reduction == "batchmean":
             if labels is None:
-                count = torch.full((), float(max(h_s.shape[0], 1)), device=total.device)
+                count = torch.full((), float(max(h_s.shape[0], 1)), dtype=total.dtype, device=total.device)
             else:
-                count = (labels != ignore_index).sum().clamp_min(1).to(torch.float32)
+                count = (labels != ignore_index).sum().clamp_min(1).to(total.dtype)
             total = total / count
         else:
             count = None
@@ -560,11 +571,11 @@ class _FusedLinearKD(torch.autograd.Function):
         if ctx.reduction == "none":
             h_s, w_mm, b_s32, h_t, w_t, b_t, labels = ctx.saved_tensors
             _, gh, gw, gb = _linear_kd_chunks(h_s, w_mm, b_s32, h_t, w_t, b_t, labels, ctx.opts, ctx.chunk, ctx.need,
-                                              row_scale=grad_out.to(torch.float32))
+                                              row_scale=grad_out.to(ctx.acc))
             scale = None
         else:
             gh, gw, gb, count = ctx.saved_tensors
-            scale = grad_out.to(torch.float32)
+            scale = grad_out.to(ctx.acc)
             if count is not None:
                 scale = scale / count
         if scale is None:
@@ -599,9 +610,10 @@ def fused_linear_kd_loss(
     are computed in float32 and the weight and bias gradients accumulated in float32 (on CUDA, a
     bfloat16 ``student_hidden`` and ``student_weight`` run the products on the tensor cores with
     float32 results, the chunk gradient rounded to bfloat16 for the two gradient products, as the
-    unfused bfloat16 composition rounds its logits gradient; elsewhere, float32 products); the
-    gradients are returned in the dtypes of ``student_hidden``, ``student_weight`` and
-    ``student_bias``. The teacher gets no gradient; its chunk logits are computed in the promoted
+    unfused bfloat16 composition rounds its logits gradient; elsewhere, float32 products; a
+    float64 ``student_hidden`` and ``student_weight`` compute, and return the loss, in float64, as
+    :func:`kd_loss` does, CPU only); the gradients are returned in the dtypes of
+    ``student_hidden``, ``student_weight`` and ``student_bias``. The teacher gets no gradient; its chunk logits are computed in the promoted
     dtype of ``teacher_hidden``, ``teacher_weight`` and ``teacher_bias``. Under ``torch.autocast``
     the function runs with autocast off, so the result is the same as without it.
 
