@@ -59,6 +59,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -1108,6 +1109,39 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
+def _replace_layers(model: nn.Module, old_cls, convert, where: str) -> nn.Module:
+    """Replace every ``old_cls`` module of ``model`` by ``convert(module)``: one new module per old
+    one, put at each place the old one is registered (a layer shared by two places stays shared),
+    with the old one's train / eval mode and, per parameter the two have in common (the kept values
+    for a weight), its requires_grad (a frozen layer stays frozen). Hooks registered on the old
+    module are not carried over (they may read attributes the new layer lacks): a warning names them."""
+    new_of = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(module, old_cls):
+            continue
+        new = new_of.get(id(module))
+        if new is None:
+            new = convert(module)
+            new.train(module.training)
+            frozen = {n for n, p in module.named_parameters(recurse=False) if not p.requires_grad}
+            if type(module).__name__ == "SemiStructuredLinear":
+                frozen.discard("weight")  # frozen by its layout, not by the user
+            if frozen & {"weight", "values"}:
+                frozen |= {"weight", "values"}  # the weight is "values" in a SparseLinear
+            for n, p in new.named_parameters(recurse=False):
+                if n in frozen:
+                    p.requires_grad_(False)
+            hooks = [kind for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+                     if getattr(module, kind, None)]
+            if hooks:
+                warnings.warn(f"{where}: the layer at {name!r} has hooks ({', '.join(h.lstrip('_') for h in hooks)}) "
+                              "that its replacement does not carry; register them again on the new layer",
+                              stacklevel=3)
+            new_of[id(module)] = new
+        model = _replace_module(model, name, new)
+    return model
+
+
 def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
     """Replace every masked ``nn.Linear`` of ``model`` by a layer holding only the kept weights,
     for fast sparse fine-tuning and inference. Masked ``nn.Conv2d`` layers stay as they are. In place.
@@ -1128,12 +1162,11 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
         from ._semi_structured import SemiStructuredLinear as sparse_cls
     else:
         raise ValueError(f'sparsify: layout must be "csr" or "2:4", got {layout!r}')
-    for name, module in list(model.named_modules()):
-        if isinstance(module, MaskedLinear):
-            bias = None if module.bias is None else module.bias.detach()
-            new = sparse_cls.from_dense(effective_weight(module).detach(), module.weight_mask, bias)
-            model = _replace_module(model, name, new)
-    return model
+    def convert(module):
+        bias = None if module.bias is None else module.bias.detach()
+        return sparse_cls.from_dense(effective_weight(module).detach(), module.weight_mask, bias)
+
+    return _replace_layers(model, MaskedLinear, convert, "sparsify")
 
 
 def densify(model: nn.Module, keep_masks: bool = True) -> nn.Module:
@@ -1152,9 +1185,8 @@ def densify(model: nn.Module, keep_masks: bool = True) -> nn.Module:
 
     sparse_cls = (_sparse_linear_class(required=False), SemiStructuredLinear)
     sparse_cls = tuple(c for c in sparse_cls if c is not None)
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, sparse_cls):
-            continue
+
+    def convert(module):
         weight = module.to_dense().detach()
         new = torch.nn.utils.skip_init(nn.Linear, module.in_features, module.out_features,
                                        bias=module.bias is not None, device=weight.device, dtype=weight.dtype)
@@ -1164,5 +1196,6 @@ def densify(model: nn.Module, keep_masks: bool = True) -> nn.Module:
                 new.bias.copy_(module.bias)
         if keep_masks:
             _set_mask(new, module.dense_mask(), zero_weight=True)
-        model = _replace_module(model, name, new)
-    return model
+        return new
+
+    return _replace_layers(model, sparse_cls, convert, "densify")

@@ -109,3 +109,36 @@ def test_densify_for_export_and_root_layers():
     prune.magnitude_prune(nested, 0.5, exclude="0.0")
     prune.sparsify(nested)
     assert [n for n, m in nested.named_modules() if isinstance(m, prune.SparseLinear)] == ["0.1", "1"]
+
+
+def test_sparsify_and_densify_keep_frozen_parameters_mode_and_shared_layers():
+    # A frozen layer stays frozen, eval mode stays, a layer registered at two places is converted
+    # once and stays shared; hooks, which the new layer does not carry, are named in a warning.
+    torch.manual_seed(0)
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), shared, nn.ReLU(), shared, nn.Linear(8, 8))
+    prune.magnitude_prune(model, 0.5, exclude=[])
+    model[0].requires_grad_(False)
+    model[5].bias.requires_grad_(False)
+    model.eval()
+    x = torch.randn(3, 8)
+    before = model(x)
+    sparse_cls = type(prune.sparsify(nn.Sequential(copy.deepcopy(model[0])))[0])
+    model = prune.sparsify(model)
+    assert all(isinstance(model[i], sparse_cls) for i in (0, 2, 4, 5))
+    assert model[2] is model[4]
+    assert not any(m.training for m in model.modules())
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert grads == {"0.values": False, "0.bias": False, "2.values": True, "2.bias": True, "5.values": True,
+                     "5.bias": False}
+    torch.testing.assert_close(model(x), before)
+    model = prune.densify(model)
+    assert all(isinstance(model[i], MaskedLinear) for i in (0, 2, 4, 5)) and model[2] is model[4]
+    assert not any(m.training for m in model.modules())
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert grads == {"0.weight": False, "0.bias": False, "2.weight": True, "2.bias": True, "5.weight": True,
+                     "5.bias": False}
+    torch.testing.assert_close(model(x), before)
+    model[0].register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"layer at '0' has hooks \(forward_hooks\)"):
+        prune.sparsify(model)
