@@ -32,6 +32,7 @@ __all__ = ["kd_loss", "kd_loss_topk", "fused_linear_kd_loss", "DistillationLoss"
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "none")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 # fused_linear_kd_loss: rows per chunk are chosen so that a chunk's float32 logits take at most this
 # many bytes (786 rows at V = 32000; see _default_chunk_rows): big enough for efficient matmuls
 # (chunks of 256 rows made the fused head 9% slower than the default chunks, kd-cpu-20261126-1641),
@@ -102,9 +103,10 @@ def _as_labels(labels, lead_shape, device, name: str = "labels") -> Optional[tor
     return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
 
 
-def _check_same_device(name: str, x: torch.Tensor, ref: torch.Tensor) -> None:
+def _check_same_device(name: str, x: torch.Tensor, ref: torch.Tensor, op: str = "kd_loss",
+                       ref_name: str = "student_logits") -> None:
     if x.device != ref.device:
-        raise ValueError(f"pyfinetune.kd_loss: {name} must be on {ref.device} like student_logits, got {x.device}")
+        raise ValueError(f"pyfinetune.{op}: {name} must be on {ref.device} like {ref_name}, got {x.device}")
 
 
 def _need_grad(x: torch.Tensor) -> bool:
@@ -294,7 +296,8 @@ def kd_loss_topk(
     The teacher distribution is the softmax of its k logits at temperature T (0 elsewhere); the
     student's log-partition is over all V. ``teacher_topk_logits``: ``[..., k]`` float,
     ``teacher_topk_indices``: ``[..., k]`` integer in ``[0, V)``, distinct within a row (as
-    ``torch.topk`` returns them). ``divergence="reverse_kl"`` is refused: KL(Q || P) is infinite
+    ``torch.topk`` returns them; checked on the CPU, where a repeat raises ValueError, not on a GPU,
+    where the check would wait for the device at every call). ``divergence="reverse_kl"`` is refused: KL(Q || P) is infinite
     where the teacher has probability 0. Other arguments as :func:`kd_loss`.
     """
     _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
@@ -314,18 +317,28 @@ def kd_loss_topk(
     k = teacher_topk_logits.shape[-1]
     if k > student_logits.shape[-1]:
         raise ValueError(f"pyfinetune.kd_loss_topk: teacher_topk_logits has k = {k} > V = {student_logits.shape[-1]}")
-    if not isinstance(teacher_topk_indices, torch.Tensor) or teacher_topk_indices.dtype.is_floating_point:
-        raise TypeError("pyfinetune.kd_loss_topk: teacher_topk_indices must be an integer tensor (int64)")
+    if not isinstance(teacher_topk_indices, torch.Tensor) or teacher_topk_indices.dtype not in _INDEX_DTYPES:
+        got = teacher_topk_indices.dtype if isinstance(teacher_topk_indices, torch.Tensor) else type(teacher_topk_indices).__name__
+        raise TypeError(f"pyfinetune.kd_loss_topk: teacher_topk_indices must be an integer tensor (int64), got {got}")
     if tuple(teacher_topk_indices.shape) != tuple(teacher_topk_logits.shape):
         raise ValueError(
             f"pyfinetune.kd_loss_topk: teacher_topk_indices must have the shape of teacher_topk_logits "
             f"{tuple(teacher_topk_logits.shape)}, got {tuple(teacher_topk_indices.shape)}"
         )
-    _check_same_device("teacher_topk_logits", teacher_topk_logits, student_logits)
-    _check_same_device("teacher_topk_indices", teacher_topk_indices, student_logits)
+    _check_same_device("teacher_topk_logits", teacher_topk_logits, student_logits, "kd_loss_topk")
+    _check_same_device("teacher_topk_indices", teacher_topk_indices, student_logits, "kd_loss_topk")
     idx = teacher_topk_indices if teacher_topk_indices.dim() == 2 else teacher_topk_indices.reshape(-1, k)
     if idx.dtype != torch.int64:
         idx = idx.to(torch.int64)
+    if idx.device.type == "cpu" and k > 1 and _ops._is_plain_eager(idx):
+        # Distinct within a row (a repeated index would count one student logit twice). Checked on
+        # the CPU only: on a GPU the check would wait for the device at every call.
+        ordered = idx.sort(dim=1).values
+        repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        if repeated.any():
+            row = int(repeated.nonzero()[0, 0])
+            raise ValueError(f"pyfinetune.kd_loss_topk: teacher_topk_indices must be distinct within each row "
+                             f"(as torch.topk returns them); row {row} repeats an index")
     lab = _as_labels(labels, lead, student_logits.device)
     if _ops._is_plain_eager(s, v, idx, lab):
         options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
@@ -632,7 +645,7 @@ def fused_linear_kd_loss(
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if not isinstance(x, torch.Tensor) or x.dtype not in _LOGIT_DTYPES:
             raise TypeError(f"pyfinetune.fused_linear_kd_loss: {name} must be a float tensor")
-        _check_same_device(name, x, student_hidden)
+        _check_same_device(name, x, student_hidden, "fused_linear_kd_loss", "student_hidden")
     if student_weight.dim() != 2 or teacher_weight.dim() != 2:
         raise ValueError("pyfinetune.fused_linear_kd_loss: student_weight and teacher_weight must be 2-D [V, H]")
     vocab = student_weight.shape[0]
@@ -653,8 +666,15 @@ def fused_linear_kd_loss(
             f"{tuple(student_hidden.shape[:-1]) + (teacher_weight.shape[1],)}, got {tuple(teacher_hidden.shape)}"
         )
     for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
-        if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (vocab,)):
-            raise ValueError(f"pyfinetune.fused_linear_kd_loss: {name} must be None or a tensor of shape [{vocab}]")
+        if b is None:
+            continue
+        if not isinstance(b, torch.Tensor) or b.dtype not in _LOGIT_DTYPES:
+            got = b.dtype if isinstance(b, torch.Tensor) else type(b).__name__
+            raise TypeError(f"pyfinetune.fused_linear_kd_loss: {name} must be None or a float tensor, got {got}")
+        if tuple(b.shape) != (vocab,):
+            raise ValueError(f"pyfinetune.fused_linear_kd_loss: {name} must be None or a tensor of shape [{vocab}], "
+                             f"got {tuple(b.shape)}")
+        _check_same_device(name, b, student_hidden, "fused_linear_kd_loss", "student_hidden")
     if chunk_size is None:
         chunk = _default_chunk_rows(math.prod(student_hidden.shape[:-1]), vocab)
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -222,6 +223,7 @@ def remove_masks(model: nn.Module) -> nn.Module:
     Returns:
         ``model`` itself.
     """
+    _check_model("remove_masks", model)
     for module in model.modules():
         if _is_masked(module):
             with torch.no_grad():
@@ -244,6 +246,7 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict:
     Returns:
         what ``model.load_state_dict`` returns (missing and unexpected keys).
     """
+    _check_model("load_pruned_state_dict", model)
     for key in state_dict:
         if key != "weight_mask" and not key.endswith(".weight_mask"):
             continue
@@ -317,8 +320,27 @@ def _check_scope(scope: Any) -> None:
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
 
 
+def _check_pruner_state(pruner: Any, state_dict: Any, keys: Tuple[str, ...]) -> None:
+    """A pruner's state dict holds ``keys`` (a ValueError naming the missing ones: another pruner's
+    state, or not a pruner's)."""
+    name = type(pruner).__name__
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{name}.load_state_dict: state_dict must be a dict from {name}.state_dict(), "
+                        f"got {type(state_dict).__name__}")
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        other = " (a GradualPruner's state dict? its pruner has no scores)" if "scores" in missing and len(missing) <= 2 else ""
+        raise ValueError(f"{name}.load_state_dict: state_dict lacks {', '.join(repr(k) for k in missing)}: not the "
+                         f"state_dict() of a {name}{other}")
+
+
+def _check_model(fn: str, model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+
+
 def _check_sparsity(name: str, value: Any, pat: _Pattern) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number in [0, 1], got {type(value).__name__}")
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -612,6 +634,7 @@ def magnitude_prune(model: nn.Module, sparsity: float, *, scope: str = "layer", 
     Returns:
         ``{layer name: mask}``, the bool ``weight_mask`` buffers (weight's shape, True = kept).
     """
+    _check_model("magnitude_prune", model)
     pat = _parse_pattern(pattern)
     _check_scope(scope)
     _check_sparsity("sparsity", sparsity, pat)
@@ -663,6 +686,7 @@ class GradualPruner:
     def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int, every: int, *,
                  pattern: str = "unstructured", scope: str = "layer", initial_sparsity: float = 0.0,
                  include: LayerFilter = None, exclude: LayerFilter = DEFAULT_EXCLUDE):
+        _check_model(type(self).__name__, model)
         pat = _parse_pattern(pattern)
         _check_scope(scope)
         _check_sparsity("final_sparsity", final_sparsity, pat)
@@ -743,6 +767,7 @@ class GradualPruner:
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; the pruner must have been built with the same arguments
         (a difference raises ValueError naming it)."""
+        _check_pruner_state(self, state_dict, ("step_count", "last_sparsity", "config"))
         differ = [k for k, v in self._config().items() if state_dict["config"].get(k) != v]
         if differ:
             hint = ""
@@ -852,6 +877,7 @@ class MovementPruner(GradualPruner):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (scores copied in place, ``dense_grad`` restored)."""
+        _check_pruner_state(self, state_dict, ("step_count", "last_sparsity", "config", "scores", "finished"))
         super().load_state_dict(state_dict)
         for name, score in self.scores.items():
             score.copy_(state_dict["scores"][name])
@@ -941,6 +967,7 @@ def mask_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> _Optim
     Returns:
         a handle; ``handle.remove()`` uninstalls the hooks.
     """
+    _check_model("mask_optimizer", model)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not isinstance(model, nn.Module):
@@ -1052,6 +1079,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     Returns:
         a :class:`SparsityReport` (``print`` it, or ``.to_markdown()``).
     """
+    _check_model("sparsity_report", model)
     sparse_cls = _sparse_linear_class(required=False)
     rows = []
     with torch.no_grad():
@@ -1156,6 +1184,7 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
     Returns:
         the model (a new module when ``model`` itself is a masked ``nn.Linear``).
     """
+    _check_model("sparsify", model)
     if layout == "csr":
         sparse_cls = _sparse_linear_class()
     elif layout == "2:4":
@@ -1181,6 +1210,7 @@ def densify(model: nn.Module, keep_masks: bool = True) -> nn.Module:
     Returns:
         the model (a new module when ``model`` itself is a SparseLinear).
     """
+    _check_model("densify", model)
     from ._semi_structured import SemiStructuredLinear
 
     sparse_cls = (_sparse_linear_class(required=False), SemiStructuredLinear)

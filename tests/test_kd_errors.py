@@ -85,3 +85,23 @@ def test_fused_linear_bad_input():
         fused_linear_kd_loss(h, w, h, w, chunk_size=0)
     with pytest.raises(ValueError, match="alpha"):
         fused_linear_kd_loss(h, w, h, w, alpha=3)
+
+
+def test_fused_linear_bias_and_topk_index_checks():
+    from pyfinetune.losses import kd_loss_topk
+
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(TypeError, match="student_bias must be None or a float tensor, got torch.int64"):
+        fused_linear_kd_loss(h, w, h, w, student_bias=torch.zeros(10, dtype=torch.int64))
+    with pytest.raises(TypeError, match="teacher_bias must be None or a float tensor, got list"):
+        fused_linear_kd_loss(h, w, h, w, teacher_bias=[0.0] * 10)
+    with pytest.raises(ValueError, match=r"student_bias must be None or a tensor of shape \[10\], got \(9,\)"):
+        fused_linear_kd_loss(h, w, h, w, student_bias=torch.zeros(9))
+    s, v = torch.randn(3, 20), torch.randn(3, 4)
+    idx = torch.stack([torch.randperm(20)[:4] for _ in range(3)])
+    kd_loss_topk(s, v, idx)  # distinct: fine
+    idx[1, 2] = idx[1, 0]
+    with pytest.raises(ValueError, match="distinct within each row.*row 1 repeats"):
+        kd_loss_topk(s, v, idx)
+    with pytest.raises(TypeError, match="teacher_topk_indices must be an integer tensor.*torch.bool"):
+        kd_loss_topk(s, v, torch.ones(3, 4, dtype=torch.bool))

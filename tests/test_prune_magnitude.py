@@ -383,3 +383,34 @@ def test_magnitude_prune_matches_sort_reference_on_large_layer():
     before = layer.weight.detach().clone()
     mask = prune.magnitude_prune(layer, 0.61)[""]
     assert torch.equal(mask, ref_unstructured({"": before}, 0.61, "layer")[""])
+
+
+def test_numpy_sparsity_and_non_module_models():
+    np = pytest.importorskip("numpy")
+    for value in (np.float32(0.5), np.float64(0.5)):
+        layer = nn.Linear(8, 8)
+        magnitude_prune(layer, value)
+        assert int(layer.weight_mask.sum()) == 32
+    calls = {
+        "magnitude_prune": lambda: magnitude_prune("model", 0.5),
+        "sparsify": lambda: prune.sparsify("model"),
+        "densify": lambda: prune.densify(3),
+        "sparsity_report": lambda: prune.sparsity_report(3),
+        "remove_masks": lambda: prune.remove_masks(None),
+        "GradualPruner": lambda: prune.GradualPruner([nn.Linear(2, 2)], 0.5, 0, 10, 1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name}: model must be an nn.Module"):
+            call()
+
+
+def test_pruner_load_state_dict_refuses_other_states():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    gradual = prune.GradualPruner(model, 0.5, 0, 10, 1, exclude=None)
+    with pytest.raises(ValueError, match="lacks 'step_count', 'last_sparsity', 'config'"):
+        gradual.load_state_dict({})
+    with pytest.raises(TypeError, match="state_dict must be a dict"):
+        gradual.load_state_dict([1])
+    movement = prune.MovementPruner(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), 0.5, 0, 10, 1, exclude=None)
+    with pytest.raises(ValueError, match="lacks 'scores', 'finished'.*GradualPruner's state dict"):
+        movement.load_state_dict(gradual.state_dict())
