@@ -347,17 +347,22 @@ void check_index_range_cpu(const char* op, const char* idx_name, const at::Tenso
            bound, ") (", bound_desc, ")");
 }
 
-bool check_compressed_pattern_cpu(const char* op, const char* ptr_name, const char* idx_name, const at::Tensor& ptr,
-                                  const at::Tensor& idx, int64_t cols, const char* cols_desc) {
+void check_compressed_ptr_cpu(const char* op, const char* ptr_name, const at::Tensor& ptr, int64_t nnz) {
   const int32_t* p = ptr.const_data_ptr<int32_t>();
   const int64_t rows = ptr.numel() - 1;
-  const int64_t nnz = idx.numel();
   PF_CHECK(p[0] == 0, op, ptr_name, "[0] must be 0, got ", p[0]);
   PF_CHECK(p[rows] == nnz, op, ptr_name, "[-1] must be nnz = ", nnz, " (the number of kept weights), got ", p[rows]);
   for (int64_t r = 0; r < rows; ++r) {
     PF_CHECK(p[r] <= p[r + 1], op, ptr_name, " must be non-decreasing, but ", ptr_name, "[", r, "] = ", p[r],
              " > ", ptr_name, "[", r + 1, "] = ", p[r + 1]);
   }
+}
+
+bool check_compressed_pattern_cpu(const char* op, const char* ptr_name, const char* idx_name, const at::Tensor& ptr,
+                                  const at::Tensor& idx, int64_t cols, const char* cols_desc) {
+  const int32_t* p = ptr.const_data_ptr<int32_t>();
+  const int64_t rows = ptr.numel() - 1;
+  check_compressed_ptr_cpu(op, ptr_name, ptr, idx.numel());
   // One pass over the indices (this runs on every call, in the hot path): a row whose indices
   // increase strictly lies in [0, cols) when its first and last do, so the sortedness scan
   // (branch-free, vectorized) replaces the range scan; only an unsorted pattern falls back to

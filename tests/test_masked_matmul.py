@@ -659,3 +659,26 @@ def test_masked_matmul_under_torch_func(dense_grad):
     torch.testing.assert_close(hess, ref, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="mask must be a bool tensor"):
         torch.func.grad(lambda ww: ops.masked_matmul(x, ww, mask.double(), b).sum())(w)
+
+
+@pytest.mark.parametrize("n", [1, 3, 20, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_csr_linear_column_out_of_range_at_every_batch_size(n, dtype):
+    # Batches of up to 32 rows check the column indices inside their kernels (no separate pass):
+    # an index out of range anywhere (a whole step of 32 or 16, or a masked tail; negative, K, or
+    # huge) still raises the same error naming the first offending position, and nothing is read
+    # out of bounds.
+    gen = torch.Generator().manual_seed(77 + n)
+    k, m = 90, 9
+    mask = make_mask(m, k, 0.3, empty_rows=1, generator=gen)
+    p = ops.compressed_pattern(mask)
+    nnz = int(mask.sum())
+    values = torch.randn(nnz, generator=gen).to(dtype)
+    x = torch.randn(n, k, generator=gen).to(dtype)
+    torch.ops.pyfinetune.csr_linear(x, values, p.crow_indices, p.col_indices, p.row_order, None)
+    for position in (0, 40, nnz - 1):
+        for bad in (-1, k, 2**31 - 1):
+            col = p.col_indices.clone()
+            col[position] = bad
+            with pytest.raises(RuntimeError, match=rf"csr_linear: col_indices\[{position}\] = {bad} is out of range"):
+                torch.ops.pyfinetune.csr_linear(x, values, p.crow_indices, col, p.row_order, None)

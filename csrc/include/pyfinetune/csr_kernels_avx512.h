@@ -64,11 +64,14 @@ struct SpmvRows {
   int value_kind;
   const float* x;
   int64_t x_ld;
+  int64_t cols;  // xT's rows: every idx must lie in [0, cols)
   float* out;
 };
 
 bool available();
-void spmv_rows(const SpmvRows& a, int64_t r0, int64_t r1);
+// False when an index lies outside [0, cols): the kernels read row 0 of xT in its place (out is then
+// garbage) and the caller reports the index (the forward's only check of them).
+bool spmv_rows(const SpmvRows& a, int64_t r0, int64_t r1);
 // out[i] = values[index[i]] for i < n (every index valid: the caller checked them).
 void gather(const float* values, const int32_t* index, float* out, int64_t n);
 

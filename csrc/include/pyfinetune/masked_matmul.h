@@ -91,6 +91,9 @@ MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& cro
 // contiguous int32 CPU tensors.
 bool check_compressed_pattern_cpu(const char* op, const char* ptr_name, const char* idx_name, const at::Tensor& ptr,
                                   const at::Tensor& idx, int64_t cols, const char* cols_desc);
+// CPU only: the offsets alone (ptr[0] == 0, non-decreasing, ptr[-1] == nnz), for kernels that check
+// the indices themselves as they read them.
+void check_compressed_ptr_cpu(const char* op, const char* ptr_name, const at::Tensor& ptr, int64_t nnz);
 
 // CPU only: every entry of the contiguous int32 tensor `idx` lies in [0, bound).
 void check_index_range_cpu(const char* op, const char* idx_name, const at::Tensor& idx, int64_t bound,
