@@ -260,10 +260,13 @@ def _read_state_dict(path: str, what: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _load_weights(model: nn.Module, path: str, spec: str, what: str, new_head: Optional[str]) -> List[str]:
-    """Load ``path`` into ``model`` strictly, except that the parameters of ``new_head`` (about to
-    be replaced) may differ in shape. Returns the head keys left out."""
-    state = _read_state_dict(path, what)
+def _load_weights(model: nn.Module, path: str, spec: str, what: str, new_head: Optional[str],
+                  state: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Load ``path`` (or its already read ``state``) into ``model`` strictly, except that the
+    parameters of ``new_head`` (about to be replaced) may differ in shape. Returns the head keys left
+    out."""
+    if state is None:
+        state = _read_state_dict(path, what)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -326,8 +329,17 @@ def _student(args: argparse.Namespace, num_classes: int) -> Tuple[nn.Module, str
                          f"{num_classes} classes") from None
     notes = []
     if args.weights:
-        left_out = _load_weights(model, args.weights, args.model, "--weights", head)
-        notes.append(f"weights from {args.weights}" + (f" (head {head} left out: other classes)" if left_out else ""))
+        state = _read_state_dict(args.weights, "--weights")
+        file_head = state.get(head + ".weight")
+        if file_head is not None and file_head.dim() == 2 and file_head.shape[0] == num_classes:
+            # The file's head already has the data's classes (a previous run's model.pt): sized
+            # first, so that it loads with the rest.
+            _replace_head(model, head, num_classes)
+        left_out = _load_weights(model, args.weights, args.model, "--weights", head, state)
+        notes.append(f"weights from {args.weights}" + (f" (head {head} left out: other classes)" if left_out else
+                                                       f" (head {head} included: {num_classes} classes)"
+                                                       if file_head is not None and file_head.shape[0] == num_classes
+                                                       else ""))
     replaced = _replace_head(model, head, num_classes)
     if replaced:
         notes.append(f"new head {head}: {replaced[0]} -> {replaced[1]} classes")
@@ -399,13 +411,20 @@ def _prepare_out(args: argparse.Namespace) -> Optional[str]:
         raise UsageError(f"--out {out} is a file, not a folder")
     run_file = os.path.join(out, "run.json")
     last = os.path.join(out, "checkpoints", "last.pt")
+    # A run that stopped in its first epoch left run.json and no checkpoint (nor a model): nothing to
+    # continue, so a new run may start there.
+    started = os.path.exists(last) or os.path.exists(os.path.join(out, "model.pt"))
     if args.resume is None:
-        if os.path.exists(run_file) or os.path.exists(last):
+        if started:
             raise UsageError(f"--out {out} already holds a run; add --resume to continue it, or choose another --out")
         return None
     checkpoint = args.resume or last
     if not os.path.isfile(checkpoint):
-        raise UsageError(f"--resume: no checkpoint at {checkpoint}")
+        hint = ""
+        if not args.resume and os.path.exists(run_file) and not started:
+            hint = " (the run there stopped before its first checkpoint, at the end of epoch 1: run the command " \
+                   "again without --resume to start it over)"
+        raise UsageError(f"--resume: no checkpoint at {checkpoint}{hint}")
     if os.path.exists(run_file):
         with open(run_file, encoding="utf-8") as f:
             first = json.load(f)

@@ -22,6 +22,13 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__
 
 
+def _is_sparse_linear(module: nn.Module) -> bool:
+    from .prune import _sparse_linear_class  # (imported here: prune imports the optimizers)
+
+    cls = _sparse_linear_class(required=False)
+    return cls is not None and isinstance(module, cls)
+
+
 def split_parameters(model: nn.Module, heads: Sequence[str], exclude_bias_and_norm: bool = True
                      ) -> Tuple[Dict[str, List[Tuple[str, nn.Parameter]]], Set[str]]:
     """The trainable parameters of ``model`` (``requires_grad``, each once) by group.
@@ -29,14 +36,17 @@ def split_parameters(model: nn.Module, heads: Sequence[str], exclude_bias_and_no
     Args:
         model: the model.
         heads: module or parameter names of the head; ``"fc"`` covers ``fc.weight`` and ``fc.bias``.
-        exclude_bias_and_norm: put biases, norm weights and every parameter with at most one
-            dimension into the ``*_no_decay`` groups.
+        exclude_bias_and_norm: put biases, norm weights and every other parameter with at most one
+            dimension into the ``*_no_decay`` groups; the kept weights of a
+            :class:`pyfinetune.prune.SparseLinear` (``values``, one-dimensional) are weights: pulled
+            and decayed like the dense weight they replace.
 
     Returns:
         ``({"body": [(name, param), ...], "body_no_decay": ..., "head": ..., "head_no_decay": ...},
         the names of ``heads`` that matched a parameter)``.
     """
     norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    sparse_weights = {id(m.values) for m in model.modules() if _is_sparse_linear(m)}
     used_heads: Set[str] = set()
     named: Dict[str, List[Tuple[str, nn.Parameter]]] = {k: [] for k in GROUP_NAMES}
     for name, p in model.named_parameters():
@@ -44,6 +54,6 @@ def split_parameters(model: nn.Module, heads: Sequence[str], exclude_bias_and_no
             continue
         hits = [h for h in heads if name == h or name.startswith(h + ".")]
         used_heads.update(hits)
-        free = exclude_bias_and_norm and (p.ndim <= 1 or id(p) in norm_params)
+        free = exclude_bias_and_norm and id(p) not in sparse_weights and (p.ndim <= 1 or id(p) in norm_params)
         named[("head" if hits else "body") + ("_no_decay" if free else "")].append((name, p))
     return named, used_heads

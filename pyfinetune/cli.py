@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     p_demo = sub.add_parser("demo", help="transfer learning on bundled digits with every method; table, report, plots",
                             description="Pretrain on digits 0-4, fine-tune on digits 5-9 with few labels (plain, L2-SP, "
-                                        "distillation, 90%% pruning), measure and report (needs pyfinetune[demo]).")
+                                        "distillation, 90 percent pruning), measure and report (needs pyfinetune[demo]).")
     p_demo.add_argument("--out", default="pyfinetune-demo", help="output folder (default: ./pyfinetune-demo)")
     p_demo.add_argument("--quick", action="store_true", help="fewer epochs and timing runs (under a minute)")
     p_demo.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to train (default: cpu)")

@@ -373,6 +373,15 @@ class Finetuner:
                 self._dist.broadcast_module(self.teacher)
         self._net: nn.Module = self.model  # what training runs: DistributedDataParallel(model) once fit() wraps it
         self.head = self._heads(head)
+        # Options of another method with a value other than their default: refused, not ignored.
+        others = {"temperature": (temperature, 2.0, "distill"), "alpha": (alpha, 0.5, "distill"),
+                  "divergence": (divergence, "forward_kl", "distill"), "prune_start": (prune_start, 0.0, "prune"),
+                  "prune_end": (prune_end, 0.7, "prune"), "prune_every": (prune_every, None, "prune"),
+                  "prune_include": (prune_include, None, "prune"), "prune_exclude": (prune_exclude, None, "prune")}
+        for arg, (value, default, owner) in others.items():
+            if method != owner and not (value is default or (type(value) in (int, float, str) and value == default)):
+                raise ValueError(f"Finetuner: {arg} is an argument of method={owner!r}, not of method={method!r} "
+                                 f"(got {arg}={value!r})")
         self.prune_include = prune_include
         if not isinstance(find_unused_parameters, bool):
             raise _fail(TypeError, "find_unused_parameters", "a bool", find_unused_parameters)
@@ -413,7 +422,7 @@ class Finetuner:
     def _heads(self, head: Optional[Sequence[str]]) -> List[str]:
         if head is None:
             return [find_head(self.model)] if self.method in ("l2sp", "prune") else []
-        if isinstance(head, str) or not all(isinstance(h, str) for h in head):
+        if isinstance(head, str) or not isinstance(head, (list, tuple)) or not all(isinstance(h, str) for h in head):
             raise _fail(TypeError, "head", "a list of module or parameter names", head)
         names = set(dict(self.model.named_parameters())) | set(dict(self.model.named_modules()))
         unknown = [h for h in head if h not in names]
@@ -423,7 +432,12 @@ class Finetuner:
         return list(head)
 
     def _head_globs(self) -> List[str]:
-        return [g for h in self.head for g in (h, h + ".*")]
+        """Module-name globs of the head: a parameter name stands for its module (which the pruner
+        then leaves dense: the pruners select modules)."""
+        params = dict(self.model.named_parameters())
+        modules = [h.rpartition(".")[0] if h in params and h not in dict(self.model.named_modules()) else h
+                   for h in self.head]
+        return [g for h in dict.fromkeys(modules) for g in (h, h + ".*")]
 
     def _prune_exclude(self, exclude: Any) -> Any:
         """What the pruner leaves dense: the head always, plus ``exclude`` (None or "default":
@@ -585,6 +599,8 @@ class Finetuner:
             _batches(val_loader, "val_loader")
         if callback is not None and not callable(callback):
             raise _fail(TypeError, "callback", "callable", callback)
+        if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise ValueError(f"Finetuner: checkpoint_dir {os.fspath(checkpoint_dir)} is a file, not a folder")
         if resume is not None:
             self.load_checkpoint(resume)
         elif self.step == 0 and self._batch_in_epoch == 0:
@@ -726,11 +742,12 @@ class Finetuner:
 
     # ---------------------------------------------------------------------------- export
     def export(self) -> nn.Module:
-        """The trained model, ready for inference. ``"prune"``: a copy in eval mode whose masked
+        """The trained model, ready for inference (in eval mode). ``"prune"``: a copy whose masked
         ``nn.Linear`` layers are :class:`~pyfinetune.prune.SparseLinear` (only the kept weights;
-        masked ``nn.Conv2d`` layers stay masked); the other methods: :attr:`model` itself."""
+        masked ``nn.Conv2d`` layers stay masked); the other methods: :attr:`model` itself, put in
+        eval mode (:meth:`fit` puts it back in training mode)."""
         if self.method != "prune":
-            return self.model
+            return self.model.eval()
         return _prune.sparsify(copy.deepcopy(self.model)).eval()
 
     # ---------------------------------------------------------------------------- state
@@ -766,9 +783,15 @@ class Finetuner:
         """Restore :meth:`state_dict` (into a Finetuner built with the same method and model
         architecture; also sets the global RNG states, so that training continues identically).
 
+        The run continues the checkpoint's optimizer and schedules: its learning rate, weight decay
+        and L2-SP strength are the checkpoint's, whatever this Finetuner was given; the other
+        options (``grad_clip``, the distillation loss's ``temperature`` / ``alpha`` /
+        ``divergence``, ``progress``) are this Finetuner's.
+
         Raises:
             ValueError: the state is not a Finetuner checkpoint, or comes from another method,
-                head, sparsity, schedule or an incompatible model (the model's own message).
+                head, sparsity, schedule or an incompatible model (keys, shapes or pruned layers
+                named); checked before anything is changed.
         """
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"Finetuner: not a Finetuner checkpoint (expected format {_FORMAT!r})")
@@ -776,6 +799,7 @@ class Finetuner:
         if differ:
             details = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r}, here {self._config()[k]!r}" for k in differ)
             raise ValueError(f"Finetuner: the checkpoint is from another run ({details})")
+        self._check_model_state(state["model"], will_plan=state["plan"] is not None and self._plan_shape is None)
         if state["plan"] is not None:
             self._plan(*state["plan"])  # schedules and pruner (masks) must exist before their states load
         self.model.load_state_dict(state["model"])
@@ -793,6 +817,31 @@ class Finetuner:
         self._epoch_rng = mine["epoch_rng"]
         self.history = copy.deepcopy(state["history"])
         _set_rng(mine["rng"], self.device)
+
+    def _check_model_state(self, saved: Dict[str, Any], will_plan: bool) -> None:
+        """A ValueError naming what does not fit, before load_state_dict changes anything: the
+        checkpoint's model keys and shapes against this model's, and its pruned layers (mask
+        buffers) against those this run prunes (``will_plan``: the pruner is not built yet)."""
+        own = self.model.state_dict()
+        is_mask = lambda k: k.endswith(".weight_mask")  # noqa: E731
+        masks_here = {k for k in own if is_mask(k)}
+        if will_plan and self.method == "prune":
+            masks_here |= {f"{name}.weight_mask" if name else "weight_mask"
+                           for name, _ in _prune._select_layers(self.model, self.prune_include, self.prune_exclude)}
+        masks_saved = {k for k in saved if is_mask(k)}
+        missing = [k for k in own if not is_mask(k) and k not in saved]
+        unexpected = [k for k in saved if not is_mask(k) and k not in own]
+        shapes = [f"{k} {tuple(saved[k].shape)} in the checkpoint, {tuple(own[k].shape)} here" for k in own
+                  if not is_mask(k) and k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+        pruned = sorted(masks_saved ^ masks_here)
+        if missing or unexpected or shapes or pruned:
+            def few(items):
+                return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+            parts = ([f"missing keys: {few(missing)}"] if missing else []) + \
+                    ([f"unexpected keys: {few(unexpected)}"] if unexpected else []) + \
+                    ([f"shape mismatches: {few(shapes)}"] if shapes else []) + \
+                    ([f"pruned layers differ (prune_include / prune_exclude): {few(pruned)}"] if pruned else [])
+            raise ValueError("Finetuner: the checkpoint's model does not fit this model: " + "; ".join(parts))
 
     def _own_part(self, state: Dict[str, Any]) -> Dict[str, Any]:
         """This rank's RNG states and running totals in ``state``. In the middle of an epoch they
@@ -834,7 +883,13 @@ class Finetuner:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Finetuner: no checkpoint at {path}")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: pickle, zip or torch errors of many kinds
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise ValueError(f"Finetuner: cannot read the checkpoint {path} ({type(e).__name__}: {first}); "
+                             "a file of save_checkpoint is expected") from e
+        self.load_state_dict(state)
 
 
 def finetune(model: nn.Module, train_loader: Any, method: str = "baseline", val_loader: Any = None, *,

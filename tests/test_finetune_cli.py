@@ -206,6 +206,8 @@ def _bad_folders(tmp_path):
     ("model for other image sizes", "--model test_finetune_cli:flat_mlp fails on a 16x16 image: RuntimeError"),
     ("resume without a run", "--resume: no checkpoint at"),
     ("batch size", "--batch-size 0 is out of range"),
+    ("temperature for l2sp", "temperature is an argument of method='distill', not of method='l2sp'"),
+    ("unreadable checkpoint", "cannot read the checkpoint {tmp}/garbage.pt"),
 ])
 def test_bad_input_is_refused_before_training(case, message, data, tmp_path, capsys):
     folders = _bad_folders(tmp_path)
@@ -236,6 +238,8 @@ def test_bad_input_is_refused_before_training(case, message, data, tmp_path, cap
         + ["--image-size", "16"],
         "resume without a run": _args(data, tmp_path / "out", "--resume"),
         "batch size": _args(data, tmp_path / "out") + ["--batch-size", "0"],
+        "temperature for l2sp": _args(data, tmp_path / "out", "--method", "l2sp", "--temperature", 4),
+        "unreadable checkpoint": _args(data, tmp_path / "out", "--resume", garbage),
     }[case]
     code, stdout, err = _main(argv, capsys)
     assert code == 2
@@ -269,3 +273,35 @@ def test_torchrun_rank_without_a_gpu_of_its_own_is_a_usage_error(monkeypatch, na
     with pytest.raises(_finetune_cli.UsageError, match=r"LOCAL_RANK=1 has no GPU of its own \(1 visible\).*--device cpu"):
         _finetune_cli._device(name)
     assert _finetune_cli._device("cpu") == torch.device("cpu")
+
+
+def test_run_stopped_before_its_first_checkpoint_starts_over(data, tmp_path, capsys):
+    # A crash in epoch 1 leaves run.json and no checkpoint: --resume says so, and the same
+    # command without it starts the run again.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    code, _, err = _main(_args(data, out, "--resume"), capsys)
+    assert code == 2 and "stopped before its first checkpoint" in err and "without --resume" in err
+    code, _, err = _main(_args(data, out, epochs=1), capsys)
+    assert code == 0, err
+    assert (out / "checkpoints" / "last.pt").exists()
+    code, _, err = _main(_args(data, out, epochs=1), capsys)
+    assert code == 2 and "already holds a run" in err
+
+
+def test_weights_whose_head_has_the_data_classes_load_whole(data, tmp_path, capsys):
+    # Continuing from a previous run's model.pt: its head already has the folder's 3 classes and is
+    # loaded with the rest, not replaced by a new layer.
+    torchvision = pytest.importorskip("torchvision")
+    previous = torchvision.models.resnet18(num_classes=3)
+    torch.nn.init.constant_(previous.fc.weight, 0.125)
+    weights = tmp_path / "model.pt"
+    torch.save(previous.state_dict(), weights)
+    code, stdout, err = _main(["finetune", "--data", data, "--out", tmp_path / "run", "--model", "torchvision:resnet18",
+                               "--weights", weights, "--image-size", SIZE, "--epochs", 1, "--batch-size", 8,
+                               "--workers", 0, "--val-split", 0, "--no-progress", "--lr", 1e-9], capsys)
+    assert code == 0, err
+    assert "head fc included: 3 classes" in stdout and "new head" not in stdout
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    torch.testing.assert_close(state["fc.weight"], previous.fc.weight.detach(), atol=1e-6, rtol=0)

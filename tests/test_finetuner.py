@@ -324,6 +324,14 @@ def test_resume_refuses_another_run(tmp_path):
     ({"method": "prune", "prune_every": 0}, ValueError, "prune_every must be an int >= 1"),
     ({"method": "l2sp", "head": "6"}, TypeError, "head must be a list of module or parameter names"),
     ({"method": "l2sp", "head": ["fc"]}, ValueError, r"head names \['fc'\] are not modules or parameters of Sequential"),
+    ({"method": "l2sp", "head": (h for h in ["6"])}, TypeError, "head must be a list of module or parameter names"),
+    ({"method": "l2sp", "head": 5}, TypeError, "head must be a list of module or parameter names, got int 5"),
+    ({"method": "l2sp", "temperature": 4.0}, ValueError, "temperature is an argument of method='distill', not of "
+                                                         "method='l2sp'"),
+    ({"alpha": 0.9}, ValueError, "alpha is an argument of method='distill'"),
+    ({"divergence": "jsd"}, ValueError, "divergence is an argument of method='distill'"),
+    ({"method": "l2sp", "prune_end": 0.5}, ValueError, "prune_end is an argument of method='prune'"),
+    ({"prune_exclude": []}, ValueError, "prune_exclude is an argument of method='prune'"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -363,3 +371,57 @@ def test_find_head():
     model = nn.Module()
     model.body, model.fc = nn.Linear(3, 3), nn.Linear(3, 2)
     assert find_head(model) == "fc"
+
+
+def test_checkpoint_that_does_not_fit_is_refused_before_anything_changes(tmp_path):
+    # A wider model, or a pruned run whose pruned layers differ: a ValueError naming the keys,
+    # shapes or layers, and the Finetuner is left as it was (it can still run its own fit).
+    tuner = _tuner("prune", None, seed=0)
+    tuner.fit(_loader(), epochs=1, checkpoint_dir=tmp_path)
+    wide = nn.Sequential(nn.Linear(D_IN, HIDDEN + 8), nn.LayerNorm(HIDDEN + 8), nn.ReLU(), nn.Dropout(0.0),
+                         nn.Linear(HIDDEN + 8, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+    other = Finetuner(wide, "prune", sparsity=0.75, epochs=2, progress=False)
+    before = {k: v.clone() for k, v in wide.state_dict().items()}
+    with pytest.raises(ValueError, match=r"does not fit this model: shape mismatches: 0.weight \(32, 16\) in the "
+                                         r"checkpoint, \(40, 16\) here"):
+        other.load_checkpoint(tmp_path / "last.pt")
+    assert all(torch.equal(v, wide.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(m, MaskedLinear) for m in wide.modules())
+    other.fit(_loader(), epochs=2)  # its own plan, not the checkpoint's
+    narrower = Finetuner(_mlp(), "prune", sparsity=0.75, epochs=1, prune_exclude=["4"], progress=False)
+    with pytest.raises(ValueError, match=r"pruned layers differ \(prune_include / prune_exclude\): 4.weight_mask"):
+        narrower.load_checkpoint(tmp_path / "last.pt")
+    assert not any(isinstance(m, MaskedLinear) for m in narrower.model.modules())
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((tmp_path / "last.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cannot read the checkpoint .*broken.pt"):
+        _tuner("prune", None, seed=0).load_checkpoint(broken)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="checkpoint_dir .*afile is a file, not a folder"):
+        _tuner("l2sp", None, seed=0).fit(_loader(), epochs=1, checkpoint_dir=tmp_path / "afile")
+
+
+def test_head_by_parameter_names_is_not_pruned_and_sparse_layers_are_pulled():
+    model = _mlp()
+    tuner = Finetuner(model, "prune", sparsity=0.5, head=["6.weight", "6.bias"], prune_exclude=[], epochs=1,
+                      progress=False)
+    tuner.fit(_loader(32), epochs=1)
+    assert [name for name, _ in tuner.pruner.layers] == ["0", "4"]
+    # The exported sparse layers' kept weights are weights: pulled by L2-SP and decayed.
+    sparse = tuner.export()
+    l2sp = Finetuner(sparse, "l2sp", l2sp=0.5, head=["6"], progress=False)
+    groups = {g["name"]: g for g in l2sp.optimizer.param_groups}
+    values = [m.values for m in sparse.modules() if isinstance(m, SparseLinear)]
+    assert len(values) == 2
+    assert all(any(v is p for p in groups["body"]["params"]) for v in values)
+    assert groups["body"]["l2sp"] == 0.5 and groups["body"]["weight_decay"] > 0
+
+
+def test_export_is_in_eval_mode_for_every_method(teacher):
+    for method in ("baseline", "l2sp", "distill", "prune"):
+        tuner = Finetuner(_mlp(dropout=0.5), method, epochs=1, progress=False, **_method_kwargs(method, teacher))
+        tuner.fit(_loader(32), epochs=1)
+        model = tuner.export()
+        assert not model.training and not any(m.training for m in model.modules())
+        x = torch.randn(4, D_IN)
+        torch.testing.assert_close(model(x), model(x))
