@@ -620,6 +620,10 @@ class Finetuner:
                         self.save_checkpoint(os.path.join(checkpoint_dir, "last.pt"))
                     if callback is not None:
                         callback(self, record)
+                    # A Ctrl-C during validation, the checkpoint or the callback: stop here, between
+                    # epochs (the loop only looks at it after each step).
+                    if stop.requested if self._dist is None else self._dist.any(stop.requested):
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             if checkpoint_dir is not None:
                 self.interrupted_checkpoint = os.path.join(checkpoint_dir, "last.pt")

@@ -281,6 +281,21 @@ def test_keyboard_interrupt_raised_in_the_loop_saves_the_last_whole_step(tmp_pat
     assert state["epoch"] == 1 and state["step"] == 8 and state["batch_in_epoch"] == 0
 
 
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_ctrl_c_between_steps_stops_after_the_epoch(tmp_path, epochs):
+    # A Ctrl-C that lands outside the batch loop (here in the callback, after validation and the
+    # checkpoint) stops fit after that epoch, also after the last one, with no further step.
+    def ctrl_c(tuner, record):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    tuner = _tuner("l2sp", None, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        tuner.fit(_loader(), _loader(32, seed=1), epochs=epochs, checkpoint_dir=tmp_path, callback=ctrl_c)
+    assert (tuner.epoch, tuner.step) == (1, 8)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["step"] == 8 and state["batch_in_epoch"] == 0
+
+
 def test_resume_refuses_another_run(tmp_path):
     tuner = _tuner("l2sp", None, seed=0)
     tuner.fit(_loader(), epochs=1, checkpoint_dir=tmp_path)
