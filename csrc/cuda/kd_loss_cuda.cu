@@ -1,4 +1,5 @@
-// CUDA kernels of pyfinetune::kd_loss_fwd and pyfinetune::kd_loss_topk_fwd.
+// CUDA kernels of pyfinetune::kd_loss_fwd, kd_loss_fwd_inplace (the gradient written over the
+// student) and kd_loss_topk_fwd.
 //
 // One row of the [N, V] logits is handled by one block, or on sm_90 by a cluster of n_split blocks
 // (each owns a contiguous slice of the row; the partial statistics are merged through distributed

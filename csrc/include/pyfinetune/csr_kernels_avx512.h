@@ -49,8 +49,6 @@ struct SddmmPanel {
   bool add;
 };
 
-// True when these kernels were compiled (x86-64, GCC or Clang) and the CPU runs AVX-512 F, VL,
-// BW and DQ, unless the environment sets PYFINETUNE_CPU_AVX512=0. Read once.
 // Small batches (csr_linear with N <= kSpmvMaxBatch rows of x), from xT = x [K][x_ld] transposed
 // and zero padded to x_ld = 1, 4, 8, 16 or 32 floats: out[(r - r0) * x_ld + i] = sum over row r's
 // kept weights e of value(e) * xT[idx[e] * x_ld + i].
@@ -68,6 +66,8 @@ struct SpmvRows {
   float* out;
 };
 
+// True when these kernels were compiled (x86-64, GCC or Clang) and the CPU runs AVX-512 F, VL,
+// BW and DQ, unless the environment sets PYFINETUNE_CPU_AVX512=0. Read once.
 bool available();
 // False when an index lies outside [0, cols): the kernels read row 0 of xT in its place (out is then
 // garbage) and the caller reports the index (the forward's only check of them).
