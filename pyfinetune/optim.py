@@ -344,9 +344,9 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         Needed before ``torch.distributed.checkpoint`` loads into this optimizer
         (``get_optimizer_state_dict`` / ``dcp.load`` / ``set_optimizer_state_dict``): its template
         is ``state_dict()``, which holds only the anchors and masks before the first step. Done at
-        construction for DTensor (FSDP2) parameters. With it, SGD's first step treats the zero
-        momentum buffer as started (``dampening`` applies), as torch's SGD does after the same
-        initialization by torch.distributed.checkpoint."""
+        construction for DTensor (FSDP2) parameters. SGD's first step still starts such a zero
+        momentum buffer from the gradient (no ``dampening``), as it starts a buffer it creates,
+        unless a loaded state dict filled it."""
         self._invalidate_plan()
         for group in self.param_groups:
             self._init_group_state(group)
@@ -929,6 +929,7 @@ class SGD(_FusedPenalizedOptimizer):
         if planned is None:
             created: List[Tensor] = []
             planned = self._build_buckets(self._collect(), created, fresh_dampened)
+            self._unstarted().difference_update(created)
             if not created:
                 self._save_plan(planned)
             elif not torch.compiler.is_compiling():
@@ -951,7 +952,21 @@ class SGD(_FusedPenalizedOptimizer):
         state = self.state[p]
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
+            # Not started: its first step starts it from the gradient (no dampening), as a buffer
+            # created by that step would be; a loaded state replaces it.
+            self._unstarted().add(p)
         return state
+
+    def _unstarted(self) -> set:
+        """Parameters whose momentum buffer is still the zeros of init_state (FSDP2 parameters
+        get theirs at construction)."""
+        if not hasattr(self, "_unstarted_buffers"):
+            self._unstarted_buffers = set()
+        return self._unstarted_buffers
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._unstarted().clear()  # the loaded buffers are started; missing ones are created by a step
 
     def _build_buckets(self, items, created: List[Tensor],
                        fresh_dampened: List[Tensor]) -> List[Tuple[Tuple, Dict[str, list]]]:
@@ -963,7 +978,7 @@ class SGD(_FusedPenalizedOptimizer):
             state = self.state[p]
             has_momentum = group["momentum"] != 0
             dampening = float(group["dampening"])
-            if has_momentum and state.get("momentum_buffer") is None:
+            if has_momentum and (state.get("momentum_buffer") is None or p in self._unstarted()):
                 # torch.optim.SGD starts the buffer at the gradient; with a zero buffer and no
                 # dampening, momentum * 0 + 1 * g == g exactly.
                 self._init_state(p, group)

@@ -445,6 +445,9 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
                 f"no prunable layer is left after the default exclusions {defaults} (the first convolution and "
                 f"the classifier stay dense, see prune.default_exclusions) with include={include!r}; pass "
                 "exclude=None to prune every layer, or exclude=[...] to choose")
+        if any(type(m).__name__.startswith("FSDP") for m in model.modules()):
+            raise ValueError("no prunable layer found: the model is sharded by FSDP2 (fully_shard); prune it "
+                             "(magnitude_prune, pruners) before fully_shard, as the README's Distributed section says")
         raise ValueError(f"no prunable layer (nn.Linear / nn.Conv2d) matched include={include!r}, exclude={exclude!r}")
     seen: Dict[int, str] = {}
     for name, module in layers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -201,3 +202,27 @@ def test_loading_a_torch_state_keeps_anchors_masks_and_group_penalties(kind):
     state["state"][0]["anchor"] = torch.zeros_like(body[0])
     ours.load_state_dict(state)
     assert torch.equal(ours.anchor_of(body[0]), torch.zeros_like(body[0]))
+
+
+def test_sgd_buffers_of_init_state_start_from_the_gradient():
+    # init_state() (done at construction for FSDP2 parameters) creates zero momentum buffers; the
+    # first step must still start them from the gradient, as torch's SGD does (with dampening the
+    # update was (1 - dampening) times too small), and a loaded state is taken as started.
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(4, 3)
+    ours_model = copy.deepcopy(ref)
+    x = torch.randn(5, 4)
+    theirs = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    ours = SGD(ours_model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    ours.init_state()
+    for _ in range(3):
+        for model, opt in ((ref, theirs), (ours_model, ours)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        for a, b in zip(ref.parameters(), ours_model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    resumed = SGD(copy.deepcopy(ours_model).parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    resumed.init_state()
+    resumed.load_state_dict(ours.state_dict())
+    assert not resumed._unstarted()

@@ -414,3 +414,11 @@ def test_pruner_load_state_dict_refuses_other_states():
     movement = prune.MovementPruner(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), 0.5, 0, 10, 1, exclude=None)
     with pytest.raises(ValueError, match="lacks 'scores', 'finished'.*GradualPruner's state dict"):
         movement.load_state_dict(gradual.state_dict())
+
+
+def test_a_model_sharded_by_fsdp2_is_refused_with_advice():
+    # fully_shard swaps each module's class for an FSDP subclass (FSDPLinear): not an exact nn.Linear.
+    FSDPLinear = type("FSDPLinear", (nn.Linear,), {})
+    model = nn.Sequential(FSDPLinear(4, 4), FSDPLinear(4, 2))
+    with pytest.raises(ValueError, match="sharded by FSDP2 .*before fully_shard"):
+        magnitude_prune(model, 0.5, exclude=None)
