@@ -133,11 +133,13 @@ def test_csr_linear_small_batches(n, dtype):
         check_against_reference("csr", x, w, mask, b, g, dtype)
 
 
+@pytest.mark.parametrize("n", [1, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_csr_linear_one_row_every_row_length(dtype):
+def test_csr_linear_few_rows_every_row_length(n, dtype):
     # One row of x: the AVX-512 kernel takes a row's kept weights 32 at a time, then 16 at a time
-    # with the last ones masked. Rows of every length from 0 to 70 (two whole steps, every tail), in
-    # a random order, columns 0 and K - 1 among them, unsorted within the rows.
+    # with the last ones masked; three and four rows: four chains, then the rest one by one (and
+    # the index check 16 at a time, masked). Rows of every length from 0 to 70 (whole steps, every
+    # tail), in a random order, columns 0 and K - 1 among them, unsorted within the rows.
     gen = torch.Generator().manual_seed(4242)
     k, m = 101, 71
     lengths = torch.randperm(m, generator=gen)
@@ -157,11 +159,11 @@ def test_csr_linear_one_row_every_row_length(dtype):
     values = torch.cat(vals)
     wm = torch.where(mask, w, 0).double()
     b = torch.randn(m, generator=gen).to(dtype)
-    x = torch.randn(1, k, generator=gen).to(dtype)
+    x = torch.randn(n, k, generator=gen).to(dtype)
     y = torch.ops.pyfinetune.csr_linear(x, values, crow, col, torch.arange(m, dtype=torch.int32), b)
     exact = x.double() @ wm.t() + b.double()
     terms = x.double().abs() @ wm.abs().t() + b.double().abs()
-    assert_product_close(y, exact, terms, k, dtype, "csr_linear y, one row of x")
+    assert_product_close(y, exact, terms, k, dtype, f"csr_linear y, {n} row(s) of x")
 
 
 @pytest.mark.parametrize("n", [1, 3, 20])
