@@ -25,7 +25,8 @@ from typing import Any, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler,
+                              SequentialSampler)
 
 
 class Group:
@@ -115,10 +116,13 @@ def _map_style(loader: Any) -> bool:
         and loader.batch_size is not None
 
 
-def _rebuild(loader: DataLoader, sampler: Sampler) -> DataLoader:
-    """``loader`` with another sampler, everything else kept."""
-    options = dict(batch_size=loader.batch_size, num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-                   pin_memory=loader.pin_memory, drop_last=loader.drop_last, timeout=loader.timeout,
+def _rebuild(loader: DataLoader, sampler: Sampler, batch_size: Optional[int] = None,
+             drop_last: Optional[bool] = None) -> DataLoader:
+    """``loader`` with another sampler (and, for a loader of a batch sampler, that one's batch size
+    and drop_last), everything else kept."""
+    options = dict(batch_size=loader.batch_size if batch_size is None else batch_size,
+                   num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                   drop_last=loader.drop_last if drop_last is None else drop_last, timeout=loader.timeout,
                    worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
                    persistent_workers=loader.persistent_workers)
     if loader.num_workers > 0:
@@ -133,6 +137,9 @@ def shard_train_loader(loader: Any, group: Group, seed: int) -> Any:
         ValueError: a ``DataLoader`` with a sampler that is neither random, sequential nor
             distributed (e.g. weighted), or a distributed one for another number of ranks.
     """
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) \
+            and loader.batch_size is None:
+        return _shard_batch_sampler_loader(loader, group, seed)
     if not _map_style(loader):
         return loader
     sampler = _sampler_of(loader)
@@ -147,6 +154,29 @@ def shard_train_loader(loader: Any, group: Group, seed: int) -> Any:
                          f"{group.world} processes; use shuffle=True/False or a DistributedSampler")
     return _rebuild(loader, DistributedSampler(loader.dataset, num_replicas=group.world, rank=group.rank,
                                                shuffle=type(sampler) is RandomSampler, seed=seed))
+
+
+def _shard_batch_sampler_loader(loader: DataLoader, group: Group, seed: int) -> DataLoader:
+    """A ``DataLoader(dataset, batch_sampler=...)``: torch's ``BatchSampler`` over a random or
+    sequential sampler is rebuilt over a ``DistributedSampler`` with its batch size and drop_last;
+    over a distributed sampler it is kept; any other batch sampler cannot be split (ValueError:
+    every rank would go through the whole dataset)."""
+    batches = loader.batch_sampler
+    inner = getattr(batches, "sampler", None)
+    if type(batches) is BatchSampler:
+        replicas = getattr(inner, "num_replicas", None)
+        if replicas is not None:
+            if replicas != group.world:
+                raise ValueError(f"Finetuner: train_loader's sampler is for num_replicas={replicas}, but "
+                                 f"{group.world} processes train")
+            return loader
+        if type(inner) in (RandomSampler, SequentialSampler):
+            sampler = DistributedSampler(loader.dataset, num_replicas=group.world, rank=group.rank,
+                                         shuffle=type(inner) is RandomSampler, seed=seed)
+            return _rebuild(loader, sampler, batch_size=batches.batch_size, drop_last=batches.drop_last)
+    raise ValueError(f"Finetuner: train_loader's batch_sampler {type(batches).__name__} (over "
+                     f"{type(inner).__name__}) cannot be split over {group.world} processes; use batch_size= with "
+                     "shuffle=True/False, or a batch sampler over a DistributedSampler")
 
 
 class _Strided(Sampler):

@@ -145,6 +145,19 @@ def test_train_loader_split_and_its_refusals():
         _distributed.shard_train_loader(other, _group(), seed=0)
     batches = [(torch.zeros(2), torch.zeros(2, dtype=torch.long))]
     assert _distributed.shard_train_loader(batches, _group(), seed=0) is batches  # the user's own split
+    # DataLoader(batch_sampler=BatchSampler(...)): split like batch_size= (every rank went through
+    # the whole dataset); one over a distributed sampler is kept; another batch sampler is refused.
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    by_batches = DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), 2, drop_last=False))
+    split = _distributed.shard_train_loader(by_batches, _group(), seed=0)
+    assert [int(i) for x, _ in split for i in x] == [1, 3, 5, 7, 9, 0]
+    kept = DataLoader(data, batch_sampler=BatchSampler(torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1),
+                                                       2, drop_last=True))
+    assert _distributed.shard_train_loader(kept, _group(), seed=0) is kept
+    custom = DataLoader(data, batch_sampler=[[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="batch_sampler list .*cannot be split over 2 processes"):
+        _distributed.shard_train_loader(custom, _group(), seed=0)
 
 
 def test_eval_loader_split_has_no_padding():
