@@ -143,17 +143,25 @@ def shard_train_loader(loader: Any, group: Group, seed: int) -> Any:
     if not _map_style(loader):
         return loader
     sampler = _sampler_of(loader)
-    replicas = getattr(sampler, "num_replicas", None)
-    if replicas is not None:
-        if replicas != group.world:
-            raise ValueError(f"Finetuner: train_loader's sampler is for num_replicas={replicas}, but "
-                             f"{group.world} processes train")
+    if _already_split(sampler, group):
         return loader
     if type(sampler) not in (RandomSampler, SequentialSampler):
         raise ValueError(f"Finetuner: train_loader's sampler {type(sampler).__name__} cannot be split over "
                          f"{group.world} processes; use shuffle=True/False or a DistributedSampler")
     return _rebuild(loader, DistributedSampler(loader.dataset, num_replicas=group.world, rank=group.rank,
                                                shuffle=type(sampler) is RandomSampler, seed=seed))
+
+
+def _already_split(sampler: Any, group: Group) -> bool:
+    """Whether ``sampler`` is a distributed one (the user's own split), for this number of ranks
+    (ValueError for another)."""
+    replicas = getattr(sampler, "num_replicas", None)
+    if replicas is None:
+        return False
+    if replicas != group.world:
+        raise ValueError(f"Finetuner: train_loader's sampler is for num_replicas={replicas}, but "
+                         f"{group.world} processes train")
+    return True
 
 
 def _shard_batch_sampler_loader(loader: DataLoader, group: Group, seed: int) -> DataLoader:
@@ -164,11 +172,7 @@ def _shard_batch_sampler_loader(loader: DataLoader, group: Group, seed: int) -> 
     batches = loader.batch_sampler
     inner = getattr(batches, "sampler", None)
     if type(batches) is BatchSampler:
-        replicas = getattr(inner, "num_replicas", None)
-        if replicas is not None:
-            if replicas != group.world:
-                raise ValueError(f"Finetuner: train_loader's sampler is for num_replicas={replicas}, but "
-                                 f"{group.world} processes train")
+        if _already_split(inner, group):
             return loader
         if type(inner) in (RandomSampler, SequentialSampler):
             sampler = DistributedSampler(loader.dataset, num_replicas=group.world, rank=group.rank,
