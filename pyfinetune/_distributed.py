@@ -138,7 +138,7 @@ def shard_train_loader(loader: Any, group: Group, seed: int) -> Any:
             distributed (e.g. weighted), or a distributed one for another number of ranks.
     """
     if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) \
-            and loader.batch_size is None:
+            and loader.batch_size is None and loader.batch_sampler is not None:
         return _shard_batch_sampler_loader(loader, group, seed)
     if not _map_style(loader):
         return loader

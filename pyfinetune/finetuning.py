@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+import numbers
 import os
 import random
 import signal
@@ -379,7 +380,9 @@ class Finetuner:
                   "prune_end": (prune_end, 0.7, "prune"), "prune_every": (prune_every, None, "prune"),
                   "prune_include": (prune_include, None, "prune"), "prune_exclude": (prune_exclude, None, "prune")}
         for arg, (value, default, owner) in others.items():
-            if method != owner and not (value is default or (type(value) in (int, float, str) and value == default)):
+            same = value is default or (isinstance(value, (numbers.Real, str)) and not isinstance(value, bool)
+                                        and value == default)
+            if method != owner and not same:
                 raise ValueError(f"Finetuner: {arg} is an argument of method={owner!r}, not of method={method!r} "
                                  f"(got {arg}={value!r})")
         self.prune_include = prune_include
@@ -432,12 +435,16 @@ class Finetuner:
         return list(head)
 
     def _head_globs(self) -> List[str]:
-        """Module-name globs of the head: a parameter name stands for its module (which the pruner
-        then leaves dense: the pruners select modules)."""
-        params = dict(self.model.named_parameters())
-        modules = [h.rpartition(".")[0] if h in params and h not in dict(self.model.named_modules()) else h
-                   for h in self.head]
-        return [g for h in dict.fromkeys(modules) for g in (h, h + ".*")]
+        """Module-name globs of the head: a module and everything in it; a parameter name stands for
+        the module that holds it, that module alone (the pruners select modules: the head's layer
+        stays dense, not the other layers of a container that holds a head parameter such as a
+        position embedding)."""
+        params, modules = dict(self.model.named_parameters()), dict(self.model.named_modules())
+        globs: List[str] = []
+        for h in self.head:
+            found = [h.rpartition(".")[0]] if h in params and h not in modules else [h, h + ".*"]
+            globs += [g for g in found if g not in globs]
+        return globs
 
     def _prune_exclude(self, exclude: Any) -> Any:
         """What the pruner leaves dense: the head always, plus ``exclude`` (None or "default":
@@ -836,7 +843,8 @@ class Finetuner:
         missing = [k for k in own if not is_mask(k) and k not in saved]
         unexpected = [k for k in saved if not is_mask(k) and k not in own]
         shapes = [f"{k} {tuple(saved[k].shape)} in the checkpoint, {tuple(own[k].shape)} here" for k in own
-                  if not is_mask(k) and k in saved and tuple(saved[k].shape) != tuple(own[k].shape)]
+                  if not is_mask(k) and k in saved and isinstance(saved[k], torch.Tensor)
+                  and isinstance(own[k], torch.Tensor) and tuple(saved[k].shape) != tuple(own[k].shape)]
         pruned = sorted(masks_saved ^ masks_here)
         if missing or unexpected or shapes or pruned:
             def few(items):

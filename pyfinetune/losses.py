@@ -32,7 +32,8 @@ __all__ = ["kd_loss", "kd_loss_topk", "fused_linear_kd_loss", "DistillationLoss"
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("batchmean", "sum", "none")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_INDEX_DTYPES = tuple(getattr(torch, name) for name in ("int64", "int32", "int16", "int8", "uint8", "uint16",
+                                                        "uint32", "uint64") if hasattr(torch, name))
 # fused_linear_kd_loss: rows per chunk are chosen so that a chunk's float32 logits take at most this
 # many bytes (786 rows at V = 32000; see _default_chunk_rows): big enough for efficient matmuls
 # (chunks of 256 rows made the fused head 9% slower than the default chunks, kd-cpu-20261126-1641),
@@ -441,8 +442,10 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: boo
 
 
 def _accumulation_dtype(h_s: torch.Tensor, w_s: torch.Tensor) -> torch.dtype:
-    """float64 for a float64 student (hidden states and weight), else float32."""
-    return torch.float64 if h_s.dtype == torch.float64 and w_s.dtype == torch.float64 else torch.float32
+    """float64 for a float64 student (hidden states and weight) on the CPU, else float32 (the CUDA
+    kernel has no float64: a float64 student there computes in float32, as before)."""
+    return torch.float64 if (h_s.dtype == torch.float64 and w_s.dtype == torch.float64
+                             and h_s.device.type == "cpu") else torch.float32
 
 
 def _linear_kd_chunks(h_s, w_s, b_s32, h_t, w_t, b_t, labels, opts, chunk, need, row_scale=None):

@@ -155,6 +155,11 @@ def test_train_loader_split_and_its_refusals():
     kept = DataLoader(data, batch_sampler=BatchSampler(torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1),
                                                        2, drop_last=True))
     assert _distributed.shard_train_loader(kept, _group(), seed=0) is kept
+    unbatched = DataLoader(data, batch_size=None, sampler=torch.utils.data.DistributedSampler(data, num_replicas=2,
+                                                                                               rank=1))
+    assert _distributed.shard_train_loader(unbatched, _group(), seed=0) is unbatched  # as before: used as it is
+    plain = DataLoader(data, batch_size=None)
+    assert _distributed.shard_train_loader(plain, _group(), seed=0) is plain
     custom = DataLoader(data, batch_sampler=[[0, 1], [2, 3]])
     with pytest.raises(ValueError, match="batch_sampler list .*cannot be split over 2 processes"):
         _distributed.shard_train_loader(custom, _group(), seed=0)

@@ -5,6 +5,7 @@ names them."""
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -440,3 +441,35 @@ def test_export_is_in_eval_mode_for_every_method(teacher):
         assert not model.training and not any(m.training for m in model.modules())
         x = torch.randn(4, D_IN)
         torch.testing.assert_close(model(x), model(x))
+
+
+def test_head_parameter_of_a_container_leaves_the_container_prunable_and_extra_state_loads(tmp_path):
+    # A head parameter held by a container (a position embedding in an encoder): the container's
+    # layers are still pruned; a module with non-tensor extra state saves and loads.
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.zeros(HIDDEN))
+            self.l1, self.l2 = nn.Linear(HIDDEN, HIDDEN), nn.Linear(HIDDEN, HIDDEN)
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(x + self.pos)))
+
+    class Extra(nn.Module):
+        def get_extra_state(self):
+            return {"version": 3}
+
+        def set_extra_state(self, state):
+            assert state == {"version": 3}
+
+        def forward(self, x):
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, HIDDEN), Encoder(), Extra(), nn.Linear(HIDDEN, CLASSES))
+    tuner = Finetuner(model, "prune", sparsity=0.5, head=["3", "1.pos"], prune_exclude=[], epochs=1, progress=False)
+    tuner.fit(_loader(32), epochs=1, checkpoint_dir=tmp_path)
+    assert [name for name, _ in tuner.pruner.layers] == ["0", "1.l1", "1.l2"]
+    again = Finetuner(copy.deepcopy(model), "prune", sparsity=0.5, head=["3", "1.pos"], prune_exclude=[], epochs=1,
+                      progress=False)
+    again.load_checkpoint(tmp_path / "last.pt")

@@ -684,3 +684,15 @@ def test_csr_linear_column_out_of_range_at_every_batch_size(n, dtype):
             col[position] = bad
             with pytest.raises(RuntimeError, match=rf"csr_linear: col_indices\[{position}\] = {bad} is out of range"):
                 torch.ops.pyfinetune.csr_linear(x, values, p.crow_indices, col, p.row_order, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_csr_linear_kept_weights_with_no_columns(dtype):
+    # K = 0 with a kept weight: its column is out of range; x has no data to read (a null pointer
+    # on the portable kernels, which read column 0 in place of a bad index): the full check
+    # reports it before any kernel runs.
+    x = torch.randn(1, 0, dtype=dtype)
+    one = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"csr_linear: col_indices\[0\] = 0 is out of range"):
+        torch.ops.pyfinetune.csr_linear(x, torch.ones(1, dtype=dtype), one, torch.zeros(1, dtype=torch.int32),
+                                        torch.zeros(1, dtype=torch.int32), None)
