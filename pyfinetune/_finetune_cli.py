@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _distributed
-from .finetuning import METHODS, Finetuner, find_head
+from .finetuning import METHODS, Finetuner, describe_differences, find_head, state_differences
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The options a resumed run must share with the run it continues (they shape data, model or schedule).
@@ -268,20 +268,13 @@ def _load_weights(model: nn.Module, path: str, spec: str, what: str, new_head: O
     if state is None:
         state = _read_state_dict(path, what)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    missing, unexpected, shapes = state_differences(own, state)
     in_head = [k for k in shapes if new_head is not None and k.startswith(new_head + ".")]
     shapes = [k for k in shapes if k not in in_head]
     if missing or unexpected or shapes:
-        def few(keys):
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-        parts = ([f"missing keys: {few(missing)}"] if missing else []) + \
-                ([f"unexpected keys: {few(unexpected)}"] if unexpected else []) + \
-                ([f"shape mismatches: {few([f'{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model' for k in shapes])}"]
-                 if shapes else [])
-        raise UsageError(f"{what} {path} do not match {spec}: " + "; ".join(parts))
+        raise UsageError(f"{what} {path} do not match {spec}: " + describe_differences(
+            missing, unexpected, [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+                                  for k in shapes]))
     model.load_state_dict({k: v for k, v in state.items() if k not in in_head}, strict=False)
     return in_head
 

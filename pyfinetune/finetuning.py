@@ -62,6 +62,28 @@ _DEFAULTS = {"l2sp": 1e-2, "sparsity": 0.5}
 _PER_RANK = ("rng", "epoch_rng", "epoch_totals")  # the parts of a checkpoint that differ between ranks
 
 
+def state_differences(own: Dict[str, Any], saved: Dict[str, Any], skip: Callable[[str], bool] = lambda k: False
+                      ) -> Tuple[List[str], List[str], List[str]]:
+    """What keeps the state dict ``saved`` from loading strictly into a module whose state dict is
+    ``own`` (keys for which ``skip`` is true left out): its missing keys, unexpected keys, and the
+    keys whose tensors differ in shape (non-tensor extra state is not compared)."""
+    missing = [k for k in own if not skip(k) and k not in saved]
+    unexpected = [k for k in saved if not skip(k) and k not in own]
+    shapes = [k for k in own if not skip(k) and k in saved and isinstance(saved[k], Tensor)
+              and isinstance(own[k], Tensor) and tuple(saved[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, shapes
+
+
+def describe_differences(missing: List[str], unexpected: List[str], shapes: List[str],
+                         more: Sequence[Tuple[str, List[str]]] = ()) -> str:
+    """The message part of :func:`state_differences`' lists (``shapes`` already worded), plus
+    ``more`` (title, items) parts: at most five items each."""
+    def few(items: List[str]) -> str:
+        return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+    parts = [("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes), *more]
+    return "; ".join(f"{title}: {few(items)}" for title, items in parts if items)
+
+
 def _fail(cls, name: str, expected: str, value: Any):
     plain = isinstance(value, (str, int, float, bool, type(None)))
     shown = repr(value) if plain and cls is ValueError else type(value).__name__ + (f" {value!r}" if plain else "")
@@ -840,20 +862,13 @@ class Finetuner:
             masks_here |= {f"{name}.weight_mask" if name else "weight_mask"
                            for name, _ in _prune._select_layers(self.model, self.prune_include, self.prune_exclude)}
         masks_saved = {k for k in saved if is_mask(k)}
-        missing = [k for k in own if not is_mask(k) and k not in saved]
-        unexpected = [k for k in saved if not is_mask(k) and k not in own]
-        shapes = [f"{k} {tuple(saved[k].shape)} in the checkpoint, {tuple(own[k].shape)} here" for k in own
-                  if not is_mask(k) and k in saved and isinstance(saved[k], torch.Tensor)
-                  and isinstance(own[k], torch.Tensor) and tuple(saved[k].shape) != tuple(own[k].shape)]
+        missing, unexpected, shapes = state_differences(own, saved, skip=is_mask)
         pruned = sorted(masks_saved ^ masks_here)
         if missing or unexpected or shapes or pruned:
-            def few(items):
-                return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-            parts = ([f"missing keys: {few(missing)}"] if missing else []) + \
-                    ([f"unexpected keys: {few(unexpected)}"] if unexpected else []) + \
-                    ([f"shape mismatches: {few(shapes)}"] if shapes else []) + \
-                    ([f"pruned layers differ (prune_include / prune_exclude): {few(pruned)}"] if pruned else [])
-            raise ValueError("Finetuner: the checkpoint's model does not fit this model: " + "; ".join(parts))
+            raise ValueError("Finetuner: the checkpoint's model does not fit this model: " + describe_differences(
+                missing, unexpected, [f"{k} {tuple(saved[k].shape)} in the checkpoint, {tuple(own[k].shape)} here"
+                                      for k in shapes], [("pruned layers differ (prune_include / prune_exclude)",
+                                                          pruned)]))
 
     def _own_part(self, state: Dict[str, Any]) -> Dict[str, Any]:
         """This rank's RNG states and running totals in ``state``. In the middle of an epoch they

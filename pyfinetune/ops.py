@@ -639,6 +639,14 @@ def _masked_matmul_grads(ctx, grad, dense_grad: bool):
     return dx if need_x else None, dw if need_w else None, None, db if need_b else None
 
 
+def _effective_weight(weight: Tensor, mask: Tensor, dense_grad: bool) -> Tensor:
+    """The weight the masked product sees, of differentiable torch ops: exact zeros at the pruned
+    positions; with dense_grad the mask passed straight through (the weight receives the effective
+    weight's full gradient)."""
+    effective = torch.where(mask, weight, 0)
+    return weight + (effective - weight).detach() if dense_grad else effective
+
+
 def _differentiable_masked_grads(grad, x, weight, mask, need_x, need_w, need_b, dense_grad):
     """masked_matmul's gradients (x [N, K], grad [N, M]) composed of differentiable ops, for a
     backward under create_graph (double backward, gradient penalties): masked_matmul_backward has no
@@ -647,10 +655,7 @@ def _differentiable_masked_grads(grad, x, weight, mask, need_x, need_w, need_b, 
     mask, which would turn an inf there into NaN); with dense_grad the effective weight passes the
     mask straight through here too, so that every derivative reaching the weight is the effective
     weight's, pruned positions included."""
-    effective = torch.where(mask, weight, 0)
-    if dense_grad:
-        effective = weight + (effective - weight).detach()
-    dx = grad @ effective if need_x else None
+    dx = grad @ _effective_weight(weight, mask, dense_grad) if need_x else None
     dw = None
     if need_w:
         full = grad.t() @ x
@@ -732,10 +737,7 @@ def _masked_matmul_composed(x, weight, mask, bias, dense_grad: bool) -> Tensor:
     first, then ``x @ W_eff^T + bias`` with the pruned positions exact zeros; with dense_grad the
     weight's gradient passes the mask straight through (the full gradient of W_eff)."""
     _masked_matmul_fake(x, weight, mask, bias)
-    effective = torch.where(mask, weight, 0)
-    if dense_grad:
-        effective = weight + (effective - weight).detach()
-    return torch.nn.functional.linear(x, effective, bias)
+    return torch.nn.functional.linear(x, _effective_weight(weight, mask, dense_grad), bias)
 
 
 def _flatten_batch(x: Tensor, name: str) -> Tensor:

@@ -490,12 +490,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     if "anchor" in kept and "anchor" not in st and group["l2sp"] > 0:
                         st["anchor"] = kept["anchor"]
                     if "mask" in kept and "mask" not in st:
-                        m = kept["mask"]
-                        st["mask"] = m
-                        _local(p).masked_fill_(~_local(m), 0)
-                        for key in self._STATE_KEYS:
-                            if key in st and isinstance(st[key], Tensor):
-                                _local(st[key]).masked_fill_(~_local(m), 0)
+                        self.set_mask(p, kept["mask"])  # zeroes the parameter and its loaded moments
         self._invalidate_plan()
 
     @staticmethod
