@@ -1018,23 +1018,33 @@ bool spmv_into_rows(const int32_t* ptr, const int32_t* idx, int64_t rows, int64_
 // column, in a buffer per thread ([cols][L], cache resident), then summed over the threads. (A pass
 // over the compressed columns instead would read the values through csc_to_csr: a random read per
 // kept weight, which at 50% sparsity of 4096 x 4096 took longer than the rest of the step.)
+// fn(e, d) for the kept weights e of rows [r0, r1), d: row r's kVecs vectors of lanes of dyT
+// [rows][L], loaded once per row (the small-batch backward kernels' walk).
+template <int kVecs, typename acc_t, typename Fn>
+C10_ALWAYS_INLINE void for_kept_with_row_lanes(const int32_t* ptr, const acc_t* dyT, int64_t r0, int64_t r1,
+                                               const Fn& fn) {
+  for (int64_t r = r0; r < r1; ++r) {
+    Vectorized<acc_t> d[kVecs];
+    load_row_lanes(dyT, r, d);
+    for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
+      fn(e, d);
+    }
+  }
+}
+
 template <int kVecs, typename val_t, typename acc_t>
 void scatter_rows_vec(const int32_t* ptr, const int32_t* idx, const val_t* values, const acc_t* dyT, int64_t r0,
                       int64_t r1, acc_t* part) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = kLanes<acc_t>;
   constexpr int64_t L = kVecs * W;
-  for (int64_t r = r0; r < r1; ++r) {
-    Vec d[kVecs];
-    load_row_lanes(dyT, r, d);
-    for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
-      const Vec w(static_cast<acc_t>(values[e]));
-      acc_t* o = part + static_cast<int64_t>(idx[e]) * L;
-      for (int v = 0; v < kVecs; ++v) {
-        at::vec::fmadd(w, d[v], Vec::loadu(o + v * W)).store(o + v * W);
-      }
+  for_kept_with_row_lanes<kVecs>(ptr, dyT, r0, r1, [&](int64_t e, const Vec (&d)[kVecs]) {
+    const Vec w(static_cast<acc_t>(values[e]));
+    acc_t* o = part + static_cast<int64_t>(idx[e]) * L;
+    for (int v = 0; v < kVecs; ++v) {
+      at::vec::fmadd(w, d[v], Vec::loadu(o + v * W)).store(o + v * W);
     }
-  }
+  });
 }
 
 template <typename val_t, typename acc_t>
@@ -1100,24 +1110,20 @@ void sddmm_rows_vec(const int32_t* ptr, const int32_t* idx, const acc_t* dyT, co
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = kLanes<acc_t>;
   constexpr int64_t L = kVecs * W;
-  for (int64_t r = r0; r < r1; ++r) {
-    Vec d[kVecs];
-    load_row_lanes(dyT, r, d);
-    for (int64_t e = ptr[r]; e < ptr[r + 1]; ++e) {
-      const acc_t* row = xT + static_cast<int64_t>(idx[e]) * L;
-      Vec prod = d[0] * Vec::loadu(row);
-      for (int v = 1; v < kVecs; ++v) {
-        prod = at::vec::fmadd(d[v], Vec::loadu(row + v * W), prod);
-      }
-      acc_t lanes[W];
-      prod.store(lanes);
-      acc_t sum = lanes[0];
-      for (int64_t w = 1; w < W; ++w) {
-        sum += lanes[w];
-      }
-      out[e] = sum;
+  for_kept_with_row_lanes<kVecs>(ptr, dyT, r0, r1, [&](int64_t e, const Vec (&d)[kVecs]) {
+    const acc_t* row = xT + static_cast<int64_t>(idx[e]) * L;
+    Vec prod = d[0] * Vec::loadu(row);
+    for (int v = 1; v < kVecs; ++v) {
+      prod = at::vec::fmadd(d[v], Vec::loadu(row + v * W), prod);
     }
-  }
+    acc_t lanes[W];
+    prod.store(lanes);
+    acc_t sum = lanes[0];
+    for (int64_t w = 1; w < W; ++w) {
+      sum += lanes[w];
+    }
+    out[e] = sum;
+  });
 }
 
 template <typename acc_t>
