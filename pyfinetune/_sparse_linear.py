@@ -35,7 +35,8 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
     "cpu-16bit": 0.92,
     # benchmarks/results/gpu-check-20261126-0605/prune-cuda-20261126-0612 (H100, N=256,
     # K=M=4096, 10 rounds): the forward's time ratio of our dense path to the sparse kernel crosses 1
-    # at ~85%, the training step's at ~95% (1.05x dense path vs 1.04x sparse there); 0.9 between.
+    # at ~85%; the training step only reaches parity at 95% (sparse 0.910 ms vs dense path 0.899 ms)
+    # and does not cross in the measured range (99%: 0.814 vs 0.748 ms); 0.9 favours the forward.
     "cuda": 0.9,
     # benchmarks/results/gpu-check-20261126-1338/prune-float16-cuda-20261126-1345 (H100, float16,
     # N=256, K=M=4096, 10 rounds): on tensor cores cuBLAS runs 16-bit products many times faster
@@ -75,17 +76,15 @@ def release_dense_buffers() -> int:
     return int(torch.ops.pyfinetune._pool_release_cpu())
 
 
-def _transforms_active() -> bool:
-    """A functorch transform (grad, vmap, jvp, ...) or forward-mode AD is active: our ops' autograd
-    rules (backward only, torch.library style) do not support them, plain torch ops do."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+_transforms_active = ops._transforms_active
 
 
 def _plain(*tensors: Optional[Tensor]) -> bool:
     """Only plain tensors (or Parameters), no dispatch mode and no transform (_transforms_active):
     the pooled path allocates real memory (which a FakeTensorMode or a tensor subclass must not see)
     and is an autograd.Function with a backward only; elsewhere the dense path is the composition."""
-    if torch.utils._python_dispatch.is_in_torch_dispatch_mode() or _transforms_active():
+    if (torch.utils._python_dispatch.is_in_torch_dispatch_mode() or _transforms_active()
+            or torch._C._get_tracing_state() is not None):  # torch.jit.trace records ops, not a pool
         return False
     return all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
 
@@ -354,12 +353,8 @@ class SparseLinear(nn.Module):
         # positions (ops.csr_gather): on the CPU at 50% of 4096 x 4096, float32, to_dense took
         # 21 ms as torch.zeros + index_copy_ (the fastest of torch's scatters; a fresh 64 MB
         # page-faulted per 4 KiB) and the gather 13 ms as index_select. Under torch.func transforms
-        # and forward-mode AD, which our ops' autograd rules do not support, plain torch ops.
-        if _transforms_active():
-            flat = ops._entry_rows(self.crow_indices, self.col_indices.numel()) * self.in_features
-            flat = flat + self.col_indices.long()
-            dense = self.values.new_zeros(self.out_features * self.in_features)
-            return dense.index_copy(0, flat, self.values).view(self.out_features, self.in_features)
+        # and forward-mode AD, which our ops' autograd rules do not support, ops.csr_to_dense is
+        # composed of plain torch ops.
         return ops.csr_to_dense(self.values, self.crow_indices, self.col_indices, self.in_features)
 
     @property
@@ -394,14 +389,14 @@ class SparseLinear(nn.Module):
                              f"shape {tuple(x.shape)}")
         if self.kernel_for() == "sparse":
             values, bias = self.values, self.bias
-            if torch.is_autocast_enabled(x.device.type):
+            if ops._autocast_enabled(x.device.type):
                 # csr_linear has no autocast rule and wants one dtype: cast as autocast casts
                 # F.linear's operands (floating, not float64), so a float32 layer fed the bf16
                 # output of an autocast layer computes in bf16 like the dense path does.
                 dtype = torch.get_autocast_dtype(x.device.type)
                 x, values, bias = (t if t is None or not t.is_floating_point() or t.dtype == torch.float64
                                    else t.to(dtype) for t in (x, values, bias))
-            if _use_tensor_cores(x, values):
+            if _use_tensor_cores(x, values) and not _transforms_active():
                 return self._tiled_forward(x, values, bias)
             return ops.csr_linear(x, values, *self.pattern(), bias=bias)
         # The rebuilt weight already holds exact zeros at the pruned positions, so the plain dense
@@ -410,7 +405,7 @@ class SparseLinear(nn.Module):
         # pruned positions is dropped by to_dense's backward, which gathers the kept ones. On the
         # CPU (plain tensors, no autocast, not compiling) the weight and its gradient live in pooled
         # memory (_pooled_empty); elsewhere the same product from a fresh weight.
-        if (x.device.type == "cpu" and self.values.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if (x.device.type == "cpu" and self.values.device.type == "cpu" and not ops._autocast_enabled("cpu")
                 and not torch.compiler.is_compiling() and x.dtype == self.values.dtype
                 and _plain(x, self.values, self.bias, self.crow_indices, self.col_indices)):
             return _DenseLinear.apply(x, self.values, self.crow_indices, self.col_indices, self.bias,

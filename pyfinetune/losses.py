@@ -227,6 +227,58 @@ def _kd_eager(op, student: torch.Tensor, others: tuple, labels: Optional[torch.T
     return _reduce_eager(loss_rows, labels, ignore_index, reduction)[0]
 
 
+# ------------------------------------------------------------------------------- composed path
+# Under torch.func transforms (grad, vmap, jvp, jacrev, jacfwd, hessian) and forward-mode AD the
+# kernels' autograd (a backward only) does not apply: with no forward rule a tangent would be
+# dropped silently. There the same loss is composed of torch ops, in the kernels' arithmetic dtype
+# (float32, float64 when an input is float64), with their argument checks.
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(A || B) per row from log-probabilities; entries where A is 0 (log -inf) add 0, with no
+    0 * inf reaching the value or its derivatives."""
+    absent = log_a == float("-inf")
+    la = torch.where(absent, 0.0, log_a)
+    lb = torch.where(absent, 0.0, log_b)
+    return torch.where(absent, 0.0, la.exp() * (la - lb)).sum(-1)
+
+
+def _check_labels_in_range(labels: Optional[torch.Tensor], vocab: int, ignore_index: int) -> None:
+    if labels is None or not _ops._inspectable(labels):
+        return
+    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise RuntimeError(f"pyfinetune.kd_loss: labels[{i}] = {int(labels[i])} is outside [0, V = {vocab}) and is not "
+                           f"ignore_index = {ignore_index}")
+
+
+def _kd_composed(s: torch.Tensor, log_p: torch.Tensor, labels: Optional[torch.Tensor], options: tuple,
+                 reduction: str, math_dtype: torch.dtype) -> torch.Tensor:
+    """The loss of student rows ``s`` [N, V] against teacher log-probabilities ``log_p`` [N, V]
+    (at temperature T, -inf where the teacher has probability 0), of torch ops."""
+    temperature, alpha, divergence, beta, ignore_index = options
+    s = s.to(math_dtype)
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    if divergence == "forward_kl":
+        d = _kl_rows(log_p, log_q)
+    elif divergence == "reverse_kl":
+        d = _kl_rows(log_q, log_p)
+    else:  # jsd: M = beta P + (1 - beta) Q
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        d = beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
+    t2 = temperature * temperature
+    if labels is None:
+        rows = t2 * d
+    else:
+        _check_labels_in_range(labels, s.shape[-1], ignore_index)
+        ce = torch.nn.functional.cross_entropy(s, labels, ignore_index=ignore_index, reduction="none")
+        rows = torch.where(labels == ignore_index, 0.0, alpha * t2 * d + (1.0 - alpha) * ce)
+    return _reduce(rows, labels, ignore_index, reduction)
+
+
+def _math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 # ----------------------------------------------------------------------------------- functional
 def kd_loss(
     student_logits: torch.Tensor,
@@ -257,7 +309,12 @@ def kd_loss(
     Second derivatives: the gradient is computed in the forward and kept, so under
     ``create_graph=True`` it is differentiable in the upstream gradient (it is linear in it) but
     not in the logits: second derivatives with respect to the logits (Hessian-vector products,
-    gradient penalties through this loss) come out as zero. Use the torch composition for those.
+    gradient penalties through this loss) get no contribution from this loss, and where nothing
+    else connects the gradient to a graph autograd raises "element 0 of tensors does not require
+    grad". Under torch.func transforms (``grad``,
+    ``vmap``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``) and forward-mode AD the same loss is
+    composed of torch ops (exact derivatives of every order, at the memory and speed of the
+    composition): use those for second derivatives.
     """
     _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
     s = _as_rows("student_logits", student_logits)
@@ -269,8 +326,12 @@ def kd_loss(
         )
     _check_same_device("teacher_logits", teacher_logits, student_logits)
     lab = _as_labels(labels, student_logits.shape[:-1], student_logits.device)
+    options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
+    if _ops._transforms_active():
+        dtype = _math_dtype(s, t)
+        log_p = torch.log_softmax(t.detach().to(dtype) / options[0], dim=-1)
+        return _kd_composed(s, log_p, lab, options, reduction, dtype)
     if _ops._is_plain_eager(s, t, lab):
-        options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
         return _kd_eager(_KD_FWD, s, (t, lab), lab, options, reduction)
     loss_rows, _ = torch.ops.pyfinetune.kd_loss_fwd(
         s, t.detach(), lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
@@ -331,7 +392,8 @@ def kd_loss_topk(
     idx = teacher_topk_indices if teacher_topk_indices.dim() == 2 else teacher_topk_indices.reshape(-1, k)
     if idx.dtype != torch.int64:
         idx = idx.to(torch.int64)
-    if idx.device.type == "cpu" and k > 1 and _ops._is_plain_eager(idx):
+    if idx.device.type == "cpu" and k > 1 and (_ops._is_plain_eager(idx)
+                                               or (_ops._transforms_active() and _ops._inspectable(idx))):
         # Distinct within a row (a repeated index would count one student logit twice). Checked on
         # the CPU only: on a GPU the check would wait for the device at every call.
         ordered = idx.sort(dim=1).values
@@ -341,8 +403,19 @@ def kd_loss_topk(
             raise ValueError(f"pyfinetune.kd_loss_topk: teacher_topk_indices must be distinct within each row "
                              f"(as torch.topk returns them); row {row} repeats an index")
     lab = _as_labels(labels, lead, student_logits.device)
+    options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
+    if _ops._transforms_active():
+        vocab = s.shape[-1]
+        bad = ((idx < 0) | (idx >= vocab)).nonzero() if _ops._inspectable(idx) else idx.new_empty((0, 2))
+        if bad.numel():
+            r, j = (int(i) for i in bad[0])
+            raise RuntimeError(f"pyfinetune.kd_loss_topk: teacher_topk_indices[{r}, {j}] = {int(idx[r, j])} is outside "
+                               f"[0, V = {vocab})")
+        dtype = _math_dtype(s, v)
+        log_pk = torch.log_softmax(v.detach().to(dtype) / options[0], dim=-1)
+        log_p = torch.full(s.shape, float("-inf"), dtype=dtype, device=s.device).scatter(-1, idx, log_pk)
+        return _kd_composed(s, log_p, lab, options, reduction, dtype)
     if _ops._is_plain_eager(s, v, idx, lab):
-        options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
         return _kd_eager(_KD_TOPK_FWD, s, (v, idx, lab), lab, options, reduction)
     loss_rows, _ = torch.ops.pyfinetune.kd_loss_topk_fwd(
         s, v.detach(), idx, lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
@@ -641,7 +714,9 @@ def fused_linear_kd_loss(
     the weight gradient (and for a float32 copy of a low-precision weight, except on that path).
     A smaller ``chunk_size`` saves memory at some cost in speed (the chunk matmuls run less
     efficiently). The gradients are computed in the forward; with ``reduction="none"`` the
-    backward recomputes the chunks instead.
+    backward recomputes the chunks instead. Under torch.func transforms and forward-mode AD the
+    loss is the unfused composition (the ``[N, V]`` logits exist), with exact derivatives of every
+    order.
     """
     _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
@@ -689,6 +764,20 @@ def fused_linear_kd_loss(
     lab = _as_labels(labels, student_hidden.shape[:-1], student_hidden.device)
     opts = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence, beta=float(beta),
                 ignore_index=int(ignore_index))
+    if _ops._transforms_active():
+        # torch.func transforms, forward-mode AD: the unfused composition, [N, V] logits included.
+        s_dtype = torch.float64 if h_s.dtype == student_weight.dtype == torch.float64 else torch.float32
+        z_s = torch.nn.functional.linear(h_s.to(s_dtype), student_weight.to(s_dtype),
+                                         None if student_bias is None else student_bias.to(s_dtype))
+        t_dtype = torch.promote_types(h_t.dtype, teacher_weight.dtype)
+        if teacher_bias is not None:
+            t_dtype = torch.promote_types(t_dtype, teacher_bias.dtype)
+        z_t = torch.nn.functional.linear(h_t.detach().to(t_dtype), teacher_weight.detach().to(t_dtype),
+                                         None if teacher_bias is None else teacher_bias.detach().to(t_dtype))
+        options = (opts["temperature"], opts["alpha"], divergence, opts["beta"], opts["ignore_index"])
+        dtype = _math_dtype(z_s, z_t)
+        log_p = torch.log_softmax(z_t.to(dtype) / options[0], dim=-1)
+        return _kd_composed(z_s, log_p, lab, options, reduction, dtype)
     return _FusedLinearKD.apply(h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, lab, opts, chunk,
                                 reduction, int(ignore_index))
 

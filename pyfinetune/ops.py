@@ -616,7 +616,11 @@ def csr_to_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, cols
         cols: the number of columns of the dense tensor.
 
     Differentiable in ``values``: the gradient is :func:`csr_gather` of the incoming gradient.
+    Under torch.func transforms and forward-mode AD (as :func:`csr_gather`) it is composed of torch
+    ops, with the kernels' checks of the pattern.
     """
+    if _transforms_active():
+        return _csr_to_dense_composed(values, crow_indices, col_indices, cols)
     return torch.ops.pyfinetune.csr_to_dense(values, crow_indices, col_indices, cols)
 
 
@@ -624,7 +628,76 @@ def csr_gather(dense: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tens
     """The kept positions of ``dense`` [M, K] (any strides) as a [nnz] tensor in the pattern's
     row-major order: ``dense[mask]`` for the pattern's mask, without building the mask.
     Differentiable in ``dense`` (the gradient is :func:`csr_to_dense`)."""
+    if _transforms_active():
+        return _csr_gather_composed(dense, crow_indices, col_indices)
     return torch.ops.pyfinetune.csr_gather(dense, crow_indices, col_indices)
+
+
+def _transforms_active() -> bool:
+    """A torch.func transform (grad, vmap, jvp, jacfwd, ...) or forward-mode AD
+    (torch.autograd.forward_ad) is active. Our ops' autograd rules (torch.library style: a backward
+    only) do not support them: under forward-mode AD an op with no forward rule hands on no
+    tangent, silently (a zero derivative). The ops' callers then compute with plain torch ops."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for device types that have no autocast
+    (meta: shape inference, empty-weight initialisation), for which torch raises instead."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _inspectable(*tensors: Tensor) -> bool:
+    """Whether the contents of these tensors can be read on the host for a check: not inside
+    torch.compile and none a torch.func-wrapped tensor (a vmap batch, which refuses data-dependent
+    control flow)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _flat_positions(op: str, crow_indices: Tensor, col_indices: Tensor, cols: int) -> Tensor:
+    """row * cols + col (int64) of each kept entry of a compressed-row pattern, after the checks
+    of its contents that the kernels make (a column out of range would land in another row)."""
+    crow = crow_indices.long()
+    nnz = col_indices.shape[0]
+    if _inspectable(crow_indices, col_indices):
+        _check_pattern_contents(op, crow, col_indices.long(), nnz, cols)
+    return _entry_rows(crow, nnz) * cols + col_indices.long()
+
+
+def _check_pattern_contents(op: str, crow: Tensor, col: Tensor, nnz: int, cols: int) -> None:
+    if int(crow[0]) != 0:
+        raise RuntimeError(f"pyfinetune.{op}: crow_indices[0] must be 0, got {int(crow[0])}")
+    if int(crow[-1]) != nnz:
+        raise RuntimeError(f"pyfinetune.{op}: crow_indices[-1] must be nnz = {nnz} (the number of kept weights), "
+                           f"got {int(crow[-1])}")
+    drop = (crow[1:] < crow[:-1]).nonzero()
+    if drop.numel():
+        r = int(drop[0, 0])
+        raise RuntimeError(f"pyfinetune.{op}: crow_indices must be non-decreasing, but crow_indices[{r}] = "
+                           f"{int(crow[r])} > crow_indices[{r + 1}] = {int(crow[r + 1])}")
+    bad = ((col < 0) | (col >= cols)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise RuntimeError(f"pyfinetune.{op}: col_indices[{i}] = {int(col[i])} is out of range: entries must lie in "
+                           f"[0, {cols})")
+
+
+def _csr_to_dense_composed(values: Tensor, crow_indices: Tensor, col_indices: Tensor, cols: int,
+                           op: str = "csr_to_dense") -> Tensor:
+    """csr_to_dense of torch ops (for _transforms_active): the op's argument checks, then the
+    values placed at their flat positions in a tensor of zeros. ``op`` names the caller in errors."""
+    _fake_check_to_dense(op, values, crow_indices, col_indices, cols)
+    m = crow_indices.shape[0] - 1
+    flat = _flat_positions(op, crow_indices, col_indices, cols)
+    return values.new_zeros(m * cols).index_copy(0, flat, values).view(m, cols)
+
+
+def _csr_gather_composed(dense: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tensor:
+    """csr_gather of torch ops (for _transforms_active)."""
+    _csr_gather_fake(dense, crow_indices, col_indices)
+    return dense.reshape(-1)[_flat_positions("csr_gather", crow_indices, col_indices, dense.shape[1])]
 
 
 def _masked_matmul_grads(ctx, grad, dense_grad: bool):
@@ -766,7 +839,7 @@ def masked_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
         ``hessian``) and forward-mode AD the same product is composed of torch ops.
     """
     x2 = _flatten_batch(x, "masked_matmul")
-    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+    if _transforms_active():
         y = _masked_matmul_composed(x2, weight, mask, bias, dense_grad)
     elif dense_grad:
         y = _apply(_MaskedMatmul, x2, weight, mask, bias, dense_grad)
@@ -922,9 +995,16 @@ def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Ten
         values and bias; the gradient of values is the product ``grad_out^T @ x`` sampled at the
         kept positions. Twice differentiable: under ``create_graph=True`` the backward is composed
         of differentiable ops (:func:`csr_to_dense`, :func:`csr_gather`) instead of the kernels.
+        Under torch.func transforms (``grad``, ``vmap``, ``jvp``, ``jacfwd``, ``hessian``) and
+        forward-mode AD the product is composed of torch ops (a dense weight is built).
     """
     x2 = _flatten_batch(x, "csr_linear")
-    if torch.is_grad_enabled() and (x2.requires_grad or values.requires_grad
+    if _transforms_active():
+        # torch.func transforms, forward-mode AD: torch ops (see _transforms_active).
+        _csr_linear_fake(x2, values, crow_indices, col_indices, row_order, bias)
+        weight = _csr_to_dense_composed(values, crow_indices, col_indices, x2.shape[1], "csr_linear")
+        y = torch.nn.functional.linear(x2, weight, bias)
+    elif torch.is_grad_enabled() and (x2.requires_grad or values.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         y = _apply(_CsrLinear, x2, values, crow_indices, col_indices, row_order, ccol_indices, row_indices,
                              csc_to_csr, bias)

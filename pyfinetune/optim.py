@@ -41,6 +41,7 @@ flags (``amsgrad``, ``maximize``, ``nesterov``, ``penalty_mode``) split the laun
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import sys
 from collections import defaultdict
@@ -227,6 +228,10 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         # torch.optim.Optimizer pickles only defaults, state and param_groups.
         super().__setstate__(state)
+        for p, st in self.state.items():
+            step = st.get("step") if isinstance(st, dict) else None
+            if isinstance(step, numbers.Real) and not isinstance(step, bool) and isinstance(p, Tensor):
+                st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)  # an old pickle
         self._step_called = [False]
         self._invalidate_plan()
 
@@ -300,7 +305,14 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         where = f" (param group {len(self.param_groups) - 1})"
         try:
             self._validate_group(group, where)
+            seen: Dict[int, int] = {}
             for j, p in enumerate(group["params"]):
+                if id(p) in seen:
+                    # torch's optimizers warn and update such a parameter once per listing; the
+                    # fused step would apply its update twice from one state.
+                    raise ValueError(f"parameter {j}{where} is the same tensor as parameter {seen[id(p)]}: list each "
+                                     "parameter once")
+                seen[id(p)] = j
                 if p.dtype not in _PARAM_DTYPES:
                     raise TypeError(f"parameters must be float32, bfloat16, float16 or float64, got {p.dtype}{where}")
                 if p.layout != torch.strided:
@@ -465,6 +477,10 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     continue
                 st = self.state[p]
                 for key, value in saved.items():
+                    if key == "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                        # Older checkpoints (and torch before 1.12) keep the step as a number.
+                        st[key] = torch.tensor(float(value), dtype=torch.float32, device=p.device)
+                        continue
                     if not isinstance(value, Tensor):
                         continue
                     if key == "step":

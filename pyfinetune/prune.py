@@ -110,7 +110,7 @@ def _masked_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tenso
     d(loss)/d(weight * mask) unchanged to ``weight``.
     """
     same = x.dtype == weight.dtype and (bias is None or bias.dtype == weight.dtype) and x.device == weight.device
-    if same and not torch.is_autocast_enabled(x.device.type) and mask.shape == weight.shape:
+    if same and not _ops._autocast_enabled(x.device.type) and mask.shape == weight.shape:
         return _ops.masked_matmul(x, weight, mask, bias, dense_grad=dense_grad)
     return F.linear(x, _masked_weight(weight, mask, dense_grad), bias)
 
@@ -128,6 +128,15 @@ class _MaskedWeight:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", masked, dense_grad" if self.dense_grad else ", masked")
+
+
+def _check_mask_dtype(module: nn.Module) -> None:
+    mask = module.weight_mask
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{type(module).__name__}: weight_mask must be a bool tensor, got {mask.dtype}; was "
+            "torch.nn.utils.prune applied to this pyfinetune-masked layer? Both keep a 'weight_mask': prune it "
+            "with pyfinetune.prune (attach_mask, magnitude_prune), or remove_masks() before using torch's")
 
 
 class MaskedLinear(_MaskedWeight, nn.Linear):
@@ -148,6 +157,7 @@ class MaskedLinear(_MaskedWeight, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         """input [..., in_features] -> [..., out_features], dtype of the weight."""
+        _check_mask_dtype(self)
         return _masked_linear(input, self.weight, self.weight_mask, self.bias, self.dense_grad)
 
 
@@ -164,6 +174,7 @@ class MaskedConv2d(_MaskedWeight, nn.Conv2d):
 
     def forward(self, input: Tensor) -> Tensor:
         """input [N, C_in, H, W] (or [C_in, H, W]) -> [N, C_out, H', W'], dtype of the weight."""
+        _check_mask_dtype(self)
         return self._conv_forward(input, _masked_weight(self.weight, self.weight_mask, self.dense_grad), self.bias)
 
 
@@ -174,6 +185,10 @@ _MASKED_TYPES = (MaskedLinear, MaskedConv2d)
 
 def _is_masked(module: nn.Module) -> bool:
     return isinstance(module, _MASKED_TYPES)
+
+
+def _weight_parametrized(module: nn.Module) -> bool:
+    return nn.utils.parametrize.is_parametrized(module, "weight")
 
 
 def _set_mask(module: nn.Module, keep: Tensor, zero_weight: bool) -> None:
@@ -224,6 +239,12 @@ def remove_masks(model: nn.Module) -> nn.Module:
         ``model`` itself.
     """
     _check_model("remove_masks", model)
+    for name, module in model.named_modules():
+        if _is_masked(module) and _weight_parametrized(module):
+            raise ValueError(
+                f"remove_masks: layer {name!r} has a parametrization of its weight (torch.nn.utils.parametrize, e.g. "
+                "weight_norm), so its stored weight cannot be zeroed where pruned; remove the parametrization first "
+                f"(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')), then call remove_masks")
     for module in model.modules():
         if _is_masked(module):
             with torch.no_grad():
@@ -439,6 +460,14 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
                   if (_is_masked(module) or type(module) in _MASKED_CLASS)
                   and (keep_if is None or keep_if(name, module))]
     layers = [(name, module) for name, module in candidates if drop_if is None or not drop_if(name, module)]
+    parametrized = [name for name, module in model.named_modules()
+                    if not _is_masked(module) and isinstance(module, tuple(_MASKED_CLASS))
+                    and _weight_parametrized(module) and (keep_if is None or keep_if(name, module))
+                    and (drop_if is None or not drop_if(name, module))]
+    if parametrized:
+        warnings.warn(f"layers {parametrized} are not pruned: their weight has a parametrization "
+                      "(torch.nn.utils.parametrize, e.g. weight_norm); prune before adding it, or remove it first",
+                      stacklevel=3)
     if not layers:
         if candidates and defaults is not None:
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -226,3 +227,51 @@ def test_sgd_buffers_of_init_state_start_from_the_gradient():
     resumed.init_state()
     resumed.load_state_dict(ours.state_dict())
     assert not resumed._unstarted()
+
+
+@pytest.mark.parametrize("step", [5, 5.0])
+def test_a_step_saved_as_a_number_loads_as_a_tensor(step):
+    # Older checkpoints keep "step" as a Python number; torch's AdamW turns it into a tensor, ours
+    # left the number in place and the next step failed inside the fused update.
+    def state(p):
+        return {"state": {0: {"step": step, "exp_avg": torch.full_like(p, 0.1), "exp_avg_sq": torch.full_like(p, 0.01)}},
+                "param_groups": [{"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1,
+                                  "amsgrad": False, "maximize": False, "params": [0]}]}
+
+    ours_p, torch_p = (torch.nn.Parameter(torch.linspace(-1, 1, 7)) for _ in range(2))
+    ours, ref = AdamW([ours_p]), torch.optim.AdamW([torch_p])
+    ours.load_state_dict(state(ours_p))
+    ref.load_state_dict(state(torch_p))
+    st = ours.state[ours_p]["step"]
+    assert isinstance(st, torch.Tensor) and st.dtype == torch.float32 and st.item() == 5
+    for _ in range(2):
+        ours_p.grad = torch.linspace(0.5, -0.5, 7)
+        torch_p.grad = torch.linspace(0.5, -0.5, 7)
+        ours.step()
+        ref.step()
+    assert ours.state[ours_p]["step"].item() == 7
+    torch.testing.assert_close(ours_p.detach(), torch_p.detach(), rtol=1e-6, atol=1e-7)
+    # An old pickle of the optimizer itself (its state with a number step) too.
+    pickled = copy.deepcopy(ours)
+    pickled.state[pickled.param_groups[0]["params"][0]]["step"] = 9
+    restored = copy.copy(pickled)
+    restored.__setstate__(pickled.__getstate__())
+    assert isinstance(restored.state[restored.param_groups[0]["params"][0]]["step"], torch.Tensor)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_parameter_listed_twice_is_refused(kind):
+    # torch's optimizers warn and update it once per listing; the fused step would apply two
+    # updates from one state: refused, naming both positions, and the optimizer is left unchanged.
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    make = (lambda params: AdamW(params)) if kind == "adamw" else (lambda params: SGD(params, lr=0.1, momentum=0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own "duplicate parameters" warning comes first
+        with pytest.raises(ValueError, match=r"parameter 2 \(param group 0\) is the same tensor as parameter 0"):
+            make([p, q, p])
+    opt = make([q])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"parameter 1 \(param group 1\) is the same tensor as parameter 0"):
+            opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1 and p not in opt.state

@@ -321,3 +321,48 @@ def test_sparsity_report_root_layer():
     report = prune.sparsity_report(layer)
     assert len(report) == 1 and report[""].kept == 12
     assert str(report).splitlines()[2].startswith("(model)")
+
+
+@pytest.mark.parametrize("kind", ["masked", "sparse", "dense"])
+def test_forward_on_the_meta_device(kind):
+    # Shape inference and empty-weight initialisation run models on "meta", where
+    # torch.is_autocast_enabled("meta") raises: the layers must not ask it there.
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    prune.magnitude_prune(model, 0.75, exclude=None)
+    if kind != "masked":
+        prune.sparsify(model)
+        for layer in model.modules():
+            if isinstance(layer, prune.SparseLinear):
+                layer.kernel = kind
+    model.to("meta")
+    y = model(torch.randn(5, 12, device="meta"))
+    assert y.shape == (5, 3) and y.device.type == "meta"
+
+
+def test_parametrized_weights_are_named_not_silently_mishandled():
+    # remove_masks cannot zero a parametrized weight's stored tensor (it wrote into the computed
+    # one, then failed with a KeyError on the parametrized class); magnitude_prune skips such a
+    # layer (its class is not nn.Linear) and now says so.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    prune.magnitude_prune(model, 0.5, exclude=None)
+    nn.utils.parametrizations.weight_norm(model[0])
+    with pytest.raises(ValueError, match=r"remove_masks: layer '0' has a parametrization of its weight"):
+        prune.remove_masks(model)
+    assert isinstance(model[2], MaskedLinear)  # nothing changed before the refusal
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    nn.utils.parametrizations.weight_norm(fresh[0])
+    with pytest.warns(UserWarning, match=r"layers \['0'\] are not pruned: their weight has a parametrization"):
+        prune.magnitude_prune(fresh, 0.5, exclude=None)
+    assert isinstance(fresh[2], MaskedLinear) and not isinstance(fresh[0], MaskedLinear)
+
+
+def test_torch_prune_on_a_masked_layer_gets_a_clear_error():
+    # torch.nn.utils.prune keeps a float "weight_mask" too; combined with ours the op refused a
+    # Float mask without saying why.
+    import torch.nn.utils.prune as torch_prune
+
+    layer = nn.Linear(8, 4)
+    prune.magnitude_prune(layer, 0.5, exclude=None)
+    torch_prune.l1_unstructured(layer, "weight", 0.3)
+    with pytest.raises(TypeError, match="was torch.nn.utils.prune applied to this pyfinetune-masked layer"):
+        layer(torch.randn(2, 8))

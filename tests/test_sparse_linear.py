@@ -543,8 +543,9 @@ def test_dense_pool_counts_what_blocks_occupy(monkeypatch):
 
 def test_sparse_path_eager_twin_and_torch_func():
     """The sparse path's autograd.Function runs as its old-style twin in eager mode (a new-style
-    Function costs ~10-20 us of argument binding per call: host time per layer and step) and as the
-    new-style Function under torch.func transforms, which need it: same gradients either way."""
+    Function costs ~10-20 us of argument binding per call: host time per layer and step); under
+    torch.func transforms, which support neither, the product is composed of torch ops (a dense
+    weight): the same gradients up to float32 summation order."""
     layer, w, mask, b = make_layer(12, 16, 0.5, torch.float32, "cpu", kernel="sparse")
     x = torch.randn(5, 16, requires_grad=True)
     y = layer(x)
@@ -556,8 +557,21 @@ def test_sparse_path_eager_twin_and_torch_func():
         return torch.func.functional_call(layer, p, (x,)).square().sum()
 
     grads = torch.func.grad(loss)(params, x.detach())
-    torch.testing.assert_close(grads["values"], layer.values.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grads["bias"], layer.bias.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads["values"], layer.values.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads["bias"], layer.bias.grad, rtol=1e-5, atol=1e-5)
     dense = torch.where(mask, w, 0.0)
     ref = torch.nn.functional.linear(x.detach(), dense, b)
     torch.testing.assert_close(grads["values"], (2 * ref.t() @ x.detach())[mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_jit_trace(kernel):
+    # The pooled dense path calls an op returning an int (the pool's limit), which the tracer
+    # cannot record: under tracing the dense path is the plain composition.
+    layer, w, mask, b = make_layer(10, 24, 0.5, torch.float32, "cpu", kernel=kernel)
+    x = torch.randn(3, 24)
+    traced = torch.jit.trace(layer, (x,), check_trace=False)
+    x2 = torch.randn(5, 24)
+    torch.testing.assert_close(traced(x2), torch.nn.functional.linear(x2, torch.where(mask, w, 0.0), b),
+                               rtol=1e-5, atol=1e-5)
