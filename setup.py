@@ -8,6 +8,8 @@ Environment variables:
   PYFINETUNE_FORCE_CPU=1    skip the CUDA kernels even when they could be built
   TORCH_CUDA_ARCH_LIST      GPU architectures, default "8.0;9.0+PTX"
   MAX_JOBS                  parallel compile jobs (ninja)
+  PYFINETUNE_DEBUG_INFO=1   keep the debug information in pyfinetune/_C (stripped by default:
+                            Python's own -g makes the library ~18x larger)
 """
 
 import glob
@@ -155,9 +157,21 @@ def _mta_arg_bytes(cuda_version, archs):
     return 4096
 
 
+def _import_torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise RuntimeError(
+            "pyfinetune compiles its kernels against the installed torch, and torch is not installed in "
+            f"{sys.executable}: install torch first (pip install torch numpy ninja), then build with "
+            "pip install --no-build-isolation ."
+        ) from e
+    return torch
+
+
 def build_extension():
     _fix_cuda_home()
-    import torch
+    torch = _import_torch()
     from torch.utils import cpp_extension
 
     force_cuda = _flag("PYFINETUNE_FORCE_CUDA")
@@ -201,6 +215,9 @@ def build_extension():
     if sys.platform != "win32":
         cxx_flags += ["-fopenmp"]
     extra_link = ["-fopenmp"] if sys.platform != "win32" else []
+    if sys.platform.startswith("linux") and not _flag("PYFINETUNE_DEBUG_INFO"):
+        # Python's CFLAGS compile with -g: without this the library carries ~27 MB of DWARF.
+        extra_link += ["-Wl,--strip-debug"]
     define_macros = []
 
     archs = []
@@ -252,5 +269,13 @@ def _has_ninja_module():
         return False
 
 
+def _torch_requirement():
+    # The library is tied to the torch release it was compiled against (pyfinetune/__init__.py
+    # refuses any other at import): say so in the metadata, so that pip warns before replacing it.
+    import torch
+
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
 ext, build_cls = build_extension()
-setup(ext_modules=[ext], cmdclass={"build_ext": build_cls})
+setup(ext_modules=[ext], cmdclass={"build_ext": build_cls}, install_requires=[_torch_requirement(), "numpy"])

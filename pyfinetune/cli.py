@@ -100,7 +100,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="pyfinetune", description="Fast fine-tuning kernels for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"pyfinetune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p_info = sub.add_parser("info", help="show versions, compiled kernels and visible GPUs")
     p_info.add_argument("--json", action="store_true", help="print machine-readable JSON")
