@@ -117,6 +117,9 @@ def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anc
                       lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, *, amsgrad, maximize,
                       decoupled_l2sp, grad_scale=None, found_inf=None):
     _check_fake_lists("fused_adamw_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs)
+    _check_fake_devices("fused_adamw_", params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                        max_exp_avg_sqs=max_exp_avg_sqs, anchors=anchors, masks=masks, steps=steps,
+                        lr_tensors=lr_tensors, grad_scale=grad_scale, found_inf=found_inf)
     return None
 
 
@@ -125,7 +128,24 @@ def _fused_sgd_fake(params, grads, momentum_buffers, anchors, masks, lrs, lr_ten
                     weight_decays, l2sps, l1s, *, nesterov, maximize, decoupled_l2sp, grad_scale=None,
                     found_inf=None):
     _check_fake_lists("fused_sgd_", params, grads=grads)
+    _check_fake_devices("fused_sgd_", params, grads=grads, momentum_buffers=momentum_buffers, anchors=anchors,
+                        masks=masks, lr_tensors=lr_tensors, grad_scale=grad_scale, found_inf=found_inf)
     return None
+
+
+def _check_fake_devices(op, params, **named):
+    """Every tensor argument on the parameters' device, as the kernels check. Also here: a meta
+    tensor mixed with real ones dispatches to the fake kernel, which must refuse the call like the
+    real kernel would instead of returning nothing done (the in-place step silently skipped)."""
+    if not params:
+        return
+    device = params[0].device
+    for name, value in (("params", params), *named.items()):
+        entries = value if isinstance(value, (list, tuple)) else [value]
+        for i, t in enumerate(entries):
+            if t is not None and t.device != device:
+                where = f"{name}[{i}]" if isinstance(value, (list, tuple)) else name
+                raise RuntimeError(f"pyfinetune.{op}: {where} must be on the parameters' device {device}, got {t.device}")
 
 
 def _check_fake_lists(op, params, **lists):
@@ -153,9 +173,18 @@ def _kd_fake_outputs(student, teacher, need_grad):
     return loss, grad
 
 
+def _kd_fake_devices(op, student, **others):
+    # As the kernels check; a meta tensor mixed with real ones dispatches here and must be refused
+    # (the outputs would be uninitialized real tensors).
+    for name, t in others.items():
+        if t is not None and t.device != student.device:
+            raise RuntimeError(f"pyfinetune.{op}: {name} must be on {student.device} like student, got {t.device}")
+
+
 @torch.library.register_fake("pyfinetune::kd_loss_fwd")
 def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index, need_grad,
                       grad_scale=1.0):
+    _kd_fake_devices("kd_loss_fwd", student, teacher=teacher, labels=labels)
     if teacher.shape != student.shape:
         raise RuntimeError(
             f"pyfinetune.kd_loss_fwd: teacher must have the shape of student {tuple(student.shape)}, "
@@ -167,6 +196,7 @@ def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergenc
 @torch.library.register_fake("pyfinetune::kd_loss_fwd_inplace")
 def _kd_loss_fwd_inplace_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index,
                               grad_scale=1.0):
+    _kd_fake_devices("kd_loss_fwd_inplace", student, teacher=teacher, labels=labels)
     if teacher.shape != student.shape:
         raise RuntimeError(
             f"pyfinetune.kd_loss_fwd_inplace: teacher must have the shape of student {tuple(student.shape)}, "
@@ -183,6 +213,8 @@ def _kd_loss_fwd_inplace_fake(student, teacher, labels, *, temperature, alpha, d
 @torch.library.register_fake("pyfinetune::kd_loss_topk_fwd")
 def _kd_loss_topk_fwd_fake(student, teacher_values, teacher_indices, labels, *, temperature, alpha, divergence, beta,
                            ignore_index, need_grad, grad_scale=1.0):
+    _kd_fake_devices("kd_loss_topk_fwd", student, teacher_values=teacher_values, teacher_indices=teacher_indices,
+                     labels=labels)
     if teacher_indices.shape != teacher_values.shape:
         raise RuntimeError(
             f"pyfinetune.kd_loss_topk_fwd: teacher_indices must have the shape of teacher_values "
@@ -644,6 +676,8 @@ def _transforms_active() -> bool:
 def _autocast_enabled(device_type: str) -> bool:
     """torch.is_autocast_enabled(device_type), False for device types that have no autocast
     (meta: shape inference, empty-weight initialisation), for which torch raises instead."""
+    if device_type in ("cpu", "cuda"):  # the common case first: the availability query costs ~250 ns
+        return torch.is_autocast_enabled(device_type)
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
