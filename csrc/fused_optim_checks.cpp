@@ -4,8 +4,11 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <vector>
 
 namespace pyfinetune {
 namespace {
@@ -31,6 +34,73 @@ void check_scalar_list(const char* op, const char* name, at::ArrayRef<double> va
     const bool ok = std::isfinite(x) && x >= lo && (hi_inclusive ? x <= hi : x < hi);
     PF_CHECK(ok, op, ArgName{name, i}, " must be ", expected, ", got ", x);
   }
+}
+
+// Hyper-parameters are converted to float32 for float32 / bfloat16 / float16 parameters: a value
+// beyond float32's range would become inf there (lr 1e300 -> a NaN step) where float64 is fine.
+void check_float32_range(const char* op, const char* name, at::ArrayRef<double> values, at::ScalarType dtype) {
+  if (dtype == at::kDouble) {
+    return;
+  }
+  constexpr double kMax = static_cast<double>(std::numeric_limits<float>::max());
+  for (size_t i = 0; i < values.size(); ++i) {
+    PF_CHECK(values[i] <= kMax, op, ArgName{name, i}, " must be at most ", kMax, " (float32's largest) for ",
+             dtype, " parameters, got ", values[i]);
+  }
+}
+
+// The tensors a step writes (parameters and their states) must not share memory: a state passed
+// as its own parameter, one buffer listed for two parameters or for two states, or a parameter
+// listed twice would be updated twice per step, or read after its own update. Every such tensor is
+// non-overlapping and dense (checked before), so it covers exactly the bytes
+// [data, data + numel * itemsize): sorted by start, two overlap iff a range starts before the
+// furthest end so far.
+struct Written {
+  uintptr_t begin, end;
+  const char* list;
+  size_t index;
+};
+
+// `runs`: where each list's entries start in `written` (and its end). A list is usually already in
+// address order (allocated in order), so each run is sorted only when it is not, then the runs
+// are merged: linear in the common case (the check costs a few microseconds per 500 tensors).
+void check_no_shared_memory(const char* op, std::vector<Written>& written, const std::vector<size_t>& runs) {
+  const auto by_begin = [](const Written& a, const Written& b) { return a.begin < b.begin; };
+  for (size_t r = 0; r + 1 < runs.size(); ++r) {
+    const auto first = written.begin() + static_cast<std::ptrdiff_t>(runs[r]);
+    const auto last = written.begin() + static_cast<std::ptrdiff_t>(runs[r + 1]);
+    if (!std::is_sorted(first, last, by_begin)) {
+      std::sort(first, last, by_begin);
+    }
+    if (r > 0) {
+      std::inplace_merge(written.begin(), first, last, by_begin);
+    }
+  }
+  size_t widest = 0;
+  for (size_t k = 1; k < written.size(); ++k) {
+    const Written& a = written[widest];
+    const Written& b = written[k];
+    PF_CHECK(b.begin >= a.end, op, ArgName{b.list, b.index}, " shares memory with ", ArgName{a.list, a.index},
+             ": every parameter and optimizer state a step writes must be a tensor of its own");
+    if (b.end > a.end) {
+      widest = k;
+    }
+  }
+}
+
+void add_written(std::vector<Written>& written, std::vector<size_t>& runs, const char* list, at::TensorList tensors) {
+  if (runs.empty()) {
+    runs.push_back(0);
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0) {
+      continue;
+    }
+    const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+    written.push_back({begin, begin + static_cast<uintptr_t>(t.numel()) * t.element_size(), list, i});
+  }
+  runs.push_back(written.size());
 }
 
 // Same memory order: strides equal on every dimension of size > 1 (a size-1 dimension's stride
@@ -92,6 +162,10 @@ void check_common(const char* op, at::TensorList params, at::TensorList grads, c
   const at::ScalarType dtype = p0.scalar_type();
   PF_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble, op,
            "params must be float32, bfloat16, float16 or float64, got ", dtype);
+  check_float32_range(op, "lrs", lrs, dtype);
+  check_float32_range(op, "weight_decays", weight_decays, dtype);
+  check_float32_range(op, "l2sps", l2sps, dtype);
+  check_float32_range(op, "l1s", l1s, dtype);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const ArgName name{"params", i};
@@ -171,6 +245,19 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList grads, at::Ten
   for (size_t i = 0; i < n; ++i) {
     check_scalar_tensor(op, ArgName{"steps", i}, steps[i], params[i].device(), false);
   }
+  if (n > 0) {
+    check_float32_range(op, "epss", epss, params[0].scalar_type());
+  }
+  std::vector<Written> written;
+  std::vector<size_t> runs;
+  written.reserve((amsgrad ? 4 : 3) * n);
+  add_written(written, runs, "params", params);
+  add_written(written, runs, "exp_avgs", exp_avgs);
+  add_written(written, runs, "exp_avg_sqs", exp_avg_sqs);
+  if (amsgrad) {
+    add_written(written, runs, "max_exp_avg_sqs", max_exp_avg_sqs);
+  }
+  check_no_shared_memory(op, written, runs);
 }
 
 void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -200,6 +287,22 @@ void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::Tenso
                momentums[i], " and dampening ", dampenings[i]);
     }
   }
+  if (n > 0) {
+    check_float32_range(op, "momentums", momentums, params[0].scalar_type());
+  }
+  std::vector<Written> written;
+  std::vector<size_t> runs;
+  written.reserve(2 * n);
+  add_written(written, runs, "params", params);
+  for (size_t i = 0; i < momentum_buffers.size(); ++i) {
+    if (momentums[i] != 0.0 && momentum_buffers[i].numel() > 0) {  // a buffer is written only with momentum
+      const auto begin = reinterpret_cast<uintptr_t>(momentum_buffers[i].const_data_ptr());
+      written.push_back({begin, begin + static_cast<uintptr_t>(momentum_buffers[i].numel()) *
+                                            momentum_buffers[i].element_size(), "momentum_buffers", i});
+    }
+  }
+  runs.push_back(written.size());
+  check_no_shared_memory(op, written, runs);
 }
 
 }  // namespace pyfinetune

@@ -27,8 +27,9 @@ void check_logits(const char* op, const char* name, const at::Tensor& x) {
 }
 
 void check_scalars(const char* op, double temperature, double alpha, double beta, double grad_scale) {
-  PF_CHECK(std::isfinite(temperature) && temperature > 0, op, "temperature must be a finite number > 0, got ",
-           temperature);
+  // The kernels compute T^2 and 1/T in float32: [1e-18, 1e18] keeps both normal numbers.
+  PF_CHECK(temperature >= 1e-18 && temperature <= 1e18, op,
+           "temperature must be a number in [1e-18, 1e18] (squared in float32), got ", temperature);
   PF_CHECK(alpha >= 0 && alpha <= 1, op, "alpha must be in [0, 1], got ", alpha);
   PF_CHECK(beta > 0 && beta < 1, op, "beta must be in (0, 1), got ", beta);
   // The kernels multiply in float32: a positive normal float32 (1e-39 or 1e39 would give 0 or inf).

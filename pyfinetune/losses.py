@@ -51,14 +51,14 @@ def _check_options(temperature, alpha, divergence, beta, ignore_index, reduction
     # The usual call (plain numbers in range, known names) is settled by a few comparisons: this
     # runs on every call of a loss that may take tens of microseconds.
     if (type(temperature) in _PLAIN_REALS and type(alpha) in _PLAIN_REALS and type(beta) in _PLAIN_REALS
-            and type(ignore_index) is int and 0 < temperature < math.inf and 0 <= alpha <= 1 and 0 < beta < 1
+            and type(ignore_index) is int and 1e-18 <= temperature <= 1e18 and 0 <= alpha <= 1 and 0 < beta < 1
             and divergence in DIVERGENCES and reduction in REDUCTIONS):
         return
     for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"pyfinetune.kd_loss: {name} must be a real number, got {type(value).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"pyfinetune.kd_loss: temperature must be a finite number > 0, got {temperature}")
+    if not 1e-18 <= temperature <= 1e18:  # the kernels square it in float32
+        raise ValueError(f"pyfinetune.kd_loss: temperature must be a number in [1e-18, 1e18], got {temperature}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"pyfinetune.kd_loss: alpha must be in [0, 1], got {alpha}")
     if not 0 < beta < 1:
@@ -392,10 +392,10 @@ def kd_loss_topk(
     idx = teacher_topk_indices if teacher_topk_indices.dim() == 2 else teacher_topk_indices.reshape(-1, k)
     if idx.dtype != torch.int64:
         idx = idx.to(torch.int64)
-    if idx.device.type == "cpu" and k > 1 and (_ops._is_plain_eager(idx)
-                                               or (_ops._transforms_active() and _ops._inspectable(idx))):
-        # Distinct within a row (a repeated index would count one student logit twice). Checked on
-        # the CPU only: on a GPU the check would wait for the device at every call.
+    if idx.device.type == "cpu" and k > 1 and _ops._transforms_active() and _ops._inspectable(idx):
+        # Distinct within a row (a repeated index would count one student logit twice): the CPU
+        # kernel checks it; here for the composed path of transforms, which calls no kernel. Not
+        # on a GPU, where the check would wait for the device at every call.
         ordered = idx.sort(dim=1).values
         repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
         if repeated.any():

@@ -890,6 +890,11 @@ class CompressedPattern(NamedTuple):
     ``row_order`` [M] (rows by decreasing length, ties by index). Compressed columns of the same
     pattern: ``ccol_indices`` [K + 1], ``row_indices`` [nnz] (sorted within each column) and
     ``csc_to_csr`` [nnz], the position in the row-major ``values`` of each column-major entry.
+
+    Make them with :func:`compressed_pattern` or :func:`pattern_from_csr`. The ops check every
+    index against its range, but do not cross-check the compressed columns against the compressed
+    rows (an O(nnz) scattered pass on every backward): a hand-built column view that describes
+    another pattern gives wrong gradients (which ones depends on the batch size).
     """
 
     crow_indices: Tensor

@@ -17,6 +17,8 @@ L = torch.tensor([1, 2, -100, 9])
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(temperature=-1.0), ValueError, "temperature"),
         (dict(temperature=float("inf")), ValueError, "temperature"),
+        (dict(temperature=1e30), ValueError, r"temperature must be a number in \[1e-18, 1e18\], got 1e\+30"),
+        (dict(temperature=1e-30), ValueError, "temperature must be a number in"),
         (dict(alpha=1.5), ValueError, "alpha"),
         (dict(alpha=-0.1), ValueError, "alpha"),
         (dict(beta=0.0), ValueError, "beta"),
@@ -49,7 +51,10 @@ def test_module_validates_in_init():
     "call, match",
     [
         (lambda op: op(S, torch.randn(4, 11), None, **_kw()), "teacher must have the shape of student"),
-        (lambda op: op(S, T, None, **_kw(temperature=0.0)), "temperature must be a finite number > 0"),
+        (lambda op: op(S, T, None, **_kw(temperature=0.0)), r"temperature must be a number in \[1e-18, 1e18\]"),
+        # T^2 overflowed float32 from ~1.8e19: the loss came back NaN.
+        (lambda op: op(S, T, None, **_kw(temperature=1e30)), r"temperature must be .*, got 1e\+30"),
+        (lambda op: op(S, T, None, **_kw(temperature=float("nan"))), "temperature must be"),
         (lambda op: op(S, T, None, **_kw(alpha=2.0)), "alpha must be in"),
         (lambda op: op(S, T, None, **_kw(beta=1.0)), "beta must be in"),
         (lambda op: op(S, T, None, **_kw(divergence="x")), "divergence must be"),
@@ -101,7 +106,28 @@ def test_fused_linear_bias_and_topk_index_checks():
     idx = torch.stack([torch.randperm(20)[:4] for _ in range(3)])
     kd_loss_topk(s, v, idx)  # distinct: fine
     idx[1, 2] = idx[1, 0]
-    with pytest.raises(ValueError, match="distinct within each row.*row 1 repeats"):
+    with pytest.raises(ValueError, match="distinct within each row.*row 1 repeats index"):
         kd_loss_topk(s, v, idx)
+    # The raw op checks it too (its gradient counted a repeated index once, its loss twice).
+    kw = dict(temperature=1.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100, need_grad=True)
+    with pytest.raises(ValueError, match=r"kd_loss_topk_fwd: teacher_indices must be distinct .*row 1 repeats index"):
+        torch.ops.pyfinetune.kd_loss_topk_fwd(s, v, idx, None, **kw)
+    with pytest.raises(ValueError, match=r"row 0 repeats index 3"):
+        torch.ops.pyfinetune.kd_loss_topk_fwd(s[:1], v[:1], torch.tensor([[3, 1, 3, 0]]), None, **kw)
     with pytest.raises(TypeError, match="teacher_topk_indices must be an integer tensor.*torch.bool"):
         kd_loss_topk(s, v, torch.ones(3, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("which", ["kd_loss_fwd", "kd_loss_fwd_inplace", "kd_loss_topk_fwd"])
+def test_raw_ops_refuse_a_meta_tensor_among_real_ones(which):
+    # A meta argument sends the call to the fake kernel, which returned uninitialized real tensors.
+    kw = dict(temperature=1.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100)
+    s = torch.randn(4, 10)
+    with pytest.raises(RuntimeError, match=r"must be on cpu like student, got meta"):
+        if which == "kd_loss_fwd":
+            torch.ops.pyfinetune.kd_loss_fwd(s, T.to("meta"), None, need_grad=True, **kw)
+        elif which == "kd_loss_fwd_inplace":
+            torch.ops.pyfinetune.kd_loss_fwd_inplace(s, T, L.to("meta"), **kw)
+        else:
+            v, i = torch.topk(T, 3, dim=-1)
+            torch.ops.pyfinetune.kd_loss_topk_fwd(s, v, i.to("meta"), None, need_grad=True, **kw)

@@ -14,6 +14,10 @@ from pyfinetune.optim import SGD, AdamW
 OPTS = {"adamw": AdamW, "sgd": SGD}
 
 
+# Either order: two tensors at one address sort in either order.
+_SHARED = r"({0}\[{1}\] shares memory with {2}\[{3}\]|{2}\[{3}\] shares memory with {0}\[{1}\]): every parameter"
+
+
 def _params(n=3, device="cpu", dtype=torch.float32):
     return [torch.nn.Parameter(torch.randn(4, 3, device=device, dtype=dtype)) for _ in range(n)]
 
@@ -317,6 +321,24 @@ ADAMW_OP_ERRORS = {
     "grad_scale-dtype": (lambda a, k: k.update(grad_scale=torch.tensor(2.0, dtype=torch.float64)),
                          r"grad_scale must be float32, got Double"),
     "found_inf-shape": (lambda a, k: k.update(found_inf=torch.zeros(2)), r"found_inf must hold exactly one value"),
+    # The value inside grad_scale divides the gradients (read on the CPU before any write).
+    "grad_scale-zero": (lambda a, k: k.update(grad_scale=torch.tensor(0.0)),
+                        r"grad_scale must hold a finite number > 0, got 0"),
+    "grad_scale-nan": (lambda a, k: k.update(grad_scale=torch.tensor(float("nan"))),
+                       r"grad_scale must hold a finite number > 0, got nan"),
+    # Hyper-parameters go to float32 for float32 parameters: 1e300 became inf (a NaN step).
+    "lrs-beyond-float32": (lambda a, k: a.update(lrs=[1e-2, 1e-2, 1e300], lr_tensors=[]),
+                           r"lrs\[2\] must be at most 3.40282e\+38 \(float32's largest\) for Float parameters"),
+    "epss-beyond-float32": (lambda a, k: a.update(epss=[1e39, 0.0, 0.0]), r"epss\[0\] must be at most"),
+    # Written tensors sharing memory were updated twice per step, or read after their own update.
+    "exp_avgs-is-the-parameter": (lambda a, k: _set(a, "exp_avgs", 1, a["params"][1].detach()),
+                                  _SHARED.format("exp_avgs", 1, "params", 1)),
+    "exp_avg_sqs-is-exp_avgs": (lambda a, k: _set(a, "exp_avg_sqs", 0, a["exp_avgs"][0]),
+                                _SHARED.format("exp_avg_sqs", 0, "exp_avgs", 0)),
+    "params-twice": (lambda a, k: _set(a, "params", 2, a["params"][0]), _SHARED.format("params", 2, "params", 0)),
+    "exp_avgs-partial-overlap": (lambda a, k: (lambda flat: (_set(a, "exp_avgs", 0, flat[:12].view(4, 3)),
+                                                             _set(a, "exp_avgs", 1, flat[6:18].view(4, 3))))(
+                                     torch.zeros(24)), _SHARED.format("exp_avgs", 1, "exp_avgs", 0)),
 }
 SGD_OP_ERRORS = {
     "grads-count": (lambda a, k: a.update(grads=a["grads"][1:]),
@@ -343,6 +365,15 @@ SGD_OP_ERRORS = {
                          r"lr_tensors must be empty or have one entry per parameter \(3\), got 1"),
     "found_inf-dtype": (lambda a, k: k.update(found_inf=torch.tensor(0, dtype=torch.int32)),
                         r"found_inf must be float32, got Int"),
+    "grad_scale-inf": (lambda a, k: k.update(grad_scale=torch.tensor(float("inf"))),
+                       r"grad_scale must hold a finite number > 0, got inf"),
+    "grad_scale-negative": (lambda a, k: k.update(grad_scale=torch.tensor(-1.0)),
+                            r"grad_scale must hold a finite number > 0, got -1"),
+    "momentums-beyond-float32": (lambda a, k: a.update(momentums=[0.9, 1e39, 0.9]), r"momentums\[1\] must be at most"),
+    "momentum_buffers-is-the-parameter": (lambda a, k: _set(a, "momentum_buffers", 2, a["params"][2].detach()),
+                                          _SHARED.format("momentum_buffers", 2, "params", 2)),
+    "momentum_buffers-shared": (lambda a, k: _set(a, "momentum_buffers", 1, a["momentum_buffers"][0]),
+                                _SHARED.format("momentum_buffers", 1, "momentum_buffers", 0)),
 }
 
 
@@ -392,3 +423,35 @@ def test_op_mismatched_devices(device, kind):
     kwargs["grad_scale"] = torch.tensor(2.0)
     with pytest.raises(RuntimeError, match=r"grad_scale must be on the parameters' device cuda:0, got cpu"):
         _call(kind, args, kwargs)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_op_accepts_views_of_one_buffer_that_do_not_overlap(kind):
+    # Flat-buffer layouts (parameters and states as disjoint views of one allocation) are legal.
+    args, kwargs = _adamw_args() if kind == "adamw" else _sgd_args()
+    separate = {key: [t.clone() if isinstance(t, torch.Tensor) else t for t in v] for key, v in args.items()}
+    flat = torch.cat([p.reshape(-1) for p in args["params"]])
+    for i in range(3):
+        _set(args, "params", i, flat[12 * i:12 * (i + 1)].view(4, 3))
+    _call(kind, args, kwargs)
+    _call(kind, separate, dict(kwargs))
+    assert torch.equal(flat, torch.cat([p.reshape(-1) for p in separate["params"]]))
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("where", ["grad_scale", "list"])
+def test_op_refuses_a_meta_tensor_among_real_ones(kind, where):
+    # A meta argument sends the call to the fake kernel, which skipped the step without an error.
+    args, kwargs = _adamw_args() if kind == "adamw" else _sgd_args()
+    if where == "grad_scale":
+        kwargs["grad_scale"] = torch.tensor(1.0, device="meta")
+        match = r"grad_scale must be on the parameters' device cpu, got meta"
+    else:
+        _set(args, "grads", 1, args["grads"][1].to("meta"))
+        match = r"grads\[1\] must be on the parameters' device cpu, got meta"
+    before = _tensors(args, kwargs)
+    with pytest.raises(RuntimeError, match=match):
+        _call(kind, args, kwargs)
+    for x, y in zip(_tensors(args, kwargs), before):
+        if x.device.type != "meta":
+            assert torch.equal(bits(x), bits(y))

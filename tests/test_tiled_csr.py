@@ -250,7 +250,8 @@ DX_ERRORS = [
     ("grad_out dtype", dict(dy=lambda d: d.double()), "tile_values must have the dtype of grad_out"),
     ("in_features", dict(k=lambda k: -1), r"in_features must be in \[0, 2\^31 - 1\]"),
     ("in_features tiles", dict(k=lambda k: k + 64), r"tile_ptr must be a 1-D tensor with ceil"),
-    ("loc range", dict(loc=lambda l: l.clone().fill_(9000)), r"tile_loc\[0\] = 9000 is out of range"),
+    ("loc range", dict(loc=lambda l: l.clone().fill_(9000)),
+     r"tiled_csr_linear_backward_input: tile_loc\[0\] = 9000 is out of range"),
 ]
 
 
@@ -499,6 +500,8 @@ DV_ERRORS = [
     ("src repeated", dict(src=lambda t: torch.zeros_like(t)), "tile_src must be a permutation"),
     ("loc dtype", dict(loc=lambda t: t.int()), "tile_loc must be a 1-D int16 tensor"),
     ("ptr length", dict(ptr=lambda t: t[:-1]), r"tile_ptr must be a 1-D tensor with ceil"),
+    ("loc range", dict(loc=lambda t: t.clone().fill_(9000)),
+     r"tiled_csr_linear_backward_values: tile_loc\[0\] = 9000 is out of range"),
 ]
 
 

@@ -317,6 +317,13 @@ AdamWRangeFn<scalar_t> adamw_range_for(at::ScalarType anchor_dtype) {
   }
 }
 
+// The gradients are divided by the scale (GradScaler's): 0, a negative, inf or NaN would turn the
+// step into inf / NaN or reverse it. Read here, on the CPU, before anything is written (on a GPU the
+// value stays on the device: GradScaler keeps it positive and finite).
+void check_grad_scale_value(const char* op, double scale) {
+  PF_CHECK(std::isfinite(scale) && scale > 0.0, op, "grad_scale must hold a finite number > 0, got ", scale);
+}
+
 void fused_adamw_cpu(PF_FUSED_ADAMW_PARAMS) {
   check_fused_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
                          lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, amsgrad, grad_scale, found_inf);
@@ -329,6 +336,7 @@ void fused_adamw_cpu(PF_FUSED_ADAMW_PARAMS) {
     return;  // GradScaler found inf/NaN: skip the step, leave parameters and state untouched
   }
   const double scale = (grad_scale.has_value() && grad_scale->defined()) ? read_scalar<double>(*grad_scale) : 1.0;
+  check_grad_scale_value("fused_adamw_", scale);
   const AdamWFlags flags{amsgrad, decoupled_l2sp};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_adamw_cpu", [&] {
@@ -492,6 +500,7 @@ void fused_sgd_cpu(PF_FUSED_SGD_PARAMS) {
     return;
   }
   const double scale = (grad_scale.has_value() && grad_scale->defined()) ? read_scalar<double>(*grad_scale) : 1.0;
+  check_grad_scale_value("fused_sgd_", scale);
   const SGDFlags flags{nesterov, decoupled_l2sp};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_sgd_cpu", [&] {

@@ -792,13 +792,22 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(const at::Tensor& studen
     check_label_values(op, *labels, V, ignore_index);
   }
   {
+    // In range, and distinct within each row (a repeated index would count one student logit
+    // twice in the loss and once in the gradient): a sorted copy of each row.
     const int64_t* p = teacher_indices.const_data_ptr<int64_t>();
     const int64_t rs = teacher_indices.stride(0), cs = teacher_indices.stride(1);
+    const int64_t k = teacher_indices.size(1);
+    std::vector<int64_t> row(static_cast<size_t>(k));
     for (int64_t i = 0; i < teacher_indices.size(0); ++i) {
-      for (int64_t j = 0; j < teacher_indices.size(1); ++j) {
+      for (int64_t j = 0; j < k; ++j) {
         const int64_t x = p[i * rs + j * cs];
         PF_CHECK(x >= 0 && x < V, op, "teacher_indices[", i, ", ", j, "] = ", x, " is outside [0, V = ", V, ")");
+        row[static_cast<size_t>(j)] = x;
       }
+      std::sort(row.begin(), row.end());
+      const auto repeat = std::adjacent_find(row.begin(), row.end());
+      PF_CHECK_VALUE(repeat == row.end(), op, "teacher_indices must be distinct within each row (as torch.topk returns "
+                     "them); row ", i, " repeats index ", repeat == row.end() ? 0 : *repeat);
     }
   }
   const bool use_double = kd_use_double(student.scalar_type(), teacher_values.scalar_type());

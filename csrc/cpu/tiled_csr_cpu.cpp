@@ -27,8 +27,8 @@ namespace {
 
 // Checks the tile data against the shapes and returns the flat position (row * K + col) of each
 // entry in W [M, K]. Every message names the offending entry.
-std::vector<int64_t> tile_positions(const at::Tensor& tile_ptr, const at::Tensor& tile_loc, int64_t M, int64_t K) {
-  const char* op = "tiled_csr_linear";
+std::vector<int64_t> tile_positions(const char* op, const at::Tensor& tile_ptr, const at::Tensor& tile_loc, int64_t M,
+                                    int64_t K) {
   const int32_t* ptr = tile_ptr.const_data_ptr<int32_t>();
   const int16_t* loc = tile_loc.const_data_ptr<int16_t>();
   const int64_t tiles = tile_ptr.numel() - 1;
@@ -65,9 +65,9 @@ std::vector<int64_t> tile_positions(const at::Tensor& tile_ptr, const at::Tensor
 }
 
 // The dense weight [M, K] in the accumulation dtype (float32, float64 for float64) from checked tiles.
-at::Tensor dense_weight(const at::Tensor& tile_values, const at::Tensor& tile_ptr, const at::Tensor& tile_loc, int64_t M,
-                        int64_t K, at::ScalarType acc) {
-  const std::vector<int64_t> pos = tile_positions(tile_ptr.contiguous(), tile_loc.contiguous(), M, K);
+at::Tensor dense_weight(const char* op, const at::Tensor& tile_values, const at::Tensor& tile_ptr,
+                        const at::Tensor& tile_loc, int64_t M, int64_t K, at::ScalarType acc) {
+  const std::vector<int64_t> pos = tile_positions(op, tile_ptr.contiguous(), tile_loc.contiguous(), M, K);
   at::Tensor w = at::zeros({M, K}, tile_values.options().dtype(acc));
   const at::Tensor v = tile_values.contiguous().to(acc);
   AT_DISPATCH_FLOATING_TYPES(acc, "tiled_csr_dense_weight", [&] {
@@ -91,7 +91,7 @@ at::Tensor tiled_csr_linear_backward_input_cpu(const at::Tensor& grad_out, const
            grad_out.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::ScalarType acc = grad_out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor w = dense_weight(tile_values, tile_ptr, tile_loc, sz.m, sz.k, acc);
+  const at::Tensor w = dense_weight("tiled_csr_linear_backward_input", tile_values, tile_ptr, tile_loc, sz.m, sz.k, acc);
   return at::mm(grad_out.to(acc), w).to(grad_out.scalar_type());
 }
 
@@ -102,7 +102,7 @@ at::Tensor tiled_csr_linear_backward_values_cpu(const at::Tensor& grad_out, cons
   const MatmulSizes sz = check_tiled_csr_linear_backward_values_args(grad_out, x, tile_ptr, tile_loc, tile_src);
   PF_CHECK(x.is_cpu(), op, "x must be a CPU tensor here, got ", x.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const std::vector<int64_t> pos = tile_positions(tile_ptr.contiguous(), tile_loc.contiguous(), sz.m, sz.k);
+  const std::vector<int64_t> pos = tile_positions(op, tile_ptr.contiguous(), tile_loc.contiguous(), sz.m, sz.k);
   const at::Tensor src = tile_src.contiguous();
   const int32_t* sp = src.const_data_ptr<int32_t>();
   const int64_t nnz = sz.nnz;
@@ -138,7 +138,7 @@ at::Tensor tiled_csr_linear_cpu(const at::Tensor& x, const at::Tensor& tile_valu
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t M = sz.m, K = sz.k;
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor w = dense_weight(tile_values, tile_ptr, tile_loc, M, K, acc);
+  const at::Tensor w = dense_weight("tiled_csr_linear", tile_values, tile_ptr, tile_loc, M, K, acc);
   const at::Tensor xa = x.to(acc);
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(bias->to(acc), xa, w.t()) : at::mm(xa, w.t());
   return y.to(x.scalar_type());

@@ -22,6 +22,11 @@
 #define PF_CHECK(cond, op, ...) \
   TORCH_CHECK((cond), ::pyfinetune::check_message("pyfinetune.", op, ": ", __VA_ARGS__))
 
+// The same, raising ValueError in Python (for a bad value inside an argument, where the Python
+// API promises ValueError).
+#define PF_CHECK_VALUE(cond, op, ...) \
+  TORCH_CHECK_VALUE((cond), ::pyfinetune::check_message("pyfinetune.", op, ": ", __VA_ARGS__))
+
 namespace pyfinetune {
 
 // "params[3]" style names for list elements.
