@@ -468,16 +468,28 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
         warnings.warn(f"layers {parametrized} are not pruned: their weight has a parametrization "
                       "(torch.nn.utils.parametrize, e.g. weight_norm); prune before adding it, or remove it first",
                       stacklevel=3)
+    conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"
+              and hasattr(module, "nf") and (keep_if is None or keep_if(name, module))]
+    if conv1d:
+        # transformers' Conv1D (GPT-2, GPT-J's ancestors): a linear layer with its weight stored
+        # [in, out], not an nn.Linear.
+        note = (f"{len(conv1d)} transformers Conv1D layers ({', '.join(conv1d[:3])}{', ...' if len(conv1d) > 3 else ''}) "
+                "are not pruned: pyfinetune prunes nn.Linear and nn.Conv2d layers (GPT-2-style models keep their "
+                "attention and MLP projections in Conv1D)")
+        if layers:
+            warnings.warn(note, stacklevel=3)
     if not layers:
         if candidates and defaults is not None:
             raise ValueError(
                 f"no prunable layer is left after the default exclusions {defaults} (the first convolution and "
                 f"the classifier stay dense, see prune.default_exclusions) with include={include!r}; pass "
-                "exclude=None to prune every layer, or exclude=[...] to choose")
+                "exclude=None to prune every layer, or exclude=[...] to choose"
+                + (f". Note: {note}" if conv1d else ""))
         if any(type(m).__name__.startswith("FSDP") for m in model.modules()):
             raise ValueError("no prunable layer found: the model is sharded by FSDP2 (fully_shard); prune it "
                              "(magnitude_prune, pruners) before fully_shard, as the README's Distributed section says")
-        raise ValueError(f"no prunable layer (nn.Linear / nn.Conv2d) matched include={include!r}, exclude={exclude!r}")
+        raise ValueError(f"no prunable layer (nn.Linear / nn.Conv2d) matched include={include!r}, exclude={exclude!r}"
+                         + (f"; {note}" if conv1d else ""))
     seen: Dict[int, str] = {}
     for name, module in layers:
         if id(module.weight) in seen:
@@ -486,6 +498,13 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
         seen[id(module.weight)] = name
         if not module.weight.is_floating_point():
             raise TypeError(f"the weight of layer {name!r} must be floating point, got {module.weight.dtype}")
+    sharers = _weight_sharers(model)
+    for name, module in layers:
+        others = [n for n, m in sharers.get(id(module.weight), []) if m is not module]
+        if others:
+            warnings.warn(f"layer {name!r} shares its weight with {others} (tied weights, e.g. an input embedding "
+                          "and the output head): pruning it zeroes the same entries there too",
+                          stacklevel=3)
     return layers
 
 
@@ -1169,7 +1188,18 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def _replace_layers(model: nn.Module, old_cls, convert, where: str) -> nn.Module:
+def _weight_sharers(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module]]]:
+    """id of each parameter -> the (name, module) pairs that register it directly."""
+    out: Dict[int, List[Tuple[str, nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            entry = out.setdefault(id(p), [])
+            if all(m is not module for _, m in entry):
+                entry.append((name, module))
+    return out
+
+
+def _replace_layers(model: nn.Module, old_cls, convert, where: str, skip: Optional[set] = None) -> nn.Module:
     """Replace every ``old_cls`` module of ``model`` by ``convert(module)``: one new module per old
     one, put at each place the old one is registered (a layer shared by two places stays shared),
     with the old one's train / eval mode and, per parameter the two have in common (the kept values
@@ -1177,7 +1207,7 @@ def _replace_layers(model: nn.Module, old_cls, convert, where: str) -> nn.Module
     module are not carried over (they may read attributes the new layer lacks): a warning names them."""
     new_of = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if not isinstance(module, old_cls):
+        if not isinstance(module, old_cls) or (skip is not None and id(module) in skip):
             continue
         new = new_of.get(id(module))
         if new is None:
@@ -1227,7 +1257,20 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
         bias = None if module.bias is None else module.bias.detach()
         return sparse_cls.from_dense(effective_weight(module).detach(), module.weight_mask, bias)
 
-    return _replace_layers(model, MaskedLinear, convert, "sparsify")
+    # A layer whose weight another module also holds (tied input embedding and output head) stays
+    # masked and dense: a SparseLinear has a weight of its own, which would silently untie them.
+    sharers = _weight_sharers(model)
+    tied, skip = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedLinear):
+            others = [n for n, m in sharers.get(id(module.weight), []) if m is not module]
+            if others:
+                tied.append(f"{name!r} (with {', '.join(map(repr, others))})")
+                skip.add(id(module))
+    if tied:
+        warnings.warn(f"sparsify: {', '.join(tied)} share their weight with another module (tied weights): they stay "
+                      "masked dense layers, as a SparseLinear would untie them", stacklevel=2)
+    return _replace_layers(model, MaskedLinear, convert, "sparsify", skip)
 
 
 def densify(model: nn.Module, keep_masks: bool = True) -> nn.Module:

@@ -221,6 +221,49 @@ def test_fused_linear_equals_logits_path(tmp_path, model_fn):
 
 
 @needs_hf
+def test_auto_checks_on_its_first_batch_and_still_uses_the_fused_loss(tmp_path):
+    # The batch that checks the heads used to take its loss from the logits path: under bf16
+    # autocast it rounds differently, so a resumed run did not repeat an uninterrupted one.
+    student, teacher = llama(32, seed=1), llama(48, seed=2)
+    batch = collate(lm_examples())
+    auto = trainer_for(tmp_path, student, teacher, temperature=2.0, use_fused_linear="auto", bf16=True)
+    fused = trainer_for(tmp_path, student, teacher, temperature=2.0, use_fused_linear=True, bf16=True)
+    with torch.no_grad(), auto.accelerator.autocast():
+        first, second = auto.compute_loss(student, dict(batch)), auto.compute_loss(student, dict(batch))
+        expected = fused.compute_loss(student, dict(batch))
+    assert auto._fused_ok is True
+    assert torch.equal(first, second) and torch.equal(first, expected)
+
+
+@needs_hf
+@pytest.mark.parametrize("mode", [True, "auto"])
+def test_fused_path_uses_a_masked_heads_effective_weight(tmp_path, mode):
+    # A MovementPruner keeps the pruned values in the head's weight (the forward masks them): the
+    # fused loss read the raw weight and counted them.
+    from pyfinetune import prune
+
+    student, teacher = llama(32, seed=1), llama(48, seed=2)
+    head = student.get_output_embeddings()
+    prune.attach_mask(head, torch.rand(head.weight.shape) > 0.5)
+    head.dense_grad = True
+    with torch.no_grad():
+        head.weight.add_(torch.randn_like(head.weight))  # nonzero values at the pruned positions
+    batch = collate(lm_examples())
+    ref = trainer_for(tmp_path, student, teacher, temperature=2.0, use_fused_linear=False)
+    ours = trainer_for(tmp_path, student, teacher, temperature=2.0, use_fused_linear=mode)
+    grads = []
+    for trainer in (ref, ours, ours):
+        student.zero_grad()
+        loss = trainer.compute_loss(student, dict(batch))
+        loss.backward()
+        grads.append((loss.detach(), head.weight.grad.clone()))
+    for loss, grad in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, grads[0][1], rtol=1e-4, atol=1e-6)
+    assert ours._fused_ok is True
+
+
+@needs_hf
 def test_auto_keeps_logits_when_the_model_post_processes_them(tmp_path):
     # Gemma 2 soft-caps its logits: the fused path would distil the uncapped ones.
     student, teacher = gemma2(32, seed=1), gemma2(32, seed=2)

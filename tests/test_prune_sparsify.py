@@ -142,3 +142,45 @@ def test_sparsify_and_densify_keep_frozen_parameters_mode_and_shared_layers():
     model[0].register_forward_hook(lambda *args: None)
     with pytest.warns(UserWarning, match=r"layer at '0' has hooks \(forward_hooks\)"):
         prune.sparsify(model)
+
+
+class _TiedLM(nn.Module):
+    """An input embedding and an output head holding one weight (tie_word_embeddings)."""
+
+    def __init__(self, vocab=40, dim=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.body = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.embed(ids))))
+
+
+def test_tied_head_is_pruned_with_a_warning_and_stays_tied_through_sparsify():
+    model = _TiedLM()
+    with pytest.warns(UserWarning, match=r"layer 'head' shares its weight with \['embed'\].*zeroes the same entries"):
+        prune.magnitude_prune(model, 0.5, exclude=None)
+    assert model.head.weight is model.embed.weight
+    ids = torch.randint(0, 40, (3, 5))
+    before = model(ids)
+    with pytest.warns(UserWarning, match=r"sparsify: 'head' \(with 'embed'\) share their weight .* stay masked dense"):
+        prune.sparsify(model)
+    # The untied SparseLinear would have trained apart from the embedding: the head stays masked.
+    assert isinstance(model.head, prune.MaskedLinear) and model.head.weight is model.embed.weight
+    assert isinstance(model.body, prune.SparseLinear)
+    torch.testing.assert_close(model(ids), before, rtol=1e-5, atol=1e-6)
+
+
+def test_transformers_conv1d_layers_are_named_as_not_pruned():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(nn.Linear(8, 8), Conv1D(8, 8), nn.Linear(8, 2))
+    with pytest.warns(UserWarning, match=r"1 transformers Conv1D layers \(1\) are not pruned"):
+        prune.magnitude_prune(model, 0.5, exclude=None)
+    only = nn.Sequential(Conv1D(8, 8))
+    with pytest.raises(ValueError, match=r"no prunable layer .*; 1 transformers Conv1D layers \(0\) are not pruned"):
+        prune.magnitude_prune(only, 0.5, exclude=None)
+    del transformers

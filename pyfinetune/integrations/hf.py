@@ -47,6 +47,7 @@ if _release(transformers.__version__) < (4, 46):
 
 from ..losses import _check_options, fused_linear_kd_loss, kd_loss  # noqa: E402
 from ..optim import AdamW  # noqa: E402
+from .. import prune as _prune  # noqa: E402
 from .._param_groups import split_parameters  # noqa: E402
 
 __all__ = ["DistillationTrainer", "l2sp_adamw"]
@@ -76,6 +77,15 @@ def _is_causal_lm(model: nn.Module) -> bool:
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         names.update(value if isinstance(value, (tuple, list)) else (value,))
     return type(_unwrap(model)).__name__ in names
+
+
+def _head_weight(head: nn.Linear) -> torch.Tensor:
+    """The weight the head's forward computes with: a pruned (masked) head's pruned entries are
+    zero there, while its stored weight may still hold them (MovementPruner keeps them, with the
+    dense gradient reaching them when the layer has dense_grad)."""
+    if isinstance(head, _prune.MaskedLinear):
+        return _prune._masked_weight(head.weight, head.weight_mask, head.dense_grad)
+    return head.weight
 
 
 def _linear_output_head(model: nn.Module) -> Optional[nn.Linear]:
@@ -357,17 +367,20 @@ class DistillationTrainer(transformers.Trainer):
                         "head (get_output_embeddings()); distilling from the logits instead of fused_linear_kd_loss",
                         stacklevel=2,
                     )
-            elif len(s_cap.inputs) != 1 or len(t_cap.inputs) != 1:
+            if self._fused_ok is not False and (len(s_cap.inputs) != 1 or len(t_cap.inputs) != 1):
                 raise RuntimeError(
                     "DistillationTrainer(use_fused_linear): the output head ran "
                     f"{len(s_cap.inputs)} times in the student and {len(t_cap.inputs)} times in the teacher, "
                     "expected once each; use use_fused_linear=False"
                 )
-            else:
+            if self._fused_ok is not False:
+                # Also on the batch that checked the heads: every batch's loss comes from the same
+                # computation (the logits path rounds differently under bf16 autocast, so a resumed
+                # run would not repeat an uninterrupted one).
                 h_s, h_t = s_cap.inputs[0], t_cap.inputs[0]
                 rows, real = self._row_labels(labels, shifted, inputs.get("attention_mask"), h_s.shape[:-1])
                 loss_sum = fused_linear_kd_loss(
-                    h_s, s_head.weight, h_t, t_head.weight, rows, student_bias=s_head.bias,
+                    h_s, _head_weight(s_head), h_t, _head_weight(t_head), rows, student_bias=s_head.bias,
                     teacher_bias=t_head.bias, chunk_size=self.chunk_size, **self._options(real))
                 loss = self._normalize(loss_sum, rows, h_s.shape[:-1].numel(), real, num_items_in_batch, model.training)
                 return (loss, outputs) if return_outputs else loss
