@@ -257,21 +257,32 @@ def _kd_composed(s: torch.Tensor, log_p: torch.Tensor, labels: Optional[torch.Te
     (at temperature T, -inf where the teacher has probability 0), of torch ops."""
     temperature, alpha, divergence, beta, ignore_index = options
     s = s.to(math_dtype)
+    ignored = None
+    if labels is not None:
+        _check_labels_in_range(labels, s.shape[-1], ignore_index)
+        # Ignored rows compute on zeros (a uniform teacher): their loss is masked below, and a
+        # -inf or NaN there must not reach the gradient through the mask (0 * NaN), as the kernels
+        # give those rows a gradient of exactly 0.
+        ignored = (labels == ignore_index).unsqueeze(-1)
+        s = torch.where(ignored, 0.0, s)
+        log_p = torch.where(ignored, -math.log(s.shape[-1]), log_p)
     log_q = torch.log_softmax(s / temperature, dim=-1)
     if divergence == "forward_kl":
         d = _kl_rows(log_p, log_q)
     elif divergence == "reverse_kl":
         d = _kl_rows(log_q, log_p)
-    else:  # jsd: M = beta P + (1 - beta) Q
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    else:  # jsd: M = beta P + (1 - beta) Q; where both are 0, M is too (logaddexp's gradient is NaN there)
+        both = (log_p == float("-inf")) & (log_q == float("-inf"))
+        log_m = torch.logaddexp(torch.where(both, 0.0, log_p) + math.log(beta),
+                                torch.where(both, 0.0, log_q) + math.log1p(-beta))
+        log_m = torch.where(both, float("-inf"), log_m)
         d = beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
-    t2 = temperature * temperature
-    if labels is None:
-        rows = t2 * d
-    else:
-        _check_labels_in_range(labels, s.shape[-1], ignore_index)
-        ce = torch.nn.functional.cross_entropy(s, labels, ignore_index=ignore_index, reduction="none")
-        rows = torch.where(labels == ignore_index, 0.0, alpha * t2 * d + (1.0 - alpha) * ce)
+    rows = (temperature * temperature) * d
+    if labels is not None:
+        if alpha < 1.0:  # with alpha = 1 the labels only select rows (0 * an infinite CE would be NaN)
+            ce = torch.nn.functional.cross_entropy(s, torch.where(ignored.squeeze(-1), 0, labels), reduction="none")
+            rows = alpha * rows + (1.0 - alpha) * ce
+        rows = torch.where(ignored.squeeze(-1), 0.0, rows)
     return _reduce(rows, labels, ignore_index, reduction)
 
 
@@ -775,9 +786,9 @@ def fused_linear_kd_loss(
         z_t = torch.nn.functional.linear(h_t.detach().to(t_dtype), teacher_weight.detach().to(t_dtype),
                                          None if teacher_bias is None else teacher_bias.detach().to(t_dtype))
         options = (opts["temperature"], opts["alpha"], divergence, opts["beta"], opts["ignore_index"])
-        dtype = _math_dtype(z_s, z_t)
-        log_p = torch.log_softmax(z_t.to(dtype) / options[0], dim=-1)
-        return _kd_composed(z_s, log_p, lab, options, reduction, dtype)
+        # The kernels' arithmetic dtype is the student's (float64 only for a float64 student).
+        log_p = torch.log_softmax(z_t.to(s_dtype) / options[0], dim=-1)
+        return _kd_composed(z_s, log_p, lab, options, reduction, s_dtype)
     return _FusedLinearKD.apply(h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, lab, opts, chunk,
                                 reduction, int(ignore_index))
 

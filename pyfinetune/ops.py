@@ -690,14 +690,27 @@ def _inspectable(*tensors: Tensor) -> bool:
     return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _flat_positions(op: str, crow_indices: Tensor, col_indices: Tensor, cols: int) -> Tensor:
+def _flat_positions(op: str, crow_indices: Tensor, col_indices: Tensor, cols: int, sorted_rows: bool) -> Tensor:
     """row * cols + col (int64) of each kept entry of a compressed-row pattern, after the checks
-    of its contents that the kernels make (a column out of range would land in another row)."""
+    of its contents that the kernels make (a column out of range would land in another row;
+    ``sorted_rows``: columns must increase strictly within each row, as csr_to_dense and
+    csr_gather require)."""
     crow = crow_indices.long()
     nnz = col_indices.shape[0]
-    if _inspectable(crow_indices, col_indices):
-        _check_pattern_contents(op, crow, col_indices.long(), nnz, cols)
-    return _entry_rows(crow, nnz) * cols + col_indices.long()
+    col = col_indices.long()
+    inspect = _inspectable(crow_indices, col_indices)
+    if inspect:
+        _check_pattern_contents(op, crow, col, nnz, cols)
+    rows = _entry_rows(crow, nnz)
+    if inspect:
+        if sorted_rows:
+            bad = ((rows[1:] == rows[:-1]) & (col[1:] <= col[:-1])).nonzero()
+            if bad.numel():
+                i = int(bad[0, 0]) + 1
+                raise RuntimeError(f"pyfinetune.{op}: col_indices must increase strictly within each row (no repeated "
+                                   f"column): col_indices[{i}] = {int(col[i])} follows {int(col[i - 1])} in row "
+                                   f"{int(rows[i])}")
+    return rows * cols + col
 
 
 def _check_pattern_contents(op: str, crow: Tensor, col: Tensor, nnz: int, cols: int) -> None:
@@ -724,14 +737,18 @@ def _csr_to_dense_composed(values: Tensor, crow_indices: Tensor, col_indices: Te
     values placed at their flat positions in a tensor of zeros. ``op`` names the caller in errors."""
     _fake_check_to_dense(op, values, crow_indices, col_indices, cols)
     m = crow_indices.shape[0] - 1
-    flat = _flat_positions(op, crow_indices, col_indices, cols)
+    if op == "csr_linear":
+        # The product's kernels accept any order within a row and add a repeated column's values.
+        flat = _flat_positions(op, crow_indices, col_indices, cols, sorted_rows=False)
+        return values.new_zeros(m * cols).index_add(0, flat, values).view(m, cols)
+    flat = _flat_positions(op, crow_indices, col_indices, cols, sorted_rows=True)
     return values.new_zeros(m * cols).index_copy(0, flat, values).view(m, cols)
 
 
 def _csr_gather_composed(dense: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tensor:
     """csr_gather of torch ops (for _transforms_active)."""
     _csr_gather_fake(dense, crow_indices, col_indices)
-    return dense.reshape(-1)[_flat_positions("csr_gather", crow_indices, col_indices, dense.shape[1])]
+    return dense.reshape(-1)[_flat_positions("csr_gather", crow_indices, col_indices, dense.shape[1], sorted_rows=True)]
 
 
 def _masked_matmul_grads(ctx, grad, dense_grad: bool):

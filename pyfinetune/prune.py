@@ -469,7 +469,8 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
                       "(torch.nn.utils.parametrize, e.g. weight_norm); prune before adding it, or remove it first",
                       stacklevel=3)
     conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"
-              and hasattr(module, "nf") and (keep_if is None or keep_if(name, module))]
+              and hasattr(module, "nf") and (keep_if is None or keep_if(name, module))
+              and (drop_if is None or not drop_if(name, module))]
     if conv1d:
         # transformers' Conv1D (GPT-2, GPT-J's ancestors): a linear layer with its weight stored
         # [in, out], not an nn.Linear.

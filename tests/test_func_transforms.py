@@ -220,3 +220,69 @@ def test_frozen_sparse_linear_under_jvp(device, kernel):
         y, ty = torch.func.jvp(layer, (x,), (tx,))
     close(y, layer(x), torch.float32)
     close(ty, tx @ torch.where(mask, w, 0.0).t(), torch.float32)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_composed_kd_matches_the_kernels_at_infinities_and_ignored_rows(divergence):
+    # Ignored rows with a NaN / -inf teacher (padding of a cached teacher) get a zero gradient; a
+    # -inf student logit at the label with alpha = 1 (labels as a row mask) adds no 0 * inf; jsd
+    # where student and teacher are both -inf (a masked vocabulary) keeps a finite gradient.
+    s = torch.randn(3, 6, dtype=torch.float64)
+    t = torch.randn(3, 6, dtype=torch.float64)
+    s[:, 5] = t[:, 5] = float("-inf")
+    s[0, 2] = float("-inf")
+    t[1] = float("nan")
+    lab = torch.tensor([2, -100, 0])
+    for alpha in (1.0, 0.4):
+        kw = dict(temperature=2.0, alpha=alpha, divergence=divergence)
+        if divergence == "forward_kl" and alpha < 1:
+            kw["alpha"] = 1.0  # CE at a -inf label logit is infinite for every path: not this test's subject
+        x = s.clone().requires_grad_(True)
+        loss = kd_loss(x, t, lab, **kw)
+        (g,) = torch.autograd.grad(loss, x)
+        grad, value = torch.func.grad_and_value(lambda a: kd_loss(a, t, lab, **kw))(s)
+        if torch.isfinite(loss):
+            close(value, loss, torch.float64)
+            assert torch.isfinite(grad).all()
+            close(grad, g, torch.float64)
+        assert torch.equal(grad[1], torch.zeros(6, dtype=torch.float64))
+
+
+def test_composed_kd_topk_jsd_with_minus_inf_students_outside_the_top_k():
+    s = torch.randn(2, 9, dtype=torch.float64)
+    s[:, 7:] = float("-inf")
+    tv = torch.randn(2, 3, dtype=torch.float64)
+    ti = torch.stack([torch.randperm(7)[:3] for _ in range(2)])  # the teacher's support: finite students
+    kw = dict(temperature=1.5, divergence="jsd")
+    x = s.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(kd_loss_topk(x, tv, ti, **kw), x)
+    grad = torch.func.grad(lambda a: kd_loss_topk(a, tv, ti, **kw))(s)
+    assert torch.isfinite(grad).all()
+    close(grad, g, torch.float64)
+
+
+def test_composed_csr_ops_refuse_repeated_columns_and_the_product_adds_them():
+    crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+    col = torch.tensor([1, 1, 0], dtype=torch.int32)  # row 0 repeats column 1
+    values = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"csr_to_dense: col_indices must increase strictly within each row"):
+        torch.func.jvp(lambda v: ops.csr_to_dense(v, crow, col, 3), (values,), (values,))
+    with pytest.raises(RuntimeError, match=r"csr_gather: col_indices must increase strictly within each row"):
+        torch.func.jvp(lambda d: ops.csr_gather(d, crow, col), (torch.ones(2, 3, dtype=torch.float64),),
+                       (torch.ones(2, 3, dtype=torch.float64),))
+    # csr_linear's kernels accept such a row and add its values: so does the composition.
+    p = ops.CompressedPattern(crow, col, torch.tensor([0, 1], dtype=torch.int32), *[torch.zeros(0, dtype=torch.int32)] * 3)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    expected = torch.ops.pyfinetune.csr_linear(x, values, crow, col, p.row_order, None)
+    close(torch.func.jvp(lambda a: ops.csr_linear(a, values, *p), (x,), (x,))[0], expected, torch.float64)
+
+
+def test_composed_fused_linear_kd_loss_keeps_the_students_dtype():
+    # The kernels compute in float32 unless the student is float64: a float64 teacher does not
+    # make the loss float64.
+    hs, ws = torch.randn(5, 4), torch.randn(7, 4)
+    ht, wt = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    eager = fused_linear_kd_loss(hs, ws, ht, wt)
+    value = torch.func.grad_and_value(lambda w: fused_linear_kd_loss(hs, w, ht, wt))(ws)[1]
+    assert eager.dtype == value.dtype == torch.float32
+    close(value, eager, torch.float32)

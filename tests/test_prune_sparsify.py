@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -180,6 +181,9 @@ def test_transformers_conv1d_layers_are_named_as_not_pruned():
     model = nn.Sequential(nn.Linear(8, 8), Conv1D(8, 8), nn.Linear(8, 2))
     with pytest.warns(UserWarning, match=r"1 transformers Conv1D layers \(1\) are not pruned"):
         prune.magnitude_prune(model, 0.5, exclude=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an excluded Conv1D layer is not reported
+        prune.magnitude_prune(nn.Sequential(nn.Linear(8, 8), Conv1D(8, 8), nn.Linear(8, 2)), 0.5, exclude=["1"])
     only = nn.Sequential(Conv1D(8, 8))
     with pytest.raises(ValueError, match=r"no prunable layer .*; 1 transformers Conv1D layers \(0\) are not pruned"):
         prune.magnitude_prune(only, 0.5, exclude=None)
