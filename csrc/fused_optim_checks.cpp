@@ -61,21 +61,8 @@ struct Written {
   size_t index;
 };
 
-// `runs`: where each list's entries start in `written` (and its end). A list is usually already in
-// address order (allocated in order), so each run is sorted only when it is not, then the runs
-// are merged: linear in the common case (the check costs a few microseconds per 500 tensors).
-void check_no_shared_memory(const char* op, std::vector<Written>& written, const std::vector<size_t>& runs) {
-  const auto by_begin = [](const Written& a, const Written& b) { return a.begin < b.begin; };
-  for (size_t r = 0; r + 1 < runs.size(); ++r) {
-    const auto first = written.begin() + static_cast<std::ptrdiff_t>(runs[r]);
-    const auto last = written.begin() + static_cast<std::ptrdiff_t>(runs[r + 1]);
-    if (!std::is_sorted(first, last, by_begin)) {
-      std::sort(first, last, by_begin);
-    }
-    if (r > 0) {
-      std::inplace_merge(written.begin(), first, last, by_begin);
-    }
-  }
+void check_no_shared_memory(const char* op, std::vector<Written>& written) {
+  std::sort(written.begin(), written.end(), [](const Written& a, const Written& b) { return a.begin < b.begin; });
   size_t widest = 0;
   for (size_t k = 1; k < written.size(); ++k) {
     const Written& a = written[widest];
@@ -88,19 +75,17 @@ void check_no_shared_memory(const char* op, std::vector<Written>& written, const
   }
 }
 
-void add_written(std::vector<Written>& written, std::vector<size_t>& runs, const char* list, at::TensorList tensors) {
-  if (runs.empty()) {
-    runs.push_back(0);
-  }
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    if (t.numel() == 0) {
-      continue;
-    }
+void add_written(std::vector<Written>& written, const char* list, size_t i, const at::Tensor& t) {
+  if (t.numel() > 0) {
     const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
     written.push_back({begin, begin + static_cast<uintptr_t>(t.numel()) * t.element_size(), list, i});
   }
-  runs.push_back(written.size());
+}
+
+void add_written(std::vector<Written>& written, const char* list, at::TensorList tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    add_written(written, list, i, tensors[i]);
+  }
 }
 
 // Same memory order: strides equal on every dimension of size > 1 (a size-1 dimension's stride
@@ -249,15 +234,14 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList grads, at::Ten
     check_float32_range(op, "epss", epss, params[0].scalar_type());
   }
   std::vector<Written> written;
-  std::vector<size_t> runs;
   written.reserve((amsgrad ? 4 : 3) * n);
-  add_written(written, runs, "params", params);
-  add_written(written, runs, "exp_avgs", exp_avgs);
-  add_written(written, runs, "exp_avg_sqs", exp_avg_sqs);
+  add_written(written, "params", params);
+  add_written(written, "exp_avgs", exp_avgs);
+  add_written(written, "exp_avg_sqs", exp_avg_sqs);
   if (amsgrad) {
-    add_written(written, runs, "max_exp_avg_sqs", max_exp_avg_sqs);
+    add_written(written, "max_exp_avg_sqs", max_exp_avg_sqs);
   }
-  check_no_shared_memory(op, written, runs);
+  check_no_shared_memory(op, written);
 }
 
 void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -291,18 +275,14 @@ void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::Tenso
     check_float32_range(op, "momentums", momentums, params[0].scalar_type());
   }
   std::vector<Written> written;
-  std::vector<size_t> runs;
   written.reserve(2 * n);
-  add_written(written, runs, "params", params);
+  add_written(written, "params", params);
   for (size_t i = 0; i < momentum_buffers.size(); ++i) {
-    if (momentums[i] != 0.0 && momentum_buffers[i].numel() > 0) {  // a buffer is written only with momentum
-      const auto begin = reinterpret_cast<uintptr_t>(momentum_buffers[i].const_data_ptr());
-      written.push_back({begin, begin + static_cast<uintptr_t>(momentum_buffers[i].numel()) *
-                                            momentum_buffers[i].element_size(), "momentum_buffers", i});
+    if (momentums[i] != 0.0) {  // a buffer is written only with momentum
+      add_written(written, "momentum_buffers", i, momentum_buffers[i]);
     }
   }
-  runs.push_back(written.size());
-  check_no_shared_memory(op, written, runs);
+  check_no_shared_memory(op, written);
 }
 
 }  // namespace pyfinetune

@@ -338,12 +338,12 @@ def kd_loss(
     _check_same_device("teacher_logits", teacher_logits, student_logits)
     lab = _as_labels(labels, student_logits.shape[:-1], student_logits.device)
     options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
+    if _ops._is_plain_eager(s, t, lab):  # false under transforms and forward-mode AD
+        return _kd_eager(_KD_FWD, s, (t, lab), lab, options, reduction)
     if _ops._transforms_active():
         dtype = _math_dtype(s, t)
         log_p = torch.log_softmax(t.detach().to(dtype) / options[0], dim=-1)
         return _kd_composed(s, log_p, lab, options, reduction, dtype)
-    if _ops._is_plain_eager(s, t, lab):
-        return _kd_eager(_KD_FWD, s, (t, lab), lab, options, reduction)
     loss_rows, _ = torch.ops.pyfinetune.kd_loss_fwd(
         s, t.detach(), lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
         beta=float(beta), ignore_index=int(ignore_index), need_grad=_need_grad(s),
@@ -415,6 +415,8 @@ def kd_loss_topk(
                              f"(as torch.topk returns them); row {row} repeats an index")
     lab = _as_labels(labels, lead, student_logits.device)
     options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
+    if _ops._is_plain_eager(s, v, idx, lab):  # false under transforms and forward-mode AD
+        return _kd_eager(_KD_TOPK_FWD, s, (v, idx, lab), lab, options, reduction)
     if _ops._transforms_active():
         vocab = s.shape[-1]
         bad = ((idx < 0) | (idx >= vocab)).nonzero() if _ops._inspectable(idx) else idx.new_empty((0, 2))
@@ -426,8 +428,6 @@ def kd_loss_topk(
         log_pk = torch.log_softmax(v.detach().to(dtype) / options[0], dim=-1)
         log_p = torch.full(s.shape, float("-inf"), dtype=dtype, device=s.device).scatter(-1, idx, log_pk)
         return _kd_composed(s, log_p, lab, options, reduction, dtype)
-    if _ops._is_plain_eager(s, v, idx, lab):
-        return _kd_eager(_KD_TOPK_FWD, s, (v, idx, lab), lab, options, reduction)
     loss_rows, _ = torch.ops.pyfinetune.kd_loss_topk_fwd(
         s, v.detach(), idx, lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
         beta=float(beta), ignore_index=int(ignore_index), need_grad=_need_grad(s),

@@ -243,11 +243,12 @@ def _is_eager(t: torch.Tensor) -> bool:
 def _is_plain_eager(*tensors: Optional[Tensor]) -> bool:
     """True when a call with these tensors (None entries allowed) runs in plain eager mode: every
     tensor a plain ``torch.Tensor``, no compile, export, fake, functional or other dispatch mode,
-    no torch.func transform and no TorchScript tracer. A few hundred nanoseconds: cheap enough to
+    no torch.func transform, no forward-mode AD and no TorchScript tracer. A few hundred nanoseconds: cheap enough to
     pick a lean path per call (``pyfinetune.losses``) where tracing needs the registered op."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None:
+    if (torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None
+            or torch.autograd.forward_ad._current_level >= 0):
         return False
     for t in tensors:
         if t is not None and type(t) is not torch.Tensor:
