@@ -109,6 +109,9 @@ TORCH_LIBRARY(pyfinetune, m) {
   m.def("_pool_idle_bytes_cpu() -> int");
   // The idle-bytes limit from PYFINETUNE_DENSE_POOL_MB (one parser for C++ and Python; ValueError).
   m.def("_pool_env_limit_cpu() -> int");
+  // Whether the CPU optimizer kernels prefetch in software (PYFINETUNE_CPU_PREFETCH, else the CPU's
+  // vendor; ValueError for a bad value), for pyfinetune info.
+  m.def("_optim_cpu_prefetch() -> bool");
   // Fused distillation loss, forward with the gradient (one kernel family, no softmax tensors).
   //   student, teacher: [N, V] logits (any float dtype each; unit stride along V, any row stride);
   //   labels: None or int64 [N]. divergence: "forward_kl" | "reverse_kl" | "jsd".

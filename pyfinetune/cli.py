@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -31,7 +32,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"CUDA kernels {'yes' if info['cuda_built'] else 'no'}; nvcc {info['nvcc_version'] or '-'}; archs: {archs}"
           + (f"; optimizer launch arguments {info['optimizer_launch_arg_bytes']} B"
              if info["optimizer_launch_arg_bytes"] else ""))
-    print(f"CPU kernels  vector ISA {info['cpu_isa']}; {info['cpu_threads']} threads")
+    prefetch = info["optimizer_cpu_prefetch"]
+    prefetch = {True: "on", False: "off"}.get(prefetch, f"invalid setting: {prefetch}")
+    print(f"CPU kernels  vector ISA {info['cpu_isa']}; {info['cpu_threads']} threads; "
+          f"optimizer software prefetch {prefetch} (PYFINETUNE_CPU_PREFETCH)")
     print(f"GPU          {gpu}")
     for device, by_dtype in info["sparse_linear_crossover"].items():
         print(f"SparseLinear kernel='auto' on {device}: sparse from "
@@ -126,7 +130,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`pyfinetune info | head`): stop quietly, as a shell tool does. Output
+        # still buffered for the closed pipe goes to /dev/null so that the interpreter's final flush
+        # does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
 if __name__ == "__main__":

@@ -120,6 +120,7 @@ def test_info_command_text_and_json(capsys, monkeypatch):
     # with CUDA, SparseLinear's crossover per device and dtype, its dense-path pool, and every op
     # with its devices.
     monkeypatch.delenv("PYFINETUNE_DENSE_POOL_MB", raising=False)
+    monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "0")
     import json
 
     import pyfinetune
@@ -136,6 +137,7 @@ def test_info_command_text_and_json(capsys, monkeypatch):
     for op in info["kernels"]:
         assert f"torch.ops.pyfinetune.{op}" in text
     assert ("optimizer launch arguments" in text) == bool(info["cuda_built"])
+    assert "optimizer software prefetch off (PYFINETUNE_CPU_PREFETCH)" in text
     assert cli.main(["info", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["sparse_linear_crossover"]["cpu"]["float32"] == cpu
@@ -144,3 +146,28 @@ def test_info_command_text_and_json(capsys, monkeypatch):
     assert set(data["sparse_linear_crossover"]["cpu"]) == {"float32", "bfloat16", "float16"}
     size = data["optimizer_launch_arg_bytes"]
     assert size is None if not data["cuda_built"] else 4096 <= size <= 32764
+    assert data["optimizer_cpu_prefetch"] is False
+    monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "on")
+    assert cli.main(["info"]) == 0
+    assert "optimizer software prefetch invalid setting: pyfinetune._optim_cpu_prefetch: PYFINETUNE_CPU_PREFETCH " \
+           "must be 0 or 1" in capsys.readouterr().out
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(monkeypatch):
+    # `pyfinetune info | head -1`: the reader closes the pipe; the command stops with the shell's
+    # status for SIGPIPE instead of a BrokenPipeError traceback.
+    import io
+
+    from pyfinetune import cli
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    out = io.TextIOWrapper(io.FileIO(write_end, "w"), line_buffering=True)
+    monkeypatch.setattr("sys.stdout", out)
+    try:
+        assert cli.main(["info"]) == 141
+        out.write("x" * 100000)  # whatever is still written goes nowhere, without an error
+        out.flush()
+    finally:
+        monkeypatch.undo()
+        out.close()

@@ -18,20 +18,21 @@ def _state_dtype(dtype):
 
 
 def adamw_inputs(device, dtype, *, anchors=False, masks=False, amsgrad=False, lr_tensors=False, amp=None,
-                 anchor_dtype=None, maximize=False, decoupled=False):
-    """Fresh arguments of fused_adamw_ (every call makes new tensors: the op mutates them)."""
+                 anchor_dtype=None, maximize=False, decoupled=False, shapes=SHAPES):
+    """Fresh arguments of fused_adamw_ (every call makes new tensors: the op mutates them) for three
+    parameters of ``shapes``."""
     sd = _state_dtype(dtype)
-    n = len(SHAPES)
-    params = [torch.randn(s, device=device).to(dtype) for s in SHAPES]
+    n = len(shapes)
+    params = [torch.randn(s, device=device).to(dtype) for s in shapes]
     args = [
         params,
-        [torch.randn(s, device=device).to(dtype) for s in SHAPES],
-        [0.1 * torch.randn(s, device=device, dtype=sd) for s in SHAPES],
-        [torch.rand(s, device=device, dtype=sd) for s in SHAPES],
-        [torch.rand(s, device=device, dtype=sd) + 0.5 for s in SHAPES] if amsgrad else [],
+        [torch.randn(s, device=device).to(dtype) for s in shapes],
+        [0.1 * torch.randn(s, device=device, dtype=sd) for s in shapes],
+        [torch.rand(s, device=device, dtype=sd) for s in shapes],
+        [torch.rand(s, device=device, dtype=sd) + 0.5 for s in shapes] if amsgrad else [],
         # one anchor missing (a parameter of an l2sp=0 group)
-        [torch.randn(s, device=device).to(anchor_dtype or dtype) for s in SHAPES[:-1]] + [None] if anchors else [],
-        [None] + [torch.rand(s, device=device) > 0.4 for s in SHAPES[1:]] if masks else [],
+        [torch.randn(s, device=device).to(anchor_dtype or dtype) for s in shapes[:-1]] + [None] if anchors else [],
+        [None] + [torch.rand(s, device=device) > 0.4 for s in shapes[1:]] if masks else [],
         [torch.tensor(float(k + 2), device=device) for k in range(n)],
         [1e-2, 2e-2, 5e-3],
         [torch.tensor(3e-2, device=device), None, torch.tensor(1e-3, device=device, dtype=torch.float64)]
@@ -46,15 +47,15 @@ def adamw_inputs(device, dtype, *, anchors=False, masks=False, amsgrad=False, lr
 
 
 def sgd_inputs(device, dtype, *, momentum=True, anchors=False, masks=False, lr_tensors=False, amp=None,
-               nesterov=False, maximize=False, decoupled=False):
+               nesterov=False, maximize=False, decoupled=False, shapes=SHAPES):
     sd = _state_dtype(dtype)
-    n = len(SHAPES)
+    n = len(shapes)
     args = [
-        [torch.randn(s, device=device).to(dtype) for s in SHAPES],
-        [torch.randn(s, device=device).to(dtype) for s in SHAPES],
-        [torch.randn(s, device=device, dtype=sd) for s in SHAPES] if momentum else [],
-        [None] + [torch.randn(s, device=device).to(dtype) for s in SHAPES[1:]] if anchors else [],
-        [torch.rand(s, device=device) > 0.4 for s in SHAPES[:-1]] + [None] if masks else [],
+        [torch.randn(s, device=device).to(dtype) for s in shapes],
+        [torch.randn(s, device=device).to(dtype) for s in shapes],
+        [torch.randn(s, device=device, dtype=sd) for s in shapes] if momentum else [],
+        [None] + [torch.randn(s, device=device).to(dtype) for s in shapes[1:]] if anchors else [],
+        [torch.rand(s, device=device) > 0.4 for s in shapes[:-1]] + [None] if masks else [],
         [1e-2, 2e-2, 5e-3],
         [None, torch.tensor(3e-2, device=device), None] if lr_tensors else [],
         [0.9, 0.5, 0.8] if momentum else [0.0] * n,
@@ -218,3 +219,73 @@ def test_written_tensors_autograd_rules(device, kind):
         op(*args, **kwargs)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+# ------------------------------------------------------------------ CPU software prefetch setting
+# Three parameters long enough for the kernels' prefetch branch (it prefetches 512 elements ahead),
+# with vector tails, one of them a single element.
+PREFETCH_SHAPES = [(3001,), (37, 41), (1,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_cpu_prefetch_setting_changes_no_result(monkeypatch, kind, dtype):
+    """PYFINETUNE_CPU_PREFETCH=0 and =1 run different instantiations of the CPU kernels (with and
+    without software prefetch): both give the same bits, for every anchor / mask / state variant."""
+    torch.manual_seed(1234)
+    if kind == "adamw":
+        args, kwargs = adamw_inputs("cpu", dtype, anchors=True, masks=True, amsgrad=True, lr_tensors=True,
+                                    decoupled=False, shapes=PREFETCH_SHAPES)
+        step = _adamw_step
+    else:
+        args, kwargs = sgd_inputs("cpu", dtype, anchors=True, masks=True, lr_tensors=True, nesterov=True,
+                                  shapes=PREFETCH_SHAPES)
+        step = _sgd_step
+    results = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", setting)
+        assert torch.ops.pyfinetune._optim_cpu_prefetch() is (setting == "1")
+        a = _clone_args(args)
+        before = [t.clone() for t in a[0]]
+        for _ in range(3):
+            step(*a, **kwargs)
+        assert any(not torch.equal(p, q) for p, q in zip(a[0], before)), "the step changed nothing"
+        results.append([t for group in a if isinstance(group, list) for t in group if isinstance(t, torch.Tensor)])
+    for off, on in zip(*results):
+        assert torch.equal(bits(off), bits(on))
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("bad", ["2", "yes", "00", " 1", "true"])
+def test_cpu_prefetch_bad_setting_is_refused_before_any_write(monkeypatch, kind, bad):
+    monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", bad)
+    if kind == "adamw":
+        args, kwargs = adamw_inputs("cpu", torch.float32, anchors=True, shapes=PREFETCH_SHAPES)
+        op, name = torch.ops.pyfinetune.fused_adamw_, "fused_adamw_"
+    else:
+        args, kwargs = sgd_inputs("cpu", torch.float32, anchors=True, shapes=PREFETCH_SHAPES)
+        op, name = torch.ops.pyfinetune.fused_sgd_, "fused_sgd_"
+    before = _clone_args(args)
+    with pytest.raises(ValueError, match=f"pyfinetune.{name}: PYFINETUNE_CPU_PREFETCH must be 0 or 1"):
+        op(*args, **kwargs)
+    for group, saved in zip(args, before):
+        if isinstance(group, list):
+            for t, u in zip(group, saved):
+                if isinstance(t, torch.Tensor):
+                    assert torch.equal(t, u)
+    with pytest.raises(ValueError, match="PYFINETUNE_CPU_PREFETCH must be 0 or 1"):
+        torch.ops.pyfinetune._optim_cpu_prefetch()
+
+
+def test_cpu_prefetch_default_follows_the_cpu_vendor(monkeypatch):
+    monkeypatch.delenv("PYFINETUNE_CPU_PREFETCH", raising=False)
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), None)
+    except OSError:
+        vendor = None
+    if vendor is None:
+        pytest.skip("no vendor_id in /proc/cpuinfo")
+    assert torch.ops.pyfinetune._optim_cpu_prefetch() is (vendor == "GenuineIntel")
+    monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "")
+    assert torch.ops.pyfinetune._optim_cpu_prefetch() is (vendor == "GenuineIntel")

@@ -16,9 +16,15 @@
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include <pyfinetune/checks.h>
 #include <pyfinetune/fused_optim.h>
@@ -51,15 +57,37 @@ using namespace optim_math;
 
 constexpr int64_t kChunk = 32768;  // elements per parallel task; small models run on one thread
 // Software prefetch distance in elements. The update is memory bound and walks 4-5 streams at
-// once, more than the hardware prefetcher follows well on small cores; prefetching ~2 KiB ahead
-// measured 7-17% faster steps on the 2-core Xeon of benchmarks/results/ (optim-cpu-20261125-*).
+// once. Prefetching ~2 KiB ahead measured 7-17% faster steps on the 2-core Intel Xeon of
+// benchmarks/results/optim-cpu-20261125-*, and 10-16% slower ones on the 2-core AMD EPYC (Zen,
+// AVX-512) of optim-cpu-20261127-*, whose hardware prefetchers follow the streams on their own:
+// it is on for Intel CPUs only, unless PYFINETUNE_CPU_PREFETCH says otherwise.
 constexpr int64_t kPrefetchDist = 512;
+
+bool cpu_vendor_is_intel() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool intel = [] {
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (__get_cpuid(0, &eax, &ebx, &ecx, &edx) == 0) {
+      return false;
+    }
+    char vendor[13];
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    vendor[12] = '\0';
+    return std::strcmp(vendor, "GenuineIntel") == 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
 
 // Prefetch the cache line `dist` elements ahead of ptr + i, once per line: only on the vector
 // step whose elements start a new 64-byte line (step_bytes = bytes the stream advances per step).
-template <typename T>
+template <bool kPrefetch, typename T>
 C10_ALWAYS_INLINE void prefetch_ahead(const T* ptr, int64_t i, int64_t end, int64_t step_bytes, int rw) {
-  if (i + kPrefetchDist < end) {
+  if (kPrefetch && i + kPrefetchDist < end) {
     const T* target = ptr + i + kPrefetchDist;
     if ((reinterpret_cast<uintptr_t>(target) & 63) < static_cast<uintptr_t>(step_bytes)) {
       if (rw) {
@@ -69,6 +97,20 @@ C10_ALWAYS_INLINE void prefetch_ahead(const T* ptr, int64_t i, int64_t end, int6
       }
     }
   }
+}
+
+// PYFINETUNE_CPU_PREFETCH: "1" or "0" turns the optimizer kernels' software prefetch on or off;
+// unset or empty: on for Intel CPUs only (see kPrefetchDist). Read at every step, like the other
+// variables, so that a change takes effect without a restart.
+bool optim_cpu_prefetch(const char* op) {
+  const char* raw = std::getenv("PYFINETUNE_CPU_PREFETCH");
+  if (raw == nullptr || raw[0] == '\0') {
+    return cpu_vendor_is_intel();
+  }
+  TORCH_CHECK_VALUE((raw[0] == '0' || raw[0] == '1') && raw[1] == '\0',
+                    check_message("pyfinetune.", op, ": PYFINETUNE_CPU_PREFETCH must be 0 or 1 (or unset: on for "
+                                  "Intel CPUs only), got '", raw, "'"));
+  return raw[0] == '1';
 }
 
 template <typename scalar_t>
@@ -196,7 +238,7 @@ void parallel_over_params(const std::vector<ParamPtrs>& ptrs, const Fn& fn) {
 // ---------------------------------------------------------------------------------------------
 // AdamW
 
-template <typename scalar_t, typename anchor_t>
+template <typename scalar_t, typename anchor_t, bool kPrefetch>
 void adamw_range(const ParamPtrs& t, const AdamWConsts<opmath_of<scalar_t>>& c, AdamWFlags flags, int64_t begin,
                  int64_t end) {
   using opmath_t = opmath_of<scalar_t>;
@@ -235,12 +277,12 @@ void adamw_range(const ParamPtrs& t, const AdamWConsts<opmath_of<scalar_t>>& c, 
   constexpr int64_t kStateBytes = kStep * sizeof(opmath_t);
   int64_t i = begin;
   for (; i + kStep <= end; i += kStep) {
-    prefetch_ahead(p_ptr, i, end, kParamBytes, 1);
-    prefetch_ahead(g_ptr, i, end, kParamBytes, 0);
-    prefetch_ahead(m_ptr, i, end, kStateBytes, 1);
-    prefetch_ahead(v_ptr, i, end, kStateBytes, 1);
+    prefetch_ahead<kPrefetch>(p_ptr, i, end, kParamBytes, 1);
+    prefetch_ahead<kPrefetch>(g_ptr, i, end, kParamBytes, 0);
+    prefetch_ahead<kPrefetch>(m_ptr, i, end, kStateBytes, 1);
+    prefetch_ahead<kPrefetch>(v_ptr, i, end, kStateBytes, 1);
     if (use_anchor) {
-      prefetch_ahead(a_ptr, i, end, static_cast<int64_t>(kStep * sizeof(anchor_t)), 0);
+      prefetch_ahead<kPrefetch>(a_ptr, i, end, static_cast<int64_t>(kStep * sizeof(anchor_t)), 0);
     }
     OVec p[kN], g[kN], m[kN], v[kN], vmax[kN], p0[kN], keep[kN];
     load_as<scalar_t, opmath_t, kN>(p_ptr + i, p);
@@ -302,16 +344,16 @@ using AdamWRangeFn = void (*)(const ParamPtrs&, const AdamWConsts<opmath_of<scal
                               int64_t);
 
 template <typename scalar_t>
-AdamWRangeFn<scalar_t> adamw_range_for(at::ScalarType anchor_dtype) {
+AdamWRangeFn<scalar_t> adamw_range_for(at::ScalarType anchor_dtype, bool prefetch) {
   switch (anchor_dtype) {
     case at::kFloat:
-      return &adamw_range<scalar_t, float>;
+      return prefetch ? &adamw_range<scalar_t, float, true> : &adamw_range<scalar_t, float, false>;
     case at::kBFloat16:
-      return &adamw_range<scalar_t, c10::BFloat16>;
+      return prefetch ? &adamw_range<scalar_t, c10::BFloat16, true> : &adamw_range<scalar_t, c10::BFloat16, false>;
     case at::kHalf:
-      return &adamw_range<scalar_t, c10::Half>;
+      return prefetch ? &adamw_range<scalar_t, c10::Half, true> : &adamw_range<scalar_t, c10::Half, false>;
     case at::kDouble:
-      return &adamw_range<scalar_t, double>;
+      return prefetch ? &adamw_range<scalar_t, double, true> : &adamw_range<scalar_t, double, false>;
     default:
       TORCH_CHECK(false, "pyfinetune.fused_adamw_: unsupported anchor dtype ", anchor_dtype);
   }
@@ -341,6 +383,7 @@ void fused_adamw_cpu(PF_FUSED_ADAMW_PARAMS) {
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_adamw_cpu", [&] {
     using opmath_t = opmath_of<scalar_t>;
+    const bool prefetch = optim_cpu_prefetch("fused_adamw_");
     std::vector<ParamPtrs> ptrs(n);
     std::vector<AdamWConsts<opmath_t>> consts(n);
     std::vector<AdamWRangeFn<scalar_t>> fns(n);
@@ -368,7 +411,7 @@ void fused_adamw_cpu(PF_FUSED_ADAMW_PARAMS) {
                step);
       consts[i] = make_adamw_consts<opmath_t>(lr, beta1s[i], beta2s[i], epss[i], weight_decays[i], l2sps[i], l1s[i],
                                               step, scale, maximize, t.anchor != nullptr);
-      fns[i] = adamw_range_for<scalar_t>(t.anchor != nullptr ? t.anchor_dtype : at::kFloat);
+      fns[i] = adamw_range_for<scalar_t>(t.anchor != nullptr ? t.anchor_dtype : at::kFloat, prefetch);
     }
     parallel_over_params(ptrs, [&](size_t i, int64_t begin, int64_t end) {
       fns[i](ptrs[i], consts[i], flags, begin, end);
@@ -384,7 +427,7 @@ struct SGDFlags {
   bool decoupled_l2sp;
 };
 
-template <typename scalar_t, typename anchor_t>
+template <typename scalar_t, typename anchor_t, bool kPrefetch>
 void sgd_range(const ParamPtrs& t, const SGDConsts<opmath_of<scalar_t>>& c, SGDFlags flags, int64_t begin,
                int64_t end) {
   using opmath_t = opmath_of<scalar_t>;
@@ -418,13 +461,13 @@ void sgd_range(const ParamPtrs& t, const SGDConsts<opmath_of<scalar_t>>& c, SGDF
   constexpr int64_t kStateBytes = kStep * sizeof(opmath_t);
   int64_t i = begin;
   for (; i + kStep <= end; i += kStep) {
-    prefetch_ahead(p_ptr, i, end, kParamBytes, 1);
-    prefetch_ahead(g_ptr, i, end, kParamBytes, 0);
+    prefetch_ahead<kPrefetch>(p_ptr, i, end, kParamBytes, 1);
+    prefetch_ahead<kPrefetch>(g_ptr, i, end, kParamBytes, 0);
     if (has_momentum) {
-      prefetch_ahead(buf_ptr, i, end, kStateBytes, 1);
+      prefetch_ahead<kPrefetch>(buf_ptr, i, end, kStateBytes, 1);
     }
     if (use_anchor) {
-      prefetch_ahead(a_ptr, i, end, static_cast<int64_t>(kStep * sizeof(anchor_t)), 0);
+      prefetch_ahead<kPrefetch>(a_ptr, i, end, static_cast<int64_t>(kStep * sizeof(anchor_t)), 0);
     }
     OVec p[kN], g[kN], buf[kN], p0[kN], keep[kN];
     load_as<scalar_t, opmath_t, kN>(p_ptr + i, p);
@@ -473,16 +516,16 @@ template <typename scalar_t>
 using SGDRangeFn = void (*)(const ParamPtrs&, const SGDConsts<opmath_of<scalar_t>>&, SGDFlags, int64_t, int64_t);
 
 template <typename scalar_t>
-SGDRangeFn<scalar_t> sgd_range_for(at::ScalarType anchor_dtype) {
+SGDRangeFn<scalar_t> sgd_range_for(at::ScalarType anchor_dtype, bool prefetch) {
   switch (anchor_dtype) {
     case at::kFloat:
-      return &sgd_range<scalar_t, float>;
+      return prefetch ? &sgd_range<scalar_t, float, true> : &sgd_range<scalar_t, float, false>;
     case at::kBFloat16:
-      return &sgd_range<scalar_t, c10::BFloat16>;
+      return prefetch ? &sgd_range<scalar_t, c10::BFloat16, true> : &sgd_range<scalar_t, c10::BFloat16, false>;
     case at::kHalf:
-      return &sgd_range<scalar_t, c10::Half>;
+      return prefetch ? &sgd_range<scalar_t, c10::Half, true> : &sgd_range<scalar_t, c10::Half, false>;
     case at::kDouble:
-      return &sgd_range<scalar_t, double>;
+      return prefetch ? &sgd_range<scalar_t, double, true> : &sgd_range<scalar_t, double, false>;
     default:
       TORCH_CHECK(false, "pyfinetune.fused_sgd_: unsupported anchor dtype ", anchor_dtype);
   }
@@ -505,6 +548,7 @@ void fused_sgd_cpu(PF_FUSED_SGD_PARAMS) {
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_sgd_cpu", [&] {
     using opmath_t = opmath_of<scalar_t>;
+    const bool prefetch = optim_cpu_prefetch("fused_sgd_");
     std::vector<ParamPtrs> ptrs(n);
     std::vector<SGDConsts<opmath_t>> consts(n);
     std::vector<SGDRangeFn<scalar_t>> fns(n);
@@ -527,7 +571,7 @@ void fused_sgd_cpu(PF_FUSED_SGD_PARAMS) {
                lr);
       consts[i] = make_sgd_consts<opmath_t>(lr, momentums[i], dampenings[i], weight_decays[i], l2sps[i], l1s[i], scale,
                                             maximize, t.anchor != nullptr);
-      fns[i] = sgd_range_for<scalar_t>(t.anchor != nullptr ? t.anchor_dtype : at::kFloat);
+      fns[i] = sgd_range_for<scalar_t>(t.anchor != nullptr ? t.anchor_dtype : at::kFloat, prefetch);
     }
     parallel_over_params(ptrs, [&](size_t i, int64_t begin, int64_t end) {
       fns[i](ptrs[i], consts[i], flags, begin, end);
@@ -540,6 +584,10 @@ void fused_sgd_cpu(PF_FUSED_SGD_PARAMS) {
 TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
   m.impl("fused_adamw_", &fused_adamw_cpu);
   m.impl("fused_sgd_", &fused_sgd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(pyfinetune, CompositeExplicitAutograd, m) {
+  m.impl("_optim_cpu_prefetch", [] { return pyfinetune::optim_cpu_prefetch("_optim_cpu_prefetch"); });
 }
 
 // A sparse tensor anywhere in the lists routes the call here; the argument checks, which run
