@@ -202,16 +202,18 @@ REPS_KD=""; REPS=""
 # whose compilation alone took over a minute on an H100), without the per-contender memory
 # processes; it was cut off twice in 80 s boxes (gpu-check-20261126-0605), so it gets half.
 # The float32 pruning sweep keeps only the sparsities around the CUDA crossover (0.9) then.
-PRUNE_SP=""
+# The optimizer leaves out torch.compile of its compositions then (a compilation per case).
+PRUNE_SP=""; OPTIM_EXTRA=""
 if [ "$BUDGET" -gt 0 ]; then
   REPS_KD="--reps 10 --case kd --no-memory"; REPS="--reps 10 --warmup 2"; PRUNE_SP="--sparsity 0.8 0.9 0.95"
+  OPTIM_EXTRA="--no-compile"
 fi
 # Each spec: log name, script, share of the time left, arguments. The pruning target is float16 at
 # 90% (against cuBLAS's tensor cores; its tables include tiled_csr_linear, "ours sparse, tensor
 # cores"); the float32 sweep gives the crossover of kernel="auto". The 2:4 benchmark follows.
 for spec in "bench_kd bench_kd 0.5 $REPS_KD" \
             "bench_prune_fp16 bench_prune 0.25 --dtype float16 --sparsity 0.9 0.95 0.99 $REPS" \
-            "bench_prune bench_prune 0.4 $REPS $PRUNE_SP" "bench_optim bench_optim 0.6 $REPS"; do
+            "bench_prune bench_prune 0.4 $REPS $PRUNE_SP" "bench_optim bench_optim 0.6 $REPS $OPTIM_EXTRA"; do
   set -- $spec; log=$1; name=$2; frac=$3; shift 3
   boxed "$(left "$frac" 1800)" "$OUT/$log.log" $PY "benchmarks/$name.py" --device cuda --out "$OUT" "$@" || status=1
   tail -30 "$OUT/$log.log" | tee -a "$OUT/summary.md"

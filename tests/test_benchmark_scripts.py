@@ -64,6 +64,30 @@ def test_kd_linear_chunk_contenders(tmp_path, capsys):
     assert res["peak_bytes"] >= 2 * 64 * 5000 * 4  # two chunk buffers at least
 
 
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_optimizer_compiled_rival_computes_the_composition(kind):
+    # bench_optim's torch.compile contender must time the same update as the eager L2-SP
+    # composition (and ours): one compiled step (made when the contender is built) against one eager.
+    from pyfinetune.benchmarks import optim as bench_optim
+
+    case = bench_optim.Case("t", "test", [(1000,), (7, 3)])
+    master = bench_optim.make_master(case, torch.device("cpu"), seed=3)
+    make_opt, prefix = ((bench_optim.torch_adamw, bench_optim.TORCH_L2SP_PREFIX) if kind == "adamw"
+                        else (bench_optim.torch_sgd, bench_optim.TORCH_SGD_L2SP_PREFIX))
+    entry, why_not = bench_optim.torch_compiled_l2sp_entry(master, case.numel, make_opt, prefix, 32)
+    if entry is None:
+        pytest.skip(f"torch.compile unavailable here: {why_not}")
+    assert entry.contender.name == f"{prefix} {bench_optim.COMPILED_SUFFIX}"
+    eager = next(e for e in bench_optim.torch_l2sp_entries(master, case.numel, make_opt, prefix, 32)
+                 if "(sub+add, foreach)" in e.contender.name)
+    eager.contender.fn()
+    compiled_params = [p for g in entry.opt.param_groups for p in g["params"]]
+    eager_params = [p for g in eager.opt.param_groups for p in g["params"]]
+    for p, q, p_start in zip(compiled_params, eager_params, master.params):
+        assert not torch.equal(p, p_start)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_optimizer_targets_per_device():
     # Issue #2: the CPU targets (1.6x the best torch L2-SP, 0.9x torch fused without penalty, 80% of
     # copy bandwidth) on the CPU; on a GPU only 85% of the device bandwidth, at 100M+ parameters.

@@ -52,6 +52,7 @@ OURS_L2SP = "ours AdamW L2-SP"
 TORCH_L2SP_PREFIX = "torch AdamW + L2-SP"
 TORCH_SGD_L2SP_PREFIX = "torch SGD + L2-SP"
 OURS_SGD_L2SP = "ours SGD L2-SP"
+COMPILED_SUFFIX = "(torch.compile, foreach)"
 DS_ADAM = "deepspeed CPUAdam"
 DS_L2SP = "deepspeed CPUAdam + L2-SP (add+add)"
 
@@ -224,6 +225,29 @@ def torch_l2sp_entries(master: Master, n: int, make_opt: Callable[[List[torch.Te
     return entries
 
 
+def torch_compiled_l2sp_entry(master: Master, n: int,
+                               make_opt: Callable[[List[torch.Tensor], str], torch.optim.Optimizer],
+                               prefix: str, step_bytes: int) -> Tuple[Optional[Entry], Optional[str]]:
+    """The L2-SP composition (``p.grad += l2sp (p - p0)``, then torch's foreach step) under
+    ``torch.compile``: inductor fuses the penalty into the update, one pass over the tensors as ours.
+
+    Compiled here, with one step (the compilation takes from seconds to about a minute), so that the
+    timed rounds see only compiled steps. Returns ``(entry, None)``, or ``(None, reason)`` when the
+    compilation fails (no C++ compiler for inductor, an unsupported torch).
+    """
+    params = own_params(master)
+    anchors = [a.clone() for a in master.anchors]
+    opt = make_opt(params, "foreach")
+    step = torch.compile(l2sp_composition("sub+add", params, anchors, L2SP, opt.step))
+    try:
+        step()
+    except Exception as e:  # an inductor / toolchain failure: compare without it
+        return None, f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    return Entry(Contender(f"{prefix} {COMPILED_SUFFIX}", step, step_bytes * n,
+                           {"B/elem": step_bytes, "note": "penalty fused into the update by inductor"}),
+                 opt, anchors), None
+
+
 def deepspeed_entries(master: Master, n: int) -> Tuple[List[Entry], Optional[str]]:
     """DeepSpeed's CPU Adam (its own AVX + OpenMP kernel, AdamW mode), without a penalty and with
     the L2-SP penalty added to the gradients in torch first (it has no L2-SP of its own).
@@ -277,11 +301,19 @@ def ours_adamw_entries(master: Master, n: int, variants: Sequence[Tuple[str, Dic
 
 
 def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: bool,
-                     rivals: bool = False) -> List[Entry]:
-    """Every contender of the full benchmark: copy references, AdamW and SGD, torch's and ours, and
-    with ``rivals`` on the CPU DeepSpeed's CPU Adam when it is installed."""
+                     rivals: bool = False, compiled: bool = False) -> List[Entry]:
+    """Every contender of the full benchmark: copy references, AdamW and SGD, torch's and ours, with
+    ``compiled`` torch's L2-SP compositions under ``torch.compile`` too, and with ``rivals`` on the
+    CPU DeepSpeed's CPU Adam when it is installed."""
     n = case.numel
     entries: List[Entry] = []
+
+    def add_compiled(make_opt, prefix, step_bytes):
+        entry, why_not = torch_compiled_l2sp_entry(master, n, make_opt, prefix, step_bytes)
+        if entry is not None:
+            entries.append(entry)
+        else:
+            print(f"[{case.name}] {prefix}: {why_not}; not compared", file=sys.stderr, flush=True)
 
     # Bandwidth reference: a copy whose source and destination together are as large as p, g, m, v.
     src = torch.randn(2 * n, device=device)
@@ -303,6 +335,8 @@ def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: 
     # ---- AdamW
     entries += torch_plain_entries(master, n, torch_adamw, "torch AdamW", ADAMW_BYTES, "no penalty")
     entries += torch_l2sp_entries(master, n, torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
+    if compiled:
+        add_compiled(torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
     if ours_ok:
         entries += ours_adamw_entries(master, n, OURS_ADAMW_VARIANTS)
     if rivals and device.type == "cpu":
@@ -314,6 +348,8 @@ def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: 
     # ---- SGD with momentum
     entries += torch_plain_entries(master, n, torch_sgd, "torch SGD", SGD_BYTES, "momentum, no penalty")
     entries += torch_l2sp_entries(master, n, torch_sgd, TORCH_SGD_L2SP_PREFIX, SGD_BYTES + 4)
+    if compiled:
+        add_compiled(torch_sgd, TORCH_SGD_L2SP_PREFIX, SGD_BYTES + 4)
     if ours_ok:
         for name, l2sp, anchor_b in (("ours SGD", 0.0, 0), (OURS_SGD_L2SP, L2SP, 4)):
             params = own_params(master)
@@ -368,6 +404,10 @@ def analyse(case: Case, entries: List[Entry], timings: Dict[str, common.Timing],
             common.paired_ratio(timings[TORCH_FUSED], timings["ours AdamW"]))
         add("ours_bf16_anchor_vs_torch_fused", "ours L2-SP bf16 anchor vs torch fused AdamW without penalty",
             common.paired_ratio(timings[TORCH_FUSED], timings["ours AdamW L2-SP bf16 anchor"]))
+        compiled_name = f"{TORCH_L2SP_PREFIX} {COMPILED_SUFFIX}"
+        if compiled_name in timings:
+            add("speedup_vs_torch_compile_l2sp", "ours L2-SP vs torch.compile of the L2-SP composition (time ratio)",
+                common.paired_ratio(timings[compiled_name], ours))
         if DS_ADAM in timings:
             add("ours_no_penalty_vs_deepspeed_cpu_adam", "ours AdamW (l2sp=0) vs DeepSpeed CPUAdam (time ratio)",
                 common.paired_ratio(timings[DS_ADAM], timings["ours AdamW"]))
@@ -433,20 +473,27 @@ def case_markdown(res: Dict[str, Any], device: torch.device) -> str:
 # ---------------------------------------------------------------------------------- pyfinetune bench
 def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -> List[common.Speedup]:
     """``pyfinetune bench``'s optimizer rows: one AdamW step with L2-SP, ``ours AdamW L2-SP`` against
-    the fastest of torch's four L2-SP compositions, interleaved in the same rounds. Cases: ``small``
-    with ``quick``; else ``resnet50`` (a real parameter list), and ``large`` on CUDA."""
+    the fastest of torch's four L2-SP compositions and (not with ``quick``) the compiled one,
+    interleaved in the same rounds. Cases: ``small`` with ``quick``; else ``resnet50`` (a real
+    parameter list), and ``large`` on CUDA."""
     names = ["small"] if quick else ["resnet50"] + (["large"] if device.type == "cuda" else [])
     ours_variant = [v for v in OURS_ADAMW_VARIANTS if v[0] == OURS_L2SP]
     rows = []
     for name in names:
         case = make_case(name)
         master = make_master(case, device)
-        entries = (torch_l2sp_entries(master, case.numel, torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
-                   + ours_adamw_entries(master, case.numel, ours_variant))
+        entries = torch_l2sp_entries(master, case.numel, torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
+        note = "torch.compile skipped (--quick)"
+        if not quick:
+            entry, why_not = torch_compiled_l2sp_entry(master, case.numel, torch_adamw, TORCH_L2SP_PREFIX,
+                                                       ADAMW_BYTES + 4)
+            entries += [entry] if entry is not None else []
+            note = f"{why_not}: not compared" if why_not else ""
+        entries += ours_adamw_entries(master, case.numel, ours_variant)
         del master
         label = f"AdamW L2-SP step, {case.name} ({len(case.shapes)} tensors, {case.numel / 1e6:.1f}M fp32)"
         rows.append(common.measure_speedup("optim", label, [e.contender for e in entries], OURS_L2SP, device=device,
-                                           reps=reps, warmup=warmup, calls_per_rep=case.calls_per_rep))
+                                           reps=reps, warmup=warmup, calls_per_rep=case.calls_per_rep, note=note))
         del entries
         gc.collect()
         if device.type == "cuda":
@@ -456,14 +503,14 @@ def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -
 
 # ------------------------------------------------------------------------------------------- main
 def run_case_quietly(case: Case, device: torch.device, reps: int, warmup: int, attempts: int,
-                     rivals: bool = False) -> Dict[str, Any]:
+                     rivals: bool = False, compiled: bool = False) -> Dict[str, Any]:
     """Run the case, again (up to ``attempts`` times) while other processes disturbed it on CPU;
     keep the least disturbed run and record how many were made."""
     best = None
     for attempt in range(1, attempts + 1):
         if device.type == "cpu" and not common.wait_for_quiet():
             print(f"[{case.name}] the machine stayed busy; measuring anyway", file=sys.stderr, flush=True)
-        res = run_case(case, device, reps, warmup, rivals)
+        res = run_case(case, device, reps, warmup, rivals, compiled)
         share = res["cpu_contention"].get("other_share")
         if best is None or (share or 0.0) < (best["cpu_contention"].get("other_share") or 0.0):
             best = res
@@ -476,10 +523,11 @@ def run_case_quietly(case: Case, device: torch.device, reps: int, warmup: int, a
     return best
 
 
-def run_case(case: Case, device: torch.device, reps: int, warmup: int, rivals: bool = False) -> Dict[str, Any]:
+def run_case(case: Case, device: torch.device, reps: int, warmup: int, rivals: bool = False,
+             compiled: bool = False) -> Dict[str, Any]:
     ours_ok = device.type in pyfinetune.kernel_devices()["fused_adamw_"]
     master = make_master(case, device)
-    entries = build_contenders(case, master, device, ours_ok, rivals)
+    entries = build_contenders(case, master, device, ours_ok, rivals, compiled)
     del master
     gc.collect()
     contenders = [e.contender for e in entries]
@@ -505,7 +553,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     common.add_run_options(ap, default_reps=DEFAULT_REPS, repeat_what="a case")
     ap.add_argument("--no-rivals", dest="rivals", action="store_false",
                     help="CPU: leave out DeepSpeed's CPU Adam (included when deepspeed is installed)")
+    ap.add_argument("--no-compile", dest="compiled", action="store_false",
+                    help="leave out torch.compile of the L2-SP compositions (compiling takes up to a minute "
+                         "per case; always left out with --quick)")
     args = ap.parse_args(argv)
+    compiled = args.compiled and not args.quick
     device, reps, warmup = common.resolve_run_options(ap, args, default_reps=DEFAULT_REPS)
     cases = args.case or (["flat", "resnet50", "tiny"] + (["large"] if device.type == "cuda" else []))
     if "large" in cases and device.type != "cuda":
@@ -515,14 +567,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = common.machine_info(device)
     results = []
     for name in cases:
-        results.append(run_case_quietly(make_case(name), device, reps, warmup, args.attempts, args.rivals))
+        results.append(run_case_quietly(make_case(name), device, reps, warmup, args.attempts, args.rivals,
+                                        compiled))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     config = {"reps": reps, "warmup": warmup, "quick": args.quick, "cases": cases, "lr": LR, "betas": BETAS,
               "eps": EPS, "weight_decay": WEIGHT_DECAY, "l2sp": L2SP, "sgd_lr": SGD_LR, "momentum": MOMENTUM,
-              "rivals": args.rivals}
+              "rivals": args.rivals, "compiled": compiled}
     md = [f"# pyfinetune fused optimizer benchmark ({device.type}, {when})", "",
           common.machine_summary(machine), "",
           f"{reps} timed rounds after {warmup} warm-up rounds, contenders interleaved round-robin; "
