@@ -226,6 +226,8 @@ MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& cro
   PF_CHECK(col_indices.defined(), op, "col_indices is undefined");
   PF_CHECK(col_indices.dim() == 1, op, "col_indices must be a 1-D tensor [nnz], got shape ", col_indices.sizes());
   const int64_t nnz = col_indices.size(0);
+  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "col_indices has ", nnz,
+           " entries; int32 indices address at most 2^31 - 1 kept weights");
   const int64_t m = check_pattern_of(op, dense, "dense", crow_indices, col_indices, nnz);
   PF_CHECK(dense.size(0) == m, op, "dense must have M = crow_indices.numel() - 1 = ", m, " rows, got shape ",
            dense.sizes());
@@ -312,6 +314,8 @@ MatmulSizes check_tiled_csr_linear_backward_values_args(const at::Tensor& grad_o
   PF_CHECK(tile_loc.scalar_type() == at::kShort && tile_loc.dim() == 1, op,
            "tile_loc must be a 1-D int16 tensor [nnz], got ", tile_loc.scalar_type(), " of shape ", tile_loc.sizes());
   const int64_t nnz = tile_loc.size(0);
+  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "tile_loc has ", nnz,
+           " entries; int32 tile offsets address at most 2^31 - 1 kept weights");
   PF_CHECK(nnz <= m * x.size(1), op, "tile_loc must have at most out_features * K = ", m * x.size(1),
            " entries, got nnz = ", nnz);
   const int64_t tiles = ((m + kTiledRows - 1) / kTiledRows) * ((x.size(1) + kTiledCols - 1) / kTiledCols);

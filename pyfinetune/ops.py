@@ -516,11 +516,18 @@ def _tiled_csr_linear_backward_values_fake(grad_out, x, tile_ptr, tile_loc, tile
     _fake_check(tile_src.dtype == torch.int32 and tile_src.shape == tile_loc.shape, op,
                 lambda: f"tile_src must be int32 [nnz] like tile_loc {tuple(tile_loc.shape)}, got {tile_src.dtype} of "
                         f"shape {tuple(tile_src.shape)}")
-    _fake_check_tiles(op, x.new_empty(tile_loc.shape), tile_ptr, tile_loc, grad_out.shape[1], x.shape[1])
+    _fake_check_tiles(op, x.new_empty(tile_loc.shape), tile_ptr, tile_loc, grad_out.shape[1], x.shape[1],
+                      counted="tile_loc")
     return x.new_empty(tile_loc.shape)
 
 
-def _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, m, k):
+def _fake_check_nnz(op: str, name: str, nnz: int, what: str = "indices") -> None:
+    _fake_check(nnz <= _INT32_MAX, op,
+                lambda: f"{name} has {nnz} entries; int32 {what} address at most 2^31 - 1 kept weights")
+
+
+def _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, m, k, counted="tile_values"):
+    _fake_check_nnz(op, counted, tile_loc.shape[0] if tile_loc.dim() == 1 else 0, "tile offsets")
     tiles = -(-m // TILE_ROWS) * -(-k // TILE_COLS)
     _fake_check(tile_ptr.dtype == torch.int32 and tile_ptr.shape == (tiles + 1,), op,
                 lambda: f"tile_ptr must be an int32 tensor of ceil(out_features / {TILE_ROWS}) * ceil(K / {TILE_COLS}) "
@@ -565,6 +572,7 @@ def _fake_check_pattern(op: str, ref_name: str, ref: Tensor, crow_indices: Tenso
 
 def _fake_check_to_dense(op, values, crow_indices, col_indices, cols):
     _fake_check_pattern(op, "values", values, crow_indices, col_indices)
+    _fake_check_nnz(op, "values", values.shape[0] if values.dim() == 1 else 0)
     _fake_check(values.dim() == 1 and col_indices.shape == values.shape, op,
                 lambda: f"values [nnz] and col_indices [nnz] must match, got shapes {tuple(values.shape)} and "
                         f"{tuple(col_indices.shape)}")
@@ -597,6 +605,7 @@ def _csr_to_dense_into_fake(out, values, crow_indices, col_indices):
 def _csr_gather_fake(dense, crow_indices, col_indices):
     op = "csr_gather"
     _fake_check_pattern(op, "dense", dense, crow_indices, col_indices)
+    _fake_check_nnz(op, "col_indices", col_indices.shape[0])
     _fake_check(dense.dim() == 2 and dense.shape[0] == crow_indices.shape[0] - 1, op,
                 lambda: f"dense must be [M, K] with M = crow_indices.numel() - 1 = {crow_indices.shape[0] - 1}, "
                         f"got shape {tuple(dense.shape)}")

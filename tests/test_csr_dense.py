@@ -240,6 +240,25 @@ def test_argument_errors(op, change, pattern_):
         _CALLS[op](args)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_refuses_more_entries_than_int32_indices_address(device):
+    # The C++ checks (on the CPU kernels' path; CUDA's use the same) and the meta kernels: 2^31 kept
+    # entries, as expanded (stride-0) tensors, so that no 8 GB index tensor is needed. On CUDA such
+    # a pattern reached csr_gather's device assertion.
+    n = 2**31
+
+    def big(dtype, size):
+        return torch.zeros(1, dtype=dtype, device=device).expand(size)
+
+    crow = torch.zeros(2, dtype=torch.int32, device=device)
+    dense = torch.zeros(1, 1, device=device).expand(1, n + 8)
+    message = r"int32 indices address at most 2\^31 - 1 kept weights"
+    with pytest.raises(RuntimeError, match=rf"csr_gather: col_indices has {n} entries; {message}"):
+        torch.ops.pyfinetune.csr_gather(dense, crow, big(torch.int32, n))
+    with pytest.raises(RuntimeError, match=rf"csr_to_dense: values has {n} entries; {message}"):
+        torch.ops.pyfinetune.csr_to_dense(big(torch.float32, n), crow, big(torch.int32, n), n + 8)
+
+
 @pytest.mark.cuda
 def test_cuda_device_mismatch():
     values, crow, col = _good("cuda")

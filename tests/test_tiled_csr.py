@@ -516,6 +516,20 @@ def test_backward_values_errors(what, change, message):
                                                               args["src"])
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_backward_values_refuses_more_entries_than_int32_offsets_address(device):
+    # The C++ check and the meta kernel, with expanded (stride-0) index tensors of 2^31 entries: on
+    # CUDA the entries past 2^31 - 1 were left unwritten (garbage gradients) by the int32 offsets.
+    n = 2**31
+    dy, x = torch.zeros(1, 8, device=device), torch.zeros(1, 8, device=device)
+    ptr = torch.zeros(2, dtype=torch.int32, device=device)
+    loc = torch.zeros(1, dtype=torch.int16, device=device).expand(n)
+    src = torch.zeros(1, dtype=torch.int32, device=device).expand(n)
+    with pytest.raises(RuntimeError, match=rf"tiled_csr_linear_backward_values: tile_loc has {n} entries; "
+                                           r"int32 tile offsets address at most 2\^31 - 1 kept weights"):
+        torch.ops.pyfinetune.tiled_csr_linear_backward_values(dy, x, ptr, loc, src)
+
+
 def test_tiled_path_cache_follows_inference_mode_fused_optimizers_and_moves(monkeypatch):
     """The tiled path's cache of the tile layout (forced on the CPU): a first call under
     torch.inference_mode() does not stop later training; values written by a torch fused

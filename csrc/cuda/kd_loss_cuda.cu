@@ -922,7 +922,7 @@ int check_kd_args(const char* op, const at::Tensor& student, const at::Tensor& t
   PF_CHECK(V <= std::numeric_limits<int32_t>::max() - 64, op, "student has too many classes (V = ", V,
            ", at most 2^31 - 65 on CUDA)");
   PF_CHECK(N * kMaxSplit <= std::numeric_limits<int32_t>::max(), op, "student has too many rows (N = ", N,
-           ", at most 2^28 on CUDA)");
+           ", at most (2^31 - 1) / 8 = 268435455 on CUDA)");
   return div;
 }
 
