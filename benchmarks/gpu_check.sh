@@ -69,6 +69,17 @@ boxed() {
   echo "- CPU cores: $(nproc); time budget: ${BUDGET}s (0: none)"
 } > "$OUT/summary.md"
 
+# Rivals the benchmarks compare with when installed, which a GPU machine without network access
+# cannot download: wheels put in build/rivals/ beforehand (pip download liger-kernel --no-deps -d
+# build/rivals) and carried along with the tree.
+if ls build/rivals/*.whl > /dev/null 2>&1; then
+  if $PY -m pip install --no-deps --no-index build/rivals/*.whl > "$OUT/rivals.log" 2>&1; then
+    echo "- rivals installed: $(cd build/rivals && ls *.whl | tr '\n' ' ')" >> "$OUT/summary.md"
+  else
+    echo "- rivals: installing build/rivals/*.whl failed (rivals.log)" >> "$OUT/summary.md"
+  fi
+fi
+
 arch=$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')
 # build LOG: builds for this GPU's arch with the current CC / CXX.
 build() {

@@ -88,6 +88,51 @@ def test_optimizer_compiled_rival_computes_the_composition(kind):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def test_kd_liger_rival_computes_our_loss():
+    # bench_kd's Liger-Kernel contender (when liger-kernel is installed) must compute the loss and
+    # gradients fused_linear_kd_loss computes, or the benchmark compares different work.
+    from pyfinetune.benchmarks import distill
+
+    why_not = distill.liger_available()
+    if why_not is not None:
+        pytest.skip(why_not)
+    h, w, ht, wt, lab = distill.linear_inputs(300, 64, 1000, torch.device("cpu"), seed=5)
+    ours = distill.fused_linear(h, w, ht, wt, lab)
+    g_ours = torch.autograd.grad(ours, (h, w))
+    liger = distill.linear_fn(distill.LIGER)(h, w, ht, wt, lab)
+    g_liger = torch.autograd.grad(liger, (h, w))
+    torch.testing.assert_close(liger, ours, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_liger, g_ours):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_kd_liger_logits_rival_computes_our_loss():
+    # bench_kd's Liger contender of the CUDA kd cases (Triton kernels), run here by Triton's
+    # interpreter in a child process: the same loss and gradient as kd_loss.
+    from pyfinetune.benchmarks import distill
+
+    why_not = distill.liger_available()
+    if why_not is not None:
+        pytest.skip(why_not)
+    code = """
+import torch
+from pyfinetune.benchmarks import distill
+s, t, lab = distill.kd_inputs(24, 300, torch.float32, torch.device("cpu"), seed=7)
+ours = distill.ours_kd(s, t, lab)
+g_ours, = torch.autograd.grad(ours, s)
+liger = distill.kd_fn(distill.LIGER_KD)(s, t, lab)
+g_liger, = torch.autograd.grad(liger, s)
+torch.testing.assert_close(liger, ours, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(g_liger, g_ours, rtol=1e-4, atol=1e-8)
+assert distill.liger_kd_available(torch.device("cpu")) == "its Triton kernels need a GPU"
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 def test_optimizer_targets_per_device():
     # Issue #2: the CPU targets (1.6x the best torch L2-SP, 0.9x torch fused without penalty, 80% of
     # copy bandwidth) on the CPU; on a GPU only 85% of the device bandwidth, at 100M+ parameters.

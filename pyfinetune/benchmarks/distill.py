@@ -17,7 +17,10 @@ forward+backward above what was allocated before (CPU: torch's allocator record 
 profiler's memory events, see ``common.CpuAllocations``; CUDA:
 max_memory_allocated).
 ``fused_linear_kd_loss`` is compared with the unfused composition (logits, then kd_loss) on
-N x H hidden states and a V x H head (``--linear-chunks 256 1024``: also with those chunk sizes). Results: ``benchmarks/results/kd-<device>-<stamp>.{json,md}``.
+N x H hidden states and a V x H head (``--linear-chunks 256 1024``: also with those chunk sizes),
+and with Liger-Kernel's ``LigerFusedLinearJSDLoss`` (beta = 0: the same loss) when liger-kernel is
+installed; on CUDA the kd cases add Liger's ``LigerJSD`` + ``LigerCrossEntropyLoss`` on torch's
+log-probabilities (``--no-rivals`` leaves both out). Results: ``benchmarks/results/kd-<device>-<stamp>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -76,6 +79,41 @@ def compiled_kd(s, t, lab):
 
 KD_FNS = {EAGER: torch_kd, COMPILED: compiled_kd, OURS: ours_kd}
 
+# Liger-Kernel's logits-level losses (Triton kernels: GPU only, a rival of the CUDA kd cases when
+# liger-kernel is installed): its JSD with beta = 0 is KL(teacher || student) on log-probabilities,
+# which the caller computes (log_softmax at T, as its documentation shows), plus its cross-entropy
+# on the raw student logits; both average over the rows that are not ignored, so weights
+# (alpha T^2, 1 - alpha) give exactly kd_loss's loss (checked by tests/test_benchmark_scripts.py).
+LIGER_KD = "liger (log_softmax + LigerJSD + LigerCrossEntropy)"
+_liger_kd_modules = None
+
+
+def liger_kd_available(device: torch.device) -> Optional[str]:
+    """None when Liger-Kernel's JSD and cross-entropy losses can run on ``device``, else why not."""
+    if device.type != "cuda":
+        return "its Triton kernels need a GPU"
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerJSD  # noqa: F401
+    except Exception as e:  # not installed, or failing to set itself up
+        return f"liger-kernel not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def liger_kd(s, t, lab):
+    global _liger_kd_modules
+    if _liger_kd_modules is None:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerJSD
+
+        _liger_kd_modules = (LigerJSD(beta=0.0, ignore_index=-100), LigerCrossEntropyLoss(ignore_index=-100))
+    jsd, ce = _liger_kd_modules
+    log_q = F.log_softmax(s.float() / TEMP, dim=-1)
+    log_p = F.log_softmax(t.float() / TEMP, dim=-1)
+    return ALPHA * TEMP * TEMP * jsd(log_q, log_p, lab) + (1 - ALPHA) * ce(s, lab)
+
+
+def kd_fn(name: str) -> Callable:
+    return liger_kd if name == LIGER_KD else KD_FNS[name]
+
 
 def kd_inputs(n, v, dtype, device, seed=0):
     # Drawn on the device itself: at 8192 x 128256 drawing on the CPU and copying took minutes.
@@ -98,6 +136,34 @@ def fused_linear(h, w, ht, wt, lab):
 
 LINEAR_FNS = {UNFUSED: unfused_linear, FUSED: fused_linear}
 
+# Liger-Kernel's fused linear distillation loss (``liger_kernel.chunked_loss``: torch ops compiled per
+# chunk with torch.compile, so it runs on any device), a rival whenever liger-kernel is installed.
+# With beta = 0 its generalized JSD is KL(teacher || student), the soft loss is not multiplied by T^2
+# and both losses are averaged over the rows that are not ignored: weights (1 - alpha, alpha T^2)
+# give exactly kd_loss's forward_kl loss (checked by tests/test_benchmark_scripts.py).
+LIGER = "liger fused linear (JSD beta=0)"
+_liger_module = None
+
+
+def liger_available() -> Optional[str]:
+    """None when Liger-Kernel's fused linear distillation loss can be imported, else why not."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # noqa: F401
+    except Exception as e:  # not installed, or failing to set itself up
+        return f"liger-kernel not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def liger_linear(h, w, ht, wt, lab):
+    global _liger_module
+    if _liger_module is None:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # Its defaults otherwise (chunk_size=1024, compiled=True): what its users run.
+        _liger_module = LigerFusedLinearJSDLoss(weight_hard_loss=1 - ALPHA, weight_soft_loss=ALPHA * TEMP * TEMP,
+                                                beta=0.0, temperature=TEMP)
+    return _liger_module(h, w, ht, wt, lab)
+
 
 def chunk_contender(chunk: int) -> str:
     """The name of ``fused_linear_kd_loss`` with an explicit ``chunk_size`` (``--linear-chunks``)."""
@@ -105,6 +171,8 @@ def chunk_contender(chunk: int) -> str:
 
 
 def linear_fn(name: str, chunk: Optional[int] = None) -> Callable:
+    if name == LIGER:
+        return liger_linear
     if chunk is None:
         return LINEAR_FNS[name]
     return lambda h, w, ht, wt, lab: fused_linear_kd_loss(h, w, ht, wt, lab, temperature=TEMP, alpha=ALPHA,
@@ -127,7 +195,7 @@ def child_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     """One contender's held and peak memory, measured in this (fresh) process."""
     device = torch.device(spec["device"])
     if spec["kind"] == "kd":
-        fn = KD_FNS[spec["name"]]
+        fn = kd_fn(spec["name"])
         inputs = kd_inputs(spec["n"], spec["v"], getattr(torch, spec["dtype"]), device)
     else:
         fn = linear_fn(spec["name"], spec.get("chunk"))
@@ -283,6 +351,12 @@ def run(args) -> None:
             _, n, v, dtype = case
             title = f"kd_loss {n} x {v} {str(dtype).replace('torch.', '')}"
             fns = dict(KD_FNS)
+            if args.rivals and device.type == "cuda":
+                why_not = liger_kd_available(device)
+                if why_not is None:
+                    fns[LIGER_KD] = liger_kd
+                else:
+                    print(f"no Liger-Kernel rival: {why_not}", file=sys.stderr, flush=True)
             make = lambda n=n, v=v, dtype=dtype: kd_inputs(n, v, dtype, device)
             specs = {name: dict(kind="kd", name=name, n=n, v=v, dtype=str(dtype).replace("torch.", ""),
                                 device=device.type) for name in fns}
@@ -293,6 +367,12 @@ def run(args) -> None:
             title = f"fused_linear_kd_loss N={n} H={hdim} V={v} {dname}"
             chunks = {name: None for name in LINEAR_FNS}
             chunks.update({chunk_contender(c): c for c in args.linear_chunks or ()})
+            if args.rivals:
+                why_not = liger_available()
+                if why_not is None:
+                    chunks[LIGER] = None
+                else:
+                    print(f"no Liger-Kernel rival: {why_not}", file=sys.stderr, flush=True)
             fns = {name: linear_fn(name, c) for name, c in chunks.items()}
             make = lambda n=n, hdim=hdim, v=v, dtype=dtype: linear_inputs(n, hdim, v, device, dtype)
             specs = {name: dict(kind="linear", name=name, n=n, h=hdim, v=v, device=device.type, chunk=chunks[name],
@@ -351,6 +431,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--no-memory", action="store_true",
                    help="skip the memory measurement (one child process per contender and case)")
     p.add_argument("--out", default=common.RESULTS_DIR, help=f"results folder (default {common.RESULTS_DIR})")
+    p.add_argument("--no-rivals", dest="rivals", action="store_false",
+                   help="leave out Liger-Kernel's losses (contenders when liger-kernel is installed: its fused "
+                        "linear distillation loss, and on CUDA its JSD + cross-entropy in the kd cases)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
