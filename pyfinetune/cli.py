@@ -131,8 +131,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, not at the interpreter's exit, where a closed pipe cannot be handled
+        return status
     except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket (a data loader's worker, a child process): a real error
         # The reader went away (`pyfinetune info | head`): stop quietly, as a shell tool does. Output
         # still buffered for the closed pipe goes to /dev/null so that the interpreter's final flush
         # does not raise again.
@@ -140,6 +144,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end is closed (poll reports an error on
+    it). Where that cannot be asked (no poll, no file descriptor), True: a BrokenPipeError then
+    most likely came from printing."""
+    try:
+        import select
+
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+    except (AttributeError, OSError, ValueError, ImportError):  # no poll (Windows), stdout not a file
+        return True
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":

@@ -527,7 +527,8 @@ def _fake_check_nnz(op: str, name: str, nnz: int, what: str = "indices") -> None
 
 
 def _fake_check_tiles(op, tile_values, tile_ptr, tile_loc, m, k, counted="tile_values"):
-    _fake_check_nnz(op, counted, tile_loc.shape[0] if tile_loc.dim() == 1 else 0, "tile offsets")
+    counted_tensor = tile_values if counted == "tile_values" else tile_loc
+    _fake_check_nnz(op, counted, counted_tensor.shape[0] if counted_tensor.dim() == 1 else 0, "tile offsets")
     tiles = -(-m // TILE_ROWS) * -(-k // TILE_COLS)
     _fake_check(tile_ptr.dtype == torch.int32 and tile_ptr.shape == (tiles + 1,), op,
                 lambda: f"tile_ptr must be an int32 tensor of ceil(out_features / {TILE_ROWS}) * ceil(K / {TILE_COLS}) "

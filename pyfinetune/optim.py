@@ -850,11 +850,21 @@ class AdamW(_FusedPenalizedOptimizer):
                 base.add_(1.0)
             else:
                 torch._foreach_add_(b["steps"], 1.0)
-            torch.ops.pyfinetune.fused_adamw_(
-                b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["max_exp_avg_sqs"], b["anchors"],
-                b["masks"], b["steps"], b["lrs"], b["lr_tensors"], b["beta1s"], b["beta2s"], b["epss"],
-                b["weight_decays"], b["l2sps"], b["l1s"], amsgrad=amsgrad, maximize=maximize, decoupled_l2sp=decoupled,
-                grad_scale=grad_scale, found_inf=found_inf)
+            try:
+                torch.ops.pyfinetune.fused_adamw_(
+                    b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], b["max_exp_avg_sqs"], b["anchors"],
+                    b["masks"], b["steps"], b["lrs"], b["lr_tensors"], b["beta1s"], b["beta2s"], b["epss"],
+                    b["weight_decays"], b["l2sps"], b["l1s"], amsgrad=amsgrad, maximize=maximize,
+                    decoupled_l2sp=decoupled, grad_scale=grad_scale, found_inf=found_inf)
+            except BaseException:
+                # The op checks everything before it writes: of this launch only the step counts
+                # moved. Take them back, so that a step that raised leaves no trace on these
+                # parameters (earlier launches of this step did update theirs, counts included).
+                if base is not None:
+                    base.sub_(1.0)
+                else:
+                    torch._foreach_sub_(b["steps"], 1.0)
+                raise
             if found_inf is not None:
                 # A skipped step does not count (as torch's fused optimizers).
                 if base is not None:
@@ -937,20 +947,30 @@ class SGD(_FusedPenalizedOptimizer):
                 loss = closure()
         planned = self._plan_grads()
         fresh_dampened: List[Tensor] = []
+        created: List[Tensor] = []
         if planned is None:
-            created: List[Tensor] = []
             planned = self._build_buckets(self._collect(), created, fresh_dampened)
             self._unstarted().difference_update(created)
             if not created:
                 self._save_plan(planned)
             elif not torch.compiler.is_compiling():
                 self._plan = None  # this step starts momentum buffers with dampening 0; the next differs
-        for (device, _dtype, _has_momentum, nesterov, maximize, decoupled, _sharded), b in planned:
+        for i, ((device, _dtype, _has_momentum, nesterov, maximize, decoupled, _sharded), b) in enumerate(planned):
             grad_scale, found_inf = self._amp_tensors(device)
-            torch.ops.pyfinetune.fused_sgd_(
-                b["params"], b["grads"], b["momentum_buffers"], b["anchors"], b["masks"], b["lrs"], b["lr_tensors"],
-                b["momentums"], b["dampenings"], b["weight_decays"], b["l2sps"], b["l1s"], nesterov=nesterov,
-                maximize=maximize, decoupled_l2sp=decoupled, grad_scale=grad_scale, found_inf=found_inf)
+            try:
+                torch.ops.pyfinetune.fused_sgd_(
+                    b["params"], b["grads"], b["momentum_buffers"], b["anchors"], b["masks"], b["lrs"],
+                    b["lr_tensors"], b["momentums"], b["dampenings"], b["weight_decays"], b["l2sps"], b["l1s"],
+                    nesterov=nesterov, maximize=maximize, decoupled_l2sp=decoupled, grad_scale=grad_scale,
+                    found_inf=found_inf)
+            except BaseException:
+                # The op checks everything before it writes: the buffers created for this launch
+                # and the later ones were not started; the next step must still start them from
+                # the gradient (no dampening).
+                if created:
+                    not_run = {id(p) for _, later in planned[i:] for p in later.get("sources", later["params"])}
+                    self._unstarted().update(p for p in created if id(p) in not_run)
+                raise
         if fresh_dampened and getattr(self, "found_inf", None) is not None and bool(self.found_inf.item() != 0):
             # The first step of these buffers was skipped (GradScaler found inf/NaN): drop them so
             # the next step starts them from the gradient again, as torch does. Only this rare

@@ -153,16 +153,19 @@ def test_info_command_text_and_json(capsys, monkeypatch):
            "must be 0 or 1" in capsys.readouterr().out
 
 
-def test_cli_output_into_a_closed_pipe_ends_quietly(monkeypatch):
+@pytest.mark.parametrize("buffering", ["line", "block"])
+def test_cli_output_into_a_closed_pipe_ends_quietly(monkeypatch, buffering):
     # `pyfinetune info | head -1`: the reader closes the pipe; the command stops with the shell's
-    # status for SIGPIPE instead of a BrokenPipeError traceback.
+    # status for SIGPIPE instead of a BrokenPipeError traceback, also when the output is still in
+    # the buffer when the command returns (block-buffered stdout, the default for a pipe).
     import io
 
     from pyfinetune import cli
 
     read_end, write_end = os.pipe()
     os.close(read_end)
-    out = io.TextIOWrapper(io.FileIO(write_end, "w"), line_buffering=True)
+    out = io.TextIOWrapper(io.BufferedWriter(io.FileIO(write_end, "w"), buffer_size=1 << 16),
+                           line_buffering=buffering == "line")
     monkeypatch.setattr("sys.stdout", out)
     try:
         assert cli.main(["info"]) == 141
@@ -171,3 +174,22 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(monkeypatch):
     finally:
         monkeypatch.undo()
         out.close()
+
+
+def test_cli_broken_pipe_elsewhere_is_an_error(monkeypatch):
+    # A BrokenPipeError that is not about standard output (a worker's pipe, a socket) is raised.
+    from pyfinetune import cli
+
+    def broken(args):
+        raise BrokenPipeError("a worker's pipe")
+
+    monkeypatch.setattr(cli, "_cmd_info", broken)
+    read_end, write_end = os.pipe()  # stdout is an open pipe
+    try:
+        with open(write_end, "w") as out:
+            monkeypatch.setattr("sys.stdout", out)
+            with pytest.raises(BrokenPipeError, match="a worker's pipe"):
+                cli.main(["info"])
+            monkeypatch.undo()
+    finally:
+        os.close(read_end)

@@ -104,6 +104,17 @@ def test_kd_liger_rival_computes_our_loss():
     torch.testing.assert_close(liger, ours, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_liger, g_ours):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+    assert distill.liger_mismatch("linear", torch.device("cpu")) is None  # the benchmark's own guard agrees
+    # ... and refuses a Liger loss that differs (here: the soft loss without the T^2 factor).
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    other = LigerFusedLinearJSDLoss(weight_hard_loss=1 - distill.ALPHA, weight_soft_loss=distill.ALPHA, beta=0.0,
+                                    temperature=distill.TEMP, compiled=False)
+    saved, distill._liger_module = distill._liger_module, other
+    try:
+        assert "computes another loss" in distill.liger_mismatch("linear", torch.device("cpu"))
+    finally:
+        distill._liger_module = saved
 
 
 def test_kd_liger_logits_rival_computes_our_loss():

@@ -275,3 +275,56 @@ def test_a_parameter_listed_twice_is_refused(kind):
         with pytest.raises(ValueError, match=r"parameter 1 \(param group 1\) is the same tensor as parameter 0"):
             opt.add_param_group({"params": [p, p]})
     assert len(opt.param_groups) == 1 and p not in opt.state
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("planned", [False, True], ids=["first-step", "planned-step"])
+def test_a_step_that_raises_leaves_no_trace(monkeypatch, kind, planned):
+    # The fused op checks everything before it writes; the optimizer around it must not move
+    # anything either: AdamW had counted the step (its next update then used the wrong bias
+    # correction), SGD had marked new momentum buffers as started (with dampening, the next first
+    # update was (1 - dampening) times too small). Two dtypes: two launches per step.
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 3).to(torch.bfloat16))
+    ref_model = copy.deepcopy(model)
+    x = torch.randn(5, 4)
+
+    def run(m):
+        return m[1](m[0](x).to(torch.bfloat16)).float().square().sum()
+
+    if kind == "adamw":
+        make = lambda ps: AdamW(ps, lr=1e-2, weight_decay=0.1, l2sp=0.5)  # noqa: E731
+    else:
+        make = lambda ps: SGD(ps, lr=1e-2, momentum=0.9, dampening=0.5, l2sp=0.5)  # noqa: E731
+    ours, ref = make(model.parameters()), make(ref_model.parameters())
+    steps = 2 if planned else 1
+    for opt, m in ((ours, model), (ref, ref_model)):
+        for _ in range(steps - 1):  # a step before, so that the failing one runs a saved plan
+            opt.zero_grad()
+            run(m).backward()
+            opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = copy.deepcopy(ours.state_dict())
+    ours.zero_grad()
+    run(model).backward()
+    monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "maybe")
+    with pytest.raises(ValueError, match="PYFINETUNE_CPU_PREFETCH must be 0 or 1"):
+        ours.step()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    after = ours.state_dict()
+    for i, st in state_before["state"].items():
+        for key, value in st.items():
+            assert torch.equal(torch.as_tensor(after["state"][i][key]), torch.as_tensor(value)), (i, key)
+    if kind == "sgd" and not planned:
+        assert all(p in ours._unstarted() for p in model.parameters())
+    monkeypatch.delenv("PYFINETUNE_CPU_PREFETCH")
+    ours.step()  # the same gradients, now accepted
+    ref.zero_grad()
+    run(ref_model).backward()
+    ref.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    for i, st in ref.state_dict()["state"].items():
+        for key, value in st.items():
+            assert torch.equal(torch.as_tensor(ours.state_dict()["state"][i][key]), torch.as_tensor(value)), (i, key)

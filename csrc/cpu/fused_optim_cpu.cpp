@@ -58,9 +58,10 @@ using namespace optim_math;
 constexpr int64_t kChunk = 32768;  // elements per parallel task; small models run on one thread
 // Software prefetch distance in elements. The update is memory bound and walks 4-5 streams at
 // once. Prefetching ~2 KiB ahead measured 7-17% faster steps on the 2-core Intel Xeon of
-// benchmarks/results/optim-cpu-20261125-*, and 10-16% slower ones on the 2-core AMD EPYC (Zen,
-// AVX-512) of optim-cpu-20261127-*, whose hardware prefetchers follow the streams on their own:
-// it is on for Intel CPUs only, unless PYFINETUNE_CPU_PREFETCH says otherwise.
+// benchmarks/results/optim-cpu-20261125-*, and 7-19% slower ones on the 2-core AMD EPYC (Zen,
+// AVX-512) of the later records (an interleaved A/B in one process, 40 rounds; the records
+// optim-cpu-20261127-* run without it), whose hardware prefetchers follow the streams on their
+// own: it is on for Intel CPUs only, unless PYFINETUNE_CPU_PREFETCH says otherwise.
 constexpr int64_t kPrefetchDist = 512;
 
 bool cpu_vendor_is_intel() {

@@ -99,6 +99,24 @@ def liger_kd_available(device: torch.device) -> Optional[str]:
     return None
 
 
+def liger_mismatch(kind: str, device: torch.device) -> Optional[str]:
+    """None when Liger's contender of ``kind`` ("kd" or "linear") computes kd_loss's loss on a small
+    input on ``device``, else what differs: an older liger-kernel averaged its soft loss over the
+    ignored rows too, and a benchmark of another loss would compare different work."""
+    try:
+        if kind == "kd":
+            inputs = kd_inputs(24, 300, torch.float32, device, seed=11)
+            ours, theirs = ours_kd(*inputs), liger_kd(*inputs)
+        else:
+            inputs = linear_inputs(96, 32, 300, device, seed=11)
+            ours, theirs = fused_linear(*inputs), liger_linear(*inputs)
+    except Exception as e:  # an API that changed
+        return f"liger-kernel failed on a small case ({type(e).__name__}: {e})"
+    if not torch.allclose(ours.detach().double(), theirs.detach().double(), rtol=1e-4, atol=1e-6):
+        return f"liger-kernel computes another loss ({float(theirs.detach()):.6g}, ours {float(ours.detach()):.6g}): not compared"
+    return None
+
+
 def liger_kd(s, t, lab):
     global _liger_kd_modules
     if _liger_kd_modules is None:
@@ -352,7 +370,7 @@ def run(args) -> None:
             title = f"kd_loss {n} x {v} {str(dtype).replace('torch.', '')}"
             fns = dict(KD_FNS)
             if args.rivals and device.type == "cuda":
-                why_not = liger_kd_available(device)
+                why_not = liger_kd_available(device) or liger_mismatch("kd", device)
                 if why_not is None:
                     fns[LIGER_KD] = liger_kd
                 else:
@@ -368,7 +386,7 @@ def run(args) -> None:
             chunks = {name: None for name in LINEAR_FNS}
             chunks.update({chunk_contender(c): c for c in args.linear_chunks or ()})
             if args.rivals:
-                why_not = liger_available()
+                why_not = liger_available() or liger_mismatch("linear", device)
                 if why_not is None:
                     chunks[LIGER] = None
                 else:
