@@ -21,9 +21,11 @@ from, or ``./pyfinetune-bench`` for an installed package.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gc
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -258,6 +260,26 @@ def measure_speedup(op: str, case: str, contenders: Sequence[Contender], ours: s
     return Speedup(op=op, case=case, ours=ours, ours_ms=timings[ours].median, baseline=best,
                    baseline_ms=baselines[best], speedup=ratio["value"], p20=ratio["p20"], p80=ratio["p80"],
                    baselines=baselines, other_cpu_share=load.result.get("other_share"), note="; ".join(notes))
+
+
+# Warnings torch logs while compiling a baseline that say nothing about the measurement: the
+# profiler ranges inside torch's optimizers that dynamo drops, and, on a machine without a GPU,
+# where cpp_extension guesses CUDA_HOME.
+_COMPILE_NOISE = ("torch._dynamo.variables.ctx_manager", "torch.utils.cpp_extension")
+
+
+@contextlib.contextmanager
+def quiet_compile_logs():
+    """Raise the loggers of ``_COMPILE_NOISE`` to ERROR while compiling a contender."""
+    loggers = [logging.getLogger(name) for name in _COMPILE_NOISE]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def wait_for_quiet(max_wait_s: float = 120.0, window_s: float = 3.0, limit: float = BUSY_LIMIT) -> bool:

@@ -346,7 +346,8 @@ def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -
     if not quick:
         compiled = contenders[names.index(COMPILED)]
         try:
-            compiled.fn()  # compiles now, not in the warm-up rounds
+            with common.quiet_compile_logs():
+                compiled.fn()  # compiles now, not in the warm-up rounds
         except Exception as e:  # no C++ compiler, or an inductor limitation: compare with eager only
             contenders.remove(compiled)
             note = f"torch.compile failed ({type(e).__name__}): not compared"

@@ -233,8 +233,9 @@ def torch_compiled_l2sp_entry(master: Master, n: int,
     the penalty and the update, each compiled by inductor (a one-graph variant through the functional
     ``torch.optim.adamw.adamw(..., capturable=True)`` measured the same, see benchmarks/README.md).
 
-    Compiled here, with one step (the compilation takes from seconds to about a minute), so that the
-    timed rounds see only compiled steps. Returns ``(entry, None)``, or ``(None, reason)`` when the
+    Compiled here, with one step (two for SGD, which compiles again once its momentum buffers exist;
+    the compilation takes from seconds to about a minute), so that the timed rounds see only
+    compiled steps; torch's compile-time warnings that say nothing about the measurement are muted. Returns ``(entry, None)``, or ``(None, reason)`` when the
     compilation fails (no C++ compiler for inductor, an unsupported torch).
     """
     params = own_params(master)
@@ -242,7 +243,10 @@ def torch_compiled_l2sp_entry(master: Master, n: int,
     opt = make_opt(params, "foreach")
     step = torch.compile(l2sp_composition("sub+add", params, anchors, L2SP, opt.step))
     try:
-        step()
+        with common.quiet_compile_logs():
+            step()
+            if opt.__class__ is torch.optim.SGD:
+                step()  # SGD compiles again at its second step, when its momentum buffers exist
     except Exception as e:  # an inductor / toolchain failure: compare without it
         return None, f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     return Entry(Contender(f"{prefix} {COMPILED_SUFFIX}", step, step_bytes * n,
