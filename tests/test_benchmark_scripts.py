@@ -267,3 +267,14 @@ def test_compile_noise_is_muted_only_while_compiling():
     with common.quiet_compile_logs():
         assert all(lg.level == logging.ERROR for lg in loggers)
     assert [lg.level for lg in loggers] == before
+
+
+def test_optimizer_record_names_the_prefetch_setting(monkeypatch):
+    # The CPU records say whether our kernels prefetched (it moves the CPU results by 7-19%).
+    from pyfinetune.benchmarks import optim as bench_optim
+
+    for value, expected in (("0", "off"), ("1", "on")):
+        monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", value)
+        assert bench_optim.cpu_prefetch_setting() == expected
+    monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "sometimes")
+    assert bench_optim.cpu_prefetch_setting().startswith("unknown (ValueError")

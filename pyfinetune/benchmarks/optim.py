@@ -552,6 +552,15 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int, rivals: b
     return res
 
 
+def cpu_prefetch_setting() -> str:
+    """"on" / "off": whether our CPU kernels prefetch in software in this run (part of the record:
+    it changes the CPU results by 7-19%); why not known otherwise."""
+    try:
+        return "on" if torch.ops.pyfinetune._optim_cpu_prefetch() else "off"
+    except (AttributeError, RuntimeError, ValueError) as e:  # an older build, or a bad setting
+        return f"unknown ({type(e).__name__}: {e})"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", nargs="+", choices=("flat", "resnet50", "tiny", "large", "small"),
@@ -581,12 +590,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     config = {"reps": reps, "warmup": warmup, "quick": args.quick, "cases": cases, "lr": LR, "betas": BETAS,
               "eps": EPS, "weight_decay": WEIGHT_DECAY, "l2sp": L2SP, "sgd_lr": SGD_LR, "momentum": MOMENTUM,
-              "rivals": args.rivals, "compiled": compiled}
+              "rivals": args.rivals, "compiled": compiled, "cpu_prefetch": cpu_prefetch_setting()}
     md = [f"# pyfinetune fused optimizer benchmark ({device.type}, {when})", "",
           common.machine_summary(machine), "",
           f"{reps} timed rounds after {warmup} warm-up rounds, contenders interleaved round-robin; "
           "ratios are median / median with the spread of the same-round ratios." +
           (" QUICK RUN: not a record." if args.quick else ""), ""]
+    if device.type == "cpu":
+        md += [f"Our CPU kernels' software prefetch: {config['cpu_prefetch']} (PYFINETUNE_CPU_PREFETCH).", ""]
     md += [case_markdown(r, device) for r in results]
     record = {"benchmark": "optim", "device": device.type, "when": when, "machine": machine, "config": config,
               "cases": results}
