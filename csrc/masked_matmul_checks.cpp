@@ -21,6 +21,13 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
+// At most 2^31 - 1 kept entries, the reach of the int32 `what` (indices, tile offsets) of the
+// kernels; `name` holds them.
+void check_nnz_fits_int32(const char* op, const char* name, int64_t nnz, const char* what) {
+  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, name, " has ", nnz, " entries; int32 ", what,
+           " address at most 2^31 - 1 kept weights");
+}
+
 // Defined, dense (strided) and on the device of `ref` (x, whose device every argument shares, or
 // the tensor named ref_name).
 void check_dense_on(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
@@ -89,8 +96,7 @@ int64_t check_csr(const char* op, const at::Tensor& x, const at::Tensor& values,
   PF_CHECK(values.dim() == 1, op, "values must be a 1-D tensor [nnz] (the kept weights), got shape ",
            values.sizes());
   const int64_t nnz = values.size(0);
-  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "values has ", nnz,
-           " entries; int32 indices address at most 2^31 - 1 kept weights");
+  check_nnz_fits_int32(op, "values", nnz, "indices");
   PF_CHECK(crow_indices.defined(), op, "crow_indices is undefined");
   PF_CHECK(crow_indices.dim() == 1 && crow_indices.size(0) >= 1, op,
            "crow_indices must be a 1-D tensor [M + 1] (M output features), got shape ", crow_indices.sizes());
@@ -177,8 +183,7 @@ MatmulSizes check_to_dense(const char* op, const at::Tensor& values, const at::T
   PF_CHECK(values.dim() == 1, op, "values must be a 1-D tensor [nnz] (the kept weights), got shape ",
            values.sizes());
   const int64_t nnz = values.size(0);
-  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "values has ", nnz,
-           " entries; int32 indices address at most 2^31 - 1 kept weights");
+  check_nnz_fits_int32(op, "values", nnz, "indices");
   PF_CHECK(cols >= 0, op, "cols must be >= 0 (the number of columns of the dense weight), got ", cols);
   const int64_t m = check_pattern_of(op, values, "values", crow_indices, col_indices, nnz);
   PF_CHECK(cols > 0 || nnz == 0, op, "a pattern of cols = 0 columns has no kept entries, got nnz = ", nnz);
@@ -226,8 +231,7 @@ MatmulSizes check_csr_gather_args(const at::Tensor& dense, const at::Tensor& cro
   PF_CHECK(col_indices.defined(), op, "col_indices is undefined");
   PF_CHECK(col_indices.dim() == 1, op, "col_indices must be a 1-D tensor [nnz], got shape ", col_indices.sizes());
   const int64_t nnz = col_indices.size(0);
-  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "col_indices has ", nnz,
-           " entries; int32 indices address at most 2^31 - 1 kept weights");
+  check_nnz_fits_int32(op, "col_indices", nnz, "indices");
   const int64_t m = check_pattern_of(op, dense, "dense", crow_indices, col_indices, nnz);
   PF_CHECK(dense.size(0) == m, op, "dense must have M = crow_indices.numel() - 1 = ", m, " rows, got shape ",
            dense.sizes());
@@ -249,8 +253,7 @@ int64_t check_tiles(const char* op, const at::Tensor& ref, const char* ref_name,
   PF_CHECK(tile_values.dim() == 1, op, "tile_values must be a 1-D tensor [nnz] (the kept weights in tile order), got shape ",
            tile_values.sizes());
   const int64_t nnz = tile_values.size(0);
-  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "tile_values has ", nnz,
-           " entries; int32 tile offsets address at most 2^31 - 1 kept weights");
+  check_nnz_fits_int32(op, "tile_values", nnz, "tile offsets");
   const int64_t tiles = ((m + kTiledRows - 1) / kTiledRows) * ((k + kTiledCols - 1) / kTiledCols);
   PF_CHECK(tile_ptr.defined(), op, "tile_ptr is undefined");
   check_index(op, "tile_ptr", tile_ptr, ref, tiles + 1,
@@ -314,8 +317,7 @@ MatmulSizes check_tiled_csr_linear_backward_values_args(const at::Tensor& grad_o
   PF_CHECK(tile_loc.scalar_type() == at::kShort && tile_loc.dim() == 1, op,
            "tile_loc must be a 1-D int16 tensor [nnz], got ", tile_loc.scalar_type(), " of shape ", tile_loc.sizes());
   const int64_t nnz = tile_loc.size(0);
-  PF_CHECK(nnz <= std::numeric_limits<int32_t>::max(), op, "tile_loc has ", nnz,
-           " entries; int32 tile offsets address at most 2^31 - 1 kept weights");
+  check_nnz_fits_int32(op, "tile_loc", nnz, "tile offsets");
   PF_CHECK(nnz <= m * x.size(1), op, "tile_loc must have at most out_features * K = ", m * x.size(1),
            " entries, got nnz = ", nnz);
   const int64_t tiles = ((m + kTiledRows - 1) / kTiledRows) * ((x.size(1) + kTiledCols - 1) / kTiledCols);

@@ -554,11 +554,11 @@ def run_case(case: Case, device: torch.device, reps: int, warmup: int, rivals: b
 
 def cpu_prefetch_setting() -> str:
     """"on" / "off": whether our CPU kernels prefetch in software in this run (part of the record:
-    it changes the CPU results by 7-19%); why not known otherwise."""
-    try:
-        return "on" if torch.ops.pyfinetune._optim_cpu_prefetch() else "off"
-    except (AttributeError, RuntimeError, ValueError) as e:  # an older build, or a bad setting
-        return f"unknown ({type(e).__name__}: {e})"
+    it changes the CPU results by 7-19%); why not, for a bad PYFINETUNE_CPU_PREFETCH."""
+    from pyfinetune._info import optimizer_cpu_prefetch
+
+    setting = optimizer_cpu_prefetch()  # True, False, or the ValueError's message for a bad setting
+    return {True: "on", False: "off"}.get(setting, f"unknown (ValueError: {setting})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
