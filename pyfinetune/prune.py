@@ -72,7 +72,7 @@ from . import ops as _ops
 from . import optim as _optim
 
 __all__ = [
-    "MaskedLinear", "MaskedConv2d", "attach_mask", "remove_masks", "load_pruned_state_dict",
+    "MaskedLinear", "MaskedConv2d", "attach_mask", "remove_masks", "adopt_torch_pruning", "load_pruned_state_dict",
     "effective_weight", "magnitude_prune", "GradualPruner", "MovementPruner", "mask_optimizer",
     "sparsity_report", "SparsityReport", "LayerSparsity", "sparsify", "densify", "default_exclusions",
 ]  # and SparseLinear, imported on first access (module __getattr__), so not in a star import
@@ -136,7 +136,9 @@ def _check_mask_dtype(module: nn.Module) -> None:
         raise TypeError(
             f"{type(module).__name__}: weight_mask must be a bool tensor, got {mask.dtype}; was "
             "torch.nn.utils.prune applied to this pyfinetune-masked layer? Both keep a 'weight_mask': prune it "
-            "with pyfinetune.prune (attach_mask, magnitude_prune), or remove_masks() before using torch's")
+            "with pyfinetune.prune (attach_mask, magnitude_prune), or remove_masks() before using torch's; "
+            "pyfinetune.prune.adopt_torch_pruning(model) turns torch's mask (which replaced pyfinetune's) into "
+            "pyfinetune's")
 
 
 class MaskedLinear(_MaskedWeight, nn.Linear):
@@ -226,6 +228,7 @@ def attach_mask(module: nn.Module, mask: Optional[Tensor] = None) -> nn.Module:
     if mask.shape != module.weight.shape:
         raise ValueError(f"attach_mask: mask must have the weight's shape {tuple(module.weight.shape)}, "
                          f"got {tuple(mask.shape)}")
+    _refuse_torch_pruned("attach_mask", [("module", module)])
     _set_mask(module, mask, zero_weight=True)
     return module
 
@@ -255,12 +258,143 @@ def remove_masks(model: nn.Module) -> nn.Module:
     return model
 
 
+def _torch_pruning_hooks(module: nn.Module) -> List[Any]:
+    """The ``torch.nn.utils.prune`` methods (forward pre-hooks) attached to ``module`` itself."""
+    from torch.nn.utils import prune as torch_prune
+
+    return [h for h in module._forward_pre_hooks.values() if isinstance(h, torch_prune.BasePruningMethod)]
+
+
+def _torch_pruned_weight(module: nn.Module) -> bool:
+    """Whether ``torch.nn.utils.prune`` prunes ``module.weight`` (``weight_orig`` + a hook)."""
+    return any(h._tensor_name == "weight" for h in _torch_pruning_hooks(module))
+
+
+def _refuse_torch_pruned(fn: Optional[str], named: Iterable[Tuple[str, nn.Module]]) -> None:
+    """ValueError naming the layers of ``named`` whose weight torch.nn.utils.prune prunes: masking
+    them too would put two masks (and two ``weight_mask``) on one weight."""
+    names = [name for name, module in named if _torch_pruned_weight(module)]
+    if names:
+        raise ValueError(
+            f"{fn + ': ' if fn else ''}layers {names} are pruned with torch.nn.utils.prune (a weight_orig parameter and a forward "
+            "pre-hook): call pyfinetune.prune.adopt_torch_pruning(model) first, which turns torch's masks into "
+            "pyfinetune's (same weights, same masks)")
+
+
+def adopt_torch_pruning(model: nn.Module) -> nn.Module:
+    """Turn the layers that ``torch.nn.utils.prune`` pruned into pyfinetune masked layers, in place.
+
+    For every ``nn.Linear`` / ``nn.Conv2d`` whose ``weight`` torch prunes (any of its methods,
+    ``l1_unstructured``, ``global_unstructured``, ``ln_structured``, ``custom_from_mask``, ... and
+    their combinations): torch's pruning is removed (``torch.nn.utils.prune.remove``, which
+    writes ``weight_orig * weight_mask`` into the parameter and renames it back to ``weight``: the
+    same ``Parameter`` object, so an optimizer built on ``weight_orig`` keeps working) and torch's
+    mask is attached as pyfinetune's (:func:`attach_mask`: a bool ``weight_mask``, True where
+    torch's mask is nonzero). The layer computes what it computed before, and the rest of
+    :mod:`pyfinetune.prune` (:func:`mask_optimizer`, :func:`sparsify`, the pruners,
+    :func:`sparsity_report`) applies to it. :func:`sparsify` calls this itself.
+
+    A pyfinetune-masked layer that torch pruned afterwards had its ``weight_mask`` replaced by
+    torch's (torch's first method on a weight starts from an all-ones mask); it is torch's mask
+    that is adopted.
+
+    Left as they are, with a warning naming them: torch's pruning of another tensor (``bias``) and
+    of layers pyfinetune does not mask (``nn.Conv1d``, ``nn.Embedding``, subclasses of
+    ``nn.Linear``).
+
+    Args:
+        model: the model (or one layer).
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: a torch mask holds values other than 0 and 1 (a custom pruning method that
+            scales weights cannot become a bool mask); nothing is changed then.
+    """
+    _check_model("adopt_torch_pruning", model)
+    from torch.nn.utils import prune as torch_prune
+
+    adopt, left = [], []
+    for name, module in model.named_modules():
+        for hook in _torch_pruning_hooks(module):
+            tensor = hook._tensor_name
+            if tensor == "weight" and (type(module) in _MASKED_CLASS or _is_masked(module)):
+                adopt.append((name, module))
+            else:
+                left.append(f"{name or type(module).__name__}.{tensor} ({type(module).__name__})")
+    for name, module in adopt:  # check every mask before changing anything
+        mask = module.weight_mask
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"adopt_torch_pruning: the torch mask of layer {name!r} holds values other than 0 and 1; "
+                             "only a 0/1 mask becomes a pyfinetune mask (nothing was changed)")
+        if _weight_parametrized(module):
+            raise ValueError(f"adopt_torch_pruning: layer {name!r} also has a parametrization of its weight "
+                             "(torch.nn.utils.parametrize); remove it first (nothing was changed)")
+    for name, module in adopt:
+        keep = module.weight_mask != 0
+        torch_prune.remove(module, "weight")  # also deletes the buffer 'weight_mask'
+        dense_grad = False
+        if _is_masked(module):
+            # torch's prune of a pyfinetune-masked layer replaced our 'weight_mask' buffer by its
+            # own (its first method starts from an all-ones mask): what the layer's hook computes
+            # with, and all that is left of a mask, is torch's.
+            dense_grad = module.dense_grad
+            module.__class__ = _PLAIN_CLASS[type(module)]
+            del module.dense_grad
+        _set_mask(module, keep, zero_weight=True)
+        module.dense_grad = dense_grad
+    if left:
+        warnings.warn(f"adopt_torch_pruning: torch.nn.utils.prune's pruning of {', '.join(left)} is left as it is: "
+                      "pyfinetune masks the weights of nn.Linear and nn.Conv2d layers", stacklevel=2)
+    return model
+
+
+def _from_torch_pruning_keys(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` with torch.nn.utils.prune's ``<p>weight_orig`` + floating ``<p>weight_mask``
+    pairs replaced by pyfinetune's ``<p>weight`` + bool ``<p>weight_mask`` (a new dict, same order
+    otherwise; ``state_dict`` itself unchanged)."""
+    pairs = [key[: -len("weight_orig")] for key in state_dict if key == "weight_orig" or key.endswith(".weight_orig")]
+    pairs = [p for p in pairs if isinstance(state_dict.get(p + "weight_mask"), Tensor)
+             and state_dict[p + "weight_mask"].dtype != torch.bool]
+    if not pairs:
+        return state_dict
+    out = type(state_dict)() if isinstance(state_dict, dict) else {}
+    converted = {}
+    for p in pairs:
+        orig, mask = state_dict[p + "weight_orig"], state_dict[p + "weight_mask"]
+        if not isinstance(orig, Tensor) or orig.shape != mask.shape:
+            raise ValueError(f"load_pruned_state_dict: {p}weight_orig and {p}weight_mask (torch.nn.utils.prune's form) "
+                             f"must be tensors of one shape, got {getattr(orig, 'shape', type(orig).__name__)} and "
+                             f"{tuple(mask.shape)}")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"load_pruned_state_dict: {p}weight_mask holds values other than 0 and 1; only a 0/1 "
+                             "mask becomes a pyfinetune mask")
+        keep = mask != 0
+        converted[p + "weight_orig"] = (p + "weight", torch.where(keep.to(orig.device), orig, orig.new_zeros(())))
+        converted[p + "weight_mask"] = (p + "weight_mask", keep)
+    for key, value in state_dict.items():
+        if key in converted:
+            key, value = converted[key]
+        out[key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata
+    return out
+
+
 def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict: bool = True):
     """Load a pruned model's ``state_dict`` (with ``<layer>.weight_mask`` entries) into ``model``,
     pruned or not: layers that have a mask in ``state_dict`` but none in ``model`` get one first.
 
+    A ``state_dict`` saved from a model pruned with ``torch.nn.utils.prune`` (``<layer>.weight_orig``
+    and a 0/1 floating ``<layer>.weight_mask``) loads too: each such pair becomes pyfinetune's
+    ``<layer>.weight`` (``weight_orig * weight_mask``) and bool ``<layer>.weight_mask``, as
+    :func:`adopt_torch_pruning` does to a live model.
+
     Args:
-        model: the module to load into.
+        model: the module to load into (not itself pruned with ``torch.nn.utils.prune``: adopt it
+            first, or use ``model.load_state_dict``).
         state_dict: as produced by ``model.state_dict()`` of a pruned model.
         strict: as ``nn.Module.load_state_dict``.
 
@@ -268,6 +402,8 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict:
         what ``model.load_state_dict`` returns (missing and unexpected keys).
     """
     _check_model("load_pruned_state_dict", model)
+    _refuse_torch_pruned("load_pruned_state_dict", model.named_modules())
+    state_dict = _from_torch_pruning_keys(state_dict)
     for key in state_dict:
         if key != "weight_mask" and not key.endswith(".weight_mask"):
             continue
@@ -491,6 +627,7 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
                              "(magnitude_prune, pruners) before fully_shard, as the README's Distributed section says")
         raise ValueError(f"no prunable layer (nn.Linear / nn.Conv2d) matched include={include!r}, exclude={exclude!r}"
                          + (f"; {note}" if conv1d else ""))
+    _refuse_torch_pruned(None, layers)
     seen: Dict[int, str] = {}
     for name, module in layers:
         if id(module.weight) in seen:
@@ -1238,7 +1375,8 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
     for fast sparse fine-tuning and inference. Masked ``nn.Conv2d`` layers stay as they are. In place.
 
     Args:
-        model: the model, pruned with :func:`magnitude_prune` (or a pruner).
+        model: the model, pruned with :func:`magnitude_prune` (or a pruner), or with
+            ``torch.nn.utils.prune`` (its layers are adopted first: :func:`adopt_torch_pruning`).
         layout: ``"csr"``: :class:`SparseLinear` (compressed rows, trainable values; CPU and CUDA);
             ``"2:4"``: :class:`pyfinetune._semi_structured.SemiStructuredLinear` (PyTorch's 2:4
             semi-structured sparse tensors on sparse tensor cores: CUDA sm80+, float16/bfloat16,
@@ -1248,6 +1386,10 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
         the model (a new module when ``model`` itself is a masked ``nn.Linear``).
     """
     _check_model("sparsify", model)
+    if layout not in ("csr", "2:4"):
+        raise ValueError(f'sparsify: layout must be "csr" or "2:4", got {layout!r}')
+    if any(_torch_pruning_hooks(m) for m in model.modules()):
+        adopt_torch_pruning(model)
     if layout == "csr":
         sparse_cls = _sparse_linear_class()
     elif layout == "2:4":

@@ -188,6 +188,37 @@ def test_pruning_targets_per_device_and_dtype():
     assert "No targets for this device and dtype" in prune.summary_markdown(other)
 
 
+def test_pruning_benchmark_torch_prune_rival():
+    # The torch.nn.utils.prune rows: the layer computes the masked product (and trains only the
+    # kept weights' effect), and the summary reports rival / ours per sparsity, forward and step.
+    from pyfinetune.benchmarks import common, prune
+
+    p = prune.make_problem(0.8, torch.device("cpu"), seed=3)
+    layer = prune.torch_pruned_linear(p)
+    wm = torch.where(p["mask"], p["w"], 0.0)
+    torch.testing.assert_close(layer(p["x"]), p["x"] @ wm.t())
+    assert hasattr(layer, "weight_orig") and layer.weight_mask.dtype == p["w"].dtype
+    names = [c.name for c in prune.forward_contenders(p, False)]
+    assert names == [prune.DENSE_FWD, prune.TORCH_PRUNE_FWD, prune.TORCH_CSR_FWD]
+    assert prune.TORCH_PRUNE_FWD not in [c.name for c in prune.forward_contenders(p, False, rivals=False)]
+    steps = prune.step_contenders(p, False)
+    assert [c.name for c in steps] == [prune.DENSE_STEP, prune.TORCH_PRUNE_STEP]
+    steps[1].fn()  # one step runs
+
+    def timing(ms):
+        return common.Timing("t", [ms] * 10)
+
+    results = [{"sparsity": 0.9,
+                "forward": {prune.DENSE_FWD: timing(10.0), prune.TORCH_PRUNE_FWD: timing(12.0),
+                            prune.OURS_FWD: timing(3.0)},
+                "step": {prune.DENSE_STEP: timing(30.0), prune.TORCH_PRUNE_STEP: timing(40.0),
+                         prune.OURS_STEP: timing(8.0)}}]
+    analysis = prune.analyse(results, "cpu", torch.float32)
+    assert [(v["group"], v["value"]) for v in analysis["vs_torch_prune"]] == [("forward", 4.0), ("step", 5.0)]
+    md = prune.summary_markdown(analysis)
+    assert "## Against torch.nn.utils.prune" in md and "| 90% | 4.00x (4.00 .. 4.00) | 5.00x (5.00 .. 5.00) |" in md
+
+
 def test_git_state_keeps_every_dirty_path(monkeypatch):
     # git status --porcelain entries are "XY path"; the first one starts with a blank when only
     # the work tree changed, which stripping the output used to eat with the path's first letter.

@@ -11,12 +11,15 @@ Per sparsity, two groups of contenders run round-robin (``common.time_interleave
 
 * forward, ``y = x @ W^T`` with x [N, K] and W [M, K] pruned at random, both in ``--dtype``
   (float32 by default; no autograd):
-  ``dense x @ w.T`` on the pre-masked dense weight, ``torch.sparse.mm CSR`` (W as a
+  ``dense x @ w.T`` on the pre-masked dense weight, ``torch.nn.utils.prune`` (an ``nn.Linear``
+  pruned with ``custom_from_mask``: torch's pruning workflow, whose hook multiplies the weight by
+  its mask at every call), ``torch.sparse.mm CSR`` (W as a
   ``torch.sparse_csr`` tensor times x^T), ``ours sparse`` (SparseLinear, kernel="sparse":
   csr_linear), ``ours dense path`` (SparseLinear, kernel="dense": masked_matmul on the weight
   rebuilt from the kept values; what kernel="auto" runs below the crossover);
 * training step, forward + backward (grad of x and of the weights) + optimizer step:
-  ``dense + torch AdamW fused`` (a dense [M, K] parameter), ``ours sparse + AdamW`` and ``ours
+  ``dense + torch AdamW fused`` (a dense [M, K] parameter), ``torch.nn.utils.prune + torch AdamW
+  fused`` (the same pruned ``nn.Linear``; the optimizer updates the dense ``weight_orig``), ``ours sparse + AdamW`` and ``ours
   dense path + AdamW`` (pyfinetune.optim.AdamW on the nnz kept values). torch's CSR tensors have
   no fused training path (no gradient of the CSR values through torch.sparse.mm), so no row.
 
@@ -64,6 +67,8 @@ OURS_TC_FWD = "ours sparse, tensor cores"  # SparseLinear's tiled_csr_linear pat
 OURS_TC_STEP = "ours sparse, tensor cores + AdamW"  # forward and input gradient on tensor cores
 TC_ENV = "PYFINETUNE_CSR_CUDA_KERNEL"
 DENSE_STEP = "dense + torch AdamW fused"
+TORCH_PRUNE_FWD = "torch.nn.utils.prune"  # nn.Linear + custom_from_mask: weight_orig * weight_mask per call
+TORCH_PRUNE_STEP = "torch.nn.utils.prune + torch AdamW fused"
 OURS_STEP = "ours sparse + AdamW"
 OURS_DENSE_STEP = "ours dense path + AdamW"
 
@@ -127,11 +132,30 @@ def check_against_dense(layer: SparseLinear, p: Dict[str, Any]) -> None:
     layer.zero_grad(set_to_none=True)
 
 
-def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True) -> List[Contender]:
-    """Forward contenders: dense, torch CSR, ours sparse and (``dense_path``) our dense path."""
+def torch_pruned_linear(p: Dict[str, torch.Tensor]) -> torch.nn.Linear:
+    """An ``nn.Linear`` holding the problem's weight, pruned by ``torch.nn.utils.prune`` with its
+    mask (``custom_from_mask``: a ``weight_orig`` parameter, a mask buffer of the weight's dtype and
+    a forward pre-hook that multiplies them at every call): what torch's pruning workflow runs."""
+    from torch.nn.utils import prune as torch_prune
+
+    w = p["w"]
+    layer = torch.nn.Linear(K, M, bias=False, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    torch_prune.custom_from_mask(layer, "weight", p["mask"])
+    return layer
+
+
+def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True,
+                       rivals: bool = True) -> List[Contender]:
+    """Forward contenders: dense, (``rivals``) torch.nn.utils.prune, torch CSR, ours sparse and
+    (``dense_path``) our dense path."""
     x, w, mask = p["x"], p["w"], p["mask"]
     wm = torch.where(mask, w, 0.0)
     out = [Contender(DENSE_FWD, lambda: x @ wm.t())]
+    if rivals:
+        pruned = torch_pruned_linear(p)
+        out.append(Contender(TORCH_PRUNE_FWD, lambda: pruned(x)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         w_csr = wm.to_sparse_csr()
@@ -186,8 +210,10 @@ def tensor_cores_available(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 8)
 
 
-def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True) -> List[Contender]:
-    """Training-step contenders: dense + torch fused AdamW, ours sparse and (``dense_path``) our dense path + AdamW."""
+def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool = True,
+                    rivals: bool = True) -> List[Contender]:
+    """Training-step contenders: dense + torch fused AdamW, (``rivals``) torch.nn.utils.prune +
+    torch fused AdamW, ours sparse and (``dense_path``) our dense path + AdamW."""
     x0, w, mask, g = p["x"], p["w"], p["mask"], p["grad"]
     out = []
 
@@ -201,6 +227,17 @@ def step_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bool 
         opt.step()
         opt.zero_grad(set_to_none=True)
     out.append(Contender(DENSE_STEP, dense_step))
+    if rivals:
+        pruned = torch_pruned_linear(p)
+        x_pruned = x0.clone().requires_grad_(True)
+        pruned_opt = torch.optim.AdamW(pruned.parameters(), lr=LR, fused=True)  # weight_orig, dense
+
+        def torch_prune_step():
+            x_pruned.grad = None
+            pruned(x_pruned).backward(g)
+            pruned_opt.step()
+            pruned_opt.zero_grad(set_to_none=True)
+        out.append(Contender(TORCH_PRUNE_STEP, torch_prune_step))
     if ours_ok:
         for name, kernel in ((OURS_STEP, "sparse"),) + (((OURS_DENSE_STEP, "dense"),) if dense_path else ()):
             layer = SparseLinear.from_dense(w, mask, kernel=kernel)
@@ -252,7 +289,7 @@ def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -
         p = make_problem(BENCH_SPARSITY, device, n=n)  # float32
         shape = f"{BENCH_SPARSITY:.0%} sparse, x {n}x{K}, W {M}x{K} fp32"
         for label, ours, build, grad_mode in groups:
-            contenders = build(p, True, dense_path=False)
+            contenders = build(p, True, dense_path=False, rivals=False)  # dense is the faster torch row
             with grad_mode():
                 rows.append(common.measure_speedup("prune", f"SparseLinear {label}, {shape}", contenders, ours,
                                                    device=device, reps=reps, warmup=warmup))
@@ -348,11 +385,17 @@ def analyse(results: List[Dict[str, Any]], device_type: str = "cpu",
         "forward_vs_ours_dense_path": crossover(results, "forward", OURS_DENSE_FWD, OURS_FWD),
         "step_vs_ours_dense_path": crossover(results, "step", OURS_DENSE_STEP, OURS_STEP),
     }
+    rivals = []
+    for r in results:
+        for group, num, den in (("forward", TORCH_PRUNE_FWD, OURS_FWD), ("step", TORCH_PRUNE_STEP, OURS_STEP)):
+            if num in r[group] and den in r[group]:
+                rivals.append({"sparsity": r["sparsity"], "group": group, "rival": num, "ours": den,
+                               **common.paired_ratio(r[group][num], r[group][den])})
     fwd = cross["forward_vs_dense"]["measured"]
     if (device_type, dtype) == ("cpu", torch.float32) and n == N:
         cross["target"] = {"description": f"forward crossover with dense at or below {CROSSOVER_TARGET:.0%}",
                            "value": fwd, "status": "MET" if fwd is not None and fwd <= CROSSOVER_TARGET else "NOT MET"}
-    return {"ratios": ratios, "crossover": cross}
+    return {"ratios": ratios, "crossover": cross, "vs_torch_prune": rivals}
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -397,6 +440,13 @@ def summary_markdown(analysis: Dict[str, Any], n: int = N) -> str:
            ]), ""]
     if "target" in c:
         out += [f"Target: {c['target']['description']}: {c['target']['status']}.", ""]
+    rivals = analysis.get("vs_torch_prune") or []
+    if rivals:
+        out += ["## Against torch.nn.utils.prune (time ratio, >1 = ours sparse faster)", "",
+                common.markdown_table(["sparsity", "forward", "training step"], [
+                    [f"{s:.0%}"] + [next((f"{v['value']:.2f}x ({v['p20']:.2f} .. {v['p80']:.2f})" for v in rivals
+                                          if v["sparsity"] == s and v["group"] == g), "-") for g in ("forward", "step")]
+                    for s in sorted({v["sparsity"] for v in rivals})]), ""]
     elif not rows:
         out[2] = (f"No targets for {n} row{'s' if n > 1 else ''} of x (the issue's are at {N})" if n != N else
                   "No targets for this device and dtype (the issue's: CPU float32, CUDA float16)") + "; the ratios are below."

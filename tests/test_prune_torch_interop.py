@@ -1,0 +1,204 @@
+"""Models pruned with torch.nn.utils.prune: adopt_torch_pruning, sparsify of such a model, loading
+their state_dicts (load_pruned_state_dict), and the clear errors of the pyfinetune pruning calls
+that would otherwise put a second mask on a torch-pruned weight."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+
+import pyfinetune
+from prune_harness import LAYERS, ConvNet, conv_input, one_thread  # noqa: F401  (fixture)
+from pyfinetune import prune
+from pyfinetune.prune import MaskedConv2d, MaskedLinear
+
+TORCH_METHODS = ["l1_unstructured", "random_unstructured", "ln_structured", "global_unstructured",
+                 "custom_from_mask", "combined"]
+
+
+def _torch_pruned_convnet(method: str, seed: int = 0) -> ConvNet:
+    torch.manual_seed(seed)
+    model = ConvNet()
+    layers = [model.get_submodule(n) for n in LAYERS]
+    if method == "global_unstructured":
+        torch_prune.global_unstructured([(m, "weight") for m in layers], pruning_method=torch_prune.L1Unstructured,
+                                        amount=0.7)
+        return model
+    for m in layers:
+        if method == "l1_unstructured":
+            torch_prune.l1_unstructured(m, "weight", amount=0.6)
+        elif method == "random_unstructured":
+            torch_prune.random_unstructured(m, "weight", amount=0.45)
+        elif method == "ln_structured":
+            torch_prune.ln_structured(m, "weight", amount=0.5, n=2, dim=0)
+        elif method == "custom_from_mask":
+            torch_prune.custom_from_mask(m, "weight", torch.rand_like(m.weight) > 0.3)
+        else:  # two methods on one weight: torch keeps a PruningContainer
+            torch_prune.l1_unstructured(m, "weight", amount=0.3)
+            torch_prune.ln_structured(m, "weight", amount=0.25, n=1, dim=0)
+    return model
+
+
+@pytest.mark.parametrize("method", TORCH_METHODS)
+def test_adopt_keeps_weights_masks_parameters_and_outputs(method):
+    model = _torch_pruned_convnet(method)
+    x = conv_input()
+    before = model(x)
+    torch_masks = {n: model.get_submodule(n).weight_mask.clone() for n in LAYERS}
+    origs = {n: model.get_submodule(n).weight_orig for n in LAYERS}
+    effective = {n: (origs[n] * torch_masks[n]).detach().clone() for n in LAYERS}
+    assert prune.adopt_torch_pruning(model) is model
+    assert not torch_prune.is_pruned(model)
+    for n in LAYERS:
+        layer = model.get_submodule(n)
+        assert type(layer) is (MaskedConv2d if n in ("conv", "grouped") else MaskedLinear)
+        assert layer.weight is origs[n], "the same Parameter: optimizers built on weight_orig keep working"
+        assert layer.weight_mask.dtype == torch.bool
+        assert torch.equal(layer.weight_mask, torch_masks[n] != 0)
+        assert torch.equal(layer.weight.detach(), effective[n])
+        assert not layer.weight_mask.all(), "the case prunes something"
+    assert torch.equal(model(x), before)
+    keys = set(model.state_dict())
+    assert not any(k.endswith("weight_orig") for k in keys)
+    assert {f"{n}.weight_mask" for n in LAYERS} <= keys and {f"{n}.weight" for n in LAYERS} <= keys
+
+
+def test_adopt_then_train_keeps_pruned_weights_zero():
+    model = _torch_pruned_convnet("global_unstructured", seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # built on weight_orig
+    prune.adopt_torch_pruning(model)
+    prune.mask_optimizer(opt, model)
+    fused_model = _torch_pruned_convnet("global_unstructured", seed=1)
+    fused = pyfinetune.optim.AdamW(fused_model.parameters(), lr=1e-2, weight_decay=0.1)
+    prune.adopt_torch_pruning(fused_model)
+    prune.mask_optimizer(fused, fused_model)
+    for step in range(20):
+        x = conv_input()
+        for m, o in ((model, opt), (fused_model, fused)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for m in (model, fused_model):
+        for n in LAYERS:
+            layer = m.get_submodule(n)
+            assert not layer.weight[~layer.weight_mask].any()
+            assert layer.weight[layer.weight_mask].abs().min() > 0 or layer.weight_mask.sum() == 0
+    torch.testing.assert_close(fused_model(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sparsify_adopts_a_torch_pruned_model():
+    model = _torch_pruned_convnet("l1_unstructured")
+    x = conv_input()
+    before = model(x)
+    masks = {n: model.get_submodule(n).weight_mask != 0 for n in ("fc1", "fc2")}
+    prune.sparsify(model)
+    assert type(model.fc1).__name__ == "SparseLinear" and type(model.fc2).__name__ == "SparseLinear"
+    assert type(model.conv) is MaskedConv2d and type(model.grouped) is MaskedConv2d
+    for n, mask in masks.items():
+        assert model.get_submodule(n).nnz == int(mask.sum())
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pyfinetune_masked_layer_pruned_by_torch_adopts_torch_mask():
+    layer = nn.Linear(8, 4)
+    prune.magnitude_prune(layer, 0.5, exclude=None)
+    torch_prune.l1_unstructured(layer, "weight", 0.75)
+    torch_mask = layer.weight_mask.clone()
+    with pytest.raises(TypeError, match="adopt_torch_pruning"):
+        layer(torch.randn(2, 8))
+    prune.adopt_torch_pruning(layer)
+    assert type(layer) is MaskedLinear and layer.dense_grad is False
+    assert torch.equal(layer.weight_mask, torch_mask != 0)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(layer(x), x @ (layer.weight * layer.weight_mask).t() + layer.bias)
+
+
+def test_adopt_leaves_other_pruning_with_a_warning():
+    model = nn.Sequential(nn.Conv1d(3, 4, 2), nn.Flatten(), nn.Linear(4 * 4, 6))
+    torch_prune.l1_unstructured(model[0], "weight", 0.5)
+    torch_prune.l1_unstructured(model[2], "weight", 0.5)
+    torch_prune.l1_unstructured(model[2], "bias", 0.5)
+    with pytest.warns(UserWarning, match=r"0\.weight \(Conv1d\), 2\.bias \(Linear\)"):
+        prune.adopt_torch_pruning(model)
+    assert type(model[2]) is MaskedLinear and hasattr(model[2], "bias_orig")
+    assert hasattr(model[0], "weight_orig"), "the Conv1d keeps torch's pruning"
+    model(torch.randn(2, 3, 5))  # still runs
+
+
+def test_adopt_refuses_a_mask_that_scales_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    torch_prune.l1_unstructured(model[0], "weight", 0.5)
+    torch_prune.custom_from_mask(model[1], "weight", torch.full((4, 4), 0.5))
+    with pytest.raises(ValueError, match=r"layer '1'.*other than 0 and 1.*nothing was changed"):
+        prune.adopt_torch_pruning(model)
+    assert torch_prune.is_pruned(model[0]) and type(model[0]) is nn.Linear, "no layer was adopted"
+
+
+def test_adopt_of_an_unpruned_model_is_a_no_op():
+    model = ConvNet()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune.adopt_torch_pruning(model)
+    assert all(type(model.get_submodule(n)) in (nn.Linear, nn.Conv2d) for n in LAYERS)
+    with pytest.raises(TypeError, match="adopt_torch_pruning: model must be an nn.Module"):
+        prune.adopt_torch_pruning("model")
+
+
+@pytest.mark.parametrize("call", ["magnitude_prune", "GradualPruner", "attach_mask", "load_pruned_state_dict"])
+def test_pyfinetune_pruning_of_a_torch_pruned_layer_is_refused(call):
+    model = _torch_pruned_convnet("l1_unstructured")
+    with pytest.raises(ValueError, match=r"\['conv', 'grouped', 'fc1', 'fc2'\]|\['module'\]"):
+        try:
+            if call == "magnitude_prune":
+                prune.magnitude_prune(model, 0.8, exclude=None)
+            elif call == "GradualPruner":
+                prune.GradualPruner(model, 0.8, 0, 10, 1, exclude=None)
+            elif call == "attach_mask":
+                prune.attach_mask(model.fc1)
+            else:
+                prune.load_pruned_state_dict(model, ConvNet().state_dict())
+        except ValueError as e:
+            assert "adopt_torch_pruning" in str(e)
+            raise
+    assert all(hasattr(model.get_submodule(n), "weight_orig") for n in LAYERS), "nothing changed"
+
+
+@pytest.mark.parametrize("method", ["global_unstructured", "combined"])
+def test_load_pruned_state_dict_reads_torch_pruning_keys(method):
+    src = _torch_pruned_convnet(method)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    keys = list(sd)
+    dst = ConvNet()
+    result = prune.load_pruned_state_dict(dst, sd)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert list(sd) == keys, "the caller's state_dict is not changed"
+    x = conv_input()
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+    for n in LAYERS:
+        assert torch.equal(dst.get_submodule(n).weight_mask, src.get_submodule(n).weight_mask != 0)
+    # the same through a live adoption: the same state (torch's remove re-registers the weight
+    # after the bias, so the key order differs)
+    prune.adopt_torch_pruning(src)
+    assert sorted(dst.state_dict()) == sorted(src.state_dict())
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_load_pruned_state_dict_torch_keys_errors():
+    sd = _torch_pruned_convnet("l1_unstructured").state_dict()
+    bad = dict(sd)
+    bad["fc1.weight_mask"] = bad["fc1.weight_mask"] * 0.5
+    with pytest.raises(ValueError, match="fc1.weight_mask holds values other than 0 and 1"):
+        prune.load_pruned_state_dict(ConvNet(), bad)
+    bad = dict(sd)
+    bad["fc2.weight_mask"] = torch.ones(3, 3)
+    with pytest.raises(ValueError, match="fc2.weight_orig and fc2.weight_mask .* one shape"):
+        prune.load_pruned_state_dict(ConvNet(), bad)
