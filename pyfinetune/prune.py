@@ -281,26 +281,50 @@ def _refuse_torch_pruned(fn: Optional[str], named: Iterable[Tuple[str, nn.Module
             "pyfinetune's (same weights, same masks)")
 
 
-def adopt_torch_pruning(model: nn.Module) -> nn.Module:
-    """Turn the layers that ``torch.nn.utils.prune`` pruned into pyfinetune masked layers, in place.
+def _fake_sparsity_masks(module: nn.Module) -> Optional[List[Tensor]]:
+    """The masks of ``module.weight``'s parametrizations when every one of them is a
+    ``torch.ao.pruning`` (or torchao) sparsifier's ``FakeSparsity`` (``weight = mask * original``);
+    None when the weight has no parametrization or another kind among them."""
+    if not _weight_parametrized(module):
+        return None
+    plist = module.parametrizations["weight"]
+    masks = [getattr(p, "mask", None) for p in plist]
+    if not all(type(p).__name__ == "FakeSparsity" for p in plist) or not all(isinstance(m, Tensor) for m in masks):
+        return None
+    return masks
 
-    For every ``nn.Linear`` / ``nn.Conv2d`` whose ``weight`` torch prunes (any of its methods,
-    ``l1_unstructured``, ``global_unstructured``, ``ln_structured``, ``custom_from_mask``, ... and
-    their combinations): torch's pruning is removed (``torch.nn.utils.prune.remove``, which
-    writes ``weight_orig * weight_mask`` into the parameter and renames it back to ``weight``: the
-    same ``Parameter`` object, so an optimizer built on ``weight_orig`` keeps working) and torch's
-    mask is attached as pyfinetune's (:func:`attach_mask`: a bool ``weight_mask``, True where
-    torch's mask is nonzero). The layer computes what it computed before, and the rest of
+
+def _has_torch_pruning(module: nn.Module) -> bool:
+    return bool(_torch_pruning_hooks(module)) or _fake_sparsity_masks(module) is not None
+
+
+def adopt_torch_pruning(model: nn.Module) -> nn.Module:
+    """Turn the layers that PyTorch's pruning tools pruned into pyfinetune masked layers, in place.
+
+    Two kinds are adopted, on the ``weight`` of ``nn.Linear`` / ``nn.Conv2d`` layers:
+
+    * ``torch.nn.utils.prune`` (any of its methods, ``l1_unstructured``, ``global_unstructured``,
+      ``ln_structured``, ``custom_from_mask``, ... and their combinations): torch's pruning is
+      removed (``torch.nn.utils.prune.remove``, which writes ``weight_orig * weight_mask`` into the
+      parameter and renames it back to ``weight``: the same ``Parameter`` object, so an optimizer
+      built on ``weight_orig`` keeps working);
+    * a ``torch.ao.pruning`` sparsifier's ``FakeSparsity`` parametrizations
+      (``WeightNormSparsifier`` and others, torchao's too, after ``prepare`` and ``step`` and
+      before ``squash_mask``): the parametrization is removed, leaving ``mask * original`` in the
+      same ``original`` parameter; the sparsifier no longer controls the layer.
+
+    Then the mask is attached as pyfinetune's (:func:`attach_mask`: a bool ``weight_mask``, True
+    where the torch mask is nonzero). The layer computes what it computed before, and the rest of
     :mod:`pyfinetune.prune` (:func:`mask_optimizer`, :func:`sparsify`, the pruners,
     :func:`sparsity_report`) applies to it. :func:`sparsify` calls this itself.
 
-    A pyfinetune-masked layer that torch pruned afterwards had its ``weight_mask`` replaced by
-    torch's (torch's first method on a weight starts from an all-ones mask); it is torch's mask
-    that is adopted.
+    A pyfinetune-masked layer that ``torch.nn.utils.prune`` pruned afterwards had its
+    ``weight_mask`` replaced by torch's (torch's first method on a weight starts from an all-ones
+    mask); it is torch's mask that is adopted.
 
-    Left as they are, with a warning naming them: torch's pruning of another tensor (``bias``) and
-    of layers pyfinetune does not mask (``nn.Conv1d``, ``nn.Embedding``, subclasses of
-    ``nn.Linear``).
+    Left as they are, with a warning naming them: torch's pruning of another tensor (``bias``), of
+    layers pyfinetune does not mask (``nn.Conv1d``, ``nn.Embedding``, subclasses of ``nn.Linear``),
+    and weights whose parametrizations mix ``FakeSparsity`` with others (``weight_norm``).
 
     Args:
         model: the model (or one layer).
@@ -313,40 +337,60 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
             scales weights cannot become a bool mask); nothing is changed then.
     """
     _check_model("adopt_torch_pruning", model)
+    from torch.nn.utils import parametrize
     from torch.nn.utils import prune as torch_prune
 
-    adopt, left = [], []
+    adopt: List[Tuple[str, nn.Module, str, List[Tensor]]] = []  # (name, module, kind, masks)
+    left = []
     for name, module in model.named_modules():
+        label = name or type(module).__name__
         for hook in _torch_pruning_hooks(module):
             tensor = hook._tensor_name
             if tensor == "weight" and (type(module) in _MASKED_CLASS or _is_masked(module)):
-                adopt.append((name, module))
+                if _weight_parametrized(module):
+                    raise ValueError(f"adopt_torch_pruning: layer {name!r} also has a parametrization of its weight "
+                                     "(torch.nn.utils.parametrize); remove it first (nothing was changed)")
+                adopt.append((name, module, "hook", [module.weight_mask]))
             else:
-                left.append(f"{name or type(module).__name__}.{tensor} ({type(module).__name__})")
-    for name, module in adopt:  # check every mask before changing anything
-        mask = module.weight_mask
-        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
-            raise ValueError(f"adopt_torch_pruning: the torch mask of layer {name!r} holds values other than 0 and 1; "
-                             "only a 0/1 mask becomes a pyfinetune mask (nothing was changed)")
-        if _weight_parametrized(module):
-            raise ValueError(f"adopt_torch_pruning: layer {name!r} also has a parametrization of its weight "
-                             "(torch.nn.utils.parametrize); remove it first (nothing was changed)")
-    for name, module in adopt:
-        keep = module.weight_mask != 0
-        torch_prune.remove(module, "weight")  # also deletes the buffer 'weight_mask'
+                left.append(f"{label}.{tensor} ({type(module).__name__}, torch.nn.utils.prune)")
+        if _weight_parametrized(module) and any(type(p).__name__ == "FakeSparsity"
+                                                for p in module.parametrizations["weight"]):
+            base = type(module).__bases__[0]  # parametrize subclasses the layer's class
+            masks = _fake_sparsity_masks(module)
+            if masks is not None and base in _MASKED_CLASS:
+                adopt.append((name, module, "parametrization", masks))
+            else:
+                why = "other parametrizations too" if masks is None else base.__name__
+                left.append(f"{label}.weight ({why}, torch.ao.pruning FakeSparsity)")
+    for name, module, kind, masks in adopt:  # check every mask before changing anything
+        for mask in masks:
+            if mask.shape != module.weight.shape:
+                raise ValueError(f"adopt_torch_pruning: the torch mask of layer {name!r} has shape {tuple(mask.shape)}, "
+                                 f"not the weight's {tuple(module.weight.shape)} (nothing was changed)")
+            if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+                raise ValueError(f"adopt_torch_pruning: the torch mask of layer {name!r} holds values other than 0 "
+                                 "and 1; only a 0/1 mask becomes a pyfinetune mask (nothing was changed)")
+    for name, module, kind, masks in adopt:
+        keep = masks[0] != 0
+        for mask in masks[1:]:
+            keep &= mask != 0
         dense_grad = False
-        if _is_masked(module):
-            # torch's prune of a pyfinetune-masked layer replaced our 'weight_mask' buffer by its
-            # own (its first method starts from an all-ones mask): what the layer's hook computes
-            # with, and all that is left of a mask, is torch's.
-            dense_grad = module.dense_grad
-            module.__class__ = _PLAIN_CLASS[type(module)]
-            del module.dense_grad
+        if kind == "hook":
+            torch_prune.remove(module, "weight")  # also deletes the buffer 'weight_mask'
+            if _is_masked(module):
+                # torch's prune of a pyfinetune-masked layer replaced our 'weight_mask' buffer by
+                # its own (its first method starts from an all-ones mask): what the layer's hook
+                # computes with, and all that is left of a mask, is torch's.
+                dense_grad = module.dense_grad
+                module.__class__ = _PLAIN_CLASS[type(module)]
+                del module.dense_grad
+        else:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         _set_mask(module, keep, zero_weight=True)
         module.dense_grad = dense_grad
     if left:
-        warnings.warn(f"adopt_torch_pruning: torch.nn.utils.prune's pruning of {', '.join(left)} is left as it is: "
-                      "pyfinetune masks the weights of nn.Linear and nn.Conv2d layers", stacklevel=2)
+        warnings.warn(f"adopt_torch_pruning: the pruning of {', '.join(left)} is left as it is: pyfinetune masks the "
+                      "weights of nn.Linear and nn.Conv2d layers", stacklevel=2)
     return model
 
 
@@ -602,7 +646,10 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
                     and (drop_if is None or not drop_if(name, module))]
     if parametrized:
         warnings.warn(f"layers {parametrized} are not pruned: their weight has a parametrization "
-                      "(torch.nn.utils.parametrize, e.g. weight_norm); prune before adding it, or remove it first",
+                      "(torch.nn.utils.parametrize, e.g. weight_norm); prune before adding it, or remove it first"
+                      + ("; a torch.ao.pruning sparsifier's FakeSparsity becomes a pyfinetune mask with "
+                         "pyfinetune.prune.adopt_torch_pruning(model)"
+                         if any(_fake_sparsity_masks(model.get_submodule(n)) is not None for n in parametrized) else ""),
                       stacklevel=3)
     conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"
               and hasattr(module, "nf") and (keep_if is None or keep_if(name, module))
@@ -1388,7 +1435,7 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
     _check_model("sparsify", model)
     if layout not in ("csr", "2:4"):
         raise ValueError(f'sparsify: layout must be "csr" or "2:4", got {layout!r}')
-    if any(_torch_pruning_hooks(m) for m in model.modules()):
+    if any(_has_torch_pruning(m) for m in model.modules()):
         adopt_torch_pruning(model)
     if layout == "csr":
         sparse_cls = _sparse_linear_class()

@@ -123,7 +123,7 @@ def test_adopt_leaves_other_pruning_with_a_warning():
     torch_prune.l1_unstructured(model[0], "weight", 0.5)
     torch_prune.l1_unstructured(model[2], "weight", 0.5)
     torch_prune.l1_unstructured(model[2], "bias", 0.5)
-    with pytest.warns(UserWarning, match=r"0\.weight \(Conv1d\), 2\.bias \(Linear\)"):
+    with pytest.warns(UserWarning, match=r"0\.weight \(Conv1d, torch\.nn\.utils\.prune\), 2\.bias \(Linear, torch\.nn\.utils\.prune\)"):
         prune.adopt_torch_pruning(model)
     assert type(model[2]) is MaskedLinear and hasattr(model[2], "bias_orig")
     assert hasattr(model[0], "weight_orig"), "the Conv1d keeps torch's pruning"
@@ -202,3 +202,53 @@ def test_load_pruned_state_dict_torch_keys_errors():
     bad["fc2.weight_mask"] = torch.ones(3, 3)
     with pytest.raises(ValueError, match="fc2.weight_orig and fc2.weight_mask .* one shape"):
         prune.load_pruned_state_dict(ConvNet(), bad)
+
+
+# ------------------------------------------------------------------ torch.ao.pruning sparsifiers
+def _sparsified_convnet(seed: int = 0) -> ConvNet:
+    from torch.ao.pruning import WeightNormSparsifier
+
+    torch.manual_seed(seed)
+    model = ConvNet()
+    sparsifier = WeightNormSparsifier(sparsity_level=0.6, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sparsifier.prepare(model, config=[{"tensor_fqn": f"{n}.weight"} for n in ("fc1", "fc2")])
+    sparsifier.step()
+    return model
+
+
+def test_adopt_a_torch_ao_sparsifier():
+    model = _sparsified_convnet()
+    x = conv_input()
+    before = model(x)
+    originals = {n: model.get_submodule(n).parametrizations.weight.original for n in ("fc1", "fc2")}
+    masks = {n: model.get_submodule(n).parametrizations.weight[0].mask.clone() for n in ("fc1", "fc2")}
+    with pytest.warns(UserWarning, match="adopt_torch_pruning"):   # magnitude_prune names the way
+        with pytest.raises(ValueError, match="no prunable layer"):
+            prune.magnitude_prune(model, 0.5, include=["fc1", "fc2"], exclude=None)
+    prune.adopt_torch_pruning(model)
+    for n in ("fc1", "fc2"):
+        layer = model.get_submodule(n)
+        assert type(layer) is MaskedLinear and layer.weight is originals[n]
+        assert torch.equal(layer.weight_mask, masks[n] != 0) and 0 < layer.weight_mask.float().mean() < 1
+        assert not layer.weight[~layer.weight_mask].any()
+    assert type(model.conv) is nn.Conv2d, "an unpruned layer stays plain"
+    assert torch.equal(model(x), before)
+    assert "fc1.weight_mask" in model.state_dict() and "fc1.parametrizations.weight.original" not in model.state_dict()
+
+
+def test_sparsify_adopts_a_torch_ao_sparsifier():
+    model = _sparsified_convnet(seed=2)
+    x = conv_input()
+    before = model(x)
+    prune.sparsify(model)
+    assert type(model.fc1).__name__ == "SparseLinear" and type(model.fc2).__name__ == "SparseLinear"
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_adopt_leaves_fake_sparsity_mixed_with_other_parametrizations():
+    model = _sparsified_convnet()
+    torch.nn.utils.parametrizations.weight_norm(model.fc2)
+    with pytest.warns(UserWarning, match=r"fc2\.weight \(other parametrizations too, torch\.ao\.pruning FakeSparsity\)"):
+        prune.adopt_torch_pruning(model)
+    assert type(model.fc1) is MaskedLinear
+    assert nn.utils.parametrize.is_parametrized(model.fc2, "weight")
