@@ -37,6 +37,11 @@ void check_scalars(const char* op, double temperature, double alpha, double beta
                grad_scale <= static_cast<double>(std::numeric_limits<float>::max()),
            op, "grad_scale must be a finite number > 0 in float32's normal range [1.17549e-38, 3.40282e+38], got ",
            grad_scale);
+  // Each in range, the gradient's weight T^2 * grad_scale (times alpha <= 1) could still overflow
+  // float32 (T = 1e4, grad_scale = 1e31): an inf weight times a zero term is a NaN gradient.
+  PF_CHECK(temperature * temperature * grad_scale <= static_cast<double>(std::numeric_limits<float>::max()), op,
+           "temperature^2 * grad_scale must fit in float32 (<= 3.40282e+38), got temperature = ", temperature,
+           ", grad_scale = ", grad_scale);
 }
 
 void check_labels(const char* op, const std::optional<at::Tensor>& labels, const at::Tensor& student) {

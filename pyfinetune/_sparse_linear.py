@@ -152,13 +152,21 @@ def _cpu_has_amx() -> bool:
 _AMX: Optional[bool] = None
 
 
-def crossover_sparsity(device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> float:
-    """The sparsity from which ``kernel="auto"`` picks the sparse kernel for a layer of ``dtype`` on
-    ``device`` (above 1: never, for devices without a sparse kernel)."""
+def crossover_key(device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> str:
+    """The :data:`CROSSOVER_SPARSITY` entry for a layer of ``dtype`` on ``device``: the device
+    type, with ``-16bit`` for bfloat16 / float16 where the dense product has matrix units (CUDA,
+    CPUs with AMX)."""
     kind = torch.device(device).type
     if dtype in (torch.bfloat16, torch.float16) and (kind == "cuda" or (kind == "cpu" and _cpu_has_amx())):
-        return CROSSOVER_SPARSITY.get(f"{kind}-16bit", 2.0)
-    return CROSSOVER_SPARSITY.get(kind, 2.0)
+        return f"{kind}-16bit"
+    return kind
+
+
+def crossover_sparsity(device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> float:
+    """The sparsity from which ``kernel="auto"`` picks the sparse kernel for a layer of ``dtype`` on
+    ``device`` (above 1: never, for devices without a sparse kernel). Measure it on your machine
+    with :func:`pyfinetune.prune.calibrate_crossover`."""
+    return CROSSOVER_SPARSITY.get(crossover_key(device, dtype), 2.0)
 
 
 def _check_kernel(kernel: str) -> str:
@@ -247,7 +255,8 @@ class SparseLinear(nn.Module):
     and the dtype: bfloat16 and float16 layers on a CPU with AMX (whose
     16-bit GEMMs are ~5x faster than float32 ones) switch at 0.92, and on CUDA (tensor cores) at 0.99
     (see :data:`CROSSOVER_SPARSITY`); set ``kernel`` to override it (``"sparse"`` for inference
-    below it).
+    below it), or measure this machine's with :func:`pyfinetune.prune.calibrate_crossover` (a
+    2-core AMD EPYC, whose float32 GEMM is half the Xeon's speed, crossed at ~37%).
 
     On CUDA, float16 and bfloat16 layers can run the sparse forward on the tensor cores
     (:func:`pyfinetune.ops.tiled_csr_linear`: the kept weights regrouped in 128 x 64 tiles, each

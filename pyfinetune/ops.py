@@ -98,6 +98,9 @@ divergence, beta, ignore_index, grad_scale=1.0) -> loss``: ``kd_loss_fwd`` with 
 over ``student`` (contiguous, sharing no memory with ``teacher`` or ``labels``), for a caller that owns
 the logits buffer and needs no copy of the logits afterwards (:func:`pyfinetune.fused_linear_kd_loss`'s
 chunks: one chunk-sized buffer fewer). Not differentiable: call it on tensors that need no gradient.
+Its results are ``kd_loss_fwd``'s bit for bit when the student starts on a 16-byte boundary (as a
+fresh or chunked buffer does); otherwise the CUDA kernel's vector split of a row differs and the
+two agree to float32 rounding.
 """
 
 from __future__ import annotations

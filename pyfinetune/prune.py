@@ -1355,6 +1355,18 @@ def __getattr__(name: str):
             return _sparse_linear_class()
         except ImportError as e:
             raise AttributeError(str(e)) from e
+    if name in ("calibrate_crossover", "CrossoverCalibration"):  # measures SparseLinear's kernels
+        try:
+            from . import _crossover
+        except ImportError as e:
+            raise AttributeError(str(e)) from e
+        return getattr(_crossover, name)
+    if name == "CROSSOVER_SPARSITY":  # the dict itself: changes to it are what kernel="auto" reads
+        try:
+            from ._sparse_linear import CROSSOVER_SPARSITY
+        except ImportError as e:
+            raise AttributeError(str(e)) from e
+        return CROSSOVER_SPARSITY
     if name == "release_dense_buffers":  # SparseLinear's dense-path buffers (pyfinetune._sparse_linear)
         try:
             from ._sparse_linear import release_dense_buffers

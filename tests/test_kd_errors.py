@@ -67,6 +67,9 @@ def test_module_validates_in_init():
         (lambda op: op(S, T, None, **_kw(grad_scale=float("inf"))), "grad_scale must be a finite number > 0"),
         (lambda op: op(S, T, None, **_kw(grad_scale=1e39)), r"grad_scale must be .* normal range .*, got 1e\+39"),
         (lambda op: op(S, T, None, **_kw(grad_scale=1e-40)), r"grad_scale must be .* normal range .*, got 1e-40"),
+        # each in range, their product overflowed float32: a NaN gradient (found by the CUDA review)
+        (lambda op: op(S, T, None, **_kw(temperature=1e4, grad_scale=1e31, need_grad=True)),
+         r"temperature\^2 \* grad_scale must fit in float32 .*, got temperature = 10000, grad_scale = 1e\+31"),
     ],
 )
 def test_raw_op_checks(call, match):

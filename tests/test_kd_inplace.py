@@ -1,6 +1,9 @@
 """kd_loss_fwd_inplace: the distillation kernel with its gradient written over the student.
 
-It must give exactly kd_loss_fwd's loss rows and gradient (same kernel, same launch), on every
+It must give exactly kd_loss_fwd's loss rows and gradient (same kernel, same launch) when the
+gradient kd_loss_fwd writes has the student's 16-byte alignment (as here: fresh tensors; on CUDA a
+student starting mid-word is split into vector head and body differently in place, so the two then
+agree to rounding, not bit for bit), on every
 path of the kernels: each divergence, with and without labels and ignored rows, T = 1, an integer
 T (the power path) and another T, grad_scale, mixed dtypes, and rows long enough that the CUDA
 kernel splits a row over a cluster of blocks (where the label's logit is read before any block

@@ -1,0 +1,98 @@
+"""pyfinetune.prune.calibrate_crossover: measuring SparseLinear's kernel="auto" threshold on this
+machine (the crossover rule itself, the entry it sets, what it times, and its argument errors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyfinetune import _sparse_linear, prune
+from pyfinetune._crossover import _crossover_of
+from pyfinetune._sparse_linear import SparseLinear
+
+SMALL = dict(batch=8, in_features=48, out_features=40, sparsities=(0.2, 0.6, 0.95), reps=10, warmup=1)
+
+
+@pytest.fixture
+def crossover_table(monkeypatch):
+    """CROSSOVER_SPARSITY restored after the test (calibrate_crossover writes into it)."""
+    saved = dict(_sparse_linear.CROSSOVER_SPARSITY)
+    yield _sparse_linear.CROSSOVER_SPARSITY
+    _sparse_linear.CROSSOVER_SPARSITY.clear()
+    _sparse_linear.CROSSOVER_SPARSITY.update(saved)
+
+
+@pytest.mark.parametrize("points, expected", [
+    # (sparsity, dense ms, sparse ms): ratio dense / sparse crosses 1 between 0.4 (0.8) and 0.6 (1.2)
+    ([(0.2, 10, 20), (0.4, 10, 12.5), (0.6, 12, 10), (0.8, 10, 5)], 0.5),
+    ([(0.3, 10, 9), (0.6, 10, 5)], 0.3),                    # faster everywhere: the lowest measured
+    ([(0.3, 10, 20), (0.9, 10, 11)], 2.0),                  # never faster: never
+    ([(0.5, 10, 9), (0.6, 10, 11), (0.7, 10, 10), (0.9, 10, 2)], 0.7),  # the last crossing counts
+    ([(0.6, 10, 12.5), (0.4, 10, 20), (0.8, 12, 10)], 0.7),  # unsorted input; 0.8 -> 1.2 at 0.6 / 0.8
+])
+def test_crossover_rule(points, expected):
+    assert _crossover_of(points) == pytest.approx(expected, abs=1e-4)
+
+
+def test_calibrate_sets_the_entry_auto_reads(crossover_table):
+    crossover_table["cpu"] = 0.123
+    cal = prune.calibrate_crossover("cpu", **SMALL)
+    assert isinstance(cal, prune.CrossoverCalibration)
+    assert cal.key == "cpu" and cal.previous == 0.123 and cal.applied
+    assert [s for s, _, _ in cal.points] == [0.2, 0.6, 0.95]
+    assert all(d > 0 and sp > 0 for _, d, sp in cal.points)
+    assert cal.crossover == _crossover_of(cal.points)
+    assert crossover_table["cpu"] == cal.crossover
+    assert prune.CROSSOVER_SPARSITY is crossover_table
+    # kernel="auto" follows the new entry at the next call
+    w, mask = torch.randn(40, 48), torch.rand(40, 48) > 0.5
+    layer = SparseLinear.from_dense(w, mask)
+    crossover_table["cpu"] = 0.4
+    assert layer.kernel_for() == "sparse"
+    crossover_table["cpu"] = 0.6
+    assert layer.kernel_for() == "dense"
+    text = str(cal)
+    assert "forward + backward, x [8, 48], weight [40, 48] float32" in text and "previous 0.123; applied" in text
+
+
+def test_calibrate_without_apply_and_inference_mode(crossover_table):
+    before = dict(crossover_table)
+    cal = prune.calibrate_crossover("cpu", torch.bfloat16, mode="inference", apply=False, **SMALL)
+    assert not cal.applied and dict(crossover_table) == before
+    assert cal.mode == "inference" and cal.dtype == torch.bfloat16
+    assert cal.key == ("cpu-16bit" if _sparse_linear._cpu_has_amx() else "cpu")
+    assert "forward, x [8, 48]" in str(cal) and "not applied" in str(cal)
+
+
+def test_calibrate_16bit_key_follows_amx(monkeypatch, crossover_table):
+    monkeypatch.setattr(_sparse_linear, "_AMX", True)
+    assert _sparse_linear.crossover_key("cpu", torch.bfloat16) == "cpu-16bit"
+    assert _sparse_linear.crossover_key("cpu", torch.float32) == "cpu"
+    cal = prune.calibrate_crossover("cpu", torch.float16, **SMALL)
+    assert cal.key == "cpu-16bit" and crossover_table["cpu-16bit"] == cal.crossover
+    monkeypatch.setattr(_sparse_linear, "_AMX", False)
+    assert _sparse_linear.crossover_key("cpu", torch.bfloat16) == "cpu"
+    assert _sparse_linear.crossover_key("cuda", torch.bfloat16) == "cuda-16bit"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="eval"), 'mode must be "train" or "inference"'),
+    (dict(dtype=torch.int32), "dtype must be one of"),
+    (dict(sparsities=(0.5,)), "sparsities must hold at least two fractions in"),
+    (dict(sparsities=(0.5, 1.0)), "sparsities must hold at least two fractions in"),
+    (dict(sparsities="0.5"), "sparsities must hold at least two fractions in"),
+    (dict(reps=5), "reps must be >= 10"),
+    (dict(reps=1.5), "reps must be a positive int"),
+    (dict(batch=0), "batch must be a positive int"),
+    (dict(in_features=True), "in_features must be a positive int"),
+    (dict(warmup=-1), "warmup must be an int >= 0"),
+    (dict(device="meta"), "this build has no meta kernel for csr_linear"),
+])
+def test_calibrate_errors(kwargs, match, crossover_table):
+    before = dict(crossover_table)
+    args = {**SMALL, **kwargs}
+    device = args.pop("device", "cpu")
+    dtype = args.pop("dtype", torch.float32)
+    with pytest.raises(ValueError, match=match):
+        prune.calibrate_crossover(device, dtype, **args)
+    assert dict(crossover_table) == before
