@@ -395,12 +395,12 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
 
 
 def _from_torch_pruning_keys(state_dict: Dict[str, Any]) -> Dict[str, Any]:
-    """``state_dict`` with torch.nn.utils.prune's ``<p>weight_orig`` + floating ``<p>weight_mask``
+    """``state_dict`` with torch.nn.utils.prune's ``<p>weight_orig`` + ``<p>weight_mask`` (0/1)
     pairs replaced by pyfinetune's ``<p>weight`` + bool ``<p>weight_mask`` (a new dict, same order
     otherwise; ``state_dict`` itself unchanged)."""
     pairs = [key[: -len("weight_orig")] for key in state_dict if key == "weight_orig" or key.endswith(".weight_orig")]
-    pairs = [p for p in pairs if isinstance(state_dict.get(p + "weight_mask"), Tensor)
-             and state_dict[p + "weight_mask"].dtype != torch.bool]
+    # pyfinetune's own state has no weight_orig: a pair is torch's whatever its mask's dtype
+    pairs = [p for p in pairs if isinstance(state_dict.get(p + "weight_mask"), Tensor)]
     if not pairs:
         return state_dict
     out = type(state_dict)() if isinstance(state_dict, dict) else {}

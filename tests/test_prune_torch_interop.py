@@ -252,3 +252,12 @@ def test_adopt_leaves_fake_sparsity_mixed_with_other_parametrizations():
         prune.adopt_torch_pruning(model)
     assert type(model.fc1) is MaskedLinear
     assert nn.utils.parametrize.is_parametrized(model.fc2, "weight")
+
+
+def test_load_pruned_state_dict_reads_a_bool_torch_mask():
+    src = _torch_pruned_convnet("l1_unstructured")
+    sd = {k: (v.bool() if k.endswith("weight_mask") else v) for k, v in src.state_dict().items()}
+    dst = ConvNet()
+    prune.load_pruned_state_dict(dst, sd)
+    x = conv_input()
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
