@@ -214,9 +214,45 @@ def test_pruning_benchmark_torch_prune_rival():
                 "step": {prune.DENSE_STEP: timing(30.0), prune.TORCH_PRUNE_STEP: timing(40.0),
                          prune.OURS_STEP: timing(8.0)}}]
     analysis = prune.analyse(results, "cpu", torch.float32)
-    assert [(v["group"], v["value"]) for v in analysis["vs_torch_prune"]] == [("forward", 4.0), ("step", 5.0)]
+    assert [(v["group"], v["value"]) for v in analysis["vs_rivals"]] == [("forward", 4.0), ("step", 5.0)]
     md = prune.summary_markdown(analysis)
-    assert "## Against torch.nn.utils.prune" in md and "| 90% | 4.00x (4.00 .. 4.00) | 5.00x (5.00 .. 5.00) |" in md
+    assert "| sparsity | forward: torch.nn.utils.prune | training step: torch.nn.utils.prune + torch AdamW fused |" in md
+    assert "| 90% | 4.00x (4.00 .. 4.00) | 5.00x (5.00 .. 5.00) |" in md
+
+
+def test_pruning_benchmark_block_pattern():
+    # --pattern block:RxC: whole blocks kept or pruned, torch's BSR product among the forward
+    # contenders (checked to compute the masked product), no targets (the are unstructured).
+    from pyfinetune.benchmarks import common, prune
+
+    assert prune.parse_pattern("unstructured") is None and prune.parse_pattern("block:16x32") == (16, 32)
+    for bad in ("block:0x4", "block:3x4", "2:4", "block:16"):
+        with pytest.raises(ValueError, match="pattern"):
+            prune.parse_pattern(bad)
+    p = prune.make_problem(0.75, torch.device("cpu"), seed=5, block=(16, 32))
+    blocks = p["mask"].reshape(prune.M // 16, 16, prune.K // 32, 32)
+    assert bool((blocks.all(3).all(1) | ~blocks.any(3).any(1)).all()), "every block whole"
+    assert abs(p["mask"].float().mean().item() - 0.25) < 0.02
+    # torch's CPU BSR product (MKL) refuses non-square blocks: left out with a note, not a crash
+    assert prune.TORCH_BSR_FWD not in [c.name for c in prune.forward_contenders(p, False)]
+    p = prune.make_problem(0.75, torch.device("cpu"), seed=5, block=(16, 16))
+    contenders = {c.name: c for c in prune.forward_contenders(p, True, dense_path=False)}
+    assert prune.TORCH_BSR_FWD in contenders
+    ref = contenders[prune.DENSE_FWD].fn()
+    torch.testing.assert_close(contenders[prune.TORCH_BSR_FWD].fn().t(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(contenders[prune.OURS_FWD].fn(), ref, rtol=1e-4, atol=1e-4)
+    assert prune.TORCH_BSR_FWD not in [c.name for c in prune.forward_contenders(prune.make_problem(0.75, torch.device("cpu")), False)]
+
+    def timing(ms):
+        return common.Timing("t", [ms] * 10)
+
+    results = [{"sparsity": 0.9,
+                "forward": {prune.DENSE_FWD: timing(10.0), prune.TORCH_BSR_FWD: timing(6.0), prune.OURS_FWD: timing(3.0)},
+                "step": {prune.DENSE_STEP: timing(30.0), prune.OURS_STEP: timing(8.0)}}]
+    analysis = prune.analyse(results, "cpu", torch.float32, block=(16, 16))
+    assert analysis["ratios"] == [] and "target" not in analysis["crossover"]
+    md = prune.summary_markdown(analysis, block=(16, 16))
+    assert "No targets for 16 x 16 block masks" in md and "| 90% | 2.00x (2.00 .. 2.00) |" in md
 
 
 def test_git_state_keeps_every_dirty_path(monkeypatch):

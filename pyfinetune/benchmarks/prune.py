@@ -6,6 +6,7 @@ torch sparse products, across sparsities.
     python benchmarks/bench_prune.py --quick --sparsity 0.9 # smoke run
     python benchmarks/bench_prune.py --device cuda --dtype float16 --sparsity 0.9   # the H100 target
     python benchmarks/bench_prune.py --batch 1              # one row of x (token-by-token inference)
+    python benchmarks/bench_prune.py --pattern block:16x16  # masks of whole 16 x 16 blocks, + torch BSR
 
 Per sparsity, two groups of contenders run round-robin (``common.time_interleaved``):
 
@@ -14,7 +15,9 @@ Per sparsity, two groups of contenders run round-robin (``common.time_interleave
   ``dense x @ w.T`` on the pre-masked dense weight, ``torch.nn.utils.prune`` (an ``nn.Linear``
   pruned with ``custom_from_mask``: torch's pruning workflow, whose hook multiplies the weight by
   its mask at every call), ``torch.sparse.mm CSR`` (W as a
-  ``torch.sparse_csr`` tensor times x^T), ``ours sparse`` (SparseLinear, kernel="sparse":
+  ``torch.sparse_csr`` tensor times x^T), with ``--pattern block:RxC`` ``torch.sparse.mm BSR``
+  (W as ``torch.sparse_bsr`` with the pattern's blocks; torch's CPU product takes square blocks
+  only, so other blocks leave it out with a note), ``ours sparse`` (SparseLinear, kernel="sparse":
   csr_linear), ``ours dense path`` (SparseLinear, kernel="dense": masked_matmul on the weight
   rebuilt from the kept values; what kernel="auto" runs below the crossover);
 * training step, forward + backward (grad of x and of the weights) + optimizer step:
@@ -31,7 +34,8 @@ training step >= 3x dense at 90%, forward crossover at or below 70%; on CUDA in 
 >= 2x cuBLAS dense at 90%. Other device and dtype pairs report the same ratios without targets.
 Results: ``benchmarks/results/prune-<device>-YYYYMMDD-HHMM.{json,md}`` (float32), else
 ``prune-<dtype>-<device>-...``; with ``--batch n`` other than 256, ``prune[-<dtype>]-n<n>-<device>-...``
-(no targets: the issue's are at N = 256).
+(no targets: the issue's are at N = 256); with ``--pattern block:RxC``, ``...-blockRxC-<device>-...``
+(no targets: the issue's are for random unstructured masks).
 """
 
 from __future__ import annotations
@@ -40,9 +44,10 @@ import argparse
 import contextlib
 import gc
 import os
+import re
 import sys
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,6 +66,7 @@ LR = 1e-3
 
 DENSE_FWD = "dense x @ w.T"
 TORCH_CSR_FWD = "torch.sparse.mm CSR"
+TORCH_BSR_FWD = "torch.sparse.mm BSR"  # block patterns only: W as torch.sparse_bsr with the pattern's blocks
 OURS_FWD = "ours sparse"
 OURS_DENSE_FWD = "ours dense path"
 OURS_TC_FWD = "ours sparse, tensor cores"  # SparseLinear's tiled_csr_linear path (CUDA, 16-bit, sm80+)
@@ -71,6 +77,10 @@ TORCH_PRUNE_FWD = "torch.nn.utils.prune"  # nn.Linear + custom_from_mask: weight
 TORCH_PRUNE_STEP = "torch.nn.utils.prune + torch AdamW fused"
 OURS_STEP = "ours sparse + AdamW"
 OURS_DENSE_STEP = "ours dense path + AdamW"
+
+# Rivals reported against ours sparse at every sparsity: (group, rival, ours).
+RIVALS = (("forward", TORCH_PRUNE_FWD, OURS_FWD), ("step", TORCH_PRUNE_STEP, OURS_STEP),
+          ("forward", TORCH_BSR_FWD, OURS_FWD))
 
 # (key, description, sparsity it is judged at, target), per (device type, dtype) that has targets.
 CPU_TARGETS = [
@@ -96,15 +106,35 @@ CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 # --------------------------------------------------------------------------------------- inputs
 def make_problem(sparsity: float, device: torch.device, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, n: int = N) -> Dict[str, torch.Tensor]:
-    """x [n, K], a weight [M, K] with a random mask keeping 1 - ``sparsity`` of it, an upstream
-    gradient [n, M], in ``dtype``."""
+                 dtype: torch.dtype = torch.float32, n: int = N,
+                 block: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    """x [n, K], a weight [M, K] with a random mask keeping 1 - ``sparsity`` of it (of its
+    ``block`` = (rows, cols) blocks, each kept or pruned whole, when given), an upstream gradient
+    [n, M], in ``dtype``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, K, generator=gen).to(device, dtype)
     w = (torch.randn(M, K, generator=gen) * K**-0.5).to(device, dtype)
-    mask = (torch.rand(M, K, generator=gen) >= sparsity).to(device)
+    if block is None:
+        mask = torch.rand(M, K, generator=gen) >= sparsity
+    else:
+        rows, cols = block
+        mask = (torch.rand(M // rows, K // cols, generator=gen) >= sparsity)
+        mask = mask.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
     grad = torch.randn(n, M, generator=gen).to(device, dtype)
-    return {"x": x, "w": w, "mask": mask, "grad": grad}
+    return {"x": x, "w": w, "mask": mask.to(device), "grad": grad, "block": block}
+
+
+def parse_pattern(text: str) -> Optional[Tuple[int, int]]:
+    """``"unstructured"`` -> None; ``"block:RxC"`` -> (R, C), R dividing M and C dividing K."""
+    if text == "unstructured":
+        return None
+    m = re.fullmatch(r"block:(\d+)x(\d+)", text)
+    if m is None or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f'pattern must be "unstructured" or "block:RxC" (e.g. block:16x16), got {text!r}')
+    rows, cols = int(m.group(1)), int(m.group(2))
+    if M % rows or K % cols:
+        raise ValueError(f"pattern {text!r} must divide the {M} x {K} weight")
+    return rows, cols
 
 
 def check_against_dense(layer: SparseLinear, p: Dict[str, Any]) -> None:
@@ -167,6 +197,15 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bo
                   file=sys.stderr, flush=True)
         else:
             out.append(Contender(TORCH_CSR_FWD, lambda: torch.sparse.mm(w_csr, xt)))
+        if p.get("block") is not None:
+            w_bsr = wm.to_sparse_bsr(p["block"])
+            try:
+                torch.sparse.mm(w_bsr, xt)
+            except (RuntimeError, NotImplementedError) as e:
+                print(f"torch.sparse.mm BSR left out ({x.dtype}, {x.device.type}): {str(e).splitlines()[0]}",
+                      file=sys.stderr, flush=True)
+            else:
+                out.append(Contender(TORCH_BSR_FWD, lambda: torch.sparse.mm(w_bsr, xt)))
     if ours_ok:
         for name, kernel in ((OURS_FWD, "sparse"),) + (((OURS_DENSE_FWD, "dense"),) if dense_path else ()):
             layer = SparseLinear.from_dense(w, mask, kernel=kernel)
@@ -304,8 +343,8 @@ def timings_summary(timings: Dict[str, common.Timing]) -> Dict[str, Dict[str, An
 
 
 def run_sparsity(sparsity: float, device: torch.device, reps: int, warmup: int, ours_ok: bool,
-                 dtype: torch.dtype = torch.float32, n: int = N) -> Dict[str, Any]:
-    p = make_problem(sparsity, device, dtype=dtype, n=n)
+                 dtype: torch.dtype = torch.float32, n: int = N, block: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    p = make_problem(sparsity, device, dtype=dtype, n=n, block=block)
     res: Dict[str, Any] = {"sparsity": sparsity, "nnz": int(p["mask"].sum())}
     with common.CpuContention() as load:
         for group, build in (("forward", forward_contenders), ("step", step_contenders)):
@@ -321,12 +360,13 @@ def run_sparsity(sparsity: float, device: torch.device, reps: int, warmup: int, 
 
 
 def run_sparsity_quietly(sparsity: float, device: torch.device, reps: int, warmup: int, attempts: int,
-                         ours_ok: bool, dtype: torch.dtype = torch.float32, n: int = N) -> Dict[str, Any]:
+                         ours_ok: bool, dtype: torch.dtype = torch.float32, n: int = N,
+                         block: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
     best = None
     for attempt in range(1, attempts + 1):
         if device.type == "cpu" and not common.wait_for_quiet():
             print(f"[{sparsity:.0%}] the machine stayed busy; measuring anyway", file=sys.stderr, flush=True)
-        res = run_sparsity(sparsity, device, reps, warmup, ours_ok, dtype, n)
+        res = run_sparsity(sparsity, device, reps, warmup, ours_ok, dtype, n, block)
         share = res["cpu_contention"].get("other_share") or 0.0
         if best is None or share < (best["cpu_contention"].get("other_share") or 0.0):
             best = res
@@ -362,11 +402,13 @@ def crossover(results: List[Dict[str, Any]], group: str, num: str, den: str) -> 
 
 
 def analyse(results: List[Dict[str, Any]], device_type: str = "cpu",
-            dtype: torch.dtype = torch.float32, n: int = N) -> Dict[str, Any]:
-    """Target ratios (the issue's targets are at N = 256 rows of x only) and crossovers."""
+            dtype: torch.dtype = torch.float32, n: int = N, block: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    """Target ratios (the issue's targets are at N = 256 rows of x, random unstructured masks
+    only), crossovers, and ours against each rival of torch (time ratios per sparsity)."""
     by_sparsity = {r["sparsity"]: r for r in results}
     ratios = []
-    for key, desc, sparsity, target in TARGETS.get((device_type, dtype), []) if n == N else []:
+    with_targets = n == N and block is None
+    for key, desc, sparsity, target in TARGETS.get((device_type, dtype), []) if with_targets else []:
         r = by_sparsity.get(sparsity)
         if r is None:
             continue
@@ -387,15 +429,15 @@ def analyse(results: List[Dict[str, Any]], device_type: str = "cpu",
     }
     rivals = []
     for r in results:
-        for group, num, den in (("forward", TORCH_PRUNE_FWD, OURS_FWD), ("step", TORCH_PRUNE_STEP, OURS_STEP)):
+        for group, num, den in RIVALS:
             if num in r[group] and den in r[group]:
                 rivals.append({"sparsity": r["sparsity"], "group": group, "rival": num, "ours": den,
                                **common.paired_ratio(r[group][num], r[group][den])})
     fwd = cross["forward_vs_dense"]["measured"]
-    if (device_type, dtype) == ("cpu", torch.float32) and n == N:
+    if (device_type, dtype) == ("cpu", torch.float32) and with_targets:
         cross["target"] = {"description": f"forward crossover with dense at or below {CROSSOVER_TARGET:.0%}",
                            "value": fwd, "status": "MET" if fwd is not None and fwd <= CROSSOVER_TARGET else "NOT MET"}
-    return {"ratios": ratios, "crossover": cross, "vs_torch_prune": rivals}
+    return {"ratios": ratios, "crossover": cross, "vs_rivals": rivals}
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -419,7 +461,7 @@ def sparsity_markdown(r: Dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def summary_markdown(analysis: Dict[str, Any], n: int = N) -> str:
+def summary_markdown(analysis: Dict[str, Any], n: int = N, block: Optional[Tuple[int, int]] = None) -> str:
     rows = [[r["description"], f"{r['value']:.2f}", f"{r['p20']:.2f} .. {r['p80']:.2f}", f">= {r['target']}",
              r["status"]] for r in analysis["ratios"]]
     c = analysis["crossover"]
@@ -440,16 +482,22 @@ def summary_markdown(analysis: Dict[str, Any], n: int = N) -> str:
            ]), ""]
     if "target" in c:
         out += [f"Target: {c['target']['description']}: {c['target']['status']}.", ""]
-    rivals = analysis.get("vs_torch_prune") or []
-    if rivals:
-        out += ["## Against torch.nn.utils.prune (time ratio, >1 = ours sparse faster)", "",
-                common.markdown_table(["sparsity", "forward", "training step"], [
-                    [f"{s:.0%}"] + [next((f"{v['value']:.2f}x ({v['p20']:.2f} .. {v['p80']:.2f})" for v in rivals
-                                          if v["sparsity"] == s and v["group"] == g), "-") for g in ("forward", "step")]
-                    for s in sorted({v["sparsity"] for v in rivals})]), ""]
     elif not rows:
         out[2] = (f"No targets for {n} row{'s' if n > 1 else ''} of x (the issue's are at {N})" if n != N else
+                  f"No targets for {block[0]} x {block[1]} block masks (the issue's are for random unstructured ones)"
+                  if block is not None else
                   "No targets for this device and dtype (the issue's: CPU float32, CUDA float16)") + "; the ratios are below."
+    rivals = analysis.get("vs_rivals") or []
+    if rivals:
+        columns = [(g, rival) for g, rival, _ in RIVALS if any(v["group"] == g and v["rival"] == rival for v in rivals)]
+        out += ["## Against torch's pruned and sparse layers (time ratio rival / ours sparse, >1 = ours faster; "
+                "per-round p20 .. p80)", "",
+                common.markdown_table(["sparsity"] + [f"{'forward' if g == 'forward' else 'training step'}: {rival}"
+                                                      for g, rival in columns], [
+                    [f"{s:.0%}"] + [next((f"{v['value']:.2f}x ({v['p20']:.2f} .. {v['p80']:.2f})" for v in rivals
+                                          if v["sparsity"] == s and v["group"] == g and v["rival"] == rival), "-")
+                                    for g, rival in columns]
+                    for s in sorted({v["sparsity"] for v in rivals})]), ""]
     return "\n".join(out)
 
 
@@ -460,6 +508,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="of x, the weight and the gradients (default float32)")
     ap.add_argument("--batch", type=int, default=N,
                     help=f"rows of x (default {N}, where the targets are; 1 for one-token inference)")
+    ap.add_argument("--pattern", default="unstructured",
+                    help='"unstructured" (default, where the targets are) or "block:RxC": masks of whole R x C '
+                         "blocks, with torch.sparse.mm on BSR among the contenders")
     common.add_run_options(ap, default_reps=DEFAULT_REPS, repeat_what="a sparsity")
     args = ap.parse_args(argv)
     device, reps, warmup = common.resolve_run_options(ap, args, default_reps=DEFAULT_REPS)
@@ -470,6 +521,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--batch must be at least 1, got {args.batch}")
     n = args.batch
     dtype = DTYPES[args.dtype]
+    try:
+        block = parse_pattern(args.pattern)
+    except ValueError as e:
+        ap.error(f"--pattern: {e}")
     ours_ok = device.type in pyfinetune.kernel_devices()["csr_linear"]
     if os.environ.get(TC_ENV):
         print(f"note: {TC_ENV}={os.environ[TC_ENV]} is set: the 'ours sparse' rows run that kernel (recorded in the "
@@ -480,20 +535,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = []
     for s in sorted(args.sparsity):
         print(f"[{s:.0%}] N={n} K={K} M={M} {args.dtype}, {reps} rounds", file=sys.stderr, flush=True)
-        results.append(run_sparsity_quietly(s, device, reps, warmup, args.attempts, ours_ok, dtype, n))
+        results.append(run_sparsity_quietly(s, device, reps, warmup, args.attempts, ours_ok, dtype, n, block))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    analysis = analyse(results, device.type, dtype, n)
+    analysis = analyse(results, device.type, dtype, n, block)
 
     md = [f"# pyfinetune pruned linear benchmark ({device.type}, {when})", "",
           common.machine_summary(machine), "",
-          f"x [{n}, {K}] {args.dtype}, weight [{M}, {K}] pruned at random; {reps} timed rounds after {warmup} warm-up "
+          f"x [{n}, {K}] {args.dtype}, weight [{M}, {K}] pruned at random"
+          + (f" in whole {block[0]} x {block[1]} blocks" if block else "") +
+          f"; {reps} timed rounds after {warmup} warm-up "
           "rounds, contenders interleaved round-robin; times are per call" +
           (f" (each sample: {CUDA_CALLS_PER_SAMPLE['forward']} back-to-back forward calls, "
            f"{CUDA_CALLS_PER_SAMPLE['step']} training steps)" if device.type == "cuda" else "") +
           "; ratios are median / median with the spread of the same-round ratios."
           + (" QUICK RUN: not a record." if args.quick else ""), "",
-          summary_markdown(analysis, n)]
+          summary_markdown(analysis, n, block)]
     md += [sparsity_markdown(r) for r in results]
     if not ours_ok:
         md += [f"Note: pyfinetune has no {device.type} kernel for csr_linear in this build: only torch rows.", ""]
@@ -502,7 +559,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "N": n, "K": K, "M": M, "lr": LR,
                    "calls_per_sample": CUDA_CALLS_PER_SAMPLE if device.type == "cuda" else {"forward": 1, "step": 1},
                    TC_ENV: os.environ.get(TC_ENV),
-                   "dtype": args.dtype,
+                   "dtype": args.dtype, "pattern": args.pattern,
                    "sparsities": sorted(args.sparsity)},
         "sparsities": [{**{k: v for k, v in r.items() if k not in ("forward", "step")},
                         "forward": timings_summary(r["forward"]), "step": timings_summary(r["step"])} for r in results],
@@ -511,6 +568,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = "prune" if dtype == torch.float32 else f"prune-{args.dtype}"
     if n != N:
         name += f"-n{n}"
+    if block is not None:
+        name += f"-block{block[0]}x{block[1]}"
     common.publish(name, device, record, "\n".join(md), args.out, stamp)
     return 0
 
