@@ -39,7 +39,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"GPU          {gpu}")
     for device, by_dtype in info["sparse_linear_crossover"].items():
         print(f"SparseLinear kernel='auto' on {device}: sparse from "
-              + ", ".join(f"{v:.0%} ({dt})" for dt, v in by_dtype.items()))
+              + ", ".join(f"{v:.0%} ({dt})" for dt, v in by_dtype.items())
+              + " (defaults; measure this machine's: pyfinetune.prune.calibrate_crossover)")
     pool = info["dense_pool"]
     limit = (f"up to {pool['idle_limit_bytes'] / 2**20:.0f} MB idle" if pool["idle_limit_bytes"] is not None
              else f"invalid limit: {pool['error']}")
