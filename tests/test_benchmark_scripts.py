@@ -48,6 +48,26 @@ def test_kd_memory_child_runs_as_a_module():
     assert res["held_bytes"] >= 16 * 300 * 4, json.dumps(res)  # the gradient buffer is kept for backward
 
 
+def test_kd_topk_contenders(monkeypatch):
+    # The top-k case: the torch composition and kd_loss_topk give one loss and gradient (the
+    # benchmark checks this before timing, and refuses a contender that differs), and the memory
+    # child runs it.
+    from pyfinetune.benchmarks import distill
+
+    distill.check_topk(torch.device("cpu"))
+    s, tk, idx, lab = distill.topk_inputs(12, 400, 9, torch.bfloat16, "cpu")
+    assert idx.shape == (12, 9) and tk.dtype == torch.bfloat16 and (lab == -100).sum() == 2
+    assert all(len(set(row.tolist())) == 9 for row in idx)
+    torch.testing.assert_close(distill.ours_kd_topk(s, tk, idx, lab), distill.torch_kd_topk(s, tk, idx, lab),
+                               rtol=1e-4, atol=1e-4)
+    monkeypatch.setitem(distill.TOPK_FNS, distill.OURS, lambda s, tk, idx, lab: 1.01 * distill.ours_kd_topk(s, tk, idx, lab))
+    with pytest.raises(RuntimeError, match="ours top-k loss or gradient differs"):
+        distill.check_topk(torch.device("cpu"))
+    monkeypatch.undo()
+    res = distill.measure_memory(dict(kind="topk", name=distill.OURS, n=16, v=300, k=5, dtype="float32", device="cpu"))
+    assert "error" not in res and res["peak_bytes"] > 0, res
+
+
 def test_kd_linear_chunk_contenders(tmp_path, capsys):
     # --linear-chunks adds fused_linear_kd_loss at those chunk sizes, timed and measured (memory in
     # the child process, which rebuilds the same contender from its spec).

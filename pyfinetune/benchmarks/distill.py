@@ -16,6 +16,9 @@ what is kept between forward and backward; ``peak`` = peak of the memory allocat
 forward+backward above what was allocated before (CPU: torch's allocator record from the
 profiler's memory events, see ``common.CpuAllocations``; CUDA:
 max_memory_allocated).
+``kd_loss_topk`` (a teacher saved as its top-k logits) is compared with the torch composition for
+it (the student's log-softmax over V gathered at the teacher's k indices, the teacher's softmax
+over its k logits, cross-entropy; eager and compiled), checked on a small case first.
 ``fused_linear_kd_loss`` is compared with the unfused composition (logits, then kd_loss) on
 N x H hidden states and a V x H head (``--linear-chunks 256 1024``: also with those chunk sizes),
 and with Liger-Kernel's ``LigerFusedLinearJSDLoss`` (beta = 0: the same loss) when liger-kernel is
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfinetune  # noqa: F401
-from pyfinetune.losses import fused_linear_kd_loss, kd_loss
+from pyfinetune.losses import fused_linear_kd_loss, kd_loss, kd_loss_topk
 
 from . import common
 from .common import Contender, Timing
@@ -47,11 +50,13 @@ DEFAULT_REPS = 10
 TEMP, ALPHA = 2.0, 0.5
 EAGER, COMPILED, OURS, UNFUSED, FUSED = "torch eager", "torch compile", "ours", "unfused (logits + ours)", "ours fused linear"
 
-CPU_CASES = [("kd", 1024, 32000, torch.float32), ("kd", 256, 128256, torch.float32), ("linear", 4096, 1024, 32000)]
-# ("linear", N, H, V[, dtype of the hidden states and weights, default float32])
+# ("kd", N, V, dtype); ("linear", N, H, V[, dtype of the hidden states and weights, default float32]);
+# ("topk", N, V, k, dtype): kd_loss_topk, the teacher saved as its k largest logits per row.
+CPU_CASES = [("kd", 1024, 32000, torch.float32), ("kd", 256, 128256, torch.float32), ("linear", 4096, 1024, 32000),
+             ("topk", 1024, 32000, 64, torch.float32)]
 GPU_CASES = [("kd", 8192, 128256, torch.bfloat16), ("linear", 16384, 4096, 128256),
-             ("linear", 16384, 4096, 128256, torch.bfloat16)]
-QUICK_CASES = [("kd", 64, 5000, torch.float32), ("linear", 256, 128, 5000)]
+             ("linear", 16384, 4096, 128256, torch.bfloat16), ("topk", 8192, 128256, 64, torch.bfloat16)]
+QUICK_CASES = [("kd", 64, 5000, torch.float32), ("linear", 256, 128, 5000), ("topk", 64, 5000, 16, torch.float32)]
 
 
 def torch_kd(s, t, lab):
@@ -131,6 +136,67 @@ def liger_kd(s, t, lab):
 
 def kd_fn(name: str) -> Callable:
     return liger_kd if name == LIGER_KD else KD_FNS[name]
+
+
+# kd_loss_topk's contenders. The torch composition a user writes for a top-k teacher: the
+# student's log-softmax over all V (at T, and at 1 for the CE term), gathered at the teacher's k
+# indices, against the softmax of the teacher's k logits: the same loss as kd_loss_topk with
+# forward_kl (a teacher row scattered into V entries of -inf would cost V-sized teacher passes
+# too, and 0 * -inf needs masking).
+def torch_kd_topk(s, tk, idx, lab):
+    log_q = F.log_softmax(s.float() / TEMP, dim=-1).gather(-1, idx)
+    log_p = F.log_softmax(tk.float() / TEMP, dim=-1)
+    kd = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ce = F.cross_entropy(s.float(), lab, ignore_index=-100, reduction="none")
+    rows = torch.where(lab == -100, 0.0, ALPHA * TEMP * TEMP * kd + (1 - ALPHA) * ce)
+    return rows.sum() / (lab != -100).sum().clamp_min(1)
+
+
+def ours_kd_topk(s, tk, idx, lab):
+    return kd_loss_topk(s, tk, idx, lab, temperature=TEMP, alpha=ALPHA)
+
+
+_compiled_topk = None
+
+
+def compiled_kd_topk(s, tk, idx, lab):
+    global _compiled_topk
+    if _compiled_topk is None:
+        _compiled_topk = torch.compile(torch_kd_topk)
+    return _compiled_topk(s, tk, idx, lab)
+
+
+TOPK_FNS = {EAGER: torch_kd_topk, COMPILED: compiled_kd_topk, OURS: ours_kd_topk}
+
+
+def topk_inputs(n, v, k, dtype, device, seed=0):
+    """Student logits [n, v] (requiring grad), the top-k of a random teacher row ([n, k] values in
+    ``dtype``, int64 indices), labels with 1/8 of the rows ignored."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = torch.randn(n, v, generator=g, device=device).mul_(3).to(dtype).requires_grad_(True)
+    tk, idx = torch.randn(n, v, generator=g, device=device).mul_(3).topk(k, dim=-1)
+    lab = torch.randint(0, v, (n,), generator=g, device=device)
+    lab[::8] = -100
+    return s, tk.to(dtype), idx, lab
+
+
+def check_topk(device: torch.device) -> None:
+    """The top-k contenders compute the same loss and student gradient (small case, float32)."""
+    inputs = topk_inputs(16, 300, 7, torch.float32, device, seed=1)
+    ref = None
+    for name, fn in TOPK_FNS.items():
+        if name == COMPILED:
+            continue  # the same function as eager; compiling it twice costs time, not information
+        s = inputs[0].detach().clone().requires_grad_(True)
+        loss = fn(s, *inputs[1:])
+        loss.backward()
+        if ref is None:
+            ref = (loss.detach(), s.grad)
+        elif not (torch.allclose(loss.detach(), ref[0], rtol=1e-4, atol=1e-5)
+                  and torch.allclose(s.grad, ref[1], rtol=1e-4, atol=1e-6)):
+            raise RuntimeError(f"pyfinetune benchmark: {name} top-k loss or gradient differs from the torch "
+                               "composition; not timing a wrong contender")
 
 
 def kd_inputs(n, v, dtype, device, seed=0):
@@ -215,6 +281,9 @@ def child_memory(spec: Dict[str, Any]) -> Dict[str, Any]:
     if spec["kind"] == "kd":
         fn = kd_fn(spec["name"])
         inputs = kd_inputs(spec["n"], spec["v"], getattr(torch, spec["dtype"]), device)
+    elif spec["kind"] == "topk":
+        fn = TOPK_FNS[spec["name"]]
+        inputs = topk_inputs(spec["n"], spec["v"], spec["k"], getattr(torch, spec["dtype"]), device)
     else:
         fn = linear_fn(spec["name"], spec.get("chunk"))
         inputs = linear_inputs(spec["n"], spec["h"], spec["v"], device, getattr(torch, spec.get("dtype", "float32")))
@@ -379,6 +448,14 @@ def run(args) -> None:
             make = lambda n=n, v=v, dtype=dtype: kd_inputs(n, v, dtype, device)
             specs = {name: dict(kind="kd", name=name, n=n, v=v, dtype=str(dtype).replace("torch.", ""),
                                 device=device.type) for name in fns}
+        elif case[0] == "topk":
+            _, n, v, k, dtype = case
+            title = f"kd_loss_topk {n} x {v}, teacher top-{k}, {str(dtype).replace('torch.', '')}"
+            check_topk(device)
+            fns = dict(TOPK_FNS)
+            make = lambda n=n, v=v, k=k, dtype=dtype: topk_inputs(n, v, k, dtype, device)
+            specs = {name: dict(kind="topk", name=name, n=n, v=v, k=k, dtype=str(dtype).replace("torch.", ""),
+                                device=device.type) for name in fns}
         else:
             _, n, hdim, v = case[:4]
             dtype = case[4] if len(case) > 4 else torch.float32
@@ -405,7 +482,7 @@ def run(args) -> None:
                  "contended": common.is_contended(cont.result),
                  "timings": {mode: {k: t.summary() for k, t in ts.items()} for mode, ts in timings.items()},
                  "memory": memory}
-        ref = OURS if case[0] == "kd" else FUSED
+        ref = FUSED if case[0] == "linear" else OURS
         rows = []
         for name in fns:
             row = [name]
@@ -442,8 +519,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--reps", type=int, default=DEFAULT_REPS)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
-    p.add_argument("--case", nargs="+", choices=("kd", "linear"),
-                   help="only these cases: kd (kd_loss), linear (fused_linear_kd_loss); default both")
+    p.add_argument("--case", nargs="+", choices=("kd", "linear", "topk"),
+                   help="only these cases: kd (kd_loss), linear (fused_linear_kd_loss), topk (kd_loss_topk); "
+                        "default all")
     p.add_argument("--linear-chunks", type=int, nargs="+", metavar="ROWS",
                    help="also time fused_linear_kd_loss with these chunk_size values (the default chunking is "
                         "always a contender)")
