@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -41,6 +42,9 @@ class CrossoverCalibration:
         applied: whether the entry now holds ``crossover``.
         points: ``(sparsity, dense path ms, sparse ms)`` per measured sparsity (medians).
         mode, shape, dtype, device: what was timed (``shape`` = (batch, in_features, out_features)).
+        other_cpu_share: on a Linux CPU, the share of the machine's CPU time other processes
+            (and the hypervisor) took during the measurement (None elsewhere); above 5% the
+            timings are suspect and a warning said so.
     """
 
     key: str
@@ -52,6 +56,7 @@ class CrossoverCalibration:
     shape: Tuple[int, int, int] = (0, 0, 0)
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
+    other_cpu_share: Optional[float] = None
 
     def __str__(self) -> str:
         what = "forward + backward" if self.mode == "train" else "forward"
@@ -64,6 +69,8 @@ class CrossoverCalibration:
         value = "never (sparse slower at every measured sparsity)" if self.crossover > 1 else f"{self.crossover:.3f}"
         lines.append(f"  crossover: {value}; previous {self.previous:.3f}"
                      + ("; applied" if self.applied else "; not applied"))
+        if self.other_cpu_share is not None:
+            lines.append(f"  other processes took {self.other_cpu_share:.1%} of the CPUs meanwhile")
         return "\n".join(lines)
 
 
@@ -106,7 +113,11 @@ def calibrate_crossover(device: Union[str, torch.device, None] = None, dtype: to
     The entry set is the one ``auto`` reads for ``dtype`` on ``device``: ``"cpu"`` / ``"cuda"``
     for float32 and float64 layers (and 16-bit layers on a CPU without AMX), ``"cpu-16bit"`` /
     ``"cuda-16bit"`` for bfloat16 / float16 where the dense product has matrix units. It holds for
-    the process; to keep it, set ``pyfinetune.prune.CROSSOVER_SPARSITY[key]`` at start-up.
+    the process; to keep it, set ``pyfinetune.prune.CROSSOVER_SPARSITY[key]`` at start-up. A
+    16-bit measurement on a CPU without AMX concerns the entry float32 layers read too (a warning
+    says so when it is applied). On the CPU, the share of CPU time other processes took meanwhile
+    is measured; above 5% a warning says the result is suspect (it is applied all the same when
+    ``apply``).
 
     Args:
         device: where to measure (default: CUDA when available, else the CPU).
@@ -153,6 +164,9 @@ def calibrate_crossover(device: Union[str, torch.device, None] = None, dtype: to
     x0 = torch.randn(batch, in_features, generator=gen).to(device, dtype)
     grad = torch.randn(batch, out_features, generator=gen).to(device, dtype)
     points = []
+    load = common.CpuContention() if device.type == "cpu" else None
+    if load is not None:
+        load.__enter__()
     for s in sparsities:
         w = (torch.randn(out_features, in_features, generator=gen) * in_features ** -0.5).to(device, dtype)
         mask = (torch.rand(out_features, in_features, generator=gen) >= s).to(device)
@@ -179,8 +193,21 @@ def calibrate_crossover(device: Union[str, torch.device, None] = None, dtype: to
         points.append((s, t["dense"].median, t["sparse"].median))
         del contenders, w, mask
         gc.collect()
+    other = None
+    if load is not None:
+        load.__exit__(None, None, None)
+        if load.result.get("other_share") is not None:
+            other = load.result["other_share"] + (load.result.get("steal_share") or 0.0)
+            if common.is_contended(load.result):
+                warnings.warn(f"calibrate_crossover: other processes took {other:.1%} of the CPUs during the "
+                              "measurement; the crossover may be off (measure on a quiet machine)", stacklevel=2)
     crossover = _crossover_of(points)
     if apply:
+        if dtype in (torch.bfloat16, torch.float16) and key == device.type:
+            warnings.warn(f"calibrate_crossover: on this {device.type} {str(dtype).replace('torch.', '')} layers read "
+                          f"the same entry {key!r} as float32 layers (the dense product has no 16-bit matrix units "
+                          "here): the value measured in 16 bits now applies to float32 layers too", stacklevel=2)
         _sparse_linear.CROSSOVER_SPARSITY[key] = crossover
     return CrossoverCalibration(key=key, crossover=crossover, previous=previous, applied=apply, points=points,
-                                mode=mode, shape=(batch, in_features, out_features), dtype=dtype, device=str(device))
+                                mode=mode, shape=(batch, in_features, out_features), dtype=dtype, device=str(device),
+                                other_cpu_share=other)

@@ -220,7 +220,10 @@ def attach_mask(module: nn.Module, mask: Optional[Tensor] = None) -> nn.Module:
         ``module`` itself.
     """
     if not (_is_masked(module) or type(module) in _MASKED_CLASS):
-        raise TypeError(f"attach_mask: module must be an nn.Linear or nn.Conv2d, got {type(module).__name__}")
+        hint = ("; its weight has a torch.ao.pruning FakeSparsity parametrization: "
+                "pyfinetune.prune.adopt_torch_pruning(model) turns it into a pyfinetune mask"
+                if isinstance(module, nn.Module) and _fake_sparsity_masks(module) is not None else "")
+        raise TypeError(f"attach_mask: module must be an nn.Linear or nn.Conv2d, got {type(module).__name__}{hint}")
     if mask is None:
         mask = torch.ones_like(module.weight, dtype=torch.bool)
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
@@ -266,8 +269,14 @@ def _torch_pruning_hooks(module: nn.Module) -> List[Any]:
 
 
 def _torch_pruned_weight(module: nn.Module) -> bool:
-    """Whether ``torch.nn.utils.prune`` prunes ``module.weight`` (``weight_orig`` + a hook)."""
-    return any(h._tensor_name == "weight" for h in _torch_pruning_hooks(module))
+    """Whether ``torch.nn.utils.prune`` prunes ``module.weight`` (``weight_orig`` + a hook) of a
+    layer :func:`adopt_torch_pruning` converts (exactly ``nn.Linear`` / ``nn.Conv2d``, or exactly
+    one of pyfinetune's masked classes)."""
+    return _adoptable_class(type(module)) and any(h._tensor_name == "weight" for h in _torch_pruning_hooks(module))
+
+
+def _adoptable_class(cls: type) -> bool:
+    return cls in _MASKED_CLASS or cls in _PLAIN_CLASS
 
 
 def _refuse_torch_pruned(fn: Optional[str], named: Iterable[Tuple[str, nn.Module]]) -> None:
@@ -316,7 +325,14 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
     Then the mask is attached as pyfinetune's (:func:`attach_mask`: a bool ``weight_mask``, True
     where the torch mask is nonzero). The layer computes what it computed before, and the rest of
     :mod:`pyfinetune.prune` (:func:`mask_optimizer`, :func:`sparsify`, the pruners,
-    :func:`sparsity_report`) applies to it. :func:`sparsify` calls this itself.
+    :func:`sparsity_report`) applies to it. :func:`sparsify` calls this itself. The weight goes
+    back to its place before the bias in ``parameters()`` (torch's pruning had moved it last), so
+    the model lists its parameters as a freshly built one does (an optimizer ``state_dict`` saved
+    with one loads into the other).
+
+    A weight that another module also holds (a head tied to the input embedding) gets the zeros
+    of the mask too, so that module's outputs change: a warning names it (as
+    :func:`magnitude_prune` warns). Two torch-pruned layers holding one weight are refused.
 
     A pyfinetune-masked layer that ``torch.nn.utils.prune`` pruned afterwards had its
     ``weight_mask`` replaced by torch's (torch's first method on a weight starts from an all-ones
@@ -324,7 +340,9 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
 
     Left as they are, with a warning naming them: torch's pruning of another tensor (``bias``), of
     layers pyfinetune does not mask (``nn.Conv1d``, ``nn.Embedding``, subclasses of ``nn.Linear``),
-    and weights whose parametrizations mix ``FakeSparsity`` with others (``weight_norm``).
+    weights whose parametrizations mix ``FakeSparsity`` with others (``weight_norm``), layers with
+    parametrizations of other tensors too, and a ``FakeSparsity`` on a layer pyfinetune already
+    masks.
 
     Args:
         model: the model (or one layer).
@@ -334,7 +352,8 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
 
     Raises:
         ValueError: a torch mask holds values other than 0 and 1 (a custom pruning method that
-            scales weights cannot become a bool mask); nothing is changed then.
+            scales weights cannot become a bool mask), or two torch-pruned layers share one
+            weight; nothing is changed then.
     """
     _check_model("adopt_torch_pruning", model)
     from torch.nn.utils import parametrize
@@ -346,10 +365,7 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
         label = name or type(module).__name__
         for hook in _torch_pruning_hooks(module):
             tensor = hook._tensor_name
-            if tensor == "weight" and (type(module) in _MASKED_CLASS or _is_masked(module)):
-                if _weight_parametrized(module):
-                    raise ValueError(f"adopt_torch_pruning: layer {name!r} also has a parametrization of its weight "
-                                     "(torch.nn.utils.parametrize); remove it first (nothing was changed)")
+            if tensor == "weight" and _adoptable_class(type(module)):
                 adopt.append((name, module, "hook", [module.weight_mask]))
             else:
                 left.append(f"{label}.{tensor} ({type(module).__name__}, torch.nn.utils.prune)")
@@ -357,12 +373,20 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
                                                 for p in module.parametrizations["weight"]):
             base = type(module).__bases__[0]  # parametrize subclasses the layer's class
             masks = _fake_sparsity_masks(module)
-            if masks is not None and base in _MASKED_CLASS:
-                adopt.append((name, module, "parametrization", masks))
+            if masks is None:
+                why = "other parametrizations too"
+            elif set(module.parametrizations.keys()) != {"weight"}:
+                why = "its other tensors are parametrized too"
+            elif base not in _MASKED_CLASS:
+                why = "already masked by pyfinetune" if base in _PLAIN_CLASS else base.__name__
+            elif _torch_pruning_hooks(module):
+                why = "torch.nn.utils.prune too"
             else:
-                why = "other parametrizations too" if masks is None else base.__name__
-                left.append(f"{label}.weight ({why}, torch.ao.pruning FakeSparsity)")
-    for name, module, kind, masks in adopt:  # check every mask before changing anything
+                adopt.append((name, module, "parametrization", masks))
+                continue
+            left.append(f"{label}.weight ({why}, torch.ao.pruning FakeSparsity)")
+    # Every check before anything changes.
+    for name, module, kind, masks in adopt:
         for mask in masks:
             if mask.shape != module.weight.shape:
                 raise ValueError(f"adopt_torch_pruning: the torch mask of layer {name!r} has shape {tuple(mask.shape)}, "
@@ -370,6 +394,24 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
             if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
                 raise ValueError(f"adopt_torch_pruning: the torch mask of layer {name!r} holds values other than 0 "
                                  "and 1; only a 0/1 mask becomes a pyfinetune mask (nothing was changed)")
+    stored = {}  # what each adopted layer's weight will be: the Parameter torch's pruning keeps
+    for name, module, kind, _ in adopt:
+        stored[name] = (module.weight_orig if kind == "hook" else module.parametrizations["weight"].original)
+    by_param: Dict[int, List[str]] = {}
+    for name, p in stored.items():
+        by_param.setdefault(id(p), []).append(name)
+    shared = [names for names in by_param.values() if len(names) > 1]
+    if shared:
+        raise ValueError(f"adopt_torch_pruning: layers {shared[0]} are pruned by torch and share one weight; one "
+                         "weight cannot carry two pyfinetune masks (nothing was changed)")
+    sharers = _weight_sharers(model)
+    tied = []
+    for name, p in stored.items():
+        own = {id(m) for m in model.get_submodule(name).modules()}  # the layer, its parametrization list
+        others = [n for n, m in sharers.get(id(p), []) if id(m) not in own]
+        if others:
+            tied.append(f"{name!r} (with {others})")
+
     for name, module, kind, masks in adopt:
         keep = masks[0] != 0
         for mask in masks[1:]:
@@ -386,21 +428,38 @@ def adopt_torch_pruning(model: nn.Module) -> nn.Module:
                 del module.dense_grad
         else:
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        # Both removals re-register the weight last; nn.Linear / nn.Conv2d register it first.
+        params = module._parameters
+        reordered = {"weight": params["weight"], **{k: v for k, v in params.items() if k != "weight"}}
+        params.clear()
+        params.update(reordered)
         _set_mask(module, keep, zero_weight=True)
         module.dense_grad = dense_grad
+    if tied:
+        warnings.warn(f"adopt_torch_pruning: layers {', '.join(tied)} share their weight with other modules (tied "
+                      "weights, e.g. an input embedding and the output head): the pruned entries are now zero there "
+                      "too", stacklevel=2)
     if left:
         warnings.warn(f"adopt_torch_pruning: the pruning of {', '.join(left)} is left as it is: pyfinetune masks the "
                       "weights of nn.Linear and nn.Conv2d layers", stacklevel=2)
     return model
 
 
-def _from_torch_pruning_keys(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+def _from_torch_pruning_keys(model: nn.Module, state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """``state_dict`` with torch.nn.utils.prune's ``<p>weight_orig`` + ``<p>weight_mask`` (0/1)
     pairs replaced by pyfinetune's ``<p>weight`` + bool ``<p>weight_mask`` (a new dict, same order
-    otherwise; ``state_dict`` itself unchanged)."""
+    otherwise; ``state_dict`` itself unchanged), for the pairs whose layer in ``model`` is one
+    pyfinetune masks (exactly ``nn.Linear`` / ``nn.Conv2d`` or a masked one); other pairs (a
+    ``Conv1d``, an ``Embedding``) stay torch's."""
+    def masks_layer(prefix: str) -> bool:
+        try:
+            return _adoptable_class(type(model.get_submodule(prefix.rstrip("."))))
+        except AttributeError:
+            return False
+
     pairs = [key[: -len("weight_orig")] for key in state_dict if key == "weight_orig" or key.endswith(".weight_orig")]
     # pyfinetune's own state has no weight_orig: a pair is torch's whatever its mask's dtype
-    pairs = [p for p in pairs if isinstance(state_dict.get(p + "weight_mask"), Tensor)]
+    pairs = [p for p in pairs if isinstance(state_dict.get(p + "weight_mask"), Tensor) and masks_layer(p)]
     if not pairs:
         return state_dict
     out = type(state_dict)() if isinstance(state_dict, dict) else {}
@@ -432,9 +491,11 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict:
     pruned or not: layers that have a mask in ``state_dict`` but none in ``model`` get one first.
 
     A ``state_dict`` saved from a model pruned with ``torch.nn.utils.prune`` (``<layer>.weight_orig``
-    and a 0/1 floating ``<layer>.weight_mask``) loads too: each such pair becomes pyfinetune's
-    ``<layer>.weight`` (``weight_orig * weight_mask``) and bool ``<layer>.weight_mask``, as
-    :func:`adopt_torch_pruning` does to a live model.
+    and a 0/1 ``<layer>.weight_mask``) loads too: each such pair of an ``nn.Linear`` /
+    ``nn.Conv2d`` of ``model`` becomes pyfinetune's ``<layer>.weight`` (``weight_orig *
+    weight_mask``) and bool ``<layer>.weight_mask``, as :func:`adopt_torch_pruning` does to a live
+    model. torch's pruning of other tensors (``bias_orig``) and of other layer types is not
+    converted: such keys load only into a model pruned the same way by torch.
 
     Args:
         model: the module to load into (not itself pruned with ``torch.nn.utils.prune``: adopt it
@@ -447,11 +508,13 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict:
     """
     _check_model("load_pruned_state_dict", model)
     _refuse_torch_pruned("load_pruned_state_dict", model.named_modules())
-    state_dict = _from_torch_pruning_keys(state_dict)
+    state_dict = _from_torch_pruning_keys(model, state_dict)
     for key in state_dict:
         if key != "weight_mask" and not key.endswith(".weight_mask"):
             continue
         name = key[: -len("weight_mask")].rstrip(".")
+        if key[: -len("weight_mask")] + "weight_orig" in state_dict:
+            continue  # torch.nn.utils.prune's pair of a layer it keeps pruning (see _from_torch_pruning_keys)
         try:
             module = model.get_submodule(name)
         except AttributeError:

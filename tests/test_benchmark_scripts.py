@@ -240,7 +240,7 @@ def test_pruning_benchmark_torch_prune_rival():
     assert "| 90% | 4.00x (4.00 .. 4.00) | 5.00x (5.00 .. 5.00) |" in md
 
 
-def test_pruning_benchmark_block_pattern():
+def test_pruning_benchmark_block_pattern(monkeypatch):
     # --pattern block:RxC: whole blocks kept or pruned, torch's BSR product among the forward
     # contenders (checked to compute the masked product), no targets (the are unstructured).
     from pyfinetune.benchmarks import common, prune
@@ -262,6 +262,15 @@ def test_pruning_benchmark_block_pattern():
     torch.testing.assert_close(contenders[prune.TORCH_BSR_FWD].fn().t(), ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(contenders[prune.OURS_FWD].fn(), ref, rtol=1e-4, atol=1e-4)
     assert prune.TORCH_BSR_FWD not in [c.name for c in prune.forward_contenders(prune.make_problem(0.75, torch.device("cpu")), False)]
+    # a BSR product that computed something else would be left out, not timed
+    real_mm = torch.sparse.mm
+
+    def wrong_bsr(a, b):
+        out = real_mm(a, b)
+        return out * 1.01 if a.layout == torch.sparse_bsr else out
+    monkeypatch.setattr(torch.sparse, "mm", wrong_bsr)
+    assert prune.TORCH_BSR_FWD not in [c.name for c in prune.forward_contenders(p, False)]
+    monkeypatch.undo()
 
     def timing(ms):
         return common.Timing("t", [ms] * 10)

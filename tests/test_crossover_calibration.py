@@ -96,3 +96,25 @@ def test_calibrate_errors(kwargs, match, crossover_table):
     with pytest.raises(ValueError, match=match):
         prune.calibrate_crossover(device, dtype, **args)
     assert dict(crossover_table) == before
+
+
+def test_calibrate_warns_when_16bit_shares_the_float32_entry(monkeypatch, crossover_table):
+    monkeypatch.setattr(_sparse_linear, "_AMX", False)
+    with pytest.warns(UserWarning, match="bfloat16 layers read the same entry 'cpu' as float32 layers"):
+        cal = prune.calibrate_crossover("cpu", torch.bfloat16, **SMALL)
+    assert crossover_table["cpu"] == cal.crossover
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prune.calibrate_crossover("cpu", torch.bfloat16, apply=False, **SMALL)   # nothing applied: no warning
+
+
+def test_calibrate_reports_and_warns_about_a_busy_machine(monkeypatch, crossover_table):
+    from pyfinetune.benchmarks import common
+
+    monkeypatch.setattr(common, "is_contended", lambda result, limit=common.BUSY_LIMIT: True)
+    with pytest.warns(UserWarning, match="other processes took .* the crossover may be off"):
+        cal = prune.calibrate_crossover("cpu", **SMALL)
+    if cal.other_cpu_share is not None:  # Linux
+        assert 0.0 <= cal.other_cpu_share <= 1.0 and "other processes took" in str(cal)

@@ -261,3 +261,104 @@ def test_load_pruned_state_dict_reads_a_bool_torch_mask():
     prune.load_pruned_state_dict(dst, sd)
     x = conv_input()
     torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ review findings
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, i):
+        return self.head(torch.relu(self.body(self.emb(i))))
+
+
+def test_adopt_warns_for_a_weight_tied_to_another_module():
+    model = _TiedLM()
+    torch_prune.l1_unstructured(model.head, "weight", 0.5)
+    mask = model.head.weight_mask != 0
+    with pytest.warns(UserWarning, match=r"layers 'head' \(with \['emb'\]\) share their weight .* zero there too"):
+        prune.adopt_torch_pruning(model)
+    assert model.emb.weight is model.head.weight and not model.emb.weight[~mask].any()
+
+
+def test_adopt_refuses_two_torch_pruned_layers_sharing_a_weight():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    torch_prune.l1_unstructured(a, "weight", 0.5)
+    torch_prune.l1_unstructured(b, "weight", 0.25)
+    with pytest.raises(ValueError, match=r"layers \['0', '1'\] are pruned by torch and share one weight"):
+        prune.adopt_torch_pruning(model)
+    assert torch_prune.is_pruned(a) and torch_prune.is_pruned(b), "nothing changed"
+
+
+def test_adopt_leaves_layers_it_cannot_convert_whole():
+    # A FakeSparsity on a layer whose bias is parametrized too, and a torch-pruned subclass of
+    # MaskedLinear: each used to fail halfway (KeyError) with its mask already removed.
+    class Half(nn.Module):
+        def forward(self, x):
+            return x / 2
+
+    class MyMasked(MaskedLinear):
+        pass
+
+    model = _sparsified_convnet()
+    nn.utils.parametrize.register_parametrization(model.fc1, "bias", Half())
+    mine = MyMasked(4, 4)
+    torch_prune.l1_unstructured(mine, "weight", 0.5)
+    model.extra = mine
+    with pytest.warns(UserWarning, match=r"fc1\.weight \(its other tensors are parametrized too.*extra\.weight \(MyMasked"):
+        prune.adopt_torch_pruning(model)
+    assert type(model.fc2) is MaskedLinear
+    assert nn.utils.parametrize.is_parametrized(model.fc1, "weight"), "left as it was"
+    assert hasattr(mine, "weight_orig") and torch_prune.is_pruned(mine)
+    model(conv_input())
+
+
+def test_adopted_parameters_keep_a_fresh_models_order_and_optimizer_state_carries_over():
+    src = _torch_pruned_convnet("l1_unstructured")
+    prune.adopt_torch_pruning(src)
+    fresh = ConvNet()
+    assert [n for n, _ in src.named_parameters()] == [n for n, _ in fresh.named_parameters()]
+    opt = torch.optim.AdamW(src.parameters(), lr=1e-3)
+    src(conv_input()).sum().backward()
+    opt.step()
+    prune.load_pruned_state_dict(fresh, src.state_dict())
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    opt2.load_state_dict(opt.state_dict())
+    fresh(conv_input()).sum().backward()
+    opt2.step()  # shapes line up parameter by parameter
+
+
+def test_load_pruned_state_dict_leaves_torch_pruning_of_other_layers_alone():
+    def build():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv1d(3, 4, 2), nn.Flatten(), nn.Linear(16, 6))
+        torch_prune.l1_unstructured(m[0], "weight", 0.5)
+        torch_prune.l1_unstructured(m[2], "weight", 0.5)
+        return m
+
+    src = build()
+    with pytest.warns(UserWarning, match="Conv1d"):
+        prune.adopt_torch_pruning(src)
+    dst = build()
+    with pytest.warns(UserWarning, match="Conv1d"):
+        prune.adopt_torch_pruning(dst)           # a model pruned the same way, adopted the same way
+    prune.load_pruned_state_dict(dst, src.state_dict())   # no refusal for the Conv1d torch keeps
+    x = torch.randn(2, 3, 5)
+    assert torch.equal(dst(x), src(x))
+    # into a plain model, the Linear's pair converts and the Conv1d's stays torch's
+    result = prune.load_pruned_state_dict(nn.Sequential(nn.Conv1d(3, 4, 2), nn.Flatten(), nn.Linear(16, 6)),
+                                          build().state_dict(), strict=False)
+    assert sorted(result.unexpected_keys) == ["0.weight_mask", "0.weight_orig"]
+    assert result.missing_keys == ["0.weight"]
+
+
+def test_attach_mask_on_a_sparsifier_layer_names_adoption():
+    model = _sparsified_convnet()
+    with pytest.raises(TypeError, match="FakeSparsity parametrization.*adopt_torch_pruning"):
+        prune.attach_mask(model.fc1)

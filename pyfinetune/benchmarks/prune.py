@@ -200,12 +200,19 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bo
         if p.get("block") is not None:
             w_bsr = wm.to_sparse_bsr(p["block"])
             try:
-                torch.sparse.mm(w_bsr, xt)
+                y = torch.sparse.mm(w_bsr, xt).t()
             except (RuntimeError, NotImplementedError) as e:
                 print(f"torch.sparse.mm BSR left out ({x.dtype}, {x.device.type}): {str(e).splitlines()[0]}",
                       file=sys.stderr, flush=True)
             else:
-                out.append(Contender(TORCH_BSR_FWD, lambda: torch.sparse.mm(w_bsr, xt)))
+                ref = x.double() @ wm.double().t()
+                err = (y.double() - ref).abs().max().item()
+                bound = CHECK_RTOL[x.dtype] * max(1.0, ref.abs().max().item())
+                if err <= bound:
+                    out.append(Contender(TORCH_BSR_FWD, lambda: torch.sparse.mm(w_bsr, xt)))
+                else:
+                    print(f"torch.sparse.mm BSR left out ({x.dtype}, {x.device.type}): it differs from the dense "
+                          f"product by {err:.3g} (> {bound:.3g})", file=sys.stderr, flush=True)
     if ours_ok:
         for name, kernel in ((OURS_FWD, "sparse"),) + (((OURS_DENSE_FWD, "dense"),) if dense_path else ()):
             layer = SparseLinear.from_dense(w, mask, kernel=kernel)
