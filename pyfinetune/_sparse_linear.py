@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "crossover_sparsity", "release_dense_buffers"]
+__all__ = ["SparseLinear", "CROSSOVER_SPARSITY", "SMALL_BATCH_ROWS", "crossover_sparsity", "release_dense_buffers"]
 
 # Sparsity (fraction of pruned weights) from which kernel="auto" runs the sparse kernel
 # (csr_linear) instead of the dense masked product (masked_matmul on a weight rebuilt from the
@@ -45,6 +45,18 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
     # (there 0.846 ms sparse vs 0.827 ms dense path, both launch-bound): 0.99.
     "cuda-16bit": 0.99,
 }
+
+# Inference calls (no autograd) with at most this many rows of x run the sparse kernel whatever
+# the sparsity, per (device type, 4-byte-or-wider values): the dense path rebuilds the whole
+# weight at each call (a write and a read of [out, in]) for a product that, with a few rows, is
+# bound by reading the weight, while the sparse kernel reads the kept values and their indices once.
+# Measured on the CPU (the AMD EPYC CI machine, x [rows, 4096], weight [4096, 4096], forward, ad hoc
+# interleaved runs): float32 sparse / dense path 3.4 / 9.5 ms at 1 row, 9.2 / 18.1 ms at 8 and 15.6 /
+# 22.7 ms at 32 with nothing pruned (2.2 / 8.1, 8.8 / 15.9 ms at 50%), 29.9 / 28.1 ms at 64; bfloat16
+# (fast 16-bit GEMM here) 3.8 / 6.6 ms at 1, 7.6 / 8.3 ms at 8, 8.7 / 8.7 ms at 16, 14.0 / 9.1 ms at
+# 32 with nothing pruned. Training calls keep the crossover (the backward's trade-off differs: at
+# 1-8 rows and 0-50% the dense path won some). CUDA: not measured, so the crossover decides.
+SMALL_BATCH_ROWS: Dict[Tuple[str, bool], int] = {("cpu", True): 32, ("cpu", False): 8}
 
 # ------------------------------------------------------------------- the dense path's buffers
 # On the CPU a fresh tensor of tens of MB is a fresh mmap: its first writes page-fault, one 4 KiB
@@ -251,7 +263,9 @@ class SparseLinear(nn.Module):
     :func:`pyfinetune.prune.release_dense_buffers`. The crossover moves with the shapes (a small batch
     favours the sparse kernel: on the CPU, batches of up to 32 rows run kernels of their own, and at
     one row of x and at 16 the sparse training step beat the dense path from 50% and the forward
-    at every measured sparsity, ``benchmarks/results/prune-n1-cpu-20261127-0125``, ``-n16-...-0126``)
+    at every measured sparsity, ``benchmarks/results/prune-n1-cpu-20261127-0125``, ``-n16-...-0126``;
+    so ``"auto"`` runs the sparse kernel at any sparsity for CPU inference calls, no autograd, of
+    up to 32 rows of x, 8 for 16-bit layers: :data:`SMALL_BATCH_ROWS`)
     and the dtype: bfloat16 and float16 layers on a CPU with AMX (whose
     16-bit GEMMs are ~5x faster than float32 ones) switch at 0.92, and on CUDA (tensor cores) at 0.99
     (see :data:`CROSSOVER_SPARSITY`); set ``kernel`` to override it (``"sparse"`` for inference
@@ -379,11 +393,21 @@ class SparseLinear(nn.Module):
         ones = torch.ones(self.col_indices.numel(), dtype=torch.float16, device=self.col_indices.device)
         return ops.csr_to_dense(ones, self.crow_indices, self.col_indices, self.in_features) != 0
 
-    def kernel_for(self, device: Union[str, torch.device, None] = None) -> str:
-        """The kernel forward runs on ``device`` (default: the values' device): "sparse" or "dense"."""
+    def kernel_for(self, device: Union[str, torch.device, None] = None, *, rows: Optional[int] = None,
+                   needs_grad: bool = True) -> str:
+        """The kernel forward runs on ``device`` (default: the values' device): "sparse" or "dense".
+
+        ``rows`` (the rows of x, its leading dimensions multiplied) and ``needs_grad`` (whether
+        autograd will differentiate the call) describe a call; by default a training call with
+        many rows, which the crossover decides. A CPU inference call with few rows runs the
+        sparse kernel at any sparsity (see :data:`SMALL_BATCH_ROWS`).
+        """
         if self.kernel != "auto":
             return self.kernel
         device = self.values.device if device is None else device
+        limit = SMALL_BATCH_ROWS.get((torch.device(device).type, self.values.dtype.itemsize >= 4), 0)
+        if rows is not None and not needs_grad and rows <= limit:
+            return "sparse"
         # Half a weight of slack: a layer pruned "to 90%" keeps round(0.1 * n) weights (magnitude_prune),
         # which can be a fraction of a weight more than 10% and must not fall back to the dense path.
         total = self.in_features * self.out_features
@@ -396,7 +420,10 @@ class SparseLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: x must be [..., in_features] with in_features = {self.in_features}, got "
                              f"shape {tuple(x.shape)}")
-        if self.kernel_for() == "sparse":
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
+                                                  or (self.bias is not None and self.bias.requires_grad))
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self.kernel_for(rows=rows, needs_grad=needs_grad) == "sparse":
             values, bias = self.values, self.bias
             if ops._autocast_enabled(x.device.type):
                 # csr_linear has no autocast rule and wants one dtype: cast as autocast casts

@@ -119,6 +119,41 @@ def test_auto_kernel_follows_the_crossover():
     assert forced.kernel_for() == "sparse"
 
 
+@pytest.mark.parametrize("dtype, limit", [(torch.float32, 32), (torch.float64, 32), (torch.bfloat16, 8),
+                                          (torch.float16, 8)])
+def test_auto_kernel_runs_small_cpu_inference_sparse(dtype, limit, monkeypatch):
+    # Below the crossover, an inference call with few rows runs the sparse kernel anyway (the dense
+    # path would rebuild the whole weight for a product bound by reading it); training calls and
+    # larger batches keep the crossover's choice, and so does CUDA (not measured).
+    from pyfinetune import ops
+
+    layer, w, mask, b = make_layer(48, 40, 0.1, dtype, "cpu")
+    assert layer.kernel_for() == "dense"
+    assert layer.kernel_for(rows=limit, needs_grad=False) == "sparse"
+    assert layer.kernel_for(rows=limit + 1, needs_grad=False) == "dense"
+    assert layer.kernel_for(rows=1, needs_grad=True) == "dense"
+    assert layer.kernel_for("cuda", rows=1, needs_grad=False) == "dense"
+    assert layer.kernel_for("meta", rows=1, needs_grad=False) == "dense"
+    calls = []
+    real = ops.csr_linear
+    monkeypatch.setattr(ops, "csr_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    dense = torch.where(mask, w, 0).double()
+    x = torch.randn(limit // 4, 4, 40).to(dtype)  # exactly `limit` rows, in leading dimensions
+    with torch.no_grad():
+        y = layer(x)
+    assert len(calls) == 1
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(y.double(), x.double() @ dense.t() + b.double(), rtol=tol, atol=tol)
+    with torch.no_grad():
+        layer(torch.randn(limit + 1, 40).to(dtype))   # more rows: the dense path
+    layer(x)                                            # grad mode, values require grad: the dense path
+    assert len(calls) == 1
+    layer.values.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    layer(x)                                            # grad mode but nothing to differentiate: sparse
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_auto_kernel_crossover_of_16_bit_layers(dtype, monkeypatch):
     # 16-bit layers switch later where the dense product has matrix units: AMX on the CPU (0.92,
