@@ -158,7 +158,7 @@ def calibrate_crossover(device: Union[str, torch.device, None] = None, dtype: to
         raise ValueError(f"calibrate_crossover: this build has no {device.type} kernel for csr_linear (see "
                          "`pyfinetune info`)")
     key = _sparse_linear.crossover_key(device, dtype)
-    previous = _sparse_linear.CROSSOVER_SPARSITY.get(key, 2.0)
+    previous = _sparse_linear.crossover_sparsity(device, dtype)  # after PYFINETUNE_SPARSE_CROSSOVER
 
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.randn(batch, in_features, generator=gen).to(device, dtype)

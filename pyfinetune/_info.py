@@ -80,5 +80,8 @@ def sparse_linear_crossover() -> Dict[str, Dict[str, float]]:
     from ._sparse_linear import crossover_sparsity
 
     devices = [d for d in ("cpu", "cuda") if d in kernel_devices()["csr_linear"]]
-    return {d: {str(t).replace("torch.", ""): crossover_sparsity(d, t)
-                for t in (torch.float32, torch.bfloat16, torch.float16)} for d in devices}
+    try:
+        return {d: {str(t).replace("torch.", ""): crossover_sparsity(d, t)
+                    for t in (torch.float32, torch.bfloat16, torch.float16)} for d in devices}
+    except ValueError as e:  # a malformed PYFINETUNE_SPARSE_CROSSOVER
+        return {"error": str(e)}

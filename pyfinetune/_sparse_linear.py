@@ -58,6 +58,8 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
 # 1-8 rows and 0-50% the dense path won some). CUDA: not measured, so the crossover decides.
 SMALL_BATCH_ROWS: Dict[Tuple[str, bool], int] = {("cpu", True): 32, ("cpu", False): 8}
 
+_CROSSOVER_KEYS = ("cpu", "cpu-16bit", "cuda", "cuda-16bit")
+
 # ------------------------------------------------------------------- the dense path's buffers
 # On the CPU a fresh tensor of tens of MB is a fresh mmap: its first writes page-fault, one 4 KiB
 # page at a time. On the CI machine a [4096, 4096] bfloat16 weight (32 MB) costs ~7 ms of faults,
@@ -174,10 +176,52 @@ def crossover_key(device: Union[str, torch.device], dtype: torch.dtype = torch.f
     return kind
 
 
+CROSSOVER_ENV = "PYFINETUNE_SPARSE_CROSSOVER"
+_env_applied = False
+
+
+def parse_crossover_setting(text: str) -> Dict[str, float]:
+    """``"cpu=0.37,cuda-16bit=0.99"`` -> ``{"cpu": 0.37, "cuda-16bit": 0.99}``: entries of
+    :data:`CROSSOVER_SPARSITY` (keys among its four), each a number >= 0 (above 1: never sparse).
+    ValueError naming :data:`CROSSOVER_ENV` and the entry otherwise."""
+    out: Dict[str, float] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in _CROSSOVER_KEYS:
+            raise ValueError(f"{CROSSOVER_ENV}: each entry must be KEY=SPARSITY with KEY one of {list(_CROSSOVER_KEYS)}, "
+                             f"got {item.strip()!r} (e.g. {CROSSOVER_ENV}=cpu=0.37,cuda=0.9)")
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not (0.0 <= number < float("inf")):
+            raise ValueError(f"{CROSSOVER_ENV}: the sparsity of {key!r} must be a number >= 0 (above 1: never sparse), "
+                             f"got {value!r}")
+        out[key] = number
+    return out
+
+
+def _apply_crossover_env() -> None:
+    """Apply PYFINETUNE_SPARSE_CROSSOVER to CROSSOVER_SPARSITY once, at its first use (values set
+    in code afterwards win). A malformed value raises at every use until it is mended."""
+    global _env_applied
+    if _env_applied:
+        return
+    text = os.environ.get(CROSSOVER_ENV)
+    if text:
+        CROSSOVER_SPARSITY.update(parse_crossover_setting(text))
+    _env_applied = True
+
+
 def crossover_sparsity(device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> float:
     """The sparsity from which ``kernel="auto"`` picks the sparse kernel for a layer of ``dtype`` on
     ``device`` (above 1: never, for devices without a sparse kernel). Measure it on your machine
-    with :func:`pyfinetune.prune.calibrate_crossover`."""
+    with :func:`pyfinetune.prune.calibrate_crossover` (or ``pyfinetune calibrate``); set it with
+    :data:`CROSSOVER_SPARSITY` or the environment variable ``PYFINETUNE_SPARSE_CROSSOVER``
+    (``cpu=0.37,cuda=0.9``, read at the first use)."""
+    _apply_crossover_env()
     return CROSSOVER_SPARSITY.get(crossover_key(device, dtype), 2.0)
 
 

@@ -4,6 +4,7 @@
 ``pyfinetune finetune``  fine-tune a classifier on an image folder (``pyfinetune/_finetune_cli.py``).
 ``pyfinetune bench``     time pyfinetune's ops against their strongest torch baselines on this machine
                          (``pyfinetune/benchmarks/suite.py``).
+``pyfinetune calibrate`` measure SparseLinear's dense/sparse crossover here (``pyfinetune/_crossover.py``).
 ``pyfinetune demo``      transfer learning on scikit-learn's bundled digits, every method (``pyfinetune/demo.py``).
 """
 
@@ -37,10 +38,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"CPU kernels  vector ISA {info['cpu_isa']}; {info['cpu_threads']} threads; "
           f"optimizer software prefetch {prefetch} (PYFINETUNE_CPU_PREFETCH)")
     print(f"GPU          {gpu}")
-    for device, by_dtype in info["sparse_linear_crossover"].items():
+    crossover = info["sparse_linear_crossover"]
+    if "error" in crossover:
+        print(f"SparseLinear kernel='auto': invalid setting: {crossover['error']}")
+    for device, by_dtype in ({} if "error" in crossover else crossover).items():
         print(f"SparseLinear kernel='auto' on {device}: sparse from "
               + ", ".join(f"{v:.0%} ({dt})" for dt, v in by_dtype.items())
-              + " (defaults; measure this machine's: pyfinetune.prune.calibrate_crossover)")
+              + (" (PYFINETUNE_SPARSE_CROSSOVER applied)" if os.environ.get("PYFINETUNE_SPARSE_CROSSOVER")
+                 else " (defaults; measure this machine's: pyfinetune calibrate)"))
     pool = info["dense_pool"]
     limit = (f"up to {pool['idle_limit_bytes'] / 2**20:.0f} MB idle" if pool["idle_limit_bytes"] is not None
              else f"invalid limit: {pool['error']}")
@@ -87,6 +92,44 @@ def _add_bench_parser(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ._crossover import DEFAULT_SPARSITIES, calibrate_crossover
+
+    try:
+        cal = calibrate_crossover(args.device, getattr(torch, args.dtype), batch=args.batch,
+                                  in_features=args.in_features, out_features=args.out_features, mode=args.mode,
+                                  sparsities=args.sparsity or DEFAULT_SPARSITIES, reps=args.reps, apply=False)
+    except ValueError as e:
+        print(f"pyfinetune calibrate: {e}", file=sys.stderr)
+        return 2
+    print(cal)
+    if cal.crossover <= 1.0:
+        print(f"to use it: export PYFINETUNE_SPARSE_CROSSOVER={cal.key}={cal.crossover:.3f}  "
+              f"(or pyfinetune.prune.CROSSOVER_SPARSITY[{cal.key!r}] = {cal.crossover:.3f})")
+    else:
+        print(f"the sparse kernel was not faster at any measured sparsity: to keep the dense path, "
+              f"export PYFINETUNE_SPARSE_CROSSOVER={cal.key}=2")
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure SparseLinear's dense/sparse crossover sparsity on this machine",
+                       description="Time SparseLinear's dense path and sparse kernel at your layer's shape across "
+                                   "sparsities and print the crossover, and the setting that applies it.")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if torch sees a GPU, else cpu")
+    p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32")
+    p.add_argument("--batch", type=int, default=256, help="rows of x (default 256)")
+    p.add_argument("--in-features", type=int, default=4096, help="default 4096")
+    p.add_argument("--out-features", type=int, default=4096, help="default 4096")
+    p.add_argument("--mode", choices=("train", "inference"), default="train",
+                   help="train: forward + backward (default); inference: forward only")
+    p.add_argument("--sparsity", type=float, nargs="+", help="sparsities to measure (default 0.3 .. 0.99)")
+    p.add_argument("--reps", type=int, default=10, help="timed rounds per sparsity (>= 10)")
+    p.set_defaults(func=_cmd_calibrate)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo_report import format_table
     from .demo import run_demo
@@ -115,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=_cmd_info)
     _add_finetune_parser(sub)
     _add_bench_parser(sub)
+    _add_calibrate_parser(sub)
     p_demo = sub.add_parser("demo", help="transfer learning on bundled digits with every method; table, report, plots",
                             description="Pretrain on digits 0-4, fine-tune on digits 5-9 with few labels (plain, L2-SP, "
                                         "distillation, 90 percent pruning), measure and report (needs pyfinetune[demo]).")

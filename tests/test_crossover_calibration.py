@@ -118,3 +118,57 @@ def test_calibrate_reports_and_warns_about_a_busy_machine(monkeypatch, crossover
         cal = prune.calibrate_crossover("cpu", **SMALL)
     if cal.other_cpu_share is not None:  # Linux
         assert 0.0 <= cal.other_cpu_share <= 1.0 and "other processes took" in str(cal)
+
+
+# ------------------------------------------------------------ PYFINETUNE_SPARSE_CROSSOVER, the CLI
+@pytest.mark.parametrize("text, expected", [
+    ("cpu=0.37", {"cpu": 0.37}),
+    (" cpu = 0.4 , cuda-16bit=0.95,", {"cpu": 0.4, "cuda-16bit": 0.95}),
+    ("cuda=2", {"cuda": 2.0}),
+    ("", {}),
+])
+def test_crossover_setting_parses(text, expected):
+    assert _sparse_linear.parse_crossover_setting(text) == expected
+
+
+@pytest.mark.parametrize("text, match", [
+    ("gpu=0.5", r"KEY one of .*got 'gpu=0.5'"),
+    ("cpu", r"KEY=SPARSITY .*got 'cpu'"),
+    ("cpu=abc", r"sparsity of 'cpu' must be a number >= 0 .*got 'abc'"),
+    ("cpu=-0.1", r"must be a number >= 0"),
+    ("cpu=nan", r"must be a number >= 0"),
+    ("cpu=inf", r"must be a number >= 0"),
+])
+def test_crossover_setting_errors(text, match):
+    with pytest.raises(ValueError, match="PYFINETUNE_SPARSE_CROSSOVER: .*" + match):
+        _sparse_linear.parse_crossover_setting(text)
+
+
+def test_crossover_env_applies_once_at_first_use(monkeypatch, crossover_table):
+    monkeypatch.setattr(_sparse_linear, "_env_applied", False)
+    monkeypatch.setenv("PYFINETUNE_SPARSE_CROSSOVER", "cpu=0.31")
+    assert _sparse_linear.crossover_sparsity("cpu") == 0.31
+    crossover_table["cpu"] = 0.44          # set in code afterwards: wins
+    assert _sparse_linear.crossover_sparsity("cpu") == 0.44
+    monkeypatch.setattr(_sparse_linear, "_env_applied", False)
+    monkeypatch.setenv("PYFINETUNE_SPARSE_CROSSOVER", "cpu=x")
+    for _ in range(2):                     # refused at every use until mended
+        with pytest.raises(ValueError, match="PYFINETUNE_SPARSE_CROSSOVER"):
+            SparseLinear.from_dense(torch.randn(3, 4), torch.ones(3, 4, dtype=torch.bool))(torch.randn(2, 4))
+    from pyfinetune import _info
+
+    assert "PYFINETUNE_SPARSE_CROSSOVER" in _info.sparse_linear_crossover()["error"]
+
+
+def test_calibrate_command(capsys, crossover_table):
+    from pyfinetune import cli
+
+    before = dict(crossover_table)
+    assert cli.main(["calibrate", "--device", "cpu", "--batch", "8", "--in-features", "48", "--out-features", "40",
+                     "--sparsity", "0.2", "0.6", "0.95", "--mode", "inference"]) == 0
+    out = capsys.readouterr().out
+    assert "SparseLinear crossover on cpu (cpu), forward, x [8, 48]" in out and "not applied" in out
+    assert "export PYFINETUNE_SPARSE_CROSSOVER=cpu=" in out or "PYFINETUNE_SPARSE_CROSSOVER=cpu=2" in out
+    assert dict(crossover_table) == before, "the command only reports"
+    assert cli.main(["calibrate", "--device", "cpu", "--reps", "3"]) == 2
+    assert "reps must be >= 10" in capsys.readouterr().err
