@@ -157,6 +157,8 @@ def calibrate_crossover(device: Union[str, torch.device, None] = None, dtype: to
     if device.type not in pyfinetune.kernel_devices().get("csr_linear", ()):
         raise ValueError(f"calibrate_crossover: this build has no {device.type} kernel for csr_linear (see "
                          "`pyfinetune info`)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("calibrate_crossover: device cuda, but torch sees no CUDA device")
     key = _sparse_linear.crossover_key(device, dtype)
     previous = _sparse_linear.crossover_sparsity(device, dtype)  # after PYFINETUNE_SPARSE_CROSSOVER
 

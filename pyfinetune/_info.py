@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Dict, List
 
 import torch
@@ -46,6 +48,7 @@ def build_info() -> Dict[str, object]:
         "optimizer_cpu_prefetch": optimizer_cpu_prefetch(),
         "kernels": kernel_devices(),
         "sparse_linear_crossover": sparse_linear_crossover(),
+        "sparse_crossover_env": sparse_crossover_env(),
         "dense_pool": dense_pool(),
     }
 
@@ -72,6 +75,16 @@ def dense_pool() -> Dict[str, object]:
     except ValueError as e:
         out["idle_limit_bytes"], out["error"] = None, str(e)
     return out
+
+
+def sparse_crossover_env() -> Dict[str, float]:
+    """The CROSSOVER_SPARSITY entries PYFINETUNE_SPARSE_CROSSOVER sets ({} when unset or invalid)."""
+    from ._sparse_linear import CROSSOVER_ENV, parse_crossover_setting
+
+    try:
+        return parse_crossover_setting(os.environ.get(CROSSOVER_ENV, ""))
+    except ValueError:
+        return {}
 
 
 def sparse_linear_crossover() -> Dict[str, Dict[str, float]]:

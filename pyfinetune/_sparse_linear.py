@@ -56,6 +56,10 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
 # (fast 16-bit GEMM here) 3.8 / 6.6 ms at 1, 7.6 / 8.3 ms at 8, 8.7 / 8.7 ms at 16, 14.0 / 9.1 ms at
 # 32 with nothing pruned. Training calls keep the crossover (the backward's trade-off differs: at
 # 1-8 rows and 0-50% the dense path won some). CUDA: not measured, so the crossover decides.
+# The choice thus depends on the grad mode: the same layer may run the dense path in training and
+# the sparse kernel under torch.no_grad(), which differ by float rounding, and where x holds inf or
+# NaN meeting a pruned weight (the dense product multiplies it by the stored zero: NaN; the sparse
+# kernel never reads it).
 SMALL_BATCH_ROWS: Dict[Tuple[str, bool], int] = {("cpu", True): 32, ("cpu", False): 8}
 
 _CROSSOVER_KEYS = ("cpu", "cpu-16bit", "cuda", "cuda-16bit")
@@ -177,7 +181,7 @@ def crossover_key(device: Union[str, torch.device], dtype: torch.dtype = torch.f
 
 
 CROSSOVER_ENV = "PYFINETUNE_SPARSE_CROSSOVER"
-_env_applied = False
+_env_error: Optional[ValueError] = None
 
 
 def parse_crossover_setting(text: str) -> Dict[str, float]:
@@ -203,16 +207,25 @@ def parse_crossover_setting(text: str) -> Dict[str, float]:
     return out
 
 
-def _apply_crossover_env() -> None:
-    """Apply PYFINETUNE_SPARSE_CROSSOVER to CROSSOVER_SPARSITY once, at its first use (values set
-    in code afterwards win). A malformed value raises at every use until it is mended."""
-    global _env_applied
-    if _env_applied:
-        return
-    text = os.environ.get(CROSSOVER_ENV)
-    if text:
-        CROSSOVER_SPARSITY.update(parse_crossover_setting(text))
-    _env_applied = True
+def _apply_crossover_env() -> Dict[str, float]:
+    """Apply PYFINETUNE_SPARSE_CROSSOVER to CROSSOVER_SPARSITY (at import: values set in code
+    afterwards win, and no thread races it); returns the entries applied. A malformed value is
+    kept as an error that every kernel choice of kernel="auto" raises (``_check_crossover_env``),
+    rather than failing ``import pyfinetune``."""
+    global _env_error
+    _env_error = None
+    try:
+        entries = parse_crossover_setting(os.environ.get(CROSSOVER_ENV, ""))
+    except ValueError as e:
+        _env_error = e
+        return {}
+    CROSSOVER_SPARSITY.update(entries)
+    return entries
+
+
+def _check_crossover_env() -> None:
+    if _env_error is not None:
+        raise ValueError(str(_env_error))
 
 
 def crossover_sparsity(device: Union[str, torch.device], dtype: torch.dtype = torch.float32) -> float:
@@ -220,8 +233,8 @@ def crossover_sparsity(device: Union[str, torch.device], dtype: torch.dtype = to
     ``device`` (above 1: never, for devices without a sparse kernel). Measure it on your machine
     with :func:`pyfinetune.prune.calibrate_crossover` (or ``pyfinetune calibrate``); set it with
     :data:`CROSSOVER_SPARSITY` or the environment variable ``PYFINETUNE_SPARSE_CROSSOVER``
-    (``cpu=0.37,cuda=0.9``, read at the first use)."""
-    _apply_crossover_env()
+    (``cpu=0.37,cuda=0.9``, read when pyfinetune's sparse layer is imported)."""
+    _check_crossover_env()
     return CROSSOVER_SPARSITY.get(crossover_key(device, dtype), 2.0)
 
 
@@ -438,19 +451,25 @@ class SparseLinear(nn.Module):
         return ops.csr_to_dense(ones, self.crow_indices, self.col_indices, self.in_features) != 0
 
     def kernel_for(self, device: Union[str, torch.device, None] = None, *, rows: Optional[int] = None,
-                   needs_grad: bool = True) -> str:
+                   needs_grad: bool = True, dtype: Optional[torch.dtype] = None) -> str:
         """The kernel forward runs on ``device`` (default: the values' device): "sparse" or "dense".
 
-        ``rows`` (the rows of x, its leading dimensions multiplied) and ``needs_grad`` (whether
-        autograd will differentiate the call) describe a call; by default a training call with
-        many rows, which the crossover decides. A CPU inference call with few rows runs the
-        sparse kernel at any sparsity (see :data:`SMALL_BATCH_ROWS`).
+        ``rows`` (the rows of x, its leading dimensions multiplied), ``needs_grad`` (whether
+        autograd will differentiate the call) and ``dtype`` (the dtype the product computes in,
+        autocast's; default the values') describe a call; by default a training call with many
+        rows, which the crossover decides. A CPU inference call with few rows runs the sparse
+        kernel at any sparsity (see :data:`SMALL_BATCH_ROWS`); a symbolic row count (while
+        ``torch.export`` or ``torch.compile`` traces with dynamic shapes) or a ``torch.jit.trace``
+        is left to the crossover, so that the traced program does not depend on the batch size.
         """
         if self.kernel != "auto":
             return self.kernel
+        _check_crossover_env()
         device = self.values.device if device is None else device
-        limit = SMALL_BATCH_ROWS.get((torch.device(device).type, self.values.dtype.itemsize >= 4), 0)
-        if rows is not None and not needs_grad and rows <= limit:
+        dtype = self.values.dtype if dtype is None else dtype
+        limit = SMALL_BATCH_ROWS.get((torch.device(device).type, dtype.itemsize >= 4))
+        if (limit is not None and type(rows) is int and not needs_grad and rows <= limit
+                and torch._C._get_tracing_state() is None):
             return "sparse"
         # Half a weight of slack: a layer pruned "to 90%" keeps round(0.1 * n) weights (magnitude_prune),
         # which can be a fraction of a weight more than 10% and must not fall back to the dense path.
@@ -467,7 +486,9 @@ class SparseLinear(nn.Module):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
                                                   or (self.bias is not None and self.bias.requires_grad))
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if self.kernel_for(rows=rows, needs_grad=needs_grad) == "sparse":
+        dtype = (torch.get_autocast_dtype(x.device.type) if ops._autocast_enabled(x.device.type)
+                 and self.values.dtype != torch.float64 else self.values.dtype)
+        if self.kernel_for(rows=rows, needs_grad=needs_grad, dtype=dtype) == "sparse":
             values, bias = self.values, self.bias
             if ops._autocast_enabled(x.device.type):
                 # csr_linear has no autocast rule and wants one dtype: cast as autocast casts
@@ -561,3 +582,6 @@ def _describe(t) -> str:
     if isinstance(t, Tensor):
         return f"{t.dtype} tensor of shape {tuple(t.shape)}"
     return type(t).__name__
+
+
+_apply_crossover_env()  # after CROSSOVER_SPARSITY, before any layer: see _apply_crossover_env

@@ -42,10 +42,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if "error" in crossover:
         print(f"SparseLinear kernel='auto': invalid setting: {crossover['error']}")
     for device, by_dtype in ({} if "error" in crossover else crossover).items():
-        print(f"SparseLinear kernel='auto' on {device}: sparse from "
-              + ", ".join(f"{v:.0%} ({dt})" for dt, v in by_dtype.items())
-              + (" (PYFINETUNE_SPARSE_CROSSOVER applied)" if os.environ.get("PYFINETUNE_SPARSE_CROSSOVER")
-                 else " (defaults; measure this machine's: pyfinetune calibrate)"))
+        print(f"SparseLinear kernel='auto' on {device}: sparse "
+              + ", ".join(("never" if v > 1 else f"from {v:.0%}") + f" ({dt})" for dt, v in by_dtype.items())
+              + (" (PYFINETUNE_SPARSE_CROSSOVER applied)" if info.get("sparse_crossover_env")
+                 else " (defaults; measure this machine's: pyfinetune calibrate)")
+              + ("; inference calls of up to 32 rows (8 in 16 bits): sparse at any sparsity" if device == "cpu" else ""))
     pool = info["dense_pool"]
     limit = (f"up to {pool['idle_limit_bytes'] / 2**20:.0f} MB idle" if pool["idle_limit_bytes"] is not None
              else f"invalid limit: {pool['error']}")
@@ -105,6 +106,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"pyfinetune calibrate: {e}", file=sys.stderr)
         return 2
     print(cal)
+    if args.dtype in ("bfloat16", "float16") and cal.key == cal.device.split(":")[0]:
+        print(f"note: on this {cal.key.upper()} {args.dtype} layers share the entry {cal.key!r} with float32 layers "
+              "(no 16-bit matrix units): the value below applies to both")
     if cal.crossover <= 1.0:
         print(f"to use it: export PYFINETUNE_SPARSE_CROSSOVER={cal.key}={cal.crossover:.3f}  "
               f"(or pyfinetune.prune.CROSSOVER_SPARSITY[{cal.key!r}] = {cal.crossover:.3f})")

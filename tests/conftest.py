@@ -25,6 +25,9 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
+# The tests check kernel="auto" against the documented crossovers: a user's setting of them
+# (`pyfinetune calibrate` suggests exporting one) must not leak in.
+os.environ.pop("PYFINETUNE_SPARSE_CROSSOVER", None)
 import pyfinetune  # noqa: E402,F401
 
 HAS_CUDA = torch.cuda.is_available()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+import warnings
+
 import pytest
 import torch
 
@@ -152,6 +154,55 @@ def test_auto_kernel_runs_small_cpu_inference_sparse(dtype, limit, monkeypatch):
     layer.bias.requires_grad_(False)
     layer(x)                                            # grad mode but nothing to differentiate: sparse
     assert len(calls) == 2
+    with torch.inference_mode():
+        layer(x)
+    assert len(calls) == 3
+    layer(x.clone().requires_grad_(True))              # frozen layer, x requiring grad: dense
+    layer.bias.requires_grad_(True)
+    layer(x)                                            # only the bias requires grad: dense
+    assert len(calls) == 3
+
+
+def test_auto_small_batch_rule_under_autocast_export_and_trace(monkeypatch):
+    # The rule uses the dtype the call computes in (autocast's), and leaves symbolic row counts
+    # (torch.export with a dynamic batch) and torch.jit.trace to the crossover, so that the traced
+    # program does not depend on the batch size (export failed: a guard rows <= 32 contradicted
+    # the dynamic dimension's range).
+    layer, w, mask, b = make_layer(48, 40, 0.1, torch.float32, "cpu")
+    layer.requires_grad_(False)
+    assert layer.kernel_for(rows=16, needs_grad=False, dtype=torch.bfloat16) == "dense"
+    assert layer.kernel_for(rows=8, needs_grad=False, dtype=torch.bfloat16) == "sparse"
+    assert layer.kernel_for(rows=16, needs_grad=False) == "sparse"
+    from pyfinetune import ops
+
+    calls = []
+    real = ops.csr_linear
+    monkeypatch.setattr(ops, "csr_linear", lambda *a, **k: calls.append(a[0].dtype) or real(*a, **k))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(torch.randn(16, 40))
+        y8 = layer(torch.randn(8, 40))
+    assert calls == [torch.bfloat16] and y16.dtype == y8.dtype == torch.bfloat16
+    monkeypatch.undo()
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x)
+
+    batch = torch.export.Dim("batch", min=2, max=1024)
+    with torch.no_grad():
+        ep = torch.export.export(Wrap(), (torch.randn(4, 40),), dynamic_shapes={"x": {0: batch}})
+        x = torch.randn(100, 40)
+        torch.testing.assert_close(ep.module()(x), layer(x))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings of the layer's own checks
+            traced = torch.jit.trace(layer, torch.randn(4, 40), check_trace=False)
+    dense = torch.where(mask, w, 0.0)
+    x = torch.randn(64, 40)
+    torch.testing.assert_close(traced(x), x @ dense.t() + b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
