@@ -284,6 +284,20 @@ def test_pruning_benchmark_block_pattern(monkeypatch):
     assert "No targets for 16 x 16 block masks" in md and "| 90% | 2.00x (2.00 .. 2.00) |" in md
 
 
+def test_prune_torch_model_script_runs(tmp_path):
+    # benchmarks/prune_torch_model.py: a vit_b_16 pruned by torch.nn.utils.prune, baked, hooked and
+    # sparsified; the three must agree before they are timed (the script raises otherwise).
+    pytest.importorskip("torchvision")
+    script = os.path.join(ROOT, "benchmarks", "prune_torch_model.py")
+    out = subprocess.run([sys.executable, script, "--quick", "--batch", "1", "--sparsity", "0.8", "--out",
+                          str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (md,) = glob.glob(str(tmp_path / "prune-model-cpu-*.md"))
+    text = open(md).read()
+    assert "| pyfinetune sparsify |" in text and "| torch.nn.utils.prune |" in text and "QUICK RUN" in text
+    assert "the 24 MLP layers pruned to 80.0% together" in text
+
+
 def test_git_state_keeps_every_dirty_path(monkeypatch):
     # git status --porcelain entries are "XY path"; the first one starts with a blank when only
     # the work tree changed, which stripping the output used to eat with the path's first letter.
