@@ -399,18 +399,16 @@ def roofline_markdown(r: Dict[str, Any]) -> str:
 # (rows, vocabulary, dtype) of `pyfinetune bench --quick`; the full run takes the first case of
 # CPU_CASES / GPU_CASES.
 BENCH_QUICK_CASES = {"cpu": (256, 32000, torch.float32), "cuda": (4096, 32000, torch.bfloat16)}
+BENCH_QUICK_TOPK = {"cpu": (256, 32000, 64, torch.float32), "cuda": (4096, 32000, 64, torch.bfloat16)}
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -> List[common.Speedup]:
-    """``pyfinetune bench``'s distillation row: ``kd_loss`` forward + backward against the fastest of
-    the eager torch composition and ``torch.compile`` of it (skipped with ``quick``: compiling
-    takes longer than the whole quick run), interleaved in the same rounds."""
-    if quick:
-        n, v, dtype = BENCH_QUICK_CASES[device.type]
-    else:
-        n, v, dtype = (GPU_CASES if device.type == "cuda" else CPU_CASES)[0][1:]
+def _speedup_row(fns: Dict[str, Callable], inputs: Callable[[], Tuple[torch.Tensor, ...]], label: str,
+                 device: torch.device, *, quick: bool, reps: int, warmup: int) -> common.Speedup:
+    """One ``pyfinetune bench`` row: ours forward + backward against the fastest of the eager
+    composition and ``torch.compile`` of it (skipped with ``quick``), interleaved."""
     names = [EAGER, OURS] if quick else [EAGER, COMPILED, OURS]
-    contenders = [Contender(name, fwd_bwd(KD_FNS[name], kd_inputs(n, v, dtype, device))) for name in names]
+    contenders = [Contender(name, fwd_bwd(fns[name], inputs())) for name in names]
     note = "torch.compile skipped (--quick)" if quick else ""
     if not quick:
         compiled = contenders[names.index(COMPILED)]
@@ -420,10 +418,30 @@ def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -
         except Exception as e:  # no C++ compiler, or an inductor limitation: compare with eager only
             contenders.remove(compiled)
             note = f"torch.compile failed ({type(e).__name__}): not compared"
-    short = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    label = f"kd_loss fwd+bwd, {n}x{v} {short}"
-    return [common.measure_speedup("distill", label, contenders, OURS, device=device, reps=reps, warmup=warmup,
-                                   note=note)]
+    return common.measure_speedup("distill", label, contenders, OURS, device=device, reps=reps, warmup=warmup,
+                                  note=note)
+
+
+def speedup_rows(device: torch.device, *, quick: bool, reps: int, warmup: int) -> List[common.Speedup]:
+    """``pyfinetune bench``'s distillation rows: ``kd_loss`` and ``kd_loss_topk`` (a top-64
+    teacher) forward + backward, each against the fastest of its eager torch composition and
+    ``torch.compile`` of it (skipped with ``quick``: compiling takes longer than the whole quick
+    run), interleaved in the same rounds."""
+    cases = GPU_CASES if device.type == "cuda" else CPU_CASES
+    if quick:
+        n, v, dtype = BENCH_QUICK_CASES[device.type]
+        tn, tv, k, tdtype = BENCH_QUICK_TOPK[device.type]
+    else:
+        n, v, dtype = next(c for c in cases if c[0] == "kd")[1:]
+        tn, tv, k, tdtype = next(c for c in cases if c[0] == "topk")[1:]
+    check_topk(device)
+    return [
+        _speedup_row(KD_FNS, lambda: kd_inputs(n, v, dtype, device), f"kd_loss fwd+bwd, {n}x{v} {_SHORT[dtype]}",
+                     device, quick=quick, reps=reps, warmup=warmup),
+        _speedup_row(TOPK_FNS, lambda: topk_inputs(tn, tv, k, tdtype, device),
+                     f"kd_loss_topk fwd+bwd, {tn}x{tv} top-{k} {_SHORT[tdtype]}", device, quick=quick, reps=reps,
+                     warmup=warmup),
+    ]
 
 
 def run(args) -> None:
