@@ -333,7 +333,8 @@ class SparseLinear(nn.Module):
     (:func:`pyfinetune.ops.tiled_csr_linear`: the kept weights regrouped in 128 x 64 tiles, each
     expanded in shared memory and multiplied densely; the input and values' gradients from the
     same tiles) with
-    ``PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores``: experimental, opt-in until measured on a GPU. The
+    ``PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores``: experimental and opt-in (correct on an H200, but
+    slower there than cuBLAS dense and than the dense path). The
     tile layout is built at the first such call and kept until the pattern changes (not in
     ``state_dict``, not pickled, dropped by ``.to()``).
 
