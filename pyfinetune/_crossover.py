@@ -11,6 +11,7 @@ shape, here, and sets the entry.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import numbers
 import warnings
@@ -75,19 +76,13 @@ class CrossoverCalibration:
 
 
 def _crossover_of(points: Sequence[Tuple[float, float, float]]) -> float:
-    ratios = [(s, d / sp) for s, d, sp in sorted(points)]
-    first = None
-    for i in range(len(ratios) - 1, -1, -1):
-        if ratios[i][1] >= 1.0:
-            first = i
-        else:
-            break
-    if first is None:
+    """The crossover of ``(sparsity, dense ms, sparse ms)`` points (see CrossoverCalibration)."""
+    from .benchmarks import common
+
+    measured, interpolated = common.ratio_crossover([(s, d / sp) for s, d, sp in points])
+    if measured is None:
         return 2.0
-    if first == 0:
-        return ratios[0][0]
-    (s0, r0), (s1, r1) = ratios[first - 1], ratios[first]
-    return round(s0 + (1.0 - r0) * (s1 - s0) / (r1 - r0), 4)
+    return measured if interpolated is None else round(interpolated, 4)
 
 
 def _positive_int(name: str, value) -> int:
@@ -166,43 +161,40 @@ def calibrate_crossover(device: Union[str, torch.device, None] = None, dtype: to
     x0 = torch.randn(batch, in_features, generator=gen).to(device, dtype)
     grad = torch.randn(batch, out_features, generator=gen).to(device, dtype)
     points = []
-    load = common.CpuContention() if device.type == "cpu" else None
-    if load is not None:
-        load.__enter__()
-    for s in sparsities:
-        w = (torch.randn(out_features, in_features, generator=gen) * in_features ** -0.5).to(device, dtype)
-        mask = (torch.rand(out_features, in_features, generator=gen) >= s).to(device)
-        contenders = []
-        for kernel in ("dense", "sparse"):
-            layer = SparseLinear.from_dense(w, mask, kernel=kernel)
-            if mode == "train":
-                x = x0.clone().requires_grad_(True)
+    # On the CPU, how much other processes took meanwhile (a warning below when too much).
+    with common.CpuContention() if device.type == "cpu" else contextlib.nullcontext() as load:
+        for s in sparsities:
+            w = (torch.randn(out_features, in_features, generator=gen) * in_features ** -0.5).to(device, dtype)
+            mask = (torch.rand(out_features, in_features, generator=gen) >= s).to(device)
+            contenders = []
+            for kernel in ("dense", "sparse"):
+                layer = SparseLinear.from_dense(w, mask, kernel=kernel)
+                if mode == "train":
+                    x = x0.clone().requires_grad_(True)
 
-                def run(layer=layer, x=x):
-                    x.grad = None
-                    layer.values.grad = None
-                    layer(x).backward(grad)
-            else:
-                def run(layer=layer):
-                    with torch.no_grad():
-                        layer(x0)
-            contenders.append(common.Contender(kernel, run))
-        with torch.enable_grad():
-            # The first sparsity also warms the process (allocator, pooled buffers, thread pool):
-            # measured cold, the dense path took 1.5x its later time there.
-            t = common.time_interleaved(contenders, reps=reps, device=device,
-                                        warmup=warmup + (3 if not points else 0))
-        points.append((s, t["dense"].median, t["sparse"].median))
-        del contenders, w, mask
-        gc.collect()
+                    def run(layer=layer, x=x):
+                        x.grad = None
+                        layer.values.grad = None
+                        layer(x).backward(grad)
+                else:
+                    def run(layer=layer):
+                        with torch.no_grad():
+                            layer(x0)
+                contenders.append(common.Contender(kernel, run))
+            with torch.enable_grad():
+                # The first sparsity also warms the process (allocator, pooled buffers, thread pool):
+                # measured cold, the dense path took 1.5x its later time there.
+                t = common.time_interleaved(contenders, reps=reps, device=device,
+                                            warmup=warmup + (3 if not points else 0))
+            points.append((s, t["dense"].median, t["sparse"].median))
+            del contenders, w, mask
+            gc.collect()
     other = None
-    if load is not None:
-        load.__exit__(None, None, None)
-        if load.result.get("other_share") is not None:
-            other = load.result["other_share"] + (load.result.get("steal_share") or 0.0)
-            if common.is_contended(load.result):
-                warnings.warn(f"calibrate_crossover: other processes took {other:.1%} of the CPUs during the "
-                              "measurement; the crossover may be off (measure on a quiet machine)", stacklevel=2)
+    if load is not None and load.result.get("other_share") is not None:
+        other = load.result["other_share"] + (load.result.get("steal_share") or 0.0)
+        if common.is_contended(load.result):
+            warnings.warn(f"calibrate_crossover: other processes took {other:.1%} of the CPUs during the "
+                          "measurement; the crossover may be off (measure on a quiet machine)", stacklevel=2)
     crossover = _crossover_of(points)
     if apply:
         if dtype in (torch.bfloat16, torch.float16) and key == device.type:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from typing import Dict, List
 
 import torch
@@ -78,13 +76,11 @@ def dense_pool() -> Dict[str, object]:
 
 
 def sparse_crossover_env() -> Dict[str, float]:
-    """The CROSSOVER_SPARSITY entries PYFINETUNE_SPARSE_CROSSOVER sets ({} when unset or invalid)."""
-    from ._sparse_linear import CROSSOVER_ENV, parse_crossover_setting
+    """The CROSSOVER_SPARSITY entries PYFINETUNE_SPARSE_CROSSOVER set at import ({} when unset or
+    invalid)."""
+    from . import _sparse_linear
 
-    try:
-        return parse_crossover_setting(os.environ.get(CROSSOVER_ENV, ""))
-    except ValueError:
-        return {}
+    return dict(_sparse_linear._env_entries)
 
 
 def sparse_linear_crossover() -> Dict[str, Dict[str, float]]:

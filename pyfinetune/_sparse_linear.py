@@ -182,6 +182,7 @@ def crossover_key(device: Union[str, torch.device], dtype: torch.dtype = torch.f
 
 CROSSOVER_ENV = "PYFINETUNE_SPARSE_CROSSOVER"
 _env_error: Optional[ValueError] = None
+_env_entries: Dict[str, float] = {}  # what the variable set (pyfinetune info shows it)
 
 
 def parse_crossover_setting(text: str) -> Dict[str, float]:
@@ -212,14 +213,15 @@ def _apply_crossover_env() -> Dict[str, float]:
     afterwards win, and no thread races it); returns the entries applied. A malformed value is
     kept as an error that every kernel choice of kernel="auto" raises (``_check_crossover_env``),
     rather than failing ``import pyfinetune``."""
-    global _env_error
-    _env_error = None
+    global _env_error, _env_entries
+    _env_error, _env_entries = None, {}
     try:
         entries = parse_crossover_setting(os.environ.get(CROSSOVER_ENV, ""))
     except ValueError as e:
         _env_error = e
         return {}
     CROSSOVER_SPARSITY.update(entries)
+    _env_entries = entries
     return entries
 
 
@@ -484,14 +486,18 @@ class SparseLinear(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: x must be [..., in_features] with in_features = {self.in_features}, got "
                              f"shape {tuple(x.shape)}")
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
-                                                  or (self.bias is not None and self.bias.requires_grad))
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        dtype = (torch.get_autocast_dtype(x.device.type) if ops._autocast_enabled(x.device.type)
-                 and self.values.dtype != torch.float64 else self.values.dtype)
-        if self.kernel_for(rows=rows, needs_grad=needs_grad, dtype=dtype) == "sparse":
+        autocast = ops._autocast_enabled(x.device.type)
+        kernel = self.kernel
+        if kernel == "auto":  # the call's rows, grad need and compute dtype decide (kernel_for)
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad
+                                                      or (self.bias is not None and self.bias.requires_grad))
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            dtype = (torch.get_autocast_dtype(x.device.type) if autocast and self.values.dtype != torch.float64
+                     else self.values.dtype)
+            kernel = self.kernel_for(rows=rows, needs_grad=needs_grad, dtype=dtype)
+        if kernel == "sparse":
             values, bias = self.values, self.bias
-            if ops._autocast_enabled(x.device.type):
+            if autocast:
                 # csr_linear has no autocast rule and wants one dtype: cast as autocast casts
                 # F.linear's operands (floating, not float64), so a float32 layer fed the bf16
                 # output of an autocast layer computes in bf16 like the dense path does.

@@ -101,6 +101,26 @@ class Timing:
                 "times_ms": self.times_ms, "peak_extra_bytes": self.peak_extra_bytes}
 
 
+def ratio_crossover(points: Sequence[Tuple[float, float]]) -> Tuple[Optional[float], Optional[float]]:
+    """From ``(x, ratio)`` points (a time ratio other / ours at each sparsity x): the lowest x from
+    which the ratio is >= 1 at every higher x (None: not at the highest), and the x where the ratio
+    crosses 1, interpolated linearly between that x and the one below it (None when it is the
+    lowest measured)."""
+    pts = sorted(points)
+    measured = None
+    for i in range(len(pts) - 1, -1, -1):
+        if pts[i][1] >= 1.0:
+            measured = i
+        else:
+            break
+    if measured is None:
+        return None, None
+    if measured == 0:
+        return pts[0][0], None
+    (s0, r0), (s1, r1) = pts[measured - 1], pts[measured]
+    return s1, s0 + (1.0 - r0) * (s1 - s0) / (r1 - r0)
+
+
 def percentile(xs: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
     if not xs:

@@ -72,14 +72,19 @@ def ours_kd(s, t, lab):
     return kd_loss(s, t, lab, temperature=TEMP, alpha=ALPHA)
 
 
-_compiled = None
+def lazily_compiled(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, compiled at the first call (not at import, and only when timed)."""
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args)
+    return run
 
 
-def compiled_kd(s, t, lab):
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(torch_kd)
-    return _compiled(s, t, lab)
+compiled_kd = lazily_compiled(torch_kd)
 
 
 KD_FNS = {EAGER: torch_kd, COMPILED: compiled_kd, OURS: ours_kd}
@@ -156,14 +161,7 @@ def ours_kd_topk(s, tk, idx, lab):
     return kd_loss_topk(s, tk, idx, lab, temperature=TEMP, alpha=ALPHA)
 
 
-_compiled_topk = None
-
-
-def compiled_kd_topk(s, tk, idx, lab):
-    global _compiled_topk
-    if _compiled_topk is None:
-        _compiled_topk = torch.compile(torch_kd_topk)
-    return _compiled_topk(s, tk, idx, lab)
+compiled_kd_topk = lazily_compiled(torch_kd_topk)
 
 
 TOPK_FNS = {EAGER: torch_kd_topk, COMPILED: compiled_kd_topk, OURS: ours_kd_topk}

@@ -137,25 +137,36 @@ def parse_pattern(text: str) -> Optional[Tuple[int, int]]:
     return rows, cols
 
 
+def reference(p: Dict[str, Any]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The problem's float64 products (output, grad of x, grad of the kept values), computed once
+    for all contenders and kept in ``p``."""
+    if "reference" not in p:
+        wm = torch.where(p["mask"], p["w"], 0.0).double()
+        x64, g64 = p["x"].double(), p["grad"].double()
+        p["reference"] = (x64 @ wm.t(), g64 @ wm, (g64.t() @ x64)[p["mask"]])
+    return p["reference"]
+
+
+def deviation(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> Tuple[float, float]:
+    """(largest absolute error of ``got`` against the float64 ``want``, the bound allowed for
+    ``dtype``: :data:`CHECK_RTOL` of the largest value, at least of 1)."""
+    return (got.double() - want).abs().max().item(), CHECK_RTOL[dtype] * max(1.0, want.abs().max().item())
+
+
 def check_against_dense(layer: SparseLinear, p: Dict[str, Any]) -> None:
     """A contender is timed only after it computed the right thing: ``layer``'s output and its
     gradients (x and the kept values, for the upstream gradient ``p["grad"]``) against the dense
     product in float64 of the same inputs, at the dtype's tolerance (:data:`CHECK_RTOL` of the
     largest value). Raises RuntimeError naming what differs."""
-    x, w, mask, g = p["x"], p["w"], p["mask"], p["grad"]
+    x, g = p["x"], p["grad"]
     xs = x.clone().requires_grad_(True)
     with torch.enable_grad():
         y = layer(xs)
         y.backward(g)
-    if "reference" not in p:  # float64 products of the problem, computed once for all contenders
-        wm = torch.where(mask, w, 0.0).double()
-        x64, g64 = x.double(), g.double()
-        p["reference"] = (x64 @ wm.t(), g64 @ wm, (g64.t() @ x64)[mask])
-    y_ref, dx_ref, dv_ref = p["reference"]
+    y_ref, dx_ref, dv_ref = reference(p)
     checks = (("output", y, y_ref), ("grad of x", xs.grad, dx_ref), ("grad of the kept values", layer.values.grad, dv_ref))
     for what, got, want in checks:
-        err = (got.double() - want).abs().max().item()
-        bound = CHECK_RTOL[x.dtype] * max(1.0, want.abs().max().item())
+        err, bound = deviation(got, want, x.dtype)
         if not err <= bound:
             raise RuntimeError(f"pyfinetune benchmark: SparseLinear(kernel={layer.kernel!r}) {what} differs from the "
                                f"dense product by {err:.3g} (> {bound:.3g}); not timing a wrong kernel")
@@ -205,9 +216,7 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bo
                 print(f"torch.sparse.mm BSR left out ({x.dtype}, {x.device.type}): {str(e).splitlines()[0]}",
                       file=sys.stderr, flush=True)
             else:
-                ref = x.double() @ wm.double().t()
-                err = (y.double() - ref).abs().max().item()
-                bound = CHECK_RTOL[x.dtype] * max(1.0, ref.abs().max().item())
+                err, bound = deviation(y, reference(p)[0], x.dtype)
                 if err <= bound:
                     out.append(Contender(TORCH_BSR_FWD, lambda: torch.sparse.mm(w_bsr, xt)))
                 else:
@@ -222,10 +231,7 @@ def forward_contenders(p: Dict[str, torch.Tensor], ours_ok: bool, dense_path: bo
             layer = SparseLinear.from_dense(w, mask, kernel="sparse")
             with torch.no_grad():
                 y = layer._tiled_forward(x, layer.values, None)  # what SparseLinear runs with the opt-in
-            if "reference" not in p:
-                check_against_dense(SparseLinear.from_dense(w, mask, kernel="sparse"), p)
-            err = (y.double() - p["reference"][0]).abs().max().item()
-            bound = CHECK_RTOL[x.dtype] * max(1.0, p["reference"][0].abs().max().item())
+            err, bound = deviation(y, reference(p)[0], x.dtype)
             if not err <= bound:
                 raise RuntimeError(f"pyfinetune benchmark: tiled_csr_linear differs from the dense product by "
                                    f"{err:.3g} (> {bound:.3g}); not timing a wrong kernel")
@@ -391,20 +397,7 @@ def crossover(results: List[Dict[str, Any]], group: str, num: str, den: str) -> 
     pts = [(r["sparsity"], r[group][num].median / r[group][den].median) for r in results
            if num in r[group] and den in r[group]]
     pts.sort()
-    if not pts:
-        return {"measured": None, "interpolated": None, "points": []}
-    measured = None
-    for i in range(len(pts) - 1, -1, -1):
-        if pts[i][1] >= 1.0:
-            measured = pts[i][0]
-        else:
-            break
-    interpolated = None
-    if measured is not None:
-        i = [s for s, _ in pts].index(measured)
-        if i > 0:  # else: faster already at the lowest measured sparsity
-            (s0, r0), (s1, r1) = pts[i - 1], pts[i]
-            interpolated = s0 + (1.0 - r0) * (s1 - s0) / (r1 - r0)
+    measured, interpolated = common.ratio_crossover(pts)
     return {"measured": measured, "interpolated": interpolated, "points": pts}
 
 
