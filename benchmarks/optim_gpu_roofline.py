@@ -8,7 +8,9 @@ anchor) and writes three: this script times, in the same interleaved rounds, Tri
 do exactly that mix over flat buffers with trivial arithmetic (the best a streaming kernel of that
 shape reaches on this GPU), the three-read / two-write mix of SGD with momentum, the copy, and our
 fused AdamW + L2-SP and SGD + L2-SP steps over ``--tensors`` tensors of ``--numel`` float32 each.
-It reports each one's GB/s and ours as a fraction of the copy and of its own mix. Needs Triton
+Our steps run twice per round, with each CUDA kernel layout (``PYFINETUNE_OPTIM_CUDA_LAYOUT`` =
+classic, the default, and wide: 16 elements per thread in blocks of 256, experimental until measured
+here). It reports each one's GB/s and ours as a fraction of the copy and of its own mix. Needs Triton
 (shipped with PyTorch's CUDA wheels). Writes optim-roofline-cuda-*.md / .json to ``--out``.
 """
 
@@ -26,6 +28,8 @@ import torch  # noqa: E402
 import pyfinetune  # noqa: E402
 from pyfinetune.benchmarks import common  # noqa: E402
 from pyfinetune.benchmarks.common import Contender  # noqa: E402
+
+LAYOUT_ENV = "PYFINETUNE_OPTIM_CUDA_LAYOUT"
 
 
 def triton_kernels():
@@ -105,16 +109,34 @@ def main() -> int:
     adamw.step()
     sgd.step()  # states allocated before timing
 
+    def with_layout(layout, step):
+        def run():
+            old = os.environ.get(LAYOUT_ENV)
+            os.environ[LAYOUT_ENV] = layout
+            try:
+                step()
+            finally:
+                if old is None:
+                    os.environ.pop(LAYOUT_ENV, None)
+                else:
+                    os.environ[LAYOUT_ENV] = old
+        return run
+
     contenders = [
         (Contender("copy", lambda: dst.copy_(src)), 8 * n, "1 read + 1 write stream, fp32"),
         (Contender("triton 5 read / 3 write (AdamW + L2-SP mix)",
                    lambda: mix_5r3w[grid](flat["p"], flat["g"], flat["m"], flat["v"], flat["a"], n,
                                           BLOCK=args.block)), 32 * n, "flat buffers"),
-        (Contender("ours AdamW + L2-SP", adamw.step), 32 * n, f"{args.tensors} tensors"),
+        (Contender("ours AdamW + L2-SP", with_layout("classic", adamw.step)), 32 * n, f"{args.tensors} tensors"),
+        (Contender("ours AdamW + L2-SP, wide layout", with_layout("wide", adamw.step)), 32 * n,
+         f"{args.tensors} tensors, experimental"),
         (Contender("triton 3 read / 2 write (SGD momentum mix)",
                    lambda: mix_3r2w[grid](flat["p"], flat["g"], flat["m"], n, BLOCK=args.block)), 20 * n,
          "flat buffers"),
-        (Contender("ours SGD + L2-SP (4 read / 2 write)", sgd.step), 24 * n, f"{args.tensors} tensors"),
+        (Contender("ours SGD + L2-SP (4 read / 2 write)", with_layout("classic", sgd.step)), 24 * n,
+         f"{args.tensors} tensors"),
+        (Contender("ours SGD + L2-SP, wide layout", with_layout("wide", sgd.step)), 24 * n,
+         f"{args.tensors} tensors, experimental"),
     ]
     for c, _, _ in contenders:
         c.fn()  # Triton compiles here, not in the timed rounds
@@ -125,7 +147,10 @@ def main() -> int:
     mix = "triton 5 read / 3 write (AdamW + L2-SP mix)"
     ratios = {"ours_adamw_l2sp_over_copy": gbps["ours AdamW + L2-SP"] / gbps["copy"],
               "ours_adamw_l2sp_over_its_mix": gbps["ours AdamW + L2-SP"] / gbps[mix],
-              "its_mix_over_copy": gbps[mix] / gbps["copy"]}
+              "its_mix_over_copy": gbps[mix] / gbps["copy"],
+              "ours_adamw_l2sp_wide_over_classic": gbps["ours AdamW + L2-SP, wide layout"] / gbps["ours AdamW + L2-SP"],
+              "ours_sgd_l2sp_wide_over_classic": (gbps["ours SGD + L2-SP, wide layout"]
+                                                  / gbps["ours SGD + L2-SP (4 read / 2 write)"])}
     info = common.machine_info(dev)
     md = "\n".join([
         f"# Optimizer access mix on the GPU: {args.tensors} x {args.numel} fp32 ({n / 1e6:.0f}M)", "",

@@ -222,6 +222,18 @@ def test_written_tensors_autograd_rules(device, kind):
 
 
 # ------------------------------------------------------------------ CPU software prefetch setting
+def _assert_refused_before_any_write(op, args, kwargs, match):
+    """op(*args, **kwargs) raises ValueError matching `match` and leaves every tensor argument as it was."""
+    before = _clone_args(args)
+    with pytest.raises(ValueError, match=match):
+        op(*args, **kwargs)
+    for group, saved in zip(args, before):
+        if isinstance(group, list):
+            for t, u in zip(group, saved):
+                if isinstance(t, torch.Tensor):
+                    assert torch.equal(t, u)
+
+
 # Three parameters long enough for the kernels' prefetch branch (it prefetches 512 elements ahead),
 # with vector tails, one of them a single element.
 PREFETCH_SHAPES = [(3001,), (37, 41), (1,)]
@@ -265,14 +277,7 @@ def test_cpu_prefetch_bad_setting_is_refused_before_any_write(monkeypatch, kind,
     else:
         args, kwargs = sgd_inputs("cpu", torch.float32, anchors=True, shapes=PREFETCH_SHAPES)
         op, name = torch.ops.pyfinetune.fused_sgd_, "fused_sgd_"
-    before = _clone_args(args)
-    with pytest.raises(ValueError, match=f"pyfinetune.{name}: PYFINETUNE_CPU_PREFETCH must be 0 or 1"):
-        op(*args, **kwargs)
-    for group, saved in zip(args, before):
-        if isinstance(group, list):
-            for t, u in zip(group, saved):
-                if isinstance(t, torch.Tensor):
-                    assert torch.equal(t, u)
+    _assert_refused_before_any_write(op, args, kwargs, f"pyfinetune.{name}: PYFINETUNE_CPU_PREFETCH must be 0 or 1")
     with pytest.raises(ValueError, match="PYFINETUNE_CPU_PREFETCH must be 0 or 1"):
         torch.ops.pyfinetune._optim_cpu_prefetch()
 
@@ -289,3 +294,66 @@ def test_cpu_prefetch_default_follows_the_cpu_vendor(monkeypatch):
     assert torch.ops.pyfinetune._optim_cpu_prefetch() is (vendor == "GenuineIntel")
     monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "")
     assert torch.ops.pyfinetune._optim_cpu_prefetch() is (vendor == "GenuineIntel")
+
+
+# The CUDA kernels' wide layout walks a chunk (65536 elements) 16 elements per thread at a time in
+# blocks of 256 threads: 70001 elements take full and partial rounds in two chunks; 3001 elements
+# end with a partial vector; the single element is all tail.
+LAYOUT_SHAPES = [(70001,), (3001,), (1,)]
+
+
+def _misaligned(t):
+    """A copy of t starting one element past a 16-byte boundary (the kernels' element-wise path)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind, case", [("adamw", "plain"), ("adamw", "everything"), ("adamw", "coupled-bf16-anchors-maximize"),
+                                        ("sgd", "plain"), ("sgd", "everything"), ("sgd", "nesterov-maximize")])
+def test_cuda_layouts_give_the_same_bits(monkeypatch, kind, case, dtype, misaligned):
+    """PYFINETUNE_OPTIM_CUDA_LAYOUT=classic and =wide launch different kernels (one vector per thread
+    at a time in blocks of 512; 16 elements per thread in blocks of 256): the same bits for every
+    state / anchor / mask variant, aligned or not (float64 has no wide kernel: classic both times)."""
+    if kind == "adamw":
+        args, kwargs = adamw_inputs("cuda", dtype, shapes=LAYOUT_SHAPES, **ADAMW_CASES[case])
+        step = _adamw_step
+    else:
+        args, kwargs = sgd_inputs("cuda", dtype, shapes=LAYOUT_SHAPES, **SGD_CASES[case])
+        step = _sgd_step
+    copy = _misaligned if misaligned else (lambda t: t.clone() if isinstance(t, torch.Tensor) else t)
+    results = []
+    for setting in ("classic", "wide"):
+        monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", setting)
+        a = [[copy(t) for t in group] if isinstance(group, list) else group for group in args]
+        if misaligned:
+            assert all(t.data_ptr() % 16 != 0 for t in a[0])
+        before = [t.clone() for t in a[0]]
+        for _ in range(3):
+            step(*a, **kwargs)
+        torch.cuda.synchronize()
+        assert any(not torch.equal(p, q) for p, q in zip(a[0], before)), "the step changed nothing"
+        results.append([t for group in a if isinstance(group, list) for t in group if isinstance(t, torch.Tensor)])
+    for classic, wide in zip(*results):
+        assert torch.equal(bits(classic), bits(wide))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("bad", ["Wide", "1", " wide", "narrow"])
+def test_cuda_layout_bad_setting_is_refused_before_any_write(monkeypatch, kind, bad):
+    monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", bad)
+    if kind == "adamw":
+        args, kwargs = adamw_inputs("cuda", torch.float32, anchors=True, shapes=LAYOUT_SHAPES)
+        op, name = torch.ops.pyfinetune.fused_adamw_, "fused_adamw_"
+    else:
+        args, kwargs = sgd_inputs("cuda", torch.float32, anchors=True, shapes=LAYOUT_SHAPES)
+        op, name = torch.ops.pyfinetune.fused_sgd_, "fused_sgd_"
+    _assert_refused_before_any_write(op, args, kwargs,
+                                     f"pyfinetune.{name}: PYFINETUNE_OPTIM_CUDA_LAYOUT must be classic or wide")

@@ -14,12 +14,15 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <pyfinetune/checks.h>
 #include <pyfinetune/fused_optim.h>
 #include <pyfinetune/fused_optim_math.h>
 #include <pyfinetune/multi_tensor_apply.cuh>
 
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 namespace pyfinetune {
 namespace {
@@ -168,21 +171,11 @@ struct AdamWChunk {
   uint8_t anchor_dtype;
 };
 
-// Elements [i, i + N) of a chunk. N > 1 needs every operand aligned for N-element accesses.
-template <int N, bool kAmsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_n(const AdamWChunk<scalar_t>& x, int i,
-                                               const om::AdamWConsts<opmath_t>& c, bool decoupled_l2sp) {
-  opmath_t p[N], g[N], m[N], v[N], vmax[N], p0[N];
-  uint8_t keep[N];
-  mta::load_n<N>(x.p + i, p);
-  mta::load_n<N>(x.g + i, g);
-  mta::load_n<N>(x.m + i, m);
-  mta::load_n<N>(x.v + i, v);
-  if constexpr (kAmsgrad) {
-    mta::load_n<N>(x.vmax + i, vmax);
-  } else {
-    mta::fill_n<N>(vmax, opmath_t(0));
-  }
+// The anchor (0 without one) and the mask (all kept without one) of elements [i, i + N) of a chunk
+// (AdamWChunk or SGDChunk).
+template <int N, typename scalar_t, typename Chunk, typename opmath_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void load_anchor_and_mask(const Chunk& x, int i, opmath_t (&p0)[N],
+                                                            uint8_t (&keep)[N]) {
   if (x.anchor != nullptr) {
     load_anchor<N, scalar_t>(x.anchor, x.anchor_dtype, i, p0);
   } else {
@@ -193,23 +186,97 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_n(const AdamWChunk<scalar_t>& x, in
   } else {
     mta::fill_n<N>(keep, uint8_t{1});
   }
-  const om::AdamWFlags flags{kAmsgrad, decoupled_l2sp};
-  PF_UNROLL
-  for (int k = 0; k < N; ++k) {
-    om::adamw_element(p[k], g[k], m[k], v[k], vmax[k], p0[k], c, flags);
-    if (keep[k] == 0) {
-      p[k] = m[k] = v[k] = vmax[k] = opmath_t(0);
+}
+
+// Elements [i, i + N) of a chunk in registers: loaded, updated, stored as three steps so that a
+// thread can issue the loads of several vectors before the first update (kIlp). N > 1 needs every
+// operand aligned for N-element accesses.
+template <int N, bool kAmsgrad, typename scalar_t, typename opmath_t>
+struct AdamWRegs {
+  static constexpr int kWidth = N;
+  opmath_t p[N], g[N], m[N], v[N], vmax[N], p0[N];
+  uint8_t keep[N];
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void load(const AdamWChunk<scalar_t>& x, int i) {
+    mta::load_n<N>(x.p + i, p);
+    mta::load_n<N>(x.g + i, g);
+    mta::load_n<N>(x.m + i, m);
+    mta::load_n<N>(x.v + i, v);
+    if constexpr (kAmsgrad) {
+      mta::load_n<N>(x.vmax + i, vmax);
+    } else {
+      mta::fill_n<N>(vmax, opmath_t(0));
+    }
+    load_anchor_and_mask<N, scalar_t>(x, i, p0, keep);
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void update(const om::AdamWConsts<opmath_t>& c, bool decoupled_l2sp) {
+    const om::AdamWFlags flags{kAmsgrad, decoupled_l2sp};
+    PF_UNROLL
+    for (int k = 0; k < N; ++k) {
+      om::adamw_element(p[k], g[k], m[k], v[k], vmax[k], p0[k], c, flags);
+      if (keep[k] == 0) {
+        p[k] = m[k] = v[k] = vmax[k] = opmath_t(0);
+      }
     }
   }
-  mta::store_n<N>(x.p + i, p);
-  mta::store_n<N>(x.m + i, m);
-  mta::store_n<N>(x.v + i, v);
-  if constexpr (kAmsgrad) {
-    mta::store_n<N>(x.vmax + i, vmax);
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void store(const AdamWChunk<scalar_t>& x, int i) const {
+    mta::store_n<N>(x.p + i, p);
+    mta::store_n<N>(x.m + i, m);
+    mta::store_n<N>(x.v + i, v);
+    if constexpr (kAmsgrad) {
+      mta::store_n<N>(x.vmax + i, vmax);
+    }
+  }
+};
+
+template <int N, bool kAmsgrad, typename scalar_t, typename opmath_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_n(const AdamWChunk<scalar_t>& x, int i,
+                                               const om::AdamWConsts<opmath_t>& c, bool decoupled_l2sp) {
+  AdamWRegs<N, kAmsgrad, scalar_t, opmath_t> r;
+  r.load(x, i);
+  r.update(c, decoupled_l2sp);
+  r.store(x, i);
+}
+
+// The vectors [0, n_vec) of a chunk, N = Regs::kWidth elements each; thread tid takes vectors tid,
+// tid + nthreads, ... (consecutive threads, consecutive vectors). kIlp > 1: a thread loads kIlp of
+// its vectors before it updates and stores them, so that kIlp times as many loads are in flight
+// (one vector at a time, a thread's next loads wait for its stores: the compiler cannot move a load
+// above a store that may alias it). Every element gets the same arithmetic either way.
+template <int kIlp, typename Regs, typename Chunk, typename Consts, typename... Flags>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void update_vectors(const Chunk& x, int n_vec, int tid, int nthreads, const Consts& c,
+                                                      Flags... flags) {
+  constexpr int N = Regs::kWidth;
+  if constexpr (kIlp == 1) {
+    for (int i = tid; i < n_vec; i += nthreads) {
+      Regs r;
+      r.load(x, i * N);
+      r.update(c, flags...);
+      r.store(x, i * N);
+    }
+  } else {
+    for (int i0 = tid; i0 < n_vec; i0 += kIlp * nthreads) {
+      Regs r[kIlp];
+      PF_UNROLL
+      for (int u = 0; u < kIlp; ++u) {
+        if (i0 + u * nthreads < n_vec) {
+          r[u].load(x, (i0 + u * nthreads) * N);
+        }
+      }
+      PF_UNROLL
+      for (int u = 0; u < kIlp; ++u) {
+        if (i0 + u * nthreads < n_vec) {
+          r[u].update(c, flags...);
+          r[u].store(x, (i0 + u * nthreads) * N);
+        }
+      }
+    }
   }
 }
 
-template <typename scalar_t, bool kAmsgrad>
+template <typename scalar_t, bool kAmsgrad, int kIlp>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_chunk(const AdamWMeta& meta, int block, int tid, int nthreads,
                                                    const om::AdamWConsts<at::opmath_type<scalar_t>>& c) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -240,9 +307,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_chunk(const AdamWMeta& meta, int bl
                        (x.mask == nullptr || mta::is_aligned_for<kVec, uint8_t>(x.mask));
   const bool decoupled = meta.shared.decoupled_l2sp;
   const int n_vec = aligned ? n / kVec : 0;
-  for (int i = tid; i < n_vec; i += nthreads) {
-    adamw_n<kVec, kAmsgrad>(x, i * kVec, c, decoupled);
-  }
+  update_vectors<kIlp, AdamWRegs<kVec, kAmsgrad, scalar_t, opmath_t>>(x, n_vec, tid, nthreads, c, decoupled);
   // The scalar tail (a partial last vector) or the whole chunk when an operand is misaligned.
   for (int i = n_vec * kVec + tid; i < n; i += nthreads) {
     adamw_n<1, kAmsgrad>(x, i, c, decoupled);
@@ -260,43 +325,54 @@ struct SGDChunk {
   uint8_t anchor_dtype;
 };
 
+// As AdamWRegs, for SGD.
+template <int N, bool kMomentum, typename scalar_t, typename opmath_t>
+struct SGDRegs {
+  static constexpr int kWidth = N;
+  opmath_t p[N], g[N], buf[N], p0[N];
+  uint8_t keep[N];
+  bool has_buf;
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void load(const SGDChunk<scalar_t>& x, int i) {
+    has_buf = kMomentum && x.buf != nullptr;
+    mta::load_n<N>(x.p + i, p);
+    mta::load_n<N>(x.g + i, g);
+    if (kMomentum && has_buf) {
+      mta::load_n<N>(x.buf + i, buf);
+    } else {
+      mta::fill_n<N>(buf, opmath_t(0));
+    }
+    load_anchor_and_mask<N, scalar_t>(x, i, p0, keep);
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void update(const om::SGDConsts<opmath_t>& c, bool nesterov, bool decoupled_l2sp) {
+    PF_UNROLL
+    for (int k = 0; k < N; ++k) {
+      om::sgd_element(p[k], g[k], buf[k], p0[k], c, kMomentum && has_buf, nesterov, decoupled_l2sp);
+      if (keep[k] == 0) {
+        p[k] = buf[k] = opmath_t(0);
+      }
+    }
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void store(const SGDChunk<scalar_t>& x, int i) const {
+    mta::store_n<N>(x.p + i, p);
+    if (kMomentum && has_buf) {
+      mta::store_n<N>(x.buf + i, buf);
+    }
+  }
+};
+
 template <int N, bool kMomentum, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_n(const SGDChunk<scalar_t>& x, int i, const om::SGDConsts<opmath_t>& c,
                                              bool nesterov, bool decoupled_l2sp) {
-  opmath_t p[N], g[N], buf[N], p0[N];
-  uint8_t keep[N];
-  const bool has_buf = kMomentum && x.buf != nullptr;
-  mta::load_n<N>(x.p + i, p);
-  mta::load_n<N>(x.g + i, g);
-  if (has_buf) {
-    mta::load_n<N>(x.buf + i, buf);
-  } else {
-    mta::fill_n<N>(buf, opmath_t(0));
-  }
-  if (x.anchor != nullptr) {
-    load_anchor<N, scalar_t>(x.anchor, x.anchor_dtype, i, p0);
-  } else {
-    mta::fill_n<N>(p0, opmath_t(0));
-  }
-  if (x.mask != nullptr) {
-    mta::load_n<N>(x.mask + i, keep);
-  } else {
-    mta::fill_n<N>(keep, uint8_t{1});
-  }
-  PF_UNROLL
-  for (int k = 0; k < N; ++k) {
-    om::sgd_element(p[k], g[k], buf[k], p0[k], c, has_buf, nesterov, decoupled_l2sp);
-    if (keep[k] == 0) {
-      p[k] = buf[k] = opmath_t(0);
-    }
-  }
-  mta::store_n<N>(x.p + i, p);
-  if (has_buf) {
-    mta::store_n<N>(x.buf + i, buf);
-  }
+  SGDRegs<N, kMomentum, scalar_t, opmath_t> r;
+  r.load(x, i);
+  r.update(c, nesterov, decoupled_l2sp);
+  r.store(x, i);
 }
 
-template <typename scalar_t, bool kMomentum>
+template <typename scalar_t, bool kMomentum, int kIlp>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_chunk(const SGDMeta& meta, int block, int tid, int nthreads,
                                                  const om::SGDConsts<at::opmath_type<scalar_t>>& c) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -327,9 +403,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_chunk(const SGDMeta& meta, int block,
   const bool nesterov = meta.shared.nesterov;
   const bool decoupled = meta.shared.decoupled_l2sp;
   const int n_vec = aligned ? n / kVec : 0;
-  for (int i = tid; i < n_vec; i += nthreads) {
-    sgd_n<kVec, kMomentum>(x, i * kVec, c, nesterov, decoupled);
-  }
+  update_vectors<kIlp, SGDRegs<kVec, kMomentum, scalar_t, opmath_t>>(x, n_vec, tid, nthreads, c, nesterov, decoupled);
   for (int i = n_vec * kVec + tid; i < n; i += nthreads) {
     sgd_n<1, kMomentum>(x, i, c, nesterov, decoupled);
   }
@@ -339,10 +413,34 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_chunk(const SGDMeta& meta, int block,
 // Template parameters only where they remove per-element work: amsgrad (a third state tensor) and
 // whether the call has momentum buffers at all. maximize is folded into the constants; nesterov
 // and decoupled_l2sp are uniform branches next to per-tensor ones (has_l2sp, has_l1) that exist
-// anyway, so they stay runtime values and the instantiations stay at 8 + 8.
+// anyway, so they stay runtime values. kLayout: how a block walks its chunk (Layout).
 
-template <typename scalar_t, bool kAmsgrad>
-__global__ void __launch_bounds__(mta::kBlockSize) fused_adamw_kernel(const AdamWMeta meta) {
+// kClassic: blocks of mta::kBlockSize threads, one vector per thread at a time (the measured
+// default; the float32 AdamW kernel takes ~50 registers: two blocks, 32 warps per SM, each thread
+// with 80 bytes of loads in flight). kWide: blocks of 256 threads, each loading 16 elements of every
+// operand (4 float32 vectors, 2 of 16-bit values) before it updates them, compiled for two blocks
+// per SM (at most 128 registers): 16 warps per SM with 320 bytes of loads each (float32 AdamW with
+// an anchor), twice the bytes in flight. float64 takes kClassic. See PYFINETUNE_OPTIM_CUDA_LAYOUT.
+enum Layout : int { kClassic = 0, kWide = 2 };
+
+template <typename scalar_t, int kLayout>
+constexpr int ilp_of() {
+  return kLayout == kWide && sizeof(scalar_t) < 8 ? 16 / static_cast<int>(16 / sizeof(scalar_t)) : 1;
+}
+
+template <int kLayout>
+constexpr int block_size_of() {
+  return kLayout == kWide ? 256 : mta::kBlockSize;
+}
+
+template <int kLayout>
+constexpr int min_blocks_of() {
+  return kLayout == kWide ? 2 : 0;
+}
+
+template <typename scalar_t, bool kAmsgrad, int kLayout>
+__global__ void __launch_bounds__(block_size_of<kLayout>(), min_blocks_of<kLayout>())
+    fused_adamw_kernel(const AdamWMeta meta) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (step_skipped(meta.shared)) {
     return;
@@ -352,11 +450,12 @@ __global__ void __launch_bounds__(mta::kBlockSize) fused_adamw_kernel(const Adam
     consts = adamw_block_consts<opmath_t>(meta, blockIdx.x);
   }
   __syncthreads();
-  adamw_chunk<scalar_t, kAmsgrad>(meta, blockIdx.x, threadIdx.x, blockDim.x, consts);
+  adamw_chunk<scalar_t, kAmsgrad, ilp_of<scalar_t, kLayout>()>(meta, blockIdx.x, threadIdx.x, blockDim.x, consts);
 }
 
-template <typename scalar_t, bool kMomentum>
-__global__ void __launch_bounds__(mta::kBlockSize) fused_sgd_kernel(const SGDMeta meta) {
+template <typename scalar_t, bool kMomentum, int kLayout>
+__global__ void __launch_bounds__(block_size_of<kLayout>(), min_blocks_of<kLayout>())
+    fused_sgd_kernel(const SGDMeta meta) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (step_skipped(meta.shared)) {
     return;
@@ -366,7 +465,7 @@ __global__ void __launch_bounds__(mta::kBlockSize) fused_sgd_kernel(const SGDMet
     consts = sgd_block_consts<opmath_t>(meta, blockIdx.x);
   }
   __syncthreads();
-  sgd_chunk<scalar_t, kMomentum>(meta, blockIdx.x, threadIdx.x, blockDim.x, consts);
+  sgd_chunk<scalar_t, kMomentum, ilp_of<scalar_t, kLayout>()>(meta, blockIdx.x, threadIdx.x, blockDim.x, consts);
 }
 
 // ---- Host side -----------------------------------------------------------------------------------
@@ -476,17 +575,49 @@ void sgd_for_each_launch(at::TensorList params, at::TensorList grads, at::Tensor
   mta::multi_tensor_apply<SGDMeta>(static_cast<int64_t>(params.size()), args, describe, launch);
 }
 
-template <typename scalar_t, bool kAmsgrad>
-void launch_adamw(const AdamWMeta& meta, int n_blocks) {
-  fused_adamw_kernel<scalar_t, kAmsgrad>
-      <<<n_blocks, mta::kBlockSize, 0, at::cuda::getCurrentCUDAStream()>>>(meta);
+// PYFINETUNE_OPTIM_CUDA_LAYOUT=classic|wide (experimental, for A/B timing on a GPU; read at each
+// step; unset or empty: classic): the kernel layout (Layout). wide is not the default until a GPU has
+// measured it against classic (benchmarks/optim_gpu_roofline.py times both); both do the same
+// arithmetic on every element (bit-identical results). Another value is refused before anything
+// is written.
+int requested_layout(const char* op) {
+  const char* raw = std::getenv("PYFINETUNE_OPTIM_CUDA_LAYOUT");
+  if (raw == nullptr || raw[0] == '\0') {
+    return kClassic;
+  }
+  const std::string v(raw);
+  TORCH_CHECK_VALUE(v == "classic" || v == "wide",
+                    check_message("pyfinetune.", op, ": PYFINETUNE_OPTIM_CUDA_LAYOUT must be classic or wide (or unset: "
+                                  "classic), got '", v, "'"));
+  return v == "wide" ? kWide : kClassic;
+}
+
+template <int kLayout, typename Kernel, typename Meta>
+void launch_layout(Kernel kernel, const Meta& meta, int n_blocks) {
+  kernel<<<n_blocks, block_size_of<kLayout>(), 0, at::cuda::getCurrentCUDAStream()>>>(meta);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename scalar_t, bool kAmsgrad>
+void launch_adamw(const AdamWMeta& meta, int n_blocks, int layout) {
+  if constexpr (ilp_of<scalar_t, kWide>() > 1) {  // float64 has no wide kernel
+    if (layout == kWide) {
+      launch_layout<kWide>(fused_adamw_kernel<scalar_t, kAmsgrad, kWide>, meta, n_blocks);
+      return;
+    }
+  }
+  launch_layout<kClassic>(fused_adamw_kernel<scalar_t, kAmsgrad, kClassic>, meta, n_blocks);
+}
+
 template <typename scalar_t, bool kMomentum>
-void launch_sgd(const SGDMeta& meta, int n_blocks) {
-  fused_sgd_kernel<scalar_t, kMomentum><<<n_blocks, mta::kBlockSize, 0, at::cuda::getCurrentCUDAStream()>>>(meta);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+void launch_sgd(const SGDMeta& meta, int n_blocks, int layout) {
+  if constexpr (ilp_of<scalar_t, kWide>() > 1) {  // float64 has no wide kernel
+    if (layout == kWide) {
+      launch_layout<kWide>(fused_sgd_kernel<scalar_t, kMomentum, kWide>, meta, n_blocks);
+      return;
+    }
+  }
+  launch_layout<kClassic>(fused_sgd_kernel<scalar_t, kMomentum, kClassic>, meta, n_blocks);
 }
 
 void fused_adamw_cuda(PF_FUSED_ADAMW_PARAMS) {
@@ -497,15 +628,16 @@ void fused_adamw_cuda(PF_FUSED_ADAMW_PARAMS) {
   }
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const LaunchArgs args = make_launch_args(grad_scale, found_inf, maximize, decoupled_l2sp, false);
+  const int layout = requested_layout("fused_adamw_");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fused_adamw_cuda", [&] {
     if (amsgrad) {
       adamw_for_each_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
                             lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, true, args,
-                            launch_adamw<scalar_t, true>);
+                            [layout](const AdamWMeta& meta, int n_blocks) { launch_adamw<scalar_t, true>(meta, n_blocks, layout); });
     } else {
       adamw_for_each_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
                             lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, false, args,
-                            launch_adamw<scalar_t, false>);
+                            [layout](const AdamWMeta& meta, int n_blocks) { launch_adamw<scalar_t, false>(meta, n_blocks, layout); });
     }
   });
 }
@@ -518,13 +650,14 @@ void fused_sgd_cuda(PF_FUSED_SGD_PARAMS) {
   }
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const LaunchArgs args = make_launch_args(grad_scale, found_inf, maximize, decoupled_l2sp, nesterov);
+  const int layout = requested_layout("fused_sgd_");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fused_sgd_cuda", [&] {
     if (!momentum_buffers.empty()) {
       sgd_for_each_launch(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
-                          weight_decays, l2sps, l1s, args, launch_sgd<scalar_t, true>);
+                          weight_decays, l2sps, l1s, args, [layout](const SGDMeta& meta, int n_blocks) { launch_sgd<scalar_t, true>(meta, n_blocks, layout); });
     } else {
       sgd_for_each_launch(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
-                          weight_decays, l2sps, l1s, args, launch_sgd<scalar_t, false>);
+                          weight_decays, l2sps, l1s, args, [layout](const SGDMeta& meta, int n_blocks) { launch_sgd<scalar_t, false>(meta, n_blocks, layout); });
     }
   });
 }
