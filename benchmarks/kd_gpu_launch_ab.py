@@ -1,12 +1,13 @@
-"""A/B of the CUDA distillation kernel's block size, in one process (a GPU check, seconds).
+"""A/B of the CUDA distillation kernel's launch: block size and prefetch, in one process (a GPU check, seconds).
 
     python benchmarks/kd_gpu_launch_ab.py [--rows 8192] [--vocab 128256] [--reps 20] [--out DIR]
                                           [--device cuda] [--no-write]
 
 Times ``kd_loss`` (forward_kl, T = 2, alpha = 0.5, 1/8 of the rows ignored, batchmean, bf16) forward,
 backward and forward + backward with the launch's own choice of block size (by occupancy) and with
-``PYFINETUNE_KD_CUDA_THREADS`` = 512, 256, 128 (read by the extension at each call), and at
-T = 2.0001 (the kernels' general path, where T = 2 computes the CE exponential as a square),
+``PYFINETUNE_KD_CUDA_THREADS`` = 512, 256, 128 (read by the extension at each call), at
+T = 2.0001 (the kernels' general path, where T = 2 computes the CE exponential as a square), and with
+``PYFINETUNE_KD_CUDA_PREFETCH=1`` (experimental: the shared-memory cache filled by cp.async copies),
 interleaved round by round, against the time to read both inputs and write the gradient once at the measured
 copy bandwidth (issue #3's GPU target: forward + backward within 1.3x of it). Each variant's loss and
 gradient are checked against the first one's (the block size changes only the order of sums).
@@ -32,18 +33,25 @@ from pyfinetune.benchmarks.distill import copy_bandwidth, kd_inputs  # noqa: E40
 from pyfinetune.losses import kd_loss  # noqa: E402
 
 ENV = "PYFINETUNE_KD_CUDA_THREADS"
-# name -> (block size override or None, temperature). T = 2.0001 takes the kernels' general path
-# (an exponential for the CE term of every element); T = 2 computes it as a square.
-VARIANTS = {"auto": (None, 2.0), "512": ("512", 2.0), "256": ("256", 2.0), "128": ("128", 2.0),
-            "auto, T=2.0001 (no power path)": (None, 2.0001)}
+PREFETCH_ENV = "PYFINETUNE_KD_CUDA_PREFETCH"
+# name -> (block size override or None, temperature, prefetch). T = 2.0001 takes the kernels' general
+# path (an exponential for the CE term of every element); T = 2 computes it as a square. prefetch:
+# PYFINETUNE_KD_CUDA_PREFETCH=1 (pass 1 fills the shared-memory cache with cp.async copies).
+VARIANTS = {"auto": (None, 2.0, False), "512": ("512", 2.0, False), "256": ("256", 2.0, False),
+            "128": ("128", 2.0, False), "auto, T=2.0001 (no power path)": (None, 2.0001, False),
+            "auto, prefetch": (None, 2.0, True), "128, prefetch": ("128", 2.0, True)}
 
 
 def set_variant(v: str) -> float:
-    threads, temperature = VARIANTS[v]
+    threads, temperature, prefetch = VARIANTS[v]
     if threads is None:
         os.environ.pop(ENV, None)
     else:
         os.environ[ENV] = threads
+    if prefetch:
+        os.environ[PREFETCH_ENV] = "1"
+    else:
+        os.environ.pop(PREFETCH_ENV, None)
     return temperature
 
 
@@ -114,10 +122,10 @@ def main() -> int:
                      f"{check[v]['grad_max_abs_diff']:.1e}" if same_t else "(other T)"])
     info = common.machine_info(dev)
     md = "\n".join([
-        f"# kd_loss block size A/B ({dev.type}), {args.rows} x {args.vocab} bf16", "", common.machine_summary(info), "",
+        f"# kd_loss launch A/B: block size, prefetch ({dev.type}), {args.rows} x {args.vocab} bf16", "", common.machine_summary(info), "",
         f"copy bandwidth {gbps:.0f} GB/s; floor (read student + teacher, write the gradient once) {floor_ms:.2f} ms;"
         f" medians of {args.reps} interleaved rounds", "",
-        common.markdown_table(["threads", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd / floor (target <= 1.3)",
+        common.markdown_table(["variant", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd / floor (target <= 1.3)",
                                "loss rel diff", "grad max abs diff"], rows), ""])
     print(md)
     record = {"machine": info, "rows": args.rows, "vocab": args.vocab, "copy_gbps": gbps, "floor_ms": floor_ms,

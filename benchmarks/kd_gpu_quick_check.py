@@ -5,7 +5,8 @@
 Each case prints OK or FAIL with the error; a failure does not stop the others (a sticky CUDA
 error does). Exit status 1 if any case failed. The cases are the ones a CPU machine cannot check:
 the launch shapes (the dynamic shared memory just under 48 KB, the cluster split on sm_90), rows
-whose operands differ in alignment, and logits in the thousands. The full suite
+whose operands differ in alignment, logits in the thousands, and the experimental cp.async prefetch
+(PYFINETUNE_KD_CUDA_PREFETCH=1) on the same shapes. The full suite
 (`python -m pytest tests`) covers the same and more; benchmarks/gpu_check.sh runs this first.
 """
 
@@ -187,6 +188,20 @@ def linear_bf16(N, H, V):
 
     return f
 
+
+# PYFINETUNE_KD_CUDA_PREFETCH=1 (experimental): pass 1 fills the shared-memory cache with cp.async
+# copies. The launch shapes again, a row longer than the cache (uncached rest in registers while the
+# copies fly), the misaligned student (falls back to register loads), top-k and in place.
+os.environ["PYFINETUNE_KD_CUDA_PREFETCH"] = "1"
+for div in DIVS:
+    run(f"prefetch smem window bf16 N=256 V=12000 {div}", dense(256, 12000, bf16, bf16, div=div))
+    run(f"prefetch cluster dense {div} N=2 V=50257", dense(2, 50257, f32, f32, div=div))
+    run(f"prefetch longer than the cache fp32 N=2 V=262144 {div}", dense(2, 262144, f32, f32, div=div, T=1.3))
+    run(f"prefetch sliced student fp32 offset 1 N=2 V=50257 {div}", dense(2, 50257, f32, f32, div=div, offset=1))
+    run(f"prefetch in place {div} N=3 V=128256 bf16", inplace(3, 128256, bf16, div, 2.0))
+for div in ("forward_kl", "jsd"):
+    run(f"prefetch cluster topk {div} N=2 V=50257 k=64", topk(2, 50257, 64, div=div))
+os.environ.pop("PYFINETUNE_KD_CUDA_PREFETCH")
 
 LINEAR_SHAPE = (4096, 4096, 128256) if dev == "cuda" else (64, 32, 1000)
 run("fused linear bf16 tensor-core path N={} H={} V={}".format(*LINEAR_SHAPE), linear_bf16(*LINEAR_SHAPE))

@@ -310,6 +310,23 @@ def test_git_state_keeps_every_dirty_path(monkeypatch):
     assert state["dirty_files"] == ["pyfinetune/x.py", "setup.py"]
 
 
+def test_records_name_the_library_settings(monkeypatch):
+    # A record made under an experimental setting (or a CPU prefetch / crossover override) says so.
+    from pyfinetune.benchmarks import common
+
+    for k in [k for k in os.environ if k.startswith("PYFINETUNE_")]:
+        monkeypatch.delenv(k)  # PYFINETUNE_SEED, a build's PYFINETUNE_FORCE_CPU ...
+    monkeypatch.setenv("PYFINETUNE_KD_CUDA_PREFETCH", "1")
+    monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "0")
+    info = common.machine_info(torch.device("cpu"))
+    assert info["pyfinetune_env"] == {"PYFINETUNE_CPU_PREFETCH": "0", "PYFINETUNE_KD_CUDA_PREFETCH": "1"}
+    assert common.machine_summary(info).endswith("; settings PYFINETUNE_CPU_PREFETCH=0, PYFINETUNE_KD_CUDA_PREFETCH=1.")
+    monkeypatch.delenv("PYFINETUNE_KD_CUDA_PREFETCH")
+    monkeypatch.delenv("PYFINETUNE_CPU_PREFETCH")
+    info = common.machine_info(torch.device("cpu"))
+    assert "settings" not in common.machine_summary(info)
+
+
 def test_kd_launch_ab_runs(tmp_path):
     # gpu_check.sh runs benchmarks/kd_gpu_launch_ab.py right after the build: a smoke test of the
     # whole script on the CPU (where the block-size variable changes nothing), small and fast.
@@ -321,7 +338,8 @@ def test_kd_launch_ab_runs(tmp_path):
     (md,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.md"))
     (js,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.json"))
     record = json.load(open(js))
-    assert set(record["times_ms"]) == {"auto", "512", "256", "128", "auto, T=2.0001 (no power path)"}
+    assert set(record["times_ms"]) == {"auto", "512", "256", "128", "auto, T=2.0001 (no power path)",
+                                       "auto, prefetch", "128, prefetch"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
 
 

@@ -331,7 +331,7 @@ struct SGDRegs {
   static constexpr int kWidth = N;
   opmath_t p[N], g[N], buf[N], p0[N];
   uint8_t keep[N];
-  bool has_buf;
+  bool has_buf = false;
 
   C10_HOST_DEVICE C10_ALWAYS_INLINE void load(const SGDChunk<scalar_t>& x, int i) {
     has_buf = kMomentum && x.buf != nullptr;
@@ -420,7 +420,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_chunk(const SGDMeta& meta, int block,
 // with 80 bytes of loads in flight). kWide: blocks of 256 threads, each loading 16 elements of every
 // operand (4 float32 vectors, 2 of 16-bit values) before it updates them, compiled for two blocks
 // per SM (at most 128 registers): 16 warps per SM with 320 bytes of loads each (float32 AdamW with
-// an anchor), twice the bytes in flight. float64 takes kClassic. See PYFINETUNE_OPTIM_CUDA_LAYOUT.
+// an anchor), twice the bytes in flight; ptxas (nvcc 13.0, sm_90) then spills 20 bytes per thread
+// for float32 AdamW, 74-104 with amsgrad, none for SGD. float64 takes kClassic. See
+// PYFINETUNE_OPTIM_CUDA_LAYOUT.
 enum Layout : int { kClassic = 0, kWide = 2 };
 
 template <typename scalar_t, int kLayout>

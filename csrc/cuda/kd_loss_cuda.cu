@@ -7,7 +7,8 @@
 //   1. read student and teacher once with 16-byte loads, accumulate online (max, sum exp) for
 //      s/T, t/T and (with a CE term) s, with the exponents taken relative to the running maximum
 //      of the raw logits (RawLse: no precision lost to logits in the thousands or a small T),
-//      keeping up to cache_vecs vectors of the raw inputs in shared memory; block (warp shuffle +
+//      keeping up to cache_vecs vectors of the raw inputs in shared memory (filled by register
+//      loads, or with PYFINETUNE_KD_CUDA_PREFETCH=1 by asynchronous copies); block (warp shuffle +
 //      shared memory) and cluster merge;
 //   2. jsd only: sum q log(q/m), p log(p/m) and D element by element (kd_math::jsd_accumulate),
 //      from the cache;
@@ -134,6 +135,30 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(T* p, const float (&in)[VEC], b
     q[i] = r.w[i];
 #endif
   }
+}
+
+// Asynchronous 16-byte copies global -> shared (cp.async, sm_80+): the copies of a whole slice are
+// in flight at once and take no registers. Host code (and older archs, where the host never sets
+// KdArgs::prefetch) copies directly. cp_async_wait_all makes the thread's own copies visible to it.
+template <typename T, int VEC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void copy_async(RawVec<T, VEC>* dst, const T* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  PF_UNROLL
+  for (int i = 0; i < RawVec<T, VEC>::kWords; ++i) {
+    const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst->w + i));
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;\n" ::"r"(d),
+                 "l"(reinterpret_cast<const uint4*>(src) + i)
+                 : "memory");
+  }
+#else
+  *dst = load_raw<T, VEC>(src, false, true);
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE void copy_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
 }
 
 // 2^x; 2^-inf = 0. ex2.approx (2 ulp, flushes subnormal results to 0) on the device.
@@ -309,6 +334,7 @@ struct KdArgs {
   int k;                     // top-k only
   int n_split;               // blocks per row (a cluster when > 1)
   int cache_vecs;            // vectors of a block's slice kept in shared memory
+  bool prefetch;             // fill the cache with asynchronous copies (see pass1_thread)
   bool need_grad;
   float grad_scale;          // the kept gradient is grad_scale * d(row loss)/d(s)
   int t_pow;                 // T when it is exactly 2, 3 or 4 (pow_small), else 0
@@ -445,7 +471,21 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
                                                RawVec<ST, VEC>* s_cache, RawVec<TT, VEC>* t_cache, bool reread,
                                                bool has_ce, int64_t row) {
   RowPartial p;
-  for (int j0 = tid; j0 < sl.n; j0 += kUnroll * nthreads) {
+  // KdArgs::prefetch: the cached vectors of this thread go to shared memory by asynchronous copies,
+  // all issued first; the thread reduces the uncached ones (register loads) while they are in
+  // flight, then the cached ones from shared memory. Otherwise each vector is loaded into registers
+  // (kUnroll in flight per thread) and, when cached, stored to shared memory. Either way a cached
+  // vector j is copied and later read by the thread j % nthreads only (the later passes too).
+  const bool prefetch = a.prefetch && a.cache_vecs > 0 && rs.s_vec && (kTopK || rs.t_vec);
+  const int first = prefetch ? (sl.n < a.cache_vecs ? sl.n : a.cache_vecs) : 0;  // vectors prefetched
+  for (int j = tid; j < first; j += nthreads) {
+    const int64_t e = rs.head + static_cast<int64_t>(sl.v0 + j) * VEC;
+    copy_async<ST, VEC>(s_cache + j, s + e);
+    if (!kTopK) {
+      copy_async<TT, VEC>(t_cache + j, t + e);
+    }
+  }
+  for (int j0 = first + tid; j0 < sl.n; j0 += kUnroll * nthreads) {
     RawVec<ST, VEC> rsv[kUnroll];
     RawVec<TT, VEC> rtv[kUnroll];
     PF_UNROLL
@@ -478,6 +518,19 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
         }
         accumulate<kDiv, kTopK>(a.kp, a.t_pow, sv, tv, has_ce, p.s, p.t, p.s1);
       }
+    }
+  }
+  if (prefetch) {
+    copy_async_wait_all();
+    for (int j = tid; j < first; j += nthreads) {
+      float sv[VEC], tv[VEC];
+      to_float(s_cache[j], sv);
+      if (!kTopK) {
+        to_float(t_cache[j], tv);
+      } else {
+        mta::fill_n<VEC>(tv, 0.0f);
+      }
+      accumulate<kDiv, kTopK>(a.kp, a.t_pow, sv, tv, has_ce, p.s, p.t, p.s1);
     }
   }
   for (int part = 0; part < 2; ++part) {
@@ -967,6 +1020,22 @@ LaunchPlan plan_launch(int64_t N, int64_t V, int vec, size_t cache_bytes_per_vec
   return p;
 }
 
+// PYFINETUNE_KD_CUDA_PREFETCH=1 (experimental, for A/B timing on a GPU; read at each call; unset,
+// empty or 0: off): pass 1 fills the shared-memory cache with asynchronous copies (cp.async, sm_80+),
+// a whole slice in flight at once, instead of register loads kUnroll vectors at a time per thread.
+// Not the default until a GPU has measured it (benchmarks/kd_gpu_launch_ab.py times both); only the
+// order of the row sums differs. Another value is refused before anything is written.
+bool kd_prefetch_requested(const char* op) {
+  const char* raw = std::getenv("PYFINETUNE_KD_CUDA_PREFETCH");
+  if (raw == nullptr || raw[0] == '\0') {
+    return false;
+  }
+  TORCH_CHECK_VALUE((raw[0] == '0' || raw[0] == '1') && raw[1] == '\0',
+                    check_message("pyfinetune.", op, ": PYFINETUNE_KD_CUDA_PREFETCH must be 0 or 1 (or unset: 0), got '",
+                                  raw, "'"));
+  return raw[0] == '1';
+}
+
 // The block size for `plan` that keeps the most threads resident on an SM, given the kernel's
 // registers and the plan's shared memory: among plan.threads, 256 and 128 (not below 128 nor above
 // plan.threads), the most warps per SM, ties to the smaller block (more rows in flight, whose
@@ -1084,7 +1153,9 @@ void launch_kd(KdArgs args, int64_t N) {
   static KernelLimits limits[C10_COMPILE_TIME_MAX_GPUS];  // per instantiation, per device
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   // Clusters need the sm_90 code of the kernel (ptxVersion is the arch the code was compiled for).
-  const bool clusters = prop.major >= 9 && kernel_limits(limits, kernel, 0).ptx_version >= 90;
+  const int ptx_version = kernel_limits(limits, kernel, 0).ptx_version;
+  const bool clusters = prop.major >= 9 && ptx_version >= 90;
+  args.prefetch = args.prefetch && prop.major >= 8 && ptx_version >= 80;  // cp.async: sm_80 code
   const bool reread = args.need_grad || (kDiv == km::kJSD && !kTopK);
   const size_t bytes_per_vec = sizeof(RawVec<ST, VEC>) + (kTopK ? 0 : sizeof(RawVec<TT, VEC>));
   LaunchPlan plan = plan_launch(N, args.V, VEC, bytes_per_vec, reread, clusters, prop, 0);
@@ -1154,13 +1225,15 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   if (in_place) {
     check_kd_loss_inplace_args(student, teacher, labels);
   }
+  const bool prefetch = kd_prefetch_requested(op);
   const c10::cuda::CUDAGuard device_guard(student.device());
   const int64_t N = student.size(0);
   const int64_t V = student.size(1);
   at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
-  // In place: each gradient element is written by the thread that read that student element (in
-  // pass 1 and again, or from its cache, in the gradient pass), after every read of the row by
-  // other blocks of its cluster (pass 1, the label's logit) has passed a cluster barrier.
+  // In place: each block writes the gradient of its own slice only, in the gradient pass, where
+  // every element is read (again, or from the cache filled by the same thread) just before it is
+  // written; every other read of the row (pass 1, by any thread of the block or its asynchronous
+  // copies, and the label's logit) is behind the block and cluster barriers of the reduction.
   at::Tensor grad = in_place ? student
                     : need_grad ? at::empty({N, V}, student.options())
                                 : at::empty({0}, student.options());
@@ -1185,6 +1258,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   args.V = static_cast<int>(V);
   args.k = indices != nullptr ? static_cast<int>(teacher.size(1)) : 0;
   args.need_grad = need_grad;
+  args.prefetch = prefetch;
   args.grad_scale = static_cast<float>(grad_scale);
   args.kp = make_kd_params<float>(temperature, alpha, beta, div);
   // On the float temperature, as the CPU kernel decides (small_integer_temperature).

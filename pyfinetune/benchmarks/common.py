@@ -529,6 +529,8 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        # the library's settings in force (CPU prefetch, experimental CUDA layouts, crossovers ...)
+        "pyfinetune_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("PYFINETUNE_")},
         "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -565,6 +567,8 @@ def machine_summary(info: Dict[str, Any]) -> str:
         f"torch {info['torch']}, CUDA {info['cuda_runtime']}, GPU {info.get('gpu')}",
         f"pyfinetune {commit}{dirty[git.get('dirty')]} on branch {git.get('branch')}",
     ]
+    if info.get("pyfinetune_env"):
+        parts.append("settings " + ", ".join(f"{k}={v}" for k, v in info["pyfinetune_env"].items()))
     return "; ".join(parts) + "."
 
 

@@ -1,0 +1,139 @@
+"""The CUDA distillation kernels with PYFINETUNE_KD_CUDA_PREFETCH=1 (experimental): pass 1 fills the
+shared-memory cache with asynchronous copies (cp.async) instead of register loads.
+
+Checked against the float64 reference on every path the copies change: rows cached whole (one block
+per row, and split over a cluster on sm_90), rows longer than the cache (the uncached rest is read
+into registers while the copies are in flight), a student misaligned against its teacher (the
+copies need 16-byte alignment: that row falls back to register loads), mixed and 16-bit dtypes,
+ignored rows, the loss without a gradient, the top-k teacher and the in-place gradient. Only the
+order of the row sums differs from the default path; bad values of the variable are refused before
+anything is written. GPU only (the variable means nothing on the CPU).
+"""
+
+import pytest
+import torch
+
+from pyfinetune.losses import kd_loss, kd_loss_topk
+from reference_kd import assert_grad_close, assert_loss_close, kd_reference, topk_to_full
+from test_kd_loss import check
+
+pytestmark = pytest.mark.cuda
+
+ENV = "PYFINETUNE_KD_CUDA_PREFETCH"
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
+
+
+@pytest.fixture
+def prefetch(monkeypatch):
+    monkeypatch.setenv(ENV, "1")
+
+
+def _case(n, v, dtype=torch.float32, t_dtype=None, seed=0, scale=3.0, ignored=True):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(n, v, generator=g) * scale).to("cuda", dtype)
+    t = (torch.randn(n, v, generator=g) * scale).to("cuda", t_dtype or dtype)
+    lab = torch.randint(0, v, (n,), generator=g)
+    lab[-1] = v - 1  # the last column: a scalar tail
+    if ignored and n > 2:
+        lab[1] = -100
+    return s, t, lab.to("cuda")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("n,v", [(5, 301), (256, 6100), (3, 50257), (2, 262144)],
+                         ids=["small", "block-per-row", "cluster", "longer-than-cache"])
+def test_matches_reference(prefetch, divergence, n, v):
+    s, t, lab = _case(n, v, seed=v)
+    check(s, t, lab, divergence=divergence, temperature=1.3, alpha=0.6, beta=0.4)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                    (torch.float32, torch.bfloat16)], ids=["bf16", "fp16-fp32", "fp32-bf16"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # 2: the power path of the CE term
+def test_dtypes(prefetch, divergence, dtypes, temperature):
+    s, t, lab = _case(4, 32003, dtype=dtypes[0], t_dtype=dtypes[1], seed=7)
+    check(s, t, lab, dtype=dtypes[0], torch_lowp=dtypes[0] == dtypes[1], divergence=divergence,
+          temperature=temperature, alpha=0.5)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+def test_misaligned_student_falls_back(prefetch, offset):
+    # check() hands the kernel the sliced view itself (test_kd_loss.same_layout_input), not a copy.
+    v = 50257
+    s, t, lab = _case(3, v, seed=11)
+    buf = torch.zeros(3, v + 5, device="cuda")
+    buf[:, offset:offset + v] = s
+    s = buf[:, offset:offset + v]
+    assert s.data_ptr() % 16 != 0
+    check(s, t, lab, divergence="forward_kl", temperature=1.7, alpha=0.3)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_loss_without_gradient(prefetch, divergence):
+    # Without a gradient only jsd keeps a cache (its second pass): the others take the default path.
+    s, t, lab = _case(3, 50257, seed=13)
+    kw = dict(divergence=divergence, temperature=0.7, alpha=0.6)
+    with torch.no_grad():
+        loss = kd_loss(s, t, lab, **kw)
+    ref_loss, _ = kd_reference(s, t, lab, **kw)
+    assert_loss_close(loss, ref_loss, torch.float32)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("v", [301, 50257])
+def test_topk_teacher(prefetch, divergence, v):
+    g = torch.Generator().manual_seed(v)
+    s = (torch.randn(3, v, generator=g) * 3).cuda()
+    vals, idx = torch.topk(torch.randn(3, v, generator=g) * 3, 64, dim=-1)
+    vals, idx = vals.cuda(), idx.cuda()
+    lab = torch.tensor([7, -100, v - 1], device="cuda")
+    kw = dict(temperature=1.7, alpha=0.4, divergence=divergence)
+    x = s.clone().requires_grad_(True)
+    loss = kd_loss_topk(x, vals, idx, lab, **kw)
+    loss.backward()
+    ref_loss, ref_grad = kd_reference(s, topk_to_full(vals, idx, v), lab, **kw)
+    assert_loss_close(loss, ref_loss, torch.float32, msg=str(kw))
+    assert_grad_close(x.grad, ref_grad, torch.float32, msg=str(kw))
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_inplace_gradient_matches_out_of_place(prefetch, divergence):
+    # Each block's cached student values reach shared memory before the cluster barrier after which
+    # other blocks of the row write the gradient over the student.
+    s, t, lab = _case(3, 50257, seed=17)
+    kw = dict(temperature=2.0, alpha=0.3, divergence=divergence, beta=0.4, ignore_index=-100, grad_scale=0.25)
+    rows, grad = torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, need_grad=True, **kw)
+    x = s.clone()
+    out = torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, **kw)
+    assert torch.equal(out, rows)
+    assert torch.equal(x, grad)
+
+
+def test_same_values_as_register_loads(monkeypatch):
+    # Both paths on the benchmark's kind of input: only the order of the row sums differs.
+    s, t, lab = _case(64, 128256, dtype=torch.bfloat16, seed=19)
+    out = {}
+    for setting in ("0", "1"):
+        monkeypatch.setenv(ENV, setting)
+        x = s.clone().requires_grad_(True)
+        loss = kd_loss(x, t, lab, temperature=2.0, alpha=0.5)
+        loss.backward()
+        out[setting] = (loss.detach(), x.grad)
+    torch.testing.assert_close(out["1"][0], out["0"][0], rtol=1e-5, atol=0)
+    # one bf16 rounding step apart at most, where a float32 sum order difference flips it
+    torch.testing.assert_close(out["1"][1].float(), out["0"][1].float(), rtol=2.0**-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", ["2", "yes", " 1", "on"])
+def test_bad_setting_is_refused_before_any_write(monkeypatch, bad):
+    monkeypatch.setenv(ENV, bad)
+    s, t, lab = _case(3, 301, seed=23)
+    x = s.clone()
+    with pytest.raises(ValueError, match="pyfinetune.kd_loss_fwd_inplace: PYFINETUNE_KD_CUDA_PREFETCH must be 0 or 1"):
+        torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, temperature=1.0, alpha=0.5, divergence="forward_kl",
+                                                 beta=0.5, ignore_index=-100, grad_scale=1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(x, s)
+    with pytest.raises(ValueError, match="PYFINETUNE_KD_CUDA_PREFETCH must be 0 or 1"):
+        kd_loss(s, t, lab)
