@@ -158,3 +158,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def same_layout_input(s: torch.Tensor) -> torch.Tensor:
+    """A copy of s that autograd differentiates, with s's strides and storage offset (so its rows
+    keep their stride and their 16-byte alignment): a view of a fresh leaf (take its gradient with
+    ``torch.autograd.grad`` or ``retain_grad()``). ``s.detach().clone()`` hands the op a compact,
+    aligned tensor instead of a sliced one a test built (clone keeps strides only when s is dense)."""
+    extent = s.storage_offset() + sum((n - 1) * st for n, st in zip(s.shape, s.stride())) + 1 if s.numel() else 0
+    base = torch.zeros(max(extent, 1), dtype=s.dtype, device=s.device)
+    base.as_strided(s.shape, s.stride(), s.storage_offset()).copy_(s.detach())
+    base.requires_grad_(True)
+    x = base.as_strided(s.shape, s.stride(), s.storage_offset())
+    assert x.stride() == s.stride() and x.data_ptr() % 16 == s.data_ptr() % 16
+    return x

@@ -5,6 +5,7 @@ import torch
 
 import pyfinetune
 from pyfinetune.losses import DistillationLoss, kd_loss
+from conftest import same_layout_input
 from reference_kd import assert_grad_close, assert_loss_close, kd_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -25,19 +26,6 @@ def make_case(shape, device, dtype=torch.float32, scale=3.0, labels="with", seed
             flat[:: 3] = -100
     s, t = s.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
     return s, t, (lab.to(device) if lab is not None else None)
-
-
-def same_layout_input(s):
-    """A copy of s that autograd differentiates, with s's strides and storage offset (so its rows
-    keep their stride and their 16-byte alignment): a view of a leaf. ``s.clone()`` would hand the
-    kernel a compact, aligned tensor instead of the sliced or strided one a test built."""
-    extent = s.storage_offset() + sum((n - 1) * st for n, st in zip(s.shape, s.stride())) + 1 if s.numel() else 0
-    base = torch.zeros(max(extent, 1), dtype=s.dtype, device=s.device)
-    base.as_strided(s.shape, s.stride(), s.storage_offset()).copy_(s.detach())
-    base.requires_grad_(True)
-    x = base.as_strided(s.shape, s.stride(), s.storage_offset())
-    assert x.stride() == s.stride() and x.data_ptr() % 16 == s.data_ptr() % 16
-    return x
 
 
 def run_ours(s, t, lab, grad_output=None, **kw):

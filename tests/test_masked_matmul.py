@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import device_dtype_params, device_params
+from conftest import device_dtype_params, device_params, same_layout_input
 from pyfinetune import ops
 from reference_masked_matmul import assert_product_close, make_mask, random_inputs, reference, two_four_mask
 
@@ -44,7 +44,8 @@ def run_impl(impl, x, weight, mask, bias, *, dense_grad=False):
 
 def forward_backward(impl, x, weight, mask, bias, grad_out, *, dense_grad=False):
     """Leaves x, weight (or values), bias; returns y and their gradients under grad_out."""
-    x = x.detach().clone().requires_grad_(True)
+    x = same_layout_input(x)  # a sliced x stays sliced (clone would compact it)
+    x.retain_grad()
     leaf = (weight[mask.to(weight.device)] if impl == "csr" else weight).detach().clone().requires_grad_(True)
     b = None if bias is None else bias.detach().clone().requires_grad_(True)
     y = run_impl(impl, x, leaf, mask.to(weight.device), b, dense_grad=dense_grad)
