@@ -222,6 +222,36 @@ def test_written_tensors_autograd_rules(device, kind):
 
 
 # ------------------------------------------------------------------ CPU software prefetch setting
+def _assert_settings_give_the_same_bits(monkeypatch, var, settings, args, kwargs, step, copy=None):
+    """Three steps on fresh copies of args (``copy`` per tensor, default clone) under each value of the
+    environment variable ``var``: every step changes the parameters, and every written tensor ends
+    with the same bits under every setting."""
+    copy = copy or (lambda t: t.clone() if isinstance(t, torch.Tensor) else t)
+    results = []
+    for setting in settings:
+        monkeypatch.setenv(var, setting)
+        a = [[copy(t) for t in group] if isinstance(group, list) else group for group in args]
+        if copy is _misaligned:
+            assert all(t.data_ptr() % 16 != 0 for t in a[0])
+        before = [t.clone() for t in a[0]]
+        for _ in range(3):
+            step(*a, **kwargs)
+        assert any(not torch.equal(p, q) for p, q in zip(a[0], before)), "the step changed nothing"
+        results.append([t for group in a if isinstance(group, list) for t in group if isinstance(t, torch.Tensor)])
+    for r in results[1:]:
+        for first, other in zip(results[0], r):
+            assert torch.equal(bits(first), bits(other))
+
+
+def _fused_op_with_anchors(kind, device, shapes):
+    """(op, its name, args, kwargs): a float32 fused_adamw_ / fused_sgd_ call with anchors."""
+    if kind == "adamw":
+        args, kwargs = adamw_inputs(device, torch.float32, anchors=True, shapes=shapes)
+        return torch.ops.pyfinetune.fused_adamw_, "fused_adamw_", args, kwargs
+    args, kwargs = sgd_inputs(device, torch.float32, anchors=True, shapes=shapes)
+    return torch.ops.pyfinetune.fused_sgd_, "fused_sgd_", args, kwargs
+
+
 def _assert_refused_before_any_write(op, args, kwargs, match):
     """op(*args, **kwargs) raises ValueError matching `match` and leaves every tensor argument as it was."""
     before = _clone_args(args)
@@ -253,30 +283,17 @@ def test_cpu_prefetch_setting_changes_no_result(monkeypatch, kind, dtype):
         args, kwargs = sgd_inputs("cpu", dtype, anchors=True, masks=True, lr_tensors=True, nesterov=True,
                                   shapes=PREFETCH_SHAPES)
         step = _sgd_step
-    results = []
     for setting in ("0", "1"):
         monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", setting)
         assert torch.ops.pyfinetune._optim_cpu_prefetch() is (setting == "1")
-        a = _clone_args(args)
-        before = [t.clone() for t in a[0]]
-        for _ in range(3):
-            step(*a, **kwargs)
-        assert any(not torch.equal(p, q) for p, q in zip(a[0], before)), "the step changed nothing"
-        results.append([t for group in a if isinstance(group, list) for t in group if isinstance(t, torch.Tensor)])
-    for off, on in zip(*results):
-        assert torch.equal(bits(off), bits(on))
+    _assert_settings_give_the_same_bits(monkeypatch, "PYFINETUNE_CPU_PREFETCH", ("0", "1"), args, kwargs, step)
 
 
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 @pytest.mark.parametrize("bad", ["2", "yes", "00", " 1", "true"])
 def test_cpu_prefetch_bad_setting_is_refused_before_any_write(monkeypatch, kind, bad):
     monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", bad)
-    if kind == "adamw":
-        args, kwargs = adamw_inputs("cpu", torch.float32, anchors=True, shapes=PREFETCH_SHAPES)
-        op, name = torch.ops.pyfinetune.fused_adamw_, "fused_adamw_"
-    else:
-        args, kwargs = sgd_inputs("cpu", torch.float32, anchors=True, shapes=PREFETCH_SHAPES)
-        op, name = torch.ops.pyfinetune.fused_sgd_, "fused_sgd_"
+    op, name, args, kwargs = _fused_op_with_anchors(kind, "cpu", PREFETCH_SHAPES)
     _assert_refused_before_any_write(op, args, kwargs, f"pyfinetune.{name}: PYFINETUNE_CPU_PREFETCH must be 0 or 1")
     with pytest.raises(ValueError, match="PYFINETUNE_CPU_PREFETCH must be 0 or 1"):
         torch.ops.pyfinetune._optim_cpu_prefetch()
@@ -327,21 +344,8 @@ def test_cuda_layouts_give_the_same_bits(monkeypatch, kind, case, dtype, misalig
     else:
         args, kwargs = sgd_inputs("cuda", dtype, shapes=LAYOUT_SHAPES, **SGD_CASES[case])
         step = _sgd_step
-    copy = _misaligned if misaligned else (lambda t: t.clone() if isinstance(t, torch.Tensor) else t)
-    results = []
-    for setting in ("classic", "wide"):
-        monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", setting)
-        a = [[copy(t) for t in group] if isinstance(group, list) else group for group in args]
-        if misaligned:
-            assert all(t.data_ptr() % 16 != 0 for t in a[0])
-        before = [t.clone() for t in a[0]]
-        for _ in range(3):
-            step(*a, **kwargs)
-        torch.cuda.synchronize()
-        assert any(not torch.equal(p, q) for p, q in zip(a[0], before)), "the step changed nothing"
-        results.append([t for group in a if isinstance(group, list) for t in group if isinstance(t, torch.Tensor)])
-    for classic, wide in zip(*results):
-        assert torch.equal(bits(classic), bits(wide))
+    _assert_settings_give_the_same_bits(monkeypatch, "PYFINETUNE_OPTIM_CUDA_LAYOUT", ("classic", "wide"), args,
+                                        kwargs, step, copy=_misaligned if misaligned else None)
 
 
 @pytest.mark.cuda
@@ -349,11 +353,6 @@ def test_cuda_layouts_give_the_same_bits(monkeypatch, kind, case, dtype, misalig
 @pytest.mark.parametrize("bad", ["Wide", "1", " wide", "narrow"])
 def test_cuda_layout_bad_setting_is_refused_before_any_write(monkeypatch, kind, bad):
     monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", bad)
-    if kind == "adamw":
-        args, kwargs = adamw_inputs("cuda", torch.float32, anchors=True, shapes=LAYOUT_SHAPES)
-        op, name = torch.ops.pyfinetune.fused_adamw_, "fused_adamw_"
-    else:
-        args, kwargs = sgd_inputs("cuda", torch.float32, anchors=True, shapes=LAYOUT_SHAPES)
-        op, name = torch.ops.pyfinetune.fused_sgd_, "fused_sgd_"
+    op, name, args, kwargs = _fused_op_with_anchors(kind, "cuda", LAYOUT_SHAPES)
     _assert_refused_before_any_write(op, args, kwargs,
                                      f"pyfinetune.{name}: PYFINETUNE_OPTIM_CUDA_LAYOUT must be classic or wide")

@@ -104,14 +104,8 @@ C10_ALWAYS_INLINE void prefetch_ahead(const T* ptr, int64_t i, int64_t end, int6
 // unset or empty: on for Intel CPUs only (see kPrefetchDist). Read at every step, like the other
 // variables, so that a change takes effect without a restart.
 bool optim_cpu_prefetch(const char* op) {
-  const char* raw = std::getenv("PYFINETUNE_CPU_PREFETCH");
-  if (raw == nullptr || raw[0] == '\0') {
-    return cpu_vendor_is_intel();
-  }
-  TORCH_CHECK_VALUE((raw[0] == '0' || raw[0] == '1') && raw[1] == '\0',
-                    check_message("pyfinetune.", op, ": PYFINETUNE_CPU_PREFETCH must be 0 or 1 (or unset: on for "
-                                  "Intel CPUs only), got '", raw, "'"));
-  return raw[0] == '1';
+  const std::optional<bool> set = env_switch(op, "PYFINETUNE_CPU_PREFETCH", "on for Intel CPUs only");
+  return set.has_value() ? *set : cpu_vendor_is_intel();
 }
 
 template <typename scalar_t>

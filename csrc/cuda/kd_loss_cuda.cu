@@ -465,6 +465,21 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void accumulate(const km::KdParams<float>& kp,
   }
 }
 
+// Pass 1's reduction of one vector of raw inputs (from registers or the cache); kTopK: no teacher
+// vector (rt is not read).
+template <int kDiv, bool kTopK, typename ST, typename TT, int VEC>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void accumulate_raw(const KdArgs& a, const RawVec<ST, VEC>& rs,
+                                                      const RawVec<TT, VEC>& rt, bool has_ce, RowPartial& p) {
+  float sv[VEC], tv[VEC];
+  to_float(rs, sv);
+  if (!kTopK) {
+    to_float(rt, tv);
+  } else {
+    mta::fill_n<VEC>(tv, 0.0f);
+  }
+  accumulate<kDiv, kTopK>(a.kp, a.t_pow, sv, tv, has_ce, p.s, p.t, p.s1);
+}
+
 template <typename ST, typename TT, int kDiv, bool kTopK, int VEC>
 C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, const TT* t, const RowSpan& rs,
                                                const Slice& sl, int rank, int tid, int nthreads,
@@ -509,28 +524,14 @@ C10_HOST_DEVICE inline RowPartial pass1_thread(const KdArgs& a, const ST* s, con
     PF_UNROLL
     for (int u = 0; u < kUnroll; ++u) {
       if (j0 + u * nthreads < sl.n) {
-        float sv[VEC], tv[VEC];
-        to_float(rsv[u], sv);
-        if (!kTopK) {
-          to_float(rtv[u], tv);
-        } else {
-          mta::fill_n<VEC>(tv, 0.0f);
-        }
-        accumulate<kDiv, kTopK>(a.kp, a.t_pow, sv, tv, has_ce, p.s, p.t, p.s1);
+        accumulate_raw<kDiv, kTopK>(a, rsv[u], rtv[u], has_ce, p);
       }
     }
   }
   if (prefetch) {
     copy_async_wait_all();
     for (int j = tid; j < first; j += nthreads) {
-      float sv[VEC], tv[VEC];
-      to_float(s_cache[j], sv);
-      if (!kTopK) {
-        to_float(t_cache[j], tv);
-      } else {
-        mta::fill_n<VEC>(tv, 0.0f);
-      }
-      accumulate<kDiv, kTopK>(a.kp, a.t_pow, sv, tv, has_ce, p.s, p.t, p.s1);
+      accumulate_raw<kDiv, kTopK>(a, s_cache[j], t_cache[j], has_ce, p);  // t_cache unread with kTopK
     }
   }
   for (int part = 0; part < 2; ++part) {
@@ -1026,14 +1027,7 @@ LaunchPlan plan_launch(int64_t N, int64_t V, int vec, size_t cache_bytes_per_vec
 // Not the default until a GPU has measured it (benchmarks/kd_gpu_launch_ab.py times both); only the
 // order of the row sums differs. Another value is refused before anything is written.
 bool kd_prefetch_requested(const char* op) {
-  const char* raw = std::getenv("PYFINETUNE_KD_CUDA_PREFETCH");
-  if (raw == nullptr || raw[0] == '\0') {
-    return false;
-  }
-  TORCH_CHECK_VALUE((raw[0] == '0' || raw[0] == '1') && raw[1] == '\0',
-                    check_message("pyfinetune.", op, ": PYFINETUNE_KD_CUDA_PREFETCH must be 0 or 1 (or unset: 0), got '",
-                                  raw, "'"));
-  return raw[0] == '1';
+  return env_switch(op, "PYFINETUNE_KD_CUDA_PREFETCH", "0").value_or(false);
 }
 
 // The block size for `plan` that keeps the most threads resident on an SM, given the kernel's

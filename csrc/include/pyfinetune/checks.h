@@ -9,6 +9,8 @@
 #include <c10/util/StringUtil.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -94,6 +96,20 @@ std::string check_message(const Args&... args) {
   std::string s;
   (detail::append(s, args), ...);
   return s;
+}
+
+// An on/off environment variable read at each call: true for "1", false for "0", std::nullopt
+// when unset or empty (the caller's default); any other value is refused with a ValueError naming
+// the op, the variable and `unset_means` (what unset does), before the caller writes anything.
+inline std::optional<bool> env_switch(const char* op, const char* name, const char* unset_means) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr || raw[0] == '\0') {
+    return std::nullopt;
+  }
+  TORCH_CHECK_VALUE((raw[0] == '0' || raw[0] == '1') && raw[1] == '\0',
+                    check_message("pyfinetune.", op, ": ", name, " must be 0 or 1 (or unset: ", unset_means,
+                                  "), got '", raw, "'"));
+  return raw[0] == '1';
 }
 
 }  // namespace pyfinetune
