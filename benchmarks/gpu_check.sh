@@ -152,9 +152,11 @@ grep -E "^\|" "$OUT/optim_roofline.log" | tee -a "$OUT/summary.md"
 step "tensor-core sparse forward quick check (benchmarks/prune_gpu_quick_check.py)"
 boxed "$(left 0.2 300)" "$OUT/prune_tc_quick_check.log" $PY benchmarks/prune_gpu_quick_check.py --out "$OUT" || status=1
 grep -E "^FAIL|correctness|^\|" "$OUT/prune_tc_quick_check.log" | tee -a "$OUT/summary.md"
-# Its shared-memory pipeline (3 stages, one barrier per step) under racecheck, on the small cases.
+# Its shared-memory pipelines (3 stages, one barrier per step; the experimental asynchronous one of
+# tests/test_tiled_cuda_async.py too) under racecheck, on the small cases.
 boxed "$(left 0.1 180)" "$OUT/prune_tc_racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 99 \
-  --print-limit 20 $PY -m pytest tests/test_tiled_csr.py -q -p no:cacheprovider -m cuda -k "overflow or 7x200x300" \
+  --print-limit 20 $PY -m pytest tests/test_tiled_csr.py tests/test_tiled_cuda_async.py -q -p no:cacheprovider \
+  -m cuda -k "overflow or (7x200x300 and not gradient_matches) or (70x200x260 and 0.9-) or empty_tiles or misaligned_entries" \
   || status=1
 grep -E "RACECHECK SUMMARY|hazard|passed|failed" "$OUT/prune_tc_racecheck.log" | head -5 | tee -a "$OUT/summary.md"
 

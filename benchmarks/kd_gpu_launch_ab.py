@@ -1,4 +1,4 @@
-"""A/B of the CUDA distillation kernel's launch: block size and prefetch, in one process (a GPU check, seconds).
+"""A/B of the CUDA distillation kernel's launch: block size, prefetch, registers, in one process (a GPU check, seconds).
 
     python benchmarks/kd_gpu_launch_ab.py [--rows 8192] [--vocab 128256] [--reps 20] [--out DIR]
                                           [--device cuda] [--no-write]
@@ -7,8 +7,9 @@ Times ``kd_loss`` (forward_kl, T = 2, alpha = 0.5, 1/8 of the rows ignored, batc
 backward and forward + backward with the launch's own choice of block size (by occupancy) and with
 ``PYFINETUNE_KD_CUDA_THREADS`` = 512, 256, 128 (read by the extension at each call), at
 T = 2.0001 (the kernels' general path, where T = 2 computes the CE exponential as a square), and with
-``PYFINETUNE_KD_CUDA_PREFETCH=1`` (experimental: the shared-memory cache filled by cp.async copies),
-interleaved round by round, against the time to read both inputs and write the gradient once at the measured
+``PYFINETUNE_KD_CUDA_PREFETCH=1`` (experimental: the shared-memory cache filled by cp.async copies)
+and ``PYFINETUNE_KD_CUDA_CAP_REGISTERS=1`` (experimental: the bfloat16 kernels held to 80 registers,
+three 256-thread blocks per SM), interleaved round by round, against the time to read both inputs and write the gradient once at the measured
 copy bandwidth (issue #3's GPU target: forward + backward within 1.3x of it). Each variant's loss and
 gradient are checked against the first one's (the block size changes only the order of sums).
 Writes kd-launch-ab-cuda-*.md / .json to ``--out`` (default benchmarks/results). ``--device cpu``
@@ -34,24 +35,30 @@ from pyfinetune.losses import kd_loss  # noqa: E402
 
 ENV = "PYFINETUNE_KD_CUDA_THREADS"
 PREFETCH_ENV = "PYFINETUNE_KD_CUDA_PREFETCH"
-# name -> (block size override or None, temperature, prefetch). T = 2.0001 takes the kernels' general
-# path (an exponential for the CE term of every element); T = 2 computes it as a square. prefetch:
-# PYFINETUNE_KD_CUDA_PREFETCH=1 (pass 1 fills the shared-memory cache with cp.async copies).
-VARIANTS = {"auto": (None, 2.0, False), "512": ("512", 2.0, False), "256": ("256", 2.0, False),
-            "128": ("128", 2.0, False), "auto, T=2.0001 (no power path)": (None, 2.0001, False),
-            "auto, prefetch": (None, 2.0, True), "128, prefetch": ("128", 2.0, True)}
+CAP_ENV = "PYFINETUNE_KD_CUDA_CAP_REGISTERS"
+# name -> (block size override or None, temperature, prefetch, capped registers). T = 2.0001 takes
+# the kernels' general path (an exponential for the CE term of every element); T = 2 computes it as
+# a square. prefetch: PYFINETUNE_KD_CUDA_PREFETCH=1 (pass 1 fills the shared-memory cache with
+# cp.async copies). capped: PYFINETUNE_KD_CUDA_CAP_REGISTERS=1 (the bfloat16 kernels compiled for
+# three 256-thread blocks per SM, at most 80 registers; blocks of at most 256 threads).
+VARIANTS = {"auto": (None, 2.0, False, False), "512": ("512", 2.0, False, False), "256": ("256", 2.0, False, False),
+            "128": ("128", 2.0, False, False), "auto, T=2.0001 (no power path)": (None, 2.0001, False, False),
+            "auto, prefetch": (None, 2.0, True, False), "128, prefetch": ("128", 2.0, True, False),
+            "auto, capped registers": (None, 2.0, False, True),
+            "auto, capped registers, prefetch": (None, 2.0, True, True)}
 
 
 def set_variant(v: str) -> float:
-    threads, temperature, prefetch = VARIANTS[v]
+    threads, temperature, prefetch, capped = VARIANTS[v]
     if threads is None:
         os.environ.pop(ENV, None)
     else:
         os.environ[ENV] = threads
-    if prefetch:
-        os.environ[PREFETCH_ENV] = "1"
-    else:
-        os.environ.pop(PREFETCH_ENV, None)
+    for name, on in ((PREFETCH_ENV, prefetch), (CAP_ENV, capped)):
+        if on:
+            os.environ[name] = "1"
+        else:
+            os.environ.pop(name, None)
     return temperature
 
 
@@ -122,7 +129,7 @@ def main() -> int:
                      f"{check[v]['grad_max_abs_diff']:.1e}" if same_t else "(other T)"])
     info = common.machine_info(dev)
     md = "\n".join([
-        f"# kd_loss launch A/B: block size, prefetch ({dev.type}), {args.rows} x {args.vocab} bf16", "", common.machine_summary(info), "",
+        f"# kd_loss launch A/B: block size, prefetch, registers ({dev.type}), {args.rows} x {args.vocab} bf16", "", common.machine_summary(info), "",
         f"copy bandwidth {gbps:.0f} GB/s; floor (read student + teacher, write the gradient once) {floor_ms:.2f} ms;"
         f" medians of {args.reps} interleaved rounds", "",
         common.markdown_table(["variant", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd / floor (target <= 1.3)",

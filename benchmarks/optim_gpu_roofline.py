@@ -110,17 +110,7 @@ def main() -> int:
     sgd.step()  # states allocated before timing
 
     def with_layout(layout, step):
-        def run():
-            old = os.environ.get(LAYOUT_ENV)
-            os.environ[LAYOUT_ENV] = layout
-            try:
-                step()
-            finally:
-                if old is None:
-                    os.environ.pop(LAYOUT_ENV, None)
-                else:
-                    os.environ[LAYOUT_ENV] = old
-        return run
+        return common.with_env(LAYOUT_ENV, layout, step)
 
     contenders = [
         (Contender("copy", lambda: dst.copy_(src)), 8 * n, "1 read + 1 write stream, fp32"),

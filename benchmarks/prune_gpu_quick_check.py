@@ -8,14 +8,16 @@ correctness first, then their speed against cuBLAS and our warp kernels, in abou
    tiled_csr_linear_backward_values (dvalues): float16 and bfloat16 against float64 products on the
    CPU, shapes crossing every edge of the kernels' blocks (64 rows, 128 features, 64-wide K
    slices), sizes not multiples of 8 (plain loads), tiles denser than the 1024 entries a block
-   stages in registers, strided operands. Each case prints OK or FAIL; a failure does not stop the
-   others (a sticky CUDA error does).
+   stages in registers, strided operands; the forward and dx again with PYFINETUNE_TILED_CUDA_ASYNC=1
+   (the experimental pipeline: tile bounds and entries fetched ahead with asynchronous copies).
+   Each case prints OK or FAIL; a failure does not stop the others (a sticky CUDA error does).
 2. Speed: x [N, 4096] @ W^T, W [4096, 4096], random sparsity 50-99% for N = 256 (issue #4's case),
    90% and 99% for N = 2048; contenders interleaved, each sample 20 back-to-back calls timed with
    CUDA events, median of 15 samples: cuBLAS dense (x @ w.T on the pruned weight), our warp-per-row
    csr_linear, and tiled_csr_linear alone (tile values gathered once; SparseLinear gathers them
    at each call: one nnz-sized gather more, which bench_prune.py's "ours sparse, tensor cores" row
-   includes). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours (warp
+   includes), with the default and the asynchronous pipeline (the variable set and unset around
+   each call, a few microseconds of host time hidden behind the queued kernels). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours (warp
    kernels and tensor cores) against cuBLAS. Markdown tables go to stdout (and to
    DIR/prune-tc-quick-<stamp>.md with --out).
 Exit status 1 if a correctness case failed.
@@ -33,6 +35,7 @@ sys.path[:0] = [ROOT]
 import torch  # noqa: E402
 
 from pyfinetune import ops  # noqa: E402
+from pyfinetune.benchmarks import common  # noqa: E402
 
 failures = []
 DEVICE = "cuda"
@@ -91,6 +94,16 @@ def correctness(n, k, m, sparsity, dtype, bias=True, x_view=None):
         check_close(y, ref, dtype, k)
 
     return f
+
+
+ASYNC_ENV = "PYFINETUNE_TILED_CUDA_ASYNC"
+
+
+def with_async(fn):
+    """fn run with PYFINETUNE_TILED_CUDA_ASYNC=1 (the experimental pipeline of the tensor-core
+    kernels: tile bounds and entries fetched ahead by asynchronous copies), the variable restored
+    afterwards (the script's other contenders run as the environment it was started in says)."""
+    return common.with_env(ASYNC_ENV, "1", fn)
 
 
 def sync():
@@ -165,6 +178,8 @@ def speed(dtype, n, sparsity):
         "ours warp (csr_linear)": lambda: torch.ops.pyfinetune.csr_linear(x, vals, p.crow_indices, p.col_indices,
                                                                           p.row_order, None),
         "ours tensor cores": lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None),
+        "ours tensor cores, async": with_async(
+            lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None)),
     }
     return time_ms(fns)
 
@@ -184,6 +199,8 @@ def backward_breakdown(dtype, n=256, sparsity=0.9):
         "dx ours (csr_linear_backward, CSC SpMM)": lambda: bwd(dy, x, vals, *pat, [True, False, False]),
         "dx ours tensor cores (tiled_csr_linear_backward_input)":
             lambda: torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, t.tile_ptr, t.tile_loc, SIZE),
+        "dx ours tensor cores, async (PYFINETUNE_TILED_CUDA_ASYNC=1)": with_async(
+            lambda: torch.ops.pyfinetune.tiled_csr_linear_backward_input(dy, tv, t.tile_ptr, t.tile_loc, SIZE)),
         "dW cuBLAS (dy^T @ x)": lambda: dy.t() @ x,
         "dvalues ours (SDDMM)": lambda: bwd(dy, x, vals, *pat, [False, True, False]),
         "dvalues ours tensor cores (tiled_csr_linear_backward_values)":
@@ -223,6 +240,14 @@ def main():
             run(f"{dn} values gradient {n}x{k}x{m} sparsity {s}", correctness_dv(n, k, m, s, dtype))
         run(f"{dn} row-sliced x (row stride 4120, start 16 bytes in)", correctness(70, 4096, 200, 0.9, dtype,
                                                                                    x_view="row-sliced"))
+        # The asynchronous pipeline (PYFINETUNE_TILED_CUDA_ASYNC=1): 1 to 64 steps, empty and
+        # overflowing tiles, both plain and cp.async x.
+        for (n, k, m, s) in ((1, 1, 1, 0.0), (65, 130, 129, 0.9), (256, 4096, 4096, 0.9), (300, 1000, 517, 0.99),
+                             (7, 13, 300, 0.5), (100, 200, 260, 0.0), (2, 4096, 11, 1.0)):
+            if DEVICE == "cpu" and n * k * m > 2**24:
+                continue
+            run(f"{dn} async {n}x{k}x{m} sparsity {s}", with_async(correctness(n, k, m, s, dtype)))
+            run(f"{dn} async input gradient {n}x{k}x{m} sparsity {s}", with_async(correctness_dx(n, k, m, s, dtype)))
     if failures:
         print(f"{len(failures)} correctness case(s) FAILED: {failures}; timing anyway", flush=True)
     else:
@@ -240,7 +265,8 @@ def main():
                 d = ms["cuBLAS dense"]
                 rows.append(f"| {str(dtype)[6:]} | {n} | {s:.0%} | {d:.4f} | {ms['ours warp (csr_linear)']:.4f} "
                             f"({d / ms['ours warp (csr_linear)']:.2f}x) | {ms['ours tensor cores']:.4f} "
-                            f"({d / ms['ours tensor cores']:.2f}x) |")
+                            f"({d / ms['ours tensor cores']:.2f}x) | {ms['ours tensor cores, async']:.4f} "
+                            f"({d / ms['ours tensor cores, async']:.2f}x) |")
                 print(rows[-1], f"[{time.time() - t0:.1f} s]", flush=True)
     brk = []
     for dtype in (torch.float16, torch.bfloat16):
@@ -255,8 +281,9 @@ def main():
           f"{where}, torch {torch.__version__}; x [N, {SIZE}], W [{SIZE}, {SIZE}] random "
           "sparsity; median ms per call of 15 samples of 20 back-to-back calls; (ratio) = cuBLAS / ours, >1 = ours "
           "faster", "",
-          "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms |",
-          "|---|---|---|---|---|---|", *rows, "",
+          "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms | ours tensor cores, async "
+          "pipeline ms (PYFINETUNE_TILED_CUDA_ASYNC=1) |",
+          "|---|---|---|---|---|---|---|", *rows, "",
           "The backward's products at N = 256, 90% (where a training step's time goes):", "",
           "| dtype | product | ms per call |", "|---|---|---|", *brk, "",
           f"correctness: {'all OK' if not failures else 'FAILED: ' + ', '.join(failures)}"]

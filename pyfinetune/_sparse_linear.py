@@ -248,8 +248,9 @@ def _check_kernel(kernel: str) -> str:
 
 def _use_tensor_cores(x: Tensor, values: Tensor) -> bool:
     """Whether the sparse forward runs tiled_csr_linear (CUDA tensor cores) instead of csr_linear:
-    opt-in with PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores while the kernel awaits its first GPU
-    measurements; float16 / bfloat16 CUDA layers on plain tensors, not under torch.compile."""
+    opt-in with PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores (correct on its first GPU run, slower than
+    cuBLAS dense there: see the README's GPU results); float16 / bfloat16 CUDA layers on plain
+    tensors, not under torch.compile."""
     return (os.environ.get("PYFINETUNE_CSR_CUDA_KERNEL") == "tensor_cores" and values.is_cuda
             and values.dtype in (torch.float16, torch.bfloat16) and x.dtype == values.dtype
             and not torch.compiler.is_compiling() and _plain(x, values))

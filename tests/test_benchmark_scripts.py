@@ -339,7 +339,8 @@ def test_kd_launch_ab_runs(tmp_path):
     (js,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.json"))
     record = json.load(open(js))
     assert set(record["times_ms"]) == {"auto", "512", "256", "128", "auto, T=2.0001 (no power path)",
-                                       "auto, prefetch", "128, prefetch"}
+                                       "auto, prefetch", "128, prefetch", "auto, capped registers",
+                                       "auto, capped registers, prefetch"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
 
 

@@ -8,7 +8,16 @@ copies need 16-byte alignment: that row falls back to register loads), mixed and
 ignored rows, the loss without a gradient, the top-k teacher and the in-place gradient. Only the
 order of the row sums differs from the default path; bad values of the variable are refused before
 anything is written. GPU only (the variable means nothing on the CPU).
+
+Also PYFINETUNE_KD_CUDA_CAP_REGISTERS=1 (experimental): the bfloat16 kernels compiled for three
+256-thread blocks per SM (at most 80 registers). Same PTX arithmetic, so at the same block size
+(PYFINETUNE_KD_CUDA_THREADS=256) the same bits as the default kernels (which the other kd tests
+check against float64): compared bit for bit on every divergence, with and without labels and a
+gradient, one block per row and clusters, in place, with the prefetch; the profiler confirms the
+capped kernels ran; other dtypes and the top-k teacher ignore the variable.
 """
+
+import re
 
 import pytest
 import torch
@@ -137,3 +146,78 @@ def test_bad_setting_is_refused_before_any_write(monkeypatch, bad):
     assert torch.equal(x, s)
     with pytest.raises(ValueError, match="PYFINETUNE_KD_CUDA_PREFETCH must be 0 or 1"):
         kd_loss(s, t, lab)
+
+
+CAP_ENV = "PYFINETUNE_KD_CUDA_CAP_REGISTERS"
+CAPPED_KERNEL = re.compile(r"kd_loss_kernel<.*, 3>")
+
+
+def _kd_kernels(fn):
+    """The kd kernel names fn() launched (profiler), or None where the profiler saw none (no CUPTI,
+    or under compute-sanitizer, which gpu_check.sh runs these tests under too)."""
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except (RuntimeError, AssertionError):  # a profiler that cannot trace CUDA here
+        return None
+    names = {e.name for e in prof.events() if "kd_loss_kernel" in e.name}
+    return names or None
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("n,v", [(300, 32000), (3, 128256)], ids=["block-per-row", "cluster"])
+@pytest.mark.parametrize("labels", [True, False])
+@pytest.mark.parametrize("prefetch_on", [False, True], ids=["loads", "prefetch"])
+def test_capped_registers_give_the_same_bits(monkeypatch, divergence, n, v, labels, prefetch_on):
+    s, t, lab = _case(n, v, dtype=torch.bfloat16, seed=n + v)
+    lab = lab if labels else None
+    kw = dict(temperature=2.0, alpha=0.5, divergence=divergence, beta=0.4, ignore_index=-100, grad_scale=0.5)
+    monkeypatch.setenv("PYFINETUNE_KD_CUDA_THREADS", "256")  # one block size: one order of the sums
+    monkeypatch.setenv(ENV, "1" if prefetch_on else "0")
+
+    def run():
+        rows, grad = torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, need_grad=True, **kw)
+        x = s.clone()
+        out = torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, **kw)
+        no_grad_rows, _ = torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, need_grad=False, **kw)
+        return rows, grad, out, x, no_grad_rows
+
+    monkeypatch.delenv(CAP_ENV, raising=False)
+    base = run()
+    monkeypatch.setenv(CAP_ENV, "1")
+    names = _kd_kernels(run)
+    if names is not None:
+        assert any(CAPPED_KERNEL.search(name) for name in names), names
+    capped = run()
+    torch.cuda.synchronize()
+    for a, b in zip(base, capped):
+        assert torch.equal(a, b)
+
+
+def test_capped_registers_other_dtypes_ignore_the_variable(monkeypatch):
+    # Only the bfloat16 student and teacher kernels without a top-k teacher have the variant.
+    monkeypatch.setenv(CAP_ENV, "1")
+    s, t, lab = _case(4, 32003, dtype=torch.float16, t_dtype=torch.float32, seed=29)
+    names = _kd_kernels(lambda: kd_loss(s, t, lab, temperature=1.5))
+    if names is not None:
+        assert not any(CAPPED_KERNEL.search(name) for name in names), names
+    check(s, t, lab, dtype=torch.float16, torch_lowp=False, divergence="forward_kl", temperature=1.5, alpha=0.5)
+    vals, idx = torch.topk(t.float(), 64, dim=-1)
+    x = s.float().clone().requires_grad_(True)
+    kd_loss_topk(x, vals, idx, lab, temperature=1.7).backward()
+    _, ref_grad = kd_reference(s.float(), topk_to_full(vals, idx, s.shape[1]), lab, temperature=1.7)
+    assert_grad_close(x.grad, ref_grad, torch.float32)
+
+
+@pytest.mark.parametrize("bad", ["2", "yes", " 1", "on"])
+def test_capped_registers_bad_setting_is_refused_before_any_write(monkeypatch, bad):
+    monkeypatch.setenv(CAP_ENV, bad)
+    s, t, lab = _case(3, 301, dtype=torch.bfloat16, seed=31)
+    x = s.clone()
+    with pytest.raises(ValueError,
+                       match="pyfinetune.kd_loss_fwd_inplace: PYFINETUNE_KD_CUDA_CAP_REGISTERS must be 0 or 1"):
+        torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, temperature=1.0, alpha=0.5, divergence="forward_kl",
+                                                 beta=0.5, ignore_index=-100, grad_scale=1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(x, s)

@@ -38,6 +38,7 @@
 #include <pyfinetune/multi_tensor_apply.cuh>
 
 #include <algorithm>
+#include <type_traits>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -873,8 +874,15 @@ struct alignas(16) SharedArray {
   __device__ P* get() { return reinterpret_cast<P*>(bytes); }
 };
 
-template <typename ST, typename TT, int kDiv, bool kTopK>
-__global__ void __launch_bounds__(kMaxThreads) kd_loss_kernel(const KdArgs a) {
+// kMinBlocks = 0: the default kernels (launch bounds of kMaxThreads threads, no minimum, so that
+// ptxas keeps its own register choice: an explicit minimum of 1 changes it). 3: the experimental
+// PYFINETUNE_KD_CUDA_CAP_REGISTERS=1 kernels, at most kCappedThreads threads and registers for three
+// such blocks per SM (see kd_cap_registers_requested).
+constexpr int kCappedThreads = 256;
+
+template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0>
+__global__ void __launch_bounds__(kMinBlocks > 0 ? kCappedThreads : kMaxThreads, kMinBlocks)
+    kd_loss_kernel(const KdArgs a) {
   constexpr int VEC = vec_width<ST, TT>();
   extern __shared__ uint4 kd_cache[];
   __shared__ SharedArray<RowPartial, 34> red;  // 32 warps, slot, result
@@ -1036,7 +1044,8 @@ bool kd_prefetch_requested(const char* op) {
 // reductions and gradient writes overlap the others' loads). Measured on an H100 (2026-11-26,
 // 8192 x 128256 bf16): 512 threads of 78 registers left room for one block per SM (16 warps;
 // 448 GB/s), where by the same count 256 fit three (24 warps). Only for rows split over several blocks or with a
-// shared-memory cache: a small row keeps its small block.
+// shared-memory cache: a small row keeps its small block. (nvcc 13.0 gives the bfloat16 kernels 81-87
+// registers on sm_90, two 256-thread blocks per SM: see kd_cap_registers_requested.)
 //
 // PYFINETUNE_KD_CUDA_THREADS=T (experimental, for A/B timing, read at each call): T threads instead
 // (a multiple of 32 in [32, 512]) wherever this choice is made; other values are ignored.
@@ -1140,10 +1149,10 @@ const KernelLimits& kernel_limits(KernelLimits* per_device, Kernel kernel, size_
   return k;
 }
 
-template <typename ST, typename TT, int kDiv, bool kTopK>
+template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0>
 void launch_kd(KdArgs args, int64_t N) {
   constexpr int VEC = vec_width<ST, TT>();
-  auto kernel = kd_loss_kernel<ST, TT, kDiv, kTopK>;
+  auto kernel = kd_loss_kernel<ST, TT, kDiv, kTopK, kMinBlocks>;
   static KernelLimits limits[C10_COMPILE_TIME_MAX_GPUS];  // per instantiation, per device
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   // Clusters need the sm_90 code of the kernel (ptxVersion is the arch the code was compiled for).
@@ -1157,7 +1166,10 @@ void launch_kd(KdArgs args, int64_t N) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int attempt = 0; attempt < 2; ++attempt) {
     kernel_limits(limits, kernel, plan.smem);
-    plan.threads = threads_for_occupancy(kernel, plan);
+    if constexpr (kMinBlocks > 0) {
+      plan.threads = std::min(plan.threads, kCappedThreads);  // its launch bounds (any block size works)
+    }
+    plan.threads = std::min(threads_for_occupancy(kernel, plan), kMinBlocks > 0 ? kCappedThreads : kMaxThreads);
     args.n_split = plan.n_split;
     args.cache_vecs = plan.cache_vecs;
     cudaLaunchConfig_t config = {};
@@ -1192,18 +1204,43 @@ void launch_kd(KdArgs args, int64_t N) {
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
+// PYFINETUNE_KD_CUDA_CAP_REGISTERS=1 (experimental, for A/B timing on a GPU; read at each call;
+// unset, empty or 0: off): the kernels compiled with __launch_bounds__(256, 3), i.e. at most 80
+// registers, so that three 256-thread blocks fit an SM's register file. Why: nvcc 13.0 gives the
+// default bfloat16 kernels 81-87 registers on sm_90 (ptxas -v), one block too many for three blocks
+// of 256 threads (65536 / (88 x 256) = 2.9), so the block-size choice above finds two per SM (16
+// warps) where the shared-memory cache of the 8192 x 128256 case (8 slices of 64 KB) leaves room for
+// three. Only the bfloat16 student and teacher kernels without a top-k teacher have the variant
+// (the GPU target's case: three more kernels, not forty); other dtypes ignore the variable. Same
+// arithmetic, so the same bits. Another value is refused before anything is written.
+bool kd_cap_registers_requested(const char* op) {
+  return env_switch(op, "PYFINETUNE_KD_CUDA_CAP_REGISTERS", "0").value_or(false);
+}
+
+template <typename ST, typename TT, int kDiv, bool kTopK>
+void launch_kd_variant(const KdArgs& args, int64_t N, bool cap_registers) {
+  if constexpr (std::is_same_v<ST, at::BFloat16> && std::is_same_v<TT, at::BFloat16> && !kTopK) {
+    if (cap_registers) {
+      launch_kd<ST, TT, kDiv, kTopK, 3>(args, N);
+      return;
+    }
+  }
+  launch_kd<ST, TT, kDiv, kTopK>(args, N);
+}
+
 template <bool kTopK>
-void dispatch_kd(const at::Tensor& student, const at::Tensor& teacher, int div, const KdArgs& args, int64_t N) {
+void dispatch_kd(const at::Tensor& student, const at::Tensor& teacher, int div, const KdArgs& args, int64_t N,
+                 bool cap_registers) {
   PF_KD_DISPATCH(student.scalar_type(), "kd_loss_cuda", [&] {
     using st_t = scalar_t;
     PF_KD_DISPATCH(teacher.scalar_type(), "kd_loss_cuda", [&] {
       using tt_t = scalar_t;
       if (div == km::kForwardKL) {
-        launch_kd<st_t, tt_t, km::kForwardKL, kTopK>(args, N);
+        launch_kd_variant<st_t, tt_t, km::kForwardKL, kTopK>(args, N, cap_registers);
       } else if (div == km::kJSD) {
-        launch_kd<st_t, tt_t, km::kJSD, kTopK>(args, N);
+        launch_kd_variant<st_t, tt_t, km::kJSD, kTopK>(args, N, cap_registers);
       } else if constexpr (!kTopK) {
-        launch_kd<st_t, tt_t, km::kReverseKL, false>(args, N);
+        launch_kd_variant<st_t, tt_t, km::kReverseKL, false>(args, N, cap_registers);
       }
     });
   });
@@ -1220,6 +1257,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
     check_kd_loss_inplace_args(student, teacher, labels);
   }
   const bool prefetch = kd_prefetch_requested(op);
+  const bool cap_registers = kd_cap_registers_requested(op);
   const c10::cuda::CUDAGuard device_guard(student.device());
   const int64_t N = student.size(0);
   const int64_t V = student.size(1);
@@ -1259,9 +1297,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   const float tf = args.kp.temperature;
   args.t_pow = tf == 2.0f ? 2 : (tf == 3.0f ? 3 : (tf == 4.0f ? 4 : 0));
   if (indices != nullptr) {
-    dispatch_kd<true>(student, teacher, div, args, N);
+    dispatch_kd<true>(student, teacher, div, args, N, cap_registers);
   } else {
-    dispatch_kd<false>(student, teacher, div, args, N);
+    dispatch_kd<false>(student, teacher, div, args, N, cap_registers);
   }
   return {loss, grad};
 }

@@ -302,13 +302,162 @@ __device__ __forceinline__ void tile_pipeline(const TiledArgs& a, int steps, uin
   }
 }
 
-template <typename scalar_t, bool kAligned>
+// ---- The asynchronous pipeline (PYFINETUNE_TILED_CUDA_ASYNC=1, experimental) -------------------
+// Why: in tile_pipeline every step starts with a global load of tile_ptr whose value the next
+// instruction needs (the bounds of the entries to stage), so each step waits out one memory latency
+// with every warp of the block idle, and the entries it stages are loaded only one step before
+// their scatter. On an H200 the forward took 0.074 ms at N = 256 and 90% sparsity, 0.067 ms at 99%
+// (where there is almost nothing to scatter): about 2000 cycles a step against a few hundred of
+// tensor-core work, i.e. latency (benchmarks/results/gpu-check-20261127-1257, prune-tc-quick).
+// Here nothing a step waits for is loaded in that step:
+//   * the tile bounds come from registers loaded one step earlier (tile t + 4's at step t);
+//   * a tile's entries are copied global -> shared (cp.async, 16 bytes at a time, the first kCap
+//     of them) two steps before their scatter, in the same commit group as the operand slice of
+//     step t + 2, so the one wait per step covers both;
+//   * the scatter reads them from shared memory (entries past kCap: from global, as the register
+//     pipeline reads its overflow; only those loads are waited for in the step that issues them).
+// kCap: 1032 entries for the forward (87.4% sparsity of a 128 x 64 tile; 95 KB per block, two blocks
+// per SM on an H100 / H200, one on an A100, whose default forward fills its 164 KB with two), 680
+// for the input gradient (its larger operand stages: 115 KB per block keeps two per H100 SM; a tile
+// at 90% sparsity holds ~820 entries, the rest read at the scatter).
+// At step t (after the wait for step t's group - 1 and the barrier): scatter tile t + 1 (copied at
+// step t - 2) into its stage, zeroed at step t - 1; zero the stage of tile t + 2; copy tile t + 3's
+// entries into entry stage (t + 3) % 3 (last read by the scatter of step t - 1, before this step's
+// barrier) and operand slice t + 2; commit; multiply tile t. The copies of the entries start at the
+// tile's first entry rounded down to 8 (16 bytes): loc and vals must be 16-byte aligned (else the
+// host runs tile_pipeline); the last chunk is cut at nnz (cp.async zero-fills it), so nothing past
+// either array is read. Same barriers, zeroing and empty-tile skip as tile_pipeline, so the results
+// are the same bits (the scatter writes the same values to the same places).
+constexpr int kFwdEntryCap = 1032;  // entries staged per tile by the forward: 129 16-byte chunks per array
+constexpr int kDxEntryCap = 680;    // by the input gradient: 85 chunks
+
+template <int kCap>
+constexpr int entry_stage_elems() {  // elements per entry stage: tile_loc's chunks, then the values'
+  static_assert(kCap % 8 == 0, "whole 16-byte chunks per array");
+  return 2 * kCap;
+}
+
+template <int kCap>
+constexpr int entry_smem_bytes() {
+  return kStages * entry_stage_elems<kCap>() * 2;  // forward 12384, input gradient 8160
+}
+
+struct TileBounds {
+  int begin = 0;
+  int end = 0;
+};
+
+__device__ __forceinline__ TileBounds read_bounds(const TiledArgs& a, int tile) {
+  return {a.ptr[tile], a.ptr[tile + 1]};
+}
+
+// The first kCap entries of [b.begin, b.end) (from the chunk holding b.begin), tile_loc's and the
+// values', into entry stage es; part of the caller's commit group.
+template <int kCap>
+__device__ __forceinline__ void copy_entries(const TiledArgs& a, TileBounds b, uint16_t* es) {
+  CUDA_KERNEL_ASSERT(0 <= b.begin && b.begin <= b.end && b.end <= a.nnz);
+  if (b.begin == b.end) {
+    return;
+  }
+  const int64_t first = static_cast<int64_t>(b.begin) & ~int64_t{7};
+  const int64_t stop = std::min<int64_t>(b.end, first + kCap);
+  const int chunks = static_cast<int>((stop - first + 7) / 8);  // per array, <= kCap / 8
+  for (int c = threadIdx.x; c < 2 * chunks; c += kThreads) {
+    const bool values = c >= chunks;
+    const int cc = values ? c - chunks : c;
+    const int64_t e0 = first + static_cast<int64_t>(cc) * 8;  // < stop <= nnz
+    const int64_t left = a.nnz - e0;
+    const int bytes = left >= 8 ? 16 : static_cast<int>(left) * 2;
+    const uint16_t* src = values ? a.vals + e0 : reinterpret_cast<const uint16_t*>(a.loc) + e0;
+    cp_async16(smem_addr(es + (values ? kCap : 0) + cc * 8), src, bytes);
+  }
+}
+
+// Scatter of a tile whose entries copy_entries put in es (and completed): as scatter_tile.
+template <int kCap>
+__device__ __forceinline__ void scatter_copied(const TiledArgs& a, TileBounds b, const uint16_t* es, uint16_t* ws) {
+  const int64_t first = static_cast<int64_t>(b.begin) & ~int64_t{7};
+  const int64_t stop = std::min<int64_t>(b.end, first + kCap);
+  const int16_t* loc = reinterpret_cast<const int16_t*>(es);
+  for (int64_t e = static_cast<int64_t>(b.begin) + threadIdx.x; e < stop; e += kThreads) {
+    put_entry(ws, loc[e - first], es[kCap + (e - first)]);
+  }
+  for (int64_t e = stop + threadIdx.x; e < b.end; e += kThreads) {
+    put_entry(ws, a.loc[e], a.vals[e]);
+  }
+}
+
+template <int kCap, typename LoadOperand, typename TileOf, typename Compute>
+__device__ __forceinline__ void tile_pipeline_async(const TiledArgs& a, int steps, uint16_t* ws, uint16_t* es,
+                                                    LoadOperand load_operand, TileOf tile_of, Compute compute) {
+  constexpr int kEStage = entry_stage_elems<kCap>();
+  auto bounds = [&](int t) { return t < steps ? read_bounds(a, tile_of(t)) : TileBounds{}; };
+  __syncthreads();  // the previous run's last step has read every stage
+  for (int s = 0; s < kStages; ++s) {
+    zero_stage(ws + s * kWStage);
+  }
+  TileBounds b0 = bounds(0), b1 = bounds(1), b2 = bounds(2), b3 = bounds(3);  // tiles t .. t + 3
+  load_operand(0, 0);
+  copy_entries<kCap>(a, b0, es);
+  if (steps > 1) {
+    copy_entries<kCap>(a, b1, es + kEStage);
+  }
+  cp_async_commit();
+  if (steps > 1) {
+    load_operand(1, 1);
+  }
+  if (steps > 2) {
+    copy_entries<kCap>(a, b2, es + 2 * kEStage);
+  }
+  cp_async_commit();
+  cp_async_wait<1>();  // the first group: slice 0 and the entries of tiles 0 and 1
+  __syncthreads();     // ... everyone's, and the zeros
+  scatter_copied<kCap>(a, b0, es, ws);
+  for (int t = 0; t < steps; ++t) {
+    cp_async_wait<1>();  // step t's group - 1: slice t and the entries of tile t + 1
+    __syncthreads();     // ... everyone's, and the scatter of tile t; stage (t + 2) % 3 is free
+    const bool empty = b0.begin == b0.end;
+    if (t + 1 < steps) {
+      scatter_copied<kCap>(a, b1, es + ((t + 1) % kStages) * kEStage, ws + ((t + 1) % kStages) * kWStage);
+    }
+    if (t + 2 < steps) {
+      const int s2 = (t + 2) % kStages;
+      zero_stage(ws + s2 * kWStage);
+      load_operand(t + 2, s2);
+    }
+    if (t + 3 < steps) {
+      copy_entries<kCap>(a, b3, es + (t % kStages) * kEStage);  // (t + 3) % 3
+    }
+    b0 = b1;
+    b1 = b2;
+    b2 = b3;
+    b3 = bounds(t + 4);  // straight into b3's registers: first needed by step t + 1's copy
+    cp_async_commit();   // possibly empty: keeps one group per step for the wait above
+    if (!empty) {
+      compute(t % kStages);
+    }
+  }
+}
+
+// The pipeline a kernel runs: tile_pipeline, or (kAsync) tile_pipeline_async with its entry stages at es.
+template <bool kAsync, int kCap, typename LoadOperand, typename TileOf, typename Compute>
+__device__ __forceinline__ void run_pipeline(const TiledArgs& a, int steps, uint16_t* ws, uint16_t* es,
+                                             LoadOperand load_operand, TileOf tile_of, Compute compute) {
+  if constexpr (kAsync) {
+    tile_pipeline_async<kCap>(a, steps, ws, es, load_operand, tile_of, compute);
+  } else {
+    tile_pipeline(a, steps, ws, load_operand, tile_of, compute);
+  }
+}
+
+template <typename scalar_t, bool kAligned, bool kAsync>
 __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const TiledArgs a) {
 #ifdef PF_TILED_SM80
   constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* xs = smem;                       // kStages x [kTokens][kPitch]
   uint16_t* ws = smem + kStages * kXStage;   // kStages x [kRows][kPitch]
+  uint16_t* es = ws + kStages * kWStage;     // kAsync: kStages entry stages (entry_stage_elems)
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -331,8 +480,8 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
     const int64_t n0 = nb * kTokens;
     float acc[2][4][4] = {};  // zeros
 
-    tile_pipeline(
-        a, kt_count, ws,
+    run_pipeline<kAsync, kFwdEntryCap>(
+        a, kt_count, ws, es,
         [&](int t, int stage) {
           load_slice<kCols, kAligned>(a.x, a.n, a.k, a.x_rs, xs + stage * kXStage, n0, static_cast<int64_t>(t) * kCols);
         },
@@ -412,13 +561,14 @@ constexpr int kDxSmemBytes = kStages * (kDyStage + kWStage) * 2;
 
 // a.x = dy [N, M] (row stride a.x_rs), a.m = M (the reduction), a.k = K (dx's columns), a.k_tiles =
 // ceil(K / 64), a.y = dx [N, K].
-template <typename scalar_t, bool kAligned>
+template <typename scalar_t, bool kAligned, bool kAsync>
 __global__ void __launch_bounds__(kThreads, 2) tiled_csr_dx_kernel(const TiledArgs a) {
 #ifdef PF_TILED_SM80
   constexpr bool kBf16 = std::is_same_v<scalar_t, at::BFloat16>;
   extern __shared__ __align__(16) uint16_t smem[];
   uint16_t* dys = smem;                       // kStages x [kTokens][kDyPitch]
   uint16_t* ws = smem + kStages * kDyStage;   // kStages x [kRows][kPitch]
+  uint16_t* es = ws + kStages * kWStage;      // kAsync: kStages entry stages (entry_stage_elems)
 
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -435,8 +585,8 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_dx_kernel(const TiledAr
     const int64_t n0 = nb * kTokens;
     float acc[2][2][4] = {};  // zeros
 
-    tile_pipeline(
-        a, steps, ws,
+    run_pipeline<kAsync, kDxEntryCap>(
+        a, steps, ws, es,
         [&](int t, int stage) {
           load_slice<kDyCols, kAligned>(a.x, a.n, a.m, a.x_rs, dys + stage * kDyStage, n0,
                                         static_cast<int64_t>(t) * kDyCols);
@@ -640,10 +790,12 @@ void launch_dv(const ValuesArgs& a, int64_t tiles) {
 
 // Launches the forward or (kDx) the input-gradient kernel: grid (grid_x, row blocks of 64 rows,
 // looped past 65535).
-template <bool kDx, typename scalar_t, bool kAligned>
+template <bool kDx, typename scalar_t, bool kAligned, bool kAsync>
 void launch(const TiledArgs& a, int64_t grid_x) {
-  constexpr auto kernel = kDx ? tiled_csr_dx_kernel<scalar_t, kAligned> : tiled_csr_linear_kernel<scalar_t, kAligned>;
-  constexpr int smem_bytes = kDx ? kDxSmemBytes : kSmemBytes;
+  constexpr auto kernel = kDx ? tiled_csr_dx_kernel<scalar_t, kAligned, kAsync>
+                              : tiled_csr_linear_kernel<scalar_t, kAligned, kAsync>;
+  constexpr int smem_bytes = kDx ? kDxSmemBytes + (kAsync ? entry_smem_bytes<kDxEntryCap>() : 0)
+                                 : kSmemBytes + (kAsync ? entry_smem_bytes<kFwdEntryCap>() : 0);
   opt_in_shared_memory<kernel>(smem_bytes);
   const int64_t n_blocks = (a.n + kTokens - 1) / kTokens;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::min(n_blocks, kMaxGridY)));
@@ -651,12 +803,36 @@ void launch(const TiledArgs& a, int64_t grid_x) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <bool kDx, typename scalar_t>
+void launch_dispatch(const TiledArgs& a, int64_t grid_x, bool aligned, bool async) {
+  if (async) {
+    aligned ? launch<kDx, scalar_t, true, true>(a, grid_x) : launch<kDx, scalar_t, false, true>(a, grid_x);
+  } else {
+    aligned ? launch<kDx, scalar_t, true, false>(a, grid_x) : launch<kDx, scalar_t, false, false>(a, grid_x);
+  }
+}
+
+// PYFINETUNE_TILED_CUDA_ASYNC=1 (experimental, for A/B timing on a GPU; read at each call; unset
+// or 0: tile_pipeline) runs tile_pipeline_async. Bad values are refused (ValueError) before the op
+// allocates or writes anything.
+bool async_requested(const char* op) {
+  return env_switch(op, "PYFINETUNE_TILED_CUDA_ASYNC", "0").value_or(false);
+}
+
+// Whether the asynchronous pipeline can run: requested, tile_loc and the values 16-byte aligned
+// (copy_entries), and its larger shared memory within this GPU's limit per block.
+bool use_async(bool requested, const at::Tensor& vals, const at::Tensor& loc, int smem_bytes) {
+  return requested && reinterpret_cast<uintptr_t>(vals.const_data_ptr()) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(loc.const_data_ptr()) % 16 == 0 &&
+         static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) >= smem_bytes;
+}
+
 // The launch arguments and the launch: operand is x [N, K] (forward, output [N, M]) or grad_out
-// [N, M] (kDx, output [N, K]); `out` is the fresh contiguous output.
+// [N, M] (kDx, output [N, K]); `out` is the fresh contiguous output; async: async_requested's answer.
 template <bool kDx>
 void run_tiled(const char* op, const at::Tensor& operand_in, const at::Tensor& tile_values,
                const at::Tensor& tile_ptr, const at::Tensor& tile_loc, const at::Tensor& bias, at::Tensor& out,
-               int64_t M, int64_t K) {
+               int64_t M, int64_t K, bool async_wanted) {
   const at::Tensor operand = operand_in.stride(1) == 1 ? operand_in : operand_in.contiguous();
   const at::Tensor vals = tile_values.contiguous();
   const at::Tensor ptr = tile_ptr.contiguous();
@@ -680,15 +856,13 @@ void run_tiled(const char* op, const at::Tensor& operand_in, const at::Tensor& t
            ") * ceil(K / ", kCols, ") must be below 2^31 - 1, got M = ", M, ", K = ", K);
   const bool aligned = width % 8 == 0 && a.x_rs % 8 == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0;
   const int64_t grid_x = kDx ? a.k_tiles : m_blocks;
+  const bool async = use_async(async_wanted, vals, loc,
+                               kDx ? kDxSmemBytes + entry_smem_bytes<kDxEntryCap>()
+                                   : kSmemBytes + entry_smem_bytes<kFwdEntryCap>());
   AT_DISPATCH_SWITCH(operand.scalar_type(), "tiled_csr_linear_cuda",
-                     AT_DISPATCH_CASE(at::kHalf,
-                                      [&] {
-                                        aligned ? launch<kDx, scalar_t, true>(a, grid_x)
-                                                : launch<kDx, scalar_t, false>(a, grid_x);
-                                      })
-                         AT_DISPATCH_CASE(at::kBFloat16, [&] {
-                           aligned ? launch<kDx, scalar_t, true>(a, grid_x) : launch<kDx, scalar_t, false>(a, grid_x);
-                         }));
+                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_dispatch<kDx, scalar_t>(a, grid_x, aligned, async); })
+                         AT_DISPATCH_CASE(at::kBFloat16,
+                                          [&] { launch_dispatch<kDx, scalar_t>(a, grid_x, aligned, async); }));
 }
 
 // Device, dtype and GPU checks of both ops (after the shared argument checks); smem_bytes: the
@@ -714,6 +888,7 @@ at::Tensor tiled_csr_linear_cuda(const at::Tensor& x, const at::Tensor& tile_val
   const char* op = "tiled_csr_linear";
   const MatmulSizes sz = check_tiled_csr_linear_args(x, tile_values, tile_ptr, tile_loc, out_features, bias);
   PF_CHECK(x.is_cuda(), op, "x must be a CUDA tensor here, got ", x.device());
+  const bool async = async_requested(op);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   check_tensor_core_call(op, "x", x, kSmemBytes);
@@ -729,7 +904,8 @@ at::Tensor tiled_csr_linear_cuda(const at::Tensor& x, const at::Tensor& tile_val
                     : at::zeros({N, M}, x.options());
   }
   at::Tensor y = at::empty({N, M}, x.options());
-  run_tiled<false>(op, x, tile_values, tile_ptr, tile_loc, has_bias ? bias->contiguous() : at::Tensor(), y, M, K);
+  run_tiled<false>(op, x, tile_values, tile_ptr, tile_loc, has_bias ? bias->contiguous() : at::Tensor(), y, M, K,
+                   async);
   return y;
 }
 
@@ -740,6 +916,7 @@ at::Tensor tiled_csr_linear_backward_input_cuda(const at::Tensor& grad_out, cons
   const MatmulSizes sz =
       check_tiled_csr_linear_backward_input_args(grad_out, tile_values, tile_ptr, tile_loc, in_features);
   PF_CHECK(grad_out.is_cuda(), op, "grad_out must be a CUDA tensor here, got ", grad_out.device());
+  const bool async = async_requested(op);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(grad_out.device());
   check_tensor_core_call(op, "grad_out", grad_out, kDxSmemBytes);
@@ -751,7 +928,7 @@ at::Tensor tiled_csr_linear_backward_input_cuda(const at::Tensor& grad_out, cons
     return at::zeros({N, K}, grad_out.options());
   }
   at::Tensor dx = at::empty({N, K}, grad_out.options());
-  run_tiled<true>(op, grad_out, tile_values, tile_ptr, tile_loc, at::Tensor(), dx, M, K);
+  run_tiled<true>(op, grad_out, tile_values, tile_ptr, tile_loc, at::Tensor(), dx, M, K, async);
   return dx;
 }
 

@@ -288,6 +288,24 @@ def measure_speedup(op: str, case: str, contenders: Sequence[Contender], ours: s
 _COMPILE_NOISE = ("torch._dynamo.variables.ctx_manager", "torch.utils.cpp_extension")
 
 
+def with_env(name: str, value: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """fn run with the environment variable ``name`` set to ``value`` (the extension reads its
+    experimental PYFINETUNE_* switches at each call), restored afterwards, so that the other
+    contenders of an A/B run under the environment the script was started in."""
+    def run(*args: Any) -> Any:
+        before = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return fn(*args)
+        finally:
+            if before is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = before
+
+    return run
+
+
 @contextlib.contextmanager
 def quiet_compile_logs():
     """Raise the loggers of ``_COMPILE_NOISE`` to ERROR while compiling a contender."""
