@@ -582,8 +582,18 @@ class SparseLinear(nn.Module):
                     self.values.data = resized
                 else:
                     setattr(self, name, resized)
+        n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) == n_errors and prefix + "crow_indices" in state_dict and prefix + "col_indices" in state_dict:
+            # The column-major pattern (ccol_indices, row_indices, csc_to_csr: the input gradient's
+            # kernel for more than 32 rows) and row_order are derived from the row pattern: rebuilt
+            # from the loaded one rather than trusted, so that a checkpoint whose copies disagree (a
+            # hand-edited one) cannot give the forward one pattern and the backward another.
+            with torch.no_grad():
+                derived = ops.pattern_from_csr(self.crow_indices, self.col_indices, self.in_features)
+                for name in ("row_order", "ccol_indices", "row_indices", "csc_to_csr"):
+                    getattr(self, name).copy_(getattr(derived, name))
 
 
 def _describe(t) -> str:

@@ -466,6 +466,29 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         own_keys = {p: {k: v for k, v in self.state[p].items() if k in ("anchor", "mask")}
                     for g in self.param_groups for p in g["params"] if p in self.state}
         own_groups = [{k: g[k] for k in self.defaults if k in g and k != "params"} for g in self.param_groups]
+        # torch's load_state_dict replaces self.state and self.param_groups with new objects (the old
+        # ones are not modified): a state dict refused below, by the groups' or the state tensors'
+        # checks, leaves the optimizer as it was.
+        old_state, old_groups = self.state, self.param_groups
+        try:
+            self._load_state_dict_checked(state_dict, saved_state, saved_groups, own_groups)
+        except BaseException:
+            self.state, self.param_groups = old_state, old_groups
+            self._invalidate_plan()
+            raise
+        with torch.no_grad():
+            for gi, group in enumerate(self.param_groups):
+                for p in group["params"]:
+                    kept = own_keys.get(p, {})
+                    st = self.state[p]
+                    if "anchor" in kept and "anchor" not in st and group["l2sp"] > 0:
+                        st["anchor"] = kept["anchor"]
+                    if "mask" in kept and "mask" not in st:
+                        self.set_mask(p, kept["mask"])  # zeroes the parameter and its loaded moments
+        self._invalidate_plan()
+
+    def _load_state_dict_checked(self, state_dict, saved_state, saved_groups, own_groups) -> None:
+        """load_state_dict's loading and checks, which write nothing but the new state and groups."""
         super().load_state_dict(state_dict)
         ids = [i for g in saved_groups for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -498,16 +521,14 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             self._validate_group(group, f" (param group {gi})")
-        with torch.no_grad():
-            for gi, group in enumerate(self.param_groups):
-                for p in group["params"]:
-                    kept = own_keys.get(p, {})
-                    st = self.state[p]
-                    if "anchor" in kept and "anchor" not in st and group["l2sp"] > 0:
-                        st["anchor"] = kept["anchor"]
-                    if "mask" in kept and "mask" not in st:
-                        self.set_mask(p, kept["mask"])  # zeroes the parameter and its loaded moments
-        self._invalidate_plan()
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                try:
+                    # A state saved for another parameter (shape, dtype): refused now, not at the next step.
+                    self._check_state(p, f"parameter {j} (param group {gi})",
+                                      hint=" (was the state dict saved for other parameters?)")
+                except RuntimeError as e:
+                    raise ValueError(f"{type(self).__name__}.load_state_dict: the loaded state does not fit {e}") from None
 
     @staticmethod
     def _load_like(p: Tensor, value: Tensor, dtype: Optional[torch.dtype], name: str) -> Tensor:
@@ -578,7 +599,64 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     )
                 self._check_state(p, f"parameter {j}{where}")
                 items.append((group, p, g))
+        if not torch.compiler.is_compiling():
+            # The kernels check this too, but per launch: a step launches once per dtype / device /
+            # flags bucket, so a later bucket's refusal would leave the earlier ones' parameters
+            # updated. Checked here, before any launch, for the whole step (and the memory the
+            # buckets share by _check_buckets_disjoint).
+            self._check_float32_range(items)
         return items
+
+    # Hyper-parameters the kernels take as float32 for float32 / bfloat16 / float16 parameters.
+    _FLOAT32_KEYS: Tuple[str, ...] = ("lr", "weight_decay", "l2sp", "l1")
+
+    def _check_float32_range(self, items) -> None:
+        """A group with a float32, bfloat16 or float16 parameter must keep its hyper-parameters within
+        float32's range (a larger lr would become inf in the kernel: a NaN step)."""
+        big = float(torch.finfo(torch.float32).max)
+        seen = set()
+        for group, p, _ in items:
+            if p.dtype == torch.float64 or id(group) in seen:
+                continue
+            seen.add(id(group))
+            gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+            for key in self._FLOAT32_KEYS:
+                value = group[key]
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > big:
+                    raise ValueError(f"{key} (param group {gi}) must be at most {big:.6g} (float32's largest) for "
+                                     f"{p.dtype} parameters, got {value}")
+
+    # The state lists of a bucket that a launch writes, besides "params".
+    _WRITTEN_LISTS: Tuple[str, ...] = ()
+
+    def _check_buckets_disjoint(self, planned) -> None:
+        """No two launches of a step write the same memory (a parameter listed in two groups as
+        views of one buffer, a state shared across groups): each launch checks its own tensors
+        before it writes, but a later launch's refusal would leave the earlier ones' parameters
+        updated. Dense, non-overlapping tensors (checked before) cover [data_ptr, data_ptr + nbytes).
+        Only for steps of several launches, eagerly."""
+        if len(planned) < 2 or torch.compiler.is_compiling():
+            return
+        spans = []
+        for bi, (_, b) in enumerate(planned):
+            for name in ("params",) + self._WRITTEN_LISTS:
+                for j, t in enumerate(b.get(name) or ()):
+                    t = _local(t)
+                    if t is None or t.device.type == "meta":
+                        continue
+                    n = t.numel() * t.element_size()
+                    if n:
+                        spans.append((str(t.device), t.data_ptr(), t.data_ptr() + n, bi, f"{name}[{j}]"))
+        spans.sort(key=lambda sp: (sp[0], sp[1]))
+        widest = None
+        for sp in spans:
+            if widest is not None and sp[0] == widest[0] and sp[1] < widest[2] and sp[3] != widest[3]:
+                raise RuntimeError(
+                    f"{type(self).__name__}.step: {sp[4]} of one launch shares memory with {widest[4]} of another "
+                    f"({sp[0]}): every parameter and optimizer state a step writes must be a tensor of its own "
+                    "(a buffer listed as several parameters, in groups of different dtypes or flags?)")
+            if widest is None or sp[0] != widest[0] or sp[2] > widest[2]:
+                widest = sp
 
     # ------------------------------------------------------------------------ cached step plan
     def _save_plan(self, buckets: List[Tuple[Tuple, Dict[str, list]]]) -> None:
@@ -708,14 +786,15 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 "must be redistributed to the parameter's placements before the step"
             )
 
-    def _check_state(self, p: Tensor, name: str) -> None:
+    def _check_state(self, p: Tensor, name: str, hint: Optional[str] = None) -> None:
         """The state a step will pass to the kernel still fits the parameter (it may not after
         `model.double()` / `.to(device)` behind the optimizer's back): checked before any write."""
         state = self.state.get(p)
         if not state:
             return
-        hint = ("; was the model converted or moved after the optimizer was created? Create the optimizer "
-                "afterwards, or load a state_dict")
+        if hint is None:
+            hint = ("; was the model converted or moved after the optimizer was created? Create the optimizer "
+                    "afterwards, or load a state_dict")
         sharded = _is_sharded(p)
         for key, value in state.items():
             if not isinstance(value, Tensor):
@@ -797,6 +876,8 @@ class AdamW(_FusedPenalizedOptimizer):
     """
 
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _FLOAT32_KEYS = ("lr", "weight_decay", "l2sp", "l1", "eps")
+    _WRITTEN_LISTS = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
     _HYPER_KEYS = _FusedPenalizedOptimizer._HYPER_KEYS + ("betas", "eps", "amsgrad")
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
@@ -842,6 +923,7 @@ class AdamW(_FusedPenalizedOptimizer):
         planned = self._plan_grads()
         if planned is None:
             planned = self._build_buckets(self._collect())
+            self._check_buckets_disjoint(planned)
             self._save_plan(planned)
         for (device, _dtype, amsgrad, maximize, decoupled, _sharded), b in planned:
             grad_scale, found_inf = self._amp_tensors(device)
@@ -916,6 +998,8 @@ class SGD(_FusedPenalizedOptimizer):
     """
 
     _STATE_KEYS = ("momentum_buffer",)
+    _FLOAT32_KEYS = ("lr", "weight_decay", "l2sp", "l1", "momentum")
+    _WRITTEN_LISTS = ("momentum_buffers",)
     _HYPER_KEYS = _FusedPenalizedOptimizer._HYPER_KEYS + ("momentum", "dampening", "nesterov")
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -950,6 +1034,11 @@ class SGD(_FusedPenalizedOptimizer):
         created: List[Tensor] = []
         if planned is None:
             planned = self._build_buckets(self._collect(), created, fresh_dampened)
+            try:
+                self._check_buckets_disjoint(planned)
+            except BaseException:
+                self._unstarted().update(created)  # their buffers were made but not started
+                raise
             self._unstarted().difference_update(created)
             if not created:
                 self._save_plan(planned)

@@ -134,3 +134,34 @@ def test_raw_ops_refuse_a_meta_tensor_among_real_ones(which):
         else:
             v, i = torch.topk(T, 3, dim=-1)
             torch.ops.pyfinetune.kd_loss_topk_fwd(s, v, i.to("meta"), None, need_grad=True, **kw)
+
+
+def test_large_temperatures_warn_in_float32_only():
+    # Above PRECISE_TEMPERATURE_MAX float32 loses the T^2-scaled divergence to cancellation (~4% of
+    # the loss at T = 1000 on these inputs; negative KL at 1e6): a RuntimeWarning, not silence.
+    import warnings
+
+    from pyfinetune.losses import PRECISE_TEMPERATURE_MAX, kd_loss_topk
+
+    vals, idx = T.topk(3, dim=-1)
+    calls = {
+        "kd_loss": lambda s, t, temp: kd_loss(s, t, L, temperature=temp),
+        "kd_loss_topk": lambda s, t, temp: kd_loss_topk(s, vals.to(t.dtype), idx, L, temperature=temp),
+        "fused_linear_kd_loss": lambda s, t, temp: fused_linear_kd_loss(
+            s[:, :6], torch.randn(10, 6, dtype=s.dtype), t[:, :5], torch.randn(10, 5, dtype=t.dtype), L,
+            temperature=temp),
+    }
+    for name, call in calls.items():
+        with pytest.warns(RuntimeWarning, match=r"temperature=1000 is above 100, where float32 arithmetic loses"):
+            call(S, T, 1000.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            call(S, T, PRECISE_TEMPERATURE_MAX)          # the verified range: no warning
+            call(S.double(), T.double(), 1000.0)           # float64 arithmetic: no warning
+    # The warning is right: float32 at T = 1e3 is off by more than float64 at T = 1e6.
+    s, t = torch.randn(4, 7, generator=torch.Generator().manual_seed(0)), torch.randn(4, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = kd_loss(s.double(), t.double(), temperature=1000.0).item()
+        err = abs(kd_loss(s, t, temperature=1000.0).item() - ref) / ref
+    assert err > 1e-4

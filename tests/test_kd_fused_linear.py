@@ -290,3 +290,26 @@ def test_float64_student_computes_in_float64(reduction, divergence):
     fn = lambda h, w, b: fused_linear_kd_loss(h, w, ht, wt, lab, student_bias=b, teacher_bias=bt, chunk_size=4,
                                               reduction=reduction, **kw)
     assert torch.autograd.gradcheck(fn, tuple(x.detach().requires_grad_(True) for x in (hs, ws, bs)))
+
+
+@pytest.mark.parametrize("lead", [(6,), (2, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+def test_retained_graph_after_grads_zeroed_in_place(lead, reduction):
+    # The kept gradient buffers are handed on as copies: zeroing .grad in place (zero_grad with
+    # set_to_none=False, clipping, GradScaler.unscale_) leaves what the retained graph reads intact
+    # (the hidden states reach the function through a reshape, whose view autograd would otherwise
+    # store as .grad without a copy).
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(*lead, 5, generator=g).requires_grad_(True)
+    w = torch.randn(9, 5, generator=g).requires_grad_(True)
+    b = torch.randn(9, generator=g).requires_grad_(True)
+    ht, wt = torch.randn(*lead, 4, generator=g), torch.randn(9, 4, generator=g)
+    lab = torch.randint(0, 9, lead, generator=g)
+    loss = fused_linear_kd_loss(h, w, ht, wt, lab, student_bias=b, temperature=2.0, reduction=reduction)
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad.zero_()
+    loss.backward()
+    for x, want in zip((h, w, b), first):
+        torch.testing.assert_close(x.grad, want, rtol=0, atol=0)

@@ -217,6 +217,54 @@ def test_error_in_op_leaves_nothing_half_updated(kind):
     _expect_unchanged(opt, RuntimeError, r"parameter 1 \(param group 1\): its optimizer state '(exp_avg|momentum_buffer)' is torch.float32")
 
 
+@pytest.mark.parametrize("kind", list(OPTS))
+@pytest.mark.parametrize("key", ["lr", "weight_decay", "l2sp", "l1", "specific"])
+def test_float32_range_refused_before_the_float64_launch(kind, key):
+    # A float64 group is launched first; a float32 group whose hyper-parameter exceeds float32's
+    # range (valid in float64) is refused by the Python checks before that launch, not by its own
+    # launch afterwards (which would leave the float64 parameters stepped).
+    if key == "specific":
+        key = "eps" if kind == "adamw" else "momentum"
+    p64 = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    p32 = torch.nn.Parameter(torch.randn(4, 3))
+    opt = OPTS[kind]([dict(params=[p64]), dict(params=[p32], l2sp=0.1)], lr=1e-2)
+    opt.param_groups[1][key] = 1e39  # finite and >= 0: the groups' own checks pass it
+    for p in (p64, p32):
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in (p64, p32)]
+    with pytest.raises(ValueError, match=rf"^{key} \(param group 1\) must be at most 3.40282e\+38 \(float32's largest\) "
+                                         r"for torch.float32 parameters"):
+        opt.step()
+    assert torch.equal(p64, before[0]) and torch.equal(p32, before[1])
+    assert not any(isinstance(v, torch.Tensor) and v.numel() == 1 and v.item() != 0
+                   for st in opt.state.values() for k, v in st.items() if k == "step")
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_memory_shared_across_launches_refused_before_any(kind):
+    # Views of one buffer in groups that go to different launches (float64 first, then two float32
+    # launches of different flags): each launch's own check would pass the first launches.
+    buf = torch.zeros(8)
+    p64 = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    pa, pb = torch.nn.Parameter(buf), torch.nn.Parameter(buf[2:6])
+    flags = dict(maximize=True)
+    opt = OPTS[kind]([dict(params=[p64]), dict(params=[pa]), dict(params=[pb], **flags)], lr=0.1)
+    for p in (p64, pa, pb):
+        p.grad = torch.ones_like(p)
+    before = p64.detach().clone()
+    with pytest.raises(RuntimeError, match=r"step: params\[0\] of one launch shares memory with params\[0\] of "
+                                           r"another \(cpu\): every parameter and optimizer state a step writes"):
+        opt.step()
+    assert torch.equal(p64, before) and torch.equal(buf, torch.zeros(8))
+    # Disjoint views of one buffer in different launches are fine.
+    buf2 = torch.zeros(8)
+    qa, qb = torch.nn.Parameter(buf2[:4]), torch.nn.Parameter(buf2[4:])
+    opt = OPTS[kind]([dict(params=[qa]), dict(params=[qb], **flags)], lr=0.1)
+    qa.grad, qb.grad = torch.ones(4), torch.ones(4)
+    opt.step()
+    assert bool((buf2[:4] != 0).all()) and bool((buf2[4:] != 0).all())
+
+
 # --------------------------------------------------------------------------- direct op calls
 def _adamw_args(n=3, dtype=torch.float32, device="cpu"):
     sd = torch.float64 if dtype == torch.float64 else torch.float32

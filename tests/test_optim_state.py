@@ -328,3 +328,40 @@ def test_a_step_that_raises_leaves_no_trace(monkeypatch, kind, planned):
     for i, st in ref.state_dict()["state"].items():
         for key, value in st.items():
             assert torch.equal(torch.as_tensor(ours.state_dict()["state"][i][key]), torch.as_tensor(value)), (i, key)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(kind):
+    cls = {"adamw": AdamW, "sgd": SGD}[kind]
+    kw = dict(momentum=0.9) if kind == "sgd" else {}
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = cls([p], lr=1e-2, l2sp=0.1, **kw)
+    p.grad = torch.randn(3)
+    opt.step()
+    moment = "momentum_buffer" if kind == "sgd" else "exp_avg"
+    before, lr = snapshot(opt), opt.param_groups[0]["lr"]
+
+    bad_group = copy.deepcopy(opt.state_dict())
+    bad_group["param_groups"][0]["lr"] = float("nan")
+    bad_group["state"][0][moment] = torch.full((3,), 7.0)
+    with pytest.raises(ValueError, match=r"lr \(param group 0\) must be a finite number"):
+        opt.load_state_dict(bad_group)
+    assert_bitwise_equal(snapshot(opt), before)
+    assert opt.param_groups[0]["lr"] == lr
+
+    # State saved for a parameter of another shape, and an anchor of an integer dtype: refused at
+    # the load (naming what does not fit), not at the next step.
+    q = torch.nn.Parameter(torch.randn(3, 4))
+    other = cls([q], lr=1e-2, **kw)
+    q.grad = torch.randn(3, 4)
+    other.step()
+    with pytest.raises(ValueError, match=rf"load_state_dict: the loaded state does not fit parameter 0 \(param group 0\): "
+                                         rf"its optimizer state '{moment}' has shape \(3, 4\)"):
+        opt.load_state_dict(other.state_dict())
+    bad_anchor = copy.deepcopy(opt.state_dict())
+    bad_anchor["state"][0]["anchor"] = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"its anchor is torch.int32"):
+        opt.load_state_dict(bad_anchor)
+    assert_bitwise_equal(snapshot(opt), before)
+    p.grad = torch.randn(3)
+    opt.step()  # still usable

@@ -293,6 +293,35 @@ def test_state_dict_into_an_empty_layer_and_other_nnz(device, tmp_path):
         torch.testing.assert_close(denser(x), layer(x))
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_state_dict_column_pattern_is_rebuilt_from_the_row_pattern(device):
+    # A checkpoint whose column-major copy of the pattern (ccol_indices, row_indices, csc_to_csr,
+    # used by the input gradient for more than 32 rows) and row_order describe another pattern of
+    # the same nnz (a hand-edited one): the layer rebuilds them from crow_indices / col_indices,
+    # so the forward and both gradients agree with the saved row pattern.
+    layer, w, mask, b = make_layer(16, 24, 0.6, torch.float32, device)
+    perm = torch.randperm(mask.numel(), generator=torch.Generator().manual_seed(4))
+    other_mask = mask.flatten()[perm].reshape(mask.shape)
+    other = SparseLinear.from_dense(w, other_mask, b)
+    state = layer.state_dict()
+    for name in ("ccol_indices", "row_indices", "csc_to_csr", "row_order"):
+        state[name] = other.state_dict()[name]
+    loaded = SparseLinear(24, 16, device=device, kernel="sparse")
+    loaded.load_state_dict(state)
+    layer.kernel = "sparse"
+    for name in ("ccol_indices", "row_indices", "csc_to_csr", "row_order"):
+        assert torch.equal(getattr(loaded, name), getattr(layer, name)), name
+    x = torch.randn(64, 24, device=device)  # above SMALL_BATCH_ROWS: the column-major input gradient
+    dy = torch.randn(64, 16, device=device)
+    grads = []
+    for mod in (layer, loaded):
+        xi = x.clone().requires_grad_(True)
+        mod.zero_grad()
+        mod(xi).backward(dy)
+        grads.append((xi.grad, mod.values.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
 def test_state_dict_errors():
     layer, _, _, _ = make_layer(16, 24, 0.6, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match=r"saved pattern is for a weight \[out, in\] = \[16, 24\], this layer's "
