@@ -42,6 +42,7 @@ _INDEX_DTYPES = tuple(getattr(torch, name) for name in ("int64", "int32", "int16
 # chunk's gradient, and teacher logits).
 DEFAULT_CHUNK_BYTES = 96 * 1024 * 1024
 _PLAIN_REALS = (float, int)  # exact types: bool, a subclass of int, takes the full checks
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _KD_FWD = torch.ops.pyfinetune.kd_loss_fwd.default
 _KD_TOPK_FWD = torch.ops.pyfinetune.kd_loss_topk_fwd.default
 
@@ -53,7 +54,7 @@ def _check_options(temperature, alpha, divergence, beta, ignore_index, reduction
     # runs on every call of a loss that may take tens of microseconds.
     if (type(temperature) in _PLAIN_REALS and type(alpha) in _PLAIN_REALS and type(beta) in _PLAIN_REALS
             and type(ignore_index) is int and 1e-18 <= temperature <= 1e18 and 0 <= alpha <= 1 and 0 < beta < 1
-            and divergence in DIVERGENCES and reduction in REDUCTIONS):
+            and divergence in DIVERGENCES and reduction in REDUCTIONS and _INT64_MIN <= ignore_index <= _INT64_MAX):
         return
     for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -70,6 +71,8 @@ def _check_options(temperature, alpha, divergence, beta, ignore_index, reduction
         raise ValueError(f"pyfinetune.kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"pyfinetune.kd_loss: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"pyfinetune.kd_loss: ignore_index must fit int64 (labels are int64), got {ignore_index}")
 
 
 # Above this temperature the float32 arithmetic of the kernels (and of a float32 torch composition)
@@ -804,8 +807,9 @@ def fused_linear_kd_loss(
         raise ValueError(f"pyfinetune.fused_linear_kd_loss: chunk_size must be a positive int or None, got {chunk_size!r}")
     else:
         chunk = int(chunk_size)
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    # Rows by the leading dimensions (not -1: a hidden size of 0 leaves -1 ambiguous).
+    h_s = student_hidden.reshape(math.prod(student_hidden.shape[:-1]), student_hidden.shape[-1])
+    h_t = teacher_hidden.reshape(math.prod(teacher_hidden.shape[:-1]), teacher_hidden.shape[-1])
     lab = _as_labels(labels, student_hidden.shape[:-1], student_hidden.device)
     opts = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence, beta=float(beta),
                 ignore_index=int(ignore_index))

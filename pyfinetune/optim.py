@@ -336,9 +336,16 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     )
             else:
                 anchors = [None] * len(group["params"])
+            # Every given anchor is checked, also in a group with l2sp = 0 (which takes none), and
+            # all of them before any is stored: a refused group leaves no state behind.
+            for j, (p, a) in enumerate(zip(group["params"], anchors)):
+                if a is not None:
+                    self._check_anchor(p, a, f"anchor for parameter {j}{where}")
             if group["l2sp"] > 0:
-                for j, (p, a) in enumerate(zip(group["params"], anchors)):
-                    self.state[p]["anchor"] = self._make_anchor(p, a, group["anchor_dtype"], f"anchor for parameter {j}{where}")
+                made = [self._make_anchor(p, a, group["anchor_dtype"], f"anchor for parameter {j}{where}")
+                        for j, (p, a) in enumerate(zip(group["params"], anchors))]
+                for p, anchor in zip(group["params"], made):
+                    self.state[p]["anchor"] = anchor
         except Exception:
             self.param_groups.pop()
             raise
@@ -370,15 +377,21 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     self._init_state(p, group)
 
     @staticmethod
+    def _check_anchor(p: Tensor, a: Any, name: str) -> None:
+        if not isinstance(a, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(a).__name__}")
+        if a.shape != p.shape:
+            raise ValueError(f"{name} must have the parameter's shape {tuple(p.shape)}, got {tuple(a.shape)}")
+        if not a.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {a.dtype}")
+        if a.device.type == "meta" and p.device.type != "meta":
+            raise ValueError(f"{name} is a meta tensor (shape only, no values): pass the pretrained values")
+
+    @staticmethod
     def _make_anchor(p: Tensor, a: Optional[Tensor], anchor_dtype: Optional[torch.dtype], name: str) -> Tensor:
         src = p if a is None else a
         if a is not None:
-            if not isinstance(a, Tensor):
-                raise TypeError(f"{name} must be a Tensor, got {type(a).__name__}")
-            if a.shape != p.shape:
-                raise ValueError(f"{name} must have the parameter's shape {tuple(p.shape)}, got {tuple(a.shape)}")
-            if not a.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got {a.dtype}")
+            _FusedPenalizedOptimizer._check_anchor(p, a, name)
         dtype = anchor_dtype or p.dtype
         if dtype not in (p.dtype, torch.float32, torch.bfloat16):
             raise ValueError(f"anchor_dtype {dtype} is not available for {p.dtype} parameters; use float32 or bfloat16")

@@ -509,6 +509,8 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict:
     _check_model("load_pruned_state_dict", model)
     _refuse_torch_pruned("load_pruned_state_dict", model.named_modules())
     state_dict = _from_torch_pruning_keys(model, state_dict)
+    # Every mask is checked before any layer of the model is changed (masked to receive one).
+    to_mask = []
     for key in state_dict:
         if key != "weight_mask" and not key.endswith(".weight_mask"):
             continue
@@ -521,11 +523,23 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict:
             if strict:
                 raise ValueError(f"state_dict has the mask {key!r} but model has no module {name!r}") from None
             continue
+        if not _is_masked(module) and type(module) not in _MASKED_CLASS:
+            raise TypeError(f"state_dict has the mask {key!r} but model.{name} is a {type(module).__name__}, "
+                            "not an nn.Linear or nn.Conv2d")
+        mask = state_dict[key]
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"load_pruned_state_dict: {key} must be a tensor, got {type(mask).__name__}")
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"load_pruned_state_dict: {key} has shape {tuple(mask.shape)}, model.{name}.weight "
+                             f"{tuple(weight.shape)} (nothing was changed)")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"load_pruned_state_dict: {key} holds values other than 0 and 1; a mask is bool or 0/1 "
+                             "(nothing was changed)")
         if not _is_masked(module):
-            if type(module) not in _MASKED_CLASS:
-                raise TypeError(f"state_dict has the mask {key!r} but model.{name} is a {type(module).__name__}, "
-                                "not an nn.Linear or nn.Conv2d")
-            _set_mask(module, torch.ones_like(module.weight, dtype=torch.bool), zero_weight=False)
+            to_mask.append(module)
+    for module in to_mask:
+        _set_mask(module, torch.ones_like(module.weight, dtype=torch.bool), zero_weight=False)
     return model.load_state_dict(state_dict, strict=strict)
 
 
@@ -596,6 +610,23 @@ def _check_pruner_state(pruner: Any, state_dict: Any, keys: Tuple[str, ...]) -> 
         other = " (a GradualPruner's state dict? its pruner has no scores)" if "scores" in missing and len(missing) <= 2 else ""
         raise ValueError(f"{name}.load_state_dict: state_dict lacks {', '.join(repr(k) for k in missing)}: not the "
                          f"state_dict() of a {name}{other}")
+
+
+def _checked_progress(pruner: Any, state_dict: Dict[str, Any]) -> Tuple[int, Optional[float]]:
+    """(step_count, last_sparsity) of a pruner's state dict: an int >= 0 and None or a sparsity in
+    [0, 1] (ValueError / TypeError naming the entry otherwise)."""
+    name = type(pruner).__name__
+    step_count, last = state_dict["step_count"], state_dict["last_sparsity"]
+    if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral) or step_count < 0:
+        raise ValueError(f"{name}.load_state_dict: step_count must be an int >= 0, got {step_count!r}")
+    if last is not None:
+        if isinstance(last, bool) or not isinstance(last, numbers.Real):
+            raise TypeError(f"{name}.load_state_dict: last_sparsity must be None or a number, got "
+                            f"{type(last).__name__}")
+        if not 0.0 <= float(last) <= 1.0:  # also refuses NaN
+            raise ValueError(f"{name}.load_state_dict: last_sparsity must be in [0, 1], got {last!r}")
+        last = float(last)
+    return int(step_count), last
 
 
 def _check_model(fn: str, model: Any) -> None:
@@ -1075,8 +1106,9 @@ class GradualPruner:
                         "classifier, see prune.default_exclusions, and pruners saved before that default pruned "
                         "every layer: build this one with exclude=None to resume them)")
             raise ValueError(f"state_dict is from a pruner with other arguments: {', '.join(differ)} differ{hint}")
-        self.step_count = int(state_dict["step_count"])
-        self.last_sparsity = state_dict["last_sparsity"]
+        step_count, last = _checked_progress(self, state_dict)
+        self.step_count = step_count
+        self.last_sparsity = last
 
 
 class MovementPruner(GradualPruner):
@@ -1177,9 +1209,20 @@ class MovementPruner(GradualPruner):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (scores copied in place, ``dense_grad`` restored)."""
         _check_pruner_state(self, state_dict, ("step_count", "last_sparsity", "config", "scores", "finished"))
+        scores = state_dict["scores"]
+        if not isinstance(scores, dict) or set(scores) != set(self.scores):
+            raise ValueError(f"MovementPruner.load_state_dict: scores must be a dict of the pruner's layers "
+                             f"{sorted(self.scores)}, got {sorted(scores) if isinstance(scores, dict) else type(scores).__name__}")
+        for name, score in self.scores.items():
+            saved = scores[name]
+            if not isinstance(saved, Tensor) or saved.shape != score.shape or not saved.is_floating_point():
+                raise ValueError(f"MovementPruner.load_state_dict: scores[{name!r}] must be a float tensor of shape "
+                                 f"{tuple(score.shape)}, got "
+                                 f"{f'{saved.dtype} of shape {tuple(saved.shape)}' if isinstance(saved, Tensor) else type(saved).__name__}")
+        _checked_progress(self, state_dict)  # before anything changes (super() sets them)
         super().load_state_dict(state_dict)
         for name, score in self.scores.items():
-            score.copy_(state_dict["scores"][name])
+            score.copy_(scores[name])
         self.finished = bool(state_dict["finished"])
         for _, module in self.layers:
             module.dense_grad = not self.finished

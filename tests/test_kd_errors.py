@@ -30,6 +30,8 @@ L = torch.tensor([1, 2, -100, 9])
         (dict(divergence="kl"), ValueError, "divergence"),
         (dict(reduction="mean"), ValueError, "reduction"),
         (dict(student_logits=S.long()), TypeError, "student_logits must be float"),
+        (dict(ignore_index=2**70), ValueError, r"ignore_index must fit int64 \(labels are int64\), got 1180591620717411303424"),
+        (dict(ignore_index=-(2**63) - 1), ValueError, "ignore_index must fit int64"),
     ],
 )
 def test_kd_loss_bad_input(kwargs, exc, match):

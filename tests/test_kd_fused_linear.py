@@ -313,3 +313,24 @@ def test_retained_graph_after_grads_zeroed_in_place(lead, reduction):
     loss.backward()
     for x, want in zip((h, w, b), first):
         torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+
+
+def test_hidden_size_zero():
+    # H = 0: the logits are the bias (or zeros); the loss of those, gradients of the right (empty)
+    # shapes and the bias's gradient as for any H.
+    g = torch.Generator().manual_seed(12)
+    for bias in (True, False):
+        h = torch.randn(2, 3, 0, generator=g).requires_grad_(True)
+        w = torch.randn(9, 0, generator=g).requires_grad_(True)
+        b = torch.randn(9, generator=g).requires_grad_(True) if bias else None
+        ht, wt = torch.randn(2, 3, 4, generator=g), torch.randn(9, 4, generator=g)
+        lab = torch.randint(0, 9, (2, 3), generator=g)
+        loss = fused_linear_kd_loss(h, w, ht, wt, lab, student_bias=b, temperature=1.5)
+        loss.backward()
+        logits = (b.detach() if bias else torch.zeros(9)).expand(2, 3, 9).double()
+        ref = reduce_rows(kd_reference_rows(logits, (ht @ wt.t()).double(), lab, temperature=1.5), lab, -100,
+                          "batchmean")
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-7)
+        assert h.grad.shape == (2, 3, 0) and w.grad.shape == (9, 0)
+        if bias:
+            assert b.grad.shape == (9,) and bool(torch.isfinite(b.grad).all())

@@ -97,6 +97,16 @@ def test_anchor_count_and_shape(kind):
         OPTS[kind]([dict(params=ps[:1]), dict(params=ps[1:], l2sp=0.1, anchor=[torch.zeros(4, 3)])])
     with pytest.raises(ValueError, match=r"anchor_dtype torch.float16 is not available for torch.float32"):
         OPTS[kind](ps, l2sp=0.1, anchor_dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"anchor for parameter 0 \(param group 0\) is a meta tensor"):
+        OPTS[kind](ps, l2sp=0.1, anchor=[torch.empty(4, 3, device="meta")] * 3)
+    # A group with l2sp = 0 takes no anchor, but the ones it is given are still checked.
+    with pytest.raises(ValueError, match=r"anchor for parameter 2 \(param group 0\) must have the parameter's shape"):
+        OPTS[kind](ps, l2sp=0.0, anchor=[torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(5)])
+    # A refused group leaves no anchor behind (the later anchor is the bad one).
+    opt = OPTS[kind](ps[:1], l2sp=0.1)
+    with pytest.raises(ValueError, match=r"anchor for parameter 1 \(param group 1\)"):
+        opt.add_param_group(dict(params=ps[1:], l2sp=0.1, anchor=[torch.zeros(4, 3), torch.zeros(5)]))
+    assert len(opt.param_groups) == 1 and all("anchor" not in opt.state.get(p, {}) for p in ps[1:])
 
 
 @pytest.mark.parametrize("kind", list(OPTS))

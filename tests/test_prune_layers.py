@@ -234,6 +234,33 @@ def test_load_pruned_state_dict_errors():
         prune.load_pruned_state_dict(ConvNet(), sd, strict=False)
 
 
+@pytest.mark.parametrize("bad", ["shape", "values", "type"])
+def test_load_pruned_state_dict_checks_every_mask_before_changing_the_model(bad):
+    # A bad mask of a later layer: refused before any layer of the model is masked (a plain model
+    # stays plain), and a float mask must hold only 0 and 1, as adopt_torch_pruning requires.
+    sd = _pruned_convnet().state_dict()
+    last = [k for k in sd if k.endswith("weight_mask")][-1]
+    if bad == "shape":
+        sd[last] = sd[last][..., :1]
+        match = rf"{last} has shape .* \(nothing was changed\)"
+    elif bad == "values":
+        sd[last] = sd[last].float() * 2.0
+        match = rf"{last} holds values other than 0 and 1"
+    else:
+        sd[last] = sd[last].tolist()
+        match = rf"{last} must be a tensor"
+    model = ConvNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError if bad == "type" else ValueError, match=match):
+        prune.load_pruned_state_dict(model, sd)
+    assert not any(isinstance(m, (MaskedLinear,)) or hasattr(m, "weight_mask") for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # A 0/1 float mask loads (as bool).
+    good = _pruned_convnet().state_dict()
+    good[last] = good[last].float()
+    prune.load_pruned_state_dict(ConvNet(), good)
+
+
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
 def test_pickle_and_deepcopy(how):
     model = _pruned_convnet(torch.bfloat16)

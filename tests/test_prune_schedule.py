@@ -316,3 +316,37 @@ def test_movement_state_dict():
     for n in LAYERS:
         assert torch.equal(model.get_submodule(n).weight_mask, resumed.get_submodule(n).weight_mask)
         assert not resumed.get_submodule(n).dense_grad
+
+
+@pytest.mark.parametrize("entry, value, exc, match", [
+    ("step_count", -5, ValueError, r"step_count must be an int >= 0, got -5"),
+    ("step_count", 2.5, ValueError, r"step_count must be an int >= 0, got 2.5"),
+    ("step_count", True, ValueError, r"step_count must be an int >= 0, got True"),
+    ("last_sparsity", float("nan"), ValueError, r"last_sparsity must be in \[0, 1\], got nan"),
+    ("last_sparsity", 7.0, ValueError, r"last_sparsity must be in \[0, 1\], got 7.0"),
+    ("last_sparsity", "0.5", TypeError, r"last_sparsity must be None or a number, got str"),
+])
+@pytest.mark.parametrize("cls", [GradualPruner, MovementPruner])
+def test_pruner_state_dict_with_bad_progress_is_refused_unchanged(cls, entry, value, exc, match):
+    model = ConvNet()
+    pruner = cls(model, 0.5, 1, 10, 2, exclude=None)
+    sd = copy.deepcopy(pruner.state_dict())
+    sd[entry] = value
+    with pytest.raises(exc, match=rf"{cls.__name__}.load_state_dict: {match}"):
+        pruner.load_state_dict(sd)
+    assert pruner.step_count == 0 and pruner.last_sparsity is None
+
+
+def test_movement_state_dict_with_bad_scores_is_refused_unchanged():
+    model = ConvNet()
+    pruner = MovementPruner(model, 0.5, 1, 10, 2, exclude=None)
+    sd = copy.deepcopy(pruner.state_dict())
+    sd["step_count"] = 3
+    first = sorted(sd["scores"])[0]
+    sd["scores"][first] = sd["scores"][first][:1]
+    with pytest.raises(ValueError, match=rf"scores\['{first}'\] must be a float tensor of shape"):
+        pruner.load_state_dict(sd)
+    sd["scores"] = {first: sd["scores"][first]}
+    with pytest.raises(ValueError, match=r"scores must be a dict of the pruner's layers"):
+        pruner.load_state_dict(sd)
+    assert pruner.step_count == 0
