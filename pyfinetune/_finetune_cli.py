@@ -419,8 +419,15 @@ def _prepare_out(args: argparse.Namespace) -> Optional[str]:
                    "again without --resume to start it over)"
         raise UsageError(f"--resume: no checkpoint at {checkpoint}{hint}")
     if os.path.exists(run_file):
-        with open(run_file, encoding="utf-8") as f:
-            first = json.load(f)
+        try:
+            with open(run_file, encoding="utf-8") as f:
+                first = json.load(f)
+        except (OSError, ValueError) as e:  # unreadable, truncated, not JSON
+            raise UsageError(f"--resume: cannot read {run_file} ({type(e).__name__}: {e}); it holds the options the "
+                             "run was started with") from None
+        if not isinstance(first, dict):
+            raise UsageError(f"--resume: {run_file} does not hold the run's options (a JSON object), got "
+                             f"{type(first).__name__}")
         now = _run_options(args)
         first.setdefault("processes", 1)  # runs from before torchrun support
         differ = [k for k in now if first.get(k) != now[k]]
@@ -436,7 +443,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, ok in (("--epochs", args.epochs, args.epochs >= 1), ("--batch-size", args.batch_size, args.batch_size >= 1),
                             ("--image-size", args.image_size, args.image_size >= 8),
                             ("--val-split", args.val_split, 0 <= args.val_split < 1),
-                            ("--workers", args.workers, args.workers >= 0)):
+                            ("--workers", args.workers, args.workers >= 0),
+                            ("--seed", args.seed, 0 <= args.seed < 2**63)):
         if not ok:
             raise UsageError(f"{flag} {value} is out of range")
 
@@ -448,6 +456,8 @@ def _device(name: Optional[str]) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: the command trains on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is visible")
     if device.type == "cuda" and _world() > 1:

@@ -139,6 +139,20 @@ def _logits(output: Any, who: str) -> Tensor:
                     f"starting with them), got {type(output).__name__}")
 
 
+def _check_batch(logits: Tensor, labels: Any) -> None:
+    """Logits [batch, classes] and labels [batch] of class indices (cheap: shapes and dtypes, no
+    synchronization). A float label tensor would otherwise reach F.cross_entropy as class
+    probabilities (a [batch] float tensor against [batch] logits trains as one sample), and
+    one-hot labels make the accuracy meaningless."""
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        what = f"{labels.dtype} tensor" if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"Finetuner: labels must be class indices (an integer tensor [batch]), got a {what}; "
+                        "one-hot or soft labels are not supported (labels.argmax(-1) gives the indices)")
+    if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"Finetuner: the model's logits must be [batch, classes] and the labels [batch], got logits "
+                         f"of shape {tuple(logits.shape)} and labels of shape {tuple(labels.shape)}")
+
+
 def _unpack(batch: Any) -> Tuple[Any, Tensor]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
@@ -353,6 +367,12 @@ class Finetuner:
             raise ValueError("Finetuner: method='distill' needs teacher=<the teacher nn.Module>")
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise _fail(TypeError, "teacher", "an nn.Module", teacher)
+        if teacher is not None and isinstance(model, nn.Module):
+            student_params = {id(p) for p in model.parameters()}
+            if teacher is model or any(id(p) in student_params for p in teacher.parameters()):
+                raise ValueError("Finetuner: teacher shares parameters with model (the same module, or layers of "
+                                 "it): the teacher must be a separate, frozen model (copy.deepcopy(model) for a "
+                                 "snapshot)")
         self.method = method
         self.lr = _real("lr", lr, low_open=True)
         self.weight_decay = _real("weight_decay", weight_decay)
@@ -380,6 +400,8 @@ class Finetuner:
         self.grad_clip = None if grad_clip is None else _real("grad_clip", grad_clip, low_open=True)
         if seed is not None:
             _count("seed", seed, low=0)
+            if seed >= 2**63:  # torch.manual_seed(seed + rank) must take it
+                raise _fail(ValueError, "seed", "an int in [0, 2**63)", seed)
         self.seed = seed
         if not isinstance(progress, bool):
             raise _fail(TypeError, "progress", "a bool", progress)
@@ -440,9 +462,12 @@ class Finetuner:
         if not isinstance(device, (str, torch.device)):
             raise _fail(TypeError, "device", "None, a str or a torch.device", device)
         try:
-            return torch.device(device)
+            resolved = torch.device(device)
         except RuntimeError:
             raise _fail(ValueError, "device", 'a device such as "cpu" or "cuda:0"', device) from None
+        if resolved.type == "meta":  # the model would be moved there, its weights gone
+            raise _fail(ValueError, "device", 'a device with memory such as "cpu" or "cuda:0", not "meta"', device)
+        return resolved
 
     def _heads(self, head: Optional[Sequence[str]]) -> List[str]:
         if head is None:
@@ -526,20 +551,58 @@ class Finetuner:
                     "to resume; a new Finetuner for another run)")
             return
         total = steps_per_epoch * epochs
+        if self.method == "prune":
+            start, end, every = self._prune_schedule(total)  # checks total >= 2
         if self.scheduler_name == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=total)
         elif self.scheduler_name == "linear":
             self.scheduler = torch.optim.lr_scheduler.LinearLR(self.optimizer, 1.0, 0.0, total_iters=total)
         if self.method == "prune":
-            if total < 2:
-                raise ValueError(f"Finetuner: method='prune' needs at least 2 training steps, got {total}")
-            last = total - 1
-            start = min(round(self.prune_start * last), last - 1)
-            end = max(round(self.prune_end * last), start + 1)
-            every = self.prune_every or max(1, (end - start) // 10)
             self.pruner = _prune.GradualPruner(self.model, self.sparsity, start, end, every,
                                                include=self.prune_include, exclude=self.prune_exclude)
         self._plan_shape = shape
+
+    def _prune_schedule(self, total: int) -> Tuple[int, int, int]:
+        """(start_step, end_step, every) of the pruner of a run of ``total`` steps."""
+        if total < 2:
+            raise ValueError(f"Finetuner: method='prune' needs at least 2 training steps, got {total}")
+        last = total - 1
+        start = min(round(self.prune_start * last), last - 1)
+        end = max(round(self.prune_end * last), start + 1)
+        every = self.prune_every or max(1, (end - start) // 10)
+        return start, end, every
+
+    def _check_resumable(self, state: Dict[str, Any], expected_plan: Optional[Tuple[int, int]]) -> None:
+        """What load_state_dict would refuse only after changing things: the plan (batches per
+        epoch, epochs) against this run's, the pruning schedule the plan gives here against the
+        checkpoint pruner's, and the optimizer's parameter groups (count and sizes). ValueError."""
+        plan = state.get("plan")
+        if plan is not None:
+            plan = tuple(int(v) for v in plan)
+            for here, what in ((self._plan_shape, " (this Finetuner's run)"), (expected_plan, "")):
+                if here is not None and tuple(here) != plan:
+                    raise ValueError(
+                        f"Finetuner: the checkpoint's run was planned for {plan[1]} epochs of {plan[0]} batches, "
+                        f"got {here[1]} epochs of {here[0]} batches{what} (same epochs and train loader to resume; "
+                        "a new Finetuner for another run)")
+            if self.method == "prune" and isinstance(state.get("pruner"), dict):
+                start, end, every = self._prune_schedule(plan[0] * plan[1])
+                saved = state["pruner"].get("config", {})
+                here = dict(start_step=start, end_step=end, every=every)
+                differ = {k: (saved.get(k), v) for k, v in here.items() if saved.get(k) != v}
+                if differ:
+                    raise ValueError(
+                        "Finetuner: the checkpoint's pruning schedule differs from this Finetuner's ("
+                        + ", ".join(f"{k}: checkpoint {a}, here {b}" for k, (a, b) in differ.items())
+                        + f"; from prune_start={self.prune_start}, prune_end={self.prune_end}, "
+                        f"prune_every={self.prune_every}): build the Finetuner with the checkpoint's")
+        saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state.get("optimizer"), dict) else []
+        sizes_saved = [len(g.get("params", ())) for g in saved_groups]
+        sizes_here = [len(g["params"]) for g in self.optimizer.param_groups]
+        if sizes_saved != sizes_here:
+            raise ValueError(
+                f"Finetuner: the checkpoint's optimizer has parameter groups of sizes {sizes_saved}, this one "
+                f"{sizes_here} (parameters frozen or unfrozen between the runs? the head or method differ?)")
 
     # ---------------------------------------------------------------------------- one step
     def _autocast(self):
@@ -556,6 +619,7 @@ class Finetuner:
 
     def _loss(self, inputs: Any, labels: Tensor) -> Tuple[Tensor, Tensor]:
         logits = _logits(self._net(inputs), "model")
+        _check_batch(logits, labels)
         if self.method != "distill":
             return F.cross_entropy(logits, labels), logits
         with torch.no_grad():
@@ -630,8 +694,17 @@ class Finetuner:
             raise _fail(TypeError, "callback", "callable", callback)
         if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
             raise ValueError(f"Finetuner: checkpoint_dir {os.fspath(checkpoint_dir)} is a file, not a folder")
+        if checkpoint_dir is not None and (self._dist is None or self._dist.main):
+            # Made now, not after the first epoch's training (a parent that is a file, no permission).
+            try:
+                os.makedirs(checkpoint_dir, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"Finetuner: checkpoint_dir {os.fspath(checkpoint_dir)} cannot be created "
+                                 f"({type(e).__name__}: {e})") from None
+            if not os.access(checkpoint_dir, os.W_OK):
+                raise ValueError(f"Finetuner: checkpoint_dir {os.fspath(checkpoint_dir)} is not writable")
         if resume is not None:
-            self.load_checkpoint(resume)
+            self.load_checkpoint(resume, _plan=(steps, epochs))
         elif self.step == 0 and self._batch_in_epoch == 0:
             self._seed_run()
         self._plan(steps, epochs)
@@ -757,6 +830,7 @@ class Finetuner:
                 inputs, labels = _to(inputs, self.device), _to(labels, self.device)
                 with self._autocast():
                     logits = _logits(self.model(inputs), "model")
+                _check_batch(logits, labels)
                 loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
                 correct += (logits.argmax(-1) == labels).sum()
                 n += labels.shape[0]
@@ -826,6 +900,10 @@ class Finetuner:
                 head, sparsity, schedule or an incompatible model (keys, shapes or pruned layers
                 named); checked before anything is changed.
         """
+        self._load_state(state, None)
+
+    def _load_state(self, state: Dict[str, Any], expected_plan: Optional[Tuple[int, int]]) -> None:
+        """load_state_dict, with fit's (batches per epoch, epochs) when it resumes."""
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"Finetuner: not a Finetuner checkpoint (expected format {_FORMAT!r})")
         differ = [k for k, v in self._config().items() if state["config"].get(k) != v]
@@ -833,18 +911,30 @@ class Finetuner:
             details = ", ".join(f"{k}: checkpoint {state['config'].get(k)!r}, here {self._config()[k]!r}" for k in differ)
             raise ValueError(f"Finetuner: the checkpoint is from another run ({details})")
         self._check_model_state(state["model"], will_plan=state["plan"] is not None and self._plan_shape is None)
-        if state["plan"] is not None:
-            self._plan(*state["plan"])  # schedules and pruner (masks) must exist before their states load
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.pruner is not None:
-            self.pruner.load_state_dict(state["pruner"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._check_resumable(state, expected_plan)
+        mine = self._own_part(state)
+        # The optimizer first: it checks its state against the parameters and, refusing it, is left
+        # as it was (pyfinetune's optimizers restore themselves; torch's refuse before changing),
+        # before the model or the schedules change. What follows was checked above.
+        opt = self.optimizer
+        before = (opt.state, opt.param_groups)
+        opt.load_state_dict(state["optimizer"])
+        try:
+            if state["plan"] is not None:
+                self._plan(*state["plan"])  # schedules and pruner (masks) must exist before their states load
+            self.model.load_state_dict(state["model"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            if self.pruner is not None:
+                self.pruner.load_state_dict(state["pruner"])
+            self.scaler.load_state_dict(state["scaler"])
+        except BaseException:
+            opt.state, opt.param_groups = before
+            if hasattr(opt, "_invalidate_plan"):
+                opt._invalidate_plan()
+            raise
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._batch_in_epoch = int(state["batch_in_epoch"])
-        mine = self._own_part(state)
         self._epoch_totals = mine["epoch_totals"].to(self.device, self._epoch_totals.dtype).clone()
         self._epoch_seconds = float(state["epoch_seconds"])
         self._epoch_rng = mine["epoch_rng"]
@@ -905,7 +995,7 @@ class Finetuner:
             raise error or RuntimeError(f"Finetuner: rank 0 could not write the checkpoint {path}")
         return path
 
-    def load_checkpoint(self, path: Union[str, os.PathLike]) -> None:
+    def load_checkpoint(self, path: Union[str, os.PathLike], *, _plan: Optional[Tuple[int, int]] = None) -> None:
         """Load a checkpoint of :meth:`save_checkpoint` (``torch.load(weights_only=True)``)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -916,7 +1006,7 @@ class Finetuner:
             first = str(e).splitlines()[0] if str(e) else ""
             raise ValueError(f"Finetuner: cannot read the checkpoint {path} ({type(e).__name__}: {first}); "
                              "a file of save_checkpoint is expected") from e
-        self.load_state_dict(state)
+        self._load_state(state, _plan)
 
 
 def finetune(model: nn.Module, train_loader: Any, method: str = "baseline", val_loader: Any = None, *,

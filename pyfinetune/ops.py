@@ -782,7 +782,13 @@ def _effective_weight(weight: Tensor, mask: Tensor, dense_grad: bool) -> Tensor:
     positions; with dense_grad the mask passed straight through (the weight receives the effective
     weight's full gradient)."""
     effective = torch.where(mask, weight, 0)
-    return weight + (effective - weight).detach() if dense_grad else effective
+    if not dense_grad:
+        return effective
+    # Straight through: the values of `effective`, the weight's gradient everywhere. An inf or NaN
+    # at a pruned position would make `weight + (effective - weight)` NaN (inf - inf): there the
+    # pass-through starts from 0 instead (those positions get no second-order gradient).
+    base = torch.where(mask | weight.isfinite(), weight, 0)
+    return base + (effective - base).detach()
 
 
 def _differentiable_masked_grads(grad, x, weight, mask, need_x, need_w, need_b, dense_grad):
@@ -882,7 +888,8 @@ def _flatten_batch(x: Tensor, name: str) -> Tensor:
     # [..., K] -> [N, K]; the op's checks then name any mismatch with the weight.
     if x.dim() == 0:
         raise ValueError(f"pyfinetune.{name}: x must be a tensor [..., K], got a 0-d tensor")
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    # By the leading dimensions, not -1: K = 0 would leave -1 ambiguous.
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def masked_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor] = None, *,
@@ -946,13 +953,38 @@ def _entry_rows(crow_indices: Tensor, nnz: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(m, device=crow.device), crow[1:] - crow[:-1], output_size=nnz)
 
 
+def _check_csr_on_host(crow: Tensor, col: Tensor, num_cols: int) -> None:
+    """A compressed-row pattern's invariants, for CPU tensors: ValueError naming what is wrong."""
+    name = "pyfinetune.pattern_from_csr"
+    if crow.dim() != 1 or crow.shape[0] < 1 or col.dim() != 1:
+        raise ValueError(f"{name}: crow_indices must be [M + 1] and col_indices [nnz], got shapes "
+                         f"{tuple(crow.shape)} and {tuple(col.shape)}")
+    if crow.is_floating_point() or col.is_floating_point():
+        raise ValueError(f"{name}: crow_indices and col_indices must be integer tensors, got {crow.dtype} and {col.dtype}")
+    c = crow.long()
+    if int(c[0]) != 0 or int(c[-1]) != col.shape[0]:
+        raise ValueError(f"{name}: crow_indices must start at 0 and end at nnz = {col.shape[0]}, got "
+                         f"{int(c[0])} and {int(c[-1])}")
+    if bool((c[1:] < c[:-1]).any()):
+        raise ValueError(f"{name}: crow_indices must be non-decreasing")
+    if col.numel() and (int(col.min()) < 0 or int(col.max()) >= num_cols):
+        raise ValueError(f"{name}: col_indices must lie in [0, num_cols = {num_cols}), got values in "
+                         f"[{int(col.min())}, {int(col.max())}]")
+
+
 def pattern_from_csr(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> CompressedPattern:
     """The :class:`CompressedPattern` of a compressed-row pattern ``crow_indices`` [M + 1],
     ``col_indices`` [nnz] (columns sorted within each row) of a weight with ``num_cols`` columns.
-    Traceable by torch.compile (no size depends on the data)."""
+    Traceable by torch.compile (no size depends on the data). A pattern on the CPU is checked
+    (ValueError naming the argument); on a GPU its contents are not read on the host (no
+    synchronization): the kernels check what they read."""
     m = crow_indices.shape[0] - 1
     nnz = col_indices.shape[0]
     device = crow_indices.device
+    if (device.type == "cpu" and col_indices.device.type == "cpu" and type(crow_indices) is Tensor
+            and type(col_indices) is Tensor and not _transforms_active() and not torch.compiler.is_compiling()
+            and not torch.utils._python_dispatch.is_in_torch_dispatch_mode()):
+        _check_csr_on_host(crow_indices, col_indices, num_cols)
     crow = crow_indices.long()
     col = col_indices.long()
     lengths = crow[1:] - crow[:-1]
@@ -1069,6 +1101,11 @@ def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Ten
         forward-mode AD the product is composed of torch ops (a dense weight is built).
     """
     x2 = _flatten_batch(x, "csr_linear")
+    if (isinstance(ccol_indices, Tensor) and ccol_indices.dim() == 1 and ccol_indices.shape[0] > 0
+            and x2.shape[1] != ccol_indices.shape[0] - 1):
+        # The forward op reads only the columns the pattern names: a wider x would pass silently.
+        raise ValueError(f"pyfinetune.csr_linear: x must have K = {ccol_indices.shape[0] - 1} columns (the pattern's: "
+                         f"ccol_indices has K + 1 entries), got x of shape {tuple(x.shape)}")
     if _transforms_active():
         # torch.func transforms, forward-mode AD: torch ops (see _transforms_active).
         _csr_linear_fake(x2, values, crow_indices, col_indices, row_order, bias)

@@ -208,6 +208,11 @@ def _bad_folders(tmp_path):
     ("batch size", "--batch-size 0 is out of range"),
     ("temperature for l2sp", "temperature is an argument of method='distill', not of method='l2sp'"),
     ("unreadable checkpoint", "cannot read the checkpoint {tmp}/garbage.pt"),
+    ("seed too large", "--seed 99999999999999999999 is out of range"),
+    ("negative seed", "--seed -1 is out of range"),
+    ("meta device", "--device 'meta': the command trains on cpu or cuda"),
+    ("truncated run.json", "--resume: cannot read {tmp}/broken/run.json (JSONDecodeError"),
+    ("run.json of a list", "--resume: {tmp}/listed/run.json does not hold the run's options (a JSON object), got list"),
 ])
 def test_bad_input_is_refused_before_training(case, message, data, tmp_path, capsys):
     folders = _bad_folders(tmp_path)
@@ -215,6 +220,10 @@ def test_bad_input_is_refused_before_training(case, message, data, tmp_path, cap
     garbage.write_bytes(b"garbage")
     other_weights = tmp_path / "other.pt"
     torch.save(nn.Linear(2, 2).state_dict(), other_weights)
+    for name, text in (("broken", '{"method": "base'), ("listed", "[1, 2]")):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "last.pt").write_bytes(b"x")
+        (tmp_path / name / "run.json").write_text(text)
     argv = {
         "missing data": _args(tmp_path / "nowhere", tmp_path / "out"),
         "empty data": _args(folders["empty"], tmp_path / "out"),
@@ -240,6 +249,11 @@ def test_bad_input_is_refused_before_training(case, message, data, tmp_path, cap
         "batch size": _args(data, tmp_path / "out") + ["--batch-size", "0"],
         "temperature for l2sp": _args(data, tmp_path / "out", "--method", "l2sp", "--temperature", 4),
         "unreadable checkpoint": _args(data, tmp_path / "out", "--resume", garbage),
+        "seed too large": _args(data, tmp_path / "out") + ["--seed", "99999999999999999999"],
+        "negative seed": _args(data, tmp_path / "out") + ["--seed", "-1"],
+        "meta device": _args(data, tmp_path / "out") + ["--device", "meta"],
+        "truncated run.json": _args(data, tmp_path / "broken", "--resume"),
+        "run.json of a list": _args(data, tmp_path / "listed", "--resume"),
     }[case]
     code, stdout, err = _main(argv, capsys)
     assert code == 2

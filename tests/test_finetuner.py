@@ -312,6 +312,86 @@ def test_resume_refuses_another_run(tmp_path):
         _tuner("l2sp", None, seed=0).load_state_dict({"model": {}})
 
 
+@pytest.mark.parametrize("case", ["prune_every", "prune_end", "frozen", "epochs", "float64_anchor"])
+def test_a_refused_resume_changes_nothing(tmp_path, case):
+    # Each refusal comes before the model, its masks, the optimizer or the counters change: the
+    # Finetuner can still train from where it was.
+    method = "l2sp" if case == "float64_anchor" else "prune"
+    saved_model = _mlp(3).double() if case == "float64_anchor" else _mlp(3)
+    data = _loader(n=64)
+    if case == "float64_anchor":
+        x, y = _data(64, 0)
+        data64 = DataLoader(TensorDataset(x.double(), y), batch_size=16)
+        Finetuner(saved_model, method, epochs=2, progress=False).fit(data64, checkpoint_dir=tmp_path)
+    else:
+        Finetuner(saved_model, method, epochs=2, progress=False).fit(data, checkpoint_dir=tmp_path)
+    model = _mlp(4)
+    kwargs = dict(epochs=2, progress=False)
+    if case == "prune_every":
+        kwargs["prune_every"] = 3
+    elif case == "prune_end":
+        kwargs["prune_end"] = 0.5
+    elif case == "epochs":
+        kwargs["epochs"] = 5
+    elif case == "frozen":
+        model[0].weight.requires_grad_(False)
+    tuner = Finetuner(model, method, **kwargs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kinds = [type(m) for m in model.modules()]
+    match = {"prune_every": r"pruning schedule differs .*every: checkpoint 1, here 3",
+             "prune_end": r"pruning schedule differs .*end_step",
+             "epochs": r"planned for 2 epochs of 4 batches, got 5 epochs of 4 batches",
+             "frozen": r"optimizer has parameter groups of sizes",
+             "float64_anchor": r"its anchor is torch.float64"}[case]
+    with pytest.raises(ValueError, match=match):
+        tuner.fit(data, resume=tmp_path / "epoch-001.pt")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert [type(m) for m in model.modules()] == kinds
+    assert tuner.step == 0 and tuner.epoch == 0 and tuner.history == []
+    assert all(not st for st in tuner.optimizer.state.values()) or method == "l2sp"
+    tuner.fit(data)  # still a fresh run
+
+
+def test_teacher_sharing_the_students_parameters_is_refused():
+    student = _mlp()
+    for teacher in (student, nn.Sequential(student[0], nn.Linear(HIDDEN, CLASSES))):
+        with pytest.raises(ValueError, match="teacher shares parameters with model"):
+            Finetuner(student, "distill", teacher=teacher, progress=False)
+
+
+def test_an_unusable_checkpoint_dir_is_refused_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    tuner = Finetuner(_mlp(), epochs=1, progress=False)
+    before = {k: v.clone() for k, v in tuner.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"checkpoint_dir .*file/ck cannot be created \((NotADirectoryError|FileExistsError)"):
+        tuner.fit(_loader(n=32), checkpoint_dir=tmp_path / "file" / "ck")
+    assert tuner.step == 0 and all(torch.equal(v, before[k]) for k, v in tuner.model.state_dict().items())
+
+
+@pytest.mark.parametrize("labels, model, error, match", [
+    ("float", "one_output", TypeError, r"labels must be class indices \(an integer tensor \[batch\]\), got a torch.float32"),
+    ("bool", "mlp", TypeError, r"got a torch.bool tensor"),
+    ("one_hot", "mlp", ValueError, r"logits must be \[batch, classes\] and the labels \[batch\], got logits of shape "
+                                   r"\(16, 4\) and labels of shape \(16, 4\)"),
+])
+def test_labels_that_are_not_class_indices_are_refused(labels, model, error, match):
+    # A float label tensor would reach F.cross_entropy as class probabilities (a one-output model's
+    # [16] logits against [16] float labels trains as one sample over 16 classes), one-hot labels
+    # would give a meaningless accuracy. Refused before any parameter changes, in fit and evaluate.
+    x = torch.randn(16, D_IN)
+    y = torch.randint(0, CLASSES, (16,))
+    lab = {"float": y.float(), "bool": y > 0, "one_hot": torch.nn.functional.one_hot(y, CLASSES)}[labels]
+    net = nn.Sequential(nn.Linear(D_IN, 1), nn.Flatten(0)) if model == "one_output" else _mlp()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tuner = Finetuner(net, epochs=1, progress=False)
+    with pytest.raises(error, match=match):
+        tuner.fit([(x, lab)])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    with pytest.raises(error, match=match):
+        tuner.evaluate([(x, lab)])
+
+
 # ------------------------------------------------------------------------------ bad arguments
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"method": "sgd"}, ValueError, r"method must be one of \('baseline', 'l2sp', 'distill', 'prune'\), got 'sgd'"),
@@ -335,6 +415,8 @@ def test_resume_refuses_another_run(tmp_path):
     ({"amp": "bf16"}, TypeError, "amp must be None, torch.bfloat16 or torch.float16, got str 'bf16'"),
     ({"grad_clip": 0.0}, ValueError, "grad_clip must be a finite number > 0.0"),
     ({"device": "gpu7"}, ValueError, "device must be a device such as"),
+    ({"device": "meta"}, ValueError, 'device must be a device with memory such as "cpu" or "cuda:0", not "meta"'),
+    ({"seed": 2**64}, ValueError, r"seed must be an int in \[0, 2\*\*63\)"),
     ({"progress": 1}, TypeError, "progress must be a bool, got int 1"),
     ({"method": "prune", "prune_start": 0.8, "prune_end": 0.5}, ValueError, "prune_end must be > prune_start"),
     ({"method": "prune", "prune_every": 0}, ValueError, "prune_every must be an int >= 1"),

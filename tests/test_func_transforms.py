@@ -202,11 +202,14 @@ def test_csr_ops_composed_path_checks_the_pattern(device):
     with pytest.raises(RuntimeError, match=r"crow_indices\[-1\] must be nnz"):
         torch.func.jvp(lambda v: ops.csr_to_dense(v, crow, p.col_indices, 8), (values,), (values,))
     x = torch.randn(3, 7, dtype=torch.float64, device=device)  # K = 7: the pattern's column 7 is out of range
+    with pytest.raises(ValueError, match=r"csr_linear: x must have K = 8 columns"):  # ccol_indices says K = 8
+        torch.func.jvp(lambda x: ops.csr_linear(x, values, *p), (x,), (x,))
+    no_ccol = p._replace(ccol_indices=torch.zeros(0, dtype=torch.int32, device=device))  # the row pattern alone
     if bool((p.col_indices == 7).any()):
         with pytest.raises(RuntimeError, match=r"csr_linear: col_indices\[\d+\] = 7 is out of range"):
-            torch.func.jvp(lambda x: ops.csr_linear(x, values, *p), (x,), (x,))
+            torch.func.jvp(lambda x: ops.csr_linear(x, values, *no_ccol), (x,), (x,))
     with pytest.raises(RuntimeError, match="csr_linear: values must have the dtype of x"):
-        torch.func.jvp(lambda x: ops.csr_linear(x, values.float(), *p), (x,), (x,))
+        torch.func.jvp(lambda x: ops.csr_linear(x, values.float(), *no_ccol), (x,), (x,))
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -477,6 +477,23 @@ def test_csr_linear_errors_name_the_argument(override, pattern):
                                         a["bias"])
 
 
+def test_csr_linear_refuses_an_x_wider_than_the_pattern():
+    # The forward op reads the columns the pattern names only; ccol_indices fixes K.
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(3)) > 0.5
+    w = torch.randn(4, 6)
+    p = ops.compressed_pattern(mask)
+    for x in (torch.randn(5, 7), torch.randn(2, 3, 5)):
+        with pytest.raises(ValueError, match=r"csr_linear: x must have K = 6 columns \(the pattern's"):
+            ops.csr_linear(x, w[mask], *p)
+    # K = 0 with several leading dimensions: zeros (+ bias), as F.linear gives.
+    empty = ops.compressed_pattern(torch.zeros(4, 0, dtype=torch.bool))
+    b = torch.randn(4)
+    y = ops.csr_linear(torch.randn(2, 3, 0), torch.zeros(0), *empty, bias=b)
+    assert torch.equal(y, b.expand(2, 3, 4))
+    assert torch.equal(ops.masked_matmul(torch.randn(2, 3, 0), torch.randn(4, 0), torch.zeros(4, 0, dtype=torch.bool)),
+                       torch.zeros(2, 3, 4))
+
+
 def test_csr_linear_backward_errors():
     a = _csr_args()
     nnz = a["values"].numel()
@@ -637,6 +654,31 @@ def test_masked_matmul_twice_differentiable(dense_grad, device):
     if not dense_grad:  # (dense_grad's straight-through gradient is not the numerical derivative)
         fn = lambda xx, ww, bb: ops.masked_matmul(xx, ww, mask, bb)
         assert torch.autograd.gradgradcheck(fn, (x.clone().requires_grad_(True), w, b))
+
+
+@pytest.mark.parametrize("dense_grad", [False, True])
+def test_twice_differentiable_with_inf_at_pruned_positions(dense_grad):
+    # A pruned weight may hold anything (inf, NaN: the product never reads it); the composed
+    # backward of a gradient penalty must not turn it into NaN (dense_grad's straight-through once
+    # computed inf - inf there). Finite and equal to the penalty of the same weight with zeros there.
+    gen = torch.Generator().manual_seed(33)
+    x, w, b, _ = random_inputs(4, 9, 6, torch.float64, "cpu", bias=True, generator=gen)
+    mask = make_mask(6, 9, 0.5, generator=gen)
+    clean = torch.where(mask, w, 0)
+    dirty = clean.clone()
+    dirty[~mask] = float("inf")
+    dirty.view(-1)[(~mask).view(-1).nonzero()[0]] = float("nan")
+    grads = []
+    for weight in (clean, dirty):
+        ww = weight.clone().requires_grad_(True)
+        xx = x.clone().requires_grad_(True)
+        g, = torch.autograd.grad(ops.masked_matmul(xx, ww, mask, b, dense_grad=dense_grad).square().sum(), xx,
+                                 create_graph=True)
+        assert torch.isfinite(g).all()
+        gw, = torch.autograd.grad(g.square().sum(), ww)
+        grads.append(gw)
+    assert torch.isfinite(grads[1][mask]).all()
+    torch.testing.assert_close(grads[1][mask], grads[0][mask], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dense_grad", [False, True])

@@ -153,6 +153,12 @@ def _head_is_plain(capture: _HeadCapture, logits: torch.Tensor) -> bool:
 
 
 # -------------------------------------------------------------------------------- the trainer
+def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold a parameter in common (by identity)."""
+    ids = {id(p) for p in b.parameters()}
+    return any(id(p) in ids for p in a.parameters())
+
+
 class DistillationTrainer(transformers.Trainer):
     r"""A :class:`transformers.Trainer` that distils ``teacher_model`` into the model it trains.
 
@@ -209,7 +215,12 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError(f'DistillationTrainer: use_fused_linear must be "auto", True or False, got {use_fused_linear!r}')
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise TypeError(f"DistillationTrainer: shift_labels must be None, True or False, got {shift_labels!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"DistillationTrainer: chunk_size must be None or an int >= 1, got {chunk_size!r}")
         super().__init__(*args, **kwargs)
+        if teacher_model is self.model or _shares_parameters(teacher_model, self.model):
+            raise ValueError("DistillationTrainer: teacher_model shares parameters with the model it trains (the "
+                             "same model, or layers of it): the teacher must be a separate, frozen model")
         if self.args.n_gpu > 1:
             raise ValueError(
                 "DistillationTrainer does not support torch.nn.DataParallel (n_gpu > 1 in one process): launch one "
@@ -474,6 +485,8 @@ def l2sp_adamw(model: nn.Module, lr: Union[float, torch.Tensor], *, l2sp: float,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"l2sp_adamw: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(exclude_bias_and_norm, bool):
+        raise TypeError(f"l2sp_adamw: exclude_bias_and_norm must be True or False, got {exclude_bias_and_norm!r}")
     if head_names is None:
         heads = _head_prefixes(model)
     elif isinstance(head_names, str):
