@@ -1508,7 +1508,10 @@ def _replace_layers(model: nn.Module, old_cls, convert, where: str, skip: Option
     with the old one's train / eval mode and, per parameter the two have in common (the kept values
     for a weight), its requires_grad (a frozen layer stays frozen). Hooks registered on the old
     module are not carried over (they may read attributes the new layer lacks): a warning names them."""
+    # Every replacement is built before the first is put in place: a layer that cannot be converted
+    # (a mask that is not 2:4, a dtype the layout refuses) leaves the model as it was.
     new_of = {}
+    places = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, old_cls) or (skip is not None and id(module) in skip):
             continue
@@ -1531,6 +1534,8 @@ def _replace_layers(model: nn.Module, old_cls, convert, where: str, skip: Option
                               "that its replacement does not carry; register them again on the new layer",
                               stacklevel=3)
             new_of[id(module)] = new
+        places.append((name, new))
+    for name, new in places:
         model = _replace_module(model, name, new)
     return model
 

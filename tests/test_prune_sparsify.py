@@ -188,3 +188,20 @@ def test_transformers_conv1d_layers_are_named_as_not_pruned():
     with pytest.raises(ValueError, match=r"no prunable layer .*; 1 transformers Conv1D layers \(0\) are not pruned"):
         prune.magnitude_prune(only, 0.5, exclude=None)
     del transformers
+
+
+def test_a_layer_that_cannot_be_converted_leaves_the_model_unchanged():
+    # Every replacement is built before any is put in place: when the second layer's conversion
+    # fails (on a GPU, a mask that is not 2:4 for layout="2:4"), the first is not replaced either.
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    calls = []
+
+    def convert(module):
+        calls.append(module)
+        if len(calls) == 2:
+            raise ValueError("cannot convert this one")
+        return nn.Identity()
+
+    with pytest.raises(ValueError, match="cannot convert this one"):
+        prune._replace_layers(model, nn.Linear, convert, "test")
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear] and len(calls) == 2
