@@ -61,6 +61,37 @@ def optimizer_cpu_prefetch() -> object:
         return str(e)
 
 
+# The kernels' settings with a fixed vocabulary, as the extension reads them (at each call): a bad
+# value is refused there with a ValueError naming the variable; settings_errors() finds it first.
+_ON_OFF = ("PYFINETUNE_CPU_PREFETCH", "PYFINETUNE_KD_CUDA_PREFETCH", "PYFINETUNE_KD_CUDA_CAP_REGISTERS",
+           "PYFINETUNE_TILED_CUDA_ASYNC")
+_CHOICES = {"PYFINETUNE_OPTIM_CUDA_LAYOUT": ("classic", "wide"),
+            "PYFINETUNE_CSR_CUDA_KERNEL": ("warp", "tiled", "tensor_cores")}
+
+
+def settings_errors() -> List[str]:
+    """One message per PYFINETUNE_* variable set to a value the kernels refuse (empty: all valid),
+    so that a command can stop before it starts work (``pyfinetune bench``, ``calibrate``)."""
+    import os
+
+    errors = []
+    for name in _ON_OFF:
+        raw = os.environ.get(name, "")
+        if raw not in ("", "0", "1"):
+            errors.append(f"{name} must be 0 or 1 (or unset), got {raw!r}")
+    for name, choices in _CHOICES.items():
+        raw = os.environ.get(name, "")
+        if raw and raw not in choices:
+            errors.append(f"{name} must be one of {', '.join(choices)} (or unset), got {raw!r}")
+    pool = dense_pool()
+    if "error" in pool:
+        errors.append(str(pool["error"]))
+    crossover = sparse_linear_crossover()
+    if "error" in crossover:
+        errors.append(str(crossover["error"]))
+    return errors
+
+
 def dense_pool() -> Dict[str, object]:
     """The CPU buffer pool (SparseLinear's dense path, the distillation kernel's kept gradients): the
     idle bytes it may keep (PYFINETUNE_DENSE_POOL_MB;

@@ -97,13 +97,23 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from ._crossover import DEFAULT_SPARSITIES, calibrate_crossover
+    from ._info import settings_errors
 
+    errors = settings_errors()
+    if errors:
+        print(f"pyfinetune calibrate: {'; '.join(errors)}", file=sys.stderr)
+        return 2
     try:
         cal = calibrate_crossover(args.device, getattr(torch, args.dtype), batch=args.batch,
                                   in_features=args.in_features, out_features=args.out_features, mode=args.mode,
                                   sparsities=args.sparsity or DEFAULT_SPARSITIES, reps=args.reps, apply=False)
     except ValueError as e:
         print(f"pyfinetune calibrate: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:  # e.g. the allocator: a layer too large for this machine
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"pyfinetune calibrate: {first} (--batch {args.batch}, --in-features {args.in_features}, "
+              f"--out-features {args.out_features})", file=sys.stderr)
         return 2
     print(cal)
     if args.dtype in ("bfloat16", "float16") and cal.key == cal.device.split(":")[0]:

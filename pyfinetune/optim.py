@@ -299,6 +299,13 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         group_anchor = param_group.pop("anchor", None)
+        if isinstance(group_anchor, str):
+            if group_anchor != "init":
+                raise ValueError(f'a param group\'s anchor must be "init" or an iterable of tensors, got {group_anchor!r}')
+            group_anchor = None  # "init": the parameters' current values, as without an anchor entry
+        elif isinstance(group_anchor, Tensor):
+            raise TypeError("a param group's anchor must be an iterable of tensors (one per parameter), got a single "
+                            "Tensor")
         self._invalidate_plan()
         super().add_param_group(param_group)
         group = self.param_groups[-1]

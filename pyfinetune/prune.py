@@ -1171,9 +1171,11 @@ class MovementPruner(GradualPruner):
         with_grad = [(name, m) for name, m in self.layers if m.weight.grad is not None]
         if not with_grad:
             return
-        # One flag for the whole step, as GradScaler skips a whole step; no host synchronization.
-        finite = torch.stack([torch.isfinite(m.weight.grad).all().to(with_grad[0][1].weight.device)
-                              for _, m in with_grad]).all()
+        # One flag for the whole step, as GradScaler skips a whole step; no host synchronization. A
+        # non-finite weight skips it too (-w * g would leave a NaN score for good, inf * 0 included);
+        # the next pruning step refuses such a weight by name.
+        finite = torch.stack([(torch.isfinite(m.weight.grad).all() & torch.isfinite(m.weight).all())
+                              .to(with_grad[0][1].weight.device) for _, m in with_grad]).all()
         for name, module in with_grad:
             score = self.scores[name]
             grad = module.weight.grad
@@ -1184,6 +1186,13 @@ class MovementPruner(GradualPruner):
 
     def _entry_keys(self, name: str, module: nn.Module) -> Tensor:
         return self.scores[name].reshape(_matrix_shape(module))
+
+    def _prune(self, sparsity: float) -> None:
+        for name, module in self.layers:  # NaN: _check_no_nan names it; inf has no movement score either
+            if torch.isinf(module.weight).any():
+                raise ValueError(f"the weight of layer {name!r} contains inf; movement pruning cannot rank it "
+                                 "(its score -weight * grad is not finite)")
+        super()._prune(sparsity)
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -1215,6 +1224,8 @@ class MovementPruner(GradualPruner):
                              f"{sorted(self.scores)}, got {sorted(scores) if isinstance(scores, dict) else type(scores).__name__}")
         for name, score in self.scores.items():
             saved = scores[name]
+            if isinstance(saved, Tensor) and saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+                raise ValueError(f"MovementPruner.load_state_dict: scores[{name!r}] holds NaN or inf")
             if not isinstance(saved, Tensor) or saved.shape != score.shape or not saved.is_floating_point():
                 raise ValueError(f"MovementPruner.load_state_dict: scores[{name!r}] must be a float tensor of shape "
                                  f"{tuple(score.shape)}, got "
@@ -1259,6 +1270,9 @@ class _OptimizerMasking:
                 yield module.weight, module.weight_mask
 
     def _sync_fused(self, optimizer, args, kwargs) -> None:
+        if torch.compiler.is_compiling():
+            self._sync_fused_traced(optimizer)
+            return
         # Masks change in place (pruners, load_state_dict): the version counter tells when.
         live = dict(self._pairs(optimizer))
         for p, (_, _, ours) in list(self._synced.items()):
@@ -1271,6 +1285,23 @@ class _OptimizerMasking:
             if seen is None or seen[0] is not mask or seen[1] != mask._version or optimizer.get_mask(p) is not seen[2]:
                 optimizer.set_mask(p, mask)
                 self._synced[p] = (mask, mask._version, optimizer.get_mask(p))
+
+    @torch.no_grad()
+    def _sync_fused_traced(self, optimizer) -> None:
+        """The pre-hook inside a compiled step (torch.compile(opt.step) or a compiled training step):
+        no branch on version counters (data-dependent there). Each layer's mask was handed to the
+        optimizer by an eager step before; its current values are copied into the optimizer's copy,
+        and the fused step zeroes what they newly prune. Which layers are pruned cannot change
+        inside a compiled step: that needs one eager step first (a clear error, not a wrong mask)."""
+        for p, mask in self._pairs(optimizer):
+            seen = self._synced.get(p)
+            ours = optimizer.get_mask(p)
+            if seen is None or seen[0] is not mask or ours is not seen[2] or _is_sharded_tensor(ours):
+                raise RuntimeError(
+                    "mask_optimizer: a pruned layer's mask reached the optimizer only in a compiled step; run "
+                    "opt.step() once eagerly after pruning a layer (or changing which layers are pruned) before "
+                    "the compiled steps")
+            ours.copy_(mask)
 
     @torch.no_grad()
     def _mask_grads(self, optimizer, args, kwargs) -> None:
@@ -1286,6 +1317,10 @@ class _OptimizerMasking:
             for value in optimizer.state.get(p, {}).values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
                     value.masked_fill_(pruned, 0)
+
+
+def _is_sharded_tensor(t: Any) -> bool:
+    return t is not None and type(t).__name__ == "DTensor"
 
 
 def mask_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module) -> _OptimizerMasking:

@@ -87,6 +87,23 @@ def test_threads_must_be_positive(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_unusable_out_and_bad_settings_stop_before_timing(tmp_path, capsys, monkeypatch):
+    # Found before any timing, in one line with exit status 2 (an --out that is a file once ended a
+    # whole run in a traceback; a bad PYFINETUNE_* value in the middle of it).
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["bench", "--quick", "--op", "optim", "--device", "cpu", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"pyfinetune bench: --out {blocker} cannot be created" in err and "Traceback" not in err
+    monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "2")
+    monkeypatch.setenv("PYFINETUNE_TILED_CUDA_ASYNC", "yes")
+    assert main(["bench", "--quick", "--op", "optim", "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "PYFINETUNE_CPU_PREFETCH must be 0 or 1 (or unset), got '2'" in err
+    assert "PYFINETUNE_TILED_CUDA_ASYNC must be 0 or 1" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
     assert main(["bench", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2

@@ -187,3 +187,7 @@ def test_calibrate_command(capsys, crossover_table):
     assert dict(crossover_table) == before, "the command only reports"
     assert cli.main(["calibrate", "--device", "cpu", "--reps", "3"]) == 2
     assert "reps must be >= 10" in capsys.readouterr().err
+    # A layer too large for this machine: the allocator's error in one line, exit status 2.
+    assert cli.main(["calibrate", "--device", "cpu", "--in-features", str(10**11)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyfinetune calibrate: ") and "--in-features 100000000000" in err and "Traceback" not in err

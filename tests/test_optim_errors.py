@@ -102,6 +102,15 @@ def test_anchor_count_and_shape(kind):
     # A group with l2sp = 0 takes no anchor, but the ones it is given are still checked.
     with pytest.raises(ValueError, match=r"anchor for parameter 2 \(param group 0\) must have the parameter's shape"):
         OPTS[kind](ps, l2sp=0.0, anchor=[torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(5)])
+    # A group's anchor: "init" (its current values) or tensors; another string or a lone tensor is refused.
+    opt = OPTS[kind](ps[:1], l2sp=0.1)
+    opt.add_param_group(dict(params=ps[1:2], l2sp=0.2, anchor="init"))
+    assert torch.equal(opt.anchor_of(ps[1]), ps[1])
+    with pytest.raises(ValueError, match=r'anchor must be "init" or an iterable of tensors, got \'pretrained\''):
+        opt.add_param_group(dict(params=ps[2:], l2sp=0.2, anchor="pretrained"))
+    with pytest.raises(TypeError, match=r"anchor must be an iterable of tensors \(one per parameter\), got a single"):
+        opt.add_param_group(dict(params=ps[2:], l2sp=0.2, anchor=torch.zeros(4, 3)))
+    assert len(opt.param_groups) == 2
     # A refused group leaves no anchor behind (the later anchor is the bad one).
     opt = OPTS[kind](ps[:1], l2sp=0.1)
     with pytest.raises(ValueError, match=r"anchor for parameter 1 \(param group 1\)"):

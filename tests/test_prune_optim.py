@@ -211,3 +211,38 @@ def test_mask_optimizer_errors():
         prune.mask_optimizer([p for p in model.parameters()], model)
     with pytest.raises(TypeError, match="model"):
         prune.mask_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_mask_optimizer_inside_a_fullgraph_compiled_step(kind):
+    # The pre-hook is traced into torch.compile(opt.step, fullgraph=True): no branch on version
+    # counters there; a mask pruned further in place between compiled steps reaches the step.
+    import torch.nn.functional as F
+    from torch import nn
+
+    def run(compiled):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        opt = (pyfinetune.optim.AdamW(m.parameters(), lr=0.05, l2sp=0.1) if kind == "adamw"
+               else pyfinetune.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
+        prune.magnitude_prune(m, 0.5, exclude=None)
+        prune.mask_optimizer(opt, m)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        g = torch.Generator().manual_seed(1)
+        for i in range(4):
+            F.cross_entropy(m(torch.randn(4, 8, generator=g)), torch.tensor([0, 1, 2, 0])).backward()
+            step()
+            opt.zero_grad()
+            if i == 1:
+                with torch.no_grad():
+                    m[0].weight_mask[0, :] = False  # a pruner pruning further, in place
+        return m, opt
+
+    (eager, _), (compiled, opt) = run(False), run(True)
+    for a, b in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    pruned = ~compiled[0].weight_mask
+    assert bool((compiled[0].weight[pruned] == 0).all())
+    moments = [t for k, t in optimizer_state_tensors(opt, compiled[0].weight) if k in ("exp_avg", "exp_avg_sq",
+                                                                                    "momentum_buffer")]
+    assert moments and all(bool((t[pruned] == 0).all()) for t in moments)

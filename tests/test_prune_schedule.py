@@ -350,3 +350,29 @@ def test_movement_state_dict_with_bad_scores_is_refused_unchanged():
     with pytest.raises(ValueError, match=r"scores must be a dict of the pruner's layers"):
         pruner.load_state_dict(sd)
     assert pruner.step_count == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_movement_pruner_non_finite_weight_leaves_the_scores_alone(bad):
+    # -weight * grad of a NaN or inf weight (inf * 0 included) would stay in the scores for good:
+    # such a step accumulates nothing, and a pruning step refuses the weight by name before any
+    # change (the step count does not move); fixing the weight and stepping again counts the batch once.
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    pruner = MovementPruner(model, 0.5, 0, 4, 1, exclude=None)
+    x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    good, g0 = model[0].weight.detach().clone(), model[0].weight.grad.clone()
+    with torch.no_grad():
+        model[0].weight[0, 0] = bad
+    with pytest.raises(ValueError, match=r"the weight of layer '0' contains (NaN|inf)"):
+        pruner.step()
+    assert all(bool(torch.isfinite(s).all()) and not bool(s.any()) for s in pruner.scores.values())
+    assert pruner.step_count == 0
+    with torch.no_grad():
+        model[0].weight.copy_(good)
+    pruner.step()
+    assert torch.equal(pruner.scores["0"], -(good * g0))  # this batch's scores, once
+    sd = copy.deepcopy(pruner.state_dict())
+    sd["scores"]["0"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"scores\['0'\] holds NaN or inf"):
+        pruner.load_state_dict(sd)

@@ -197,10 +197,25 @@ def main(*, op: str = "all", quick: bool = False, device: Optional[str] = None, 
             _stderr(f"pyfinetune bench: --threads must be >= 1, got {threads}")
             return 2
         torch.set_num_threads(threads)
+    from .._info import settings_errors
+
+    errors = settings_errors()
+    if errors:
+        _stderr(f"pyfinetune bench: {'; '.join(errors)}")
+        return 2
+    out_dir = out or common.RESULTS_DIR
+    try:  # before the timing, not after it
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        _stderr(f"pyfinetune bench: --out {out_dir} cannot be created ({type(e).__name__}: {e})")
+        return 2
+    if not os.access(out_dir, os.W_OK):
+        _stderr(f"pyfinetune bench: --out {out_dir} is not writable")
+        return 2
     ops = OPS if op == "all" else (op,)
     record = run(ops, torch.device(device), quick=quick)
     print(format_report(record), flush=True)
-    paths = write_outputs(record, out or common.RESULTS_DIR)
+    paths = write_outputs(record, out_dir)
     shown = {k: os.path.relpath(v) if not os.path.relpath(v).startswith("..") else v for k, v in paths.items()}
     written = ", ".join(shown[k] for k in ("csv", "json", "png") if k in shown)
     print(f"\nwrote {written}")
