@@ -456,8 +456,8 @@ def _device(name: Optional[str]) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:1 ...)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: the command trains on cpu or cuda")
+    if device.type == "meta":
+        raise UsageError(f"--device {name!r}: a device with memory is needed (cpu, cuda, mps ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: no CUDA device is visible")
     if device.type == "cuda" and _world() > 1:

@@ -593,7 +593,7 @@ class SparseLinear(nn.Module):
             with torch.no_grad():
                 derived = ops.pattern_from_csr(self.crow_indices, self.col_indices, self.in_features)
                 for name in ("row_order", "ccol_indices", "row_indices", "csc_to_csr"):
-                    getattr(self, name).copy_(getattr(derived, name))
+                    setattr(self, name, getattr(derived, name))  # new tensors: sized by the loaded pattern
 
 
 def _describe(t) -> str:

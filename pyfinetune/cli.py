@@ -110,7 +110,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"pyfinetune calibrate: {e}", file=sys.stderr)
         return 2
-    except (RuntimeError, MemoryError) as e:  # e.g. the allocator: a layer too large for this machine
+    except (RuntimeError, MemoryError) as e:  # the allocator: a layer too large for this machine
+        if not isinstance(e, MemoryError) and "alloc" not in str(e).lower() and "out of memory" not in str(e).lower():
+            raise
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"pyfinetune calibrate: {first} (--batch {args.batch}, --in-features {args.in_features}, "
               f"--out-features {args.out_features})", file=sys.stderr)

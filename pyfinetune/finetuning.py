@@ -368,10 +368,12 @@ class Finetuner:
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise _fail(TypeError, "teacher", "an nn.Module", teacher)
         if teacher is not None and isinstance(model, nn.Module):
-            student_params = {id(p) for p in model.parameters()}
-            if teacher is model or any(id(p) in student_params for p in teacher.parameters()):
-                raise ValueError("Finetuner: teacher shares parameters with model (the same module, or layers of "
-                                 "it): the teacher must be a separate, frozen model (copy.deepcopy(model) for a "
+            # Sharing frozen weights (an embedding) is harmless; a weight the student trains would
+            # make the "frozen" teacher move with it.
+            trained = {id(p) for p in model.parameters() if p.requires_grad}
+            if teacher is model or any(id(p) in trained for p in teacher.parameters()):
+                raise ValueError("Finetuner: teacher shares parameters that model trains (the same module, or layers "
+                                 "of it): the teacher must be a separate, frozen model (copy.deepcopy(model) for a "
                                  "snapshot)")
         self.method = method
         self.lr = _real("lr", lr, low_open=True)
@@ -585,10 +587,18 @@ class Finetuner:
                         f"Finetuner: the checkpoint's run was planned for {plan[1]} epochs of {plan[0]} batches, "
                         f"got {here[1]} epochs of {here[0]} batches{what} (same epochs and train loader to resume; "
                         "a new Finetuner for another run)")
-            if self.method == "prune" and isinstance(state.get("pruner"), dict):
+            if self.method == "prune":
+                pruner_state = state.get("pruner")
+                if not isinstance(pruner_state, dict) or not all(
+                        k in pruner_state for k in ("step_count", "last_sparsity", "config")):
+                    raise ValueError("Finetuner: the checkpoint's pruner state is missing or incomplete")
+                _prune._checked_progress("GradualPruner", pruner_state)
                 start, end, every = self._prune_schedule(plan[0] * plan[1])
-                saved = state["pruner"].get("config", {})
-                here = dict(start_step=start, end_step=end, every=every)
+                saved = pruner_state.get("config", {})
+                layers = [name for name, _ in _prune._select_layers(self.model, self.prune_include,
+                                                                    self.prune_exclude)]
+                here = dict(start_step=start, end_step=end, every=every, final_sparsity=self.sparsity,
+                            layers=saved.get("layers") if self.pruner is not None else layers)
                 differ = {k: (saved.get(k), v) for k, v in here.items() if saved.get(k) != v}
                 if differ:
                     raise ValueError(
@@ -596,6 +606,8 @@ class Finetuner:
                         + ", ".join(f"{k}: checkpoint {a}, here {b}" for k, (a, b) in differ.items())
                         + f"; from prune_start={self.prune_start}, prune_end={self.prune_end}, "
                         f"prune_every={self.prune_every}): build the Finetuner with the checkpoint's")
+        if self.scaler.is_enabled() and not state.get("scaler"):
+            raise ValueError("Finetuner: the checkpoint has no grad scaler state but this run scales its loss (amp)")
         saved_groups = state["optimizer"].get("param_groups", []) if isinstance(state.get("optimizer"), dict) else []
         sizes_saved = [len(g.get("params", ())) for g in saved_groups]
         sizes_here = [len(g["params"]) for g in self.optimizer.param_groups]

@@ -661,6 +661,7 @@ class _FusedLinearKD(torch.autograd.Function):
         b_t = b_t.detach().to(t_dtype) if b_t is not None else None
         ctx.reduction = reduction
         ctx.dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
+        ctx.hidden_reshaped = h_s._base is not None  # a view made by fused_linear_kd_loss's reshape
         ctx.need = need
         if reduction == "none":
             # The per-row upstream gradient is only known in the backward, which recomputes the
@@ -710,14 +711,15 @@ class _FusedLinearKD(torch.autograd.Function):
             outs = [None if g is None else g.to(dtype) for g, dtype in zip((gh, gw, gb), ctx.dtypes)]
         else:
             outs = _ops.scale_kept_gradients(ctx, (gh, gw, gb), scale, ctx.dtypes)
-            # A kept buffer handed on as it is must not become a .grad: the hidden states reach this
-            # function through a reshape (and any input may be a view), whose backward's view of the
-            # buffer autograd would store as .grad without a copy, so that zeroing .grad in place
-            # (zero_grad(set_to_none=False), clipping, GradScaler.unscale_) would change what a
-            # retained graph's next backward reads. One copy, the one autograd makes anyway where
-            # the input is the very tensor (its .grad may not alias a saved buffer).
-            kept = (gh, gw, gb)
-            outs = [o.clone() if o is not None and o is k else o for o, k in zip(outs, kept)]
+            # The hidden states' kept gradient, handed on as it is, must not become their .grad when
+            # they reached this function through a reshape (leading dimensions flattened): autograd
+            # stores the reshape's backward view of the buffer as .grad without a copy, and zeroing
+            # .grad in place (zero_grad(set_to_none=False), clipping, GradScaler.unscale_) would then
+            # change what a retained graph's next backward reads. For an input passed as it is
+            # (2-D hidden states, the weight, the bias) autograd itself copies while the graph is
+            # kept and takes the buffer over otherwise: no copy here (V x H for the weight).
+            if ctx.hidden_reshaped and outs[0] is gh and gh is not None:
+                outs[0] = gh.clone()
         return (*outs, None, None, None, None, None, None, None, None)
 
 
@@ -808,7 +810,8 @@ def fused_linear_kd_loss(
     else:
         chunk = int(chunk_size)
     # Rows by the leading dimensions (not -1: a hidden size of 0 leaves -1 ambiguous).
-    h_s = student_hidden.reshape(math.prod(student_hidden.shape[:-1]), student_hidden.shape[-1])
+    h_s = (student_hidden if student_hidden.dim() == 2
+           else student_hidden.reshape(math.prod(student_hidden.shape[:-1]), student_hidden.shape[-1]))
     h_t = teacher_hidden.reshape(math.prod(teacher_hidden.shape[:-1]), teacher_hidden.shape[-1])
     lab = _as_labels(labels, student_hidden.shape[:-1], student_hidden.device)
     opts = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence, beta=float(beta),

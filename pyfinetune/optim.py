@@ -299,10 +299,11 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         group_anchor = param_group.pop("anchor", None)
+        at_init = False
         if isinstance(group_anchor, str):
             if group_anchor != "init":
                 raise ValueError(f'a param group\'s anchor must be "init" or an iterable of tensors, got {group_anchor!r}')
-            group_anchor = None  # "init": the parameters' current values, as without an anchor entry
+            group_anchor, at_init = None, True  # the parameters' current values, not the constructor's list
         elif isinstance(group_anchor, Tensor):
             raise TypeError("a param group's anchor must be an iterable of tensors (one per parameter), got a single "
                             "Tensor")
@@ -326,13 +327,14 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     raise TypeError(f"parameters must be dense (strided) tensors, got layout {p.layout}{where}")
                 if _is_sharded(p):
                     _check_placements(p, f"parameter {j}{where}")
+            self._check_params_disjoint()
             if group_anchor is not None:
                 anchors = list(group_anchor)
                 if len(anchors) != len(group["params"]):
                     raise ValueError(
                         f"the group's anchor has {len(anchors)} tensors for {len(group['params'])} parameters{where}"
                     )
-            elif self._anchor_source is not None:
+            elif self._anchor_source is not None and not at_init:
                 start = self._anchor_index
                 anchors = self._anchor_source[start:start + len(group["params"])]
                 self._anchor_index += len(group["params"])
@@ -343,11 +345,9 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     )
             else:
                 anchors = [None] * len(group["params"])
-            # Every given anchor is checked, also in a group with l2sp = 0 (which takes none), and
-            # all of them before any is stored: a refused group leaves no state behind.
-            for j, (p, a) in enumerate(zip(group["params"], anchors)):
-                if a is not None:
-                    self._check_anchor(p, a, f"anchor for parameter {j}{where}")
+            # All of a group's anchors are made before any is stored: a refused group leaves no state
+            # behind. A group with l2sp = 0 takes none (its entries of a constructor list may be
+            # placeholders, e.g. for a resized head).
             if group["l2sp"] > 0:
                 made = [self._make_anchor(p, a, group["anchor_dtype"], f"anchor for parameter {j}{where}")
                         for j, (p, a) in enumerate(zip(group["params"], anchors))]
@@ -622,8 +622,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         if not torch.compiler.is_compiling():
             # The kernels check this too, but per launch: a step launches once per dtype / device /
             # flags bucket, so a later bucket's refusal would leave the earlier ones' parameters
-            # updated. Checked here, before any launch, for the whole step (and the memory the
-            # buckets share by _check_buckets_disjoint).
+            # updated. Checked here, before any launch, for the whole step (parameters sharing
+            # memory: when groups are added, _check_params_disjoint).
             self._check_float32_range(items)
         return items
 
@@ -646,35 +646,25 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{key} (param group {gi}) must be at most {big:.6g} (float32's largest) for "
                                      f"{p.dtype} parameters, got {value}")
 
-    # The state lists of a bucket that a launch writes, besides "params".
-    _WRITTEN_LISTS: Tuple[str, ...] = ()
-
-    def _check_buckets_disjoint(self, planned) -> None:
-        """No two launches of a step write the same memory (a parameter listed in two groups as
-        views of one buffer, a state shared across groups): each launch checks its own tensors
-        before it writes, but a later launch's refusal would leave the earlier ones' parameters
-        updated. Dense, non-overlapping tensors (checked before) cover [data_ptr, data_ptr + nbytes).
-        Only for steps of several launches, eagerly."""
-        if len(planned) < 2 or torch.compiler.is_compiling():
-            return
+    def _check_params_disjoint(self) -> None:
+        """No two parameters of the optimizer share memory (a buffer listed as two parameters, in one
+        group or two): a step would update it twice, and where the two fall in different launches
+        (dtype, device or flags) the kernels' own checks, per launch, would refuse it only after the
+        first launch wrote. Checked when a group is added (construction included), not per step.
+        Dense, non-overlapping tensors cover [data_ptr, data_ptr + nbytes); meta tensors are skipped."""
         spans = []
-        for bi, (_, b) in enumerate(planned):
-            for name in ("params",) + self._WRITTEN_LISTS:
-                for j, t in enumerate(b.get(name) or ()):
-                    t = _local(t)
-                    if t is None or t.device.type == "meta":
-                        continue
-                    n = t.numel() * t.element_size()
-                    if n:
-                        spans.append((str(t.device), t.data_ptr(), t.data_ptr() + n, bi, f"{name}[{j}]"))
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                t = _local(p)
+                n = t.numel() * t.element_size()
+                if n and t.device.type != "meta" and t.layout == torch.strided and _is_dense(t):
+                    spans.append((str(t.device), t.data_ptr(), t.data_ptr() + n, f"parameter {j} (param group {gi})"))
         spans.sort(key=lambda sp: (sp[0], sp[1]))
         widest = None
         for sp in spans:
-            if widest is not None and sp[0] == widest[0] and sp[1] < widest[2] and sp[3] != widest[3]:
-                raise RuntimeError(
-                    f"{type(self).__name__}.step: {sp[4]} of one launch shares memory with {widest[4]} of another "
-                    f"({sp[0]}): every parameter and optimizer state a step writes must be a tensor of its own "
-                    "(a buffer listed as several parameters, in groups of different dtypes or flags?)")
+            if widest is not None and sp[0] == widest[0] and sp[1] < widest[2]:
+                raise ValueError(f"{sp[3]} shares memory with {widest[3]}: every parameter must be a tensor of its "
+                                 "own (views of one buffer that do not overlap are fine)")
             if widest is None or sp[0] != widest[0] or sp[2] > widest[2]:
                 widest = sp
 
@@ -897,7 +887,6 @@ class AdamW(_FusedPenalizedOptimizer):
 
     _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _FLOAT32_KEYS = ("lr", "weight_decay", "l2sp", "l1", "eps")
-    _WRITTEN_LISTS = ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
     _HYPER_KEYS = _FusedPenalizedOptimizer._HYPER_KEYS + ("betas", "eps", "amsgrad")
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
@@ -943,7 +932,6 @@ class AdamW(_FusedPenalizedOptimizer):
         planned = self._plan_grads()
         if planned is None:
             planned = self._build_buckets(self._collect())
-            self._check_buckets_disjoint(planned)
             self._save_plan(planned)
         for (device, _dtype, amsgrad, maximize, decoupled, _sharded), b in planned:
             grad_scale, found_inf = self._amp_tensors(device)
@@ -1019,7 +1007,6 @@ class SGD(_FusedPenalizedOptimizer):
 
     _STATE_KEYS = ("momentum_buffer",)
     _FLOAT32_KEYS = ("lr", "weight_decay", "l2sp", "l1", "momentum")
-    _WRITTEN_LISTS = ("momentum_buffers",)
     _HYPER_KEYS = _FusedPenalizedOptimizer._HYPER_KEYS + ("momentum", "dampening", "nesterov")
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -1054,11 +1041,6 @@ class SGD(_FusedPenalizedOptimizer):
         created: List[Tensor] = []
         if planned is None:
             planned = self._build_buckets(self._collect(), created, fresh_dampened)
-            try:
-                self._check_buckets_disjoint(planned)
-            except BaseException:
-                self._unstarted().update(created)  # their buffers were made but not started
-                raise
             self._unstarted().difference_update(created)
             if not created:
                 self._save_plan(planned)

@@ -613,10 +613,15 @@ def _check_pruner_state(pruner: Any, state_dict: Any, keys: Tuple[str, ...]) -> 
 
 
 def _checked_progress(pruner: Any, state_dict: Dict[str, Any]) -> Tuple[int, Optional[float]]:
-    """(step_count, last_sparsity) of a pruner's state dict: an int >= 0 and None or a sparsity in
-    [0, 1] (ValueError / TypeError naming the entry otherwise)."""
-    name = type(pruner).__name__
+    """(step_count, last_sparsity) of a pruner's state dict: an int >= 0 (a one-element integer
+    tensor too) and None or a sparsity in [0, 1] (ValueError / TypeError naming the entry otherwise).
+    ``pruner``: the pruner, or its class name."""
+    name = pruner if isinstance(pruner, str) else type(pruner).__name__
     step_count, last = state_dict["step_count"], state_dict["last_sparsity"]
+    if isinstance(step_count, Tensor) and step_count.numel() == 1 and not step_count.is_floating_point():
+        step_count = int(step_count)
+    if isinstance(last, Tensor) and last.numel() == 1 and last.is_floating_point():
+        last = float(last)
     if isinstance(step_count, bool) or not isinstance(step_count, numbers.Integral) or step_count < 0:
         raise ValueError(f"{name}.load_state_dict: step_count must be an int >= 0, got {step_count!r}")
     if last is not None:
@@ -1160,6 +1165,8 @@ class MovementPruner(GradualPruner):
         if self.finished:
             self.step_count += 1
             return self.last_sparsity
+        if self.is_pruning_step(self.step_count):
+            self._check_weights_finite()  # before the scores change: a refused step leaves them as they were
         self._accumulate()
         super().step()
         if self.step_count > self.end_step:
@@ -1171,27 +1178,31 @@ class MovementPruner(GradualPruner):
         with_grad = [(name, m) for name, m in self.layers if m.weight.grad is not None]
         if not with_grad:
             return
-        # One flag for the whole step, as GradScaler skips a whole step; no host synchronization. A
-        # non-finite weight skips it too (-w * g would leave a NaN score for good, inf * 0 included);
-        # the next pruning step refuses such a weight by name.
-        finite = torch.stack([(torch.isfinite(m.weight.grad).all() & torch.isfinite(m.weight).all())
-                              .to(with_grad[0][1].weight.device) for _, m in with_grad]).all()
+        # One flag for the whole step, as GradScaler skips a whole step; no host synchronization.
+        finite = torch.stack([torch.isfinite(m.weight.grad).all().to(with_grad[0][1].weight.device)
+                              for _, m in with_grad]).all()
         for name, module in with_grad:
             score = self.scores[name]
             grad = module.weight.grad
             delta = module.weight.to(score.dtype) * grad.to(score.dtype)
-            score.sub_(torch.where(finite.to(score.device), delta, torch.zeros((), dtype=score.dtype,
-                                                                                device=score.device)))
+            # Entries whose -w * g is not finite (a NaN or inf weight, inf * 0 included) add nothing:
+            # they would stay in the score for good; the next pruning step refuses such a weight by name.
+            keep = torch.isfinite(delta) & finite.to(score.device)
+            score.sub_(torch.where(keep, delta, torch.zeros((), dtype=score.dtype, device=score.device)))
             grad.masked_fill_(~module.weight_mask, 0)
 
     def _entry_keys(self, name: str, module: nn.Module) -> Tensor:
         return self.scores[name].reshape(_matrix_shape(module))
 
-    def _prune(self, sparsity: float) -> None:
-        for name, module in self.layers:  # NaN: _check_no_nan names it; inf has no movement score either
+    def _check_weights_finite(self) -> None:
+        _check_no_nan(self.layers)
+        for name, module in self.layers:  # inf has no movement score either
             if torch.isinf(module.weight).any():
                 raise ValueError(f"the weight of layer {name!r} contains inf; movement pruning cannot rank it "
                                  "(its score -weight * grad is not finite)")
+
+    def _prune(self, sparsity: float) -> None:
+        self._check_weights_finite()
         super()._prune(sparsity)
 
     @torch.no_grad()
@@ -1299,8 +1310,8 @@ class _OptimizerMasking:
             if seen is None or seen[0] is not mask or ours is not seen[2] or _is_sharded_tensor(ours):
                 raise RuntimeError(
                     "mask_optimizer: a pruned layer's mask reached the optimizer only in a compiled step; run "
-                    "opt.step() once eagerly after pruning a layer (or changing which layers are pruned) before "
-                    "the compiled steps")
+                    "opt.step() once eagerly after pruning a layer, changing which layers are pruned or loading "
+                    "the optimizer's or the model's state, before the compiled steps")
             ours.copy_(mask)
 
     @torch.no_grad()

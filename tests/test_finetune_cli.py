@@ -210,7 +210,7 @@ def _bad_folders(tmp_path):
     ("unreadable checkpoint", "cannot read the checkpoint {tmp}/garbage.pt"),
     ("seed too large", "--seed 99999999999999999999 is out of range"),
     ("negative seed", "--seed -1 is out of range"),
-    ("meta device", "--device 'meta': the command trains on cpu or cuda"),
+    ("meta device", "--device 'meta': a device with memory is needed"),
     ("truncated run.json", "--resume: cannot read {tmp}/broken/run.json (JSONDecodeError"),
     ("run.json of a list", "--resume: {tmp}/listed/run.json does not hold the run's options (a JSON object), got list"),
 ])

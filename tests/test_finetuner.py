@@ -356,8 +356,11 @@ def test_a_refused_resume_changes_nothing(tmp_path, case):
 def test_teacher_sharing_the_students_parameters_is_refused():
     student = _mlp()
     for teacher in (student, nn.Sequential(student[0], nn.Linear(HIDDEN, CLASSES))):
-        with pytest.raises(ValueError, match="teacher shares parameters with model"):
+        with pytest.raises(ValueError, match="teacher shares parameters that model trains"):
             Finetuner(student, "distill", teacher=teacher, progress=False)
+    # A frozen layer shared by both (an embedding) is fine.
+    student[0].requires_grad_(False)
+    Finetuner(student, "distill", teacher=nn.Sequential(student[0], nn.Linear(HIDDEN, CLASSES)), progress=False)
 
 
 def test_an_unusable_checkpoint_dir_is_refused_before_training(tmp_path):

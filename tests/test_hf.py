@@ -422,7 +422,7 @@ def test_argument_errors(tmp_path):
     for bad in (0, -5, "x", 1.5, True):
         with pytest.raises(ValueError, match=r"chunk_size must be None or an int >= 1"):
             trainer_for(tmp_path, student, teacher, chunk_size=bad)
-    with pytest.raises(ValueError, match="teacher_model shares parameters with the model it trains"):
+    with pytest.raises(ValueError, match="teacher_model shares parameters that the model trains"):
         trainer_for(tmp_path, student, student)
     with pytest.raises(TypeError, match="exclude_bias_and_norm must be True or False"):
         l2sp_adamw(student, 1e-3, l2sp=0.1, exclude_bias_and_norm="no")

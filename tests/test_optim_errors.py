@@ -99,13 +99,18 @@ def test_anchor_count_and_shape(kind):
         OPTS[kind](ps, l2sp=0.1, anchor_dtype=torch.float16)
     with pytest.raises(ValueError, match=r"anchor for parameter 0 \(param group 0\) is a meta tensor"):
         OPTS[kind](ps, l2sp=0.1, anchor=[torch.empty(4, 3, device="meta")] * 3)
-    # A group with l2sp = 0 takes no anchor, but the ones it is given are still checked.
-    with pytest.raises(ValueError, match=r"anchor for parameter 2 \(param group 0\) must have the parameter's shape"):
-        OPTS[kind](ps, l2sp=0.0, anchor=[torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(5)])
+    # A group with l2sp = 0 takes no anchor: its entries of the list may be placeholders (a resized head).
+    opt = OPTS[kind]([dict(params=ps[:2], l2sp=0.1), dict(params=ps[2:], l2sp=0.0)],
+                     anchor=[torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(1000, 3)])
+    assert opt.anchor_of(ps[2]) is None
     # A group's anchor: "init" (its current values) or tensors; another string or a lone tensor is refused.
     opt = OPTS[kind](ps[:1], l2sp=0.1)
     opt.add_param_group(dict(params=ps[1:2], l2sp=0.2, anchor="init"))
     assert torch.equal(opt.anchor_of(ps[1]), ps[1])
+    # "init" takes the current values even where the constructor was given an anchor list.
+    listed = OPTS[kind](ps[:1], l2sp=0.1, anchor=[torch.full((4, 3), 5.0)])
+    listed.add_param_group(dict(params=ps[1:2], l2sp=0.2, anchor="init"))
+    assert torch.equal(listed.anchor_of(ps[1]), ps[1])
     with pytest.raises(ValueError, match=r'anchor must be "init" or an iterable of tensors, got \'pretrained\''):
         opt.add_param_group(dict(params=ps[2:], l2sp=0.2, anchor="pretrained"))
     with pytest.raises(TypeError, match=r"anchor must be an iterable of tensors \(one per parameter\), got a single"):
@@ -260,25 +265,24 @@ def test_float32_range_refused_before_the_float64_launch(kind, key):
 
 
 @pytest.mark.parametrize("kind", list(OPTS))
-def test_memory_shared_across_launches_refused_before_any(kind):
-    # Views of one buffer in groups that go to different launches (float64 first, then two float32
-    # launches of different flags): each launch's own check would pass the first launches.
+def test_parameters_sharing_memory_are_refused_when_added(kind):
+    # Views of one buffer in groups that would go to different launches (float64 first, then two
+    # float32 launches of different flags): each launch's own check would pass the first ones, so
+    # the optimizer refuses them when the group is added, before any step.
     buf = torch.zeros(8)
     p64 = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
     pa, pb = torch.nn.Parameter(buf), torch.nn.Parameter(buf[2:6])
-    flags = dict(maximize=True)
-    opt = OPTS[kind]([dict(params=[p64]), dict(params=[pa]), dict(params=[pb], **flags)], lr=0.1)
-    for p in (p64, pa, pb):
-        p.grad = torch.ones_like(p)
-    before = p64.detach().clone()
-    with pytest.raises(RuntimeError, match=r"step: params\[0\] of one launch shares memory with params\[0\] of "
-                                           r"another \(cpu\): every parameter and optimizer state a step writes"):
-        opt.step()
-    assert torch.equal(p64, before) and torch.equal(buf, torch.zeros(8))
-    # Disjoint views of one buffer in different launches are fine.
+    with pytest.raises(ValueError, match=r"parameter 0 \(param group 2\) shares memory with parameter 0 "
+                                         r"\(param group 1\): every parameter must be a tensor of its own"):
+        OPTS[kind]([dict(params=[p64]), dict(params=[pa]), dict(params=[pb], maximize=True)], lr=0.1)
+    opt = OPTS[kind]([dict(params=[p64]), dict(params=[pa])], lr=0.1)
+    with pytest.raises(ValueError, match="shares memory"):
+        opt.add_param_group(dict(params=[pb], maximize=True))
+    assert len(opt.param_groups) == 2
+    # Disjoint views of one buffer are fine, in one launch or several.
     buf2 = torch.zeros(8)
     qa, qb = torch.nn.Parameter(buf2[:4]), torch.nn.Parameter(buf2[4:])
-    opt = OPTS[kind]([dict(params=[qa]), dict(params=[qb], **flags)], lr=0.1)
+    opt = OPTS[kind]([dict(params=[qa]), dict(params=[qb], maximize=True)], lr=0.1)
     qa.grad, qb.grad = torch.ones(4), torch.ones(4)
     opt.step()
     assert bool((buf2[:4] != 0).all()) and bool((buf2[4:] != 0).all())

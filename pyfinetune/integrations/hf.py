@@ -154,8 +154,8 @@ def _head_is_plain(capture: _HeadCapture, logits: torch.Tensor) -> bool:
 
 # -------------------------------------------------------------------------------- the trainer
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two modules hold a parameter in common (by identity)."""
-    ids = {id(p) for p in b.parameters()}
+    """Whether ``a`` holds a parameter that ``b`` trains (by identity; shared frozen weights are fine)."""
+    ids = {id(p) for p in b.parameters() if p.requires_grad}
     return any(id(p) in ids for p in a.parameters())
 
 
@@ -219,7 +219,7 @@ class DistillationTrainer(transformers.Trainer):
             raise ValueError(f"DistillationTrainer: chunk_size must be None or an int >= 1, got {chunk_size!r}")
         super().__init__(*args, **kwargs)
         if teacher_model is self.model or _shares_parameters(teacher_model, self.model):
-            raise ValueError("DistillationTrainer: teacher_model shares parameters with the model it trains (the "
+            raise ValueError("DistillationTrainer: teacher_model shares parameters that the model trains (the "
                              "same model, or layers of it): the teacher must be a separate, frozen model")
         if self.args.n_gpu > 1:
             raise ValueError(
