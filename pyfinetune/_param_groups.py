@@ -57,3 +57,11 @@ def split_parameters(model: nn.Module, heads: Sequence[str], exclude_bias_and_no
         free = exclude_bias_and_norm and id(p) not in sparse_weights and (p.ndim <= 1 or id(p) in norm_params)
         named[("head" if hits else "body") + ("_no_decay" if free else "")].append((name, p))
     return named, used_heads
+
+
+def shares_trained_parameters(teacher: nn.Module, student: nn.Module) -> bool:
+    """Whether ``teacher`` holds a parameter (by identity) that ``student`` trains (requires_grad):
+    such a "frozen" teacher would move with the student. Shared frozen weights (an embedding) are
+    fine. Used by :class:`pyfinetune.Finetuner` and the Hugging Face ``DistillationTrainer``."""
+    trained = {id(p) for p in student.parameters() if p.requires_grad}
+    return teacher is student or any(id(p) in trained for p in teacher.parameters())

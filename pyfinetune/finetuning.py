@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from . import _distributed
 from . import optim as _optim
 from . import prune as _prune
-from ._param_groups import split_parameters
+from ._param_groups import shares_trained_parameters, split_parameters
 from .losses import DIVERGENCES, kd_loss
 
 __all__ = ["Finetuner", "finetune", "find_head", "METHODS", "SCHEDULERS"]
@@ -137,6 +137,14 @@ def _logits(output: Any, who: str) -> Tensor:
         return output[0]
     raise TypeError(f"Finetuner: the {who}'s output must be logits (a Tensor, an object with .logits or a tuple "
                     f"starting with them), got {type(output).__name__}")
+
+
+def _check_same_plan(planned: Tuple[int, int], given: Tuple[int, int], whose: str, note: str = "") -> None:
+    """ValueError unless a run planned for (batches per epoch, epochs) ``planned`` is given the same."""
+    if tuple(given) != tuple(planned):
+        raise ValueError(f"Finetuner: {whose} was planned for {planned[1]} epochs of {planned[0]} batches, got "
+                         f"{given[1]} epochs of {given[0]} batches{note} (same epochs and train loader to resume; "
+                         "a new Finetuner for another run)")
 
 
 def _check_batch(logits: Tensor, labels: Any) -> None:
@@ -368,10 +376,7 @@ class Finetuner:
         if teacher is not None and not isinstance(teacher, nn.Module):
             raise _fail(TypeError, "teacher", "an nn.Module", teacher)
         if teacher is not None and isinstance(model, nn.Module):
-            # Sharing frozen weights (an embedding) is harmless; a weight the student trains would
-            # make the "frozen" teacher move with it.
-            trained = {id(p) for p in model.parameters() if p.requires_grad}
-            if teacher is model or any(id(p) in trained for p in teacher.parameters()):
+            if shares_trained_parameters(teacher, model):
                 raise ValueError("Finetuner: teacher shares parameters that model trains (the same module, or layers "
                                  "of it): the teacher must be a separate, frozen model (copy.deepcopy(model) for a "
                                  "snapshot)")
@@ -546,11 +551,7 @@ class Finetuner:
         (once; a run keeps its schedules)."""
         shape = (steps_per_epoch, epochs)
         if self._plan_shape is not None:
-            if shape != self._plan_shape:
-                raise ValueError(
-                    f"Finetuner: this run was planned for {self._plan_shape[1]} epochs of {self._plan_shape[0]} "
-                    f"batches, got {epochs} epochs of {steps_per_epoch} batches (same epochs and train loader "
-                    "to resume; a new Finetuner for another run)")
+            _check_same_plan(self._plan_shape, shape, "this run")
             return
         total = steps_per_epoch * epochs
         if self.method == "prune":
@@ -582,11 +583,8 @@ class Finetuner:
         if plan is not None:
             plan = tuple(int(v) for v in plan)
             for here, what in ((self._plan_shape, " (this Finetuner's run)"), (expected_plan, "")):
-                if here is not None and tuple(here) != plan:
-                    raise ValueError(
-                        f"Finetuner: the checkpoint's run was planned for {plan[1]} epochs of {plan[0]} batches, "
-                        f"got {here[1]} epochs of {here[0]} batches{what} (same epochs and train loader to resume; "
-                        "a new Finetuner for another run)")
+                if here is not None:
+                    _check_same_plan(plan, tuple(here), "the checkpoint's run", what)
             if self.method == "prune":
                 pruner_state = state.get("pruner")
                 if not isinstance(pruner_state, dict) or not all(

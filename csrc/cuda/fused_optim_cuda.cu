@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 namespace pyfinetune {
 namespace {
@@ -600,26 +601,29 @@ void launch_layout(Kernel kernel, const Meta& meta, int n_blocks) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, bool kAmsgrad>
-void launch_adamw(const AdamWMeta& meta, int n_blocks, int layout) {
-  if constexpr (ilp_of<scalar_t, kWide>() > 1) {  // float64 has no wide kernel
+// The kernel of `layout` for scalar_t: kernel_of(std::integral_constant<int, L>{}) names the
+// instantiation of layout L; float64 has no wide kernel (classic then).
+template <typename scalar_t, typename KernelOf, typename Meta>
+void launch_by_layout(KernelOf kernel_of, const Meta& meta, int n_blocks, int layout) {
+  if constexpr (ilp_of<scalar_t, kWide>() > 1) {
     if (layout == kWide) {
-      launch_layout<kWide>(fused_adamw_kernel<scalar_t, kAmsgrad, kWide>, meta, n_blocks);
+      launch_layout<kWide>(kernel_of(std::integral_constant<int, kWide>{}), meta, n_blocks);
       return;
     }
   }
-  launch_layout<kClassic>(fused_adamw_kernel<scalar_t, kAmsgrad, kClassic>, meta, n_blocks);
+  launch_layout<kClassic>(kernel_of(std::integral_constant<int, kClassic>{}), meta, n_blocks);
+}
+
+template <typename scalar_t, bool kAmsgrad>
+void launch_adamw(const AdamWMeta& meta, int n_blocks, int layout) {
+  launch_by_layout<scalar_t>([](auto l) { return fused_adamw_kernel<scalar_t, kAmsgrad, decltype(l)::value>; }, meta,
+                             n_blocks, layout);
 }
 
 template <typename scalar_t, bool kMomentum>
 void launch_sgd(const SGDMeta& meta, int n_blocks, int layout) {
-  if constexpr (ilp_of<scalar_t, kWide>() > 1) {  // float64 has no wide kernel
-    if (layout == kWide) {
-      launch_layout<kWide>(fused_sgd_kernel<scalar_t, kMomentum, kWide>, meta, n_blocks);
-      return;
-    }
-  }
-  launch_layout<kClassic>(fused_sgd_kernel<scalar_t, kMomentum, kClassic>, meta, n_blocks);
+  launch_by_layout<scalar_t>([](auto l) { return fused_sgd_kernel<scalar_t, kMomentum, decltype(l)::value>; }, meta,
+                             n_blocks, layout);
 }
 
 void fused_adamw_cuda(PF_FUSED_ADAMW_PARAMS) {

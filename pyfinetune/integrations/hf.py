@@ -48,7 +48,7 @@ if _release(transformers.__version__) < (4, 46):
 from ..losses import _check_options, fused_linear_kd_loss, kd_loss  # noqa: E402
 from ..optim import AdamW  # noqa: E402
 from .. import prune as _prune  # noqa: E402
-from .._param_groups import split_parameters  # noqa: E402
+from .._param_groups import shares_trained_parameters, split_parameters  # noqa: E402
 
 __all__ = ["DistillationTrainer", "l2sp_adamw"]
 
@@ -153,12 +153,6 @@ def _head_is_plain(capture: _HeadCapture, logits: torch.Tensor) -> bool:
 
 
 # -------------------------------------------------------------------------------- the trainer
-def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
-    """Whether ``a`` holds a parameter that ``b`` trains (by identity; shared frozen weights are fine)."""
-    ids = {id(p) for p in b.parameters() if p.requires_grad}
-    return any(id(p) in ids for p in a.parameters())
-
-
 class DistillationTrainer(transformers.Trainer):
     r"""A :class:`transformers.Trainer` that distils ``teacher_model`` into the model it trains.
 
@@ -218,7 +212,7 @@ class DistillationTrainer(transformers.Trainer):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"DistillationTrainer: chunk_size must be None or an int >= 1, got {chunk_size!r}")
         super().__init__(*args, **kwargs)
-        if teacher_model is self.model or _shares_parameters(teacher_model, self.model):
+        if shares_trained_parameters(teacher_model, self.model):
             raise ValueError("DistillationTrainer: teacher_model shares parameters that the model trains (the "
                              "same model, or layers of it): the teacher must be a separate, frozen model")
         if self.args.n_gpu > 1:
