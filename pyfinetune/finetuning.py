@@ -927,7 +927,8 @@ class Finetuner:
         # as it was (pyfinetune's optimizers restore themselves; torch's refuse before changing),
         # before the model or the schedules change. What follows was checked above.
         opt = self.optimizer
-        before = (opt.state, opt.param_groups)
+        snapshot = getattr(opt, "_state_snapshot", None)
+        before = snapshot() if snapshot is not None else (opt.state, opt.param_groups)
         opt.load_state_dict(state["optimizer"])
         try:
             if state["plan"] is not None:
@@ -939,9 +940,10 @@ class Finetuner:
                 self.pruner.load_state_dict(state["pruner"])
             self.scaler.load_state_dict(state["scaler"])
         except BaseException:
-            opt.state, opt.param_groups = before
-            if hasattr(opt, "_invalidate_plan"):
-                opt._invalidate_plan()
+            if snapshot is not None:
+                opt._restore_state(before)
+            else:  # torch's optimizers: load_state_dict replaced both objects
+                opt.state, opt.param_groups = before
             raise
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self._batch_in_epoch = int(state["batch_in_epoch"])

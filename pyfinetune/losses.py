@@ -343,6 +343,11 @@ def kd_loss(
     Returns:
         float32 scalar, or ``[N]`` for ``reduction="none"`` (N = product of the leading dims).
 
+    Non-finite logits: a row whose loss is undefined (NaN: a student or teacher row of only
+    ``-inf``, a ``+inf`` or NaN logit) gets a NaN gradient row, as the composition of torch ops
+    gives, so that ``GradScaler`` and anomaly checks see it; ``-inf`` entries of a row otherwise
+    finite (a masked vocabulary) are zero-probability entries and keep the gradient finite.
+
     Second derivatives: the gradient is computed in the forward and kept, so under
     ``create_graph=True`` it is differentiable in the upstream gradient (it is linear in it) but
     not in the logits: second derivatives with respect to the logits (Hessian-vector products,

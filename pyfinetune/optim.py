@@ -243,6 +243,16 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         self._plan = None
         self._plan_version = getattr(self, "_plan_version", 0) + 1
 
+    def _state_snapshot(self) -> Tuple[Any, ...]:
+        """What ``_restore_state`` needs to undo a later ``load_state_dict`` (for a caller that loads
+        more after this optimizer and must roll back when a later part is refused): load_state_dict
+        replaces ``state`` and ``param_groups`` with new objects, so holding the old ones suffices."""
+        return (self.state, self.param_groups)
+
+    def _restore_state(self, snapshot: Tuple[Any, ...]) -> None:
+        self.state, self.param_groups = snapshot[0], snapshot[1]
+        self._invalidate_plan()
+
     def __init__(self, params, defaults: Dict[str, Any], anchor: Union[str, Iterable[Tensor]],
                  masks: Optional[Mapping[Tensor, Tensor]]):
         if isinstance(anchor, str):
@@ -489,12 +499,11 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         # torch's load_state_dict replaces self.state and self.param_groups with new objects (the old
         # ones are not modified): a state dict refused below, by the groups' or the state tensors'
         # checks, leaves the optimizer as it was.
-        old_state, old_groups = self.state, self.param_groups
+        before = self._state_snapshot()
         try:
             self._load_state_dict_checked(state_dict, saved_state, saved_groups, own_groups)
         except BaseException:
-            self.state, self.param_groups = old_state, old_groups
-            self._invalidate_plan()
+            self._restore_state(before)
             raise
         with torch.no_grad():
             for gi, group in enumerate(self.param_groups):
@@ -1089,6 +1098,15 @@ class SGD(_FusedPenalizedOptimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._unstarted().clear()  # the loaded buffers are started; missing ones are created by a step
+
+    def _state_snapshot(self) -> Tuple[Any, ...]:
+        # Also which zero momentum buffers are still to be started from the gradient (a rolled-back
+        # load must not leave init_state's buffers counted as started: with dampening they differ).
+        return super()._state_snapshot() + (set(self._unstarted()),)
+
+    def _restore_state(self, snapshot: Tuple[Any, ...]) -> None:
+        super()._restore_state(snapshot)
+        self._unstarted_buffers = set(snapshot[2])
 
     def _build_buckets(self, items, created: List[Tensor],
                        fresh_dampened: List[Tensor]) -> List[Tuple[Tuple, Dict[str, list]]]:

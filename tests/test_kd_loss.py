@@ -5,7 +5,7 @@ import torch
 
 import pyfinetune
 from pyfinetune.losses import DistillationLoss, kd_loss
-from conftest import same_layout_input
+from conftest import device_params, same_layout_input
 from reference_kd import assert_grad_close, assert_loss_close, kd_reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -401,3 +401,59 @@ def test_kept_gradient_from_the_pool_is_seen_by_memory_profiling(monkeypatch):
     monkeypatch.setenv("PYFINETUNE_DENSE_POOL_MB", "lots")
     with pytest.raises(ValueError, match="PYFINETUNE_DENSE_POOL_MB must be a number of megabytes"):
         kd_loss(s, t, temperature=2.0)
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 2.5])
+@pytest.mark.parametrize("V", [37, 6151])
+def test_a_row_with_an_undefined_loss_gets_a_nan_gradient(device, dtype, divergence, labels, temperature, V):
+    # A row whose loss is NaN (a student or teacher row of only -inf, a +inf or NaN logit) must
+    # get a NaN gradient, as torch's composition gives: the kernels wrote a finite, made-up
+    # gradient there (GradScaler and anomaly checks look at gradients, not at the loss). Rows with
+    # an infinite but well-defined loss (the teacher puts mass where the student has -inf) keep a
+    # finite gradient, and the other rows are unaffected. V = 6151: rows split over blocks on CUDA
+    # and past the CPU kernel's tile.
+    g = torch.Generator().manual_seed(7)
+    n = 6
+    s = torch.randn(n, V, generator=g) * 3
+    t = torch.randn(n, V, generator=g) * 3
+    s[0] = float("-inf")           # the student's softmax is undefined
+    t[1] = float("-inf")           # the teacher's
+    s[2, V // 2] = float("nan")
+    s[3, 3] = float("inf")
+    s[4, : V // 2] = float("-inf")  # a masked half: finite loss (inf for forward_kl), finite gradient
+    lab = torch.randint(V // 2, V, (n,), generator=g) if labels else None
+    s, t = s.to(device, dtype), t.to(device, dtype)
+    lab = lab.to(device) if lab is not None else None
+    x = s.clone().requires_grad_()
+    loss = kd_loss(x, t, lab, divergence=divergence, temperature=temperature, alpha=0.4, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    ref_loss = kd_reference(s, t, lab, divergence=divergence, temperature=temperature, alpha=0.4, reduction="none")[0]
+    for r in range(n):
+        if torch.isnan(ref_loss[r]):
+            assert torch.isnan(loss[r]), (r, loss[r])
+            assert torch.isnan(grad[r].float()).all(), (r, grad[r])
+        else:
+            assert not torch.isnan(loss[r]), (r, loss[r])
+            assert torch.isfinite(grad[r].float()).all(), (r, grad[r])
+    assert torch.isnan(loss[:4]).all() and torch.isfinite(grad[5].float()).all()
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_a_topk_row_with_an_undefined_loss_gets_a_nan_gradient(device, divergence):
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(3, 301, generator=g)
+    t = torch.randn(3, 301, generator=g)
+    s[0] = float("-inf")
+    vals, idx = t.topk(16, dim=-1)
+    vals[2] = float("-inf")
+    x = s.to(device).requires_grad_()
+    loss = pyfinetune.losses.kd_loss_topk(x, vals.to(device), idx.to(device), divergence=divergence,
+                                          temperature=2.0, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isnan(loss[[0, 2]]).all() and torch.isnan(grad[[0, 2]]).all()
+    assert torch.isfinite(loss[1]) and torch.isfinite(grad[1]).all()

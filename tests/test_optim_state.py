@@ -205,28 +205,52 @@ def test_loading_a_torch_state_keeps_anchors_masks_and_group_penalties(kind):
     assert torch.equal(ours.anchor_of(body[0]), torch.zeros_like(body[0]))
 
 
+def _dampened_sgd_pair():
+    """torch's SGD and ours (init_state done) on copies of one layer, with dampening, and an input."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(4, 3)
+    ours_model = copy.deepcopy(ref)
+    theirs = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    ours = SGD(ours_model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    ours.init_state()
+    return ref, ours_model, torch.randn(5, 4), theirs, ours
+
+
+def _step_both(ref, ours_model, x, theirs, ours):
+    for model, opt in ((ref, theirs), (ours_model, ours)):
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+    for a, b in zip(ref.parameters(), ours_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_sgd_buffers_of_init_state_start_from_the_gradient():
     # init_state() (done at construction for FSDP2 parameters) creates zero momentum buffers; the
     # first step must still start them from the gradient, as torch's SGD does (with dampening the
     # update was (1 - dampening) times too small), and a loaded state is taken as started.
-    torch.manual_seed(0)
-    ref = torch.nn.Linear(4, 3)
-    ours_model = copy.deepcopy(ref)
-    x = torch.randn(5, 4)
-    theirs = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
-    ours = SGD(ours_model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
-    ours.init_state()
+    ref, ours_model, x, theirs, ours = _dampened_sgd_pair()
     for _ in range(3):
-        for model, opt in ((ref, theirs), (ours_model, ours)):
-            opt.zero_grad()
-            model(x).square().sum().backward()
-            opt.step()
-        for a, b in zip(ref.parameters(), ours_model.parameters()):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        _step_both(ref, ours_model, x, theirs, ours)
     resumed = SGD(copy.deepcopy(ours_model).parameters(), lr=0.1, momentum=0.9, dampening=0.5)
     resumed.init_state()
     resumed.load_state_dict(ours.state_dict())
     assert not resumed._unstarted()
+
+
+def test_a_rolled_back_load_keeps_init_state_buffers_unstarted():
+    # A caller that loads the optimizer first and more after it (Finetuner's resume) rolls the
+    # optimizer back with _state_snapshot / _restore_state when a later part is refused: SGD's zero buffers
+    # of init_state must still start from the gradient afterwards (with dampening they differ).
+    ref, ours_model, x, theirs, ours = _dampened_sgd_pair()
+    other = SGD(copy.deepcopy(ref).parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    other.init_state()
+    snap = ours._state_snapshot()
+    ours.load_state_dict(other.state_dict())
+    assert not ours._unstarted()
+    ours._restore_state(snap)
+    assert len(ours._unstarted()) == 2
+    _step_both(ref, ours_model, x, theirs, ours)
 
 
 @pytest.mark.parametrize("step", [5, 5.0])

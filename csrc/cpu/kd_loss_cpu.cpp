@@ -604,7 +604,7 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
       }
       if (grow) {
         const T d = w.kd != T(0) ? divergence_value(k, st) : T(0);
-        const KdRowWeights<T> wg{w.kd * grad_scale, w.ce * grad_scale};  // the gradient is linear in them
+        const KdRowWeights<T> wg = gradient_weights(w, loss_p[r], grad_scale);
         if (use_cache) {
           grad_pass_cached(c, s, t, raw, st, wg, d, c.has_labels ? label : -1, grow, s_dt, cache, fs, ft, fg);
         } else {
@@ -691,9 +691,9 @@ void kd_topk_kernel(const at::Tensor& student, const at::Tensor& values, const a
       loss_p[r] = row_loss(k, st, w, s_label);
       if (grow) {
         const T d = divergence_value(k, st);
-        const KdRowWeights<T> wg{w.kd * grad_scale, w.ce * grad_scale};  // the gradient is linear in them
-        grad_pass<T>(c, s, nullptr, raw, st, wg, d, c_q * grad_scale, c.has_labels ? label : -1, grow, s_dt, fs, ft,
-                     fg);
+        const KdRowWeights<T> wg = gradient_weights(w, loss_p[r], grad_scale);
+        const T cq = wg.kd != wg.kd ? wg.kd : c_q * grad_scale;  // NaN with the row's loss
+        grad_pass<T>(c, s, nullptr, raw, st, wg, d, cq, c.has_labels ? label : -1, grow, s_dt, fs, ft, fg);
         for (int64_t j = 0; j < K; ++j) {
           const int64_t col = idx[j * i_cs];
           store_scalar<T>(grow, s_dt, col, grad_element(k, st, wg, d, sv[j], tv[j], c.has_labels && col == label));

@@ -946,9 +946,12 @@ __global__ void __launch_bounds__(kMinBlocks > 0 ? kCappedThreads : kMaxThreads,
   if (!a.need_grad) {
     return;
   }
-  // The gradient is linear in the row weights: grad_scale scales them.
-  rc = row_consts(a.kp, stats, km::KdRowWeights<float>{w.kd * a.grad_scale, w.ce * a.grad_scale}, has_ce, label,
-                  a.t_pow);
+  // The gradient is linear in the row weights: grad_scale scales them (NaN where the row's loss is
+  // NaN; every thread evaluates it, with the label's logit as 0: only a NaN or +inf label logit,
+  // which makes the statistics NaN as well, could tell otherwise).
+  rc = row_consts(a.kp, stats,
+                  km::gradient_weights(w, row_loss_value<kDiv, kTopK>(a.kp, stats, w, 0.0f), a.grad_scale), has_ce,
+                  label, a.t_pow);
   grad_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, g, rs, sl, tid, nthreads, s_cache, t_cache, rc, false);
   if (kTopK) {
     __syncthreads();  // the fix-ups overwrite entries other threads of this block wrote

@@ -210,6 +210,22 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T divergence_value(const KdParams<T>& k, const
   }
 }
 
+// The weights the gradient pass of a row multiplies by (the gradient is linear in them): w times
+// grad_scale, or NaN in place of each non-zero weight where the row's loss is NaN (a student or
+// teacher row of only -inf, an inf or NaN logit), so that such a row's gradient is NaN as the
+// composition of torch ops gives, never a finite gradient of an undefined loss (GradScaler and
+// anomaly checks look at the gradients, not at the loss).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE KdRowWeights<T> gradient_weights(const KdRowWeights<T>& w, T loss, T grad_scale) {
+  KdRowWeights<T> g{w.kd * grad_scale, w.ce * grad_scale};
+  if (loss != loss) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    g.kd = w.kd != T(0) ? nan : g.kd;
+    g.ce = w.ce != T(0) ? nan : g.ce;
+  }
+  return g;
+}
+
 // Row loss: w.kd * D + w.ce * (lse_s1 - s_label). s_label is ignored when w.ce == 0.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T row_loss(const KdParams<T>& k, const KdRowStats<T>& st, const KdRowWeights<T>& w,
