@@ -12,7 +12,8 @@ correctness first, then their speed against cuBLAS and our warp kernels, in abou
    (the experimental pipeline: tile bounds and entries fetched ahead with asynchronous copies).
    Each case prints OK or FAIL; a failure does not stop the others (a sticky CUDA error does).
 2. Speed: x [N, 4096] @ W^T, W [4096, 4096], random sparsity 50-99% for N = 256 (issue #4's case),
-   90% and 99% for N = 2048; contenders interleaved, each sample 20 back-to-back calls timed with
+   90% and 99% for N = 2048, and decoding sizes (N = 1: 50, 90, 99%; N = 16: 90, 99%), where the
+   product reads the weight once and a sparse one reads 10% of it; contenders interleaved, each sample 20 back-to-back calls timed with
    CUDA events, median of 15 samples: cuBLAS dense (x @ w.T on the pruned weight), our warp-per-row
    csr_linear, and tiled_csr_linear alone (tile values gathered once; SparseLinear gathers them
    at each call: one nnz-sized gather more, which bench_prune.py's "ours sparse, tensor cores" row
@@ -254,7 +255,8 @@ def main():
         print("correctness: all OK", flush=True)
     rows = []
     for dtype in (torch.float16, torch.bfloat16):
-        for n, sparsities in ((256, (0.5, 0.7, 0.9, 0.95, 0.99)), (2048, (0.9, 0.99))):
+        for n, sparsities in ((256, (0.5, 0.7, 0.9, 0.95, 0.99)), (2048, (0.9, 0.99)), (1, (0.5, 0.9, 0.99)),
+                              (16, (0.9, 0.99))):
             for s in sparsities:
                 t0 = time.time()
                 try:

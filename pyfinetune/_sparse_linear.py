@@ -124,8 +124,8 @@ class _DenseLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, w, values, crow, col = ctx.saved_tensors
         need_x, need_v, _, _, need_b, _ = ctx.needs_input_grad
-        g2 = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        g2 = ops._flatten_batch(grad, "SparseLinear")  # by the leading dims: M or K may be 0
+        x2 = ops._flatten_batch(x, "SparseLinear")
         dx = dv = db = None
         if torch.is_grad_enabled():  # create_graph: a differentiable backward
             if need_x:

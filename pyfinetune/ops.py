@@ -67,7 +67,12 @@ Differentiable in all floating inputs (:func:`tiled_csr_linear`'s backward runs 
 ops on CUDA and csr_linear's backward for the rest).
 
 All four accumulate in float32 (float64 for float64 inputs) and round once. The CPU kernels also
-check the index tensors' contents (monotone row pointers, indices in range).
+check the index tensors' contents (monotone row pointers, indices in range). The CUDA kernels
+cannot read them on the host without a synchronization: they assert on the device what they index
+with (a malformed pattern stops with a device assertion, not an out-of-bounds access), but not that
+``row_order`` is a permutation of the rows (a repeated row would leave another row of ``y``
+unwritten): build the patterns with :func:`compressed_pattern` / :func:`pattern_from_csr` /
+:func:`tiled_pattern`, which :class:`~pyfinetune.prune.SparseLinear` and the functions below do.
 
 ``torch.ops.pyfinetune.csr_to_dense(values, crow_indices, col_indices, cols) -> [M, cols]``: the
 dense weight of a compressed-row pattern, zeros at the pruned positions, each row written once;
@@ -970,6 +975,13 @@ def _check_csr_on_host(crow: Tensor, col: Tensor, num_cols: int) -> None:
     if col.numel() and (int(col.min()) < 0 or int(col.max()) >= num_cols):
         raise ValueError(f"{name}: col_indices must lie in [0, num_cols = {num_cols}), got values in "
                          f"[{int(col.min())}, {int(col.max())}]")
+    if col.shape[0] > 1:
+        rows = _entry_rows(c, col.shape[0])
+        bad = ((rows[1:] == rows[:-1]) & (col[1:].long() <= col[:-1].long())).nonzero()
+        if bad.numel():
+            j = int(bad[0, 0])
+            raise ValueError(f"{name}: col_indices must increase strictly within each row, got {int(col[j])} then "
+                             f"{int(col[j + 1])} in row {int(rows[j])}")
 
 
 def pattern_from_csr(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -> CompressedPattern:
@@ -1018,11 +1030,14 @@ def _csr_linear_op_backward(ctx, grad):
     # The op's own autograd: its forward has no compressed-column view, so the backward derives
     # one (a sort of the column indices). The csr_linear function below passes the view in.
     x, values, crow, col, row_order = ctx.saved_tensors
-    pat = pattern_from_csr(crow, col, x.shape[1])
     need_x, need_v, _, _, _, need_b = ctx.needs_input_grad
     need_b = need_b and ctx.has_bias
-    dx, dv, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, pat.ccol_indices,
-                                                          pat.row_indices, pat.csc_to_csr, [need_x, need_v, need_b])
+    if _create_graph():  # a differentiable backward (the kernel's results would carry no graph)
+        dx, dv, db = _differentiable_csr_grads(grad, x, values, crow, col, need_x, need_v, need_b)
+    else:
+        pat = pattern_from_csr(crow, col, x.shape[1])
+        dx, dv, db = torch.ops.pyfinetune.csr_linear_backward(grad, x, values, crow, col, row_order, pat.ccol_indices,
+                                                              pat.row_indices, pat.csc_to_csr, [need_x, need_v, need_b])
     return dx if need_x else None, dv if need_v else None, None, None, None, db if need_b else None
 
 
@@ -1081,6 +1096,16 @@ def _differentiable_csr_grads(grad, x, values, crow, col, need_x, need_v, need_b
     return dx, dv, db
 
 
+def _check_pattern_width(name: str, x: Tensor, x2: Tensor, ccol_indices: Tensor) -> None:
+    """x's K against the pattern's (ccol_indices has K + 1 entries): the forward ops read only the
+    columns the pattern names, so a wider x, or a narrower one whose missing columns hold no kept
+    weight, would pass silently."""
+    if (isinstance(ccol_indices, Tensor) and ccol_indices.dim() == 1 and ccol_indices.shape[0] > 0
+            and x2.shape[1] != ccol_indices.shape[0] - 1):
+        raise ValueError(f"pyfinetune.{name}: x must have K = {ccol_indices.shape[0] - 1} columns (the pattern's: "
+                         f"ccol_indices has K + 1 entries), got x of shape {tuple(x.shape)}")
+
+
 def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_order: Tensor,
                ccol_indices: Tensor, row_indices: Tensor, csc_to_csr: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ W^T + bias`` for a sparse weight W [M, K] given by its kept values and pattern.
@@ -1101,11 +1126,7 @@ def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Ten
         forward-mode AD the product is composed of torch ops (a dense weight is built).
     """
     x2 = _flatten_batch(x, "csr_linear")
-    if (isinstance(ccol_indices, Tensor) and ccol_indices.dim() == 1 and ccol_indices.shape[0] > 0
-            and x2.shape[1] != ccol_indices.shape[0] - 1):
-        # The forward op reads only the columns the pattern names: a wider x would pass silently.
-        raise ValueError(f"pyfinetune.csr_linear: x must have K = {ccol_indices.shape[0] - 1} columns (the pattern's: "
-                         f"ccol_indices has K + 1 entries), got x of shape {tuple(x.shape)}")
+    _check_pattern_width("csr_linear", x, x2, ccol_indices)
     if _transforms_active():
         # torch.func transforms, forward-mode AD: torch ops (see _transforms_active).
         _csr_linear_fake(x2, values, crow_indices, col_indices, row_order, bias)
@@ -1312,9 +1333,23 @@ def tiled_csr_linear(x: Tensor, values: Tensor, pattern: CompressedPattern, tile
     The values in tile order (``values[tiled.tile_src]``) are gathered at each call.
 
     Differentiable in x, values and bias (dvalues: the sampled product at the kept positions), twice
-    under ``create_graph=True`` (as :func:`csr_linear`).
+    under ``create_graph=True`` (as :func:`csr_linear`); under torch.func transforms and
+    forward-mode AD it is :func:`csr_linear`'s composition of torch ops.
     """
     x2 = _flatten_batch(x, "tiled_csr_linear")
+    _check_pattern_width("tiled_csr_linear", x, x2, pattern.ccol_indices)
+    nnz = pattern.col_indices.shape[0]
+    if not isinstance(values, Tensor) or values.dim() != 1 or values.shape[0] != nnz:
+        got = f"shape {tuple(values.shape)}" if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"pyfinetune.tiled_csr_linear: values must be [nnz] = [{nnz}] (the pattern's kept weights), "
+                         f"got {got}")
+    if tiled.tile_src.shape[0] != nnz:
+        raise ValueError(f"pyfinetune.tiled_csr_linear: tiled must be tiled_pattern of the same pattern (nnz = {nnz}), "
+                         f"got tile_src of {tiled.tile_src.shape[0]} entries")
+    if _transforms_active():
+        # torch.func transforms, forward-mode AD: the op's registered autograd does not run there;
+        # csr_linear composes the same product of torch ops.
+        return csr_linear(x, values, *pattern, bias=bias)
     with torch.no_grad():
         tile_values = values.index_select(0, tiled.tile_src)
     if torch.is_grad_enabled() and (x2.requires_grad or values.requires_grad

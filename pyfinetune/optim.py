@@ -160,7 +160,9 @@ def _local(t: Optional[Tensor]) -> Optional[Tensor]:
 
 def _check_number(name: str, value: Any, *, low: float = 0.0, high: Optional[float] = None,
                   high_inclusive: bool = False, where: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: also NumPy scalars (an LR scheduler's lambda may return np.float32); the kernels
+    # get float(value).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}{where} must be a number, got {type(value).__name__}")
     if not math.isfinite(value) or value < low:
         raise ValueError(f"{name}{where} must be a finite number >= {low}, got {value}")
@@ -192,6 +194,15 @@ def _freeze(value: Any) -> Any:
     if t is tuple or t is list:
         return (t, tuple(_freeze(v) for v in value))
     return (t, id(value), value)  # holding `value` keeps its id from being reused
+
+
+def _laid_out_like(p: Tensor, value: Tensor) -> Tensor:
+    """``value`` (p's shape), or a copy of it with p's strides where they differ (size-1 dimensions
+    aside): state tensors must be laid out like their parameter. p is dense (checked)."""
+    if p.numel() <= 1 or value.shape != p.shape or _is_sharded(p) or _is_sharded(value) or all(
+            vs == ps for vs, ps, n in zip(value.stride(), p.stride(), p.shape) if n > 1):
+        return value
+    return torch.empty_like(p, dtype=value.dtype, memory_format=torch.preserve_format).copy_(value)
 
 
 class _StepPlan:
@@ -233,6 +244,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             if isinstance(step, numbers.Real) and not isinstance(step, bool) and isinstance(p, Tensor):
                 st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)  # an old pickle
         self._step_called = [False]
+        self._anchor_source = None  # constructor-only (add_param_group reads them)
+        self._anchor_index = 0
         self._invalidate_plan()
 
     # Hyper-parameters that a step validates and passes to the kernels.
@@ -514,6 +527,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                         st["anchor"] = kept["anchor"]
                     if "mask" in kept and "mask" not in st:
                         self.set_mask(p, kept["mask"])  # zeroes the parameter and its loaded moments
+                    elif "mask" in st:
+                        self.set_mask(p, st["mask"])  # a loaded mask holds at once, as set_mask's does
         self._invalidate_plan()
 
     def _load_state_dict_checked(self, state_dict, saved_state, saved_groups, own_groups) -> None:
@@ -536,6 +551,9 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     if not isinstance(value, Tensor):
                         continue
                     if key == "step":
+                        if value.numel() != 1:
+                            raise ValueError(f"{type(self).__name__}.load_state_dict: state 'step' of parameter {pid} "
+                                             f"must hold one value, got shape {tuple(value.shape)}")
                         st[key] = value.detach().to(device=p.device, dtype=torch.float32).reshape(())
                     elif key == "anchor":
                         st[key] = self._load_like(p, value, None, f"state {key!r} of parameter {pid}")
@@ -570,7 +588,18 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 f"{name} is a DTensor but the parameter is a plain tensor; load a full state dict "
                 "(torch.distributed.checkpoint.state_dict.get_optimizer_state_dict with full_state_dict=True)"
             )
-        return value.to(device=p.device, dtype=dtype or value.dtype)
+        return _laid_out_like(p, value.to(device=p.device, dtype=dtype or value.dtype))
+
+    def _follow_param_layout(self, p: Tensor) -> None:
+        """Lay out p's state tensors like p (the kernels need equal strides) where p's layout changed
+        behind the optimizer's back (``model.to(memory_format=torch.channels_last)`` after its
+        creation): copies with the same values, as torch's optimizers keep working there."""
+        state = self.state.get(p)
+        if not state or _is_sharded(p):
+            return
+        for key, value in state.items():
+            if key != "step" and isinstance(value, Tensor) and value.shape == p.shape and value.device == p.device:
+                state[key] = _laid_out_like(p, value)
 
     # ------------------------------------------------------------------------------------ step
     def _amp_tensors(self, device: torch.device) -> Tuple[Optional[Tensor], Optional[Tensor]]:
@@ -627,6 +656,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                         "where it holds the anchors"
                     )
                 self._check_state(p, f"parameter {j}{where}")
+                if not torch.compiler.is_compiling():
+                    self._follow_param_layout(p)
                 items.append((group, p, g))
         if not torch.compiler.is_compiling():
             # The kernels check this too, but per launch: a step launches once per dtype / device /
@@ -651,7 +682,9 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             gi = next(i for i, g in enumerate(self.param_groups) if g is group)
             for key in self._FLOAT32_KEYS:
                 value = group[key]
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > big:
+                if isinstance(value, Tensor) and value.device.type == "cpu" and value.numel() == 1:
+                    value = value.item()  # a CPU tensor lr is read on the host anyway (_check_lr)
+                if isinstance(value, numbers.Real) and not isinstance(value, bool) and value > big:
                     raise ValueError(f"{key} (param group {gi}) must be at most {big:.6g} (float32's largest) for "
                                      f"{p.dtype} parameters, got {value}")
 
@@ -845,9 +878,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _grad_like_param(p: Tensor, g: Tensor) -> Tensor:
-        if p.numel() <= 1 or all(gs == ps for gs, ps, n in zip(g.stride(), p.stride(), p.shape) if n > 1):
-            return g
-        return torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
+        return _laid_out_like(p, g)  # DTensors: their local shards, after _local (_finish_bucket)
 
     @staticmethod
     def _lr_entry(group: Dict[str, Any], device: torch.device,
@@ -1084,7 +1115,11 @@ class SGD(_FusedPenalizedOptimizer):
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
             # Not started: its first step starts it from the gradient (no dampening), as a buffer
-            # created by that step would be; a loaded state replaces it.
+            # created by that step would be; a loaded state replaces it. Kept beside the state, not
+            # in it: torch.distributed.checkpoint loads into the keys of a fresh optimizer's
+            # state_dict and refuses a key the checkpoint lacks. Pickling and deepcopy carry it; a
+            # state_dict does not (a checkpoint taken before the first gradient resumes with its
+            # buffers counted as started: with dampening, the first update is dampened).
             self._unstarted().add(p)
         return state
 
@@ -1094,6 +1129,18 @@ class SGD(_FusedPenalizedOptimizer):
         if not hasattr(self, "_unstarted_buffers"):
             self._unstarted_buffers = set()
         return self._unstarted_buffers
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = super().__getstate__()
+        unstarted = self._unstarted()
+        state["_unstarted_positions"] = [(gi, j) for gi, g in enumerate(self.param_groups)
+                                         for j, p in enumerate(g["params"]) if p in unstarted]
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        positions = state.pop("_unstarted_positions", [])
+        super().__setstate__(state)
+        self._unstarted_buffers = {self.param_groups[gi]["params"][j] for gi, j in positions}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -739,3 +739,14 @@ def test_csr_linear_kept_weights_with_no_columns(dtype):
     with pytest.raises(RuntimeError, match=r"csr_linear: col_indices\[0\] = 0 is out of range"):
         torch.ops.pyfinetune.csr_linear(x, torch.ones(1, dtype=dtype), one, torch.zeros(1, dtype=torch.int32),
                                         torch.zeros(1, dtype=torch.int32), None)
+
+
+def test_pattern_from_csr_refuses_unsorted_or_repeated_columns():
+    # Documented "columns sorted within each row", checked for CPU patterns: repeated or unsorted
+    # columns made the sparse kernel add a weight twice while to_dense / the dense path refused.
+    with pytest.raises(ValueError, match=r"col_indices must increase strictly within each row, got 1 then 1 in row 0"):
+        ops.pattern_from_csr(torch.tensor([0, 2]), torch.tensor([1, 1]), 3)
+    with pytest.raises(ValueError, match=r"got 2 then 0 in row 1"):
+        ops.pattern_from_csr(torch.tensor([0, 1, 3]), torch.tensor([2, 2, 0]), 3)
+    p = ops.pattern_from_csr(torch.tensor([0, 1, 3]), torch.tensor([2, 0, 2]), 3)  # rows may restart
+    assert p.col_indices.tolist() == [2, 0, 2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 import warnings
 
 import pytest
@@ -243,8 +244,10 @@ def test_a_rolled_back_load_keeps_init_state_buffers_unstarted():
     # optimizer back with _state_snapshot / _restore_state when a later part is refused: SGD's zero buffers
     # of init_state must still start from the gradient afterwards (with dampening they differ).
     ref, ours_model, x, theirs, ours = _dampened_sgd_pair()
-    other = SGD(copy.deepcopy(ref).parameters(), lr=0.1, momentum=0.9, dampening=0.5)
-    other.init_state()
+    other_model = copy.deepcopy(ref)
+    other = SGD(other_model.parameters(), lr=0.1, momentum=0.9, dampening=0.5)
+    other_model(x).sum().backward()
+    other.step()  # its buffers are started
     snap = ours._state_snapshot()
     ours.load_state_dict(other.state_dict())
     assert not ours._unstarted()
@@ -389,3 +392,118 @@ def test_a_refused_state_dict_leaves_the_optimizer_as_it_was(kind):
     assert_bitwise_equal(snapshot(opt), before)
     p.grad = torch.randn(3)
     opt.step()  # still usable
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_unstarted_sgd_buffers_survive_a_copy(how):
+    # init_state's zero buffers (FSDP2 parameters get them at construction): a copied optimizer
+    # lost which were unstarted (torch pickles defaults, state and groups only), so its first step
+    # was dampened. (A state_dict does not carry it: torch.distributed.checkpoint loads into the
+    # keys of a fresh optimizer's state_dict, see SGD._init_state.)
+    ref, ours_model, x, theirs, ours = _dampened_sgd_pair()
+    if how == "deepcopy":
+        ours_model, ours = copy.deepcopy((ours_model, ours))
+    else:
+        ours_model, ours = pickle.loads(pickle.dumps((ours_model, ours)))
+    assert len(ours._unstarted()) == 2
+    for _ in range(2):
+        _step_both(ref, ours_model, x, theirs, ours)
+    assert not ours._unstarted()
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_add_param_group_after_deepcopy_and_pickle(kind):
+    model = torch.nn.Linear(3, 2)
+    cls = AdamW if kind == "adamw" else SGD
+    opt = cls([model.weight], lr=0.1, l2sp=0.1, **({"momentum": 0.9} if kind == "sgd" else {}))
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        copied.add_param_group({"params": [copied.param_groups[0]["params"][0].new_zeros(2, requires_grad=True)]})
+        assert len(copied.param_groups) == 2
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_state_follows_a_parameter_whose_memory_format_changed(kind):
+    # model.to(memory_format=torch.channels_last) after the optimizer was made (or a state saved from
+    # a contiguous model loaded into a channels_last one): the state tensors had the old strides,
+    # every step was refused by the kernel, and a refused step had already updated the parameters
+    # of earlier launches (a bfloat16 bias here). torch's optimizers carry on; so do ours now.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3)
+    bias16 = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    ref_w, ref_b = copy.deepcopy(conv.weight), copy.deepcopy(bias16)  # ours, the layout unchanged
+    kw = {"momentum": 0.9} if kind == "sgd" else {}
+    cls = AdamW if kind == "adamw" else SGD
+    ours = cls([{"params": [bias16]}, {"params": [conv.weight]}], lr=0.1, **kw)
+    theirs = cls([{"params": [ref_b]}, {"params": [ref_w]}], lr=0.1, **kw)
+
+    def step(opt, w, b, seed):
+        g = torch.Generator().manual_seed(seed)
+        w.grad = torch.randn(w.shape, generator=g).contiguous(memory_format=torch.channels_last)
+        b.grad = torch.randn(b.shape, generator=g).to(b.dtype)
+        opt.step()
+
+    step(ours, conv.weight, bias16, 1)
+    step(theirs, ref_w, ref_b, 1)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    for seed in (2, 3):
+        step(ours, conv.weight, bias16, seed)
+        step(theirs, ref_w, ref_b, seed)
+    assert torch.equal(conv.weight, ref_w) and torch.equal(bias16, ref_b)  # each stepped 3 times, once each
+    key = "exp_avg" if kind == "adamw" else "momentum_buffer"
+    assert ours.state[conv.weight][key].stride() == conv.weight.stride()
+    # A state saved from the contiguous layout loads laid out like the channels_last parameter.
+    contiguous = torch.nn.Parameter(conv.weight.detach().contiguous())
+    saver = cls([{"params": [bias16.detach().clone().requires_grad_()]}, {"params": [contiguous]}], lr=0.1, **kw)
+    saver.load_state_dict(ours.state_dict())
+    assert saver.state[contiguous][key].is_contiguous()
+    ours.load_state_dict(saver.state_dict())
+    assert ours.state[conv.weight][key].stride() == conv.weight.stride()
+
+
+def test_numpy_hyper_parameters_and_a_scheduler_returning_them():
+    # An LR lambda returning np.float32 (NumPy 2 keeps the type) left lr a NumPy scalar: refused.
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    ours = AdamW(a.parameters(), lr=np.float32(0.1), weight_decay=np.float64(0.01), l2sp=np.float32(0.5))
+    theirs = AdamW(b.parameters(), lr=0.1, weight_decay=0.01, l2sp=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(ours, lambda e: np.float32(0.5) ** e)
+    tsched = torch.optim.lr_scheduler.LambdaLR(theirs, lambda e: 0.5 ** e)
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        for m, opt, sch in ((a, ours, sched), (b, theirs, tsched)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+            sch.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_refusals_of_a_tensor_lr_beyond_float32_and_a_malformed_step():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamW([p], lr=torch.tensor(1e39, dtype=torch.float64))
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"lr \(param group 0\) must be at most 3.40282e\+38"):
+        opt.step()
+    assert torch.equal(p, torch.ones(3)) and not opt.state[p]
+    good = AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    good.step()
+    sd = good.state_dict()
+    sd["state"][0]["step"] = torch.tensor([1.0, 2.0])
+    before = copy.deepcopy(good.state_dict())
+    with pytest.raises(ValueError, match=r"state 'step' of parameter 0 must hold one value, got shape \(2,\)"):
+        good.load_state_dict(sd)
+    assert torch.equal(good.state_dict()["state"][0]["exp_avg"], before["state"][0]["exp_avg"])
+
+
+def test_a_loaded_mask_holds_at_once():
+    p = torch.nn.Parameter(torch.ones(4))
+    mask = torch.tensor([True, False, True, False])
+    saver = AdamW([torch.nn.Parameter(torch.ones(4))], lr=0.1)
+    saver.set_mask(saver.param_groups[0]["params"][0], mask)
+    opt = AdamW([p], lr=0.1)
+    opt.load_state_dict(saver.state_dict())
+    assert torch.equal(p.detach(), mask.float())  # as set_mask does, not only at the next step

@@ -258,6 +258,27 @@ def test_fully_pruned_and_empty_layers(kernel):
     assert nobias.bias is None and (nobias(torch.randn(2, 7)) == 0).all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", [(3, 0), (0, 4)], ids=["in_features=0", "out_features=0"])
+@pytest.mark.parametrize("batch", [(5,), (2, 3)], ids=["2d", "3d"])
+def test_zero_size_layers_train(kernel, shape, batch):
+    # A layer with no inputs or no outputs: the dense path's backward reshaped with -1 (ambiguous
+    # with a zero dimension) and raised; gradients as nn.Linear gives them.
+    m, k = shape
+    layer = SparseLinear.from_dense(torch.randn(m, k), torch.ones(m, k, dtype=torch.bool), torch.randn(m),
+                                    kernel=kernel)
+    ref = torch.nn.Linear(k, m)
+    with torch.no_grad():
+        ref.weight.zero_()
+        ref.bias.copy_(layer.bias)
+    x = torch.randn(*batch, k, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    layer(x).sum().backward()
+    ref(xr).sum().backward()
+    assert torch.equal(x.grad, xr.grad) and torch.equal(layer.bias.grad, ref.bias.grad)
+    assert layer.values.grad.shape == (0,)
+
+
 # ------------------------------------------------------------------------------------ state_dict
 @pytest.mark.parametrize("device", device_params())
 def test_state_dict_round_trip_same_pattern(device):
