@@ -103,8 +103,12 @@ def _as_rows(name: str, x) -> torch.Tensor:
         raise TypeError(f"pyfinetune.kd_loss: {name} must be a tensor, got {type(x).__name__}")
     if x.dtype not in _LOGIT_DTYPES:
         raise TypeError(f"pyfinetune.kd_loss: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if x.layout != torch.strided:
+        raise TypeError(f"pyfinetune.kd_loss: {name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dim() < 1 or x.shape[-1] < 1:
-        raise ValueError(f"pyfinetune.kd_loss: {name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+        size = "k" if name.startswith("teacher_topk") else "V"
+        raise ValueError(f"pyfinetune.kd_loss: {name} must have shape [..., {size}] with {size} >= 1, got "
+                         f"{tuple(x.shape)}")
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if rows.shape[-1] > 1 and rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -208,19 +212,21 @@ class _EagerKdLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, op, others, labels, options, reduction):
         temperature, alpha, divergence, beta, ignore_index = options
+        kept_scale = _kept_gradient_scale(student, options, labels is not None)
         count = None
-        if reduction == "batchmean":
+        if reduction == "batchmean" and student.dtype != torch.float16:  # float16: see _kept_gradient_scale
             count = _host_count(student.shape[0], labels, ignore_index, sync_ok=_ops._may_read_on_host([student]))
         # Below autograd: the op's registered (Python) autograd kernel would otherwise run here
         # too, although grad mode is off inside forward.
         with torch._C._AutoDispatchBelowAutograd():
             loss_rows, grad = op(student, *others, temperature=temperature, alpha=alpha, divergence=divergence,
                                  beta=beta, ignore_index=ignore_index, need_grad=True,
-                                 grad_scale=1.0 / count if count is not None else 1.0)
+                                 grad_scale=1.0 / count if count is not None else kept_scale)
         loss, count_used = _reduce_eager(loss_rows, labels, ignore_index, reduction, count)
         ctx.save_for_backward(grad)
         ctx.count = count_used
         ctx.folded = count is not None  # the kept gradient is already divided by the count
+        ctx.kept_scale = kept_scale
         ctx.reduction = reduction
         return loss
 
@@ -234,11 +240,35 @@ class _EagerKdLoss(torch.autograd.Function):
         # of the [N, 1] scale).
         if ctx.reduction == "batchmean" and not ctx.folded:
             grad_out = grad_out / ctx.count
+        if ctx.kept_scale != 1.0:
+            grad_out = grad_out / ctx.kept_scale  # a power of two: exact
         math_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
         scale = grad_out if grad_out.dtype == math_dtype else grad_out.to(math_dtype)
         scale = scale.unsqueeze(-1) if ctx.reduction == "none" else scale.view(1, 1)
         (g_student,) = _ops.scale_kept_gradients(ctx, (grad,), scale, (grad.dtype,))
         return g_student, None, None, None, None, None
+
+
+# A float16 student keeps the forward's gradient in float16, where its entries (probabilities over
+# a large vocabulary, ~1e-5, and less once divided by the batch) fall in the subnormal range or
+# below it: a GradScaler's factor, applied only in the backward, could no longer restore them (a
+# third of the entries were 0 at 512 x 32000). The kernels write them scaled by a power of two that
+# keeps the largest possible entry, w_kd / T + w_ce (|dD/ds_i| <= 1 / T for forward_kl and jsd,
+# |dCE/ds_i| <= 1), within 2^13, and the backward divides it out in float32 before its one rounding,
+# as torch's composition rounds scale * gradient once. reverse_kl's entries have no such bound
+# (q log(q / p)): unscaled, but not divided by the batch either.
+_KEPT_FP16_TOP = 8192.0
+
+
+def _kept_gradient_scale(student: torch.Tensor, options: tuple, has_labels: bool) -> float:
+    """The factor the kernels write a kept float16 gradient with (1.0 for other dtypes)."""
+    if student.dtype != torch.float16:
+        return 1.0
+    temperature, alpha, divergence = options[0], options[1], options[2]
+    if divergence == "reverse_kl":
+        return 1.0
+    bound = alpha * temperature + (1.0 - alpha) if has_labels else temperature
+    return float(2.0 ** min(max(math.floor(math.log2(_KEPT_FP16_TOP / bound)), 0), 24))
 
 
 def _kd_eager(op, student: torch.Tensor, others: tuple, labels: Optional[torch.Tensor], options: tuple,
@@ -305,9 +335,12 @@ def _kd_composed(s: torch.Tensor, log_p: torch.Tensor, labels: Optional[torch.Te
         d = beta * _kl_rows(log_p, log_m) + (1.0 - beta) * _kl_rows(log_q, log_m)
     rows = (temperature * temperature) * d
     if labels is not None:
-        if alpha < 1.0:  # with alpha = 1 the labels only select rows (0 * an infinite CE would be NaN)
+        # alpha = 1: the labels only select rows; alpha = 0: the divergence drops out. Either way the
+        # zero-weighted term is left out (0 * an infinite CE or divergence would be NaN), as the
+        # kernels skip a term whose weight is 0.
+        if alpha < 1.0:
             ce = torch.nn.functional.cross_entropy(s, torch.where(ignored.squeeze(-1), 0, labels), reduction="none")
-            rows = alpha * rows + (1.0 - alpha) * ce
+            rows = ce if alpha == 0.0 else alpha * rows + (1.0 - alpha) * ce
         rows = torch.where(ignored.squeeze(-1), 0.0, rows)
     return _reduce(rows, labels, ignore_index, reduction)
 
@@ -379,6 +412,7 @@ def kd_loss(
     loss_rows, _ = torch.ops.pyfinetune.kd_loss_fwd(
         s, t.detach(), lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
         beta=float(beta), ignore_index=int(ignore_index), need_grad=_need_grad(s),
+        grad_scale=_kept_gradient_scale(s, options, lab is not None),
     )
     return _reduce(loss_rows, lab, ignore_index, reduction)
 
@@ -464,6 +498,7 @@ def kd_loss_topk(
     loss_rows, _ = torch.ops.pyfinetune.kd_loss_topk_fwd(
         s, v.detach(), idx, lab, temperature=float(temperature), alpha=float(alpha), divergence=divergence,
         beta=float(beta), ignore_index=int(ignore_index), need_grad=_need_grad(s),
+        grad_scale=_kept_gradient_scale(s, options, lab is not None),
     )
     return _reduce(loss_rows, lab, ignore_index, reduction)
 
@@ -782,6 +817,9 @@ def fused_linear_kd_loss(
     if student_weight.dim() != 2 or teacher_weight.dim() != 2:
         raise ValueError("pyfinetune.fused_linear_kd_loss: student_weight and teacher_weight must be 2-D [V, H]")
     vocab = student_weight.shape[0]
+    if vocab < 1:
+        raise ValueError("pyfinetune.fused_linear_kd_loss: student_weight must have at least one row (V >= 1 "
+                         f"classes), got shape {tuple(student_weight.shape)}")
     if teacher_weight.shape[0] != vocab:
         raise ValueError(
             f"pyfinetune.fused_linear_kd_loss: teacher_weight must have V = {vocab} rows like student_weight, got "

@@ -167,3 +167,13 @@ def test_large_temperatures_warn_in_float32_only():
         ref = kd_loss(s.double(), t.double(), temperature=1000.0).item()
         err = abs(kd_loss(s, t, temperature=1000.0).item() - ref) / ref
     assert err > 1e-4
+
+
+def test_empty_vocabularies_and_sparse_logits_are_named():
+    from pyfinetune.losses import fused_linear_kd_loss, kd_loss_topk
+    with pytest.raises(ValueError, match=r"student_weight must have at least one row \(V >= 1 classes\), got shape \(0, 4\)"):
+        fused_linear_kd_loss(torch.randn(3, 4), torch.randn(0, 4), torch.randn(3, 5), torch.randn(0, 5))
+    with pytest.raises(ValueError, match=r"teacher_topk_logits must have shape \[\.\.\., k\] with k >= 1"):
+        kd_loss_topk(torch.randn(3, 10), torch.randn(3, 0), torch.zeros(3, 0, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"student_logits must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
+        kd_loss(torch.randn(3, 10).to_sparse(), torch.randn(3, 10))

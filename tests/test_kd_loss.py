@@ -1,12 +1,14 @@
 """kd_loss / DistillationLoss against the float64 reference of tests/reference_kd.py."""
 
+import contextlib
+
 import pytest
 import torch
 
 import pyfinetune
 from pyfinetune.losses import DistillationLoss, kd_loss
 from conftest import device_params, same_layout_input
-from reference_kd import assert_grad_close, assert_loss_close, kd_reference
+from reference_kd import assert_grad_close, assert_loss_close, kd_reference, kd_reference_rows, reduce_rows
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
@@ -457,3 +459,87 @@ def test_a_topk_row_with_an_undefined_loss_gets_a_nan_gradient(device, divergenc
     (grad,) = torch.autograd.grad(loss.sum(), x)
     assert torch.isnan(loss[[0, 2]]).all() and torch.isnan(grad[[0, 2]]).all()
     assert torch.isfinite(loss[1]) and torch.isfinite(grad[1]).all()
+
+
+class _NoOpMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("path", ["eager", "registered"])
+def test_float16_gradient_survives_a_grad_scaler(device, divergence, labels, path):
+    # A float16 student keeps its gradient in float16: written already divided by the batch, its
+    # entries (~1e-5 / N) were flushed to 0 or left subnormal before a GradScaler's x65536 reached
+    # them in the backward (a third of them 0 at 512 x 32000, 3e-2 relative error). Now scaled into
+    # float16's normal range (forward_kl, jsd) or at least not divided by the batch (reverse_kl),
+    # and compared with torch's composition, which rounds 65536 * gradient once.
+    g = torch.Generator().manual_seed(11)
+    n, v = 256, 8000
+    s = (torch.randn(n, v, generator=g) * 3).half().to(device)
+    t = (torch.randn(n, v, generator=g) * 3).to(device)
+    lab = torch.randint(0, v, (n,), generator=g).to(device) if labels else None
+    kw = dict(temperature=2.0, alpha=0.5, divergence=divergence)
+    x = s.clone().requires_grad_()
+    ctx = _NoOpMode() if path == "registered" else contextlib.nullcontext()
+    with ctx:
+        loss = kd_loss(x, t, lab, **kw)
+    (loss * 65536).backward()
+    ref = kd_reference(s, t, lab, grad_output=torch.tensor(65536.0, dtype=torch.float64), **kw)[1]
+    xt = s.clone().requires_grad_()  # torch's composition in float32 from the float16 leaf
+    rows = kd_reference_rows(xt, t, lab, compute_dtype=torch.float32, **kw)
+    (reduce_rows(rows, lab, -100, "batchmean") * 65536).backward()
+
+    def rel(a):
+        return ((a.double() - ref).norm() / ref.norm()).item()
+
+    zeros, torch_zeros = (x.grad == 0).float().mean().item(), (xt.grad == 0).float().mean().item()
+    assert zeros <= torch_zeros + 1e-3, (zeros, torch_zeros)
+    assert rel(x.grad) <= 2 * rel(xt.grad) + 1e-4, (rel(x.grad), rel(xt.grad))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("masked", [1000, 1024, 2048, 3000])
+def test_mixed_mask_conventions_do_not_depend_on_the_vocabulary_order(device, divergence, masked):
+    # Masked classes given as -inf in one input and a huge finite negative in the other (finfo.min,
+    # -1e9): both are zero probabilities. The CPU kernel's running-maximum rescale multiplied an
+    # infinite cross term by 0 when such classes filled a whole 1024-wide tile before the maximum
+    # grew: NaN in that order, a finite loss with the classes at the end of the row.
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(2, 4096, generator=g) * 3
+    t = torch.randn(2, 4096, generator=g) * 3
+    ninf = float("-inf")
+    s[:, :masked], t[:, :masked] = ninf, -1e9
+    if divergence == "reverse_kl":  # the mirror: the teacher's -inf against the student's finite
+        s[:, :masked], t[:, :masked] = -1e9, ninf
+    clean_s, clean_t = s.clone(), t.clone()
+    clean_s[:, :masked] = clean_t[:, :masked] = ninf  # the same distributions, one convention
+    kw = dict(temperature=2.0, divergence=divergence, reduction="none")
+    ref = kd_loss(clean_s.to(device), clean_t.to(device), **kw)
+    for flip in (False, True):
+        ss, tt = (s.flip(-1), t.flip(-1)) if flip else (s, t)
+        x = ss.to(device).requires_grad_()
+        loss = kd_loss(x, tt.to(device), **kw)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_alpha_zero_with_an_infinite_divergence_under_torch_func(divergence):
+    # alpha = 0 leaves only the cross-entropy; the torch.func composition multiplied an infinite
+    # divergence (the student's -inf where the teacher has mass) by 0: NaN, where eager gives CE.
+    s = torch.tensor([[0.0, float("-inf"), 1.0, 0.5], [0.3, 0.1, -0.2, 0.0]])
+    t = torch.tensor([[0.0, 2.0, 1.0, 0.5], [float("-inf"), 1.0, 0.0, 0.0]])
+    lab = torch.tensor([2, 1])
+    kw = dict(alpha=0.0, divergence=divergence, temperature=2.0)
+    x = s.clone().requires_grad_()
+    eager = kd_loss(x, t, lab, **kw)
+    eager.backward()
+    grad, loss = torch.func.grad_and_value(lambda a: kd_loss(a, t, lab, **kw))(s)
+    torch.testing.assert_close(loss, eager.detach())
+    torch.testing.assert_close(grad, x.grad)
+    torch.testing.assert_close(eager.detach(), torch.nn.functional.cross_entropy(s, lab))

@@ -280,11 +280,15 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
       if (div == kForwardKL || div == kReverseKL) {
         // The cross-term weights are (t - mt) - (s - ms) (forward) or the opposite (reverse), with
         // the safe maxima: moving them shifts every weight summed so far by the same amount.
+        // A factor of 0 drops the terms summed so far (their probabilities are now exactly 0, and
+        // their weights may be infinite: a student -inf where the teacher was finite), as the
+        // CUDA kernels' rescale_w does; inf * 0 made the row NaN only when such terms filled a
+        // tile before the maximum grew.
         const T shift = (safe_of(old_t) - safe_of(new_t)) - (safe_of(old_s) - safe_of(new_s));
         if (div == kForwardKL) {
-          vw = (vw + vt * Vec(shift)) * Vec(rt);
+          vw = rt != T(0) ? (vw + vt * Vec(shift)) * Vec(rt) : Vec(T(0));
         } else {
-          vw = (vw - vs * Vec(shift)) * Vec(rs);
+          vw = rs != T(0) ? (vw - vs * Vec(shift)) * Vec(rs) : Vec(T(0));
         }
       }
       vs = vs * Vec(rs);

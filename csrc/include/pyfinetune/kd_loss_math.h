@@ -58,12 +58,12 @@ struct OnlineLse {
     if (x > max) {
       const T r = kd_exp(max - x);
       sum = sum * r + T(1);
-      wsum = wsum * r + w;
+      wsum = rescaled(wsum, r) + w;
       max = x;
     } else if (x != neg_inf<T>()) {
       const T e = kd_exp(x - max);
       sum += e;
-      wsum += e * w;
+      wsum += e != T(0) ? e * w : T(0);  // a zero probability adds nothing (w may be infinite)
     }
   }
   C10_HOST_DEVICE C10_ALWAYS_INLINE void merge(const OnlineLse& o) {
@@ -77,14 +77,17 @@ struct OnlineLse {
     if (o.max > max) {
       const T r = kd_exp(max - o.max);
       sum = sum * r + o.sum;
-      wsum = wsum * r + o.wsum;
+      wsum = rescaled(wsum, r) + o.wsum;
       max = o.max;
     } else {
       const T r = kd_exp(o.max - max);
       sum += o.sum * r;
-      wsum += o.wsum * r;
+      wsum += rescaled(o.wsum, r);
     }
   }
+  // w * r for a rescale by r; r == 0 drops the terms (their probabilities are exactly 0 now and
+  // their weights may be infinite), as add skips an exp of 0.
+  C10_HOST_DEVICE C10_ALWAYS_INLINE static T rescaled(T w, T r) { return r != T(0) ? w * r : T(0); }
   C10_HOST_DEVICE C10_ALWAYS_INLINE T lse() const { return max + kd_log(sum); }
   C10_HOST_DEVICE C10_ALWAYS_INLINE T mean_w() const { return wsum / sum; }
 };
