@@ -35,6 +35,7 @@ import numbers
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -457,6 +458,7 @@ class Finetuner:
         self._epoch_totals = torch.zeros(3, dtype=torch.float32 if self.device.type == "mps" else torch.float64)
         self._epoch_rng: Optional[Dict[str, Any]] = None
         self._rng_mark: Optional[Dict[str, Any]] = None  # RNG at the last step boundary, inside fit()
+        self._last_step_lr: Optional[float] = None  # the lr of the last step taken (an epoch's record)
         self._epoch_seconds = 0.0
         self.interrupted_checkpoint: Optional[str] = None  # where fit() saved the state at Ctrl-C
 
@@ -742,6 +744,12 @@ class Finetuner:
                 self.save_checkpoint(self.interrupted_checkpoint)
             raise
         finally:
+            if sys.exc_info()[0] is not None and self._rng_mark is not None:
+                # Interrupted or failed mid-step: put the random generators back where the last
+                # whole step left them (the shuffle and dropout draws of the step that did not
+                # finish are undone), so that fit() again continues as a resume of the checkpoint
+                # does, not from generators that ran ahead.
+                _set_rng(self._rng_mark, self.device)
             self._rng_mark = None
             self.model.train(was_training)
         return self.history
@@ -765,7 +773,9 @@ class Finetuner:
         bar = _progress_bar(self._bars, total=steps, initial=skip, desc=f"epoch {self.epoch + 1}/{epochs}",
                             unit="batch")
         totals = self._epoch_totals = self._epoch_totals.to(self.device)
-        lr = self.optimizer.param_groups[0]["lr"]
+        # Resumed after the epoch's last step (interrupted before its record): no step runs here,
+        # and the optimizer's lr is already the next step's.
+        lr = self._last_step_lr if skip and self._last_step_lr is not None else self.optimizer.param_groups[0]["lr"]
         try:
             for batch in batches:
                 inputs, labels = _unpack(batch)
@@ -778,6 +788,7 @@ class Finetuner:
                 totals[2] += n
                 self.step += 1
                 self._batch_in_epoch += 1
+                self._last_step_lr = float(lr)
                 self._rng_mark = _get_rng(self.device)
                 bar.update(1)
                 if self._bars and (self._batch_in_epoch % 10 == 0 or self._batch_in_epoch == steps):
@@ -890,7 +901,7 @@ class Finetuner:
             "epoch": self.epoch, "step": self.step, "batch_in_epoch": self._batch_in_epoch,
             "epoch_totals": self._epoch_totals.cpu().clone(), "epoch_seconds": self._epoch_seconds,
             "epoch_rng": self._epoch_rng, "rng": self._rng_mark if self._rng_mark is not None else _get_rng(self.device),
-            "history": copy.deepcopy(self.history),
+            "history": copy.deepcopy(self.history), "last_lr": self._last_step_lr,
         }
         if self._dist is not None:
             state["ranks"] = self._dist.gather({k: state[k] for k in _PER_RANK})
@@ -951,6 +962,8 @@ class Finetuner:
         self._epoch_seconds = float(state["epoch_seconds"])
         self._epoch_rng = mine["epoch_rng"]
         self.history = copy.deepcopy(state["history"])
+        last_lr = state.get("last_lr")  # absent from older checkpoints
+        self._last_step_lr = None if last_lr is None else float(last_lr)
         _set_rng(mine["rng"], self.device)
 
     def _check_model_state(self, saved: Dict[str, Any], will_plan: bool) -> None:

@@ -1563,7 +1563,10 @@ def _replace_layers(model: nn.Module, old_cls, convert, where: str, skip: Option
             continue
         new = new_of.get(id(module))
         if new is None:
-            new = convert(module)
+            try:
+                new = convert(module)
+            except (ValueError, TypeError) as e:  # name the layer that cannot be converted
+                raise type(e)(f"{where}: the layer at {name!r}: {e}") from None
             new.train(module.training)
             frozen = {n for n, p in module.named_parameters(recurse=False) if not p.requires_grad}
             if type(module).__name__ == "SemiStructuredLinear":

@@ -558,3 +558,59 @@ def test_head_parameter_of_a_container_leaves_the_container_prunable_and_extra_s
     again = Finetuner(copy.deepcopy(model), "prune", sparsity=0.5, head=["3", "1.pos"], prune_exclude=[], epochs=1,
                       progress=False)
     again.load_checkpoint(tmp_path / "last.pt")
+
+
+def _interrupt_at_forward(model, k, how):
+    """A forward pre-hook interrupting the k-th training forward: "sigint" (a Ctrl-C, deferred to
+    the end of the step) or "raise" (a KeyboardInterrupt inside the step, a second Ctrl-C)."""
+    calls = [0]
+
+    def hook(module, inputs):
+        if module.training:
+            calls[0] += 1
+            if calls[0] == k:
+                if how == "sigint":
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:
+                    raise KeyboardInterrupt
+
+    return model.register_forward_pre_hook(hook)
+
+
+def test_resume_after_an_epochs_last_step_records_that_steps_lr(tmp_path):
+    # Ctrl-C during an epoch's last step: the checkpoint holds the whole epoch but not its record;
+    # the resumed run wrote the record with the optimizer's lr, already the next step's.
+    def tuner():
+        return Finetuner(_mlp(0), "baseline", epochs=2, scheduler="linear", seed=3, progress=False)
+
+    reference = tuner()
+    reference.fit(_loader(n=64))
+    steps = 64 // 16
+    first = tuner()
+    handle = _interrupt_at_forward(first.model, steps, "sigint")
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(_loader(n=64), checkpoint_dir=tmp_path)
+    handle.remove()
+    assert first.history == [] and first.step == steps
+    resumed = tuner()
+    resumed.fit(_loader(n=64), resume=tmp_path / "last.pt")
+    _assert_same_run(resumed, reference)
+
+
+@pytest.mark.parametrize("at", [3, 5], ids=["mid-epoch", "epoch-start"])
+def test_fit_again_after_an_exception_in_a_step_continues_the_run(tmp_path, at):
+    # An exception inside a step (a second Ctrl-C, an error in forward) left the random generators
+    # past the last whole step (the shuffle of the epoch, dropout): fit() again on the same object
+    # drew other batches and masks than a resume from its checkpoint, which equals the run.
+    def tuner():
+        return Finetuner(_mlp(0, dropout=0.2), "baseline", epochs=2, seed=3, progress=False)
+
+    reference = tuner()
+    reference.fit(_loader(n=64))
+    again = tuner()
+    handle = _interrupt_at_forward(again.model, at, "raise")
+    with pytest.raises(KeyboardInterrupt):
+        again.fit(_loader(n=64), checkpoint_dir=tmp_path)
+    handle.remove()
+    again.fit(_loader(n=64))
+    _assert_same_run(again, reference)
