@@ -181,6 +181,36 @@ def _kd_fake_outputs(student, teacher, need_grad):
     return loss, grad
 
 
+_F32_MIN, _F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
+def _kd_fake_checks(op, student, teacher, labels, temperature, alpha, divergence, beta, grad_scale,
+                    teacher_name="teacher"):
+    """The metadata and option checks of the kernels (kd_loss_checks.cpp), which a fake / meta
+    call must refuse like the real one instead of returning plausible outputs."""
+    for name, t in (("student", student), (teacher_name, teacher)):
+        _fake_check(t.layout == torch.strided and t.dim() == 2 and t.dtype in _FLOAT_DTYPES, op,
+                    lambda name=name, t=t: f"{name} must be a 2-D float32, bfloat16, float16 or float64 tensor "
+                                           f"[N, V], got {t.dtype} of shape {tuple(t.shape)}")
+        _fake_check(t.shape[1] <= 1 or t.stride(1) == 1, op,
+                    lambda name=name, t=t: f"{name} must have unit stride along V (dim 1), got strides {t.stride()}")
+    _fake_check(student.shape[1] >= 1, op,
+                lambda: f"student must have at least one class (V >= 1), got shape {tuple(student.shape)}")
+    _fake_check(1e-18 <= temperature <= 1e18, op,
+                lambda: f"temperature must be a number in [1e-18, 1e18] (squared in float32), got {temperature}")
+    _fake_check(0.0 <= alpha <= 1.0, op, lambda: f"alpha must be in [0, 1], got {alpha}")
+    _fake_check(0.0 < beta < 1.0, op, lambda: f"beta must be in (0, 1), got {beta}")
+    _fake_check(_F32_MIN <= grad_scale <= _F32_MAX and temperature * temperature * grad_scale <= _F32_MAX, op,
+                lambda: f"grad_scale must be a finite number > 0 in float32's normal range with temperature^2 * "
+                        f"grad_scale <= 3.40282e+38, got {grad_scale}")
+    _fake_check(divergence in ("forward_kl", "reverse_kl", "jsd"), op,
+                lambda: f'divergence must be "forward_kl", "reverse_kl" or "jsd", got "{divergence}"')
+    if labels is not None:
+        _fake_check(labels.dtype == torch.int64 and labels.dim() == 1 and labels.shape[0] == student.shape[0], op,
+                    lambda: f"labels must be an int64 tensor of shape [N] = [{student.shape[0]}], got {labels.dtype} "
+                            f"of shape {tuple(labels.shape)}")
+
+
 def _kd_fake_devices(op, student, **others):
     # As the kernels check; a meta tensor mixed with real ones dispatches here and must be refused
     # (the outputs would be uninitialized real tensors).
@@ -193,6 +223,7 @@ def _kd_fake_devices(op, student, **others):
 def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index, need_grad,
                       grad_scale=1.0):
     _kd_fake_devices("kd_loss_fwd", student, teacher=teacher, labels=labels)
+    _kd_fake_checks("kd_loss_fwd", student, teacher, labels, temperature, alpha, divergence, beta, grad_scale)
     if teacher.shape != student.shape:
         raise RuntimeError(
             f"pyfinetune.kd_loss_fwd: teacher must have the shape of student {tuple(student.shape)}, "
@@ -205,6 +236,7 @@ def _kd_loss_fwd_fake(student, teacher, labels, *, temperature, alpha, divergenc
 def _kd_loss_fwd_inplace_fake(student, teacher, labels, *, temperature, alpha, divergence, beta, ignore_index,
                               grad_scale=1.0):
     _kd_fake_devices("kd_loss_fwd_inplace", student, teacher=teacher, labels=labels)
+    _kd_fake_checks("kd_loss_fwd_inplace", student, teacher, labels, temperature, alpha, divergence, beta, grad_scale)
     if teacher.shape != student.shape:
         raise RuntimeError(
             f"pyfinetune.kd_loss_fwd_inplace: teacher must have the shape of student {tuple(student.shape)}, "
@@ -228,6 +260,19 @@ def _kd_loss_topk_fwd_fake(student, teacher_values, teacher_indices, labels, *, 
             f"pyfinetune.kd_loss_topk_fwd: teacher_indices must have the shape of teacher_values "
             f"{tuple(teacher_values.shape)}, got {tuple(teacher_indices.shape)}"
         )
+    op = "kd_loss_topk_fwd"
+    _kd_fake_checks(op, student, teacher_values, labels, temperature, alpha, divergence, beta, grad_scale,
+                    teacher_name="teacher_values")
+    _fake_check(divergence != "reverse_kl", op,
+                lambda: "reverse_kl is not defined with a top-k teacher (the teacher's probability is 0 outside "
+                        "its k entries)")
+    _fake_check(teacher_values.shape[0] == student.shape[0], op,
+                lambda: f"teacher_values must have one row per row of student ({student.shape[0]}), got "
+                        f"{teacher_values.shape[0]}")
+    _fake_check(1 <= teacher_values.shape[1] <= student.shape[1], op,
+                lambda: f"teacher_values must have k in [1, V = {student.shape[1]}] columns, got {teacher_values.shape[1]}")
+    _fake_check(teacher_indices.dtype == torch.int64, op,
+                lambda: f"teacher_indices must be int64, got {teacher_indices.dtype}")
     return _kd_fake_outputs(student, teacher_values, need_grad)
 
 
@@ -426,6 +471,31 @@ def _not_needed(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _fake_check_float_x(op: str, x: Tensor) -> None:
+    _fake_check(x.dtype in _FLOAT_DTYPES, op, lambda: f"x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+
+
+def _fake_check_bias(op: str, bias: Optional[Tensor], m) -> None:
+    _fake_check(bias is None or (bias.dim() == 1 and bias.shape[0] == m), op,
+                lambda: f"bias must be None or a 1-D tensor [M] with M = {m}, got shape {tuple(bias.shape)}")
+
+
+def _fake_check_grad_out(op: str, grad_out: Tensor, n, m) -> None:
+    _fake_check(grad_out.dim() == 2 and grad_out.shape[0] == n and grad_out.shape[1] == m, op,
+                lambda: f"grad_out must be [N, M] = [{n}, {m}], got shape {tuple(grad_out.shape)}")
+
+
+def _fake_check_csr(op: str, values: Tensor, crow_indices: Tensor, col_indices: Tensor, row_order: Tensor) -> None:
+    # What the kernels check of the pattern's metadata (not its contents, which only the kernels read).
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices), ("row_order", row_order)):
+        _fake_check(t.dtype == torch.int32 and t.dim() == 1, op,
+                    lambda name=name, t=t: f"{name} must be a 1-D int32 tensor, got {t.dtype} of shape {tuple(t.shape)}")
+    _fake_check(values.dim() == 1, op, lambda: f"values must be 1-D [nnz], got shape {tuple(values.shape)}")
+    _fake_check(crow_indices.shape[0] >= 1 and row_order.shape[0] == crow_indices.shape[0] - 1, op,
+                lambda: f"row_order must have M = crow_indices.numel() - 1 = {crow_indices.shape[0] - 1} entries, "
+                        f"got {row_order.shape[0]}")
+
+
 @torch.library.register_fake("pyfinetune::masked_matmul")
 def _masked_matmul_fake(x, weight, mask, bias):
     op = "masked_matmul"
@@ -436,6 +506,8 @@ def _masked_matmul_fake(x, weight, mask, bias):
     _fake_check(mask.shape == weight.shape, op,
                 lambda: f"mask must have the shape of weight {tuple(weight.shape)}, got {tuple(mask.shape)}")
     _fake_check(mask.dtype == torch.bool, op, lambda: f"mask must be a bool tensor, got {mask.dtype}")
+    _fake_check_float_x(op, x)
+    _fake_check_bias(op, bias, weight.shape[0])
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -444,6 +516,13 @@ def _masked_matmul_backward_fake(grad_out, x, weight, mask, output_mask, dense_g
     op = "masked_matmul_backward"
     _fake_check_x(op, x)
     _fake_check_like_x(op, x, dict(grad_out=grad_out, weight=weight), dict(mask=mask))
+    _fake_check_float_x(op, x)
+    _fake_check(weight.dim() == 2 and weight.shape[1] == x.shape[1], op,
+                lambda: f"weight must be [M, K] with K = x.size(1) = {x.shape[1]}, got shape {tuple(weight.shape)}")
+    _fake_check(mask.shape == weight.shape, op,
+                lambda: f"mask must have the shape of weight {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    _fake_check(mask.dtype == torch.bool, op, lambda: f"mask must be a bool tensor, got {mask.dtype}")
+    _fake_check_grad_out(op, grad_out, x.shape[0], weight.shape[0])
     dx = x.new_empty(x.shape) if output_mask[0] else _not_needed(x)
     dweight = x.new_empty(weight.shape) if output_mask[1] else _not_needed(x)
     dbias = x.new_empty((weight.shape[0],)) if output_mask[2] else _not_needed(x)
@@ -459,6 +538,9 @@ def _csr_linear_fake(x, values, crow_indices, col_indices, row_order, bias):
     _fake_check(col_indices.shape == values.shape, op,
                 lambda: f"col_indices must have nnz = values.numel() = {values.numel()} entries, "
                         f"got shape {tuple(col_indices.shape)}")
+    _fake_check_float_x(op, x)
+    _fake_check_csr(op, values, crow_indices, col_indices, row_order)
+    _fake_check_bias(op, bias, crow_indices.shape[0] - 1)
     return x.new_empty((x.shape[0], crow_indices.shape[0] - 1))
 
 
@@ -470,6 +552,11 @@ def _csr_linear_backward_fake(grad_out, x, values, crow_indices, col_indices, ro
     _fake_check_like_x(op, x, dict(grad_out=grad_out, values=values),
                        dict(crow_indices=crow_indices, col_indices=col_indices, row_order=row_order,
                             ccol_indices=ccol_indices, row_indices=row_indices, csc_to_csr=csc_to_csr))
+    _fake_check_float_x(op, x)
+    _fake_check_csr(op, values, crow_indices, col_indices, row_order)
+    _fake_check_grad_out(op, grad_out, x.shape[0], crow_indices.shape[0] - 1)
+    _fake_check(ccol_indices.dim() == 1 and ccol_indices.shape[0] == x.shape[1] + 1, op,
+                lambda: f"ccol_indices must have K + 1 = {x.shape[1] + 1} entries, got shape {tuple(ccol_indices.shape)}")
     dx = x.new_empty(x.shape) if output_mask[0] else _not_needed(x)
     dvalues = x.new_empty(values.shape) if output_mask[1] else _not_needed(x)
     dbias = x.new_empty((crow_indices.shape[0] - 1,)) if output_mask[2] else _not_needed(x)
@@ -501,10 +588,9 @@ def _tiled_dx_fits(device: torch.device) -> bool:
 def _tiled_csr_linear_fake(x, tile_values, tile_ptr, tile_loc, out_features, bias):
     op = "tiled_csr_linear"
     _fake_check_x(op, x)
-    _fake_check(x.dtype in _FLOAT_DTYPES, op, lambda: f"x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    _fake_check_float_x(op, x)
     _fake_check_like_x(op, x, dict(tile_values=tile_values, bias=bias), dict(tile_ptr=tile_ptr, tile_loc=tile_loc))
-    _fake_check(bias is None or tuple(bias.shape) == (out_features,), op,
-                lambda: f"bias must be None or a 1-D tensor [M] with M = {out_features}, got shape {tuple(bias.shape)}")
+    _fake_check_bias(op, bias, out_features)
     _fake_check(tile_values.shape[0] <= out_features * x.shape[1] if tile_values.dim() == 1 else True, op,
                 lambda: f"tile_values must have at most out_features * K = {out_features * x.shape[1]} entries")
     _fake_check(0 <= out_features <= _INT32_MAX, op,
@@ -517,7 +603,7 @@ def _tiled_csr_linear_fake(x, tile_values, tile_ptr, tile_loc, out_features, bia
 def _tiled_csr_linear_backward_values_fake(grad_out, x, tile_ptr, tile_loc, tile_src):
     op = "tiled_csr_linear_backward_values"
     _fake_check_x(op, x)
-    _fake_check(x.dtype in _FLOAT_DTYPES, op, lambda: f"x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    _fake_check_float_x(op, x)
     _fake_check_like_x(op, x, dict(grad_out=grad_out), dict(tile_ptr=tile_ptr, tile_loc=tile_loc, tile_src=tile_src))
     _fake_check(grad_out.dim() == 2 and grad_out.shape[0] == x.shape[0], op,
                 lambda: f"grad_out must be [N, M] with N = x.size(0) = {x.shape[0]}, got shape {tuple(grad_out.shape)}")
