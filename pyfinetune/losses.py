@@ -227,6 +227,13 @@ class _EagerKdLoss(torch.autograd.Function):
         ctx.count = count_used
         ctx.folded = count is not None  # the kept gradient is already divided by the count
         ctx.kept_scale = kept_scale
+        # Rows that are a view of a leaf (a leaf of more than two dimensions, flattened): autograd
+        # stores the view's backward of the handed-on buffer as the leaf's .grad, and accumulates a
+        # retained graph's next backward into it in place, which changed the buffer that graph
+        # still reads (a third backward failed). Such a leaf gets a copy (logits computed by a
+        # layer, the usual case, are no leaf: no copy).
+        base = student._base
+        ctx.copy_grad = base is not None and base.is_leaf
         ctx.reduction = reduction
         return loss
 
@@ -246,6 +253,8 @@ class _EagerKdLoss(torch.autograd.Function):
         scale = grad_out if grad_out.dtype == math_dtype else grad_out.to(math_dtype)
         scale = scale.unsqueeze(-1) if ctx.reduction == "none" else scale.view(1, 1)
         (g_student,) = _ops.scale_kept_gradients(ctx, (grad,), scale, (grad.dtype,))
+        if ctx.copy_grad and g_student is grad:
+            g_student = g_student.clone()
         return g_student, None, None, None, None, None
 
 

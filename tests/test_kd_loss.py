@@ -543,3 +543,29 @@ def test_alpha_zero_with_an_infinite_divergence_under_torch_func(divergence):
     torch.testing.assert_close(loss, eager.detach())
     torch.testing.assert_close(grad, x.grad)
     torch.testing.assert_close(eager.detach(), torch.nn.functional.cross_entropy(s, lab))
+
+
+@pytest.mark.parametrize("fn", ["kd_loss", "kd_loss_topk"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_a_retained_graph_of_an_nd_leaf_student_backwards_many_times(fn, reduction):
+    # A leaf of more than two dimensions got the kept buffer (through the flattening view) as its
+    # .grad: autograd accumulated the next backward into it in place, and a third backward through
+    # the retained graph failed (the buffer it reads had changed); zeroing .grad in place between
+    # two backwards failed the same way. Such a leaf now gets a copy.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 50, generator=g, requires_grad=True)
+    t = torch.randn(2, 3, 50, generator=g)
+    if fn == "kd_loss":
+        loss = kd_loss(x, t, temperature=2.0, reduction=reduction)
+    else:
+        v, i = t.topk(5, dim=-1)
+        loss = pyfinetune.losses.kd_loss_topk(x, v, i, temperature=2.0, reduction=reduction)
+    loss = loss.sum()
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, 3 * first)
+    x.grad.zero_()
+    loss.backward()
+    torch.testing.assert_close(x.grad, first)
