@@ -86,3 +86,60 @@ def test_meta_calls_of_good_arguments_still_give_outputs():
                                torch.zeros(N, dtype=torch.long, device="meta"), temperature=2.0, alpha=0.5,
                                divergence="jsd", beta=0.3, ignore_index=-100, need_grad=True, grad_scale=0.25)
     assert loss.shape == (N,) and grad.shape == (N, V)
+
+
+def _adamw_args(p, **change):
+    args = dict(params=[p], grads=[torch.randn_like(p)], exp_avgs=[torch.zeros(p.shape)],
+                exp_avg_sqs=[torch.zeros(p.shape)], max_exp_avg_sqs=[], anchors=[], masks=[],
+                steps=[torch.tensor(1.0)], lrs=[0.1], lr_tensors=[], beta1s=[0.9], beta2s=[0.999], epss=[1e-8],
+                weight_decays=[0.0], l2sps=[0.0], l1s=[0.0])
+    args.update(change)
+    return args
+
+
+def _sgd_args(p, **change):
+    args = dict(params=[p], grads=[torch.randn_like(p)], momentum_buffers=[torch.zeros(p.shape)], anchors=[],
+                masks=[], lrs=[0.1], lr_tensors=[], momentums=[0.9], dampenings=[0.0], weight_decays=[0.0],
+                l2sps=[0.0], l1s=[0.0])
+    args.update(change)
+    return args
+
+
+_P = torch.randn(3, 4)
+OPTIM_CASES = {
+    "adamw grad dtype": ("adamw", _adamw_args(_P, grads=[_P.double()])),
+    "adamw grad strides": ("adamw", _adamw_args(_P, grads=[torch.randn(4, 3).t()])),
+    "adamw state dtype": ("adamw", _adamw_args(_P.bfloat16(), grads=[_P.bfloat16()],
+                                               exp_avgs=[torch.zeros(3, 4, dtype=torch.bfloat16)])),
+    "adamw lrs short": ("adamw", _adamw_args(_P, lrs=[])),
+    "adamw negative lr": ("adamw", _adamw_args(_P, lrs=[-1.0])),
+    "adamw beta 1": ("adamw", _adamw_args(_P, beta1s=[1.0])),
+    "adamw l2sp without anchor": ("adamw", _adamw_args(_P, l2sps=[0.1])),
+    "adamw int mask": ("adamw", _adamw_args(_P, masks=[torch.ones(3, 4, dtype=torch.int32)])),
+    "adamw steps f64": ("adamw", _adamw_args(_P, steps=[torch.tensor(1.0, dtype=torch.float64)])),
+    "adamw max_exp_avg_sqs without amsgrad": ("adamw", _adamw_args(_P, max_exp_avg_sqs=[torch.zeros(3, 4)])),
+    "sgd dampening 2": ("sgd", _sgd_args(_P, dampenings=[2.0])),
+    "sgd momentum without buffers": ("sgd", _sgd_args(_P, momentum_buffers=[])),
+    "sgd buffer dtype": ("sgd", _sgd_args(_P, momentum_buffers=[torch.zeros(3, 4, dtype=torch.float64)])),
+    "sgd nesterov with dampening": ("sgd", {**_sgd_args(_P, dampenings=[0.5]), "nesterov": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIM_CASES))
+def test_meta_optimizer_steps_refuse_what_the_kernels_refuse(name):
+    kind, args = OPTIM_CASES[name]
+    if kind == "adamw":
+        op, flags = P.fused_adamw_, dict(amsgrad=False, maximize=False, decoupled_l2sp=False)
+    else:
+        op, flags = P.fused_sgd_, dict(nesterov=False, maximize=False, decoupled_l2sp=False)
+    flags.update({k: args.pop(k) for k in ("nesterov",) if k in args})
+
+    def clone(v, device):
+        if isinstance(v, torch.Tensor):
+            return v.clone().to(device)
+        return [clone(t, device) for t in v] if isinstance(v, list) else v
+
+    with pytest.raises(RuntimeError):
+        op(**{k: clone(v, "cpu") for k, v in args.items()}, **flags)
+    with pytest.raises(RuntimeError):
+        op(**{k: clone(v, "meta") for k, v in args.items()}, **flags)
