@@ -35,7 +35,6 @@ import numbers
 import os
 import random
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -724,6 +723,7 @@ class Finetuner:
         self.interrupted_checkpoint = None
         was_training = self.model.training
         self._rng_mark = _get_rng(self.device)
+        failed = False
         try:
             with _deferred_sigint(self._dist is not None) as stop:
                 while self.epoch < epochs:
@@ -742,9 +742,13 @@ class Finetuner:
             if checkpoint_dir is not None:
                 self.interrupted_checkpoint = os.path.join(checkpoint_dir, "last.pt")
                 self.save_checkpoint(self.interrupted_checkpoint)
+            failed = True
+            raise
+        except BaseException:
+            failed = True
             raise
         finally:
-            if sys.exc_info()[0] is not None and self._rng_mark is not None:
+            if failed and self._rng_mark is not None:
                 # Interrupted or failed mid-step: put the random generators back where the last
                 # whole step left them (the shuffle and dropout draws of the step that did not
                 # finish are undone), so that fit() again continues as a resume of the checkpoint

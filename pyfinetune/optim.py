@@ -199,6 +199,8 @@ def _freeze(value: Any) -> Any:
 def _laid_out_like(p: Tensor, value: Tensor) -> Tensor:
     """``value`` (p's shape), or a copy of it with p's strides where they differ (size-1 dimensions
     aside): state tensors must be laid out like their parameter. p is dense (checked)."""
+    if value.stride() == p.stride():  # the usual case, first: this runs per parameter per uncached step
+        return value
     if p.numel() <= 1 or value.shape != p.shape or _is_sharded(p) or _is_sharded(value) or all(
             vs == ps for vs, ps, n in zip(value.stride(), p.stride(), p.shape) if n > 1):
         return value
@@ -597,8 +599,10 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state or _is_sharded(p):
             return
+        stride = p.stride()
         for key, value in state.items():
-            if key != "step" and isinstance(value, Tensor) and value.shape == p.shape and value.device == p.device:
+            if (key != "step" and isinstance(value, Tensor) and value.stride() != stride and value.shape == p.shape
+                    and value.device == p.device):
                 state[key] = _laid_out_like(p, value)
 
     # ------------------------------------------------------------------------------------ step

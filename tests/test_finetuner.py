@@ -614,3 +614,19 @@ def test_fit_again_after_an_exception_in_a_step_continues_the_run(tmp_path, at):
     handle.remove()
     again.fit(_loader(n=64))
     _assert_same_run(again, reference)
+
+
+def test_a_successful_fit_inside_an_except_block_keeps_the_generators():
+    # The restore on failure looked at sys.exc_info(), which inside a caller's except block names
+    # the caller's exception: a successful fit() rewound the generators to its last step.
+    def run():
+        tuner = Finetuner(_mlp(0), "baseline", epochs=1, seed=3, progress=False)
+        tuner.fit(_loader(n=32), callback=lambda t, r: torch.rand(3))
+        return torch.rand(2)
+
+    plain = run()
+    try:
+        raise RuntimeError("the caller's")
+    except RuntimeError:
+        inside = run()
+    assert torch.equal(plain, inside)
