@@ -260,8 +260,8 @@ class _EagerKdLoss(torch.autograd.Function):
 
 # A float16 student keeps the forward's gradient in float16, where its entries (probabilities over
 # a large vocabulary, ~1e-5, and less once divided by the batch) fall in the subnormal range or
-# below it: a GradScaler's factor, applied only in the backward, could no longer restore them (a
-# third of the entries were 0 at 512 x 32000). The kernels write them scaled by a power of two that
+# below it: a GradScaler's factor, applied only in the backward, could no longer restore them
+# (tests/test_kd_loss.py::test_float16_gradient_survives_a_grad_scaler). The kernels write them scaled by a power of two that
 # keeps the largest possible entry, w_kd / T + w_ce (|dD/ds_i| <= 1 / T for forward_kl and jsd,
 # |dCE/ds_i| <= 1), within 2^13, and the backward divides it out in float32 before its one rounding,
 # as torch's composition rounds scale * gradient once. reverse_kl's entries have no such bound

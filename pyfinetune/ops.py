@@ -138,8 +138,8 @@ def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anc
         _check_fake_lists(op, params, max_exp_avg_sqs=max_exp_avg_sqs)
         _check_fake_states(op, params, max_exp_avg_sqs=max_exp_avg_sqs)
     else:
-        _fake_opt_check(not max_exp_avg_sqs, op, "max_exp_avg_sqs must be empty when amsgrad=False")
-    _fake_opt_check(len(steps) == len(params), op, f"steps must have one tensor per parameter ({len(params)})")
+        _fake_check(not max_exp_avg_sqs, op, "max_exp_avg_sqs must be empty when amsgrad=False")
+    _fake_check(len(steps) == len(params), op, f"steps must have one tensor per parameter ({len(params)})")
     for i, t in enumerate(steps):
         _check_fake_scalar(op, f"steps[{i}]", t)
     return None
@@ -161,45 +161,41 @@ def _fused_sgd_fake(params, grads, momentum_buffers, anchors, masks, lrs, lr_ten
         _check_fake_lists(op, params, momentum_buffers=momentum_buffers)
         _check_fake_states(op, params, momentum_buffers=momentum_buffers)
     else:
-        _fake_opt_check(all(m == 0.0 for m in momentums), op,
-                        "momentums are not all 0 but momentum_buffers is empty; pass one buffer per parameter")
-    _fake_opt_check(not nesterov or all(m > 0.0 and d == 0.0 for m, d in zip(momentums, dampenings)), op,
-                    "nesterov=True needs momentum > 0 and dampening = 0")
+        _fake_check(all(m == 0.0 for m in momentums), op,
+                    "momentums are not all 0 but momentum_buffers is empty; pass one buffer per parameter")
+    _fake_check(not nesterov or all(m > 0.0 and d == 0.0 for m, d in zip(momentums, dampenings)), op,
+                "nesterov=True needs momentum > 0 and dampening = 0")
     return None
 
 
 # What the fused optimizer kernels check of their arguments' metadata and values
 # (csrc/fused_optim_checks.cpp; not the memory overlaps, which need the data pointers): a fake or
 # meta call must refuse what the kernels refuse.
-def _fake_opt_check(cond, op: str, msg: str) -> None:
-    if not cond:
-        raise RuntimeError(f"pyfinetune.{op}: {msg}")
-
-
 def _check_fake_values(op, n, **named):
     for name, (values, lo, hi, hi_inclusive) in named.items():
-        _fake_opt_check(len(values) == n, op, f"{name} must have one value per parameter ({n}), got {len(values)}")
+        _fake_check(len(values) == n, op, f"{name} must have one value per parameter ({n}), got {len(values)}")
         for i, x in enumerate(values):
             ok = math.isfinite(x) and x >= lo and (x <= hi if hi_inclusive else x < hi)
-            _fake_opt_check(ok, op, f"{name}[{i}] must be in [{lo}, {hi}{']' if hi_inclusive else ')'}, got {x}")
+            _fake_check(ok, op, f"{name}[{i}] must be in [{lo}, {hi}{']' if hi_inclusive else ')'}, got {x}")
 
 
 def _check_fake_scalar(op, name, t, allow_double=False):
-    _fake_opt_check(t.layout == torch.strided and t.numel() == 1, op, f"{name} must hold exactly one value")
+    _fake_check(t.layout == torch.strided and t.numel() == 1, op, f"{name} must hold exactly one value")
     ok = t.dtype == torch.float32 or (allow_double and t.dtype == torch.float64)
-    _fake_opt_check(ok, op, f"{name} must be float32{' or float64' if allow_double else ''}, got {t.dtype}")
+    _fake_check(ok, op, f"{name} must be float32{' or float64' if allow_double else ''}, got {t.dtype}")
 
 
-def _state_dtype_of(param_dtype):
-    return torch.float64 if param_dtype == torch.float64 else torch.float32
+def _state_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of a parameter's optimizer state: float64 for float64 parameters, else float32."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 def _check_fake_states(op, params, **lists):
     for name, states in lists.items():
         for i, (t, p) in enumerate(zip(states, params)):
-            _fake_opt_check(t.dtype == _state_dtype_of(p.dtype), op,
-                            f"{name}[{i}] must be {_state_dtype_of(p.dtype)} (optimizer state of a {p.dtype} "
-                            f"parameter), got {t.dtype}")
+            _fake_check(t.dtype == _state_dtype(p), op,
+                        f"{name}[{i}] must be {_state_dtype(p)} (optimizer state of a {p.dtype} parameter), got "
+                        f"{t.dtype}")
 
 
 def _check_fake_common(op, params, grads, anchors, masks, lrs, lr_tensors, weight_decays, l2sps, l1s, grad_scale,
@@ -209,34 +205,34 @@ def _check_fake_common(op, params, grads, anchors, masks, lrs, lr_tensors, weigh
     _check_fake_values(op, n, **{k: (v, 0.0, math.inf, False) for k, v in hypers.items()})
     if n:
         dtype = params[0].dtype
-        _fake_opt_check(dtype in _FLOAT_DTYPES, op,
-                        f"params must be float32, bfloat16, float16 or float64, got {dtype}")
+        _fake_check(dtype in _FLOAT_DTYPES, op,
+                    f"params must be float32, bfloat16, float16 or float64, got {dtype}")
         for name, values in hypers.items():
-            _fake_opt_check(dtype == torch.float64 or all(x <= _F32_MAX for x in values), op,
-                            f"{name} must be at most {_F32_MAX:.6g} (float32's largest) for {dtype} parameters")
+            _fake_check(dtype == torch.float64 or all(x <= _F32_MAX for x in values), op,
+                        f"{name} must be at most {_F32_MAX:.6g} (float32's largest) for {dtype} parameters")
     for i, p in enumerate(params):
-        _fake_opt_check(p.layout == torch.strided and p.dtype == params[0].dtype, op,
-                        f"all params must be dense tensors of one dtype: params[0] is {params[0].dtype}, params[{i}] "
-                        f"{p.dtype}")
-        _fake_opt_check(grads[i].layout == torch.strided and grads[i].dtype == p.dtype, op,
-                        f"grads[{i}] must be a dense tensor of the dtype of params[{i}] ({p.dtype}), got "
-                        f"{grads[i].dtype}")
+        _fake_check(p.layout == torch.strided and p.dtype == params[0].dtype, op,
+                    f"all params must be dense tensors of one dtype: params[0] is {params[0].dtype}, params[{i}] "
+                    f"{p.dtype}")
+        _fake_check(grads[i].layout == torch.strided and grads[i].dtype == p.dtype, op,
+                    f"grads[{i}] must be a dense tensor of the dtype of params[{i}] ({p.dtype}), got "
+                    f"{grads[i].dtype}")
     for name, entries in (("anchors", anchors), ("masks", masks), ("lr_tensors", lr_tensors)):
-        _fake_opt_check(len(entries) in (0, n), op,
-                        f"{name} must be empty or have one entry per parameter ({n}), got {len(entries)}")
+        _fake_check(len(entries) in (0, n), op,
+                    f"{name} must be empty or have one entry per parameter ({n}), got {len(entries)}")
     for i, a in enumerate(anchors):
-        _fake_opt_check(a is not None or l2sps[i] == 0.0, op, f"l2sps[{i}] is {l2sps[i]} but anchors[{i}] is None")
+        _fake_check(a is not None or l2sps[i] == 0.0, op, f"l2sps[{i}] is {l2sps[i]} but anchors[{i}] is None")
         if a is not None:
-            _fake_opt_check(a.shape == params[i].shape and a.dtype in (params[i].dtype, torch.float32, torch.bfloat16),
-                            op, f"anchors[{i}] must have the shape of params[{i}] and its dtype, float32 or "
+            _fake_check(a.shape == params[i].shape and a.dtype in (params[i].dtype, torch.float32, torch.bfloat16),
+                        op, f"anchors[{i}] must have the shape of params[{i}] and its dtype, float32 or "
                                 f"bfloat16, got {a.dtype} of shape {tuple(a.shape)}")
     if not anchors:
-        _fake_opt_check(all(x == 0.0 for x in l2sps), op, "l2sps are not all 0 but anchors is empty")
+        _fake_check(all(x == 0.0 for x in l2sps), op, "l2sps are not all 0 but anchors is empty")
     for i, m in enumerate(masks):
         if m is not None:
-            _fake_opt_check(m.dtype == torch.bool and m.shape == params[i].shape, op,
-                            f"masks[{i}] must be a bool tensor of the shape of params[{i}], got {m.dtype} of shape "
-                            f"{tuple(m.shape)}")
+            _fake_check(m.dtype == torch.bool and m.shape == params[i].shape, op,
+                        f"masks[{i}] must be a bool tensor of the shape of params[{i}], got {m.dtype} of shape "
+                        f"{tuple(m.shape)}")
     for i, t in enumerate(lr_tensors):
         if t is not None:
             _check_fake_scalar(op, f"lr_tensors[{i}]", t, allow_double=True)
@@ -555,7 +551,8 @@ fused_sgd_ = torch.ops.pyfinetune.fused_sgd_
 # ------------------------------------------------------------------------------------ pruning ops
 def _fake_check(cond, op: str, msg) -> None:
     # torch._check records the condition as a guard on symbolic sizes instead of failing on them.
-    torch._check(cond, lambda: f"pyfinetune.{op}: {msg()}")
+    # msg: a string, or a callable formatting it only on failure.
+    torch._check(cond, lambda: f"pyfinetune.{op}: {msg() if callable(msg) else msg}")
 
 
 def _fake_check_x(op: str, x: Tensor) -> None:

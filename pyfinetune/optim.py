@@ -50,7 +50,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import ops as _ops  # noqa: F401  (registers the fake kernels)
+from . import ops as _ops  # also registers the fake kernels
 
 _layout_signature = torch.ops.pyfinetune._layout_signature
 
@@ -65,8 +65,7 @@ _ANCHOR_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.floa
 _PENALTY_MODES = ("coupled", "decoupled")
 
 
-def _state_dtype(param: Tensor) -> torch.dtype:
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
+_state_dtype = _ops._state_dtype  # float64 state for float64 parameters, else float32
 
 
 def _is_dense(t: Tensor) -> bool:

@@ -282,7 +282,7 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
         // the safe maxima: moving them shifts every weight summed so far by the same amount.
         // A factor of 0 drops the terms summed so far (their probabilities are now exactly 0, and
         // their weights may be infinite: a student -inf where the teacher was finite), as the
-        // CUDA kernels' rescale_w does; inf * 0 made the row NaN only when such terms filled a
+        // scalar kd_math::rescaled does; inf * 0 made the row NaN only when such terms filled a
         // tile before the maximum grew.
         const T shift = (safe_of(old_t) - safe_of(new_t)) - (safe_of(old_s) - safe_of(new_s));
         if (div == kForwardKL) {

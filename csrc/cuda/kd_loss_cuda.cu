@@ -195,10 +195,6 @@ struct RawLse {
   float wsum = 0.0f;
 };
 
-// wsum * r for a rescale by r; r == 0 drops the terms (zero probabilities: the weights may be
-// infinite), as the e == 0 terms are skipped.
-C10_HOST_DEVICE C10_ALWAYS_INLINE float rescale_w(float wsum, float r) { return r != 0.0f ? wsum * r : 0.0f; }
-
 template <bool kW, int N>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_add(RawLse& a, float c, const float (&x)[N], const float (&w)[N]) {
   float hi = a.max;
@@ -213,7 +209,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_add(RawLse& a, float c, const float (
     const float r = fast_exp2((a.max - hi) * c);  // 0 while a.max is -inf
     a.sum *= r;
     if (kW) {
-      a.wsum = rescale_w(a.wsum, r);
+      a.wsum = km::rescaled(a.wsum, r);
     }
     a.max = hi;
   }
@@ -247,7 +243,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_add_pow(RawLse& a, RawLse& a1, float 
     a.sum *= r;
     a1.sum *= pow_small(r, n);
     if (kW) {
-      a.wsum = rescale_w(a.wsum, r);
+      a.wsum = km::rescaled(a.wsum, r);
     }
     a.max = hi;
     a1.max = hi;
@@ -275,12 +271,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lse_merge(RawLse& a, const RawLse& b, flo
   if (b.max > a.max) {
     const float r = fast_exp2((a.max - b.max) * c);
     a.sum = fmaf(a.sum, r, b.sum);
-    a.wsum = rescale_w(a.wsum, r) + b.wsum;
+    a.wsum = km::rescaled(a.wsum, r) + b.wsum;
     a.max = b.max;
   } else {
     const float r = fast_exp2((b.max - a.max) * c);
     a.sum = fmaf(b.sum, r, a.sum);
-    a.wsum += rescale_w(b.wsum, r);
+    a.wsum += km::rescaled(b.wsum, r);
   }
 }
 

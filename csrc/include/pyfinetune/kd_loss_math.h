@@ -36,6 +36,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE double kd_log(double x) { return ::log(x); }
 C10_HOST_DEVICE C10_ALWAYS_INLINE float kd_log1p(float x) { return ::log1pf(x); }
 C10_HOST_DEVICE C10_ALWAYS_INLINE double kd_log1p(double x) { return ::log1p(x); }
 
+// A weighted sum w of exponentials rescaled by r (a grown maximum); r == 0 drops the terms (their
+// probabilities are exactly 0 now and their weights may be infinite), as an exp of 0 adds nothing.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T rescaled(T w, T r) {
+  return r != T(0) ? w * r : T(0);
+}
+
 // Online log-sum-exp with an optional weighted mean: after add(x_i, w_i) for all i,
 //   lse()    = log sum_i exp(x_i)
 //   mean_w() = sum_i exp(x_i) w_i / sum_i exp(x_i)      (terms with exp(x_i) == 0 skipped)
@@ -85,9 +92,6 @@ struct OnlineLse {
       wsum += rescaled(o.wsum, r);
     }
   }
-  // w * r for a rescale by r; r == 0 drops the terms (their probabilities are exactly 0 now and
-  // their weights may be infinite), as add skips an exp of 0.
-  C10_HOST_DEVICE C10_ALWAYS_INLINE static T rescaled(T w, T r) { return r != T(0) ? w * r : T(0); }
   C10_HOST_DEVICE C10_ALWAYS_INLINE T lse() const { return max + kd_log(sum); }
   C10_HOST_DEVICE C10_ALWAYS_INLINE T mean_w() const { return wsum / sum; }
 };
