@@ -7,9 +7,9 @@ Times ``kd_loss`` (forward_kl, T = 2, alpha = 0.5, 1/8 of the rows ignored, batc
 backward and forward + backward with the launch's own choice of block size (by occupancy) and with
 ``PYFINETUNE_KD_CUDA_THREADS`` = 512, 256, 128 (read by the extension at each call), at
 T = 2.0001 (the kernels' general path, where T = 2 computes the CE exponential as a square), and with
-``PYFINETUNE_KD_CUDA_PREFETCH=1`` (experimental: the shared-memory cache filled by cp.async copies)
-and ``PYFINETUNE_KD_CUDA_CAP_REGISTERS=1`` (experimental: the bfloat16 kernels held to 80 registers,
-three 256-thread blocks per SM), interleaved round by round, against the time to read both inputs and write the gradient once at the measured
+each of ``PYFINETUNE_KD_CUDA_PREFETCH`` (the shared-memory cache filled by cp.async copies) and
+``PYFINETUNE_KD_CUDA_CAP_REGISTERS`` (the bfloat16 kernels held to 80 registers, three 256-thread
+blocks per SM) off, alone and (the default here: unset) together, interleaved round by round, against the time to read both inputs and write the gradient once at the measured
 copy bandwidth (issue #3's GPU target: forward + backward within 1.3x of it). Each variant's loss and
 gradient are checked against the first one's (the block size changes only the order of sums).
 Writes kd-launch-ab-cuda-*.md / .json to ``--out`` (default benchmarks/results). ``--device cpu``
@@ -38,14 +38,16 @@ PREFETCH_ENV = "PYFINETUNE_KD_CUDA_PREFETCH"
 CAP_ENV = "PYFINETUNE_KD_CUDA_CAP_REGISTERS"
 # name -> (block size override or None, temperature, prefetch, capped registers). T = 2.0001 takes
 # the kernels' general path (an exponential for the CE term of every element); T = 2 computes it as
-# a square. prefetch: PYFINETUNE_KD_CUDA_PREFETCH=1 (pass 1 fills the shared-memory cache with
-# cp.async copies). capped: PYFINETUNE_KD_CUDA_CAP_REGISTERS=1 (the bfloat16 kernels compiled for
-# three 256-thread blocks per SM, at most 80 registers; blocks of at most 256 threads).
-VARIANTS = {"auto": (None, 2.0, False, False), "512": ("512", 2.0, False, False), "256": ("256", 2.0, False, False),
-            "128": ("128", 2.0, False, False), "auto, T=2.0001 (no power path)": (None, 2.0001, False, False),
-            "auto, prefetch": (None, 2.0, True, False), "128, prefetch": ("128", 2.0, True, False),
-            "auto, capped registers": (None, 2.0, False, True),
-            "auto, capped registers, prefetch": (None, 2.0, True, True)}
+# a square. prefetch: PYFINETUNE_KD_CUDA_PREFETCH (pass 1 fills the shared-memory cache with
+# cp.async copies). capped: PYFINETUNE_KD_CUDA_CAP_REGISTERS (the bfloat16 kernels compiled for
+# three 256-thread blocks per SM, at most 80 registers; blocks of at most 256 threads). True / False
+# set the variable to 1 / 0; None leaves it unset (auto: both on for this bf16 case with the
+# gradient, as an H100 measured them faster in gpu-check-20261127-2118).
+VARIANTS = {"default": (None, 2.0, None, None),
+            "no prefetch, uncapped (the default before 2026-11-27)": (None, 2.0, False, False),
+            "512, no prefetch, uncapped": ("512", 2.0, False, False), "256": ("256", 2.0, None, None),
+            "128": ("128", 2.0, None, None), "default, T=2.0001 (no power path)": (None, 2.0001, None, None),
+            "prefetch, uncapped": (None, 2.0, True, False), "capped registers, no prefetch": (None, 2.0, False, True)}
 
 
 def set_variant(v: str) -> float:
@@ -55,10 +57,10 @@ def set_variant(v: str) -> float:
     else:
         os.environ[ENV] = threads
     for name, on in ((PREFETCH_ENV, prefetch), (CAP_ENV, capped)):
-        if on:
-            os.environ[name] = "1"
-        else:
+        if on is None:
             os.environ.pop(name, None)
+        else:
+            os.environ[name] = "1" if on else "0"
     return temperature
 
 
@@ -114,7 +116,7 @@ def main() -> int:
                 times[v]["forward"].append(f)
                 times[v]["backward"].append(b)
                 times[v]["forward+backward"].append(fb)
-    set_variant("auto")
+    set_variant("default")
     item = s.element_size()
     moved = 3 * s.numel() * item
     gbps, _ = copy_bandwidth(2 * s.numel() * item, max(args.reps, 20), dev)
@@ -122,7 +124,7 @@ def main() -> int:
     rows = []
     for v in names:
         med = {m: common.percentile(ts, 50) for m, ts in times[v].items()}
-        same_t = VARIANTS[v][1] == VARIANTS["auto"][1]  # another T: its loss differs by that, not by an error
+        same_t = VARIANTS[v][1] == VARIANTS["default"][1]  # another T: its loss differs by that, not by an error
         rows.append([v, f"{med['forward']:.2f}", f"{med['backward']:.2f}", f"{med['forward+backward']:.2f}",
                      f"{med['forward+backward'] / floor_ms:.2f}",
                      f"{check[v]['loss_rel_diff']:.1e}" if same_t else "(other T)",

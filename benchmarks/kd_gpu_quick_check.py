@@ -5,9 +5,10 @@
 Each case prints OK or FAIL with the error; a failure does not stop the others (a sticky CUDA
 error does). Exit status 1 if any case failed. The cases are the ones a CPU machine cannot check:
 the launch shapes (the dynamic shared memory just under 48 KB, the cluster split on sm_90), rows
-whose operands differ in alignment, logits in the thousands, and the experimental cp.async prefetch
-(PYFINETUNE_KD_CUDA_PREFETCH=1) and the register-capped bfloat16 kernels
-(PYFINETUNE_KD_CUDA_CAP_REGISTERS=1) on the same shapes. The full suite
+whose operands differ in alignment, logits in the thousands, and each setting of the cp.async
+prefetch (PYFINETUNE_KD_CUDA_PREFETCH) and the register-capped bfloat16 kernels
+(PYFINETUNE_KD_CUDA_CAP_REGISTERS) on the same shapes (both on by default for bfloat16 on the cached
+path). The full suite
 (`python -m pytest tests`) covers the same and more; benchmarks/gpu_check.sh runs this first.
 """
 
@@ -190,9 +191,10 @@ def linear_bf16(N, H, V):
     return f
 
 
-# PYFINETUNE_KD_CUDA_PREFETCH=1 (experimental): pass 1 fills the shared-memory cache with cp.async
-# copies. The launch shapes again, a row longer than the cache (uncached rest in registers while the
-# copies fly), the misaligned student (falls back to register loads), top-k and in place.
+# PYFINETUNE_KD_CUDA_PREFETCH=1 (the default for bfloat16 on the cached path; forced here for every
+# dtype): pass 1 fills the shared-memory cache with cp.async copies. The launch shapes again, a row
+# longer than the cache (uncached rest in registers while the copies fly), the misaligned student
+# (falls back to register loads), top-k and in place.
 os.environ["PYFINETUNE_KD_CUDA_PREFETCH"] = "1"
 for div in DIVS:
     run(f"prefetch smem window bf16 N=256 V=12000 {div}", dense(256, 12000, bf16, bf16, div=div))
@@ -204,20 +206,20 @@ for div in ("forward_kl", "jsd"):
     run(f"prefetch cluster topk {div} N=2 V=50257 k=64", topk(2, 50257, 64, div=div))
 os.environ.pop("PYFINETUNE_KD_CUDA_PREFETCH")
 
-# PYFINETUNE_KD_CUDA_CAP_REGISTERS=1 (experimental): the bfloat16 kernels compiled for three
-# 256-thread blocks per SM (at most 80 registers), against float64 (in place: bit-identical to
-# kd_loss_fwd), with and without the prefetch. tests/test_kd_cuda_prefetch.py compares their bits
-# with the default kernels'.
-os.environ["PYFINETUNE_KD_CUDA_CAP_REGISTERS"] = "1"
-for div in DIVS:
-    run(f"capped registers smem window bf16 N=256 V=12000 {div}", dense(256, 12000, bf16, bf16, div=div))
-    run(f"capped registers in place {div} N=3 V=128256 bf16", inplace(3, 128256, bf16, div, 2.0))
-    run(f"capped registers folded batchmean bf16 N=320 V=128256 {div}",
-        dense(320, 128256, bf16, bf16, div=div, T=2.0))
-    run(f"capped registers sliced student bf16 offset 3 N=4 V=1003 {div}",
-        dense(4, 1003, bf16, bf16, div=div, offset=3))
-os.environ["PYFINETUNE_KD_CUDA_PREFETCH"] = "1"
-run("capped registers + prefetch in place forward_kl N=3 V=128256 bf16", inplace(3, 128256, bf16, "forward_kl", 2.0))
+# PYFINETUNE_KD_CUDA_CAP_REGISTERS: the bfloat16 kernels compiled for three 256-thread blocks per SM
+# (at most 80 registers; with the prefetch, the default for bfloat16 on the cached path) and, set
+# to 0, the uncapped ones with register loads (the default before 2026-11-27, still what 0 / 0
+# selects), against float64 (in place: bit-identical to kd_loss_fwd). tests/test_kd_cuda_prefetch.py
+# compares their bits.
+for cap, prefetch in (("1", "0"), ("1", "1"), ("0", "0")):
+    os.environ["PYFINETUNE_KD_CUDA_CAP_REGISTERS"] = cap
+    os.environ["PYFINETUNE_KD_CUDA_PREFETCH"] = prefetch
+    label = f"cap registers={cap} prefetch={prefetch}"
+    for div in DIVS:
+        run(f"{label} smem window bf16 N=256 V=12000 {div}", dense(256, 12000, bf16, bf16, div=div))
+        run(f"{label} in place {div} N=3 V=128256 bf16", inplace(3, 128256, bf16, div, 2.0))
+        run(f"{label} folded batchmean bf16 N=320 V=128256 {div}", dense(320, 128256, bf16, bf16, div=div, T=2.0))
+        run(f"{label} sliced student bf16 offset 3 N=4 V=1003 {div}", dense(4, 1003, bf16, bf16, div=div, offset=3))
 os.environ.pop("PYFINETUNE_KD_CUDA_PREFETCH")
 os.environ.pop("PYFINETUNE_KD_CUDA_CAP_REGISTERS")
 

@@ -338,9 +338,10 @@ def test_kd_launch_ab_runs(tmp_path):
     (md,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.md"))
     (js,) = glob.glob(str(tmp_path / "kd-launch-ab-cpu-*.json"))
     record = json.load(open(js))
-    assert set(record["times_ms"]) == {"auto", "512", "256", "128", "auto, T=2.0001 (no power path)",
-                                       "auto, prefetch", "128, prefetch", "auto, capped registers",
-                                       "auto, capped registers, prefetch"}
+    assert set(record["times_ms"]) == {"default", "no prefetch, uncapped (the default before 2026-11-27)",
+                                       "512, no prefetch, uncapped", "256", "128",
+                                       "default, T=2.0001 (no power path)", "prefetch, uncapped",
+                                       "capped registers, no prefetch"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
 
 

@@ -871,9 +871,9 @@ struct alignas(16) SharedArray {
 };
 
 // kMinBlocks = 0: the default kernels (launch bounds of kMaxThreads threads, no minimum, so that
-// ptxas keeps its own register choice: an explicit minimum of 1 changes it). 3: the experimental
-// PYFINETUNE_KD_CUDA_CAP_REGISTERS=1 kernels, at most kCappedThreads threads and registers for three
-// such blocks per SM (see kd_cap_registers_requested).
+// ptxas keeps its own register choice: an explicit minimum of 1 changes it). 3: the register-capped
+// kernels (PYFINETUNE_KD_CUDA_CAP_REGISTERS, the default for bfloat16 on the cached path), at most
+// kCappedThreads threads and registers for three such blocks per SM (see kd_cap_registers_setting).
 constexpr int kCappedThreads = 256;
 
 template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0>
@@ -1028,13 +1028,12 @@ LaunchPlan plan_launch(int64_t N, int64_t V, int vec, size_t cache_bytes_per_vec
   return p;
 }
 
-// PYFINETUNE_KD_CUDA_PREFETCH=1 (experimental, for A/B timing on a GPU; read at each call; unset,
-// empty or 0: off): pass 1 fills the shared-memory cache with asynchronous copies (cp.async, sm_80+),
-// a whole slice in flight at once, instead of register loads kUnroll vectors at a time per thread.
-// Not the default until a GPU has measured it (benchmarks/kd_gpu_launch_ab.py times both); only the
-// order of the row sums differs. Another value is refused before anything is written.
-bool kd_prefetch_requested(const char* op) {
-  return env_switch(op, "PYFINETUNE_KD_CUDA_PREFETCH", "0").value_or(false);
+// PYFINETUNE_KD_CUDA_PREFETCH (read at each call): pass 1 fills the shared-memory cache with
+// asynchronous copies (cp.async, sm_80+), a whole slice in flight at once, instead of register loads
+// kUnroll vectors at a time per thread. 1: on, 0: off, unset or empty: auto (see kd_fast_path_auto).
+// Only the order of the row sums differs. Another value is refused before anything is written.
+std::optional<bool> kd_prefetch_setting(const char* op) {
+  return env_switch(op, "PYFINETUNE_KD_CUDA_PREFETCH", "auto");
 }
 
 // The block size for `plan` that keeps the most threads resident on an SM, given the kernel's
@@ -1044,7 +1043,7 @@ bool kd_prefetch_requested(const char* op) {
 // 8192 x 128256 bf16): 512 threads of 78 registers left room for one block per SM (16 warps;
 // 448 GB/s), where by the same count 256 fit three (24 warps). Only for rows split over several blocks or with a
 // shared-memory cache: a small row keeps its small block. (nvcc 13.0 gives the bfloat16 kernels 81-87
-// registers on sm_90, two 256-thread blocks per SM: see kd_cap_registers_requested.)
+// registers on sm_90, two 256-thread blocks per SM: see kd_cap_registers_setting.)
 //
 // PYFINETUNE_KD_CUDA_THREADS=T (experimental, for A/B timing, read at each call): T threads instead
 // (a multiple of 32 in [32, 512]) wherever this choice is made; other values are ignored.
@@ -1203,17 +1202,31 @@ void launch_kd(KdArgs args, int64_t N) {
                                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
-// PYFINETUNE_KD_CUDA_CAP_REGISTERS=1 (experimental, for A/B timing on a GPU; read at each call;
-// unset, empty or 0: off): the kernels compiled with __launch_bounds__(256, 3), i.e. at most 80
-// registers, so that three 256-thread blocks fit an SM's register file. Why: nvcc 13.0 gives the
-// default bfloat16 kernels 81-87 registers on sm_90 (ptxas -v), one block too many for three blocks
-// of 256 threads (65536 / (88 x 256) = 2.9), so the block-size choice above finds two per SM (16
-// warps) where the shared-memory cache of the 8192 x 128256 case (8 slices of 64 KB) leaves room for
-// three. Only the bfloat16 student and teacher kernels without a top-k teacher have the variant
-// (the GPU target's case: three more kernels, not forty); other dtypes ignore the variable. Same
-// arithmetic, so the same bits. Another value is refused before anything is written.
-bool kd_cap_registers_requested(const char* op) {
-  return env_switch(op, "PYFINETUNE_KD_CUDA_CAP_REGISTERS", "0").value_or(false);
+// PYFINETUNE_KD_CUDA_CAP_REGISTERS (read at each call): the bfloat16 kernels compiled with
+// __launch_bounds__(256, 3), i.e. at most 80 registers, so that three 256-thread blocks fit an SM's
+// register file. Why: nvcc 13.0 gives the default bfloat16 kernels 81-87 registers on sm_90 (ptxas
+// -v), one block too many for three blocks of 256 threads (65536 / (88 x 256) = 2.9), so the
+// block-size choice above finds two per SM (16 warps) where the shared-memory cache of the 8192 x
+// 128256 case (8 slices of 64 KB) leaves room for three. Only the bfloat16 student and teacher
+// kernels without a top-k teacher have the variant (three more kernels, not forty); other dtypes
+// ignore the variable. 1: on, 0: off, unset or empty: auto (see kd_fast_path_auto). Same PTX
+// arithmetic: at the same block size the same bits (a block size the capped kernel cannot take,
+// above 256 threads, is lowered to 256: another order of the sums). Another value is refused before
+// anything is written.
+std::optional<bool> kd_cap_registers_setting(const char* op) {
+  return env_switch(op, "PYFINETUNE_KD_CUDA_CAP_REGISTERS", "auto");
+}
+
+// What an unset PYFINETUNE_KD_CUDA_PREFETCH / _CAP_REGISTERS means: both on where an H100 measured
+// them (gpu-check-20261127-2118: 8192 x 128256 bf16 forward_kl with the gradient, 7.64 -> 5.16 ms,
+// within 1e-7 of float64 as before; the whole CUDA kd suite passed with both on): a bfloat16
+// student and teacher, no top-k teacher, on the path that caches the row in shared memory (with the
+// gradient, or JSD). Elsewhere (float32 / float16, a top-k teacher, the loss alone of forward or
+// reverse KL: no cache, so one block per row of up to 512 threads) the default kernels, unmeasured.
+bool kd_fast_path_auto(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor* indices, int div,
+                       bool need_grad) {
+  return student.scalar_type() == at::kBFloat16 && teacher.scalar_type() == at::kBFloat16 && indices == nullptr &&
+         (need_grad || div == km::kJSD);
 }
 
 template <typename ST, typename TT, int kDiv, bool kTopK>
@@ -1255,8 +1268,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   if (in_place) {
     check_kd_loss_inplace_args(student, teacher, labels);
   }
-  const bool prefetch = kd_prefetch_requested(op);
-  const bool cap_registers = kd_cap_registers_requested(op);
+  const bool fast_auto = kd_fast_path_auto(student, teacher, indices, div, need_grad);
+  const bool prefetch = kd_prefetch_setting(op).value_or(fast_auto);
+  const bool cap_registers = kd_cap_registers_setting(op).value_or(fast_auto);
   const c10::cuda::CUDAGuard device_guard(student.device());
   const int64_t N = student.size(0);
   const int64_t V = student.size(1);
