@@ -277,7 +277,10 @@ def _kept_gradient_scale(student: torch.Tensor, options: tuple, has_labels: bool
     if divergence == "reverse_kl":
         return 1.0
     bound = alpha * temperature + (1.0 - alpha) if has_labels else temperature
-    return float(2.0 ** min(max(math.floor(math.log2(_KEPT_FP16_TOP / bound)), 0), 24))
+    # The kernels take temperature^2 * grad_scale in float32: at huge temperatures (up to the
+    # accepted 1e18, T^2 = 1e36) the scale must leave it finite.
+    room = math.floor(math.log2(float(torch.finfo(torch.float32).max) / (temperature * temperature)))
+    return float(2.0 ** max(min(math.floor(math.log2(_KEPT_FP16_TOP / bound)), 24, room), 0))
 
 
 def _kd_eager(op, student: torch.Tensor, others: tuple, labels: Optional[torch.Tensor], options: tuple,
@@ -298,9 +301,10 @@ def _kd_eager(op, student: torch.Tensor, others: tuple, labels: Optional[torch.T
 # dropped silently. There the same loss is composed of torch ops, in the kernels' arithmetic dtype
 # (float32, float64 when an input is float64), with their argument checks.
 def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(A || B) per row from log-probabilities; entries where A is 0 (log -inf) add 0, with no
-    0 * inf reaching the value or its derivatives."""
-    absent = log_a == float("-inf")
+    """KL(A || B) per row from log-probabilities; entries where A is 0 (log -inf, or so negative
+    that its exponential underflows: a -1e9 mask against the other input's -inf) add 0, as in the
+    kernels, with no 0 * inf reaching the value or its derivatives."""
+    absent = log_a.exp() == 0
     la = torch.where(absent, 0.0, log_a)
     lb = torch.where(absent, 0.0, log_b)
     return torch.where(absent, 0.0, la.exp() * (la - lb)).sum(-1)

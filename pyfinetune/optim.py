@@ -65,6 +65,34 @@ _ANCHOR_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.floa
 _PENALTY_MODES = ("coupled", "decoupled")
 
 
+def _check_flag(group: Dict[str, Any], key: str, where: str) -> None:
+    """A boolean hyper-parameter: a bool, or a NumPy bool (stored as a bool; configs and sweeps
+    built with NumPy give those); anything else (0 / 1, a tensor, a string) is refused."""
+    value = group[key]
+    if isinstance(value, bool):
+        return
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+        group[key] = bool(value)
+        return
+    raise TypeError(f"{key}{where} must be a bool, got {type(value).__name__}")
+
+
+def _anchor_dtype_of(value: Any, where: str = "") -> Optional[torch.dtype]:
+    """An anchor_dtype setting as a torch.dtype (or None): a dtype of _ANCHOR_DTYPES or its name
+    ("bfloat16" or "torch.bfloat16": what state_dict() stores, and what a config file can hold)."""
+    if isinstance(value, str):
+        name = value[len("torch."):] if value.startswith("torch.") else value
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype) and dtype in _ANCHOR_DTYPES:
+            return dtype
+    elif value is None or (isinstance(value, torch.dtype) and value in _ANCHOR_DTYPES):
+        return value
+    raise ValueError(
+        f"anchor_dtype{where} must be None (the parameter's dtype), torch.float32, torch.bfloat16, "
+        f"torch.float16 or torch.float64 (or its name, e.g. 'bfloat16'), got {value!r}"
+    )
+
+
 _state_dtype = _ops._state_dtype  # float64 state for float64 parameters, else float32
 
 
@@ -308,14 +336,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         _check_number("l1", group["l1"], where=where)
         if group["penalty_mode"] not in _PENALTY_MODES:
             raise ValueError(f"penalty_mode{where} must be 'coupled' or 'decoupled', got {group['penalty_mode']!r}")
-        if group["anchor_dtype"] not in _ANCHOR_DTYPES:
-            raise ValueError(
-                f"anchor_dtype{where} must be None (the parameter's dtype), torch.float32, torch.bfloat16, "
-                f"torch.float16 or torch.float64, got {group['anchor_dtype']!r}"
-            )
-        for flag in ("maximize",):
-            if not isinstance(group[flag], bool):
-                raise TypeError(f"{flag}{where} must be a bool, got {type(group[flag]).__name__}")
+        group["anchor_dtype"] = _anchor_dtype_of(group["anchor_dtype"], where)
+        _check_flag(group, "maximize", where)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a param group; with ``l2sp > 0`` its parameters are anchored at their current values
@@ -487,6 +509,18 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         return self.state[param].get("anchor") if param in self.state else None
 
     # ------------------------------------------------------------------------------ state_dict
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's optimizer state dict, with each group's ``anchor_dtype`` stored by name
+        (``"bfloat16"``, or None): torch.distributed.checkpoint's state-dict functions
+        (``get_optimizer_state_dict``, full or sharded) accept tensors, numbers and strings only.
+        ``load_state_dict`` reads either form."""
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            dtype = group.get("anchor_dtype")
+            if isinstance(dtype, torch.dtype):
+                group["anchor_dtype"] = str(dtype)[len("torch."):]
+        return sd
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state produced by ``state_dict()`` (also torch's AdamW/SGD state).
 
@@ -687,7 +721,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 value = group[key]
                 if isinstance(value, Tensor) and value.device.type == "cpu" and value.numel() == 1:
                     value = value.item()  # a CPU tensor lr is read on the host anyway (_check_lr)
-                if isinstance(value, numbers.Real) and not isinstance(value, bool) and value > big:
+                # float(): a NumPy float16 compared with float32's largest would overflow (a warning).
+                if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value) > big:
                     raise ValueError(f"{key} (param group {gi}) must be at most {big:.6g} (float32's largest) for "
                                      f"{p.dtype} parameters, got {value}")
 
@@ -923,7 +958,9 @@ class AdamW(_FusedPenalizedOptimizer):
         anchor: ``"init"`` (copy the parameters now) or an iterable with one tensor per parameter,
             in param-group order (the pretrained weights).
         anchor_dtype: dtype of the stored anchors; ``torch.bfloat16`` halves their memory for
-            float32 parameters. Default: the parameter's dtype.
+            float32 parameters. Default: the parameter's dtype. Its name (``"bfloat16"``) works
+            too, and is how ``state_dict()`` stores it (torch.distributed.checkpoint's state-dict
+            functions take no dtype objects).
         penalty_mode: ``"coupled"`` (L2-SP gradient through the moments) or ``"decoupled"``.
         masks: optional mapping ``param -> bool mask``; see :meth:`set_mask`.
     """
@@ -935,7 +972,7 @@ class AdamW(_FusedPenalizedOptimizer):
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, l2sp: float = 0.0,
                  l1: float = 0.0, anchor: Union[str, Iterable[Tensor]] = "init",
-                 anchor_dtype: Optional[torch.dtype] = None, penalty_mode: str = "coupled",
+                 anchor_dtype: Union[torch.dtype, str, None] = None, penalty_mode: str = "coupled",
                  maximize: bool = False, masks: Optional[Mapping[Tensor, Tensor]] = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, l2sp=l2sp, l1=l1,
                         anchor_dtype=anchor_dtype, penalty_mode=penalty_mode, maximize=maximize)
@@ -950,8 +987,7 @@ class AdamW(_FusedPenalizedOptimizer):
         _check_number("betas[0]", betas[0], high=1.0, where=where)
         _check_number("betas[1]", betas[1], high=1.0, where=where)
         _check_number("eps", group["eps"], where=where)
-        if not isinstance(group["amsgrad"], bool):
-            raise TypeError(f"amsgrad{where} must be a bool, got {type(group['amsgrad']).__name__}")
+        _check_flag(group, "amsgrad", where)
 
     def _init_state(self, p: Tensor, group: Dict[str, Any]) -> Dict[str, Any]:
         state = self.state[p]
@@ -1054,7 +1090,7 @@ class SGD(_FusedPenalizedOptimizer):
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, *, l2sp: float = 0.0, l1: float = 0.0,
-                 anchor: Union[str, Iterable[Tensor]] = "init", anchor_dtype: Optional[torch.dtype] = None,
+                 anchor: Union[str, Iterable[Tensor]] = "init", anchor_dtype: Union[torch.dtype, str, None] = None,
                  penalty_mode: str = "coupled", maximize: bool = False,
                  masks: Optional[Mapping[Tensor, Tensor]] = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
@@ -1066,8 +1102,7 @@ class SGD(_FusedPenalizedOptimizer):
         super()._validate_group(group, where)
         _check_number("momentum", group["momentum"], where=where)
         _check_number("dampening", group["dampening"], high=1.0, high_inclusive=True, where=where)
-        if not isinstance(group["nesterov"], bool):
-            raise TypeError(f"nesterov{where} must be a bool, got {type(group['nesterov']).__name__}")
+        _check_flag(group, "nesterov", where)
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"nesterov=True{where} requires momentum > 0 and dampening = 0")
 

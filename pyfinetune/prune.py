@@ -774,6 +774,13 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
         raise ValueError(f"no prunable layer (nn.Linear / nn.Conv2d) matched include={include!r}, exclude={exclude!r}"
                          + (f"; {note}" if conv1d else ""))
     _refuse_torch_pruned(None, layers)
+    sharded = [name for name, module in layers if _is_sharded_tensor(module.weight)]
+    if sharded:
+        # A model pruned (its masked layers kept) and then sharded: each rank holds a piece of the
+        # weight, so a magnitude threshold over the whole layer cannot be taken locally.
+        raise ValueError(f"layers {sharded[:3]}{' ...' if len(sharded) > 3 else ''} are sharded by FSDP2 (fully_shard); "
+                         "prune (magnitude_prune, pruners) before fully_shard, as the README's Distributed section "
+                         "says")
     seen: Dict[int, str] = {}
     for name, module in layers:
         if id(module.weight) in seen:

@@ -267,7 +267,8 @@ def resume(run: Run, kind: str, model_state, load: Callable, keep_mask: bool = F
 
 
 def sharded_errors(model: nn.Sequential) -> Dict[str, str]:
-    """The messages of the cases pyfinetune.optim rejects on DTensor parameters (no collectives)."""
+    """The messages of the cases pyfinetune.optim and pyfinetune.prune reject on DTensor parameters
+    (no collectives)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     weight = model[0].weight
@@ -293,6 +294,19 @@ def sharded_errors(model: nn.Sequential) -> Dict[str, str]:
     cases["grad_replicated"] = lambda: wrong_grad(DTensor.from_local(torch.zeros(weight.shape), mesh, [Replicate()],
                                                                      run_check=False))
     cases["grad_plain"] = lambda: wrong_grad(torch.zeros(weight.shape))
+
+    def prune_after_shard():
+        # Pruned (masked layers kept), then sharded, then pruned again: each rank holds a piece of
+        # the weight; the advice, not torch's DTensor error from deep inside the threshold.
+        from torch.distributed.fsdp import fully_shard
+
+        net = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+        prune.magnitude_prune(net, 0.5, exclude=None)
+        for layer in net:
+            fully_shard(layer, mesh=mesh)
+        prune.magnitude_prune(net, 0.7, exclude=None)
+
+    cases["prune_after_shard"] = prune_after_shard
     messages = {}
     for name, case in cases.items():
         try:

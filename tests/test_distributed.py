@@ -124,6 +124,7 @@ def test_fsdp2_errors_name_the_problem(ranks):
         "mask_other_placement": r"^ValueError: set_mask: mask is a DTensor with placements \(Replicate\(\),\)",
         "grad_replicated": r"^RuntimeError: the gradient of parameter 0 \(param group 0\) has placements \(Replicate\(\),\)",
         "grad_plain": r"^RuntimeError: the gradient of parameter 0 \(param group 0\) is a Tensor but the parameter is a DTensor",
+        "prune_after_shard": r"^ValueError: layers \['0', '1'\] are sharded by FSDP2 \(fully_shard\); prune .*before fully_shard",
     }
     assert errors.keys() == expected.keys()
     for case, pattern in expected.items():

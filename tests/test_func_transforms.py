@@ -256,6 +256,28 @@ def test_composed_kd_matches_the_kernels_at_infinities_and_ignored_rows(divergen
         assert torch.equal(grad[1], torch.zeros(6, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_composed_kd_with_mixed_mask_conventions(divergence, dtype):
+    # Masked classes as -inf in one input and -1e9 in the other are zero probabilities in both: the
+    # composition gave NaN (exp(-5e8) * (-5e8 - -inf) = 0 * inf) where the kernels drop the term.
+    g = torch.Generator().manual_seed(3)
+    s = (torch.randn(3, 40, generator=g) * 3).to(dtype)
+    t = (torch.randn(3, 40, generator=g) * 3).to(dtype)
+    for student_inf in (True, False):
+        a, b = s.clone(), t.clone()
+        a[:, :9], b[:, :9] = (float("-inf"), -1e9) if student_inf else (-1e9, float("-inf"))
+        kw = dict(temperature=2.0, divergence=divergence, reduction="none")
+        x = a.clone().requires_grad_(True)
+        loss = kd_loss(x, b, **kw)
+        (gx,) = torch.autograd.grad(loss.sum(), x)
+        value = torch.func.vmap(lambda r, q: kd_loss(r[None], q[None], **kw)[0])(a, b)
+        grad = torch.func.grad(lambda r: kd_loss(r, b, **kw).sum())(a)
+        assert torch.isfinite(loss).all() and torch.isfinite(value).all(), (loss, value)
+        close(value, loss, dtype)
+        close(grad, gx, dtype)
+
+
 def test_composed_kd_topk_jsd_with_minus_inf_students_outside_the_top_k():
     s = torch.randn(2, 9, dtype=torch.float64)
     s[:, 7:] = float("-inf")

@@ -1,6 +1,7 @@
 """kd_loss / DistillationLoss against the float64 reference of tests/reference_kd.py."""
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -498,6 +499,28 @@ def test_float16_gradient_survives_a_grad_scaler(device, divergence, labels, pat
     zeros, torch_zeros = (x.grad == 0).float().mean().item(), (xt.grad == 0).float().mean().item()
     assert zeros <= torch_zeros + 1e-3, (zeros, torch_zeros)
     assert rel(x.grad) <= 2 * rel(xt.grad) + 1e-4, (rel(x.grad), rel(xt.grad))
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("temperature", [1e17, 1e18])
+def test_float16_kept_gradient_scale_leaves_temperature_squared_finite(device, divergence, temperature):
+    # The float16 kept gradient's power-of-two scale is chosen from alpha * T + (1 - alpha); with
+    # alpha ~ 0 it was 8192 whatever T, and T^2 * 8192 overflowed float32 above T ~ 2e17: the kernel
+    # refused (accepted temperatures reach 1e18). Now the scale leaves T^2 * scale finite.
+    g = torch.Generator().manual_seed(13)
+    s = torch.randn(6, 40, generator=g).half().to(device)
+    t = torch.randn(6, 40, generator=g).half().to(device)
+    lab = torch.randint(0, 40, (6,), generator=g).to(device)
+    kw = dict(temperature=temperature, alpha=1e-40, divergence=divergence)
+    x = s.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the large-temperature float32 warning
+        loss = kd_loss(x, t, lab, **kw)
+        loss.backward()
+    ref_loss, ref_grad = kd_reference(s, t, lab, **kw)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)  # alpha ~ 0: the CE
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-2, atol=1e-4)  # float16 rounding
 
 
 @pytest.mark.parametrize("device", device_params())

@@ -68,8 +68,9 @@ def test_resume_equals_uninterrupted_run(device, dtype, kind):
 
     saved_params = _roundtrip([[p.detach().clone() for p in ps] for ps in params])
     saved_state = _roundtrip(opt.state_dict())
-    # torch.load(weights_only=True) gives back the anchor dtype and the lr of each group.
-    assert saved_state["param_groups"][0]["anchor_dtype"] == torch.bfloat16
+    # torch.load(weights_only=True) gives back the anchor dtype (by name, which
+    # torch.distributed.checkpoint accepts) and the lr of each group.
+    assert saved_state["param_groups"][0]["anchor_dtype"] == "bfloat16"
 
     for k in range(6, 12):
         _apply(params, grads[k])
@@ -481,6 +482,37 @@ def test_numpy_hyper_parameters_and_a_scheduler_returning_them():
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+def test_numpy_flags_and_float16_hyper_parameters():
+    # NumPy bools for the flags (a sweep's np.array([True, False]) entries) were refused as "not a
+    # bool"; a np.float16 weight decay warned of an overflow when compared with float32's largest.
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pairs = [(SGD(a.parameters(), lr=0.1, momentum=0.9, nesterov=np.bool_(True), weight_decay=np.float16(0.01),
+                      maximize=np.bool_(False)),
+                  SGD(b.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=float(np.float16(0.01)),
+                      maximize=False))]
+        x = torch.randn(4, 3)
+        for _ in range(2):
+            for m, opt in ((a, pairs[0][0]), (b, pairs[0][1])):
+                opt.zero_grad()
+                m(x).square().sum().backward()
+                opt.step()
+        adam = AdamW([torch.nn.Parameter(torch.ones(2))], amsgrad=np.bool_(True), weight_decay=np.float16(60000.0))
+        adam.param_groups[0]["params"][0].grad = torch.ones(2)
+        adam.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert type(pairs[0][0].param_groups[0]["nesterov"]) is bool
+    assert type(adam.param_groups[0]["amsgrad"]) is bool
+    for bad in (1, "True", torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"^nesterov must be a bool"):
+            SGD(a.parameters(), lr=0.1, momentum=0.9, nesterov=bad)
+
+
 def test_refusals_of_a_tensor_lr_beyond_float32_and_a_malformed_step():
     p = torch.nn.Parameter(torch.ones(3))
     opt = AdamW([p], lr=torch.tensor(1e39, dtype=torch.float64))
@@ -507,3 +539,59 @@ def test_a_loaded_mask_holds_at_once():
     opt = AdamW([p], lr=0.1)
     opt.load_state_dict(saver.state_dict())
     assert torch.equal(p.detach(), mask.float())  # as set_mask does, not only at the next step
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("full", [False, True], ids=["sharded", "full"])
+def test_anchor_dtype_through_torch_distributed_state_dict_functions(kind, full):
+    # torch.distributed.checkpoint's get_optimizer_state_dict accepts tensors, numbers and strings
+    # only ("Unexpected value type <class 'torch.dtype'>" when a group held anchor_dtype as a
+    # dtype): state_dict() stores it by name, load_state_dict / set_optimizer_state_dict read it back.
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    make = (lambda ps: AdamW(ps, lr=1e-2, l2sp=0.2, anchor_dtype=torch.bfloat16)) if kind == "adamw" else \
+        (lambda ps: SGD(ps, lr=1e-2, momentum=0.9, l2sp=0.2, anchor_dtype=torch.bfloat16))
+    opt = make(model.parameters())
+    model(torch.randn(3, 5)).sum().backward()
+    opt.step()
+    options = StateDictOptions(full_state_dict=full)
+    sd = get_optimizer_state_dict(model, opt, options=options)
+    assert sd["param_groups"][0]["anchor_dtype"] == "bfloat16"
+    assert opt.param_groups[0]["anchor_dtype"] is torch.bfloat16  # the optimizer's own group unchanged
+    anchors = [opt.anchor_of(p).clone() for p in model.parameters()]
+
+    model2 = copy.deepcopy(model)
+    opt2 = make(model2.parameters())
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.add_(1.0)  # "init" anchors that differ: they must come from the state dict
+    opt2.init_state()  # the documented step before torch.distributed.checkpoint loads plain parameters
+    set_optimizer_state_dict(model2, opt2, copy.deepcopy(sd), options=options)
+    assert opt2.param_groups[0]["anchor_dtype"] is torch.bfloat16
+    for p, a in zip(model2.parameters(), anchors):
+        assert opt2.anchor_of(p).dtype == torch.bfloat16
+        assert torch.equal(opt2.anchor_of(p), a)
+
+
+def test_anchor_dtype_by_name():
+    # A config file's "bfloat16" / "torch.bfloat16" names the dtype; other names are refused.
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    for name in ("bfloat16", "torch.bfloat16"):
+        opt = AdamW([p], l2sp=0.1, anchor_dtype=name)
+        assert opt.param_groups[0]["anchor_dtype"] is torch.bfloat16
+        assert opt.anchor_of(p).dtype == torch.bfloat16
+    for bad in ("bf16", "int32", "torch.int8", "dtype"):
+        with pytest.raises(ValueError, match=rf"anchor_dtype must be None .*got '{bad}'"):
+            SGD([p], lr=0.1, l2sp=0.1, anchor_dtype=bad)
+    # An older checkpoint holds the dtype itself: still loaded.
+    opt = AdamW([p], l2sp=0.1, anchor_dtype=torch.bfloat16)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["anchor_dtype"] = torch.bfloat16
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["anchor_dtype"] is torch.bfloat16
+    sd["param_groups"][0]["anchor_dtype"] = "float128"
+    with pytest.raises(ValueError, match=r"anchor_dtype \(param group 0\) must be None"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["anchor_dtype"] is torch.bfloat16  # a refused load leaves the optimizer as it was
