@@ -13,7 +13,8 @@
 #   3. runs the CUDA tests, then the rest of the suite (pytest-xdist workers when installed),
 #   4. at the same time runs compute-sanitizer memcheck over the CUDA tests of every op (caching
 #      allocator off, so out-of-bounds accesses hit real allocation boundaries),
-#   5. then, alone on the GPU, runs the benchmarks.
+#   5. then, alone on the GPU, runs the benchmarks,
+#   6. and with a minute left (or no budget), benchmarks/gpu_profile.sh (Nsight Compute).
 # Every log and result goes into one folder (default benchmarks/results/gpu-check-DATE), with
 # summary.md first.
 #
@@ -237,6 +238,14 @@ step "2:4 benchmark"
 boxed "$(left 1.0 1800)" "$OUT/bench_semi_structured.log" $PY benchmarks/bench_semi_structured.py --device cuda \
   --out "$OUT" || status=1
 tail -30 "$OUT/bench_semi_structured.log" | tee -a "$OUT/summary.md"
+
+# Last, with what is left (at least a minute): Nsight Compute over one call of each target's
+# kernels, the data for the next optimization (a diagnostic: its failure does not fail the check).
+if [ "$BUDGET" -eq 0 ] || [ $(( BUDGET - ($(date +%s) - START) )) -ge 60 ]; then
+  step "Nsight Compute profile (benchmarks/gpu_profile.sh)"
+  boxed "$(left 1.0 600)" "$OUT/profile.log" bash benchmarks/gpu_profile.sh "$OUT/ncu"
+  tail -60 "$OUT/profile.log" | tee -a "$OUT/summary.md"
+fi
 
 step "overall: $([ $status -eq 0 ] && echo PASS || echo FAIL)"
 exit $status
