@@ -18,7 +18,9 @@ correctness first, then their speed against cuBLAS and our warp kernels, in abou
    csr_linear, and tiled_csr_linear alone (tile values gathered once; SparseLinear gathers them
    at each call: one nnz-sized gather more, which bench_prune.py's "ours sparse, tensor cores" row
    includes), with the default and the asynchronous pipeline (the variable set and unset around
-   each call, a few microseconds of host time hidden behind the queued kernels). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours (warp
+   each call, a few microseconds of host time hidden behind the queued kernels). The same rows
+   again with the 20 calls captured in a CUDA graph and replayed: GPU time alone, where the eager
+   times of small N can be the host's (Python, dispatcher, launches). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours (warp
    kernels and tensor cores) against cuBLAS. Markdown tables go to stdout (and to
    DIR/prune-tc-quick-<stamp>.md with --out).
 Exit status 1 if a correctness case failed.
@@ -169,6 +171,44 @@ def time_ms(fns, reps=15, calls=20, warmup=3):
     return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
 
 
+def graph_time_ms(fns, reps=15, calls=20):
+    """{name: median GPU ms per call}: each contender's `calls` back-to-back calls captured once in a
+    CUDA graph and replayed, contenders interleaved, so that no host overhead (Python, the
+    dispatcher, launch calls) is left in the time: at N = 1 or 16 the eager times above can be the
+    host's, not the kernels'. A contender that cannot be captured is left out (printed)."""
+    graphs = {}
+    for name, fn in fns.items():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up on a side stream, as capture requires
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g):
+                for _ in range(calls):
+                    fn()
+        except Exception as e:  # noqa: BLE001
+            print(f"{name}: not timed in a CUDA graph ({type(e).__name__}: {str(e)[:160]})", flush=True)
+            continue
+        graphs[name] = g
+    samples = {name: [] for name in graphs}
+    names = list(graphs)
+    for r in range(reps):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graphs[name].replay()
+            b.record()
+            b.synchronize()
+            samples[name].append(a.elapsed_time(b) / calls)
+    return {name: sorted(v)[len(v) // 2] for name, v in samples.items()}
+
+
 def speed(dtype, n, sparsity):
     x, w, mask, b, p, t, vals = problem(n, SIZE, SIZE, sparsity, dtype, seed=1)
     x = x.to(DEVICE)
@@ -182,7 +222,13 @@ def speed(dtype, n, sparsity):
         "ours tensor cores, async": with_async(
             lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None)),
     }
-    return time_ms(fns)
+    eager, graph = time_ms(fns), {}
+    if DEVICE == "cuda":
+        try:
+            graph = graph_time_ms(fns)
+        except Exception as e:  # noqa: BLE001 (the eager times stand on their own)
+            print(f"CUDA graph timing N={n} {sparsity}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    return eager, graph
 
 
 def backward_breakdown(dtype, n=256, sparsity=0.9):
@@ -208,6 +254,17 @@ def backward_breakdown(dtype, n=256, sparsity=0.9):
             lambda: torch.ops.pyfinetune.tiled_csr_linear_backward_values(dy, x, t.tile_ptr, t.tile_loc, t.tile_src),
     }
     return time_ms(fns)
+
+
+def table_row(dtype, n, sparsity, ms):
+    """A markdown row of per-call times: cuBLAS, then each of ours with cuBLAS / ours (>1: ours faster);
+    '-' for a contender missing from ms."""
+    d = ms.get("cuBLAS dense")
+    cells = []
+    for name in ("ours warp (csr_linear)", "ours tensor cores", "ours tensor cores, async"):
+        v = ms.get(name)
+        cells.append(f"{v:.4f} ({d / v:.2f}x)" if v is not None and d is not None else "-")
+    return f"| {str(dtype)[6:]} | {n} | {sparsity:.0%} | {d:.4f} | " + " | ".join(cells) + " |"
 
 
 def main():
@@ -253,23 +310,22 @@ def main():
         print(f"{len(failures)} correctness case(s) FAILED: {failures}; timing anyway", flush=True)
     else:
         print("correctness: all OK", flush=True)
-    rows = []
+    rows, graph_rows = [], []
     for dtype in (torch.float16, torch.bfloat16):
         for n, sparsities in ((256, (0.5, 0.7, 0.9, 0.95, 0.99)), (2048, (0.9, 0.99)), (1, (0.5, 0.9, 0.99)),
                               (16, (0.9, 0.99))):
             for s in sparsities:
                 t0 = time.time()
                 try:
-                    ms = speed(dtype, n, s)
+                    ms, gms = speed(dtype, n, s)
                 except Exception as e:  # noqa: BLE001
                     print(f"timing {dtype} N={n} {s}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                     continue
-                d = ms["cuBLAS dense"]
-                rows.append(f"| {str(dtype)[6:]} | {n} | {s:.0%} | {d:.4f} | {ms['ours warp (csr_linear)']:.4f} "
-                            f"({d / ms['ours warp (csr_linear)']:.2f}x) | {ms['ours tensor cores']:.4f} "
-                            f"({d / ms['ours tensor cores']:.2f}x) | {ms['ours tensor cores, async']:.4f} "
-                            f"({d / ms['ours tensor cores, async']:.2f}x) |")
+                rows.append(table_row(dtype, n, s, ms))
                 print(rows[-1], f"[{time.time() - t0:.1f} s]", flush=True)
+                if "cuBLAS dense" in gms:
+                    graph_rows.append(table_row(dtype, n, s, gms))
+                    print("graph", graph_rows[-1], flush=True)
     brk = []
     for dtype in (torch.float16, torch.bfloat16):
         try:
@@ -286,6 +342,10 @@ def main():
           "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms | ours tensor cores, async "
           "pipeline ms (PYFINETUNE_TILED_CUDA_ASYNC=1) |",
           "|---|---|---|---|---|---|---|", *rows, "",
+          *([f"GPU time per call, host overhead removed: the same 20 calls captured in a CUDA graph and replayed "
+             "(median of 15 replays); where these are much lower than above, the host set the pace there:", "",
+             "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms | ours tensor cores, "
+             "async pipeline ms |", "|---|---|---|---|---|---|---|", *graph_rows, ""] if graph_rows else []),
           "The backward's products at N = 256, 90% (where a training step's time goes):", "",
           "| dtype | product | ms per call |", "|---|---|---|", *brk, "",
           f"correctness: {'all OK' if not failures else 'FAILED: ' + ', '.join(failures)}"]
