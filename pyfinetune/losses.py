@@ -279,7 +279,7 @@ def _kept_gradient_scale(student: torch.Tensor, options: tuple, has_labels: bool
     bound = alpha * temperature + (1.0 - alpha) if has_labels else temperature
     # The kernels take temperature^2 * grad_scale in float32: at huge temperatures (up to the
     # accepted 1e18, T^2 = 1e36) the scale must leave it finite.
-    room = math.floor(math.log2(float(torch.finfo(torch.float32).max) / (temperature * temperature)))
+    room = math.floor(math.log2(_ops._F32_MAX / (temperature * temperature)))
     return float(2.0 ** max(min(math.floor(math.log2(_KEPT_FP16_TOP / bound)), 24, room), 0))
 
 

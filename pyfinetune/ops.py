@@ -285,7 +285,7 @@ def _kd_fake_outputs(student, teacher, need_grad):
     return loss, grad
 
 
-_F32_MIN, _F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+_F32_MIN, _F32_MAX = float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max)
 
 
 def _kd_fake_checks(op, student, teacher, labels, temperature, alpha, divergence, beta, grad_scale,

@@ -710,7 +710,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
     def _check_float32_range(self, items) -> None:
         """A group with a float32, bfloat16 or float16 parameter must keep its hyper-parameters within
         float32's range (a larger lr would become inf in the kernel: a NaN step)."""
-        big = float(torch.finfo(torch.float32).max)
+        big = _ops._F32_MAX
         seen = set()
         for group, p, _ in items:
             if p.dtype == torch.float64 or id(group) in seen:
