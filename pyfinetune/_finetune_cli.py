@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--data", required=True, metavar="DIR",
                    help="training images, one subfolder per class (torchvision ImageFolder layout)")
     d.add_argument("--val", metavar="DIR", help="validation images, same classes (default: split from --data)")
-    d.add_argument("--val-split", type=float, default=0.2, metavar="FRACTION",
+    # None until resolved (_resolve_defaults): a --val-split beside --val, which would go unused, is refused
+    d.add_argument("--val-split", type=float, metavar="FRACTION",
                    help="fraction of each class held out for validation when --val is not given; 0: none "
                         "(default 0.2)")
     d.add_argument("--image-size", type=int, default=224, metavar="PIXELS",
@@ -90,8 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "with N outputs")
     m.add_argument("--teacher-weights", metavar="FILE", help="distill: the teacher's state_dict")
     m.add_argument("--l2sp", type=float, help="l2sp: strength of the pull toward the starting weights (1e-2)")
-    m.add_argument("--temperature", type=float, default=2.0, help="distill: temperature (default 2)")
-    m.add_argument("--alpha", type=float, default=0.5, help="distill: weight of the teacher term (default 0.5)")
+    m.add_argument("--temperature", type=float, help="distill: temperature (default 2)")
+    m.add_argument("--alpha", type=float, help="distill: weight of the teacher term (default 0.5)")
     m.add_argument("--sparsity", type=float, help="prune: final fraction of pruned weights (default 0.5)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=5, help="default 5")
@@ -439,6 +440,26 @@ def _prepare_out(args: argparse.Namespace) -> Optional[str]:
     return checkpoint
 
 
+# Options whose default is applied after checking that they belong to this command line (None in
+# the parser, so that one given where it would go unused is refused rather than ignored); run.json
+# records the resolved values.
+_LATE_DEFAULTS = {"val_split": 0.2, "temperature": 2.0, "alpha": 0.5}
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Refuse ``--val-split`` beside ``--val`` and ``--temperature`` / ``--alpha`` without
+    ``--method distill``, then fill in the defaults of those not given."""
+    if args.val and args.val_split is not None:
+        raise UsageError(f"--val-split {args.val_split} splits --data when --val is not given; with --val {args.val} "
+                         "it would go unused (pass one of them)")
+    for flag, value in (("--temperature", args.temperature), ("--alpha", args.alpha)):
+        if value is not None and args.method != "distill":
+            raise UsageError(f"{flag} is an option of --method distill, not of --method {args.method}")
+    for name, default in _LATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def _check_numbers(args: argparse.Namespace) -> None:
     for flag, value, ok in (("--epochs", args.epochs, args.epochs >= 1), ("--batch-size", args.batch_size, args.batch_size >= 1),
                             ("--image-size", args.image_size, args.image_size >= 8),
@@ -477,6 +498,7 @@ def run(args: argparse.Namespace) -> int:
     Under torchrun it joins (and at the end leaves) the process group the environment describes."""
     joined = None
     try:
+        _resolve_defaults(args)
         _check_numbers(args)
         device = _device(args.device)
         try:

@@ -93,8 +93,11 @@ def _fail(cls, name: str, expected: str, value: Any):
 def _real(name: str, value: Any, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,
           high_open: bool = False) -> float:
     """``value`` as a float after checking that it is a finite number in the interval."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: NumPy scalars too (np.float32 is no float subclass); np.bool_ is not Real
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _fail(TypeError, name, "a number", value)
+    if not isinstance(value, (int, float)):
+        value = float(value)
     lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
     below = value <= low if low_open else value < low
     above = value >= high if high_open else value > high
@@ -105,8 +108,9 @@ def _real(name: str, value: Any, *, low: float = 0.0, high: float = math.inf, lo
 
 
 def _count(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # np.int64 too
         raise _fail(TypeError, name, "an int", value)
+    value = int(value)
     if value < low:
         raise _fail(ValueError, name, f"an int >= {low}", value)
     return value
@@ -147,11 +151,12 @@ def _check_same_plan(planned: Tuple[int, int], given: Tuple[int, int], whose: st
                          "a new Finetuner for another run)")
 
 
-def _check_batch(logits: Tensor, labels: Any) -> None:
+def _check_batch(logits: Tensor, labels: Any) -> Tensor:
     """Logits [batch, classes] and labels [batch] of class indices (cheap: shapes and dtypes, no
-    synchronization). A float label tensor would otherwise reach F.cross_entropy as class
-    probabilities (a [batch] float tensor against [batch] logits trains as one sample), and
-    one-hot labels make the accuracy meaningless."""
+    synchronization); returns the labels as int64. A float label tensor would otherwise reach
+    F.cross_entropy as class probabilities (a [batch] float tensor against [batch] logits trains
+    as one sample), and one-hot labels make the accuracy meaningless. Other integer dtypes (int32
+    from NumPy arrays, ...) are widened: F.cross_entropy takes int64 (and uint8) only."""
     if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         what = f"{labels.dtype} tensor" if isinstance(labels, Tensor) else type(labels).__name__
         raise TypeError(f"Finetuner: labels must be class indices (an integer tensor [batch]), got a {what}; "
@@ -159,6 +164,7 @@ def _check_batch(logits: Tensor, labels: Any) -> None:
     if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
         raise ValueError(f"Finetuner: the model's logits must be [batch, classes] and the labels [batch], got logits "
                          f"of shape {tuple(logits.shape)} and labels of shape {tuple(labels.shape)}")
+    return labels.long()
 
 
 def _unpack(batch: Any) -> Tuple[Any, Tensor]:
@@ -406,7 +412,7 @@ class Finetuner:
         self.amp = amp
         self.grad_clip = None if grad_clip is None else _real("grad_clip", grad_clip, low_open=True)
         if seed is not None:
-            _count("seed", seed, low=0)
+            seed = _count("seed", seed, low=0)
             if seed >= 2**63:  # torch.manual_seed(seed + rank) must take it
                 raise _fail(ValueError, "seed", "an int in [0, 2**63)", seed)
         self.seed = seed
@@ -475,6 +481,11 @@ class Finetuner:
             raise _fail(ValueError, "device", 'a device such as "cpu" or "cuda:0"', device) from None
         if resolved.type == "meta":  # the model would be moved there, its weights gone
             raise _fail(ValueError, "device", 'a device with memory such as "cpu" or "cuda:0", not "meta"', device)
+        try:  # a device this machine lacks: torch's error would come from model.to(), not naming device
+            torch.empty(0, device=resolved)
+        except (RuntimeError, AssertionError, NotImplementedError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"Finetuner: device {str(resolved)!r} is not usable here ({first})") from None
         return resolved
 
     def _heads(self, head: Optional[Sequence[str]]) -> List[str]:
@@ -630,7 +641,7 @@ class Finetuner:
 
     def _loss(self, inputs: Any, labels: Tensor) -> Tuple[Tensor, Tensor]:
         logits = _logits(self._net(inputs), "model")
-        _check_batch(logits, labels)
+        labels = _check_batch(logits, labels)
         if self.method != "distill":
             return F.cross_entropy(logits, labels), logits
         with torch.no_grad():
@@ -703,6 +714,9 @@ class Finetuner:
             _batches(val_loader, "val_loader")
         if callback is not None and not callable(callback):
             raise _fail(TypeError, "callback", "callable", callback)
+        for name, path in (("checkpoint_dir", checkpoint_dir), ("resume", resume)):
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise _fail(TypeError, name, "None, a str or an os.PathLike", path)
         if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
             raise ValueError(f"Finetuner: checkpoint_dir {os.fspath(checkpoint_dir)} is a file, not a folder")
         if checkpoint_dir is not None and (self._dist is None or self._dist.main):
@@ -855,7 +869,7 @@ class Finetuner:
                 inputs, labels = _to(inputs, self.device), _to(labels, self.device)
                 with self._autocast():
                     logits = _logits(self.model(inputs), "model")
-                _check_batch(logits, labels)
+                labels = _check_batch(logits, labels)
                 loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").double()
                 correct += (logits.argmax(-1) == labels).sum()
                 n += labels.shape[0]

@@ -433,10 +433,57 @@ def test_labels_that_are_not_class_indices_are_refused(labels, model, error, mat
     ({"divergence": "jsd"}, ValueError, "divergence is an argument of method='distill'"),
     ({"method": "l2sp", "prune_end": 0.5}, ValueError, "prune_end is an argument of method='prune'"),
     ({"prune_exclude": []}, ValueError, "prune_exclude is an argument of method='prune'"),
+    # A device this machine lacks: torch's error used to come from model.to(), not naming device.
+    ({"device": "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"}, ValueError,
+     "device 'cuda(:[0-9]+)?' is not usable here"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, error, match):
     with pytest.raises(error, match=match):
         Finetuner(_mlp(), **kwargs)
+
+
+def test_numpy_scalars_are_numbers():
+    # np.float32 is no float subclass and np.int64 no int: they used to be refused ("lr must be
+    # a number, got float32"), as arguments read from a NumPy array or a config are.
+    np = pytest.importorskip("numpy")
+    runs = []
+    for cast_real, cast_int in ((float, int), (np.float32, np.int64)):
+        tuner = Finetuner(_mlp(), "l2sp", lr=cast_real(1e-2), l2sp=cast_real(0.5), weight_decay=cast_real(0.0),
+                          epochs=cast_int(2), seed=cast_int(3), grad_clip=cast_real(1.0), progress=False)
+        tuner.fit(_loader(32, batch_size=8), epochs=cast_int(2))
+        runs.append(tuner.model.state_dict())
+        assert type(tuner.seed) is int and type(tuner.epochs) is int and type(tuner.lr) is float
+    # the float32 values differ from the float ones in their last bits: equal to rounding
+    for k, v in runs[0].items():
+        torch.testing.assert_close(runs[1][k], v, msg=k)
+    with pytest.raises(TypeError, match="epochs must be an int, got bool"):
+        Finetuner(_mlp(), epochs=np.bool_(True))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("method", ["baseline", "distill"])
+def test_integer_labels_of_any_width_train_like_int64(dtype, method):
+    # int32 labels (from NumPy int32 arrays, ...) reached F.cross_entropy / kd_loss, which take
+    # int64 (and uint8) only: RuntimeError on the first step, and in evaluate.
+    x, y = _data(40, seed=3)
+    teacher = nn.Linear(D_IN, CLASSES)
+    runs = []
+    for labels in (y, y.to(dtype)):
+        kwargs = {"teacher": teacher} if method == "distill" else {}
+        tuner = Finetuner(_mlp(), method, lr=1e-2, epochs=1, seed=0, progress=False, **kwargs)
+        history = tuner.fit(DataLoader(TensorDataset(x, labels), batch_size=8))
+        runs.append((tuner.model.state_dict(), history[-1]["train_loss"],
+                     tuner.evaluate(DataLoader(TensorDataset(x, labels), batch_size=16))))
+    for k, v in runs[0][0].items():
+        assert torch.equal(runs[1][0][k], v), k
+    assert runs[1][1:] == runs[0][1:]
+
+
+def test_fit_paths_must_be_paths():
+    tuner = Finetuner(_mlp(), progress=False)
+    for name in ("checkpoint_dir", "resume"):
+        with pytest.raises(TypeError, match=f"{name} must be None, a str or an os.PathLike, got int 5"):
+            tuner.fit(_loader(), **{name: 5})
 
 
 def test_bad_model_loader_and_outputs():

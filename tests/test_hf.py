@@ -424,6 +424,10 @@ def test_argument_errors(tmp_path):
             trainer_for(tmp_path, student, teacher, chunk_size=bad)
     with pytest.raises(ValueError, match="teacher_model shares parameters that the model trains"):
         trainer_for(tmp_path, student, student)
+    # NumPy scalars (np.int64 is no int, np.bool_ no bool) used to be refused as not an int / not True
+    np = pytest.importorskip("numpy")
+    trainer = trainer_for(tmp_path, student, teacher, chunk_size=np.int64(4), use_fused_linear=np.bool_(False))
+    assert trainer.chunk_size == 4 and type(trainer.chunk_size) is int and trainer.use_fused_linear is False
     with pytest.raises(TypeError, match="exclude_bias_and_norm must be True or False"):
         l2sp_adamw(student, 1e-3, l2sp=0.1, exclude_bias_and_norm="no")
     batch = collate(classification_examples())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import numbers
 import warnings
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -205,12 +206,17 @@ class DistillationTrainer(transformers.Trainer):
         _check_options(temperature, alpha, divergence, beta, IGNORE_INDEX, "sum")
         if not isinstance(teacher_model, nn.Module):
             raise TypeError(f"DistillationTrainer: teacher_model must be an nn.Module, got {type(teacher_model).__name__}")
+        if type(use_fused_linear).__module__ == "numpy" and type(use_fused_linear).__name__ in ("bool", "bool_"):
+            # a NumPy bool (np.bool_ is no bool subclass)
+            use_fused_linear = bool(use_fused_linear)
         if not any(use_fused_linear is c or (isinstance(c, str) and use_fused_linear == c) for c in _FUSED_CHOICES):
             raise ValueError(f'DistillationTrainer: use_fused_linear must be "auto", True or False, got {use_fused_linear!r}')
         if shift_labels is not None and not isinstance(shift_labels, bool):
             raise TypeError(f"DistillationTrainer: shift_labels must be None, True or False, got {shift_labels!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                       or chunk_size < 1):  # numbers.Integral: np.int64 too
             raise ValueError(f"DistillationTrainer: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        chunk_size = None if chunk_size is None else int(chunk_size)
         super().__init__(*args, **kwargs)
         if shares_trained_parameters(teacher_model, self.model):
             raise ValueError("DistillationTrainer: teacher_model shares parameters that the model trains (the "
