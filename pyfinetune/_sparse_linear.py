@@ -352,7 +352,7 @@ class SparseLinear(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         for name, n in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(n, int) or n < 0 or n + 1 > 2**31 - 1:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0 or n + 1 > 2**31 - 1:
                 raise ValueError(f"SparseLinear: {name} must be an int in [0, 2^31 - 2], got {n!r}")
         self.in_features = in_features
         self.out_features = out_features
@@ -574,6 +574,8 @@ class SparseLinear(nn.Module):
         if len(set(sizes.values())) > 1:
             error_msgs.append(f"SparseLinear: the saved values and index tensors disagree on nnz: {sizes}")
             return
+        if not self._check_saved_pattern(state_dict, prefix, sizes, error_msgs):
+            return  # before anything changes: a refused load leaves the layer as it was
         for name, n in sizes.items():
             current = getattr(self, name)
             if current.numel() != n:
@@ -585,7 +587,7 @@ class SparseLinear(nn.Module):
         n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        if len(error_msgs) == n_errors and prefix + "crow_indices" in state_dict and prefix + "col_indices" in state_dict:
+        if len(error_msgs) == n_errors and (prefix + "crow_indices" in state_dict or prefix + "col_indices" in state_dict):
             # The column-major pattern (ccol_indices, row_indices, csc_to_csr: the input gradient's
             # kernel for more than 32 rows) and row_order are derived from the row pattern: rebuilt
             # from the loaded one rather than trusted, so that a checkpoint whose copies disagree (a
@@ -594,6 +596,32 @@ class SparseLinear(nn.Module):
                 derived = ops.pattern_from_csr(self.crow_indices, self.col_indices, self.in_features)
                 for name in ("row_order", "ccol_indices", "row_indices", "csc_to_csr"):
                     setattr(self, name, getattr(derived, name))  # new tensors: sized by the loaded pattern
+
+    def _check_saved_pattern(self, state_dict, prefix, sizes, error_msgs) -> bool:
+        """Whether the row pattern the load leaves (the saved crow_indices / col_indices, else this
+        layer's) is a valid pattern of this layer's weight with as many entries as the values; else
+        an entry in ``error_msgs``. Checked before anything is copied: a load that fails half-way
+        would leave the layer with a new row pattern and the column-major copies of the old one, on
+        which the forward and the input gradient would read two different weights."""
+        crow = state_dict.get(prefix + "crow_indices", self.crow_indices)
+        col = state_dict.get(prefix + "col_indices", self.col_indices)
+        if not (isinstance(crow, Tensor) and isinstance(col, Tensor)) or crow.dim() != 1 or col.dim() != 1:
+            return True  # torch's own checks (size mismatch, not a tensor) report it
+        nnz = sizes.get("values", self.values.numel())
+        if col.numel() != nnz:
+            error_msgs.append(f"SparseLinear: loading would leave {nnz} values and {col.numel()} col_indices: load "
+                              "values, crow_indices and col_indices together")
+            return False
+        if (crow is self.crow_indices and col is self.col_indices) or crow.numel() != self.out_features + 1:
+            return True  # the pattern is not loaded, or torch's size check names the mismatch
+        try:
+            with torch.no_grad():
+                ops.pattern_from_csr(crow.to(self.crow_indices.device, torch.int32),
+                                     col.to(self.col_indices.device, torch.int32), self.in_features)
+        except (ValueError, RuntimeError) as e:
+            error_msgs.append(f"SparseLinear: the saved pattern is not valid: {e}")
+            return False
+        return True
 
 
 def _describe(t) -> str:

@@ -62,7 +62,7 @@ import numbers
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -507,6 +507,9 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, Any], strict:
         what ``model.load_state_dict`` returns (missing and unexpected keys).
     """
     _check_model("load_pruned_state_dict", model)
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"load_pruned_state_dict: state_dict must be a mapping of names to tensors (a model's "
+                        f"state_dict()), got {type(state_dict).__name__}")
     _refuse_torch_pruned("load_pruned_state_dict", model.named_modules())
     state_dict = _from_torch_pruning_keys(model, state_dict)
     # Every mask is checked before any layer of the model is changed (masked to receive one).
@@ -632,6 +635,15 @@ def _checked_progress(pruner: Any, state_dict: Dict[str, Any]) -> Tuple[int, Opt
             raise ValueError(f"{name}.load_state_dict: last_sparsity must be in [0, 1], got {last!r}")
         last = float(last)
     return int(step_count), last
+
+
+def _np_bool_types() -> Tuple[type, ...]:
+    """NumPy's bool scalar type where NumPy is installed (a state dict read back through NumPy)."""
+    try:
+        import numpy
+    except ImportError:
+        return ()
+    return (numpy.bool_,)
 
 
 def _check_model(fn: str, model: Any) -> None:
@@ -802,7 +814,7 @@ def _select_layers(model: nn.Module, include: LayerFilter, exclude: LayerFilter)
 def _matrix_shape(module: nn.Module) -> Tuple[int, int]:
     """The weight as a matrix [out, in], a Conv2d's input flattened (in / groups * kh * kw)."""
     w = module.weight
-    return w.shape[0], w.numel() // w.shape[0]
+    return w.shape[0], math.prod(w.shape[1:])  # not numel // out: a layer may have 0 outputs
 
 
 def _check_pattern_fits(layers: Sequence[Tuple[str, nn.Module]], pat: _Pattern) -> None:
@@ -1110,6 +1122,9 @@ class GradualPruner:
         """Resume from :meth:`state_dict`; the pruner must have been built with the same arguments
         (a difference raises ValueError naming it)."""
         _check_pruner_state(self, state_dict, ("step_count", "last_sparsity", "config"))
+        if not isinstance(state_dict["config"], dict):
+            raise TypeError(f"{type(self).__name__}.load_state_dict: state_dict['config'] must be a dict (from "
+                            f"state_dict()), got {type(state_dict['config']).__name__}")
         differ = [k for k, v in self._config().items() if state_dict["config"].get(k) != v]
         if differ:
             hint = ""
@@ -1248,11 +1263,17 @@ class MovementPruner(GradualPruner):
                 raise ValueError(f"MovementPruner.load_state_dict: scores[{name!r}] must be a float tensor of shape "
                                  f"{tuple(score.shape)}, got "
                                  f"{f'{saved.dtype} of shape {tuple(saved.shape)}' if isinstance(saved, Tensor) else type(saved).__name__}")
+        finished = state_dict["finished"]
+        if isinstance(finished, Tensor) and finished.numel() == 1 and finished.dtype == torch.bool:
+            finished = bool(finished)
+        if not isinstance(finished, (bool, _np_bool_types())):
+            # bool("no") is True: a wrong value would end the schedule silently
+            raise TypeError(f"MovementPruner.load_state_dict: finished must be a bool, got {finished!r}")
         _checked_progress(self, state_dict)  # before anything changes (super() sets them)
         super().load_state_dict(state_dict)
         for name, score in self.scores.items():
             score.copy_(scores[name])
-        self.finished = bool(state_dict["finished"])
+        self.finished = bool(finished)
         for _, module in self.layers:
             module.dense_grad = not self.finished
 

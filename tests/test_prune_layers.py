@@ -232,6 +232,8 @@ def test_load_pruned_state_dict_errors():
     sd = {"norm.weight_mask": torch.ones(200, dtype=torch.bool)}
     with pytest.raises(TypeError, match="norm"):
         prune.load_pruned_state_dict(ConvNet(), sd, strict=False)
+    with pytest.raises(TypeError, match=r"load_pruned_state_dict: state_dict must be a mapping"):
+        prune.load_pruned_state_dict(ConvNet(), None)  # was: 'NoneType' object is not iterable
 
 
 @pytest.mark.parametrize("bad", ["shape", "values", "type"])

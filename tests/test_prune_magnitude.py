@@ -375,6 +375,23 @@ def test_infinite_magnitude_is_kept():
     assert mask.tolist() == [[True, False, True, False]]
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "block:1x2"])
+def test_layers_without_outputs(pattern):
+    # A layer with 0 outputs (nn.Linear(8, 0), nn.Conv2d(2, 0, 2)) gave ZeroDivisionError: its
+    # [out, in] matrix shape was taken as numel // out.
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 0), nn.Conv2d(2, 0, 2), nn.Linear(8, 4))
+    masks = magnitude_prune(model, 0.5, scope="global", pattern=pattern, exclude=None)
+    assert masks["1"].shape == (0, 8) and masks["2"].shape == (0, 2, 2, 2)
+    assert int((~masks["0"]).sum()) + int((~masks["3"]).sum()) == 48  # half of 64 + 32
+    pruner = prune.GradualPruner(nn.Sequential(nn.Linear(8, 0), nn.Linear(8, 4)), 0.5, 0, 2, 1, exclude=None,
+                                 pattern=pattern)
+    for _ in range(3):
+        pruner.step()
+    assert int((~pruner.layers[1][1].weight_mask).sum()) == 16
+    sparse = prune.sparsify(model[:2])
+    assert sparse[1].nnz == 0 and sparse(torch.randn(3, 8)).shape == (3, 0)
+
+
 def test_magnitude_prune_matches_sort_reference_on_large_layer():
     # kthvalue selection against a full stable sort, with many ties (quantized values)
     layer = nn.Linear(256, 64, bias=False)

@@ -337,6 +337,30 @@ def test_pruner_state_dict_with_bad_progress_is_refused_unchanged(cls, entry, va
     assert pruner.step_count == 0 and pruner.last_sparsity is None
 
 
+@pytest.mark.parametrize("entry, value, match", [
+    ("config", None, r"state_dict\['config'\] must be a dict"),   # was AttributeError: 'NoneType' ... 'get'
+    ("finished", "no", r"finished must be a bool, got 'no'"),        # bool("no") ended the schedule silently
+    ("finished", None, r"finished must be a bool, got None"),
+])
+def test_pruner_state_dict_with_bad_entries_is_refused_by_name(entry, value, match):
+    model = ConvNet()
+    pruner = MovementPruner(model, 0.5, 1, 10, 2, exclude=None)
+    sd = copy.deepcopy(pruner.state_dict())
+    sd[entry] = value
+    with pytest.raises(TypeError, match=rf"MovementPruner.load_state_dict: {match}"):
+        pruner.load_state_dict(sd)
+    assert not pruner.finished and all(model.get_submodule(n).dense_grad for n in LAYERS)
+    if entry == "config":
+        gradual = GradualPruner(ConvNet(), 0.5, 1, 10, 2, exclude=None)
+        sd = gradual.state_dict()
+        sd["config"] = None
+        with pytest.raises(TypeError, match=rf"GradualPruner.load_state_dict: {match}"):
+            gradual.load_state_dict(sd)
+    sd = copy.deepcopy(pruner.state_dict())
+    sd["finished"] = torch.tensor(False)  # a bool tensor is fine
+    pruner.load_state_dict(sd)
+
+
 def test_movement_state_dict_with_bad_scores_is_refused_unchanged():
     model = ConvNet()
     pruner = MovementPruner(model, 0.5, 1, 10, 2, exclude=None)

@@ -356,6 +356,32 @@ def test_state_dict_errors():
         SparseLinear(24, 16, bias=False).load_state_dict(layer.state_dict())
 
 
+def test_refused_state_dict_leaves_the_layer_as_it_was():
+    # A checkpoint whose row pattern is not valid (a column repeated or out of order within a row)
+    # was refused only after values, crow_indices and col_indices were copied in: the layer kept the
+    # column-major copies of its old pattern, so its forward read one weight and its input gradient
+    # (more than 32 rows) another, silently. The pattern is now checked before anything is copied.
+    w = torch.tensor([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]])
+    layer = SparseLinear.from_dense(w, w != 0, None, kernel="sparse")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    bad = {k: v.clone() for k, v in before.items()}
+    bad["col_indices"] = torch.tensor([2, 0, 1], dtype=torch.int32)  # row 0: columns 2, 0
+    bad["values"] = torch.tensor([5.0, 6.0, 7.0])
+    with pytest.raises(RuntimeError, match=r"saved pattern is not valid: .*col_indices must increase strictly"):
+        layer.load_state_dict(bad)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = torch.randn(40, 3, requires_grad=True)
+    layer(x).backward(torch.ones(40, 2))
+    assert torch.equal(x.grad, torch.ones(40, 2) @ w)
+    # values alone with another nnz (strict=False) would leave values and col_indices of two sizes
+    with pytest.raises(RuntimeError, match=r"would leave 5 values and 3 col_indices"):
+        layer.load_state_dict({"values": torch.ones(5)}, strict=False)
+    assert torch.equal(layer.values.detach(), before["values"])
+    with pytest.raises(ValueError, match=r"in_features must be an int"):
+        SparseLinear(True, 3)
+
+
 # -------------------------------------------------------------------------------------- training
 @pytest.mark.parametrize("optimizer", ["pyfinetune", "torch"])
 @pytest.mark.parametrize("kernel", KERNELS)
