@@ -100,6 +100,7 @@ def correctness(n, k, m, sparsity, dtype, bias=True, x_view=None):
 
 
 ASYNC_ENV = "PYFINETUNE_TILED_CUDA_ASYNC"
+SMALL_N_ENV = "PYFINETUNE_CSR_CUDA_SMALL_N"
 
 
 def with_async(fn):
@@ -222,6 +223,10 @@ def speed(dtype, n, sparsity):
         "ours tensor cores, async": with_async(
             lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None)),
     }
+    if n <= 16:  # PYFINETUNE_CSR_CUDA_SMALL_N=1: the lanes over each row's nonzeros, x read in place
+        fns["ours small-N kernel"] = common.with_env(
+            SMALL_N_ENV, "1", lambda: torch.ops.pyfinetune.csr_linear(x, vals, p.crow_indices, p.col_indices,
+                                                                      p.row_order, None))
     eager, graph = time_ms(fns), {}
     if DEVICE == "cuda":
         try:
@@ -261,7 +266,7 @@ def table_row(dtype, n, sparsity, ms):
     '-' for a contender missing from ms."""
     d = ms.get("cuBLAS dense")
     cells = []
-    for name in ("ours warp (csr_linear)", "ours tensor cores", "ours tensor cores, async"):
+    for name in ("ours warp (csr_linear)", "ours tensor cores", "ours tensor cores, async", "ours small-N kernel"):
         v = ms.get(name)
         cells.append(f"{v:.4f} ({d / v:.2f}x)" if v is not None and d is not None else "-")
     return f"| {str(dtype)[6:]} | {n} | {sparsity:.0%} | {d:.4f} | " + " | ".join(cells) + " |"
@@ -340,12 +345,13 @@ def main():
           "sparsity; median ms per call of 15 samples of 20 back-to-back calls; (ratio) = cuBLAS / ours, >1 = ours "
           "faster", "",
           "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms | ours tensor cores, async "
-          "pipeline ms (PYFINETUNE_TILED_CUDA_ASYNC=1) |",
-          "|---|---|---|---|---|---|---|", *rows, "",
+          "pipeline ms (PYFINETUNE_TILED_CUDA_ASYNC=1) | ours small-N kernel ms (PYFINETUNE_CSR_CUDA_SMALL_N=1) |",
+          "|---|---|---|---|---|---|---|---|", *rows, "",
           *([f"GPU time per call, host overhead removed: the same 20 calls captured in a CUDA graph and replayed "
              "(median of 15 replays); where these are much lower than above, the host set the pace there:", "",
              "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms | ours tensor cores, "
-             "async pipeline ms |", "|---|---|---|---|---|---|---|", *graph_rows, ""] if graph_rows else []),
+             "async pipeline ms | ours small-N kernel ms |", "|---|---|---|---|---|---|---|---|", *graph_rows, ""]
+            if graph_rows else []),
           "The backward's products at N = 256, 90% (where a training step's time goes):", "",
           "| dtype | product | ms per call |", "|---|---|---|", *brk, "",
           f"correctness: {'all OK' if not failures else 'FAILED: ' + ', '.join(failures)}"]

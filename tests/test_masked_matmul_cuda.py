@@ -199,6 +199,47 @@ def test_csr_linear_tiled_spmm_kernel(dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_csr_linear_small_n_kernel(dtype, monkeypatch):
+    """PYFINETUNE_CSR_CUDA_SMALL_N=1 (experimental): at most 16 rows of x run the kernel whose lanes
+    take a row's nonzeros (accumulators for 1, 2, 4, 8 or 16 rows). Every accumulator count and the
+    edges around it (N = 1..17: 17 takes the warp kernel again), rows longer than a warp's 32 lanes
+    and empty ones (skewed mask), sparsity 0 and 1, with and without bias, a strided x (row stride
+    past K, and column-major: copied); the backward is the warp kernels' either way."""
+    monkeypatch.setenv("PYFINETUNE_CSR_CUDA_SMALL_N", "1")
+    for N in range(1, 18):
+        for K, M, mask in ((33, 70, random_mask(70, 33, 0.5)), (300, 129, skewed_mask(129, 300)),
+                           (1023, 5, random_mask(5, 1023, 0.0)), (40, 9, random_mask(9, 40, 1.0))):
+            for bias in (True, False):
+                c, ref = csr_case(N, K, M, dtype, mask, bias=bias)
+                check_csr(c, ref, dtype, N, K, M, what=f"small-N {N}x{K}x{M} bias={bias}")
+    for N in (1, 5, 16):
+        c, ref = csr_case(N, 70, 40, dtype, random_mask(40, 70, 0.7))
+        wide = torch.zeros(N, 75, dtype=dtype, device="cuda")
+        wide[:, 2:72] = c["x"]
+        c["x"] = wide[:, 2:72]  # row stride 75, an offset start
+        check_csr(c, ref, dtype, N, 70, 40, what=f"small-N row-strided {N}")
+        c["x"] = c["x"].t().contiguous().t()  # column-major
+        check_csr(c, ref, dtype, N, 70, 40, what=f"small-N column-major {N}")
+    monkeypatch.setenv("PYFINETUNE_CSR_CUDA_SMALL_N", "yes")
+    c, _ = csr_case(2, 5, 3, dtype, random_mask(3, 5, 0.5))
+    with pytest.raises(ValueError, match="pyfinetune.csr_linear: PYFINETUNE_CSR_CUDA_SMALL_N must be 0 or 1"):
+        run_csr_forward(c)
+
+
+def test_csr_linear_small_n_inf_in_x_stays_in_its_columns(monkeypatch):
+    """The small-N kernel multiplies kept entries only, as the warp kernel."""
+    monkeypatch.setenv("PYFINETUNE_CSR_CUDA_SMALL_N", "1")
+    N, K, M = 9, 12, 6
+    mask = torch.zeros(M, K, dtype=torch.bool)
+    mask[0, 3] = True
+    mask[2, [0, 1, 2, 4, 5]] = True
+    c, _ = csr_case(N, K, M, torch.float32, mask, bias=False)
+    c["x"][4, 3] = float("inf")
+    y = run_csr_forward(c).cpu()
+    assert torch.isinf(y[4, 0]) and torch.isfinite(y[:, 1:]).all() and torch.isfinite(y[:4]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_csr_linear_empty_and_skewed_rows(dtype):
     for N, K, M in [(37, 65, 70), (300, 200, 129), (5, 1023, 40)]:
         mask = skewed_mask(M, K)

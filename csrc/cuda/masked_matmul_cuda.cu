@@ -279,6 +279,152 @@ __global__ void __launch_bounds__(kSpmmWarps* kWarpSize) csr_spmm_kernel(const S
   }
 }
 
+// ---- Few rows of x: y = x @ W^T with the lanes over each row's nonzeros (opt-in) ------------------
+// For N <= kSmallN rows of x (decoding: N = 1 to a few), the kernel above wastes the warp: x^T is
+// padded to one 16-byte vector per operand row (8 halves where 1 is used at N = 1), a lane holds
+// one vector of the N tile, so only lane 0 of each warp works, entry after entry; and x is
+// transposed before and y after. Here a warp takes a sparse row, its lanes take the row's nonzeros
+// (lane l: entries begin + l, begin + l + 32, ...: coalesced reads of values and indices), each
+// multiplies its entry by the N values of x in that column, read from x itself (row-major, a few
+// KB that stay in L1), and the warp sums the lanes' partial sums (butterfly shuffles); lane n
+// writes y[n, row]. Reads nnz * (value + index) bytes once and x from cache: the bandwidth a dense
+// x @ W^T spends on all M * K weights goes to the kept ones only. Only kept entries are multiplied
+// (an inf in x at a pruned column adds nothing), as in the kernel above. PYFINETUNE_CSR_CUDA_SMALL_N.
+constexpr int kSmallN = 16;
+
+template <typename scalar_t>
+struct SpmvArgs {
+  const scalar_t* values;  // [nnz]
+  const int32_t* offsets;  // [rows + 1]
+  const int32_t* indices;  // [nnz], < k
+  const int32_t* order;    // [rows]: the row of warp slot s (longest rows first)
+  const scalar_t* bias;    // [rows] or nullptr
+  const scalar_t* x;       // [n, k], unit column stride, row stride ldx
+  scalar_t* y;             // [n, rows], contiguous
+  int64_t ldx;
+  int64_t nnz;
+  int32_t rows;
+  int32_t k;
+  int32_t n;               // <= kN
+};
+
+// acc[i] += v * x[i, col] for the n rows of x: one kept entry of the lane's weight row.
+template <int kN, typename scalar_t, typename opmath_t>
+__device__ C10_ALWAYS_INLINE void spmv_entry(const SpmvArgs<scalar_t>& a, int32_t col, opmath_t v,
+                                             opmath_t (&acc)[kN]) {
+  CUDA_KERNEL_ASSERT(col >= 0 && col < a.k);
+  const scalar_t* xc = a.x + col;
+  PF_UNROLL
+  for (int i = 0; i < kN; ++i) {
+    if (i < a.n) {
+      acc[i] += v * static_cast<opmath_t>(xc[i * a.ldx]);
+    }
+  }
+}
+
+// kN: the accumulators per lane (a power of two >= n; the loops run to n).
+template <typename scalar_t, int kN>
+__global__ void __launch_bounds__(kSpmmWarps* kWarpSize) csr_spmv_kernel(const SpmvArgs<scalar_t> a) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kSpmmWarps + warp;
+  if (slot >= a.rows) {
+    return;  // uniform over the warp; no block-wide barrier
+  }
+  const int32_t row = a.order[slot];
+  CUDA_KERNEL_ASSERT(row >= 0 && row < a.rows);
+  const int64_t begin = a.offsets[row];
+  const int64_t end = a.offsets[row + 1];
+  CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= a.nnz);
+  opmath_t acc[kN];
+  PF_UNROLL
+  for (int i = 0; i < kN; ++i) {
+    acc[i] = opmath_t(0);
+  }
+  // Four of a lane's entries at a time: their index and value loads are issued together (a row of
+  // 410 entries, 90% of 4096, is 13 entries per lane: one at a time, 13 dependent trips to memory).
+  int64_t p = begin + lane;
+  for (; p + 3 * kWarpSize < end; p += 4 * kWarpSize) {
+    int32_t col[4];
+    opmath_t v[4];
+    PF_UNROLL
+    for (int u = 0; u < 4; ++u) {
+      col[u] = a.indices[p + u * kWarpSize];
+      v[u] = static_cast<opmath_t>(a.values[p + u * kWarpSize]);
+    }
+    PF_UNROLL
+    for (int u = 0; u < 4; ++u) {
+      spmv_entry<kN>(a, col[u], v[u], acc);
+    }
+  }
+  for (; p < end; p += kWarpSize) {
+    spmv_entry<kN>(a, a.indices[p], static_cast<opmath_t>(a.values[p]), acc);
+  }
+  PF_UNROLL
+  for (int i = 0; i < kN; ++i) {
+    PF_UNROLL
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      acc[i] += __shfl_xor_sync(kFullMask, acc[i], offset);
+    }
+  }
+  const opmath_t bias = a.bias != nullptr ? static_cast<opmath_t>(a.bias[row]) : opmath_t(0);
+  PF_UNROLL
+  for (int i = 0; i < kN; ++i) {
+    if (i < a.n && lane == i) {
+      a.y[static_cast<int64_t>(i) * a.rows + row] = static_cast<scalar_t>(acc[i] + bias);
+    }
+  }
+}
+
+// PYFINETUNE_CSR_CUDA_SMALL_N=1 (experimental, read at each call; unset, empty or 0: off): csr_linear
+// with at most kSmallN rows of x runs csr_spmv_kernel. Not the default until a GPU has timed it
+// against the warp kernel and cuBLAS (benchmarks/prune_gpu_quick_check.py's N = 1 and 16 rows); the
+// sums are taken in another order. Another value is refused before anything is written.
+bool small_n_requested() {
+  return env_switch("csr_linear", "PYFINETUNE_CSR_CUDA_SMALL_N", "off").value_or(false);
+}
+
+template <typename scalar_t, int kN>
+void launch_spmv(const SpmvArgs<scalar_t>& a) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(static_cast<int64_t>(a.rows), kSpmmWarps)));
+  csr_spmv_kernel<scalar_t, kN><<<grid, kSpmmWarps * kWarpSize, 0, at::cuda::getCurrentCUDAStream()>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// y [N, M] = x [N, K] @ W^T (+ bias), N in [1, kSmallN], W in CSR.
+template <typename scalar_t>
+at::Tensor spmv_rows(const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow, const at::Tensor& col,
+                     const at::Tensor& order, const at::Tensor& bias, int64_t M) {
+  const at::Tensor xr = x.stride(1) == 1 ? x : x.contiguous();
+  at::Tensor y = at::empty({x.size(0), M}, x.options());
+  SpmvArgs<scalar_t> a{};
+  a.values = values.const_data_ptr<scalar_t>();
+  a.offsets = crow.const_data_ptr<int32_t>();
+  a.indices = col.const_data_ptr<int32_t>();
+  a.order = order.const_data_ptr<int32_t>();
+  a.bias = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+  a.x = xr.const_data_ptr<scalar_t>();
+  a.y = y.data_ptr<scalar_t>();
+  a.ldx = xr.stride(0);
+  a.nnz = values.numel();
+  a.rows = static_cast<int32_t>(M);
+  a.k = static_cast<int32_t>(x.size(1));
+  a.n = static_cast<int32_t>(x.size(0));
+  if (a.n <= 1) {
+    launch_spmv<scalar_t, 1>(a);
+  } else if (a.n <= 2) {
+    launch_spmv<scalar_t, 2>(a);
+  } else if (a.n <= 4) {
+    launch_spmv<scalar_t, 4>(a);
+  } else if (a.n <= 8) {
+    launch_spmv<scalar_t, 8>(a);
+  } else {
+    launch_spmv<scalar_t, kSmallN>(a);
+  }
+  return y;
+}
+
 // ---- SpMM, operand tiles in shared memory (opt-in: PYFINETUNE_CSR_CUDA_KERNEL=tiled) -------------
 // The kernel above reads, for every nonzero, its operand row from L2: nnz * N values (1.7 GB for
 // N = 256 at 90% of 4096 x 4096 in float32), which bounds it by L2 bandwidth. Here a block takes
@@ -859,8 +1005,13 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
   const SparseOperand w{values.contiguous(), /*value_pos=*/at::Tensor(), crow_indices.contiguous(),
                         col_indices.contiguous(), row_order.contiguous(), M, K};
   const at::Tensor b = has_value(bias) ? bias->contiguous() : at::Tensor();
+  const bool few_rows = N <= kSmallN && small_n_requested();
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_linear_cuda", [&] {
+    if (few_rows) {
+      y = spmv_rows<scalar_t>(x, w.values, w.offsets, w.indices, w.order, b, M);
+      return;
+    }
     const int64_t ld = padded_width<scalar_t>(N);
     y = untransposed(spmm<scalar_t>(w, transposed_padded(x, ld), ld, b), N);
   });
