@@ -26,6 +26,7 @@ from ._sparse_linear import SparseLinear
 DEFAULT_SPARSITIES = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 _MODES = ("train", "inference")
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_MAX_FEATURES = 2**31 - 2  # SparseLinear's in_features / out_features (int32 indices)
 
 
 @dataclass
@@ -137,6 +138,16 @@ def calibrate_crossover(device: Union[str, torch.device, None] = None, dtype: to
         raise ValueError(f'calibrate_crossover: mode must be "train" or "inference", got {mode!r}')
     batch, in_features, out_features = (_positive_int(n, v) for n, v in (
         ("batch", batch), ("in_features", in_features), ("out_features", out_features)))
+    for name, n in (("in_features", in_features), ("out_features", out_features)):
+        if n > _MAX_FEATURES:
+            raise ValueError(f"calibrate_crossover: {name} must be at most 2^31 - 2 (SparseLinear's limit), got {n}")
+    # x, the gradient and the weight are drawn in float32, then cast: past 2^63 bytes torch refused the
+    # shape with a TypeError or a RuntimeError (storage size overflow) instead of a failed allocation.
+    largest = max(batch * in_features, batch * out_features, out_features * in_features)
+    if largest * max(4, dtype.itemsize) >= 2**63:
+        raise ValueError(f"calibrate_crossover: x [batch, in_features], the gradient [batch, out_features] and the "
+                         f"weight [out_features, in_features] must each fit in 2^63 bytes, got batch {batch}, "
+                         f"in_features {in_features}, out_features {out_features}")
     reps = _positive_int("reps", reps)
     if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
         raise ValueError(f"calibrate_crossover: warmup must be an int >= 0, got {warmup!r}")

@@ -50,6 +50,14 @@ def kernels_markdown(results: Dict[str, Any]) -> str:
     return "\n".join(_markdown(("op", "shape", "ours ms", "torch ms", "speed-up", "torch baseline"), rows))
 
 
+def _commit(results: Dict[str, Any]) -> str:
+    """" at commit <hash>" (+ " with uncommitted changes") when run from a git clone, else ""."""
+    git = results.get("git") or {}
+    if not git.get("commit"):
+        return ""
+    return f" at commit {git['commit'][:12]}" + (" with uncommitted changes" if git.get("dirty") else "")
+
+
 def _report(results: Dict[str, Any], plots: Sequence[str]) -> str:
     c, s, src = results["config"], results["splits"], results["source_model"]
     by = {m["method"]: m for m in results["methods"]}
@@ -57,7 +65,8 @@ def _report(results: Dict[str, Any], plots: Sequence[str]) -> str:
         "# pyfinetune demo", "",
         f"Dataset: {results['dataset']}, bundled with scikit-learn (nothing downloaded).  ",
         f"Device: {results['device']}; machine: {results['machine']}; {results['threads']} torch threads; "
-        f"torch {results['torch']}, pyfinetune {results['pyfinetune']}, Python {results['python']}.  ",
+        f"torch {results['torch']}, pyfinetune {results['pyfinetune']}{_commit(results)}, Python {results['python']}"
+        + "".join(f", {k}={v}" for k, v in (results.get("settings") or {}).items()) + ".  ",
         f"Seed: {results['seed']} (data split, model initializations, data order); "
         f"{'quick' if results['quick'] else 'full'} configuration; wall time {results['wall_seconds']:.0f} s.", "",
         "## Tasks", "",

@@ -64,7 +64,7 @@ def optimizer_cpu_prefetch() -> object:
 # The kernels' settings with a fixed vocabulary, as the extension reads them (at each call): a bad
 # value is refused there with a ValueError naming the variable; settings_errors() finds it first.
 _ON_OFF = ("PYFINETUNE_CPU_PREFETCH", "PYFINETUNE_KD_CUDA_PREFETCH", "PYFINETUNE_KD_CUDA_CAP_REGISTERS",
-           "PYFINETUNE_TILED_CUDA_ASYNC")
+           "PYFINETUNE_TILED_CUDA_ASYNC", "PYFINETUNE_CSR_CUDA_SMALL_N")
 _CHOICES = {"PYFINETUNE_OPTIM_CUDA_LAYOUT": ("classic", "wide"),
             "PYFINETUNE_CSR_CUDA_KERNEL": ("warp", "tiled", "tensor_cores")}
 
@@ -83,6 +83,15 @@ def settings_errors() -> List[str]:
         raw = os.environ.get(name, "")
         if raw and raw not in choices:
             errors.append(f"{name} must be one of {', '.join(choices)} (or unset), got {raw!r}")
+    # Read loosely by the kernels, so a wrong value silently did something else, under a record that
+    # named it: PYFINETUNE_CPU_AVX512 is off for a value starting with "0" and on otherwise ("off",
+    # "false", "no": on); PYFINETUNE_KD_CUDA_THREADS is ignored unless a multiple of 32 in [32, 512].
+    raw = os.environ.get("PYFINETUNE_CPU_AVX512", "")
+    if raw not in ("", "0", "1"):
+        errors.append(f"PYFINETUNE_CPU_AVX512 must be 0 or 1 (or unset), got {raw!r}")
+    raw = os.environ.get("PYFINETUNE_KD_CUDA_THREADS", "")
+    if raw and not (raw.isdigit() and 32 <= int(raw) <= 512 and int(raw) % 32 == 0):
+        errors.append(f"PYFINETUNE_KD_CUDA_THREADS must be a multiple of 32 in [32, 512] (or unset), got {raw!r}")
     pool = dense_pool()
     if "error" in pool:
         errors.append(str(pool["error"]))

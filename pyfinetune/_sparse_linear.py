@@ -478,7 +478,7 @@ class SparseLinear(nn.Module):
         # Half a weight of slack: a layer pruned "to 90%" keeps round(0.1 * n) weights (magnitude_prune),
         # which can be a fraction of a weight more than 10% and must not fall back to the dense path.
         total = self.in_features * self.out_features
-        kept_limit = (1.0 - crossover_sparsity(device, self.values.dtype)) * total + 0.5
+        kept_limit = (1.0 - crossover_sparsity(device, dtype)) * total + 0.5  # the computing dtype (autocast's)
         return "sparse" if total and self.nnz <= kept_limit else "dense"
 
     # ---------------------------------------------------------------------------------- forward

@@ -41,10 +41,15 @@ def _cmd_info(args: argparse.Namespace) -> int:
     crossover = info["sparse_linear_crossover"]
     if "error" in crossover:
         print(f"SparseLinear kernel='auto': invalid setting: {crossover['error']}")
+    from ._sparse_linear import crossover_key
+
+    env_keys = set(info.get("sparse_crossover_env") or ())
     for device, by_dtype in ({} if "error" in crossover else crossover).items():
+        # The variable's entries this device's layers read: "cuda=0.5" says nothing of the CPU's.
+        read = {crossover_key(device, getattr(torch, dt)) for dt in by_dtype}
         print(f"SparseLinear kernel='auto' on {device}: sparse "
               + ", ".join(("never" if v > 1 else f"from {v:.0%}") + f" ({dt})" for dt, v in by_dtype.items())
-              + (" (PYFINETUNE_SPARSE_CROSSOVER applied)" if info.get("sparse_crossover_env")
+              + (f" (PYFINETUNE_SPARSE_CROSSOVER applied: {', '.join(sorted(read & env_keys))})" if read & env_keys
                  else " (defaults; measure this machine's: pyfinetune calibrate)")
               + ("; inference calls of up to 32 rows (8 in 16 bits): sparse at any sparsity" if device == "cpu" else ""))
     pool = info["dense_pool"]
@@ -121,6 +126,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if args.dtype in ("bfloat16", "float16") and cal.key == cal.device.split(":")[0]:
         print(f"note: on this {cal.key.upper()} {args.dtype} layers share the entry {cal.key!r} with float32 layers "
               "(no 16-bit matrix units): the value below applies to both")
+    from ._sparse_linear import SMALL_BATCH_ROWS
+
+    small = SMALL_BATCH_ROWS.get((cal.device.split(":")[0], cal.dtype.itemsize >= 4))
+    if args.mode == "inference" and small is not None and args.batch <= small:
+        # kernel_for: such calls never read the crossover, so the value measured here does not decide them.
+        print(f"note: SparseLinear(kernel='auto') runs inference calls of up to {small} rows on the "
+              f"{cal.key.split('-')[0].upper()} with the sparse kernel at any sparsity: the setting below only "
+              f"decides larger batches and training calls (measure those: --batch {small + 1} or more, or --mode train)")
     if cal.crossover <= 1.0:
         print(f"to use it: export PYFINETUNE_SPARSE_CROSSOVER={cal.key}={cal.crossover:.3f}  "
               f"(or pyfinetune.prune.CROSSOVER_SPARSITY[{cal.key!r}] = {cal.crossover:.3f})")

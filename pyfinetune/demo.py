@@ -599,9 +599,21 @@ def run_demo(out_dir: str = "pyfinetune-demo", *, quick: bool = False, device: A
     from . import __version__
     from ._demo_report import write_outputs
 
+    from .benchmarks import common
+
     started = time.perf_counter()
     c = config if config is not None else demo_config(quick)
     dev = _resolve_device(device)
+    # Before the training, not after it: these once ended a run of minutes in a traceback.
+    if c.timing_reps < common.MIN_REPS or c.warmup < 0:
+        raise ValueError(f"demo: config.timing_reps must be >= {common.MIN_REPS} and config.warmup >= 0, got "
+                         f"{c.timing_reps} and {c.warmup}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"demo: the output folder {out_dir} cannot be created ({type(e).__name__}: {e})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"demo: the output folder {out_dir} is not writable")
     log(f"pyfinetune demo ({'quick' if quick and config is None else 'full'}): seed {c.seed} (torch, random, numpy "
         f"and the data split), device {dev}, {torch.get_num_threads()} CPU threads")
     demo = _Demo(c, dev, progress, log)
@@ -636,6 +648,9 @@ def run_demo(out_dir: str = "pyfinetune-demo", *, quick: bool = False, device: A
         "config": dataclasses.asdict(c), "splits": demo.tasks.sizes(),
         "machine": _machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "pyfinetune": __version__, "python": sys.version.split()[0],
+        # the code and the library's settings measured (the machine string alone named neither)
+        "git": common.git_state(),
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("PYFINETUNE_")},
         "source_model": {"name": source.name, "test_accuracy": accuracy(source.model, *demo.tasks.source_test),
                          "params": src_params, "train_seconds": source.train_seconds, "history": source.history},
         "teacher": demo.teacher_name, "methods": methods, "kernel_speedups": kernels,

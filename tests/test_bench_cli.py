@@ -211,3 +211,80 @@ def test_cli_broken_pipe_elsewhere_is_an_error(monkeypatch):
             monkeypatch.undo()
     finally:
         os.close(read_end)
+
+
+def test_threads_beyond_the_cpus_and_an_empty_out_are_refused_before_timing(tmp_path, capsys, monkeypatch):
+    # A thread count past the machine's CPUs was applied and timed (a huge one crashed torch's thread
+    # pool with a segmentation fault); `--out ""` silently wrote to the default folder.
+    monkeypatch.setattr(suite, "run", lambda *a, **k: pytest.fail("timing started"))
+    before = torch.get_num_threads()
+    too_many = (os.cpu_count() or 1) + 1
+    assert main(["bench", "--quick", "--device", "cpu", "--threads", str(too_many), "--out", str(tmp_path)]) == 2
+    assert f"--threads must be at most this machine's {os.cpu_count()} logical CPUs, got {too_many}" in \
+        capsys.readouterr().err
+    assert torch.get_num_threads() == before and os.listdir(tmp_path) == []
+    assert main(["bench", "--quick", "--device", "cpu", "--out", ""]) == 2
+    assert "--out must name a folder" in capsys.readouterr().err
+
+
+def test_loosely_read_settings_are_refused(tmp_path, capsys, monkeypatch):
+    # The kernels read these without refusing a bad value: PYFINETUNE_CPU_AVX512=off kept AVX-512 on,
+    # and a PYFINETUNE_KD_CUDA_THREADS that is not a multiple of 32 in [32, 512] was ignored, while
+    # the record named the setting as if it had applied.
+    monkeypatch.setattr(suite, "run", lambda *a, **k: pytest.fail("timing started"))
+    monkeypatch.setenv("PYFINETUNE_CPU_AVX512", "off")
+    monkeypatch.setenv("PYFINETUNE_KD_CUDA_THREADS", "100")
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "PYFINETUNE_CPU_AVX512 must be 0 or 1 (or unset), got 'off'" in err
+    assert "PYFINETUNE_KD_CUDA_THREADS must be a multiple of 32 in [32, 512] (or unset), got '100'" in err
+    from pyfinetune._info import settings_errors
+
+    monkeypatch.setenv("PYFINETUNE_CPU_AVX512", "0")
+    monkeypatch.setenv("PYFINETUNE_KD_CUDA_THREADS", "256")
+    assert not [e for e in settings_errors() if "AVX512" in e or "KD_CUDA_THREADS" in e]
+
+
+def test_info_says_which_crossover_entries_the_variable_set(capsys, monkeypatch):
+    # PYFINETUNE_SPARSE_CROSSOVER=cuda=0.5 once marked the CPU's line "applied" too (any entry did).
+    from pyfinetune import _sparse_linear, cli
+
+    monkeypatch.setattr(_sparse_linear, "_env_entries", {"cuda": 0.5})
+    assert cli.main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("SparseLinear kernel='auto' on cpu"))
+    assert "applied" not in line and "(defaults; measure this machine's" in line
+    monkeypatch.setattr(_sparse_linear, "_env_entries", {"cpu": _sparse_linear.CROSSOVER_SPARSITY["cpu"]})
+    assert cli.main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("SparseLinear kernel='auto' on cpu"))
+    assert "(PYFINETUNE_SPARSE_CROSSOVER applied: cpu)" in line
+
+
+def test_numbers_keep_their_digits_when_rounding_carries():
+    # fmt(999.7) printed "1e+03" in the bench table: "g" switches to an exponent when rounding to 3
+    # significant digits adds a fourth.
+    from pyfinetune.benchmarks.common import fmt
+
+    assert fmt(999.7) == "1000" and fmt(-999.8) == "-1000" and fmt(99.96, 2) == "100"
+    assert fmt(999.4) == "999" and fmt(1.2345) == "1.23" and fmt(0.012345) == "0.0123" and fmt(12345.6) == "12346"
+    assert fmt(None) is None and fmt(1e-5) == "1e-05"
+
+
+def test_percentiles_and_medians_match_numpy():
+    import random
+    import statistics
+
+    import numpy as np
+
+    from pyfinetune.benchmarks.common import Timing, percentile
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        xs = [rng.choice([rng.random(), rng.uniform(-1e6, 1e6), float(rng.randint(0, 3))])
+              for _ in range(rng.randint(1, 30))]
+        q = rng.choice([0, 20, 50, 80, 100, rng.uniform(0, 100)])
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), rel=1e-12, abs=1e-9)
+        assert Timing("t", xs).median == pytest.approx(statistics.median(xs), rel=1e-12, abs=1e-9)
+    # Outside [0, 100] the interpolation extrapolated past the extreme samples (q=-10 of [1, 2]: 0.9).
+    for q in (-10, 100.5, float("nan")):
+        with pytest.raises(ValueError, match="q must be in"):
+            percentile([1.0, 2.0], q)

@@ -421,3 +421,64 @@ def test_optimizer_record_names_the_prefetch_setting(monkeypatch):
         assert bench_optim.cpu_prefetch_setting() == expected
     monkeypatch.setenv("PYFINETUNE_CPU_PREFETCH", "sometimes")
     assert bench_optim.cpu_prefetch_setting().startswith("unknown (ValueError")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads must be >= 1, got 0"),  # was torch's RuntimeError
+    (["--threads", "1000000000"], "--threads must be at most"),  # was a segmentation fault of the thread pool
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),  # was accepted
+    (["--attempts", "0"], "--attempts must be >= 1, got 0"),  # measured nothing, then a TypeError
+    (["--out", "FILE"], "cannot be created (FileExistsError"),  # a traceback after the whole run
+])
+def test_run_options_are_checked_before_timing(argv, message, tmp_path, capsys):
+    import argparse
+
+    from pyfinetune.benchmarks import common
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    ap = argparse.ArgumentParser(prog="bench_x")
+    common.add_run_options(ap, default_reps=20)
+    args = ap.parse_args([str(blocker) if a == "FILE" else a for a in argv]
+                         + ([] if "--out" in argv else ["--out", str(tmp_path / "out")]))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as e:
+            common.resolve_run_options(ap, args, default_reps=20)
+    finally:
+        torch.set_num_threads(threads)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reps", "5"], "--reps must be >= 10, got 5"),  # was time_interleaved's ValueError, mid-run
+    (["--linear-chunks", "0"], "--linear-chunks must be positive"),
+    (["--device", "tpu"], "invalid choice: 'tpu'"),  # was torch.device's RuntimeError
+    (["--out", "FILE"], "cannot be created (FileExistsError"),  # was a traceback after the timing
+])
+def test_kd_benchmark_options_are_checked_before_timing(argv, message, tmp_path, capsys, monkeypatch):
+    from pyfinetune.benchmarks import distill
+
+    monkeypatch.setattr(distill, "run", lambda args: pytest.fail("timing started"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        distill.main([str(blocker) if a == "FILE" else a for a in argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_kd_benchmark_record_names_what_ran(tmp_path, monkeypatch):
+    # The record held the machine and the cases' timings only: not the rounds, --quick or the cases.
+    from pyfinetune.benchmarks import distill
+
+    # torch.compile's contender would take most of a minute to compile here: the record is the point.
+    monkeypatch.setattr(distill, "KD_FNS", {k: v for k, v in distill.KD_FNS.items() if k != distill.COMPILED})
+    monkeypatch.setattr(distill.common, "wait_for_quiet", lambda **kw: True)  # up to a minute on a busy machine
+    assert distill.main(["--quick", "--case", "kd", "--reps", "10", "--no-memory", "--no-rivals",
+                         "--out", str(tmp_path)]) == 0
+    record = json.loads(next(tmp_path.glob("kd-cpu-*.json")).read_text())
+    assert record["benchmark"] == "kd" and record["device"] == "cpu" and record["when"]
+    assert record["config"] == {"reps": 10, "quick": True, "cases": [["kd", "64", "5000", "torch.float32"]],
+                                "linear_chunks": None, "rivals": False, "memory": False}
+    assert record["machine"]["git"]["commit"] and len(record["cases"]) == 1

@@ -188,7 +188,37 @@ def test_calibrate_command(capsys, crossover_table):
     assert cli.main(["calibrate", "--device", "cpu", "--reps", "3"]) == 2
     assert "reps must be >= 10" in capsys.readouterr().err
     # A layer too large for this machine: the allocator's error in one line, exit status 2.
-    # (10**13 features: x alone is 10 PB, beyond any address space, whatever the overcommit policy.)
-    assert cli.main(["calibrate", "--device", "cpu", "--in-features", str(10**13)]) == 2
+    # (10**12 rows of 4096 features: x alone is 16 EB, beyond any address space, whatever the
+    # overcommit policy; more than 2^31 - 2 features is refused before, as SparseLinear's limit.)
+    assert cli.main(["calibrate", "--device", "cpu", "--batch", str(10**12)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pyfinetune calibrate: ") and "--in-features 10000000000000" in err and "Traceback" not in err
+    assert err.startswith("pyfinetune calibrate: ") and "--batch 1000000000000" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # Once torch's TypeError ("Overflow when unpacking long") or RuntimeError ("Storage size calculation
+    # overflowed") from the first randn, not the ValueError (exit status 2) the command reports.
+    (dict(batch=10**22), "must each fit in 2"),
+    (dict(batch=2**62, in_features=1, out_features=1), "must each fit in 2"),
+    (dict(in_features=2**31 - 2, out_features=2**31 - 2, batch=1), "must each fit in 2"),
+    (dict(in_features=2**31), "in_features must be at most 2"),
+    (dict(out_features=10**22), "out_features must be at most 2"),
+])
+def test_calibrate_refuses_shapes_past_int64(kwargs, match, crossover_table):
+    with pytest.raises(ValueError, match=match):
+        prune.calibrate_crossover("cpu", **{**SMALL, **kwargs})
+
+
+def test_calibrate_command_says_small_inference_batches_ignore_the_crossover(capsys, crossover_table):
+    # kernel="auto" runs CPU inference calls of up to SMALL_BATCH_ROWS rows sparse at any sparsity: a
+    # crossover measured at such a batch decides none of them, which the command did not say.
+    from pyfinetune import cli
+
+    small = _sparse_linear.SMALL_BATCH_ROWS[("cpu", True)]
+    shape = ["--in-features", "48", "--out-features", "40", "--sparsity", "0.2", "0.95"]
+    assert cli.main(["calibrate", "--device", "cpu", "--batch", str(small), "--mode", "inference"] + shape) == 0
+    assert f"note: SparseLinear(kernel='auto') runs inference calls of up to {small} rows" in capsys.readouterr().out
+    assert cli.main(["calibrate", "--device", "cpu", "--batch", str(small + 1), "--mode", "inference"] + shape) == 0
+    assert "runs inference calls of up to" not in capsys.readouterr().out
+    assert cli.main(["calibrate", "--device", "cpu", "--batch", "8", "--mode", "train"] + shape) == 0
+    assert "runs inference calls of up to" not in capsys.readouterr().out

@@ -110,3 +110,29 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["demo", "--quick", "--device", "cuda", "--out", "unused"]) == 2
     assert "no CUDA device is visible" in capsys.readouterr().err
+
+
+def test_record_names_the_commit_and_the_settings(demo):
+    # The record named the machine and versions only: not the code measured, nor the PYFINETUNE_*
+    # settings it ran under (the benchmarks' records name both).
+    import os
+
+    out, results = demo
+    assert results["git"]["commit"] and isinstance(results["git"]["dirty"], bool)
+    assert results["settings"] == {k: v for k, v in sorted(os.environ.items()) if k.startswith("PYFINETUNE_")}
+    assert f"at commit {results['git']['commit'][:12]}" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_unusable_out_and_bad_timing_config_stop_before_training(tmp_path, capsys, monkeypatch):
+    # Both ended a run of minutes in a traceback once the training was done: an --out that is a file
+    # (os.makedirs' FileExistsError) and timing_reps below the timer's 10 (time_interleaved's ValueError).
+    from pyfinetune import demo as demo_module
+
+    monkeypatch.setattr(demo_module, "_Demo", lambda *a, **k: pytest.fail("training started"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli.main(["demo", "--quick", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"the output folder {blocker} cannot be created" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="timing_reps must be >= 10"):
+        demo_module.run_demo(str(tmp_path / "out"), config=demo_module.demo_config(True, timing_reps=3), log=str)

@@ -163,6 +163,21 @@ def test_auto_kernel_runs_small_cpu_inference_sparse(dtype, limit, monkeypatch):
     assert len(calls) == 3
 
 
+def test_auto_crossover_of_the_computing_dtype(monkeypatch):
+    # Under bfloat16 autocast a float32 layer computes in bfloat16: the crossover is the 16-bit
+    # one (where the CPU has AMX matrix units, which `pyfinetune calibrate --dtype bfloat16`
+    # measures), as for a bfloat16 layer; it read the float32 entry.
+    from pyfinetune import _sparse_linear
+
+    monkeypatch.setattr(_sparse_linear, "_cpu_has_amx", lambda: True)
+    monkeypatch.setitem(_sparse_linear.CROSSOVER_SPARSITY, "cpu", 0.9)
+    monkeypatch.setitem(_sparse_linear.CROSSOVER_SPARSITY, "cpu-16bit", 0.5)
+    layer, *_ = make_layer(64, 64, 0.7, torch.float32, "cpu")
+    assert layer.kernel_for(rows=256) == "dense"  # float32: 70% is below 0.9
+    assert layer.kernel_for(rows=256, dtype=torch.bfloat16) == "sparse"  # 16-bit: above 0.5
+    assert layer.to(torch.bfloat16).kernel_for(rows=256) == "sparse"
+
+
 def test_auto_small_batch_rule_under_autocast_export_and_trace(monkeypatch):
     # The rule uses the dtype the call computes in (autocast's), and leaves symbolic row counts
     # (torch.export with a dynamic batch) and torch.jit.trace to the crossover, so that the traced

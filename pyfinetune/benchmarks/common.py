@@ -125,6 +125,8 @@ def percentile(xs: Sequence[float], q: float) -> float:
     """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
     if not xs:
         raise ValueError("percentile of an empty sequence")
+    if not 0.0 <= q <= 100.0:  # outside, the interpolation extrapolated past the extreme samples
+        raise ValueError(f"percentile: q must be in [0, 100], got {q!r}")
     s = sorted(xs)
     pos = (len(s) - 1) * q / 100.0
     lo = int(pos)
@@ -449,13 +451,49 @@ def resolve_run_options(ap, args, *, default_reps: int) -> Tuple[torch.device, i
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     reps = args.reps if args.reps is not None else (10 if args.quick else default_reps)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     if reps < MIN_REPS:
         ap.error(f"--reps must be >= {MIN_REPS}")
+    if warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {warmup}")
+    if args.attempts < 1:  # 0 measured nothing and ended the run in a TypeError on the missing result
+        ap.error(f"--attempts must be >= 1, got {args.attempts}")
+    # Before the timing, not after it: an --out that cannot be written once ended a whole run in a
+    # traceback, and a bad --threads in torch's RuntimeError or a crash of its thread pool.
+    error = threads_error(args.threads) or (out_dir_error(args.out) if args.out else None)
+    if error:
+        ap.error(error)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     return device, reps, warmup
+
+
+def threads_error(threads: Optional[int]) -> Optional[str]:
+    """Why ``--threads`` cannot be used here (None: it can, or it is not set): it must be at least
+    1 and at most the machine's logical CPUs (more only oversubscribes the cores, and a huge count
+    crashed torch's thread pool with a segmentation fault)."""
+    if threads is None:
+        return None
+    if threads < 1:
+        return f"--threads must be >= 1, got {threads}"
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        return f"--threads must be at most this machine's {cpus} logical CPUs, got {threads}"
+    return None
+
+
+def out_dir_error(out_dir: str) -> Optional[str]:
+    """Why results cannot be written to the folder ``out_dir`` (None: they can; the folder is
+    created): checked before a benchmark runs, so that a bad ``--out`` does not end it after the
+    timing."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        return f"--out {out_dir} cannot be created ({type(e).__name__}: {e})"
+    if not os.access(out_dir, os.W_OK):
+        return f"--out {out_dir} is not writable"
+    return None
 
 
 # ---------------------------------------------------------------------------------- machine info
@@ -605,7 +643,10 @@ def fmt(x: Optional[float], digits: int = 3) -> Optional[str]:
     """Format a number with ``digits`` significant digits (None stays None)."""
     if x is None:
         return None
-    return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+    text = f"{x:.{digits}g}"
+    # Rounding can carry into one more digit (999.7 at 3 digits): "g" then switches to an exponent
+    # ("1e+03"); a number of 1 or more prints whole instead.
+    return f"{x:.0f}" if abs(x) >= 1 and "e" in text else text
 
 
 def timestamp() -> Tuple[str, str]:

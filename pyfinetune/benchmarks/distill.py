@@ -448,7 +448,13 @@ def run(args) -> None:
     if args.case:
         cases = [c for c in cases if c[0] in args.case]
     info = common.machine_info(device)
-    record: Dict[str, Any] = {"machine": info, "cases": []}
+    _, when = common.timestamp()
+    # What was run, beside the machine: a record without it could not tell a --quick or a one-case run
+    # from a full one.
+    config = {"reps": args.reps, "quick": args.quick, "cases": [list(map(str, c)) for c in cases],
+              "linear_chunks": args.linear_chunks, "rivals": args.rivals, "memory": not args.no_memory}
+    record: Dict[str, Any] = {"benchmark": "kd", "device": device.type, "when": when, "machine": info,
+                              "config": config, "cases": []}
     md = [f"# kd loss benchmark ({device.type})", "", common.machine_summary(info), ""]
     for case in cases:
         if case[0] == "kd":
@@ -531,8 +537,8 @@ def run(args) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line of ``benchmarks/bench_kd.py``; returns the exit status."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--reps", type=int, default=DEFAULT_REPS)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--reps", type=int, default=DEFAULT_REPS, help=f"timed rounds (>= {common.MIN_REPS})")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--case", nargs="+", choices=("kd", "linear", "topk"),
@@ -552,6 +558,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.child:
         print(json.dumps(child_memory(json.loads(args.child))))
         return 0
+    # Before the timing: these once ended a run in a traceback, a bad --out only after all of it.
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device")
+    if args.reps < common.MIN_REPS:
+        p.error(f"--reps must be >= {common.MIN_REPS}, got {args.reps}")
+    bad_chunks = [c for c in args.linear_chunks or () if c < 1]
+    if bad_chunks:
+        p.error(f"--linear-chunks must be positive row counts, got {bad_chunks}")
+    error = None if args.no_write else common.out_dir_error(args.out)
+    if error:
+        p.error(error)
     run(args)
     return 0
 

@@ -66,14 +66,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         ap.error("needs a CUDA GPU with compute capability >= 8.0 (2:4 sparse tensor cores)")
+    error = None if args.no_write else common.out_dir_error(args.out)  # before the timing, not after it
+    if error:
+        ap.error(error)
     device = torch.device("cuda")
     reps, warmup = (10, 2) if args.quick else (30, 5)
     info = common.machine_info(device)
+    _, when = common.timestamp()
     lines = ["# 2:4 semi-structured linear vs dense (cuda)", "", common.machine_summary(info), "",
              f"{reps} timed rounds of 5 calls after {warmup} warm-up rounds, interleaved; ratio = dense median / ours.",
              "", "| x [N, K] | weight [M, K] | dtype | dense ms | ours 2:4 ms | ratio | max abs diff | target | status |",
              "|---|---|---|---|---|---|---|---|---|"]
-    record = {"machine": info, "cases": []}
+    record = {"benchmark": "semi24", "device": device.type, "when": when, "machine": info,
+              "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "calls_per_rep": 5, "target": TARGET},
+              "cases": []}
     for n, m, k in ((8192, 8192, 8192), (2048, 8192, 8192)):
         for dtype in (torch.float16, torch.bfloat16):
             timings, ratio, err = run_case(n, m, k, dtype, reps, warmup, device)

@@ -192,11 +192,12 @@ def main(*, op: str = "all", quick: bool = False, device: Optional[str] = None, 
         _stderr(f"pyfinetune bench: --device cuda, but torch {torch.__version__} ({why}) sees no CUDA device; "
                 "use --device cpu")
         return 2
-    if threads is not None:
-        if threads < 1:
-            _stderr(f"pyfinetune bench: --threads must be >= 1, got {threads}")
-            return 2
-        torch.set_num_threads(threads)
+    error = common.threads_error(threads)  # a huge count crashed torch's thread pool
+    if error is None and out is not None and not out.strip():  # "" once meant the default folder, silently
+        error = "--out must name a folder, got an empty string"
+    if error:
+        _stderr(f"pyfinetune bench: {error}")
+        return 2
     from .._info import settings_errors
 
     errors = settings_errors()
@@ -204,14 +205,12 @@ def main(*, op: str = "all", quick: bool = False, device: Optional[str] = None, 
         _stderr(f"pyfinetune bench: {'; '.join(errors)}")
         return 2
     out_dir = out or common.RESULTS_DIR
-    try:  # before the timing, not after it
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        _stderr(f"pyfinetune bench: --out {out_dir} cannot be created ({type(e).__name__}: {e})")
+    error = common.out_dir_error(out_dir)  # before the timing, not after it
+    if error:
+        _stderr(f"pyfinetune bench: {error}")
         return 2
-    if not os.access(out_dir, os.W_OK):
-        _stderr(f"pyfinetune bench: --out {out_dir} is not writable")
-        return 2
+    if threads is not None:
+        torch.set_num_threads(threads)
     ops = OPS if op == "all" else (op,)
     record = run(ops, torch.device(device), quick=quick)
     print(format_report(record), flush=True)
