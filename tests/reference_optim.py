@@ -26,6 +26,11 @@ def state_dtype_of(param_dtype: torch.dtype) -> torch.dtype:
     return F64 if param_dtype == F64 else torch.float32
 
 
+def _f32(value: float) -> float:
+    """``value`` rounded to float32 (what a kernel reading it as a float32 scalar sees)."""
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
 def l1_prox(p: Tensor, threshold: float) -> Tensor:
     """``sign(p) * max(|p| - threshold, 0)``."""
     return torch.sign(p) * torch.clamp(p.abs() - threshold, min=0.0)
@@ -163,15 +168,23 @@ class Reference:
                 p, st, anchor = self.params[gi][j], self.state[gi][j], self.anchors[gi][j]
                 g = g.detach().to(F64)
                 decoupled = hyper["penalty_mode"] == "decoupled"
+                # The kernels read lr, weight_decay, l2sp, l1 and eps as float32 for float32 / 16-bit
+                # parameters (the optimizer's _FLOAT32_KEYS): the reference takes the same values, or
+                # a gradient that the L2-SP pull cancels (maximize: -g + l2sp * (p - anchor) = 0 in
+                # float64 with l2sp = 0.3, a 3e-9 residue with float32's 0.3) differs at Adam's first
+                # step by a whole lr-sized move (m / (sqrt(v) + eps) of a 3e-9 gradient is 0.23).
+                h = {k: (hyper[k] if self.dtypes[gi][j] == F64 else _f32(hyper[k]))
+                     for k in ("weight_decay", "l2sp", "l1") + (("eps",) if self.kind == "adamw" else ())}
+                lr_j = lr if self.dtypes[gi][j] == F64 else _f32(lr)
                 if self.kind == "adamw":
-                    p = adamw_update(p, g, st, lr=lr, beta1=hyper["betas"][0], beta2=hyper["betas"][1],
-                                     eps=hyper["eps"], weight_decay=hyper["weight_decay"], amsgrad=hyper["amsgrad"],
-                                     maximize=hyper["maximize"], l2sp=hyper["l2sp"], l1=hyper["l1"], anchor=anchor,
+                    p = adamw_update(p, g, st, lr=lr_j, beta1=hyper["betas"][0], beta2=hyper["betas"][1],
+                                     eps=h["eps"], weight_decay=h["weight_decay"], amsgrad=hyper["amsgrad"],
+                                     maximize=hyper["maximize"], l2sp=h["l2sp"], l1=h["l1"], anchor=anchor,
                                      decoupled=decoupled, grad_scale=grad_scale)
                 else:
-                    p = sgd_update(p, g, st, lr=lr, momentum=hyper["momentum"], dampening=hyper["dampening"],
-                                   nesterov=hyper["nesterov"], weight_decay=hyper["weight_decay"],
-                                   maximize=hyper["maximize"], l2sp=hyper["l2sp"], l1=hyper["l1"], anchor=anchor,
+                    p = sgd_update(p, g, st, lr=lr_j, momentum=hyper["momentum"], dampening=hyper["dampening"],
+                                   nesterov=hyper["nesterov"], weight_decay=h["weight_decay"],
+                                   maximize=hyper["maximize"], l2sp=h["l2sp"], l1=h["l1"], anchor=anchor,
                                    decoupled=decoupled, grad_scale=grad_scale)
                 mask = self.masks.get((gi, j))
                 if mask is not None:
