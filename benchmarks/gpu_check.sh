@@ -243,7 +243,10 @@ tail -30 "$OUT/bench_semi_structured.log" | tee -a "$OUT/summary.md"
 # kernels, the data for the next optimization (a diagnostic: its failure does not fail the check).
 if [ "$BUDGET" -eq 0 ] || [ $(( BUDGET - ($(date +%s) - START) )) -ge 60 ]; then
   step "Nsight Compute profile (benchmarks/gpu_profile.sh)"
-  boxed "$(left 1.0 600)" "$OUT/profile.log" bash benchmarks/gpu_profile.sh "$OUT/ncu"
+  # Not boxed: timeout --foreground would signal bash alone and leave ncu running past the box; a
+  # plain timeout signals the whole process group (each ncu also has its own limit inside).
+  timeout --signal=INT --kill-after=15 "$(left 1.0 600)" bash benchmarks/gpu_profile.sh "$OUT/ncu" \
+    > "$OUT/profile.log" 2>&1 || echo "profile stopped or failed (exit $?)" | tee -a "$OUT/summary.md"
   tail -60 "$OUT/profile.log" | tee -a "$OUT/summary.md"
 fi
 

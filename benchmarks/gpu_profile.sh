@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_profile.sh [OUT_DIR] [WORKLOAD...]     # default: all of kd optim sparse
 #
-# Writes OUT_DIR/ncu_WORKLOAD.txt (ncu's report: speed of light, memory workload, occupancy, launch
+# Each ncu run is stopped after PROFILE_TIMEOUT seconds (default 200). Writes OUT_DIR/ncu_WORKLOAD.txt (ncu's report: speed of light, memory workload, occupancy, launch
 # statistics, warp states and scheduler) and prints the lines that say where the time goes. For
 # the questions FINDINGS.md leaves open: why the kd forward moves its bytes at ~1.2 TB/s, why the
 # optimizer reaches 69% of what a flat-buffer kernel with its read / write mix reaches. Exit status
@@ -29,7 +29,8 @@ SECTIONS="--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occu
 for w in $WORKLOADS; do
   # At most 8 kernels per workload: the optimizer step is several multi-tensor launches.
   # shellcheck disable=SC2086
-  "$NCU" --profile-from-start off --launch-count 8 $SECTIONS "$PY" benchmarks/gpu_profile_target.py "$w" \
+  timeout --signal=INT --kill-after=10 "${PROFILE_TIMEOUT:-200}" \
+    "$NCU" --profile-from-start off --launch-count 8 $SECTIONS "$PY" benchmarks/gpu_profile_target.py "$w" \
     > "$OUT/ncu_$w.txt" 2>&1
   rc=$?
   echo "== $w (ncu exit $rc; full report $OUT/ncu_$w.txt)"

@@ -217,8 +217,9 @@ def speed(dtype, n, sparsity):
     tv = vals[t.tile_src.long()]
     fns = {
         "cuBLAS dense": lambda: x @ wm.t(),
-        "ours warp (csr_linear)": lambda: torch.ops.pyfinetune.csr_linear(x, vals, p.crow_indices, p.col_indices,
-                                                                          p.row_order, None),
+        "ours warp (csr_linear)": common.with_env(  # pinned: the small-N kernel has its own row
+            SMALL_N_ENV, "0", lambda: torch.ops.pyfinetune.csr_linear(x, vals, p.crow_indices, p.col_indices,
+                                                                      p.row_order, None)),
         "ours tensor cores": lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None),
         "ours tensor cores, async": with_async(
             lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None)),

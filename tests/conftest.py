@@ -172,3 +172,17 @@ def same_layout_input(s: torch.Tensor) -> torch.Tensor:
     x = base.as_strided(s.shape, s.stride(), s.storage_offset())
     assert x.stride() == s.stride() and x.data_ptr() % 16 == s.data_ptr() % 16
     return x
+
+
+def cuda_kernel_names(fn, containing: str):
+    """The names of the CUDA kernels fn() launched whose name contains ``containing`` (profiler), or
+    None where the profiler saw no such kernel (no CUPTI, or under compute-sanitizer, which
+    gpu_check.sh runs the CUDA tests under too): which kernel ran, where the numbers cannot tell."""
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+    except (RuntimeError, AssertionError):  # a profiler that cannot trace CUDA here
+        return None
+    names = {e.name for e in prof.events() if containing in e.name}
+    return names or None

@@ -18,8 +18,9 @@ the prefetch; the profiler confirms the capped kernels ran; other dtypes and the
 ignore the variable. Where the uncapped kernel takes a block of more than 256 threads (the loss
 alone of forward / reverse KL: no cache, one block per row, a block size the variable does not
 force), the capped one runs 256: the same values up to the order of float32 sums. Unset, both
-variables mean "auto": on for a bfloat16 student and teacher on the cached path on sm_90+ (where
-an H100 measured them faster), off elsewhere; checked bit for bit against the explicit settings.
+variables mean "auto": on for a bfloat16 student and teacher on the cached path on sm_90 (where
+an H100 measured them faster), off elsewhere; the capped choice checked by the kernels' names, the
+results against the explicit settings.
 """
 
 import re
@@ -29,6 +30,7 @@ import torch
 
 from pyfinetune.losses import kd_loss, kd_loss_topk
 from reference_kd import assert_grad_close, assert_loss_close, kd_reference, topk_to_full
+from conftest import cuda_kernel_names
 from test_kd_loss import check
 
 pytestmark = pytest.mark.cuda
@@ -158,16 +160,8 @@ CAPPED_KERNEL = re.compile(r"kd_loss_kernel<.*, 3>")
 
 
 def _kd_kernels(fn):
-    """The kd kernel names fn() launched (profiler), or None where the profiler saw none (no CUPTI,
-    or under compute-sanitizer, which gpu_check.sh runs these tests under too)."""
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-    except (RuntimeError, AssertionError):  # a profiler that cannot trace CUDA here
-        return None
-    names = {e.name for e in prof.events() if "kd_loss_kernel" in e.name}
-    return names or None
+    """The kd kernel names fn() launched, or None where the profiler saw none."""
+    return cuda_kernel_names(fn, "kd_loss_kernel")
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
@@ -210,8 +204,10 @@ def test_capped_registers_give_the_same_bits(monkeypatch, divergence, n, v, labe
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_unset_means_both_on_for_cached_bfloat16_only(monkeypatch, divergence):
     # auto: prefetch and capped registers for a bfloat16 student and teacher on the cached path (the
-    # gradient, or JSD) on sm_90+, the uncapped register-load kernels elsewhere; bit for bit against explicit
-    # settings (one block size, so the variables alone decide the bits).
+    # gradient, or JSD) on sm_90, the uncapped register-load kernels elsewhere. The capped choice is
+    # visible in the kernel's name (profiler); the prefetch is a runtime flag of the same kernels with
+    # the same bits at one block size, made by the same C++ function (kd_fast_path_auto), so not
+    # observable from here. The results equal those of the explicit settings.
     monkeypatch.setenv("PYFINETUNE_KD_CUDA_THREADS", "256")
     kw = dict(temperature=2.0, alpha=0.5, divergence=divergence, beta=0.4, ignore_index=-100, grad_scale=1.0)
 
@@ -229,10 +225,12 @@ def test_unset_means_both_on_for_cached_bfloat16_only(monkeypatch, divergence):
                              (torch.float32, True)):
         s, t, lab = _case(300, 32000, dtype=dtype, seed=37)
         fast = (dtype == torch.bfloat16 and (need_grad or divergence == "jsd")
-                and torch.cuda.get_device_capability()[0] >= 9)  # measured on an H100 only
+                and torch.cuda.get_device_capability()[0] == 9)  # measured on an H100 only
         (rows, grad), names = run(s, t, lab, need_grad, None, None)
-        if names is not None:
-            assert any(CAPPED_KERNEL.search(name) for name in names) == fast, (dtype, need_grad, names)
+        if names is None:
+            pytest.skip("the profiler sees no CUDA kernels here (no CUPTI, or under compute-sanitizer): the "
+                        "capped choice cannot be observed")
+        assert any(CAPPED_KERNEL.search(name) for name in names) == fast, (dtype, need_grad, names)
         on = "1" if fast else "0"
         (rows_set, grad_set), _ = run(s, t, lab, need_grad, on, on)
         assert torch.equal(rows, rows_set), (dtype, need_grad)

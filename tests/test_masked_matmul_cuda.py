@@ -33,6 +33,7 @@ import pytest
 import torch
 
 import pyfinetune  # noqa: F401  (registers torch.ops.pyfinetune)
+from conftest import cuda_kernel_names
 
 pytestmark = [
     pytest.mark.cuda,
@@ -220,6 +221,13 @@ def test_csr_linear_small_n_kernel(dtype, monkeypatch):
         check_csr(c, ref, dtype, N, 70, 40, what=f"small-N row-strided {N}")
         c["x"] = c["x"].t().contiguous().t()  # column-major
         check_csr(c, ref, dtype, N, 70, 40, what=f"small-N column-major {N}")
+    # The kernel that ran, where the profiler sees kernels: small-N for each accumulator count, the
+    # warp kernel past 16 rows (the numbers above would pass with either).
+    for N, expected in ((1, True), (2, True), (3, True), (5, True), (9, True), (16, True), (17, False)):
+        c, _ = csr_case(N, 40, 30, dtype, random_mask(30, 40, 0.5))
+        names = cuda_kernel_names(lambda: run_csr_forward(c), "csr_")
+        if names is not None:
+            assert any("csr_spmv_kernel" in n for n in names) == expected, (N, names)
     monkeypatch.setenv("PYFINETUNE_CSR_CUDA_SMALL_N", "yes")
     c, _ = csr_case(2, 5, 3, dtype, random_mask(3, 5, 0.5))
     with pytest.raises(ValueError, match="pyfinetune.csr_linear: PYFINETUNE_CSR_CUDA_SMALL_N must be 0 or 1"):

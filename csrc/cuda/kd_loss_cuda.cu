@@ -1221,14 +1221,14 @@ std::optional<bool> kd_cap_registers_setting(const char* op) {
 // them (gpu-check-20261127-2118: 8192 x 128256 bf16 forward_kl with the gradient, 7.64 -> 5.16 ms,
 // within 1e-7 of float64 as before; the whole CUDA kd suite passed with both on): a bfloat16
 // student and teacher, no top-k teacher, on the path that caches the row in shared memory (with the
-// gradient, or JSD), on sm_90 and later (Hopper's register file and shared memory, what was
-// measured). Elsewhere (float32 / float16, a top-k teacher, the loss alone of forward or reverse KL:
-// no cache, so one block per row of up to 512 threads; an A100 or older) the default kernels,
-// unmeasured.
+// gradient, or JSD), on sm_90 (Hopper's register file and shared memory, what was measured).
+// Elsewhere (float32 / float16, a top-k teacher, the loss alone of forward or reverse KL: no cache,
+// so one block per row of up to 512 threads; an A100 or older, Blackwell and later) the default
+// kernels, unmeasured.
 bool kd_fast_path_auto(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor* indices, int div,
                        bool need_grad) {
   return student.scalar_type() == at::kBFloat16 && teacher.scalar_type() == at::kBFloat16 && indices == nullptr &&
-         (need_grad || div == km::kJSD) && at::cuda::getCurrentDeviceProperties()->major >= 9;
+         (need_grad || div == km::kJSD) && at::cuda::getCurrentDeviceProperties()->major == 9;
 }
 
 template <typename ST, typename TT, int kDiv, bool kTopK>

@@ -988,6 +988,7 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
                            const std::optional<at::Tensor>& bias) {
   const MatmulSizes sz = check_csr_linear_args(x, values, crow_indices, col_indices, row_order, bias);
   check_cuda_limits("csr_linear", x, sz);
+  const bool small_n = small_n_requested();  // at every call: a bad value is refused whatever the sizes
   const int64_t M = sz.m;
   const KernelGuards guards(x);
   const int64_t N = x.size(0);
@@ -1005,7 +1006,7 @@ at::Tensor csr_linear_cuda(const at::Tensor& x, const at::Tensor& values, const 
   const SparseOperand w{values.contiguous(), /*value_pos=*/at::Tensor(), crow_indices.contiguous(),
                         col_indices.contiguous(), row_order.contiguous(), M, K};
   const at::Tensor b = has_value(bias) ? bias->contiguous() : at::Tensor();
-  const bool few_rows = N <= kSmallN && small_n_requested();
+  const bool few_rows = N <= kSmallN && small_n;
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_linear_cuda", [&] {
     if (few_rows) {
