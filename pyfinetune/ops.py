@@ -891,6 +891,12 @@ def _autocast_enabled(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def _is_numpy_bool(value: object) -> bool:
+    """Whether ``value`` is a NumPy bool scalar (np.bool_ is no subclass of bool: a flag read from a
+    NumPy array or a sweep's config), without importing NumPy."""
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")
+
+
 def _inspectable(*tensors: Tensor) -> bool:
     """Whether the contents of these tensors can be read on the host for a check: not inside
     torch.compile and none a torch.func-wrapped tensor (a vmap batch, which refuses data-dependent

@@ -71,7 +71,7 @@ def _check_flag(group: Dict[str, Any], key: str, where: str) -> None:
     value = group[key]
     if isinstance(value, bool):
         return
-    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"):
+    if _ops._is_numpy_bool(value):
         group[key] = bool(value)
         return
     raise TypeError(f"{key}{where} must be a bool, got {type(value).__name__}")

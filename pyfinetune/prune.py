@@ -637,15 +637,6 @@ def _checked_progress(pruner: Any, state_dict: Dict[str, Any]) -> Tuple[int, Opt
     return int(step_count), last
 
 
-def _np_bool_types() -> Tuple[type, ...]:
-    """NumPy's bool scalar type where NumPy is installed (a state dict read back through NumPy)."""
-    try:
-        import numpy
-    except ImportError:
-        return ()
-    return (numpy.bool_,)
-
-
 def _check_model(fn: str, model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
@@ -1266,7 +1257,7 @@ class MovementPruner(GradualPruner):
         finished = state_dict["finished"]
         if isinstance(finished, Tensor) and finished.numel() == 1 and finished.dtype == torch.bool:
             finished = bool(finished)
-        if not isinstance(finished, (bool, _np_bool_types())):
+        if not (isinstance(finished, bool) or _ops._is_numpy_bool(finished)):
             # bool("no") is True: a wrong value would end the schedule silently
             raise TypeError(f"MovementPruner.load_state_dict: finished must be a bool, got {finished!r}")
         _checked_progress(self, state_dict)  # before anything changes (super() sets them)

@@ -48,6 +48,7 @@ if _release(transformers.__version__) < (4, 46):
 
 from ..losses import _check_options, fused_linear_kd_loss, kd_loss  # noqa: E402
 from ..optim import AdamW  # noqa: E402
+from .. import ops as _ops  # noqa: E402
 from .. import prune as _prune  # noqa: E402
 from .._param_groups import shares_trained_parameters, split_parameters  # noqa: E402
 
@@ -206,8 +207,7 @@ class DistillationTrainer(transformers.Trainer):
         _check_options(temperature, alpha, divergence, beta, IGNORE_INDEX, "sum")
         if not isinstance(teacher_model, nn.Module):
             raise TypeError(f"DistillationTrainer: teacher_model must be an nn.Module, got {type(teacher_model).__name__}")
-        if type(use_fused_linear).__module__ == "numpy" and type(use_fused_linear).__name__ in ("bool", "bool_"):
-            # a NumPy bool (np.bool_ is no bool subclass)
+        if _ops._is_numpy_bool(use_fused_linear):
             use_fused_linear = bool(use_fused_linear)
         if not any(use_fused_linear is c or (isinstance(c, str) and use_fused_linear == c) for c in _FUSED_CHOICES):
             raise ValueError(f'DistillationTrainer: use_fused_linear must be "auto", True or False, got {use_fused_linear!r}')
