@@ -184,6 +184,10 @@ def _to(x: Any, device: torch.device) -> Any:
 
 
 def _batches(loader: Any, name: str) -> int:
+    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
+        # a str has a length: it was taken, and failed only when the first epoch's evaluation ran
+        raise TypeError(f"Finetuner: {name} must be an iterable of batches (a DataLoader), got "
+                        f"{type(loader).__name__}")
     try:
         n = len(loader)
     except TypeError:

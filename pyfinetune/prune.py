@@ -652,9 +652,11 @@ def _check_sparsity(name: str, value: Any, pat: _Pattern) -> None:
                          f"weights are kept, so {name} must be <= {pat.max_sparsity}")
 
 
-def _check_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value: Any) -> int:
+    """``value`` as an int: an int or another integral number (np.int64 from a config), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
 
 
 def _as_predicate(spec: LayerFilter, arg: str) -> Optional[Callable[[str, nn.Module], bool]]:
@@ -1038,8 +1040,8 @@ class GradualPruner:
         _check_sparsity("initial_sparsity", initial_sparsity, pat)
         if initial_sparsity > final_sparsity:
             raise ValueError(f"initial_sparsity must be <= final_sparsity, got {initial_sparsity} > {final_sparsity}")
-        for name, value in (("start_step", start_step), ("end_step", end_step), ("every", every)):
-            _check_int(name, value)
+        start_step, end_step, every = (_check_int(name, value) for name, value in (
+            ("start_step", start_step), ("end_step", end_step), ("every", every)))
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         if end_step <= start_step:

@@ -497,6 +497,10 @@ def test_bad_model_loader_and_outputs():
         tuner.fit(iter([]))
     with pytest.raises(ValueError, match="train_loader is empty"):
         tuner.fit([])
+    batch = [(torch.randn(4, D_IN), torch.randint(0, 3, (4,)))]
+    for bad in ("val.pt", b"val", 5):  # a str has a length: it failed only after the first epoch's training
+        with pytest.raises(TypeError, match=f"val_loader must be an iterable of batches .*got {type(bad).__name__}"):
+            tuner.fit(batch, val_loader=bad)
     with pytest.raises(TypeError, match=r"a batch must be an \(inputs, labels\) pair, got Tensor"):
         tuner.fit([torch.randn(4, D_IN)])
     with pytest.raises(TypeError, match="callback must be callable"):

@@ -128,6 +128,18 @@ def test_gradual_state_dict_resume():
 
 
 @pytest.mark.parametrize("cls", [GradualPruner, MovementPruner])
+def test_numpy_schedule_steps(cls):
+    # start_step / end_step / every from a NumPy config (np.int64) were refused as "not an int" while
+    # NumPy sparsities were taken; stored as ints, the schedule is the same as with Python ints.
+    np = pytest.importorskip("numpy")
+    a = cls(nn.Linear(8, 8), 0.5, np.int64(2), np.int32(12), np.int64(3))
+    b = cls(nn.Linear(8, 8), 0.5, 2, 12, 3)
+    assert type(a.start_step) is int and type(a.end_step) is int and type(a.every) is int
+    assert (a.start_step, a.end_step, a.every) == (b.start_step, b.end_step, b.every)
+    assert [a.sparsity_at(s) for s in range(15)] == [b.sparsity_at(s) for s in range(15)]
+
+
+@pytest.mark.parametrize("cls", [GradualPruner, MovementPruner])
 def test_schedule_errors(cls):
     layer = nn.Linear(8, 8)
     with pytest.raises(ValueError, match="end_step"):
@@ -144,6 +156,8 @@ def test_schedule_errors(cls):
         cls(layer, 0.5, -1, 10, 1)
     with pytest.raises(TypeError, match="end_step"):
         cls(layer, 0.5, 0, "10", 1)
+    with pytest.raises(TypeError, match="start_step must be an int, got bool"):
+        cls(layer, 0.5, True, 10, 1)
     with pytest.raises(ValueError, match="final_sparsity"):
         cls(layer, 1.5, 0, 10, 1)
     with pytest.raises(ValueError, match="initial_sparsity"):
