@@ -608,12 +608,9 @@ def run_demo(out_dir: str = "pyfinetune-demo", *, quick: bool = False, device: A
     if c.timing_reps < common.MIN_REPS or c.warmup < 0:
         raise ValueError(f"demo: config.timing_reps must be >= {common.MIN_REPS} and config.warmup >= 0, got "
                          f"{c.timing_reps} and {c.warmup}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"demo: the output folder {out_dir} cannot be created ({type(e).__name__}: {e})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"demo: the output folder {out_dir} is not writable")
+    error = common.out_dir_error(out_dir, "the output folder")
+    if error:
+        raise ValueError(f"demo: {error}")
     log(f"pyfinetune demo ({'quick' if quick and config is None else 'full'}): seed {c.seed} (torch, random, numpy "
         f"and the data split), device {dev}, {torch.get_num_threads()} CPU threads")
     demo = _Demo(c, dev, progress, log)

@@ -483,16 +483,16 @@ def threads_error(threads: Optional[int]) -> Optional[str]:
     return None
 
 
-def out_dir_error(out_dir: str) -> Optional[str]:
+def out_dir_error(out_dir: str, what: str = "--out") -> Optional[str]:
     """Why results cannot be written to the folder ``out_dir`` (None: they can; the folder is
-    created): checked before a benchmark runs, so that a bad ``--out`` does not end it after the
-    timing."""
+    created), naming it as ``what``: checked before a benchmark (or the demo) runs, so that a bad
+    ``--out`` does not end it after the timing."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        return f"--out {out_dir} cannot be created ({type(e).__name__}: {e})"
+        return f"{what} {out_dir} cannot be created ({type(e).__name__}: {e})"
     if not os.access(out_dir, os.W_OK):
-        return f"--out {out_dir} is not writable"
+        return f"{what} {out_dir} is not writable"
     return None
 
 
