@@ -116,7 +116,7 @@ def main() -> int:
         return common.with_env(LAYOUT_ENV, layout, step)
 
     contenders = [
-        (Contender("copy", lambda: dst.copy_(src)), 8 * n, "1 read + 1 write stream, fp32"),
+        (Contender("copy", lambda: dst.copy_(src)), 2 * 8 * n, "1 read + 1 write stream of 2n fp32"),
         (Contender("triton 5 read / 3 write (AdamW + L2-SP mix)",
                    lambda: mix_5r3w[grid](flat["p"], flat["g"], flat["m"], flat["v"], flat["a"], n,
                                           BLOCK=args.block)), 32 * n, "flat buffers"),

@@ -301,36 +301,51 @@ struct Fnv64 {
   }
 };
 
+void mix_layout(Fnv64& f, const at::Tensor* t) {
+  if (t == nullptr || !t->defined()) {
+    f.mix(~uint64_t{0});
+    return;
+  }
+  const c10::Device device = t->device();
+  f.mix(static_cast<uint64_t>(t->scalar_type()) | static_cast<uint64_t>(device.type()) << 8 |
+        static_cast<uint64_t>(static_cast<uint8_t>(device.index())) << 16 |
+        static_cast<uint64_t>(t->layout()) << 24 | static_cast<uint64_t>(t->dim()) << 32);
+  if (t->is_nested()) {  // no sizes to read; never the layout of a parameter
+    f.mix(~uint64_t{1});
+    return;
+  }
+  for (const int64_t size : t->sizes()) {
+    f.mix(static_cast<uint64_t>(size));
+  }
+  if (t->layout() == at::kStrided) {  // sparse layouts have no strides
+    for (const int64_t stride : t->strides()) {
+      f.mix(static_cast<uint64_t>(stride));
+    }
+  }
+}
+
 int64_t layout_signature(const c10::List<std::optional<at::Tensor>>& tensors) {
   Fnv64 f;
   f.mix(tensors.size());
   for (const std::optional<at::Tensor>& opt : tensors) {
-    if (!opt.has_value() || !opt->defined()) {
-      f.mix(~uint64_t{0});
-      continue;
-    }
-    const at::Tensor& t = *opt;
-    const c10::Device device = t.device();
-    f.mix(static_cast<uint64_t>(t.scalar_type()) | static_cast<uint64_t>(device.type()) << 8 |
-          static_cast<uint64_t>(static_cast<uint8_t>(device.index())) << 16 |
-          static_cast<uint64_t>(t.layout()) << 24 | static_cast<uint64_t>(t.dim()) << 32);
-    if (t.is_nested()) {  // no sizes to read; never the layout of a parameter
-      f.mix(~uint64_t{1});
-      continue;
-    }
-    for (const int64_t size : t.sizes()) {
-      f.mix(static_cast<uint64_t>(size));
-    }
-    if (t.layout() == at::kStrided) {  // sparse layouts have no strides
-      for (const int64_t stride : t.strides()) {
-        f.mix(static_cast<uint64_t>(stride));
-      }
-    }
+    mix_layout(f, opt.has_value() ? &*opt : nullptr);
   }
   return static_cast<int64_t>(f.h);
 }
 
 }  // namespace
+
+int64_t layout_signature_of(at::TensorList first, at::TensorList second) {
+  Fnv64 f;
+  f.mix(first.size() + second.size());
+  for (const at::TensorList list : {first, second}) {
+    for (const at::Tensor& t : list) {
+      mix_layout(f, &t);
+    }
+  }
+  return static_cast<int64_t>(f.h);
+}
+
 }  // namespace pyfinetune
 
 // Metadata only, so one kernel for every backend, fake tensors included (no autograd: an int).

@@ -12,6 +12,10 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
+namespace pyfinetune {
+void define_step_plan(torch::Library& m);  // csrc/step_plan.cpp
+}
+
 TORCH_LIBRARY(pyfinetune, m) {
   // Fused multi-tensor AdamW step with L2-SP, L1 (proximal) and masks. One call updates a whole
   // list of parameters of one device and dtype. Per-tensor hyper-parameters live in the float
@@ -43,6 +47,9 @@ TORCH_LIBRARY(pyfinetune, m) {
   // Internal, for pyfinetune.optim's cached step plan: a 64-bit hash of each tensor's dtype, device,
   // layout, sizes and strides (and of None entries), in order. Metadata only: no data is read.
   m.def("_layout_signature(Tensor?[] tensors) -> int");
+  // Internal, the same plan's launches held in C++ (torch.classes.pyfinetune.StepPlan, no schema of
+  // its own beyond its methods): pyfinetune.optim runs a step that nothing changed with one call.
+  pyfinetune::define_step_plan(m);
 
   // Masked matmul, dense masked path: y = x @ (weight * mask)^T + bias.
   //   x [N, K] (the Python wrapper flattens leading dims), weight [M, K], mask [M, K] bool,

@@ -43,8 +43,10 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 import sys
 from collections import defaultdict
+from itertools import chain
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -223,6 +225,19 @@ def _freeze(value: Any) -> Any:
     return (t, id(value), value)  # holding `value` keeps its id from being reused
 
 
+NATIVE_PLAN_ENV = "PYFINETUNE_OPTIM_NATIVE_PLAN"
+
+
+def _native_plan_enabled() -> bool:
+    """PYFINETUNE_OPTIM_NATIVE_PLAN: 1 or unset (default) runs a cached step plan from C++, 0 from
+    Python (the same launches, each step passing every argument list again: an A/B switch for the
+    benchmarks). Read when a plan is built."""
+    raw = os.environ.get(NATIVE_PLAN_ENV, "")
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{NATIVE_PLAN_ENV} must be 0 or 1 (or unset), got {raw!r}")
+    return raw != "0"
+
+
 def _laid_out_like(p: Tensor, value: Tensor) -> Tensor:
     """``value`` (p's shape), or a copy of it with p's strides where they differ (size-1 dimensions
     aside): state tensors must be laid out like their parameter. p is dense (checked)."""
@@ -240,7 +255,7 @@ class _StepPlan:
     was built from changed (see `_FusedPenalizedOptimizer._plan_grads`)."""
 
     __slots__ = ("version", "param_groups", "groups", "params", "hypers", "state", "state_keys", "state_dicts",
-                 "state_values", "absent", "meta", "buckets")
+                 "state_values", "absent", "meta", "buckets", "native")
 
 
 class _FusedPenalizedOptimizer(torch.optim.Optimizer):
@@ -780,7 +795,33 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         plan.meta = [_layouts(b["params"]) if "sources" in b else _layout_signature(b["params"] * 2)
                      for _, b in buckets]
         plan.buckets = [(key, {k: v for k, v in b.items() if k != "grads"}) for key, b in buckets]
+        plan.native = self._native_plan(plan)
         self._plan = plan
+
+    def _native_plan(self, plan: _StepPlan):
+        """The plan's launches held in C++ (csrc/step_plan.cpp), which a step runs with one call
+        while `_plan_holds`: it reads the gradients and checks their layouts itself, so no tensor
+        list crosses from Python. None for sharded (DTensor) buckets, whose gradients are read
+        through their DTensors in Python."""
+        if not plan.buckets or any("sources" in b for _, b in plan.buckets) or not _native_plan_enabled():
+            return None
+        native = torch.classes.pyfinetune.StepPlan(plan.absent)
+        for key, b in plan.buckets:
+            self._add_native_launch(native, key, b)
+        return native
+
+    def _add_native_launch(self, native, key: Tuple, b: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _run_native_plan(self) -> bool:
+        """One step through the cached C++ plan, or False (nothing written) when there is none or
+        it does not hold: then the step takes `_plan_grads` / the full path."""
+        if torch.compiler.is_compiling():  # first: Dynamo is not to trace the plan's C++ object
+            return False
+        plan = self._plan
+        if plan is None or plan.native is None or not self._plan_holds(plan):
+            return False
+        return plan.native.run(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
 
     def _pack_steps(self, b: Dict[str, Any]) -> None:
         """Makes the step counts of a cached bucket views of one tensor (``b["step_base"]``), so
@@ -812,26 +853,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         have gradients, and every gradient and parameter has the dtype, shape, device, layout and
         strides that were validated. Anything else takes the full path, which raises the same
         errors as before any tensor is written."""
-        if torch.compiler.is_compiling():
-            return None
         plan = self._plan
-        if plan is None or plan.version != self._plan_version:
-            return None
-        groups = self.param_groups
-        if groups is not plan.param_groups or len(groups) != len(plan.groups):
-            return None
-        for group, cached, params, hypers in zip(groups, plan.groups, plan.params, plan.hypers):
-            if group is not cached or tuple(group["params"]) != params or self._snapshot(group) != hypers:
-                return None
-        state = self.state
-        if state is not plan.state or len(state) != len(plan.state_keys):
-            return None
-        is_ = operator.is_
-        dicts = list(state.values())
-        if not all(map(is_, state, plan.state_keys)) or not all(map(is_, dicts, plan.state_dicts)):
-            return None
-        values = [v for d in dicts for v in d.values()]
-        if len(values) != len(plan.state_values) or not all(map(is_, values, plan.state_values)):
+        if plan is None or not self._plan_holds(plan):
             return None
         for p in plan.absent:
             if p.grad is not None:
@@ -859,6 +882,30 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             b["grads"] = grads
             out.append((key, b))
         return out
+
+    def _plan_holds(self, plan: _StepPlan) -> bool:
+        """The Python half of `_plan_grads`'s conditions: the param groups, hyper-parameters and
+        state are those the plan was built from (the gradients are checked by the caller)."""
+        if torch.compiler.is_compiling() or plan.version != self._plan_version:
+            return False
+        groups = self.param_groups
+        if groups is not plan.param_groups or len(groups) != len(plan.groups):
+            return False
+        is_ = operator.is_
+        for group, cached, params, hypers in zip(groups, plan.groups, plan.params, plan.hypers):
+            # parameters by identity: `!=` on tuples would compare a replaced one with Tensor.__eq__
+            now = group["params"]
+            if (group is not cached or len(now) != len(params) or not all(map(is_, now, params))
+                    or self._snapshot(group) != hypers):
+                return False
+        state = self.state
+        if state is not plan.state or len(state) != len(plan.state_keys):
+            return False
+        dicts = list(state.values())
+        if not all(map(is_, state, plan.state_keys)) or not all(map(is_, dicts, plan.state_dicts)):
+            return False
+        values = list(chain.from_iterable(map(dict.values, dicts)))
+        return len(values) == len(plan.state_values) and all(map(is_, values, plan.state_values))
 
     @staticmethod
     def _check_sharded_grad(p: Tensor, g: Tensor, name: str) -> None:
@@ -1008,6 +1055,8 @@ class AdamW(_FusedPenalizedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._run_native_plan():
+            return loss
         planned = self._plan_grads()
         if planned is None:
             planned = self._build_buckets(self._collect())
@@ -1041,6 +1090,12 @@ class AdamW(_FusedPenalizedOptimizer):
                 else:
                     torch._foreach_sub_(b["steps"], [found_inf] * len(b["steps"]))
         return loss
+
+    def _add_native_launch(self, native, key: Tuple, b: Dict[str, Any]) -> None:
+        _device, _dtype, amsgrad, maximize, decoupled, _sharded = key
+        native.add_adamw(b["params"], b["exp_avgs"], b["exp_avg_sqs"], b["max_exp_avg_sqs"], b["anchors"], b["masks"],
+                         b["steps"], b.get("step_base"), b["lrs"], b["beta1s"], b["beta2s"], b["epss"],
+                         b["weight_decays"], b["l2sps"], b["l1s"], amsgrad, maximize, decoupled)
 
     def _build_buckets(self, items) -> List[Tuple[Tuple, Dict[str, list]]]:
         """The kernel launches of a step: (flags, argument lists) per bucket; creates missing state."""
@@ -1114,6 +1169,8 @@ class SGD(_FusedPenalizedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._run_native_plan():
+            return loss
         planned = self._plan_grads()
         fresh_dampened: List[Tensor] = []
         created: List[Tensor] = []
@@ -1192,6 +1249,11 @@ class SGD(_FusedPenalizedOptimizer):
     def _restore_state(self, snapshot: Tuple[Any, ...]) -> None:
         super()._restore_state(snapshot)
         self._unstarted_buffers = set(snapshot[2])
+
+    def _add_native_launch(self, native, key: Tuple, b: Dict[str, Any]) -> None:
+        _device, _dtype, _has_momentum, nesterov, maximize, decoupled, _sharded = key
+        native.add_sgd(b["params"], b["momentum_buffers"], b["anchors"], b["masks"], b["lrs"], b["momentums"],
+                       b["dampenings"], b["weight_decays"], b["l2sps"], b["l1s"], nesterov, maximize, decoupled)
 
     def _build_buckets(self, items, created: List[Tensor],
                        fresh_dampened: List[Tensor]) -> List[Tuple[Tuple, Dict[str, list]]]:

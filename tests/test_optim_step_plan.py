@@ -188,3 +188,150 @@ def test_layout_signature():
     assert len(set(sigs.values())) == len(sigs), "different metadata must give different signatures"
     assert sig([]) != sig([None])
     assert sig([a, b.double()]) != sig([b.double(), a]), "the order of the tensors matters"
+
+
+# ----------------------------------------------------------------------------- the C++ step plan
+# A cached plan also holds its launches in C++ (csrc/step_plan.cpp, `_plan.native`): a step that
+# nothing changed is one call, which reads the gradients and checks their layouts itself. The tests
+# above all reach it (each warms a plan first); these pin what only it does.
+
+def _native_only(monkeypatch, opt):
+    """The next steps must not take the Python plan or the full path (the native plan ran)."""
+    def fail(*_a, **_k):
+        raise AssertionError("the step left the native plan")
+    monkeypatch.setattr(opt, "_plan_grads", fail)
+    monkeypatch.setattr(opt, "_collect", fail)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+@pytest.mark.parametrize("n", [1, 3])  # one parameter: AdamW's step count is not packed
+def test_native_plan_runs_the_step(kind, n, monkeypatch):
+    opt, ps = _warm(kind, n=n)
+    assert opt._plan.native is not None and opt._plan.native.num_launches() == 1
+    for p in ps:
+        p.grad = torch.randn_like(p)  # new gradient tensors, laid out alike: the plan holds
+    ref, qs = _reference(kind, opt, ps)
+    _native_only(monkeypatch, opt)
+    for _ in range(2):
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    if kind == "adamw":
+        assert [opt.state[p]["step"].item() for p in ps] == [5.0] * n
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_native_plan_two_launches(kind, monkeypatch):
+    # float32 and bfloat16 parameters in two groups with their own lr: two launches of one plan.
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    hs = [torch.nn.Parameter(torch.randn(4, 2, dtype=torch.bfloat16)), torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))]
+
+    def make(params, halves):
+        return OPTS[kind]([{"params": params}, {"params": halves, "lr": 0.05, "weight_decay": 0.1}])
+
+    opt = make(ps, hs)
+    for _ in range(3):
+        for p in ps + hs:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._plan.native.num_launches() == 2
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps + hs]
+    ref = make(qs[:2], qs[2:])
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for q, p in zip(qs, ps + hs):
+        q.grad = p.grad.clone()
+        anchor = opt.anchor_of(p)
+        if anchor is not None:
+            ref.state[q]["anchor"].copy_(anchor)
+    _native_only(monkeypatch, opt)
+    opt.step()
+    ref.step()
+    for p, q in zip(ps + hs, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+@pytest.mark.parametrize("found_inf", [0.0, 1.0])
+def test_native_plan_takes_grad_scaler_tensors(kind, found_inf, monkeypatch):
+    # GradScaler's contract (grad_scale / found_inf set on the optimizer) through the native plan
+    # equals the full path's: unscaled gradients, and a skipped step that changes nothing.
+    opt, ps = _warm(kind)
+    for p in ps:
+        p.grad = torch.randn_like(p) * 8
+    ref, qs = _reference(kind, opt, ps)
+    before = snapshot(opt)
+    for o in (opt, ref):
+        o.grad_scale = torch.tensor(8.0)
+        o.found_inf = torch.tensor(found_inf)
+    _native_only(monkeypatch, opt)
+    opt.step()
+    ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    if found_inf:
+        assert_bitwise_equal(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_native_plan_error_writes_nothing(kind):
+    # An error inside the native plan's run (here: GradScaler tensors that are not scalars) reaches
+    # the caller as the full path's would, with nothing written (step counts included).
+    opt, ps = _warm(kind)
+    opt.grad_scale, opt.found_inf = torch.ones(()), torch.zeros(2)
+    _rejected(opt, RuntimeError, r"shape '\[\]' is invalid for input of size 2")
+    del opt.grad_scale, opt.found_inf
+    _same_step(kind, opt, ps)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_parameter_replaced_in_its_group(kind):
+    # A parameter swapped in a group's list is compared by identity (comparing tensors with == used
+    # to raise "Boolean value of Tensor with more than one value is ambiguous"): the full path then
+    # sees a parameter without an anchor.
+    opt, ps = _warm(kind)
+    q = torch.nn.Parameter(torch.randn(4, 3))
+    q.grad = torch.randn_like(q)
+    opt.param_groups[0]["params"][0] = q
+    _rejected(opt, RuntimeError, r"parameter 0 \(param group 0\) has no L2-SP anchor")
+
+
+def test_parameter_replaced_in_its_group_without_penalty():
+    # Without L2-SP the new parameter simply gets fresh state, as with torch's AdamW.
+    ps = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+    opt = AdamW(ps, lr=1e-2)
+    for _ in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    q = torch.nn.Parameter(torch.randn(4, 3))
+    q.grad = torch.randn_like(q)
+    opt.param_groups[0]["params"][0] = q
+    opt.step()
+    assert opt.state[q]["step"].item() == 1.0 and opt.state[ps[1]]["step"].item() == 3.0
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_compiled_step_after_the_native_plan(kind):
+    # Eager steps build the native plan; a step compiled with fullgraph afterwards must not trace
+    # it (the plan is skipped under torch.compile) and must compute what eager steps compute.
+    opt, ps = _warm(kind)
+    assert opt._plan.native is not None
+    ref, qs = _reference(kind, opt, ps)
+    compiled = torch.compile(opt.step, fullgraph=True)
+    for _ in range(2):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        compiled()
+        ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_step_plan_refuses_an_empty_launch():
+    plan = torch.classes.pyfinetune.StepPlan([])
+    with pytest.raises(RuntimeError, match="a launch needs at least one parameter"):
+        plan.add_sgd([], [], [], [], [], [], [], [], [], [], False, False, False)
+    assert plan.num_launches() == 0
+    assert plan.run(None, None)  # nothing to do

@@ -49,6 +49,8 @@ ANCHOR_BYTES = {torch.float32: 4, torch.bfloat16: 2}
 COPY = "copy (torch threads)"
 TORCH_FUSED = "torch AdamW fused"
 OURS_L2SP = "ours AdamW L2-SP"
+OURS_L2SP_PY_PLAN = "ours AdamW L2-SP, step plan in Python"
+NATIVE_PLAN_ENV = "PYFINETUNE_OPTIM_NATIVE_PLAN"
 TORCH_L2SP_PREFIX = "torch AdamW + L2-SP"
 TORCH_SGD_L2SP_PREFIX = "torch SGD + L2-SP"
 OURS_SGD_L2SP = "ours SGD L2-SP"
@@ -345,6 +347,14 @@ def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: 
         add_compiled(torch_adamw, TORCH_L2SP_PREFIX, ADAMW_BYTES + 4)
     if ours_ok:
         entries += ours_adamw_entries(master, n, OURS_ADAMW_VARIANTS)
+        # The same step with its cached plan run from Python (each step passes every argument list
+        # again): what the C++ plan saves per step, in host time, on this case's tensor count.
+        params = own_params(master)
+        opt = pyfinetune.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                                     anchor=[a.clone() for a in master.anchors], l2sp=L2SP)
+        entries.append(Entry(Contender(OURS_L2SP_PY_PLAN, common.with_env(NATIVE_PLAN_ENV, "0", opt.step),
+                                       (ADAMW_BYTES + 4) * n,
+                                       {"B/elem": ADAMW_BYTES + 4, "note": f"{NATIVE_PLAN_ENV}=0"}), opt))
     if rivals and device.type == "cpu":
         ds, why_not = deepspeed_entries(master, n)
         entries += ds
@@ -406,6 +416,9 @@ def analyse(case: Case, entries: List[Entry], timings: Dict[str, common.Timing],
             add("fraction_of_copy_bandwidth_with_write_allocate",
                 "ours L2-SP effective GB/s / copy GB/s counting the write-allocate read (x1.5), stricter",
                 {k: v / 1.5 for k, v in ratios[-1].items() if k in ("value", "p20", "p80")}, targets[2])
+        if OURS_L2SP_PY_PLAN in timings:
+            add("native_plan_vs_python_plan", "ours L2-SP, step plan in C++ (default) vs in Python (time ratio)",
+                common.paired_ratio(timings[OURS_L2SP_PY_PLAN], ours))
         add("ours_no_penalty_vs_torch_fused", "ours AdamW (l2sp=0) vs torch fused AdamW (time ratio)",
             common.paired_ratio(timings[TORCH_FUSED], timings["ours AdamW"]))
         add("ours_bf16_anchor_vs_torch_fused", "ours L2-SP bf16 anchor vs torch fused AdamW without penalty",

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
+#include <cstdint>
 #include <optional>
 
 namespace pyfinetune {
@@ -65,5 +66,9 @@ void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::Tenso
                           at::ArrayRef<double> dampenings, at::ArrayRef<double> weight_decays,
                           at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s, bool nesterov,
                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf);
+
+// The value `_layout_signature` gives for the list first ++ second (undefined tensors read as None):
+// the cached step plan's check that gradients are laid out like their parameters.
+int64_t layout_signature_of(at::TensorList first, at::TensorList second);
 
 }  // namespace pyfinetune
