@@ -10,7 +10,8 @@ shape reaches on this GPU), the three-read / two-write mix of SGD with momentum,
 fused AdamW + L2-SP and SGD + L2-SP steps over ``--tensors`` tensors of ``--numel`` float32 each.
 Our steps run twice per round, with each CUDA kernel layout (``PYFINETUNE_OPTIM_CUDA_LAYOUT`` =
 classic, the default, and wide: 16 elements per thread in blocks of 256, experimental until measured
-here). It reports each one's GB/s and ours as a fraction of the copy and of its own mix, timed
+here), and AdamW once more with its cached step plan run from Python (``PYFINETUNE_OPTIM_NATIVE_PLAN=0``,
+how every step ran before the plan moved to C++: its host work, billed to a single call). It reports each one's GB/s and ours as a fraction of the copy and of its own mix, timed
 one call per sample and again five calls back to back (a step's host work then overlaps the
 previous step's kernels, as in training; one call bills it to the step). Needs Triton
 (shipped with PyTorch's CUDA wheels). Writes optim-roofline-cuda-*.md / .json to ``--out``.
@@ -32,6 +33,7 @@ from pyfinetune.benchmarks import common  # noqa: E402
 from pyfinetune.benchmarks.common import Contender  # noqa: E402
 
 LAYOUT_ENV = "PYFINETUNE_OPTIM_CUDA_LAYOUT"
+NATIVE_PLAN_ENV = "PYFINETUNE_OPTIM_NATIVE_PLAN"
 BACK_TO_BACK = 5  # calls per sample of the second timing
 
 
@@ -109,8 +111,14 @@ def main() -> int:
     for p, g in zip(sgd_params, grads):
         p.grad = g
     sgd = pyfinetune.optim.SGD(sgd_params, lr=1e-4, momentum=0.9, l2sp=1e-2, anchor=[a.clone() for a in anchors])
+    adamw_params = [p.clone() for p in params]
+    for p, g in zip(adamw_params, grads):
+        p.grad = g
+    adamw_py = pyfinetune.optim.AdamW(adamw_params, lr=1e-4, weight_decay=0.0, l2sp=1e-2,
+                                      anchor=[a.clone() for a in anchors])
     adamw.step()
     sgd.step()  # states allocated before timing
+    common.with_env(NATIVE_PLAN_ENV, "0", adamw_py.step)()
 
     def with_layout(layout, step):
         return common.with_env(LAYOUT_ENV, layout, step)
@@ -123,6 +131,9 @@ def main() -> int:
         (Contender("ours AdamW + L2-SP", with_layout("classic", adamw.step)), 32 * n, f"{args.tensors} tensors"),
         (Contender("ours AdamW + L2-SP, wide layout", with_layout("wide", adamw.step)), 32 * n,
          f"{args.tensors} tensors, experimental"),
+        (Contender("ours AdamW + L2-SP, step plan in Python",
+                   common.with_env(NATIVE_PLAN_ENV, "0", adamw_py.step)), 32 * n,
+         f"{args.tensors} tensors, {NATIVE_PLAN_ENV}=0 (the host work of a step before the C++ plan)"),
         (Contender("triton 3 read / 2 write (SGD momentum mix)",
                    lambda: mix_3r2w[grid](flat["p"], flat["g"], flat["m"], n, BLOCK=args.block)), 20 * n,
          "flat buffers"),
@@ -151,6 +162,8 @@ def main() -> int:
               "ours_adamw_l2sp_wide_over_classic": gbps["ours AdamW + L2-SP, wide layout"] / gbps["ours AdamW + L2-SP"],
               "ours_sgd_l2sp_wide_over_classic": (gbps["ours SGD + L2-SP, wide layout"]
                                                   / gbps["ours SGD + L2-SP (4 read / 2 write)"]),
+              "ours_adamw_l2sp_native_plan_over_python_plan": (gbps["ours AdamW + L2-SP"]
+                                                                / gbps["ours AdamW + L2-SP, step plan in Python"]),
               "back_to_back_ours_adamw_l2sp_over_its_mix": gbps_streamed["ours AdamW + L2-SP"] / gbps_streamed[mix],
               "back_to_back_ours_adamw_l2sp_over_copy": gbps_streamed["ours AdamW + L2-SP"] / gbps_streamed["copy"]}
     info = common.machine_info(dev)

@@ -9,15 +9,15 @@ correctness first, then their speed against cuBLAS and our warp kernels, in abou
    CPU, shapes crossing every edge of the kernels' blocks (64 rows, 128 features, 64-wide K
    slices), sizes not multiples of 8 (plain loads), tiles denser than the 1024 entries a block
    stages in registers, strided operands; the forward and dx again with PYFINETUNE_TILED_CUDA_ASYNC=1
-   (the experimental pipeline: tile bounds and entries fetched ahead with asynchronous copies).
-   Each case prints OK or FAIL; a failure does not stop the others (a sticky CUDA error does).
+   (the experimental pipeline: tile bounds and entries fetched ahead with asynchronous copies), and
+   the forward with PYFINETUNE_TILED_CUDA_SPLIT_K (its K cut in parts, experimental). Each case prints OK or FAIL; a failure does not stop the others (a sticky CUDA error does).
 2. Speed: x [N, 4096] @ W^T, W [4096, 4096], random sparsity 50-99% for N = 256 (issue #4's case),
    90% and 99% for N = 2048, and decoding sizes (N = 1: 50, 90, 99%; N = 16: 90, 99%), where the
    product reads the weight once and a sparse one reads 10% of it; contenders interleaved, each sample 20 back-to-back calls timed with
    CUDA events, median of 15 samples: cuBLAS dense (x @ w.T on the pruned weight), our warp-per-row
    csr_linear, and tiled_csr_linear alone (tile values gathered once; SparseLinear gathers them
    at each call: one nnz-sized gather more, which bench_prune.py's "ours sparse, tensor cores" row
-   includes), with the default and the asynchronous pipeline (the variable set and unset around
+   includes), with the default and the asynchronous pipeline and with K split (=auto; the variables set and unset around
    each call, a few microseconds of host time hidden behind the queued kernels). The same rows
    again with the 20 calls captured in a CUDA graph and replayed: GPU time alone, where the eager
    times of small N can be the host's (Python, dispatcher, launches). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours (warp
@@ -108,6 +108,15 @@ def with_async(fn):
     kernels: tile bounds and entries fetched ahead by asynchronous copies), the variable restored
     afterwards (the script's other contenders run as the environment it was started in says)."""
     return common.with_env(ASYNC_ENV, "1", fn)
+
+
+SPLIT_K_ENV = "PYFINETUNE_TILED_CUDA_SPLIT_K"
+
+
+def with_split_k(fn, parts="auto"):
+    """fn run with PYFINETUNE_TILED_CUDA_SPLIT_K=parts (the forward's K cut in parts that run as
+    more blocks, their float32 sums added by a second kernel), the variable restored afterwards."""
+    return common.with_env(SPLIT_K_ENV, str(parts), fn)
 
 
 def sync():
@@ -223,6 +232,8 @@ def speed(dtype, n, sparsity):
         "ours tensor cores": lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None),
         "ours tensor cores, async": with_async(
             lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None)),
+        "ours tensor cores, split K": with_split_k(
+            lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None)),
     }
     if n <= 16:  # PYFINETUNE_CSR_CUDA_SMALL_N=1: the lanes over each row's nonzeros, x read in place
         fns["ours small-N kernel"] = common.with_env(
@@ -267,7 +278,8 @@ def table_row(dtype, n, sparsity, ms):
     '-' for a contender missing from ms."""
     d = ms.get("cuBLAS dense")
     cells = []
-    for name in ("ours warp (csr_linear)", "ours tensor cores", "ours tensor cores, async", "ours small-N kernel"):
+    for name in ("ours warp (csr_linear)", "ours tensor cores", "ours tensor cores, async", "ours tensor cores, split K",
+                 "ours small-N kernel"):
         v = ms.get(name)
         cells.append(f"{v:.4f} ({d / v:.2f}x)" if v is not None and d is not None else "-")
     return f"| {str(dtype)[6:]} | {n} | {sparsity:.0%} | {d:.4f} | " + " | ".join(cells) + " |"
@@ -312,6 +324,15 @@ def main():
                 continue
             run(f"{dn} async {n}x{k}x{m} sparsity {s}", with_async(correctness(n, k, m, s, dtype)))
             run(f"{dn} async input gradient {n}x{k}x{m} sparsity {s}", with_async(correctness_dx(n, k, m, s, dtype)))
+        # The forward with its K split (PYFINETUNE_TILED_CUDA_SPLIT_K): one tile, parts of one and
+        # of several tiles, a shorter last part, M not a multiple of 4, several 64-row blocks.
+        for (n, k, m, s), parts in (((1, 1, 1, 0.0), "auto"), ((65, 130, 129, 0.9), 2), ((256, 4096, 4096, 0.9), "auto"),
+                                    ((256, 4096, 4096, 0.9), 64), ((300, 1000, 517, 0.99), 3), ((1, 4096, 4096, 0.9), "auto"),
+                                    ((16, 4096, 4096, 0.9), "auto"), ((100, 200, 260, 0.0), 3)):
+            if DEVICE == "cpu" and n * k * m > 2**24:
+                continue
+            run(f"{dn} split K {parts} {n}x{k}x{m} sparsity {s}", with_split_k(correctness(n, k, m, s, dtype), parts))
+        run(f"{dn} split K 3, no bias", with_split_k(correctness(70, 640, 200, 0.9, dtype, bias=False), 3))
     if failures:
         print(f"{len(failures)} correctness case(s) FAILED: {failures}; timing anyway", flush=True)
     else:
@@ -346,12 +367,14 @@ def main():
           "sparsity; median ms per call of 15 samples of 20 back-to-back calls; (ratio) = cuBLAS / ours, >1 = ours "
           "faster", "",
           "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms | ours tensor cores, async "
-          "pipeline ms (PYFINETUNE_TILED_CUDA_ASYNC=1) | ours small-N kernel ms (PYFINETUNE_CSR_CUDA_SMALL_N=1) |",
-          "|---|---|---|---|---|---|---|---|", *rows, "",
+          "pipeline ms (PYFINETUNE_TILED_CUDA_ASYNC=1) | ours tensor cores, split K ms (PYFINETUNE_TILED_CUDA_SPLIT_K=auto) "
+          "| ours small-N kernel ms (PYFINETUNE_CSR_CUDA_SMALL_N=1) |",
+          "|---|---|---|---|---|---|---|---|---|", *rows, "",
           *([f"GPU time per call, host overhead removed: the same 20 calls captured in a CUDA graph and replayed "
              "(median of 15 replays); where these are much lower than above, the host set the pace there:", "",
              "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms | ours tensor cores, "
-             "async pipeline ms | ours small-N kernel ms |", "|---|---|---|---|---|---|---|---|", *graph_rows, ""]
+             "async pipeline ms | ours tensor cores, split K ms | ours small-N kernel ms |",
+             "|---|---|---|---|---|---|---|---|---|", *graph_rows, ""]
             if graph_rows else []),
           "The backward's products at N = 256, 90% (where a training step's time goes):", "",
           "| dtype | product | ms per call |", "|---|---|---|", *brk, "",

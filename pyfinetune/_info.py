@@ -90,8 +90,12 @@ def settings_errors() -> List[str]:
     if raw not in ("", "0", "1"):
         errors.append(f"PYFINETUNE_CPU_AVX512 must be 0 or 1 (or unset), got {raw!r}")
     raw = os.environ.get("PYFINETUNE_KD_CUDA_THREADS", "")
-    if raw and not (raw.isdigit() and 32 <= int(raw) <= 512 and int(raw) % 32 == 0):
+    if raw and not (raw.isascii() and raw.isdigit() and 32 <= int(raw) <= 512 and int(raw) % 32 == 0):
         errors.append(f"PYFINETUNE_KD_CUDA_THREADS must be a multiple of 32 in [32, 512] (or unset), got {raw!r}")
+    raw = os.environ.get("PYFINETUNE_TILED_CUDA_SPLIT_K", "")
+    if raw and raw != "auto" and not (raw.isascii() and raw.isdigit() and len(raw) <= 5 and 1 <= int(raw) <= 65535):
+        errors.append(f"PYFINETUNE_TILED_CUDA_SPLIT_K must be auto or an integer in [1, 65535] (or unset: 1, "
+                      f"no split), got {raw!r}")
     pool = dense_pool()
     if "error" in pool:
         errors.append(str(pool["error"]))

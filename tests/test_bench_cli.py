@@ -243,6 +243,31 @@ def test_loosely_read_settings_are_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PYFINETUNE_CPU_AVX512", "0")
     monkeypatch.setenv("PYFINETUNE_KD_CUDA_THREADS", "256")
     assert not [e for e in settings_errors() if "AVX512" in e or "KD_CUDA_THREADS" in e]
+    # A non-ASCII digit ("²".isdigit() is True, int("²") raises) is refused, not a crash.
+    monkeypatch.setenv("PYFINETUNE_KD_CUDA_THREADS", "²")
+    assert "PYFINETUNE_KD_CUDA_THREADS must be a multiple of 32 in [32, 512] (or unset), got '²'" in settings_errors()
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), ("1", True), ("4", True), ("65535", True), ("0", False),
+                                       ("65536", False), ("-2", False), ("AUTO", False), ("2.0", False),
+                                       ("²", False)])
+def test_split_k_setting_is_checked_before_timing(monkeypatch, value, ok):
+    # The CUDA forward reads PYFINETUNE_TILED_CUDA_SPLIT_K at each call (a bad value: ValueError
+    # there); settings_errors() refuses the same values on any machine, before a benchmark starts.
+    from pyfinetune._info import settings_errors
+
+    monkeypatch.setenv("PYFINETUNE_TILED_CUDA_SPLIT_K", value)
+    errors = [e for e in settings_errors() if "SPLIT_K" in e]
+    assert errors == ([] if ok else [f"PYFINETUNE_TILED_CUDA_SPLIT_K must be auto or an integer in [1, 65535] "
+                                     f"(or unset: 1, no split), got {value!r}"])
+
+
+@pytest.mark.parametrize("value", ["2", "x"])
+def test_native_plan_setting_is_checked(monkeypatch, value):
+    from pyfinetune._info import settings_errors
+
+    monkeypatch.setenv("PYFINETUNE_OPTIM_NATIVE_PLAN", value)
+    assert f"PYFINETUNE_OPTIM_NATIVE_PLAN must be 0 or 1 (or unset), got {value!r}" in settings_errors()
 
 
 def test_info_says_which_crossover_entries_the_variable_set(capsys, monkeypatch):

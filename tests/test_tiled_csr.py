@@ -100,6 +100,18 @@ def make_case(n, k, m, dtype, device, sparsity=0.9, bias=True, x_stride=1):
     return case, ref
 
 
+def with_mask(c, keep, k):
+    """Case c (make_case's, on CUDA) with its kept weights replaced by `keep` (a [M, K] bool mask):
+    the values, patterns and tiles rebuilt; returns the float64 reference of the forward."""
+    w = c["w"]
+    p = ops.compressed_pattern(keep)
+    t = ops.tiled_pattern(p.crow_indices, p.col_indices, k)
+    c.update(values=w[keep].cuda(), mask=keep, pattern=ops.CompressedPattern(*(q.cuda() for q in p)),
+             tiled=ops.TiledPattern(*(q.cuda() for q in t)))
+    bias = 0.0 if c["bias"] is None else c["bias"].double().cpu()
+    return c["x"].double().cpu() @ torch.where(keep, w.double(), 0.0).t() + bias
+
+
 def assert_close(y, ref, dtype, k, what):
     assert y.dtype == dtype, what
     err = (y.double().cpu() - ref).abs()

@@ -59,6 +59,7 @@
 #include <mutex>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 namespace pyfinetune {
@@ -85,12 +86,14 @@ struct TiledArgs {
   const int16_t* loc;     // [nnz]
   const void* bias;       // [M] of x's dtype, or nullptr
   void* y;                // [N, M] contiguous
+  float* partial;         // forward split over K: [gridDim.z, N, M] float32 sums per part, else nullptr
   int64_t x_rs;
   int64_t n;
   int64_t nnz;
   int32_t k;
   int32_t m;
   int32_t k_tiles;
+  int32_t kt_per;         // forward: K tiles per part (blockIdx.z); k_tiles when K is not split
 };
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -465,8 +468,10 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
   const int warp_feat = warp >> 1;  // features [32 * warp_feat, +32) of the block's 128
   const int rb = blockIdx.x;
   const int64_t feat0 = static_cast<int64_t>(rb) * kRows;
-  const int kt_count = a.k_tiles;
-  const int tile0 = rb * kt_count;
+  // K tiles [kt0, kt0 + kt_count) of this part (blockIdx.z; the host makes every part non-empty).
+  const int kt0 = static_cast<int>(blockIdx.z) * a.kt_per;
+  const int kt_count = min(a.kt_per, a.k_tiles - kt0);
+  const int tile0 = rb * a.k_tiles + kt0;
   const int64_t n_blocks = (a.n + kTokens - 1) / kTokens;
 
   // ldmatrix row addresses (element offsets within a stage), see the fragment layouts of
@@ -483,7 +488,8 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
     run_pipeline<kAsync, kFwdEntryCap>(
         a, kt_count, ws, es,
         [&](int t, int stage) {
-          load_slice<kCols, kAligned>(a.x, a.n, a.k, a.x_rs, xs + stage * kXStage, n0, static_cast<int64_t>(t) * kCols);
+          load_slice<kCols, kAligned>(a.x, a.n, a.k, a.x_rs, xs + stage * kXStage, n0,
+                                      static_cast<int64_t>(kt0 + t) * kCols);
         },
         [&](int t) { return tile0 + t; },
         [&](int stage) {
@@ -506,6 +512,28 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
     // g = lane / 4, c = lane % 4.
     const int g = lane >> 2;
     const int c2 = (lane & 3) * 2;
+    if (a.partial != nullptr) {
+      // A part of a split K: its float32 sums, to be added up (and the bias added) by
+      // tiled_csr_sum_parts_kernel.
+      float* part = a.partial + static_cast<int64_t>(blockIdx.z) * a.n * a.m;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t f = feat0 + warp_feat * 32 + j * 8 + c2;
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int64_t row = n0 + warp_tok * 32 + i * 16 + g + h * 8;
+            if (row < a.n && f < a.m) {
+              part[row * a.m + f] = acc[i][j][2 * h];
+              if (f + 1 < a.m) {
+                part[row * a.m + f + 1] = acc[i][j][2 * h + 1];
+              }
+            }
+          }
+      }
+      continue;
+    }
     scalar_t* y = static_cast<scalar_t*>(a.y);
     const scalar_t* bias = static_cast<const scalar_t*>(a.bias);
     const bool pairs = (a.m & 1) == 0;  // y rows start at even elements: (f, f + 1) is one 4-byte store
@@ -540,6 +568,43 @@ __global__ void __launch_bounds__(kThreads, 2) tiled_csr_linear_kernel(const Til
 #else
   CUDA_KERNEL_ASSERT(false && "tiled_csr_linear needs sm80 or newer");
 #endif
+}
+
+// y = the sum of the parts of a split K (in part order: the same bits every run) + bias, rounded
+// once to y's dtype. Four consecutive outputs per thread (M % 4 == 0: 16-byte loads of every part).
+template <typename scalar_t, bool kVec4>
+__global__ void tiled_csr_sum_parts_kernel(const float* __restrict__ partial, int parts, int64_t n, int64_t m,
+                                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ y) {
+  const int64_t total = n * m;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * 4;
+  for (int64_t e0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4; e0 < total; e0 += stride) {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int z = 0; z < parts; ++z) {
+      const float* src = partial + z * total + e0;
+      if constexpr (kVec4) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        s[0] += v.x;
+        s[1] += v.y;
+        s[2] += v.z;
+        s[3] += v.w;
+      } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          if (e0 + k < total) {
+            s[k] += src[k];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t e = e0 + k;
+      if (e < total) {
+        const float b = bias != nullptr ? static_cast<float>(bias[e % m]) : 0.f;
+        y[e] = static_cast<scalar_t>(s[k] + b);
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -791,25 +856,92 @@ void launch_dv(const ValuesArgs& a, int64_t tiles) {
 // Launches the forward or (kDx) the input-gradient kernel: grid (grid_x, row blocks of 64 rows,
 // looped past 65535).
 template <bool kDx, typename scalar_t, bool kAligned, bool kAsync>
-void launch(const TiledArgs& a, int64_t grid_x) {
+void launch(const TiledArgs& a, int64_t grid_x, int parts) {
   constexpr auto kernel = kDx ? tiled_csr_dx_kernel<scalar_t, kAligned, kAsync>
                               : tiled_csr_linear_kernel<scalar_t, kAligned, kAsync>;
   constexpr int smem_bytes = kDx ? kDxSmemBytes + (kAsync ? entry_smem_bytes<kDxEntryCap>() : 0)
                                  : kSmemBytes + (kAsync ? entry_smem_bytes<kFwdEntryCap>() : 0);
   opt_in_shared_memory<kernel>(smem_bytes);
   const int64_t n_blocks = (a.n + kTokens - 1) / kTokens;
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::min(n_blocks, kMaxGridY)));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(std::min(n_blocks, kMaxGridY)),
+                  static_cast<unsigned>(parts));
   kernel<<<grid, kThreads, smem_bytes, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool kDx, typename scalar_t>
-void launch_dispatch(const TiledArgs& a, int64_t grid_x, bool aligned, bool async) {
+void launch_dispatch(const TiledArgs& a, int64_t grid_x, int parts, bool aligned, bool async) {
   if (async) {
-    aligned ? launch<kDx, scalar_t, true, true>(a, grid_x) : launch<kDx, scalar_t, false, true>(a, grid_x);
+    aligned ? launch<kDx, scalar_t, true, true>(a, grid_x, parts) : launch<kDx, scalar_t, false, true>(a, grid_x, parts);
   } else {
-    aligned ? launch<kDx, scalar_t, true, false>(a, grid_x) : launch<kDx, scalar_t, false, false>(a, grid_x);
+    aligned ? launch<kDx, scalar_t, true, false>(a, grid_x, parts)
+            : launch<kDx, scalar_t, false, false>(a, grid_x, parts);
   }
+}
+
+// The forward's split over K, and the sum of its parts.
+// Why: a block of the forward walks all ceil(K / 64) tiles of its 128 features in sequence, one
+// pipeline step each (~2000 cycles a step on an H100, latency rather than work: see the
+// asynchronous pipeline's note), and there are only ceil(M / 128) x ceil(N / 64) blocks: 32 for a
+// 4096 x 4096 weight at N <= 64, 128 at N = 256, against 2 x 132 block slots of an H100. The whole
+// product then takes ~64 steps' latency whatever N (the H100 measured 0.066 ms at N = 1 and at
+// N = 256 alike, gpu-check-20261127-2118). Cut in P parts of K, the grid has P times the blocks,
+// each P times fewer steps, and a second kernel adds the parts' float32 sums (in part order: the
+// same bits every run; not the bits of the unsplit product, whose float32 sums run in another
+// order) and the bias. PYFINETUNE_TILED_CUDA_SPLIT_K (read at each call): unset or 1 = no split
+// (the default until a GPU measures it), "auto" = enough parts to give every block slot of the GPU
+// a block (at least 4 tiles per part), an integer P = P parts (at most one per K tile).
+constexpr int kMinTilesPerPart = 4;
+
+int split_k_requested(const char* op) {  // 0: auto, else the parts asked for
+  const char* raw = std::getenv("PYFINETUNE_TILED_CUDA_SPLIT_K");
+  if (raw == nullptr || raw[0] == '\0') {
+    return 1;
+  }
+  const std::string v(raw);
+  if (v == "auto") {
+    return 0;
+  }
+  const bool digits = v.size() <= 5 && std::all_of(v.begin(), v.end(), [](char c) { return c >= '0' && c <= '9'; });
+  const int parts = digits ? std::stoi(v) : 0;
+  TORCH_CHECK_VALUE(parts >= 1 && parts <= 65535,
+                    check_message("pyfinetune.", op, ": PYFINETUNE_TILED_CUDA_SPLIT_K must be auto or an integer in ",
+                                  "[1, 65535] (or unset: 1, no split), got '", v, "'"));
+  return parts;
+}
+
+// Parts for a forward of grid_x x row_blocks blocks over k_tiles tiles (requested: 0 = auto), such
+// that every part holds at least one tile; kt_per: tiles per part.
+int split_k_parts(int requested, int64_t grid_x, int64_t row_blocks, int32_t k_tiles, int32_t& kt_per) {
+  int64_t parts = requested;
+  if (requested == 0) {
+    const int64_t slots = 2LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // 2 blocks per SM
+    const int64_t blocks = grid_x * row_blocks;
+    parts = blocks >= slots ? 1 : (slots + blocks - 1) / blocks;
+    parts = std::min<int64_t>(parts, std::max<int64_t>(1, k_tiles / kMinTilesPerPart));
+  }
+  parts = std::max<int64_t>(1, std::min<int64_t>(parts, k_tiles));
+  kt_per = static_cast<int32_t>((k_tiles + parts - 1) / parts);
+  return static_cast<int>((k_tiles + kt_per - 1) / kt_per);
+}
+
+template <typename scalar_t>
+void launch_sum_parts(const at::Tensor& partial, int parts, int64_t n, int64_t m, const void* bias, void* y) {
+  const int64_t quads = (n * m + 3) / 4;
+  constexpr int kSumThreads = 256;
+  const int64_t max_blocks = 8LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const unsigned blocks = static_cast<unsigned>(std::min((quads + kSumThreads - 1) / kSumThreads, max_blocks));
+  const float* src = partial.const_data_ptr<float>();
+  const scalar_t* b = static_cast<const scalar_t*>(bias);
+  scalar_t* out = static_cast<scalar_t*>(y);
+  if (m % 4 == 0) {
+    tiled_csr_sum_parts_kernel<scalar_t, true>
+        <<<blocks, kSumThreads, 0, at::cuda::getCurrentCUDAStream()>>>(src, parts, n, m, b, out);
+  } else {
+    tiled_csr_sum_parts_kernel<scalar_t, false>
+        <<<blocks, kSumThreads, 0, at::cuda::getCurrentCUDAStream()>>>(src, parts, n, m, b, out);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // PYFINETUNE_TILED_CUDA_ASYNC=1 (experimental, for A/B timing on a GPU; read at each call; unset
@@ -828,11 +960,12 @@ bool use_async(bool requested, const at::Tensor& vals, const at::Tensor& loc, in
 }
 
 // The launch arguments and the launch: operand is x [N, K] (forward, output [N, M]) or grad_out
-// [N, M] (kDx, output [N, K]); `out` is the fresh contiguous output; async: async_requested's answer.
+// [N, M] (kDx, output [N, K]); `out` is the fresh contiguous output; async: async_requested's answer;
+// split: split_k_requested's (forward only).
 template <bool kDx>
 void run_tiled(const char* op, const at::Tensor& operand_in, const at::Tensor& tile_values,
                const at::Tensor& tile_ptr, const at::Tensor& tile_loc, const at::Tensor& bias, at::Tensor& out,
-               int64_t M, int64_t K, bool async_wanted) {
+               int64_t M, int64_t K, bool async_wanted, int split_wanted = 1) {
   const at::Tensor operand = operand_in.stride(1) == 1 ? operand_in : operand_in.contiguous();
   const at::Tensor vals = tile_values.contiguous();
   const at::Tensor ptr = tile_ptr.contiguous();
@@ -859,10 +992,29 @@ void run_tiled(const char* op, const at::Tensor& operand_in, const at::Tensor& t
   const bool async = use_async(async_wanted, vals, loc,
                                kDx ? kDxSmemBytes + entry_smem_bytes<kDxEntryCap>()
                                    : kSmemBytes + entry_smem_bytes<kFwdEntryCap>());
+  a.kt_per = a.k_tiles;
+  int parts = 1;
+  if (!kDx && split_wanted != 1) {
+    parts = split_k_parts(split_wanted, grid_x, std::min((a.n + kTokens - 1) / kTokens, kMaxGridY), a.k_tiles,
+                          a.kt_per);
+  }
+  at::Tensor partial;
+  if (parts > 1) {
+    partial = at::empty({parts, a.n, M}, operand.options().dtype(at::kFloat));
+    a.partial = partial.data_ptr<float>();
+  }
   AT_DISPATCH_SWITCH(operand.scalar_type(), "tiled_csr_linear_cuda",
-                     AT_DISPATCH_CASE(at::kHalf, [&] { launch_dispatch<kDx, scalar_t>(a, grid_x, aligned, async); })
-                         AT_DISPATCH_CASE(at::kBFloat16,
-                                          [&] { launch_dispatch<kDx, scalar_t>(a, grid_x, aligned, async); }));
+                     AT_DISPATCH_CASE(at::kHalf, [&] {
+                       launch_dispatch<kDx, scalar_t>(a, grid_x, parts, aligned, async);
+                       if (parts > 1) {
+                         launch_sum_parts<scalar_t>(partial, parts, a.n, M, a.bias, a.y);
+                       }
+                     }) AT_DISPATCH_CASE(at::kBFloat16, [&] {
+                       launch_dispatch<kDx, scalar_t>(a, grid_x, parts, aligned, async);
+                       if (parts > 1) {
+                         launch_sum_parts<scalar_t>(partial, parts, a.n, M, a.bias, a.y);
+                       }
+                     }));
 }
 
 // Device, dtype and GPU checks of both ops (after the shared argument checks); smem_bytes: the
@@ -889,6 +1041,7 @@ at::Tensor tiled_csr_linear_cuda(const at::Tensor& x, const at::Tensor& tile_val
   const MatmulSizes sz = check_tiled_csr_linear_args(x, tile_values, tile_ptr, tile_loc, out_features, bias);
   PF_CHECK(x.is_cuda(), op, "x must be a CUDA tensor here, got ", x.device());
   const bool async = async_requested(op);
+  const int split = split_k_requested(op);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const c10::cuda::CUDAGuard guard(x.device());
   check_tensor_core_call(op, "x", x, kSmemBytes);
@@ -905,7 +1058,7 @@ at::Tensor tiled_csr_linear_cuda(const at::Tensor& x, const at::Tensor& tile_val
   }
   at::Tensor y = at::empty({N, M}, x.options());
   run_tiled<false>(op, x, tile_values, tile_ptr, tile_loc, has_bias ? bias->contiguous() : at::Tensor(), y, M, K,
-                   async);
+                   async, split);
   return y;
 }
 
