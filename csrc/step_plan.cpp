@@ -155,6 +155,16 @@ class StepPlan : public torch::CustomClassHolder {
 
   int64_t num_launches() const { return static_cast<int64_t>(launches_.size()); }
 
+  // New learning rates of launch k, one per parameter (an LR scheduler's step; validated by the caller).
+  void set_lrs(int64_t k, std::vector<double> lrs) {
+    TORCH_CHECK(k >= 0 && k < num_launches(), "StepPlan.set_lrs: no launch ", k, " (the plan has ", num_launches(),
+                ")");
+    Launch& l = launches_[static_cast<size_t>(k)];
+    TORCH_CHECK(lrs.size() == l.params.size(), "StepPlan.set_lrs: launch ", k, " has ", l.params.size(),
+                " parameters, got ", lrs.size(), " learning rates");
+    l.lrs = std::move(lrs);
+  }
+
  private:
   void add(Launch l) {
     TORCH_CHECK(!l.params.empty(), "StepPlan: a launch needs at least one parameter");
@@ -212,7 +222,8 @@ void define_step_plan(torch::Library& m) {
       .def("add_adamw", &StepPlan::add_adamw)
       .def("add_sgd", &StepPlan::add_sgd)
       .def("run", &StepPlan::run)
-      .def("num_launches", &StepPlan::num_launches);
+      .def("num_launches", &StepPlan::num_launches)
+      .def("set_lrs", &StepPlan::set_lrs);
 }
 
 }  // namespace pyfinetune

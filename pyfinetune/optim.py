@@ -254,8 +254,8 @@ class _StepPlan:
     state tensors and per-parameter hyper-parameters), reused by the next steps while nothing it
     was built from changed (see `_FusedPenalizedOptimizer._plan_grads`)."""
 
-    __slots__ = ("version", "param_groups", "groups", "params", "hypers", "state", "state_keys", "state_dicts",
-                 "state_values", "absent", "meta", "buckets", "native")
+    __slots__ = ("version", "param_groups", "groups", "params", "hypers", "lrs", "lr_groups", "f32_params", "state",
+                 "state_keys", "state_dicts", "state_values", "absent", "meta", "buckets", "native")
 
 
 class _FusedPenalizedOptimizer(torch.optim.Optimizer):
@@ -293,7 +293,9 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         self._invalidate_plan()
 
     # Hyper-parameters that a step validates and passes to the kernels.
-    _HYPER_KEYS: Tuple[str, ...] = ("lr", "weight_decay", "l2sp", "l1", "penalty_mode", "anchor_dtype", "maximize")
+    # The hyper-parameters a cached step plan was validated with (see `_plan_holds`); "lr" is not
+    # among them: an LR scheduler changes it every step, and the plan follows it (`_follow_lrs`).
+    _HYPER_KEYS: Tuple[str, ...] = ("weight_decay", "l2sp", "l1", "penalty_mode", "anchor_dtype", "maximize")
 
     def _invalidate_plan(self) -> None:
         """Forget the cached step plan: the param groups, masks or state changed."""
@@ -781,6 +783,17 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         plan.groups = list(self.param_groups)
         plan.params = [tuple(g["params"]) for g in self.param_groups]
         plan.hypers = [self._snapshot(g) for g in self.param_groups]
+        plan.lrs = [_freeze(g["lr"]) for g in self.param_groups]
+        group_of = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        # per launch, each parameter's group (its lr); per group, a planned parameter that is not
+        # float64 (whose lr must fit float32), or None
+        plan.lr_groups = [[group_of[id(p)] for p in b.get("sources", b["params"])] for _, b in buckets]
+        plan.f32_params = [None] * len(self.param_groups)
+        for _, b in buckets:
+            for p in b.get("sources", b["params"]):
+                gi = group_of[id(p)]
+                if plan.f32_params[gi] is None and p.dtype != torch.float64:
+                    plan.f32_params[gi] = p
         plan.state = self.state
         plan.state_keys = list(self.state)
         plan.state_dicts = list(self.state.values())
@@ -898,6 +911,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             if (group is not cached or len(now) != len(params) or not all(map(is_, now, params))
                     or self._snapshot(group) != hypers):
                 return False
+        if not self._follow_lrs(plan):
+            return False
         state = self.state
         if state is not plan.state or len(state) != len(plan.state_keys):
             return False
@@ -906,6 +921,35 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             return False
         values = list(chain.from_iterable(map(dict.values, dicts)))
         return len(values) == len(plan.state_values) and all(map(is_, values, plan.state_values))
+
+    def _follow_lrs(self, plan: _StepPlan) -> bool:
+        """Brings the plan's learning rates up to date with the groups' (an LR scheduler changes them
+        every step): each changed lr is validated as the full path would (the same errors, raised
+        before anything is written) and written into the launches' lists. False when an lr became a
+        tensor (plans hold float lrs only: the full path then runs)."""
+        groups = self.param_groups
+        changed = [gi for gi, (g, frozen) in enumerate(zip(groups, plan.lrs)) if _freeze(g["lr"]) != frozen]
+        if not changed:
+            return True
+        for gi in changed:
+            group = groups[gi]
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                return False
+            _check_lr(lr, f" (param group {gi})")
+            if plan.f32_params[gi] is not None:
+                self._check_float32_range([(group, plan.f32_params[gi], None)])
+        lrs = [float(g["lr"]) if isinstance(g["lr"], numbers.Real) else None for g in groups]
+        touched = set(changed)
+        for k, ((_, b), members) in enumerate(zip(plan.buckets, plan.lr_groups)):
+            if touched.isdisjoint(members):
+                continue
+            b["lrs"] = [lrs[gi] for gi in members]
+            if plan.native is not None:
+                plan.native.set_lrs(k, b["lrs"])
+        for gi in changed:
+            plan.lrs[gi] = _freeze(groups[gi]["lr"])
+        return True
 
     @staticmethod
     def _check_sharded_grad(p: Tensor, g: Tensor, name: str) -> None:

@@ -335,3 +335,93 @@ def test_step_plan_refuses_an_empty_launch():
         plan.add_sgd([], [], [], [], [], [], [], [], [], [], False, False, False)
     assert plan.num_launches() == 0
     assert plan.run(None, None)  # nothing to do
+
+
+# ------------------------------------------------------------------ learning rates the plan follows
+# An LR scheduler changes group["lr"] every step: the plan takes the new values (validated as the
+# full path validates them) instead of being rebuilt by a full validation each step.
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_scheduled_lr_keeps_the_plan(kind, monkeypatch):
+    opt, ps = _warm(kind)
+    ref, qs = _reference(kind, opt, ps)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda k: 1.0 / (1 + k)) for o in (opt, ref)]
+    _native_only(monkeypatch, opt)
+    for _ in range(4):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        for s in scheds:
+            s.step()
+        assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_lr_of_one_group_changes_in_its_launch(kind, monkeypatch):
+    # float32 and bfloat16 groups (two launches) and a third float32 group sharing the first launch:
+    # changing the second and third groups' lr reaches exactly their parameters.
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    hs = [torch.nn.Parameter(torch.randn(4, 2, dtype=torch.bfloat16))]
+    rs = [torch.nn.Parameter(torch.randn(6))]
+
+    def make(a, b, c):
+        return OPTS[kind]([{"params": a}, {"params": b, "lr": 0.05}, {"params": c, "lr": 0.02}])
+
+    opt = make(ps, hs, rs)
+    every = ps + hs + rs
+    for _ in range(3):
+        for p in every:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert opt._plan.native.num_launches() == 2
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in every]
+    ref = make(qs[:2], qs[2:3], qs[3:])
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for q, p in zip(qs, every):
+        q.grad = p.grad.clone()
+        anchor = opt.anchor_of(p)
+        if anchor is not None:
+            ref.state[q]["anchor"].copy_(anchor)
+    _native_only(monkeypatch, opt)
+    for o in (opt, ref):
+        o.param_groups[1]["lr"] = 0.3
+        o.param_groups[2]["lr"] = 0.125
+    opt.step()
+    ref.step()
+    for p, q in zip(every, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+@pytest.mark.parametrize("lr, exc, match", [
+    (float("nan"), ValueError, r"lr \(param group 0\) must be a finite number >= 0.0, got nan"),
+    (-1e-3, ValueError, r"lr \(param group 0\) must be a finite number >= 0.0, got -0.001"),
+    (True, TypeError, r"lr \(param group 0\) must be a number, got bool"),
+    ("0.1", TypeError, r"lr \(param group 0\) must be a number, got str"),
+    (1e39, ValueError, r"lr \(param group 0\) must be at most 3.40282e\+38 \(float32's largest\) for torch.float32"),
+])
+def test_bad_scheduled_lr_is_refused_before_writing(kind, lr, exc, match):
+    opt, ps = _warm(kind)
+    opt.param_groups[0]["lr"] = lr
+    _rejected(opt, exc, match)
+    opt.param_groups[0]["lr"] = 0.01  # and the plan works on afterwards
+    _same_step(kind, opt, ps)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_lr_turned_into_a_tensor_takes_the_full_path(kind):
+    opt, ps = _warm(kind)
+    for o_lr in (torch.tensor(0.02), 0.03):  # to a tensor and back
+        opt.param_groups[0]["lr"] = o_lr
+        ref, qs = _reference(kind, opt, ps)
+        ref.param_groups[0]["lr"] = o_lr
+        opt.step()
+        ref.step()
+        for p, q in zip(ps, qs):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+        for p in ps:
+            p.grad = torch.randn_like(p)

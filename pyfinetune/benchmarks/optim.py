@@ -50,6 +50,8 @@ COPY = "copy (torch threads)"
 TORCH_FUSED = "torch AdamW fused"
 OURS_L2SP = "ours AdamW L2-SP"
 OURS_L2SP_PY_PLAN = "ours AdamW L2-SP, step plan in Python"
+OURS_L2SP_NEW_LR = "ours AdamW L2-SP, new lr each step"
+TORCH_FUSED_NEW_LR = "torch AdamW fused, new lr each step"
 NATIVE_PLAN_ENV = "PYFINETUNE_OPTIM_NATIVE_PLAN"
 TORCH_L2SP_PREFIX = "torch AdamW + L2-SP"
 TORCH_SGD_L2SP_PREFIX = "torch SGD + L2-SP"
@@ -295,6 +297,20 @@ OURS_ADAMW_VARIANTS = [
 ]
 
 
+def new_lr_each_step(opt: torch.optim.Optimizer) -> Callable[[], Any]:
+    """opt.step with every group's lr set anew before each step (alternating between two values
+    around LR, as a scheduler moves it), the way a training loop with an LR scheduler steps."""
+    flip = [False]
+
+    def step():
+        flip[0] = not flip[0]
+        for g in opt.param_groups:
+            g["lr"] = LR * (1.0 + 1e-3) if flip[0] else LR
+        opt.step()
+
+    return step
+
+
 def ours_adamw_entries(master: Master, n: int, variants: Sequence[Tuple[str, Dict[str, Any], int, str]]) -> List[Entry]:
     """``pyfinetune.optim.AdamW`` contenders, one per ``(name, kwargs, anchor bytes, note)`` variant."""
     entries = []
@@ -355,6 +371,16 @@ def build_contenders(case: Case, master: Master, device: torch.device, ours_ok: 
         entries.append(Entry(Contender(OURS_L2SP_PY_PLAN, common.with_env(NATIVE_PLAN_ENV, "0", opt.step),
                                        (ADAMW_BYTES + 4) * n,
                                        {"B/elem": ADAMW_BYTES + 4, "note": f"{NATIVE_PLAN_ENV}=0"}), opt))
+        # An LR scheduler's training loop: a new lr before every step (ours and torch's fused AdamW).
+        params = own_params(master)
+        opt = pyfinetune.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
+                                     anchor=[a.clone() for a in master.anchors], l2sp=L2SP)
+        entries.append(Entry(Contender(OURS_L2SP_NEW_LR, new_lr_each_step(opt), (ADAMW_BYTES + 4) * n,
+                                       {"B/elem": ADAMW_BYTES + 4, "note": "group lr changed before each step"}), opt))
+        opt = torch_adamw(own_params(master), "fused")
+        entries.append(Entry(Contender(TORCH_FUSED_NEW_LR, new_lr_each_step(opt), ADAMW_BYTES * n,
+                                       {"B/elem": ADAMW_BYTES, "note": "no penalty; group lr changed before each step"}),
+                             opt))
     if rivals and device.type == "cpu":
         ds, why_not = deepspeed_entries(master, n)
         entries += ds
@@ -416,6 +442,10 @@ def analyse(case: Case, entries: List[Entry], timings: Dict[str, common.Timing],
             add("fraction_of_copy_bandwidth_with_write_allocate",
                 "ours L2-SP effective GB/s / copy GB/s counting the write-allocate read (x1.5), stricter",
                 {k: v / 1.5 for k, v in ratios[-1].items() if k in ("value", "p20", "p80")}, targets[2])
+        if OURS_L2SP_NEW_LR in timings and TORCH_FUSED_NEW_LR in timings:
+            add("ours_new_lr_vs_torch_fused_new_lr", "ours L2-SP vs torch fused AdamW without penalty, both with a new "
+                "lr before each step (an LR scheduler's loop; time ratio)",
+                common.paired_ratio(timings[TORCH_FUSED_NEW_LR], timings[OURS_L2SP_NEW_LR]))
         if OURS_L2SP_PY_PLAN in timings:
             add("native_plan_vs_python_plan", "ours L2-SP, step plan in C++ (default) vs in Python (time ratio)",
                 common.paired_ratio(timings[OURS_L2SP_PY_PLAN], ours))
