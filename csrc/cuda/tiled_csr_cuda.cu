@@ -54,6 +54,7 @@
 #include <pyfinetune/masked_matmul.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <mutex>
@@ -910,15 +911,64 @@ int split_k_requested(const char* op) {  // 0: auto, else the parts asked for
   return parts;
 }
 
-// Parts for a forward of grid_x x row_blocks blocks over k_tiles tiles (requested: 0 = auto), such
-// that every part holds at least one tile; kt_per: tiles per part.
-int split_k_parts(int requested, int64_t grid_x, int64_t row_blocks, int32_t k_tiles, int32_t& kt_per) {
+// Blocks of the forward kernel (the asynchronous pipeline's, with its larger shared memory, or the
+// default's) that one SM of the current GPU holds at once: 2 on an H100 / H200, 1 on an A100 (two
+// 83 KB blocks exceed its 164 KB). Asked once per device and pipeline.
+int forward_blocks_per_sm(bool async) {
+  static std::atomic<int> cache[2][64];
+  const int dev = c10::cuda::current_device();
+  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < 64);
+  int n = cache[async][dev].load(std::memory_order_relaxed);
+  if (n == 0) {
+    if (async) {
+      constexpr auto kernel = tiled_csr_linear_kernel<at::Half, true, true>;
+      constexpr int smem = kSmemBytes + entry_smem_bytes<kFwdEntryCap>();
+      opt_in_shared_memory<kernel>(smem);
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
+    } else {
+      constexpr auto kernel = tiled_csr_linear_kernel<at::Half, true, false>;
+      opt_in_shared_memory<kernel>(kSmemBytes);
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, kSmemBytes));
+    }
+    n = std::max(n, 1);
+    cache[async][dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Parts for a forward of `blocks` blocks over k_tiles tiles and an [n, m] output (requested: 0 =
+// auto), every part holding at least one tile; kt_per: tiles per part. Auto picks, among parts of at
+// least kMinTilesPerPart tiles, the fewest with the smallest modelled time: (waves of blocks over
+// the GPU's block slots) x (tiles per part) pipeline steps of kStepNs each, plus writing and reading
+// back the parts' float32 sums at kSumBytesPerNs (a model for choosing, not a measurement: the
+// quick check times the choice against the unsplit product).
+constexpr double kStepNs = 1000.0;       // ~2000 cycles a step, H100 / H200 (see above)
+constexpr double kSumBytesPerNs = 2000.0;  // 2 TB/s
+
+int split_k_parts(int requested, int64_t blocks, int32_t k_tiles, int64_t n, int64_t m, bool async,
+                  int32_t& kt_per) {
   int64_t parts = requested;
   if (requested == 0) {
-    const int64_t slots = 2LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;  // 2 blocks per SM
-    const int64_t blocks = grid_x * row_blocks;
-    parts = blocks >= slots ? 1 : (slots + blocks - 1) / blocks;
-    parts = std::min<int64_t>(parts, std::max<int64_t>(1, k_tiles / kMinTilesPerPart));
+    const int64_t slots =
+        static_cast<int64_t>(forward_blocks_per_sm(async)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const auto cost = [&](int64_t p) {
+      const int64_t per = (k_tiles + p - 1) / p;
+      const int64_t used = (k_tiles + per - 1) / per;
+      const double steps = static_cast<double>(((blocks * used + slots - 1) / slots) * per);
+      const double sums = used > 1 ? 2.0 * static_cast<double>(used) * static_cast<double>(n) * static_cast<double>(m) * 4.0
+                                   : 0.0;
+      return steps * kStepNs + sums / kSumBytesPerNs;
+    };
+    parts = 1;
+    double best = cost(1);
+    const int64_t most = std::min<int64_t>(slots, k_tiles / kMinTilesPerPart);
+    for (int64_t p = 2; p <= most; ++p) {
+      const double c = cost(p);
+      if (c < best) {
+        best = c;
+        parts = p;
+      }
+    }
   }
   parts = std::max<int64_t>(1, std::min<int64_t>(parts, k_tiles));
   kt_per = static_cast<int32_t>((k_tiles + parts - 1) / parts);
@@ -995,8 +1045,8 @@ void run_tiled(const char* op, const at::Tensor& operand_in, const at::Tensor& t
   a.kt_per = a.k_tiles;
   int parts = 1;
   if (!kDx && split_wanted != 1) {
-    parts = split_k_parts(split_wanted, grid_x, std::min((a.n + kTokens - 1) / kTokens, kMaxGridY), a.k_tiles,
-                          a.kt_per);
+    parts = split_k_parts(split_wanted, grid_x * std::min((a.n + kTokens - 1) / kTokens, kMaxGridY), a.k_tiles, a.n,
+                          M, async, a.kt_per);
   }
   at::Tensor partial;
   if (parts > 1) {
