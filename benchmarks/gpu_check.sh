@@ -160,6 +160,14 @@ boxed "$(left 0.1 180)" "$OUT/prune_tc_racecheck.log" compute-sanitizer --tool r
   -m cuda -k "overflow or (7x200x300 and not gradient_matches) or (70x200x260 and 0.9-) or empty_tiles or misaligned_entries" \
   || status=1
 grep -E "RACECHECK SUMMARY|hazard|passed|failed" "$OUT/prune_tc_racecheck.log" | head -5 | tee -a "$OUT/summary.md"
+# The forward's split over K (PYFINETUNE_TILED_CUDA_SPLIT_K, tests/test_tiled_cuda_split_k.py: the
+# parts' float32 buffer and the kernel that sums it) under memcheck, before the long memcheck lane
+# whose time box may not reach it.
+boxed "$(left 0.1 150)" "$OUT/split_k_memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 $PY -m pytest \
+  tests/test_tiled_cuda_split_k.py -q -p no:cacheprovider -m cuda \
+  -k "not matches_dense_reference or (bfloat16 and (auto or 7-))" || status=1
+grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/split_k_memcheck.log" | head -5 | tee -a "$OUT/summary.md"
 
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; fi
