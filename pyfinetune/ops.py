@@ -1021,6 +1021,17 @@ torch.library.register_autograd(
     setup_context=_masked_matmul_setup_context)
 
 
+def _without_autograd(op, *args):
+    """``op(*args)`` for a call with nothing to differentiate (the caller checked), skipping the op's
+    autograd kernel: torch.library's Python one (register_autograd) runs at every call even then, only
+    to redispatch, ~20 us on the CI machine, 40% of a small sparse product (an inference layer's
+    host time). Under torch.compile the op is traced as it is."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 def _eager_twin(cls):
     """Give the new-style autograd.Function ``cls`` (forward without ctx + setup_context) an old-style
     twin, ``cls.eager``, with the same forward, saved state and backward, and return ``cls``.
@@ -1117,8 +1128,11 @@ def masked_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
         y = _masked_matmul_composed(x2, weight, mask, bias, dense_grad)
     elif dense_grad:
         y = _apply(_MaskedMatmul, x2, weight, mask, bias, dense_grad)
+    elif torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad
+                                      or (bias is not None and bias.requires_grad)):
+        y = torch.ops.pyfinetune.masked_matmul(x2, weight, mask, bias)  # its registered autograd
     else:
-        y = torch.ops.pyfinetune.masked_matmul(x2, weight, mask, bias)
+        y = _without_autograd(torch.ops.pyfinetune.masked_matmul, x2, weight, mask, bias)
     return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -1334,7 +1348,7 @@ def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Ten
         y = _apply(_CsrLinear, x2, values, crow_indices, col_indices, row_order, ccol_indices, row_indices,
                              csc_to_csr, bias)
     else:  # nothing to differentiate: the op alone (the autograd Function costs ~30 us a call)
-        y = torch.ops.pyfinetune.csr_linear(x2, values, crow_indices, col_indices, row_order, bias)
+        y = _without_autograd(torch.ops.pyfinetune.csr_linear, x2, values, crow_indices, col_indices, row_order, bias)
     return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -1553,8 +1567,8 @@ def tiled_csr_linear(x: Tensor, values: Tensor, pattern: CompressedPattern, tile
                                     or (bias is not None and bias.requires_grad)):
         y = _apply(_TiledCsrLinear, x2, values, tile_values, tiled, pattern, bias)
     else:
-        y = torch.ops.pyfinetune.tiled_csr_linear(x2, tile_values, tiled.tile_ptr, tiled.tile_loc,
-                                                  pattern.crow_indices.shape[0] - 1, bias)
+        y = _without_autograd(torch.ops.pyfinetune.tiled_csr_linear, x2, tile_values, tiled.tile_ptr, tiled.tile_loc,
+                              pattern.crow_indices.shape[0] - 1, bias)
     return y if x2 is x else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
