@@ -8,9 +8,10 @@ anchor) and writes three: this script times, in the same interleaved rounds, Tri
 do exactly that mix over flat buffers with trivial arithmetic (the best a streaming kernel of that
 shape reaches on this GPU), the three-read / two-write mix of SGD with momentum, the copy, and our
 fused AdamW + L2-SP and SGD + L2-SP steps over ``--tensors`` tensors of ``--numel`` float32 each.
-Our steps run twice per round, with each CUDA kernel layout (``PYFINETUNE_OPTIM_CUDA_LAYOUT`` =
-classic, the default, and wide: 16 elements per thread in blocks of 256, experimental until measured
-here), and AdamW once more with its cached step plan run from Python (``PYFINETUNE_OPTIM_NATIVE_PLAN=0``,
+Our steps run once per CUDA kernel layout each round (``PYFINETUNE_OPTIM_CUDA_LAYOUT`` = classic,
+the default; wide: 16 elements per thread in blocks of 256; flat: resident blocks over 4096-element
+pieces of the tensors laid end to end, so that the blocks running at once touch neighbouring
+memory as the Triton kernel's do; both experimental until measured here), and AdamW once more with its cached step plan run from Python (``PYFINETUNE_OPTIM_NATIVE_PLAN=0``,
 how every step ran before the plan moved to C++: its host work, billed to a single call). It reports each one's GB/s and ours as a fraction of the copy and of its own mix, timed
 one call per sample and again five calls back to back (a step's host work then overlaps the
 previous step's kernels, as in training; one call bills it to the step). Needs Triton
@@ -131,6 +132,8 @@ def main() -> int:
         (Contender("ours AdamW + L2-SP", with_layout("classic", adamw.step)), 32 * n, f"{args.tensors} tensors"),
         (Contender("ours AdamW + L2-SP, wide layout", with_layout("wide", adamw.step)), 32 * n,
          f"{args.tensors} tensors, experimental"),
+        (Contender("ours AdamW + L2-SP, flat layout", with_layout("flat", adamw.step)), 32 * n,
+         f"{args.tensors} tensors, experimental: resident blocks over 4096-element pieces end to end"),
         (Contender("ours AdamW + L2-SP, step plan in Python",
                    common.with_env(NATIVE_PLAN_ENV, "0", adamw_py.step)), 32 * n,
          f"{args.tensors} tensors, {NATIVE_PLAN_ENV}=0 (the host work of a step before the C++ plan)"),
@@ -140,6 +143,8 @@ def main() -> int:
         (Contender("ours SGD + L2-SP (4 read / 2 write)", with_layout("classic", sgd.step)), 24 * n,
          f"{args.tensors} tensors"),
         (Contender("ours SGD + L2-SP, wide layout", with_layout("wide", sgd.step)), 24 * n,
+         f"{args.tensors} tensors, experimental"),
+        (Contender("ours SGD + L2-SP, flat layout", with_layout("flat", sgd.step)), 24 * n,
          f"{args.tensors} tensors, experimental"),
     ]
     for c, _, _ in contenders:
@@ -162,6 +167,10 @@ def main() -> int:
               "ours_adamw_l2sp_wide_over_classic": gbps["ours AdamW + L2-SP, wide layout"] / gbps["ours AdamW + L2-SP"],
               "ours_sgd_l2sp_wide_over_classic": (gbps["ours SGD + L2-SP, wide layout"]
                                                   / gbps["ours SGD + L2-SP (4 read / 2 write)"]),
+              "ours_adamw_l2sp_flat_over_classic": gbps["ours AdamW + L2-SP, flat layout"] / gbps["ours AdamW + L2-SP"],
+              "ours_sgd_l2sp_flat_over_classic": (gbps["ours SGD + L2-SP, flat layout"]
+                                                  / gbps["ours SGD + L2-SP (4 read / 2 write)"]),
+              "ours_adamw_l2sp_flat_over_its_mix": gbps["ours AdamW + L2-SP, flat layout"] / gbps[mix],
               "ours_adamw_l2sp_native_plan_over_python_plan": (gbps["ours AdamW + L2-SP"]
                                                                 / gbps["ours AdamW + L2-SP, step plan in Python"]),
               "back_to_back_ours_adamw_l2sp_over_its_mix": gbps_streamed["ours AdamW + L2-SP"] / gbps_streamed[mix],

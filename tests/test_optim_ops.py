@@ -335,17 +335,47 @@ def _misaligned(t):
 @pytest.mark.parametrize("kind, case", [("adamw", "plain"), ("adamw", "everything"), ("adamw", "coupled-bf16-anchors-maximize"),
                                         ("sgd", "plain"), ("sgd", "everything"), ("sgd", "nesterov-maximize")])
 def test_cuda_layouts_give_the_same_bits(monkeypatch, kind, case, dtype, misaligned):
-    """PYFINETUNE_OPTIM_CUDA_LAYOUT=classic and =wide launch different kernels (one vector per thread
-    at a time in blocks of 512; 16 elements per thread in blocks of 256): the same bits for every
-    state / anchor / mask variant, aligned or not (float64 has no wide kernel: classic both times)."""
+    """PYFINETUNE_OPTIM_CUDA_LAYOUT=classic, =wide and =flat launch different kernels (one vector per
+    thread at a time in blocks of 512; 16 elements per thread in blocks of 256; resident blocks of 256
+    over 4096-element pieces of the tensors end to end): the same bits for every state / anchor /
+    mask variant, aligned or not (float64 has no wide kernel: classic there)."""
     if kind == "adamw":
         args, kwargs = adamw_inputs("cuda", dtype, shapes=LAYOUT_SHAPES, **ADAMW_CASES[case])
         step = _adamw_step
     else:
         args, kwargs = sgd_inputs("cuda", dtype, shapes=LAYOUT_SHAPES, **SGD_CASES[case])
         step = _sgd_step
-    _assert_settings_give_the_same_bits(monkeypatch, "PYFINETUNE_OPTIM_CUDA_LAYOUT", ("classic", "wide"), args,
-                                        kwargs, step, copy=_misaligned if misaligned else None)
+    _assert_settings_give_the_same_bits(monkeypatch, "PYFINETUNE_OPTIM_CUDA_LAYOUT", ("classic", "wide", "flat"),
+                                        args, kwargs, step, copy=_misaligned if misaligned else None)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_flat_layout_over_many_tensors_and_groups(monkeypatch, kind, dtype):
+    """PYFINETUNE_OPTIM_CUDA_LAYOUT=flat packs a launch's tensors end to end in 4096-element pieces:
+    300 tensors (more than one launch holds), of sizes around the piece (4095, 4096, 4097, 1, 9000)
+    in 7 param groups (more than the 4 distinct groups a launch holds) step to the classic layout's
+    bits."""
+    sizes = [4095, 4096, 4097, 1, 9000, 17, 8192]
+    gen = torch.Generator().manual_seed(3)
+    master = [torch.randn(sizes[i % len(sizes)], generator=gen).to(dtype) for i in range(300)]
+    grads = [[torch.randn(p.shape, generator=gen).to(dtype) for p in master] for _ in range(3)]
+    out = {}
+    for layout in ("classic", "flat"):
+        monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", layout)
+        ps = [torch.nn.Parameter(p.clone().cuda()) for p in master]
+        groups = [{"params": ps[g::7], "lr": 1e-3 * (g + 1), "l2sp": 0.01 * g} for g in range(7)]
+        opt = (AdamW(groups, weight_decay=0.01) if kind == "adamw"
+               else SGD(groups, momentum=0.9, weight_decay=0.01))
+        for step_grads in grads:
+            for p, g in zip(ps, step_grads):
+                p.grad = g.cuda()
+            opt.step()
+        out[layout] = [p.detach().cpu() for p in ps]
+    for a, b in zip(out["classic"], out["flat"]):
+        assert torch.equal(bits(a), bits(b))
 
 
 @pytest.mark.cuda
@@ -355,4 +385,4 @@ def test_cuda_layout_bad_setting_is_refused_before_any_write(monkeypatch, kind, 
     monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", bad)
     op, name, args, kwargs = _fused_op_with_anchors(kind, "cuda", LAYOUT_SHAPES)
     _assert_refused_before_any_write(op, args, kwargs,
-                                     f"pyfinetune.{name}: PYFINETUNE_OPTIM_CUDA_LAYOUT must be classic or wide")
+                                     f"pyfinetune.{name}: PYFINETUNE_OPTIM_CUDA_LAYOUT must be classic, wide or flat")

@@ -19,11 +19,14 @@
 #include <pyfinetune/fused_optim_math.h>
 #include <pyfinetune/multi_tensor_apply.cuh>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace pyfinetune {
 namespace {
@@ -85,6 +88,24 @@ constexpr bool kLargeArgs = mta::kMaxKernelArgBytes >= 16384;
 using AdamWMeta = mta::TensorListMeta<AdamWOperand::kCount, kLargeArgs ? 192 : 36, AdamWGroup, 4, LaunchArgs>;
 using SGDMeta = mta::TensorListMeta<SGDOperand::kCount, kLargeArgs ? 224 : 48, SGDGroup, 4, LaunchArgs>;
 
+// The flat layout's launch (PYFINETUNE_OPTIM_CUDA_LAYOUT=flat, experimental): the same per-tensor
+// table, and instead of a block table the running count of kFlatPiece-element pieces through each
+// tensor. Its kernel's blocks stay resident and take pieces blockIdx.x, + gridDim.x, ... of the
+// launch's tensors laid end to end, so that the blocks running at once work on neighbouring pieces
+// (as a kernel over one flat buffer does) rather than each on a 64K-element chunk of its own.
+template <typename Head>
+struct FlatMeta : Head {
+  int64_t piece_end[Head::kMaxTensors];  // pieces of tensors 0 .. t
+  int32_t n_tensors;
+};
+using AdamWFlatMeta =
+    FlatMeta<mta::TensorListMetaHead<AdamWOperand::kCount, kLargeArgs ? 192 : 36, AdamWGroup, 4, LaunchArgs>>;
+using SGDFlatMeta = FlatMeta<mta::TensorListMetaHead<SGDOperand::kCount, kLargeArgs ? 224 : 48, SGDGroup, 4, LaunchArgs>>;
+static_assert(sizeof(AdamWFlatMeta) <= mta::kMaxKernelArgBytes && sizeof(SGDFlatMeta) <= mta::kMaxKernelArgBytes,
+              "flat metadata must fit the kernel argument limit");
+constexpr int kFlatThreads = 256;
+constexpr int64_t kFlatPiece = 4096;  // elements: 4 float32 / 2 16-bit vectors of every operand per thread
+
 // ---- Per-block constants -------------------------------------------------------------------------
 
 C10_HOST_DEVICE inline double read_lr(double lr, const void* lr_tensor, uint8_t source) {
@@ -106,9 +127,8 @@ C10_HOST_DEVICE inline bool step_skipped(const LaunchArgs& args) {
   return args.found_inf != nullptr && *args.found_inf != 0.0f;
 }
 
-template <typename opmath_t>
-C10_HOST_DEVICE inline om::AdamWConsts<opmath_t> adamw_block_consts(const AdamWMeta& meta, int block) {
-  const int t = meta.block_tensor[block];
+template <typename opmath_t, typename Meta>
+C10_HOST_DEVICE inline om::AdamWConsts<opmath_t> adamw_tensor_consts(const Meta& meta, int t) {
   const AdamWGroup& g = meta.groups[meta.group_of[t]];
   const double step = static_cast<double>(*static_cast<const float*>(meta.ptrs[AdamWOperand::kStep][t]));
   return om::make_adamw_consts<opmath_t>(read_lr(g.lr, g.lr_tensor, g.lr_source), g.beta1, g.beta2, g.eps,
@@ -117,12 +137,21 @@ C10_HOST_DEVICE inline om::AdamWConsts<opmath_t> adamw_block_consts(const AdamWM
 }
 
 template <typename opmath_t>
-C10_HOST_DEVICE inline om::SGDConsts<opmath_t> sgd_block_consts(const SGDMeta& meta, int block) {
-  const int t = meta.block_tensor[block];
+C10_HOST_DEVICE inline om::AdamWConsts<opmath_t> adamw_block_consts(const AdamWMeta& meta, int block) {
+  return adamw_tensor_consts<opmath_t>(meta, meta.block_tensor[block]);
+}
+
+template <typename opmath_t, typename Meta>
+C10_HOST_DEVICE inline om::SGDConsts<opmath_t> sgd_tensor_consts(const Meta& meta, int t) {
   const SGDGroup& g = meta.groups[meta.group_of[t]];
   return om::make_sgd_consts<opmath_t>(read_lr(g.lr, g.lr_tensor, g.lr_source), g.momentum, g.dampening,
                                        g.weight_decay, g.l2sp, g.l1, read_grad_scale(meta.shared),
                                        meta.shared.maximize, meta.tags[t] != kNoAnchor);
+}
+
+template <typename opmath_t>
+C10_HOST_DEVICE inline om::SGDConsts<opmath_t> sgd_block_consts(const SGDMeta& meta, int block) {
+  return sgd_tensor_consts<opmath_t>(meta, meta.block_tensor[block]);
 }
 
 // ---- Chunk bodies --------------------------------------------------------------------------------
@@ -277,16 +306,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_vectors(const Chunk& x, int n_vec,
   }
 }
 
-template <typename scalar_t, bool kAmsgrad, int kIlp>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_chunk(const AdamWMeta& meta, int block, int tid, int nthreads,
-                                                   const om::AdamWConsts<at::opmath_type<scalar_t>>& c) {
+// Elements [base, base + n) of tensor t of the launch (a chunk of the classic / wide layouts, a
+// piece of the flat one): the block's threads tid = 0 .. nthreads - 1 share them.
+template <typename scalar_t, bool kAmsgrad, int kIlp, typename Meta>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_span(const Meta& meta, int t, int64_t base, int n, int tid, int nthreads,
+                                                  const om::AdamWConsts<at::opmath_type<scalar_t>>& c) {
   using opmath_t = at::opmath_type<scalar_t>;
   using O = AdamWOperand;
   constexpr int kVec = 16 / sizeof(scalar_t);  // 8 bf16/fp16, 4 fp32, 2 fp64 per 16-byte access
-  const int t = meta.block_tensor[block];
-  const int64_t base = static_cast<int64_t>(meta.block_chunk[block]) * mta::kChunkSize;
-  const int64_t left = meta.numels[t] - base;
-  const int n = left < mta::kChunkSize ? static_cast<int>(left) : mta::kChunkSize;
 
   AdamWChunk<scalar_t> x;
   x.p = static_cast<scalar_t*>(meta.ptrs[O::kParam][t]) + base;
@@ -313,6 +340,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_chunk(const AdamWMeta& meta, int bl
   for (int i = n_vec * kVec + tid; i < n; i += nthreads) {
     adamw_n<1, kAmsgrad>(x, i, c, decoupled);
   }
+}
+
+template <typename scalar_t, bool kAmsgrad, int kIlp>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_chunk(const AdamWMeta& meta, int block, int tid, int nthreads,
+                                                   const om::AdamWConsts<at::opmath_type<scalar_t>>& c) {
+  const int t = meta.block_tensor[block];
+  const int64_t base = static_cast<int64_t>(meta.block_chunk[block]) * mta::kChunkSize;
+  const int64_t left = meta.numels[t] - base;
+  const int n = left < mta::kChunkSize ? static_cast<int>(left) : mta::kChunkSize;
+  adamw_span<scalar_t, kAmsgrad, kIlp>(meta, t, base, n, tid, nthreads, c);
 }
 
 template <typename scalar_t>
@@ -373,16 +410,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_n(const SGDChunk<scalar_t>& x, int i,
   r.store(x, i);
 }
 
-template <typename scalar_t, bool kMomentum, int kIlp>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_chunk(const SGDMeta& meta, int block, int tid, int nthreads,
-                                                 const om::SGDConsts<at::opmath_type<scalar_t>>& c) {
+template <typename scalar_t, bool kMomentum, int kIlp, typename Meta>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_span(const Meta& meta, int t, int64_t base, int n, int tid, int nthreads,
+                                                const om::SGDConsts<at::opmath_type<scalar_t>>& c) {
   using opmath_t = at::opmath_type<scalar_t>;
   using O = SGDOperand;
   constexpr int kVec = 16 / sizeof(scalar_t);
-  const int t = meta.block_tensor[block];
-  const int64_t base = static_cast<int64_t>(meta.block_chunk[block]) * mta::kChunkSize;
-  const int64_t left = meta.numels[t] - base;
-  const int n = left < mta::kChunkSize ? static_cast<int>(left) : mta::kChunkSize;
 
   SGDChunk<scalar_t> x;
   x.p = static_cast<scalar_t*>(meta.ptrs[O::kParam][t]) + base;
@@ -410,6 +443,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_chunk(const SGDMeta& meta, int block,
   }
 }
 
+template <typename scalar_t, bool kMomentum, int kIlp>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_chunk(const SGDMeta& meta, int block, int tid, int nthreads,
+                                                 const om::SGDConsts<at::opmath_type<scalar_t>>& c) {
+  const int t = meta.block_tensor[block];
+  const int64_t base = static_cast<int64_t>(meta.block_chunk[block]) * mta::kChunkSize;
+  const int64_t left = meta.numels[t] - base;
+  const int n = left < mta::kChunkSize ? static_cast<int>(left) : mta::kChunkSize;
+  sgd_span<scalar_t, kMomentum, kIlp>(meta, t, base, n, tid, nthreads, c);
+}
+
 // ---- Kernels -------------------------------------------------------------------------------------
 // Template parameters only where they remove per-element work: amsgrad (a third state tensor) and
 // whether the call has momentum buffers at all. maximize is folded into the constants; nesterov
@@ -424,7 +467,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sgd_chunk(const SGDMeta& meta, int block,
 // an anchor), twice the bytes in flight; ptxas (nvcc 13.0, sm_90) then spills 20 bytes per thread
 // for float32 AdamW, 74-104 with amsgrad, none for SGD. float64 takes kClassic. See
 // PYFINETUNE_OPTIM_CUDA_LAYOUT.
-enum Layout : int { kClassic = 0, kWide = 2 };
+enum Layout : int { kClassic = 0, kFlat = 1, kWide = 2 };
 
 template <typename scalar_t, int kLayout>
 constexpr int ilp_of() {
@@ -471,7 +514,139 @@ __global__ void __launch_bounds__(block_size_of<kLayout>(), min_blocks_of<kLayou
   sgd_chunk<scalar_t, kMomentum, ilp_of<scalar_t, kLayout>()>(meta, blockIdx.x, threadIdx.x, blockDim.x, consts);
 }
 
+// kFlat: resident blocks of kFlatThreads over the pieces of the launch in order (FlatMeta), each
+// thread loading a whole piece's share at once (the wide layout's 16 elements of every operand;
+// float64: one 2-element vector at a time). Per tensor the constants are derived again when a
+// block's next piece starts a new tensor (block-uniform: piece and tensor are the block's).
+// for_each_piece calls body(t, base, n) for this block's pieces (elements [base, base + n) of
+// tensor t), with `consts` (shared memory) set to make_consts(t) for the tensor of the piece.
+template <typename Meta, typename Consts, typename MakeConsts, typename Body>
+__device__ __forceinline__ void for_each_piece(const Meta& meta, Consts& consts, MakeConsts make_consts, Body body) {
+  const int64_t total = meta.piece_end[meta.n_tensors - 1];
+  int t = 0;
+  int have = -1;
+  for (int64_t piece = blockIdx.x; piece < total; piece += gridDim.x) {
+    while (meta.piece_end[t] <= piece) {
+      ++t;
+    }
+    if (t != have) {
+      __syncthreads();  // every thread is done with the previous tensor's constants
+      if (threadIdx.x == 0) {
+        consts = make_consts(t);
+      }
+      __syncthreads();
+      have = t;
+    }
+    const int64_t base = (piece - (t == 0 ? 0 : meta.piece_end[t - 1])) * kFlatPiece;
+    const int64_t left = meta.numels[t] - base;
+    body(t, base, left < kFlatPiece ? static_cast<int>(left) : static_cast<int>(kFlatPiece));
+  }
+}
+
+template <typename scalar_t, bool kAmsgrad>
+__global__ void __launch_bounds__(kFlatThreads, 2) fused_adamw_flat_kernel(const AdamWFlatMeta meta) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (step_skipped(meta.shared)) {
+    return;
+  }
+  __shared__ om::AdamWConsts<opmath_t> consts;
+  for_each_piece(
+      meta, consts, [&](int t) { return adamw_tensor_consts<opmath_t>(meta, t); },
+      [&](int t, int64_t base, int n) {
+        adamw_span<scalar_t, kAmsgrad, ilp_of<scalar_t, kWide>()>(meta, t, base, n, threadIdx.x, kFlatThreads, consts);
+      });
+}
+
+template <typename scalar_t, bool kMomentum>
+__global__ void __launch_bounds__(kFlatThreads, 2) fused_sgd_flat_kernel(const SGDFlatMeta meta) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  if (step_skipped(meta.shared)) {
+    return;
+  }
+  __shared__ om::SGDConsts<opmath_t> consts;
+  for_each_piece(
+      meta, consts, [&](int t) { return sgd_tensor_consts<opmath_t>(meta, t); },
+      [&](int t, int64_t base, int n) {
+        sgd_span<scalar_t, kMomentum, ilp_of<scalar_t, kWide>()>(meta, t, base, n, threadIdx.x, kFlatThreads, consts);
+      });
+}
+
 // ---- Host side -----------------------------------------------------------------------------------
+
+// The flat layout's packing: as mta::multi_tensor_apply, tensors (numel 0 skipped) and their
+// distinct groups into the metadata, a new launch when either table is full; launch(meta, pieces).
+template <typename Meta, typename Describe, typename Launch>
+void flat_apply(int64_t num_tensors, const typename Meta::Shared& shared, Describe&& describe, Launch&& launch) {
+  static_assert(std::is_trivially_copyable<Meta>::value, "flat metadata is copied as kernel argument");
+  mta::check_kernel_arg_support();
+  Meta meta{};
+  meta.shared = shared;
+  int n_tensors = 0;
+  int n_groups = 0;
+  int64_t pieces = 0;
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const mta::TensorSlot<Meta> slot = describe(i);
+    if (slot.numel == 0) {
+      continue;
+    }
+    int group = -1;
+    for (int j = 0; j < n_groups; ++j) {
+      if (meta.groups[j] == slot.group) {
+        group = j;
+        break;
+      }
+    }
+    if (n_tensors == Meta::kMaxTensors || (group < 0 && n_groups == Meta::kMaxGroups)) {
+      meta.n_tensors = n_tensors;
+      launch(static_cast<const Meta&>(meta), pieces);
+      n_tensors = n_groups = 0;
+      pieces = 0;
+      group = -1;
+    }
+    if (group < 0) {
+      group = n_groups++;
+      meta.groups[group] = slot.group;
+    }
+    mta::detail::put_tensor(meta, n_tensors, group, slot);
+    pieces += (slot.numel + kFlatPiece - 1) / kFlatPiece;
+    meta.piece_end[n_tensors] = pieces;
+    ++n_tensors;
+  }
+  if (n_tensors > 0) {
+    meta.n_tensors = n_tensors;
+    launch(static_cast<const Meta&>(meta), pieces);
+  }
+}
+
+// A flat kernel's grid: the blocks the GPU holds at once (asked once per kernel and device), at
+// most one per piece.
+template <typename Kernel, typename Meta>
+void launch_flat_kernel(Kernel kernel, const Meta& meta, int64_t pieces, std::atomic<int>* resident_cache) {
+  const int dev = c10::cuda::current_device();
+  TORCH_INTERNAL_ASSERT(dev >= 0 && dev < 64);
+  int resident = resident_cache[dev].load(std::memory_order_relaxed);
+  if (resident == 0) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFlatThreads, 0));
+    resident = std::max(per_sm, 1) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    resident_cache[dev].store(resident, std::memory_order_relaxed);
+  }
+  const int64_t grid = std::min<int64_t>(pieces, resident);
+  kernel<<<static_cast<unsigned>(grid), kFlatThreads, 0, at::cuda::getCurrentCUDAStream()>>>(meta);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, bool kAmsgrad>
+void launch_adamw_flat(const AdamWFlatMeta& meta, int64_t pieces) {
+  static std::atomic<int> resident[64];
+  launch_flat_kernel(fused_adamw_flat_kernel<scalar_t, kAmsgrad>, meta, pieces, resident);
+}
+
+template <typename scalar_t, bool kMomentum>
+void launch_sgd_flat(const SGDFlatMeta& meta, int64_t pieces) {
+  static std::atomic<int> resident[64];
+  launch_flat_kernel(fused_sgd_flat_kernel<scalar_t, kMomentum>, meta, pieces, resident);
+}
 
 void* ptr_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr() : nullptr;
@@ -513,7 +688,7 @@ LaunchArgs make_launch_args(const std::optional<at::Tensor>& grad_scale, const s
 }
 
 // Packs the (already checked) AdamW arguments and calls launch(meta, n_blocks) for each launch.
-template <typename Launch>
+template <bool kFlat, typename Launch>
 void adamw_for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, const OptTensorList& anchors,
                            const OptTensorList& masks, at::TensorList steps, at::ArrayRef<double> lrs,
@@ -522,9 +697,10 @@ void adamw_for_each_launch(at::TensorList params, at::TensorList grads, at::Tens
                            at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s,
                            bool amsgrad, const LaunchArgs& args, Launch&& launch) {
   using O = AdamWOperand;
+  using Meta = std::conditional_t<kFlat, AdamWFlatMeta, AdamWMeta>;
   const at::ScalarType dtype = params[0].scalar_type();
   auto describe = [&](int64_t i) {
-    mta::TensorSlot<AdamWMeta> s{};
+    mta::TensorSlot<Meta> s{};
     s.numel = params[i].numel();
     if (s.numel == 0) {
       return s;
@@ -544,10 +720,14 @@ void adamw_for_each_launch(at::TensorList params, at::TensorList grads, at::Tens
     set_lr(opt_at(lr_tensors, i), s.group.lr_tensor, s.group.lr_source);
     return s;
   };
-  mta::multi_tensor_apply<AdamWMeta>(static_cast<int64_t>(params.size()), args, describe, launch);
+  if constexpr (kFlat) {
+    flat_apply<Meta>(static_cast<int64_t>(params.size()), args, describe, launch);
+  } else {
+    mta::multi_tensor_apply<Meta>(static_cast<int64_t>(params.size()), args, describe, launch);
+  }
 }
 
-template <typename Launch>
+template <bool kFlat, typename Launch>
 void sgd_for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                          const OptTensorList& anchors, const OptTensorList& masks, at::ArrayRef<double> lrs,
                          const OptTensorList& lr_tensors, at::ArrayRef<double> momentums,
@@ -555,9 +735,10 @@ void sgd_for_each_launch(at::TensorList params, at::TensorList grads, at::Tensor
                          at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s, const LaunchArgs& args,
                          Launch&& launch) {
   using O = SGDOperand;
+  using Meta = std::conditional_t<kFlat, SGDFlatMeta, SGDMeta>;
   const at::ScalarType dtype = params[0].scalar_type();
   auto describe = [&](int64_t i) {
-    mta::TensorSlot<SGDMeta> s{};
+    mta::TensorSlot<Meta> s{};
     s.numel = params[i].numel();
     if (s.numel == 0) {
       return s;
@@ -575,7 +756,11 @@ void sgd_for_each_launch(at::TensorList params, at::TensorList grads, at::Tensor
     set_lr(opt_at(lr_tensors, i), s.group.lr_tensor, s.group.lr_source);
     return s;
   };
-  mta::multi_tensor_apply<SGDMeta>(static_cast<int64_t>(params.size()), args, describe, launch);
+  if constexpr (kFlat) {
+    flat_apply<Meta>(static_cast<int64_t>(params.size()), args, describe, launch);
+  } else {
+    mta::multi_tensor_apply<Meta>(static_cast<int64_t>(params.size()), args, describe, launch);
+  }
 }
 
 // PYFINETUNE_OPTIM_CUDA_LAYOUT=classic|wide (experimental, for A/B timing on a GPU; read at each
@@ -589,10 +774,10 @@ int requested_layout(const char* op) {
     return kClassic;
   }
   const std::string v(raw);
-  TORCH_CHECK_VALUE(v == "classic" || v == "wide",
-                    check_message("pyfinetune.", op, ": PYFINETUNE_OPTIM_CUDA_LAYOUT must be classic or wide (or unset: "
-                                  "classic), got '", v, "'"));
-  return v == "wide" ? kWide : kClassic;
+  TORCH_CHECK_VALUE(v == "classic" || v == "wide" || v == "flat",
+                    check_message("pyfinetune.", op, ": PYFINETUNE_OPTIM_CUDA_LAYOUT must be classic, wide or flat (or ",
+                                  "unset: classic), got '", v, "'"));
+  return v == "wide" ? kWide : v == "flat" ? kFlat : kClassic;
 }
 
 template <int kLayout, typename Kernel, typename Meta>
@@ -636,12 +821,24 @@ void fused_adamw_cuda(PF_FUSED_ADAMW_PARAMS) {
   const LaunchArgs args = make_launch_args(grad_scale, found_inf, maximize, decoupled_l2sp, false);
   const int layout = requested_layout("fused_adamw_");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fused_adamw_cuda", [&] {
+    if (layout == kFlat) {
+      if (amsgrad) {
+        adamw_for_each_launch<true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
+                                    lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, true, args,
+                                    [](const AdamWFlatMeta& meta, int64_t pieces) { launch_adamw_flat<scalar_t, true>(meta, pieces); });
+      } else {
+        adamw_for_each_launch<true>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
+                                    lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, false, args,
+                                    [](const AdamWFlatMeta& meta, int64_t pieces) { launch_adamw_flat<scalar_t, false>(meta, pieces); });
+      }
+      return;
+    }
     if (amsgrad) {
-      adamw_for_each_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
+      adamw_for_each_launch<false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
                             lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, true, args,
                             [layout](const AdamWMeta& meta, int n_blocks) { launch_adamw<scalar_t, true>(meta, n_blocks, layout); });
     } else {
-      adamw_for_each_launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
+      adamw_for_each_launch<false>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, anchors, masks, steps, lrs,
                             lr_tensors, beta1s, beta2s, epss, weight_decays, l2sps, l1s, false, args,
                             [layout](const AdamWMeta& meta, int n_blocks) { launch_adamw<scalar_t, false>(meta, n_blocks, layout); });
     }
@@ -658,11 +855,23 @@ void fused_sgd_cuda(PF_FUSED_SGD_PARAMS) {
   const LaunchArgs args = make_launch_args(grad_scale, found_inf, maximize, decoupled_l2sp, nesterov);
   const int layout = requested_layout("fused_sgd_");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "fused_sgd_cuda", [&] {
+    if (layout == kFlat) {
+      if (!momentum_buffers.empty()) {
+        sgd_for_each_launch<true>(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
+                                  weight_decays, l2sps, l1s, args,
+                                  [](const SGDFlatMeta& meta, int64_t pieces) { launch_sgd_flat<scalar_t, true>(meta, pieces); });
+      } else {
+        sgd_for_each_launch<true>(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
+                                  weight_decays, l2sps, l1s, args,
+                                  [](const SGDFlatMeta& meta, int64_t pieces) { launch_sgd_flat<scalar_t, false>(meta, pieces); });
+      }
+      return;
+    }
     if (!momentum_buffers.empty()) {
-      sgd_for_each_launch(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
+      sgd_for_each_launch<false>(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
                           weight_decays, l2sps, l1s, args, [layout](const SGDMeta& meta, int n_blocks) { launch_sgd<scalar_t, true>(meta, n_blocks, layout); });
     } else {
-      sgd_for_each_launch(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
+      sgd_for_each_launch<false>(params, grads, momentum_buffers, anchors, masks, lrs, lr_tensors, momentums, dampenings,
                           weight_decays, l2sps, l1s, args, [layout](const SGDMeta& meta, int n_blocks) { launch_sgd<scalar_t, false>(meta, n_blocks, layout); });
     }
   });
