@@ -9,9 +9,12 @@ WORKLOAD is one of:
   the rows ignored (issue #3's case; the launch of ``benchmarks/kd_gpu_launch_ab.py``);
 * ``optim``: one ``pyfinetune.optim.AdamW`` step with L2-SP on 128 float32 tensors of 2^20 (134M
   parameters, issue #2's case of ``bench_optim.py``);
+* ``optim_flat``: the same step with ``PYFINETUNE_OPTIM_CUDA_LAYOUT=flat`` (experimental);
 * ``sparse``: ``SparseLinear`` forward, 90% unstructured, float16 x [256, 4096] @ W [4096, 4096]^T
   (issue #4's case), the sparse kernel (``kernel="sparse"``: "auto" would run the dense path, cuBLAS,
-  below the 16-bit CUDA crossover of 99%).
+  below the 16-bit CUDA crossover of 99%);
+* ``sparse_tc_split``: the same product on the tensor cores (``tiled_csr_linear``) with its K split
+  (``PYFINETUNE_TILED_CUDA_SPLIT_K=auto``, experimental).
 
 Each workload runs three times first (warm-up: allocations, the launch plans' caches, the
 occupancy queries), then once between the profiler calls, so that ncu sees only the measured
@@ -29,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-WORKLOADS = ("kd", "optim", "sparse")
+WORKLOADS = ("kd", "optim", "optim_flat", "sparse", "sparse_tc_split")
 
 
 def kd_workload(device, small):
@@ -54,6 +57,34 @@ def optim_workload(device, small):
         p.grad = torch.randn(size, device=device, generator=g) * 1e-3
     opt = AdamW(params, lr=1e-4, weight_decay=0.01, l2sp=0.1)
     return opt.step
+
+
+def optim_flat_workload(device, small):
+    # The same step with the experimental flat layout (resident blocks over pieces end to end).
+    os.environ["PYFINETUNE_OPTIM_CUDA_LAYOUT"] = "flat"
+    return optim_workload(device, small)
+
+
+def sparse_tc_split_workload(device, small):
+    """The same product on the tensor cores (tiled_csr_linear, float16), its K split in parts
+    (PYFINETUNE_TILED_CUDA_SPLIT_K=auto, experimental); on the CPU its CPU kernel, float32."""
+    from pyfinetune import ops
+
+    os.environ["PYFINETUNE_TILED_CUDA_SPLIT_K"] = "auto"
+    g = torch.Generator(device=device).manual_seed(0)
+    n, k = (8, 64) if small else (256, 4096)
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    w = torch.randn(k, k, device=device, generator=g).to(dtype)
+    mask = torch.rand(k, k, device=device, generator=g) >= 0.9
+    pattern = ops.compressed_pattern(mask)
+    tiled = ops.tiled_pattern(pattern.crow_indices, pattern.col_indices, k)
+    values = w[mask]
+    x = torch.randn(n, k, device=device, generator=g).to(dtype)
+
+    def call():
+        with torch.no_grad():
+            ops.tiled_csr_linear(x, values, pattern, tiled)
+    return call
 
 
 def sparse_workload(device, small):
@@ -83,7 +114,8 @@ def main(argv) -> int:
         print("gpu_profile_target.py: needs a CUDA device (--smoke: small shapes on the CPU)", file=sys.stderr)
         return 2
     device = "cpu" if smoke else "cuda"
-    call = {"kd": kd_workload, "optim": optim_workload, "sparse": sparse_workload}[args[0]](device, smoke)
+    call = {"kd": kd_workload, "optim": optim_workload, "optim_flat": optim_flat_workload, "sparse": sparse_workload,
+            "sparse_tc_split": sparse_tc_split_workload}[args[0]](device, smoke)
     for _ in range(3):
         call()
     if smoke:
