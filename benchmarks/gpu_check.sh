@@ -168,6 +168,14 @@ boxed "$(left 0.1 150)" "$OUT/split_k_memcheck.log" env PYTORCH_NO_CUDA_MEMORY_C
   tests/test_tiled_cuda_split_k.py -q -p no:cacheprovider -m cuda \
   -k "not matches_dense_reference or (bfloat16 and (auto or 7-))" || status=1
 grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/split_k_memcheck.log" | head -5 | tee -a "$OUT/summary.md"
+# The distillation kernel's persistent grid (PYFINETUNE_KD_CUDA_PERSISTENT, its L2 prefetch of each
+# block's next row: tests/test_kd_cuda_persistent.py) under memcheck, likewise first.
+boxed "$(left 0.1 150)" "$OUT/kd_persistent_memcheck.log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+  compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 $PY -m pytest \
+  tests/test_kd_cuda_persistent.py -q -p no:cacheprovider -m cuda \
+  -k "(many_rows and grad-forward) or (clusters and forward) or (misaligned and not 3) or inplace or fewer_rows" \
+  || status=1
+grep -E "ERROR SUMMARY|Invalid|passed|failed" "$OUT/kd_persistent_memcheck.log" | head -5 | tee -a "$OUT/summary.md"
 
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; fi

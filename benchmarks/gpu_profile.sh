@@ -3,7 +3,7 @@
 # the distillation forward (8192 x 128256 bf16), an AdamW + L2-SP step (134M float32 parameters)
 # and the 90% sparse float16 forward. Run on a GPU machine from the repository root, after the build:
 #
-#   bash benchmarks/gpu_profile.sh [OUT_DIR] [WORKLOAD...]     # default: kd optim optim_flat sparse sparse_tc_split
+#   bash benchmarks/gpu_profile.sh [OUT_DIR] [WORKLOAD...]     # default: kd kd_persistent optim optim_flat sparse sparse_tc_split
 #
 # Each ncu run is stopped after PROFILE_TIMEOUT seconds (default 200). Writes OUT_DIR/ncu_WORKLOAD.txt (ncu's report: speed of light, memory workload, occupancy, launch
 # statistics, warp states and scheduler) and prints the lines that say where the time goes. For
@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu-profile-$(date -u +%Y%m%d-%H%M)}
 shift || true
-WORKLOADS=${*:-kd optim optim_flat sparse sparse_tc_split}
+WORKLOADS=${*:-kd kd_persistent optim optim_flat sparse sparse_tc_split}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 NCU=$(command -v ncu || true)

@@ -7,6 +7,8 @@ WORKLOAD is one of:
 
 * ``kd``: ``kd_loss`` forward with the kept gradient, 8192 x 128256 bf16, forward_kl, T = 2, 1/8 of
   the rows ignored (issue #3's case; the launch of ``benchmarks/kd_gpu_launch_ab.py``);
+* ``kd_persistent``: the same with ``PYFINETUNE_KD_CUDA_PERSISTENT=1`` (experimental: a grid of the
+  resident rows, each block prefetching its next row's slice to L2);
 * ``optim``: one ``pyfinetune.optim.AdamW`` step with L2-SP on 128 float32 tensors of 2^20 (134M
   parameters, issue #2's case of ``bench_optim.py``);
 * ``optim_flat``: the same step with ``PYFINETUNE_OPTIM_CUDA_LAYOUT=flat`` (experimental);
@@ -32,7 +34,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-WORKLOADS = ("kd", "optim", "optim_flat", "sparse", "sparse_tc_split")
+WORKLOADS = ("kd", "kd_persistent", "optim", "optim_flat", "sparse", "sparse_tc_split")
 
 
 def kd_workload(device, small):
@@ -45,6 +47,11 @@ def kd_workload(device, small):
         torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, temperature=2.0, alpha=0.5, divergence="forward_kl", beta=0.5,
                                          ignore_index=-100, need_grad=True, grad_scale=1.0)
     return call
+
+
+def kd_persistent_workload(device, small):
+    os.environ["PYFINETUNE_KD_CUDA_PERSISTENT"] = "1"
+    return kd_workload(device, small)
 
 
 def optim_workload(device, small):
@@ -114,7 +121,7 @@ def main(argv) -> int:
         print("gpu_profile_target.py: needs a CUDA device (--smoke: small shapes on the CPU)", file=sys.stderr)
         return 2
     device = "cpu" if smoke else "cuda"
-    call = {"kd": kd_workload, "optim": optim_workload, "optim_flat": optim_flat_workload, "sparse": sparse_workload,
+    call = {"kd": kd_workload, "kd_persistent": kd_persistent_workload, "optim": optim_workload, "optim_flat": optim_flat_workload, "sparse": sparse_workload,
             "sparse_tc_split": sparse_tc_split_workload}[args[0]](device, smoke)
     for _ in range(3):
         call()

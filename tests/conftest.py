@@ -186,3 +186,25 @@ def cuda_kernel_names(fn, containing: str):
         return None
     names = {e.name for e in prof.events() if containing in e.name}
     return names or None
+
+
+def cuda_kernel_grids(fn, containing: str):
+    """The grid sizes (x, y, z) of the CUDA kernels fn() launched whose name contains ``containing``,
+    from the profiler's trace, or None where it recorded none (see cuda_kernel_names)."""
+    import json
+    import tempfile
+
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                trace = json.load(f)
+    except (RuntimeError, AssertionError, OSError, ValueError):
+        return None
+    grids = [tuple(e["args"]["grid"]) for e in trace.get("traceEvents", [])
+             if e.get("cat") == "kernel" and containing in e.get("name", "") and "grid" in e.get("args", {})]
+    return grids or None

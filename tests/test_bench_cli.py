@@ -262,12 +262,16 @@ def test_split_k_setting_is_checked_before_timing(monkeypatch, value, ok):
                                      f"(or unset: 1, no split), got {value!r}"])
 
 
+@pytest.mark.parametrize("name", ["PYFINETUNE_OPTIM_NATIVE_PLAN", "PYFINETUNE_KD_CUDA_PERSISTENT",
+                                  "PYFINETUNE_KD_CUDA_L2_PREFETCH"])
 @pytest.mark.parametrize("value", ["2", "x"])
-def test_native_plan_setting_is_checked(monkeypatch, value):
+def test_on_off_settings_are_checked(monkeypatch, name, value):
     from pyfinetune._info import settings_errors
 
-    monkeypatch.setenv("PYFINETUNE_OPTIM_NATIVE_PLAN", value)
-    assert f"PYFINETUNE_OPTIM_NATIVE_PLAN must be 0 or 1 (or unset), got {value!r}" in settings_errors()
+    monkeypatch.setenv(name, value)
+    assert f"{name} must be 0 or 1 (or unset), got {value!r}" in settings_errors()
+    monkeypatch.setenv(name, "1")
+    assert not [e for e in settings_errors() if name in e]
 
 
 def test_info_says_which_crossover_entries_the_variable_set(capsys, monkeypatch):

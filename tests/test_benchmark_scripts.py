@@ -341,11 +341,12 @@ def test_kd_launch_ab_runs(tmp_path):
     assert set(record["times_ms"]) == {"default", "no prefetch, uncapped (the default before 2026-11-27)",
                                        "512, no prefetch, uncapped", "256", "128",
                                        "default, T=2.0001 (no power path)", "prefetch, uncapped",
-                                       "capped registers, no prefetch"}
+                                       "capped registers, no prefetch", "persistent + L2 prefetch",
+                                       "persistent, no L2 prefetch", "persistent + L2 prefetch, no cp.async prefetch"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
 
 
-@pytest.mark.parametrize("workload", ["kd", "optim", "optim_flat", "sparse", "sparse_tc_split"])
+@pytest.mark.parametrize("workload", ["kd", "kd_persistent", "optim", "optim_flat", "sparse", "sparse_tc_split"])
 def test_gpu_profile_target_runs(workload):
     # gpu_check.sh ends with Nsight Compute over benchmarks/gpu_profile_target.py: its calls at small
     # shapes on the CPU, so that a GPU session's minutes are not spent on a broken script.
@@ -355,7 +356,7 @@ def test_gpu_profile_target_runs(workload):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"gpu_profile_target.py {workload}: done" in out.stdout
     bad = subprocess.run([sys.executable, script, "nope"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert bad.returncode == 2 and "usage: gpu_profile_target.py {kd,optim,optim_flat,sparse,sparse_tc_split}" in bad.stderr
+    assert bad.returncode == 2 and "usage: gpu_profile_target.py {kd,kd_persistent,optim,optim_flat,sparse,sparse_tc_split}" in bad.stderr
 
 
 def test_optim_roofline_kernels_compute_their_mix():

@@ -331,7 +331,9 @@ struct KdArgs {
   int k;                     // top-k only
   int n_split;               // blocks per row (a cluster when > 1)
   int cache_vecs;            // vectors of a block's slice kept in shared memory
+  int n_rows;                // N: a block (cluster) takes the rows row0, row0 + gridDim.x / n_split, ...
   bool prefetch;             // fill the cache with asynchronous copies (see pass1_thread)
+  bool l2_prefetch;          // before a row, prefetch the slice of the block's next row to L2
   bool need_grad;
   float grad_scale;          // the kept gradient is grad_scale * d(row loss)/d(s)
   int t_pow;                 // T when it is exactly 2, 3 or 4 (pow_small), else 0
@@ -876,16 +878,53 @@ struct alignas(16) SharedArray {
 // kCappedThreads threads and registers for three such blocks per SM (see kd_cap_registers_setting).
 constexpr int kCappedThreads = 256;
 
-template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0>
-__global__ void __launch_bounds__(kMinBlocks > 0 ? kCappedThreads : kMaxThreads, kMinBlocks)
-    kd_loss_kernel(const KdArgs a) {
-  constexpr int VEC = vec_width<ST, TT>();
-  extern __shared__ uint4 kd_cache[];
-  __shared__ SharedArray<RowPartial, 34> red;  // 32 warps, slot, result
-  __shared__ SharedArray<JsdPartial, 34> jred;
+// The bytes [p, p + bytes) to L2, a hint (no value is read into registers or shared memory, and
+// no wait). sm_90: one bulk prefetch when p is 16-byte aligned (bytes a multiple of 16 then);
+// otherwise, and on older archs, one prefetch per 128-byte line spread over the block's threads.
+__device__ C10_ALWAYS_INLINE void prefetch_l2(const void* p, int64_t bytes, int tid, int nthreads) {
+  if (bytes <= 0) {
+    return;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (aligned16(p, 0) && bytes % 16 == 0 && bytes <= std::numeric_limits<uint32_t>::max()) {
+    if (tid == 0) {
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(static_cast<uint32_t>(bytes))
+                   : "memory");
+    }
+    return;
+  }
+#endif
+  const char* c = static_cast<const char*>(p);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(c) & ~uintptr_t{127};
+  const int64_t lines = static_cast<int64_t>((reinterpret_cast<uintptr_t>(c) + bytes - 1 - first) / 128) + 1;
+  for (int64_t l = tid; l < lines; l += nthreads) {
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(reinterpret_cast<const void*>(first + l * 128)));
+  }
+}
 
-  const int64_t row = blockIdx.x / a.n_split;
-  const int rank = static_cast<int>(blockIdx.x % a.n_split);
+// KdArgs::l2_prefetch: the slice of `row` that block `rank` reads (its vectors; the head and tail
+// are a few elements) of the student and, without a top-k teacher, of the teacher.
+template <typename ST, typename TT, bool kTopK, int VEC>
+__device__ void prefetch_row_slice(const KdArgs& a, int64_t row, int rank, int tid, int nthreads) {
+  const ST* s = static_cast<const ST*>(a.student) + row * a.s_stride;
+  const TT* t = static_cast<const TT*>(a.teacher) + row * a.t_stride;
+  // The split kd_row will use (the head depends on the gradient's alignment too).
+  ST* g = a.need_grad ? static_cast<ST*>(a.grad) + row * static_cast<int64_t>(a.V) : nullptr;
+  const RowSpan rs = row_span<ST, TT, VEC>(s, kTopK ? nullptr : t, g, a.V, a.n_split);
+  const Slice sl = slice_of(rs, rank, a.n_split, a.V);
+  const int64_t e = rs.head + static_cast<int64_t>(sl.v0) * VEC;
+  const int64_t n = static_cast<int64_t>(sl.n) * VEC;
+  prefetch_l2(s + e, n * static_cast<int64_t>(sizeof(ST)), tid, nthreads);
+  if (!kTopK) {
+    prefetch_l2(t + e, n * static_cast<int64_t>(sizeof(TT)), tid, nthreads);
+  }
+}
+
+// One row of the loss (and the gradient) by block `rank` of the row's blocks.
+template <typename ST, typename TT, int kDiv, bool kTopK>
+__device__ C10_ALWAYS_INLINE void kd_row(const KdArgs& a, int64_t row, int rank, uint4* kd_cache, RowPartial* rp,
+                                         JsdPartial* jp) {
+  constexpr int VEC = vec_width<ST, TT>();
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
   const ST* s = static_cast<const ST*>(a.student) + row * a.s_stride;
@@ -917,14 +956,12 @@ __global__ void __launch_bounds__(kMinBlocks > 0 ? kCappedThreads : kMaxThreads,
   const float s_label_raw = rank == 0 && tid == 0 && has_ce ? static_cast<float>(s[label]) : 0.0f;
   const bool reread = a.need_grad || (kDiv == km::kJSD && !kTopK);
 
-  RowPartial* rp = red.get();
   const RowPartial mine =
       pass1_thread<ST, TT, kDiv, kTopK, VEC>(a, s, t, rs, sl, rank, tid, nthreads, s_cache, t_cache, reread, has_ce, row);
   block_then_cluster_reduce(mine, rp, rp + 32, rp + 33, a.n_split, RowMerge{exp2_scale(a.kp)});
   RowStats stats = row_stats(a.kp, rp[33], has_ce);
 
   if (kDiv == km::kJSD) {
-    JsdPartial* jp = jred.get();
     if (kTopK) {
       const JsdPartial j = topk_jsd_thread(a, s, t, tid, nthreads, stats, row);
       block_reduce(j, jp, jp + 33, JsdMerge{});  // every block computes the same sums: no cluster merge
@@ -952,6 +989,44 @@ __global__ void __launch_bounds__(kMinBlocks > 0 ? kCappedThreads : kMaxThreads,
   if (kTopK) {
     __syncthreads();  // the fix-ups overwrite entries other threads of this block wrote
     topk_fixup_thread<ST, TT, kDiv>(a, s, t, g, rs, rank, tid, nthreads, rc, row);
+  }
+}
+
+// Block b of the grid works on row b / n_split as block b % n_split of the row's blocks.
+// kPersistent (PYFINETUNE_KD_CUDA_PERSISTENT): the grid holds only the rows that can be resident,
+// R = gridDim.x / n_split, and block b takes rows b / n_split, b / n_split + R, ...; with
+// KdArgs::l2_prefetch it first asks L2 for its slice of its next row, so that the next pass 1 reads
+// from L2 while this row's reductions, cluster barriers and gradient writes leave the memory bus
+// idle. Every row is uniform over its blocks (the ignored row's early return included), so the
+// barriers of one row are reached by all of them; the barrier between rows keeps a block's threads
+// on one row (its shared reductions and top-k fix-ups) at a time. A separate instantiation: with the
+// loop in every kernel ptxas kept more values live (sm_90, nvcc 13.0: the float32 kernels went from
+// 48 to 94 registers, the capped bfloat16 ones spilled), fewer blocks per SM on the default path.
+template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0, bool kPersistent = false>
+__global__ void __launch_bounds__(kMinBlocks > 0 ? kCappedThreads : kMaxThreads, kMinBlocks)
+    kd_loss_kernel(const KdArgs a) {
+  constexpr int VEC = vec_width<ST, TT>();
+  extern __shared__ uint4 kd_cache[];
+  __shared__ SharedArray<RowPartial, 34> red;  // 32 warps, slot, result
+  __shared__ SharedArray<JsdPartial, 34> jred;
+  if constexpr (!kPersistent) {
+    kd_row<ST, TT, kDiv, kTopK>(a, blockIdx.x / a.n_split, static_cast<int>(blockIdx.x % a.n_split), kd_cache,
+                                red.get(), jred.get());
+  } else {
+    // 32-bit counters (N * n_split < 2^31, checked on the host), the rank and stride re-read from
+    // the special registers, to keep what is live across a row small.
+    for (int row = static_cast<int>(blockIdx.x) / a.n_split; row < a.n_rows;) {
+      const int next = row + static_cast<int>(gridDim.x) / a.n_split;
+      if (a.l2_prefetch && next < a.n_rows) {
+        prefetch_row_slice<ST, TT, kTopK, VEC>(a, next, static_cast<int>(blockIdx.x) % a.n_split, threadIdx.x,
+                                               blockDim.x);
+      }
+      kd_row<ST, TT, kDiv, kTopK>(a, row, static_cast<int>(blockIdx.x) % a.n_split, kd_cache, red.get(), jred.get());
+      if (next < a.n_rows) {
+        __syncthreads();
+      }
+      row = next;
+    }
   }
 }
 
@@ -1147,10 +1222,22 @@ const KernelLimits& kernel_limits(KernelLimits* per_device, Kernel kernel, size_
   return k;
 }
 
-template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0>
+// Rows a grid of single blocks per row can hold at once (resident blocks over the device); 0 when
+// the occupancy query fails.
+template <typename Kernel>
+int64_t resident_block_rows(Kernel kernel, const LaunchPlan& plan, const cudaDeviceProp& prop) {
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, plan.threads, plan.smem) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return static_cast<int64_t>(blocks) * prop.multiProcessorCount;
+}
+
+template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0, bool kPersistent = false>
 void launch_kd(KdArgs args, int64_t N) {
   constexpr int VEC = vec_width<ST, TT>();
-  auto kernel = kd_loss_kernel<ST, TT, kDiv, kTopK, kMinBlocks>;
+  auto kernel = kd_loss_kernel<ST, TT, kDiv, kTopK, kMinBlocks, kPersistent>;
   static KernelLimits limits[C10_COMPILE_TIME_MAX_GPUS];  // per instantiation, per device
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   // Clusters need the sm_90 code of the kernel (ptxVersion is the arch the code was compiled for).
@@ -1170,12 +1257,14 @@ void launch_kd(KdArgs args, int64_t N) {
     plan.threads = std::min(threads_for_occupancy(kernel, plan), kMinBlocks > 0 ? kCappedThreads : kMaxThreads);
     args.n_split = plan.n_split;
     args.cache_vecs = plan.cache_vecs;
+    args.n_rows = static_cast<int>(N);  // N * kMaxSplit < 2^31 (check_kd_args)
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(static_cast<unsigned>(N * plan.n_split));
     config.blockDim = dim3(static_cast<unsigned>(plan.threads));
     config.dynamicSmemBytes = plan.smem;
     config.stream = stream;
     cudaLaunchAttribute attribute[1];
+    int64_t resident = 0;  // rows in flight at once (clusters or blocks); 0: unknown
     if (plan.n_split > 1) {
       attribute[0].id = cudaLaunchAttributeClusterDimension;
       attribute[0].val.clusterDim.x = static_cast<unsigned>(plan.n_split);
@@ -1189,6 +1278,14 @@ void launch_kd(KdArgs args, int64_t N) {
         plan = plan_launch(N, args.V, VEC, bytes_per_vec, reread, false, prop, 1);
         continue;
       }
+      resident = n_clusters;
+    } else if (kPersistent) {
+      resident = resident_block_rows(kernel, plan, prop);
+    }
+    if (kPersistent && resident > 0 && resident < N) {
+      config.gridDim = dim3(static_cast<unsigned>(resident * plan.n_split));
+    } else {
+      args.l2_prefetch = false;  // no next row to prefetch
     }
     C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1231,30 +1328,62 @@ bool kd_fast_path_auto(const at::Tensor& student, const at::Tensor& teacher, con
          (need_grad || div == km::kJSD) && at::cuda::getCurrentDeviceProperties()->major == 9;
 }
 
+// PYFINETUNE_KD_CUDA_PERSISTENT (read at each call): a grid of only the rows that can be resident
+// at once (clusters or blocks, by the occupancy queries), each block or cluster taking every R-th
+// row (see kd_loss_kernel), instead of one block or cluster per row. PYFINETUNE_KD_CUDA_L2_PREFETCH
+// (with PERSISTENT only): before each row, a block asks L2 for its slice of its next row (one bulk
+// prefetch per operand on sm_90). Why: on an H100 the 8192 x 128256 bf16 case ran at 2.57x the time
+// of one read of both inputs and one write of the gradient (gpu-check-20261127-2118) with every row
+// in one cluster of 8 blocks that first loads, then reduces and writes, so a block's loads stop
+// while it reduces; a prefetched next row keeps the bus busy then. The same arithmetic in the same
+// order: the same bits. Like CAP_REGISTERS, only the bfloat16 student and teacher kernels without a
+// top-k teacher have the variant (the case measured: six more kernels, not forty-eight); other
+// dtypes and the top-k teacher ignore both variables. 1: on, 0: off; unset or empty: PERSISTENT off
+// (unmeasured), L2_PREFETCH on (when PERSISTENT is). Another value is refused before anything is
+// written.
+std::optional<bool> kd_persistent_setting(const char* op) {
+  return env_switch(op, "PYFINETUNE_KD_CUDA_PERSISTENT", "off");
+}
+
+std::optional<bool> kd_l2_prefetch_setting(const char* op) {
+  return env_switch(op, "PYFINETUNE_KD_CUDA_L2_PREFETCH", "on with PYFINETUNE_KD_CUDA_PERSISTENT=1");
+}
+
+struct KdLaunchOptions {
+  bool cap_registers;
+  bool persistent;
+};
+
 template <typename ST, typename TT, int kDiv, bool kTopK>
-void launch_kd_variant(const KdArgs& args, int64_t N, bool cap_registers) {
+void launch_kd_variant(const KdArgs& args, int64_t N, const KdLaunchOptions& opt) {
   if constexpr (std::is_same_v<ST, at::BFloat16> && std::is_same_v<TT, at::BFloat16> && !kTopK) {
-    if (cap_registers) {
+    if (opt.persistent && opt.cap_registers) {
+      launch_kd<ST, TT, kDiv, kTopK, 3, true>(args, N);
+    } else if (opt.persistent) {
+      launch_kd<ST, TT, kDiv, kTopK, 0, true>(args, N);
+    } else if (opt.cap_registers) {
       launch_kd<ST, TT, kDiv, kTopK, 3>(args, N);
-      return;
+    } else {
+      launch_kd<ST, TT, kDiv, kTopK>(args, N);
     }
+    return;
   }
   launch_kd<ST, TT, kDiv, kTopK>(args, N);
 }
 
 template <bool kTopK>
 void dispatch_kd(const at::Tensor& student, const at::Tensor& teacher, int div, const KdArgs& args, int64_t N,
-                 bool cap_registers) {
+                 const KdLaunchOptions& opt) {
   PF_KD_DISPATCH(student.scalar_type(), "kd_loss_cuda", [&] {
     using st_t = scalar_t;
     PF_KD_DISPATCH(teacher.scalar_type(), "kd_loss_cuda", [&] {
       using tt_t = scalar_t;
       if (div == km::kForwardKL) {
-        launch_kd_variant<st_t, tt_t, km::kForwardKL, kTopK>(args, N, cap_registers);
+        launch_kd_variant<st_t, tt_t, km::kForwardKL, kTopK>(args, N, opt);
       } else if (div == km::kJSD) {
-        launch_kd_variant<st_t, tt_t, km::kJSD, kTopK>(args, N, cap_registers);
+        launch_kd_variant<st_t, tt_t, km::kJSD, kTopK>(args, N, opt);
       } else if constexpr (!kTopK) {
-        launch_kd_variant<st_t, tt_t, km::kReverseKL, false>(args, N, cap_registers);
+        launch_kd_variant<st_t, tt_t, km::kReverseKL, false>(args, N, opt);
       }
     });
   });
@@ -1272,6 +1401,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   }
   const std::optional<bool> prefetch_set = kd_prefetch_setting(op);
   const std::optional<bool> cap_set = kd_cap_registers_setting(op);
+  const bool persistent = kd_persistent_setting(op).value_or(false);
+  const bool l2_prefetch = kd_l2_prefetch_setting(op).value_or(true);
   const c10::cuda::CUDAGuard device_guard(student.device());
   const bool fast_auto = kd_fast_path_auto(student, teacher, indices, div, need_grad);  // the student's device
   const bool prefetch = prefetch_set.value_or(fast_auto);
@@ -1308,15 +1439,17 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   args.k = indices != nullptr ? static_cast<int>(teacher.size(1)) : 0;
   args.need_grad = need_grad;
   args.prefetch = prefetch;
+  args.l2_prefetch = persistent && l2_prefetch;
   args.grad_scale = static_cast<float>(grad_scale);
   args.kp = make_kd_params<float>(temperature, alpha, beta, div);
   // On the float temperature, as the CPU kernel decides (small_integer_temperature).
   const float tf = args.kp.temperature;
   args.t_pow = tf == 2.0f ? 2 : (tf == 3.0f ? 3 : (tf == 4.0f ? 4 : 0));
+  const KdLaunchOptions opt{cap_registers, persistent};
   if (indices != nullptr) {
-    dispatch_kd<true>(student, teacher, div, args, N, cap_registers);
+    dispatch_kd<true>(student, teacher, div, args, N, opt);
   } else {
-    dispatch_kd<false>(student, teacher, div, args, N, cap_registers);
+    dispatch_kd<false>(student, teacher, div, args, N, opt);
   }
   return {loss, grad};
 }
