@@ -581,39 +581,25 @@ void flat_apply(int64_t num_tensors, const typename Meta::Shared& shared, Descri
   mta::check_kernel_arg_support();
   Meta meta{};
   meta.shared = shared;
-  int n_tensors = 0;
-  int n_groups = 0;
+  mta::TablePacker<Meta> tables;
   int64_t pieces = 0;
   for (int64_t i = 0; i < num_tensors; ++i) {
     const mta::TensorSlot<Meta> slot = describe(i);
     if (slot.numel == 0) {
       continue;
     }
-    int group = -1;
-    for (int j = 0; j < n_groups; ++j) {
-      if (meta.groups[j] == slot.group) {
-        group = j;
-        break;
-      }
-    }
-    if (n_tensors == Meta::kMaxTensors || (group < 0 && n_groups == Meta::kMaxGroups)) {
-      meta.n_tensors = n_tensors;
+    if (tables.full_for(meta, slot)) {
+      meta.n_tensors = tables.n_tensors;
       launch(static_cast<const Meta&>(meta), pieces);
-      n_tensors = n_groups = 0;
+      tables.clear();
       pieces = 0;
-      group = -1;
     }
-    if (group < 0) {
-      group = n_groups++;
-      meta.groups[group] = slot.group;
-    }
-    mta::detail::put_tensor(meta, n_tensors, group, slot);
+    const int t = tables.add(meta, slot);
     pieces += (slot.numel + kFlatPiece - 1) / kFlatPiece;
-    meta.piece_end[n_tensors] = pieces;
-    ++n_tensors;
+    meta.piece_end[t] = pieces;
   }
-  if (n_tensors > 0) {
-    meta.n_tensors = n_tensors;
+  if (tables.n_tensors > 0) {
+    meta.n_tensors = tables.n_tensors;
     launch(static_cast<const Meta&>(meta), pieces);
   }
 }

@@ -100,6 +100,45 @@ void put_tensor(Meta& meta, int t, int group, const TensorSlot<Meta>& slot) {
 
 }  // namespace detail
 
+// The per-tensor and per-group tables of the launch being packed (multi_tensor_apply, and the
+// optimizer's flat layout, which packs the same tables with another work table).
+template <typename Meta>
+struct TablePacker {
+  int n_tensors = 0;
+  int n_groups = 0;
+
+  // Whether `slot` needs a new launch first: the tensor table is full, or its group is not in the
+  // group table and that is full.
+  bool full_for(const Meta& meta, const TensorSlot<Meta>& slot) const {
+    return n_tensors == Meta::kMaxTensors || (find(meta, slot.group) < 0 && n_groups == Meta::kMaxGroups);
+  }
+
+  // Puts slot as the next tensor (after full_for said there is room), its group found or added;
+  // returns its tensor index.
+  int add(Meta& meta, const TensorSlot<Meta>& slot) {
+    int group = find(meta, slot.group);
+    if (group < 0) {
+      group = n_groups++;
+      meta.groups[group] = slot.group;
+    }
+    const int t = n_tensors++;
+    detail::put_tensor(meta, t, group, slot);
+    return t;
+  }
+
+  void clear() { n_tensors = n_groups = 0; }
+
+ private:
+  int find(const Meta& meta, const typename Meta::Group& group) const {
+    for (int j = 0; j < n_groups; ++j) {
+      if (meta.groups[j] == group) {
+        return j;
+      }
+    }
+    return -1;
+  }
+};
+
 // A launch with more than 4 KB of arguments needs a CUDA 12.1+ driver (the toolkit that built it
 // may be newer than the driver under CUDA's minor-version compatibility): an error that says so,
 // instead of the launch failing with "invalid argument".
@@ -131,8 +170,7 @@ void multi_tensor_apply(int64_t num_tensors, const typename Meta::Shared& shared
 
   Meta meta{};
   meta.shared = shared;
-  int n_tensors = 0;
-  int n_groups = 0;
+  TablePacker<Meta> tables;
   int n_blocks = 0;
   for (int64_t i = 0; i < num_tensors; ++i) {
     const TensorSlot<Meta> slot = describe(i);
@@ -142,26 +180,13 @@ void multi_tensor_apply(int64_t num_tensors, const typename Meta::Shared& shared
     const int64_t n_chunks = (slot.numel + kChunkSize - 1) / kChunkSize;
     TORCH_CHECK(n_chunks <= std::numeric_limits<int32_t>::max(), "pyfinetune: tensor ", i, " has ", slot.numel,
                 " elements, too many for the multi-tensor kernels");
-
-    int group = -1;
-    for (int j = 0; j < n_groups; ++j) {
-      if (meta.groups[j] == slot.group) {
-        group = j;
-        break;
-      }
-    }
-    if (n_tensors == Meta::kMaxTensors || (group < 0 && n_groups == Meta::kMaxGroups)) {
+    if (tables.full_for(meta, slot)) {
       // Every packed tensor owns at least one block, so n_blocks > 0 here.
       launch(static_cast<const Meta&>(meta), n_blocks);
-      n_tensors = n_groups = n_blocks = 0;
-      group = -1;
+      tables.clear();
+      n_blocks = 0;
     }
-    if (group < 0) {
-      group = n_groups++;
-      meta.groups[group] = slot.group;
-    }
-    int t = n_tensors++;
-    detail::put_tensor(meta, t, group, slot);
+    int t = tables.add(meta, slot);
 
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
       meta.block_chunk[n_blocks] = static_cast<int32_t>(chunk);
@@ -169,14 +194,10 @@ void multi_tensor_apply(int64_t num_tensors, const typename Meta::Shared& shared
       ++n_blocks;
       if (n_blocks == Meta::kMaxBlocks) {
         launch(static_cast<const Meta&>(meta), n_blocks);
-        n_tensors = n_groups = n_blocks = 0;
+        tables.clear();
+        n_blocks = 0;
         if (chunk + 1 < n_chunks) {
-          // The rest of this tensor opens the next launch, alone with its group.
-          meta.groups[0] = slot.group;
-          n_groups = 1;
-          t = 0;
-          detail::put_tensor(meta, t, 0, slot);
-          n_tensors = 1;
+          t = tables.add(meta, slot);  // the rest of this tensor opens the next launch, alone with its group
         }
       }
     }
