@@ -12,7 +12,7 @@ each of ``PYFINETUNE_KD_CUDA_PREFETCH`` (the shared-memory cache filled by cp.as
 blocks per SM) off, alone and (the default here: unset) together, and with
 ``PYFINETUNE_KD_CUDA_PERSISTENT=1`` (a grid of the resident rows only, each block or cluster looping
 over rows) with and without ``PYFINETUNE_KD_CUDA_L2_PREFETCH`` (its next row's slice asked of L2
-before each row), interleaved round by round, against the time to read both inputs and write the gradient once at the measured
+before each row), and with ``PYFINETUNE_KD_CUDA_SPLIT`` (blocks per row) 4 and 16, interleaved round by round, against the time to read both inputs and write the gradient once at the measured
 copy bandwidth (issue #3's GPU target: forward + backward within 1.3x of it). Each variant's loss and
 gradient are checked against the first one's (the block size changes only the order of sums).
 Writes kd-launch-ab-cuda-*.md / .json to ``--out`` (default benchmarks/results). ``--device cpu``
@@ -41,15 +41,18 @@ PREFETCH_ENV = "PYFINETUNE_KD_CUDA_PREFETCH"
 CAP_ENV = "PYFINETUNE_KD_CUDA_CAP_REGISTERS"
 PERSISTENT_ENV = "PYFINETUNE_KD_CUDA_PERSISTENT"
 L2_ENV = "PYFINETUNE_KD_CUDA_L2_PREFETCH"
+SPLIT_ENV = "PYFINETUNE_KD_CUDA_SPLIT"
 # name -> (block size override or None, temperature, prefetch, capped registers[, persistent, L2
-# prefetch]). T = 2.0001 takes
+# prefetch[, blocks per row]]). T = 2.0001 takes
 # the kernels' general path (an exponential for the CE term of every element); T = 2 computes it as
 # a square. prefetch: PYFINETUNE_KD_CUDA_PREFETCH (pass 1 fills the shared-memory cache with
 # cp.async copies). capped: PYFINETUNE_KD_CUDA_CAP_REGISTERS (the bfloat16 kernels compiled for
 # three 256-thread blocks per SM, at most 80 registers; blocks of at most 256 threads). True / False
 # set the variable to 1 / 0; None leaves it unset (auto: both on for this bf16 case with the
 # gradient, as an H100 measured them faster in gpu-check-20261127-2118). persistent: PYFINETUNE_KD_CUDA_PERSISTENT,
-# L2 prefetch: PYFINETUNE_KD_CUDA_L2_PREFETCH (both unset, i.e. off, unless given).
+# L2 prefetch: PYFINETUNE_KD_CUDA_L2_PREFETCH (both unset, i.e. off, unless given); blocks per row:
+# PYFINETUNE_KD_CUDA_SPLIT (unset: the launch's choice, 8 here; 16 blocks take 128 threads each by
+# the occupancy choice, six per SM).
 VARIANTS = {"default": (None, 2.0, None, None),
             "no prefetch, uncapped (the default before 2026-11-27)": (None, 2.0, False, False),
             "512, no prefetch, uncapped": ("512", 2.0, False, False), "256": ("256", 2.0, None, None),
@@ -57,16 +60,23 @@ VARIANTS = {"default": (None, 2.0, None, None),
             "prefetch, uncapped": (None, 2.0, True, False), "capped registers, no prefetch": (None, 2.0, False, True),
             "persistent + L2 prefetch": (None, 2.0, None, None, True, True),
             "persistent, no L2 prefetch": (None, 2.0, None, None, True, False),
-            "persistent + L2 prefetch, no cp.async prefetch": (None, 2.0, False, None, True, True)}
+            "persistent + L2 prefetch, no cp.async prefetch": (None, 2.0, False, None, True, True),
+            "split 16": (None, 2.0, None, None, None, None, "16"),
+            "split 16, persistent + L2 prefetch": (None, 2.0, None, None, True, True, "16"),
+            "split 4 (cache too small: re-reads)": (None, 2.0, None, None, None, None, "4")}
 
 
 def set_variant(v: str) -> float:
     threads, temperature, prefetch, capped, *rest = VARIANTS[v]
-    persistent, l2 = rest if rest else (None, None)
+    persistent, l2, split = (list(rest) + [None, None, None])[:3]
     if threads is None:
         os.environ.pop(ENV, None)
     else:
         os.environ[ENV] = threads
+    if split is None:
+        os.environ.pop(SPLIT_ENV, None)
+    else:
+        os.environ[SPLIT_ENV] = split
     for name, on in ((PREFETCH_ENV, prefetch), (CAP_ENV, capped), (PERSISTENT_ENV, persistent), (L2_ENV, l2)):
         if on is None:
             os.environ.pop(name, None)
@@ -142,7 +152,7 @@ def main() -> int:
                      f"{check[v]['grad_max_abs_diff']:.1e}" if same_t else "(other T)"])
     info = common.machine_info(dev)
     md = "\n".join([
-        f"# kd_loss launch A/B: block size, prefetch, registers, persistent grid ({dev.type}), {args.rows} x {args.vocab} bf16", "", common.machine_summary(info), "",
+        f"# kd_loss launch A/B: block size, prefetch, registers, persistent grid, split ({dev.type}), {args.rows} x {args.vocab} bf16", "", common.machine_summary(info), "",
         f"copy bandwidth {gbps:.0f} GB/s; floor (read student + teacher, write the gradient once) {floor_ms:.2f} ms;"
         f" medians of {args.reps} interleaved rounds", "",
         common.markdown_table(["variant", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd / floor (target <= 1.3)",

@@ -67,7 +67,8 @@ _ON_OFF = ("PYFINETUNE_CPU_PREFETCH", "PYFINETUNE_KD_CUDA_PREFETCH", "PYFINETUNE
            "PYFINETUNE_TILED_CUDA_ASYNC", "PYFINETUNE_CSR_CUDA_SMALL_N", "PYFINETUNE_OPTIM_NATIVE_PLAN",
            "PYFINETUNE_KD_CUDA_PERSISTENT", "PYFINETUNE_KD_CUDA_L2_PREFETCH")
 _CHOICES = {"PYFINETUNE_OPTIM_CUDA_LAYOUT": ("classic", "wide", "flat"),
-            "PYFINETUNE_CSR_CUDA_KERNEL": ("warp", "tiled", "tensor_cores")}
+            "PYFINETUNE_CSR_CUDA_KERNEL": ("warp", "tiled", "tensor_cores"),
+            "PYFINETUNE_KD_CUDA_SPLIT": ("1", "2", "4", "8", "16")}
 
 
 def settings_errors() -> List[str]:

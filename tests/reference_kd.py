@@ -121,3 +121,30 @@ def assert_grad_close(actual, expected, dtype, torch_lowp=None, msg="", cond_ato
     if torch_lowp is not None:
         bound += 2 * (torch_lowp.double() - e).abs().max().item()
     assert err.max().item() <= bound, f"{msg} grad error {err.max().item():.3e} > bound {bound:.3e}"
+
+
+def assert_inplace_matches(s, t, lab, **kw):
+    """kd_loss_fwd_inplace(copy of s) writes exactly kd_loss_fwd's gradient over it and returns its
+    row losses (the CUDA variants' tests)."""
+    rows, grad = torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, need_grad=True, **kw)
+    x = s.clone()
+    out = torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, **kw)
+    assert torch.equal(out, rows)
+    assert torch.equal(x, grad)
+
+
+def assert_refused_before_write(s, t, lab, message):
+    """A bad setting of a kernel variable: kd_loss_fwd_inplace raises ValueError matching
+    ``message`` (prefixed with the op's name) and leaves the student untouched; kd_loss raises too."""
+    import pytest
+
+    x = s.clone()
+    with pytest.raises(ValueError, match=f"pyfinetune.kd_loss_fwd_inplace: {message}"):
+        torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, temperature=1.0, alpha=0.5, divergence="forward_kl",
+                                                 beta=0.5, ignore_index=-100, grad_scale=1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(x, s)
+    with pytest.raises(ValueError, match=message):
+        from pyfinetune.losses import kd_loss
+
+        kd_loss(s, t, lab)

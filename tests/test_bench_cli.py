@@ -262,6 +262,15 @@ def test_split_k_setting_is_checked_before_timing(monkeypatch, value, ok):
                                      f"(or unset: 1, no split), got {value!r}"])
 
 
+@pytest.mark.parametrize("value, ok", [("1", True), ("16", True), ("3", False), ("32", False), ("08", False)])
+def test_kd_split_setting_is_checked(monkeypatch, value, ok):
+    from pyfinetune._info import settings_errors
+
+    monkeypatch.setenv("PYFINETUNE_KD_CUDA_SPLIT", value)
+    errors = [e for e in settings_errors() if "KD_CUDA_SPLIT" in e]
+    assert errors == ([] if ok else [f"PYFINETUNE_KD_CUDA_SPLIT must be one of 1, 2, 4, 8, 16 (or unset), got {value!r}"])
+
+
 @pytest.mark.parametrize("name", ["PYFINETUNE_OPTIM_NATIVE_PLAN", "PYFINETUNE_KD_CUDA_PERSISTENT",
                                   "PYFINETUNE_KD_CUDA_L2_PREFETCH"])
 @pytest.mark.parametrize("value", ["2", "x"])

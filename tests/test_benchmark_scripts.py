@@ -342,7 +342,9 @@ def test_kd_launch_ab_runs(tmp_path):
                                        "512, no prefetch, uncapped", "256", "128",
                                        "default, T=2.0001 (no power path)", "prefetch, uncapped",
                                        "capped registers, no prefetch", "persistent + L2 prefetch",
-                                       "persistent, no L2 prefetch", "persistent + L2 prefetch, no cp.async prefetch"}
+                                       "persistent, no L2 prefetch", "persistent + L2 prefetch, no cp.async prefetch",
+                                       "split 16", "split 16, persistent + L2 prefetch",
+                                       "split 4 (cache too small: re-reads)"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
 
 

@@ -29,7 +29,8 @@ import pytest
 import torch
 
 from pyfinetune.losses import kd_loss, kd_loss_topk
-from reference_kd import assert_grad_close, assert_loss_close, kd_reference, topk_to_full
+from reference_kd import (assert_grad_close, assert_inplace_matches, assert_loss_close, assert_refused_before_write,
+                          kd_reference, topk_to_full)
 from conftest import cuda_kernel_names
 from test_kd_loss import check
 
@@ -118,12 +119,8 @@ def test_inplace_gradient_matches_out_of_place(prefetch, divergence):
     # Each block's cached student values reach shared memory before the cluster barrier after which
     # other blocks of the row write the gradient over the student.
     s, t, lab = _case(3, 50257, seed=17)
-    kw = dict(temperature=2.0, alpha=0.3, divergence=divergence, beta=0.4, ignore_index=-100, grad_scale=0.25)
-    rows, grad = torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, need_grad=True, **kw)
-    x = s.clone()
-    out = torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, **kw)
-    assert torch.equal(out, rows)
-    assert torch.equal(x, grad)
+    assert_inplace_matches(s, t, lab, temperature=2.0, alpha=0.3, divergence=divergence, beta=0.4,
+                           ignore_index=-100, grad_scale=0.25)
 
 
 def test_same_values_as_register_loads(monkeypatch):
@@ -145,14 +142,7 @@ def test_same_values_as_register_loads(monkeypatch):
 def test_bad_setting_is_refused_before_any_write(monkeypatch, bad):
     monkeypatch.setenv(ENV, bad)
     s, t, lab = _case(3, 301, seed=23)
-    x = s.clone()
-    with pytest.raises(ValueError, match="pyfinetune.kd_loss_fwd_inplace: PYFINETUNE_KD_CUDA_PREFETCH must be 0 or 1"):
-        torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, temperature=1.0, alpha=0.5, divergence="forward_kl",
-                                                 beta=0.5, ignore_index=-100, grad_scale=1.0)
-    torch.cuda.synchronize()
-    assert torch.equal(x, s)
-    with pytest.raises(ValueError, match="PYFINETUNE_KD_CUDA_PREFETCH must be 0 or 1"):
-        kd_loss(s, t, lab)
+    assert_refused_before_write(s, t, lab, "PYFINETUNE_KD_CUDA_PREFETCH must be 0 or 1")
 
 
 CAP_ENV = "PYFINETUNE_KD_CUDA_CAP_REGISTERS"
@@ -256,10 +246,4 @@ def test_capped_registers_other_dtypes_ignore_the_variable(monkeypatch):
 def test_capped_registers_bad_setting_is_refused_before_any_write(monkeypatch, bad):
     monkeypatch.setenv(CAP_ENV, bad)
     s, t, lab = _case(3, 301, dtype=torch.bfloat16, seed=31)
-    x = s.clone()
-    with pytest.raises(ValueError,
-                       match="pyfinetune.kd_loss_fwd_inplace: PYFINETUNE_KD_CUDA_CAP_REGISTERS must be 0 or 1"):
-        torch.ops.pyfinetune.kd_loss_fwd_inplace(x, t, lab, temperature=1.0, alpha=0.5, divergence="forward_kl",
-                                                 beta=0.5, ignore_index=-100, grad_scale=1.0)
-    torch.cuda.synchronize()
-    assert torch.equal(x, s)
+    assert_refused_before_write(s, t, lab, "PYFINETUNE_KD_CUDA_CAP_REGISTERS must be 0 or 1")

@@ -1211,6 +1211,13 @@ const KernelLimits& kernel_limits(KernelLimits* per_device, Kernel kernel, size_
     // block of 64 KB found no room on the SM.
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                         static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+    if (attr.ptxVersion >= 90 && at::cuda::getCurrentDeviceProperties()->major >= 9) {
+      // Clusters of 16 blocks (PYFINETUNE_KD_CUDA_SPLIT=16) are a non-portable size: allowed where
+      // the device has them (the launch's occupancy query says when it does not).
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+        (void)cudaGetLastError();
+      }
+    }
   });
   if (smem > k.dyn_smem.load()) {
     const std::lock_guard<std::mutex> lock(smem_limit_mutex());
@@ -1234,8 +1241,9 @@ int64_t resident_block_rows(Kernel kernel, const LaunchPlan& plan, const cudaDev
   return static_cast<int64_t>(blocks) * prop.multiProcessorCount;
 }
 
+// forced_split: PYFINETUNE_KD_CUDA_SPLIT (0: plan_launch's choice); with clusters only.
 template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0, bool kPersistent = false>
-void launch_kd(KdArgs args, int64_t N) {
+void launch_kd(KdArgs args, int64_t N, int forced_split) {
   constexpr int VEC = vec_width<ST, TT>();
   auto kernel = kd_loss_kernel<ST, TT, kDiv, kTopK, kMinBlocks, kPersistent>;
   static KernelLimits limits[C10_COMPILE_TIME_MAX_GPUS];  // per instantiation, per device
@@ -1246,7 +1254,7 @@ void launch_kd(KdArgs args, int64_t N) {
   args.prefetch = args.prefetch && prop.major >= 8 && ptx_version >= 80;  // cp.async: sm_80 code
   const bool reread = args.need_grad || (kDiv == km::kJSD && !kTopK);
   const size_t bytes_per_vec = sizeof(RawVec<ST, VEC>) + (kTopK ? 0 : sizeof(RawVec<TT, VEC>));
-  LaunchPlan plan = plan_launch(N, args.V, VEC, bytes_per_vec, reread, clusters, prop, 0);
+  LaunchPlan plan = plan_launch(N, args.V, VEC, bytes_per_vec, reread, clusters, prop, clusters ? forced_split : 0);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int attempt = 0; attempt < 2; ++attempt) {
@@ -1349,26 +1357,48 @@ std::optional<bool> kd_l2_prefetch_setting(const char* op) {
   return env_switch(op, "PYFINETUNE_KD_CUDA_L2_PREFETCH", "on with PYFINETUNE_KD_CUDA_PERSISTENT=1");
 }
 
+// PYFINETUNE_KD_CUDA_SPLIT (experimental, for A/B timing; read at each call): the blocks of one row
+// (a cluster), 1, 2, 4, 8 or 16, instead of plan_launch's choice (8 for the 8192 x 128256 bf16
+// rows, whose slices then just fit the shared-memory cache). Only on sm_90 code and GPUs (cluster
+// launches; elsewhere ignored); 16 is a non-portable cluster size (its occupancy query falls back
+// to one block per row where the GPU refuses it). Why: with 8 blocks of 256 threads per row and
+// three such blocks per SM (the registers' limit), an SM holds parts of three rows, each first
+// loading, then reducing and writing; 16 blocks of 128 threads hold six, more of them loading at
+// any moment. Unset or empty: the plan's choice; another value is refused before anything is
+// written. Splits other than the plan's sum the row in another order (not the same bits).
+int kd_split_setting(const char* op) {
+  const char* raw = std::getenv("PYFINETUNE_KD_CUDA_SPLIT");
+  if (raw == nullptr || raw[0] == '\0') {
+    return 0;
+  }
+  const std::string v(raw);
+  TORCH_CHECK_VALUE(v == "1" || v == "2" || v == "4" || v == "8" || v == "16",
+                    check_message("pyfinetune.", op, ": PYFINETUNE_KD_CUDA_SPLIT must be one of 1, 2, 4, 8, 16 (or "
+                                  "unset: the launch's choice), got '", v, "'"));
+  return std::stoi(v);
+}
+
 struct KdLaunchOptions {
   bool cap_registers;
   bool persistent;
+  int split;  // kd_split_setting
 };
 
 template <typename ST, typename TT, int kDiv, bool kTopK>
 void launch_kd_variant(const KdArgs& args, int64_t N, const KdLaunchOptions& opt) {
   if constexpr (std::is_same_v<ST, at::BFloat16> && std::is_same_v<TT, at::BFloat16> && !kTopK) {
     if (opt.persistent && opt.cap_registers) {
-      launch_kd<ST, TT, kDiv, kTopK, 3, true>(args, N);
+      launch_kd<ST, TT, kDiv, kTopK, 3, true>(args, N, opt.split);
     } else if (opt.persistent) {
-      launch_kd<ST, TT, kDiv, kTopK, 0, true>(args, N);
+      launch_kd<ST, TT, kDiv, kTopK, 0, true>(args, N, opt.split);
     } else if (opt.cap_registers) {
-      launch_kd<ST, TT, kDiv, kTopK, 3>(args, N);
+      launch_kd<ST, TT, kDiv, kTopK, 3>(args, N, opt.split);
     } else {
-      launch_kd<ST, TT, kDiv, kTopK>(args, N);
+      launch_kd<ST, TT, kDiv, kTopK>(args, N, opt.split);
     }
     return;
   }
-  launch_kd<ST, TT, kDiv, kTopK>(args, N);
+  launch_kd<ST, TT, kDiv, kTopK>(args, N, opt.split);
 }
 
 template <bool kTopK>
@@ -1403,12 +1433,15 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   const std::optional<bool> cap_set = kd_cap_registers_setting(op);
   const bool persistent = kd_persistent_setting(op).value_or(false);
   const bool l2_prefetch = kd_l2_prefetch_setting(op).value_or(true);
+  const int split = kd_split_setting(op);
   const c10::cuda::CUDAGuard device_guard(student.device());
   const bool fast_auto = kd_fast_path_auto(student, teacher, indices, div, need_grad);  // the student's device
   const bool prefetch = prefetch_set.value_or(fast_auto);
   const bool cap_registers = cap_set.value_or(fast_auto);
   const int64_t N = student.size(0);
   const int64_t V = student.size(1);
+  PF_CHECK(N * split <= std::numeric_limits<int32_t>::max(), op, "student has too many rows (N = ", N,
+           ") for PYFINETUNE_KD_CUDA_SPLIT=", split, ": at most (2^31 - 1) / ", split, " on CUDA");
   at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
   // In place: each block writes the gradient of its own slice only, in the gradient pass, where
   // every element is read (again, or from the cache filled by the same thread) just before it is
@@ -1445,7 +1478,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   // On the float temperature, as the CPU kernel decides (small_integer_temperature).
   const float tf = args.kp.temperature;
   args.t_pow = tf == 2.0f ? 2 : (tf == 3.0f ? 3 : (tf == 4.0f ? 4 : 0));
-  const KdLaunchOptions opt{cap_registers, persistent};
+  const KdLaunchOptions opt{cap_registers, persistent, split};
   if (indices != nullptr) {
     dispatch_kd<true>(student, teacher, div, args, N, opt);
   } else {
