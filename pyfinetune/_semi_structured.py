@@ -16,7 +16,7 @@ at the end with ``pyfinetune.prune.sparsify(model, layout="2:4")``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,44 @@ from torch import Tensor, nn
 __all__ = ["SemiStructuredLinear", "check_two_four"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
+# cuSPARSELt's algorithm ids are 0 .. max - 1 for a given product (max depends on the GPU and the
+# shapes, a handful on an H100); an id past the last is refused, which ends the search.
+_MAX_ALG_IDS = 32
+
+
+def _pick_fastest(set_alg: Callable[[int], None], run: Callable[[], Any], time_ms: Callable[[Callable[[], Any]], float],
+                  max_ids: int = _MAX_ALG_IDS) -> Dict[str, Any]:
+    """Times ``run`` under ``set_alg(i)`` for i = 0, 1, ... until an id is refused (RuntimeError or
+    ValueError) or ``max_ids``, and leaves the fastest id set. Id 0 (the default) must run: its
+    error propagates. Returns {"alg_id": fastest, "ms": {id: median ms}}."""
+    ms: Dict[int, float] = {}
+    for alg in range(max_ids):
+        set_alg(alg)
+        try:
+            ms[alg] = time_ms(run)
+        except (RuntimeError, ValueError):
+            if alg == 0:
+                raise
+            break
+    best = min(ms, key=ms.__getitem__)
+    set_alg(best)
+    return {"alg_id": best, "ms": ms}
+
+
+def _cuda_time_ms(fn: Callable[[], Any], reps: int, warmup: int) -> float:
+    """The median of ``reps`` CUDA-event timings of fn() after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
 
 
 def check_two_four(mask: Tensor, name: str = "mask") -> None:
@@ -105,6 +143,33 @@ class SemiStructuredLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         y = F.linear(x2, self.weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def tune(self, rows: int, *, reps: int = 5, warmup: int = 2) -> Dict[str, Any]:
+        """Pick the fastest cuSPARSELt algorithm for inputs of ``rows`` rows (the flattened batch the
+        layer will see) by timing this layer's forward with each of them on this GPU; the choice
+        stays with the weight (``weight.alg_id_cusparselt``, part of its state). PyTorch uses
+        algorithm 0 unless told otherwise, whatever the shapes. Returns {"backend", "alg_id",
+        "ms": {algorithm id: median ms}}; with the CUTLASS backend (no algorithm to choose,
+        ``torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS``) nothing is timed and
+        "alg_id" is None. Every algorithm computes the same product up to the order of its float32
+        sums."""
+        if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+            raise ValueError(f"SemiStructuredLinear.tune: rows must be a positive int, got {rows!r}")
+        if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
+            raise ValueError(f"SemiStructuredLinear.tune: reps must be a positive int, got {reps!r}")
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise ValueError(f"SemiStructuredLinear.tune: warmup must be an int >= 0, got {warmup!r}")
+        w = self.weight
+        if not isinstance(w, torch.sparse.SparseSemiStructuredTensorCUSPARSELT):
+            return {"backend": type(w).__name__, "alg_id": None, "ms": {}}
+        x = torch.randn(rows, self.in_features, device=w.device, dtype=w.dtype)
+
+        def set_alg(alg: int) -> None:
+            w.alg_id_cusparselt = alg
+
+        with torch.no_grad(), torch.cuda.device(w.device):
+            result = _pick_fastest(set_alg, lambda: self(x), lambda fn: _cuda_time_ms(fn, reps, warmup))
+        return {"backend": "cusparselt", **result}
 
     def to_dense(self) -> Tensor:
         """The dense weight [out_features, in_features], zeros at pruned positions."""

@@ -99,3 +99,55 @@ def test_gradient_reaches_input_and_bias_not_weight():
     layer(x).float().sum().backward()
     assert x.grad is not None and layer.bias.grad is not None
     assert not layer.weight.requires_grad
+
+
+def test_pick_fastest_times_each_algorithm_until_one_is_refused():
+    # The search of SemiStructuredLinear.tune, with a fake product: ids 0..3 exist (id 4 raises, as
+    # cuSPARSELt refuses an id past its last), id 2 is the fastest and is left set.
+    from pyfinetune._semi_structured import _pick_fastest
+
+    current = {"alg": None}
+    seen = []
+
+    def set_alg(a):
+        current["alg"] = a
+
+    def run():
+        if current["alg"] >= 4:
+            raise RuntimeError("CUSPARSE_STATUS_INVALID_VALUE")
+        seen.append(current["alg"])
+
+    cost = {0: 3.0, 1: 2.5, 2: 1.0, 3: 4.0}
+    result = _pick_fastest(set_alg, run, lambda fn: (fn(), cost[current["alg"]])[1])
+    assert result == {"alg_id": 2, "ms": cost} and current["alg"] == 2 and seen == [0, 1, 2, 3]
+    # The default id itself failing is an error, not a silent choice.
+    current["alg"] = None
+    with pytest.raises(RuntimeError, match="INVALID"):
+        _pick_fastest(set_alg, lambda: (_ for _ in ()).throw(RuntimeError("INVALID")), lambda fn: fn())
+    # A cap on the ids tried.
+    assert _pick_fastest(set_alg, lambda: None, lambda fn: 1.0, max_ids=3) == {"alg_id": 0, "ms": {0: 1.0, 1: 1.0,
+                                                                                                 2: 1.0}}
+
+
+@needs_sparse_tc
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tune_keeps_the_product_and_its_choice(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(256, 512, device="cuda", dtype=dtype)
+    m = two_four_mask(256, 512, seed=2).cuda()
+    layer = SemiStructuredLinear.from_dense(w, m, torch.randn(256, device="cuda", dtype=dtype))
+    x = torch.randn(128, 512, device="cuda", dtype=dtype)
+    before = layer(x)
+    result = layer.tune(128, reps=2, warmup=1)
+    if result["alg_id"] is None:  # the CUTLASS backend: nothing to choose
+        assert result["ms"] == {} and result["backend"] != "cusparselt"
+        return
+    assert result["backend"] == "cusparselt" and 0 in result["ms"]
+    assert result["alg_id"] == min(result["ms"], key=result["ms"].get)
+    assert layer.weight.alg_id_cusparselt == result["alg_id"]
+    # Another algorithm: the same product up to the order of float32 sums.
+    torch.testing.assert_close(layer(x), before, rtol=2 ** -7, atol=1e-2)
+    with pytest.raises(ValueError, match="rows must be a positive int"):
+        layer.tune(0)
+    with pytest.raises(ValueError, match="reps must be a positive int"):
+        layer.tune(8, reps=0)
