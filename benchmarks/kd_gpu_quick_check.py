@@ -223,6 +223,23 @@ for cap, prefetch in (("1", "0"), ("1", "1"), ("0", "0")):
 os.environ.pop("PYFINETUNE_KD_CUDA_PREFETCH")
 os.environ.pop("PYFINETUNE_KD_CUDA_CAP_REGISTERS")
 
+# PYFINETUNE_KD_CUDA_PERSISTENT (experimental): a grid of the resident rows only, each block or
+# cluster looping over rows and prefetching its next row's slice to L2 (bfloat16 kernels without a
+# top-k teacher); more rows than an H100 holds at once (~50 clusters of the 128256-column rows,
+# thousands of blocks of the short ones). And PYFINETUNE_KD_CUDA_SPLIT=16 (16-block clusters, a
+# non-portable size), alone and with it. tests/test_kd_cuda_persistent.py compares their bits.
+for env in ({"PYFINETUNE_KD_CUDA_PERSISTENT": "1"}, {"PYFINETUNE_KD_CUDA_SPLIT": "16"},
+            {"PYFINETUNE_KD_CUDA_PERSISTENT": "1", "PYFINETUNE_KD_CUDA_SPLIT": "16"}):
+    os.environ.update(env)
+    label = " ".join(f"{k.replace('PYFINETUNE_KD_CUDA_', '').lower()}={v}" for k, v in env.items())
+    for div in DIVS:
+        run(f"{label} bf16 N=160 V=128256 {div}", dense(160, 128256, bf16, bf16, div=div, T=2.0))
+        run(f"{label} short rows bf16 N=9000 V=301 {div}", dense(9000, 301, bf16, bf16, div=div))
+        run(f"{label} in place {div} N=130 V=128256 bf16", inplace(130, 128256, bf16, div, 2.0))
+        run(f"{label} sliced student bf16 offset 3 N=300 V=1003 {div}", dense(300, 1003, bf16, bf16, div=div, offset=3))
+    for k in env:
+        os.environ.pop(k)
+
 LINEAR_SHAPE = (4096, 4096, 128256) if dev == "cuda" else (64, 32, 1000)
 run("fused linear bf16 tensor-core path N={} H={} V={}".format(*LINEAR_SHAPE), linear_bf16(*LINEAR_SHAPE))
 
