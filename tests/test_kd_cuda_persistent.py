@@ -81,12 +81,31 @@ def test_many_rows_one_block_each(monkeypatch, divergence, need_grad, capped):
     _assert_same_bits(monkeypatch, lambda: _fwd(s, t, lab, need_grad, divergence=divergence))
 
 
+@pytest.mark.parametrize("capped", ["0", "1"], ids=["uncapped", "capped"])
+def test_block_size_is_the_default_kernels(monkeypatch, capped):
+    # Rows of 8192 (a 32 KB cache, several blocks per SM): the block size comes from the occupancy
+    # of the one-row-per-block kernel, not of the persistent one (more registers), else another
+    # block size and another order of the row sums (seen in review for an A100 at this size).
+    monkeypatch.setenv(CAP_ENV, capped)
+    s, t, lab = _case(2000, 8192, seed=12)
+    _assert_same_bits(monkeypatch, lambda: _fwd(s, t, lab, True, divergence="jsd"))
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_rows_split_over_clusters(monkeypatch, divergence):
     # The 128256-column bf16 rows of the benchmark (8 blocks per row on sm_90, ~50 rows in flight on
     # an H100): 150 rows, three or four per cluster, with the default (auto) prefetch and registers.
     s, t, lab = _case(150, 128256, seed=2)
-    _assert_same_bits(monkeypatch, lambda: _fwd(s, t, lab, True, divergence=divergence, temperature=2.0))
+    fn = lambda: _fwd(s, t, lab, True, divergence=divergence, temperature=2.0)  # noqa: E731
+    _assert_same_bits(monkeypatch, fn)
+    # That the clusters did loop: a grid of fewer rows than N, whole clusters.
+    off = _run(monkeypatch, "0", None, lambda: cuda_kernel_grids(fn, "kd_loss_kernel"))
+    on = _run(monkeypatch, "1", None, lambda: cuda_kernel_grids(fn, "kd_loss_kernel"))
+    if on is None or off is None:
+        pytest.skip("the profiler recorded no kernel grid here (no CUPTI, or under compute-sanitizer)")
+    n_split = off[0][0] // 150
+    assert off == [(150 * n_split, 1, 1)] and n_split > 1, off
+    assert len(on) == 1 and on[0][0] % n_split == 0 and 0 < on[0][0] < 150 * n_split, on
 
 
 @pytest.mark.parametrize("offset", [1, 3])

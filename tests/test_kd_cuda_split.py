@@ -11,6 +11,7 @@ splits themselves (elsewhere the variable is ignored: checked to give the defaul
 import pytest
 import torch
 
+from conftest import cuda_kernel_grids
 from pyfinetune.losses import kd_loss
 from reference_kd import assert_inplace_matches, assert_refused_before_write
 from test_kd_loss import check
@@ -41,6 +42,21 @@ def test_bf16_rows_match_reference(monkeypatch, split, divergence):
     monkeypatch.setenv(ENV, split)
     s, t, lab = _case(5, 128256, seed=1)
     check(s, t, lab, dtype=torch.bfloat16, torch_lowp=True, divergence=divergence, temperature=2.0, alpha=0.5)
+
+
+@pytest.mark.parametrize("split", ["2", "16"])
+def test_the_split_is_the_launch(monkeypatch, split):
+    # The grid holds split blocks per row (sm_90), not a silent fallback to one block per row.
+    if not _sm90():
+        pytest.skip("splits are cluster launches: sm_90 only")
+    monkeypatch.setenv(ENV, split)
+    s, t, lab = _case(5, 128256, seed=7)
+    grids = cuda_kernel_grids(lambda: torch.ops.pyfinetune.kd_loss_fwd(
+        s, t, lab, temperature=2.0, alpha=0.5, divergence="forward_kl", beta=0.5, ignore_index=-100, need_grad=True,
+        grad_scale=1.0), "kd_loss_kernel")
+    if grids is None:
+        pytest.skip("the profiler recorded no kernel grid here (no CUPTI, or under compute-sanitizer)")
+    assert grids == [(5 * int(split), 1, 1)], f"{ENV}={split}: grid {grids} (a refused cluster size falls back to 1)"
 
 
 @pytest.mark.parametrize("split", SPLITS)

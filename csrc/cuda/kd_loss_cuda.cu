@@ -888,7 +888,8 @@ __device__ C10_ALWAYS_INLINE void prefetch_l2(const void* p, int64_t bytes, int 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (aligned16(p, 0) && bytes % 16 == 0 && bytes <= std::numeric_limits<uint32_t>::max()) {
     if (tid == 0) {
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(static_cast<uint32_t>(bytes))
+      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(__cvta_generic_to_global(p)),
+                   "r"(static_cast<uint32_t>(bytes))
                    : "memory");
     }
     return;
@@ -898,14 +899,19 @@ __device__ C10_ALWAYS_INLINE void prefetch_l2(const void* p, int64_t bytes, int 
   const uintptr_t first = reinterpret_cast<uintptr_t>(c) & ~uintptr_t{127};
   const int64_t lines = static_cast<int64_t>((reinterpret_cast<uintptr_t>(c) + bytes - 1 - first) / 128) + 1;
   for (int64_t l = tid; l < lines; l += nthreads) {
-    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(reinterpret_cast<const void*>(first + l * 128)));
+    const void* line = reinterpret_cast<const void*>(first + l * 128);
+    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(__cvta_generic_to_global(line)));
   }
 }
 
 // KdArgs::l2_prefetch: the slice of `row` that block `rank` reads (its vectors; the head and tail
-// are a few elements) of the student and, without a top-k teacher, of the teacher.
+// are a few elements) of the student and, without a top-k teacher, of the teacher. Nothing for an
+// ignored row (its gradient is zeros: nothing of it is read).
 template <typename ST, typename TT, bool kTopK, int VEC>
 __device__ void prefetch_row_slice(const KdArgs& a, int64_t row, int rank, int tid, int nthreads) {
+  if (a.labels != nullptr && a.labels[row * a.label_stride] == a.ignore_index) {
+    return;
+  }
   const ST* s = static_cast<const ST*>(a.student) + row * a.s_stride;
   const TT* t = static_cast<const TT*>(a.teacher) + row * a.t_stride;
   // The split kd_row will use (the head depends on the gradient's alignment too).
@@ -995,13 +1001,15 @@ __device__ C10_ALWAYS_INLINE void kd_row(const KdArgs& a, int64_t row, int rank,
 // Block b of the grid works on row b / n_split as block b % n_split of the row's blocks.
 // kPersistent (PYFINETUNE_KD_CUDA_PERSISTENT): the grid holds only the rows that can be resident,
 // R = gridDim.x / n_split, and block b takes rows b / n_split, b / n_split + R, ...; with
-// KdArgs::l2_prefetch it first asks L2 for its slice of its next row, so that the next pass 1 reads
-// from L2 while this row's reductions, cluster barriers and gradient writes leave the memory bus
-// idle. Every row is uniform over its blocks (the ignored row's early return included), so the
-// barriers of one row are reached by all of them; the barrier between rows keeps a block's threads
-// on one row (its shared reductions and top-k fix-ups) at a time. A separate instantiation: with the
-// loop in every kernel ptxas kept more values live (sm_90, nvcc 13.0: the float32 kernels went from
-// 48 to 94 registers, the capped bfloat16 ones spilled), fewer blocks per SM on the default path.
+// KdArgs::l2_prefetch it first asks L2 for its slice of its next row (asked at the start of this
+// one, the longest lead: the copy from HBM runs under this row's whole time, its pass 1 reading
+// what the previous row asked for from L2, its reductions, cluster barriers and gradient writes,
+// where the memory bus would otherwise idle). Every row is uniform over its blocks (the ignored row's
+// early return included), so the barriers of one row are reached by all of them; the barrier between
+// rows keeps a block's threads on one row (its shared reductions and top-k fix-ups) at a time. A
+// separate instantiation: with the loop in every kernel ptxas kept more values live (sm_90, nvcc 13.0:
+// the float32 kernels went from 48 to 94 registers, the capped bfloat16 ones spilled), fewer blocks
+// per SM on the default path.
 template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0, bool kPersistent = false>
 __global__ void __launch_bounds__(kMinBlocks > 0 ? kCappedThreads : kMaxThreads, kMinBlocks)
     kd_loss_kernel(const KdArgs a) {
@@ -1241,16 +1249,32 @@ int64_t resident_block_rows(Kernel kernel, const LaunchPlan& plan, const cudaDev
   return static_cast<int64_t>(blocks) * prop.multiProcessorCount;
 }
 
+// One kernel instantiation's limits, per device (shared by every launch of that kernel).
+template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks, bool kPersistent>
+KernelLimits* limits_of() {
+  static KernelLimits limits[C10_COMPILE_TIME_MAX_GPUS];
+  return limits;
+}
+
 // forced_split: PYFINETUNE_KD_CUDA_SPLIT (0: plan_launch's choice); with clusters only.
 template <typename ST, typename TT, int kDiv, bool kTopK, int kMinBlocks = 0, bool kPersistent = false>
 void launch_kd(KdArgs args, int64_t N, int forced_split) {
   constexpr int VEC = vec_width<ST, TT>();
   auto kernel = kd_loss_kernel<ST, TT, kDiv, kTopK, kMinBlocks, kPersistent>;
-  static KernelLimits limits[C10_COMPILE_TIME_MAX_GPUS];  // per instantiation, per device
+  KernelLimits* limits = limits_of<ST, TT, kDiv, kTopK, kMinBlocks, kPersistent>();
+  // The block size is the one-row-per-block kernel's choice for the persistent one too: chosen by
+  // the persistent kernel's own occupancy (more registers) it could differ, and so would the order
+  // of the row sums (an A100 at V ~ 8K: 128 threads instead of 256).
+  auto twin = kd_loss_kernel<ST, TT, kDiv, kTopK, kMinBlocks, false>;
+  KernelLimits* twin_limits = limits_of<ST, TT, kDiv, kTopK, kMinBlocks, false>();
   const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
   // Clusters need the sm_90 code of the kernel (ptxVersion is the arch the code was compiled for).
   const int ptx_version = kernel_limits(limits, kernel, 0).ptx_version;
   const bool clusters = prop.major >= 9 && ptx_version >= 90;
+  if (clusters && forced_split > 0) {
+    PF_CHECK(N * forced_split <= std::numeric_limits<int32_t>::max(), "kd_loss", "student has too many rows (N = ", N,
+             ") for PYFINETUNE_KD_CUDA_SPLIT=", forced_split, ": at most (2^31 - 1) / ", forced_split, " on CUDA");
+  }
   args.prefetch = args.prefetch && prop.major >= 8 && ptx_version >= 80;  // cp.async: sm_80 code
   const bool reread = args.need_grad || (kDiv == km::kJSD && !kTopK);
   const size_t bytes_per_vec = sizeof(RawVec<ST, VEC>) + (kTopK ? 0 : sizeof(RawVec<TT, VEC>));
@@ -1259,13 +1283,17 @@ void launch_kd(KdArgs args, int64_t N, int forced_split) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (int attempt = 0; attempt < 2; ++attempt) {
     kernel_limits(limits, kernel, plan.smem);
+    if constexpr (kPersistent) {
+      kernel_limits(twin_limits, twin, plan.smem);
+    }
     if constexpr (kMinBlocks > 0) {
       plan.threads = std::min(plan.threads, kCappedThreads);  // its launch bounds (any block size works)
     }
-    plan.threads = std::min(threads_for_occupancy(kernel, plan), kMinBlocks > 0 ? kCappedThreads : kMaxThreads);
+    plan.threads = std::min(threads_for_occupancy(twin, plan), kMinBlocks > 0 ? kCappedThreads : kMaxThreads);
     args.n_split = plan.n_split;
     args.cache_vecs = plan.cache_vecs;
-    args.n_rows = static_cast<int>(N);  // N * kMaxSplit < 2^31 (check_kd_args)
+    // N * n_split < 2^31: check_kd_args (n_split <= kMaxSplit), above (a forced split).
+    args.n_rows = static_cast<int>(N);
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3(static_cast<unsigned>(N * plan.n_split));
     config.blockDim = dim3(static_cast<unsigned>(plan.threads));
@@ -1440,8 +1468,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_impl(const char* op, const at::Tensor
   const bool cap_registers = cap_set.value_or(fast_auto);
   const int64_t N = student.size(0);
   const int64_t V = student.size(1);
-  PF_CHECK(N * split <= std::numeric_limits<int32_t>::max(), op, "student has too many rows (N = ", N,
-           ") for PYFINETUNE_KD_CUDA_SPLIT=", split, ": at most (2^31 - 1) / ", split, " on CUDA");
   at::Tensor loss = at::empty({N}, student.options().dtype(at::kFloat));
   // In place: each block writes the gradient of its own slice only, in the gradient pass, where
   // every element is read (again, or from the cache filled by the same thread) just before it is
