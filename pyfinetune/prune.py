@@ -1610,7 +1610,7 @@ def _replace_layers(model: nn.Module, old_cls, convert, where: str, skip: Option
     return model
 
 
-def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
+def sparsify(model: nn.Module, layout: str = "csr", *, tune_rows: Optional[int] = None) -> nn.Module:
     """Replace every masked ``nn.Linear`` of ``model`` by a layer holding only the kept weights,
     for fast sparse fine-tuning and inference. Masked ``nn.Conv2d`` layers stay as they are. In place.
 
@@ -1621,6 +1621,10 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
             ``"2:4"``: :class:`pyfinetune._semi_structured.SemiStructuredLinear` (PyTorch's 2:4
             semi-structured sparse tensors on sparse tensor cores: CUDA sm80+, float16/bfloat16,
             masks from ``pattern="2:4"``; the sparse weight is frozen).
+        tune_rows: ``"2:4"`` only: tune each new layer for inputs of this many rows (the flattened
+            batch, e.g. batch x sequence length): ``SemiStructuredLinear.tune`` times PyTorch's
+            cuSPARSELt algorithms on this GPU and keeps the fastest (PyTorch runs algorithm 0 for
+            every shape). None (default): no tuning.
 
     Returns:
         the model (a new module when ``model`` itself is a masked ``nn.Linear``).
@@ -1628,6 +1632,11 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
     _check_model("sparsify", model)
     if layout not in ("csr", "2:4"):
         raise ValueError(f'sparsify: layout must be "csr" or "2:4", got {layout!r}')
+    if tune_rows is not None:
+        if not isinstance(tune_rows, int) or isinstance(tune_rows, bool) or tune_rows < 1:
+            raise ValueError(f"sparsify: tune_rows must be None or a positive int, got {tune_rows!r}")
+        if layout != "2:4":
+            raise ValueError(f'sparsify: tune_rows applies to layout="2:4" (cuSPARSELt algorithms), got layout={layout!r}')
     if any(_has_torch_pruning(m) for m in model.modules()):
         adopt_torch_pruning(model)
     if layout == "csr":
@@ -1638,7 +1647,10 @@ def sparsify(model: nn.Module, layout: str = "csr") -> nn.Module:
         raise ValueError(f'sparsify: layout must be "csr" or "2:4", got {layout!r}')
     def convert(module):
         bias = None if module.bias is None else module.bias.detach()
-        return sparse_cls.from_dense(effective_weight(module).detach(), module.weight_mask, bias)
+        new = sparse_cls.from_dense(effective_weight(module).detach(), module.weight_mask, bias)
+        if tune_rows is not None:
+            new.tune(tune_rows)
+        return new
 
     # A layer whose weight another module also holds (tied input embedding and output head) stays
     # masked and dense: a SparseLinear has a weight of its own, which would silently untie them.

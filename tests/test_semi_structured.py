@@ -151,3 +151,37 @@ def test_tune_keeps_the_product_and_its_choice(dtype):
         layer.tune(0)
     with pytest.raises(ValueError, match="reps must be a positive int"):
         layer.tune(8, reps=0)
+
+
+@pytest.mark.parametrize("layout, tune_rows, match", [
+    ("2:4", 0, "tune_rows must be None or a positive int, got 0"),
+    ("2:4", 2.5, "tune_rows must be None or a positive int, got 2.5"),
+    ("2:4", True, "tune_rows must be None or a positive int, got True"),
+    ("csr", 64, 'tune_rows applies to layout="2:4"'),
+])
+def test_sparsify_tune_rows_is_checked_before_any_replacement(layout, tune_rows, match):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    prune.magnitude_prune(model, 0.5, exclude=None)
+    with pytest.raises(ValueError, match=match):
+        prune.sparsify(model, layout=layout, tune_rows=tune_rows)
+    assert all(isinstance(m, prune.MaskedLinear) for m in model)  # nothing replaced
+
+
+@needs_sparse_tc
+def test_sparsify_tunes_each_layer(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64)).cuda().half()
+    prune.magnitude_prune(model, 0.5, pattern="2:4", exclude=None)
+    x = torch.randn(96, 256, device="cuda", dtype=torch.float16)
+    ref = model(x)
+    calls = []
+    original = SemiStructuredLinear.tune
+
+    def spy(self, rows, **kw):
+        calls.append(rows)
+        return original(self, rows, **kw)
+
+    monkeypatch.setattr(SemiStructuredLinear, "tune", spy)
+    prune.sparsify(model, layout="2:4", tune_rows=96)
+    assert calls == [96, 96]
+    torch.testing.assert_close(model(x), ref, rtol=2e-2, atol=2e-2)
