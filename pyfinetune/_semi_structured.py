@@ -49,20 +49,14 @@ def _pick_fastest(set_alg: Callable[[int], None], run: Callable[[], Any], time_m
     return {"alg_id": best, "ms": ms}
 
 
-def _cuda_time_ms(fn: Callable[[], Any], reps: int, warmup: int) -> float:
-    """The median of ``reps`` CUDA-event timings of fn() after ``warmup`` calls."""
+def _cuda_time_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> float:
+    """The median of ``reps`` CUDA-event timings of fn() after ``warmup`` calls (the benchmarks'
+    timer, one call per sample)."""
+    from .benchmarks import common
+
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return common.percentile([common._time_one(fn, device, 1) for _ in range(reps)], 50)
 
 
 def check_two_four(mask: Tensor, name: str = "mask") -> None:
@@ -168,7 +162,7 @@ class SemiStructuredLinear(nn.Module):
             w.alg_id_cusparselt = alg
 
         with torch.no_grad(), torch.cuda.device(w.device):
-            result = _pick_fastest(set_alg, lambda: self(x), lambda fn: _cuda_time_ms(fn, reps, warmup))
+            result = _pick_fastest(set_alg, lambda: self(x), lambda fn: _cuda_time_ms(fn, w.device, reps, warmup))
         return {"backend": "cusparselt", **result}
 
     def to_dense(self) -> Tensor:
