@@ -71,8 +71,9 @@ boxed() {
 } > "$OUT/summary.md"
 
 # Rivals the benchmarks compare with when installed, which a GPU machine without network access
-# cannot download: wheels put in build/rivals/ beforehand (pip download liger-kernel --no-deps -d
-# build/rivals) and carried along with the tree.
+# cannot download: wheels put in build/rivals/ beforehand (pip download liger-kernel torchao --no-deps
+# -d build/rivals: Liger-Kernel for bench_kd, torchao's 2:4 for bench_semi_structured) and carried
+# along with the tree.
 if ls build/rivals/*.whl > /dev/null 2>&1; then
   if $PY -m pip install --no-deps --no-index build/rivals/*.whl > "$OUT/rivals.log" 2>&1; then
     echo "- rivals installed: $(cd build/rivals && ls *.whl | tr '\n' ' ')" >> "$OUT/summary.md"

@@ -185,3 +185,41 @@ def test_sparsify_tunes_each_layer(monkeypatch):
     prune.sparsify(model, layout="2:4", tune_rows=96)
     assert calls == [96, 96]
     torch.testing.assert_close(model(x), ref, rtol=2e-2, atol=2e-2)
+
+
+# The torchao rival of bench_semi_structured (``torchao.sparsity.sparsify_`` with its 2:4 config).
+
+def test_torchao_rival_reports_a_missing_torchao(monkeypatch):
+    from pyfinetune.benchmarks.semi_structured import torchao_two_four
+
+    monkeypatch.setitem(__import__("sys").modules, "torchao.sparsity", None)  # import refused
+    layer, why = torchao_two_four(torch.randn(8, 16), None)
+    assert layer is None and why.startswith("torchao not importable (ModuleNotFoundError"), why
+
+
+def test_torchao_rival_reports_a_refusal():
+    pytest.importorskip("torchao.sparsity")
+    from pyfinetune.benchmarks.semi_structured import torchao_two_four
+
+    if HAS_SPARSE_TC:
+        pytest.skip("torchao's 2:4 refuses only tensors off a sparse-tensor-core GPU")
+    layer, why = torchao_two_four(torch.randn(8, 16), torch.randn(8))
+    assert layer is None and why.startswith("torchao sparsify_ failed ("), why
+
+
+@needs_sparse_tc
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torchao_rival_computes_the_same_product(dtype):
+    pytest.importorskip("torchao.sparsity")
+    from pyfinetune.benchmarks.semi_structured import torchao_two_four
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 512, device="cuda", dtype=dtype)
+    w = torch.where(two_four_mask(256, 512, seed=3).cuda(), w, torch.zeros((), device="cuda", dtype=dtype))
+    b = torch.randn(256, device="cuda", dtype=dtype)
+    layer, why = torchao_two_four(w, b)
+    assert why is None and layer is not None, why
+    x = torch.randn(64, 512, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
+        torch.testing.assert_close(layer(x).double(), ref, rtol=2 ** -7, atol=2e-2)

@@ -10,7 +10,11 @@ Contenders, interleaved round-robin (``common.time_interleaved``), forward only 
     sparse tensor, cuSPARSELt / CUTLASS), as built;
   * ``ours 2:4 tuned``: the same after ``SemiStructuredLinear.tune(N)`` (the fastest cuSPARSELt
     algorithm for this batch, timed on this GPU; PyTorch's default is algorithm 0 whatever the
-    shapes).
+    shapes);
+  * ``torchao 2:4``: when torchao is installed, an ``nn.Linear`` holding the pruned weight after
+    ``torchao.sparsity.sparsify_(layer, SemiSparseWeightConfig())``, torchao's 2:4 inference path
+    (a rival named in the developers' brief; its output is checked against the dense product
+    before it is timed, and a failure to build it is reported, not fatal).
 Target (issue #4): 2:4 at least 1.2x the dense product at 8192 x 8192 (fp16, H100).
 Results: ``benchmarks/results/semi24-cuda-<stamp>.{json,md}``.
 """
@@ -30,6 +34,41 @@ from . import common
 from .common import Contender
 
 TARGET = 1.2
+TORCHAO = "torchao 2:4"
+
+
+def _torchao_version() -> Optional[str]:
+    try:
+        from importlib.metadata import version
+        return version("torchao")
+    except Exception:
+        return None
+
+
+def torchao_two_four(w_pruned: torch.Tensor, b: Optional[torch.Tensor]):
+    """``(layer, None)``: an ``nn.Linear`` of ``w_pruned`` / ``b`` sparsified by torchao's
+    ``sparsify_(..., SemiSparseWeightConfig())``; or ``(None, why)`` when torchao is missing or
+    refuses (an older torchao names the config ``semi_sparse_weight``, both are tried)."""
+    try:
+        from torchao.sparsity import sparsify_
+        try:
+            from torchao.sparsity import SemiSparseWeightConfig as config
+        except ImportError:
+            from torchao.sparsity import semi_sparse_weight as config
+    except Exception as e:  # ImportError, or a torchao built for another torch failing at import
+        return None, f"torchao not importable ({type(e).__name__}: {e})"
+    layer = torch.nn.Linear(w_pruned.shape[1], w_pruned.shape[0], bias=b is not None,
+                            device=w_pruned.device, dtype=w_pruned.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(w_pruned)
+        if b is not None:
+            layer.bias.copy_(b)
+    layer.requires_grad_(False)
+    try:
+        sparsify_(layer, config())
+    except Exception as e:
+        return None, f"torchao sparsify_ failed ({type(e).__name__}: {e})"
+    return layer, None
 
 
 def two_four_mask(w: torch.Tensor) -> torch.Tensor:
@@ -50,18 +89,29 @@ def run_case(n: int, m: int, k: int, dtype: torch.dtype, reps: int, warmup: int,
     layer = SemiStructuredLinear.from_dense(w, mask, b)
     tuned = SemiStructuredLinear.from_dense(w, mask, b)
     tune = tuned.tune(n)
+    ao, ao_note = torchao_two_four(w_pruned, b)
     with torch.no_grad():
         ref = F.linear(x, w_pruned, b).float()
         err = max((layer(x).float() - ref).abs().max().item(), (tuned(x).float() - ref).abs().max().item())
+        if ao is not None:
+            try:
+                ao_err = (ao(x).float() - ref).abs().max().item()
+            except Exception as e:
+                ao, ao_note = None, f"torchao's layer failed ({type(e).__name__}: {e})"
+            else:
+                if not ao_err <= 2 * err + 1e-2:  # the same product; NaN refused too
+                    ao, ao_note = None, f"torchao's output differs from the dense product by {ao_err:.3g}: not timed"
     contenders = [
         Contender("dense", lambda: F.linear(x, w_pruned, b)),
         Contender("ours 2:4", lambda: layer(x)),
         Contender("ours 2:4 tuned", lambda: tuned(x)),
     ]
+    if ao is not None:
+        contenders.append(Contender(TORCHAO, lambda: ao(x)))
     with torch.no_grad():
         timings = common.time_interleaved(contenders, reps=reps, warmup=warmup, device=device, calls_per_rep=5)
     ratio = timings["dense"].median / timings["ours 2:4"].median
-    return timings, ratio, err, tune
+    return timings, ratio, err, tune, ao_note
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -83,29 +133,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines = ["# 2:4 semi-structured linear vs dense (cuda)", "", common.machine_summary(info), "",
              f"{reps} timed rounds of 5 calls after {warmup} warm-up rounds, interleaved; ratio = dense median / ours.",
              "", "| x [N, K] | weight [M, K] | dtype | dense ms | ours 2:4 ms | ratio | tuned ms (algorithm) | tuned ratio | "
-             "max abs diff | target | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "torchao 2:4 ms | tuned vs torchao | max abs diff | target | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     record = {"benchmark": "semi24", "device": device.type, "when": when, "machine": info,
-              "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "calls_per_rep": 5, "target": TARGET},
+              "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "calls_per_rep": 5, "target": TARGET,
+                         "torchao": _torchao_version()},
               "cases": []}
     for n, m, k in ((8192, 8192, 8192), (2048, 8192, 8192)):
         for dtype in (torch.float16, torch.bfloat16):
-            timings, ratio, err, tune = run_case(n, m, k, dtype, reps, warmup, device)
+            timings, ratio, err, tune, ao_note = run_case(n, m, k, dtype, reps, warmup, device)
             d, o, t = timings["dense"], timings["ours 2:4"], timings["ours 2:4 tuned"]
+            ao = timings.get(TORCHAO)
             tuned_ratio = d.median / t.median
+            if ao_note and ao_note not in notes:
+                notes.append(ao_note)
             status = ("MET" if ratio >= TARGET else
                       "MET with tune()" if tuned_ratio >= TARGET else "NOT MET")
             alg = "default" if tune["alg_id"] is None else f"alg {tune['alg_id']} of {len(tune['ms'])}"
             lines.append(f"| [{n}, {k}] | [{m}, {k}] | {str(dtype).replace('torch.', '')} | {d.median:.3f} | "
-                         f"{o.median:.3f} | {ratio:.2f}x | {t.median:.3f} ({alg}) | {tuned_ratio:.2f}x | {err:.3g} | "
+                         f"{o.median:.3f} | {ratio:.2f}x | {t.median:.3f} ({alg}) | {tuned_ratio:.2f}x | "
+                         f"{'-' if ao is None else f'{ao.median:.3f}'} | "
+                         f"{'-' if ao is None else f'{ao.median / t.median:.2f}x'} | {err:.3g} | "
                          f">= {TARGET}x | {status} |")
             record["cases"].append({"n": n, "m": m, "k": k, "dtype": str(dtype), "ratio": ratio,
                                     "tuned_ratio": tuned_ratio, "tune": {"backend": tune["backend"],
                                                                          "alg_id": tune["alg_id"],
                                                                          "ms": {str(a): v for a, v in tune["ms"].items()}},
                                     "max_abs_diff": err, "dense": d.summary(), "ours": o.summary(),
-                                    "ours_tuned": t.summary()})
+                                    "ours_tuned": t.summary(),
+                                    "torchao": None if ao is None else ao.summary(), "torchao_note": ao_note})
             print(lines[-1], flush=True)
+    lines += ["", f"torchao 2:4 (torchao {_torchao_version() or 'not installed'}): "
+              "`torchao.sparsity.sparsify_(nn.Linear, SemiSparseWeightConfig())` on the same pruned weight; "
+              "tuned vs torchao = torchao ms / ours tuned ms."] + [f"- {n_}" for n_ in notes]
     md = "\n".join(lines) + "\n"
     print(md)
     if not args.no_write:
