@@ -1013,11 +1013,13 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
     def _lr_entry(group: Dict[str, Any], device: torch.device,
                   cache: Dict[Tuple[int, torch.device], Tensor]) -> Tuple[float, Optional[Tensor]]:
         """(lr as float, lr as a scalar tensor on `device` or None). A tensor lr is moved to the
-        device once per group and step, so all parameters of the group share one tensor."""
+        device once per tensor and step, so all parameters of a group (and groups sharing the lr
+        tensor) share one tensor. Keyed by the tensor's id, not the group's: torch.compile
+        (Dynamo of torch 2.11) traces id() of a tensor but not of a dict."""
         lr = group["lr"]
         if not isinstance(lr, Tensor):
             return float(lr), None
-        key = (id(group), device)
+        key = (id(lr), device)
         if key not in cache:
             cache[key] = lr.detach().to(device=device).reshape(())
         return 0.0, cache[key]
@@ -1195,6 +1197,9 @@ class SGD(_FusedPenalizedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
                         l2sp=l2sp, l1=l1, anchor_dtype=anchor_dtype, penalty_mode=penalty_mode, maximize=maximize)
         self._validate_group(defaults, "")
+        # Made here, not at the first step: torch.compile (Dynamo of torch 2.11) refuses to add an
+        # attribute to an optimizer inside a compiled step.
+        self._unstarted_buffers: set = set()
         super().__init__(params, defaults, anchor, masks)
 
     def _validate_group(self, group: Dict[str, Any], where: str) -> None:
@@ -1220,7 +1225,9 @@ class SGD(_FusedPenalizedOptimizer):
         created: List[Tensor] = []
         if planned is None:
             planned = self._build_buckets(self._collect(), created, fresh_dampened)
-            self._unstarted().difference_update(created)
+            unstarted = self._unstarted()
+            for p in created:  # not difference_update(list): Dynamo 2.11 compares tensors with == there
+                unstarted.discard(p)
             if not created:
                 self._save_plan(planned)
             elif not torch.compiler.is_compiling():
@@ -1265,8 +1272,6 @@ class SGD(_FusedPenalizedOptimizer):
     def _unstarted(self) -> set:
         """Parameters whose momentum buffer is still the zeros of init_state (FSDP2 parameters
         get theirs at construction)."""
-        if not hasattr(self, "_unstarted_buffers"):
-            self._unstarted_buffers = set()
         return self._unstarted_buffers
 
     def __getstate__(self) -> Dict[str, Any]:
