@@ -91,8 +91,9 @@ def _gcc_major():
         return None
 
 
-def _nvidia_pip_includes():
-    # cusparse.h, cublas_v2.h ... ship with torch's pip dependencies, not always with the toolkit.
+def _nvidia_pip_include_dirs():
+    # cusparse.h, cublas_v2.h ... (which torch's CUDA headers include) ship with torch's pip
+    # dependencies, not always with the toolkit.
     dirs = []
     for site in sys.path:
         for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
@@ -104,6 +105,41 @@ def _nvidia_pip_includes():
             if os.path.isdir(d) and d not in dirs:
                 dirs.append(d)
     return dirs
+
+
+def _link_missing_headers(sources, toolkit_include, folder):
+    """Fill ``folder`` with links to the entries of ``sources`` that ``toolkit_include`` lacks;
+    return the names linked. The pip wheels also carry the CUDA runtime's own headers, of their
+    CUDA release: put ahead of the toolkit's on the include path they break nvcc whenever the
+    releases differ (torch 2.15.0+cu132 beside nvcc 13.0: "CUDA compiler and CUDA toolkit headers
+    are incompatible"), so the build sees only the headers the toolkit does not have."""
+    have = set(os.listdir(toolkit_include)) if os.path.isdir(toolkit_include) else set()
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    linked = []
+    for d in sources:
+        for name in sorted(os.listdir(d)):
+            if name in have or name in linked:
+                continue
+            src, dst = os.path.join(d, name), os.path.join(folder, name)
+            try:
+                os.symlink(src, dst)
+            except OSError:  # no symlinks (Windows without the privilege): copy
+                if os.path.isdir(src):
+                    shutil.copytree(src, dst)
+                else:
+                    shutil.copy2(src, dst)
+            linked.append(name)
+    return linked
+
+
+def _nvidia_pip_includes(cuda_home):
+    sources = _nvidia_pip_include_dirs()
+    if not sources:
+        return []
+    folder = os.path.join(ROOT, "build", "pip_cuda_include")
+    linked = _link_missing_headers(sources, os.path.join(cuda_home, "include"), folder)
+    return [folder] if linked else []
 
 
 def _write_build_info(torch, with_cuda, archs, cuda_version, cpu_isa, mta_arg_bytes):
@@ -129,6 +165,25 @@ def _nvcc_version(cuda_home):
         if token.startswith("V") and token[1:2].isdigit():
             return token[1:]
     return None
+
+
+def _cuda_major_mismatch(nvcc_version, torch_cuda):
+    """Why nvcc cannot build for this torch, or None. torch's BuildExtension refuses a toolkit
+    whose major version differs from torch's CUDA (and only warns about the minor version), but
+    only once the build is under way, as a traceback; deciding here lets a plain build fall back
+    to the CPU kernels with the reason, and PYFINETUNE_FORCE_CUDA=1 fail with it."""
+    def major(version):
+        head = str(version or "").split(".")[0]
+        return int(head) if head.isdigit() else None
+
+    if nvcc_version is None:
+        return "nvcc at {cuda_home} did not report its version (nvcc --version)"
+    nvcc_major, torch_major = major(nvcc_version), major(torch_cuda)
+    if nvcc_major is None or torch_major is None or nvcc_major == torch_major:
+        return None
+    return (f"nvcc {nvcc_version} (CUDA {nvcc_major}, at {{cuda_home}}) cannot build for torch {{torch}}, "
+            f"which was built with CUDA {torch_cuda}: the major versions must match (set CUDA_HOME to a "
+            f"CUDA {torch_major}.x toolkit, or install a torch built for CUDA {nvcc_major})")
 
 
 def _arch_major(arch):
@@ -188,6 +243,11 @@ def build_extension():
         reasons.append("nvcc not found (set CUDA_HOME)")
     if force_cpu:
         reasons.append("PYFINETUNE_FORCE_CPU=1")
+    nvcc_version = _nvcc_version(cuda_home) if nvcc_found else None
+    if not reasons:
+        mismatch = _cuda_major_mismatch(nvcc_version, torch.version.cuda)
+        if mismatch:
+            reasons.append(mismatch.format(cuda_home=cuda_home, torch=torch.__version__))
     with_cuda = not reasons
     if force_cuda and not with_cuda:
         raise RuntimeError("PYFINETUNE_FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons))
@@ -228,9 +288,9 @@ def build_extension():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
         archs = [a for a in os.environ["TORCH_CUDA_ARCH_LIST"].replace(",", ";").replace(" ", ";").split(";") if a]
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        include_dirs += _nvidia_pip_includes()
+        include_dirs += _nvidia_pip_includes(cuda_home)
         define_macros.append(("PYFINETUNE_WITH_CUDA", "1"))
-        cuda_version = _nvcc_version(cuda_home)
+        cuda_version = nvcc_version
         ext_cls = cpp_extension.CUDAExtension
         extra = {
             "cxx": cxx_flags + ["-DPYFINETUNE_WITH_CUDA=1"],

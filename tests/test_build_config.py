@@ -1,11 +1,13 @@
 """setup.py's build choices that do not need a build: the kernel-argument size of the multi-tensor
-optimizer launches (csrc/include/pyfinetune/multi_tensor_apply.cuh)."""
+optimizer launches (csrc/include/pyfinetune/multi_tensor_apply.cuh), and whether nvcc can build for
+the installed torch's CUDA."""
 
 from __future__ import annotations
 
 import ast
 import os
 import pathlib
+import shutil
 
 import pytest
 
@@ -17,7 +19,7 @@ def _setup_functions(*names):
     tree = ast.parse(SETUP.read_text())
     module = ast.Module(body=[n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names],
                         type_ignores=[])
-    namespace = {"os": os}
+    namespace = {"os": os, "shutil": shutil}
     exec(compile(module, str(SETUP), "exec"), namespace)
     return [namespace[n] for n in names]
 
@@ -41,6 +43,25 @@ def mta_arg_bytes(monkeypatch):
 ])
 def test_kernel_argument_size_follows_nvcc_and_archs(mta_arg_bytes, nvcc, archs, expected):
     assert mta_arg_bytes(nvcc, archs) == expected
+
+
+@pytest.mark.parametrize("nvcc, torch_cuda, builds", [
+    ("13.0.88", "13.0", True),    # CI: torch 2.14.1+cu130
+    ("13.0.88", "13.2", True),    # torch 2.15.0+cu132: torch warns about the minor version only
+    ("12.4.131", "12.1", True),
+    ("13.0.88", "12.4", False),   # torch 2.4-2.9 from PyPI (CUDA 12) beside a CUDA 13 toolkit
+    ("12.8.93", "13.0", False),
+    (None, "13.0", False),        # nvcc that does not say its version: torch's own check fails too
+])
+def test_nvcc_major_version_must_match_torch(nvcc, torch_cuda, builds):
+    (mismatch,) = _setup_functions("_cuda_major_mismatch")
+    reason = mismatch(nvcc, torch_cuda)
+    assert (reason is None) == builds
+    if not builds:
+        text = reason.format(cuda_home="/usr/local/cuda", torch="2.4.1+cu124")
+        assert "/usr/local/cuda" in text
+        if nvcc is not None:
+            assert f"nvcc {nvcc}" in text and "2.4.1+cu124" in text and f"CUDA {torch_cuda}" in text
 
 
 def test_kernel_argument_size_environment_override(mta_arg_bytes, monkeypatch):
@@ -71,3 +92,29 @@ def test_the_ops_that_write_are_the_ones_with_autograd_rules():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfinetune::{op}", "ADInplaceOrView"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfinetune::{op}", "Autograd"), op
     assert set(OPS) == {name for name in registered if not name.startswith("_")}  # OPS lists every public op
+
+
+def test_pip_cuda_headers_never_shadow_the_toolkit(tmp_path):
+    # torch's pip wheels carry the CUDA runtime headers of torch's CUDA release beside cusparse.h
+    # and cublas: only what the toolkit lacks may reach the include path, or nvcc 13.0 meets
+    # torch 2.15.0's CUDA 13.2 headers ("CUDA compiler and CUDA toolkit headers are incompatible").
+    (link_missing,) = _setup_functions("_link_missing_headers")
+    toolkit, cu13, cu12rt, out = (tmp_path / n for n in ("toolkit", "cu13", "cu12rt", "out"))
+    for d, names in ((toolkit, ["cuda_runtime.h", "cuda_fp16.h", "cccl/"]),
+                     (cu13, ["cuda_runtime.h", "cusparse.h", "cublas_v2.h", "cccl/", "nv/"]),
+                     (cu12rt, ["cusparse.h", "cusolverDn.h"])):
+        d.mkdir()
+        for n in names:
+            if n.endswith("/"):
+                (d / n).mkdir()
+            else:
+                (d / n).write_text(f"// {d.name}/{n}\n")
+    (out).mkdir()
+    (out / "stale.h").write_text("// from an earlier build\n")
+    linked = link_missing([str(cu13), str(cu12rt)], str(toolkit), str(out))
+    assert linked == ["cublas_v2.h", "cusparse.h", "nv", "cusolverDn.h"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(linked)   # rebuilt: nothing stale
+    assert (out / "cusparse.h").read_text() == "// cu13/cusparse.h\n"  # the first source wins
+    assert (out / "nv").is_dir()
+    # a toolkit folder that does not exist: everything is taken from the wheels
+    assert len(link_missing([str(cu13)], str(tmp_path / "none"), str(out))) == 5
