@@ -188,9 +188,11 @@ template <typename T>
 void vec_jsd_uv(const KdParams<T>& k, const Vectorized<T>& log_p, const Vectorized<T>& log_q, Vectorized<T>& u,
                 Vectorized<T>* v) {
   using Vec = Vectorized<T>;
+  // x * -1 rather than -x: at::vec::Vectorized has no unary minus before torch 2.5 (same bits).
+  const Vec minus_one(T(-1));
   const Vec d = (log_p - log_q) + Vec(k.log_beta - k.log_one_minus_beta);
-  const Vec l1 = vexp(-d.abs()).log1p();
-  u = -at::vec::maximum(d, Vec(T(0))) - l1;
+  const Vec l1 = vexp(d.abs() * minus_one).log1p();
+  u = at::vec::maximum(d, Vec(T(0))) * minus_one - l1;
   if (v) {
     *v = at::vec::minimum(d, Vec(T(0))) - l1;
   }

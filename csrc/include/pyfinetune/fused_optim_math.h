@@ -105,7 +105,9 @@ C10_HOST_DEVICE inline SGDConsts<T> make_sgd_consts(double lr, double momentum, 
 // gives exact zeros inside [-t, t] and needs no sign function.
 template <typename T, typename S>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T soft_threshold(T p, S t) {
-  return p - pf_min(pf_max(p, T(-t)), T(t));
+  // hi * -1, not -hi: at::vec::Vectorized has no unary minus before torch 2.5.
+  const T hi = T(t);
+  return p - pf_min(pf_max(p, hi * T(-1)), hi);
 }
 
 // One AdamW element. p, m, v, vmax are read and written; vmax only with amsgrad. p0 is the anchor
