@@ -45,7 +45,6 @@ import numbers
 import operator
 import os
 import sys
-from collections import defaultdict
 from itertools import chain
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
@@ -1145,13 +1144,15 @@ class AdamW(_FusedPenalizedOptimizer):
 
     def _build_buckets(self, items) -> List[Tuple[Tuple, Dict[str, list]]]:
         """The kernel launches of a step: (flags, argument lists) per bucket; creates missing state."""
-        buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        buckets: Dict[Tuple, Dict[str, list]] = {}  # plain dicts: Dynamo 2.6 asserts on nested defaultdicts
         lr_cache: Dict[Tuple[int, torch.device], Tensor] = {}
         for group, p, g in items:
             state = self._init_state(p, group)
             key = (p.device, p.dtype, group["amsgrad"], group["maximize"], group["penalty_mode"] == "decoupled",
                    _is_sharded(p))
-            b = buckets[key]
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = {name: [] for name in _ADAMW_LISTS}
             b["params"].append(p)
             b["grads"].append(self._grad_like_param(p, g))
             b["exp_avgs"].append(state["exp_avg"])
@@ -1308,7 +1309,7 @@ class SGD(_FusedPenalizedOptimizer):
                        fresh_dampened: List[Tensor]) -> List[Tuple[Tuple, Dict[str, list]]]:
         """The kernel launches of a step: (flags, argument lists) per bucket; creates missing
         momentum buffers (listed in `created`, and in `fresh_dampened` where dampening != 0)."""
-        buckets: Dict[Tuple, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        buckets: Dict[Tuple, Dict[str, list]] = {}  # plain dicts: Dynamo 2.6 asserts on nested defaultdicts
         lr_cache: Dict[Tuple[int, torch.device], Tensor] = {}
         for group, p, g in items:
             state = self.state[p]
@@ -1324,7 +1325,9 @@ class SGD(_FusedPenalizedOptimizer):
                 dampening = 0.0
             key = (p.device, p.dtype, has_momentum, group["nesterov"], group["maximize"],
                    group["penalty_mode"] == "decoupled", _is_sharded(p))
-            b = buckets[key]
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = {name: [] for name in _SGD_LISTS}
             b["params"].append(p)
             b["grads"].append(self._grad_like_param(p, g))
             if has_momentum:
@@ -1363,6 +1366,11 @@ def _local_grads(sources: List[Tensor], params: List[Tensor]) -> Optional[List[O
 # The per-parameter tensor lists of a bucket (those a step passes to the kernel).
 _TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "momentum_buffers", "anchors",
                  "masks")
+
+
+# The argument lists of a launch bucket (_build_buckets); optional ones stay empty.
+_ADAMW_LISTS = ('params', 'grads', 'exp_avgs', 'exp_avg_sqs', 'max_exp_avg_sqs', 'anchors', 'masks', 'steps', 'lrs', 'lr_tensors', 'beta1s', 'beta2s', 'epss', 'weight_decays', 'l2sps', 'l1s')
+_SGD_LISTS = ('params', 'grads', 'momentum_buffers', 'anchors', 'masks', 'lrs', 'lr_tensors', 'momentums', 'dampenings', 'weight_decays', 'l2sps', 'l1s')
 
 
 def _finish_bucket(b: Dict[str, list], sharded: bool) -> Dict[str, list]:
