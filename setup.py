@@ -167,7 +167,7 @@ def _nvcc_version(cuda_home):
     return None
 
 
-def _cuda_major_mismatch(nvcc_version, torch_cuda):
+def _cuda_major_mismatch(nvcc_version, torch_cuda, cuda_home, torch_version):
     """Why nvcc cannot build for this torch, or None. torch's BuildExtension refuses a toolkit
     whose major version differs from torch's CUDA (and only warns about the minor version), but
     only once the build is under way, as a traceback; deciding here lets a plain build fall back
@@ -177,11 +177,11 @@ def _cuda_major_mismatch(nvcc_version, torch_cuda):
         return int(head) if head.isdigit() else None
 
     if nvcc_version is None:
-        return "nvcc at {cuda_home} did not report its version (nvcc --version)"
+        return f"nvcc at {cuda_home} did not report its version (nvcc --version)"
     nvcc_major, torch_major = major(nvcc_version), major(torch_cuda)
     if nvcc_major is None or torch_major is None or nvcc_major == torch_major:
         return None
-    return (f"nvcc {nvcc_version} (CUDA {nvcc_major}, at {{cuda_home}}) cannot build for torch {{torch}}, "
+    return (f"nvcc {nvcc_version} (CUDA {nvcc_major}, at {cuda_home}) cannot build for torch {torch_version}, "
             f"which was built with CUDA {torch_cuda}: the major versions must match (set CUDA_HOME to a "
             f"CUDA {torch_major}.x toolkit, or install a torch built for CUDA {nvcc_major})")
 
@@ -245,9 +245,9 @@ def build_extension():
         reasons.append("PYFINETUNE_FORCE_CPU=1")
     nvcc_version = _nvcc_version(cuda_home) if nvcc_found else None
     if not reasons:
-        mismatch = _cuda_major_mismatch(nvcc_version, torch.version.cuda)
+        mismatch = _cuda_major_mismatch(nvcc_version, torch.version.cuda, cuda_home, torch.__version__)
         if mismatch:
-            reasons.append(mismatch.format(cuda_home=cuda_home, torch=torch.__version__))
+            reasons.append(mismatch)
     with_cuda = not reasons
     if force_cuda and not with_cuda:
         raise RuntimeError("PYFINETUNE_FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons))
