@@ -1368,9 +1368,12 @@ _TENSOR_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"
                  "masks")
 
 
-# The argument lists of a launch bucket (_build_buckets); optional ones stay empty.
-_ADAMW_LISTS = ('params', 'grads', 'exp_avgs', 'exp_avg_sqs', 'max_exp_avg_sqs', 'anchors', 'masks', 'steps', 'lrs', 'lr_tensors', 'beta1s', 'beta2s', 'epss', 'weight_decays', 'l2sps', 'l1s')
-_SGD_LISTS = ('params', 'grads', 'momentum_buffers', 'anchors', 'masks', 'lrs', 'lr_tensors', 'momentums', 'dampenings', 'weight_decays', 'l2sps', 'l1s')
+# The argument lists of one launch bucket, all created up front (plain dicts: Dynamo 2.6 fails
+# on nested defaultdicts); `_finish_bucket` empties the optional ones that hold only None.
+_ADAMW_LISTS = ('params', 'grads', 'exp_avgs', 'exp_avg_sqs', 'max_exp_avg_sqs', 'anchors', 'masks', 'steps',
+                'lrs', 'lr_tensors', 'beta1s', 'beta2s', 'epss', 'weight_decays', 'l2sps', 'l1s')
+_SGD_LISTS = ('params', 'grads', 'momentum_buffers', 'anchors', 'masks', 'lrs', 'lr_tensors', 'momentums',
+              'dampenings', 'weight_decays', 'l2sps', 'l1s')
 
 
 def _finish_bucket(b: Dict[str, list], sharded: bool) -> Dict[str, list]:
@@ -1384,8 +1387,6 @@ def _finish_bucket(b: Dict[str, list], sharded: bool) -> Dict[str, list]:
         if not any(t is not None for t in b[key]):
             b[key] = []
     out = dict(b)
-    for key in ("max_exp_avg_sqs", "momentum_buffers"):
-        out.setdefault(key, [])
     if sharded:
         out["sources"] = out["params"]
         for key in _TENSOR_LISTS:
