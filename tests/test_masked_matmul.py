@@ -206,6 +206,24 @@ def test_csr_tiles_of_every_size(sparsity, k, device, dtype):
     check_against_reference("csr", x, w, make_mask(m, k, sparsity), b, g, dtype)
 
 
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.bfloat16, torch.float64]))
+def test_csr_tiles_with_empty_and_late_rows(device, dtype):
+    # Tiled patterns with rows that skip tiles: rows with no kept weight, rows whose kept weights
+    # all lie in the last tile or only in the first, in both products (the forward over the rows,
+    # dx over the columns): the CPU kernels' tile-major copies (CPUs without AVX-512) hold
+    # segments of every (tile, row), most of them empty here.
+    n, k, m = 70, 520, 150
+    x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
+    mask = make_mask(m, k, 0.5)
+    mask[3] = False
+    mask[17] = False
+    mask[5, :400] = False
+    mask[9, 100:] = False
+    mask[:, 7] = False
+    mask[:, 200:230] = False
+    check_against_reference("csr", x, w, mask, b, g, dtype)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float16]))
 def test_two_four_mask(impl, device, dtype):

@@ -162,7 +162,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_matmul_backward_cpu(const 
 // Each thread therefore keeps one buffer per slot and reuses it (grown when needed) across calls;
 // larger temporaries than kMaxScratchBytes are allocated per call with the huge-page hint instead,
 // so that a rare huge shape does not stay resident.
-enum ScratchSlot { kScratchA = 0, kScratchB = 1, kScratchC = 2, kScratchSlots = 3 };
+// A and C: the transposed operands (calling thread); B: dx's gathered values; D and E: the
+// tile-major copies of a row range (spmm_tile_major_rows); B, D and E in the worker threads.
+enum ScratchSlot { kScratchA = 0, kScratchB = 1, kScratchC = 2, kScratchD = 3, kScratchE = 4, kScratchSlots = 5 };
 constexpr int64_t kMaxScratchBytes = int64_t{64} << 20;
 
 // An uninitialized [rows, cols] tensor of `dtype` on the CPU, valid until this thread asks for
@@ -559,6 +561,179 @@ void store_block(const acc_t* buf, int64_t kPanel, int64_t r0, int64_t r1, int64
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tile-major SpMM (CPUs without the AVX-512 kernels)
+//
+// On a CPU with 32 KiB of L1 and 512 KiB of L2 per core (the AVX2-only AMD EPYC of benchmarks/
+// results/prune-cpu-20261129-*, Zen 3), the tiled walk of walk_pattern spends more on its (row,
+// tile) segments than on its FMAs: each segment finds the row's next indices and values where the
+// row's previous segment left them (a jump per row into arrays larger than L2, which the hardware
+// prefetcher does not follow), tests every index against the tile's end, and leaves its loop at
+// an unpredictable count; and it does so once per panel. A stand-alone copy of the loop (one
+// thread, N = 256, K = M = 4096, 90% sparsity, 64-float panels, 128-row tiles) took 65 ms, and
+// still 51 ms with every operand row in L1 (24 ms untiled there): the segments, not the memory.
+// Here each work item first copies its rows' kept weights in tile-major order (tile by tile, row
+// by row, values converted on the way; one pass over the entries for all panels), with the offset
+// of every (tile, row) segment, and the panels then stream through the copy: indices and values
+// read in order, each segment's length known. The same stand-alone test: 30 ms, copy included.
+// The AVX-512 kernels keep the walk (measured with it on AVX-512 CPUs, whose L2 is larger).
+
+// The tile-major copy of rows [r0, r1): segment (t, r) is entries [seg[t * rows + r],
+// seg[t * rows + r + 1]) of idx and values (offsets from the copy's start).
+template <typename acc_t>
+struct TileMajorRows {
+  const int32_t* seg;
+  const int32_t* idx;
+  const acc_t* values;
+  int64_t rows;
+  int64_t tiles;
+};
+
+// fn(r, e, e1) for every non-empty segment of the copy, tile by tile, row by row.
+template <typename acc_t, typename Fn>
+C10_ALWAYS_INLINE void for_each_segment(const TileMajorRows<acc_t>& c, const Fn& fn) {
+  for (int64_t t = 0; t < c.tiles; ++t) {
+    const int32_t* seg = c.seg + t * c.rows;
+    for (int64_t r = 0; r < c.rows; ++r) {
+      if (seg[r] < seg[r + 1]) {
+        fn(r, static_cast<int64_t>(seg[r]), static_cast<int64_t>(seg[r + 1]));
+      }
+    }
+  }
+}
+
+// Sparser patterns keep the walk: at 99% sparsity (1% density, 1024-row tiles) the copy cost more
+// than it saved (forward 6.7 ms walked, 7.5 ms tile-major: prune-cpu-20261129-0639 and -0732),
+// at 95% it gained (19.7 -> 14.8 ms).
+constexpr double kTileMajorMinDensity = 0.02;
+
+bool tile_major_pays(const Pattern& p) {
+  const double cells = static_cast<double>(p.rows) * static_cast<double>(p.cols);
+  return p.tile > 0 && cells > 0 && static_cast<double>(p.ptr[p.rows] - p.ptr[0]) >= kTileMajorMinDensity * cells;
+}
+
+template <typename acc_t>
+bool use_tile_major(const SpmmArgs<acc_t>& a) {
+  if (!tile_major_pays(a.pat) || a.perm != nullptr || panel_of(a) != kPanelVecs<acc_t> * kLanes<acc_t>) {
+    return false;
+  }
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx512::available()) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// Walks rows [r0, r1) of a tiled pattern tile by tile, row by row: seg[t * rows + r] = the first
+// copy position of segment (t, r) (seg has tiles * rows + 1 entries), idx[q] = the entry's index
+// and emit(q, e) for the entry e it copies to position q; ahead(e) hints entry e a few rows
+// ahead. cursor: scratch for r1 - r0 entries.
+template <typename Emit, typename Ahead>
+int64_t tile_major_order(const Pattern& p, int64_t r0, int64_t r1, int32_t* seg, int32_t* cursor, int32_t* idx,
+                         const Emit& emit, const Ahead& ahead) {
+  const int64_t rows = r1 - r0, tile = p.tile, tiles = (p.cols + tile - 1) / tile;
+  std::copy(p.ptr + r0, p.ptr + r1, cursor);
+  int32_t q = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t k1 = std::min(p.cols, (t + 1) * tile);
+    int32_t* seg_t = seg + t * rows;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (r + kPrefetchRows < rows) {
+        __builtin_prefetch(p.idx + cursor[r + kPrefetchRows], 0, 3);
+        ahead(cursor[r + kPrefetchRows]);
+      }
+      seg_t[r] = q;
+      int64_t e = cursor[r];
+      const int64_t end = p.ptr[r0 + r + 1];
+      for (; e < end && p.idx[e] < k1; ++e, ++q) {
+        idx[q] = p.idx[e];
+        emit(q, e);
+      }
+      cursor[r] = static_cast<int32_t>(e);
+    }
+  }
+  seg[tiles * rows] = q;
+  TORCH_INTERNAL_ASSERT(q == p.ptr[r1] - p.ptr[r0], "pyfinetune.csr_linear: the tile-major copy took ", q, " of ",
+                        p.ptr[r1] - p.ptr[r0], " entries");
+  return tiles;
+}
+
+// The tile-major copy of rows [r0, r1) of a tiled SpMM pattern (a.perm == nullptr), with the
+// values, in this worker thread's scratch slots D and E (valid until its next copy).
+template <typename acc_t>
+TileMajorRows<acc_t> copy_tile_major(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1) {
+  const Pattern& p = a.pat;
+  const int64_t rows = r1 - r0, tiles = (p.cols + p.tile - 1) / p.tile, count = p.ptr[r1] - p.ptr[r0];
+  const int64_t segs = tiles * rows + 1;
+  const at::Tensor ints = scratch(kScratchD, 1, segs + rows + count, at::kInt);
+  const at::Tensor vals = scratch(kScratchE, 1, std::max<int64_t>(count, 1), c10::CppTypeToScalarType<acc_t>::value);
+  int32_t* seg = ints.mutable_data_ptr<int32_t>();
+  int32_t* idx = seg + segs + rows;
+  acc_t* values = vals.mutable_data_ptr<acc_t>();
+  const acc_t* src = a.values - a.value_base;
+  tile_major_order(
+      p, r0, r1, seg, seg + segs, idx, [&](int32_t q, int64_t e) { values[q] = src[e]; },
+      [&](int64_t e) { __builtin_prefetch(src + e, 0, 3); });
+  return {seg, idx, values, rows, tiles};
+}
+
+// out[r, panel] = sum over row r's entries of values[e] * b[idx[e], panel] (V vectors at n0),
+// for the rows of the copy; out row r at out + r * out_ld.
+template <typename acc_t>
+struct TileMajorPanels {
+  template <int V>
+  static void run(const TileMajorRows<acc_t>& c, const acc_t* b, int64_t ld, int64_t n0, acc_t* out, int64_t out_ld) {
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t W = kLanes<acc_t>;
+    for (int64_t r = 0; r < c.rows; ++r) {
+      std::fill(out + r * out_ld, out + r * out_ld + V * W, acc_t(0));
+    }
+    const acc_t* base = b + n0;
+    for_each_segment(c, [&](int64_t r, int64_t e, int64_t e1) {
+      acc_t* o = out + r * out_ld;
+      Vec acc[V];
+      for (int v = 0; v < V; ++v) {
+        acc[v] = Vec::loadu(o + v * W);
+      }
+      do {
+        const Vec w(c.values[e]);
+        const acc_t* row = base + static_cast<int64_t>(c.idx[e]) * ld;
+        for (int v = 0; v < V; ++v) {
+          acc[v] = at::vec::fmadd(w, Vec::loadu(row + v * W), acc[v]);
+        }
+      } while (++e < e1);
+      for (int v = 0; v < V; ++v) {
+        acc[v].store(o + v * W);
+      }
+    });
+  }
+};
+
+template <typename acc_t>
+using TileMajorFn = void (*)(const TileMajorRows<acc_t>&, const acc_t*, int64_t, int64_t, acc_t*, int64_t);
+
+template <typename acc_t, int... Vs>
+constexpr std::array<TileMajorFn<acc_t>, sizeof...(Vs)> tile_major_table(std::integer_sequence<int, Vs...>) {
+  return {&TileMajorPanels<acc_t>::template run<Vs + 1>...};
+}
+
+// Rows [r0, r1) of the SpMM, every panel, written into y [n, a.pat.rows] (+ bias) like
+// spmm_into_rows does: the tile-major copy once, then each panel into a buffer and out to y.
+template <typename acc_t, typename dst_t>
+void spmm_tile_major_rows(const SpmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t n, const dst_t* bias, dst_t* y) {
+  static constexpr auto table = tile_major_table<acc_t>(std::make_integer_sequence<int, kPanelVecs<acc_t>>{});
+  const int64_t kPanel = kPanelVecs<acc_t> * kLanes<acc_t>;
+  const TileMajorRows<acc_t> copy = copy_tile_major(a, r0, r1);
+  thread_local std::vector<acc_t> buf;
+  buf.resize(static_cast<size_t>((r1 - r0) * kPanel));
+  for (int64_t n0 = 0; n0 < std::min(n, a.ld); n0 += kPanel) {
+    const int64_t width = std::min<int64_t>(kPanel, a.ld - n0);
+    table[width / kLanes<acc_t> - 1](copy, a.b, a.ld, n0, buf.data(), kPanel);
+    store_block<acc_t, dst_t>(buf.data(), kPanel, r0, r1, n0, std::min(n, n0 + kPanel), a.pat.rows, bias, y);
+  }
+}
+
 // The forward's spmm, writing y [n, rows] (row-major, dst_t) directly with the bias added: each
 // work item (panel, row range) accumulates its rows' panel in a per-thread buffer of
 // (r1 - r0) x 64 floats (L2 resident) and then transposes it into y's block [n0, n0 + 64) x
@@ -570,6 +745,14 @@ void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_
   const int64_t rows = a.pat.rows;
   const int64_t parts = num_parts(rows, kPanel * static_cast<int64_t>(sizeof(acc_t)));
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
+  if (use_tile_major(a)) {
+    run_tasks(parts, [&](int64_t p) {
+      if (splits[p] < splits[p + 1]) {
+        spmm_tile_major_rows<acc_t, dst_t>(a, splits[p], splits[p + 1], n, bias, y);
+      }
+    });
+    return;
+  }
   const int64_t panels = (std::min(n, a.ld) + kPanel - 1) / kPanel;
   run_tasks(panels * parts, [&](int64_t t) {
     const int64_t p = t % parts, n0 = (t / parts) * kPanel;
@@ -629,6 +812,10 @@ void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
     local.panel = a.panel;
     local.out_ld = kPanel;
     local.out_r0 = r0;
+    if (use_tile_major(local)) {
+      spmm_tile_major_rows<acc_t, dst_t>(local, r0, r1, n, static_cast<const dst_t*>(nullptr), y);
+      return;
+    }
     std::vector<int32_t> cursor(a.pat.tile > 0 ? static_cast<size_t>(r1 - r0) : 0);
     for (int64_t n0 = 0; n0 < std::min(n, a.ld); n0 += kPanel) {
       local.out_n0 = n0;
@@ -734,6 +921,82 @@ struct SddmmPanels {
   }
 };
 
+// The SDDMM over tile-major copies of the pattern (CPUs without the AVX-512 kernels; see
+// "Tile-major SpMM"): each panel's dot products accumulate in copy order into `sums` (written by
+// the first panel, added to by the others), which go to their entries once at the end.
+template <typename acc_t>
+struct SddmmTileMajorPanels {
+  template <int V>
+  static void run(const TileMajorRows<acc_t>& c, const SddmmArgs<acc_t>& a, int64_t r0, int64_t n0, acc_t* sums,
+                  bool add) {
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t W = kLanes<acc_t>;
+    for_each_segment(c, [&](int64_t r, int64_t e, int64_t e1) {
+      Vec d[V];
+      for (int v = 0; v < V; ++v) {
+        d[v] = Vec::loadu(a.dyT + (r0 + r) * a.ld + n0 + v * W);
+      }
+      for (; e < e1; e += 8) {
+        const int64_t cnt = std::min<int64_t>(8, e1 - e);
+        Vec acc[8];
+        for (int j = 0; j < 8; ++j) {
+          acc[j] = Vec(acc_t(0));
+        }
+        for_group8(cnt, c.idx + e, [&](int64_t j, int32_t k) {
+          const acc_t* xr = a.xT + static_cast<int64_t>(k) * a.ld + n0;
+          for (int v = 0; v < V; ++v) {
+            acc[j] = at::vec::fmadd(d[v], Vec::loadu(xr + v * W), acc[j]);
+          }
+        });
+        acc_t part[8];
+        reduce8(acc, part);
+        for (int64_t j = 0; j < cnt; ++j) {
+          sums[e + j] = add ? sums[e + j] + part[j] : part[j];
+        }
+      }
+    });
+  }
+};
+
+template <typename acc_t>
+using SddmmTileMajorFn = void (*)(const TileMajorRows<acc_t>&, const SddmmArgs<acc_t>&, int64_t, int64_t, acc_t*,
+                                  bool);
+
+template <typename acc_t, int... Vs>
+constexpr std::array<SddmmTileMajorFn<acc_t>, sizeof...(Vs)> sddmm_tile_major_table(
+    std::integer_sequence<int, Vs...>) {
+  return {&SddmmTileMajorPanels<acc_t>::template run<Vs + 1>...};
+}
+
+// Rows [r0, r1) of the SDDMM, every panel, through a tile-major copy of their pattern (slot D:
+// offsets, cursor, indices and each copied entry's position; slot E: the sums in copy order).
+template <typename acc_t>
+void sddmm_tile_major_rows(const SddmmArgs<acc_t>& a, int64_t r0, int64_t r1, int64_t kPanel) {
+  static constexpr auto table = sddmm_tile_major_table<acc_t>(std::make_integer_sequence<int, kPanelVecs<acc_t>>{});
+  const Pattern& p = a.pat;
+  const int64_t rows = r1 - r0, tiles = (p.cols + p.tile - 1) / p.tile, count = p.ptr[r1] - p.ptr[r0];
+  const int64_t segs = tiles * rows + 1;
+  const at::Tensor ints = scratch(kScratchD, 1, segs + rows + 2 * count, at::kInt);
+  const at::Tensor sums_buf = scratch(kScratchE, 1, std::max<int64_t>(count, 1), c10::CppTypeToScalarType<acc_t>::value);
+  int32_t* seg = ints.mutable_data_ptr<int32_t>();
+  int32_t* idx = seg + segs + rows;
+  int32_t* pos = idx + count;
+  acc_t* sums = sums_buf.mutable_data_ptr<acc_t>();
+  tile_major_order(
+      p, r0, r1, seg, seg + segs, idx, [&](int32_t q, int64_t e) { pos[q] = static_cast<int32_t>(e); },
+      [](int64_t) {});
+  const TileMajorRows<acc_t> copy{seg, idx, nullptr, rows, tiles};
+  bool written = false;
+  for (int64_t n0 = 0; n0 < std::min(a.n, a.ld); n0 += kPanel) {
+    const int64_t width = std::min<int64_t>(kPanel, a.ld - n0);
+    table[width / kLanes<acc_t> - 1](copy, a, r0, n0, sums, written);
+    written = true;
+  }
+  for (int64_t q = 0; q < count; ++q) {
+    a.out[pos[q]] = written ? sums[q] : acc_t(0);
+  }
+}
+
 // The SDDMM's panel width: the AVX-512 float kernels take panels of avx512::kSddmmPanelFloats
 // (one horizontal reduction per dot product per 256 floats, whose shuffles compete with the FMAs
 // for a port: dvalues 19.8 -> 17.5 ms at 90% sparsity and 46.6 -> 42 ms at 70%, N = 256, K = M =
@@ -756,9 +1019,19 @@ void sddmm(const SddmmArgs<acc_t>& a) {
   const int64_t kPanel = sddmm_panel_floats<acc_t>();
   const int64_t parts = num_parts(a.pat.rows, kPanel * static_cast<int64_t>(sizeof(acc_t)));
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
+  bool tile_major = tile_major_pays(a.pat) && kPanel == kPanelVecs<acc_t> * W;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    tile_major = tile_major && !avx512::available();
+  }
   // One task per row range, all panels inside: a kept weight's sum is written by one thread.
   run_tasks(parts, [&](int64_t p) {
     const int64_t r0 = splits[p], r1 = splits[p + 1];
+    if (tile_major) {
+      if (r0 < r1) {
+        sddmm_tile_major_rows(a, r0, r1, kPanel);
+      }
+      return;
+    }
     std::vector<int32_t> cursor(a.pat.tile > 0 ? static_cast<size_t>(r1 - r0) : 0);
     // A panel of padding only adds zeros: skipped (at N = 256, ld = 272: a 16-float panel that
     // walked every kept weight again).
