@@ -587,6 +587,10 @@ struct TileMajorRows {
   const acc_t* values;
   int64_t rows;
   int64_t tiles;
+  // The buffers behind the pointers: a thread's scratch slots, or (above kMaxScratchBytes)
+  // tensors of this call only, which must outlive the pointers.
+  at::Tensor ints_storage;
+  at::Tensor values_storage;
 };
 
 // fn(r, e, e1) for every non-empty segment of the copy, tile by tile, row by row.
@@ -675,7 +679,7 @@ TileMajorRows<acc_t> copy_tile_major(const SpmmArgs<acc_t>& a, int64_t r0, int64
   tile_major_order(
       p, r0, r1, seg, seg + segs, idx, [&](int32_t q, int64_t e) { values[q] = src[e]; },
       [&](int64_t e) { __builtin_prefetch(src + e, 0, 3); });
-  return {seg, idx, values, rows, tiles};
+  return {seg, idx, values, rows, tiles, ints, vals};
 }
 
 // out[r, panel] = sum over row r's entries of values[e] * b[idx[e], panel] (V vectors at n0),
@@ -985,7 +989,7 @@ void sddmm_tile_major_rows(const SddmmArgs<acc_t>& a, int64_t r0, int64_t r1, in
   tile_major_order(
       p, r0, r1, seg, seg + segs, idx, [&](int32_t q, int64_t e) { pos[q] = static_cast<int32_t>(e); },
       [](int64_t) {});
-  const TileMajorRows<acc_t> copy{seg, idx, nullptr, rows, tiles};
+  const TileMajorRows<acc_t> copy{seg, idx, nullptr, rows, tiles, ints, sums_buf};
   bool written = false;
   for (int64_t n0 = 0; n0 < std::min(a.n, a.ld); n0 += kPanel) {
     const int64_t width = std::min<int64_t>(kPanel, a.ld - n0);
