@@ -19,6 +19,9 @@
 //     weights whose column falls in the tile (a cursor per row finds them), loading and storing
 //     its accumulators around each such segment, while the tile stays in cache; the sparsest
 //     patterns walk each row in one go;
+//   * on CPUs without the AVX-512 kernels, patterns of at least 2% density and batches of
+//     several panels are instead copied once per row range into tile-major order (the kept weights of tile t, row by row, then of
+//     tile t + 1), and every panel streams through the copy ("Tile-major SpMM" below);
 //   * work items are (panel, row range) pairs taken dynamically by the threads; the row ranges
 //     hold equal numbers of kept weights (prefix sums of crow + binary search);
 //   * each work item transposes its block of yT (L2 resident) into y right away, adding the bias,
@@ -606,19 +609,27 @@ C10_ALWAYS_INLINE void for_each_segment(const TileMajorRows<acc_t>& c, const Fn&
   }
 }
 
-// Sparser patterns keep the walk: at 99% sparsity (1% density, 1024-row tiles) the copy cost more
-// than it saved (forward 6.7 ms walked, 7.5 ms tile-major: prune-cpu-20261129-0639 and -0732),
-// at 95% it gained (19.7 -> 14.8 ms).
+// The copy pays when several panels stream through it. Sparser patterns keep the walk: at 99%
+// sparsity (1% density, 1024-row tiles) the copy cost more than it saved (forward 6.7 ms walked,
+// 7.5 ms tile-major: prune-cpu-20261129-0639 and -0732), at 95% it gained (19.7 -> 14.8 ms). So do
+// batches of one panel (N <= 64 on AVX2): at N = 33 / 48 / 64 and 70% sparsity the copy made the
+// forward 12.1 / 12.4 / 14.6 -> 15.9 / 17.8 / 19.5 ms, while from two panels (N = 100, 128) it
+// gained (39 / 44 -> 26 / 29 ms; ad hoc A/B of the two builds, 2 threads, K = M = 4096).
 constexpr double kTileMajorMinDensity = 0.02;
+constexpr int64_t kTileMajorMinPanels = 2;
 
-bool tile_major_pays(const Pattern& p) {
+bool tile_major_pays(const Pattern& p, int64_t panels) {
   const double cells = static_cast<double>(p.rows) * static_cast<double>(p.cols);
-  return p.tile > 0 && cells > 0 && static_cast<double>(p.ptr[p.rows] - p.ptr[0]) >= kTileMajorMinDensity * cells;
+  return p.tile > 0 && panels >= kTileMajorMinPanels && cells > 0 &&
+         static_cast<double>(p.ptr[p.rows] - p.ptr[0]) >= kTileMajorMinDensity * cells;
 }
 
+// Whether the SpMM of `a` over the first n columns of its operand takes the tile-major path.
 template <typename acc_t>
-bool use_tile_major(const SpmmArgs<acc_t>& a) {
-  if (!tile_major_pays(a.pat) || a.perm != nullptr || panel_of(a) != kPanelVecs<acc_t> * kLanes<acc_t>) {
+bool use_tile_major(const SpmmArgs<acc_t>& a, int64_t n) {
+  const int64_t panel = kPanelVecs<acc_t> * kLanes<acc_t>;
+  const int64_t panels = (std::min(n, a.ld) + panel - 1) / panel;
+  if (!tile_major_pays(a.pat, panels) || a.perm != nullptr || panel_of(a) != panel) {
     return false;
   }
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -749,7 +760,7 @@ void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_
   const int64_t rows = a.pat.rows;
   const int64_t parts = num_parts(rows, kPanel * static_cast<int64_t>(sizeof(acc_t)));
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
-  if (use_tile_major(a)) {
+  if (use_tile_major(a, n)) {
     run_tasks(parts, [&](int64_t p) {
       if (splits[p] < splits[p + 1]) {
         spmm_tile_major_rows<acc_t, dst_t>(a, splits[p], splits[p + 1], n, bias, y);
@@ -816,7 +827,7 @@ void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
     local.panel = a.panel;
     local.out_ld = kPanel;
     local.out_r0 = r0;
-    if (use_tile_major(local)) {
+    if (use_tile_major(local, n)) {
       spmm_tile_major_rows<acc_t, dst_t>(local, r0, r1, n, static_cast<const dst_t*>(nullptr), y);
       return;
     }
@@ -1023,7 +1034,8 @@ void sddmm(const SddmmArgs<acc_t>& a) {
   const int64_t kPanel = sddmm_panel_floats<acc_t>();
   const int64_t parts = num_parts(a.pat.rows, kPanel * static_cast<int64_t>(sizeof(acc_t)));
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, a.pat.rows, parts);
-  bool tile_major = tile_major_pays(a.pat) && kPanel == kPanelVecs<acc_t> * W;
+  bool tile_major = tile_major_pays(a.pat, (std::min(a.n, a.ld) + kPanel - 1) / kPanel) &&
+                    kPanel == kPanelVecs<acc_t> * W;
   if constexpr (std::is_same_v<acc_t, float>) {
     tile_major = tile_major && !avx512::available();
   }
