@@ -645,7 +645,7 @@ bool use_tile_major(const SpmmArgs<acc_t>& a, int64_t n) {
 // and emit(q, e) for the entry e it copies to position q; ahead(e) hints entry e a few rows
 // ahead. cursor: scratch for r1 - r0 entries.
 template <typename Emit, typename Ahead>
-int64_t tile_major_order(const Pattern& p, int64_t r0, int64_t r1, int32_t* seg, int32_t* cursor, int32_t* idx,
+void tile_major_order(const Pattern& p, int64_t r0, int64_t r1, int32_t* seg, int32_t* cursor, int32_t* idx,
                          const Emit& emit, const Ahead& ahead) {
   const int64_t rows = r1 - r0, tile = p.tile, tiles = (p.cols + tile - 1) / tile;
   std::copy(p.ptr + r0, p.ptr + r1, cursor);
@@ -671,7 +671,6 @@ int64_t tile_major_order(const Pattern& p, int64_t r0, int64_t r1, int32_t* seg,
   seg[tiles * rows] = q;
   TORCH_INTERNAL_ASSERT(q == p.ptr[r1] - p.ptr[r0], "pyfinetune.csr_linear: the tile-major copy took ", q, " of ",
                         p.ptr[r1] - p.ptr[r0], " entries");
-  return tiles;
 }
 
 // The tile-major copy of rows [r0, r1) of a tiled SpMM pattern (a.perm == nullptr), with the
@@ -821,16 +820,17 @@ void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
         gathered[e - e0] = a.values[a.perm[e]];
       }
     }
-    thread_local std::vector<acc_t> buf;
-    buf.resize(static_cast<size_t>((r1 - r0) * kPanel));
-    SpmmArgs<acc_t> local{a.pat, gathered, nullptr, a.b, buf.data(), a.ld, e0};
+    SpmmArgs<acc_t> local{a.pat, gathered, nullptr, a.b, nullptr, a.ld, e0};
     local.panel = a.panel;
-    local.out_ld = kPanel;
-    local.out_r0 = r0;
     if (use_tile_major(local, n)) {
       spmm_tile_major_rows<acc_t, dst_t>(local, r0, r1, n, static_cast<const dst_t*>(nullptr), y);
       return;
     }
+    thread_local std::vector<acc_t> buf;
+    buf.resize(static_cast<size_t>((r1 - r0) * kPanel));
+    local.out = buf.data();
+    local.out_ld = kPanel;
+    local.out_r0 = r0;
     std::vector<int32_t> cursor(a.pat.tile > 0 ? static_cast<size_t>(r1 - r0) : 0);
     for (int64_t n0 = 0; n0 < std::min(n, a.ld); n0 += kPanel) {
       local.out_n0 = n0;
