@@ -206,15 +206,17 @@ def test_csr_tiles_of_every_size(sparsity, k, device, dtype):
     check_against_reference("csr", x, w, make_mask(m, k, sparsity), b, g, dtype)
 
 
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
 @pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.bfloat16, torch.float64]))
-def test_csr_tiles_with_empty_and_late_rows(device, dtype):
+def test_csr_tiles_with_empty_and_late_rows(device, dtype, sparsity):
     # Tiled patterns with rows that skip tiles: rows with no kept weight, rows whose kept weights
     # all lie in the last tile or only in the first, in both products (the forward over the rows,
     # dx over the columns): the CPU kernels' tile-major copies (CPUs without AVX-512) hold
-    # segments of every (tile, row), most of them empty here.
-    n, k, m = 70, 520, 150
+    # segments of every (tile, row), most of them empty here. dx's copy reads the values through
+    # the column view's permutation at 50% and from a gathered copy at 90% (below 15% density).
+    n, k, m = 70, 520, 300  # dx's pattern tiled at 90% too (tiles of 256 rows of grad_out^T)
     x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
-    mask = make_mask(m, k, 0.5)
+    mask = make_mask(m, k, sparsity)
     mask[3] = False
     mask[17] = False
     mask[5, :400] = False
@@ -222,6 +224,28 @@ def test_csr_tiles_with_empty_and_late_rows(device, dtype):
     mask[:, 7] = False
     mask[:, 200:230] = False
     check_against_reference("csr", x, w, mask, b, g, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_csr_cpu_scratch_allocated_per_call(monkeypatch, dtype):
+    # PYFINETUNE_CPU_SCRATCH_MB=0: every temporary of the CPU kernels (the transposed operands,
+    # dx's gathered values, the tile-major copies and the weight gradient's sums) is a tensor of
+    # the call instead of a buffer its thread keeps, the branch that row ranges above the default
+    # limit (64 MB) take; its tensors must live as long as the kernels read them.
+    monkeypatch.setenv("PYFINETUNE_CPU_SCRATCH_MB", "0")
+    k, m = 520, 300
+    for n in (70, 48):  # two 64-float panels (tile-major copies on AVX2), one panel (the walk)
+        x, w, b, g = random_inputs(n, k, m, dtype, "cpu", bias=True)
+        mask = make_mask(m, k, 0.5)  # dx's copy reads through the permutation
+        mask[:, 200:230] = False
+        check_against_reference("csr", x, w, mask, b, g, dtype)
+        check_against_reference("csr", x, w, make_mask(m, k, 0.9), b, g, dtype)  # a gathered copy
+    x, w, b, _ = random_inputs(70, k, m, torch.float32, "cpu", bias=True)
+    mask = make_mask(m, k, 0.5)
+    for bad in ("lots", "-1", ""):
+        monkeypatch.setenv("PYFINETUNE_CPU_SCRATCH_MB", bad)
+        with pytest.raises(ValueError, match="PYFINETUNE_CPU_SCRATCH_MB must be a number of megabytes between 0"):
+            run_impl("csr", x, w[mask], mask, b)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -186,23 +186,7 @@ DensePool& pool() {
 }  // namespace
 
 int64_t dense_pool_limit_from_env(const char* op) {
-  const char* raw = std::getenv("PYFINETUNE_DENSE_POOL_MB");
-  if (raw == nullptr) {
-    return int64_t{1024} << 20;
-  }
-  // A decimal number (surrounding blanks allowed), 0 <= MB <= 2^40, read in the "C" locale (as
-  // Python's float() reads it, whatever LC_NUMERIC says); hexadecimal, inf and nan are refused.
-  std::istringstream in{std::string(raw)};
-  in.imbue(std::locale::classic());
-  double mb = -1;
-  in >> std::skipws >> mb;
-  const bool parsed = !in.fail();
-  in >> std::ws;
-  const bool number = parsed && in.eof() && std::strpbrk(raw, "xX") == nullptr;
-  TORCH_CHECK_VALUE(number && mb >= 0 && mb <= 1099511627776.0,
-                    check_message("pyfinetune.", op, ": PYFINETUNE_DENSE_POOL_MB must be a number of megabytes "
-                                  "between 0 (no pool) and 2^40, got '", raw, "'"));
-  return static_cast<int64_t>(mb * 1048576.0);
+  return env_megabytes(op, "PYFINETUNE_DENSE_POOL_MB", int64_t{1024} << 20, "no pool");
 }
 
 at::Tensor pooled_empty_cpu(at::IntArrayRef size, at::ScalarType dtype, int64_t idle_limit_bytes) {

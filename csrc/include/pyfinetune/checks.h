@@ -8,9 +8,13 @@
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <locale>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <type_traits>
 
@@ -110,6 +114,29 @@ inline std::optional<bool> env_switch(const char* op, const char* name, const ch
                     check_message("pyfinetune.", op, ": ", name, " must be 0 or 1 (or unset: ", unset_means,
                                   "), got '", raw, "'"));
   return raw[0] == '1';
+}
+
+// A size in megabytes from an environment variable read at each call: `default_bytes` when unset,
+// else a decimal number (surrounding blanks allowed), 0 <= MB <= 2^40, read in the "C" locale (as
+// Python's float() reads it, whatever LC_NUMERIC says), in bytes; anything else (empty,
+// hexadecimal, inf, nan, units) is refused with a ValueError naming the op, the variable and
+// `zero_means` (what 0 does).
+inline int64_t env_megabytes(const char* op, const char* name, int64_t default_bytes, const char* zero_means) {
+  const char* raw = std::getenv(name);
+  if (raw == nullptr) {
+    return default_bytes;
+  }
+  std::istringstream in{std::string(raw)};
+  in.imbue(std::locale::classic());
+  double mb = -1;
+  in >> std::skipws >> mb;
+  const bool parsed = !in.fail();
+  in >> std::ws;
+  const bool number = parsed && in.eof() && std::strpbrk(raw, "xX") == nullptr;
+  TORCH_CHECK_VALUE(number && mb >= 0 && mb <= 1099511627776.0,
+                    check_message("pyfinetune.", op, ": ", name, " must be a number of megabytes between 0 (",
+                                  zero_means, ") and 2^40, got '", raw, "'"));
+  return static_cast<int64_t>(mb * 1048576.0);
 }
 
 }  // namespace pyfinetune
