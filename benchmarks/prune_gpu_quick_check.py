@@ -333,6 +333,11 @@ def main():
                 continue
             run(f"{dn} split K {parts} {n}x{k}x{m} sparsity {s}", with_split_k(correctness(n, k, m, s, dtype), parts))
         run(f"{dn} split K 3, no bias", with_split_k(correctness(70, 640, 200, 0.9, dtype, bias=False), 3))
+        # Both experimental variables at once: the asynchronous pipeline starting mid-row at a part's
+        # first tile (1000 columns, 16 tiles: 3 asked give 6 + 6 + 4 tiles, 7 asked 5 x 3 + 1).
+        for parts in (3, 7):
+            run(f"{dn} async + split K {parts} 70x1000x130 sparsity 0.9",
+                with_async(with_split_k(correctness(70, 1000, 130, 0.9, dtype), parts)))
     if failures:
         print(f"{len(failures)} correctness case(s) FAILED: {failures}; timing anyway", flush=True)
     else:

@@ -63,9 +63,19 @@ def _fwd(s, t, lab, need_grad, **kw):
     return torch.ops.pyfinetune.kd_loss_fwd(s, t, lab, need_grad=need_grad, **args)
 
 
+def _poison_cached_blocks(like):
+    """Fill blocks of the caching allocator the size of ``like``'s tensors with NaN and free them, so
+    that the next outputs of those sizes (most likely those very blocks) start as NaN: rows or
+    slices a kernel skipped cannot then hold an earlier run's right bits."""
+    blocks = [torch.full_like(x, float("nan")) for x in like if x.is_floating_point() and x.numel() > 0]
+    del blocks
+
+
 def _assert_same_bits(monkeypatch, fn):
     base = _run(monkeypatch, "0", None, fn)
     for l2 in (None, "0", "1"):
+        got = None  # the previous run's outputs back to the cache, then poisoned
+        _poison_cached_blocks(base)
         got = _run(monkeypatch, "1", l2, fn)
         for a, b in zip(got, base):
             assert torch.equal(a, b), f"{ENV}=1 {L2_ENV}={l2}: not the bits of one block (cluster) per row"
@@ -103,6 +113,8 @@ def test_rows_split_over_clusters(monkeypatch, divergence):
     on = _run(monkeypatch, "1", None, lambda: cuda_kernel_grids(fn, "kd_loss_kernel"))
     if on is None or off is None:
         pytest.skip("the profiler recorded no kernel grid here (no CUPTI, or under compute-sanitizer)")
+    if torch.cuda.get_device_capability()[0] < 9:  # no clusters: one block per row, ~200 resident
+        pytest.skip("rows split over clusters on sm_90+ only (the bits were compared above)")
     n_split = off[0][0] // 150
     assert off == [(150 * n_split, 1, 1)] and n_split > 1, off
     assert len(on) == 1 and on[0][0] % n_split == 0 and 0 < on[0][0] < 150 * n_split, on

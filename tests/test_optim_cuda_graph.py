@@ -11,9 +11,11 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("layout", ["classic", "wide", "flat"])  # PYFINETUNE_OPTIM_CUDA_LAYOUT's kernels
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_step_captured_in_cuda_graph(kind, dtype):
+def test_step_captured_in_cuda_graph(monkeypatch, kind, dtype, layout):
+    monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", layout)
     torch.manual_seed(1234)
     shapes = [(37,), (64, 33), (5, 7, 9), (70000,)]  # 70000 > one chunk: several blocks per tensor
     ps = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]

@@ -349,6 +349,68 @@ def test_cuda_layouts_give_the_same_bits(monkeypatch, kind, case, dtype, misalig
                                         args, kwargs, step, copy=_misaligned if misaligned else None)
 
 
+# The flat layout's grid-stride walk: 40 tensors of these sizes hold 1415 pieces of 4096 elements,
+# more than the resident blocks of a launch (2 per SM: 264 on an H100), so blocks take several
+# pieces and switch tensors and hyperparameters mid-walk (neighbouring tensors are in different
+# groups); the other layout tests stay below the resident blocks.
+FLAT_STRIDE_SIZES = [4095, 4097, 1, (1 << 20) + 3, 9000, 65537, 4096, 3]
+FLAT_STRIDE_TENSORS = 40
+
+
+def _flat_stride_adamw_inputs(dtype, found_inf):
+    """fused_adamw_ arguments (CUDA) for FLAT_STRIDE_TENSORS tensors in 4 interleaved groups, with
+    amsgrad, anchors (none in the l2sp = 0 group), masks, lr tensors, and a GradScaler's scale."""
+    gen = torch.Generator().manual_seed(11)
+    sd = _state_dtype(dtype)
+    n = FLAT_STRIDE_TENSORS
+    grp = [i % 4 for i in range(n)]
+
+    def t(i, dt, fn=torch.randn, post=lambda x: x):
+        return post(fn(FLAT_STRIDE_SIZES[i % len(FLAT_STRIDE_SIZES)], generator=gen)).to(device="cuda", dtype=dt)
+
+    args = [
+        [t(i, dtype) for i in range(n)],
+        [t(i, dtype) for i in range(n)],
+        [t(i, sd, post=lambda x: 0.1 * x) for i in range(n)],
+        [t(i, sd, torch.rand) for i in range(n)],
+        [t(i, sd, torch.rand, lambda x: x + 0.5) for i in range(n)],
+        [t(i, dtype) if grp[i] != 0 else None for i in range(n)],
+        [t(i, torch.bool, torch.rand, lambda x: x > 0.4) if i % 3 == 1 else None for i in range(n)],
+        [torch.tensor(float(2 + i % 5), device="cuda") for i in range(n)],
+        [1e-2 * (1 + grp[i]) for i in range(n)],
+        [torch.tensor(3e-2, device="cuda") if grp[i] == 3 else None for i in range(n)],
+        [0.9 - 0.05 * grp[i] for i in range(n)], [0.999] * n, [1e-8] * n,
+        [0.01 * grp[i] for i in range(n)], [0.1 * grp[i] for i in range(n)], [0.01 if grp[i] == 2 else 0.0 for i in range(n)],
+    ]
+    kwargs = dict(amsgrad=True, maximize=False, decoupled_l2sp=False,
+                  grad_scale=torch.tensor(4.0, device="cuda"), found_inf=torch.tensor(found_inf, device="cuda"))
+    return args, kwargs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_flat_layout_blocks_take_several_pieces(monkeypatch, dtype, misaligned):
+    from conftest import cuda_kernel_grids
+
+    args, kwargs = _flat_stride_adamw_inputs(dtype, 0.0)
+    _assert_settings_give_the_same_bits(monkeypatch, "PYFINETUNE_OPTIM_CUDA_LAYOUT", ("classic", "flat"), args, kwargs,
+                                        _adamw_step, copy=_misaligned if misaligned else None)
+    pieces = sum((FLAT_STRIDE_SIZES[i % len(FLAT_STRIDE_SIZES)] + 4095) // 4096 for i in range(FLAT_STRIDE_TENSORS))
+    monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", "flat")
+    grids = cuda_kernel_grids(lambda: _adamw_step(*args, **kwargs), "flat")
+    if grids is not None:  # every launch's grid is at most its resident blocks: fewer blocks than pieces
+        assert sum(g[0] for g in grids) < pieces, (grids, pieces)
+    # found_inf = 1 (an overflowing GradScaler step): nothing written, whatever block holds a piece
+    args, kwargs = _flat_stride_adamw_inputs(dtype, 1.0)
+    before = [[t.clone() if isinstance(t, torch.Tensor) else t for t in a] for a in args[:7]]
+    _adamw_step(*args, **kwargs)
+    for got, want in zip(args[:7], before):
+        for a, b in zip(got, want):
+            assert (a is None and b is None) or torch.equal(bits(a), bits(b))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])

@@ -61,8 +61,9 @@ def split_and_plain(monkeypatch, fn, parts):
 @pytest.mark.parametrize("parts", [2, 3, 7, 64, "auto"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_split_forward_matches_dense_reference(monkeypatch, dtype, shape, parts, bias):
-    # K of 512 / 200 / 1000 / 581 / 64 / 129: 8 / 4 / 16 / 10 / 1 / 3 tiles, so 7 parts give parts of
-    # 1-2 tiles with a shorter last one, 64 parts one tile each (clamped to the tile count), and a
+    # K of 512 / 200 / 1000 / 581 / 64 / 129: 8 / 4 / 16 / 10 / 1 / 3 tiles. P parts are parts of
+    # ceil(tiles / P) tiles: 7 give 4 x 2 / 4 x 1 / 5 x 3 + 1 / 5 x 2 tiles, 3 give 3 + 3 + 2 / 2 x 2 /
+    # 6 + 6 + 4 / 4 + 4 + 2 (shorter last parts), 64 one tile each (clamped to the tile count), and a
     # single tile nothing to split; M of 130 / 257 / 300 / 40 is not a multiple of 4 (the sum
     # kernel's element path), 128 / 132 is.
     n, k, m = shape
@@ -87,17 +88,21 @@ def test_split_forward_at_every_sparsity(monkeypatch, dtype, sparsity):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_a_part_without_entries(monkeypatch, dtype):
-    # K columns [128, 384) pruned in every row: with 3 parts of 2 tiles, the middle part has only
-    # empty tiles (its multiplies skipped) and must still write its zeros for the sum.
+    # K columns [128, 256) pruned in every row: with 3 parts of 2 tiles, the middle part (tiles 2-3)
+    # has only empty tiles (its multiplies skipped) and must still write its zeros for the sum.
     n, k, m = 20, 64 * 6, 256
     c, _ = make_case(n, k, m, dtype, "cuda", 0.0)
     keep = c["mask"].clone()
     keep[:, 128:256] = False
     ref = with_mask(c, keep, k)
-    # poison the caching allocator's next float32 block, so that unwritten sums would show
-    junk = torch.full((3 * n * m,), float("nan"), device="cuda")
+    tv = c["values"].index_select(0, c["tiled"].tile_src)
+    monkeypatch.setenv(ENV, "3")
+    # The parts' float32 sums [3, n, m] come from the caching allocator: blocks of that size
+    # poisoned just before the call (several: the output may take one first), so that sums left
+    # unwritten would show as NaN.
+    junk = [torch.full((3, n, m), float("nan"), device="cuda") for _ in range(4)]
     del junk
-    _, split, _ = split_and_plain(monkeypatch, lambda: run_op(c), 3)
+    split = torch.ops.pyfinetune.tiled_csr_linear(c["x"], tv, c["tiled"].tile_ptr, c["tiled"].tile_loc, m, c["bias"])
     assert_close(split, ref, dtype, k, "a part without entries")
 
 

@@ -749,11 +749,11 @@ void sgd_for_each_launch(at::TensorList params, at::TensorList grads, at::Tensor
   }
 }
 
-// PYFINETUNE_OPTIM_CUDA_LAYOUT=classic|wide (experimental, for A/B timing on a GPU; read at each
-// step; unset or empty: classic): the kernel layout (Layout). wide is not the default until a GPU has
-// measured it against classic (benchmarks/optim_gpu_roofline.py times both); both do the same
-// arithmetic on every element (bit-identical results). Another value is refused before anything
-// is written.
+// PYFINETUNE_OPTIM_CUDA_LAYOUT=classic|wide|flat (experimental, for A/B timing on a GPU; read at
+// each step; unset or empty: classic): the kernel layout (Layout). wide (0.99x / 1.03x classic on
+// the H100 check) and flat (not yet run on a GPU) are not the default until a GPU has measured them
+// faster (benchmarks/optim_gpu_roofline.py times all three); all three do the same arithmetic on
+// every element (bit-identical results). Another value is refused before anything is written.
 int requested_layout(const char* op) {
   const char* raw = std::getenv("PYFINETUNE_OPTIM_CUDA_LAYOUT");
   if (raw == nullptr || raw[0] == '\0') {

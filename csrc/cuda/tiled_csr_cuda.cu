@@ -891,7 +891,9 @@ void launch_dispatch(const TiledArgs& a, int64_t grid_x, int parts, bool aligned
 // same bits every run; not the bits of the unsplit product, whose float32 sums run in another
 // order) and the bias. PYFINETUNE_TILED_CUDA_SPLIT_K (read at each call): unset or 1 = no split
 // (the default until a GPU measures it), "auto" = enough parts to give every block slot of the GPU
-// a block (at least 4 tiles per part), an integer P = P parts (at most one per K tile).
+// a block (at least 4 tiles per part), an integer P = parts of ceil(k_tiles / P) tiles, the longest
+// part P parts would have: at most P parts, fewer where P does not divide the tiles (P = 7 over 8
+// tiles: 4 parts of 2; the same latency as 7 parts of 1-2 tiles, with fewer sums to add).
 constexpr int kMinTilesPerPart = 4;
 
 int split_k_requested(const char* op) {  // 0: auto, else the parts asked for
@@ -912,8 +914,9 @@ int split_k_requested(const char* op) {  // 0: auto, else the parts asked for
 }
 
 // Blocks of the forward kernel (the asynchronous pipeline's, with its larger shared memory, or the
-// default's) that one SM of the current GPU holds at once: 2 on an H100 / H200, 1 on an A100 (two
-// 83 KB blocks exceed its 164 KB). Asked once per device and pipeline.
+// default's) that one SM of the current GPU holds at once (2 on an H100 / H200, and on an A100,
+// whose 164 KB hold exactly two 81 KB blocks with their 1 KB reserve each). Asked once per device
+// and pipeline.
 int forward_blocks_per_sm(bool async) {
   static std::atomic<int> cache[2][64];
   const int dev = c10::cuda::current_device();
