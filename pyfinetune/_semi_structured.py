@@ -25,38 +25,81 @@ from torch import Tensor, nn
 __all__ = ["SemiStructuredLinear", "check_two_four"]
 
 _DTYPES = (torch.float16, torch.bfloat16)
-# cuSPARSELt's algorithm ids are 0 .. max - 1 for a given product (max depends on the GPU and the
-# shapes, a handful on an H100); an id past the last is refused, which ends the search.
-_MAX_ALG_IDS = 32
+# cuSPARSELt's algorithm ids are 0 .. max for a given product, max depending on the cuSPARSELt
+# version, the GPU, the dtype and the layout (torch.backends.cusparselt.get_max_alg_id() knows it for
+# some versions only: 37 for 0.6.2, None for 0.8); an id past the last is refused by cuSPARSELt,
+# which ends the search. _MAX_ALG_IDS bounds it where torch names no count.
+_MAX_ALG_IDS = 64
+# A faster id replaces the default only when its median is at least this much below id 0's: the
+# ids of one product differ by a few percent at most where they differ by little, and a choice by
+# timing noise would then be worse than PyTorch's default.
+_TUNE_MARGIN = 0.03
+# Samples of at least this many milliseconds (back-to-back calls): one call of a small product is
+# shorter than the host's dispatch of it, which a single-call sample would time instead.
+_TUNE_SAMPLE_MS = 1.0
 
 
-def _pick_fastest(set_alg: Callable[[int], None], run: Callable[[], Any], time_ms: Callable[[Callable[[], Any]], float],
-                  max_ids: int = _MAX_ALG_IDS) -> Dict[str, Any]:
-    """Times ``run`` under ``set_alg(i)`` for i = 0, 1, ... until an id is refused (RuntimeError or
-    ValueError) or ``max_ids``, and leaves the fastest id set. Id 0 (the default) must run: its
-    error propagates. Returns {"alg_id": fastest, "ms": {id: median ms}}."""
-    ms: Dict[int, float] = {}
-    for alg in range(max_ids):
-        set_alg(alg)
-        try:
-            ms[alg] = time_ms(run)
-        except (RuntimeError, ValueError):
-            if alg == 0:
-                raise
-            break
-    best = min(ms, key=ms.__getitem__)
-    set_alg(best)
-    return {"alg_id": best, "ms": ms}
+def _alg_id_count() -> int:
+    """How many algorithm ids tune() may try: torch's count for this cuSPARSELt plus one, else
+    _MAX_ALG_IDS (the search stops at the first id cuSPARSELt refuses either way)."""
+    try:
+        top = torch.backends.cusparselt.get_max_alg_id()
+    except (AttributeError, RuntimeError):
+        top = None
+    return top + 1 if isinstance(top, int) and top >= 0 else _MAX_ALG_IDS
 
 
-def _cuda_time_ms(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int) -> float:
-    """The median of ``reps`` CUDA-event timings of fn() after ``warmup`` calls (the benchmarks'
-    timer, one call per sample)."""
+def _is_refused_id(err: BaseException) -> bool:
+    """Whether ``err`` is cuSPARSELt refusing an algorithm id (an error naming a cuSPARSE(Lt) call or
+    status), not an out-of-memory or a CUDA fault, which must propagate."""
+    if not isinstance(err, RuntimeError) or isinstance(err, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(err, accelerator_error):
+        return False
+    return "cusparse" in str(err).lower()
+
+
+def _pick_fastest(set_alg: Callable[[int], None], get_alg: Callable[[], int], run: Callable[[], Any],
+                  time_sample: Callable[[Callable[[], Any], int], float], *, max_ids: int, reps: int,
+                  warmup: int) -> Dict[str, Any]:
+    """The search of SemiStructuredLinear.tune. Runs ``run`` under ``set_alg(i)`` for i = 0, 1, ...
+    (``warmup`` calls each, at least one) until cuSPARSELt refuses an id (_is_refused_id) or
+    ``max_ids``; id 0 (the default) must run and any other error propagates. Then ``reps`` rounds,
+    each timing every id in turn (``time_sample(run, calls)``: ms per call over ``calls``
+    back-to-back calls, ``calls`` sized so that a sample lasts about _TUNE_SAMPLE_MS), and leaves
+    set the id of the smallest median if it beats id 0's by _TUNE_MARGIN, else id 0. On an error
+    the id set before is restored. Returns {"alg_id": chosen, "ms": {id: median ms}}."""
     from .benchmarks import common
 
-    for _ in range(warmup):
-        fn()
-    return common.percentile([common._time_one(fn, device, 1) for _ in range(reps)], 50)
+    before = get_alg()
+    chosen = None
+    try:
+        ids = []
+        for alg in range(max_ids):
+            set_alg(alg)
+            try:
+                for _ in range(max(warmup, 1)):
+                    run()
+            except RuntimeError as e:
+                if alg == 0 or not _is_refused_id(e):
+                    raise
+                break
+            ids.append(alg)
+        set_alg(0)
+        once = time_sample(run, 1)
+        calls = max(1, min(1000, int(_TUNE_SAMPLE_MS / once) if once > 0 else 1000))
+        samples: Dict[int, list] = {alg: [] for alg in ids}
+        for _ in range(reps):  # interleaved: a drift of the clocks falls on every id alike
+            for alg in ids:
+                set_alg(alg)
+                samples[alg].append(time_sample(run, calls))
+        ms = {alg: common.percentile(samples[alg], 50) for alg in ids}
+        best = min(ms, key=ms.__getitem__)
+        chosen = best if ms[best] < (1.0 - _TUNE_MARGIN) * ms[0] else 0
+        return {"alg_id": chosen, "ms": ms}
+    finally:
+        set_alg(before if chosen is None else chosen)
 
 
 def check_two_four(mask: Tensor, name: str = "mask") -> None:
@@ -138,15 +181,20 @@ class SemiStructuredLinear(nn.Module):
         y = F.linear(x2, self.weight, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def tune(self, rows: int, *, reps: int = 5, warmup: int = 2) -> Dict[str, Any]:
+    def tune(self, rows: int, *, reps: int = 10, warmup: int = 2) -> Dict[str, Any]:
         """Pick the fastest cuSPARSELt algorithm for inputs of ``rows`` rows (the flattened batch the
-        layer will see) by timing this layer's forward with each of them on this GPU; the choice
-        stays with the weight (``weight.alg_id_cusparselt``, part of its state). PyTorch uses
-        algorithm 0 unless told otherwise, whatever the shapes. Returns {"backend", "alg_id",
-        "ms": {algorithm id: median ms}}; with the CUTLASS backend (no algorithm to choose,
-        ``torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS``) nothing is timed and
-        "alg_id" is None. Every algorithm computes the same product up to the order of its float32
-        sums."""
+        layer will see) by timing this layer's forward with each of them on this GPU, interleaved
+        over ``reps`` rounds (samples of back-to-back calls, at least ~1 ms each); an algorithm
+        replaces the default (0) only when its median is at least 3% faster. The choice stays with
+        the weight (``weight.alg_id_cusparselt``, saved in the state dict) and PyTorch uses it for
+        every product of the weight. PyTorch uses algorithm 0 unless told otherwise, whatever the
+        shapes. Returns {"backend", "alg_id", "ms": {algorithm id: median ms}}; with the CUTLASS
+        backend (no algorithm to choose, ``torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS``)
+        nothing is timed and "alg_id" is None. Every algorithm computes the same product up to the
+        order of its float32 sums. On an error (out of memory, say) the algorithm set before stays.
+
+        Algorithm ids are not portable: their number and order depend on the cuSPARSELt version
+        and the GPU; tune again after loading a tuned state dict elsewhere."""
         if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
             raise ValueError(f"SemiStructuredLinear.tune: rows must be a positive int, got {rows!r}")
         if not isinstance(reps, int) or isinstance(reps, bool) or reps < 1:
@@ -156,18 +204,58 @@ class SemiStructuredLinear(nn.Module):
         w = self.weight
         if not isinstance(w, torch.sparse.SparseSemiStructuredTensorCUSPARSELT):
             return {"backend": type(w).__name__, "alg_id": None, "ms": {}}
+        from .benchmarks import common
+
         x = torch.randn(rows, self.in_features, device=w.device, dtype=w.dtype)
 
         def set_alg(alg: int) -> None:
             w.alg_id_cusparselt = alg
 
         with torch.no_grad(), torch.cuda.device(w.device):
-            result = _pick_fastest(set_alg, lambda: self(x), lambda fn: _cuda_time_ms(fn, w.device, reps, warmup))
+            result = _pick_fastest(set_alg, lambda: w.alg_id_cusparselt, lambda: self(x),
+                                   lambda fn, calls: common._time_one(fn, w.device, calls),
+                                   max_ids=_alg_id_count(), reps=reps, warmup=warmup)
         return {"backend": "cusparselt", **result}
 
     def to_dense(self) -> Tensor:
         """The dense weight [out_features, in_features], zeros at pruned positions."""
-        return self.weight.to_dense()
+        w = self.weight
+        alg = getattr(w, "alg_id_cusparselt", 0)
+        if not alg:
+            return w.to_dense()
+        # PyTorch's to_dense multiplies the weight by an identity with the weight's algorithm; a
+        # tuned id (chosen for the forward's product) need not exist for that one: the default.
+        w.alg_id_cusparselt = 0
+        try:
+            return w.to_dense()
+        finally:
+            w.alg_id_cusparselt = alg
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # PyTorch's semi-structured tensors have no copy_: the loaded weight (a semi-structured
+        # tensor of this layer's shape and dtype, such as state_dict() gives) replaces the
+        # parameter's tensor, keeping its algorithm choice (load_state_dict(sd, assign=True) did
+        # this already; without it loading failed in copy_).
+        key = prefix + "weight"
+        w = state_dict.get(key)
+        if w is None:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+            return
+        if not isinstance(w, torch.sparse.SparseSemiStructuredTensor) or tuple(w.shape) != (
+                self.out_features, self.in_features) or w.dtype != self.weight.dtype:
+            got = (f"{type(w).__name__} {w.dtype} of shape {tuple(w.shape)}" if isinstance(w, Tensor)
+                   else type(w).__name__)
+            error_msgs.append(f"SemiStructuredLinear: {key} must be a 2:4 semi-structured sparse tensor "
+                              f"{self.weight.dtype} of shape ({self.out_features}, {self.in_features}) (as "
+                              f"state_dict() gives), got {got}; for a dense weight use from_dense(weight, mask)")
+            return
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in missing_keys:
+            missing_keys.remove(key)
+        self.weight = nn.Parameter(w.detach(), requires_grad=False)
 
     def dense_mask(self) -> Tensor:
         """The nonzero positions of the weight, bool [out_features, in_features] (a kept weight that is

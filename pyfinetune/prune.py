@@ -1624,7 +1624,8 @@ def sparsify(model: nn.Module, layout: str = "csr", *, tune_rows: Optional[int] 
         tune_rows: ``"2:4"`` only: tune each new layer for inputs of this many rows (the flattened
             batch, e.g. batch x sequence length): ``SemiStructuredLinear.tune`` times PyTorch's
             cuSPARSELt algorithms on this GPU and keeps the fastest (PyTorch runs algorithm 0 for
-            every shape). None (default): no tuning.
+            every shape); layers of the same shape, dtype and bias are timed once and share the
+            choice. None (default): no tuning.
 
     Returns:
         the model (a new module when ``model`` itself is a masked ``nn.Linear``).
@@ -1645,11 +1646,20 @@ def sparsify(model: nn.Module, layout: str = "csr", *, tune_rows: Optional[int] 
         from ._semi_structured import SemiStructuredLinear as sparse_cls
     else:
         raise ValueError(f'sparsify: layout must be "csr" or "2:4", got {layout!r}')
+    tuned = {}  # (out, in, dtype, bias, device) -> the algorithm tune() chose for that product
+
     def convert(module):
         bias = None if module.bias is None else module.bias.detach()
         new = sparse_cls.from_dense(effective_weight(module).detach(), module.weight_mask, bias)
         if tune_rows is not None:
-            new.tune(tune_rows)
+            # Layers of one shape share the product, so one timing: the repeated blocks of a
+            # transformer are tuned once per shape (and get the same choice, not one by noise each).
+            w = new.weight
+            key = (new.out_features, new.in_features, w.dtype, bias is not None, w.device)
+            if key not in tuned:
+                tuned[key] = new.tune(tune_rows)["alg_id"]
+            elif tuned[key] is not None:
+                w.alg_id_cusparselt = tuned[key]
         return new
 
     # A layer whose weight another module also holds (tied input embedding and output head) stays

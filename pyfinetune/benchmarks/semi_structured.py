@@ -48,11 +48,12 @@ def _torchao_version() -> Optional[str]:
 def torchao_two_four(w_pruned: torch.Tensor, b: Optional[torch.Tensor]):
     """``(layer, None)``: an ``nn.Linear`` of ``w_pruned`` / ``b`` sparsified by torchao's
     ``sparsify_(..., SemiSparseWeightConfig())``; or ``(None, why)`` when torchao is missing or
-    refuses (an older torchao names the config ``semi_sparse_weight``, both are tried)."""
+    refuses (torchao 0.18 defines the config in ``torchao.sparsity.sparse_api`` and exports it from
+    ``torchao.sparsity`` only as ``semi_sparse_weight``; both places are tried)."""
     try:
         from torchao.sparsity import sparsify_
         try:
-            from torchao.sparsity import SemiSparseWeightConfig as config
+            from torchao.sparsity.sparse_api import SemiSparseWeightConfig as config
         except ImportError:
             from torchao.sparsity import semi_sparse_weight as config
     except Exception as e:  # ImportError, or a torchao built for another torch failing at import
