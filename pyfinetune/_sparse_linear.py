@@ -25,7 +25,9 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
     # benchmarks/results/prune-cpu-20261126-1214 (two threads, the dense path through csr_to_dense
     # and pooled buffers): the training step's time ratio of our dense path to the sparse kernel
     # crosses 1 at ~59% (0.90x at 55%, 1.02x at 60%); the sparse forward is faster from 40% on.
-    # (Before the pooled dense path, -0749: the step crossed at ~43%.)
+    # (Before the pooled dense path, -0749: the step crossed at ~43%.) On the AVX2-only AMD EPYC
+    # (tile-major kernels, no AVX-512), calibrate_crossover("cpu") measured 0.602 and 0.560 (two
+    # runs, 45-75% in steps of 5%, 2026-11-29): the same entry.
     "cpu": 0.58,
     # CPUs with AMX tile units (amx_bf16: Xeon Sapphire Rapids and later), whose bfloat16/float16
     # GEMMs run ~5x faster than the float32 ones: benchmarks/results/prune-bfloat16-cpu-20261126-1213
