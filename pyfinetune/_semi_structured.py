@@ -16,6 +16,7 @@ at the end with ``pyfinetune.prune.sparsify(model, layout="2:4")``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -50,8 +51,9 @@ def _alg_id_count() -> int:
 
 
 def _is_refused_id(err: BaseException) -> bool:
-    """Whether ``err`` is cuSPARSELt refusing an algorithm id (an error naming a cuSPARSE(Lt) call or
-    status), not an out-of-memory or a CUDA fault, which must propagate."""
+    """Whether ``err`` is taken for cuSPARSELt refusing an algorithm id: an error naming a
+    cuSPARSE(Lt) call or status (so a cuSPARSELt failure of another kind at an id past 0 also ends
+    the search there), not an out-of-memory or a CUDA fault, which propagate."""
     if not isinstance(err, RuntimeError) or isinstance(err, torch.cuda.OutOfMemoryError):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
@@ -88,10 +90,11 @@ def _pick_fastest(set_alg: Callable[[int], None], get_alg: Callable[[], int], ru
             ids.append(alg)
         set_alg(0)
         once = time_sample(run, 1)
-        calls = max(1, min(1000, int(_TUNE_SAMPLE_MS / once) if once > 0 else 1000))
+        calls = max(1, min(1000, math.ceil(_TUNE_SAMPLE_MS / once) if once > 0 else 1000))
         samples: Dict[int, list] = {alg: [] for alg in ids}
-        for _ in range(reps):  # interleaved: a drift of the clocks falls on every id alike
-            for alg in ids:
+        for r in range(reps):  # interleaved, each round from another id: a drift falls on every id alike
+            for j in range(len(ids)):
+                alg = ids[(r + j) % len(ids)]
                 set_alg(alg)
                 samples[alg].append(time_sample(run, calls))
         ms = {alg: common.percentile(samples[alg], 50) for alg in ids}
@@ -234,27 +237,37 @@ class SemiStructuredLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # PyTorch's semi-structured tensors have no copy_: the loaded weight (a semi-structured
-        # tensor of this layer's shape and dtype, such as state_dict() gives) replaces the
+        # tensor of this layer's shape, dtype and device, such as state_dict() gives) replaces the
         # parameter's tensor, keeping its algorithm choice (load_state_dict(sd, assign=True) did
-        # this already; without it loading failed in copy_).
+        # this already; without it loading failed in copy_). Everything else (the bias, load
+        # pre-hooks, which see the whole dict, unexpected keys) is torch's: the weight is out of
+        # the parameters while it runs.
         key = prefix + "weight"
-        w = state_dict.get(key)
-        if w is None:
+        current = self._parameters.pop("weight")
+        try:
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                           error_msgs)
+        finally:
+            others = list(self._parameters.items())
+            self._parameters.clear()
+            self._parameters["weight"] = current  # first again: the state dict's key order
+            self._parameters.update(others)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
+        if key not in state_dict:
+            if strict:
+                missing_keys.append(key)
             return
+        w = state_dict[key]
         if not isinstance(w, torch.sparse.SparseSemiStructuredTensor) or tuple(w.shape) != (
-                self.out_features, self.in_features) or w.dtype != self.weight.dtype:
-            got = (f"{type(w).__name__} {w.dtype} of shape {tuple(w.shape)}" if isinstance(w, Tensor)
+                self.out_features, self.in_features) or w.dtype != current.dtype or w.device != current.device:
+            got = (f"{type(w).__name__} {w.dtype} of shape {tuple(w.shape)} on {w.device}" if isinstance(w, Tensor)
                    else type(w).__name__)
             error_msgs.append(f"SemiStructuredLinear: {key} must be a 2:4 semi-structured sparse tensor "
-                              f"{self.weight.dtype} of shape ({self.out_features}, {self.in_features}) (as "
-                              f"state_dict() gives), got {got}; for a dense weight use from_dense(weight, mask)")
+                              f"{current.dtype} of shape ({self.out_features}, {self.in_features}) on "
+                              f"{current.device} (as state_dict() gives; torch.load with map_location to this "
+                              f"device), got {got}; for a dense weight use from_dense(weight, mask)")
             return
-        rest = {k: v for k, v in state_dict.items() if k != key}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if key in missing_keys:
-            missing_keys.remove(key)
         self.weight = nn.Parameter(w.detach(), requires_grad=False)
 
     def dense_mask(self) -> Tensor:

@@ -79,6 +79,7 @@ def _assert_same_bits(monkeypatch, fn):
         got = _run(monkeypatch, "1", l2, fn)
         for a, b in zip(got, base):
             assert torch.equal(a, b), f"{ENV}=1 {L2_ENV}={l2}: not the bits of one block (cluster) per row"
+        a = b = None  # noqa: F841 (the loop's last output must not outlive got, else it is not poisoned)
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)

@@ -97,10 +97,13 @@ def test_a_part_without_entries(monkeypatch, dtype):
     ref = with_mask(c, keep, k)
     tv = c["values"].index_select(0, c["tiled"].tile_src)
     monkeypatch.setenv(ENV, "3")
-    # The parts' float32 sums [3, n, m] come from the caching allocator: blocks of that size
-    # poisoned just before the call (several: the output may take one first), so that sums left
-    # unwritten would show as NaN.
-    junk = [torch.full((3, n, m), float("nan"), device="cuda") for _ in range(4)]
+    # The parts' float32 sums [3, n, m] come from the caching allocator, whose fresh segments the
+    # driver hands out zeroed (the right value for an empty part): the cache emptied, then blocks
+    # of that size poisoned just before the call (several: the remainders of live segments, which
+    # best fit serves first, and the output, which may take one, are covered), so that sums left
+    # unwritten would most likely show as NaN.
+    torch.cuda.empty_cache()
+    junk = [torch.full((3, n, m), float("nan"), device="cuda") for _ in range(8)]
     del junk
     split = torch.ops.pyfinetune.tiled_csr_linear(c["x"], tv, c["tiled"].tile_ptr, c["tiled"].tile_loc, m, c["bias"])
     assert_close(split, ref, dtype, k, "a part without entries")

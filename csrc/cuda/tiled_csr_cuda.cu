@@ -914,9 +914,9 @@ int split_k_requested(const char* op) {  // 0: auto, else the parts asked for
 }
 
 // Blocks of the forward kernel (the asynchronous pipeline's, with its larger shared memory, or the
-// default's) that one SM of the current GPU holds at once (2 on an H100 / H200, and on an A100,
-// whose 164 KB hold exactly two 81 KB blocks with their 1 KB reserve each). Asked once per device
-// and pipeline.
+// default's) that one SM of the current GPU holds at once (the default's: 2 on an H100 / H200 and
+// on an A100, whose 164 KB hold exactly two 81 KB blocks with their 1 KB reserve each; the
+// asynchronous pipeline's 93 KB blocks: one on an A100). Asked once per device and pipeline.
 int forward_blocks_per_sm(bool async) {
   static std::atomic<int> cache[2][64];
   const int dev = c10::cuda::current_device();
