@@ -619,10 +619,14 @@ C10_ALWAYS_INLINE void for_each_segment(const TileMajorRows<acc_t>& c, const Fn&
 constexpr double kTileMajorMinDensity = 0.02;
 constexpr int64_t kTileMajorMinPanels = 2;
 
-bool tile_major_pays(const Pattern& p, int64_t panels) {
+// Whether p keeps at least `fraction` of its rows x cols cells (false for an empty shape).
+bool keeps_at_least(const Pattern& p, double fraction) {
   const double cells = static_cast<double>(p.rows) * static_cast<double>(p.cols);
-  return p.tile > 0 && panels >= kTileMajorMinPanels && cells > 0 &&
-         static_cast<double>(p.ptr[p.rows] - p.ptr[0]) >= kTileMajorMinDensity * cells;
+  return cells > 0 && static_cast<double>(p.ptr[p.rows] - p.ptr[0]) >= fraction * cells;
+}
+
+bool tile_major_pays(const Pattern& p, int64_t panels) {
+  return p.tile > 0 && panels >= kTileMajorMinPanels && keeps_at_least(p, kTileMajorMinDensity);
 }
 
 // Whether the SpMM of `a` over the first n columns of its operand takes the tile-major path
@@ -822,13 +826,9 @@ void spmm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, const dst_t* bias, dst_
 // loads behind them, while the gather's sequential pass keeps many in flight: dx alone, N = 256,
 // K = M = 4096, two threads, the two interleaved in one process (median of 50 calls each), read
 // directly / gathered first: 47.6 / 54.3 ms at 70% sparsity, 35.6 / 36.3 at 80%, 20.3 / 19.8 at
-// 90%, 16.5 / 15.1 at 95%.
+// 90%, 16.5 / 15.1 at 95% (an ad hoc A/B: a temporary environment switch between the two paths in
+// one build, not kept).
 constexpr double kTileMajorPermMinDensity = 0.15;
-
-bool tile_major_reads_perm(const Pattern& p) {
-  const double cells = static_cast<double>(p.rows) * static_cast<double>(p.cols);
-  return cells > 0 && static_cast<double>(p.ptr[p.rows] - p.ptr[0]) >= kTileMajorPermMinDensity * cells;
-}
 
 // dx = grad_out @ W over the compressed columns (values reached through perm = csc_to_csr),
 // written into dx [n, rows] (row-major, dst_t) directly. Reading values[perm[e]] is a random
@@ -836,14 +836,14 @@ bool tile_major_reads_perm(const Pattern& p) {
 // the caches) measured 3-10x slower than the forward; so each work item is a whole row range:
 // it gathers its rows' values once into a scratch buffer and then runs all panels over it, each
 // panel accumulated in a per-thread buffer and transposed into dx like spmm_into_rows does. On
-// the tile-major path of a dense enough pattern the gather is the copy's (tile_major_reads_perm).
+// the tile-major path of a dense enough pattern the gather is the copy's (kTileMajorPermMinDensity).
 template <typename acc_t, typename dst_t>
 void spmm_perm_into_rows(const SpmmArgs<acc_t>& a, int64_t n, dst_t* y) {
   const int64_t kPanel = panel_of(a);
   const int64_t rows = a.pat.rows;
   const int64_t parts = num_parts(rows, kPanel * static_cast<int64_t>(sizeof(acc_t)));
   const std::vector<int64_t> splits = balanced_row_splits(a.pat.ptr, rows, parts);
-  const bool direct_copy = use_tile_major(a, n) && tile_major_reads_perm(a.pat);
+  const bool direct_copy = use_tile_major(a, n) && keeps_at_least(a.pat, kTileMajorPermMinDensity);
   run_tasks(parts, [&](int64_t p) {
     const int64_t r0 = splits[p], r1 = splits[p + 1];
     if (r0 == r1) {
