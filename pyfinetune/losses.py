@@ -265,7 +265,8 @@ class _EagerKdLoss(torch.autograd.Function):
 # keeps the largest possible entry, w_kd / T + w_ce (|dD/ds_i| <= 1 / T for forward_kl and jsd,
 # |dCE/ds_i| <= 1), within 2^13, and the backward divides it out in float32 before its one rounding,
 # as torch's composition rounds scale * gradient once. reverse_kl's entries have no such bound
-# (q log(q / p)): unscaled, but not divided by the batch either.
+# (q log(q / p)): unscaled, but not divided by the batch either; kd_loss therefore gives a float16
+# student that needs a gradient to the kernels as float32 with reverse_kl (the raw op keeps this).
 _KEPT_FP16_TOP = 8192.0
 
 
@@ -416,6 +417,13 @@ def kd_loss(
     _check_same_device("teacher_logits", teacher_logits, student_logits)
     lab = _as_labels(labels, student_logits.shape[:-1], student_logits.device)
     options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
+    if divergence == "reverse_kl" and s.dtype == torch.float16 and _need_grad(s):
+        # reverse_kl's gradient entries have no bound that a fixed power-of-two scale could keep in
+        # float16's range (see _kept_gradient_scale): kept in float16 unscaled, those below its
+        # smallest subnormal (~6e-8) were lost before a GradScaler's factor reached them in the
+        # backward. A float32 student keeps a float32 gradient, and the cast's backward rounds
+        # factor * gradient to float16 once, as torch's composition does.
+        s = s.float()
     if _ops._is_plain_eager(s, t, lab):  # false under transforms and forward-mode AD
         return _kd_eager(_KD_FWD, s, (t, lab), lab, options, reduction)
     if _ops._transforms_active():

@@ -96,7 +96,10 @@ temperature, alpha, divergence, beta, ignore_index, need_grad, grad_scale=1.0) -
   tensor when ``need_grad`` is False. ``grad_scale`` (finite > 0, default 1) lets a caller who knows
   the factor of its reduction (1 / rows of a batch mean) have the kernel apply it (one rounding, no
   later pass). The autograd formula of both ops is d/d(student) = grad * g[:, None] / grad_scale
-  for the incoming gradient g of ``loss``; the teacher and the labels get no gradient.
+  for the incoming gradient g of ``loss``; the teacher and the labels get no gradient. A float16
+  student's grad is float16: ``pyfinetune.losses.kd_loss`` passes a scale that keeps forward_kl /
+  jsd entries in float16's normal range, and gives reverse_kl (no bound on its entries) a float32
+  student instead; a caller of the raw op with float16 and reverse_kl gets the float16 rounding.
 
 ``torch.ops.pyfinetune.kd_loss_fwd_inplace(student, teacher, labels, *, temperature, alpha,
 divergence, beta, ignore_index, grad_scale=1.0) -> loss``: ``kd_loss_fwd`` with the gradient written
