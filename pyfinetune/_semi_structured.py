@@ -105,6 +105,16 @@ def _pick_fastest(set_alg: Callable[[int], None], get_alg: Callable[[], int], ru
         set_alg(before if chosen is None else chosen)
 
 
+def _keep_alg(w: Tensor, source: Tensor) -> Tensor:
+    """``w`` (a detached copy of ``source``) with ``source``'s cuSPARSELt algorithm id: torch 2.4's
+    detach of a semi-structured tensor (in state_dict(), nn.Parameter) dropped it, so a tuned
+    layer saved or loaded there came back with the default algorithm."""
+    alg = getattr(source, "alg_id_cusparselt", None)
+    if alg is not None and getattr(w, "alg_id_cusparselt", None) != alg:
+        w.alg_id_cusparselt = alg
+    return w
+
+
 def check_two_four(mask: Tensor, name: str = "mask") -> None:
     """Raise ValueError unless ``mask`` [out, in] (bool) keeps at most 2 of every 4 consecutive
     entries along ``in`` (the 2:4 pattern), with ``in`` a multiple of 4."""
@@ -136,7 +146,7 @@ class SemiStructuredLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight = _keep_alg(nn.Parameter(weight, requires_grad=False), weight)
         self.bias = None if bias is None else nn.Parameter(bias)
 
     @classmethod
@@ -268,7 +278,13 @@ class SemiStructuredLinear(nn.Module):
                               f"{current.device} (as state_dict() gives; torch.load with map_location to this "
                               f"device), got {got}; for a dense weight use from_dense(weight, mask)")
             return
-        self.weight = nn.Parameter(w.detach(), requires_grad=False)
+        self.weight = _keep_alg(nn.Parameter(w.detach(), requires_grad=False), w)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if key in destination:
+            _keep_alg(destination[key], self.weight)
 
     def dense_mask(self) -> Tensor:
         """The nonzero positions of the weight, bool [out_features, in_features] (a kept weight that is

@@ -103,7 +103,7 @@ def _plain(*tensors: Optional[Tensor]) -> bool:
     """Only plain tensors (or Parameters), no dispatch mode and no transform (_transforms_active):
     the pooled path allocates real memory (which a FakeTensorMode or a tensor subclass must not see)
     and is an autograd.Function with a backward only; elsewhere the dense path is the composition."""
-    if (torch.utils._python_dispatch.is_in_torch_dispatch_mode() or _transforms_active()
+    if (ops._in_dispatch_mode() or _transforms_active()
             or torch._C._get_tracing_state() is not None):  # torch.jit.trace records ops, not a pool
         return False
     return all(t is None or type(t) in (Tensor, nn.Parameter) for t in tensors)
@@ -253,9 +253,10 @@ def _use_tensor_cores(x: Tensor, values: Tensor) -> bool:
     opt-in with PYFINETUNE_CSR_CUDA_KERNEL=tensor_cores (correct on its first GPU run, slower than
     cuBLAS dense there: see the README's GPU results); float16 / bfloat16 CUDA layers on plain
     tensors, not under torch.compile."""
-    return (os.environ.get("PYFINETUNE_CSR_CUDA_KERNEL") == "tensor_cores" and values.is_cuda
-            and values.dtype in (torch.float16, torch.bfloat16) and x.dtype == values.dtype
-            and not torch.compiler.is_compiling() and _plain(x, values))
+    # is_compiling first: Dynamo before torch 2.5 cannot trace os.environ.get of an unset variable.
+    return (not torch.compiler.is_compiling() and os.environ.get("PYFINETUNE_CSR_CUDA_KERNEL") == "tensor_cores"
+            and values.is_cuda and values.dtype in (torch.float16, torch.bfloat16) and x.dtype == values.dtype
+            and _plain(x, values))
 
 
 def _version_of(t: Tensor) -> Optional[int]:

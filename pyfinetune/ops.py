@@ -878,12 +878,34 @@ def csr_gather(dense: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tens
     return torch.ops.pyfinetune.csr_gather(dense, crow_indices, col_indices)
 
 
+# Whether a torch.func transform is active. Dynamo before torch 2.5 cannot trace
+# torch._C._are_functorch_transforms_active (torch.compile failed on every call of our ops there,
+# "Unsupported"); the level of the innermost transform (None when none is active) answers the same
+# question, and those releases trace it.
+if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
+    def _functorch_active() -> bool:
+        return torch._C._functorch.maybe_current_level() is not None
+else:
+    _functorch_active = torch._C._are_functorch_transforms_active
+
+
+# Whether a TorchDispatchMode (user or infra: fake, functional, proxy) is active. torch 2.4's flag
+# (is_in_torch_dispatch_mode) stayed True after a mode entered twice, nested, exited (as a compiled
+# function's backward does): every later call then skipped the host checks of patterns. The mode
+# stack itself, which holds the infra modes too in that release, answers there.
+if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
+    def _in_dispatch_mode() -> bool:
+        return torch._C._len_torch_dispatch_stack() > 0
+else:
+    _in_dispatch_mode = torch.utils._python_dispatch.is_in_torch_dispatch_mode
+
+
 def _transforms_active() -> bool:
     """A torch.func transform (grad, vmap, jvp, jacfwd, ...) or forward-mode AD
     (torch.autograd.forward_ad) is active. Our ops' autograd rules (torch.library style: a backward
     only) do not support them: under forward-mode AD an op with no forward rule hands on no
     tangent, silently (a zero derivative). The ops' callers then compute with plain torch ops."""
-    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
+    return _functorch_active() or torch.autograd.forward_ad._current_level >= 0
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -1066,7 +1088,7 @@ def _eager_twin(cls):
 
 def _apply(cls, *args):
     """``cls.apply(*args)``, through its old-style twin (:func:`_eager_twin`) in plain eager mode."""
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _functorch_active():
         return cls.apply(*args)
     return cls.eager.apply(*args)
 
@@ -1209,7 +1231,7 @@ def pattern_from_csr(crow_indices: Tensor, col_indices: Tensor, num_cols: int) -
     device = crow_indices.device
     if (device.type == "cpu" and col_indices.device.type == "cpu" and type(crow_indices) is Tensor
             and type(col_indices) is Tensor and not _transforms_active() and not torch.compiler.is_compiling()
-            and not torch.utils._python_dispatch.is_in_torch_dispatch_mode()):
+            and not _in_dispatch_mode()):
         _check_csr_on_host(crow_indices, col_indices, num_cols)
     crow = crow_indices.long()
     col = col_indices.long()
@@ -1297,7 +1319,7 @@ def _create_graph() -> bool:
     """Inside a backward: whether it builds a graph (create_graph=True), outside torch.func
     transforms, under which the ops' registered autograd formulas do not run (and the single-level
     gradient needs no graph)."""
-    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+    return torch.is_grad_enabled() and not _functorch_active()
 
 
 def _differentiable_csr_grads(grad, x, values, crow, col, need_x, need_v, need_b):

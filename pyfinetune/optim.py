@@ -40,6 +40,7 @@ flags (``amsgrad``, ``maximize``, ``nesterov``, ``penalty_mode``) split the laun
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import operator
@@ -143,14 +144,32 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.device_mesh == b.device_mesh and tuple(a.placements) == tuple(b.placements)
 
 
+def _this_ranks_piece(full: Tensor, p: Tensor) -> Tensor:
+    """The piece of ``full`` (the full tensor, alike on every rank) that this rank holds of the
+    DTensor ``p``'s layout, without communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    # torch 2.6 and older: distribute_tensor has no src_data_rank and scatters rank 0's tensor (a
+    # collective, which this rank's caller need not be in step with): cut the piece directly.
+    return _cut_piece(full, p)
+
+
+def _cut_piece(full: Tensor, p: Tensor) -> Tensor:
+    """_this_ranks_piece by slicing (Shard and Replicate placements)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(full.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous()
+
+
 def _local_like(p: Tensor, t: Tensor, name: str) -> Tensor:
     """The local shard of ``t`` that lines up with the local shard of the DTensor parameter ``p``.
 
     ``t`` is a DTensor laid out like ``p`` (same mesh and placements), or a plain tensor of ``p``'s
     full shape, which every rank is expected to hold alike (the pretrained weights, a full mask):
     each rank keeps its own piece, without communication."""
-    from torch.distributed.tensor import distribute_tensor
-
     if _is_sharded(t):
         if not _same_layout(t, p):
             raise ValueError(
@@ -165,7 +184,7 @@ def _local_like(p: Tensor, t: Tensor, name: str) -> Tensor:
                 f"{name} must be a DTensor laid out like the parameter or a tensor of the parameter's full "
                 f"shape {tuple(p.shape)}, got shape {tuple(t.shape)}"
             )
-        local = distribute_tensor(t.detach().to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+        local = _this_ranks_piece(t.detach().to(p.device), p)
     if local.shape != p.to_local().shape:
         raise ValueError(
             f"{name}: its local shard has shape {tuple(local.shape)} but the parameter's has "
@@ -1404,3 +1423,25 @@ def _mark_scheduler_aware(cls) -> None:
 
 _mark_scheduler_aware(AdamW)
 _mark_scheduler_aware(SGD)
+
+
+def _compile_can_trace_the_ops() -> bool:
+    """Whether torch.compile can put fused_adamw_ / fused_sgd_ (custom ops that mutate lists of
+    tensors) into a graph: torch's auto-functionalization covers them from torch 2.6 (2.5 not
+    tested); torch 2.4's refused them ("Found a custom (non-ATen) operator whose output has alias
+    annotations"), which failed every compiled function that called our step."""
+    try:
+        from torch._higher_order_ops.auto_functionalize import can_auto_functionalize
+    except ImportError:
+        return False
+    return all(can_auto_functionalize(op) for op in (torch.ops.pyfinetune.fused_adamw_.default,
+                                                     torch.ops.pyfinetune.fused_sgd_.default))
+
+
+COMPILE_TRACES_STEP = _compile_can_trace_the_ops()
+if not COMPILE_TRACES_STEP:
+    # There the step runs eagerly, outside the compiled graph (a graph break); under
+    # torch.compile(fullgraph=True) torch refuses it as a disabled function.
+    for _cls in (AdamW, SGD):
+        _cls.step = torch.compiler.disable(_cls.step)
+    del _cls

@@ -29,6 +29,15 @@ if TESTS not in sys.path:
 # (`pyfinetune calibrate` suggests exporting one) must not leak in.
 os.environ.pop("PYFINETUNE_SPARSE_CROSSOVER", None)
 import pyfinetune  # noqa: E402,F401
+import pyfinetune.optim  # noqa: E402,F401
+
+# torch.compile / opcheck of the optimizer ops (custom ops that mutate lists of tensors) need
+# torch's auto-functionalization of them (torch 2.6; not torch 2.4, where our steps run eagerly
+# inside compiled functions: pyfinetune.optim.COMPILE_TRACES_STEP).
+needs_compiled_step = pytest.mark.skipif(
+    not pyfinetune.optim.COMPILE_TRACES_STEP,
+    reason=f"torch {torch.__version__} cannot put the optimizer ops (custom ops that mutate lists of tensors) "
+           "into a compiled graph: the step runs eagerly there")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

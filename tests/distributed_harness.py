@@ -212,6 +212,12 @@ def fsdp_train(run: Run, kind: str) -> Dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         out["anchors_local"] = {n: a.to_local().clone() for n, a in anchors.items()}
+        # The slicing that torch 2.6 (no src_data_rank) uses for a full anchor or mask gives each
+        # rank the piece distribute_tensor gives (here on a torch that has both, else itself).
+        from pyfinetune.optim import _cut_piece, _this_ranks_piece
+
+        out["cut_pieces"] = {n: (_cut_piece(full(p), p), _this_ranks_piece(full(p), p))
+                             for n, p in model.named_parameters()}
         out["initial_local"] = initial_local
         out["mask_local"] = opt.get_mask(model[2].weight).to_local().clone()
         model_state = copy.deepcopy(model.state_dict())
@@ -325,9 +331,20 @@ def fsdp_sgd(run: Run) -> Dict[str, Any]:
     return fsdp_train(run, "sgd")
 
 
+def _has_fsdp2() -> bool:
+    """FSDP2 on the CPU, as these ranks run it."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:  # torch 2.4 and 2.5 (torch.distributed._composable.fsdp only)
+        return False
+    # torch 2.6's FSDP2 records events on the device's stream, which the CPU's could not.
+    return hasattr(torch.cpu.Stream, "record_event")
+
+
+HAS_FSDP2 = _has_fsdp2()
 SCENARIOS: Dict[str, Callable[[Run], Dict[str, Any]]] = {
-    "ddp_adamw": ddp_adamw, "ddp_sgd": ddp_sgd, "ddp_kd": ddp_kd, "ddp_pruned": ddp_pruned,
-    "ddp_sparse": ddp_sparse, "fsdp_adamw": fsdp_adamw, "fsdp_sgd": fsdp_sgd,
+    "ddp_adamw": ddp_adamw, "ddp_sgd": ddp_sgd, "ddp_kd": ddp_kd, "ddp_pruned": ddp_pruned, "ddp_sparse": ddp_sparse,
+    **({"fsdp_adamw": fsdp_adamw, "fsdp_sgd": fsdp_sgd} if HAS_FSDP2 else {}),
 }
 
 

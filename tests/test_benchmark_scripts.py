@@ -364,7 +364,8 @@ def test_gpu_profile_target_runs(workload):
 def test_optim_roofline_kernels_compute_their_mix():
     # benchmarks/optim_gpu_roofline.py's Triton kernels, run by Triton's interpreter on the CPU: the
     # 5-read / 3-write kernel must read and write every stream (values checked against torch).
-    pytest.importorskip("triton")
+    # Triton 3.0's interpreter (torch 2.4's) refuses these kernels (tl.arange of a constexpr block).
+    pytest.importorskip("triton", minversion="3.2")
     code = """
 import sys, torch
 sys.path.insert(0, "benchmarks")

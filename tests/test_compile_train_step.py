@@ -25,7 +25,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close, state_tol
+from conftest import assert_close, needs_compiled_step, state_tol
 
 from pyfinetune.losses import kd_loss
 from pyfinetune.optim import SGD, AdamW
@@ -125,6 +125,7 @@ def test_whole_step_fullgraph_matches_eager(seed):
     assert opt.param_groups[0]["lr"].item() == pytest.approx(2e-2 * 0.8**5)
 
 
+@needs_compiled_step
 def test_split_step_fullgraph_matches_eager(seed):
     """Where Tensor.backward() cannot be traced: forward + kd_loss compiled with fullgraph, eager
     backward, the optimizer step compiled with fullgraph (with an LR scheduler and a tensor lr)."""

@@ -71,6 +71,11 @@ def test_ddp_equals_one_process(ranks, name):
         assert sum(int((~m).sum()) for m in ref["masks"].values()) > 0
 
 
+needs_fsdp2 = pytest.mark.skipif(not harness.HAS_FSDP2, reason=f"torch {torch.__version__} cannot run FSDP2 "
+                                 "(torch.distributed.fsdp.fully_shard) on the CPU")
+
+
+@needs_fsdp2
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_fsdp2_equals_one_process(ranks, kind):
     name = f"fsdp_{kind}"
@@ -84,6 +89,7 @@ def test_fsdp2_equals_one_process(ranks, kind):
     assert (r0["params"]["2.weight"][~mask] == 0).all()
 
 
+@needs_fsdp2
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_fsdp2_anchors_are_shards_of_the_initial_weights(ranks, kind):
     name = f"fsdp_{kind}"
@@ -101,8 +107,11 @@ def test_fsdp2_anchors_are_shards_of_the_initial_weights(ranks, kind):
                 assert torch.equal(local, r["initial_local"][n]), f"rank {rank}: {n} anchored at its initial shard"
         assert torch.equal(r["mask_local"], (torch.rand(ref["params"]["2.weight"].shape, generator=torch.Generator()
                                                         .manual_seed(11)) > 0.3).chunk(WORLD)[rank])
+        for n, (cut, given) in r["cut_pieces"].items():
+            assert torch.equal(cut, given) and cut.shape == given.shape, f"rank {rank}: the sliced piece of {n}"
 
 
+@needs_fsdp2
 @pytest.mark.parametrize("how", ["state_dict", "dcp_full", "dcp_sharded"])
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_fsdp2_resume_equals_uninterrupted_run(ranks, kind, how):
@@ -115,6 +124,7 @@ def test_fsdp2_resume_equals_uninterrupted_run(ranks, kind, how):
         _assert_ranks_equal(r["resumed"][how], r["params"], f"rank {rank}: resumed ({how})")
 
 
+@needs_fsdp2
 def test_fsdp2_errors_name_the_problem(ranks):
     errors = ranks[0]["fsdp_adamw"]["errors"]
     expected = {

@@ -7,6 +7,7 @@ Skipped without transformers, except the import checks.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,9 +23,11 @@ from pyfinetune.optim import SGD, AdamW
 try:
     import transformers
     from pyfinetune.integrations.hf import DistillationTrainer, l2sp_adamw
-except ImportError:
+    _NO_HF = ""
+except ImportError as e:  # not installed, or one that cannot use this torch (transformers 5, torch < 2.6)
     transformers = None
-needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+    _NO_HF = str(e).strip()
+needs_hf = pytest.mark.skipif(transformers is None, reason=f"pyfinetune.integrations.hf cannot be used: {_NO_HF}")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, S, B = 101, 10, 4
@@ -42,23 +45,41 @@ def _restore_accelerate_environment():
 
 
 # ----------------------------------------------------------------------------------- import
-def test_import_without_transformers():
-    # A fresh interpreter: `import pyfinetune` does not import transformers; where transformers
-    # cannot be imported, the hf module says what to install.
-    code = (
-        "import sys\n"
-        "import pyfinetune, pyfinetune.integrations\n"
-        "assert 'transformers' not in sys.modules, 'import pyfinetune imported transformers'\n"
-        "sys.modules['transformers'] = None\n"
+def _import_hf_after(prelude: str) -> str:
+    """stdout of a fresh interpreter that runs ``prelude`` and then imports the hf module, printing
+    IMPORT-ERROR and the message if that fails."""
+    code = prelude + (
         "try:\n"
         "    import pyfinetune.integrations.hf\n"
         "except ImportError as e:\n"
         "    print('IMPORT-ERROR', e)\n"
     )
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "IMPORT-ERROR" in out.stdout and 'pip install "pyfinetune[hf]"' in out.stdout, out.stdout
+    return out.stdout
+
+
+def test_import_without_transformers():
+    # A fresh interpreter: `import pyfinetune` does not import transformers; where transformers
+    # cannot be imported, the hf module says what to install.
+    out = _import_hf_after(
+        "import sys\n"
+        "import pyfinetune, pyfinetune.integrations\n"
+        "assert 'transformers' not in sys.modules, 'import pyfinetune imported transformers'\n"
+        "sys.modules['transformers'] = None\n"
+    )
+    assert "IMPORT-ERROR" in out and 'pip install "pyfinetune[hf]"' in out, out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_import_with_a_transformers_that_refuses_this_torch():
+    # transformers 5 imports under torch < 2.6 and then refuses to build any model; the hf module
+    # says so at import, naming both releases (simulated: is_torch_available() False).
+    out = _import_hf_after("import transformers, transformers.utils\n"
+                           "transformers.utils.is_torch_available = lambda: False\n")
+    assert "IMPORT-ERROR" in out, out
+    assert f"cannot use torch {torch.__version__}" in out and "transformers 5 needs torch >= 2.6" in out, out
 
 
 # ----------------------------------------------------------------------------------- models

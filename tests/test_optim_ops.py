@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_close, bits, device_dtype_params, device_params, state_tol
+import pyfinetune.optim
+from conftest import assert_close, bits, device_dtype_params, device_params, needs_compiled_step, state_tol
 from pyfinetune.optim import SGD, AdamW
 
 SHAPES = [(5,), (3, 4), (2, 3, 2)]
@@ -82,6 +83,7 @@ SGD_CASES = {
 }
 
 
+@needs_compiled_step
 @pytest.mark.parametrize("device, dtype", device_dtype_params())
 @pytest.mark.parametrize("case", list(ADAMW_CASES))
 def test_opcheck_fused_adamw(device, dtype, case):
@@ -89,6 +91,7 @@ def test_opcheck_fused_adamw(device, dtype, case):
     torch.library.opcheck(torch.ops.pyfinetune.fused_adamw_.default, args, kwargs)
 
 
+@needs_compiled_step
 @pytest.mark.parametrize("device, dtype", device_dtype_params())
 @pytest.mark.parametrize("case", list(SGD_CASES))
 def test_opcheck_fused_sgd(device, dtype, case):
@@ -113,6 +116,18 @@ def _sgd_step(*args, **kwargs):
     torch.ops.pyfinetune.fused_sgd_(*args, **kwargs)
 
 
+def test_compiled_steps_are_traced_from_torch_2_6():
+    # Where torch cannot trace the optimizer ops (2.4) the steps run eagerly inside compiled
+    # functions, and the fullgraph / opcheck tests skip: a probe that failed on a torch that can
+    # would skip them silently, so it must hold from 2.6 (checked on 2.4, 2.6 and 2.14).
+    if torch.torch_version.TorchVersion(torch.__version__) >= (2, 6):
+        assert pyfinetune.optim.COMPILE_TRACES_STEP
+    else:
+        assert not pyfinetune.optim.COMPILE_TRACES_STEP
+        assert SGD.step.__wrapped__ is not None  # torch.compiler.disable's wrapper
+
+
+@needs_compiled_step
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_compile_fullgraph_op_matches_eager(device, kind):

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_bitwise_equal, snapshot
+from conftest import assert_bitwise_equal, needs_compiled_step, snapshot
 
 from pyfinetune.optim import SGD, AdamW
 
@@ -311,6 +311,7 @@ def test_parameter_replaced_in_its_group_without_penalty():
     assert opt.state[q]["step"].item() == 1.0 and opt.state[ps[1]]["step"].item() == 3.0
 
 
+@needs_compiled_step
 @pytest.mark.parametrize("kind", list(OPTS))
 def test_compiled_step_after_the_native_plan(kind):
     # Eager steps build the native plan; a step compiled with fullgraph afterwards must not trace

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pyfinetune
-from conftest import device_params
+from conftest import device_params, needs_compiled_step
 from prune_harness import LAYERS, ConvNet, conv_input, optimizer_state_tensors
 from pyfinetune import prune
 
@@ -213,6 +213,7 @@ def test_mask_optimizer_errors():
         prune.mask_optimizer(torch.optim.SGD(model.parameters(), lr=0.1), model.state_dict())
 
 
+@needs_compiled_step
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 def test_mask_optimizer_inside_a_fullgraph_compiled_step(kind):
     # The pre-hook is traced into torch.compile(opt.step, fullgraph=True): no branch on version

@@ -12,7 +12,21 @@ import torch
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 _BLOCK = re.compile(r"<!-- runnable -->\s*\n```python\n(.*?)\n```", re.S)
-_HAS_HF = importlib.util.find_spec("transformers") is not None
+
+
+def _no_hf() -> str:
+    """Why the README's transformers examples cannot run here ("" when they can): transformers is
+    not installed, or it cannot use this torch (transformers 5 with torch < 2.6)."""
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed"
+    try:
+        import pyfinetune.integrations.hf  # noqa: F401
+    except ImportError as e:
+        return str(e).strip()
+    return ""
+
+
+_NO_HF = _no_hf()
 _HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 _HAS_TRACE_AUTOGRAD = hasattr(torch._dynamo.config, "trace_autograd_ops")
 
@@ -24,7 +38,7 @@ def _blocks():
     for i, code in enumerate(_BLOCK.findall(text)):
         marks = []
         if "transformers" in code:
-            marks.append(pytest.mark.skipif(not _HAS_HF, reason="transformers is not installed"))
+            marks.append(pytest.mark.skipif(bool(_NO_HF), reason=_NO_HF))
         if "torchvision" in code:
             marks.append(pytest.mark.skipif(not _HAS_TORCHVISION, reason="torchvision is not installed"))
         if "trace_autograd_ops" in code:

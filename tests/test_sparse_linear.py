@@ -209,9 +209,13 @@ def test_auto_small_batch_rule_under_autocast_export_and_trace(monkeypatch):
 
     batch = torch.export.Dim("batch", min=2, max=1024)
     with torch.no_grad():
-        ep = torch.export.export(Wrap(), (torch.randn(4, 40),), dynamic_shapes={"x": {0: batch}})
-        x = torch.randn(100, 40)
-        torch.testing.assert_close(ep.module()(x), layer(x))
+        # Dynamo of torch 2.6 and older tells the layer a symbolic row count is an int (type() and
+        # isinstance), so the rule guards rows <= 32 there and export refuses the dynamic batch
+        # (checked on 2.4 and 2.6; 2.11 and newer export it).
+        if torch.torch_version.TorchVersion(torch.__version__) >= (2, 11):
+            ep = torch.export.export(Wrap(), (torch.randn(4, 40),), dynamic_shapes={"x": {0: batch}})
+            x = torch.randn(100, 40)
+            torch.testing.assert_close(ep.module()(x), layer(x))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings of the layer's own checks
             traced = torch.jit.trace(layer, torch.randn(4, 40), check_trace=False)

@@ -46,6 +46,15 @@ if _release(transformers.__version__) < (4, 46):
         f"pyfinetune.integrations.hf needs transformers >= 4.46, found {transformers.__version__}: {_INSTALL_HINT}"
     )
 
+if not transformers.utils.is_torch_available():
+    # transformers 5 needs torch >= 2.6: with an older torch it imports, and every model then
+    # fails to build ("requires PyTorch >= 2.6").
+    raise ImportError(
+        f"pyfinetune.integrations.hf: transformers {transformers.__version__} cannot use torch {torch.__version__} "
+        "(it refuses this release; transformers 5 needs torch >= 2.6): upgrade torch (then rebuild pyfinetune) or "
+        "install a transformers release that supports this torch"
+    )
+
 from ..losses import _check_options, fused_linear_kd_loss, kd_loss  # noqa: E402
 from ..optim import AdamW  # noqa: E402
 from .. import ops as _ops  # noqa: E402
