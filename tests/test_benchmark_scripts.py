@@ -149,6 +149,11 @@ def test_kd_liger_logits_rival_computes_our_loss():
         pytest.skip(why_not)
     code = """
 import torch
+try:  # Triton 3.2's autotuner (torch 2.6's) asks for a GPU driver even under its interpreter
+    import liger_kernel.transformers
+except RuntimeError as e:
+    print("SKIP", e)
+    raise SystemExit(0)
 from pyfinetune.benchmarks import distill
 s, t, lab = distill.kd_inputs(24, 300, torch.float32, torch.device("cpu"), seed=7)
 ours = distill.ours_kd(s, t, lab)
@@ -163,6 +168,8 @@ print("ok")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
                          timeout=600)
+    if out.returncode == 0 and out.stdout.startswith("SKIP"):
+        pytest.skip(f"Liger-Kernel cannot be imported under Triton's interpreter here: {out.stdout[5:].strip()}")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
