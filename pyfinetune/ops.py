@@ -878,25 +878,23 @@ def csr_gather(dense: Tensor, crow_indices: Tensor, col_indices: Tensor) -> Tens
     return torch.ops.pyfinetune.csr_gather(dense, crow_indices, col_indices)
 
 
-# Whether a torch.func transform is active. Dynamo before torch 2.5 cannot trace
-# torch._C._are_functorch_transforms_active (torch.compile failed on every call of our ops there,
-# "Unsupported"); the level of the innermost transform (None when none is active) answers the same
-# question, and those releases trace it.
+# Two questions that torch 2.4 (before 2.5) answers differently, asked on every op call:
+# * _functorch_active: whether a torch.func transform is active. Dynamo 2.4 cannot trace
+#   torch._C._are_functorch_transforms_active (torch.compile failed on every call of our ops,
+#   "Unsupported"); the level of the innermost transform (None when none is active) answers the
+#   same question, and it traces that.
+# * _in_dispatch_mode: whether a TorchDispatchMode (user or infra: fake, functional, proxy) is
+#   active. torch 2.4's flag (is_in_torch_dispatch_mode) stayed True after a mode entered twice,
+#   nested, exited (as a compiled function's backward does): every later call then skipped the
+#   host checks of patterns. The mode stack itself, which holds the infra modes too there, answers.
 if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
     def _functorch_active() -> bool:
         return torch._C._functorch.maybe_current_level() is not None
-else:
-    _functorch_active = torch._C._are_functorch_transforms_active
 
-
-# Whether a TorchDispatchMode (user or infra: fake, functional, proxy) is active. torch 2.4's flag
-# (is_in_torch_dispatch_mode) stayed True after a mode entered twice, nested, exited (as a compiled
-# function's backward does): every later call then skipped the host checks of patterns. The mode
-# stack itself, which holds the infra modes too in that release, answers there.
-if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
     def _in_dispatch_mode() -> bool:
         return torch._C._len_torch_dispatch_stack() > 0
 else:
+    _functorch_active = torch._C._are_functorch_transforms_active
     _in_dispatch_mode = torch.utils._python_dispatch.is_in_torch_dispatch_mode
 
 

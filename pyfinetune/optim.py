@@ -40,6 +40,7 @@ flags (``amsgrad``, ``maximize``, ``nesterov``, ``penalty_mode``) split the laun
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -144,12 +145,19 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
     return a.device_mesh == b.device_mesh and tuple(a.placements) == tuple(b.placements)
 
 
+@functools.lru_cache(maxsize=None)
+def _distribute_has_src_data_rank() -> bool:
+    from torch.distributed.tensor import distribute_tensor
+
+    return "src_data_rank" in inspect.signature(distribute_tensor).parameters
+
+
 def _this_ranks_piece(full: Tensor, p: Tensor) -> Tensor:
     """The piece of ``full`` (the full tensor, alike on every rank) that this rank holds of the
     DTensor ``p``'s layout, without communication."""
     from torch.distributed.tensor import distribute_tensor
 
-    if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
+    if _distribute_has_src_data_rank():
         return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
     # torch 2.6 and older: distribute_tensor has no src_data_rank and scatters rank 0's tensor (a
     # collective, which this rank's caller need not be in step with): cut the piece directly.

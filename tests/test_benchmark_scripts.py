@@ -173,6 +173,15 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+def test_kd_fp16_reverse_kl_cost_script_runs():
+    # benchmarks/kd_fp16_reverse_kl_cost.py (the README's float16 reverse_kl cost), small shape.
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kd_fp16_reverse_kl_cost.py"), "--rows", "8",
+                          "--vocab", "300", "--reps", "10"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("kd_loss, float32 gradient", "float16 kept gradient (before)", "torch composition"):
+        assert name in out.stdout, out.stdout
+
+
 def test_optimizer_targets_per_device():
     # Issue #2: the CPU targets (1.6x the best torch L2-SP, 0.9x torch fused without penalty, 80% of
     # copy bandwidth) on the CPU; on a GPU only 85% of the device bandwidth, at 100M+ parameters.
