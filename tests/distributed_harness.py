@@ -335,7 +335,7 @@ def _has_fsdp2() -> bool:
     """FSDP2 on the CPU, as these ranks run it."""
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:  # torch 2.4 and 2.5 (torch.distributed._composable.fsdp only)
+    except ImportError:  # torch 2.4 (torch.distributed._composable.fsdp only)
         return False
     # torch 2.6's FSDP2 records events on the device's stream, which the CPU's could not.
     return hasattr(torch.cpu.Stream, "record_event")
