@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import random
 import sys
@@ -38,6 +40,20 @@ needs_compiled_step = pytest.mark.skipif(
     not pyfinetune.optim.COMPILE_TRACES_STEP,
     reason=f"torch {torch.__version__} cannot put the optimizer ops (custom ops that mutate lists of tensors) "
            "into a compiled graph: the step runs eagerly there")
+
+@functools.lru_cache(maxsize=None)
+def hf_unusable() -> str:
+    """Why ``pyfinetune.integrations.hf`` cannot be used here ("" when it can): transformers is not
+    installed, or it cannot use this torch (transformers 5 imports under torch < 2.6, then refuses
+    every model; the hf module says so at import). Imports transformers only when first asked."""
+    if importlib.util.find_spec("transformers") is None:
+        return "transformers is not installed"
+    try:
+        import pyfinetune.integrations.hf  # noqa: F401
+    except ImportError as e:
+        return str(e).strip() or type(e).__name__
+    return ""
+
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

@@ -15,13 +15,11 @@ from conftest import assert_bitwise_equal, bits, snapshot
 from pyfinetune.losses import kd_loss
 from pyfinetune.optim import SGD, AdamW
 
-try:
+from conftest import hf_unusable
+
+if not hf_unusable():
     import transformers
     from pyfinetune.integrations.hf import l2sp_adamw
-    _NO_HF = ""
-except ImportError as e:  # not installed, or one that cannot use this torch (transformers 5, torch < 2.6)
-    transformers = None
-    _NO_HF = str(e).strip()
 
 STEPS, SPLIT = 8, 3
 D_IN, HIDDEN, CLASSES = 12, 16, 9
@@ -119,8 +117,8 @@ def _old_trainer_with_new_torch():
     return release < (4, 51) and tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 6)
 
 
-@pytest.mark.skipif(transformers is None, reason=f"pyfinetune.integrations.hf cannot be used: {_NO_HF}")
-@pytest.mark.skipif(transformers is not None and _old_trainer_with_new_torch(),
+@pytest.mark.skipif(bool(hf_unusable()), reason=f"pyfinetune.integrations.hf cannot be used: {hf_unusable()}")
+@pytest.mark.skipif(not hf_unusable() and _old_trainer_with_new_torch(),
                     reason="this transformers cannot resume its own checkpoints under this torch")
 def test_trainer_resume_from_checkpoint_with_l2sp_adamw(tmp_path):
     """transformers.Trainer saves and reloads l2sp_adamw's state (anchors included) and the run

@@ -20,14 +20,12 @@ import torch
 from pyfinetune.losses import kd_loss
 from pyfinetune.optim import SGD, AdamW
 
-try:
+from conftest import hf_unusable
+
+if not hf_unusable():
     import transformers
     from pyfinetune.integrations.hf import DistillationTrainer, l2sp_adamw
-    _NO_HF = ""
-except ImportError as e:  # not installed, or one that cannot use this torch (transformers 5, torch < 2.6)
-    transformers = None
-    _NO_HF = str(e).strip()
-needs_hf = pytest.mark.skipif(transformers is None, reason=f"pyfinetune.integrations.hf cannot be used: {_NO_HF}")
+needs_hf = pytest.mark.skipif(bool(hf_unusable()), reason=f"pyfinetune.integrations.hf cannot be used: {hf_unusable()}")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, S, B = 101, 10, 4

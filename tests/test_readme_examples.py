@@ -9,24 +9,13 @@ import re
 
 import pytest
 import torch
+from conftest import hf_unusable
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 _BLOCK = re.compile(r"<!-- runnable -->\s*\n```python\n(.*?)\n```", re.S)
 
 
-def _no_hf() -> str:
-    """Why the README's transformers examples cannot run here ("" when they can): transformers is
-    not installed, or it cannot use this torch (transformers 5 with torch < 2.6)."""
-    if importlib.util.find_spec("transformers") is None:
-        return "transformers is not installed"
-    try:
-        import pyfinetune.integrations.hf  # noqa: F401
-    except ImportError as e:
-        return str(e).strip()
-    return ""
-
-
-_NO_HF = _no_hf()
+_NO_HF = hf_unusable()
 _HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 _HAS_TRACE_AUTOGRAD = hasattr(torch._dynamo.config, "trace_autograd_ops")
 
