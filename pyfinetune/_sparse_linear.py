@@ -64,6 +64,20 @@ CROSSOVER_SPARSITY: Dict[str, float] = {
 # kernel never reads it).
 SMALL_BATCH_ROWS: Dict[Tuple[str, bool], int] = {("cpu", True): 32, ("cpu", False): 8}
 
+# Dynamo before torch 2.8 tells the code it traces that a symbolic size is an int (type() and
+# isinstance both), so the small-batch rule put a guard rows <= 32 into the graph and
+# torch.export refused a dynamic batch (seen on 2.4, 2.5 and 2.6; 2.8 and newer show the SymInt).
+# There every compiled call leaves the choice to the crossover: the program does not depend on
+# the batch size, at the price of the small-batch speed-up inside torch.compile.
+_DYNAMO_HIDES_SYMBOLIC_SIZES = torch.torch_version.TorchVersion(torch.__version__) < (2, 8)
+
+
+def _concrete(rows: object) -> bool:
+    """Whether ``rows`` is a plain int, not a symbolic size of a trace (see above)."""
+    if type(rows) is not int:
+        return False
+    return not (_DYNAMO_HIDES_SYMBOLIC_SIZES and torch.compiler.is_compiling())
+
 _CROSSOVER_KEYS = ("cpu", "cpu-16bit", "cuda", "cuda-16bit")
 
 # ------------------------------------------------------------------- the dense path's buffers
@@ -466,8 +480,9 @@ class SparseLinear(nn.Module):
         autocast's; default the values') describe a call; by default a training call with many
         rows, which the crossover decides. A CPU inference call with few rows runs the sparse
         kernel at any sparsity (see :data:`SMALL_BATCH_ROWS`); a symbolic row count (while
-        ``torch.export`` or ``torch.compile`` traces with dynamic shapes) or a ``torch.jit.trace``
-        is left to the crossover, so that the traced program does not depend on the batch size.
+        ``torch.export`` or ``torch.compile`` traces with dynamic shapes; before torch 2.8, any
+        compiled call) or a ``torch.jit.trace`` is left to the crossover, so that the traced
+        program does not depend on the batch size.
         """
         if self.kernel != "auto":
             return self.kernel
@@ -475,7 +490,7 @@ class SparseLinear(nn.Module):
         device = self.values.device if device is None else device
         dtype = self.values.dtype if dtype is None else dtype
         limit = SMALL_BATCH_ROWS.get((torch.device(device).type, dtype.itemsize >= 4))
-        if (limit is not None and type(rows) is int and not needs_grad and rows <= limit
+        if (limit is not None and _concrete(rows) and not needs_grad and rows <= limit
                 and torch._C._get_tracing_state() is None):
             return "sparse"
         # Half a weight of slack: a layer pruned "to 90%" keeps round(0.1 * n) weights (magnitude_prune),

@@ -331,6 +331,23 @@ def fsdp_sgd(run: Run) -> Dict[str, Any]:
     return fsdp_train(run, "sgd")
 
 
+def fsdp_gradient_average(run: Run) -> Dict[str, Any]:
+    """Whether this torch's FSDP2 averages the ranks' gradients on gloo, as it does on NCCL: torch
+    2.8's sums them on gloo, so gradients come out ``world`` times too large whatever the
+    optimizer (pytorch/pytorch#162338). A bias-free Linear(2, 1) of ones; rank r's loss is the sum
+    of its output on a row of (r + 1)s, so the averaged weight gradient is the mean of 1 .. world."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layer = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    fully_shard(layer, mesh=init_device_mesh("cpu", (run.world,)))
+    layer(torch.full((1, 2), float(run.rank + 1))).sum().backward()
+    grad = layer.weight.grad.full_tensor()
+    return {"grad": grad.clone(), "averages": bool(torch.equal(grad, torch.full_like(grad, (run.world + 1) / 2)))}
+
+
 def _has_fsdp2() -> bool:
     """FSDP2 on the CPU, as these ranks run it."""
     try:
@@ -344,7 +361,7 @@ def _has_fsdp2() -> bool:
 HAS_FSDP2 = _has_fsdp2()
 SCENARIOS: Dict[str, Callable[[Run], Dict[str, Any]]] = {
     "ddp_adamw": ddp_adamw, "ddp_sgd": ddp_sgd, "ddp_kd": ddp_kd, "ddp_pruned": ddp_pruned, "ddp_sparse": ddp_sparse,
-    **({"fsdp_adamw": fsdp_adamw, "fsdp_sgd": fsdp_sgd} if HAS_FSDP2 else {}),
+    **({"fsdp_average": fsdp_gradient_average, "fsdp_adamw": fsdp_adamw, "fsdp_sgd": fsdp_sgd} if HAS_FSDP2 else {}),
 }
 
 

@@ -209,12 +209,11 @@ def test_auto_small_batch_rule_under_autocast_export_and_trace(monkeypatch):
 
     batch = torch.export.Dim("batch", min=2, max=1024)
     with torch.no_grad():
-        # Dynamo of torch 2.6 and older tells the layer a symbolic row count is an int (type() and
-        # isinstance), so the rule guards rows <= 32 there and export refuses the dynamic batch
-        # (checked on 2.4 and 2.6; 2.11 and newer export it).
-        if torch.torch_version.TorchVersion(torch.__version__) >= (2, 11):
-            ep = torch.export.export(Wrap(), (torch.randn(4, 40),), dynamic_shapes={"x": {0: batch}})
-            x = torch.randn(100, 40)
+        # (Dynamo before torch 2.8 tells the layer a symbolic row count is an int: there the rule
+        # stays out of every compiled call, _DYNAMO_HIDES_SYMBOLIC_SIZES.)
+        ep = torch.export.export(Wrap(), (torch.randn(4, 40),), dynamic_shapes={"x": {0: batch}})
+        for rows in (100, 3):
+            x = torch.randn(rows, 40)
             torch.testing.assert_close(ep.module()(x), layer(x))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings of the layer's own checks
@@ -222,6 +221,21 @@ def test_auto_small_batch_rule_under_autocast_export_and_trace(monkeypatch):
     dense = torch.where(mask, w, 0.0)
     x = torch.randn(64, 40)
     torch.testing.assert_close(traced(x), x @ dense.t() + b, rtol=1e-5, atol=1e-5)
+
+
+def test_small_batch_rule_stays_out_of_compiled_calls_where_dynamo_hides_symbolic_sizes(monkeypatch):
+    # Before torch 2.8 Dynamo says a symbolic row count is an int; there the rule must not run
+    # inside any compiled call (else export of a dynamic batch fails, see above). CI's torch shows
+    # the SymInt, so the branch is exercised here by hand.
+    from pyfinetune import _sparse_linear
+
+    layer, *_ = make_layer(48, 40, 0.1, torch.float32, "cpu")  # 10% pruned: the crossover says dense
+    for hides in (False, True):
+        monkeypatch.setattr(_sparse_linear, "_DYNAMO_HIDES_SYMBOLIC_SIZES", hides)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        assert layer.kernel_for(rows=4, needs_grad=False) == "sparse"
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert layer.kernel_for(rows=4, needs_grad=False) == ("dense" if hides else "sparse")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
