@@ -22,8 +22,8 @@ SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "bench_*.py")))
 def triton_interpreter_fault() -> str:
     """Why Triton's interpreter cannot be trusted here ("" when it can): a small kernel, run by it
     in a child process, must double five floats in a loop whose bound is an argument, as Liger's
-    kernels have. Under numpy 2.4 the interpreters of Triton 3.1 (torch 2.5's) and 3.4 (torch
-    2.8's) cannot take such a bound ("only 0-dimensional arrays can be converted to Python
+    kernels have. Under numpy 2.4 the interpreters of Triton 3.1, 3.4 and 3.6 (torch 2.5's, 2.8's,
+    2.10's) cannot take such a bound ("only 0-dimensional arrays can be converted to Python
     scalars"; 3.1's also writes nothing back without one): a test of a Triton rival that failed
     there would blame the rival for the interpreter."""
     if importlib.util.find_spec("triton") is None:

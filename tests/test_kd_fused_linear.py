@@ -216,6 +216,8 @@ def test_tensor_core_path_choice(monkeypatch):
 
 @pytest.mark.skipif(not __import__("pyfinetune.losses").losses._HAS_OUT_DTYPE_MM,
                     reason="this torch has no mm / addmm out_dtype overloads")
+@pytest.mark.skipif(not torch.backends.cuda.is_built(),
+                    reason="a CPU-only build of torch cannot trace CUDA products, even on fake tensors")
 @pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
 def test_tensor_core_products_trace_on_fake_cuda_tensors(teacher_dtype, bias):
