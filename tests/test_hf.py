@@ -71,14 +71,20 @@ def test_import_without_transformers():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_import_with_a_transformers_that_refuses_this_torch():
-    # transformers 5 imports under torch < 2.6 and then refuses to build any model; the hf module
-    # says so at import, naming both releases (simulated: is_torch_available() False).
-    out = _import_hf_after("import transformers, transformers.utils\n"
-                           "transformers.utils.is_torch_available = lambda: False\n")
-    assert "IMPORT-ERROR" in out, out
-    assert f"cannot use torch {torch.__version__}" in out and "transformers 5 needs torch >= 2.6" in out, out
-
+@pytest.mark.parametrize("prelude, expected", [
+    # transformers 5 imports under torch < 2.6 and then refuses to build any model (simulated:
+    # is_torch_available() False).
+    ("import transformers, transformers.utils\ntransformers.utils.is_torch_available = lambda: False\n",
+     [f"cannot use torch {torch.__version__}", "transformers 5 needs torch >= 2.6"]),
+    # torchao 0.18 beside torch 2.8 / 2.9: transformers imports, its lazily imported Trainer does
+    # not (simulated: the transformers.trainer module refused).
+    ("import sys, transformers\nsys.modules['transformers.trainer'] = None\n",
+     [f"cannot import its Trainer under torch {torch.__version__}", "such as torchao"]),
+], ids=["refuses-torch", "trainer-fails"])
+def test_import_with_a_transformers_that_cannot_serve_this_torch(prelude, expected):
+    # The hf module says so at import, naming both releases.
+    out = _import_hf_after(prelude)
+    assert "IMPORT-ERROR" in out and all(e in out for e in expected), out
 
 # ----------------------------------------------------------------------------------- models
 def llama(hidden=32, seed=0):

@@ -164,7 +164,19 @@ def _head_is_plain(capture: _HeadCapture, logits: torch.Tensor) -> bool:
 
 
 # -------------------------------------------------------------------------------- the trainer
-class DistillationTrainer(transformers.Trainer):
+try:
+    _Trainer = transformers.Trainer  # imported lazily by transformers, with what it loads along
+except ImportError as e:
+    # e.g. torchao 0.18 installed beside torch 2.8 / 2.9: transformers' Trainer imports it, and it
+    # asks torch for names that release lacks ("cannot import name 'ScalingType'").
+    raise ImportError(
+        f"pyfinetune.integrations.hf: transformers {transformers.__version__} cannot import its Trainer under torch "
+        f"{torch.__version__} ({type(e).__name__}: {e}); often a package it loads with it (such as torchao) was "
+        "built for another torch: upgrade that package, or uninstall it"
+    ) from e
+
+
+class DistillationTrainer(_Trainer):
     r"""A :class:`transformers.Trainer` that distils ``teacher_model`` into the model it trains.
 
     For each batch the teacher runs under ``torch.no_grad()`` (in eval mode, on the student's
