@@ -416,8 +416,9 @@ def test_optim_roofline_kernels_compute_their_mix():
     # 5-read / 3-write kernel must read and write every stream (values checked against torch).
     # Triton 3.0's interpreter (torch 2.4's) refuses these kernels (tl.arange of a constexpr block).
     pytest.importorskip("triton", minversion="3.2")
-    if triton_interpreter_fault():
-        pytest.skip(triton_interpreter_fault())
+    fault = triton_interpreter_fault()
+    if fault:
+        pytest.skip(fault)
     code = """
 import sys, torch
 sys.path.insert(0, "benchmarks")

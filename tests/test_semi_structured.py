@@ -344,8 +344,9 @@ def test_torchao_rival_reports_a_refusal():
 @needs_sparse_tc
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torchao_rival_computes_the_same_product(dtype):
-    if _torchao_import_fault() is not None:
-        pytest.skip(f"torchao cannot be imported: {_torchao_import_fault()!r}")
+    fault = _torchao_import_fault()
+    if fault is not None:
+        pytest.skip(f"torchao cannot be imported: {fault!r}")
     from pyfinetune.benchmarks.semi_structured import torchao_two_four
 
     torch.manual_seed(0)
