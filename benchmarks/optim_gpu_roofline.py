@@ -9,7 +9,7 @@ do exactly that mix over flat buffers with trivial arithmetic (the best a stream
 shape reaches on this GPU), the three-read / two-write mix of SGD with momentum, the copy, and our
 fused AdamW + L2-SP and SGD + L2-SP steps over ``--tensors`` tensors of ``--numel`` float32 each.
 Our steps run once per CUDA kernel layout each round (``PYFINETUNE_OPTIM_CUDA_LAYOUT`` = classic,
-the default; wide: 16 elements per thread in blocks of 256; flat: resident blocks over 4096-element
+the default; wide: 16 elements per thread in blocks of 256; flat: resident blocks over 2048-element
 pieces of the tensors laid end to end, so that the blocks running at once touch neighbouring
 memory as the Triton kernel's do; both experimental until measured here), and AdamW once more with its cached step plan run from Python (``PYFINETUNE_OPTIM_NATIVE_PLAN=0``,
 how every step ran before the plan moved to C++: its host work, billed to a single call). It reports each one's GB/s and ours as a fraction of the copy and of its own mix, timed
@@ -133,7 +133,7 @@ def main() -> int:
         (Contender("ours AdamW + L2-SP, wide layout", with_layout("wide", adamw.step)), 32 * n,
          f"{args.tensors} tensors, experimental"),
         (Contender("ours AdamW + L2-SP, flat layout", with_layout("flat", adamw.step)), 32 * n,
-         f"{args.tensors} tensors, experimental: resident blocks over 4096-element pieces end to end"),
+         f"{args.tensors} tensors, experimental: resident blocks over 2048-element pieces end to end"),
         (Contender("ours AdamW + L2-SP, step plan in Python",
                    common.with_env(NATIVE_PLAN_ENV, "0", adamw_py.step)), 32 * n,
          f"{args.tensors} tensors, {NATIVE_PLAN_ENV}=0 (the host work of a step before the C++ plan)"),

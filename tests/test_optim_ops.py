@@ -352,7 +352,7 @@ def _misaligned(t):
 def test_cuda_layouts_give_the_same_bits(monkeypatch, kind, case, dtype, misaligned):
     """PYFINETUNE_OPTIM_CUDA_LAYOUT=classic, =wide and =flat launch different kernels (one vector per
     thread at a time in blocks of 512; 16 elements per thread in blocks of 256; resident blocks of 256
-    over 4096-element pieces of the tensors end to end): the same bits for every state / anchor /
+    over 2048-element pieces of the tensors end to end): the same bits for every state / anchor /
     mask variant, aligned or not (float64 has no wide kernel: classic there)."""
     if kind == "adamw":
         args, kwargs = adamw_inputs("cuda", dtype, shapes=LAYOUT_SHAPES, **ADAMW_CASES[case])
@@ -364,11 +364,13 @@ def test_cuda_layouts_give_the_same_bits(monkeypatch, kind, case, dtype, misalig
                                         args, kwargs, step, copy=_misaligned if misaligned else None)
 
 
-# The flat layout's grid-stride walk: 40 tensors of these sizes hold 1415 pieces of 4096 elements,
-# more than the resident blocks of a launch (2 per SM: 264 on an H100), so blocks take several
-# pieces and switch tensors and hyperparameters mid-walk (neighbouring tensors are in different
-# groups); the other layout tests stay below the resident blocks.
-FLAT_STRIDE_SIZES = [4095, 4097, 1, (1 << 20) + 3, 9000, 65537, 4096, 3]
+# The flat layout's grid-stride walk: 40 tensors of these sizes hold 2785 pieces of FLAT_PIECE
+# elements (csrc/cuda/fused_optim_cuda.cu: kFlatPiece), more than the resident blocks of a launch
+# (2-4 per SM: 264-528 on an H100), so blocks take several pieces and switch tensors and
+# hyperparameters mid-walk (neighbouring tensors are in different groups); the other layout tests
+# stay below the resident blocks.
+FLAT_PIECE = 2048
+FLAT_STRIDE_SIZES = [2047, 2049, 1, (1 << 20) + 3, 9000, 65537, 2048, 3]
 FLAT_STRIDE_TENSORS = 40
 
 
@@ -412,7 +414,7 @@ def test_cuda_flat_layout_blocks_take_several_pieces(monkeypatch, dtype, misalig
     args, kwargs = _flat_stride_adamw_inputs(dtype, 0.0)
     _assert_settings_give_the_same_bits(monkeypatch, "PYFINETUNE_OPTIM_CUDA_LAYOUT", ("classic", "flat"), args, kwargs,
                                         _adamw_step, copy=_misaligned if misaligned else None)
-    pieces = sum((FLAT_STRIDE_SIZES[i % len(FLAT_STRIDE_SIZES)] + 4095) // 4096 for i in range(FLAT_STRIDE_TENSORS))
+    pieces = sum(-(-FLAT_STRIDE_SIZES[i % len(FLAT_STRIDE_SIZES)] // FLAT_PIECE) for i in range(FLAT_STRIDE_TENSORS))
     monkeypatch.setenv("PYFINETUNE_OPTIM_CUDA_LAYOUT", "flat")
     grids = cuda_kernel_grids(lambda: _adamw_step(*args, **kwargs), "flat")
     if grids is not None:  # every launch's grid is at most its resident blocks: fewer blocks than pieces
@@ -431,11 +433,11 @@ def test_cuda_flat_layout_blocks_take_several_pieces(monkeypatch, dtype, misalig
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_flat_layout_over_many_tensors_and_groups(monkeypatch, kind, dtype):
-    """PYFINETUNE_OPTIM_CUDA_LAYOUT=flat packs a launch's tensors end to end in 4096-element pieces:
-    300 tensors (more than one launch holds), of sizes around the piece (4095, 4096, 4097, 1, 9000)
+    """PYFINETUNE_OPTIM_CUDA_LAYOUT=flat packs a launch's tensors end to end in 2048-element pieces:
+    300 tensors (more than one launch holds), of sizes around the piece (2047, 2048, 2049, 1, 9000)
     in 7 param groups (more than the 4 distinct groups a launch holds) step to the classic layout's
     bits."""
-    sizes = [4095, 4096, 4097, 1, 9000, 17, 8192]
+    sizes = [2047, 2048, 2049, 1, 9000, 17, 8192, 4095]
     gen = torch.Generator().manual_seed(3)
     master = [torch.randn(sizes[i % len(sizes)], generator=gen).to(dtype) for i in range(300)]
     grads = [[torch.randn(p.shape, generator=gen).to(dtype) for p in master] for _ in range(3)]

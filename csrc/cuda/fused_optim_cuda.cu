@@ -104,7 +104,14 @@ using SGDFlatMeta = FlatMeta<mta::TensorListMetaHead<SGDOperand::kCount, kLargeA
 static_assert(sizeof(AdamWFlatMeta) <= mta::kMaxKernelArgBytes && sizeof(SGDFlatMeta) <= mta::kMaxKernelArgBytes,
               "flat metadata must fit the kernel argument limit");
 constexpr int kFlatThreads = 256;
-constexpr int64_t kFlatPiece = 4096;  // elements: 4 float32 / 2 16-bit vectors of every operand per thread
+// Elements per piece: 8 of every operand per thread (2 float32 / 1 16-bit vector; float64: one
+// 2-element vector at a time), the Triton roofline kernel's 2048 per program. ptxas (nvcc 13.0,
+// sm_90) fits every flat kernel in 64-122 registers without spills under the bound of 2 blocks
+// per SM; with 16 elements per thread (4096-element pieces, as the wide layout) the AdamW ones
+// hit the 128-register cap and spilled 24-124 bytes (80-96 with a third block, 1 block: 152-176
+// registers and 8 warps per SM). Loads in flight per SM are the classic layout's either way
+// (16 warps x 160 bytes of float32 AdamW, against 32 x 80), ~3x what the HBM's latency needs.
+constexpr int64_t kFlatPiece = 2048;
 
 // ---- Per-block constants -------------------------------------------------------------------------
 
@@ -474,6 +481,13 @@ constexpr int ilp_of() {
   return kLayout == kWide && sizeof(scalar_t) < 8 ? 16 / static_cast<int>(16 / sizeof(scalar_t)) : 1;
 }
 
+// The flat layout's vectors per thread at a time: 8 elements of every operand (see kFlatPiece).
+template <typename scalar_t>
+constexpr int flat_ilp_of() {
+  return sizeof(scalar_t) < 8 ? 8 / static_cast<int>(16 / sizeof(scalar_t)) : 1;
+}
+static_assert(kFlatPiece == 8 * kFlatThreads, "a flat piece is 8 elements per thread");
+
 template <int kLayout>
 constexpr int block_size_of() {
   return kLayout == kWide ? 256 : mta::kBlockSize;
@@ -515,7 +529,7 @@ __global__ void __launch_bounds__(block_size_of<kLayout>(), min_blocks_of<kLayou
 }
 
 // kFlat: resident blocks of kFlatThreads over the pieces of the launch in order (FlatMeta), each
-// thread loading a whole piece's share at once (the wide layout's 16 elements of every operand;
+// thread loading a whole piece's share at once (8 elements of every operand, see kFlatPiece;
 // float64: one 2-element vector at a time). Per tensor the constants are derived again when a
 // block's next piece starts a new tensor (block-uniform: piece and tensor are the block's).
 // for_each_piece calls body(t, base, n) for this block's pieces (elements [base, base + n) of
@@ -553,7 +567,7 @@ __global__ void __launch_bounds__(kFlatThreads, 2) fused_adamw_flat_kernel(const
   for_each_piece(
       meta, consts, [&](int t) { return adamw_tensor_consts<opmath_t>(meta, t); },
       [&](int t, int64_t base, int n) {
-        adamw_span<scalar_t, kAmsgrad, ilp_of<scalar_t, kWide>()>(meta, t, base, n, threadIdx.x, kFlatThreads, consts);
+        adamw_span<scalar_t, kAmsgrad, flat_ilp_of<scalar_t>()>(meta, t, base, n, threadIdx.x, kFlatThreads, consts);
       });
 }
 
@@ -567,7 +581,7 @@ __global__ void __launch_bounds__(kFlatThreads, 2) fused_sgd_flat_kernel(const S
   for_each_piece(
       meta, consts, [&](int t) { return sgd_tensor_consts<opmath_t>(meta, t); },
       [&](int t, int64_t base, int n) {
-        sgd_span<scalar_t, kMomentum, ilp_of<scalar_t, kWide>()>(meta, t, base, n, threadIdx.x, kFlatThreads, consts);
+        sgd_span<scalar_t, kMomentum, flat_ilp_of<scalar_t>()>(meta, t, base, n, threadIdx.x, kFlatThreads, consts);
       });
 }
 
