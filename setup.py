@@ -212,6 +212,31 @@ def _mta_arg_bytes(cuda_version, archs):
     return 4096
 
 
+# pyproject.toml's [project] table needs setuptools 61 (PEP 621), editable installs 64 (PEP 660).
+MIN_SETUPTOOLS = 64
+
+
+def _setuptools_too_old(version):
+    """The message for a setuptools release older than MIN_SETUPTOOLS, else None.
+
+    An older one ignores pyproject.toml's [project] table without a word and builds a package named
+    UNKNOWN 0.0.0 with no dependencies and no `pyfinetune` command. pip's --no-build-isolation (how
+    pyfinetune is built, against the installed torch) uses the installed setuptools, and a new
+    Python 3.9 virtual environment comes with setuptools 58.
+    """
+    digits = ""
+    for ch in str(version):
+        if not ch.isdigit():
+            break
+        digits += ch
+    if digits and int(digits) >= MIN_SETUPTOOLS:
+        return None
+    return (f"pyfinetune needs setuptools>={MIN_SETUPTOOLS} to build, and this Python ({sys.executable}) has "
+            f"setuptools {version}, which would install it as a package named UNKNOWN without its "
+            f"dependencies or the pyfinetune command. Upgrade it, then install again: "
+            f"pip install -U \"setuptools>={MIN_SETUPTOOLS}\"")
+
+
 def _import_torch():
     try:
         import torch
@@ -337,5 +362,10 @@ def _torch_requirement():
     return f"torch=={torch.__version__.split('+')[0]}"
 
 
+import setuptools  # noqa: E402
+
+_too_old = _setuptools_too_old(setuptools.__version__)
+if _too_old:
+    raise SystemExit("error: " + _too_old)
 ext, build_cls = build_extension()
 setup(ext_modules=[ext], cmdclass={"build_ext": build_cls}, install_requires=[_torch_requirement(), "numpy"])

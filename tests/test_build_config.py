@@ -8,18 +8,28 @@ import ast
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 SETUP = pathlib.Path(__file__).resolve().parents[1] / "setup.py"
 
 
+def _constant(node):
+    # A module-level NAME = <literal> of setup.py (the constants its functions read).
+    return (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id.isupper() and isinstance(node.value, ast.Constant))
+
+
 def _setup_functions(*names):
-    # setup.py builds the extension when imported: compile just the named functions.
+    # setup.py builds the extension when imported: compile just the named functions (and the
+    # module's constants).
     tree = ast.parse(SETUP.read_text())
-    module = ast.Module(body=[n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names],
+    module = ast.Module(body=[n for n in tree.body
+                              if (isinstance(n, ast.FunctionDef) and n.name in names) or _constant(n)],
                         type_ignores=[])
-    namespace = {"os": os, "shutil": shutil}
+    namespace = {"os": os, "shutil": shutil, "sys": sys}
     exec(compile(module, str(SETUP), "exec"), namespace)
     return [namespace[n] for n in names]
 
@@ -117,3 +127,40 @@ def test_pip_cuda_headers_never_shadow_the_toolkit(tmp_path):
     assert (out / "nv").is_dir()
     # a toolkit folder that does not exist: everything is taken from the wheels
     assert len(link_missing([str(cu13)], str(tmp_path / "none"), str(out))) == 5
+
+
+@pytest.mark.parametrize("version, ok", [
+    ("58.1.0", False),       # a new Python 3.9 virtual environment
+    ("59.6.0", False),       # Ubuntu 22.04's python3-setuptools
+    ("63.4.3", False),       # PEP 621 metadata but no PEP 660 editable installs
+    ("64.0.0", True),
+    ("80.9.0", True),
+    ("100.0.0.post1", True),
+    ("unknown", False),
+])
+def test_setuptools_older_than_64_is_refused_with_the_fix(version, ok):
+    """setuptools < 61 ignores pyproject.toml's [project] table and builds a package named UNKNOWN
+    0.0.0 (no dependencies, no `pyfinetune` command; seen with Python 3.9's setuptools 58.1 and
+    `pip install --no-build-isolation -e .`): setup.py stops first and says how to upgrade."""
+    (too_old,) = _setup_functions("_setuptools_too_old")
+    message = too_old(version)
+    if ok:
+        assert message is None
+    else:
+        assert f"setuptools {version}" in message and 'pip install -U "setuptools>=64"' in message
+
+
+def test_setup_py_stops_before_building_under_an_old_setuptools(tmp_path):
+    """The check runs before anything is compiled: setup.py under a setuptools that says it is 58.1.0
+    exits with the message (and builds nothing)."""
+    fake = tmp_path / "fake"
+    (fake / "setuptools").mkdir(parents=True)
+    (fake / "setuptools" / "__init__.py").write_text(
+        "__version__ = '58.1.0'\n\ndef setup(**kwargs):\n    raise AssertionError('setup() reached')\n")
+    env = dict(os.environ, PYTHONPATH=str(fake), PYFINETUNE_FORCE_CPU="1")
+    out = subprocess.run([sys.executable, str(SETUP), "--version"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert "needs setuptools>=64" in out.stderr and "setuptools 58.1.0" in out.stderr, out.stderr[-2000:]
+    assert "setup() reached" not in out.stderr
+    assert not (tmp_path / "build").exists()
