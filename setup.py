@@ -15,10 +15,12 @@ Environment variables:
 import glob
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -224,12 +226,8 @@ def _setuptools_too_old(version):
     pyfinetune is built, against the installed torch) uses the installed setuptools, and a new
     Python 3.9 virtual environment comes with setuptools 58.
     """
-    digits = ""
-    for ch in str(version):
-        if not ch.isdigit():
-            break
-        digits += ch
-    if digits and int(digits) >= MIN_SETUPTOOLS:
+    major = re.match(r"\d+", str(version))
+    if major and int(major.group()) >= MIN_SETUPTOOLS:
         return None
     return (f"pyfinetune needs setuptools>={MIN_SETUPTOOLS} to build, and this Python ({sys.executable}) has "
             f"setuptools {version}, which would install it as a package named UNKNOWN without its "
@@ -361,8 +359,6 @@ def _torch_requirement():
 
     return f"torch=={torch.__version__.split('+')[0]}"
 
-
-import setuptools  # noqa: E402
 
 _too_old = _setuptools_too_old(setuptools.__version__)
 if _too_old:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def _setup_functions(*names):
     module = ast.Module(body=[n for n in tree.body
                               if (isinstance(n, ast.FunctionDef) and n.name in names) or _constant(n)],
                         type_ignores=[])
-    namespace = {"os": os, "shutil": shutil, "sys": sys}
+    namespace = {"os": os, "re": re, "shutil": shutil, "sys": sys}
     exec(compile(module, str(SETUP), "exec"), namespace)
     return [namespace[n] for n in names]
 
