@@ -183,6 +183,22 @@ if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-6}"; f
 TIMEOUT=""
 if $PY -c "import pytest_timeout" 2>/dev/null; then TIMEOUT="--timeout 300"; fi
 
+# The tests that gate benchmarks/GPU_PLAN.md's decisions, first: the whole CUDA lane below can run
+# out of its time box before it reaches them (2026-11-29: test_masked_matmul_cuda.py -k small_n and
+# test_optim_ops.py -k layout were never reached).
+step "tests: GPU_PLAN's gates (small-N, flat layout, CUDA graphs, split K, kd launch variants, 2:4 tune)"
+boxed "$(left 0.1 120)" "$OUT/tests_gates.log" $PY -m pytest -q -rfE -p no:cacheprovider $XDIST $TIMEOUT -m cuda \
+  tests/test_masked_matmul_cuda.py tests/test_optim_ops.py -k "small_n or inf_in_x or layout or several_pieces" \
+  --junitxml="$OUT/tests_gates.xml" || status=1
+boxed "$(left 0.1 150)" "$OUT/tests_gates2.log" $PY -m pytest -q -rfE -p no:cacheprovider $XDIST $TIMEOUT -m cuda \
+  tests/test_optim_cuda_graph.py tests/test_tiled_cuda_split_k.py tests/test_kd_cuda_prefetch.py \
+  tests/test_kd_cuda_persistent.py tests/test_kd_cuda_split.py tests/test_semi_structured.py \
+  --junitxml="$OUT/tests_gates2.xml" || status=1
+for log in "$OUT/tests_gates.log" "$OUT/tests_gates2.log"; do
+  grep -E "^(FAILED|ERROR)" "$log" | head -20 | tee -a "$OUT/summary.md"
+  tail -1 "$log" | tee -a "$OUT/summary.md"
+done
+
 # The memcheck lane runs beside the tests (the GPU is far from busy with the small test cases).
 MEMCHECK_SELECT=(-m cuda)
 if [ "$BUDGET" -gt 0 ]; then

@@ -199,6 +199,15 @@ def same_layout_input(s: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# CUDA graph capture needs the caching allocator: with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (set by
+# benchmarks/gpu_check.sh for compute-sanitizer, which then sees every allocation) an allocation inside
+# a capture is a cudaMalloc, which the capture refuses (cudaErrorStreamCaptureUnsupported).
+needs_caching_allocator = pytest.mark.skipif(
+    os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING", "0") not in ("", "0"),
+    reason="CUDA graph capture needs the caching allocator (PYTORCH_NO_CUDA_MEMORY_CACHING is set)",
+)
+
+
 def cuda_kernel_names(fn, containing: str):
     """The names of the CUDA kernels fn() launched whose name contains ``containing`` (profiler), or
     None where the profiler saw no such kernel (no CUPTI, or under compute-sanitizer, which

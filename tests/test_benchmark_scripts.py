@@ -539,3 +539,26 @@ def test_kd_benchmark_record_names_what_ran(tmp_path, monkeypatch):
     assert record["config"] == {"reps": 10, "quick": True, "cases": [["kd", "64", "5000", "torch.float32"]],
                                 "linear_chunks": None, "rivals": False, "memory": False}
     assert record["machine"]["git"]["commit"] and len(record["cases"]) == 1
+
+
+def test_gpu_check_gate_selections_name_existing_tests():
+    # gpu_check.sh runs the tests that gate GPU_PLAN.md's decisions first, by file and -k: a renamed
+    # test or file would make a gate select nothing, and a short GPU session would not notice. Each
+    # named file must contribute tests (collected here; they skip without a GPU).
+    import re
+    import shlex
+
+    with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
+        script = f.read().replace("\\\n", " ")
+    commands = [line for line in script.splitlines() if "tests_gates" in line and "pytest" in line]
+    assert len(commands) == 2, commands
+    for line in commands:
+        words = shlex.split(line[line.index("-m pytest") + len("-m pytest"):].split("||")[0])
+        files = [w for w in words if re.fullmatch(r"tests/test_\w+\.py", w)]
+        assert files, line
+        select = ["-k", words[words.index("-k") + 1]] if "-k" in words else []
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "-m", "cuda", *select, *files], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        for name in files:
+            assert any(l.startswith(name + "::") for l in out.stdout.splitlines()), (name, select, out.stdout[-2000:])

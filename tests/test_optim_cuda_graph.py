@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import needs_caching_allocator
 from pyfinetune.optim import SGD, AdamW
 
 pytestmark = [
@@ -11,6 +12,7 @@ pytestmark = [
 ]
 
 
+@needs_caching_allocator
 @pytest.mark.parametrize("layout", ["classic", "wide", "flat"])  # PYFINETUNE_OPTIM_CUDA_LAYOUT's kernels
 @pytest.mark.parametrize("kind", ["adamw", "sgd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
