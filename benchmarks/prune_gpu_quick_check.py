@@ -229,9 +229,11 @@ def speed(dtype, n, sparsity):
         "ours warp (csr_linear)": common.with_env(  # pinned: the small-N kernel has its own row
             SMALL_N_ENV, "0", lambda: torch.ops.pyfinetune.csr_linear(x, vals, p.crow_indices, p.col_indices,
                                                                       p.row_order, None)),
-        "ours tensor cores": lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None),
-        "ours tensor cores, async": with_async(
-            lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None)),
+        # pinned to one part: the split over K (auto) is the default since 2026-11-29 and has its column
+        "ours tensor cores": with_split_k(
+            lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None), 1),
+        "ours tensor cores, async": with_async(with_split_k(
+            lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None), 1)),
         "ours tensor cores, split K": with_split_k(
             lambda: torch.ops.pyfinetune.tiled_csr_linear(x, tv, t.tile_ptr, t.tile_loc, SIZE, None)),
     }
@@ -371,8 +373,9 @@ def main():
           f"{where}, torch {torch.__version__}; x [N, {SIZE}], W [{SIZE}, {SIZE}] random "
           "sparsity; median ms per call of 15 samples of 20 back-to-back calls; (ratio) = cuBLAS / ours, >1 = ours "
           "faster", "",
-          "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms | ours tensor cores ms | ours tensor cores, async "
-          "pipeline ms (PYFINETUNE_TILED_CUDA_ASYNC=1) | ours tensor cores, split K ms (PYFINETUNE_TILED_CUDA_SPLIT_K=auto) "
+          "| dtype | N | sparsity | cuBLAS dense ms | ours warp ms (PYFINETUNE_CSR_CUDA_SMALL_N=0) | ours tensor cores "
+          "ms (PYFINETUNE_TILED_CUDA_SPLIT_K=1) | ours tensor cores, async pipeline ms (PYFINETUNE_TILED_CUDA_ASYNC=1, "
+          "SPLIT_K=1) | ours tensor cores, split K ms (PYFINETUNE_TILED_CUDA_SPLIT_K=auto, the default) "
           "| ours small-N kernel ms (PYFINETUNE_CSR_CUDA_SMALL_N=1) |",
           "|---|---|---|---|---|---|---|---|---|", *rows, "",
           *([f"GPU time per call, host overhead removed: the same 20 calls captured in a CUDA graph and replayed "

@@ -96,8 +96,8 @@ def settings_errors() -> List[str]:
         errors.append(f"PYFINETUNE_KD_CUDA_THREADS must be a multiple of 32 in [32, 512] (or unset), got {raw!r}")
     raw = os.environ.get("PYFINETUNE_TILED_CUDA_SPLIT_K", "")
     if raw and raw != "auto" and not (raw.isascii() and raw.isdigit() and len(raw) <= 5 and 1 <= int(raw) <= 65535):
-        errors.append(f"PYFINETUNE_TILED_CUDA_SPLIT_K must be auto or an integer in [1, 65535] (or unset: 1, "
-                      f"no split), got {raw!r}")
+        errors.append(f"PYFINETUNE_TILED_CUDA_SPLIT_K must be auto or an integer in [1, 65535] (or unset: "
+                      f"auto), got {raw!r}")
     pool = dense_pool()
     if "error" in pool:
         errors.append(str(pool["error"]))

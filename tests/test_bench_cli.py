@@ -259,7 +259,7 @@ def test_split_k_setting_is_checked_before_timing(monkeypatch, value, ok):
     monkeypatch.setenv("PYFINETUNE_TILED_CUDA_SPLIT_K", value)
     errors = [e for e in settings_errors() if "SPLIT_K" in e]
     assert errors == ([] if ok else [f"PYFINETUNE_TILED_CUDA_SPLIT_K must be auto or an integer in [1, 65535] "
-                                     f"(or unset: 1, no split), got {value!r}"])
+                                     f"(or unset: auto), got {value!r}"])
 
 
 @pytest.mark.parametrize("value, ok", [("1", True), ("16", True), ("3", False), ("32", False), ("08", False)])

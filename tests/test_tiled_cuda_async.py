@@ -52,7 +52,10 @@ def async_kernels_run(fn):
 def both_pipelines(monkeypatch, fn, expect_async=("linear",)):
     """fn() under the default pipeline, then with the variable set: (default, async). Asserts, where
     the profiler sees kernels, that the second run launched the asynchronous kernels of
-    `expect_async` ("linear": the forward, "dx": the input gradient) and the first none."""
+    `expect_async` ("linear": the forward, "dx": the input gradient) and the first none. The
+    forward's split over K pinned to none: "auto" (the default) sizes the parts by the blocks an SM
+    holds, which differ between the two pipelines, so their sums could run in another order."""
+    monkeypatch.setenv("PYFINETUNE_TILED_CUDA_SPLIT_K", "1")
     monkeypatch.delenv(ENV, raising=False)
     assert not async_kernels_run(fn)
     base = fn()

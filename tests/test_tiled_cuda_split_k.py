@@ -1,5 +1,5 @@
-"""The CUDA tensor-core sparse forward with its K split in parts (PYFINETUNE_TILED_CUDA_SPLIT_K,
-experimental): each part's blocks multiply a range of K tiles into float32 sums, and a second
+"""The CUDA tensor-core sparse forward with its K split in parts (PYFINETUNE_TILED_CUDA_SPLIT_K;
+unset = auto, the default since the H200 check of 2026-11-29; 1 = no split): each part's blocks multiply a range of K tiles into float32 sums, and a second
 kernel adds the parts in order and the bias (csrc/cuda/tiled_csr_cuda.cu, split_k_parts,
 tiled_csr_sum_parts_kernel).
 
@@ -7,7 +7,7 @@ Checked against the float64 reference (tolerances of test_tiled_csr) on what the
 parts of one tile and of several, a last part shorter than the others, K not a multiple of 64, M
 not a multiple of 4 (the sum kernel's element path) or of 128, N over several 64-row blocks and a
 single row, bias or none, empty tiles and a whole part without entries; "auto" against the
-unsplit product; the same bits on every run (the parts are added in order); the variable means
+unsplit product; unset is "auto" (the same bits); the same bits on every run (the parts are added in order); the variable means
 nothing to the input gradient; a CUDA graph replays it; bad values are refused before anything
 is written. GPU only (the variable means nothing on the CPU).
 """
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pyfinetune import ops
+from conftest import needs_caching_allocator
 from test_tiled_csr import assert_close, dtype_id, make_case, run_dx, run_op, with_mask
 
 pytestmark = [pytest.mark.cuda,
@@ -42,9 +43,9 @@ def kernels_run(fn):
 
 
 def split_and_plain(monkeypatch, fn, parts):
-    """fn() without the variable, then with it set to `parts`: (plain, split). Where the profiler
-    sees kernels, the split run launched the sum kernel and the plain one did not."""
-    monkeypatch.delenv(ENV, raising=False)
+    """fn() with the variable at 1 (no split), then with it set to `parts`: (plain, split). Where the
+    profiler sees kernels, the split run launched the sum kernel and the plain one did not."""
+    monkeypatch.setenv(ENV, "1")
     names = kernels_run(fn)
     assert names is None or not any("sum_parts" in n for n in names), names
     plain = fn()
@@ -76,6 +77,26 @@ def test_split_forward_matches_dense_reference(monkeypatch, dtype, shape, parts,
         assert any("sum_parts" in n for n in names), names
     if k_tiles == 1:
         assert torch.equal(plain, split)  # one part: the unsplit kernel
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(1, 64 * 16, 256), (16, 64 * 64, 512), (256, 64 * 16 + 3, 130)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_unset_means_auto(monkeypatch, dtype, shape):
+    # The default: the same parts as "auto", so the same bits; where the profiler sees kernels, a
+    # grid of a few blocks (2 or 4 blocks of 128 rows of W, 16 or 64 tiles of K) was split (the sum
+    # kernel ran).
+    n, k, m = shape
+    c, ref = make_case(n, k, m, dtype, "cuda", 0.9)
+    monkeypatch.setenv(ENV, "auto")
+    auto = run_op(c)
+    monkeypatch.delenv(ENV, raising=False)
+    names = kernels_run(lambda: run_op(c))
+    unset = run_op(c)
+    assert_close(unset, ref, dtype, k, f"unset {shape}")
+    assert torch.equal(unset, auto)
+    if names is not None and n <= 16:
+        assert any("sum_parts" in name for name in names), names
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -123,6 +144,7 @@ def test_split_is_deterministic_and_leaves_the_input_gradient_alone(monkeypatch,
     assert torch.equal(run_dx(c, dy), dx_plain)
 
 
+@needs_caching_allocator
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_split_forward_in_a_cuda_graph(monkeypatch, dtype):
     # The parts' buffer comes from the caching allocator inside the capture; a replay computes the

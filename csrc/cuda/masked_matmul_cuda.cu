@@ -378,9 +378,12 @@ __global__ void __launch_bounds__(kSpmmWarps* kWarpSize) csr_spmv_kernel(const S
 }
 
 // PYFINETUNE_CSR_CUDA_SMALL_N=1 (experimental, read at each call; unset, empty or 0: off): csr_linear
-// with at most kSmallN rows of x runs csr_spmv_kernel. Not the default until a GPU has timed it
-// against the warp kernel and cuBLAS (benchmarks/prune_gpu_quick_check.py's N = 1 and 16 rows); the
-// sums are taken in another order. Another value is refused before anything is written.
+// with at most kSmallN rows of x runs csr_spmv_kernel. Timed on an H200 (gpu-check-20261129-2137,
+// benchmarks/prune_gpu_quick_check.py, 4096 x 4096 weight, CUDA graph replays): 3.7-12x less GPU
+// time than the warp kernel at N = 1 and 1.4-3.3x at N = 16 (90% / 99% sparsity, fp16 / bf16). Not
+// the default until its test (tests/test_masked_matmul_cuda.py -k small_n) has passed on a GPU: the
+// time-boxed check did not reach it. The sums are taken in another order. Another value is refused
+// before anything is written.
 bool small_n_requested() {
   return env_switch("csr_linear", "PYFINETUNE_CSR_CUDA_SMALL_N", "off").value_or(false);
 }
