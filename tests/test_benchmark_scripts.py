@@ -226,6 +226,19 @@ def test_optimizer_targets_per_device():
     assert bench_optim.targets_for(torch.device("cuda"), 25_557_032) == [None, None, None]
 
 
+def test_optimizer_gpu_cases_one_and_five_steps_per_sample():
+    # The 134M-parameter GPU case twice: one step per timed sample (the host's work before the first
+    # launch billed to the GPU) and five (that work overlapped, as in a training loop); both are
+    # GPU-only and both carry the bandwidth target.
+    from pyfinetune.benchmarks import optim as bench_optim
+
+    large, steps = bench_optim.make_case("large"), bench_optim.make_case("large-steps")
+    assert steps.shapes == large.shapes and steps.numel == large.numel == 134_217_728
+    assert (large.calls_per_rep, steps.calls_per_rep) == (1, 5) and steps.bandwidth_bound
+    with pytest.raises(SystemExit):
+        bench_optim.main(["--device", "cpu", "--case", "large-steps"])
+
+
 def test_pruning_targets_per_device_and_dtype():
     # Issue #4: on the CPU in float32, forward >= 3x dense, >= 1.5x torch CSR and the step >= 3x at
     # 90% and the forward crossover at or below 70%; on an H100 in float16, forward >= 2x cuBLAS.
