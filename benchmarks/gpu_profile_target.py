@@ -16,7 +16,7 @@ WORKLOAD is one of:
   (issue #4's case), the sparse kernel (``kernel="sparse"``: "auto" would run the dense path, cuBLAS,
   below the 16-bit CUDA crossover of 99%);
 * ``sparse_tc_split``: the same product on the tensor cores (``tiled_csr_linear``) with its K split
-  (``PYFINETUNE_TILED_CUDA_SPLIT_K=auto``, experimental).
+  (``PYFINETUNE_TILED_CUDA_SPLIT_K=auto``, the default since 2026-11-29).
 
 Each workload runs three times first (warm-up: allocations, the launch plans' caches, the
 occupancy queries), then once between the profiler calls, so that ncu sees only the measured
@@ -74,7 +74,8 @@ def optim_flat_workload(device, small):
 
 def sparse_tc_split_workload(device, small):
     """The same product on the tensor cores (tiled_csr_linear, float16), its K split in parts
-    (PYFINETUNE_TILED_CUDA_SPLIT_K=auto, experimental); on the CPU its CPU kernel, float32."""
+    (PYFINETUNE_TILED_CUDA_SPLIT_K=auto, the default since 2026-11-29); on the CPU its CPU kernel,
+    float32."""
     from pyfinetune import ops
 
     os.environ["PYFINETUNE_TILED_CUDA_SPLIT_K"] = "auto"

@@ -10,14 +10,17 @@ correctness first, then their speed against cuBLAS and our warp kernels, in abou
    slices), sizes not multiples of 8 (plain loads), tiles denser than the 1024 entries a block
    stages in registers, strided operands; the forward and dx again with PYFINETUNE_TILED_CUDA_ASYNC=1
    (the experimental pipeline: tile bounds and entries fetched ahead with asynchronous copies), and
-   the forward with PYFINETUNE_TILED_CUDA_SPLIT_K (its K cut in parts, experimental). Each case prints OK or FAIL; a failure does not stop the others (a sticky CUDA error does).
+   the forward with PYFINETUNE_TILED_CUDA_SPLIT_K (its K cut in parts; unset = auto, the default since
+   2026-11-29, which the plain and async cases run under). Each case prints OK or FAIL; a failure does
+   not stop the others (a sticky CUDA error does).
 2. Speed: x [N, 4096] @ W^T, W [4096, 4096], random sparsity 50-99% for N = 256 (issue #4's case),
    90% and 99% for N = 2048, and decoding sizes (N = 1: 50, 90, 99%; N = 16: 90, 99%), where the
    product reads the weight once and a sparse one reads 10% of it; contenders interleaved, each sample 20 back-to-back calls timed with
    CUDA events, median of 15 samples: cuBLAS dense (x @ w.T on the pruned weight), our warp-per-row
    csr_linear, and tiled_csr_linear alone (tile values gathered once; SparseLinear gathers them
    at each call: one nnz-sized gather more, which bench_prune.py's "ours sparse, tensor cores" row
-   includes), with the default and the asynchronous pipeline and with K split (=auto; the variables set and unset around
+   includes), without a split of K (=1, the default before 2026-11-29), with the asynchronous pipeline
+   (and =1) and with K split (=auto, the default now; the variables set and unset around
    each call, a few microseconds of host time hidden behind the queued kernels). The same rows
    again with the 20 calls captured in a CUDA graph and replayed: GPU time alone, where the eager
    times of small N can be the host's (Python, dispatcher, launches). Then the backward's products at N = 256, 90%: dx and the weight gradient, ours (warp
@@ -335,7 +338,7 @@ def main():
                 continue
             run(f"{dn} split K {parts} {n}x{k}x{m} sparsity {s}", with_split_k(correctness(n, k, m, s, dtype), parts))
         run(f"{dn} split K 3, no bias", with_split_k(correctness(70, 640, 200, 0.9, dtype, bias=False), 3))
-        # Both experimental variables at once: the asynchronous pipeline starting mid-row at a part's
+        # Both variables at once: the asynchronous pipeline starting mid-row at a part's
         # first tile (1000 columns, 16 tiles: 3 asked give 6 + 6 + 4 tiles, 7 asked 5 x 3 + 1).
         for parts in (3, 7):
             run(f"{dn} async + split K {parts} 70x1000x130 sparsity 0.9",

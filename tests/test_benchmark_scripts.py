@@ -564,7 +564,7 @@ def test_gpu_check_gate_selections_name_existing_tests():
     with open(os.path.join(ROOT, "benchmarks", "gpu_check.sh")) as f:
         script = f.read().replace("\\\n", " ")
     commands = [line for line in script.splitlines() if "tests_gates" in line and "pytest" in line]
-    assert len(commands) == 2, commands
+    assert len(commands) == 3, commands
     for line in commands:
         words = shlex.split(line[line.index("-m pytest") + len("-m pytest"):].split("||")[0])
         files = [w for w in words if re.fullmatch(r"tests/test_\w+\.py", w)]

@@ -10,7 +10,8 @@ kEntryCap (1032) entries a stage holds (the rest read from global memory at the 
 whose entries start at every offset within a 16-byte chunk, the last tile's chunk cut at the end of
 the arrays, and values or tile_loc not 16-byte aligned (the host falls back to the register
 pipeline). Both pipelines build the same tiles and multiply them in the same order, so the results
-are also compared bit for bit with the default pipeline. Bad values of the variable are refused
+are also compared bit for bit with the default pipeline, the forward's split over K pinned to none
+(PYFINETUNE_TILED_CUDA_SPLIT_K=1: auto's parts depend on the blocks an SM holds, which differ). Bad values of the variable are refused
 before anything is written. GPU only (the variable means nothing on the CPU).
 """
 

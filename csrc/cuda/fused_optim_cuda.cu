@@ -765,8 +765,8 @@ void sgd_for_each_launch(at::TensorList params, at::TensorList grads, at::Tensor
 
 // PYFINETUNE_OPTIM_CUDA_LAYOUT=classic|wide|flat (experimental, for A/B timing on a GPU; read at
 // each step; unset or empty: classic): the kernel layout (Layout). wide (0.99x / 1.03x classic on
-// the H100 check) and flat (not yet run on a GPU) are not the default until a GPU has measured them
-// faster (benchmarks/optim_gpu_roofline.py times all three); all three do the same arithmetic on
+// the H100 check) and flat (1.01x / 1.03x on the H200 check of 2026-11-29, inside the spread) are
+// not the default until a GPU has measured them clearly faster (benchmarks/optim_gpu_roofline.py times all three); all three do the same arithmetic on
 // every element (bit-identical results). Another value is refused before anything is written.
 int requested_layout(const char* op) {
   const char* raw = std::getenv("PYFINETUNE_OPTIM_CUDA_LAYOUT");

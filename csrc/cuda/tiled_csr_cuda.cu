@@ -890,12 +890,13 @@ void launch_dispatch(const TiledArgs& a, int64_t grid_x, int parts, bool aligned
 // each P times fewer steps, and a second kernel adds the parts' float32 sums (in part order: the
 // same bits every run; not the bits of the unsplit product, whose float32 sums run in another
 // order) and the bias. PYFINETUNE_TILED_CUDA_SPLIT_K (read at each call): unset or "auto" (the
-// default since gpu-check-20261129-2137 on an H200: 18-45% less time at N = 256, 36-65% at N = 1 / 16,
-// within 1% at N = 2048, where auto keeps one part) = enough parts to give every block slot of the GPU
-// a block (at least 4 tiles per part), an integer P = parts of ceil(k_tiles / P) tiles, the longest
-// part P parts would have: at most P parts, fewer where P does not divide the tiles (P = 7 over 8
-// tiles: 4 parts of 2; the same latency as 7 parts of 1-2 tiles, with fewer sums to add); 1 = no
-// split (the default before, and the bits of the unsplit sums).
+// default since gpu-check-20261129-2137 on an H200: 15-45% less time at N = 256, 36-84% at N = 1 / 16,
+// within 1% at N = 2048, where auto keeps one part) = the parts that split_k_parts' model of the
+// product's time picks (waves of blocks over the GPU's block slots times tiles per part, plus the
+// parts' sums written and read back; at least 4 tiles per part), an integer P = parts of
+// ceil(k_tiles / P) tiles, the longest part P parts would have: at most P parts, fewer where P does
+// not divide the tiles (P = 7 over 8 tiles: 4 parts of 2; the same latency as 7 parts of 1-2 tiles,
+// with fewer sums to add); 1 = no split (the default before, and the bits of the unsplit sums).
 constexpr int kMinTilesPerPart = 4;
 
 int split_k_requested(const char* op) {  // 0: auto, else the parts asked for
