@@ -247,9 +247,53 @@ def _import_torch():
     return torch
 
 
+def _environment_torch():
+    """(version, path) of the torch this Python's own environment imports, or None when it has none:
+    what `python -E` imports, which leaves out PYTHONPATH and with it the torch that pip's isolated
+    build environment puts first."""
+    import tempfile
+
+    code = "import os, torch; print(torch.__version__); print(os.path.realpath(torch.__file__))"
+    with tempfile.TemporaryDirectory() as cwd:  # no ./torch to shadow the installed one
+        try:
+            out = subprocess.run([sys.executable, "-E", "-c", code], cwd=cwd, capture_output=True, text=True,
+                                 timeout=600)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    lines = out.stdout.strip().splitlines()
+    return (lines[0], lines[1]) if out.returncode == 0 and len(lines) >= 2 else None
+
+
+def _isolated_build_conflict(build_version, build_path, env_torch):
+    """The message when pyfinetune would be compiled against another torch than the one installed
+    (pip's default isolated build: a torch from the package index in a temporary environment), else
+    None. The package then requires the torch it was built against, so pip would replace the
+    installed one (a CUDA build by the index's, for one); --no-build-isolation builds against the
+    installed torch. None when the environment has no torch (a fresh install: the build's torch is
+    the one pip installs) or has the same release."""
+    if env_torch is None or os.environ.get("PYFINETUNE_ALLOW_ISOLATED_BUILD", "") == "1":
+        return None
+    env_version, env_path = env_torch
+    if env_version == build_version or os.path.realpath(env_path) == os.path.realpath(build_path):
+        return None
+    return (f"pyfinetune compiles its kernels against one torch release and requires it at run time. This "
+            f"build sees torch {build_version} (at {os.path.dirname(build_path)}, pip's isolated build "
+            f"environment), but {sys.executable} has torch {env_version}: installing would replace your "
+            f"torch {env_version} by {build_version}. Build against the torch you have instead: "
+            f"pip install --no-build-isolation <this package> (with ninja, numpy and \"setuptools>=64\" "
+            f"installed first), or set PYFINETUNE_ALLOW_ISOLATED_BUILD=1 to build against "
+            f"{build_version} anyway.")
+
+
 def build_extension():
     _fix_cuda_home()
     torch = _import_torch()
+    # pip's isolated build environment (a temporary pip-build-env-* folder on PYTHONPATH; not
+    # --no-build-isolation): compare with the environment's own torch (a second interpreter).
+    if "pip-build-env-" in os.path.realpath(torch.__file__):
+        conflict = _isolated_build_conflict(torch.__version__, torch.__file__, _environment_torch())
+        if conflict:
+            raise SystemExit("error: " + conflict)
     from torch.utils import cpp_extension
 
     force_cuda = _flag("PYFINETUNE_FORCE_CUDA")

@@ -30,7 +30,7 @@ def _setup_functions(*names):
     module = ast.Module(body=[n for n in tree.body
                               if (isinstance(n, ast.FunctionDef) and n.name in names) or _constant(n)],
                         type_ignores=[])
-    namespace = {"os": os, "re": re, "shutil": shutil, "sys": sys}
+    namespace = {"os": os, "re": re, "shutil": shutil, "subprocess": subprocess, "sys": sys}
     exec(compile(module, str(SETUP), "exec"), namespace)
     return [namespace[n] for n in names]
 
@@ -165,3 +165,40 @@ def test_setup_py_stops_before_building_under_an_old_setuptools(tmp_path):
     assert "needs setuptools>=64" in out.stderr and "setuptools 58.1.0" in out.stderr, out.stderr[-2000:]
     assert "setup() reached" not in out.stderr
     assert not (tmp_path / "build").exists()
+
+
+@pytest.mark.parametrize("env_torch, allow, refused", [
+    (("2.11.0+cu130", "/venv/lib/site-packages/torch/__init__.py"), "", True),   # pip would replace it
+    (("2.14.1", "/venv/lib/site-packages/torch/__init__.py"), "", False),        # the same release
+    (None, "", False),                                                             # no torch: a fresh install
+    (("2.11.0+cu130", "/venv/lib/site-packages/torch/__init__.py"), "1", False),  # asked for
+    (("2.11.0+cu130", "/tmp/pip-build-env-x/overlay/torch/__init__.py"), "", False),  # the same torch
+])
+def test_isolated_build_against_another_torch_is_refused(monkeypatch, env_torch, allow, refused):
+    """pip's default (isolated) build compiles against a torch from the index in a temporary
+    environment, and the package then pins that release: pip would replace the user's torch (a CUDA
+    build by the index's, for one). setup.py refuses when the environment's own torch is another
+    release, names both and the fix (--no-build-isolation), unless PYFINETUNE_ALLOW_ISOLATED_BUILD=1."""
+    monkeypatch.setenv("PYFINETUNE_ALLOW_ISOLATED_BUILD", allow)
+    (conflict,) = _setup_functions("_isolated_build_conflict")
+    message = conflict("2.14.1", "/tmp/pip-build-env-x/overlay/torch/__init__.py", env_torch)
+    if not refused:
+        assert message is None
+    else:
+        assert "torch 2.14.1" in message and "torch 2.11.0+cu130" in message
+        assert "pip install --no-build-isolation" in message and "PYFINETUNE_ALLOW_ISOLATED_BUILD=1" in message
+
+
+def test_the_environment_torch_is_read_without_pythonpath(tmp_path, monkeypatch):
+    """_environment_torch starts this Python with -E: a torch that only PYTHONPATH provides (as pip's
+    isolated build environment provides its own) is not the environment's."""
+    fake = tmp_path / "overlay" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("__version__ = '0.0.1+fake'\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "overlay"))
+    (environment_torch,) = _setup_functions("_environment_torch")
+    got = environment_torch()
+    import torch
+
+    assert got is not None and got[0] == torch.__version__ and got[0] != "0.0.1+fake"
+    assert os.path.realpath(got[1]) == os.path.realpath(torch.__file__)
