@@ -575,3 +575,17 @@ def test_gpu_check_gate_selections_name_existing_tests():
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         for name in files:
             assert any(l.startswith(name + "::") for l in out.stdout.splitlines()), (name, select, out.stdout[-2000:])
+
+
+def test_semi_structured_bench_takes_the_users_shapes(capsys):
+    # bench_semi_structured.py --shape ROWS OUT IN times the user's own product (2:4 pays off for
+    # large row counts only); a non-positive size is refused before anything runs, on any machine.
+    from pyfinetune.benchmarks import semi_structured
+
+    assert semi_structured.DEFAULT_SHAPES == ((8192, 8192, 8192), (2048, 8192, 8192))
+    with pytest.raises(SystemExit) as e:
+        semi_structured.main(["--shape", "0", "4096", "4096", "--no-write"])
+    assert e.value.code == 2
+    assert "--shape: ROWS, OUT and IN must be positive, got 0 4096 4096" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        semi_structured.main(["--shape", "512", "4096", "--no-write"])  # three numbers or none

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_semi_structured.py                 # 8192 x 8192 weight, batches 2048 and 8192
     python benchmarks/bench_semi_structured.py --quick         # fewer rounds, a smoke test
+    python benchmarks/bench_semi_structured.py --shape 512 4096 4096   # your layer: rows, out, in
 
 Contenders, interleaved round-robin (``common.time_interleaved``), forward only (the 2:4 weight of
 ``SemiStructuredLinear`` is frozen):
@@ -34,6 +35,7 @@ from . import common
 from .common import Contender
 
 TARGET = 1.2
+DEFAULT_SHAPES = ((8192, 8192, 8192), (2048, 8192, 8192))  # (rows of x, out features, in features)
 TORCHAO = "torchao 2:4"
 
 
@@ -121,7 +123,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--device", choices=("cuda",), default="cuda", help="GPU only")
     ap.add_argument("--out", default=common.RESULTS_DIR, help=f"results folder (default {common.RESULTS_DIR})")
+    ap.add_argument("--shape", nargs=3, type=int, action="append", metavar=("ROWS", "OUT", "IN"),
+                    help="a product to time instead of the defaults (8192 and 2048 rows of an 8192 x 8192 "
+                         "weight): x [ROWS, IN] against a weight [OUT, IN]; repeat for more. 2:4 pays off "
+                         "for large ROWS only: time the batch your model runs")
     args = ap.parse_args(argv)
+    shapes = [tuple(sh) for sh in args.shape] if args.shape else list(DEFAULT_SHAPES)
+    for rows, out_f, in_f in shapes:
+        if min(rows, out_f, in_f) < 1:
+            ap.error(f"--shape: ROWS, OUT and IN must be positive, got {rows} {out_f} {in_f}")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
         ap.error("needs a CUDA GPU with compute capability >= 8.0 (2:4 sparse tensor cores)")
     error = None if args.no_write else common.out_dir_error(args.out)  # before the timing, not after it
@@ -141,9 +151,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "config": {"reps": reps, "warmup": warmup, "quick": args.quick, "calls_per_rep": 5, "target": TARGET,
                          "torchao": _torchao_version()},
               "cases": []}
-    for n, m, k in ((8192, 8192, 8192), (2048, 8192, 8192)):
+    for n, m, k in shapes:
         for dtype in (torch.float16, torch.bfloat16):
-            timings, ratio, err, tune, ao_note = run_case(n, m, k, dtype, reps, warmup, device)
+            try:
+                timings, ratio, err, tune, ao_note = run_case(n, m, k, dtype, reps, warmup, device)
+            except ValueError as e:  # a shape PyTorch's 2:4 tensors cannot take (SemiStructuredLinear says why)
+                print(f"x [{n}, {k}], weight [{m}, {k}] {dtype}: {e}", file=sys.stderr)
+                return 2
             d, o, t = timings["dense"], timings["ours 2:4"], timings["ours 2:4 tuned"]
             ao = timings.get(TORCHAO)
             tuned_ratio = d.median / t.median
