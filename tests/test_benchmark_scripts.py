@@ -589,3 +589,17 @@ def test_semi_structured_bench_takes_the_users_shapes(capsys):
     assert "--shape: ROWS, OUT and IN must be positive, got 0 4096 4096" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         semi_structured.main(["--shape", "512", "4096", "--no-write"])  # three numbers or none
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "usage: bash benchmarks/gpu_rerun.sh OUT_DIR SECONDS pytest-arguments..."),
+    (["OUT", "90s", "tests"], "SECONDS must be a whole number of seconds, got '90s'"),
+])
+def test_gpu_rerun_script_refuses_bad_arguments_before_building(tmp_path, args, message):
+    # benchmarks/gpu_rerun.sh (a GPU session's targeted rerun) says what is wrong before it builds:
+    # a usage error must not cost device time.
+    args = [str(tmp_path / a) if a == "OUT" else a for a in args]
+    out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_rerun.sh"), *args], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr, (out.returncode, out.stderr)
+    assert not (tmp_path / "OUT" / "build.log").exists()
