@@ -27,9 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu-check-$(date -u +%Y%m%d-%H%M)}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-export PYTHONUNBUFFERED=1
+. benchmarks/gpu_env.sh  # PY, CUDA_HOME, gpu_arch, interrupt_after
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-0}
 status=0
@@ -50,9 +48,7 @@ left() {
 # (124 when stopped, noted in the log and the summary).
 boxed() {
   local secs=$1 log=$2; shift 2
-  # --foreground: the interrupt goes to CMD alone (pytest then stops its xdist workers itself);
-  # sent to the whole process group it made every running worker report a "crash".
-  timeout --foreground --signal=INT --kill-after=15 "$secs" "$@" > "$log" 2>&1
+  interrupt_after "$secs" "$@" > "$log" 2>&1
   local rc=$?
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     echo "STOPPED after ${secs}s (time box)" | tee -a "$log" "$OUT/summary.md"
@@ -83,7 +79,7 @@ if ls build/rivals/*.whl > /dev/null 2>&1; then
   fi
 fi
 
-arch=$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')
+arch=$(gpu_arch)
 # build LOG: builds for this GPU's arch with the current CC / CXX.
 build() {
   TORCH_CUDA_ARCH_LIST="$arch" PYFINETUNE_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \

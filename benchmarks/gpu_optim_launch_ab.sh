@@ -12,9 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu-optim-launch-ab-$(date -u +%Y%m%d-%H%M)}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-arch=$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")')
+. benchmarks/gpu_env.sh  # PY, CUDA_HOME, gpu_arch
+arch=$(gpu_arch)
 REPS=${AB_REPS:-10}
 status=0
 {

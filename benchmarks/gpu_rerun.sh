@@ -23,10 +23,8 @@ case "$SECONDS_BOX" in
 esac
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
-export PYTHONUNBUFFERED=1
-arch=$($PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f"{c[0]}.{c[1]}")') || exit 1
+. benchmarks/gpu_env.sh  # PY, CUDA_HOME, gpu_arch, interrupt_after
+arch=$(gpu_arch) || exit 1
 start=$(date +%s)
 if ! TORCH_CUDA_ARCH_LIST="$arch" PYFINETUNE_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
@@ -37,9 +35,7 @@ fi
 echo "build for sm_${arch/./}: $(( $(date +%s) - start )) s"
 XDIST=""
 if $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${GPU_CHECK_WORKERS:-8}"; fi
-# --foreground: the interrupt goes to pytest alone, which stops its workers and prints its summary.
-timeout --foreground --signal=INT --kill-after=15 "$SECONDS_BOX" \
-  $PY -m pytest -q -rfE -p no:cacheprovider $XDIST --junitxml="$OUT/rerun.xml" "$@" > "$OUT/rerun.log" 2>&1
+interrupt_after "$SECONDS_BOX" $PY -m pytest -q -rfE -p no:cacheprovider $XDIST --junitxml="$OUT/rerun.xml" "$@" > "$OUT/rerun.log" 2>&1
 rc=$?
 [ $rc -eq 124 ] && echo "STOPPED after ${SECONDS_BOX} s (time box)" | tee -a "$OUT/rerun.log"
 grep -E "^(FAILED|ERROR)" "$OUT/rerun.log" | head -40
