@@ -11,7 +11,23 @@
 #include <vector>
 
 namespace pyfinetune {
+
 namespace {
+thread_local bool t_prevalidated = false;
+}  // namespace
+
+PrevalidatedTensors::PrevalidatedTensors() : previous_(t_prevalidated) { t_prevalidated = true; }
+PrevalidatedTensors::~PrevalidatedTensors() { t_prevalidated = previous_; }
+
+namespace {
+
+// Whether this call's tensors were checked already (see PrevalidatedTensors): read once per call,
+// and reset, so that nothing the op calls in turn inherits it.
+bool take_prevalidated() {
+  const bool was = t_prevalidated;
+  t_prevalidated = false;
+  return was;
+}
 
 at::ScalarType state_dtype_for(at::ScalarType param_dtype) {
   return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -128,7 +144,8 @@ void check_scalar_tensor(const char* op, const Name& name, const at::Tensor& t, 
 void check_common(const char* op, at::TensorList params, at::TensorList grads, const OptTensorList& anchors,
                   const OptTensorList& masks, at::ArrayRef<double> lrs, const OptTensorList& lr_tensors,
                   at::ArrayRef<double> weight_decays, at::ArrayRef<double> l2sps, at::ArrayRef<double> l1s,
-                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                  bool tensors_prevalidated) {
   const size_t n = params.size();
   check_list_size(op, "grads", grads.size(), n);
   check_optional_list_size(op, "anchors", anchors.size(), n);
@@ -151,7 +168,7 @@ void check_common(const char* op, at::TensorList params, at::TensorList grads, c
   check_float32_range(op, "weight_decays", weight_decays, dtype);
   check_float32_range(op, "l2sps", l2sps, dtype);
   check_float32_range(op, "l1s", l1s, dtype);
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i = 0; i < n && !tensors_prevalidated; ++i) {
     const at::Tensor& p = params[i];
     const ArgName name{"params", i};
     PF_CHECK(p.defined(), op, name, " is undefined");
@@ -213,11 +230,18 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList grads, at::Ten
                             const std::optional<at::Tensor>& found_inf) {
   const char* op = "fused_adamw_";
   const size_t n = params.size();
+  const bool prevalidated = take_prevalidated();
   check_common(op, params, grads, anchors, masks, lrs, lr_tensors, weight_decays, l2sps, l1s, grad_scale,
-               found_inf);
+               found_inf, prevalidated);
   check_scalar_list(op, "beta1s", beta1s, n, 0.0, 1.0, false, "in [0, 1)");
   check_scalar_list(op, "beta2s", beta2s, n, 0.0, 1.0, false, "in [0, 1)");
   check_scalar_list(op, "epss", epss, n, 0.0, INFINITY, false, "a finite number >= 0");
+  if (n > 0) {
+    check_float32_range(op, "epss", epss, params[0].scalar_type());
+  }
+  if (prevalidated) {
+    return;
+  }
   check_state_list(op, "exp_avgs", exp_avgs, params);
   check_state_list(op, "exp_avg_sqs", exp_avg_sqs, params);
   if (amsgrad) {
@@ -229,9 +253,6 @@ void check_fused_adamw_args(at::TensorList params, at::TensorList grads, at::Ten
   check_list_size(op, "steps", steps.size(), n);
   for (size_t i = 0; i < n; ++i) {
     check_scalar_tensor(op, ArgName{"steps", i}, steps[i], params[i].device(), false);
-  }
-  if (n > 0) {
-    check_float32_range(op, "epss", epss, params[0].scalar_type());
   }
   std::vector<Written> written;
   written.reserve((amsgrad ? 4 : 3) * n);
@@ -252,12 +273,15 @@ void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::Tenso
                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const char* op = "fused_sgd_";
   const size_t n = params.size();
+  const bool prevalidated = take_prevalidated();
   check_common(op, params, grads, anchors, masks, lrs, lr_tensors, weight_decays, l2sps, l1s, grad_scale,
-               found_inf);
+               found_inf, prevalidated);
   check_scalar_list(op, "momentums", momentums, n, 0.0, INFINITY, false, "a finite number >= 0");
   check_scalar_list(op, "dampenings", dampenings, n, 0.0, 1.0, true, "in [0, 1]");
   if (!momentum_buffers.empty()) {
-    check_state_list(op, "momentum_buffers", momentum_buffers, params);
+    if (!prevalidated) {
+      check_state_list(op, "momentum_buffers", momentum_buffers, params);
+    }
   } else {
     for (size_t i = 0; i < n; ++i) {
       PF_CHECK(momentums[i] == 0.0, op, "momentums[", i, "] is ", momentums[i],
@@ -273,6 +297,9 @@ void check_fused_sgd_args(at::TensorList params, at::TensorList grads, at::Tenso
   }
   if (n > 0) {
     check_float32_range(op, "momentums", momentums, params[0].scalar_type());
+  }
+  if (prevalidated) {
+    return;
   }
   std::vector<Written> written;
   written.reserve(2 * n);

@@ -12,9 +12,13 @@
 // validated (`p.data = ...` behind the optimizer's back), and no parameter that had no gradient
 // then has one now. When any of it fails, `run` returns false having written nothing, and the
 // optimizer takes its full (validating) path. The launches themselves go through the dispatcher,
-// so the ops' own checks, the Autograd / ADInplaceOrView layers and profiling all still apply.
+// so the Autograd / ADInplaceOrView layers and profiling all still apply, and the ops' own checks
+// do too, except that a launch whose tensors all have exactly the metadata of its last launch
+// whose checks passed (`Launch::validated`) skips the per-tensor ones (PrevalidatedTensors in
+// pyfinetune/fused_optim.h): they could only repeat what they found then.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/_foreach_add.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
@@ -47,6 +51,9 @@ struct Launch {
   bool amsgrad = false, nesterov = false, maximize = false, decoupled = false;
   int64_t expected = 0;  // layout signature of params ++ params: gradients laid out like them
   c10::Device device = c10::Device(c10::kCPU);
+  // The metadata (`describe_launch`) of the last call of this launch whose checks all passed; empty
+  // before the first.
+  std::vector<int64_t> validated;
 
   void add_steps(double value) {
     if (step_base.has_value()) {
@@ -66,6 +73,68 @@ struct Launch {
     }
   }
 };
+
+// What the ops' per-tensor checks read of a tensor, exactly (no hash): defined, dtype, device,
+// layout, sizes, strides and, for a tensor the step writes, where its data starts (the checks refuse
+// written tensors that share memory). Reads no data and never throws.
+void describe(std::vector<int64_t>& out, const at::Tensor* t, bool written) {
+  if (t == nullptr || !t->defined()) {
+    out.push_back(-1);
+    return;
+  }
+  const c10::Device device = t->device();
+  out.push_back(static_cast<int64_t>(t->scalar_type()) | static_cast<int64_t>(device.type()) << 8 |
+                static_cast<int64_t>(static_cast<uint8_t>(device.index())) << 16 |
+                static_cast<int64_t>(t->layout()) << 24 | static_cast<int64_t>(t->dim()) << 32 |
+                static_cast<int64_t>(t->is_nested()) << 40);
+  if (t->is_nested() || t->layout() != at::kStrided) {  // never a validated tensor: no more to read
+    return;
+  }
+  const c10::TensorImpl* impl = t->unsafeGetTensorImpl();
+  for (const int64_t size : t->sizes()) {
+    out.push_back(size);
+  }
+  for (const int64_t stride : t->strides()) {
+    out.push_back(stride);
+  }
+  if (written) {
+    int64_t start = -2;  // no storage (never a validated written tensor)
+    if (impl->has_storage()) {
+      start = reinterpret_cast<intptr_t>(impl->unsafe_storage().data()) +
+              static_cast<int64_t>(impl->storage_offset()) * static_cast<int64_t>(t->element_size());
+    }
+    out.push_back(start);
+  }
+}
+
+void describe_all(std::vector<int64_t>& out, const std::vector<at::Tensor>& tensors, bool written) {
+  out.push_back(static_cast<int64_t>(tensors.size()));
+  for (const at::Tensor& t : tensors) {
+    describe(out, &t, written);
+  }
+}
+
+void describe_all(std::vector<int64_t>& out, const OptTensorList& tensors) {
+  out.push_back(static_cast<int64_t>(tensors.size()));
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const std::optional<at::Tensor> t = tensors.get(i);
+    describe(out, t.has_value() ? &*t : nullptr, false);
+  }
+}
+
+// Every tensor argument of launch `l` with gradients `grads`.
+void describe_launch(std::vector<int64_t>& out, const Launch& l, const std::vector<at::Tensor>& grads) {
+  out.clear();
+  describe_all(out, l.params, true);
+  describe_all(out, grads, false);
+  describe_all(out, l.exp_avgs, true);
+  describe_all(out, l.exp_avg_sqs, true);
+  describe_all(out, l.max_exp_avg_sqs, true);
+  describe_all(out, l.momentum_buffers, true);
+  describe_all(out, l.anchors);
+  describe_all(out, l.masks);
+  describe_all(out, l.steps, false);
+}
 
 class StepPlan : public torch::CustomClassHolder {
  public:
@@ -132,8 +201,11 @@ class StepPlan : public torch::CustomClassHolder {
         return false;
       }
     }
-    std::vector<std::vector<at::Tensor>> grads(launches_.size());
-    for (size_t k = 0; k < launches_.size(); ++k) {
+    const size_t n = launches_.size();
+    std::vector<std::vector<at::Tensor>> grads(n);
+    std::vector<std::vector<int64_t>> described(n);
+    std::vector<bool> prevalidated(n);
+    for (size_t k = 0; k < n; ++k) {
       const Launch& l = launches_[k];
       grads[k].reserve(l.params.size());
       for (const at::Tensor& p : l.params) {
@@ -143,15 +215,32 @@ class StepPlan : public torch::CustomClassHolder {
         }
         grads[k].push_back(g);
       }
-      if (layout_signature_of(l.params, grads[k]) != l.expected) {
+      described[k].reserve(l.validated.size());
+      describe_launch(described[k], l, grads[k]);
+      // Equal to `validated`: the gradients are laid out as they were then, like their parameters.
+      prevalidated[k] = !l.validated.empty() && described[k] == l.validated;
+      if (!prevalidated[k] && layout_signature_of(l.params, grads[k]) != l.expected) {
         return false;
       }
     }
-    for (size_t k = 0; k < launches_.size(); ++k) {
-      launch(launches_[k], grads[k], grad_scale, found_inf);
+    // Under a TorchDispatchMode the op's call may reach other code than our kernels: checks in full.
+    const bool modes = c10::impl::TorchDispatchModeTLS::stack_len() > 0;
+    for (size_t k = 0; k < n; ++k) {
+      Launch& l = launches_[k];
+      if (prevalidated[k] && !modes) {
+        const PrevalidatedTensors skip;
+        launch(l, grads[k], grad_scale, found_inf);
+      } else {
+        launch(l, grads[k], grad_scale, found_inf);
+        ++checked_launches_;
+        l.validated = std::move(described[k]);  // the op's checks passed (it throws otherwise)
+      }
     }
     return true;
   }
+
+  // How many launches ran with the ops' per-tensor checks (the rest skipped them as prevalidated).
+  int64_t checked_launches() const { return checked_launches_; }
 
   int64_t num_launches() const { return static_cast<int64_t>(launches_.size()); }
 
@@ -212,6 +301,7 @@ class StepPlan : public torch::CustomClassHolder {
 
   std::vector<at::Tensor> absent_;
   std::vector<Launch> launches_;
+  int64_t checked_launches_ = 0;
 };
 
 }  // namespace
@@ -223,6 +313,7 @@ void define_step_plan(torch::Library& m) {
       .def("add_sgd", &StepPlan::add_sgd)
       .def("run", &StepPlan::run)
       .def("num_launches", &StepPlan::num_launches)
+      .def("checked_launches", &StepPlan::checked_launches)
       .def("set_lrs", &StepPlan::set_lrs);
 }
 

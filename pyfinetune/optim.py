@@ -44,16 +44,15 @@ import functools
 import inspect
 import math
 import numbers
-import operator
 import os
 import sys
-from itertools import chain
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import ops as _ops  # also registers the fake kernels
+from ._C import _same_objects, _state_holds
 
 _layout_signature = torch.ops.pyfinetune._layout_signature
 
@@ -930,23 +929,15 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         groups = self.param_groups
         if groups is not plan.param_groups or len(groups) != len(plan.groups):
             return False
-        is_ = operator.is_
         for group, cached, params, hypers in zip(groups, plan.groups, plan.params, plan.hypers):
             # parameters by identity: `!=` on tuples would compare a replaced one with Tensor.__eq__
-            now = group["params"]
-            if (group is not cached or len(now) != len(params) or not all(map(is_, now, params))
-                    or self._snapshot(group) != hypers):
+            if group is not cached or not _same_objects(group["params"], params) or self._snapshot(group) != hypers:
                 return False
         if not self._follow_lrs(plan):
             return False
+        # the same state dicts holding the same tensors, by identity (in C: csrc/pyfinetune.cpp)
         state = self.state
-        if state is not plan.state or len(state) != len(plan.state_keys):
-            return False
-        dicts = list(state.values())
-        if not all(map(is_, state, plan.state_keys)) or not all(map(is_, dicts, plan.state_dicts)):
-            return False
-        values = list(chain.from_iterable(map(dict.values, dicts)))
-        return len(values) == len(plan.state_values) and all(map(is_, values, plan.state_values))
+        return state is plan.state and _state_holds(state, plan.state_keys, plan.state_dicts, plan.state_values)
 
     def _follow_lrs(self, plan: _StepPlan) -> bool:
         """Brings the plan's learning rates up to date with the groups' (an LR scheduler changes them

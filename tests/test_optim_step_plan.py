@@ -330,6 +330,127 @@ def test_compiled_step_after_the_native_plan(kind):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
+# A launch whose tensors all look exactly as at its last checked call (same tensors, dtypes,
+# devices, sizes, strides, data pointers of the written ones) skips the op's per-tensor checks
+# (csrc/step_plan.cpp, `Launch::validated`). Whatever changes behind the optimizer's back in place,
+# where the plan's identity checks cannot see it, must bring the checks back.
+
+def _checked(opt):
+    return opt._plan.native.checked_launches()
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_unchanged_launch_skips_the_checks(kind, monkeypatch):
+    opt, ps = _warm(kind)
+    checked = _checked(opt)
+    assert checked >= 1  # the plan's first run checked
+    ref, qs = _reference(kind, opt, ps)
+    _native_only(monkeypatch, opt)
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn_like(p)  # new gradient tensors, laid out alike
+            q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert _checked(opt) == checked
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_dispatch_mode_brings_the_checks_back(kind):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    opt, _ = _warm(kind)
+    checked = _checked(opt)
+    with Seen() as mode:
+        opt.step()
+    assert any("pyfinetune" in op for op in mode.ops), mode.ops
+    assert _checked(opt) == checked + 1
+
+
+def _state_key(kind):
+    return "exp_avg" if kind == "adamw" else "momentum_buffer"
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+@pytest.mark.parametrize("change, match", [
+    ("shared", r"exp_avgs\[\d\] shares memory with exp_avgs\[\d\]|momentum_buffers\[\d\] shares memory with "
+               r"momentum_buffers\[\d\]"),
+    ("resized", r"\[0\] must have the shape of params\[0\] \[4, 3\], got \[5\]"),
+    ("restrided", r"\[0\] must have the strides of params\[0\] \[3, 1\], got \[1, 4\]"),
+])
+def test_state_changed_in_place_is_checked(kind, change, match):
+    opt, ps = _warm(kind)
+    key = _state_key(kind)
+    state = opt.state[ps[0]][key]
+    if change == "shared":
+        state.set_(opt.state[ps[1]][key])  # the same tensor object, now another state's memory
+    elif change == "resized":
+        state.resize_(5)
+    else:
+        state.set_(torch.zeros(3, 4).t())
+    _rejected(opt, RuntimeError, match)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_anchor_converted_in_place_is_checked(kind):
+    opt, ps = _warm(kind)
+    anchor = opt.state[ps[2]]["anchor"]
+    anchor.data = anchor.data.half()  # float16 anchors are refused for float32 parameters
+    _rejected(opt, RuntimeError, r"anchors\[2\] must be float32, bfloat16 or the dtype of params\[2\]")
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+@pytest.mark.parametrize("moved", ["state", "param"])
+def test_tensor_moved_in_place_is_checked_then_trusted(kind, moved, monkeypatch):
+    # A valid change in place (new memory, same layout): one checked launch, then trusted again.
+    opt, ps = _warm(kind)
+    if moved == "state":
+        state = opt.state[ps[1]][_state_key(kind)]
+        state.set_(state.clone())
+    else:
+        ps[1].data = ps[1].data.clone()
+    checked = _checked(opt)
+    _native_only(monkeypatch, opt)
+    _same_step(kind, opt, ps)
+    assert _checked(opt) == checked + 1
+    _same_step(kind, opt, ps)
+    assert _checked(opt) == checked + 1
+
+
+def test_state_identity_checks():
+    from pyfinetune._C import _same_objects, _state_holds
+
+    a, b, c = object(), object(), object()
+    assert _same_objects([a, b], (a, b)) and _same_objects((), [])
+    assert not _same_objects([a, b], (b, a)) and not _same_objects([a], (a, b))
+    assert not _same_objects([[]], ([],))  # identity, not equality
+    with pytest.raises(TypeError):
+        _same_objects(a, (a,))
+    d1, d2 = {"x": a}, {"x": b, "y": c}
+    state = {1: d1, 2: d2}
+    assert _state_holds(state, [1, 2], [d1, d2], [a, b, c])
+    assert not _state_holds(state, [2, 1], [d2, d1], [b, c, a])  # order
+    assert not _state_holds(state, [1, 2], [d1, dict(d2)], [a, b, c])  # an equal dict, not the same
+    assert not _state_holds(state, [1, 2], [d1, d2], [a, b])  # a value more in the state
+    assert not _state_holds(state, [1, 2], [d1, d2], [a, b, c, a])  # a value fewer
+    assert not _state_holds(state, [1], [d1], [a])
+    assert not _state_holds({1: [a]}, [1], [[a]], [a])  # a non-dict entry
+    assert not _state_holds([], [], [], [])  # not a dict
+    with pytest.raises(TypeError):
+        _state_holds(state, (1, 2), [d1, d2], [a, b, c])
+
+
 def test_step_plan_refuses_an_empty_launch():
     plan = torch.classes.pyfinetune.StepPlan([])
     with pytest.raises(RuntimeError, match="a launch needs at least one parameter"):
