@@ -185,14 +185,15 @@ if $PY -c "import pytest_timeout" 2>/dev/null; then TIMEOUT="--timeout 300"; fi
 # test_optim_ops.py -k layout and test_semi_structured.py were never reached). Defaults decided on
 # a GPU first (split K), then the undecided experiments, then the tests whose mends the last check
 # asked for; -rfE and boxed's SIGINT: failures are named even when a box stops the run.
-step "tests: GPU_PLAN's gates (split K, small-N, flat layout, 2:4 tune, CUDA graphs, kd capped kernels)"
+step "tests: GPU_PLAN's gates (split K, small-N, flat layout, 2:4 tune, CUDA graphs, kd capped kernels, kd device scale)"
 boxed "$(left 0.25 150)" "$OUT/tests_gates.log" $PY -m pytest -q -rfE -p no:cacheprovider $XDIST $TIMEOUT -m cuda \
   tests/test_tiled_cuda_split_k.py --junitxml="$OUT/tests_gates.xml" || status=1
 boxed "$(left 0.2 120)" "$OUT/tests_gates2.log" $PY -m pytest -q -rfE -p no:cacheprovider $XDIST $TIMEOUT -m cuda \
   tests/test_masked_matmul_cuda.py tests/test_optim_ops.py tests/test_semi_structured.py \
   -k "small_n or inf_in_x or layout or several_pieces or tune or torchao" --junitxml="$OUT/tests_gates2.xml" || status=1
 boxed "$(left 0.15 120)" "$OUT/tests_gates3.log" $PY -m pytest -q -rfE -p no:cacheprovider $XDIST $TIMEOUT -m cuda \
-  tests/test_optim_cuda_graph.py tests/test_kd_cuda_prefetch.py --junitxml="$OUT/tests_gates3.xml" || status=1
+  tests/test_optim_cuda_graph.py tests/test_kd_cuda_prefetch.py tests/test_kd_device_scale.py \
+  --junitxml="$OUT/tests_gates3.xml" || status=1
 for log in "$OUT/tests_gates.log" "$OUT/tests_gates2.log" "$OUT/tests_gates3.log"; do
   grep -E "^(FAILED|ERROR)" "$log" | head -20 | tee -a "$OUT/summary.md"
   tail -1 "$log" | tee -a "$OUT/summary.md"

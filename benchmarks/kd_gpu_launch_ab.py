@@ -12,7 +12,8 @@ each of ``PYFINETUNE_KD_CUDA_PREFETCH`` (the shared-memory cache filled by cp.as
 blocks per SM) off, alone and (the default here: unset) together, and with
 ``PYFINETUNE_KD_CUDA_PERSISTENT=1`` (a grid of the resident rows only, each block or cluster looping
 over rows) with and without ``PYFINETUNE_KD_CUDA_L2_PREFETCH`` (its next row's slice asked of L2
-before each row), and with ``PYFINETUNE_KD_CUDA_SPLIT`` (blocks per row) 4 and 16, interleaved round by round, against the time to read both inputs and write the gradient once at the measured
+before each row), and with ``PYFINETUNE_KD_CUDA_SPLIT`` (blocks per row) 4 and 16, and with ``PYFINETUNE_KD_DEVICE_SCALE=1`` (the
+backward's scale read on the device: no host synchronization), interleaved round by round, against the time to read both inputs and write the gradient once at the measured
 copy bandwidth (issue #3's GPU target: forward + backward within 1.3x of it). Each variant's loss and
 gradient are checked against the first one's (the block size changes only the order of sums).
 Writes kd-launch-ab-cuda-*.md / .json to ``--out`` (default benchmarks/results). ``--device cpu``
@@ -42,6 +43,7 @@ CAP_ENV = "PYFINETUNE_KD_CUDA_CAP_REGISTERS"
 PERSISTENT_ENV = "PYFINETUNE_KD_CUDA_PERSISTENT"
 L2_ENV = "PYFINETUNE_KD_CUDA_L2_PREFETCH"
 SPLIT_ENV = "PYFINETUNE_KD_CUDA_SPLIT"
+DEVICE_SCALE_ENV = "PYFINETUNE_KD_DEVICE_SCALE"
 # name -> (block size override or None, temperature, prefetch, capped registers[, persistent, L2
 # prefetch[, blocks per row]]). T = 2.0001 takes
 # the kernels' general path (an exponential for the CE term of every element); T = 2 computes it as
@@ -52,7 +54,7 @@ SPLIT_ENV = "PYFINETUNE_KD_CUDA_SPLIT"
 # gradient, as an H100 measured them faster in gpu-check-20261127-2118). persistent: PYFINETUNE_KD_CUDA_PERSISTENT,
 # L2 prefetch: PYFINETUNE_KD_CUDA_L2_PREFETCH (both unset, i.e. off, unless given); blocks per row:
 # PYFINETUNE_KD_CUDA_SPLIT (unset: the launch's choice, 8 here; 16 blocks take 128 threads each by
-# the occupancy choice, six per SM).
+# the occupancy choice, six per SM); device scale: PYFINETUNE_KD_DEVICE_SCALE (unset: off).
 VARIANTS = {"default": (None, 2.0, None, None),
             "no prefetch, uncapped (the default before 2026-11-27)": (None, 2.0, False, False),
             "512, no prefetch, uncapped": ("512", 2.0, False, False), "256": ("256", 2.0, None, None),
@@ -63,12 +65,13 @@ VARIANTS = {"default": (None, 2.0, None, None),
             "persistent + L2 prefetch, no cp.async prefetch": (None, 2.0, False, None, True, True),
             "split 16": (None, 2.0, None, None, None, None, "16"),
             "split 16, persistent + L2 prefetch": (None, 2.0, None, None, True, True, "16"),
-            "split 4 (cache too small: re-reads)": (None, 2.0, None, None, None, None, "4")}
+            "split 4 (cache too small: re-reads)": (None, 2.0, None, None, None, None, "4"),
+            "default, backward scale on the device": (None, 2.0, None, None, None, None, None, True)}
 
 
 def set_variant(v: str) -> float:
     threads, temperature, prefetch, capped, *rest = VARIANTS[v]
-    persistent, l2, split = (list(rest) + [None, None, None])[:3]
+    persistent, l2, split, device_scale = (list(rest) + [None, None, None, None])[:4]
     if threads is None:
         os.environ.pop(ENV, None)
     else:
@@ -77,7 +80,8 @@ def set_variant(v: str) -> float:
         os.environ.pop(SPLIT_ENV, None)
     else:
         os.environ[SPLIT_ENV] = split
-    for name, on in ((PREFETCH_ENV, prefetch), (CAP_ENV, capped), (PERSISTENT_ENV, persistent), (L2_ENV, l2)):
+    for name, on in ((PREFETCH_ENV, prefetch), (CAP_ENV, capped), (PERSISTENT_ENV, persistent), (L2_ENV, l2),
+                     (DEVICE_SCALE_ENV, device_scale)):
         if on is None:
             os.environ.pop(name, None)
         else:

@@ -1,5 +1,5 @@
 // The Autograd and ADInplaceOrView kernels of the ops that write to their arguments (fused_adamw_,
-// fused_sgd_, kd_loss_fwd_inplace, csr_to_dense_into), for every device: what torch's own in-place
+// fused_sgd_, kd_loss_fwd_inplace, csr_to_dense_into, _scale_kept_), for every device: what torch's own in-place
 // ops do at those keys, which a custom op does not get by default (it was overwriting a leaf that
 // requires grad without a word, and leaving its version counter alone).
 //   * Autograd (skipped inside torch.inference_mode()): in grad mode, a written argument that
@@ -139,6 +139,14 @@ at::Tensor kd_loss_fwd_inplace_layer(at::Tensor& student, const at::Tensor& teac
   });
 }
 
+using ScaleKeptSig = void(at::Tensor&, const at::Tensor&);
+
+template <bool kAutograd>
+void scale_kept_layer(at::Tensor& grad, const at::Tensor& scale) {
+  static const auto op = typed_op<ScaleKeptSig>("pyfinetune::_scale_kept_");
+  written_layer<kAutograd>("_scale_kept_", {{"grad", at::TensorList(grad), false}}, [&] { op.call(grad, scale); });
+}
+
 using CsrIntoSig = void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 
 template <bool kAutograd>
@@ -157,6 +165,7 @@ TORCH_LIBRARY_IMPL(pyfinetune, Autograd, m) {
   m.impl("fused_sgd_", &pyfinetune::fused_sgd_layer<true>);
   m.impl("kd_loss_fwd_inplace", &pyfinetune::kd_loss_fwd_inplace_layer<true>);
   m.impl("csr_to_dense_into", &pyfinetune::csr_to_dense_into_layer<true>);
+  m.impl("_scale_kept_", &pyfinetune::scale_kept_layer<true>);
 }
 
 TORCH_LIBRARY_IMPL(pyfinetune, ADInplaceOrView, m) {
@@ -164,4 +173,5 @@ TORCH_LIBRARY_IMPL(pyfinetune, ADInplaceOrView, m) {
   m.impl("fused_sgd_", &pyfinetune::fused_sgd_layer<false>);
   m.impl("kd_loss_fwd_inplace", &pyfinetune::kd_loss_fwd_inplace_layer<false>);
   m.impl("csr_to_dense_into", &pyfinetune::csr_to_dense_into_layer<false>);
+  m.impl("_scale_kept_", &pyfinetune::scale_kept_layer<false>);
 }

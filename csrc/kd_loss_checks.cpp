@@ -87,6 +87,27 @@ void check_kd_loss_args(const at::Tensor& student, const at::Tensor& teacher, co
   check_scalars(op, temperature, alpha, beta, grad_scale);
 }
 
+void check_scale_kept_args(const at::Tensor& grad, const at::Tensor& scale) {
+  const char* op = "_scale_kept_";
+  PF_CHECK(grad.defined() && scale.defined(), op, "grad and scale must be defined tensors");
+  PF_CHECK(grad.layout() == at::kStrided && grad.is_contiguous(), op, "grad must be a contiguous dense tensor, got ",
+           grad.layout() == at::kStrided ? "strides " : "layout ",
+           grad.layout() == at::kStrided ? c10::str(grad.strides()) : c10::str(grad.layout()));
+  const at::ScalarType dtype = grad.scalar_type();
+  PF_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+           "grad must be float32, float64, bfloat16 or float16, got ", dtype);
+  const at::ScalarType want = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  PF_CHECK(scale.layout() == at::kStrided && scale.numel() == 1, op, "scale must hold exactly one value, got ",
+           scale.numel(), " values");
+  PF_CHECK(scale.scalar_type() == want, op, "scale must be ", want, " (the arithmetic dtype of a ", dtype,
+           " grad), got ", scale.scalar_type());
+  PF_CHECK(scale.device() == grad.device(), op, "scale must be on grad's device ", grad.device(), ", got ",
+           scale.device());
+  PF_CHECK(!scale.storage().is_alias_of(grad.storage()) ||
+               at::get_overlap_status(grad, scale) == at::MemOverlapStatus::No,
+           op, "scale must not share memory with grad (grad is written while scale is read)");
+}
+
 void check_kd_loss_inplace_args(const at::Tensor& student, const at::Tensor& teacher,
                                 const std::optional<at::Tensor>& labels) {
   const char* op = "kd_loss_fwd_inplace";

@@ -228,4 +228,10 @@ TORCH_LIBRARY(pyfinetune, m) {
       "kd_loss_topk_fwd(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? labels, *, "
       "float temperature, float alpha, str divergence, float beta, int ignore_index, bool need_grad, "
       "float grad_scale=1.0) -> (Tensor, Tensor)");
+  // Internal, for the losses' backward (pyfinetune.ops.scale_kept_gradients): grad *= scale in
+  // place, scale being one element on grad's device read there (no host synchronization), in
+  // grad's arithmetic dtype (float64 for a float64 grad, else float32: the product is rounded once
+  // to grad's dtype, as grad.mul_(float) rounds it). A scale of exactly 1 writes nothing (on a GPU
+  // the blocks return at once). grad: a contiguous float32 / float64 / bfloat16 / float16 tensor.
+  m.def("_scale_kept_(Tensor(a!) grad, Tensor scale) -> ()");
 }

@@ -65,7 +65,7 @@ def optimizer_cpu_prefetch() -> object:
 # value is refused there with a ValueError naming the variable; settings_errors() finds it first.
 _ON_OFF = ("PYFINETUNE_CPU_PREFETCH", "PYFINETUNE_KD_CUDA_PREFETCH", "PYFINETUNE_KD_CUDA_CAP_REGISTERS",
            "PYFINETUNE_TILED_CUDA_ASYNC", "PYFINETUNE_CSR_CUDA_SMALL_N", "PYFINETUNE_OPTIM_NATIVE_PLAN",
-           "PYFINETUNE_KD_CUDA_PERSISTENT", "PYFINETUNE_KD_CUDA_L2_PREFETCH")
+           "PYFINETUNE_KD_CUDA_PERSISTENT", "PYFINETUNE_KD_CUDA_L2_PREFETCH", "PYFINETUNE_KD_DEVICE_SCALE")
 _CHOICES = {"PYFINETUNE_OPTIM_CUDA_LAYOUT": ("classic", "wide", "flat"),
             "PYFINETUNE_CSR_CUDA_KERNEL": ("warp", "tiled", "tensor_cores"),
             "PYFINETUNE_KD_CUDA_SPLIT": ("1", "2", "4", "8", "16")}

@@ -115,6 +115,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 import weakref
 from typing import NamedTuple, Optional
 
@@ -357,6 +358,15 @@ def _kd_loss_fwd_inplace_fake(student, teacher, labels, *, temperature, alpha, d
     return _kd_fake_outputs(student, teacher, False)[0]
 
 
+@torch.library.register_fake("pyfinetune::_scale_kept_")
+def _scale_kept_fake(grad, scale):
+    op = "pyfinetune._scale_kept_"
+    if not grad.is_contiguous() or grad.dtype not in _OPMATH:
+        raise RuntimeError(f"{op}: grad must be a contiguous float32, float64, bfloat16 or float16 tensor")
+    if scale.numel() != 1 or scale.dtype != _OPMATH[grad.dtype] or scale.device != grad.device:
+        raise RuntimeError(f"{op}: scale must be one {_OPMATH[grad.dtype]} value on grad's device {grad.device}")
+
+
 @torch.library.register_fake("pyfinetune::kd_loss_topk_fwd")
 def _kd_loss_topk_fwd_fake(student, teacher_values, teacher_indices, labels, *, temperature, alpha, divergence, beta,
                            ignore_index, need_grad, grad_scale=1.0):
@@ -468,11 +478,29 @@ def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes, *, in_place_ok
         # (save_on_cpu, non-reentrant checkpointing) hands out the unscaled values again. Object
         # identity, not the address, which the allocator may give to a fresh copy.
         refs = getattr(ctx, "scaled_refs", {})
+        if getattr(ctx, "applied_unchecked", False) and any(refs.get(i, _dead_ref)() is g for i, g in enumerate(grads)):
+            # Scaled on the device (`_device_scale`) by a factor nobody looked at: only now, in a
+            # backward through a retained graph (rare), is it read, once.
+            ctx.applied_unchecked = False
+            if not _host_scale(applied)[0]:
+                raise RuntimeError(
+                    "pyfinetune: a backward through a retained graph of a distillation loss whose first backward "
+                    f"had an upstream gradient of {applied.reshape(-1)[0].item()} (zero or not finite): the kept "
+                    "gradient was scaled by it in place on the device and cannot be recovered; set "
+                    f"{DEVICE_SCALE_ENV}=0 for such a graph (the scale is then read on the host first)")
+
         out_scales = [None if g is None else (scale / applied if refs.get(i, _dead_ref)() is g else scale)
                       for i, g in enumerate(grads)]
         return [None if g is None else _product(g, sc, dtype) for g, sc, dtype in zip(grads, out_scales, dtypes)]
     # Under create_graph the scale (the upstream gradient) is part of a graph: the product must be
     # an op on it, so that the gradient of this backward with respect to the upstream one exists.
+    if in_place_ok and not scale.requires_grad and kept and _device_scale(kept, scale):
+        for g in kept:
+            torch.ops.pyfinetune._scale_kept_(g.data, scale)
+        ctx.applied_scale = scale.detach().clone()
+        ctx.applied_unchecked = True
+        ctx.scaled_refs = {i: weakref.ref(g) for i, g in enumerate(grads) if g is not None}
+        return [None if g is None else (g if g.dtype == dtype else g.to(dtype)) for g, dtype in zip(grads, dtypes)]
     in_place = in_place_ok and not scale.requires_grad and bool(kept) and _may_read_on_host(kept)
     factor = None
     if in_place:
@@ -508,6 +536,39 @@ def _product(g: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
 
 def _dead_ref():
     return None
+
+
+# PYFINETUNE_KD_DEVICE_SCALE=1 (experimental, read at each backward; unset: 0): the backward scales
+# the kept gradients in place by the upstream gradient read on the device (`_scale_kept_`: a scale
+# of 1, `loss.backward()` of a reduced loss, costs a launch and no pass) instead of reading it on
+# the host first. On a GPU that read is a synchronization: the backward waits for the forward's
+# kernels, and the host can queue nothing meanwhile (the backward of an 8192 x 128256 bf16 loss
+# took 0.52-0.64 ms on an H200, all of it host work and that wait: gpu-check-20261129-2137). Also
+# under CUDA graph capture and with torch.cuda.set_sync_debug_mode, where no host read is allowed.
+# The price: a scale of 0 or one not finite is applied too (the host path keeps the buffers then),
+# so a later backward through a retained graph cannot undo it and raises (scale_kept_gradients).
+# Off until a GPU check has timed it (benchmarks/kd_gpu_launch_ab.py) and run its tests.
+DEVICE_SCALE_ENV = "PYFINETUNE_KD_DEVICE_SCALE"
+
+
+def _device_scale_requested() -> bool:
+    raw = os.environ.get(DEVICE_SCALE_ENV, "")
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{DEVICE_SCALE_ENV} must be 0 or 1 (or unset: 0), got {raw!r}")
+    return raw == "1"
+
+
+def _device_scale(kept, scale: torch.Tensor) -> bool:
+    """Whether the kept buffers are scaled in place on the device (`_scale_kept_`, see
+    DEVICE_SCALE_ENV): requested, plain eager tensors, a one-element scale of each buffer's
+    arithmetic dtype on its device, contiguous buffers."""
+    if not _device_scale_requested() or scale.numel() != 1 or not _is_eager(scale):
+        return False
+    for g in kept:
+        if (not _is_eager(g) or g.device != scale.device or _OPMATH.get(g.dtype) != scale.dtype
+                or not g.is_contiguous()):
+            return False
+    return True
 
 
 def _host_scale(scale: torch.Tensor):

@@ -88,7 +88,7 @@ def test_kernel_argument_size_environment_override(mta_arg_bytes, monkeypatch):
 def test_the_ops_that_write_are_the_ones_with_autograd_rules():
     # csrc/inplace_autograd.cpp gives each op that writes to an argument torch's in-place rules
     # (refuse a tracked tensor in grad mode, bump versions); a new writing op must be added there
-    # (and to this list, with a test of its rules).
+    # (and to this list, with a test of its rules: _scale_kept_ in tests/test_kd_device_scale.py).
     import torch
 
     from pyfinetune._info import OPS
@@ -97,7 +97,7 @@ def test_the_ops_that_write_are_the_ones_with_autograd_rules():
                   if name.startswith("pyfinetune::")}
     writing = {op for op in registered if any(a.alias_info is not None and a.alias_info.is_write
                                               for a in getattr(torch.ops.pyfinetune, op).default._schema.arguments)}
-    assert writing == {"fused_adamw_", "fused_sgd_", "kd_loss_fwd_inplace", "csr_to_dense_into"}
+    assert writing == {"fused_adamw_", "fused_sgd_", "kd_loss_fwd_inplace", "csr_to_dense_into", "_scale_kept_"}
     for op in writing:  # both layers registered (the ADInplaceOrView one has no fallback kernel to hide behind)
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfinetune::{op}", "ADInplaceOrView"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pyfinetune::{op}", "Autograd"), op

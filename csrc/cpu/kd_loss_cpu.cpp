@@ -834,12 +834,47 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cpu(const at::Tensor& studen
   return {loss, grad};
 }
 
+// grad *= scale in grad's arithmetic dtype, rounded once (the bits of grad.mul_(float)); nothing
+// written when the scale is 1.
+template <typename scalar_t, typename opmath_t>
+void scale_kept_kernel(at::Tensor& grad, const at::Tensor& scale) {
+  const opmath_t f = *scale.const_data_ptr<opmath_t>();
+  if (f == opmath_t(1)) {
+    return;
+  }
+  scalar_t* g = grad.data_ptr<scalar_t>();
+  at::parallel_for(0, grad.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      g[i] = static_cast<scalar_t>(static_cast<opmath_t>(g[i]) * f);
+    }
+  });
+}
+
+void scale_kept_cpu(at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_kept_args(grad, scale);
+  switch (grad.scalar_type()) {
+    case at::kFloat:
+      scale_kept_kernel<float, float>(grad, scale);
+      break;
+    case at::kDouble:
+      scale_kept_kernel<double, double>(grad, scale);
+      break;
+    case at::kBFloat16:
+      scale_kept_kernel<c10::BFloat16, float>(grad, scale);
+      break;
+    default:
+      scale_kept_kernel<c10::Half, float>(grad, scale);
+      break;
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyfinetune, CPU, m) {
   m.impl("kd_loss_fwd", &kd_loss_fwd_cpu);
   m.impl("kd_loss_fwd_inplace", &kd_loss_fwd_inplace_cpu);
   m.impl("kd_loss_topk_fwd", &kd_loss_topk_fwd_cpu);
+  m.impl("_scale_kept_", &scale_kept_cpu);
 }
 
 }  // namespace pyfinetune

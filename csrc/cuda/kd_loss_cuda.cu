@@ -1539,6 +1539,84 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_fwd_cuda(const at::Tensor& stude
                       divergence, beta, ignore_index, need_grad, grad_scale);
 }
 
+// ---- _scale_kept_: the backward's scale of a kept gradient, read on the device ---------------------
+
+// g *= *scale in opmath_t, rounded once to scalar_t (the bits of ATen's g.mul_(float)); every block
+// returns at once when the scale is exactly 1, so `loss.backward()` of a reduced loss costs a launch
+// and no pass. kVec: g is 16-byte aligned and is walked in 16-byte vectors (the last n % VEC
+// elements by the first threads of the grid).
+template <typename scalar_t, typename opmath_t, bool kVec>
+__global__ void __launch_bounds__(256) scale_kept_kernel(scalar_t* __restrict__ g, const opmath_t* __restrict__ scale,
+                                                         int64_t n) {
+  const opmath_t f = *scale;
+  if (f == opmath_t(1)) {
+    return;
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  constexpr int VEC = kVec ? 16 / static_cast<int>(sizeof(scalar_t)) : 1;
+  const int64_t n_vec = n / VEC;
+  for (int64_t v = tid; v < n_vec; v += stride) {
+    if constexpr (kVec) {
+      uint4 raw = reinterpret_cast<const uint4*>(g)[v];
+      scalar_t* x = reinterpret_cast<scalar_t*>(&raw);
+      PF_UNROLL
+      for (int k = 0; k < VEC; ++k) {
+        x[k] = static_cast<scalar_t>(static_cast<opmath_t>(x[k]) * f);
+      }
+      reinterpret_cast<uint4*>(g)[v] = raw;
+    } else {
+      g[v] = static_cast<scalar_t>(static_cast<opmath_t>(g[v]) * f);
+    }
+  }
+  for (int64_t i = n_vec * VEC + tid; i < n; i += stride) {
+    g[i] = static_cast<scalar_t>(static_cast<opmath_t>(g[i]) * f);
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+void launch_scale_kept(at::Tensor& grad, const at::Tensor& scale) {
+  const int64_t n = grad.numel();
+  scalar_t* g = grad.data_ptr<scalar_t>();
+  const bool vec = reinterpret_cast<uintptr_t>(g) % 16 == 0;
+  const int64_t per_block = 256 * (vec ? 16 / static_cast<int64_t>(sizeof(scalar_t)) : 1);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // A grid-stride loop over at most 8 blocks per SM (a 2048-thread SM's worth of 256-thread blocks):
+  // enough 16-byte accesses in flight for the memory system, and few blocks to retire when the
+  // scale is 1.
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((n + per_block - 1) / per_block, 8LL * sms));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const opmath_t* f = scale.const_data_ptr<opmath_t>();
+  if (vec) {
+    scale_kept_kernel<scalar_t, opmath_t, true><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(g, f, n);
+  } else {
+    scale_kept_kernel<scalar_t, opmath_t, false><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(g, f, n);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void scale_kept_cuda(at::Tensor& grad, const at::Tensor& scale) {
+  check_scale_kept_args(grad, scale);
+  if (grad.numel() == 0) {
+    return;
+  }
+  const c10::cuda::CUDAGuard device_guard(grad.device());
+  switch (grad.scalar_type()) {
+    case at::kFloat:
+      launch_scale_kept<float, float>(grad, scale);
+      break;
+    case at::kDouble:
+      launch_scale_kept<double, double>(grad, scale);
+      break;
+    case at::kBFloat16:
+      launch_scale_kept<c10::BFloat16, float>(grad, scale);
+      break;
+    default:
+      launch_scale_kept<c10::Half, float>(grad, scale);
+      break;
+  }
+}
+
 }  // namespace
 }  // namespace pyfinetune
 
@@ -1546,4 +1624,5 @@ TORCH_LIBRARY_IMPL(pyfinetune, CUDA, m) {
   m.impl("kd_loss_fwd", &pyfinetune::kd_loss_fwd_cuda);
   m.impl("kd_loss_fwd_inplace", &pyfinetune::kd_loss_fwd_inplace_cuda);
   m.impl("kd_loss_topk_fwd", &pyfinetune::kd_loss_topk_fwd_cuda);
+  m.impl("_scale_kept_", &pyfinetune::scale_kept_cuda);
 }

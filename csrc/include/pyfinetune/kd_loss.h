@@ -36,6 +36,11 @@ void check_kd_loss_topk_args(const at::Tensor& student, const at::Tensor& teache
                              const at::Tensor& teacher_indices, const std::optional<at::Tensor>& labels,
                              double temperature, double alpha, int divergence, double beta, double grad_scale);
 
+// Checks of _scale_kept_: grad a contiguous float32 / float64 / bfloat16 / float16 tensor; scale
+// one element of grad's arithmetic dtype (float64 for float64, else float32) on grad's device,
+// sharing no memory with grad (every block reads it while others write grad).
+void check_scale_kept_args(const at::Tensor& grad, const at::Tensor& scale);
+
 // The math type of a call: double when the student or the teacher is float64, else float.
 inline bool kd_use_double(at::ScalarType student, at::ScalarType teacher) {
   return student == at::kDouble || teacher == at::kDouble;
