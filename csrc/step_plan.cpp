@@ -74,14 +74,27 @@ struct Launch {
   }
 };
 
+// A dense CPU / CUDA tensor that dispatches straight to our kernels: no tensor subclass (Python
+// key: its __torch_dispatch__ may hand the kernel other tensors than those described), functorch
+// wrapper, functional tensor, conjugate / negative view, sparse or other backend. Only the
+// autograd, ADInplaceOrView and autocast keys may come with the Dense one.
+bool plain_tensor(const at::Tensor& t) {
+  static const c10::DispatchKeySet ignored =
+      c10::autograd_dispatch_keyset_with_ADInplaceOrView | c10::autocast_dispatch_keyset;
+  return (t.unsafeGetTensorImpl()->key_set() - ignored).highestFunctionalityKey() == c10::DispatchKey::Dense;
+}
+
 // What the ops' per-tensor checks read of a tensor, exactly (no hash): defined, dtype, device,
 // layout, sizes, strides and, for a tensor the step writes, where its data starts (the checks refuse
-// written tensors that share memory). Reads no data and never throws.
-void describe(std::vector<int64_t>& out, const at::Tensor* t, bool written) {
+// written tensors that share memory); also its dispatch keys. `plain` becomes false for a tensor
+// that is not plain_tensor (such a launch is never trusted). Reads no data and never throws.
+void describe(std::vector<int64_t>& out, const at::Tensor* t, bool written, bool& plain) {
   if (t == nullptr || !t->defined()) {
     out.push_back(-1);
     return;
   }
+  plain = plain && plain_tensor(*t);
+  out.push_back(static_cast<int64_t>(t->unsafeGetTensorImpl()->key_set().raw_repr()));
   const c10::Device device = t->device();
   out.push_back(static_cast<int64_t>(t->scalar_type()) | static_cast<int64_t>(device.type()) << 8 |
                 static_cast<int64_t>(static_cast<uint8_t>(device.index())) << 16 |
@@ -107,33 +120,39 @@ void describe(std::vector<int64_t>& out, const at::Tensor* t, bool written) {
   }
 }
 
-void describe_all(std::vector<int64_t>& out, const std::vector<at::Tensor>& tensors, bool written) {
+void describe_all(std::vector<int64_t>& out, const std::vector<at::Tensor>& tensors, bool written, bool& plain) {
   out.push_back(static_cast<int64_t>(tensors.size()));
   for (const at::Tensor& t : tensors) {
-    describe(out, &t, written);
+    describe(out, &t, written, plain);
   }
 }
 
-void describe_all(std::vector<int64_t>& out, const OptTensorList& tensors) {
+void describe_all(std::vector<int64_t>& out, const OptTensorList& tensors, bool& plain) {
   out.push_back(static_cast<int64_t>(tensors.size()));
   for (size_t i = 0; i < tensors.size(); ++i) {
     const std::optional<at::Tensor> t = tensors.get(i);
-    describe(out, t.has_value() ? &*t : nullptr, false);
+    describe(out, t.has_value() ? &*t : nullptr, false, plain);
   }
 }
 
-// Every tensor argument of launch `l` with gradients `grads`.
-void describe_launch(std::vector<int64_t>& out, const Launch& l, const std::vector<at::Tensor>& grads) {
+// Every tensor argument of launch `l` with gradients `grads`; returns whether all are plain_tensor.
+bool describe_launch(std::vector<int64_t>& out, const Launch& l, const std::vector<at::Tensor>& grads) {
+  bool plain = true;
   out.clear();
-  describe_all(out, l.params, true);
-  describe_all(out, grads, false);
-  describe_all(out, l.exp_avgs, true);
-  describe_all(out, l.exp_avg_sqs, true);
-  describe_all(out, l.max_exp_avg_sqs, true);
-  describe_all(out, l.momentum_buffers, true);
-  describe_all(out, l.anchors);
-  describe_all(out, l.masks);
-  describe_all(out, l.steps, false);
+  describe_all(out, l.params, true, plain);
+  describe_all(out, grads, false, plain);
+  describe_all(out, l.exp_avgs, true, plain);
+  describe_all(out, l.exp_avg_sqs, true, plain);
+  describe_all(out, l.max_exp_avg_sqs, true, plain);
+  describe_all(out, l.momentum_buffers, true, plain);
+  describe_all(out, l.anchors, plain);
+  describe_all(out, l.masks, plain);
+  describe_all(out, l.steps, false, plain);
+  return plain;
+}
+
+bool plain_or_absent(const std::optional<at::Tensor>& t) {
+  return !t.has_value() || !t->defined() || plain_tensor(*t);
 }
 
 class StepPlan : public torch::CustomClassHolder {
@@ -204,7 +223,7 @@ class StepPlan : public torch::CustomClassHolder {
     const size_t n = launches_.size();
     std::vector<std::vector<at::Tensor>> grads(n);
     std::vector<std::vector<int64_t>> described(n);
-    std::vector<bool> prevalidated(n);
+    std::vector<bool> plain(n), prevalidated(n);
     for (size_t k = 0; k < n; ++k) {
       const Launch& l = launches_[k];
       grads[k].reserve(l.params.size());
@@ -216,24 +235,30 @@ class StepPlan : public torch::CustomClassHolder {
         grads[k].push_back(g);
       }
       described[k].reserve(l.validated.size());
-      describe_launch(described[k], l, grads[k]);
+      plain[k] = describe_launch(described[k], l, grads[k]);
       // Equal to `validated`: the gradients are laid out as they were then, like their parameters.
-      prevalidated[k] = !l.validated.empty() && described[k] == l.validated;
+      prevalidated[k] = plain[k] && !l.validated.empty() && described[k] == l.validated;
       if (!prevalidated[k] && layout_signature_of(l.params, grads[k]) != l.expected) {
         return false;
       }
     }
-    // Under a TorchDispatchMode the op's call may reach other code than our kernels: checks in full.
-    const bool modes = c10::impl::TorchDispatchModeTLS::stack_len() > 0;
+    // Only a call whose checks ran on exactly the described tensors may vouch for them, and only
+    // then may a later call skip them: not under a TorchDispatchMode (the call may reach other code
+    // than our kernels, or none: a dry run), nor with a tensor subclass among the arguments (its
+    // __torch_dispatch__ may give the kernel other tensors), GradScaler tensors included.
+    const bool direct = c10::impl::TorchDispatchModeTLS::stack_len() == 0 && plain_or_absent(grad_scale) &&
+                        plain_or_absent(found_inf);
     for (size_t k = 0; k < n; ++k) {
       Launch& l = launches_[k];
-      if (prevalidated[k] && !modes) {
-        const PrevalidatedTensors skip;
-        launch(l, grads[k], grad_scale, found_inf);
-      } else {
-        launch(l, grads[k], grad_scale, found_inf);
+      const bool trusted = direct && prevalidated[k];
+      launch(l, grads[k], grad_scale, found_inf, trusted);
+      if (!trusted) {
         ++checked_launches_;
-        l.validated = std::move(described[k]);  // the op's checks passed (it throws otherwise)
+        if (direct && plain[k]) {
+          l.validated = std::move(described[k]);  // the op's checks passed (it throws otherwise)
+        } else {
+          l.validated.clear();
+        }
       }
     }
     return true;
@@ -264,8 +289,9 @@ class StepPlan : public torch::CustomClassHolder {
 
   // As pyfinetune.optim's `_amp_tensors`: float32 scalars on the launch's device; found_inf
   // clamped to 1 (GradScaler sums the per-device flags) so that a skipped step is undone once.
+  // trusted: the op skips its per-tensor checks (PrevalidatedTensors, set around the op's call only).
   static void launch(Launch& l, const std::vector<at::Tensor>& grads, const std::optional<at::Tensor>& grad_scale_in,
-                     const std::optional<at::Tensor>& found_inf_in) {
+                     const std::optional<at::Tensor>& found_inf_in, bool trusted) {
     std::optional<at::Tensor> grad_scale, found_inf;
     if (grad_scale_in.has_value() && grad_scale_in->defined()) {
       grad_scale = grad_scale_in->to(l.device, at::kFloat, /*non_blocking=*/true).reshape({});
@@ -277,6 +303,10 @@ class StepPlan : public torch::CustomClassHolder {
     if (!l.is_adamw) {
       static const auto op =
           c10::Dispatcher::singleton().findSchemaOrThrow("pyfinetune::fused_sgd_", "").typed<SgdSig>();
+      std::optional<PrevalidatedTensors> skip;
+      if (trusted) {
+        skip.emplace();
+      }
       op.call(l.params, grads, l.momentum_buffers, l.anchors, l.masks, l.lrs, no_lr_tensors, l.momentums,
               l.dampenings, l.weight_decays, l.l2sps, l.l1s, l.nesterov, l.maximize, l.decoupled, grad_scale,
               found_inf);
@@ -286,6 +316,10 @@ class StepPlan : public torch::CustomClassHolder {
         c10::Dispatcher::singleton().findSchemaOrThrow("pyfinetune::fused_adamw_", "").typed<AdamwSig>();
     l.add_steps(1.0);
     try {
+      std::optional<PrevalidatedTensors> skip;
+      if (trusted) {
+        skip.emplace();
+      }
       op.call(l.params, grads, l.exp_avgs, l.exp_avg_sqs, l.max_exp_avg_sqs, l.anchors, l.masks, l.steps, l.lrs,
               no_lr_tensors, l.beta1s, l.beta2s, l.epss, l.weight_decays, l.l2sps, l.l1s, l.amsgrad, l.maximize,
               l.decoupled, grad_scale, found_inf);

@@ -480,14 +480,15 @@ def scale_kept_gradients(ctx, grads, scale: torch.Tensor, dtypes, *, in_place_ok
         refs = getattr(ctx, "scaled_refs", {})
         if getattr(ctx, "applied_unchecked", False) and any(refs.get(i, _dead_ref)() is g for i, g in enumerate(grads)):
             # Scaled on the device (`_device_scale`) by a factor nobody looked at: only now, in a
-            # backward through a retained graph (rare), is it read, once.
-            ctx.applied_unchecked = False
+            # backward through a retained graph (rare), is it read, once it is found invertible
+            # (until then every such backward raises).
             if not _host_scale(applied)[0]:
                 raise RuntimeError(
                     "pyfinetune: a backward through a retained graph of a distillation loss whose first backward "
                     f"had an upstream gradient of {applied.reshape(-1)[0].item()} (zero or not finite): the kept "
                     "gradient was scaled by it in place on the device and cannot be recovered; set "
                     f"{DEVICE_SCALE_ENV}=0 for such a graph (the scale is then read on the host first)")
+            ctx.applied_unchecked = False
 
         out_scales = [None if g is None else (scale / applied if refs.get(i, _dead_ref)() is g else scale)
                       for i, g in enumerate(grads)]
@@ -549,6 +550,9 @@ def _dead_ref():
 # so a later backward through a retained graph cannot undo it and raises (scale_kept_gradients).
 # Off until a GPU check has timed it (benchmarks/kd_gpu_launch_ab.py) and run its tests.
 DEVICE_SCALE_ENV = "PYFINETUNE_KD_DEVICE_SCALE"
+# The devices where the variable applies: on the CPU the host read costs nothing and keeps a
+# retained graph differentiable after any scale (tests add "cpu" to exercise the logic).
+_DEVICE_SCALE_DEVICES = ("cuda",)
 
 
 def _device_scale_requested() -> bool:
@@ -560,9 +564,10 @@ def _device_scale_requested() -> bool:
 
 def _device_scale(kept, scale: torch.Tensor) -> bool:
     """Whether the kept buffers are scaled in place on the device (`_scale_kept_`, see
-    DEVICE_SCALE_ENV): requested, plain eager tensors, a one-element scale of each buffer's
-    arithmetic dtype on its device, contiguous buffers."""
-    if not _device_scale_requested() or scale.numel() != 1 or not _is_eager(scale):
+    DEVICE_SCALE_ENV): requested, on a GPU, plain eager tensors, a one-element scale of each
+    buffer's arithmetic dtype on its device, contiguous buffers."""
+    if (not _device_scale_requested() or scale.device.type not in _DEVICE_SCALE_DEVICES or scale.numel() != 1
+            or not _is_eager(scale)):
         return False
     for g in kept:
         if (not _is_eager(g) or g.device != scale.device or _OPMATH.get(g.dtype) != scale.dtype

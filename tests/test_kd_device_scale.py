@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import bits, device_params
 
+from pyfinetune import ops
 from pyfinetune.losses import fused_linear_kd_loss, kd_loss
 from pyfinetune.ops import DEVICE_SCALE_ENV
 
@@ -110,6 +111,12 @@ def test_bad_variable_is_refused(monkeypatch):
         loss.backward()
 
 
+@pytest.fixture
+def on_cpu_too(monkeypatch):
+    """The variable applies to CUDA tensors only; these tests take the CPU too, to run its logic."""
+    monkeypatch.setattr(ops, "_DEVICE_SCALE_DEVICES", ("cuda", "cpu"))
+
+
 def _grads_of(setting, monkeypatch, make, upstreams):
     """The gradients of `make()`'s loss for each upstream gradient in turn (one retained graph)."""
     if setting is None:
@@ -139,7 +146,7 @@ def _kd_case(device, dtype, reduction):
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum"])
-def test_kd_loss_same_gradients(device, dtype, reduction, monkeypatch):
+def test_kd_loss_same_gradients(device, dtype, reduction, monkeypatch, on_cpu_too):
     make = _kd_case(device, dtype, reduction)
     ups = [torch.tensor(1.0, device=device), torch.tensor(0.375, device=device), torch.tensor(1.0, device=device)]
     host = _grads_of(None, monkeypatch, make, ups)
@@ -149,7 +156,7 @@ def test_kd_loss_same_gradients(device, dtype, reduction, monkeypatch):
 
 
 @pytest.mark.parametrize("device", device_params())
-def test_fused_linear_same_gradients(device, monkeypatch):
+def test_fused_linear_same_gradients(device, monkeypatch, on_cpu_too):
     gen = torch.Generator().manual_seed(9)
     hs, ht = torch.randn(12, 16, generator=gen), torch.randn(12, 16, generator=gen)
     ws, wt = torch.randn(70, 16, generator=gen), torch.randn(70, 16, generator=gen)
@@ -169,7 +176,7 @@ def test_fused_linear_same_gradients(device, monkeypatch):
 
 @pytest.mark.parametrize("device", device_params())
 @pytest.mark.parametrize("first", [0.0, math.inf])
-def test_retained_graph_after_a_scale_that_cannot_be_undone(device, first, monkeypatch):
+def test_retained_graph_after_a_scale_that_cannot_be_undone(device, first, monkeypatch, on_cpu_too):
     make = _kd_case(device, torch.float32, "batchmean")
     monkeypatch.setenv(DEVICE_SCALE_ENV, "1")
     loss, (x,) = make()
@@ -177,13 +184,35 @@ def test_retained_graph_after_a_scale_that_cannot_be_undone(device, first, monke
     (ref,) = _grads_of(None, monkeypatch, make, [torch.tensor(first, device=device)])[0]
     assert _same(g1, ref)  # the first backward is right
     monkeypatch.setenv(DEVICE_SCALE_ENV, "1")
-    with pytest.raises(RuntimeError, match=rf"upstream gradient of {first} \(zero or not finite\).*"
-                                           rf"{DEVICE_SCALE_ENV}=0"):
-        torch.autograd.grad(loss, x, torch.tensor(1.0, device=device))
+    for _ in range(2):  # every later backward raises: none divides by the scale that was applied
+        with pytest.raises(RuntimeError, match=rf"upstream gradient of {first} \(zero or not finite\).*"
+                                               rf"{DEVICE_SCALE_ENV}=0"):
+            torch.autograd.grad(loss, x, torch.tensor(1.0, device=device), retain_graph=True)
 
 
 @pytest.mark.parametrize("device", device_params())
-def test_per_row_scales_take_the_host_path(device, monkeypatch):
+def test_retained_graph_after_an_invertible_scale(device, monkeypatch, on_cpu_too):
+    make = _kd_case(device, torch.float32, "batchmean")
+    ups = [torch.tensor(0.25, device=device), torch.tensor(3.0, device=device), torch.tensor(1.0, device=device)]
+    host = _grads_of(None, monkeypatch, make, ups)
+    dev = _grads_of("1", monkeypatch, make, ups)
+    for a, b in zip(host, dev):
+        assert _same(a[0], b[0])
+
+
+def test_the_cpu_keeps_the_host_read(monkeypatch):
+    # On the CPU the variable changes nothing: the host read is free and keeps a retained graph
+    # differentiable after a scale of 0.
+    make = _kd_case("cpu", torch.float32, "batchmean")
+    ups = [torch.tensor(0.0), torch.tensor(1.0)]
+    host = _grads_of(None, monkeypatch, make, ups)
+    dev = _grads_of("1", monkeypatch, make, ups)
+    for a, b in zip(host, dev):
+        assert _same(a[0], b[0])
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_per_row_scales_take_the_host_path(device, monkeypatch, on_cpu_too):
     # reduction="none": one scale per row, which the op does not take; the host path serves it.
     make = _kd_case(device, torch.float32, "none")
     ups = [torch.rand(9, device=device) + 0.5, torch.rand(9, device=device)]

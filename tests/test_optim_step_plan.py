@@ -378,6 +378,59 @@ def test_dispatch_mode_brings_the_checks_back(kind):
     assert _checked(opt) == checked + 1
 
 
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_a_dry_run_mode_vouches_for_nothing(kind):
+    # A step under a TorchDispatchMode that swallows the op ran no check: it must not make the next
+    # step trust a state the checks would refuse (two states sharing memory).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DryRun(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "pyfinetune" in str(func):
+                return None
+            return func(*args, **(kwargs or {}))
+
+    opt, ps = _warm(kind)
+    key = _state_key(kind)
+    opt.state[ps[0]][key].set_(opt.state[ps[1]][key])
+    with DryRun():
+        opt.step()
+    _rejected(opt, RuntimeError, r"shares memory")
+
+
+class _Wrapped(torch.Tensor):
+    """A tensor subclass whose outer metadata is its parameter's and whose data is another tensor."""
+
+    @staticmethod
+    def __new__(cls, inner, like):
+        return torch.Tensor._make_wrapper_subclass(cls, like.shape, strides=like.stride(), dtype=like.dtype,
+                                                   device=like.device)
+
+    def __init__(self, inner, like):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.inner if isinstance(x, _Wrapped) else x  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_subclass_gradients_are_checked_every_step(kind):
+    # The kernel receives the subclass's inner tensors, which the plan never described: laid out
+    # unlike the parameters here, they must be refused as a fresh optimizer refuses them.
+    opt, ps = _warm(kind)
+    checked = _checked(opt)
+    for p in ps:
+        p.grad = _Wrapped(torch.randn(3, 4).t(), p)
+    _rejected(opt, RuntimeError, r"grads\[0\] must have the strides of params\[0\]")
+    for p in ps:
+        p.grad = _Wrapped(torch.randn_like(p), p)  # valid inner tensors: checked at every step
+    opt.step()
+    opt.step()
+    assert _checked(opt) == checked + 2  # the refused step counts nothing
+
+
 def _state_key(kind):
     return "exp_avg" if kind == "adamw" else "momentum_buffer"
 
