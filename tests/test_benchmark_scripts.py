@@ -407,7 +407,7 @@ def test_kd_launch_ab_runs(tmp_path):
                                        "capped registers, no prefetch", "persistent + L2 prefetch",
                                        "persistent, no L2 prefetch", "persistent + L2 prefetch, no cp.async prefetch",
                                        "split 16", "split 16, persistent + L2 prefetch",
-                                       "split 4 (cache too small: re-reads)"}
+                                       "split 4 (cache too small: re-reads)", "default, backward scale on the device"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
 
 
