@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops  # also registers the fake kernels
-from ._C import _same_objects, _state_holds
+from ._C import _changed_lrs, _groups_hold, _state_holds
 
 _layout_signature = torch.ops.pyfinetune._layout_signature
 
@@ -927,12 +927,12 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling() or plan.version != self._plan_version:
             return False
         groups = self.param_groups
-        if groups is not plan.param_groups or len(groups) != len(plan.groups):
+        # The same group dicts holding the same parameters (by identity: `!=` on tuples would compare
+        # a replaced one with Tensor.__eq__) and hyper-parameters equal to their `_freeze` snapshots;
+        # in C (csrc/pyfinetune.cpp), ~3.5 us a group in Python (100 groups of layer-wise lrs: 0.35 ms).
+        if groups is not plan.param_groups or not _groups_hold(groups, plan.groups, plan.params, self._HYPER_KEYS,
+                                                                plan.hypers):
             return False
-        for group, cached, params, hypers in zip(groups, plan.groups, plan.params, plan.hypers):
-            # parameters by identity: `!=` on tuples would compare a replaced one with Tensor.__eq__
-            if group is not cached or not _same_objects(group["params"], params) or self._snapshot(group) != hypers:
-                return False
         if not self._follow_lrs(plan):
             return False
         # the same state dicts holding the same tensors, by identity (in C: csrc/pyfinetune.cpp)
@@ -945,7 +945,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         before anything is written) and written into the launches' lists. False when an lr became a
         tensor (plans hold float lrs only: the full path then runs)."""
         groups = self.param_groups
-        changed = [gi for gi, (g, frozen) in enumerate(zip(groups, plan.lrs)) if _freeze(g["lr"]) != frozen]
+        changed = _changed_lrs(groups, plan.lrs)  # in C: ~0.3 us a group in Python
         if not changed:
             return True
         for gi in changed:

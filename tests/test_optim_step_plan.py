@@ -482,14 +482,9 @@ def test_tensor_moved_in_place_is_checked_then_trusted(kind, moved, monkeypatch)
 
 
 def test_state_identity_checks():
-    from pyfinetune._C import _same_objects, _state_holds
+    from pyfinetune._C import _state_holds
 
     a, b, c = object(), object(), object()
-    assert _same_objects([a, b], (a, b)) and _same_objects((), [])
-    assert not _same_objects([a, b], (b, a)) and not _same_objects([a], (a, b))
-    assert not _same_objects([[]], ([],))  # identity, not equality
-    with pytest.raises(TypeError):
-        _same_objects(a, (a,))
     d1, d2 = {"x": a}, {"x": b, "y": c}
     state = {1: d1, 2: d2}
     assert _state_holds(state, [1, 2], [d1, d2], [a, b, c])
@@ -502,6 +497,64 @@ def test_state_identity_checks():
     assert not _state_holds([], [], [], [])  # not a dict
     with pytest.raises(TypeError):
         _state_holds(state, (1, 2), [d1, d2], [a, b, c])
+
+
+def test_group_checks_follow_freeze():
+    # _groups_hold(groups, cached, params, keys, hypers) is `_plan_holds`'s group loop in C: the same
+    # dicts, the same parameters by identity, hyper-parameters equal to their `_freeze` snapshots.
+    from pyfinetune._C import _groups_hold
+    from pyfinetune.optim import _freeze
+
+    p, q = torch.zeros(1), torch.zeros(1)
+    dtype = torch.bfloat16
+    keys = ("a", "b", "c", "d", "e", "f")
+
+    def group(**kw):
+        g = {"params": [p, q], "a": 0.1, "b": (0.9, [0.99, 3]), "c": True, "d": "coupled", "e": dtype, "f": None}
+        g.update(kw)
+        return g
+
+    g = group()
+    frozen = tuple(_freeze(g[k]) for k in keys)
+
+    def holds(now, params=(p, q)):
+        return _groups_hold([now], [now], [params], keys, [frozen])
+
+    assert holds(g)
+    same_values = group()
+    assert not _groups_hold([same_values], [g], [(p, q)], keys, [frozen])  # another dict
+    assert not holds(g, (q, p)) and not holds(g, (p,))
+    changes = {"a": [0.2, 1, True, float("nan")], "b": [(0.9, [0.99, 4]), [0.9, [0.99, 3]], (0.9, (0.99, 3)), (0.9,)],
+               "c": [1, False], "d": ["decoupled"], "e": [torch.float16], "f": [0, False]}
+    for key, values in changes.items():
+        for value in values:
+            assert not holds(group(**{key: value})), (key, value)
+    assert holds(group(a=0.1, b=(0.9, [0.99, 3]), d="".join(["coup", "led"])))  # equal values, new objects
+    g2 = group()
+    g2["b"][1][1] = 4  # a list changed in place after the snapshot
+    assert not _groups_hold([g2], [g2], [(p, q)], keys, [tuple(_freeze(group()[k]) for k in keys)])
+    missing = group()
+    del missing["f"]
+    assert not holds(missing)
+    assert not _groups_hold([g, g], [g], [(p, q)], keys, [frozen])  # lengths
+    with pytest.raises(TypeError):
+        _groups_hold((g,), [g], [(p, q)], keys, [frozen])
+
+
+def test_changed_lrs_follow_freeze():
+    from pyfinetune._C import _changed_lrs
+    from pyfinetune.optim import _freeze
+
+    lrs = [0.1, 0.2, 0.3, 0.4]
+    frozen = [_freeze(x) for x in lrs]
+    assert _changed_lrs([{"lr": x} for x in (0.1, 0.2, 0.3, 0.4)], frozen) == []
+    now = [{"lr": 0.1}, {"lr": 0.25}, {"lr": 1}, {}]  # a new value, an int for a float, no lr at all
+    assert _changed_lrs(now, frozen) == [1, 2, 3]
+    nan = float("nan")
+    assert _changed_lrs([{"lr": nan}], [_freeze(nan)]) == [0]  # NaN never equals: validated (refused)
+    assert _changed_lrs([{"lr": torch.tensor(0.1)}], [_freeze(0.1)]) == [0]
+    with pytest.raises(TypeError):
+        _changed_lrs([{"lr": 0.1}], [])
 
 
 def test_step_plan_refuses_an_empty_launch():
