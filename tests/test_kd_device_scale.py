@@ -130,6 +130,15 @@ def _grads_of(setting, monkeypatch, make, upstreams):
     return out
 
 
+def _assert_paths_agree(monkeypatch, make, upstreams):
+    """The gradients of each backward are the same with the variable unset and set to 1."""
+    host = _grads_of(None, monkeypatch, make, upstreams)
+    dev = _grads_of("1", monkeypatch, make, upstreams)
+    for a, b in zip(host, dev):
+        for x, y in zip(a, b):
+            assert _same(x, y)
+
+
 def _kd_case(device, dtype, reduction):
     gen = torch.Generator().manual_seed(5)
     s = (torch.randn(9, 300, generator=gen) * 3).to(device, dtype)
@@ -149,10 +158,7 @@ def _kd_case(device, dtype, reduction):
 def test_kd_loss_same_gradients(device, dtype, reduction, monkeypatch, on_cpu_too):
     make = _kd_case(device, dtype, reduction)
     ups = [torch.tensor(1.0, device=device), torch.tensor(0.375, device=device), torch.tensor(1.0, device=device)]
-    host = _grads_of(None, monkeypatch, make, ups)
-    dev = _grads_of("1", monkeypatch, make, ups)
-    for a, b in zip(host, dev):
-        assert _same(a[0], b[0])
+    _assert_paths_agree(monkeypatch, make, ups)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -167,11 +173,7 @@ def test_fused_linear_same_gradients(device, monkeypatch, on_cpu_too):
         return fused_linear_kd_loss(leaves[0], leaves[1], ht.to(device), wt.to(device), lab.to(device),
                                     temperature=1.5), leaves
     ups = [torch.tensor(2.0, device=device), torch.tensor(1.0, device=device)]
-    host = _grads_of(None, monkeypatch, make, ups)
-    dev = _grads_of("1", monkeypatch, make, ups)
-    for a, b in zip(host, dev):
-        for x, y in zip(a, b):
-            assert _same(x, y)
+    _assert_paths_agree(monkeypatch, make, ups)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -194,10 +196,7 @@ def test_retained_graph_after_a_scale_that_cannot_be_undone(device, first, monke
 def test_retained_graph_after_an_invertible_scale(device, monkeypatch, on_cpu_too):
     make = _kd_case(device, torch.float32, "batchmean")
     ups = [torch.tensor(0.25, device=device), torch.tensor(3.0, device=device), torch.tensor(1.0, device=device)]
-    host = _grads_of(None, monkeypatch, make, ups)
-    dev = _grads_of("1", monkeypatch, make, ups)
-    for a, b in zip(host, dev):
-        assert _same(a[0], b[0])
+    _assert_paths_agree(monkeypatch, make, ups)
 
 
 def test_the_cpu_keeps_the_host_read(monkeypatch):
@@ -205,10 +204,7 @@ def test_the_cpu_keeps_the_host_read(monkeypatch):
     # differentiable after a scale of 0.
     make = _kd_case("cpu", torch.float32, "batchmean")
     ups = [torch.tensor(0.0), torch.tensor(1.0)]
-    host = _grads_of(None, monkeypatch, make, ups)
-    dev = _grads_of("1", monkeypatch, make, ups)
-    for a, b in zip(host, dev):
-        assert _same(a[0], b[0])
+    _assert_paths_agree(monkeypatch, make, ups)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -216,10 +212,7 @@ def test_per_row_scales_take_the_host_path(device, monkeypatch, on_cpu_too):
     # reduction="none": one scale per row, which the op does not take; the host path serves it.
     make = _kd_case(device, torch.float32, "none")
     ups = [torch.rand(9, device=device) + 0.5, torch.rand(9, device=device)]
-    host = _grads_of(None, monkeypatch, make, ups)
-    dev = _grads_of("1", monkeypatch, make, ups)
-    for a, b in zip(host, dev):
-        assert _same(a[0], b[0])
+    _assert_paths_agree(monkeypatch, make, ups)
 
 
 @pytest.mark.cuda

@@ -16,6 +16,8 @@
 // The top-k variant runs passes 1 and 3 over the student alone (the teacher is 0 outside its k
 // entries, which makes the gradient there a multiple of q_i) and handles the k teacher entries
 // with the scalar functions of the math header.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -852,20 +854,9 @@ void scale_kept_kernel(at::Tensor& grad, const at::Tensor& scale) {
 
 void scale_kept_cpu(at::Tensor& grad, const at::Tensor& scale) {
   check_scale_kept_args(grad, scale);
-  switch (grad.scalar_type()) {
-    case at::kFloat:
-      scale_kept_kernel<float, float>(grad, scale);
-      break;
-    case at::kDouble:
-      scale_kept_kernel<double, double>(grad, scale);
-      break;
-    case at::kBFloat16:
-      scale_kept_kernel<c10::BFloat16, float>(grad, scale);
-      break;
-    default:
-      scale_kept_kernel<c10::Half, float>(grad, scale);
-      break;
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "_scale_kept_", [&] {
+    scale_kept_kernel<scalar_t, at::opmath_type<scalar_t>>(grad, scale);
+  });
 }
 
 }  // namespace

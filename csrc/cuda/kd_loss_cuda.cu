@@ -21,6 +21,7 @@
 // The hot loops use ex2.approx (log2 scaled), the per-row arithmetic is kd_loss_math.h's, fed the
 // row statistics relative to the raw row maxima (as the CPU kernels do).
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -1601,20 +1602,9 @@ void scale_kept_cuda(at::Tensor& grad, const at::Tensor& scale) {
     return;
   }
   const c10::cuda::CUDAGuard device_guard(grad.device());
-  switch (grad.scalar_type()) {
-    case at::kFloat:
-      launch_scale_kept<float, float>(grad, scale);
-      break;
-    case at::kDouble:
-      launch_scale_kept<double, double>(grad, scale);
-      break;
-    case at::kBFloat16:
-      launch_scale_kept<c10::BFloat16, float>(grad, scale);
-      break;
-    default:
-      launch_scale_kept<c10::Half, float>(grad, scale);
-      break;
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "_scale_kept_", [&] {
+    launch_scale_kept<scalar_t, at::opmath_type<scalar_t>>(grad, scale);
+  });
 }
 
 }  // namespace
