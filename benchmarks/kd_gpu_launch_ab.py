@@ -16,6 +16,9 @@ before each row), and with ``PYFINETUNE_KD_CUDA_SPLIT`` (blocks per row) 4 and 1
 backward's scale read on the device: no host synchronization), interleaved round by round, against the time to read both inputs and write the gradient once at the measured
 copy bandwidth (issue #3's GPU target: forward + backward within 1.3x of it). Each variant's loss and
 gradient are checked against the first one's (the block size changes only the order of sums).
+A second table takes the default forward apart (ATTRIBUTION: without the gradient pass, without
+labels, at T = 1, on float32 inputs, and torch kernels that move the same bytes), so that a check
+without Nsight Compute still says where the forward's time goes.
 Writes kd-launch-ab-cuda-*.md / .json to ``--out`` (default benchmarks/results). ``--device cpu``
 runs the same steps on the CPU (where the variable changes nothing): a smoke test of the script.
 """
@@ -89,6 +92,52 @@ def set_variant(v: str) -> float:
     return temperature
 
 
+# The forward's time taken apart (issue #3: the forward is 4.8 ms of the 5.05 on the H200, and no
+# launch switch above moved it): the default kernel on the same rows with parts of its work left out,
+# and two torch kernels that move the floor's bytes, interleaved round by round. Reading them: "loss
+# only" against "gradient kept" is the gradient pass's share; "loss only" against "2 reads" is what
+# the statistics pass costs above reading both inputs; "float32 inputs" against "gradient kept" says
+# whether bytes set the pace (twice the bytes, twice the time) or the arithmetic does (about the same
+# time); "no labels" and "T = 1" are the CE term's and the temperature's exponentials.
+ATTRIBUTION = ("kd_loss_fwd, gradient kept (the forward of kd_loss)",
+               "loss only (need_grad=False: no gradient pass, no gradient written)",
+               "no labels (no CE statistics, no CE term)",
+               "T = 1 (the CE and the soft terms share their exponentials)",
+               "float32 inputs (twice the bytes of the same work)",
+               "torch.add(s, t, out=g): 2 reads + 1 write of the floor",
+               "torch.amax of s and of t per row: the 2 reads alone")
+
+
+def attribution_calls(s, t, lab):
+    """name -> call for ATTRIBUTION, on detached copies of the benchmark's inputs."""
+    s = s.detach()
+    s32, t32 = s.float(), t.float()
+    out = torch.empty_like(s)
+    kd = torch.ops.pyfinetune.kd_loss_fwd
+
+    def fwd(st, tt, labels, temperature=2.0, need_grad=True):
+        return lambda: kd(st, tt, labels, temperature=temperature, alpha=0.5, divergence="forward_kl", beta=0.5,
+                          ignore_index=-100, need_grad=need_grad, grad_scale=1.0)
+
+    return dict(zip(ATTRIBUTION, (fwd(s, t, lab), fwd(s, t, lab, need_grad=False), fwd(s, t, None),
+                                  fwd(s, t, lab, temperature=1.0), fwd(s32, t32, lab),
+                                  lambda: torch.add(s, t, out=out),
+                                  lambda: (torch.amax(s, -1), torch.amax(t, -1)))))
+
+
+def attribution(s, t, lab, dev, reps: int) -> dict:
+    """Median ms per call of each ATTRIBUTION row, interleaved round by round (3 warm-up rounds)."""
+    calls = attribution_calls(s, t, lab)
+    times = {k: [] for k in calls}
+    for r in range(reps + 3):
+        for k in range(len(ATTRIBUTION)):
+            name = ATTRIBUTION[(r + k) % len(ATTRIBUTION)]
+            ms = timed(calls[name], dev)
+            if r >= 3:
+                times[name].append(ms)
+    return times
+
+
 def timed(fn, dev) -> float:
     common.synchronize(dev)
     t0 = time.perf_counter()
@@ -142,6 +191,7 @@ def main() -> int:
                 times[v]["backward"].append(b)
                 times[v]["forward+backward"].append(fb)
     set_variant("default")
+    attr = attribution(s, t, lab, dev, args.reps)
     item = s.element_size()
     moved = 3 * s.numel() * item
     gbps, _ = copy_bandwidth(2 * s.numel() * item, max(args.reps, 20), dev)
@@ -154,16 +204,24 @@ def main() -> int:
                      f"{med['forward+backward'] / floor_ms:.2f}",
                      f"{check[v]['loss_rel_diff']:.1e}" if same_t else "(other T)",
                      f"{check[v]['grad_max_abs_diff']:.1e}" if same_t else "(other T)"])
+    attr_med = {k: common.percentile(ts, 50) for k, ts in attr.items()}
+    base = attr_med[ATTRIBUTION[0]]
+    attr_rows = [[k, f"{attr_med[k]:.3f}", f"{attr_med[k] / base:.2f}", f"{attr_med[k] / floor_ms:.2f}"]
+                 for k in ATTRIBUTION]
     info = common.machine_info(dev)
     md = "\n".join([
         f"# kd_loss launch A/B: block size, prefetch, registers, persistent grid, split ({dev.type}), {args.rows} x {args.vocab} bf16", "", common.machine_summary(info), "",
         f"copy bandwidth {gbps:.0f} GB/s; floor (read student + teacher, write the gradient once) {floor_ms:.2f} ms;"
         f" medians of {args.reps} interleaved rounds", "",
         common.markdown_table(["variant", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd+bwd / floor (target <= 1.3)",
-                               "loss rel diff", "grad max abs diff"], rows), ""])
+                               "loss rel diff", "grad max abs diff"], rows), "",
+        "## The forward taken apart (all variables unset; medians of "
+        f"{args.reps} interleaved rounds; see ATTRIBUTION in the script for how to read it)", "",
+        common.markdown_table(["forward", "ms", "/ gradient kept", "/ floor"], attr_rows), ""])
     print(md)
     record = {"machine": info, "rows": args.rows, "vocab": args.vocab, "copy_gbps": gbps, "floor_ms": floor_ms,
-              "times_ms": times, "check": check}
+              "times_ms": times, "check": check,
+              "attribution_ms": attr}
     if not args.no_write:
         print("wrote", *common.write_results("kd-launch-ab", dev, record, md, out_dir=args.out))
     return 0

@@ -409,6 +409,61 @@ def test_kd_launch_ab_runs(tmp_path):
                                        "split 16", "split 16, persistent + L2 prefetch",
                                        "split 4 (cache too small: re-reads)", "default, backward scale on the device"}
     assert all(len(v["forward+backward"]) == 3 for v in record["times_ms"].values())
+    # The forward taken apart: every row timed in every round, and its table in the record.
+    assert list(record["attribution_ms"]) == list(load_script("kd_gpu_launch_ab").ATTRIBUTION)
+    assert all(len(v) == 3 for v in record["attribution_ms"].values())
+    assert "## The forward taken apart" in open(md).read()
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kd_launch_ab_attribution_rows_do_what_they_say():
+    # Each row of the forward's attribution must leave out what its name says and nothing else: the
+    # same loss with and without the gradient pass, another loss without labels or at T = 1, the
+    # same loss (to bf16 rounding of the inputs) from float32 copies, and the torch rows' results.
+    ab = load_script("kd_gpu_launch_ab")
+    from pyfinetune.benchmarks.distill import kd_inputs
+
+    s, t, lab = kd_inputs(12, 257, torch.bfloat16, "cpu", seed=3)
+    calls = ab.attribution_calls(s, t, lab)
+    assert list(calls) == list(ab.ATTRIBUTION)
+    kept, loss_only, no_labels, t1, fp32, add, amax = (calls[k]() for k in ab.ATTRIBUTION)
+    assert kept[1].shape == s.shape and loss_only[1].numel() == 0
+    torch.testing.assert_close(loss_only[0], kept[0], rtol=0, atol=0)
+    assert not torch.allclose(no_labels[0], kept[0]) and not torch.allclose(t1[0], kept[0])
+    torch.testing.assert_close(fp32[0], kept[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(add, s.detach() + t)
+    torch.testing.assert_close(amax[0], s.detach().amax(-1))
+    torch.testing.assert_close(amax[1], t.amax(-1))
+    assert not s.grad_fn and s.grad is None  # the benchmark's leaf is left alone
+
+
+def test_ncu_sass_top_ranks_instructions(tmp_path):
+    # benchmarks/ncu_sass_top.py reads gpu_profile.sh's per-instruction CSV (read on any machine).
+    path = tmp_path / "sass.csv"
+    path.write_text('==PROF== Disconnected\n'
+                    '"Address","Source","Warp Stall Sampling (All Samples)","stall_long_sb"\n'
+                    '"0x10","LDG.E.128 R4, [R2.64]","10","0"\n'
+                    '"0x20","@!P0 FFMA R1, R4, R5, R6","60","55"\n'
+                    '"0x30","MUFU.EX2 R7, R1","30","0"\n')
+    script = os.path.join(ROOT, "benchmarks", "ncu_sass_top.py")
+    out = subprocess.run([sys.executable, script, str(path), "--top", "2", "--window", "1"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "3 instructions, 100 samples" in out.stdout
+    assert "| float arithmetic | 60.0% |" in out.stdout and "| memory: global | 10.0% |" in out.stdout
+    lines = out.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if "60.0%  0x20" in line)
+    assert "stall_long_sb 55" in lines[first] and "LDG.E.128" in lines[first + 1]
+    assert " 30.0%  0x30  MUFU.EX2" in out.stdout
+    path.write_text('"Address","Source","Instructions Executed"\n"0x10","NOP","1"\n')
+    bad = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no stall-sampling column" in bad.stderr
 
 
 @pytest.mark.parametrize("workload", ["kd", "kd_persistent", "optim", "optim_flat", "sparse", "sparse_tc_split"])
