@@ -502,10 +502,17 @@ class SparseLinear(nn.Module):
     # ---------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         """x [..., in_features] -> [..., out_features], in x's dtype (values' dtype)."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"SparseLinear: x must be a tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: x must be [..., in_features] with in_features = {self.in_features}, got "
                              f"shape {tuple(x.shape)}")
         autocast = ops._autocast_enabled(x.device.type)
+        if not autocast and x.dtype != self.values.dtype:
+            # Either kernel would refuse it too, in the words of an internal op (csr_linear) or of
+            # torch's matmul; this names the layer and the ways out.
+            raise ValueError(f"SparseLinear: x must have the layer's dtype {self.values.dtype} (its values), got "
+                             f"{x.dtype}; cast x or the layer (layer.to(dtype)), or run under torch.autocast")
         kernel = self.kernel
         if kernel == "auto":  # the call's rows, grad need and compute dtype decide (kernel_for)
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.values.requires_grad

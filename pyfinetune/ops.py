@@ -1186,8 +1186,19 @@ def _masked_matmul_composed(x, weight, mask, bias, dense_grad: bool) -> Tensor:
     return torch.nn.functional.linear(x, _effective_weight(weight, mask, dense_grad), bias)
 
 
+def _require_tensors(name: str, **args) -> None:
+    """TypeError naming the first argument that is not a Tensor (None allowed for those ending in '?')."""
+    for arg, value in args.items():
+        optional = arg.endswith("_")
+        if isinstance(value, Tensor) or (optional and value is None):
+            continue
+        what = "a tensor or None" if optional else "a tensor"
+        raise TypeError(f"pyfinetune.{name}: {arg.rstrip('_')} must be {what}, got {type(value).__name__}")
+
+
 def _flatten_batch(x: Tensor, name: str) -> Tensor:
     # [..., K] -> [N, K]; the op's checks then name any mismatch with the weight.
+    _require_tensors(name, x=x)
     if x.dim() == 0:
         raise ValueError(f"pyfinetune.{name}: x must be a tensor [..., K], got a 0-d tensor")
     # By the leading dimensions, not -1: K = 0 would leave -1 ambiguous.
@@ -1212,6 +1223,10 @@ def masked_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
         of differentiable torch ops); under torch.func transforms (``grad``, ``vmap``, ``jacrev``,
         ``hessian``) and forward-mode AD the same product is composed of torch ops.
     """
+    _require_tensors("masked_matmul", x=x, weight=weight, mask=mask, bias_=bias)
+    if not (isinstance(dense_grad, bool) or _is_numpy_bool(dense_grad)):
+        raise TypeError(f"pyfinetune.masked_matmul: dense_grad must be a bool, got {dense_grad!r}")
+    dense_grad = bool(dense_grad)
     x2 = _flatten_batch(x, "masked_matmul")
     if _transforms_active():
         y = _masked_matmul_composed(x2, weight, mask, bias, dense_grad)
@@ -1425,6 +1440,9 @@ def csr_linear(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Ten
         Under torch.func transforms (``grad``, ``vmap``, ``jvp``, ``jacfwd``, ``hessian``) and
         forward-mode AD the product is composed of torch ops (a dense weight is built).
     """
+    _require_tensors("csr_linear", x=x, values=values, crow_indices=crow_indices, col_indices=col_indices,
+                     row_order=row_order, ccol_indices=ccol_indices, row_indices=row_indices, csc_to_csr=csc_to_csr,
+                     bias_=bias)
     x2 = _flatten_batch(x, "csr_linear")
     _check_pattern_width("csr_linear", x, x2, ccol_indices)
     if _transforms_active():
@@ -1636,6 +1654,7 @@ def tiled_csr_linear(x: Tensor, values: Tensor, pattern: CompressedPattern, tile
     under ``create_graph=True`` (as :func:`csr_linear`); under torch.func transforms and
     forward-mode AD it is :func:`csr_linear`'s composition of torch ops.
     """
+    _require_tensors("tiled_csr_linear", x=x, bias_=bias)
     x2 = _flatten_batch(x, "tiled_csr_linear")
     _check_pattern_width("tiled_csr_linear", x, x2, pattern.ccol_indices)
     nnz = pattern.col_indices.shape[0]

@@ -475,6 +475,35 @@ def test_masked_matmul_errors_name_the_argument(override, pattern):
         torch.ops.pyfinetune.masked_matmul(a["x"], a["weight"], a["mask"], a["bias"])
 
 
+def test_python_entry_points_refuse_non_tensors_and_non_bool_flags():
+    # A NumPy array or a list where a tensor belongs, a string for dense_grad: a TypeError naming the
+    # argument (not an AttributeError from inside, nor a truthy string taken as True).
+    a = _masked_args()
+    for name in ("x", "weight", "mask"):
+        bad = dict(a, **{name: a[name].numpy()})
+        with pytest.raises(TypeError, match=rf"pyfinetune.masked_matmul: {name} must be a tensor, got ndarray"):
+            ops.masked_matmul(bad["x"], bad["weight"], bad["mask"], bad["bias"])
+    with pytest.raises(TypeError, match=r"pyfinetune.masked_matmul: bias must be a tensor or None, got list"):
+        ops.masked_matmul(a["x"], a["weight"], a["mask"], [0.0] * 5)
+    x = a["x"].requires_grad_(True)
+    for flag in ("no", 1, None):
+        with pytest.raises(TypeError, match=r"pyfinetune.masked_matmul: dense_grad must be a bool, got"):
+            ops.masked_matmul(x, a["weight"], a["mask"], dense_grad=flag)
+    np = pytest.importorskip("numpy")
+    w = a["weight"].clone().requires_grad_(True)
+    ops.masked_matmul(x, w, a["mask"], dense_grad=np.bool_(True)).sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones(5, 4) @ x.detach())  # the dense gradient: no mask
+    c = _csr_args()
+    p = ops.compressed_pattern(torch.zeros(5, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"pyfinetune.csr_linear: x must be a tensor, got list"):
+        ops.csr_linear([[0.0] * 6], c["values"][:0], *p)
+    with pytest.raises(TypeError, match=r"pyfinetune.csr_linear: crow_indices must be a tensor, got ndarray"):
+        ops.csr_linear(c["x"], c["values"][:0], p.crow_indices.numpy(), *p[1:])
+    tiled = ops.tiled_pattern(p.crow_indices, p.col_indices, 6)
+    with pytest.raises(TypeError, match=r"pyfinetune.tiled_csr_linear: bias must be a tensor or None, got float"):
+        ops.tiled_csr_linear(c["x"], c["values"][:0], p, tiled, bias=0.0)
+
+
 def test_masked_matmul_backward_errors():
     x, w, m = torch.randn(4, 6), torch.randn(5, 6), torch.rand(5, 6) > 0.5
     with pytest.raises(RuntimeError, match=r"masked_matmul_backward: grad_out must be \[N, M\] = \[4, 5\]"):

@@ -522,8 +522,14 @@ def test_errors_name_the_argument():
     layer = SparseLinear.from_dense(w, torch.ones(4, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"x must be \[\.\.\., in_features\] with in_features = 6, got shape \(3, 5\)"):
         layer(torch.randn(3, 5))
-    with pytest.raises(RuntimeError, match=r"csr_linear: values must have the dtype of x"):
-        SparseLinear.from_dense(w, torch.ones(4, 6, dtype=torch.bool), kernel="sparse")(torch.randn(3, 6).double())
+    for kernel in ("sparse", "dense", "auto"):
+        mixed = SparseLinear.from_dense(w, torch.ones(4, 6, dtype=torch.bool), kernel=kernel)
+        for grad in (False, True):
+            with pytest.raises(ValueError, match=r"SparseLinear: x must have the layer's dtype torch.float32 \(its "
+                                                 r"values\), got torch.float64; cast x or the layer"):
+                mixed(torch.randn(3, 6, dtype=torch.float64, requires_grad=grad))
+    with pytest.raises(TypeError, match=r"SparseLinear: x must be a tensor, got ndarray"):
+        layer(torch.randn(3, 6).numpy())
 
 
 # ------------------------------------------------------------------ the dense path's CPU buffers
