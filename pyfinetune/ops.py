@@ -1215,7 +1215,10 @@ def masked_matmul(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
         mask: [M, K] bool; False = pruned. Pruned positions contribute exactly 0.
         bias: None or [M].
         dense_grad: if True the gradient of ``weight`` is the full ``grad_out^T @ x`` (movement
-            pruning, regrowth); by default it is 0 at pruned positions.
+            pruning, regrowth); by default it is 0 at pruned positions, and on the CPU, where the
+            mask keeps at most 30% of the weight, computed at the kept positions only (the mask's
+            compressed rows and csr_linear's SDDMM; ``PYFINETUNE_MASKED_GRAD=dense|sampled``
+            forces either path).
 
     Returns:
         [..., M] in x's dtype (float32 accumulation for 16-bit inputs). Differentiable in x,

@@ -306,7 +306,10 @@ def test_empty_batch_and_empty_pattern(impl, device):
 
 # ------------------------------------------------------------------------- gradient semantics
 @pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.float64]))
-def test_dense_grad_is_the_full_product(device, dtype):
+def test_dense_grad_is_the_full_product(monkeypatch, device, dtype):
+    # The default's weight gradient from the dense product (on the CPU at 80% sparsity it would be
+    # the sampled one, whose sums run in another order): the kept entries then match bit for bit.
+    monkeypatch.setenv("PYFINETUNE_MASKED_GRAD", "dense")
     n, k, m = 16, 40, 24
     x, w, b, g = random_inputs(n, k, m, dtype, device, bias=True)
     mask = make_mask(m, k, 0.8)
@@ -444,6 +447,80 @@ def test_torch_compile_fullgraph(impl, device):
     y_comp.backward(g)
     for a, c in zip(eager_in, comp_in):
         torch.testing.assert_close(c.grad, a.grad)
+
+
+# ------------------------------------------------- masked_matmul's weight gradient, sampled (CPU)
+# PYFINETUNE_MASKED_GRAD: the CPU backward computes dweight at the kept positions only (the mask's
+# compressed rows and csr_linear's SDDMM) where the mask keeps at most 30%, else the dense product
+# and its mask; the variable forces either path (read at each call).
+GRAD_PATHS = ["sampled", "dense"]
+
+
+@pytest.mark.parametrize("path", GRAD_PATHS)
+@pytest.mark.parametrize("n", [1, 5, 32, 33, 70])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_weight_grad_paths_against_float64(monkeypatch, path, n, sparsity, dtype):
+    # Both paths at every density (the default picks one by density), small batches (n <= 32: the
+    # SDDMM's few-row kernels) and panels of rows; empty rows; K = 300 spans tiles of the walk.
+    monkeypatch.setenv("PYFINETUNE_MASKED_GRAD", path)
+    k, m = 300, 131
+    x, w, b, g = random_inputs(n, k, m, dtype, "cpu", bias=True)
+    mask = make_mask(m, k, sparsity, empty_rows=4)
+    check_against_reference("masked", x, w, mask, b, g, dtype)
+
+
+@pytest.mark.parametrize("path", GRAD_PATHS)
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_weight_grad_paths_take_any_layout(monkeypatch, path, layout):
+    # Non-contiguous x, grad_out and mask (a transposed mask; a column slice of a wider mask).
+    monkeypatch.setenv("PYFINETUNE_MASKED_GRAD", path)
+    n, k, m = 40, 90, 70
+    gen = torch.Generator().manual_seed(11)
+    x, w, b, g = random_inputs(n, k, m, torch.float32, "cpu", bias=False, generator=gen)
+    full = make_mask(k, m, 0.85, generator=gen).t() if layout == "transposed" else make_mask(m, 2 * k, 0.85, generator=gen)[:, ::2]
+    assert not full.is_contiguous()
+    if layout == "transposed":
+        x, g = x.t().contiguous().t(), g.t().contiguous().t()
+    else:
+        x, g = torch.randn(n, 2 * k, generator=gen)[:, ::2], torch.randn(n, 2 * m, generator=gen)[:, ::2]
+    check_against_reference("masked", x, w, full, b, g, torch.float32)
+
+
+def test_weight_grad_default_picks_by_density(monkeypatch):
+    # Unset means: the sampled path at <= 30% kept, the dense one above (seen through the bits: the
+    # two sum in different orders at this size), both within the float64 bound.
+    n, k, m = 300, 257, 120
+    gen = torch.Generator().manual_seed(5)
+    x, w, _, g = random_inputs(n, k, m, torch.float32, "cpu", bias=False, generator=gen)
+
+    def dweight(mask, path):
+        if path is None:
+            monkeypatch.delenv("PYFINETUNE_MASKED_GRAD", raising=False)
+        else:
+            monkeypatch.setenv("PYFINETUNE_MASKED_GRAD", path)
+        return torch.ops.pyfinetune.masked_matmul_backward(g, x, w, mask, [False, True, False], False)[1]
+
+    for sparsity, chosen, other in ((0.9, "sampled", "dense"), (0.5, "dense", "sampled")):
+        mask = make_mask(m, k, sparsity, generator=gen)
+        auto, want, alt = dweight(mask, None), dweight(mask, chosen), dweight(mask, other)
+        assert not torch.equal(want, alt), "the two paths gave the same bits: this test cannot tell them apart"
+        assert torch.equal(auto, want), f"at sparsity {sparsity} the default did not take the {chosen} path"
+    monkeypatch.setenv("PYFINETUNE_MASKED_GRAD", "fast")
+    with pytest.raises(RuntimeError, match=r"PYFINETUNE_MASKED_GRAD must be auto, dense or sampled, got 'fast'"):
+        dweight(mask, "fast")
+
+
+def test_weight_grad_sampled_counts_nonzero_mask_bytes(monkeypatch):
+    # A bool mask viewed from bytes other than 0 / 1 (torch does not forbid it): each position kept
+    # once, as the dense path's mask keeps it, never a write past a row's slots.
+    monkeypatch.setenv("PYFINETUNE_MASKED_GRAD", "sampled")
+    n, k, m = 8, 50, 20
+    raw = (torch.rand(m, k, generator=torch.Generator().manual_seed(2)) < 0.2).to(torch.uint8) * 2
+    mask = raw.view(torch.bool)
+    x, w, _, g = random_inputs(n, k, m, torch.float64, "cpu", bias=False)
+    got = torch.ops.pyfinetune.masked_matmul_backward(g, x, w, mask, [False, True, False], False)[1]
+    torch.testing.assert_close(got, torch.where(raw != 0, g.t() @ x, 0.0))
 
 
 # ----------------------------------------------------------------------------------------- errors

@@ -405,6 +405,57 @@ def test_opcheck(dtype):
                               (m["grad_out"], m["x"], m["weight"], m["mask"], need, dense_grad), test_utils=utils)
 
 
+# ------------------------------------------------------------------- streams and synchronization
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("small_n", ["0", "1"], ids=["warp", "small-N"])
+def test_ops_run_on_the_current_stream_without_synchronizing(dtype, small_n, monkeypatch):
+    # Every pruning op on a side stream, under set_sync_debug_mode("error") (a host synchronization
+    # raises), with inputs that the side stream itself writes after a 20 ms sleep: an op launched on
+    # any other stream would read them before they exist, and give wrong numbers.
+    monkeypatch.setenv("PYFINETUNE_CSR_CUDA_SMALL_N", small_n)
+    N, K, M = (8 if small_n == "1" else 70), 45, 33
+    c, ref = csr_case(N, K, M, dtype, random_mask(M, K, 0.8))
+    mc, mref = masked_case(N, K, M, dtype, 0.8, bias=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+
+    def run_all(src, msrc):
+        y = run_csr_forward(src)
+        grads = run_csr_backward(src)
+        my = ops.masked_matmul(msrc["x"], msrc["weight"], msrc["mask"], None)
+        mgrads = ops.masked_matmul_backward(msrc["grad_out"], msrc["x"], msrc["weight"], msrc["mask"],
+                                            [True, True, True], False)
+        dense = ops.csr_to_dense(src["values"], src["crow_indices"], src["col_indices"], K)
+        gathered = ops.csr_gather(dense, src["crow_indices"], src["col_indices"])
+        return y, grads, my, mgrads, dense, gathered
+
+    with torch.cuda.stream(side):
+        run_all(c, mc)  # first calls outside the check: allocator, cuBLAS handle, kernel attributes
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(40_000_000)
+            fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
+            mfresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in mc.items()}
+            out = run_all(fresh, mfresh)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    y, (dx, dvalues, dbias), my, (mdx, mdw, mdb), dense, gathered = out
+    assert_close(y, ref["y"], dtype, K, "csr y")
+    assert_close(dx, ref["dx"], dtype, M, "csr dx")
+    assert_close(dvalues, ref["dvalues"], dtype, N, "csr dvalues")
+    assert_close(dbias, ref["dbias"], dtype, N, "csr dbias")
+    assert_close(my, mref["y"], dtype, K, "masked y")
+    assert_close(mdx, mref["dx"], dtype, M, "masked dx")
+    assert_close(mdw, mref["dweight"], dtype, N, "masked dweight")
+    assert_close(mdb, mref["dbias"], dtype, N, "masked dbias")
+    want = dense_weight(c["values"], c["crow_indices"], c["col_indices"], M, K)
+    assert torch.equal(dense.cpu().double(), want), "csr_to_dense on the side stream"
+    assert torch.equal(gathered, c["values"]), "csr_gather on the side stream"
+
+
 # ----------------------------------------------------------------------------------------- errors
 def test_argument_errors_name_the_argument():
     N, K, M = 4, 6, 5
