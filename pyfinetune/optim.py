@@ -67,6 +67,23 @@ _ANCHOR_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, torch.floa
 _PENALTY_MODES = ("coupled", "decoupled")
 
 
+# An anchor entry that a mapping leaves out or a list gives as None (allowed where l2sp = 0).
+_NO_ANCHOR = object()
+
+
+def _anchor_mapping(anchor: Mapping, name: str) -> Dict[int, Tensor]:
+    """{id(param): tensor} of an anchor given as a mapping from parameters to tensors."""
+    out: Dict[int, Tensor] = {}
+    for i, (key, value) in enumerate(anchor.items()):
+        if not isinstance(key, Tensor):
+            raise TypeError(f"{name} as a mapping must be keyed by the parameters (tensors), got a "
+                            f"{type(key).__name__} key (entry {i})")
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}'s value for entry {i} must be a Tensor, got {type(value).__name__}")
+        out[id(key)] = value
+    return out
+
+
 def _check_flag(group: Dict[str, Any], key: str, where: str) -> None:
     """A boolean hyper-parameter: a bool, or a NumPy bool (stored as a bool; configs and sweeps
     built with NumPy give those); anything else (0 / 1, a tensor, a string) is refused."""
@@ -314,6 +331,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)  # an old pickle
         self._step_called = [False]
         self._anchor_source = None  # constructor-only (add_param_group reads them)
+        self._anchor_map = None
         self._anchor_index = 0
         self._invalidate_plan()
 
@@ -339,20 +357,28 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, defaults: Dict[str, Any], anchor: Union[str, Iterable[Tensor]],
                  masks: Optional[Mapping[Tensor, Tensor]]):
+        self._anchor_map = None
         if isinstance(anchor, str):
             if anchor != "init":
                 raise ValueError(f'anchor must be "init" or an iterable of tensors, got {anchor!r}')
             self._anchor_source = None
         elif isinstance(anchor, Tensor):
             raise TypeError("anchor must be \"init\" or an iterable of tensors (one per parameter), got a single Tensor")
+        elif isinstance(anchor, Mapping):
+            # {param: pretrained tensor}, like masks: looked up by the parameter itself (a dict's
+            # iteration would give its keys, the parameters, as anchors).
+            self._anchor_source = None
+            self._anchor_map = _anchor_mapping(anchor, "anchor")
         else:
             try:
                 self._anchor_source = list(anchor)
             except TypeError:
                 raise TypeError(f'anchor must be "init" or an iterable of tensors, got {type(anchor).__name__}') from None
             for i, a in enumerate(self._anchor_source):
-                if not isinstance(a, Tensor):
-                    raise TypeError(f"anchor[{i}] must be a Tensor, got {type(a).__name__}")
+                # None: a placeholder for a parameter whose group has l2sp = 0 (no anchor)
+                if a is not None and not isinstance(a, Tensor):
+                    raise TypeError(f"anchor[{i}] must be a Tensor (or None for a parameter whose group has l2sp=0), "
+                                    f"got {type(a).__name__}")
         self._anchor_index = 0
         self._step_called = [False]
         self._plan: Optional[_StepPlan] = None
@@ -363,7 +389,14 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 f"anchor has {len(self._anchor_source)} tensors but the optimizer has {self._anchor_index} "
                 "parameters; pass one anchor per parameter, in param-group order"
             )
+        if self._anchor_map is not None:
+            params = {id(p) for g in self.param_groups for p in g["params"]}
+            stray = [i for i, key in enumerate(self._anchor_map) if key not in params]
+            if stray:
+                raise ValueError(f"anchor has {len(stray)} entries whose key is not a parameter of this optimizer "
+                                 f"(entry {stray[0]} in its order); key the mapping by the parameters themselves")
         self._anchor_source = None
+        self._anchor_map = None
         if masks is not None:
             if not isinstance(masks, Mapping):
                 raise TypeError(f"masks must be a mapping from parameter to bool mask, got {type(masks).__name__}")
@@ -395,6 +428,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
         elif isinstance(group_anchor, Tensor):
             raise TypeError("a param group's anchor must be an iterable of tensors (one per parameter), got a single "
                             "Tensor")
+        group_map = _anchor_mapping(group_anchor, "a param group's anchor") if isinstance(group_anchor, Mapping) else None
         self._invalidate_plan()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
@@ -416,7 +450,18 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 if _is_sharded(p):
                     _check_placements(p, f"parameter {j}{where}")
             self._check_params_disjoint()
-            if group_anchor is not None:
+            # _NO_ANCHOR: a parameter that a mapping leaves out, or a None placeholder of a list:
+            # refused below where the group has l2sp > 0.
+            if group_map is not None:
+                params = {id(p) for p in group["params"]}
+                stray = [i for i, key in enumerate(group_map) if key not in params]
+                if stray:
+                    raise ValueError(f"the group's anchor has {len(stray)} entries whose key is not a parameter of "
+                                     f"the group{where}; key the mapping by the parameters themselves")
+                anchors = [group_map.get(id(p), _NO_ANCHOR) for p in group["params"]]
+            elif self._anchor_map is not None and not at_init:
+                anchors = [self._anchor_map.get(id(p), _NO_ANCHOR) for p in group["params"]]
+            elif group_anchor is not None:
                 anchors = list(group_anchor)
                 if len(anchors) != len(group["params"]):
                     raise ValueError(
@@ -424,7 +469,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                     )
             elif self._anchor_source is not None and not at_init:
                 start = self._anchor_index
-                anchors = self._anchor_source[start:start + len(group["params"])]
+                anchors = [_NO_ANCHOR if a is None else a
+                           for a in self._anchor_source[start:start + len(group["params"])]]
                 self._anchor_index += len(group["params"])
                 if len(anchors) != len(group["params"]):
                     raise ValueError(
@@ -437,6 +483,11 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             # behind. A group with l2sp = 0 takes none (its entries of a constructor list may be
             # placeholders, e.g. for a resized head).
             if group["l2sp"] > 0:
+                missing = [j for j, a in enumerate(anchors) if a is _NO_ANCHOR]
+                if missing:
+                    raise ValueError(
+                        f"anchor gives no tensor for parameter {missing[0]}{where}, whose group has l2sp = "
+                        f"{group['l2sp']} > 0: give its pretrained values, or set the group's l2sp=0")
                 made = [self._make_anchor(p, a, group["anchor_dtype"], f"anchor for parameter {j}{where}")
                         for j, (p, a) in enumerate(zip(group["params"], anchors))]
                 for p, anchor in zip(group["params"], made):
@@ -526,6 +577,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"set_mask: mask must be a bool tensor, got {mask.dtype}")
         if mask.shape != param.shape:
             raise ValueError(f"set_mask: mask must have the parameter's shape {tuple(param.shape)}, got {tuple(mask.shape)}")
+        if mask.device.type == "meta" and param.device.type != "meta":
+            raise ValueError("set_mask: mask is a meta tensor (shape only, no values): pass the mask's values")
         sharded = _is_sharded(param)
         if sharded:
             source = _local_like(param, mask, "set_mask: mask")
@@ -1065,8 +1118,10 @@ class AdamW(_FusedPenalizedOptimizer):
         l2sp: strength of the pull toward the anchor. Groups with ``l2sp == 0`` hold no anchor
             (give the new classifier head ``l2sp=0``).
         l1: strength of the L1 penalty (proximal; produces exact zeros).
-        anchor: ``"init"`` (copy the parameters now) or an iterable with one tensor per parameter,
-            in param-group order (the pretrained weights).
+        anchor: ``"init"`` (copy the parameters now), an iterable with one tensor per parameter,
+            in param-group order (the pretrained weights; None for a parameter whose group has
+            ``l2sp == 0``), or a mapping ``{param: tensor}`` (parameters of groups with
+            ``l2sp == 0`` may be left out).
         anchor_dtype: dtype of the stored anchors; ``torch.bfloat16`` halves their memory for
             float32 parameters. Default: the parameter's dtype. Its name (``"bfloat16"``) works
             too, and is how ``state_dict()`` stores it (torch.distributed.checkpoint's state-dict
@@ -1080,7 +1135,7 @@ class AdamW(_FusedPenalizedOptimizer):
     _HYPER_KEYS = _FusedPenalizedOptimizer._HYPER_KEYS + ("betas", "eps", "amsgrad")
 
     def __init__(self, params, lr: Union[float, Tensor] = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, l2sp: float = 0.0,
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, l2sp: float = 0.0,
                  l1: float = 0.0, anchor: Union[str, Iterable[Tensor]] = "init",
                  anchor_dtype: Union[torch.dtype, str, None] = None, penalty_mode: str = "coupled",
                  maximize: bool = False, masks: Optional[Mapping[Tensor, Tensor]] = None):
@@ -1215,7 +1270,16 @@ class SGD(_FusedPenalizedOptimizer):
                  masks: Optional[Mapping[Tensor, Tensor]] = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
                         l2sp=l2sp, l1=l1, anchor_dtype=anchor_dtype, penalty_mode=penalty_mode, maximize=maximize)
-        self._validate_group(defaults, "")
+        try:
+            self._validate_group(defaults, "")
+        except TypeError as e:
+            # torch.optim.SGD's positional order is (lr, momentum, dampening, weight_decay,
+            # nesterov); this one's is the issue's (..., nesterov, weight_decay): a number for
+            # nesterov or a bool for weight_decay is likely torch's order.
+            if str(e).startswith(("nesterov must be a bool", "weight_decay must be a number, got bool")):
+                raise TypeError(f"{e} (pyfinetune.optim.SGD takes nesterov before weight_decay when they are given by "
+                                "position; torch.optim.SGD takes weight_decay first: pass them by keyword)") from None
+            raise
         # Made here, not at the first step: torch.compile (Dynamo of torch 2.11) refuses to add an
         # attribute to an optimizer inside a compiled step.
         self._unstarted_buffers: set = set()

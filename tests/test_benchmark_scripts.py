@@ -658,3 +658,20 @@ def test_gpu_rerun_script_refuses_bad_arguments_before_building(tmp_path, args, 
                          text=True, timeout=60)
     assert out.returncode == 2 and message in out.stderr, (out.returncode, out.stderr)
     assert not (tmp_path / "OUT" / "build.log").exists()
+
+
+def test_prune_sampled_grad_runs(tmp_path):
+    # benchmarks/prune_sampled_grad.py (the crossover behind masked_matmul's CPU weight-gradient
+    # default) at small sizes: both paths run, agree, keep the pruned positions at 0, and the
+    # default's times are recorded.
+    script = os.path.join(ROOT, "benchmarks", "prune_sampled_grad.py")
+    out = subprocess.run([sys.executable, script, "--rows", "3", "40", "--sparsity", "0.5", "0.95", "--features", "64",
+                          "--reps", "1", "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (js,) = glob.glob(str(tmp_path / "prune-sampled-grad-cpu-*.json"))
+    record = json.load(open(js))
+    assert [(c["rows"], c["sparsity"]) for c in record["cases"]] == [(3, 0.5), (3, 0.95), (40, 0.5), (40, 0.95)]
+    for case in record["cases"]:
+        assert case["pruned_zero"] and case["max_rel_diff"] < 1e-5
+        assert all(len(case["times_ms"][p]) == 1 for p in ("dense", "sampled", "auto"))
+    assert "| rows N | sparsity | dense ms | sampled ms |" in open(glob.glob(str(tmp_path / "*.md"))[0]).read()

@@ -87,8 +87,27 @@ def test_anchor_count_and_shape(kind):
     with pytest.raises(ValueError, match=r"anchor for parameter 1 \(param group 0\) must have the parameter's "
                                          r"shape \(4, 3\), got \(3, 4\)"):
         OPTS[kind](ps, l2sp=0.1, anchor=[torch.zeros(4, 3), torch.zeros(3, 4), torch.zeros(4, 3)])
-    with pytest.raises(TypeError, match=r"anchor\[1\] must be a Tensor"):
+    with pytest.raises(TypeError, match=r"anchor\[1\] must be a Tensor \(or None for a parameter whose group has "
+                                        r"l2sp=0\), got str"):
+        OPTS[kind](ps, l2sp=0.1, anchor=[torch.zeros(4, 3), "pretrained", torch.zeros(4, 3)])
+    # None holds the place of a parameter without an anchor: refused where its group has l2sp > 0.
+    with pytest.raises(ValueError, match=r"anchor gives no tensor for parameter 1 \(param group 0\), whose group has "
+                                         r"l2sp = 0.1 > 0: give its pretrained values, or set the group's l2sp=0"):
         OPTS[kind](ps, l2sp=0.1, anchor=[torch.zeros(4, 3), None, torch.zeros(4, 3)])
+    # A mapping {param: tensor}: keyed by the parameters, values tensors, no parameter of an l2sp > 0
+    # group left out, no key that is not a parameter.
+    with pytest.raises(ValueError, match=r"anchor gives no tensor for parameter 2 \(param group 0\)"):
+        OPTS[kind](ps, l2sp=0.1, anchor={ps[0]: torch.zeros(4, 3), ps[1]: torch.zeros(4, 3)})
+    with pytest.raises(ValueError, match=r"anchor has 1 entries whose key is not a parameter of this optimizer "
+                                         r"\(entry 1 in its order\)"):
+        OPTS[kind](ps[:1], l2sp=0.1, anchor={ps[0]: torch.zeros(4, 3), ps[1]: torch.zeros(4, 3)})
+    with pytest.raises(TypeError, match=r"anchor as a mapping must be keyed by the parameters \(tensors\), got a str"):
+        OPTS[kind](ps, l2sp=0.1, anchor={"weight": torch.zeros(4, 3)})
+    with pytest.raises(TypeError, match=r"anchor's value for entry 0 must be a Tensor, got list"):
+        OPTS[kind](ps, l2sp=0.1, anchor={ps[0]: [0.0] * 12})
+    with pytest.raises(ValueError, match=r"the group's anchor has 1 entries whose key is not a parameter of the group "
+                                         r"\(param group 1\)"):
+        OPTS[kind]([dict(params=ps[:1]), dict(params=ps[1:], l2sp=0.1, anchor={ps[0]: torch.zeros(4, 3)})])
     with pytest.raises(TypeError, match=r"anchor must be .* got a single Tensor"):
         OPTS[kind](ps, l2sp=0.1, anchor=torch.zeros(4, 3))
     with pytest.raises(TypeError, match=r"anchor for parameter 0 \(param group 0\) must be a floating-point"):
@@ -137,6 +156,10 @@ def test_bad_masks(kind):
         opt.set_mask(torch.nn.Parameter(torch.ones(4, 3)), torch.ones(4, 3, dtype=torch.bool))
     with pytest.raises(TypeError, match=r"set_mask: mask must be a bool Tensor"):
         opt.set_mask(ps[0], [[True] * 3] * 4)
+    before = ps[0].detach().clone()
+    with pytest.raises(ValueError, match=r"set_mask: mask is a meta tensor \(shape only, no values\)"):
+        opt.set_mask(ps[0], torch.ones(4, 3, dtype=torch.bool, device="meta"))
+    assert torch.equal(ps[0], before) and opt.get_mask(ps[0]) is None
 
 
 @pytest.mark.parametrize("kind", list(OPTS))
@@ -526,3 +549,31 @@ def test_op_refuses_a_meta_tensor_among_real_ones(kind, where):
     for x, y in zip(_tensors(args, kwargs), before):
         if x.device.type != "meta":
             assert torch.equal(bits(x), bits(y))
+
+
+def test_sgd_positional_arguments_in_torch_order_are_refused_with_the_reason():
+    # torch.optim.SGD(params, lr, momentum, dampening, weight_decay, nesterov); ours takes nesterov
+    # before weight_decay (the signature): torch's positional order must not pass silently.
+    ps = _params(1)
+    for args in ((0.1, 0.9, 0.0, 1e-4), (0.1, 0.9, 0.0, 0.0, True)):
+        with pytest.raises(TypeError, match=r"^(nesterov must be a bool, got float|weight_decay must be a number, got "
+                                            r"bool) \(pyfinetune.optim.SGD takes nesterov before weight_decay when "
+                                            r"they are given by position; torch.optim.SGD takes weight_decay first: "
+                                            r"pass them by keyword\)$"):
+            SGD(ps, *args)
+    opt = SGD(ps, 0.1, 0.9, 0.0, True, 1e-4)  # this order: nesterov, weight_decay
+    assert opt.param_groups[0]["nesterov"] is True and opt.param_groups[0]["weight_decay"] == 1e-4
+
+
+def test_adamw_takes_amsgrad_by_position_as_torch_does():
+    ps = _params(1)
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    ours = AdamW(ps, 1e-2, (0.9, 0.99), 1e-8, 1e-2, True)
+    ref = torch.optim.AdamW(qs, 1e-2, (0.9, 0.99), 1e-8, 1e-2, True)
+    assert ours.param_groups[0]["amsgrad"] is True
+    for _ in range(4):
+        g = torch.randn(4, 3)
+        ps[0].grad, qs[0].grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(ps[0], qs[0])

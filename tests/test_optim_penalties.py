@@ -147,6 +147,47 @@ def test_explicit_anchors(device, dtype, kind):
     pair.check()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_anchor_as_mapping_or_list_with_placeholders(kind):
+    # The same pretrained anchors as a list, as a list with None for the l2sp = 0 group (a new head),
+    # and as a mapping {param: tensor} that leaves the head out: the same anchors, the same steps.
+    # A dict must be looked up by parameter: iterating it would give the parameters themselves.
+    from pyfinetune.optim import SGD, AdamW
+
+    make = {"adamw": AdamW, "sgd": lambda ps, **kw: SGD(ps, momentum=0.9, **kw)}[kind]
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(5, 3), (7,), (4,)]
+    pretrained = [torch.randn(s, generator=gen) for s in shapes]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    runs = []
+    for form in ("list", "placeholders", "mapping"):
+        ps = [torch.nn.Parameter(t.clone()) for t in start]
+        if form == "list":
+            anchor = pretrained
+        elif form == "placeholders":
+            anchor = pretrained[:2] + [None]
+        else:
+            anchor = {ps[1]: pretrained[1], ps[0]: pretrained[0]}  # any order
+        groups = [dict(params=ps[:2], l2sp=0.5), dict(params=ps[2:], l2sp=0.0)]
+        opt = make(groups, lr=0.05, anchor=anchor)
+        for p, a in zip(ps[:2], pretrained):
+            assert torch.equal(opt.anchor_of(p), a)
+        assert opt.anchor_of(ps[2]) is None
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        runs.append([p.detach().clone() for p in ps])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    # A param group's own "anchor" entry may be a mapping too.
+    ps = [torch.nn.Parameter(t.clone()) for t in start[:2]]
+    opt = make([dict(params=ps, l2sp=0.5, anchor={ps[0]: pretrained[0], ps[1]: pretrained[1]})], lr=0.05)
+    assert all(torch.equal(opt.anchor_of(p), a) for p, a in zip(ps, pretrained))
+
+
 @pytest.mark.parametrize("device, dtype", device_dtype_params())
 def test_group_anchor_entry(device, dtype):
     # A param group may carry its own "anchor" list (e.g. added later with add_param_group).

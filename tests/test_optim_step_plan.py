@@ -653,3 +653,61 @@ def test_lr_turned_into_a_tensor_takes_the_full_path(kind):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
         for p in ps:
             p.grad = torch.randn_like(p)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_groups_differing_in_every_penalty_share_one_launch(kind):
+    # Different hyper-parameters per group must not multiply launches (issue #2): groups that differ
+    # in lr, l2sp (0 too: no anchor), l1, weight decay and (AdamW) betas / eps or (SGD) momentum /
+    # dampening, one dtype: one launch, and the same parameters as one optimizer per group. (The
+    # modes amsgrad, maximize, nesterov and penalty_mode split a launch, as the README says.)
+    extra = ([dict(betas=(0.8, 0.9)), dict(eps=1e-6)] if kind == "adamw"
+             else [dict(momentum=0.5), dict(dampening=0.1)])
+    variants = [dict(), dict(lr=0.3), dict(l2sp=0.3), dict(l2sp=0.0), dict(l1=1e-3), dict(weight_decay=0.05)] + extra
+    gen = torch.Generator().manual_seed(8)
+    start = [torch.randn(6, 2, generator=gen) for _ in variants]
+    grads = [[torch.randn(6, 2, generator=gen) for _ in variants] for _ in range(3)]
+    ps = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = OPTS[kind]([dict(params=[p], **v) for p, v in zip(ps, variants)])
+    singles = [torch.nn.Parameter(t.clone()) for t in start]
+    alone = [OPTS[kind]([dict(params=[q], **v)]) for q, v in zip(singles, variants)]
+    for gs in grads:
+        for p, q, g in zip(ps, singles, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        for o in alone:
+            o.step()
+    assert opt._plan.native.num_launches() == 1
+    for p, q in zip(ps, singles):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(OPTS))
+def test_step_with_a_closure_returns_its_loss(kind):
+    # torch's closure protocol: step(closure) re-evaluates the loss with gradients enabled (inside
+    # the optimizer's no_grad step), returns it, and steps with the gradients it made.
+    torch.manual_seed(3)
+    model = torch.nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    ref_model = copy.deepcopy(model)
+    opt = OPTS[kind](model.parameters())
+    ref = OPTS[kind](ref_model.parameters())
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        loss = opt.step(closure)
+        ref.zero_grad()
+        ref_loss = torch.nn.functional.mse_loss(ref_model(x), y)
+        ref_loss.backward()
+        ref.step()
+        assert isinstance(loss, torch.Tensor) and torch.equal(loss, ref_loss.detach())
+    assert calls == [True] * 3
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

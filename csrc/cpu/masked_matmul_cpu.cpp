@@ -1781,10 +1781,10 @@ at::Tensor csr_gather_cpu(const at::Tensor& dense, const at::Tensor& crow_indice
 // The sampled gradient where the mask keeps at most this share of the weight (sparsity >= 70%); the
 // dense product (MKL / oneDNN) and its mask elsewhere. Measured with
 // `python benchmarks/prune_sampled_grad.py` on the 2-core AMD EPYC CI machine (AVX-512, float32, M =
-// K = 4096, benchmarks/results/prune-sampled-grad-cpu-*.md): the sampled gradient was faster at 70%
-// and above for every batch from 1 to 2048 rows (1.2-1.8x at 70%, 1.9-3.7x at 90%, 2.9-6x at 99%),
-// and at 50-60% within 20% either way. Its fixed cost, the mask's counting pass (~1 ms for 16 M
-// positions), is spent at every density.
+// K = 4096, benchmarks/results/prune-sampled-grad-cpu-20261130-0428.md): the sampled gradient was
+// faster at 70% and above for every batch from 1 to 2048 rows (1.2-2.0x at 70%, 2.1-3.5x at 90%,
+// 2.2-10.6x at 99%); at 50-60% 0.9-1.6x, so the dense path stays there. Its fixed cost, the mask's
+// counting pass, is spent at every density.
 constexpr double kSampledMaxDensity = 0.3;
 
 bool sampled_grad_pays(int64_t m, int64_t k, int64_t kept) {
