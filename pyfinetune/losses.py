@@ -48,8 +48,9 @@ _KD_TOPK_FWD = torch.ops.pyfinetune.kd_loss_topk_fwd.default
 
 
 # ----------------------------------------------------------------------------------- validation
-def _check_options(temperature, alpha, divergence, beta, ignore_index, reduction) -> None:
-    """Raise TypeError / ValueError naming the argument for bad keyword arguments."""
+def _check_options(temperature, alpha, divergence, beta, ignore_index, reduction, fn: str = "kd_loss") -> None:
+    """Raise TypeError / ValueError naming the argument (and the function ``fn``) for bad keyword
+    arguments."""
     # The usual call (plain numbers in range, known names) is settled by a few comparisons: this
     # runs on every call of a loss that may take tens of microseconds.
     if (type(temperature) in _PLAIN_REALS and type(alpha) in _PLAIN_REALS and type(beta) in _PLAIN_REALS
@@ -58,21 +59,21 @@ def _check_options(temperature, alpha, divergence, beta, ignore_index, reduction
         return
     for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"pyfinetune.kd_loss: {name} must be a real number, got {type(value).__name__}")
+            raise TypeError(f"pyfinetune.{fn}: {name} must be a real number, got {type(value).__name__}")
     if not 1e-18 <= temperature <= 1e18:  # the kernels square it in float32
-        raise ValueError(f"pyfinetune.kd_loss: temperature must be a number in [1e-18, 1e18], got {temperature}")
+        raise ValueError(f"pyfinetune.{fn}: temperature must be a number in [1e-18, 1e18], got {temperature}")
     if not 0 <= alpha <= 1:
-        raise ValueError(f"pyfinetune.kd_loss: alpha must be in [0, 1], got {alpha}")
+        raise ValueError(f"pyfinetune.{fn}: alpha must be in [0, 1], got {alpha}")
     if not 0 < beta < 1:
-        raise ValueError(f"pyfinetune.kd_loss: beta must be in (0, 1), got {beta}")
+        raise ValueError(f"pyfinetune.{fn}: beta must be in (0, 1), got {beta}")
     if divergence not in DIVERGENCES:
-        raise ValueError(f"pyfinetune.kd_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+        raise ValueError(f"pyfinetune.{fn}: divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if reduction not in REDUCTIONS:
-        raise ValueError(f"pyfinetune.kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ValueError(f"pyfinetune.{fn}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"pyfinetune.kd_loss: ignore_index must be an int, got {type(ignore_index).__name__}")
+        raise TypeError(f"pyfinetune.{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
-        raise ValueError(f"pyfinetune.kd_loss: ignore_index must fit int64 (labels are int64), got {ignore_index}")
+        raise ValueError(f"pyfinetune.{fn}: ignore_index must fit int64 (labels are int64), got {ignore_index}")
 
 
 # Above this temperature the float32 arithmetic of the kernels (and of a float32 torch composition)
@@ -97,17 +98,17 @@ def _warn_large_temperature(temperature: float, *tensors: Optional[torch.Tensor]
         RuntimeWarning, stacklevel=3)
 
 
-def _as_rows(name: str, x) -> torch.Tensor:
+def _as_rows(name: str, x, fn: str = "kd_loss") -> torch.Tensor:
     """[..., V] logits -> [N, V] with unit stride along V (a view when possible)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"pyfinetune.kd_loss: {name} must be a tensor, got {type(x).__name__}")
+        raise TypeError(f"pyfinetune.{fn}: {name} must be a tensor, got {type(x).__name__}")
     if x.dtype not in _LOGIT_DTYPES:
-        raise TypeError(f"pyfinetune.kd_loss: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+        raise TypeError(f"pyfinetune.{fn}: {name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
     if x.layout != torch.strided:
-        raise TypeError(f"pyfinetune.kd_loss: {name} must be a dense (strided) tensor, got layout {x.layout}")
+        raise TypeError(f"pyfinetune.{fn}: {name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dim() < 1 or x.shape[-1] < 1:
         size = "k" if name.startswith("teacher_topk") else "V"
-        raise ValueError(f"pyfinetune.kd_loss: {name} must have shape [..., {size}] with {size} >= 1, got "
+        raise ValueError(f"pyfinetune.{fn}: {name} must have shape [..., {size}] with {size} >= 1, got "
                          f"{tuple(x.shape)}")
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if rows.shape[-1] > 1 and rows.stride(-1) != 1:
@@ -115,20 +116,32 @@ def _as_rows(name: str, x) -> torch.Tensor:
     return rows
 
 
-def _as_labels(labels, lead_shape, device, name: str = "labels") -> Optional[torch.Tensor]:
+def _as_labels(labels, lead_shape, device, name: str = "labels", *, fn: str = "kd_loss",
+               lead_name: str = "student_logits", vocab: Optional[int] = None,
+               ignore_index: Optional[int] = None) -> Optional[torch.Tensor]:
+    """labels [lead_shape] -> [N] int64. With ``vocab``: CPU labels outside [0, vocab) that are not
+    ``ignore_index`` raise here, naming ``fn`` and the label's position in ``labels`` (the kernels
+    would name their op and a flattened row, or in chunks a row of the chunk)."""
     if labels is None:
         return None
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"pyfinetune.kd_loss: {name} must be a tensor or None, got {type(labels).__name__}")
+        raise TypeError(f"pyfinetune.{fn}: {name} must be a tensor or None, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"pyfinetune.kd_loss: {name} must be an integer tensor (int64), got {labels.dtype}")
+        raise TypeError(f"pyfinetune.{fn}: {name} must be an integer tensor (int64), got {labels.dtype}")
     if tuple(labels.shape) != tuple(lead_shape):
         raise ValueError(
-            f"pyfinetune.kd_loss: {name} must have the leading shape of student_logits {tuple(lead_shape)}, "
+            f"pyfinetune.{fn}: {name} must have the leading shape of {lead_name} {tuple(lead_shape)}, "
             f"got {tuple(labels.shape)}"
         )
     if labels.device != device:
-        raise ValueError(f"pyfinetune.kd_loss: {name} must be on {device} like student_logits, got {labels.device}")
+        raise ValueError(f"pyfinetune.{fn}: {name} must be on {device} like {lead_name}, got {labels.device}")
+    if vocab is not None and labels.device.type == "cpu" and _ops._inspectable(labels):
+        bad = ((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).nonzero()
+        if bad.shape[0]:  # (not numel: a 0-d label's nonzero() is [1, 0])
+            at = tuple(int(i) for i in bad[0])
+            where = f"[{', '.join(map(str, at))}]" if at else ""
+            raise RuntimeError(f"pyfinetune.{fn}: {name}{where} = {int(labels[at])} is outside [0, V = {vocab}) and "
+                               f"is not ignore_index = {ignore_index}")
     if labels.dim() != 1:
         labels = labels.reshape(-1)
     return labels if labels.dtype == torch.int64 else labels.to(torch.int64)
@@ -415,7 +428,8 @@ def kd_loss(
             f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}"
         )
     _check_same_device("teacher_logits", teacher_logits, student_logits)
-    lab = _as_labels(labels, student_logits.shape[:-1], student_logits.device)
+    lab = _as_labels(labels, student_logits.shape[:-1], student_logits.device, vocab=s.shape[-1],
+                     ignore_index=int(ignore_index))
     options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
     if divergence == "reverse_kl" and s.dtype == torch.float16 and _need_grad(s):
         # reverse_kl's gradient entries have no bound that a fixed power-of-two scale could keep in
@@ -460,15 +474,15 @@ def kd_loss_topk(
     where the check would wait for the device at every call). ``divergence="reverse_kl"`` is refused: KL(Q || P) is infinite
     where the teacher has probability 0. Other arguments as :func:`kd_loss`.
     """
-    _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
+    _check_options(temperature, alpha, divergence, beta, ignore_index, reduction, "kd_loss_topk")
     _warn_large_temperature(temperature, student_logits, teacher_topk_logits)
     if divergence == "reverse_kl":
         raise ValueError(
             "pyfinetune.kd_loss_topk: divergence 'reverse_kl' is not defined with a top-k teacher (its probability "
             "is 0 outside the top-k, so KL(Q || P) is infinite); use 'forward_kl' or 'jsd'"
         )
-    s = _as_rows("student_logits", student_logits)
-    v = _as_rows("teacher_topk_logits", teacher_topk_logits)
+    s = _as_rows("student_logits", student_logits, "kd_loss_topk")
+    v = _as_rows("teacher_topk_logits", teacher_topk_logits, "kd_loss_topk")
     lead = student_logits.shape[:-1]
     if tuple(teacher_topk_logits.shape[:-1]) != tuple(lead):
         raise ValueError(
@@ -501,7 +515,8 @@ def kd_loss_topk(
             row = int(repeated.nonzero()[0, 0])
             raise ValueError(f"pyfinetune.kd_loss_topk: teacher_topk_indices must be distinct within each row "
                              f"(as torch.topk returns them); row {row} repeats an index")
-    lab = _as_labels(labels, lead, student_logits.device)
+    lab = _as_labels(labels, lead, student_logits.device, fn="kd_loss_topk", vocab=s.shape[-1],
+                     ignore_index=int(ignore_index))
     options = (float(temperature), float(alpha), divergence, float(beta), int(ignore_index))
     if _ops._is_plain_eager(s, v, idx, lab):  # false under transforms and forward-mode AD
         return _kd_eager(_KD_TOPK_FWD, s, (v, idx, lab), lab, options, reduction)
@@ -828,7 +843,7 @@ def fused_linear_kd_loss(
     loss is the unfused composition (the ``[N, V]`` logits exist), with exact derivatives of every
     order.
     """
-    _check_options(temperature, alpha, divergence, beta, ignore_index, reduction)
+    _check_options(temperature, alpha, divergence, beta, ignore_index, reduction, "fused_linear_kd_loss")
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         if not isinstance(x, torch.Tensor) or x.dtype not in _LOGIT_DTYPES:
@@ -877,7 +892,8 @@ def fused_linear_kd_loss(
     h_s = (student_hidden if student_hidden.dim() == 2
            else student_hidden.reshape(math.prod(student_hidden.shape[:-1]), student_hidden.shape[-1]))
     h_t = teacher_hidden.reshape(math.prod(teacher_hidden.shape[:-1]), teacher_hidden.shape[-1])
-    lab = _as_labels(labels, student_hidden.shape[:-1], student_hidden.device)
+    lab = _as_labels(labels, student_hidden.shape[:-1], student_hidden.device, fn="fused_linear_kd_loss",
+                     lead_name="student_hidden", vocab=vocab, ignore_index=int(ignore_index))
     opts = dict(temperature=float(temperature), alpha=float(alpha), divergence=divergence, beta=float(beta),
                 ignore_index=int(ignore_index))
     if _ops._transforms_active():

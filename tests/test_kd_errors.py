@@ -177,3 +177,33 @@ def test_empty_vocabularies_and_sparse_logits_are_named():
         kd_loss_topk(torch.randn(3, 10), torch.randn(3, 0), torch.zeros(3, 0, dtype=torch.long))
     with pytest.raises(TypeError, match=r"student_logits must be a dense \(strided\) tensor, got layout torch.sparse_coo"):
         kd_loss(torch.randn(3, 10).to_sparse(), torch.randn(3, 10))
+
+
+def test_errors_name_the_public_function_and_the_label_position():
+    # Each public loss names itself (not kd_loss, not an internal op) and, for a label out of range
+    # on the CPU, its position in the labels as given: a multi-index for [..., V] logits, the row of
+    # the whole batch in fused_linear_kd_loss (whose kernel sees one chunk at a time).
+    from pyfinetune.losses import kd_loss_topk
+
+    h, w = torch.randn(6, 8), torch.randn(10, 8)
+    lab = torch.tensor([1, 2, 3, 4, 99, 5])
+    with pytest.raises(RuntimeError, match=r"^pyfinetune.fused_linear_kd_loss: labels\[4\] = 99 is outside \[0, V = 10\) "
+                                           r"and is not ignore_index = -100$"):
+        fused_linear_kd_loss(h, w, torch.randn(6, 6), torch.randn(10, 6), lab, chunk_size=2)
+    with pytest.raises(ValueError, match=r"^pyfinetune.fused_linear_kd_loss: labels must have the leading shape of "
+                                         r"student_hidden \(6,\), got \(5,\)$"):
+        fused_linear_kd_loss(h, w, torch.randn(6, 6), torch.randn(10, 6), lab[:5])
+    with pytest.raises(ValueError, match=r"^pyfinetune.fused_linear_kd_loss: alpha must be in \[0, 1\], got 3$"):
+        fused_linear_kd_loss(h, w, h, w, alpha=3)
+    with pytest.raises(RuntimeError, match=r"^pyfinetune.kd_loss: labels\[1, 2\] = 12 is outside \[0, V = 10\)"):
+        kd_loss(torch.randn(2, 3, 10), torch.randn(2, 3, 10), torch.tensor([[1, 2, 3], [4, -100, 12]]))
+    with pytest.raises(RuntimeError, match=r"^pyfinetune.kd_loss: labels = -3 is outside \[0, V = 10\)"):
+        kd_loss(torch.randn(10), torch.randn(10), torch.tensor(-3))  # one row: 0-d labels
+    assert kd_loss(torch.randn(10), torch.randn(10), torch.tensor(-100)) == 0  # ignored, not out of range
+    idx = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    with pytest.raises(RuntimeError, match=r"^pyfinetune.kd_loss_topk: labels\[1\] = 10 is outside \[0, V = 10\)"):
+        kd_loss_topk(torch.randn(2, 10), torch.randn(2, 3), idx, torch.tensor([1, 10]))
+    with pytest.raises(ValueError, match=r"^pyfinetune.kd_loss_topk: temperature must be a number in \[1e-18, 1e18\]"):
+        kd_loss_topk(torch.randn(2, 10), torch.randn(2, 3), idx, temperature=-1.0)
+    with pytest.raises(TypeError, match=r"^pyfinetune.kd_loss_topk: student_logits must be a tensor, got list"):
+        kd_loss_topk([[0.0] * 10] * 2, torch.randn(2, 3), idx)
