@@ -11,6 +11,8 @@ eager ones are the kernel's bits exactly (``test_batchmean_gradient_is_the_kerne
 registered path is forced here by patching the eager test (``pyfinetune.ops._is_plain_eager``).
 """
 
+import math
+
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -270,3 +272,55 @@ def test_retained_graph_with_copying_saved_tensor_hooks(reduction):
     for a, b in zip(plain, hooked):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(plain[0], 6 * plain[2], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "nolabels"])
+def test_at_most_one_logits_sized_buffer_is_kept_for_the_backward(divergence, reduction, dtype, with_labels):
+    # Issue #3: between forward and backward the loss holds one gradient-sized buffer and nothing
+    # else of the logits' size (no softmax, no log-softmax): every tensor autograd saves is seen by
+    # saved_tensors_hooks; exactly one has N x V elements (in the student's dtype, or float32 for a
+    # float16 reverse_kl student, whose kept gradient is float32), the others at most N.
+    from pyfinetune.losses import kd_loss
+
+    n, v = 37, 301
+    s = (torch.randn(n, v) * 3).to(dtype).requires_grad_(True)
+    t = (torch.randn(n, v) * 3).to(dtype)
+    labels = torch.randint(0, v, (n,)) if with_labels else None
+    saved = []
+
+    def pack(x):
+        saved.append((x.numel(), x.dtype))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = kd_loss(s, t, labels, temperature=2.0, divergence=divergence, reduction=reduction)
+    big = [(numel, dt) for numel, dt in saved if numel > n]
+    want = torch.float32 if (dtype == torch.float16 and divergence == "reverse_kl") else dtype
+    assert big == [(n * v, want)], f"saved for the backward: {saved}"
+    loss.sum().backward()
+    assert s.grad is not None and s.grad.shape == s.shape
+
+
+def test_fused_linear_keeps_no_logits_sized_buffer():
+    # fused_linear_kd_loss keeps the gradients of the hidden states and the weight ([N, H], [V, H]),
+    # never an [N, V] one (the logits exist one chunk at a time).
+    from pyfinetune.losses import fused_linear_kd_loss
+
+    n, h, v = 300, 16, 257
+    hs = torch.randn(n, h, requires_grad=True)
+    w = torch.randn(v, h, requires_grad=True)
+    saved = []
+
+    def pack(x):
+        saved.append(tuple(x.shape))
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        loss = fused_linear_kd_loss(hs, w, torch.randn(n, h), torch.randn(v, h), torch.randint(0, v, (n,)),
+                                    chunk_size=64)
+    assert saved and all(math.prod(shape) < n * v for shape in saved), saved
+    loss.backward()
+    assert hs.grad.shape == hs.shape and w.grad.shape == w.shape
