@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -212,7 +213,43 @@ struct CallCtx {
   // T in {2, 3, 4} (exactly): exp(x) = exp(x / T)^T, so the CE exponential of an element is a power
   // of its exponential at T instead of another exponential (0 for other temperatures).
   int t_pow;
+  // forward_kl / reverse_kl at T >= kGapMinTemperature: pass 1 also sums the terms of the
+  // log-partition gap (Stats::gap_sum, see kd_gap), and D is taken from it.
+  bool gap = false;
 };
+
+// From this temperature on, forward_kl / reverse_kl take D = cross + log1p(gap_sum / Z) instead of
+// cross - lse_t + lse_s (forward; the converse for reverse): the two log-partitions are O(log V +
+// max / T) each while D is O(1 / T^2) for distributions that differ by O(1) logits, so their
+// difference lost D to float32 cancellation as T grew, and the loss multiplies D by T^2. Worst row
+// of 8 x 1000 / 8 x 32000 float32 rows (logits N(0, 9), teacher = student + N(0, 0.09) or N(0, 9))
+// against float64 inputs: the old form 2e-4 / 1.6e-3 / 0.16 relative at T = 4 / 10 / 100, the gap
+// form 2.4e-5 / 4.9e-5 / 3.7e-4. It costs an expm1 and a sum per element in pass 1 (~25% of a
+// forward + backward of 1024 x 32000 at T = 2 on the 2-core CI machine: 34 -> 42 ms), so the common
+// T = 1 to 3, where the old form's error stays within ~1e-4, keep the old form.
+constexpr double kGapMinTemperature = 4.0;
+
+// expm1 of each lane: a Taylor polynomial for |x| < 0.5, where exp(x) - 1 would cancel, exp(x) - 1
+// beyond (relative error ~3 ulp there: exp(x) - 1 >= 0.39 |x|). float only; double takes Sleef's.
+template <typename T>
+inline Vectorized<T> vexpm1(const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
+  if constexpr (std::is_same_v<T, float>) {
+    // x + x^2/2! + ... + x^9/9!, Horner; at |x| = 0.5 the first omitted term is 2.7e-10 of x.
+    Vec p(T(1.0 / 362880));
+    for (const double c : {1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0}) {
+      p = at::vec::fmadd(p, x, Vec(static_cast<T>(c)));
+    }
+    const Vec small = p * x;
+    const Vec big = x.abs() >= Vec(T(0.5));  // all-ones lanes where true
+    if (big.zero_mask() == (1 << Vec::size()) - 1) {
+      return small;  // no lane needs the exponential: the usual case where the gap form matters
+    }
+    return Vec::blendv(small, vexp(x) - Vec(T(1)), big);
+  } else {
+    return x.expm1();
+  }
+}
 
 // The integer power n in {2, 3, 4} of x (CallCtx::t_pow).
 template <typename V>
@@ -236,6 +273,9 @@ template <typename T>
 struct Stats {
   RunningMax<T> ms, mt;
   T sum_s = 0, sum_t = 0, sum_1 = 0, wsum = 0;  // relative to ms.safe(), mt.safe()
+  // CallCtx::gap: forward sum_i e_t,i expm1((s_i - t_i) / T), reverse sum_i e_s,i expm1((t_i - s_i) / T)
+  // with the exponentials of sum_t / sum_s (relative to the same maxima): see kd_gap.
+  T gap_sum = 0;
 };
 
 // The exponentials of pass 1 kept for the gradient pass (forward_kl / reverse_kl with a gradient):
@@ -262,7 +302,8 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
   const bool need_1 = c.has_labels && !c.t_is_one;
   const int div = t ? c.k.divergence : -1;
   Stats<T> st;
-  Vec vs(T(0)), vt(T(0)), v1(T(0)), vw(T(0));
+  Vec vs(T(0)), vt(T(0)), v1(T(0)), vw(T(0)), vg(T(0));
+  const bool gap = t && c.gap && (div == kForwardKL || div == kReverseKL);
   for (int64_t j0 = 0; j0 < c.V; j0 += kTile) {
     const int64_t n = std::min(kTile, c.V - j0);
     const int64_t np = (n + W - 1) / W * W;
@@ -293,6 +334,10 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
           vw = rt != T(0) ? (vw + vt * Vec(shift)) * Vec(rt) : Vec(T(0));
         } else {
           vw = rs != T(0) ? (vw - vs * Vec(shift)) * Vec(rs) : Vec(T(0));
+        }
+        if (gap) {  // its terms hold no maxima (s - t is shift-free): only the weights rescale
+          const T r = div == kForwardKL ? rt : rs;
+          vg = r != T(0) ? vg * Vec(r) : Vec(T(0));
         }
       }
       vs = vs * Vec(rs);
@@ -335,6 +380,15 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
         } else if (div == kReverseKL) {
           vw = vw + zero_where_zero(es, es * (xs - xt));
         }
+        if (gap) {
+          // From the raw logits (fs - ft is exact where they are close, the case that matters).
+          const Vec dst = (Vec::loadu(fs + i) - Vec::loadu(ft + i)) * inv;  // (s - t) / T
+          if (div == kForwardKL) {
+            vg = vg + zero_where_zero(et, et * vexpm1(dst));
+          } else {
+            vg = vg + zero_where_zero(es, es * vexpm1(Vec(T(0)) - dst));
+          }
+        }
       }
     }
   }
@@ -342,7 +396,32 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
   st.sum_t = hsum(vt);
   st.sum_1 = c.t_is_one ? st.sum_s : hsum(v1);
   st.wsum = hsum(vw);
+  st.gap_sum = gap ? hsum(vg) : T(0);
   return st;
+}
+
+// D of a forward_kl / reverse_kl row from pass 1's gap sum (CallCtx::gap). forward_kl:
+//   lse_s - lse_t = log sum_i p_i exp((s_i - t_i) / T) = log1p(sum_i p_i expm1((s_i - t_i) / T)),
+// so D = E_P[(t - s) / T] + lse_s - lse_t = E_P[(t - s) / T] + log1p(gap_sum / sum_t); reverse_kl
+// the same with p and q, s and t exchanged. Both terms are O(|t - s| / T) and computed without the
+// O(log V) log-partitions, so D (their O(1 / T^2) sum) keeps float32 precision relative to
+// E_P[(t - s) / T]. `st.cross` is that mean less (mt - ms) / T (pass 1 weighs (t - mt) - (s - ms)),
+// added back here. Where the gap form has no finite value, the row statistics' form is exact enough
+// and is returned: an infinite or NaN cross term (an infinite D, a NaN row), or a gap sum that
+// overflowed or reached -sum (some (s_i - t_i) / T beyond float32's exponent range: the
+// distributions are then far apart and D is no small difference of large numbers).
+template <typename T>
+T kd_gap(const KdParams<T>& k, const Stats<T>& raw, const KdRowStats<T>& st) {
+  const bool fwd = k.divergence == kForwardKL;
+  const T z = fwd ? raw.sum_t : raw.sum_s;
+  const T ratio = raw.gap_sum / z;
+  const T off = (raw.mt.safe() - raw.ms.safe()) * k.inv_temperature;
+  const T mean = st.cross + (fwd ? off : -off);
+  if (!(std::abs(mean) < std::numeric_limits<T>::infinity()) || !(ratio > T(-1)) ||
+      !(ratio < std::numeric_limits<T>::infinity())) {
+    return divergence_value(k, st);
+  }
+  return mean + kd_log1p(ratio);
 }
 
 // jsd pass: S_Q = sum q log(q / m), S_P = sum p log(p / m).
@@ -544,6 +623,8 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
                      at::Tensor& grad) {
   const int64_t N = student.size(0), V = student.size(1);
   CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1), small_integer_temperature(k.temperature)};
+  c.gap = (k.divergence == kForwardKL || k.divergence == kReverseKL) &&
+          static_cast<double>(k.temperature) >= kGapMinTemperature;
   const char* s_base = static_cast<const char*>(student.const_data_ptr());
   const char* t_base = static_cast<const char*>(teacher.const_data_ptr());
   const at::ScalarType s_dt = student.scalar_type(), t_dt = teacher.scalar_type();
@@ -597,20 +678,27 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
         st.cross = raw.wsum / raw.sum_s * k.inv_temperature;
       }
       const KdRowWeights<T> w = row_weights(k, c.has_labels, false);
-      T jsd_direct = T(0);
+      T direct = T(0);  // D by a more precise route than the row statistics: jsd, or the KL gap form
       if (k.divergence == kJSD && w.kd != T(0)) {
-        jsd_direct = jsd_pass(c, s, t, raw, st, fs, ft);
+        direct = jsd_pass(c, s, t, raw, st, fs, ft);
+      } else if (c.gap) {
+        direct = kd_gap(k, raw, st);
       }
+      const bool use_direct = k.divergence == kJSD || c.gap;
       const T s_label = c.has_labels ? load_scalar<T>(s.ptr, s_dt, label) - raw.ms.safe() : T(0);
-      if (k.divergence == kJSD) {
-        // row_loss with the element-wise jsd value (same formula, see jsd_pass).
+      if (use_direct) {
+        // row_loss with the element-wise jsd value or the gap form of KL (see jsd_pass, kd_gap).
         KdRowWeights<T> w_ce = w;
         w_ce.kd = T(0);
-        loss_p[r] = w.kd * jsd_direct + row_loss(k, st, w_ce, s_label);
+        loss_p[r] = (w.kd != T(0) ? w.kd * direct : T(0)) + row_loss(k, st, w_ce, s_label);
       } else {
         loss_p[r] = row_loss(k, st, w, s_label);
       }
       if (grow) {
+        // The gradient keeps the row statistics' D even where the loss took the gap form: reverse_kl's
+        // gradient q_i (log q_i - log p_i - D) takes its log-ratios from the same log-partitions, so
+        // their rounding cancels there (the gap form's D gave 8.6e-3 of error at T = 100 in
+        // test_large_logits).
         const T d = w.kd != T(0) ? divergence_value(k, st) : T(0);
         const KdRowWeights<T> wg = gradient_weights(w, loss_p[r], grad_scale);
         if (use_cache) {
