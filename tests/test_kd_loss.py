@@ -1,6 +1,7 @@
 """kd_loss / DistillationLoss against the float64 reference of tests/reference_kd.py."""
 
 import contextlib
+import math
 import warnings
 
 import pytest
@@ -661,3 +662,37 @@ def test_nearly_equal_distributions_at_high_temperature_keep_float32_precision(d
         ref = kd_loss(s.double(), t.double(), **kw)
     err = ((got.double() - ref).abs() / ref.abs()).max().item()
     assert err < 1e-3, err
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("temperature", [4.0, 10.0, 100.0])
+def test_high_temperature_form_counts_zero_probabilities_offsets_and_late_maxima(divergence, temperature):
+    # Cases a review found the first version of the CPU gap form wrong on: a teacher probability of
+    # 0 (a -inf logit, or one ~1000 below the row maximum, whose float32 exponential underflows) where
+    # the student still has mass, and a teacher a constant far above the student (forward_kl; below
+    # for reverse_kl), where a gap sum near -1 amplified rounding; plus row maxima in the last
+    # 1024-element tile (the sums rescaled late). Per row against float64 inputs, within 1e-3.
+    inf = float("inf")
+    two = torch.tensor([[0.0, 0.0]])
+    for other in (torch.tensor([[0.0, -inf]]), torch.tensor([[0.0, -1000.0]])):
+        s, t = (two, other) if divergence == "forward_kl" else (other, two)
+        kw = dict(temperature=temperature, alpha=1.0, divergence=divergence, reduction="none")
+        got, ref = kd_loss(s, t, **kw), kd_loss(s.double(), t.double(), **kw)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+        if other[0, 1] == -inf:
+            assert ref.item() == pytest.approx(temperature**2 * math.log(2), rel=1e-12)  # T^2 KL((1, 0) || (1/2, 1/2))
+    g = torch.Generator().manual_seed(11)
+    sign = 1.0 if divergence == "forward_kl" else -1.0
+    for offset in (0.0, 24.0, 10.0 * temperature):
+        s = torch.randn(6, 3000, generator=g) * 3
+        t = s + sign * offset + torch.randn(6, 3000, generator=g) * 0.3
+        s[::2, -1] += 20
+        t[::2, -1] += 20
+        if divergence == "forward_kl":
+            t[1, ::7] = -inf  # zero teacher probabilities among the others
+        kw = dict(temperature=temperature, divergence=divergence, reduction="none")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got, ref = kd_loss(s, t, **kw), kd_loss(s.double(), t.double(), **kw)
+        err = ((got.double() - ref).abs() / ref.abs()).max().item()
+        assert err < 1e-3, (offset, err)

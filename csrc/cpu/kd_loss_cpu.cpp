@@ -218,34 +218,30 @@ struct CallCtx {
   bool gap = false;
 };
 
-// From this temperature on, forward_kl / reverse_kl take D = cross + log1p(gap_sum / Z) instead of
-// cross - lse_t + lse_s (forward; the converse for reverse): the two log-partitions are O(log V +
-// max / T) each while D is O(1 / T^2) for distributions that differ by O(1) logits, so their
+// From this temperature on, forward_kl / reverse_kl take D = cross + log1p(gap_sum / Z) (kd_gap)
+// instead of cross - lse_t + lse_s (forward; the converse for reverse): the two log-partitions are
+// O(log V) each while D is O(1 / T^2) for distributions that differ by O(1) logits, so their
 // difference lost D to float32 cancellation as T grew, and the loss multiplies D by T^2. Worst row
 // of 8 x 1000 / 8 x 32000 float32 rows (logits N(0, 9), teacher = student + N(0, 0.09) or N(0, 9))
 // against float64 inputs: the old form 2e-4 / 1.6e-3 / 0.16 relative at T = 4 / 10 / 100, the gap
-// form 2.4e-5 / 4.9e-5 / 3.7e-4. It costs an expm1 and a sum per element in pass 1 (~25% of a
-// forward + backward of 1024 x 32000 at T = 2 on the 2-core CI machine: 34 -> 42 ms), so the common
-// T = 1 to 3, where the old form's error stays within ~1e-4, keep the old form.
+// form 2.1e-5 / 8.7e-5 / 3.1e-4 (with teacher offsets up to 1000, zero teacher probabilities and
+// late row maxima: <= 8.4e-4, tests/test_kd_loss.py). The gap terms cost ~25% of a forward + backward
+// of 1024 x 32000 (34 -> 42-44 ms at T = 2 when forced, on the 2-core CI machine), so T = 1 to 3,
+// where the old form's error stays within ~1e-4, keep the old form.
 constexpr double kGapMinTemperature = 4.0;
 
-// expm1 of each lane: a Taylor polynomial for |x| < 0.5, where exp(x) - 1 would cancel, exp(x) - 1
-// beyond (relative error ~3 ulp there: exp(x) - 1 >= 0.39 |x|). float only; double takes Sleef's.
+// expm1 of each lane for |x| < 0.5 (other lanes: any value; the caller blends them out), where
+// exp(x) - 1 would cancel. float: a Taylor polynomial to x^9 / 9! (the first omitted term is
+// 2.7e-10 of x at |x| = 0.5; within 1.5 ulp over the range); double: Sleef's expm1.
 template <typename T>
-inline Vectorized<T> vexpm1(const Vectorized<T>& x) {
+inline Vectorized<T> expm1_small(const Vectorized<T>& x) {
   using Vec = Vectorized<T>;
   if constexpr (std::is_same_v<T, float>) {
-    // x + x^2/2! + ... + x^9/9!, Horner; at |x| = 0.5 the first omitted term is 2.7e-10 of x.
     Vec p(T(1.0 / 362880));
     for (const double c : {1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5, 1.0}) {
       p = at::vec::fmadd(p, x, Vec(static_cast<T>(c)));
     }
-    const Vec small = p * x;
-    const Vec big = x.abs() >= Vec(T(0.5));  // all-ones lanes where true
-    if (big.zero_mask() == (1 << Vec::size()) - 1) {
-      return small;  // no lane needs the exponential: the usual case where the gap form matters
-    }
-    return Vec::blendv(small, vexp(x) - Vec(T(1)), big);
+    return p * x;
   } else {
     return x.expm1();
   }
@@ -273,8 +269,8 @@ template <typename T>
 struct Stats {
   RunningMax<T> ms, mt;
   T sum_s = 0, sum_t = 0, sum_1 = 0, wsum = 0;  // relative to ms.safe(), mt.safe()
-  // CallCtx::gap: forward sum_i e_t,i expm1((s_i - t_i) / T), reverse sum_i e_s,i expm1((t_i - s_i) / T)
-  // with the exponentials of sum_t / sum_s (relative to the same maxima): see kd_gap.
+  // CallCtx::gap: forward sum_s - sum_t, reverse sum_t - sum_s, summed element by element without
+  // cancellation (see gap_terms and kd_gap).
   T gap_sum = 0;
 };
 
@@ -292,6 +288,22 @@ struct ExpCache {
   T* tile_ms = nullptr;
   T* tile_mt = nullptr;
 };
+
+// The gap sum's terms (CallCtx::gap), forward_kl: e_s - e_t per element (their sums are sum_s and
+// sum_t), where x = (xs - xt) / T = log(e_s / e_t): as e_t expm1(x) where |x| < 0.5 (e_s and e_t
+// within 40% of each other, where e_s - e_t would cancel), else as e_s - e_t (at most ~4 ulp of
+// error there; also e_t = 0: a teacher probability of 0, whose student term e_s still counts, and
+// the padding, 0 - 0). reverse_kl: the same with the roles of s and t exchanged.
+template <typename T>
+inline Vectorized<T> gap_terms(const Vectorized<T>& e_num, const Vectorized<T>& e_den, const Vectorized<T>& x) {
+  using Vec = Vectorized<T>;
+  const Vec close = (x.abs() < Vec(T(0.5))) & (e_den != Vec(T(0)));  // all-ones lanes where true
+  const Vec direct = e_num - e_den;
+  if (close.zero_mask() == (1 << Vec::size()) - 1) {
+    return direct;  // no lane is close: no polynomial
+  }
+  return Vec::blendv(direct, e_den * expm1_small(x), close);
+}
 
 template <typename T>
 Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs, T* ft,
@@ -335,9 +347,19 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
         } else {
           vw = rs != T(0) ? (vw - vs * Vec(shift)) * Vec(rs) : Vec(T(0));
         }
-        if (gap) {  // its terms hold no maxima (s - t is shift-free): only the weights rescale
-          const T r = div == kForwardKL ? rt : rs;
-          vg = r != T(0) ? vg * Vec(r) : Vec(T(0));
+        if (gap) {
+          // forward: G = sum_s - sum_t grows to rs sum_s - rt sum_t = rs G + (rs - rt) sum_t, with
+          // rs - rt = rt expm1(log(rs / rt)) where both are positive (no cancellation); reverse the
+          // converse. The old sum_t / sum_s are vt / vs, rescaled below.
+          const bool fwd = div == kForwardKL;
+          const T lr = ((old_s - new_s) - (old_t - new_t)) * invT;  // log(rs / rt) where both > 0
+          T b;
+          if (rs == T(0) || rt == T(0)) {
+            b = fwd ? rs - rt : rt - rs;
+          } else {
+            b = fwd ? rt * std::expm1(lr) : rs * std::expm1(-lr);
+          }
+          vg = fwd ? vg * Vec(rs) + vt * Vec(b) : vg * Vec(rt) + vs * Vec(b);
         }
       }
       vs = vs * Vec(rs);
@@ -381,13 +403,7 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
           vw = vw + zero_where_zero(es, es * (xs - xt));
         }
         if (gap) {
-          // From the raw logits (fs - ft is exact where they are close, the case that matters).
-          const Vec dst = (Vec::loadu(fs + i) - Vec::loadu(ft + i)) * inv;  // (s - t) / T
-          if (div == kForwardKL) {
-            vg = vg + zero_where_zero(et, et * vexpm1(dst));
-          } else {
-            vg = vg + zero_where_zero(es, es * vexpm1(Vec(T(0)) - dst));
-          }
+          vg = vg + (div == kForwardKL ? gap_terms(es, et, (xs - xt) * inv) : gap_terms(et, es, (xt - xs) * inv));
         }
       }
     }
@@ -400,28 +416,23 @@ Stats<T> stats_pass(const CallCtx<T>& c, const RowRef& s, const RowRef* t, T* fs
   return st;
 }
 
-// D of a forward_kl / reverse_kl row from pass 1's gap sum (CallCtx::gap). forward_kl:
-//   lse_s - lse_t = log sum_i p_i exp((s_i - t_i) / T) = log1p(sum_i p_i expm1((s_i - t_i) / T)),
-// so D = E_P[(t - s) / T] + lse_s - lse_t = E_P[(t - s) / T] + log1p(gap_sum / sum_t); reverse_kl
-// the same with p and q, s and t exchanged. Both terms are O(|t - s| / T) and computed without the
-// O(log V) log-partitions, so D (their O(1 / T^2) sum) keeps float32 precision relative to
-// E_P[(t - s) / T]. `st.cross` is that mean less (mt - ms) / T (pass 1 weighs (t - mt) - (s - ms)),
-// added back here. Where the gap form has no finite value, the row statistics' form is exact enough
-// and is returned: an infinite or NaN cross term (an infinite D, a NaN row), or a gap sum that
-// overflowed or reached -sum (some (s_i - t_i) / T beyond float32's exponent range: the
-// distributions are then far apart and D is no small difference of large numbers).
+// D of a forward_kl / reverse_kl row from pass 1's gap sum (CallCtx::gap). With the sums relative
+// to the row maxima (ms, mt) and x_i = (s_i - ms) - (t_i - mt), forward_kl:
+//   D = cross - lse_t + lse_s = cross + log(sum_s / sum_t) = cross + log1p(gap_sum / sum_t),
+// gap_sum = sum_s - sum_t summed element by element (gap_terms): when student and teacher differ by
+// little more than a constant, each e_s,i - e_t,i is small and computed without cancellation, so D
+// (O(1 / T^2) there) keeps float32 precision relative to |cross|, where the difference of the two
+// O(log V) log-partitions lost it. reverse_kl: the same with s and t exchanged. Where the ratio is
+// outside [-0.5, 1] the log-partitions differ by more than log 2, D is no small difference of large
+// numbers, and the row statistics' form is returned (also for an infinite or NaN cross term or sum).
 template <typename T>
 T kd_gap(const KdParams<T>& k, const Stats<T>& raw, const KdRowStats<T>& st) {
-  const bool fwd = k.divergence == kForwardKL;
-  const T z = fwd ? raw.sum_t : raw.sum_s;
+  const T z = k.divergence == kForwardKL ? raw.sum_t : raw.sum_s;
   const T ratio = raw.gap_sum / z;
-  const T off = (raw.mt.safe() - raw.ms.safe()) * k.inv_temperature;
-  const T mean = st.cross + (fwd ? off : -off);
-  if (!(std::abs(mean) < std::numeric_limits<T>::infinity()) || !(ratio > T(-1)) ||
-      !(ratio < std::numeric_limits<T>::infinity())) {
+  if (!(std::abs(st.cross) < std::numeric_limits<T>::infinity()) || !(ratio >= T(-0.5)) || !(ratio <= T(1))) {
     return divergence_value(k, st);
   }
-  return mean + kd_log1p(ratio);
+  return st.cross + kd_log1p(ratio);
 }
 
 // jsd pass: S_Q = sum q log(q / m), S_P = sum p log(p / m).
