@@ -1187,7 +1187,8 @@ def _masked_matmul_composed(x, weight, mask, bias, dense_grad: bool) -> Tensor:
 
 
 def _require_tensors(name: str, **args) -> None:
-    """TypeError naming the first argument that is not a Tensor (None allowed for those ending in '?')."""
+    """TypeError naming the first argument that is not a Tensor (None allowed for those whose keyword
+    ends in '_', e.g. ``bias_=bias``)."""
     for arg, value in args.items():
         optional = arg.endswith("_")
         if isinstance(value, Tensor) or (optional and value is None):
@@ -1197,8 +1198,8 @@ def _require_tensors(name: str, **args) -> None:
 
 
 def _flatten_batch(x: Tensor, name: str) -> Tensor:
-    # [..., K] -> [N, K]; the op's checks then name any mismatch with the weight.
-    _require_tensors(name, x=x)
+    # [..., K] -> [N, K] (x a tensor: the public functions check it); the op's checks then name any
+    # mismatch with the weight.
     if x.dim() == 0:
         raise ValueError(f"pyfinetune.{name}: x must be a tensor [..., K], got a 0-d tensor")
     # By the leading dimensions, not -1: K = 0 would leave -1 ambiguous.

@@ -84,6 +84,15 @@ def _anchor_mapping(anchor: Mapping, name: str) -> Dict[int, Tensor]:
     return out
 
 
+def _check_anchor_keys(mapping: Dict[int, Tensor], params: Iterable[Tensor], owner: str, where: str = "") -> None:
+    """ValueError when a key of an anchor mapping (by id) is not one of ``params``."""
+    ids = {id(p) for p in params}
+    stray = [i for i, key in enumerate(mapping) if key not in ids]
+    if stray:
+        raise ValueError(f"{owner} has {len(stray)} entries whose key is not a parameter of {where} (entry "
+                         f"{stray[0]} in its order); key the mapping by the parameters themselves")
+
+
 def _check_flag(group: Dict[str, Any], key: str, where: str) -> None:
     """A boolean hyper-parameter: a bool, or a NumPy bool (stored as a bool; configs and sweeps
     built with NumPy give those); anything else (0 / 1, a tensor, a string) is refused."""
@@ -390,11 +399,8 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
                 "parameters; pass one anchor per parameter, in param-group order"
             )
         if self._anchor_map is not None:
-            params = {id(p) for g in self.param_groups for p in g["params"]}
-            stray = [i for i, key in enumerate(self._anchor_map) if key not in params]
-            if stray:
-                raise ValueError(f"anchor has {len(stray)} entries whose key is not a parameter of this optimizer "
-                                 f"(entry {stray[0]} in its order); key the mapping by the parameters themselves")
+            _check_anchor_keys(self._anchor_map, (p for g in self.param_groups for p in g["params"]), "anchor",
+                               "this optimizer")
         self._anchor_source = None
         self._anchor_map = None
         if masks is not None:
@@ -453,11 +459,7 @@ class _FusedPenalizedOptimizer(torch.optim.Optimizer):
             # _NO_ANCHOR: a parameter that a mapping leaves out, or a None placeholder of a list:
             # refused below where the group has l2sp > 0.
             if group_map is not None:
-                params = {id(p) for p in group["params"]}
-                stray = [i for i, key in enumerate(group_map) if key not in params]
-                if stray:
-                    raise ValueError(f"the group's anchor has {len(stray)} entries whose key is not a parameter of "
-                                     f"the group{where}; key the mapping by the parameters themselves")
+                _check_anchor_keys(group_map, group["params"], "the group's anchor", f"the group{where}")
                 anchors = [group_map.get(id(p), _NO_ANCHOR) for p in group["params"]]
             elif self._anchor_map is not None and not at_init:
                 anchors = [self._anchor_map.get(id(p), _NO_ANCHOR) for p in group["params"]]

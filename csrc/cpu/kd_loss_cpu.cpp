@@ -634,8 +634,9 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
                      at::Tensor& grad) {
   const int64_t N = student.size(0), V = student.size(1);
   CallCtx<T> c{k, labels != nullptr, need_grad, V, k.temperature == T(1), small_integer_temperature(k.temperature)};
+  // (not when the divergence has no weight: alpha = 0 with labels leaves the CE term alone)
   c.gap = (k.divergence == kForwardKL || k.divergence == kReverseKL) &&
-          static_cast<double>(k.temperature) >= kGapMinTemperature;
+          static_cast<double>(k.temperature) >= kGapMinTemperature && (labels == nullptr || k.alpha != T(0));
   const char* s_base = static_cast<const char*>(student.const_data_ptr());
   const char* t_base = static_cast<const char*>(teacher.const_data_ptr());
   const at::ScalarType s_dt = student.scalar_type(), t_dt = teacher.scalar_type();
@@ -692,7 +693,7 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
       T direct = T(0);  // D by a more precise route than the row statistics: jsd, or the KL gap form
       if (k.divergence == kJSD && w.kd != T(0)) {
         direct = jsd_pass(c, s, t, raw, st, fs, ft);
-      } else if (c.gap) {
+      } else if (c.gap && w.kd != T(0)) {
         direct = kd_gap(k, raw, st);
       }
       const bool use_direct = k.divergence == kJSD || c.gap;
@@ -701,7 +702,7 @@ void kd_dense_kernel(const at::Tensor& student, const at::Tensor& teacher, const
         // row_loss with the element-wise jsd value or the gap form of KL (see jsd_pass, kd_gap).
         KdRowWeights<T> w_ce = w;
         w_ce.kd = T(0);
-        loss_p[r] = (w.kd != T(0) ? w.kd * direct : T(0)) + row_loss(k, st, w_ce, s_label);
+        loss_p[r] = w.kd * direct + row_loss(k, st, w_ce, s_label);
       } else {
         loss_p[r] = row_loss(k, st, w, s_label);
       }
