@@ -675,3 +675,18 @@ def test_prune_sampled_grad_runs(tmp_path):
         assert case["pruned_zero"] and case["max_rel_diff"] < 1e-5
         assert all(len(case["times_ms"][p]) == 1 for p in ("dense", "sampled", "auto"))
     assert "| rows N | sparsity | dense ms | sampled ms |" in open(glob.glob(str(tmp_path / "*.md"))[0]).read()
+
+
+def test_kd_precision_runs(tmp_path):
+    # benchmarks/kd_precision.py (the README's numbers for kd_loss at high temperature): its rows,
+    # and ours within the bound the kd tests hold at T = 100 (float32 vs float64 inputs).
+    script = os.path.join(ROOT, "benchmarks", "kd_precision.py")
+    out = subprocess.run([sys.executable, script, "--temperatures", "4", "100", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (js,) = glob.glob(str(tmp_path / "kd-precision-cpu-*.json"))
+    rows = json.load(open(js))["rows"]
+    assert [(r["divergence"], r["temperature"]) for r in rows] == [
+        ("forward_kl", 4.0), ("forward_kl", 100.0), ("reverse_kl", 4.0), ("reverse_kl", 100.0)]
+    assert all(r["ours"] < 1e-3 for r in rows)
+    assert all(r["torch_float32"] > r["ours"] for r in rows if r["temperature"] == 100.0)
